@@ -1,0 +1,101 @@
+"""The service's exception tree, turned into HTTP only at the API edge (service.http).
+
+    ServiceError
+    ├── ValidationFailed        400 validation_error
+    ├── Unauthenticated         401 invalid_key
+    ├── Forbidden               403 insufficient_permissions
+    ├── NotFound                404 not_found
+    ├── Conflict                409 idempotency_conflict (and other conflicts)
+    ├── PayloadTooLarge         413 payload_too_large
+    ├── UnsupportedMediaType    415 unsupported_media_type
+    ├── RateLimited             429 rate_limited
+    └── Unavailable             503 unavailable
+
+Consumers use a second pair: ``RetryLater`` (transient; back off and try again, never
+skip) and ``PoisonMessage`` (never retry; dead-letter it and commit).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class ServiceError(Exception):
+    """Base of every error the service raises on purpose."""
+
+    status = 500
+    code = "internal_error"
+
+    def __init__(
+        self,
+        message: str,
+        details: Any = None,
+        *,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details
+        self.headers = headers or {}
+
+
+class ValidationFailed(ServiceError):
+    status = 400
+    code = "validation_error"
+
+
+class Unauthenticated(ServiceError):
+    status = 401
+    code = "invalid_key"
+
+
+class Forbidden(ServiceError):
+    status = 403
+    code = "insufficient_permissions"
+
+
+class NotFound(ServiceError):
+    status = 404
+    code = "not_found"
+
+
+class MethodNotAllowed(ServiceError):
+    status = 405
+    code = "method_not_allowed"
+
+
+class Conflict(ServiceError):
+    status = 409
+    code = "conflict"
+
+
+class IdempotencyConflict(Conflict):
+    code = "idempotency_conflict"
+
+
+class PayloadTooLarge(ServiceError):
+    status = 413
+    code = "payload_too_large"
+
+
+class UnsupportedMediaType(ServiceError):
+    status = 415
+    code = "unsupported_media_type"
+
+
+class RateLimited(ServiceError):
+    status = 429
+    code = "rate_limited"
+
+
+class Unavailable(ServiceError):
+    status = 503
+    code = "unavailable"
+
+
+class RetryLater(Exception):
+    """A transient failure in a consumer: back off and retry; never skip the message."""
+
+
+class PoisonMessage(Exception):
+    """A message that can never be processed: dead-letter it and commit its offset."""
