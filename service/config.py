@@ -49,6 +49,11 @@ class Settings(BaseSettings):
     worker_batch_size: int = Field(default=200, ge=1)
     expand_page_size: int = Field(default=1000, ge=1)
     idempotency_ttl_s: int = Field(default=24 * 3600, ge=1)
+    kafka_replication_factor: int = Field(default=1, ge=1)
+
+    # Fault injection for the crash tests: a named point at which the process kills
+    # itself with SIGKILL (e.g. "worker_after_db_commit", "relay_after_publish").
+    failpoint: str | None = None
 
     @field_validator("webhook_retry_schedule")
     @classmethod

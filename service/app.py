@@ -1,0 +1,135 @@
+"""Composition root: the HTTP app factory and the components that `run` starts.
+
+Nothing is built at import time; `create_app(settings, db)` wires the HTTP side and
+`run_components` starts any of api, relay, worker and dispatcher in this process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+from service import ops
+from service.config import Settings
+from service.contacts import routes as contact_routes
+from service.db import Database
+from service.deletion import routes as deletion_routes
+from service.deletion.notify import JobNotifier
+from service.deletion.worker import DeletionWorker
+from service.http import DB_KEY, RATE_LIMITER_KEY, SETTINGS_KEY, RateLimiter, edge_middleware
+from service.kafka import Producer
+from service.logs import get_logger
+from service.metrics import Metrics
+from service.relay import Relay
+from service.topics import create_topics
+
+log = get_logger(__name__)
+
+
+@dataclass
+class Services:
+    """The long-lived resources of one process, shared by its components."""
+
+    settings: Settings
+    db: Database
+    metrics: Metrics = field(default_factory=Metrics)
+    # In-process signals: "a job finished" (for Prefer: wait) and "the outbox has rows".
+    notifier: JobNotifier = field(default_factory=JobNotifier)
+    outbox_signal: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def close(self) -> None:
+        await self.db.dispose()
+
+
+def create_app(services: Services) -> web.Application:
+    """The HTTP API as an aiohttp application."""
+    settings = services.settings
+    app = web.Application(
+        middlewares=[services.metrics.middleware, edge_middleware],
+        client_max_size=settings.max_body_bytes,
+    )
+    app[SETTINGS_KEY] = settings
+    app[DB_KEY] = services.db
+    app[RATE_LIMITER_KEY] = RateLimiter(settings.rate_limit_per_s, settings.rate_limit_burst)
+    app[ops.METRICS_KEY] = services.metrics
+    app[deletion_routes.NOTIFIER_KEY] = services.notifier
+    app[deletion_routes.OUTBOX_SIGNAL_KEY] = services.outbox_signal
+    ops.add_routes(app)
+    contact_routes.add_routes(app)
+    deletion_routes.add_routes(app)
+    return app
+
+
+async def run_api(services: Services, stop: asyncio.Event) -> None:
+    """Serve the HTTP API until `stop` is set."""
+    runner = web.AppRunner(create_app(services), access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, services.settings.http_host, services.settings.http_port)
+    await site.start()
+    log.info("api_listening", host=services.settings.http_host, port=services.settings.http_port)
+    try:
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+
+
+async def run_relay(services: Services, stop: asyncio.Event) -> None:
+    """Publish the outbox to Kafka until `stop` is set."""
+    settings = services.settings
+    await create_topics(settings)
+    producer = Producer(settings.kafka_bootstrap_servers)
+    await producer.start()
+    try:
+        relay = Relay(settings, services.db, producer, services.metrics, services.outbox_signal)
+        await relay.run(stop)
+    finally:
+        await producer.stop()
+
+
+async def run_worker(services: Services, stop: asyncio.Event) -> None:
+    """Consume deletion requests and delete contacts until `stop` is set."""
+    await create_topics(services.settings)
+    worker = DeletionWorker(
+        services.settings,
+        services.db,
+        services.metrics,
+        services.notifier,
+        services.outbox_signal,
+    )
+    await worker.run(stop)
+
+
+Component = Callable[[Services, asyncio.Event], Coroutine[Any, Any, None]]
+
+
+def components() -> dict[str, Component]:
+    """Every component `run` knows, by name."""
+    return {"api": run_api, "relay": run_relay, "worker": run_worker}
+
+
+async def run_components(services: Services, names: Sequence[str], stop: asyncio.Event) -> None:
+    """Run the named components until `stop` is set or one of them fails."""
+    known = components()
+    tasks = [asyncio.create_task(known[n](services, stop), name=n) for n in names]
+    stopper = asyncio.create_task(stop.wait())
+    try:
+        done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+            if task is not stopper and task.exception() is not None:
+                log.error(
+                    "component_failed", component=task.get_name(), error=repr(task.exception())
+                )
+                raise task.exception()  # type: ignore[misc]
+    finally:
+        stop.set()
+        for task in tasks:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.shield(task), timeout=15)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, stopper, return_exceptions=True)

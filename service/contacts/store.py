@@ -1,0 +1,195 @@
+"""Contacts and timeline items in the database (SQLAlchemy Core)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+
+from service.contacts.filters import Node, selection_clause
+from service.contacts.models import ActivityCreate, ContactCreate, NoteCreate, TaskCreate
+from service.db import Database, activities, contacts, new_id, notes, tasks, utcnow
+from service.errors import NotFound, ValidationFailed
+
+TIMELINE_TABLES: dict[str, sa.Table] = {"activity": activities, "note": notes, "task": tasks}
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat().replace("+00:00", "Z") if value is not None else None
+
+
+def contact_json(row: Mapping[Any, Any]) -> dict[str, Any]:
+    """A contact row as the API shows it."""
+    return {
+        "id": str(row["id"]),
+        "email": row["email"],
+        "first_name": row["first_name"],
+        "last_name": row["last_name"],
+        "phone": row["phone"],
+        "properties": row["properties"],
+        "member_role": row["member_role"],
+        "has_billing_subscription": row["has_billing_subscription"],
+        "created_at": _iso(row["created_at"]),
+        "updated_at": _iso(row["updated_at"]),
+    }
+
+
+def timeline_json(kind: str, row: Mapping[Any, Any]) -> dict[str, Any]:
+    """A timeline item (activity, note or task) as the API shows it."""
+    item: dict[str, Any] = {
+        "id": str(row["id"]),
+        "kind": kind,
+        "contact_id": str(row["contact_id"]) if row["contact_id"] is not None else None,
+        "created_at": _iso(row["created_at"]),
+    }
+    if kind == "activity":
+        item |= {
+            "type": row["type"],
+            "subject": row["subject"],
+            "body": row["body"],
+            "occurred_at": _iso(row["occurred_at"]),
+        }
+    elif kind == "note":
+        item |= {"body": row["body"]}
+    else:
+        item |= {
+            "title": row["title"],
+            "body": row["body"],
+            "status": row["status"],
+            "due_at": _iso(row["due_at"]),
+        }
+    return item
+
+
+def timeline_time(item: Mapping[Any, Any]) -> str:
+    """When an item happened: an activity's occurred_at, otherwise its creation."""
+    value: str = item.get("occurred_at") or item["created_at"]
+    return value
+
+
+async def create_contact(
+    db: Database, workspace_id: uuid.UUID, body: ContactCreate
+) -> dict[str, Any]:
+    now = utcnow()
+    values = {
+        "id": new_id(),
+        "workspace_id": workspace_id,
+        **body.model_dump(),
+        "created_at": now,
+        "updated_at": now,
+    }
+    async with db.begin() as conn:
+        await conn.execute(contacts.insert().values(**values))
+    return contact_json(values)
+
+
+async def get_contact(
+    db: Database, workspace_id: uuid.UUID, contact_id: uuid.UUID
+) -> dict[str, Any]:
+    stmt = sa.select(contacts).where(
+        contacts.c.id == contact_id, contacts.c.workspace_id == workspace_id
+    )
+    async with db.read() as conn:
+        row = (await conn.execute(stmt)).mappings().first()
+    if row is None:
+        raise NotFound("no such contact")
+    return contact_json(row)
+
+
+async def query_contacts(
+    db: Database,
+    workspace_id: uuid.UUID,
+    tree: Node | None,
+    search: str | None,
+    limit: int,
+    after: uuid.UUID | None,
+) -> tuple[list[dict[str, Any]], uuid.UUID | None]:
+    """One page of matching contacts in id order, and the id to continue after."""
+    stmt = (
+        sa.select(contacts)
+        .where(contacts.c.workspace_id == workspace_id, selection_clause(contacts, tree, search))
+        .order_by(contacts.c.id)
+        .limit(limit + 1)
+    )
+    if after is not None:
+        stmt = stmt.where(contacts.c.id > after)
+    async with db.read() as conn:
+        rows = (await conn.execute(stmt)).mappings().all()
+    page = [contact_json(r) for r in rows[:limit]]
+    next_after = rows[limit - 1]["id"] if len(rows) > limit else None
+    return page, next_after
+
+
+async def add_timeline_item(
+    db: Database,
+    workspace_id: uuid.UUID,
+    contact_id: uuid.UUID,
+    body: ActivityCreate | NoteCreate | TaskCreate,
+) -> dict[str, Any]:
+    """Add an activity, note or task to a contact of this workspace."""
+    kind = {ActivityCreate: "activity", NoteCreate: "note", TaskCreate: "task"}[type(body)]
+    values: dict[str, Any] = {
+        "id": new_id(),
+        "workspace_id": workspace_id,
+        "contact_id": contact_id,
+        **body.model_dump(),
+        "created_at": utcnow(),
+    }
+    for name in ("occurred_at", "due_at"):
+        if isinstance(values.get(name), datetime) and values[name].tzinfo is None:
+            raise ValidationFailed(
+                f"{name} needs a timezone", [{"field": name, "message": "add a UTC offset or Z"}]
+            )
+    if kind == "activity" and values["occurred_at"] is None:
+        values["occurred_at"] = values["created_at"]
+    async with db.begin() as conn:
+        exists = (
+            await conn.execute(
+                sa.select(contacts.c.id).where(
+                    contacts.c.id == contact_id, contacts.c.workspace_id == workspace_id
+                )
+            )
+        ).first()
+        if exists is None:
+            raise NotFound("no such contact")
+        await conn.execute(TIMELINE_TABLES[kind].insert().values(**values))
+    return timeline_json(kind, values)
+
+
+async def timeline_items(
+    db: Database,
+    workspace_id: uuid.UUID,
+    *,
+    contact_id: uuid.UUID | None = None,
+    ids: Mapping[str, list[uuid.UUID]] | None = None,
+) -> list[dict[str, Any]]:
+    """Timeline items of a contact, or the items with the given ids; newest first."""
+    items: list[dict[str, Any]] = []
+    async with db.read() as conn:
+        for kind, table in TIMELINE_TABLES.items():
+            stmt = sa.select(table).where(table.c.workspace_id == workspace_id)
+            if contact_id is not None:
+                stmt = stmt.where(table.c.contact_id == contact_id)
+            if ids is not None:
+                wanted = ids.get(kind, [])
+                if not wanted:
+                    continue
+                stmt = stmt.where(table.c.id.in_(wanted))
+            rows = (await conn.execute(stmt)).mappings().all()
+            items.extend(timeline_json(kind, r) for r in rows)
+    items.sort(key=lambda i: (timeline_time(i), i["id"]), reverse=True)
+    return items
+
+
+async def contact_timeline(
+    db: Database, workspace_id: uuid.UUID, contact_id: uuid.UUID
+) -> list[dict[str, Any]]:
+    """The timeline of a live contact of this workspace, newest first."""
+    await get_contact(db, workspace_id, contact_id)
+    return await timeline_items(db, workspace_id, contact_id=contact_id)
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)

@@ -1,0 +1,389 @@
+"""Database: engines, the schema (SQLAlchemy Core), and transactions.
+
+SQLite is the embedded default and PostgreSQL the production backend; both run the same
+Core statements. SQLite allows one writer at a time, so on SQLite write transactions go
+through an engine of one connection that starts with ``BEGIN IMMEDIATE`` (writers queue
+in-process instead of failing with "database is locked"), and reads use a second engine.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.dialects import postgresql
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+metadata = sa.MetaData(
+    naming_convention={
+        "ix": "ix_%(column_0_label)s",
+        "uq": "uq_%(table_name)s_%(column_0_name)s",
+        "ck": "ck_%(table_name)s_%(constraint_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+
+def utcnow() -> datetime:
+    """The current time, timezone-aware UTC (the only clock the stores use)."""
+    return datetime.now(UTC)
+
+
+class UTCDateTime(sa.TypeDecorator[datetime]):
+    """A timestamp that is always timezone-aware UTC in Python, on both backends."""
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: sa.Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        value = value.astimezone(UTC)
+        if dialect.name == "sqlite":
+            return value.replace(tzinfo=None)
+        return value
+
+    def process_result_value(self, value: datetime | None, dialect: sa.Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
+
+
+JSONType = sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
+BigIntPK = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+UUID = sa.Uuid(as_uuid=True)
+
+workspaces = sa.Table(
+    "workspaces",
+    metadata,
+    sa.Column("id", UUID, primary_key=True),
+    sa.Column("name", sa.String(200), nullable=False, unique=True),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+)
+
+api_keys = sa.Table(
+    "api_keys",
+    metadata,
+    sa.Column("id", UUID, primary_key=True),
+    sa.Column("workspace_id", UUID, sa.ForeignKey("workspaces.id"), nullable=False, index=True),
+    sa.Column("key_hash", sa.String(64), nullable=False, unique=True),
+    sa.Column("prefix", sa.String(16), nullable=False),
+    sa.Column("scopes", JSONType, nullable=False),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Column("last_used_at", UTCDateTime, nullable=True),
+    sa.Column("revoked_at", UTCDateTime, nullable=True),
+)
+
+contacts = sa.Table(
+    "contacts",
+    metadata,
+    sa.Column("id", UUID, primary_key=True),
+    sa.Column("workspace_id", UUID, nullable=False),
+    sa.Column("email", sa.String(320), nullable=False),
+    sa.Column("first_name", sa.String(200), nullable=True),
+    sa.Column("last_name", sa.String(200), nullable=True),
+    sa.Column("phone", sa.String(64), nullable=True),
+    sa.Column("properties", JSONType, nullable=False),
+    sa.Column("member_role", sa.String(16), nullable=True),
+    sa.Column("has_billing_subscription", sa.Boolean, nullable=False),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Column("updated_at", UTCDateTime, nullable=False),
+    sa.Index("ix_contacts_workspace_id_id", "workspace_id", "id"),
+    sa.Index("ix_contacts_workspace_id_email", "workspace_id", "email"),
+    sa.Index("ix_contacts_workspace_id_last_name", "workspace_id", "last_name"),
+)
+
+
+def _timeline_table(name: str, *columns: sa.Column[Any]) -> sa.Table:
+    return sa.Table(
+        name,
+        metadata,
+        sa.Column("id", UUID, primary_key=True),
+        sa.Column("workspace_id", UUID, nullable=False),
+        # Nullable on purpose: deleting a contact keeps its timeline and nulls this.
+        sa.Column("contact_id", UUID, nullable=True),
+        *columns,
+        sa.Column("created_at", UTCDateTime, nullable=False),
+        sa.Index(f"ix_{name}_contact_id", "contact_id"),
+    )
+
+
+activities = _timeline_table(
+    "activities",
+    sa.Column("type", sa.String(64), nullable=False),
+    sa.Column("subject", sa.String(500), nullable=True),
+    sa.Column("body", sa.Text, nullable=True),
+    sa.Column("occurred_at", UTCDateTime, nullable=False),
+)
+notes = _timeline_table(
+    "notes",
+    sa.Column("body", sa.Text, nullable=False),
+)
+tasks = _timeline_table(
+    "tasks",
+    sa.Column("title", sa.String(500), nullable=False),
+    sa.Column("body", sa.Text, nullable=True),
+    sa.Column("status", sa.String(32), nullable=False),
+    sa.Column("due_at", UTCDateTime, nullable=True),
+)
+
+deletion_jobs = sa.Table(
+    "deletion_jobs",
+    metadata,
+    sa.Column("id", UUID, primary_key=True),
+    sa.Column("workspace_id", UUID, nullable=False),
+    sa.Column("api_key_id", UUID, nullable=True),
+    sa.Column("request_id", sa.String(200), nullable=True),
+    sa.Column("status", sa.String(32), nullable=False),
+    sa.Column("dry_run", sa.Boolean, nullable=False),
+    sa.Column("delete_members", sa.Boolean, nullable=False),
+    sa.Column("selector", JSONType, nullable=False),
+    # Filter/search jobs learn their size while the worker expands them.
+    sa.Column("expanded", sa.Boolean, nullable=False),
+    # Where the next expansion page starts; a repeated expansion message is ignored.
+    sa.Column("expand_after", UUID, nullable=True),
+    sa.Column("total_requested", sa.Integer, nullable=False),
+    sa.Column("processed_count", sa.Integer, nullable=False),
+    sa.Column("deleted_count", sa.Integer, nullable=False),
+    sa.Column("not_found_count", sa.Integer, nullable=False),
+    sa.Column("failed_count", sa.Integer, nullable=False),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Column("started_at", UTCDateTime, nullable=True),
+    sa.Column("completed_at", UTCDateTime, nullable=True),
+    sa.Index("ix_deletion_jobs_workspace_id_created_at", "workspace_id", "created_at"),
+)
+
+deletion_job_items = sa.Table(
+    "deletion_job_items",
+    metadata,
+    sa.Column("job_id", UUID, primary_key=True),
+    # What the caller named: a contact id, or an email address for the emails selector.
+    sa.Column("ref", sa.String(320), primary_key=True),
+    sa.Column("position", sa.Integer, nullable=False),
+    sa.Column("contact_id", UUID, nullable=True),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("error_code", sa.String(64), nullable=True),
+    sa.Column("error_message", sa.String(500), nullable=True),
+    sa.Column("processed_at", UTCDateTime, nullable=True),
+    sa.Index("ix_deletion_job_items_job_id_position", "job_id", "position"),
+)
+
+idempotency_keys = sa.Table(
+    "idempotency_keys",
+    metadata,
+    sa.Column("workspace_id", UUID, primary_key=True),
+    sa.Column("key", sa.String(255), primary_key=True),
+    sa.Column("fingerprint", sa.String(64), nullable=False),
+    sa.Column("state", sa.String(16), nullable=False),
+    # The job the first request created, so a crashed request can still be answered.
+    sa.Column("job_id", UUID, nullable=True),
+    sa.Column("response_status", sa.Integer, nullable=True),
+    sa.Column("response_headers", JSONType, nullable=True),
+    sa.Column("response_body", sa.LargeBinary, nullable=True),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Column("expires_at", UTCDateTime, nullable=False),
+)
+
+outbox = sa.Table(
+    "outbox",
+    metadata,
+    sa.Column("id", BigIntPK, primary_key=True, autoincrement=True),
+    sa.Column("topic", sa.String(200), nullable=False),
+    sa.Column("key", sa.String(200), nullable=True),
+    sa.Column("payload", sa.LargeBinary, nullable=False),
+    sa.Column("headers", JSONType, nullable=False),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Column("published_at", UTCDateTime, nullable=True),
+    sa.Index(
+        "ix_outbox_unpublished",
+        "id",
+        postgresql_where=sa.text("published_at IS NULL"),
+        sqlite_where=sa.text("published_at IS NULL"),
+    ),
+)
+
+webhook_endpoints = sa.Table(
+    "webhook_endpoints",
+    metadata,
+    sa.Column("id", UUID, primary_key=True),
+    sa.Column("workspace_id", UUID, nullable=False, index=True),
+    sa.Column("url", sa.String(2048), nullable=False),
+    sa.Column("description", sa.String(500), nullable=True),
+    sa.Column("event_types", JSONType, nullable=False),
+    sa.Column("rate_limit_per_s", sa.Float, nullable=True),
+    sa.Column("secret", sa.String(100), nullable=False),
+    sa.Column("previous_secret", sa.String(100), nullable=True),
+    sa.Column("previous_secret_expires_at", UTCDateTime, nullable=True),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("disabled_reason", sa.String(200), nullable=True),
+    sa.Column("failing_since", UTCDateTime, nullable=True),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Column("updated_at", UTCDateTime, nullable=False),
+)
+
+webhook_deliveries = sa.Table(
+    "webhook_deliveries",
+    metadata,
+    sa.Column("id", UUID, primary_key=True),
+    sa.Column("workspace_id", UUID, nullable=False),
+    sa.Column("endpoint_id", UUID, nullable=False),
+    sa.Column("event_id", sa.String(100), nullable=False),
+    sa.Column("event_type", sa.String(100), nullable=False),
+    sa.Column("payload", sa.LargeBinary, nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("attempt_count", sa.Integer, nullable=False),
+    sa.Column("next_attempt_at", UTCDateTime, nullable=True),
+    sa.Column("last_attempt_at", UTCDateTime, nullable=True),
+    sa.Column("claimed_until", UTCDateTime, nullable=True),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Column("completed_at", UTCDateTime, nullable=True),
+    sa.UniqueConstraint("event_id", "endpoint_id", name="uq_webhook_deliveries_event_endpoint"),
+    sa.Index("ix_webhook_deliveries_due", "status", "next_attempt_at"),
+    sa.Index("ix_webhook_deliveries_endpoint_created", "endpoint_id", "created_at"),
+)
+
+webhook_attempts = sa.Table(
+    "webhook_attempts",
+    metadata,
+    sa.Column("id", UUID, primary_key=True),
+    sa.Column("delivery_id", UUID, nullable=False, index=True),
+    sa.Column("attempted_at", UTCDateTime, nullable=False),
+    sa.Column("status_code", sa.Integer, nullable=True),
+    sa.Column("latency_ms", sa.Float, nullable=False),
+    sa.Column("error", sa.String(500), nullable=True),
+    sa.Column("response_body", sa.Text, nullable=True),
+)
+
+audit_events = sa.Table(
+    "audit_events",
+    metadata,
+    sa.Column("workspace_id", UUID, primary_key=True),
+    sa.Column("seq", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("id", UUID, nullable=False, unique=True),
+    # Stored exactly as hashed (a string) so that re-hashing needs no re-formatting.
+    sa.Column("occurred_at", sa.String(40), nullable=False),
+    sa.Column("actor_type", sa.String(32), nullable=False),
+    sa.Column("actor_id", sa.String(200), nullable=False),
+    sa.Column("action", sa.String(100), nullable=False),
+    sa.Column("target_type", sa.String(64), nullable=True),
+    sa.Column("target_id", sa.String(200), nullable=True),
+    sa.Column("job_id", sa.String(64), nullable=True),
+    sa.Column("request_id", sa.String(200), nullable=True),
+    # Canonical JSON text, exactly the bytes that were hashed.
+    sa.Column("data", sa.Text, nullable=False),
+    sa.Column("email_hmac", sa.String(64), nullable=True),
+    sa.Column("prev_hash", sa.String(64), nullable=False),
+    sa.Column("hash", sa.String(64), nullable=False),
+    sa.Index("ix_audit_events_target", "workspace_id", "target_id"),
+    sa.Index("ix_audit_events_job", "workspace_id", "job_id"),
+    sa.Index("ix_audit_events_email", "workspace_id", "email_hmac"),
+)
+
+# One row per workspace: the head of its audit chain. Writers lock it, which is what
+# makes `seq` gap-free and the chain fork-free with many concurrent writers.
+audit_heads = sa.Table(
+    "audit_heads",
+    metadata,
+    sa.Column("workspace_id", UUID, primary_key=True),
+    sa.Column("seq", sa.BigInteger, nullable=False),
+    sa.Column("hash", sa.String(64), nullable=False),
+)
+
+server_secrets = sa.Table(
+    "server_secrets",
+    metadata,
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("value", sa.String(200), nullable=False),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+)
+
+
+def new_id() -> uuid.UUID:
+    """A random UUID (v4) for a new row."""
+    return uuid.uuid4()
+
+
+class Database:
+    """The engines of one database and the two kinds of transaction the service uses."""
+
+    def __init__(self, url: str, *, echo: bool = False) -> None:
+        self.url = url
+        self.is_sqlite = url.startswith("sqlite")
+        if self.is_sqlite:
+            _ensure_sqlite_dir(url)
+            self._writer = create_async_engine(url, echo=echo, pool_size=1, max_overflow=0)
+            self._reader = create_async_engine(url, echo=echo, pool_size=4, max_overflow=4)
+            _sqlite_pragmas(self._writer, immediate=True)
+            _sqlite_pragmas(self._reader, immediate=False)
+        else:
+            self._writer = create_async_engine(
+                url, echo=echo, pool_size=10, max_overflow=10, pool_pre_ping=True
+            )
+            self._reader = self._writer
+
+    @property
+    def engine(self) -> AsyncEngine:
+        """The engine that writes (the only one on PostgreSQL)."""
+        return self._writer
+
+    @asynccontextmanager
+    async def begin(self) -> AsyncIterator[AsyncConnection]:
+        """A write transaction: commits when the block ends, rolls back on error."""
+        async with self._writer.begin() as conn:
+            yield conn
+
+    @asynccontextmanager
+    async def read(self) -> AsyncIterator[AsyncConnection]:
+        """A read-only transaction."""
+        async with self._reader.connect() as conn:
+            yield conn
+
+    def for_update(self, stmt: sa.Select[Any], *, skip_locked: bool = False) -> sa.Select[Any]:
+        """Row locks on PostgreSQL; SQLite's single writer already serialises."""
+        if self.is_sqlite:
+            return stmt
+        return stmt.with_for_update(skip_locked=skip_locked)
+
+    async def ping(self) -> None:
+        """Raise unless the database answers."""
+        async with self._reader.connect() as conn:
+            await conn.execute(sa.text("SELECT 1"))
+
+    async def dispose(self) -> None:
+        await self._writer.dispose()
+        if self._reader is not self._writer:
+            await self._reader.dispose()
+
+
+def _ensure_sqlite_dir(url: str) -> None:
+    path = sa.engine.make_url(url).database
+    if path and path != ":memory:":
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+
+
+def _sqlite_pragmas(engine: AsyncEngine, *, immediate: bool) -> None:
+    @event.listens_for(engine.sync_engine, "connect")
+    def _on_connect(dbapi_connection: Any, _: Any) -> None:
+        # Take transaction control away from the driver so BEGIN is ours to issue.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.close()
+
+    @event.listens_for(engine.sync_engine, "begin")
+    def _on_begin(conn: Any) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")

@@ -1,0 +1,129 @@
+"""Deletion jobs: the request, the job and item states, and the outcome rules (pure)."""
+
+from __future__ import annotations
+
+import enum
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from service.contacts.filters import Node, parse_filter
+from service.contacts.models import Email
+
+MAX_IDS = 500
+MAX_EMAILS = 1000
+
+
+class JobStatus(enum.StrEnum):
+    PENDING = "pending"
+    IN_PROGRESS = "in_progress"
+    COMPLETED = "completed"
+    COMPLETED_WITH_ERRORS = "completed_with_errors"
+    FAILED = "failed"
+
+
+class ItemStatus(enum.StrEnum):
+    PENDING = "pending"
+    DELETED = "deleted"
+    NOT_FOUND = "not_found"
+    FAILED = "failed"
+
+
+class ErrorCode(enum.StrEnum):
+    SITE_MEMBER = "CANNOT_DELETE_SITE_MEMBERS"
+    BILLING = "CANNOT_DELETE_CONTACT_WITH_BILLING_SUBSCRIPTION"
+    OWNER_OR_CONTRIBUTOR = "CANNOT_DELETE_MEMBER_OWNER_OR_CONTRIBUTOR"
+    AFTER_MEMBER_DELETION = "FAILED_DELETE_CONTACT_AFTER_MEMBER_DELETION"
+    FAILED = "FAILED_DELETE_CONTACT"
+
+
+ERROR_MESSAGES = {
+    ErrorCode.SITE_MEMBER: "the contact is a site member; set delete_members to delete it",
+    ErrorCode.BILLING: "the contact has a billing subscription",
+    ErrorCode.OWNER_OR_CONTRIBUTOR: "site owners and contributors cannot be deleted",
+    ErrorCode.AFTER_MEMBER_DELETION: "the member was removed but the contact was not deleted",
+    ErrorCode.FAILED: "the contact could not be deleted",
+}
+
+
+class BulkDeleteRequest(BaseModel):
+    """POST /v1/contacts/bulk-delete: exactly one selector, and options."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    contact_ids: list[uuid.UUID] | None = Field(default=None, min_length=1, max_length=MAX_IDS)
+    emails: list[Email] | None = Field(default=None, min_length=1, max_length=MAX_EMAILS)
+    filter: dict[str, Any] | None = None
+    search: str | None = Field(default=None, min_length=1, max_length=200)
+    dry_run: bool = False
+    delete_members: bool = False
+
+    @model_validator(mode="after")
+    def _one_selector(self) -> BulkDeleteRequest:
+        chosen = [
+            name
+            for name, present in (
+                ("contact_ids", self.contact_ids is not None),
+                ("emails", self.emails is not None),
+                ("filter/search", self.filter is not None or self.search is not None),
+            )
+            if present
+        ]
+        if not chosen:
+            raise ValueError("give exactly one selector: contact_ids, emails, or filter/search")
+        if len(chosen) > 1:
+            raise ValueError(f"give exactly one selector, not {' and '.join(chosen)}")
+        return self
+
+    def filter_tree(self) -> Node | None:
+        """The parsed filter (raises ValidationFailed naming the bad part)."""
+        return parse_filter(self.filter) if self.filter is not None else None
+
+    def selector(self) -> dict[str, Any]:
+        """The selector as stored on the job, duplicates removed."""
+        if self.contact_ids is not None:
+            return {"contact_ids": [str(i) for i in dict.fromkeys(self.contact_ids)]}
+        if self.emails is not None:
+            return {"emails": list(dict.fromkeys(self.emails))}
+        selector: dict[str, Any] = {}
+        if self.filter is not None:
+            selector["filter"] = self.filter
+        if self.search is not None:
+            selector["search"] = self.search
+        return selector
+
+
+@dataclass(frozen=True)
+class Outcome:
+    status: ItemStatus
+    code: ErrorCode | None = None
+
+    @property
+    def message(self) -> str | None:
+        return ERROR_MESSAGES[self.code] if self.code is not None else None
+
+
+DELETE = Outcome(ItemStatus.DELETED)
+NOT_FOUND = Outcome(ItemStatus.NOT_FOUND)
+
+
+def decide(contact: Mapping[Any, Any] | None, delete_members: bool) -> Outcome:
+    """What deleting this contact should do, by the product's rules (no I/O)."""
+    if contact is None:
+        return NOT_FOUND
+    role = contact["member_role"]
+    if role is not None and not delete_members:
+        return Outcome(ItemStatus.FAILED, ErrorCode.SITE_MEMBER)
+    if contact["has_billing_subscription"]:
+        return Outcome(ItemStatus.FAILED, ErrorCode.BILLING)
+    if role in ("owner", "contributor"):
+        return Outcome(ItemStatus.FAILED, ErrorCode.OWNER_OR_CONTRIBUTOR)
+    return DELETE
+
+
+def final_status(failed: int) -> JobStatus:
+    """A finished job's status. (`failed` is kept for a job that could not run at all.)"""
+    return JobStatus.COMPLETED_WITH_ERRORS if failed else JobStatus.COMPLETED

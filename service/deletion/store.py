@@ -1,0 +1,461 @@
+"""Deletion jobs and their items in the database.
+
+`create_job` writes a job, its items, one outbox row per contact (or one expansion
+message for filter/search jobs) and the `deletion.requested` audit event in the caller's
+transaction. `apply_progress` moves a job's counters and, when the last item is done,
+finishes it (status, `deletion.completed` audit event, `deletion_job.completed` outbox row).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from service.audit.store import AuditRecord, append_events
+from service.config import Settings
+from service.db import Database, contacts, deletion_job_items, deletion_jobs, outbox, utcnow
+from service.deletion.models import BulkDeleteRequest, ItemStatus, JobStatus, final_status
+from service.errors import NotFound
+from service.events import (
+    TOPIC_DELETION_REQUESTED,
+    TOPIC_JOB_COMPLETED,
+    TYPE_DELETION_REQUESTED,
+    TYPE_JOB_COMPLETED,
+    TYPE_JOB_EXPAND,
+    DeletionJobCompleted,
+    DeletionRequested,
+    JobExpand,
+    envelope,
+)
+from service.outbox import outbox_row
+
+LIST_CAP = 1000  # not_found / errors shown on the job object; the items endpoint pages the rest
+
+
+@dataclass(frozen=True)
+class Requester:
+    """Who asked for a job: the key, its workspace and the request id."""
+
+    workspace_id: uuid.UUID
+    api_key_id: uuid.UUID | None
+    request_id: str | None
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat().replace("+00:00", "Z") if value is not None else None
+
+
+def job_json(
+    row: Mapping[Any, Any], not_found: Sequence[str], errors: Sequence[Mapping[str, Any]]
+) -> dict[str, Any]:
+    """The job object of DESIGN §3."""
+    return {
+        "job_id": str(row["id"]),
+        "status": row["status"],
+        "dry_run": row["dry_run"],
+        "delete_members": row["delete_members"],
+        "selector": row["selector"],
+        "total_requested": row["total_requested"],
+        "processed_count": row["processed_count"],
+        "deleted_count": row["deleted_count"],
+        "not_found_count": row["not_found_count"],
+        "failed_count": row["failed_count"],
+        "not_found": list(not_found),
+        "errors": [dict(e) for e in errors],
+        "created_at": _iso(row["created_at"]),
+        "started_at": _iso(row["started_at"]),
+        "completed_at": _iso(row["completed_at"]),
+    }
+
+
+def item_json(row: Mapping[Any, Any]) -> dict[str, Any]:
+    return {
+        "ref": row["ref"],
+        "contact_id": str(row["contact_id"]) if row["contact_id"] else None,
+        "status": row["status"],
+        "error_code": row["error_code"],
+        "error_message": row["error_message"],
+        "processed_at": _iso(row["processed_at"]),
+    }
+
+
+async def load_job(
+    conn: AsyncConnection, workspace_id: uuid.UUID, job_id: uuid.UUID
+) -> dict[str, Any]:
+    """A job of this workspace as the API shows it (404 otherwise)."""
+    row = (
+        (
+            await conn.execute(
+                sa.select(deletion_jobs).where(
+                    deletion_jobs.c.id == job_id, deletion_jobs.c.workspace_id == workspace_id
+                )
+            )
+        )
+        .mappings()
+        .first()
+    )
+    if row is None:
+        raise NotFound("no such job")
+    return await _with_lists(conn, row)
+
+
+async def _with_lists(conn: AsyncConnection, row: Mapping[Any, Any]) -> dict[str, Any]:
+    items = deletion_job_items.c
+    not_found = (
+        await conn.execute(
+            sa.select(items.ref)
+            .where(items.job_id == row["id"], items.status == ItemStatus.NOT_FOUND)
+            .order_by(items.position)
+            .limit(LIST_CAP)
+        )
+    ).scalars()
+    failed = (
+        await conn.execute(
+            sa.select(items.ref, items.contact_id, items.error_code, items.error_message)
+            .where(items.job_id == row["id"], items.status == ItemStatus.FAILED)
+            .order_by(items.position)
+            .limit(LIST_CAP)
+        )
+    ).all()
+    errors = [
+        {"contact_id": str(f.contact_id or f.ref), "code": f.error_code, "message": f.error_message}
+        for f in failed
+    ]
+    return job_json(row, [str(r) for r in not_found], errors)
+
+
+async def list_jobs(
+    conn: AsyncConnection,
+    workspace_id: uuid.UUID,
+    limit: int,
+    before: tuple[datetime, uuid.UUID] | None,
+) -> tuple[list[dict[str, Any]], tuple[datetime, uuid.UUID] | None]:
+    """A page of jobs, newest first, and where the next page starts."""
+    c = deletion_jobs.c
+    stmt = (
+        sa.select(deletion_jobs)
+        .where(c.workspace_id == workspace_id)
+        .order_by(c.created_at.desc(), c.id.desc())
+        .limit(limit + 1)
+    )
+    if before is not None:
+        at, last_id = before
+        stmt = stmt.where(sa.or_(c.created_at < at, sa.and_(c.created_at == at, c.id < last_id)))
+    rows = (await conn.execute(stmt)).mappings().all()
+    page = [await _with_lists(conn, r) for r in rows[:limit]]
+    last = rows[limit - 1] if len(rows) > limit else None
+    return page, ((last["created_at"], last["id"]) if last is not None else None)
+
+
+async def list_items(
+    conn: AsyncConnection,
+    workspace_id: uuid.UUID,
+    job_id: uuid.UUID,
+    status: ItemStatus | None,
+    limit: int,
+    after: int | None,
+) -> tuple[list[dict[str, Any]], int | None]:
+    """A page of a job's items in request order, and the position to continue after."""
+    await load_job_row(conn, workspace_id, job_id)
+    c = deletion_job_items.c
+    stmt = sa.select(deletion_job_items).where(c.job_id == job_id).order_by(c.position)
+    if status is not None:
+        stmt = stmt.where(c.status == status)
+    if after is not None:
+        stmt = stmt.where(c.position > after)
+    rows = (await conn.execute(stmt.limit(limit + 1))).mappings().all()
+    next_after = int(rows[limit - 1]["position"]) if len(rows) > limit else None
+    return [item_json(r) for r in rows[:limit]], next_after
+
+
+async def load_job_row(
+    conn: AsyncConnection, workspace_id: uuid.UUID, job_id: uuid.UUID
+) -> Mapping[Any, Any]:
+    row = (
+        (
+            await conn.execute(
+                sa.select(deletion_jobs).where(
+                    deletion_jobs.c.id == job_id, deletion_jobs.c.workspace_id == workspace_id
+                )
+            )
+        )
+        .mappings()
+        .first()
+    )
+    if row is None:
+        raise NotFound("no such job")
+    return row
+
+
+def selector_summary(req: BulkDeleteRequest) -> dict[str, Any]:
+    """What the audit trail keeps of a selector: its kind and size, never addresses."""
+    if req.contact_ids is not None:
+        return {"type": "contact_ids", "count": len(set(req.contact_ids))}
+    if req.emails is not None:
+        return {"type": "emails", "count": len(set(req.emails))}
+    fields = sorted(_filter_fields(req.filter or {}))
+    return {"type": "filter", "fields": fields, "search": req.search is not None}
+
+
+def _filter_fields(value: Any) -> set[str]:
+    found: set[str] = set()
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if not k.startswith("$"):
+                found.add(k)
+            found |= _filter_fields(v)
+    elif isinstance(value, list):
+        for v in value:
+            found |= _filter_fields(v)
+    return found
+
+
+async def create_job(
+    conn: AsyncConnection,
+    db: Database,
+    settings: Settings,
+    who: Requester,
+    req: BulkDeleteRequest,
+    job_id: uuid.UUID,
+) -> None:
+    """Write the job, its items, its outbox rows and its audit event (one transaction)."""
+    now = utcnow()
+    selector = req.selector()
+    refs: list[tuple[str, uuid.UUID | None]] = []
+    if req.contact_ids is not None:
+        refs = [(i, uuid.UUID(i)) for i in selector["contact_ids"]]
+    elif req.emails is not None:
+        refs = await resolve_emails(conn, who.workspace_id, selector["emails"])
+    expanding = req.contact_ids is None and req.emails is None
+    unknown = sum(1 for _, cid in refs if cid is None)
+    await conn.execute(
+        deletion_jobs.insert().values(
+            id=job_id,
+            workspace_id=who.workspace_id,
+            api_key_id=who.api_key_id,
+            request_id=who.request_id,
+            status=JobStatus.PENDING,
+            dry_run=False,
+            delete_members=req.delete_members,
+            selector=selector,
+            expanded=not expanding,
+            total_requested=len(refs),
+            processed_count=unknown,
+            deleted_count=0,
+            not_found_count=unknown,
+            failed_count=0,
+            created_at=now,
+        )
+    )
+    await append_events(
+        conn,
+        db,
+        [
+            AuditRecord(
+                workspace_id=who.workspace_id,
+                actor=_actor(who),
+                action="deletion.requested",
+                target={"type": "deletion_job", "id": str(job_id)},
+                job_id=str(job_id),
+                request_id=who.request_id,
+                data={
+                    "selector": selector_summary(req),
+                    "count": len(refs) if not expanding else None,
+                    "dry_run": False,
+                    "delete_members": req.delete_members,
+                },
+            )
+        ],
+    )
+    topic = settings.topic(TOPIC_DELETION_REQUESTED)
+    if expanding:
+        event = envelope(
+            TYPE_JOB_EXPAND,
+            str(job_id),
+            JobExpand(job_id=job_id, workspace_id=who.workspace_id),
+            now,
+        )
+        await conn.execute(outbox.insert().values(**outbox_row(topic, str(job_id), event)))
+        return
+    await insert_items(conn, settings, job_id, who.workspace_id, refs, start=0, now=now)
+    if refs and unknown == len(refs):
+        await apply_progress(conn, db, settings, job_id, ProgressDelta())
+
+
+async def insert_items(
+    conn: AsyncConnection,
+    settings: Settings,
+    job_id: uuid.UUID,
+    workspace_id: uuid.UUID,
+    refs: Sequence[tuple[str, uuid.UUID | None]],
+    *,
+    start: int,
+    now: datetime,
+) -> None:
+    """Items for these refs; a ref without a contact is `not_found` at once, the rest get work."""
+    if not refs:
+        return
+    topic = settings.topic(TOPIC_DELETION_REQUESTED)
+    items = []
+    messages = []
+    for position, (ref, contact_id) in enumerate(refs, start=start):
+        found = contact_id is not None
+        items.append(
+            {
+                "job_id": job_id,
+                "ref": ref,
+                "position": position,
+                "contact_id": contact_id,
+                "status": ItemStatus.PENDING if found else ItemStatus.NOT_FOUND,
+                "error_code": None,
+                "error_message": None,
+                "processed_at": None if found else now,
+            }
+        )
+        if contact_id is not None:
+            data = DeletionRequested(
+                job_id=job_id, workspace_id=workspace_id, ref=ref, contact_id=contact_id
+            )
+            event = envelope(TYPE_DELETION_REQUESTED, str(contact_id), data, now)
+            messages.append(outbox_row(topic, str(contact_id), event))
+    await conn.execute(deletion_job_items.insert(), items)
+    if messages:
+        await conn.execute(outbox.insert(), messages)
+
+
+async def resolve_emails(
+    conn: AsyncConnection, workspace_id: uuid.UUID, emails: Sequence[str]
+) -> list[tuple[str, uuid.UUID | None]]:
+    rows = (
+        await conn.execute(
+            sa.select(contacts.c.id, contacts.c.email)
+            .where(contacts.c.workspace_id == workspace_id, contacts.c.email.in_(list(emails)))
+            .order_by(contacts.c.id)
+        )
+    ).all()
+    by_email: dict[str, list[uuid.UUID]] = {}
+    for row in rows:
+        by_email.setdefault(row.email, []).append(row.id)
+    refs: list[tuple[str, uuid.UUID | None]] = []
+    for email in emails:
+        matches = by_email.get(email)
+        if not matches:
+            refs.append((email, None))
+        else:
+            refs.extend((str(cid), cid) for cid in matches)
+    return refs
+
+
+def _actor(who: Requester) -> dict[str, str]:
+    if who.api_key_id is None:
+        return {"type": "system", "id": "api"}
+    return {"type": "api_key", "id": str(who.api_key_id)}
+
+
+@dataclass
+class ProgressDelta:
+    """How many items of one job a transaction just finished, by outcome."""
+
+    deleted: int = 0
+    not_found: int = 0
+    failed: int = 0
+    added: int = 0  # items added by an expansion page
+    expanded: bool = False  # the expansion reached the end of the matches
+
+    @property
+    def processed(self) -> int:
+        return self.deleted + self.not_found + self.failed
+
+
+async def apply_progress(
+    conn: AsyncConnection, db: Database, settings: Settings, job_id: uuid.UUID, delta: ProgressDelta
+) -> bool:
+    """Add outcomes to a job; finish it when nothing is left (then True)."""
+    c = deletion_jobs.c
+    now = utcnow()
+    values: dict[str, Any] = {
+        "processed_count": c.processed_count + delta.processed,
+        "deleted_count": c.deleted_count + delta.deleted,
+        "not_found_count": c.not_found_count + delta.not_found,
+        "failed_count": c.failed_count + delta.failed,
+        "total_requested": c.total_requested + delta.added,
+        "status": sa.case((c.status == JobStatus.PENDING, JobStatus.IN_PROGRESS), else_=c.status),
+        "started_at": sa.func.coalesce(c.started_at, now),
+    }
+    if delta.expanded:
+        values["expanded"] = True
+    row = (
+        (
+            await conn.execute(
+                deletion_jobs.update()
+                .where(c.id == job_id)
+                .values(**values)
+                .returning(deletion_jobs)
+            )
+        )
+        .mappings()
+        .one()
+    )
+    done = row["expanded"] and row["processed_count"] >= row["total_requested"]
+    if not done or row["completed_at"] is not None:
+        return False
+    await finish_job(conn, db, settings, row, now)
+    return True
+
+
+async def finish_job(
+    conn: AsyncConnection, db: Database, settings: Settings, row: Mapping[Any, Any], now: datetime
+) -> None:
+    """Mark a job finished, and record and announce it."""
+    status = final_status(row["failed_count"])
+    await conn.execute(
+        deletion_jobs.update()
+        .where(deletion_jobs.c.id == row["id"])
+        .values(
+            status=status,
+            completed_at=now,
+            started_at=sa.func.coalesce(deletion_jobs.c.started_at, now),
+        )
+    )
+    counts = {
+        "total_requested": row["total_requested"],
+        "processed_count": row["processed_count"],
+        "deleted_count": row["deleted_count"],
+        "not_found_count": row["not_found_count"],
+        "failed_count": row["failed_count"],
+    }
+    await append_events(
+        conn,
+        db,
+        [
+            AuditRecord(
+                workspace_id=row["workspace_id"],
+                actor={"type": "system", "id": "worker"},
+                action="deletion.completed",
+                target={"type": "deletion_job", "id": str(row["id"])},
+                job_id=str(row["id"]),
+                request_id=row["request_id"],
+                data={"status": str(status), **counts},
+            )
+        ],
+    )
+    event = envelope(
+        TYPE_JOB_COMPLETED,
+        str(row["id"]),
+        DeletionJobCompleted(
+            job_id=row["id"],
+            workspace_id=row["workspace_id"],
+            status=status.value,
+            completed_at=now,
+            **counts,
+        ),
+        now,
+    )
+    topic = settings.topic(TOPIC_JOB_COMPLETED)
+    await conn.execute(outbox.insert().values(**outbox_row(topic, str(row["id"]), event)))

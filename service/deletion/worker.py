@@ -1,0 +1,530 @@
+"""The deletion worker: consumes `contact.deletion-requested` and deletes contacts.
+
+One database transaction per batch of messages deletes the contacts, nulls their
+timeline back-references, appends the audit events, marks the job items, writes the
+`contact.deleted` outbox rows and moves the job counters. Offsets are committed only after
+that transaction commits, and an item that is no longer pending is skipped, so a
+redelivered message changes nothing and emits nothing.
+
+Error kinds: a malformed message is dead-lettered and committed; a transient database or
+broker error is retried with backoff, never skipped; any other failure is retried a few
+times, then its item is recorded as `FAILED_DELETE_CONTACT`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import sqlalchemy as sa
+from pydantic import ValidationError
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from service.audit.chain import email_hmac
+from service.audit.store import AuditRecord, append_events, load_hash_key
+from service.config import Settings
+from service.contacts.filters import parse_filter, selection_clause
+from service.contacts.store import TIMELINE_TABLES
+from service.db import Database, contacts, deletion_job_items, deletion_jobs, outbox, utcnow
+from service.deletion.models import NOT_FOUND, ErrorCode, ItemStatus, Outcome, decide
+from service.deletion.notify import JobNotifier
+from service.deletion.store import ProgressDelta, apply_progress, insert_items
+from service.errors import PoisonMessage
+from service.events import (
+    DLQ_SUFFIX,
+    TOPIC_CONTACT_DELETED,
+    TOPIC_DELETION_REQUESTED,
+    TYPE_CONTACT_DELETED,
+    TYPE_DELETION_REQUESTED,
+    TYPE_JOB_EXPAND,
+    CloudEvent,
+    ContactDeleted,
+    DeletionRequested,
+    JobExpand,
+    OrphanedTimeline,
+    envelope,
+)
+from service.failpoints import crash_if
+from service.kafka import Consumer, InMessage, KafkaUnavailable, OutMessage, Producer
+from service.logs import get_logger
+from service.metrics import Metrics
+from service.outbox import outbox_row
+from service.webhooks.signing import email_sha256
+
+log = get_logger(__name__)
+T = TypeVar("T")
+
+MAX_ATTEMPTS = 3
+KIND_PLURAL = {"activity": "activities", "note": "notes", "task": "tasks"}
+
+
+def parse_message(message: InMessage) -> DeletionRequested | JobExpand:
+    """The typed command inside a message, or PoisonMessage."""
+    try:
+        event = CloudEvent.model_validate_json(message.value)
+        if event.type == TYPE_DELETION_REQUESTED:
+            return DeletionRequested.model_validate(event.data)
+        if event.type == TYPE_JOB_EXPAND:
+            return JobExpand.model_validate(event.data)
+    except (ValidationError, ValueError) as exc:
+        raise PoisonMessage(f"malformed message: {exc}") from exc
+    raise PoisonMessage(f"unknown event type {event.type!r}")
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Errors that mean "the database or broker is not answering right now"."""
+    if isinstance(exc, OperationalError | KafkaUnavailable | OSError | TimeoutError):
+        return True
+    return isinstance(exc, DBAPIError) and exc.connection_invalidated
+
+
+@dataclass
+class BatchResult:
+    finished_jobs: list[uuid.UUID] = field(default_factory=list)
+    deleted: int = 0
+
+
+class DeletionWorker:
+    def __init__(
+        self,
+        settings: Settings,
+        db: Database,
+        metrics: Metrics,
+        notifier: JobNotifier | None = None,
+        outbox_signal: asyncio.Event | None = None,
+    ) -> None:
+        self.settings = settings
+        self.db = db
+        self.metrics = metrics
+        self.notifier = notifier
+        self.outbox_signal = outbox_signal
+        self.topic = settings.topic(TOPIC_DELETION_REQUESTED)
+        self.hash_key = b""
+
+    # -- the consumer loop -------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        self.hash_key = await load_hash_key(
+            self.db,
+            self.settings.audit_hash_key.get_secret_value()
+            if self.settings.audit_hash_key
+            else None,
+        )
+        bootstrap = self.settings.kafka_bootstrap_servers
+        consumer = Consumer(
+            bootstrap, [self.topic], f"{self.settings.kafka_consumer_group_prefix}.worker"
+        )
+        dlq = Producer(bootstrap)
+        await consumer.start()
+        await dlq.start()
+        try:
+            while not stop.is_set():
+                messages = await consumer.getmany(
+                    timeout_ms=200, max_records=self.settings.worker_batch_size
+                )
+                if not messages:
+                    continue
+                if not await self.handle(messages, dlq, stop):
+                    break  # stopped before the batch was durable: leave it uncommitted
+                crash_if(self.settings.failpoint, "worker_after_db_commit")
+                await consumer.commit(_next_offsets(messages))
+        finally:
+            await consumer.stop()
+            await dlq.stop()
+
+    async def handle(
+        self, messages: Sequence[InMessage], dlq: Producer, stop: asyncio.Event
+    ) -> bool:
+        """Process a batch durably; True once every message is done or dead-lettered."""
+        commands: list[tuple[InMessage, DeletionRequested | JobExpand]] = []
+        poison: list[tuple[InMessage, str]] = []
+        for message in messages:
+            try:
+                commands.append((message, parse_message(message)))
+            except PoisonMessage as exc:
+                poison.append((message, str(exc)))
+        try:
+            if poison:
+                await self._retry_transient(lambda: self._dead_letter(dlq, poison), stop)
+            if commands:
+                result = await self._process_with_retries([c for _, c in commands], stop)
+                self._after_commit(result)
+        except _Stopped:
+            return False
+        return True
+
+    async def _process_with_retries(
+        self, commands: list[DeletionRequested | JobExpand], stop: asyncio.Event
+    ) -> BatchResult:
+        attempt = 0
+        while True:
+            try:
+                return await self._retry_transient(lambda: self.process(commands), stop)
+            except _Stopped:
+                raise
+            except Exception as exc:
+                attempt += 1
+                log.warning("worker_batch_failed", error=repr(exc), attempt=attempt)
+                if attempt >= MAX_ATTEMPTS:
+                    break
+        # Something in the batch keeps failing: isolate it, one command at a time.
+        total = BatchResult()
+        for command in commands:
+            result = await self._process_alone(command, stop)
+            total.finished_jobs += result.finished_jobs
+            total.deleted += result.deleted
+        return total
+
+    async def _process_alone(
+        self, command: DeletionRequested | JobExpand, stop: asyncio.Event
+    ) -> BatchResult:
+        for attempt in range(1, MAX_ATTEMPTS + 1):
+            try:
+                return await self._retry_transient(lambda: self.process([command]), stop)
+            except _Stopped:
+                raise
+            except Exception as exc:
+                log.error("worker_command_failed", error=repr(exc), attempt=attempt)
+        return await self._retry_transient(lambda: self.give_up(command), stop)
+
+    async def _retry_transient(self, work: Callable[[], Awaitable[T]], stop: asyncio.Event) -> T:
+        backoff = 0.1
+        while True:
+            try:
+                return await work()
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
+                log.warning("worker_transient_error", error=repr(exc), backoff_s=backoff)
+            if stop.is_set():
+                raise _Stopped
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=backoff)
+            backoff = min(backoff * 2, 10.0)
+
+    async def _dead_letter(self, dlq: Producer, poison: list[tuple[InMessage, str]]) -> None:
+        for message, reason in poison:
+            log.error(
+                "message_dead_lettered", topic=message.topic, offset=message.offset, reason=reason
+            )
+        await dlq.send_many(
+            [
+                OutMessage(
+                    topic=m.topic + DLQ_SUFFIX,
+                    key=m.key,
+                    value=m.value,
+                    headers=(
+                        *m.headers,
+                        ("dlq-reason", reason.encode()[:1000]),
+                        ("dlq-source", f"{m.topic}/{m.partition}/{m.offset}".encode()),
+                    ),
+                )
+                for m, reason in poison
+            ]
+        )
+
+    def _after_commit(self, result: BatchResult) -> None:
+        self.metrics.contacts_deleted.inc(result.deleted)
+        if self.outbox_signal is not None:
+            self.outbox_signal.set()
+        if self.notifier is not None:
+            for job_id in result.finished_jobs:
+                self.notifier.notify(job_id)
+
+    # -- the unit of work ---------------------------------------------------------------
+
+    async def process(self, commands: Sequence[DeletionRequested | JobExpand]) -> BatchResult:
+        """Apply a batch of commands in one transaction."""
+        result = BatchResult()
+        deletions = [c for c in commands if isinstance(c, DeletionRequested)]
+        expansions = [c for c in commands if isinstance(c, JobExpand)]
+        async with self.db.begin() as conn:
+            progress: dict[uuid.UUID, ProgressDelta] = {}
+            if deletions:
+                result.deleted = await self._delete(conn, deletions, progress)
+            for expansion in expansions:
+                await self._expand(conn, expansion, progress)
+            for job_id in sorted(progress, key=str):
+                if await apply_progress(conn, self.db, self.settings, job_id, progress[job_id]):
+                    result.finished_jobs.append(job_id)
+        return result
+
+    async def give_up(self, command: DeletionRequested | JobExpand) -> BatchResult:
+        """Record a command that kept failing: its item fails (or its job, for an expansion)."""
+        result = BatchResult()
+        async with self.db.begin() as conn:
+            if isinstance(command, JobExpand):
+                await conn.execute(
+                    deletion_jobs.update()
+                    .where(
+                        deletion_jobs.c.id == command.job_id, deletion_jobs.c.completed_at.is_(None)
+                    )
+                    .values(status="failed", completed_at=utcnow())
+                )
+                return result
+            items = deletion_job_items.c
+            updated = await conn.execute(
+                deletion_job_items.update()
+                .where(
+                    items.job_id == command.job_id,
+                    items.ref == command.ref,
+                    items.status == ItemStatus.PENDING,
+                )
+                .values(
+                    status=ItemStatus.FAILED,
+                    error_code=ErrorCode.FAILED,
+                    error_message="the contact could not be deleted (an unexpected error)",
+                    processed_at=utcnow(),
+                )
+            )
+            if updated.rowcount:
+                delta = ProgressDelta(failed=1)
+                if await apply_progress(conn, self.db, self.settings, command.job_id, delta):
+                    result.finished_jobs.append(command.job_id)
+        return result
+
+    async def _delete(
+        self,
+        conn: AsyncConnection,
+        commands: Sequence[DeletionRequested],
+        progress: dict[uuid.UUID, ProgressDelta],
+    ) -> int:
+        items = deletion_job_items.c
+        job_ids = sorted({c.job_id for c in commands}, key=str)
+        jobs = {
+            r.id: r
+            for r in (
+                await conn.execute(sa.select(deletion_jobs).where(deletion_jobs.c.id.in_(job_ids)))
+            ).all()
+        }
+        item_stmt = sa.select(items.job_id, items.ref, items.status).where(
+            items.job_id.in_(job_ids), items.ref.in_({c.ref for c in commands})
+        )
+        statuses = {
+            (r.job_id, r.ref): r.status
+            for r in (await conn.execute(self.db.for_update(item_stmt))).all()
+        }
+        todo: list[DeletionRequested] = []
+        seen: set[tuple[uuid.UUID, str]] = set()
+        for c in commands:
+            key = (c.job_id, c.ref)
+            if statuses.get(key) == ItemStatus.PENDING and key not in seen and c.job_id in jobs:
+                seen.add(key)
+                todo.append(c)
+        if not todo:
+            return 0
+        contact_stmt = sa.select(contacts).where(contacts.c.id.in_({c.contact_id for c in todo}))
+        found = {
+            r["id"]: r for r in (await conn.execute(self.db.for_update(contact_stmt))).mappings()
+        }
+        now = utcnow()
+        outcomes: list[tuple[DeletionRequested, Outcome]] = []
+        doomed: dict[uuid.UUID, DeletionRequested] = {}
+        for c in todo:
+            contact = found.get(c.contact_id)
+            if contact is not None and contact["workspace_id"] != jobs[c.job_id].workspace_id:
+                contact = None  # another workspace's contact is, for this job, not there
+            outcome = decide(contact, jobs[c.job_id].delete_members)
+            if outcome.status is ItemStatus.DELETED:
+                if c.contact_id in doomed:
+                    outcome = NOT_FOUND  # two jobs in one batch: the first one deletes it
+                else:
+                    doomed[c.contact_id] = c
+            outcomes.append((c, outcome))
+
+        timeline = await self._orphan_timelines(conn, list(doomed))
+        if doomed:
+            await conn.execute(contacts.delete().where(contacts.c.id.in_(list(doomed))))
+
+        records: list[AuditRecord] = []
+        deleted_rows: list[dict[str, Any]] = []
+        topic = self.settings.topic(TOPIC_CONTACT_DELETED)
+        for c, outcome in outcomes:
+            job = jobs[c.job_id]
+            actor = (
+                {"type": "api_key", "id": str(job.api_key_id)}
+                if job.api_key_id
+                else {"type": "system", "id": "worker"}
+            )
+            target = {"type": "contact", "id": str(c.contact_id)}
+            delta = progress.setdefault(c.job_id, ProgressDelta())
+            if outcome.status is ItemStatus.DELETED:
+                delta.deleted += 1
+                contact = found[c.contact_id]
+                hmac_hex = email_hmac(self.hash_key, contact["email"])
+                kept = timeline.get(c.contact_id, {})
+                records.append(
+                    AuditRecord(
+                        workspace_id=job.workspace_id,
+                        actor=actor,
+                        action="contact.deleted",
+                        target=target,
+                        job_id=str(c.job_id),
+                        request_id=job.request_id,
+                        email_hmac=hmac_hex,
+                        data={
+                            "email_hmac": hmac_hex,
+                            "api_key_id": str(job.api_key_id) if job.api_key_id else None,
+                            "member_role": contact["member_role"],
+                            "preserved_timeline": {
+                                KIND_PLURAL[k]: kept.get(k, []) for k in TIMELINE_TABLES
+                            },
+                        },
+                        occurred_at=now,
+                    )
+                )
+                event = envelope(
+                    TYPE_CONTACT_DELETED,
+                    str(c.contact_id),
+                    ContactDeleted(
+                        contact_id=c.contact_id,
+                        workspace_id=job.workspace_id,
+                        job_id=c.job_id,
+                        deleted_at=now,
+                        email_sha256=email_sha256(contact["email"]),
+                        orphaned_timeline=OrphanedTimeline(
+                            **{KIND_PLURAL[k]: len(kept.get(k, [])) for k in TIMELINE_TABLES}
+                        ),
+                    ),
+                    now,
+                )
+                deleted_rows.append(outbox_row(topic, str(c.contact_id), event))
+            elif outcome.status is ItemStatus.NOT_FOUND:
+                delta.not_found += 1
+            else:
+                delta.failed += 1
+                records.append(
+                    AuditRecord(
+                        workspace_id=job.workspace_id,
+                        actor=actor,
+                        action="contact.deletion_failed",
+                        target=target,
+                        job_id=str(c.job_id),
+                        request_id=job.request_id,
+                        data={"code": str(outcome.code), "message": outcome.message},
+                        occurred_at=now,
+                    )
+                )
+        if records:
+            await append_events(conn, self.db, records)
+        await conn.execute(
+            deletion_job_items.update()
+            .where(items.job_id == sa.bindparam("b_job"), items.ref == sa.bindparam("b_ref"))
+            .values(
+                status=sa.bindparam("b_status"),
+                error_code=sa.bindparam("b_code"),
+                error_message=sa.bindparam("b_message"),
+                processed_at=sa.bindparam("b_at"),
+            ),
+            [
+                {
+                    "b_job": c.job_id,
+                    "b_ref": c.ref,
+                    "b_status": str(o.status),
+                    "b_code": str(o.code) if o.code else None,
+                    "b_message": o.message,
+                    "b_at": now,
+                }
+                for c, o in outcomes
+            ],
+        )
+        if deleted_rows:
+            await conn.execute(outbox.insert(), deleted_rows)
+        return len(doomed)
+
+    async def _orphan_timelines(
+        self, conn: AsyncConnection, contact_ids: list[uuid.UUID]
+    ) -> dict[uuid.UUID, dict[str, list[dict[str, str]]]]:
+        """Null the back-references of these contacts' timelines; say what was kept."""
+        kept: dict[uuid.UUID, dict[str, list[dict[str, str]]]] = {}
+        if not contact_ids:
+            return kept
+        for kind, table in TIMELINE_TABLES.items():
+            when = table.c.occurred_at if kind == "activity" else table.c.created_at
+            rows = (
+                await conn.execute(
+                    sa.select(table.c.id, table.c.contact_id, when.label("at"))
+                    .where(table.c.contact_id.in_(contact_ids))
+                    .order_by(table.c.id)
+                )
+            ).all()
+            for r in rows:
+                kept.setdefault(r.contact_id, {}).setdefault(kind, []).append(
+                    {"id": str(r.id), "kind": kind, "at": r.at.isoformat().replace("+00:00", "Z")}
+                )
+            if rows:
+                await conn.execute(
+                    table.update()
+                    .where(table.c.contact_id.in_(contact_ids))
+                    .values(contact_id=None)
+                )
+        return kept
+
+    async def _expand(
+        self, conn: AsyncConnection, command: JobExpand, progress: dict[uuid.UUID, ProgressDelta]
+    ) -> None:
+        """Turn the next page of a filter/search job's matches into items and messages."""
+        job_stmt = sa.select(deletion_jobs).where(deletion_jobs.c.id == command.job_id)
+        job = (await conn.execute(self.db.for_update(job_stmt))).mappings().first()
+        if job is None or job["expanded"] or job["expand_after"] != command.after:
+            return  # a repeated or stale expansion message
+        selector = job["selector"]
+        tree = parse_filter(selector["filter"]) if "filter" in selector else None
+        stmt = (
+            sa.select(contacts.c.id)
+            .where(
+                contacts.c.workspace_id == job["workspace_id"],
+                selection_clause(contacts, tree, selector.get("search")),
+            )
+            .order_by(contacts.c.id)
+            .limit(self.settings.expand_page_size)
+        )
+        if command.after is not None:
+            stmt = stmt.where(contacts.c.id > command.after)
+        ids = list((await conn.execute(stmt)).scalars())
+        now = utcnow()
+        await insert_items(
+            conn,
+            self.settings,
+            job["id"],
+            job["workspace_id"],
+            [(str(i), i) for i in ids],
+            start=job["total_requested"],
+            now=now,
+        )
+        last = len(ids) < self.settings.expand_page_size
+        if not last:
+            event = envelope(
+                TYPE_JOB_EXPAND,
+                str(job["id"]),
+                JobExpand(job_id=job["id"], workspace_id=job["workspace_id"], after=ids[-1]),
+                now,
+            )
+            await conn.execute(
+                outbox.insert().values(**outbox_row(self.topic, str(job["id"]), event))
+            )
+        await conn.execute(
+            deletion_jobs.update()
+            .where(deletion_jobs.c.id == job["id"])
+            .values(expand_after=ids[-1] if ids else None)
+        )
+        delta = progress.setdefault(job["id"], ProgressDelta())
+        delta.added += len(ids)
+        delta.expanded = delta.expanded or last
+
+
+class _Stopped(Exception):
+    """Shutdown was requested while waiting out a transient error."""
+
+
+def _next_offsets(messages: Sequence[InMessage]) -> dict[tuple[str, int], int]:
+    offsets: dict[tuple[str, int], int] = {}
+    for m in messages:
+        key = (m.topic, m.partition)
+        offsets[key] = max(offsets.get(key, 0), m.offset + 1)
+    return offsets

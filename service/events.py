@@ -1,0 +1,105 @@
+"""Events on Kafka: CloudEvents 1.0 in structured JSON, with typed `data`.
+
+`contact.deletion-requested` carries the work (one message per contact, keyed by contact
+id, plus `job.expand` messages keyed by job id for filter/search jobs); `contact.deleted`
+and `deletion_job.completed` are facts for the webhook dispatcher. JSON Schemas of these
+models live in schemas/ (see service.schemas).
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+SOURCE = "/contact-deletion"
+
+TOPIC_DELETION_REQUESTED = "contact.deletion-requested"
+TOPIC_CONTACT_DELETED = "contact.deleted"
+TOPIC_JOB_COMPLETED = "deletion_job.completed"
+DLQ_SUFFIX = ".dlq"
+
+TYPE_DELETION_REQUESTED = "contact.deletion_requested"
+TYPE_JOB_EXPAND = "deletion_job.expand"
+TYPE_CONTACT_DELETED = "contact.deleted"
+TYPE_JOB_COMPLETED = "deletion_job.completed"
+
+
+class EventData(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DeletionRequested(EventData):
+    """Delete one contact as part of a job."""
+
+    job_id: uuid.UUID
+    workspace_id: uuid.UUID
+    ref: str = Field(description="The job item: the contact id as the caller named it")
+    contact_id: uuid.UUID
+
+
+class JobExpand(EventData):
+    """Expand the next page of a filter/search job's matches into items."""
+
+    job_id: uuid.UUID
+    workspace_id: uuid.UUID
+    after: uuid.UUID | None = Field(default=None, description="Continue after this contact id")
+
+
+class OrphanedTimeline(EventData):
+    activities: int
+    notes: int
+    tasks: int
+
+
+class ContactDeleted(EventData):
+    """A contact was deleted; its timeline stays without the back-reference."""
+
+    contact_id: uuid.UUID
+    workspace_id: uuid.UUID
+    job_id: uuid.UUID
+    deleted_at: datetime
+    email_sha256: str = Field(description="Hex SHA-256 of the lowercased, trimmed address")
+    orphaned_timeline: OrphanedTimeline
+
+
+class DeletionJobCompleted(EventData):
+    """A deletion job finished, with its final counts."""
+
+    job_id: uuid.UUID
+    workspace_id: uuid.UUID
+    status: Literal["completed", "completed_with_errors", "failed"]
+    total_requested: int
+    processed_count: int
+    deleted_count: int
+    not_found_count: int
+    failed_count: int
+    completed_at: datetime
+
+
+class CloudEvent(BaseModel):
+    """The CloudEvents 1.0 structured-mode envelope."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    specversion: Literal["1.0"] = "1.0"
+    id: str
+    source: str = SOURCE
+    type: str
+    time: datetime
+    subject: str | None = None
+    datacontenttype: Literal["application/json"] = "application/json"
+    data: dict[str, Any]
+
+
+def envelope(event_type: str, subject: str, data: EventData, time: datetime) -> CloudEvent:
+    """Wrap typed data in a CloudEvent with a fresh id."""
+    return CloudEvent(
+        id=str(uuid.uuid4()),
+        type=event_type,
+        time=time,
+        subject=subject,
+        data=data.model_dump(mode="json"),
+    )

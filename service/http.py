@@ -1,0 +1,267 @@
+"""The HTTP edge: request ids, the error envelope, auth and scopes, rate limits, bodies.
+
+Every error leaves the service as ``{"error": {"code", "message", "details"}}``; this is
+the one place where the exception tree (service.errors) becomes HTTP.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import structlog
+from aiohttp import web
+from pydantic import BaseModel, ValidationError
+
+from service.config import Settings
+from service.db import Database
+from service.errors import (
+    Forbidden,
+    MethodNotAllowed,
+    NotFound,
+    PayloadTooLarge,
+    RateLimited,
+    ServiceError,
+    Unauthenticated,
+    UnsupportedMediaType,
+    ValidationFailed,
+)
+from service.keys import Principal, authenticate
+from service.logs import get_logger
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+M = TypeVar("M", bound=BaseModel)
+
+log = get_logger(__name__)
+
+REQUEST_ID_HEADER = "X-Request-ID"
+_REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:\-]{1,200}$")
+
+PRINCIPAL_KEY = web.RequestKey("principal", Principal)
+REQUEST_ID_KEY = web.RequestKey("request_id", str)
+
+
+def json_response(
+    data: Any, status: int = 200, headers: dict[str, str] | None = None
+) -> web.Response:
+    """A JSON response with the body as given (callers wrap in {"data": ...})."""
+    return web.Response(
+        body=json.dumps(data, separators=(",", ":"), default=str).encode("utf-8"),
+        status=status,
+        headers=headers,
+        content_type="application/json",
+    )
+
+
+def error_response(error: ServiceError) -> web.Response:
+    body = {"error": {"code": error.code, "message": error.message, "details": error.details}}
+    return json_response(body, status=error.status, headers=dict(error.headers))
+
+
+@dataclass
+class TokenBucket:
+    """A token bucket: `rate` tokens a second, holding at most `capacity`."""
+
+    rate: float
+    capacity: int
+    tokens: float
+    updated: float
+
+    def take(self, now: float) -> bool:
+        self.tokens = min(self.capacity, self.tokens + (now - self.updated) * self.rate)
+        self.updated = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return True
+        return False
+
+    def seconds_until(self, tokens: float) -> float:
+        return max(0.0, (tokens - self.tokens) / self.rate)
+
+
+class RateLimiter:
+    """Per-key token buckets (in this process), with the headers clients expect."""
+
+    def __init__(
+        self, rate: float, capacity: int, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.rate = rate
+        self.capacity = capacity
+        self.clock = clock
+        self._buckets: dict[uuid.UUID, TokenBucket] = {}
+
+    def check(self, key_id: uuid.UUID) -> tuple[bool, dict[str, str]]:
+        """Take a token for this key; returns (allowed, rate-limit headers)."""
+        now = self.clock()
+        bucket = self._buckets.get(key_id)
+        if bucket is None:
+            bucket = TokenBucket(self.rate, self.capacity, float(self.capacity), now)
+            self._buckets[key_id] = bucket
+        allowed = bucket.take(now)
+        headers = {
+            "X-RateLimit-Limit": str(self.capacity),
+            "X-RateLimit-Remaining": str(int(bucket.tokens)),
+            # Seconds until the bucket is full again.
+            "X-RateLimit-Reset": str(math.ceil(bucket.seconds_until(self.capacity))),
+        }
+        if not allowed:
+            headers["Retry-After"] = str(max(1, math.ceil(bucket.seconds_until(1))))
+        return allowed, headers
+
+
+DB_KEY = web.AppKey("db", Database)
+SETTINGS_KEY = web.AppKey("settings", Settings)
+RATE_LIMITER_KEY = web.AppKey("rate_limiter", RateLimiter)
+
+
+def principal(request: web.Request) -> Principal:
+    """The authenticated caller of this request."""
+    if PRINCIPAL_KEY not in request:
+        raise Unauthenticated("missing API key")
+    return request[PRINCIPAL_KEY]
+
+
+def require(request: web.Request, scope: str) -> Principal:
+    """The caller, who must hold `scope`."""
+    who = principal(request)
+    if not who.allows(scope):
+        raise Forbidden(f"this key lacks the {scope!r} scope", {"required_scope": scope})
+    return who
+
+
+def request_id(request: web.Request) -> str:
+    return request[REQUEST_ID_KEY]
+
+
+def parse_uuid(value: str, name: str = "id") -> uuid.UUID:
+    """A UUID from a path or query parameter; a malformed one is a 404 (it cannot exist)."""
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        raise NotFound(f"no such {name}") from None
+
+
+def validation_details(exc: ValidationError) -> list[dict[str, Any]]:
+    """Pydantic's errors as `[{"field": "a.b", "message": ...}]`."""
+    details = []
+    for err in exc.errors(include_url=False, include_input=False):
+        field = ".".join(str(p) for p in err["loc"]) or "body"
+        details.append({"field": field, "message": err["msg"], "type": err["type"]})
+    return details
+
+
+async def read_json(request: web.Request) -> Any:
+    """The request body as JSON: 415 for another media type, 400 for malformed JSON."""
+    if request.content_type != "application/json":
+        raise UnsupportedMediaType(
+            "send the body as application/json", {"content_type": request.content_type}
+        )
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise PayloadTooLarge(
+            "the body is larger than 1 MiB", {"max_bytes": request.app[SETTINGS_KEY].max_body_bytes}
+        ) from None
+    if not raw:
+        raise ValidationFailed("a JSON body is required", [{"field": "body", "message": "empty"}])
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValidationFailed(
+            "the body is not valid JSON", [{"field": "body", "message": str(exc)}]
+        ) from None
+
+
+async def read_model(request: web.Request, model: type[M]) -> M:
+    """The request body validated into `model` (unknown fields are refused)."""
+    body = await read_json(request)
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        raise ValidationFailed("the request body is invalid", validation_details(exc)) from None
+
+
+def query_model(request: web.Request, model: type[M]) -> M:
+    """Query-string parameters validated into `model` (unknown ones are refused)."""
+    try:
+        return model.model_validate(dict(request.query))
+    except ValidationError as exc:
+        raise ValidationFailed(
+            "the query parameters are invalid", validation_details(exc)
+        ) from None
+
+
+@web.middleware
+async def edge_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Request id, logging context, auth, rate limit and the error envelope, in one place."""
+    incoming = request.headers.get(REQUEST_ID_HEADER, "")
+    rid = incoming if _REQUEST_ID_RE.match(incoming) else f"req_{uuid.uuid4().hex}"
+    request[REQUEST_ID_KEY] = rid
+    structlog.contextvars.clear_contextvars()
+    structlog.contextvars.bind_contextvars(request_id=rid)
+    extra_headers: dict[str, str] = {REQUEST_ID_HEADER: rid}
+    try:
+        response = await _authenticated(request, handler, extra_headers)
+    except ServiceError as exc:
+        response = error_response(exc)
+    except web.HTTPException as exc:
+        response = error_response(_from_http_exception(exc))
+    except Exception:
+        log.exception("unhandled_error", path=request.path, method=request.method)
+        response = error_response(ServiceError("an unexpected error occurred"))
+    finally:
+        structlog.contextvars.clear_contextvars()
+    response.headers.update(extra_headers)
+    return response
+
+
+async def _authenticated(
+    request: web.Request, handler: Handler, extra_headers: dict[str, str]
+) -> web.StreamResponse:
+    match_info = request.match_info
+    if match_info.http_exception is not None:
+        raise match_info.http_exception
+    if not request.path.startswith("/v1/"):
+        return await handler(request)
+    auth = request.headers.get("Authorization", "")
+    scheme, _, token = auth.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Unauthenticated(
+            "send your API key as 'Authorization: Bearer <key>'",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    who = await authenticate(request.app[DB_KEY], token.strip())
+    if who is None:
+        raise Unauthenticated("unknown or revoked API key", headers={"WWW-Authenticate": "Bearer"})
+    request[PRINCIPAL_KEY] = who
+    structlog.contextvars.bind_contextvars(workspace_id=str(who.workspace_id))
+    limiter = request.app[RATE_LIMITER_KEY]
+    allowed, headers = limiter.check(who.key_id)
+    extra_headers.update(headers)
+    if not allowed:
+        raise RateLimited("too many requests for this key; slow down", headers=headers)
+    return await handler(request)
+
+
+def _from_http_exception(exc: web.HTTPException) -> ServiceError:
+    if isinstance(exc, web.HTTPNotFound):
+        return NotFound("no such resource")
+    if isinstance(exc, web.HTTPMethodNotAllowed):
+        allowed = sorted(exc.allowed_methods)
+        return MethodNotAllowed(
+            f"method {exc.method} is not allowed here",
+            {"allowed_methods": allowed},
+            headers={"Allow": ",".join(allowed)},
+        )
+    if isinstance(exc, web.HTTPRequestEntityTooLarge):
+        return PayloadTooLarge("the body is larger than allowed")
+    error = ServiceError(exc.reason or "error")
+    error.status = exc.status
+    error.code = (exc.reason or "error").lower().replace(" ", "_")
+    return error

@@ -1,0 +1,345 @@
+"""A small typed interface over aiokafka: producer, consumer and topic administration.
+
+aiokafka ships no type information, so the rest of the service talks to Kafka only through
+the frozen messages and the three wrappers here. Keys, values and header values are bytes;
+serialisation belongs to the callers.
+
+Failures of the broker or of the connection surface as :class:`KafkaUnavailable`, a
+:class:`~service.errors.RetryLater`: back off and try again, never skip.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaError, for_code
+
+from service.errors import RetryLater
+
+log = structlog.get_logger(__name__)
+
+DEFAULT_CLIENT_ID = "contact-deletion"
+
+_TOPIC_ALREADY_EXISTS = 36
+# KRaft answers "only 0 broker(s) are registered" with this code until the broker has
+# registered with its controller, which happens just after start-up.
+_INVALID_REPLICATION_FACTOR = 38
+
+
+class KafkaUnavailable(RetryLater):
+    """Kafka did not accept, deliver or answer a request; transient, so retry later."""
+
+
+class TopicCreationFailed(Exception):
+    """The broker refused to create a topic for a reason that retrying will not fix."""
+
+
+@dataclass(frozen=True)
+class OutMessage:
+    """A record to produce."""
+
+    topic: str
+    key: bytes | None
+    value: bytes
+    headers: tuple[tuple[str, bytes], ...] = ()
+
+
+@dataclass(frozen=True)
+class InMessage:
+    """A consumed record, with where it came from (a tombstone's value reads as ``b""``)."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes
+    headers: tuple[tuple[str, bytes], ...]
+
+
+class Producer:
+    """An idempotent producer (``acks=all``): no duplicates or reordering on retries."""
+
+    def __init__(
+        self,
+        bootstrap: str,
+        client_id: str = DEFAULT_CLIENT_ID,
+        *,
+        linger_ms: int = 5,
+        max_batch_size: int = 256 * 1024,
+    ) -> None:
+        self._bootstrap = bootstrap
+        self._client_id = client_id
+        self._linger_ms = linger_ms
+        self._max_batch_size = max_batch_size
+        self._producer: Any = None
+
+    async def start(self) -> None:
+        """Connect to the cluster; raises :class:`KafkaUnavailable` if it cannot."""
+        # aiokafka binds its objects to the running loop, so they are made here, not in __init__.
+        producer = AIOKafkaProducer(
+            bootstrap_servers=self._bootstrap,
+            client_id=self._client_id,
+            enable_idempotence=True,  # implies acks="all"
+            linger_ms=self._linger_ms,
+            max_batch_size=self._max_batch_size,
+        )
+        try:
+            await producer.start()
+        except BaseException as exc:
+            await producer.stop()
+            if isinstance(exc, KafkaError | OSError):
+                raise KafkaUnavailable(f"cannot connect a producer to {self._bootstrap}") from exc
+            raise
+        self._producer = producer
+
+    async def stop(self) -> None:
+        """Flush what is pending and disconnect; safe to call twice."""
+        producer, self._producer = self._producer, None
+        if producer is not None:
+            await producer.stop()
+
+    async def send_many(self, messages: Sequence[OutMessage]) -> None:
+        """Produce ``messages`` and return once the broker has acknowledged every one.
+
+        All are enqueued first (so they share batches), in order, which keeps their order
+        within each partition. Raises :class:`KafkaUnavailable` if any delivery failed; some
+        of the others may have been written, so callers resend the whole batch (consumers
+        are idempotent).
+        """
+        producer = self._started()
+        futures: list[asyncio.Future[Any]] = []
+        try:
+            for message in messages:
+                futures.append(
+                    await producer.send(
+                        message.topic,
+                        value=message.value,
+                        key=message.key,
+                        headers=list(message.headers) or None,
+                    )
+                )
+        except BaseException as exc:
+            # Let the already-enqueued sends finish so none is left unobserved.
+            await asyncio.gather(*futures, return_exceptions=True)
+            if isinstance(exc, KafkaError):
+                raise KafkaUnavailable(f"cannot enqueue a message: {exc}") from exc
+            raise
+        results = await asyncio.gather(*futures, return_exceptions=True)
+        for result in results:
+            if isinstance(result, KafkaError):
+                raise KafkaUnavailable(f"a message was not delivered: {result}") from result
+            if isinstance(result, BaseException):
+                raise result
+
+    def _started(self) -> Any:
+        if self._producer is None:
+            raise RuntimeError("Producer.start() has not been awaited")
+        return self._producer
+
+
+class Consumer:
+    """A group member that reads from the earliest offset and commits only when told to."""
+
+    def __init__(
+        self,
+        bootstrap: str,
+        topics: Sequence[str],
+        group_id: str,
+        client_id: str = DEFAULT_CLIENT_ID,
+    ) -> None:
+        self._bootstrap = bootstrap
+        self._topics = tuple(topics)
+        self._group_id = group_id
+        self._client_id = client_id
+        self._consumer: Any = None
+
+    async def start(self) -> None:
+        """Connect and subscribe; raises :class:`KafkaUnavailable` if the cluster is down."""
+        consumer = AIOKafkaConsumer(
+            *self._topics,
+            bootstrap_servers=self._bootstrap,
+            group_id=self._group_id,
+            client_id=self._client_id,
+            auto_offset_reset="earliest",
+            enable_auto_commit=False,
+        )
+        try:
+            await consumer.start()
+        except BaseException as exc:
+            await consumer.stop()
+            if isinstance(exc, KafkaError | OSError):
+                raise KafkaUnavailable(f"cannot connect a consumer to {self._bootstrap}") from exc
+            raise
+        self._consumer = consumer
+
+    async def stop(self) -> None:
+        """Leave the group and disconnect (uncommitted offsets are not committed)."""
+        consumer, self._consumer = self._consumer, None
+        if consumer is not None:
+            await consumer.stop()
+
+    async def getmany(self, timeout_ms: int, max_records: int) -> list[InMessage]:
+        """Up to ``max_records`` records, waiting at most ``timeout_ms`` for the first one.
+
+        Records of one partition come in offset order.
+        """
+        batches: dict[Any, list[Any]] = await self._started().getmany(
+            timeout_ms=timeout_ms, max_records=max_records
+        )
+        messages: list[InMessage] = []
+        for tp in sorted(batches, key=lambda tp: (tp.topic, tp.partition)):
+            messages.extend(
+                InMessage(
+                    topic=record.topic,
+                    partition=record.partition,
+                    offset=record.offset,
+                    key=record.key,
+                    value=record.value if record.value is not None else b"",
+                    headers=tuple((name, value) for name, value in record.headers),
+                )
+                for record in batches[tp]
+            )
+        return messages
+
+    async def commit(self, offsets: Mapping[tuple[str, int], int]) -> None:
+        """Commit, for each ``(topic, partition)``, the NEXT offset to read (last done + 1).
+
+        Raises :class:`KafkaUnavailable` if the commit failed (for instance because the
+        group rebalanced): the records will be read again, which idempotent handlers allow.
+        """
+        if not offsets:
+            return
+        positions = {TopicPartition(t, p): offset for (t, p), offset in offsets.items()}
+        try:
+            await self._started().commit(positions)
+        except KafkaError as exc:
+            raise KafkaUnavailable(f"offset commit failed: {exc}") from exc
+
+    def seek(self, topic: str, partition: int, offset: int) -> None:
+        """Read ``topic``/``partition`` from ``offset`` on the next :meth:`getmany`."""
+        self._started().seek(TopicPartition(topic, partition), offset)
+
+    async def seek_to_committed(self) -> None:
+        """Rewind every assigned partition to its committed offset (the start if none).
+
+        After a failed batch this re-reads it without restarting the consumer.
+        """
+        consumer = self._started()
+        # Not aiokafka's seek_to_committed(): it leaves partitions whose committed offset is
+        # 0 or missing where they are, which would skip a failed first batch.
+        for tp in consumer.assignment():
+            committed: int | None = await consumer.committed(tp)
+            if committed is None:
+                await consumer.seek_to_beginning(tp)
+            else:
+                consumer.seek(tp, committed)
+
+    def assignment(self) -> set[tuple[str, int]]:
+        """The ``(topic, partition)`` pairs currently assigned to this member."""
+        return {(tp.topic, tp.partition) for tp in self._started().assignment()}
+
+    def _started(self) -> Any:
+        if self._consumer is None:
+            raise RuntimeError("Consumer.start() has not been awaited")
+        return self._consumer
+
+
+class _RetryTopics(Exception):
+    """The cluster is not ready to create topics yet."""
+
+
+async def ensure_topics(
+    bootstrap: str,
+    names: Sequence[str],
+    partitions: int,
+    replication_factor: int = 1,
+    *,
+    timeout_s: float = 30.0,
+    client_id: str = DEFAULT_CLIENT_ID,
+) -> None:
+    """Create those of ``names`` that do not exist yet, and wait until they are visible.
+
+    Existing topics are left as they are (their partition count is not changed). While the
+    broker is still starting, retries for up to ``timeout_s``, then raises
+    :class:`KafkaUnavailable`; a refusal that retrying cannot fix raises
+    :class:`TopicCreationFailed`.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    wanted = list(dict.fromkeys(names))
+    while True:
+        try:
+            await _create_missing(bootstrap, wanted, partitions, replication_factor, client_id)
+            return
+        except (_RetryTopics, KafkaError, OSError) as exc:
+            if loop.time() >= deadline:
+                raise KafkaUnavailable(f"could not ensure topics on {bootstrap}: {exc}") from exc
+            log.debug("ensure_topics_retrying", bootstrap=bootstrap, error=str(exc))
+            await asyncio.sleep(0.5)
+
+
+async def _create_missing(
+    bootstrap: str,
+    names: list[str],
+    partitions: int,
+    replication_factor: int,
+    client_id: str,
+) -> None:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, client_id=client_id)
+    try:
+        await admin.start()
+        existing: set[str] = set(await admin.list_topics())
+        missing = [name for name in names if name not in existing]
+        if missing:
+            response = await admin.create_topics(
+                [NewTopic(name, partitions, replication_factor) for name in missing]
+            )
+            _check_topic_errors(response.topic_errors)
+            log.info("kafka_topics_created", topics=missing, partitions=partitions)
+        # Creation returns before every listener's metadata has the topic.
+        if missing and not set(missing) <= set(await admin.list_topics()):
+            raise _RetryTopics("created topics are not visible yet")
+    finally:
+        await admin.close()
+
+
+def _check_topic_errors(topic_errors: Sequence[tuple[Any, ...]]) -> None:
+    """Accept success and "already exists"; retry transient errors; raise on the rest."""
+    transient: list[str] = []
+    for entry in topic_errors:
+        # (topic, error_code) in v0 of the response, (topic, error_code, error_message) later
+        topic, code = str(entry[0]), int(entry[1])
+        message = entry[2] if len(entry) > 2 else None
+        if code in (0, _TOPIC_ALREADY_EXISTS):
+            continue
+        error = for_code(code)
+        description = f"{topic}: {error.__name__} ({code}) {message or ''}".strip()
+        if error.retriable or code == _INVALID_REPLICATION_FACTOR:
+            transient.append(description)
+        else:
+            raise TopicCreationFailed(description)
+    if transient:
+        raise _RetryTopics("; ".join(transient))
+
+
+async def kafka_reachable(bootstrap: str, timeout_s: float = 3.0) -> bool:
+    """True if a broker at ``bootstrap`` answers a metadata request within ``timeout_s``."""
+    admin = AIOKafkaAdminClient(
+        bootstrap_servers=bootstrap,
+        client_id=DEFAULT_CLIENT_ID,
+        request_timeout_ms=max(1, int(timeout_s * 1000)),
+    )
+    try:
+        async with asyncio.timeout(timeout_s):
+            await admin.start()
+        return True
+    except (KafkaError, OSError, TimeoutError):
+        return False
+    finally:
+        await admin.close()

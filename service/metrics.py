@@ -1,0 +1,58 @@
+"""Prometheus metrics, in a registry of their own per app (nothing global at import)."""
+
+from __future__ import annotations
+
+import time
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from service.http import Handler
+
+
+class Metrics:
+    """The service's metrics, and the aiohttp middleware that records requests."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "http_requests_total",
+            "HTTP requests by route and status",
+            ("method", "route", "status"),
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "http_request_duration_seconds",
+            "HTTP request latency",
+            ("method", "route"),
+            registry=self.registry,
+        )
+        self.contacts_deleted = Counter(
+            "contacts_deleted_total", "Contacts deleted by the worker", registry=self.registry
+        )
+        self.outbox_published = Counter(
+            "outbox_published_total", "Outbox rows published to Kafka", registry=self.registry
+        )
+        self.webhook_attempts = Counter(
+            "webhook_attempts_total",
+            "Webhook delivery attempts by outcome",
+            ("outcome",),
+            registry=self.registry,
+        )
+
+    @web.middleware
+    async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        started = time.perf_counter()
+        response = await handler(request)
+        resource = request.match_info.route.resource
+        route = resource.canonical if resource is not None else "unmatched"
+        self.requests.labels(request.method, route, str(response.status)).inc()
+        self.latency.labels(request.method, route).observe(time.perf_counter() - started)
+        return response
+
+    def render(self) -> web.Response:
+        body = generate_latest(self.registry)
+        response = web.Response(body=body)
+        response.headers["Content-Type"] = CONTENT_TYPE_LATEST
+        return response

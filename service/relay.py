@@ -1,0 +1,118 @@
+"""The outbox relay: publishes committed outbox rows to Kafka and marks them published.
+
+On PostgreSQL a batch is claimed with `FOR UPDATE SKIP LOCKED`, so any number of relays
+share the work. A crash between publishing and marking republishes that batch once
+more; every consumer is idempotent, so that costs a duplicate, never a loss. Within one
+relay, rows go out in id order, so events of one key keep their order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.exc import DBAPIError
+
+from service.config import Settings
+from service.db import Database, outbox, utcnow
+from service.failpoints import crash_if
+from service.kafka import KafkaUnavailable, OutMessage, Producer
+from service.logs import get_logger
+from service.metrics import Metrics
+
+log = get_logger(__name__)
+
+
+def _message(row: Any) -> OutMessage:
+    headers = tuple((str(k), str(v).encode()) for k, v in row.headers)
+    key = row.key.encode() if row.key is not None else None
+    return OutMessage(topic=row.topic, key=key, value=bytes(row.payload), headers=headers)
+
+
+class Relay:
+    def __init__(
+        self,
+        settings: Settings,
+        db: Database,
+        producer: Producer,
+        metrics: Metrics,
+        wakeup: asyncio.Event | None = None,
+    ) -> None:
+        self.settings = settings
+        self.db = db
+        self.producer = producer
+        self.metrics = metrics
+        self.wakeup = wakeup or asyncio.Event()
+
+    def _pending(self) -> sa.Select[Any]:
+        stmt = (
+            sa.select(outbox.c.id, outbox.c.topic, outbox.c.key, outbox.c.payload, outbox.c.headers)
+            .where(outbox.c.published_at.is_(None))
+            .order_by(outbox.c.id)
+            .limit(self.settings.relay_batch_size)
+        )
+        return self.db.for_update(stmt, skip_locked=True)
+
+    async def publish_once(self) -> int:
+        """Publish one batch; returns how many rows went out."""
+        if self.db.is_sqlite:
+            # SQLite has one writer: read, publish, then mark in a short write transaction,
+            # rather than holding the write lock across a broker round trip.
+            async with self.db.read() as conn:
+                rows = (await conn.execute(self._pending())).all()
+            if not rows:
+                return 0
+            await self.producer.send_many([_message(r) for r in rows])
+            crash_if(self.settings.failpoint, "relay_after_publish")
+            async with self.db.begin() as conn:
+                await self._mark(conn, [r.id for r in rows])
+        else:
+            async with self.db.begin() as conn:
+                rows = (await conn.execute(self._pending())).all()
+                if not rows:
+                    return 0
+                await self.producer.send_many([_message(r) for r in rows])
+                crash_if(self.settings.failpoint, "relay_after_publish")
+                await self._mark(conn, [r.id for r in rows])
+        self.metrics.outbox_published.inc(len(rows))
+        return len(rows)
+
+    async def _mark(self, conn: Any, ids: list[int]) -> None:
+        await conn.execute(
+            outbox.update().where(outbox.c.id.in_(ids)).values(published_at=utcnow())
+        )
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Publish until `stop`; wait for a wake-up (or the poll interval) when idle."""
+        backoff = 0.1
+        while not stop.is_set():
+            try:
+                sent = await self.publish_once()
+                backoff = 0.1
+            except (KafkaUnavailable, DBAPIError, OSError) as exc:
+                log.warning("relay_retrying", error=str(exc), backoff_s=backoff)
+                await _sleep_or_stop(stop, backoff)
+                backoff = min(backoff * 2, 5.0)
+                continue
+            if sent < self.settings.relay_batch_size:
+                self.wakeup.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(
+                        _first(stop, self.wakeup), timeout=self.settings.relay_poll_interval_s
+                    )
+
+
+async def _first(*events: asyncio.Event) -> None:
+    tasks = [asyncio.create_task(e.wait()) for e in events]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), timeout=seconds)

@@ -1,0 +1,301 @@
+"""The SSRF guard: webhooks go only to public addresses, unless the operator allows private ones.
+
+A webhook URL is chosen by a user, and the dispatcher POSTs to it from inside our network,
+so a URL naming (or resolving to) ``127.0.0.1``, ``10.x``, ``169.254.169.254`` (cloud
+metadata) and the like would let that user reach our internals. Three layers close this:
+
+- ``validate_endpoint_url`` (pure) refuses what is not an absolute http(s) URL with a host
+  and no credentials, when an endpoint is created or changed.
+- ``check_url`` is called by the sender before every request. It resolves the host and
+  refuses it if ANY address is not public. It is what covers literal IP hosts (in every
+  spelling: ``[::1]``, ``2130706433``, ``0x7f.0.0.1``, ``127.1``), for which aiohttp never
+  calls a resolver.
+- ``PinnedResolver`` is the resolver of the sender's aiohttp connector. It checks the DNS
+  answer and hands the connector exactly the addresses it checked, so the connection goes
+  to a checked address: a second DNS answer (DNS rebinding) never gets a say.
+
+Only global unicast passes ``is_public_address``; the tables below name every range that
+is refused, so the decision does not depend on which Python patch release the service runs
+on (``ipaddress``'s notion of ``is_private``/``is_global`` changed within 3.11 and 3.12).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import re
+import socket
+from collections.abc import Awaitable, Callable
+
+from aiohttp.abc import AbstractResolver, ResolveResult
+from yarl import URL
+
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+Resolve = Callable[[str, int], Awaitable[list[str]]]
+"""A DNS lookup: ``(host, port)`` to the host's addresses as strings."""
+
+MAX_URL_LENGTH = 2048
+
+_V4 = ipaddress.IPv4Network
+_V6 = ipaddress.IPv6Network
+
+# Every IPv4 range that is not global unicast (IANA special-purpose registry, RFC 6890).
+_V4_REFUSED: tuple[tuple[ipaddress.IPv4Network, str], ...] = (
+    (_V4("0.0.0.0/8"), "'this network' 0.0.0.0/8"),
+    (_V4("10.0.0.0/8"), "private 10.0.0.0/8"),
+    (_V4("100.64.0.0/10"), "shared address space (carrier-grade NAT) 100.64.0.0/10"),
+    (_V4("127.0.0.0/8"), "loopback 127.0.0.0/8"),
+    (_V4("169.254.0.0/16"), "link-local 169.254.0.0/16 (incl. cloud metadata)"),
+    (_V4("172.16.0.0/12"), "private 172.16.0.0/12"),
+    (_V4("192.0.0.0/24"), "IETF protocol assignments 192.0.0.0/24"),
+    (_V4("192.0.2.0/24"), "documentation 192.0.2.0/24"),
+    (_V4("192.88.99.0/24"), "6to4 relay anycast 192.88.99.0/24"),
+    (_V4("192.168.0.0/16"), "private 192.168.0.0/16"),
+    (_V4("198.18.0.0/15"), "benchmarking 198.18.0.0/15"),
+    (_V4("198.51.100.0/24"), "documentation 198.51.100.0/24"),
+    (_V4("203.0.113.0/24"), "documentation 203.0.113.0/24"),
+    (_V4("224.0.0.0/4"), "multicast 224.0.0.0/4"),
+    (_V4("255.255.255.255/32"), "broadcast 255.255.255.255"),
+    (_V4("240.0.0.0/4"), "reserved 240.0.0.0/4"),
+)
+
+# IPv6 ranges that embed an IPv4 address; the destination is judged by that address.
+_NAT64 = _V6("64:ff9b::/96")
+_SIX_TO_FOUR = _V6("2002::/16")
+_GLOBAL_UNICAST = _V6("2000::/3")
+
+_V6_REFUSED: tuple[tuple[ipaddress.IPv6Network, str], ...] = (
+    (_V6("::/128"), "unspecified ::"),
+    (_V6("::1/128"), "loopback ::1"),
+    # Also the deprecated IPv4-compatible ::a.b.c.d, refused whatever it embeds.
+    (_V6("::/8"), "reserved ::/8"),
+    (_V6("64:ff9b:1::/48"), "local-use NAT64 64:ff9b:1::/48"),
+    (_V6("100::/64"), "discard-only 100::/64"),
+    (_V6("2001::/32"), "Teredo 2001::/32"),
+    (_V6("2001:db8::/32"), "documentation 2001:db8::/32"),
+    (_V6("3fff::/20"), "documentation 3fff::/20"),
+    (_V6("fc00::/7"), "unique-local fc00::/7"),
+    (_V6("fe80::/10"), "link-local fe80::/10"),
+    (_V6("fec0::/10"), "site-local fec0::/10"),
+    (_V6("ff00::/8"), "multicast ff00::/8"),
+)
+
+# Characters that may spell an IPv4 address in inet_aton's legacy forms (hex, octal,
+# fewer than four parts). Checked first because inet_aton ignores trailing junk after
+# whitespace ("1.2.3.4 x").
+_LEGACY_IPV4 = re.compile(r"[0-9A-Fa-fXx.]+")
+_HOST_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+
+
+class BlockedDestination(Exception):
+    """A webhook destination that resolves to an address that is not public."""
+
+    def __init__(self, host: str, address: str, reason: str) -> None:
+        super().__init__(
+            f"refusing to send a webhook to {host!r}: it resolves to {address}, "
+            f"which is not a public address ({reason})"
+        )
+        self.host = host
+        self.address = address
+        self.reason = reason
+
+
+def _why_not_public(ip: Address) -> str | None:
+    """Why ``ip`` is not a public address, or None when it is global unicast."""
+    if isinstance(ip, ipaddress.IPv6Address):
+        ip = ipaddress.IPv6Address(int(ip))  # drop any %scope: ranges are what matter
+        embedded: ipaddress.IPv4Address | None = None
+        kind = ""
+        if ip.ipv4_mapped is not None:
+            embedded, kind = ip.ipv4_mapped, "IPv4-mapped"
+        elif ip in _NAT64:
+            embedded, kind = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF), "NAT64"
+        elif ip.sixtofour is not None:
+            embedded, kind = ip.sixtofour, "6to4"
+        if embedded is not None:
+            why = _why_not_public(embedded)
+            return None if why is None else f"{kind} {embedded}: {why}"
+        for net6, why in _V6_REFUSED:
+            if ip in net6:
+                return why
+        if ip not in _GLOBAL_UNICAST:
+            return "outside global unicast 2000::/3"
+    else:
+        for net4, why in _V4_REFUSED:
+            if ip in net4:
+                return why
+    # Belt and braces: whatever this Python's ipaddress also knows to be special.
+    if ip.is_unspecified:
+        return "unspecified"
+    if ip.is_loopback:
+        return "loopback"
+    if ip.is_link_local:
+        return "link-local"
+    if ip.is_multicast:
+        return "multicast"
+    if ip.is_private:
+        return "private"
+    if ip.is_reserved:
+        return "reserved"
+    if isinstance(ip, ipaddress.IPv6Address) and ip.is_site_local:
+        return "site-local"
+    if not ip.is_global:
+        return "not globally reachable"
+    return None
+
+
+def is_public_address(ip: Address) -> bool:
+    """True only for global unicast addresses; IPv4 embedded in IPv6 is judged as IPv4."""
+    return _why_not_public(ip) is None
+
+
+def _literal_address(host: str) -> Address | None:
+    """The address a host names literally (no DNS), in any spelling, or None for a name."""
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if ":" in host:
+        host = host.replace("%25", "%")  # a zone id as it is percent-encoded in a URL
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        pass
+    if _LEGACY_IPV4.fullmatch(host):
+        # 2130706433, 0x7f.0.0.1, 127.1, 017700000001: getaddrinfo reads them all as an
+        # IPv4 address, through inet_aton, so read them the same way here.
+        try:
+            return ipaddress.IPv4Address(socket.inet_aton(host))
+        except OSError:
+            return None
+    return None
+
+
+async def _system_resolve(host: str, port: int) -> list[str]:
+    """The operating system's lookup of ``host``."""
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return [str(sockaddr[0]) for _family, _type, _proto, _canonname, sockaddr in infos]
+
+
+async def resolve_checked(
+    host: str,
+    port: int,
+    *,
+    allow_private: bool,
+    resolver: Resolve | None = None,
+) -> list[str]:
+    """Resolve ``host`` and return its addresses, refusing it if ANY is not public.
+
+    A literal IP host (bracketed IPv6, or IPv4 in any form inet_aton accepts) is taken
+    as it is, without DNS. ``resolver`` defaults to the operating system's getaddrinfo.
+    Raises BlockedDestination (unless ``allow_private``), OSError when the name does not
+    resolve, ValueError when the host is empty or the resolver answers a non-address.
+    The addresses are returned in canonical form, without duplicates.
+    """
+    if not host:
+        raise ValueError("no host to resolve")
+    literal = _literal_address(host)
+    if literal is not None:
+        addresses: list[Address] = [literal]
+    else:
+        answer = await (resolver or _system_resolve)(host, port)
+        addresses = list(dict.fromkeys(ipaddress.ip_address(a) for a in answer))
+        if not addresses:
+            raise OSError(f"no address found for {host!r}")
+    if not allow_private:
+        for ip in addresses:
+            why = _why_not_public(ip)
+            if why is not None:
+                raise BlockedDestination(host, str(ip), why)
+    return [str(ip) for ip in addresses]
+
+
+def _parse_http_url(url: str) -> tuple[URL, str, int]:
+    """``url`` parsed, with its host and port, if it is an absolute http(s) URL with a host.
+
+    Raises ValueError otherwise.
+    """
+    try:
+        parsed = URL(url)
+        port = parsed.port  # yarl checks the port's range only when it is read
+    except ValueError as exc:
+        raise ValueError(f"not a valid URL: {exc}") from exc
+    if parsed.scheme and parsed.scheme not in ("http", "https"):
+        raise ValueError(f"the URL scheme must be http or https, not {parsed.scheme!r}")
+    if not parsed.scheme:
+        raise ValueError("the URL must be absolute, like https://example.com/webhooks")
+    if not parsed.raw_host or port is None:
+        raise ValueError("the URL has no host")
+    return parsed, parsed.raw_host, port
+
+
+def validate_endpoint_url(url: str) -> str:
+    """Check a webhook endpoint URL's form and return it unchanged; ValueError if bad.
+
+    It must be an absolute http or https URL with a host, without credentials, at most
+    2048 characters, without whitespace or control characters. Whether the host resolves
+    to a public address is not checked here (that is ``check_url``, at send time).
+    """
+    if len(url) > MAX_URL_LENGTH:
+        raise ValueError(f"the URL is longer than {MAX_URL_LENGTH} characters")
+    if any(ch.isspace() or ord(ch) < 0x20 or ord(ch) == 0x7F for ch in url):
+        raise ValueError("the URL contains whitespace or control characters")
+    parsed, host, _port = _parse_http_url(url)
+    authority = re.split(r"[/?#]", url.split("://", 1)[-1], maxsplit=1)[0]
+    if "@" in authority or parsed.raw_user is not None or parsed.raw_password is not None:
+        raise ValueError("the URL must not carry credentials (user:password@)")
+    if _literal_address(host) is None and not _HOST_NAME.fullmatch(host):
+        raise ValueError(f"the URL host {host!r} is not a valid host name")
+    return url
+
+
+async def check_url(url: str, *, allow_private: bool, resolver: Resolve | None = None) -> None:
+    """Refuse ``url`` (BlockedDestination) if its host is, or resolves to, a non-public address.
+
+    The sender calls this before every request: it is the check for literal IP hosts,
+    which aiohttp connects to without asking ``PinnedResolver``. ValueError when the URL
+    is not an absolute http(s) URL with a host; OSError when the host does not resolve.
+    """
+    _parsed, host, port = _parse_http_url(url)
+    await resolve_checked(host, port, allow_private=allow_private, resolver=resolver)
+
+
+class PinnedResolver(AbstractResolver):
+    """An aiohttp resolver that connects only to the addresses it has checked.
+
+    Give it to the sender's connector, ``TCPConnector(resolver=PinnedResolver(...))``:
+    each lookup goes through ``resolve_checked``, and the connector gets exactly those
+    addresses, so no later DNS answer can point the connection elsewhere. It raises
+    BlockedDestination out of the request when an address is not public.
+    """
+
+    def __init__(self, *, allow_private: bool, resolver: Resolve | None = None) -> None:
+        self._allow_private = allow_private
+        self._resolver = resolver
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        """The checked addresses of ``host`` in ``family`` (AF_UNSPEC: any)."""
+        addresses = await resolve_checked(
+            host, port, allow_private=self._allow_private, resolver=self._resolver
+        )
+        results: list[ResolveResult] = []
+        for address in addresses:
+            address_family = socket.AF_INET6 if ":" in address else socket.AF_INET
+            if family not in (socket.AF_UNSPEC, address_family):
+                continue
+            results.append(
+                ResolveResult(
+                    hostname=host,
+                    host=address,
+                    port=port,
+                    family=address_family,
+                    proto=0,
+                    flags=socket.AI_NUMERICHOST | socket.AI_NUMERICSERV,
+                )
+            )
+        if not results:
+            raise OSError(f"no {socket.AddressFamily(family).name} address for {host!r}")
+        return results
+
+    async def close(self) -> None:
+        """Nothing to release: lookups hold no resources between calls."""

@@ -1,0 +1,158 @@
+"""Shared fixtures: both databases, the real broker, the running API and tenants.
+
+Every database-touching test takes the `db_url` fixture (directly or through another
+fixture), which is parametrized over SQLite and PostgreSQL. Each test makes its own
+workspace, so tests share a migrated database per backend without seeing each other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp.test_utils import TestServer
+from multidict import CIMultiDictProxy
+
+from service.app import Services, create_app, run_components
+from service.config import Settings
+from service.db import Database
+from service.keys import SCOPES, create_key
+from service.logs import configure_logging
+from service.migrate import upgrade_sync
+
+pytest_plugins = ["tests.plugins.kafka", "tests.plugins.postgres"]
+
+BACKENDS = ("sqlite", "postgresql")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _logging() -> None:
+    configure_logging("json", "WARNING")
+
+
+@pytest.fixture(scope="session", params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    value: str = request.param
+    return value
+
+
+@pytest.fixture(scope="session")
+def db_url(
+    backend: str, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[str]:
+    """A migrated database of the backend under test, shared by the session."""
+    if backend == "sqlite":
+        path: Path = tmp_path_factory.mktemp("sqlite") / "test.db"
+        url = f"sqlite+aiosqlite:///{path}"
+    else:
+        url = request.getfixturevalue("postgres_url")
+    upgrade_sync(url)
+    yield url
+
+
+def make_settings(db_url: str, **overrides: Any) -> Settings:
+    """Settings for a test: high rate limits, private webhook targets allowed."""
+    values: dict[str, Any] = {
+        "database_url": db_url,
+        "rate_limit_per_s": 10_000.0,
+        "rate_limit_burst": 10_000,
+        "webhook_allow_private_networks": True,
+        "kafka_bootstrap_servers": "127.0.0.1:1",
+        "kafka_topic_prefix": f"t{uuid.uuid4().hex[:10]}.",
+        "kafka_consumer_group_prefix": f"g{uuid.uuid4().hex[:10]}",
+        "kafka_partitions": 2,
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+@pytest.fixture
+def settings(db_url: str) -> Settings:
+    return make_settings(db_url)
+
+
+@pytest.fixture
+def kafka_settings(db_url: str, kafka_bootstrap: str) -> Settings:
+    """Settings against the real broker (topics and groups unique to the test)."""
+    return make_settings(db_url, kafka_bootstrap_servers=kafka_bootstrap)
+
+
+@pytest.fixture
+async def pipeline(services: Services) -> AsyncIterator[Services]:
+    """Relay and worker running in this process against the test's database and broker."""
+    stop = asyncio.Event()
+    task = asyncio.create_task(run_components(services, ["relay", "worker"], stop))
+    yield services
+    stop.set()
+    await asyncio.wait_for(task, timeout=30)
+
+
+@pytest.fixture
+async def services(settings: Settings) -> AsyncIterator[Services]:
+    svc = Services(settings=settings, db=Database(settings.database_url))
+    yield svc
+    await svc.close()
+
+
+@pytest.fixture
+async def api(services: Services) -> AsyncIterator[str]:
+    """The HTTP API served on a real socket; yields its base URL."""
+    server = TestServer(create_app(services), host="127.0.0.1")
+    await server.start_server()
+    yield str(server.make_url("")).rstrip("/")
+    await server.close()
+
+
+@dataclass
+class Tenant:
+    """A workspace with a key, and an HTTP session that sends the key."""
+
+    base: str
+    key: str
+    key_id: uuid.UUID
+    workspace_id: uuid.UUID
+    http: aiohttp.ClientSession
+
+    def url(self, path: str) -> str:
+        return self.base + path
+
+    async def call(
+        self, method: str, path: str, json: Any = None, headers: dict[str, str] | None = None
+    ) -> tuple[int, Any, CIMultiDictProxy[str]]:
+        """Send a request with this tenant's key; returns (status, JSON body, headers)."""
+        all_headers = {"Authorization": f"Bearer {self.key}", **(headers or {})}
+        async with self.http.request(
+            method, self.url(path), json=json, headers=all_headers
+        ) as response:
+            body = await response.json(content_type=None) if await response.read() else None
+            return response.status, body, response.headers
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+async def new_tenant(
+    services: Services, base: str, http: aiohttp.ClientSession, scopes: list[str] | None = None
+) -> Tenant:
+    """A fresh workspace and key (all scopes unless told otherwise)."""
+    created = await create_key(services.db, f"ws-{uuid.uuid4().hex[:12]}", list(scopes or SCOPES))
+    return Tenant(base, created.key, created.key_id, created.workspace_id, http)
+
+
+@pytest.fixture
+async def tenant(services: Services, api: str, http: aiohttp.ClientSession) -> Tenant:
+    return await new_tenant(services, api, http)
+
+
+@pytest.fixture
+async def other_tenant(services: Services, api: str, http: aiohttp.ClientSession) -> Tenant:
+    return await new_tenant(services, api, http)
