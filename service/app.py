@@ -27,6 +27,8 @@ from service.logs import get_logger
 from service.metrics import Metrics
 from service.relay import Relay
 from service.topics import create_topics
+from service.webhooks import routes as webhook_routes
+from service.webhooks.dispatcher import Dispatcher
 
 log = get_logger(__name__)
 
@@ -41,6 +43,7 @@ class Services:
     # In-process signals: "a job finished" (for Prefer: wait) and "the outbox has rows".
     notifier: JobNotifier = field(default_factory=JobNotifier)
     outbox_signal: asyncio.Event = field(default_factory=asyncio.Event)
+    webhook_signal: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def close(self) -> None:
         await self.db.dispose()
@@ -59,9 +62,11 @@ def create_app(services: Services) -> web.Application:
     app[ops.METRICS_KEY] = services.metrics
     app[deletion_routes.NOTIFIER_KEY] = services.notifier
     app[deletion_routes.OUTBOX_SIGNAL_KEY] = services.outbox_signal
+    app[webhook_routes.WEBHOOK_SIGNAL_KEY] = services.webhook_signal
     ops.add_routes(app)
     contact_routes.add_routes(app)
     deletion_routes.add_routes(app)
+    webhook_routes.add_routes(app)
     return app
 
 
@@ -104,12 +109,26 @@ async def run_worker(services: Services, stop: asyncio.Event) -> None:
     await worker.run(stop)
 
 
+async def run_dispatcher(services: Services, stop: asyncio.Event) -> None:
+    """Fan events out to webhook endpoints and deliver them until `stop` is set."""
+    await create_topics(services.settings)
+    dispatcher = Dispatcher(
+        services.settings, services.db, services.metrics, services.webhook_signal
+    )
+    await dispatcher.run(stop)
+
+
 Component = Callable[[Services, asyncio.Event], Coroutine[Any, Any, None]]
 
 
 def components() -> dict[str, Component]:
     """Every component `run` knows, by name."""
-    return {"api": run_api, "relay": run_relay, "worker": run_worker}
+    return {
+        "api": run_api,
+        "relay": run_relay,
+        "worker": run_worker,
+        "dispatcher": run_dispatcher,
+    }
 
 
 async def run_components(services: Services, names: Sequence[str], stop: asyncio.Event) -> None:

@@ -22,6 +22,7 @@ import ctypes.util
 import fcntl
 import importlib.resources
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -119,6 +120,7 @@ def _fetch_jars(version: str, base: Path) -> None:
             mvn,
             "-q",
             "-B",
+            "-Dstyle.color=never",
             "-f",
             str(pom),
             "dependency:copy-dependencies",
@@ -204,8 +206,12 @@ def _die_with_parent_hook() -> Callable[[], None]:
     return hook
 
 
+_ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
+
+
 def _tail(text: str, lines: int = 40) -> str:
-    return "\n".join(text.splitlines()[-lines:])
+    """The last ``lines`` lines of a tool's output, without terminal colour codes."""
+    return "\n".join(_ANSI_ESCAPE.sub("", text).splitlines()[-lines:])
 
 
 def _read_tail(path: Path, lines: int = 40) -> str:

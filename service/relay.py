@@ -9,12 +9,12 @@ relay, rows go out in id order, so events of one key keep their order.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.exc import DBAPIError
 
+from service.aio import wait_any
 from service.config import Settings
 from service.db import Database, outbox, utcnow
 from service.failpoints import crash_if
@@ -93,26 +93,9 @@ class Relay:
                 backoff = 0.1
             except (KafkaUnavailable, DBAPIError, OSError) as exc:
                 log.warning("relay_retrying", error=str(exc), backoff_s=backoff)
-                await _sleep_or_stop(stop, backoff)
+                await wait_any(backoff, stop)
                 backoff = min(backoff * 2, 5.0)
                 continue
             if sent < self.settings.relay_batch_size:
                 self.wakeup.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(
-                        _first(stop, self.wakeup), timeout=self.settings.relay_poll_interval_s
-                    )
-
-
-async def _first(*events: asyncio.Event) -> None:
-    tasks = [asyncio.create_task(e.wait()) for e in events]
-    try:
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for t in tasks:
-            t.cancel()
-
-
-async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(stop.wait(), timeout=seconds)
+                await wait_any(self.settings.relay_poll_interval_s, stop, self.wakeup)

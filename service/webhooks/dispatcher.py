@@ -1,0 +1,489 @@
+"""The webhook dispatcher: fans events out to endpoints, then sends due deliveries.
+
+Two loops share one process:
+
+- **fan-out** consumes `contact.deleted` and `deletion_job.completed` and writes one
+  delivery row per event and matching endpoint (a unique constraint makes a repeated
+  event a no-op), then commits the offsets.
+- **sender** claims due deliveries (`FOR UPDATE SKIP LOCKED` on PostgreSQL, so several
+  dispatchers can share the work), sends each as a signed Standard Webhooks POST, stores
+  the attempt, and schedules the retry or finishes the delivery.
+
+A slow receiver holds only its own endpoint's slots (default 4 in flight): deliveries of a
+saturated endpoint are not claimed, so they never queue in front of other endpoints'.
+Retries are rows with a `next_attempt_at`, not sleeps holding a Kafka partition.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import random
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+import aiohttp
+import sqlalchemy as sa
+from pydantic import ValidationError
+from sqlalchemy.exc import DBAPIError
+
+from service.aio import wait_any
+from service.audit.store import AuditRecord, append_events
+from service.config import Settings
+from service.db import (
+    Database,
+    new_id,
+    utcnow,
+    webhook_attempts,
+    webhook_deliveries,
+    webhook_endpoints,
+)
+from service.events import TOPIC_CONTACT_DELETED, TOPIC_JOB_COMPLETED, CloudEvent
+from service.kafka import Consumer, InMessage, KafkaUnavailable, OutMessage, Producer
+from service.logs import get_logger
+from service.metrics import Metrics
+from service.webhooks.models import DeliveryStatus, EndpointStatus
+from service.webhooks.payloads import webhook_body
+from service.webhooks.schedule import Outcome, RetryPolicy, classify, parse_retry_after
+from service.webhooks.signing import webhook_headers
+from service.webhooks.ssrf import BlockedDestination, PinnedResolver, check_url
+from service.webhooks.store import disable_endpoint, enqueue
+
+log = get_logger(__name__)
+
+USER_AGENT = "contact-deletion-webhooks/0.1 (+https://github.com/contact-deletion)"
+RESPONSE_BODY_LIMIT = 4096
+CLAIM_BATCH = 200
+D = webhook_deliveries.c
+E = webhook_endpoints.c
+
+
+@dataclass
+class EndpointSlots:
+    """In-flight count and optional rate limit of one endpoint, in this process."""
+
+    in_flight: int = 0
+    tokens: float = 0.0
+    updated: float = field(default_factory=time.monotonic)
+
+    def has_token(self, rate: float | None, now: float) -> bool:
+        if rate is None:
+            return True
+        self.tokens = min(max(rate, 1.0), self.tokens + (now - self.updated) * rate)
+        self.updated = now
+        return self.tokens >= 1.0
+
+
+@dataclass(frozen=True)
+class AttemptResult:
+    status_code: int | None
+    latency_ms: float
+    error: str | None
+    body: str | None
+    retry_after_s: float | None
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        settings: Settings,
+        db: Database,
+        metrics: Metrics,
+        wakeup: asyncio.Event | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.settings = settings
+        self.db = db
+        self.metrics = metrics
+        self.wakeup = wakeup or asyncio.Event()
+        self.rng = rng or random.Random()
+        self.policy = RetryPolicy(settings.retry_schedule)
+        self.slots: dict[uuid.UUID, EndpointSlots] = {}
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.topics = [settings.topic(TOPIC_CONTACT_DELETED), settings.topic(TOPIC_JOB_COMPLETED)]
+
+    # -- fan-out ------------------------------------------------------------------------
+
+    async def run_fanout(self, stop: asyncio.Event) -> None:
+        bootstrap = self.settings.kafka_bootstrap_servers
+        group = f"{self.settings.kafka_consumer_group_prefix}.dispatcher"
+        consumer = Consumer(bootstrap, self.topics, group)
+        dlq = Producer(bootstrap)
+        await consumer.start()
+        await dlq.start()
+        try:
+            while not stop.is_set():
+                messages = await consumer.getmany(timeout_ms=200, max_records=500)
+                if not messages:
+                    continue
+                if not await self._durably(functools.partial(self.fan_out, messages, dlq), stop):
+                    break
+                offsets: dict[tuple[str, int], int] = {}
+                for m in messages:
+                    offsets[(m.topic, m.partition)] = max(
+                        offsets.get((m.topic, m.partition), 0), m.offset + 1
+                    )
+                await consumer.commit(offsets)
+                self.wakeup.set()
+        finally:
+            await consumer.stop()
+            await dlq.stop()
+
+    async def fan_out(self, messages: Sequence[InMessage], dlq: Producer) -> int:
+        """Write the deliveries of these events (idempotent); dead-letter malformed ones."""
+        events: list[CloudEvent] = []
+        poison: list[OutMessage] = []
+        for m in messages:
+            try:
+                event = CloudEvent.model_validate_json(m.value)
+                uuid.UUID(str(event.data["workspace_id"]))
+                events.append(event)
+            except (ValidationError, ValueError, KeyError) as exc:
+                log.error("webhook_event_dead_lettered", topic=m.topic, offset=m.offset)
+                poison.append(
+                    OutMessage(
+                        m.topic + ".dlq", m.key, m.value, (("dlq-reason", str(exc)[:500].encode()),)
+                    )
+                )
+        if poison:
+            await dlq.send_many(poison)
+        created = 0
+        if not events:
+            return 0
+        workspace_ids = {uuid.UUID(str(e.data["workspace_id"])) for e in events}
+        async with self.db.begin() as conn:
+            rows = (
+                await conn.execute(
+                    sa.select(E.id, E.workspace_id, E.event_types).where(
+                        E.workspace_id.in_(workspace_ids), E.status == EndpointStatus.ENABLED
+                    )
+                )
+            ).all()
+            for event in events:
+                ws = uuid.UUID(str(event.data["workspace_id"]))
+                targets = [
+                    r.id
+                    for r in rows
+                    if r.workspace_id == ws and (not r.event_types or event.type in r.event_types)
+                ]
+                body = webhook_body(event.type, event.time, event.data)
+                created += await enqueue(
+                    conn,
+                    self.db,
+                    workspace_id=ws,
+                    endpoint_ids=targets,
+                    event_id=event.id,
+                    event_type=event.type,
+                    payload=body,
+                )
+        return created
+
+    # -- sender -------------------------------------------------------------------------
+
+    async def run_sender(self, stop: asyncio.Event) -> None:
+        timeout = aiohttp.ClientTimeout(
+            total=self.settings.webhook_timeout_s,
+            connect=self.settings.webhook_connect_timeout_s,
+        )
+        connector = aiohttp.TCPConnector(
+            resolver=PinnedResolver(allow_private=self.settings.webhook_allow_private_networks),
+            limit=0,
+            ttl_dns_cache=10,
+        )
+        async with aiohttp.ClientSession(
+            connector=connector, timeout=timeout, trust_env=False
+        ) as session:
+            try:
+                while not stop.is_set():
+                    try:
+                        claimed = await self.claim()
+                    except (DBAPIError, OSError) as exc:
+                        log.warning("dispatcher_claim_failed", error=str(exc))
+                        claimed = []
+                    for row in claimed:
+                        task = asyncio.create_task(self._send(session, row))
+                        self.tasks.add(task)
+                        task.add_done_callback(self._done)
+                    if len(claimed) < CLAIM_BATCH:
+                        self.wakeup.clear()
+                        await wait_any(0.5, stop, self.wakeup)
+            finally:
+                if self.tasks:
+                    await asyncio.wait(self.tasks, timeout=self.settings.webhook_timeout_s + 1)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self.tasks.discard(task)
+        self.wakeup.set()  # a slot is free
+
+    def _saturated(self, limit: int) -> set[uuid.UUID]:
+        return {eid for eid, s in self.slots.items() if s.in_flight >= limit}
+
+    async def claim(self) -> list[dict[str, Any]]:
+        """Claim due deliveries of endpoints with free slots; marks them claimed for a while."""
+        limit = self.settings.webhook_max_in_flight_per_endpoint
+        now = utcnow()
+        lease = now + timedelta(seconds=self.settings.webhook_timeout_s * 2 + 30)
+        saturated = self._saturated(limit)
+        stmt = (
+            sa.select(
+                D.id,
+                D.workspace_id,
+                D.endpoint_id,
+                D.event_id,
+                D.event_type,
+                D.payload,
+                D.attempt_count,
+                D.created_at,
+            )
+            .where(
+                D.status == DeliveryStatus.PENDING,
+                D.next_attempt_at <= now,
+                sa.or_(D.claimed_until.is_(None), D.claimed_until < now),
+            )
+            .order_by(D.next_attempt_at)
+            .limit(CLAIM_BATCH * 2)
+        )
+        if saturated:
+            stmt = stmt.where(D.endpoint_id.not_in(saturated))
+        async with self.db.begin() as conn:
+            candidates = (await conn.execute(self.db.for_update(stmt, skip_locked=True))).all()
+            if not candidates:
+                return []
+            endpoint_ids = {c.endpoint_id for c in candidates}
+            endpoints = {
+                r.id: r
+                for r in (
+                    await conn.execute(sa.select(webhook_endpoints).where(E.id.in_(endpoint_ids)))
+                ).all()
+            }
+            picked: list[dict[str, Any]] = []
+            gone: list[uuid.UUID] = []
+            taken: dict[uuid.UUID, int] = {}
+            mono = time.monotonic()
+            for c in candidates:
+                endpoint = endpoints.get(c.endpoint_id)
+                if endpoint is None or endpoint.status != EndpointStatus.ENABLED:
+                    gone.append(c.id)
+                    continue
+                slots = self.slots.setdefault(c.endpoint_id, EndpointSlots())
+                if slots.in_flight + taken.get(c.endpoint_id, 0) >= limit:
+                    continue
+                if not slots.has_token(endpoint.rate_limit_per_s, mono):
+                    continue
+                if endpoint.rate_limit_per_s is not None:
+                    slots.tokens -= 1
+                taken[c.endpoint_id] = taken.get(c.endpoint_id, 0) + 1
+                picked.append(
+                    {
+                        "id": c.id,
+                        "workspace_id": c.workspace_id,
+                        "endpoint_id": c.endpoint_id,
+                        "event_id": c.event_id,
+                        "event_type": c.event_type,
+                        "payload": bytes(c.payload),
+                        "attempt_count": c.attempt_count,
+                        "url": endpoint.url,
+                        "secrets": _live_secrets(endpoint, now),
+                    }
+                )
+                if len(picked) >= CLAIM_BATCH:
+                    break
+            if gone:
+                # The endpoint was deleted or disabled: these wait for `recover`/`retry`.
+                await conn.execute(
+                    webhook_deliveries.update()
+                    .where(D.id.in_(gone))
+                    .values(status=DeliveryStatus.FAILED, completed_at=now)
+                )
+            if picked:
+                await conn.execute(
+                    webhook_deliveries.update()
+                    .where(D.id.in_([p["id"] for p in picked]))
+                    .values(claimed_until=lease)
+                )
+        for p in picked:
+            self.slots[p["endpoint_id"]].in_flight += 1
+        return picked
+
+    async def _send(self, session: aiohttp.ClientSession, delivery: dict[str, Any]) -> None:
+        try:
+            result = await self.attempt(session, delivery)
+            await self._retry_db(lambda: self.record(delivery, result))
+        except Exception:
+            log.exception("webhook_send_crashed", delivery_id=str(delivery["id"]))
+        finally:
+            self.slots[delivery["endpoint_id"]].in_flight -= 1
+
+    async def _retry_db(self, work: Any) -> None:
+        backoff = 0.1
+        for _ in range(20):
+            try:
+                await work()
+                return
+            except (DBAPIError, OSError) as exc:
+                log.warning("webhook_record_retry", error=str(exc))
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+        # The claim lease runs out and another pass sends it again: at least once.
+        log.error("webhook_record_gave_up", delivery_id="unknown")
+
+    async def attempt(
+        self, session: aiohttp.ClientSession, delivery: dict[str, Any]
+    ) -> AttemptResult:
+        """One signed POST; never raises for a receiver's failure."""
+        started = time.perf_counter()
+        body: bytes = delivery["payload"]
+        headers = webhook_headers(
+            delivery["secrets"], delivery["event_id"], int(time.time()), body, USER_AGENT
+        )
+        try:
+            await check_url(
+                delivery["url"], allow_private=self.settings.webhook_allow_private_networks
+            )
+            async with session.post(
+                delivery["url"], data=body, headers=headers, allow_redirects=False
+            ) as response:
+                text = (await response.content.read(RESPONSE_BODY_LIMIT)).decode("utf-8", "replace")
+                retry_after = None
+                if response.status in (429, 503):
+                    retry_after = parse_retry_after(response.headers.get("Retry-After"), utcnow())
+                error = None
+                if 300 <= response.status < 400:
+                    error = f"redirect to {response.headers.get('Location', '?')} not followed"
+                return AttemptResult(response.status, _ms(started), error, text, retry_after)
+        except BlockedDestination as exc:
+            return AttemptResult(None, _ms(started), f"blocked: {exc}", None, None)
+        except TimeoutError:
+            return AttemptResult(None, _ms(started), "timed out", None, None)
+        except (aiohttp.ClientError, OSError, ValueError) as exc:
+            return AttemptResult(
+                None, _ms(started), f"{type(exc).__name__}: {exc}"[:500], None, None
+            )
+
+    async def record(self, delivery: dict[str, Any], result: AttemptResult) -> None:
+        """Store the attempt and decide what happens next, in one transaction."""
+        now = utcnow()
+        outcome = classify(result.status_code)
+        attempts = delivery["attempt_count"] + 1
+        self.metrics.webhook_attempts.labels(outcome.value).inc()
+        values: dict[str, Any] = {
+            "attempt_count": attempts,
+            "last_attempt_at": now,
+            "claimed_until": None,
+        }
+        exhausted = False
+        if outcome is Outcome.SUCCESS:
+            values |= {"status": DeliveryStatus.SUCCEEDED, "completed_at": now}
+        elif outcome is Outcome.GONE:
+            values |= {"status": DeliveryStatus.FAILED, "completed_at": now}
+        else:
+            delay = self.policy.next_delay(attempts, self.rng, result.retry_after_s)
+            if delay is None:
+                exhausted = True
+                values |= {"status": DeliveryStatus.FAILED, "completed_at": now}
+            else:
+                values |= {"next_attempt_at": now + timedelta(seconds=delay)}
+        async with self.db.begin() as conn:
+            await conn.execute(
+                webhook_attempts.insert().values(
+                    id=new_id(),
+                    delivery_id=delivery["id"],
+                    attempted_at=now,
+                    status_code=result.status_code,
+                    latency_ms=result.latency_ms,
+                    error=result.error,
+                    response_body=result.body,
+                )
+            )
+            await conn.execute(
+                webhook_deliveries.update().where(D.id == delivery["id"]).values(**values)
+            )
+            ws, eid = delivery["workspace_id"], delivery["endpoint_id"]
+            if outcome is Outcome.SUCCESS:
+                await conn.execute(
+                    webhook_endpoints.update()
+                    .where(E.id == eid, E.failing_since.is_not(None))
+                    .values(failing_since=None)
+                )
+                return
+            if outcome is Outcome.GONE:
+                await disable_endpoint(conn, self.db, ws, eid, "the receiver answered 410 Gone")
+            if exhausted:
+                await append_events(
+                    conn,
+                    self.db,
+                    [
+                        AuditRecord(
+                            workspace_id=ws,
+                            actor={"type": "system", "id": "dispatcher"},
+                            action="webhook.delivery.exhausted",
+                            target={"type": "webhook_delivery", "id": str(delivery["id"])},
+                            data={
+                                "endpoint_id": str(eid),
+                                "event_id": delivery["event_id"],
+                                "event_type": delivery["event_type"],
+                                "attempts": attempts,
+                                "last_status_code": result.status_code,
+                                "last_error": result.error,
+                            },
+                        )
+                    ],
+                )
+            await self._note_failure(conn, ws, eid, now)
+
+    async def _note_failure(
+        self, conn: Any, workspace_id: uuid.UUID, endpoint_id: uuid.UUID, now: datetime
+    ) -> None:
+        await conn.execute(
+            webhook_endpoints.update()
+            .where(E.id == endpoint_id, E.failing_since.is_(None))
+            .values(failing_since=now)
+        )
+        since = (
+            await conn.execute(sa.select(E.failing_since).where(E.id == endpoint_id))
+        ).scalar_one_or_none()
+        limit = timedelta(seconds=self.settings.webhook_disable_after_s)
+        if since is not None and now - since >= limit:
+            days = limit.total_seconds() / 86400
+            await disable_endpoint(
+                conn,
+                self.db,
+                workspace_id,
+                endpoint_id,
+                f"every delivery failed for {days:g} days",
+            )
+
+    async def _durably(self, work: Any, stop: asyncio.Event) -> bool:
+        backoff = 0.1
+        while True:
+            try:
+                await work()
+                return True
+            except (DBAPIError, KafkaUnavailable, OSError) as exc:
+                log.warning("dispatcher_transient_error", error=str(exc))
+            if stop.is_set():
+                return False
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=backoff)
+            backoff = min(backoff * 2, 10.0)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Fan-out and sender together, until `stop`."""
+        await asyncio.gather(self.run_fanout(stop), self.run_sender(stop))
+
+
+def _live_secrets(endpoint: Any, now: datetime) -> list[str]:
+    secrets = [endpoint.secret]
+    expires = endpoint.previous_secret_expires_at
+    if endpoint.previous_secret and expires is not None and expires > now:
+        secrets.append(endpoint.previous_secret)
+    return secrets
+
+
+def _ms(started: float) -> float:
+    return (time.perf_counter() - started) * 1000

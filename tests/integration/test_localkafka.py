@@ -1,0 +1,237 @@
+"""The real Kafka broker from service.localkafka, and the typed aiokafka wrapper against it."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import selectors
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+from service.kafka import (
+    Consumer,
+    InMessage,
+    OutMessage,
+    Producer,
+    ensure_topics,
+    kafka_reachable,
+)
+from service.localkafka import LocalKafka, broker_answers, free_port
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def _unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:12]}"
+
+
+async def _consume(consumer: Consumer, count: int, timeout_s: float = 20.0) -> list[InMessage]:
+    """Poll until ``count`` messages arrived (or fail after ``timeout_s``)."""
+    received: list[InMessage] = []
+    deadline = time.monotonic() + timeout_s
+    while len(received) < count:
+        assert time.monotonic() < deadline, f"only {len(received)} of {count} messages arrived"
+        received.extend(await consumer.getmany(timeout_ms=500, max_records=100))
+    return received
+
+
+async def test_message_round_trips_with_key_value_and_headers(kafka_bootstrap: str) -> None:
+    """What is produced is consumed unchanged, and a committed offset is not read again."""
+    topic, group = _unique("roundtrip"), _unique("group")
+    await ensure_topics(kafka_bootstrap, [topic], partitions=1)
+    await ensure_topics(kafka_bootstrap, [topic], partitions=1)  # already there: no error
+
+    producer = Producer(kafka_bootstrap)
+    await producer.start()
+    try:
+        sent = OutMessage(topic, b"contact-1", b'{"a": 1}', (("ce_type", b"x"), ("n", b"")))
+        await producer.send_many([sent])
+    finally:
+        await producer.stop()
+
+    consumer = Consumer(kafka_bootstrap, [topic], group)
+    await consumer.start()
+    try:
+        [got] = await _consume(consumer, 1)
+        assert (got.topic, got.partition, got.offset) == (topic, 0, 0)
+        assert (got.key, got.value, got.headers) == (sent.key, sent.value, sent.headers)
+        await consumer.commit({(got.topic, got.partition): got.offset + 1})
+    finally:
+        await consumer.stop()
+
+    again = Consumer(kafka_bootstrap, [topic], group)
+    await again.start()
+    try:
+        assert await again.getmany(timeout_ms=1500, max_records=10) == []
+    finally:
+        await again.stop()
+
+
+async def test_seek_to_committed_rereads_an_uncommitted_batch(kafka_bootstrap: str) -> None:
+    """A failed batch is read again from the last commit, without restarting the consumer."""
+    topic = _unique("retry")
+    await ensure_topics(kafka_bootstrap, [topic], partitions=1)
+    producer = Producer(kafka_bootstrap)
+    await producer.start()
+    try:
+        await producer.send_many([OutMessage(topic, b"k", str(i).encode()) for i in range(3)])
+    finally:
+        await producer.stop()
+
+    consumer = Consumer(kafka_bootstrap, [topic], _unique("group"))
+    await consumer.start()
+    try:
+        first = await _consume(consumer, 3)
+        assert [m.value for m in first] == [b"0", b"1", b"2"]
+
+        await consumer.seek_to_committed()  # nothing committed yet: back to the start
+        assert [m.offset for m in await _consume(consumer, 3)] == [0, 1, 2]
+
+        await consumer.commit({(topic, 0): 1})
+        await consumer.seek_to_committed()
+        assert [m.offset for m in await _consume(consumer, 2)] == [1, 2]
+    finally:
+        await consumer.stop()
+
+
+async def test_kafka_reachable_tells_a_broker_from_a_closed_port(kafka_bootstrap: str) -> None:
+    """A running broker answers; a closed port says no within the timeout."""
+    assert await kafka_reachable(kafka_bootstrap)
+    started = time.monotonic()
+    assert not await kafka_reachable(f"127.0.0.1:{free_port()}", timeout_s=2.0)
+    assert time.monotonic() - started < 3.0
+
+
+# --- process lifetime ------------------------------------------------------------------------
+
+
+def _gone(pid: int) -> bool:
+    """The process no longer runs (a zombie awaiting its reaper counts as gone)."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def _wait_gone(pid: int, timeout_s: float, bootstrap: str | None = None) -> bool:
+    """Wait until the process is gone and, if given, nothing listens on ``bootstrap``.
+
+    A killed JVM's main thread can show as a zombie while its other threads still exit and
+    still hold the listening socket, hence the second condition.
+    """
+    deadline = time.monotonic() + timeout_s
+    while not _gone(pid) or (bootstrap is not None and _answers(bootstrap)):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def _answers(bootstrap: str) -> bool:
+    host, port = bootstrap.rsplit(":", 1)
+    return broker_answers(host, int(port), timeout_s=0.5)
+
+
+def _read_ready_line(runner: subprocess.Popen[str], timeout_s: float, log: Path) -> str:
+    assert runner.stdout is not None
+    with selectors.DefaultSelector() as selector:
+        selector.register(runner.stdout, selectors.EVENT_READ)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if selector.select(timeout=0.5):
+                line = runner.stdout.readline()
+                if line.startswith("READY "):
+                    return line.strip()
+                if not line:
+                    break
+    raise AssertionError(f"no READY line; runner said:\n{log.read_text(errors='replace')}")
+
+
+@pytest.fixture
+def runner(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], str, int]]:
+    """``python -m service.localkafka`` started and ready: (process, bootstrap, broker pid)."""
+    log = tmp_path / "runner.log"
+    with log.open("w") as stderr:
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "service.localkafka",
+                "--port",
+                str(free_port()),
+                "--data-dir",
+                str(tmp_path / "kafka"),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+            cwd=REPO_ROOT,
+        )
+    broker_pid: int | None = None
+    try:
+        ready = _read_ready_line(process, 90.0, log)
+        _, bootstrap, pid_field = ready.split()
+        broker_pid = int(pid_field.removeprefix("pid="))
+        yield process, bootstrap, broker_pid
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait()
+        assert process.stdout is not None
+        process.stdout.close()
+        if broker_pid is not None and not _gone(broker_pid):  # never leak a broker
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(broker_pid, signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_runner_stops_the_broker(
+    runner: tuple[subprocess.Popen[str], str, int],
+) -> None:
+    """SIGTERM makes `python -m service.localkafka` stop its broker and exit cleanly."""
+    process, bootstrap, broker_pid = runner
+    assert _answers(bootstrap)
+    assert not _gone(broker_pid)
+
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=30) == 0
+    assert _wait_gone(broker_pid, 5.0, bootstrap)
+
+
+@pytest.mark.slow
+def test_sigkill_of_the_runner_also_ends_the_broker(
+    runner: tuple[subprocess.Popen[str], str, int],
+) -> None:
+    """The broker never outlives its parent, even one killed with SIGKILL (PDEATHSIG)."""
+    process, bootstrap, broker_pid = runner
+    assert _answers(bootstrap)
+
+    process.kill()
+    process.wait(timeout=10)
+    assert _wait_gone(broker_pid, 15.0, bootstrap), "the broker survived its parent"
+
+
+@pytest.mark.slow
+def test_start_then_stop_leaves_no_process_and_no_temp_dir() -> None:
+    """LocalKafka without a data dir cleans up after itself."""
+    kafka = LocalKafka(port=free_port())
+    kafka.start()
+    pid, data_dir = kafka.pid, kafka.data_dir
+    try:
+        assert pid is not None and data_dir is not None
+        assert not _gone(pid)
+        assert broker_answers(kafka.host, kafka.port)
+    finally:
+        kafka.stop()
+    assert _wait_gone(pid, 5.0, kafka.bootstrap)
+    assert not data_dir.exists()
+    assert kafka.pid is None
+    kafka.stop()  # idempotent
