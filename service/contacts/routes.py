@@ -15,6 +15,7 @@ from service.contacts.models import (
     NoteCreate,
     TaskCreate,
 )
+from service.errors import ValidationFailed
 from service.http import DB_KEY, Handler, json_response, parse_uuid, read_model, require
 from service.pagination import decode_cursor, encode_cursor
 
@@ -39,7 +40,13 @@ async def query_contacts(request: web.Request) -> web.Response:
     tree = parse_filter(body.filter) if body.filter is not None else None
     after = None
     if body.cursor:
-        after = uuid.UUID(str(decode_cursor(body.cursor, ("after",))["after"]))
+        try:
+            after = uuid.UUID(str(decode_cursor(body.cursor, ("after",))["after"]))
+        except ValueError:
+            raise ValidationFailed(
+                "invalid cursor",
+                [{"field": "cursor", "message": "not a cursor from this listing"}],
+            ) from None
     page, next_after = await store.query_contacts(
         request.app[DB_KEY], who.workspace_id, tree, body.search, body.limit, after
     )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Mapping
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
@@ -64,10 +64,10 @@ def timeline_json(kind: str, row: Mapping[Any, Any]) -> dict[str, Any]:
     return item
 
 
-def timeline_time(item: Mapping[Any, Any]) -> str:
+def timeline_time(item: Mapping[Any, Any]) -> datetime:
     """When an item happened: an activity's occurred_at, otherwise its creation."""
     value: str = item.get("occurred_at") or item["created_at"]
-    return value
+    return datetime.fromisoformat(value.replace("Z", "+00:00"))
 
 
 async def create_contact(
@@ -190,6 +190,3 @@ async def contact_timeline(
     """The timeline of a live contact of this workspace, newest first."""
     await get_contact(db, workspace_id, contact_id)
     return await timeline_items(db, workspace_id, contact_id=contact_id)
-
-
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)

@@ -1,0 +1,161 @@
+"""`contact-deletion keys` through the real console entry, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import aiohttp
+import pytest
+import structlog
+
+from service.cli import main
+from tests.conftest import Tenant
+
+
+@pytest.fixture(autouse=True)
+def cli_env(db_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The CLI reads the same database as the `api` fixture; its logging set-up is undone."""
+    monkeypatch.setenv("DATABASE_URL", db_url)
+    monkeypatch.setenv("LOG_LEVEL", "WARNING")
+    monkeypatch.setenv("LOG_FORMAT", "json")
+    saved = dict(structlog.get_config())
+    yield
+    # main() binds structlog to the sys.stderr of the moment (capsys's); put it back.
+    structlog.configure(**saved)
+
+
+async def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
+    """Run `contact-deletion ARGV` (main() calls asyncio.run, so off this loop's thread)."""
+    capsys.readouterr()
+    code = await asyncio.to_thread(main, list(argv))
+    return code, capsys.readouterr().out
+
+
+async def create_key(capsys: pytest.CaptureFixture[str], *scopes: str) -> dict[str, Any]:
+    workspace = f"cli-{uuid.uuid4().hex[:10]}"
+    scope_args = [arg for s in scopes for arg in ("--scope", s)]
+    code, out = await run_cli(
+        capsys, "keys", "create", "--workspace", workspace, *scope_args, "--json"
+    )
+    assert code == 0
+    lines = out.splitlines()
+    assert len(lines) == 1, out
+    created: dict[str, Any] = json.loads(lines[0])
+    return created
+
+
+def as_tenant(api: str, http: aiohttp.ClientSession, created: dict[str, Any]) -> Tenant:
+    return Tenant(
+        api,
+        created["key"],
+        uuid.UUID(created["key_id"]),
+        uuid.UUID(created["workspace_id"]),
+        http,
+    )
+
+
+async def test_keys_create_json_prints_exactly_one_line_with_the_key(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    created = await create_key(capsys, "contacts:read")
+
+    assert set(created) == {"key", "key_id", "workspace_id"}
+    assert created["key"].startswith("cdk_")
+    uuid.UUID(created["key_id"])
+    uuid.UUID(created["workspace_id"])
+
+
+async def test_a_created_key_works_against_the_api_with_its_scopes(
+    capsys: pytest.CaptureFixture[str], api: str, http: aiohttp.ClientSession
+) -> None:
+    tenant = as_tenant(api, http, await create_key(capsys, "contacts:read"))
+
+    read_status, read_body, _ = await tenant.call("POST", "/v1/contacts/query", json={})
+    write_status, _, _ = await tenant.call("POST", "/v1/contacts", json={"email": "a@example.com"})
+
+    assert read_status == 200
+    assert read_body["data"] == []
+    assert write_status == 403
+
+
+async def test_keys_for_the_same_workspace_name_share_the_workspace(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    workspace = f"cli-shared-{uuid.uuid4().hex[:10]}"
+    outs = []
+    for _ in range(2):
+        code, out = await run_cli(
+            capsys, "keys", "create", "--workspace", workspace, "--scope", "audit:read", "--json"
+        )
+        assert code == 0
+        outs.append(json.loads(out))
+
+    assert outs[0]["workspace_id"] == outs[1]["workspace_id"]
+    assert outs[0]["key_id"] != outs[1]["key_id"]
+
+
+async def test_keys_list_json_shows_the_key_without_the_clear_key(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    created = await create_key(capsys, "contacts:write", "contacts:read")
+
+    code, out = await run_cli(capsys, "keys", "list", "--json")
+
+    assert code == 0
+    assert created["key"] not in out
+    listed = {k["key_id"]: k for k in json.loads(out)}
+    mine = listed[created["key_id"]]
+    assert "key" not in mine
+    assert "key_hash" not in mine
+    assert mine["workspace_id"] == created["workspace_id"]
+    assert mine["scopes"] == ["contacts:read", "contacts:write"]
+    assert created["key"].startswith(mine["prefix"])
+    assert mine["revoked_at"] is None
+
+
+async def test_keys_revoke_makes_the_key_401(
+    capsys: pytest.CaptureFixture[str], api: str, http: aiohttp.ClientSession
+) -> None:
+    created = await create_key(capsys, "contacts:read")
+    tenant = as_tenant(api, http, created)
+    assert (await tenant.call("POST", "/v1/contacts/query", json={}))[0] == 200
+
+    code, out = await run_cli(capsys, "keys", "revoke", created["key_id"])
+    status, body, _ = await tenant.call("POST", "/v1/contacts/query", json={})
+    _, listing = await run_cli(capsys, "keys", "list", "--json")
+
+    assert code == 0
+    assert created["key_id"] in out
+    assert status == 401
+    assert body["error"]["code"] == "invalid_key"
+    revoked = {k["key_id"]: k for k in json.loads(listing)}[created["key_id"]]
+    assert revoked["revoked_at"] is not None
+
+
+async def test_revoking_an_unknown_or_revoked_key_fails(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    created = await create_key(capsys, "contacts:read")
+    assert (await run_cli(capsys, "keys", "revoke", created["key_id"]))[0] == 0
+
+    again, _ = await run_cli(capsys, "keys", "revoke", created["key_id"])
+    unknown, _ = await run_cli(capsys, "keys", "revoke", str(uuid.uuid4()))
+    malformed, _ = await run_cli(capsys, "keys", "revoke", "not-a-key-id")
+
+    assert (again, unknown, malformed) == (1, 1, 2)
+
+
+async def test_an_unknown_scope_is_an_argparse_error_exit_2(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit) as excinfo:
+        main(["keys", "create", "--workspace", "w", "--scope", "contacts:nuke", "--json"])
+
+    assert excinfo.value.code == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert "contacts:nuke" in captured.err
