@@ -322,10 +322,16 @@ class Database:
         self.is_sqlite = url.startswith("sqlite")
         if self.is_sqlite:
             _ensure_sqlite_dir(url)
-            self._writer = create_async_engine(url, echo=echo, pool_size=1, max_overflow=0)
-            self._reader = create_async_engine(url, echo=echo, pool_size=4, max_overflow=4)
+            if ":memory:" in url:
+                # One shared in-memory database: one connection serves reads and writes.
+                self._writer = create_async_engine(url, echo=echo)
+                self._reader = self._writer
+            else:
+                self._writer = create_async_engine(url, echo=echo, pool_size=1, max_overflow=0)
+                self._reader = create_async_engine(url, echo=echo, pool_size=4, max_overflow=4)
             _sqlite_pragmas(self._writer, immediate=True)
-            _sqlite_pragmas(self._reader, immediate=False)
+            if self._reader is not self._writer:
+                _sqlite_pragmas(self._reader, immediate=False)
         else:
             self._writer = create_async_engine(
                 url, echo=echo, pool_size=10, max_overflow=10, pool_pre_ping=True

@@ -253,7 +253,8 @@ class LocalKafka:
         self.port = port
         self.heap_mb = heap_mb
         self.version = version
-        self._data_dir = data_dir
+        # Absolute: the broker runs with another working directory than ours.
+        self._data_dir = data_dir.resolve() if data_dir is not None else None
         self._own_data_dir = False
         self._process: subprocess.Popen[bytes] | None = None
         self._output: IO[bytes] | None = None
