@@ -13,12 +13,9 @@ from service.contacts.filters import Node, selection_clause
 from service.contacts.models import ActivityCreate, ContactCreate, NoteCreate, TaskCreate
 from service.db import Database, activities, contacts, new_id, notes, tasks, utcnow
 from service.errors import NotFound, ValidationFailed
+from service.timefmt import iso
 
 TIMELINE_TABLES: dict[str, sa.Table] = {"activity": activities, "note": notes, "task": tasks}
-
-
-def _iso(value: datetime | None) -> str | None:
-    return value.isoformat().replace("+00:00", "Z") if value is not None else None
 
 
 def contact_json(row: Mapping[Any, Any]) -> dict[str, Any]:
@@ -32,8 +29,8 @@ def contact_json(row: Mapping[Any, Any]) -> dict[str, Any]:
         "properties": row["properties"],
         "member_role": row["member_role"],
         "has_billing_subscription": row["has_billing_subscription"],
-        "created_at": _iso(row["created_at"]),
-        "updated_at": _iso(row["updated_at"]),
+        "created_at": iso(row["created_at"]),
+        "updated_at": iso(row["updated_at"]),
     }
 
 
@@ -43,14 +40,14 @@ def timeline_json(kind: str, row: Mapping[Any, Any]) -> dict[str, Any]:
         "id": str(row["id"]),
         "kind": kind,
         "contact_id": str(row["contact_id"]) if row["contact_id"] is not None else None,
-        "created_at": _iso(row["created_at"]),
+        "created_at": iso(row["created_at"]),
     }
     if kind == "activity":
         item |= {
             "type": row["type"],
             "subject": row["subject"],
             "body": row["body"],
-            "occurred_at": _iso(row["occurred_at"]),
+            "occurred_at": iso(row["occurred_at"]),
         }
     elif kind == "note":
         item |= {"body": row["body"]}
@@ -59,7 +56,7 @@ def timeline_json(kind: str, row: Mapping[Any, Any]) -> dict[str, Any]:
             "title": row["title"],
             "body": row["body"],
             "status": row["status"],
-            "due_at": _iso(row["due_at"]),
+            "due_at": iso(row["due_at"]),
         }
     return item
 

@@ -34,6 +34,7 @@ from service.events import (
     envelope,
 )
 from service.outbox import outbox_row
+from service.timefmt import iso
 
 LIST_CAP = 1000  # not_found / errors shown on the job object; the items endpoint pages the rest
 
@@ -45,10 +46,6 @@ class Requester:
     workspace_id: uuid.UUID
     api_key_id: uuid.UUID | None
     request_id: str | None
-
-
-def _iso(value: datetime | None) -> str | None:
-    return value.isoformat().replace("+00:00", "Z") if value is not None else None
 
 
 def job_json(
@@ -68,9 +65,9 @@ def job_json(
         "failed_count": row["failed_count"],
         "not_found": list(not_found),
         "errors": [dict(e) for e in errors],
-        "created_at": _iso(row["created_at"]),
-        "started_at": _iso(row["started_at"]),
-        "completed_at": _iso(row["completed_at"]),
+        "created_at": iso(row["created_at"]),
+        "started_at": iso(row["started_at"]),
+        "completed_at": iso(row["completed_at"]),
     }
 
 
@@ -81,7 +78,7 @@ def item_json(row: Mapping[Any, Any]) -> dict[str, Any]:
         "status": row["status"],
         "error_code": row["error_code"],
         "error_message": row["error_message"],
-        "processed_at": _iso(row["processed_at"]),
+        "processed_at": iso(row["processed_at"]),
     }
 
 
@@ -89,20 +86,7 @@ async def load_job(
     conn: AsyncConnection, workspace_id: uuid.UUID, job_id: uuid.UUID
 ) -> dict[str, Any]:
     """A job of this workspace as the API shows it (404 otherwise)."""
-    row = (
-        (
-            await conn.execute(
-                sa.select(deletion_jobs).where(
-                    deletion_jobs.c.id == job_id, deletion_jobs.c.workspace_id == workspace_id
-                )
-            )
-        )
-        .mappings()
-        .first()
-    )
-    if row is None:
-        raise NotFound("no such job")
-    return await _with_lists(conn, row)
+    return await _with_lists(conn, await load_job_row(conn, workspace_id, job_id))
 
 
 async def _with_lists(conn: AsyncConnection, row: Mapping[Any, Any]) -> dict[str, Any]:

@@ -21,15 +21,12 @@ from service.db import (
     webhook_endpoints,
 )
 from service.errors import NotFound
+from service.timefmt import iso
 from service.webhooks.models import DeliveryStatus, EndpointCreate, EndpointPatch, EndpointStatus
 from service.webhooks.signing import generate_secret
 
 E = webhook_endpoints.c
 D = webhook_deliveries.c
-
-
-def _iso(value: datetime | None) -> str | None:
-    return value.isoformat().replace("+00:00", "Z") if value is not None else None
 
 
 def endpoint_json(row: Mapping[Any, Any], *, secret: str | None = None) -> dict[str, Any]:
@@ -41,8 +38,8 @@ def endpoint_json(row: Mapping[Any, Any], *, secret: str | None = None) -> dict[
         "rate_limit_per_s": row["rate_limit_per_s"],
         "status": row["status"],
         "disabled_reason": row["disabled_reason"],
-        "created_at": _iso(row["created_at"]),
-        "updated_at": _iso(row["updated_at"]),
+        "created_at": iso(row["created_at"]),
+        "updated_at": iso(row["updated_at"]),
     }
     if secret is not None:
         out["secret"] = secret
@@ -57,17 +54,17 @@ def delivery_json(row: Mapping[Any, Any]) -> dict[str, Any]:
         "event_type": row["event_type"],
         "status": row["status"],
         "attempt_count": row["attempt_count"],
-        "next_attempt_at": _iso(row["next_attempt_at"]),
-        "last_attempt_at": _iso(row["last_attempt_at"]),
-        "created_at": _iso(row["created_at"]),
-        "completed_at": _iso(row["completed_at"]),
+        "next_attempt_at": iso(row["next_attempt_at"]),
+        "last_attempt_at": iso(row["last_attempt_at"]),
+        "created_at": iso(row["created_at"]),
+        "completed_at": iso(row["completed_at"]),
     }
 
 
 def attempt_json(row: Mapping[Any, Any]) -> dict[str, Any]:
     return {
         "id": str(row["id"]),
-        "attempted_at": _iso(row["attempted_at"]),
+        "attempted_at": iso(row["attempted_at"]),
         "status_code": row["status_code"],
         "latency_ms": round(row["latency_ms"], 3),
         "error": row["error"],
@@ -262,7 +259,7 @@ async def rotate_secret(
                     endpoint_id,
                     "webhook.endpoint.secret_rotated",
                     actor,
-                    {"previous_valid_until": _iso(now + timedelta(seconds=overlap_s))},
+                    {"previous_valid_until": iso(now + timedelta(seconds=overlap_s))},
                     rid,
                 )
             ],
@@ -362,10 +359,14 @@ async def enqueue(
         }
         for endpoint_id in endpoint_ids
     ]
+    # RETURNING counts what was inserted on both backends; an executemany's rowcount is
+    # -1 on asyncpg.
     result = await conn.execute(
-        ins.on_conflict_do_nothing(index_elements=["event_id", "endpoint_id"]), rows
+        ins.values(rows)
+        .on_conflict_do_nothing(index_elements=["event_id", "endpoint_id"])
+        .returning(D.id)
     )
-    return int(result.rowcount or 0)
+    return len(result.all())
 
 
 async def list_deliveries(
