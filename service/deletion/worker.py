@@ -268,6 +268,8 @@ class DeletionWorker:
                 )
                 return result
             items = deletion_job_items.c
+            now = utcnow()
+            message = "the contact could not be deleted (an unexpected error)"
             updated = await conn.execute(
                 deletion_job_items.update()
                 .where(
@@ -278,11 +280,33 @@ class DeletionWorker:
                 .values(
                     status=ItemStatus.FAILED,
                     error_code=ErrorCode.FAILED,
-                    error_message="the contact could not be deleted (an unexpected error)",
-                    processed_at=utcnow(),
+                    error_message=message,
+                    processed_at=now,
                 )
             )
             if updated.rowcount:
+                # Like a refused deletion, a given-up one leaves its trace in the audit trail.
+                job = (
+                    await conn.execute(
+                        sa.select(deletion_jobs).where(deletion_jobs.c.id == command.job_id)
+                    )
+                ).one()
+                await append_events(
+                    conn,
+                    self.db,
+                    [
+                        AuditRecord(
+                            workspace_id=job.workspace_id,
+                            actor=_job_actor(job),
+                            action="contact.deletion_failed",
+                            target={"type": "contact", "id": str(command.contact_id)},
+                            job_id=str(command.job_id),
+                            request_id=job.request_id,
+                            data={"code": str(ErrorCode.FAILED), "message": message},
+                            occurred_at=now,
+                        )
+                    ],
+                )
                 delta = ProgressDelta(failed=1)
                 if await apply_progress(conn, self.db, self.settings, command.job_id, delta):
                     result.finished_jobs.append(command.job_id)
@@ -346,11 +370,7 @@ class DeletionWorker:
         topic = self.settings.topic(TOPIC_CONTACT_DELETED)
         for c, outcome in outcomes:
             job = jobs[c.job_id]
-            actor = (
-                {"type": "api_key", "id": str(job.api_key_id)}
-                if job.api_key_id
-                else {"type": "system", "id": "worker"}
-            )
+            actor = _job_actor(job)
             target = {"type": "contact", "id": str(c.contact_id)}
             delta = progress.setdefault(c.job_id, ProgressDelta())
             if outcome.status is ItemStatus.DELETED:
@@ -516,6 +536,13 @@ class DeletionWorker:
         delta = progress.setdefault(job["id"], ProgressDelta())
         delta.added += len(ids)
         delta.expanded = delta.expanded or last
+
+
+def _job_actor(job: Any) -> dict[str, str]:
+    """Who a job's audit events are attributed to: its API key, or the worker itself."""
+    if job.api_key_id:
+        return {"type": "api_key", "id": str(job.api_key_id)}
+    return {"type": "system", "id": "worker"}
 
 
 class _Stopped(Exception):

@@ -1,0 +1,283 @@
+"""How the deletion worker treats each kind of error (DESIGN §1, STYLE "error kinds").
+
+A malformed message is dead-lettered with its reason and committed, and the worker carries
+on; a transient database error is retried until it clears, never skipped; a failure that
+keeps happening for one contact fails that contact's item after bounded retries while the
+rest of its batch is deleted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.exc import OperationalError
+
+from service.app import Services
+from service.audit.chain import verify_events
+from service.audit.store import load_hash_key, stream_events
+from service.config import Settings
+from service.db import contacts, outbox
+from service.deletion.worker import BatchResult, DeletionWorker
+from service.events import DLQ_SUFFIX, TOPIC_DELETION_REQUESTED, DeletionRequested, JobExpand
+from service.kafka import Consumer, InMessage, OutMessage, Producer
+from service.metrics import Metrics
+from service.topics import create_topics
+from tests.conftest import Tenant, make_settings
+
+Command = DeletionRequested | JobExpand
+
+
+@pytest.fixture
+def settings(db_url: str, kafka_bootstrap: str) -> Settings:
+    """The real broker with one partition, so a message is read only after those before it."""
+    return make_settings(db_url, kafka_bootstrap_servers=kafka_bootstrap, kafka_partitions=1)
+
+
+async def make_contacts(tenant: Tenant, count: int) -> list[str]:
+    ids = []
+    for n in range(count):
+        status, body, _ = await tenant.call(
+            "POST", "/v1/contacts", {"email": f"w{n}-{uuid.uuid4().hex[:6]}@example.com"}
+        )
+        assert status == 201, body
+        ids.append(body["data"]["id"])
+    return ids
+
+
+async def contact_exists(services: Services, contact_id: str) -> bool:
+    async with services.db.read() as conn:
+        row = (
+            await conn.execute(
+                sa.select(contacts.c.id).where(contacts.c.id == uuid.UUID(contact_id))
+            )
+        ).first()
+    return row is not None
+
+
+# -- malformed messages ----------------------------------------------------------------
+
+
+async def read_all(consumer: Consumer, count: int, timeout_s: float = 30.0) -> list[InMessage]:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    got: list[InMessage] = []
+    while len(got) < count and loop.time() < deadline:
+        got += await consumer.getmany(timeout_ms=500, max_records=100)
+    return got
+
+
+async def test_malformed_messages_are_dead_lettered_and_the_worker_carries_on(
+    tenant: Tenant, pipeline: Services, settings: Settings
+) -> None:
+    """Garbage and unknown event types land on <topic>.dlq with a reason; later work is done."""
+    await create_topics(settings)
+    topic = settings.topic(TOPIC_DELETION_REQUESTED)
+    unknown_type = json.dumps(
+        {
+            "specversion": "1.0",
+            "id": str(uuid.uuid4()),
+            "source": "/somewhere-else",
+            "type": "contact.teleported",
+            "time": "2024-01-01T00:00:00Z",
+            "data": {"contact_id": str(uuid.uuid4())},
+        }
+    ).encode()
+    poison = {
+        b"garbage": b"\x00\xff not json at all \xfe",
+        b"unknown-type": unknown_type,
+    }
+    producer = Producer(settings.kafka_bootstrap_servers)
+    await producer.start()
+    try:
+        await producer.send_many(
+            [
+                OutMessage(topic=topic, key=k, value=v, headers=(("x-test", b"1"),))
+                for k, v in poison.items()
+            ]
+        )
+    finally:
+        await producer.stop()
+
+    # Behind the poison on the one partition: a real job, which must still complete.
+    ids = await make_contacts(tenant, 3)
+    status, body, _ = await tenant.call(
+        "POST", "/v1/contacts/bulk-delete", {"contact_ids": ids}, {"Prefer": "wait=30"}
+    )
+    assert status == 200, body
+    assert body["data"]["status"] == "completed"
+    assert body["data"]["deleted_count"] == 3
+
+    consumer = Consumer(
+        settings.kafka_bootstrap_servers,
+        [topic + DLQ_SUFFIX],
+        f"{settings.kafka_consumer_group_prefix}.dlq-reader",
+    )
+    await consumer.start()
+    try:
+        dead = await read_all(consumer, len(poison))
+    finally:
+        await consumer.stop()
+    assert {m.key: m.value for m in dead} == poison
+    for message in dead:
+        headers = dict(message.headers)
+        assert headers["x-test"] == b"1"  # the original headers travel along
+        assert headers["dlq-reason"], message
+        assert headers["dlq-source"].startswith(f"{topic}/0/".encode())
+    reasons = {m.key: dict(m.headers)["dlq-reason"].decode() for m in dead}
+    assert "malformed" in reasons[b"garbage"]
+    assert "contact.teleported" in reasons[b"unknown-type"]
+
+
+# -- retries ---------------------------------------------------------------------------
+
+
+async def worker_and_messages(
+    services: Services, tenant: Tenant, ids: list[str]
+) -> tuple[DeletionWorker, list[InMessage], str]:
+    """A worker, and the messages the relay would deliver for a bulk delete of `ids`."""
+    status, body, _ = await tenant.call("POST", "/v1/contacts/bulk-delete", {"contact_ids": ids})
+    assert status == 202, body
+    topic = services.settings.topic(TOPIC_DELETION_REQUESTED)
+    async with services.db.read() as conn:
+        rows = (
+            await conn.execute(
+                sa.select(outbox.c.key, outbox.c.payload)
+                .where(outbox.c.topic == topic, outbox.c.key.in_(ids))
+                .order_by(outbox.c.id)
+            )
+        ).all()
+    assert len(rows) == len(ids)
+    messages = [
+        InMessage(
+            topic=topic,
+            partition=0,
+            offset=n,
+            key=row.key.encode(),
+            value=bytes(row.payload),
+            headers=(),
+        )
+        for n, row in enumerate(rows)
+    ]
+    worker = DeletionWorker(services.settings, services.db, Metrics())
+    worker.hash_key = await load_hash_key(services.db, None)
+    return worker, messages, body["data"]["job_id"]
+
+
+def unused_producer(settings: Settings) -> Producer:
+    """The dead-letter producer: never started, since these batches hold no poison."""
+    return Producer(settings.kafka_bootstrap_servers)
+
+
+async def test_transient_database_error_is_retried_until_it_clears(
+    services: Services, tenant: Tenant, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An OperationalError is retried with backoff; the batch is then done, nothing skipped."""
+    ids = await make_contacts(tenant, 2)
+    worker, messages, job_id = await worker_and_messages(services, tenant, ids)
+    real_process = worker.process
+    calls = 0
+
+    async def flaky(commands: Sequence[Command]) -> BatchResult:
+        nonlocal calls
+        calls += 1
+        if calls <= 2:
+            raise OperationalError("DELETE FROM contacts", {}, Exception("database is down"))
+        return await real_process(commands)
+
+    monkeypatch.setattr(worker, "process", flaky)
+    done = await worker.handle(messages, unused_producer(services.settings), asyncio.Event())
+
+    assert done is True
+    assert calls == 3
+    for contact_id in ids:
+        assert not await contact_exists(services, contact_id)
+    status, body, _ = await tenant.call("GET", f"/v1/bulk-jobs/{job_id}")
+    assert status == 200
+    assert body["data"]["status"] == "completed"
+    assert body["data"]["deleted_count"] == 2
+    assert body["data"]["failed_count"] == 0
+
+
+async def test_transient_error_at_shutdown_leaves_the_batch_uncommitted(
+    services: Services, tenant: Tenant, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A database that stays down is never given up on: on stop, handle says "not done"."""
+    ids = await make_contacts(tenant, 2)
+    worker, messages, job_id = await worker_and_messages(services, tenant, ids)
+
+    async def down(commands: Sequence[Command]) -> BatchResult:
+        raise OperationalError("SELECT 1", {}, Exception("database is down"))
+
+    monkeypatch.setattr(worker, "process", down)
+    monkeypatch.setattr(worker, "give_up", down)
+    stop = asyncio.Event()
+    asyncio.get_running_loop().call_later(0.5, stop.set)
+    done = await asyncio.wait_for(
+        worker.handle(messages, unused_producer(services.settings), stop), timeout=10
+    )
+
+    assert done is False  # so the offsets are not committed and the batch is read again
+    for contact_id in ids:
+        assert await contact_exists(services, contact_id)
+    status, body, _ = await tenant.call("GET", f"/v1/bulk-jobs/{job_id}")
+    assert status == 200
+    assert body["data"]["processed_count"] == 0
+    assert body["data"]["failed_count"] == 0
+
+
+async def test_persistent_failure_fails_only_its_own_item(
+    services: Services, tenant: Tenant, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A contact that keeps failing ends FAILED_DELETE_CONTACT; its batch-mates are deleted."""
+    ids = await make_contacts(tenant, 4)
+    bad = uuid.UUID(ids[1])
+    worker, messages, job_id = await worker_and_messages(services, tenant, ids)
+    real_process = worker.process
+    attempts: list[int] = []
+
+    async def breaks_on_bad(commands: Sequence[Command]) -> BatchResult:
+        attempts.append(len(commands))
+        if any(isinstance(c, DeletionRequested) and c.contact_id == bad for c in commands):
+            raise RuntimeError("this contact cannot be deleted")
+        return await real_process(commands)
+
+    monkeypatch.setattr(worker, "process", breaks_on_bad)
+    done = await asyncio.wait_for(
+        worker.handle(messages, unused_producer(services.settings), asyncio.Event()), timeout=30
+    )
+
+    assert done is True
+    # Bounded: a few tries of the batch, then each command alone, a few tries for the bad one.
+    assert len(attempts) <= 20, attempts
+    assert await contact_exists(services, str(bad))
+    for contact_id in ids:
+        if contact_id != str(bad):
+            assert not await contact_exists(services, contact_id)
+
+    status, body, _ = await tenant.call("GET", f"/v1/bulk-jobs/{job_id}")
+    assert status == 200
+    job: dict[str, Any] = body["data"]
+    assert job["status"] == "completed_with_errors", job
+    assert (job["processed_count"], job["deleted_count"], job["failed_count"]) == (4, 3, 1)
+    assert [(e["contact_id"], e["code"]) for e in job["errors"]] == [
+        (str(bad), "FAILED_DELETE_CONTACT")
+    ]
+    status, body, _ = await tenant.call("GET", f"/v1/bulk-jobs/{job_id}/items?status=failed")
+    assert status == 200
+    assert [i["ref"] for i in body["data"]] == [str(bad)]
+    assert body["data"][0]["error_code"] == "FAILED_DELETE_CONTACT"
+
+    # The failure is in the audit trail too, in a chain that still verifies.
+    events = [e async for e in stream_events(services.db, tenant.workspace_id)]
+    failed = [e for e in events if e["action"] == "contact.deletion_failed"]
+    assert [(e["target"]["id"], e["data"]["code"]) for e in failed] == [
+        (str(bad), "FAILED_DELETE_CONTACT")
+    ]
+    assert sum(e["action"] == "contact.deleted" for e in events) == 3
+    assert verify_events(events, workspace_id=str(tenant.workspace_id)).ok
