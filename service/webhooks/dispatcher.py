@@ -227,7 +227,9 @@ class Dispatcher:
         """Claim due deliveries of endpoints with free slots; marks them claimed for a while."""
         limit = self.settings.webhook_max_in_flight_per_endpoint
         now = utcnow()
-        lease = now + timedelta(seconds=self.settings.webhook_timeout_s * 2 + 30)
+        # A request ends within the timeout, so a claim older than that plus a margin
+        # belongs to a dispatcher that died: another one may send it again.
+        lease = now + timedelta(seconds=self.settings.webhook_timeout_s + 10)
         saturated = self._saturated(limit)
         stmt = (
             sa.select(
@@ -449,13 +451,12 @@ class Dispatcher:
         ).scalar_one_or_none()
         limit = timedelta(seconds=self.settings.webhook_disable_after_s)
         if since is not None and now - since >= limit:
-            days = limit.total_seconds() / 86400
             await disable_endpoint(
                 conn,
                 self.db,
                 workspace_id,
                 endpoint_id,
-                f"every delivery failed for {days:g} days",
+                f"every delivery failed for {_duration(limit)}",
             )
 
     async def _durably(self, work: Any, stop: asyncio.Event) -> bool:
@@ -483,6 +484,14 @@ def _live_secrets(endpoint: Any, now: datetime) -> list[str]:
     if endpoint.previous_secret and expires is not None and expires > now:
         secrets.append(endpoint.previous_secret)
     return secrets
+
+
+def _duration(span: timedelta) -> str:
+    seconds = int(span.total_seconds())
+    for unit, size in (("days", 86400), ("hours", 3600), ("minutes", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds // size} {unit}"
+    return f"{seconds} seconds"
 
 
 def _ms(started: float) -> float:

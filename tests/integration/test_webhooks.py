@@ -1,0 +1,1131 @@
+"""Webhooks against a real receiver: endpoint API, signatures, retries, isolation, recovery.
+
+Each test runs on SQLite and PostgreSQL. The receiver is a real aiohttp server on
+127.0.0.1 that records every request and answers from a script; signatures are checked
+with the PyPI ``standardwebhooks`` library, never with our own signing code. Deliveries
+are made through the API (``POST .../test``) or by calling ``Dispatcher.fan_out`` with a
+CloudEvent, and sent by a ``Dispatcher`` sender running in this process with a short
+retry schedule (0, 1, 1, 1 s) so that a whole schedule runs out in a few seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hashlib
+import json
+import os
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar
+
+import aiohttp
+import pytest
+import sqlalchemy as sa
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+from standardwebhooks.webhooks import Webhook, WebhookVerificationError
+
+from service.app import Services, run_components
+from service.config import Settings
+from service.db import audit_events, utcnow, webhook_deliveries
+from service.events import (
+    TYPE_CONTACT_DELETED,
+    TYPE_JOB_COMPLETED,
+    CloudEvent,
+    ContactDeleted,
+    DeletionJobCompleted,
+    OrphanedTimeline,
+    envelope,
+)
+from service.kafka import InMessage, Producer
+from service.keys import SCOPES, create_key
+from service.localkafka import free_port
+from service.webhooks.dispatcher import Dispatcher
+from tests.conftest import Tenant, make_settings
+
+T = TypeVar("T")
+ENDPOINTS = "/v1/webhooks/endpoints"
+DELIVERIES = "/v1/webhooks/deliveries"
+MAX_IN_FLIGHT = 4
+
+
+@pytest.fixture
+def settings(db_url: str, kafka_bootstrap: str) -> Settings:
+    """The real broker, a retry schedule of 0, 1, 1, 1 s and a 2 s timeout."""
+    return make_settings(
+        db_url,
+        kafka_bootstrap_servers=kafka_bootstrap,
+        webhook_retry_schedule="0,1,1,1",
+        webhook_timeout_s=2,
+        webhook_connect_timeout_s=1,
+        webhook_max_in_flight_per_endpoint=MAX_IN_FLIGHT,
+    )
+
+
+# -- the receiver ----------------------------------------------------------------------
+
+Reply = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One request the receiver got."""
+
+    path: str
+    body: bytes
+    headers: dict[str, str]
+    at: float  # time.time() when it arrived
+
+    @property
+    def webhook_id(self) -> str:
+        return self.headers["webhook-id"]
+
+
+def answer(status: int, body: str = "", headers: dict[str, str] | None = None) -> Reply:
+    async def reply(request: web.Request) -> web.StreamResponse:
+        return web.Response(status=status, text=body, headers=headers)
+
+    return reply
+
+
+class Receiver:
+    """A webhook receiver on 127.0.0.1 that records every request and answers by script.
+
+    ``script(path, r1, r2, ...)`` answers the first request to ``path`` with r1, the
+    second with r2, and every later one with the last. Unscripted paths answer 204.
+    """
+
+    def __init__(self) -> None:
+        self.hits: list[Hit] = []
+        self.scripts: dict[str, list[Reply]] = {}
+        self.in_flight: Counter[str] = Counter()
+        self.max_in_flight: Counter[str] = Counter()
+        self.released = asyncio.Event()  # ends every `sleep` early, at teardown
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        self.server = TestServer(app, host="127.0.0.1")
+
+    async def start(self) -> None:
+        await self.server.start_server()
+
+    async def close(self) -> None:
+        self.released.set()
+        await self.server.close()
+
+    def url(self, path: str) -> str:
+        return str(self.server.make_url(path))
+
+    def script(self, path: str, *replies: Reply) -> str:
+        """Answer requests to `path` with `replies` in turn; returns the path's URL."""
+        self.scripts[path] = list(replies)
+        return self.url(path)
+
+    def sleep(self, seconds: float, then: Reply) -> Reply:
+        """A reply that takes `seconds` (or until the receiver is released)."""
+
+        async def reply(request: web.Request) -> web.StreamResponse:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.released.wait(), timeout=seconds)
+            return await then(request)
+
+        return reply
+
+    def at(self, path: str) -> list[Hit]:
+        return [h for h in self.hits if h.path == path]
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        earlier = len(self.at(request.path))
+        self.hits.append(Hit(request.path, body, dict(request.headers), time.time()))
+        replies = self.scripts.get(request.path) or [answer(204)]
+        reply = replies[min(earlier, len(replies) - 1)]
+        self.in_flight[request.path] += 1
+        self.max_in_flight[request.path] = max(
+            self.max_in_flight[request.path], self.in_flight[request.path]
+        )
+        try:
+            return await reply(request)
+        finally:
+            self.in_flight[request.path] -= 1
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[Receiver]:
+    server = Receiver()
+    await server.start()
+    yield server
+    await server.close()
+
+
+# -- the dispatcher --------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+async def _forget_pending(services: Services) -> AsyncIterator[None]:
+    """Cancel what a test leaves pending, so no later test's receiver gets it."""
+    started = utcnow() - timedelta(seconds=1)
+    yield
+    async with services.db.begin() as conn:
+        await conn.execute(
+            webhook_deliveries.update()
+            .where(
+                webhook_deliveries.c.status == "pending",
+                webhook_deliveries.c.created_at >= started,
+            )
+            .values(status="cancelled", completed_at=utcnow())
+        )
+
+
+StartSender = Callable[..., Dispatcher]
+
+
+@pytest.fixture
+async def sender(services: Services, receiver: Receiver) -> AsyncIterator[StartSender]:
+    """Starts a dispatcher's sender in this process (settings overridable); stops it after."""
+    running: list[tuple[asyncio.Event, asyncio.Task[None]]] = []
+
+    def start(**overrides: Any) -> Dispatcher:
+        settings = Settings(**(services.settings.model_dump() | overrides))
+        dispatcher = Dispatcher(settings, services.db, services.metrics, services.webhook_signal)
+        stop = asyncio.Event()
+        running.append((stop, asyncio.create_task(dispatcher.run_sender(stop))))
+        return dispatcher
+
+    yield start
+    receiver.released.set()  # in-flight requests answer now
+    for stop, _ in running:
+        stop.set()
+    for _, task in running:
+        await asyncio.wait_for(task, timeout=30)
+
+
+@pytest.fixture
+async def everything(services: Services) -> AsyncIterator[Services]:
+    """Relay, worker and dispatcher running in this process against the real broker."""
+    stop = asyncio.Event()
+    task = asyncio.create_task(run_components(services, ["relay", "worker", "dispatcher"], stop))
+    yield services
+    stop.set()
+    await asyncio.wait_for(task, timeout=30)
+
+
+# -- helpers ---------------------------------------------------------------------------
+
+
+async def eventually(probe: Callable[[], Awaitable[T | None]], timeout_s: float, what: str) -> T:
+    """The first non-None value of `probe`; fails the test after `timeout_s`."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while True:
+        value = await probe()
+        if value is not None:
+            return value
+        assert loop.time() < deadline, f"not within {timeout_s} s: {what}"
+        await asyncio.sleep(0.05)
+
+
+async def _some(value: T) -> T | None:
+    """`value` if it is truthy, else None: a probe for `eventually`."""
+    return value or None
+
+
+async def create_endpoint(tenant: Tenant, url: str, **fields: Any) -> dict[str, Any]:
+    status, body, _ = await tenant.call("POST", ENDPOINTS, {"url": url, **fields})
+    assert status == 201, body
+    endpoint: dict[str, Any] = body["data"]
+    return endpoint
+
+
+async def send_test(tenant: Tenant, endpoint_id: str) -> str:
+    """Queue a webhook.test delivery; returns its event id."""
+    status, body, _ = await tenant.call("POST", f"{ENDPOINTS}/{endpoint_id}/test")
+    assert status == 202, body
+    event_id: str = body["data"]["event_id"]
+    return event_id
+
+
+async def list_deliveries(tenant: Tenant, endpoint_id: str, query: str = "") -> list[Any]:
+    status, body, _ = await tenant.call(
+        "GET", f"{ENDPOINTS}/{endpoint_id}/deliveries?limit=500{query}"
+    )
+    assert status == 200, body
+    items: list[Any] = body["data"]
+    return items
+
+
+async def delivery_of(tenant: Tenant, endpoint_id: str, event_id: str) -> dict[str, Any]:
+    """The delivery of an event to an endpoint, with its attempts."""
+    found = [d for d in await list_deliveries(tenant, endpoint_id) if d["event_id"] == event_id]
+    assert len(found) == 1, found
+    status, body, _ = await tenant.call("GET", f"{DELIVERIES}/{found[0]['id']}")
+    assert status == 200, body
+    delivery: dict[str, Any] = body["data"]
+    return delivery
+
+
+async def wait_delivery(
+    tenant: Tenant,
+    endpoint_id: str,
+    event_id: str,
+    until: Callable[[dict[str, Any]], bool],
+    timeout_s: float = 10.0,
+) -> dict[str, Any]:
+    async def probe() -> dict[str, Any] | None:
+        delivery = await delivery_of(tenant, endpoint_id, event_id)
+        return delivery if until(delivery) else None
+
+    return await eventually(probe, timeout_s, f"delivery of {event_id}")
+
+
+def has_status(status: str) -> Callable[[dict[str, Any]], bool]:
+    return lambda d: bool(d["status"] == status)
+
+
+async def get_endpoint(tenant: Tenant, endpoint_id: str) -> dict[str, Any]:
+    status, body, _ = await tenant.call("GET", f"{ENDPOINTS}/{endpoint_id}")
+    assert status == 200, body
+    endpoint: dict[str, Any] = body["data"]
+    return endpoint
+
+
+@dataclass(frozen=True)
+class Audited:
+    action: str
+    actor_type: str
+    target_id: str | None
+    data: dict[str, Any]
+
+
+async def audit_trail(services: Services, workspace_id: uuid.UUID) -> list[Audited]:
+    """The workspace's webhook audit events, in order."""
+    async with services.db.read() as conn:
+        rows = (
+            await conn.execute(
+                sa.select(audit_events)
+                .where(
+                    audit_events.c.workspace_id == workspace_id,
+                    audit_events.c.action.startswith("webhook."),
+                )
+                .order_by(audit_events.c.seq)
+            )
+        ).all()
+    return [Audited(r.action, r.actor_type, r.target_id, json.loads(r.data)) for r in rows]
+
+
+def at(value: str) -> datetime:
+    return datetime.fromisoformat(value)
+
+
+def random_secret() -> str:
+    return "whsec_" + base64.b64encode(os.urandom(32)).decode()
+
+
+def message(event: CloudEvent, offset: int = 0) -> InMessage:
+    return InMessage(
+        topic=event.type,
+        partition=0,
+        offset=offset,
+        key=(event.subject or "").encode(),
+        value=event.model_dump_json().encode(),
+        headers=(),
+    )
+
+
+def contact_deleted(workspace_id: uuid.UUID) -> CloudEvent:
+    contact_id = uuid.uuid4()
+    data = ContactDeleted(
+        contact_id=contact_id,
+        workspace_id=workspace_id,
+        job_id=uuid.uuid4(),
+        deleted_at=datetime.now(UTC),
+        email_sha256=hashlib.sha256(b"gone@example.com").hexdigest(),
+        orphaned_timeline=OrphanedTimeline(activities=1, notes=2, tasks=0),
+    )
+    return envelope(TYPE_CONTACT_DELETED, str(contact_id), data, datetime.now(UTC))
+
+
+def job_completed(workspace_id: uuid.UUID) -> CloudEvent:
+    job_id = uuid.uuid4()
+    data = DeletionJobCompleted(
+        job_id=job_id,
+        workspace_id=workspace_id,
+        status="completed",
+        total_requested=1,
+        processed_count=1,
+        deleted_count=1,
+        not_found_count=0,
+        failed_count=0,
+        completed_at=datetime.now(UTC),
+    )
+    return envelope(TYPE_JOB_COMPLETED, str(job_id), data, datetime.now(UTC))
+
+
+@pytest.fixture
+async def dlq(settings: Settings) -> AsyncIterator[Producer]:
+    producer = Producer(settings.kafka_bootstrap_servers)
+    await producer.start()
+    yield producer
+    await producer.stop()
+
+
+# -- endpoint management ---------------------------------------------------------------
+
+
+async def test_endpoint_crud_shows_the_secret_only_on_create_and_rotate(
+    tenant: Tenant, services: Services
+) -> None:
+    """Create 201 with a whsec_ secret; list/get/patch hide it; rotate shows a new one;
+    delete 204 then 404; each change leaves its audit event."""
+    status, body, _ = await tenant.call(
+        "POST",
+        ENDPOINTS,
+        {"url": "https://hooks.example.com/a", "description": "first"},
+    )
+    assert status == 201, body
+    created = body["data"]
+    endpoint_id = created["id"]
+    secret = created["secret"]
+    assert secret.startswith("whsec_")
+    assert len(base64.b64decode(secret.removeprefix("whsec_"), validate=True)) == 32
+    assert created["status"] == "enabled"
+    assert created["disabled_reason"] is None
+    assert created["event_types"] == []
+
+    got = await get_endpoint(tenant, endpoint_id)
+    assert "secret" not in got
+    assert got["url"] == "https://hooks.example.com/a"
+    assert got["description"] == "first"
+
+    status, body, _ = await tenant.call("GET", ENDPOINTS)
+    assert status == 200, body
+    assert [e["id"] for e in body["data"]] == [endpoint_id]
+    assert all("secret" not in e for e in body["data"])
+
+    status, body, _ = await tenant.call(
+        "PATCH",
+        f"{ENDPOINTS}/{endpoint_id}",
+        {
+            "url": "https://hooks.example.com/b",
+            "event_types": ["contact.deleted"],
+            "description": "second",
+        },
+    )
+    assert status == 200, body
+    assert "secret" not in body["data"]
+    got = await get_endpoint(tenant, endpoint_id)
+    assert got["url"] == "https://hooks.example.com/b"
+    assert got["event_types"] == ["contact.deleted"]
+    assert got["description"] == "second"
+
+    status, body, _ = await tenant.call("POST", f"{ENDPOINTS}/{endpoint_id}/rotate-secret")
+    assert status == 200, body
+    rotated = body["data"]["secret"]
+    assert rotated.startswith("whsec_")
+    assert rotated != secret
+    assert len(base64.b64decode(rotated.removeprefix("whsec_"), validate=True)) == 32
+    assert "secret" not in await get_endpoint(tenant, endpoint_id)
+
+    status, body, _ = await tenant.call("DELETE", f"{ENDPOINTS}/{endpoint_id}")
+    assert status == 204, body
+    status, body, _ = await tenant.call("GET", f"{ENDPOINTS}/{endpoint_id}")
+    assert status == 404, body
+    status, body, _ = await tenant.call("DELETE", f"{ENDPOINTS}/{endpoint_id}")
+    assert status == 404, body
+    status, body, _ = await tenant.call("GET", ENDPOINTS)
+    assert body["data"] == []
+
+    trail = await audit_trail(services, tenant.workspace_id)
+    assert [(e.action, e.target_id) for e in trail] == [
+        ("webhook.endpoint.created", endpoint_id),
+        ("webhook.endpoint.updated", endpoint_id),
+        ("webhook.endpoint.secret_rotated", endpoint_id),
+        ("webhook.endpoint.deleted", endpoint_id),
+    ]
+    assert all(e.actor_type == "api_key" for e in trail)
+    assert sorted(trail[1].data["changed"]) == ["description", "event_types", "url"]
+    # Neither secret is ever written to the audit trail.
+    for event in trail:
+        assert secret not in json.dumps(event.data)
+        assert rotated not in json.dumps(event.data)
+
+
+BAD_URLS = (
+    "/relative/hook",
+    "hooks.example.com/hook",
+    "ftp://hooks.example.com/hook",
+    "file:///etc/passwd",
+    "javascript:alert(1)",
+    "http://",
+    "http:///hook",
+    "https://user:password@hooks.example.com/hook",
+    "https://user@hooks.example.com/hook",
+    "https://hooks.example.com/with space",
+    "",
+)
+
+
+async def test_invalid_endpoint_requests_are_400(tenant: Tenant) -> None:
+    """Non-absolute-http(s) URLs, URLs with credentials, unknown event types and unknown
+    fields are refused with 400, on create and on PATCH."""
+    for url in BAD_URLS:
+        status, body, _ = await tenant.call("POST", ENDPOINTS, {"url": url})
+        assert status == 400, (url, body)
+        assert body["error"]["code"] == "validation_error", body
+    good = await create_endpoint(tenant, "https://hooks.example.com/ok")
+    for url in BAD_URLS:
+        status, body, _ = await tenant.call("PATCH", f"{ENDPOINTS}/{good['id']}", {"url": url})
+        assert status == 400, (url, body)
+
+    cases: list[dict[str, Any]] = [
+        {"url": "https://hooks.example.com/x", "event_types": ["contact.created"]},
+        {"url": "https://hooks.example.com/x", "event_types": "contact.deleted"},
+        {"url": "https://hooks.example.com/x", "secret": random_secret()},
+        {"url": "https://hooks.example.com/x", "status": "disabled"},
+        {"description": "no url"},
+    ]
+    for case in cases:
+        status, body, _ = await tenant.call("POST", ENDPOINTS, case)
+        assert status == 400, (case, body)
+    for patch in ({"event_types": ["nope"]}, {"secret": random_secret()}, {"status": "x"}):
+        status, body, _ = await tenant.call("PATCH", f"{ENDPOINTS}/{good['id']}", patch)
+        assert status == 400, (patch, body)
+
+    # Nothing was created by the refused requests, and the good one is unchanged.
+    status, body, _ = await tenant.call("GET", ENDPOINTS)
+    assert [e["id"] for e in body["data"]] == [good["id"]]
+    assert (await get_endpoint(tenant, good["id"]))["url"] == "https://hooks.example.com/ok"
+
+
+async def test_another_workspaces_endpoints_and_deliveries_are_404(
+    tenant: Tenant, other_tenant: Tenant
+) -> None:
+    """Every endpoint and delivery route answers 404 for another workspace's ids."""
+    endpoint = await create_endpoint(tenant, "https://hooks.example.com/mine")
+    eid = endpoint["id"]
+    event_id = await send_test(tenant, eid)
+    delivery = await delivery_of(tenant, eid, event_id)
+    did = delivery["id"]
+    since = {"since": "2000-01-01T00:00:00Z"}
+
+    requests: list[tuple[str, str, Any]] = [
+        ("GET", f"{ENDPOINTS}/{eid}", None),
+        ("PATCH", f"{ENDPOINTS}/{eid}", {"description": "taken over"}),
+        ("DELETE", f"{ENDPOINTS}/{eid}", None),
+        ("POST", f"{ENDPOINTS}/{eid}/rotate-secret", None),
+        ("POST", f"{ENDPOINTS}/{eid}/enable", None),
+        ("POST", f"{ENDPOINTS}/{eid}/test", None),
+        ("GET", f"{ENDPOINTS}/{eid}/deliveries", None),
+        ("GET", f"{ENDPOINTS}/{eid}/deliveries?status=pending", None),
+        ("POST", f"{ENDPOINTS}/{eid}/recover", since),
+        ("GET", f"{DELIVERIES}/{did}", None),
+        ("POST", f"{DELIVERIES}/{did}/retry", None),
+    ]
+    for method, path, payload in requests:
+        status, body, _ = await other_tenant.call(method, path, payload)
+        assert status == 404, (method, path, body)
+        assert body["error"]["code"] == "not_found", body
+
+    status, body, _ = await other_tenant.call("GET", ENDPOINTS)
+    assert status == 200, body
+    assert body["data"] == []
+    # The owner's endpoint and delivery are untouched.
+    mine = await get_endpoint(tenant, eid)
+    assert mine["description"] is None
+    assert mine["status"] == "enabled"
+    again = await delivery_of(tenant, eid, event_id)
+    assert again["status"] == "pending"
+    assert [d["event_id"] for d in await list_deliveries(tenant, eid)] == [event_id]
+
+
+async def test_a_key_without_webhooks_manage_is_403(
+    services: Services, api: str, http: aiohttp.ClientSession
+) -> None:
+    """A key of the same workspace without the webhooks:manage scope can do nothing here."""
+    workspace = f"ws-{uuid.uuid4().hex[:12]}"
+    full = await create_key(services.db, workspace, list(SCOPES))
+    limited = await create_key(
+        services.db, workspace, [s for s in SCOPES if s != "webhooks:manage"]
+    )
+    assert full.workspace_id == limited.workspace_id
+    owner = Tenant(api, full.key, full.key_id, full.workspace_id, http)
+    reader = Tenant(api, limited.key, limited.key_id, limited.workspace_id, http)
+    eid = (await create_endpoint(owner, "https://hooks.example.com/x"))["id"]
+    did = (await delivery_of(owner, eid, await send_test(owner, eid)))["id"]
+
+    requests: list[tuple[str, str, Any]] = [
+        ("POST", ENDPOINTS, {"url": "https://hooks.example.com/y"}),
+        ("GET", ENDPOINTS, None),
+        ("GET", f"{ENDPOINTS}/{eid}", None),
+        ("PATCH", f"{ENDPOINTS}/{eid}", {"description": "x"}),
+        ("DELETE", f"{ENDPOINTS}/{eid}", None),
+        ("POST", f"{ENDPOINTS}/{eid}/rotate-secret", None),
+        ("POST", f"{ENDPOINTS}/{eid}/enable", None),
+        ("POST", f"{ENDPOINTS}/{eid}/test", None),
+        ("GET", f"{ENDPOINTS}/{eid}/deliveries", None),
+        ("POST", f"{ENDPOINTS}/{eid}/recover", {"since": "2000-01-01T00:00:00Z"}),
+        ("GET", f"{DELIVERIES}/{did}", None),
+        ("POST", f"{DELIVERIES}/{did}/retry", None),
+    ]
+    for method, path, payload in requests:
+        status, body, _ = await reader.call(method, path, payload)
+        assert status == 403, (method, path, body)
+        assert body["error"]["code"] == "insufficient_permissions", body
+    assert (await get_endpoint(owner, eid))["description"] is None
+
+
+# -- what a receiver gets --------------------------------------------------------------
+
+
+async def test_delivery_is_signed_per_standard_webhooks(
+    tenant: Tenant, receiver: Receiver, sender: StartSender
+) -> None:
+    """A delivery verifies with standardwebhooks and the endpoint secret, not with another
+    secret nor with a changed body; webhook-id is the event id; JSON, our User-Agent."""
+    sender()
+    endpoint = await create_endpoint(tenant, receiver.script("/hook", answer(204)))
+    event_id = await send_test(tenant, endpoint["id"])
+    hits = await eventually(
+        lambda: _some(receiver.at("/hook")), 10, "the test event at the receiver"
+    )
+    assert len(hits) == 1
+    hit = hits[0]
+
+    payload: Any = Webhook(endpoint["secret"]).verify(hit.body, hit.headers)
+    assert set(payload) == {"type", "timestamp", "data"}
+    assert payload["type"] == "webhook.test"
+    assert payload["data"]["endpoint_id"] == endpoint["id"]
+    assert abs(at(payload["timestamp"]) - datetime.now(UTC)) < timedelta(minutes=1)
+    with pytest.raises(WebhookVerificationError):
+        Webhook(random_secret()).verify(hit.body, hit.headers)
+    with pytest.raises(WebhookVerificationError):
+        Webhook(endpoint["secret"]).verify(hit.body.replace(b"test", b"tost"), hit.headers)
+
+    assert hit.webhook_id == event_id
+    assert abs(int(hit.headers["webhook-timestamp"]) - time.time()) < 60
+    assert hit.headers["webhook-signature"].startswith("v1,")
+    assert " " not in hit.headers["webhook-signature"]  # one live secret, one signature
+    assert hit.headers["Content-Type"] == "application/json"
+    assert "contact-deletion" in hit.headers["User-Agent"]
+
+    delivery = await wait_delivery(tenant, endpoint["id"], event_id, has_status("succeeded"))
+    assert delivery["attempt_count"] == 1
+    assert [a["status_code"] for a in delivery["attempts"]] == [204]
+
+
+async def test_after_rotation_both_the_old_and_new_secret_verify(
+    tenant: Tenant, receiver: Receiver, sender: StartSender
+) -> None:
+    """During the overlap the header carries two signatures; either secret verifies."""
+    sender()
+    endpoint = await create_endpoint(tenant, receiver.script("/hook", answer(200)))
+    old = endpoint["secret"]
+    status, body, _ = await tenant.call("POST", f"{ENDPOINTS}/{endpoint['id']}/rotate-secret")
+    assert status == 200, body
+    new = body["data"]["secret"]
+    event_id = await send_test(tenant, endpoint["id"])
+    hits = await eventually(lambda: _some(receiver.at("/hook")), 10, "a delivery")
+    hit = hits[0]
+    assert hit.webhook_id == event_id
+    assert len(hit.headers["webhook-signature"].split(" ")) == 2
+    assert Webhook(new).verify(hit.body, hit.headers)["type"] == "webhook.test"
+    assert Webhook(old).verify(hit.body, hit.headers)["type"] == "webhook.test"
+    with pytest.raises(WebhookVerificationError):
+        Webhook(random_secret()).verify(hit.body, hit.headers)
+
+
+async def test_contact_deleted_reaches_subscribers_without_the_clear_email(
+    tenant: Tenant, receiver: Receiver, everything: Services
+) -> None:
+    """Through the whole pipeline: an unfiltered endpoint gets contact.deleted (body
+    {type, timestamp, data}, email only as SHA-256, webhook-id = the event id) and
+    deletion_job.completed; an endpoint subscribed only to deletion_job.completed gets
+    no contact.deleted."""
+    email = "Someone.Private@Example.com"
+    every = await create_endpoint(tenant, receiver.script("/every", answer(204)))
+    jobs_only = await create_endpoint(
+        tenant, receiver.script("/jobs", answer(204)), event_types=["deletion_job.completed"]
+    )
+    status, body, _ = await tenant.call("POST", "/v1/contacts", {"email": email})
+    assert status == 201, body
+    contact_id = body["data"]["id"]
+    status, body, _ = await tenant.call(
+        "POST", "/v1/contacts/bulk-delete", {"contact_ids": [contact_id]}, {"Prefer": "wait=20"}
+    )
+    assert status == 200, body
+    job_id = body["data"]["job_id"]
+
+    await eventually(
+        lambda: _some(receiver.at("/every")[1:] and receiver.at("/jobs")),
+        20,
+        "both events at /every and the job event at /jobs",
+    )
+    await asyncio.sleep(0.5)  # a contact.deleted to /jobs would have arrived by now
+
+    by_type: dict[str, Hit] = {}
+    for hit in receiver.at("/every"):
+        payload: Any = Webhook(every["secret"]).verify(hit.body, hit.headers)
+        by_type[payload["type"]] = hit
+    assert set(by_type) == {"contact.deleted", "deletion_job.completed"}
+
+    hit = by_type["contact.deleted"]
+    raw = hit.body.decode()
+    assert email.lower() not in raw.lower()
+    assert "someone.private" not in raw.lower()
+    payload = json.loads(raw)
+    assert set(payload) == {"type", "timestamp", "data"}
+    data = payload["data"]
+    assert data["contact_id"] == contact_id
+    assert data["workspace_id"] == str(tenant.workspace_id)
+    assert data["job_id"] == job_id
+    assert data["email_sha256"] == hashlib.sha256(email.strip().lower().encode()).hexdigest()
+    assert set(data["orphaned_timeline"]) == {"activities", "notes", "tasks"}
+    deliveries = await list_deliveries(tenant, every["id"], "&status=succeeded")
+    event_ids = {d["event_type"]: d["event_id"] for d in deliveries}
+    assert hit.webhook_id == event_ids["contact.deleted"]
+    assert by_type["deletion_job.completed"].webhook_id == event_ids["deletion_job.completed"]
+
+    jobs_hits = receiver.at("/jobs")
+    assert len(jobs_hits) == 1
+    only: Any = Webhook(jobs_only["secret"]).verify(jobs_hits[0].body, jobs_hits[0].headers)
+    assert only["type"] == "deletion_job.completed"
+    assert only["data"]["job_id"] == job_id
+    assert [d["event_type"] for d in await list_deliveries(tenant, jobs_only["id"])] == [
+        "deletion_job.completed"
+    ]
+
+
+# -- retries ---------------------------------------------------------------------------
+
+
+async def test_500_then_200_is_delivered_on_the_second_attempt_with_the_same_webhook_id(
+    tenant: Tenant, receiver: Receiver, sender: StartSender
+) -> None:
+    sender()
+    endpoint = await create_endpoint(tenant, receiver.script("/hook", answer(500), answer(200)))
+    event_id = await send_test(tenant, endpoint["id"])
+    delivery = await wait_delivery(tenant, endpoint["id"], event_id, has_status("succeeded"))
+    assert delivery["attempt_count"] == 2
+    assert [a["status_code"] for a in delivery["attempts"]] == [500, 200]
+    hits = receiver.at("/hook")
+    assert [h.webhook_id for h in hits] == [event_id, event_id]
+    for hit in hits:
+        Webhook(endpoint["secret"]).verify(hit.body, hit.headers)
+    # The schedule's second delay is 1 s with +-20 % jitter.
+    assert 0.7 <= hits[1].at - hits[0].at <= 2.5
+
+
+async def test_503_with_retry_after_waits_at_least_that_long(
+    tenant: Tenant, receiver: Receiver, sender: StartSender
+) -> None:
+    """Retry-After: 2 on a 503 pushes the next attempt 2 s out (the schedule says 1 s)."""
+    sender()
+    url = receiver.script("/hook", answer(503, headers={"Retry-After": "2"}), answer(200))
+    endpoint = await create_endpoint(tenant, url)
+    event_id = await send_test(tenant, endpoint["id"])
+    delivery = await wait_delivery(tenant, endpoint["id"], event_id, has_status("succeeded"))
+    first, second = delivery["attempts"]
+    assert (first["status_code"], second["status_code"]) == (503, 200)
+    planned = at(delivery["next_attempt_at"]) - at(first["attempted_at"])
+    assert timedelta(seconds=2) <= planned < timedelta(seconds=3)
+    assert at(second["attempted_at"]) >= at(delivery["next_attempt_at"])
+    hits = receiver.at("/hook")
+    assert [h.webhook_id for h in hits] == [event_id, event_id]
+    assert hits[1].at - hits[0].at >= 1.9
+
+
+async def test_a_timeout_is_recorded_as_an_error_and_retried(
+    tenant: Tenant, receiver: Receiver, sender: StartSender
+) -> None:
+    """A receiver slower than webhook_timeout_s (2 s) fails the attempt; the retry succeeds."""
+    sender()
+    url = receiver.script("/hook", receiver.sleep(4, answer(200)), answer(200))
+    endpoint = await create_endpoint(tenant, url)
+    event_id = await send_test(tenant, endpoint["id"])
+    delivery = await wait_delivery(
+        tenant, endpoint["id"], event_id, has_status("succeeded"), timeout_s=15
+    )
+    first, second = delivery["attempts"]
+    assert first["status_code"] is None
+    assert "timed out" in first["error"]
+    assert 1900 <= first["latency_ms"] < 3500
+    assert second["status_code"] == 200
+    assert second["error"] is None
+    assert [h.webhook_id for h in receiver.at("/hook")] == [event_id, event_id]
+
+
+async def test_a_refused_connection_is_retried(
+    tenant: Tenant, receiver: Receiver, sender: StartSender
+) -> None:
+    """Connections refused (a closed port) are failed attempts that are retried; once the
+    endpoint points at a live receiver the same event arrives there."""
+    sender()
+    closed = f"http://127.0.0.1:{free_port()}/hook"
+    endpoint = await create_endpoint(tenant, closed)
+    event_id = await send_test(tenant, endpoint["id"])
+    delivery = await wait_delivery(
+        tenant, endpoint["id"], event_id, lambda d: d["attempt_count"] >= 2
+    )
+    assert delivery["status"] == "pending"
+    for attempt in delivery["attempts"]:
+        assert attempt["status_code"] is None
+        assert attempt["error"], attempt
+        assert attempt["response_body"] is None
+
+    status, body, _ = await tenant.call(
+        "PATCH", f"{ENDPOINTS}/{endpoint['id']}", {"url": receiver.script("/hook", answer(200))}
+    )
+    assert status == 200, body
+    delivery = await wait_delivery(tenant, endpoint["id"], event_id, has_status("succeeded"))
+    assert delivery["attempts"][-1]["status_code"] == 200
+    assert [h.webhook_id for h in receiver.at("/hook")] == [event_id]
+
+
+async def test_an_exhausted_delivery_is_failed_with_an_audit_event(
+    tenant: Tenant, receiver: Receiver, sender: StartSender, services: Services
+) -> None:
+    """After the whole schedule (4 attempts) fails, the delivery is `failed` and audited."""
+    sender()
+    endpoint = await create_endpoint(tenant, receiver.script("/hook", answer(500, "down")))
+    event_id = await send_test(tenant, endpoint["id"])
+    delivery = await wait_delivery(tenant, endpoint["id"], event_id, has_status("failed"), 15)
+    assert delivery["attempt_count"] == 4
+    assert delivery["completed_at"] is not None
+    assert [a["status_code"] for a in delivery["attempts"]] == [500] * 4
+    assert [h.webhook_id for h in receiver.at("/hook")] == [event_id] * 4
+
+    exhausted = [
+        e
+        for e in await audit_trail(services, tenant.workspace_id)
+        if e.action == "webhook.delivery.exhausted"
+    ]
+    assert len(exhausted) == 1
+    assert exhausted[0].target_id == delivery["id"]
+    assert exhausted[0].actor_type == "system"
+    assert exhausted[0].data["event_id"] == event_id
+    assert exhausted[0].data["attempts"] == 4
+    assert exhausted[0].data["last_status_code"] == 500
+    # One delivery running out does not disable the endpoint (that takes days).
+    assert (await get_endpoint(tenant, endpoint["id"]))["status"] == "enabled"
+
+
+async def test_every_attempt_stores_status_latency_error_and_the_first_4_kib(
+    tenant: Tenant, receiver: Receiver, sender: StartSender
+) -> None:
+    """A 10 KiB response body is stored cut to its first 4096 characters."""
+    sender()
+    url = receiver.script("/hook", answer(500, "x" * 10240), answer(200, "y" * 10240))
+    endpoint = await create_endpoint(tenant, url)
+    event_id = await send_test(tenant, endpoint["id"])
+    delivery = await wait_delivery(tenant, endpoint["id"], event_id, has_status("succeeded"))
+    first, second = delivery["attempts"]
+    assert first["status_code"] == 500
+    assert first["response_body"] == "x" * 4096
+    assert second["status_code"] == 200
+    assert second["response_body"] == "y" * 4096
+    for attempt in (first, second):
+        assert attempt["error"] is None
+        assert 0 < attempt["latency_ms"] < 2000
+        assert at(attempt["attempted_at"]) <= datetime.now(UTC)
+    assert at(first["attempted_at"]) < at(second["attempted_at"])
+    assert delivery["last_attempt_at"] == second["attempted_at"]
+
+
+async def test_410_gone_fails_the_delivery_and_disables_until_enabled(
+    tenant: Tenant, receiver: Receiver, sender: StartSender, services: Services
+) -> None:
+    """410 stops retrying and disables the endpoint (audited); enable re-enables it."""
+    sender()
+    endpoint = await create_endpoint(tenant, receiver.script("/hook", answer(410)))
+    eid = endpoint["id"]
+    event_id = await send_test(tenant, eid)
+    delivery = await wait_delivery(tenant, eid, event_id, has_status("failed"))
+    assert delivery["attempt_count"] == 1
+    disabled = await get_endpoint(tenant, eid)
+    assert disabled["status"] == "disabled"
+    assert "410" in disabled["disabled_reason"]
+    await asyncio.sleep(1.5)  # no retry follows a 410
+    assert len(receiver.at("/hook")) == 1
+
+    receiver.script("/hook", answer(200))
+    status, body, _ = await tenant.call("POST", f"{ENDPOINTS}/{eid}/enable")
+    assert status == 200, body
+    assert body["data"]["status"] == "enabled"
+    assert body["data"]["disabled_reason"] is None
+    assert "secret" not in body["data"]
+    again = await send_test(tenant, eid)
+    await wait_delivery(tenant, eid, again, has_status("succeeded"))
+
+    trail = [
+        e
+        for e in await audit_trail(services, tenant.workspace_id)
+        if e.action in ("webhook.endpoint.disabled", "webhook.endpoint.enabled")
+    ]
+    assert [(e.action, e.actor_type, e.target_id) for e in trail] == [
+        ("webhook.endpoint.disabled", "system", eid),
+        ("webhook.endpoint.enabled", "api_key", eid),
+    ]
+    assert "410" in trail[0].data["reason"]
+
+
+async def test_a_redirect_is_a_failure_and_is_not_followed(
+    tenant: Tenant, receiver: Receiver, sender: StartSender
+) -> None:
+    """A 302 to a path that would answer 200 fails the attempt; the target is never asked."""
+    sender()
+    target = receiver.script("/target", answer(200))
+    url = receiver.script("/hook", answer(302, headers={"Location": target}))
+    endpoint = await create_endpoint(tenant, url)
+    event_id = await send_test(tenant, endpoint["id"])
+    delivery = await wait_delivery(
+        tenant, endpoint["id"], event_id, lambda d: d["attempt_count"] >= 2
+    )
+    assert delivery["status"] in ("pending", "failed")
+    for attempt in delivery["attempts"]:
+        assert attempt["status_code"] == 302
+        assert "redirect" in attempt["error"]
+    assert receiver.at("/target") == []
+    assert len(receiver.at("/hook")) >= 2
+
+
+async def test_a_slow_receiver_does_not_delay_another_endpoint(
+    tenant: Tenant, receiver: Receiver, sender: StartSender
+) -> None:
+    """A receiver taking 10 s a request holds only its own 4 slots: with 6 deliveries of
+    it in flight or queued, another endpoint's delivery arrives within 2 s."""
+    sender(webhook_timeout_s=15)
+    slow = await create_endpoint(tenant, receiver.script("/slow", receiver.sleep(10, answer(200))))
+    fast = await create_endpoint(tenant, receiver.script("/fast", answer(200)))
+    slow_events = [await send_test(tenant, slow["id"]) for _ in range(6)]
+    await eventually(
+        lambda: _some(receiver.in_flight["/slow"] == MAX_IN_FLIGHT),
+        5,
+        "4 requests in flight at the slow receiver",
+    )
+
+    sent = time.time()
+    fast_event = await send_test(tenant, fast["id"])
+    hits = await eventually(lambda: _some(receiver.at("/fast")), 5, "the fast delivery")
+    assert hits[0].webhook_id == fast_event
+    assert hits[0].at - sent < 2.0
+    assert receiver.in_flight["/slow"] == MAX_IN_FLIGHT  # still stuck at the slow one
+    await asyncio.sleep(0.5)
+    assert receiver.max_in_flight["/slow"] == MAX_IN_FLIGHT
+    assert len(receiver.at("/slow")) == MAX_IN_FLIGHT  # the other 2 wait for a free slot
+    pending = [d for d in await list_deliveries(tenant, slow["id"]) if d["status"] == "pending"]
+    assert len(pending) == 6
+
+    receiver.released.set()  # the slow receiver answers now
+    for event_id in slow_events:
+        await wait_delivery(tenant, slow["id"], event_id, has_status("succeeded"))
+    assert receiver.max_in_flight["/slow"] == MAX_IN_FLIGHT
+    assert sorted(h.webhook_id for h in receiver.at("/slow")) == sorted(slow_events)
+
+
+async def test_an_endpoint_failing_longer_than_the_limit_is_disabled(
+    tenant: Tenant, receiver: Receiver, sender: StartSender, services: Services
+) -> None:
+    """With webhook_disable_after_s=1, failures spanning more than 1 s disable the endpoint."""
+    sender(webhook_disable_after_s=1)
+    endpoint = await create_endpoint(tenant, receiver.script("/hook", answer(500)))
+    eid = endpoint["id"]
+    event_id = await send_test(tenant, eid)
+
+    async def disabled() -> dict[str, Any] | None:
+        got = await get_endpoint(tenant, eid)
+        return got if got["status"] == "disabled" else None
+
+    got = await eventually(disabled, 8, "the failing endpoint disabled")
+    assert got["disabled_reason"]
+    delivery = await delivery_of(tenant, eid, event_id)
+    times = [at(a["attempted_at"]) for a in delivery["attempts"]]
+    assert len(times) >= 2
+    assert times[-1] - times[0] >= timedelta(seconds=1)
+    assert all(a["status_code"] == 500 for a in delivery["attempts"])
+
+    trail = [
+        e
+        for e in await audit_trail(services, tenant.workspace_id)
+        if e.action == "webhook.endpoint.disabled"
+    ]
+    assert [(e.target_id, e.actor_type) for e in trail] == [(eid, "system")]
+    assert trail[0].data["reason"] == got["disabled_reason"]
+
+
+# -- fan-out ---------------------------------------------------------------------------
+
+
+async def test_the_same_event_consumed_twice_makes_one_delivery_per_endpoint(
+    tenant: Tenant, services: Services, dlq: Producer
+) -> None:
+    """fan_out of a repeated contact.deleted (in one batch and again later) adds nothing."""
+    every = await create_endpoint(tenant, "https://hooks.example.com/every")
+    deletes = await create_endpoint(
+        tenant, "https://hooks.example.com/deletes", event_types=["contact.deleted"]
+    )
+    dispatcher = Dispatcher(services.settings, services.db, services.metrics)
+    event = contact_deleted(tenant.workspace_id)
+    assert await dispatcher.fan_out([message(event), message(event, 1)], dlq) == 2
+    assert await dispatcher.fan_out([message(event, 2)], dlq) == 0
+
+    async with services.db.read() as conn:
+        rows = (
+            await conn.execute(
+                sa.select(webhook_deliveries.c.endpoint_id).where(
+                    webhook_deliveries.c.event_id == event.id
+                )
+            )
+        ).all()
+    assert sorted(str(r.endpoint_id) for r in rows) == sorted([every["id"], deletes["id"]])
+    for endpoint in (every, deletes):
+        listed = await list_deliveries(tenant, endpoint["id"])
+        assert [(d["event_id"], d["event_type"]) for d in listed] == [(event.id, "contact.deleted")]
+
+
+async def test_event_types_filter_selects_the_endpoints_of_its_workspace(
+    tenant: Tenant, other_tenant: Tenant, services: Services, dlq: Producer
+) -> None:
+    """An endpoint subscribed only to deletion_job.completed gets no contact.deleted, an
+    unfiltered one gets both, and another workspace's endpoint gets neither."""
+    every = await create_endpoint(tenant, "https://hooks.example.com/every")
+    jobs = await create_endpoint(
+        tenant, "https://hooks.example.com/jobs", event_types=["deletion_job.completed"]
+    )
+    stranger = await create_endpoint(other_tenant, "https://hooks.example.com/stranger")
+    dispatcher = Dispatcher(services.settings, services.db, services.metrics)
+    deleted = contact_deleted(tenant.workspace_id)
+    completed = job_completed(tenant.workspace_id)
+    assert await dispatcher.fan_out([message(deleted), message(completed, 1)], dlq) == 3
+
+    assert sorted(d["event_type"] for d in await list_deliveries(tenant, every["id"])) == [
+        "contact.deleted",
+        "deletion_job.completed",
+    ]
+    assert [d["event_id"] for d in await list_deliveries(tenant, jobs["id"])] == [completed.id]
+    assert await list_deliveries(other_tenant, stranger["id"]) == []
+    body = json.loads(
+        (await delivery_payload(services, completed.id, uuid.UUID(jobs["id"]))).decode()
+    )
+    assert set(body) == {"type", "timestamp", "data"}
+    assert body["type"] == "deletion_job.completed"
+    assert body["data"]["deleted_count"] == 1
+
+
+async def delivery_payload(services: Services, event_id: str, endpoint_id: uuid.UUID) -> bytes:
+    async with services.db.read() as conn:
+        payload = (
+            await conn.execute(
+                sa.select(webhook_deliveries.c.payload).where(
+                    webhook_deliveries.c.event_id == event_id,
+                    webhook_deliveries.c.endpoint_id == endpoint_id,
+                )
+            )
+        ).scalar_one()
+    return bytes(payload)
+
+
+# -- delivery log and recovery ---------------------------------------------------------
+
+
+async def test_retry_sends_a_delivery_again_now(
+    tenant: Tenant, receiver: Receiver, sender: StartSender
+) -> None:
+    """POST .../retry re-sends a failed delivery at once (and a succeeded one too)."""
+    sender(webhook_retry_schedule="0")  # one attempt only: the first failure is final
+    endpoint = await create_endpoint(tenant, receiver.script("/hook", answer(500), answer(200)))
+    event_id = await send_test(tenant, endpoint["id"])
+    failed = await wait_delivery(tenant, endpoint["id"], event_id, has_status("failed"))
+    assert failed["attempt_count"] == 1
+
+    status, body, _ = await tenant.call("POST", f"{DELIVERIES}/{failed['id']}/retry")
+    assert status == 202, body
+    assert body["data"]["status"] == "pending"
+    done = await wait_delivery(tenant, endpoint["id"], event_id, has_status("succeeded"), 3)
+    assert [a["status_code"] for a in done["attempts"]] == [500, 200]
+
+    status, body, _ = await tenant.call("POST", f"{DELIVERIES}/{failed['id']}/retry")
+    assert status == 202, body
+    again = await wait_delivery(
+        tenant, endpoint["id"], event_id, lambda d: d["attempt_count"] == 3, 3
+    )
+    assert again["status"] == "succeeded"
+    assert [h.webhook_id for h in receiver.at("/hook")] == [event_id] * 3
+
+    status, body, _ = await tenant.call("POST", f"{DELIVERIES}/{uuid.uuid4()}/retry")
+    assert status == 404, body
+
+
+async def test_recover_requeues_the_failed_deliveries_since_a_time(
+    tenant: Tenant, receiver: Receiver, sender: StartSender
+) -> None:
+    """recover {since} re-sends every failed delivery created since then, not older ones;
+    ?status= filters the delivery list."""
+    sender(webhook_retry_schedule="0")
+    endpoint = await create_endpoint(tenant, receiver.script("/hook", answer(500)))
+    eid = endpoint["id"]
+    old = await send_test(tenant, eid)
+    await wait_delivery(tenant, eid, old, has_status("failed"))
+    await asyncio.sleep(0.05)
+    recent = [await send_test(tenant, eid) for _ in range(3)]
+    for event_id in recent:
+        await wait_delivery(tenant, eid, event_id, has_status("failed"))
+    failed = await list_deliveries(tenant, eid, "&status=failed")
+    assert sorted(d["event_id"] for d in failed) == sorted([old, *recent])
+    assert await list_deliveries(tenant, eid, "&status=succeeded") == []
+    since = min(d["created_at"] for d in failed if d["event_id"] in recent)
+
+    receiver.script("/hook", answer(200))
+    status, body, _ = await tenant.call("POST", f"{ENDPOINTS}/{eid}/recover", {"since": since})
+    assert status == 202, body
+    assert body["data"]["requeued"] == 3
+    for event_id in recent:
+        await wait_delivery(tenant, eid, event_id, has_status("succeeded"))
+    assert [d["event_id"] for d in await list_deliveries(tenant, eid, "&status=failed")] == [old]
+    succeeded = await list_deliveries(tenant, eid, "&status=succeeded")
+    assert sorted(d["event_id"] for d in succeeded) == sorted(recent)
+    assert (await delivery_of(tenant, eid, old))["attempt_count"] == 1
+
+    naive = since.removesuffix("Z")
+    status, body, _ = await tenant.call("POST", f"{ENDPOINTS}/{eid}/recover", {"since": naive})
+    assert status == 400, body
+    status, body, _ = await tenant.call("POST", f"{ENDPOINTS}/{eid}/recover", {})
+    assert status == 400, body
+
+
+async def test_deliveries_page_with_a_cursor(tenant: Tenant) -> None:
+    """limit + next_cursor walk every delivery once, newest first; bad input is 400."""
+    endpoint = await create_endpoint(tenant, "https://hooks.example.com/paged")
+    eid = endpoint["id"]
+    events = [await send_test(tenant, eid) for _ in range(5)]
+
+    seen: list[dict[str, Any]] = []
+    sizes: list[int] = []
+    cursor: str | None = None
+    while True:
+        query = f"{ENDPOINTS}/{eid}/deliveries?limit=2" + (f"&cursor={cursor}" if cursor else "")
+        status, body, _ = await tenant.call("GET", query)
+        assert status == 200, body
+        seen.extend(body["data"])
+        sizes.append(len(body["data"]))
+        cursor = body["next_cursor"]
+        if cursor is None:
+            break
+    assert sizes == [2, 2, 1]
+    assert [d["event_id"] for d in seen] == list(reversed(events))
+    keys = [(d["created_at"], d["id"]) for d in seen]
+    assert keys == sorted(keys, reverse=True)
+
+    assert len(await list_deliveries(tenant, eid, "&status=pending")) == 5
+    assert await list_deliveries(tenant, eid, "&status=failed") == []
+    for bad in ("status=bogus", "limit=0", "limit=501", "cursor=not-a-cursor", "colour=red"):
+        status, body, _ = await tenant.call("GET", f"{ENDPOINTS}/{eid}/deliveries?{bad}")
+        assert status == 400, (bad, body)
+    status, body, _ = await tenant.call("GET", f"{DELIVERIES}/{uuid.uuid4()}")
+    assert status == 404, body
+    status, body, _ = await tenant.call("GET", f"{DELIVERIES}/not-a-uuid")
+    assert status in (400, 404), body
