@@ -179,8 +179,15 @@ def broker_answers(host: str, port: int, timeout_s: float = 1.0) -> bool:
 
 
 def new_cluster_id() -> str:
-    """A KRaft cluster id: base64url of 16 random bytes, without padding (22 characters)."""
-    return base64.urlsafe_b64encode(secrets.token_bytes(16)).rstrip(b"=").decode("ascii")
+    """A KRaft cluster id: base64url of 16 random bytes, without padding (22 characters).
+
+    Never one that starts with "-": the storage tool's argument parser would take it for
+    an option (1 start in 64 failed that way).
+    """
+    while True:
+        value = base64.urlsafe_b64encode(secrets.token_bytes(16)).rstrip(b"=").decode("ascii")
+        if not value.startswith("-"):
+            return value
 
 
 def _die_with_parent_hook() -> Callable[[], None]:
@@ -377,7 +384,14 @@ class LocalKafka:
 
     def _format(self, java: list[str], props: Path) -> None:
         cluster_id = new_cluster_id()
-        command = [*java, "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(props)]
+        command = [
+            *java,
+            "kafka.tools.StorageTool",
+            "format",
+            f"--cluster-id={cluster_id}",
+            "-c",
+            str(props),
+        ]
         try:
             result = subprocess.run(
                 command,

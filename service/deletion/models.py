@@ -12,9 +12,17 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from service.contacts.filters import Node, parse_filter
 from service.contacts.models import Email
+from service.errors import ValidationFailed
 
 MAX_IDS = 500
 MAX_EMAILS = 1000
+SELECTOR_GROUPS = {
+    "contact_ids": "contact_ids",
+    "emails": "emails",
+    "filter": "filter/search",
+    "search": "filter/search",
+}
+SELECTOR_FIELDS = tuple(SELECTOR_GROUPS)
 
 
 class JobStatus(enum.StrEnum):
@@ -63,20 +71,26 @@ class BulkDeleteRequest(BaseModel):
 
     @model_validator(mode="after")
     def _one_selector(self) -> BulkDeleteRequest:
-        chosen = [
-            name
-            for name, present in (
-                ("contact_ids", self.contact_ids is not None),
-                ("emails", self.emails is not None),
-                ("filter/search", self.filter is not None or self.search is not None),
-            )
-            if present
-        ]
+        # ValidationFailed (not ValueError, which pydantic would file under the whole body)
+        # so that the 400 names the selector fields at fault.
+        given = [name for name in SELECTOR_FIELDS if getattr(self, name) is not None]
+        chosen = list(dict.fromkeys(SELECTOR_GROUPS[name] for name in given))
+        if len(chosen) == 1:
+            if self.filter == {} and self.search is None:
+                # An empty filter matches every contact; that must be asked for by name.
+                raise ValidationFailed(
+                    "the request body is invalid",
+                    [{"field": "filter", "message": "an empty filter would select every contact"}],
+                )
+            return self
         if not chosen:
-            raise ValueError("give exactly one selector: contact_ids, emails, or filter/search")
-        if len(chosen) > 1:
-            raise ValueError(f"give exactly one selector, not {' and '.join(chosen)}")
-        return self
+            message = "give exactly one selector: contact_ids, emails, or filter/search"
+            given = list(SELECTOR_FIELDS)
+        else:
+            message = f"give exactly one selector, not {' and '.join(chosen)}"
+        raise ValidationFailed(
+            "the request body is invalid", [{"field": f, "message": message} for f in given]
+        )
 
     def filter_tree(self) -> Node | None:
         """The parsed filter (raises ValidationFailed naming the bad part)."""

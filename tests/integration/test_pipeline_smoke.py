@@ -20,7 +20,7 @@ async def test_bulk_delete_by_ids_completes(tenant: Tenant, pipeline: Services) 
         status, body, _ = await tenant.call("POST", "/v1/contacts", {"email": f"p{n}@x.io"})
         assert status == 201
         ids.append(body["data"]["id"])
-    status, body, headers = await tenant.call(
+    status, body, _ = await tenant.call(
         "POST", "/v1/contacts/bulk-delete", {"contact_ids": ids}, {"Prefer": "wait=20"}
     )
     assert status == 200, body

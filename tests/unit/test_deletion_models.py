@@ -1,0 +1,75 @@
+"""The pure rules of deletion: selectors and per-contact outcomes."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from service.deletion.models import (
+    BulkDeleteRequest,
+    ErrorCode,
+    ItemStatus,
+    decide,
+    final_status,
+)
+from service.errors import ValidationFailed
+
+
+def contact(role: str | None = None, billing: bool = False) -> dict[str, object]:
+    return {"member_role": role, "has_billing_subscription": billing}
+
+
+@pytest.mark.parametrize(
+    ("role", "billing", "delete_members", "expected"),
+    [
+        (None, False, False, None),
+        (None, True, False, ErrorCode.BILLING),
+        ("member", False, False, ErrorCode.SITE_MEMBER),
+        ("member", True, False, ErrorCode.SITE_MEMBER),
+        ("member", False, True, None),
+        ("member", True, True, ErrorCode.BILLING),
+        ("owner", False, True, ErrorCode.OWNER_OR_CONTRIBUTOR),
+        ("contributor", False, True, ErrorCode.OWNER_OR_CONTRIBUTOR),
+        ("owner", False, False, ErrorCode.SITE_MEMBER),
+    ],
+)
+def test_outcome_rules(
+    role: str | None, billing: bool, delete_members: bool, expected: ErrorCode | None
+) -> None:
+    """Each role, billing and delete_members combination gets the product's outcome."""
+    outcome = decide(contact(role, billing), delete_members)
+    assert outcome.code == expected
+    assert outcome.status is (ItemStatus.DELETED if expected is None else ItemStatus.FAILED)
+
+
+def test_a_missing_contact_is_not_found_never_an_error() -> None:
+    outcome = decide(None, delete_members=True)
+    assert outcome.status is ItemStatus.NOT_FOUND
+    assert outcome.code is None
+
+
+def test_final_status_has_errors_only_when_an_item_failed() -> None:
+    assert final_status(0) == "completed"
+    assert final_status(1) == "completed_with_errors"
+
+
+def test_duplicates_in_the_selector_count_once() -> None:
+    same = uuid.uuid4()
+    req = BulkDeleteRequest(contact_ids=[same, same, uuid.uuid4()])
+    assert len(req.selector()["contact_ids"]) == 2
+    emails = BulkDeleteRequest(emails=["A@x.io", "a@x.io ", "b@x.io"])
+    assert emails.selector()["emails"] == ["a@x.io", "b@x.io"]
+
+
+def test_an_empty_filter_is_refused_rather_than_selecting_everyone() -> None:
+    with pytest.raises(ValidationFailed) as caught:
+        BulkDeleteRequest(filter={})
+    assert caught.value.details[0]["field"] == "filter"
+
+
+def test_an_empty_filter_with_a_search_is_a_search() -> None:
+    assert BulkDeleteRequest(filter={}, search="smith").selector() == {
+        "filter": {},
+        "search": "smith",
+    }
