@@ -15,6 +15,7 @@ from typing import Any
 from aiohttp import web
 
 from service import ops
+from service.audit import routes as audit_routes
 from service.config import Settings
 from service.contacts import routes as contact_routes
 from service.db import Database
@@ -67,6 +68,7 @@ def create_app(services: Services) -> web.Application:
     contact_routes.add_routes(app)
     deletion_routes.add_routes(app)
     webhook_routes.add_routes(app)
+    audit_routes.add_routes(app)
     return app
 
 

@@ -11,6 +11,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Sequence
 
 from service.app import Services, components, run_components
+from service.audit import cli as audit_cli
 from service.config import Settings
 from service.db import Database
 from service.dev import run_dev
@@ -139,6 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     revoke = keys.add_parser("revoke", help="revoke a key")
     revoke.add_argument("key_id")
 
+    audit_cli.add_parser(sub)
+
     return parser
 
 
@@ -155,6 +158,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "keys":
         handler = {"create": _keys_create, "list": _keys_list, "revoke": _keys_revoke}
         return asyncio.run(handler[args.keys_command](settings, args))
+    if args.command == "audit":
+        return audit_cli.main(args, settings)
     if args.command == "run":
         return asyncio.run(serve(settings, list(components()), migrate=True))
     if args.command in components():

@@ -4,6 +4,10 @@ Appends happen inside the caller's transaction, so an event commits or rolls bac
 the change it describes. The per-workspace head row is locked for the append, which
 keeps `seq` gap-free and the chain unforked with any number of concurrent writers.
 There is no function here that updates or deletes an event.
+
+Reads (the query API, the export, verification) page through a workspace's events in
+`seq` order on the primary key, one short read transaction per page, so that memory
+stays flat however long the chain and no connection is held while a client is slow.
 """
 
 from __future__ import annotations
@@ -20,8 +24,25 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from service.audit.chain import GENESIS_HASH, canonical_json, event_hash, format_time
-from service.db import Database, audit_events, audit_heads, new_id, server_secrets, utcnow
+from service.audit.chain import (
+    GENESIS_HASH,
+    ChainVerifier,
+    VerifyResult,
+    canonical_json,
+    event_hash,
+    format_time,
+)
+from service.db import (
+    Database,
+    audit_events,
+    audit_heads,
+    new_id,
+    server_secrets,
+    utcnow,
+    workspaces,
+)
+
+_PARTY_KEYS = frozenset({"type", "id"})
 
 
 @dataclass(frozen=True)
@@ -59,6 +80,7 @@ async def append_events(
     """Append records to their workspaces' chains in this transaction; returns the events."""
     by_workspace: dict[uuid.UUID, list[AuditRecord]] = {}
     for record in records:
+        _check_record(record)
         by_workspace.setdefault(record.workspace_id, []).append(record)
     sealed: list[dict[str, Any]] = []
     # Lock heads in a fixed order so two writers over several workspaces cannot deadlock.
@@ -92,6 +114,20 @@ async def append_events(
     return sealed
 
 
+def _check_record(record: AuditRecord) -> None:
+    # The row keeps only type and id of actor and target: any other key would be hashed
+    # but not stored, and the event could never verify again. The email_hmac column is
+    # an index of data.email_hmac, which verify holds it to.
+    if set(record.actor) != _PARTY_KEYS:
+        raise ValueError(f"audit actor must have exactly type and id, got {sorted(record.actor)}")
+    if record.target is not None and set(record.target) != _PARTY_KEYS:
+        raise ValueError(f"audit target must have exactly type and id, got {sorted(record.target)}")
+    if record.target is not None and record.target["type"] is None:
+        raise ValueError("audit target type must not be None")
+    if record.email_hmac != record.data.get("email_hmac"):
+        raise ValueError("audit email_hmac must equal data['email_hmac']")
+
+
 def _to_row(event: Mapping[str, Any], email_hmac: str | None) -> dict[str, Any]:
     target = event["target"]
     return {
@@ -115,9 +151,11 @@ def _to_row(event: Mapping[str, Any], email_hmac: str | None) -> dict[str, Any]:
 
 def row_to_event(row: Mapping[Any, Any]) -> dict[str, Any]:
     """An audit row as the event that was hashed (plus its prev_hash and hash)."""
+    # No target only when both columns are empty: a target_id alone (written behind the
+    # hash's back) must show, and so fail verification, rather than vanish.
     target = (
         {"type": row["target_type"], "id": row["target_id"]}
-        if row["target_type"] is not None
+        if row["target_type"] is not None or row["target_id"] is not None
         else None
     )
     return {
@@ -136,10 +174,10 @@ def row_to_event(row: Mapping[Any, Any]) -> dict[str, Any]:
     }
 
 
-async def stream_events(
+async def stream_rows(
     db: Database, workspace_id: uuid.UUID, *, since_seq: int = 1, page: int = 1000
-) -> AsyncIterator[dict[str, Any]]:
-    """Every event of a workspace from `since_seq`, in seq order, a page at a time."""
+) -> AsyncIterator[Mapping[Any, Any]]:
+    """Every row of a workspace's events from `since_seq`, in seq order, a page at a time."""
     next_seq = since_seq
     while True:
         stmt = (
@@ -151,16 +189,238 @@ async def stream_events(
         async with db.read() as conn:
             rows = (await conn.execute(stmt)).mappings().all()
         for row in rows:
-            yield row_to_event(row)
+            yield row
         if len(rows) < page:
             return
         next_seq = int(rows[-1]["seq"]) + 1
+
+
+async def stream_events(
+    db: Database, workspace_id: uuid.UUID, *, since_seq: int = 1, page: int = 1000
+) -> AsyncIterator[dict[str, Any]]:
+    """Every event of a workspace from `since_seq`, in seq order, a page at a time."""
+    async for row in stream_rows(db, workspace_id, since_seq=since_seq, page=page):
+        yield row_to_event(row)
+
+
+@dataclass(frozen=True)
+class EventFilter:
+    """What the query API narrows a workspace's events by; every given field must match.
+
+    ``since`` and ``until`` are ``occurred_at`` bounds in ``chain.format_time`` form
+    (inclusive and exclusive); that fixed form sorts as text in time order.
+    """
+
+    target_type: str | None = None
+    target_id: str | None = None
+    job_id: str | None = None
+    action: str | None = None
+    actor_id: str | None = None
+    email_hmac: str | None = None
+    since: str | None = None
+    until: str | None = None
+
+    def clauses(self) -> list[sa.ColumnElement[bool]]:
+        c = audit_events.c
+        equal = {
+            c.target_type: self.target_type,
+            c.target_id: self.target_id,
+            c.job_id: self.job_id,
+            c.action: self.action,
+            c.actor_id: self.actor_id,
+            c.email_hmac: self.email_hmac,
+        }
+        found: list[sa.ColumnElement[bool]] = [col == v for col, v in equal.items() if v]
+        if self.since is not None:
+            found.append(c.occurred_at >= self.since)
+        if self.until is not None:
+            found.append(c.occurred_at < self.until)
+        return found
+
+
+async def query_events(
+    db: Database,
+    workspace_id: uuid.UUID,
+    where: EventFilter,
+    *,
+    limit: int,
+    after_seq: int = 0,
+    newest_first: bool = False,
+) -> tuple[list[dict[str, Any]], int | None]:
+    """One page of a workspace's matching events by seq, and the seq to continue after.
+
+    Oldest first, after ``after_seq``; or, with ``newest_first``, the newest ones (used
+    to find the latest event of a kind; no continuation).
+    """
+    c = audit_events.c
+    stmt = sa.select(audit_events).where(c.workspace_id == workspace_id, *where.clauses())
+    if newest_first:
+        stmt = stmt.order_by(c.seq.desc())
+    else:
+        stmt = stmt.where(c.seq > after_seq).order_by(c.seq)
+    async with db.read() as conn:
+        rows = (await conn.execute(stmt.limit(limit + 1))).mappings().all()
+    events = [row_to_event(r) for r in rows[:limit]]
+    more = len(rows) > limit and not newest_first
+    return events, (events[-1]["seq"] if more else None)
+
+
+@dataclass(frozen=True)
+class ChainHead:
+    """The head row of a workspace's chain: the seq and hash of its last event."""
+
+    seq: int
+    hash: str
+
+
+async def read_head(db: Database, workspace_id: uuid.UUID) -> ChainHead | None:
+    """The head of a workspace's chain, or None when it has never had an event."""
+    stmt = sa.select(audit_heads.c.seq, audit_heads.c.hash).where(
+        audit_heads.c.workspace_id == workspace_id
+    )
+    async with db.read() as conn:
+        row = (await conn.execute(stmt)).first()
+    return ChainHead(int(row.seq), str(row.hash)) if row is not None else None
+
+
+async def verify_workspace(
+    db: Database, workspace_id: uuid.UUID, *, page: int = 1000
+) -> VerifyResult:
+    """Walk a workspace's chain in the database, in constant memory.
+
+    Besides what ``ChainVerifier`` checks, two things the hash cannot see:
+
+    - ``email_hmac_mismatch``: the indexed ``email_hmac`` column differs from the hashed
+      ``data.email_hmac`` (an edited column would make ``?email=`` lie);
+    - the head row: events cut off at the end leave the last event behind the head
+      (``truncated``, ``broken_seq`` the first missing seq), and a last event whose hash
+      is not the head's, or events beyond the head, are ``head_mismatch``.
+
+    Writers may append while this runs: the head is read before and after the walk, and
+    the walked chain must end between the two.
+    """
+    before = await read_head(db, workspace_id)
+    verifier = ChainVerifier(workspace_id=str(workspace_id))
+    async for row in stream_rows(db, workspace_id, page=page):
+        event = _row_to_event_as_stored(row)
+        problem = _index_problem(row, event)
+        if problem is not None and event["seq"] == verifier.expected_seq:
+            so_far = verifier.result()
+            if verifier.feed(event):  # a broken chain is the more basic failure
+                return VerifyResult(
+                    ok=False,
+                    events_checked=so_far.events_checked,
+                    head_seq=so_far.head_seq,
+                    head_hash=so_far.head_hash,
+                    broken_seq=event["seq"],
+                    reason="email_hmac_mismatch",
+                    detail=problem,
+                )
+        if not verifier.feed(event):
+            break
+    walked = verifier.result()
+    if not walked.ok:
+        return walked
+    after = await read_head(db, workspace_id)
+    low = before.seq if before is not None else 0
+    high = after.seq if after is not None else 0
+    if walked.head_seq < low:
+        return await _head_failure(
+            db,
+            workspace_id,
+            walked.head_seq + 1,
+            "truncated",
+            f"the head is at seq {low} but the last event is seq {walked.head_seq}",
+        )
+    if walked.head_seq > high:
+        return await _head_failure(
+            db,
+            workspace_id,
+            high + 1,
+            "head_mismatch",
+            f"events up to seq {walked.head_seq} but the head is at seq {high}",
+        )
+    for head in (before, after):
+        if head is not None and head.seq == walked.head_seq and head.hash != walked.head_hash:
+            return await _head_failure(
+                db,
+                workspace_id,
+                head.seq,
+                "head_mismatch",
+                "the last event's hash is not the head's",
+            )
+    return walked
+
+
+def _row_to_event_as_stored(row: Mapping[Any, Any]) -> dict[str, Any]:
+    # Data that is no longer JSON is verified as the text it is: it cannot hash right.
+    try:
+        return row_to_event(row)
+    except ValueError:
+        event = row_to_event({**row, "data": "null"})
+        event["data"] = row["data"]
+        return event
+
+
+def _index_problem(row: Mapping[Any, Any], event: Mapping[str, Any]) -> str | None:
+    data = event["data"]
+    hashed = data.get("email_hmac") if isinstance(data, dict) else None
+    if row["email_hmac"] != hashed:
+        return "the email_hmac column differs from data.email_hmac"
+    return None
+
+
+async def _head_failure(
+    db: Database, workspace_id: uuid.UUID, broken_seq: int, reason: str, detail: str
+) -> VerifyResult:
+    # As for a break inside the chain, the result describes the events before broken_seq
+    # (all verified by now, the walk having started at seq 1).
+    head_hash = GENESIS_HASH
+    if broken_seq > 1:
+        stmt = sa.select(audit_events.c.hash).where(
+            audit_events.c.workspace_id == workspace_id, audit_events.c.seq == broken_seq - 1
+        )
+        async with db.read() as conn:
+            found = (await conn.execute(stmt)).scalar_one_or_none()
+        head_hash = str(found) if found is not None else ""
+    return VerifyResult(
+        ok=False,
+        events_checked=broken_seq - 1,
+        head_seq=broken_seq - 1,
+        head_hash=head_hash,
+        broken_seq=broken_seq,
+        reason=reason,
+        detail=detail,
+    )
+
+
+async def audited_workspaces(db: Database) -> list[tuple[uuid.UUID, str | None]]:
+    """Every workspace that has or may have a chain, with its name when it has one.
+
+    Workspaces known by name, and any workspace id with a head row or with events (so a
+    chain whose head row was removed is still walked).
+    """
+    async with db.read() as conn:
+        named = (await conn.execute(sa.select(workspaces.c.id, workspaces.c.name))).all()
+        heads = (await conn.execute(sa.select(audit_heads.c.workspace_id))).scalars().all()
+        with_events = (
+            (await conn.execute(sa.select(audit_events.c.workspace_id).distinct())).scalars().all()
+        )
+    names: dict[uuid.UUID, str | None] = {row.id: row.name for row in named}
+    for workspace_id in (*heads, *with_events):
+        names.setdefault(workspace_id, None)
+    return sorted(names.items(), key=lambda item: (item[1] is None, item[1] or "", str(item[0])))
 
 
 async def load_hash_key(db: Database, configured: str | None) -> bytes:
     """The key of the email HMACs: AUDIT_HASH_KEY, or one generated and kept on first start."""
     if configured:
         return configured.encode("utf-8")
+    stored = sa.select(server_secrets.c.value).where(server_secrets.c.name == "audit_hash_key")
+    async with db.read() as conn:
+        found = (await conn.execute(stored)).scalar_one_or_none()
+    if found is not None:
+        return str(found).encode("utf-8")
     ins: Any = (postgresql.insert if not db.is_sqlite else sqlite.insert)(server_secrets)
     async with db.begin() as conn:
         await conn.execute(
@@ -168,9 +428,6 @@ async def load_hash_key(db: Database, configured: str | None) -> bytes:
                 name="audit_hash_key", value=secrets.token_hex(32), created_at=utcnow()
             ).on_conflict_do_nothing()
         )
-        value = (
-            await conn.execute(
-                sa.select(server_secrets.c.value).where(server_secrets.c.name == "audit_hash_key")
-            )
-        ).scalar_one()
+        # Another process may have stored its key first: theirs is the one.
+        value = (await conn.execute(stored)).scalar_one()
     return str(value).encode("utf-8")

@@ -201,3 +201,17 @@ async def test_a_user_deletes_contacts_and_is_told_by_a_signed_webhook(
             if json.loads(raw)["type"] == "contact.deleted"
         }
         assert deleted == set(ids)
+
+        # The audit trail keeps each deleted contact's note, and the chain verifies.
+        status, timeline = await call("GET", f"/v1/audit/contacts/{ids[0]}/timeline")
+        assert status == 200, timeline
+        assert [item["body"] for item in timeline["data"]["timeline"]] == ["note 0"]
+        assert timeline["data"]["requested_by"]["job_id"] == job["data"]["job_id"]
+        status, verified = await call("GET", "/v1/audit/verify")
+        assert status == 200
+        assert verified["data"]["ok"] is True
+        status, found = await call(
+            "GET", "/v1/audit/events?action=contact.deleted&email=E2E3%40example.com"
+        )
+        assert status == 200, found
+        assert [e["target"]["id"] for e in found["data"]] == [ids[3]]

@@ -1,0 +1,114 @@
+"""``contact-deletion audit``: verify the hash chains in the database, or an export offline.
+
+- ``audit verify [--workspace NAME] [--json]`` walks every workspace's chain (or one, by
+  name or id) and prints one line per workspace, with the first break of a broken one;
+- ``audit verify-export FILE [--json]`` re-verifies an exported NDJSON file without the
+  database (``service.audit.export.verify_export``).
+
+Exit codes: 0 when everything verifies, 1 when something does not, 2 when there is
+nothing to verify (an unknown workspace, an unreadable file).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from service.audit.chain import VerifyResult
+from service.audit.export import verify_export
+from service.audit.store import audited_workspaces, verify_workspace
+from service.config import Settings
+from service.db import Database
+
+OK = 0
+BROKEN = 1
+USAGE = 2
+
+
+def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``audit`` and its subcommands to the ``contact-deletion`` parser."""
+    audit = subparsers.add_parser("audit", help="verify the tamper-evident audit trail")
+    commands = audit.add_subparsers(dest="audit_command", required=True)
+    verify = commands.add_parser(
+        "verify", help="walk the hash chain of every workspace (or one) in the database"
+    )
+    verify.add_argument("--workspace", help="the name or id of one workspace (default: all)")
+    verify.add_argument("--json", action="store_true", help="one JSON object per workspace")
+    offline = commands.add_parser(
+        "verify-export", help="re-verify an exported NDJSON file offline, without the database"
+    )
+    offline.add_argument("file", type=Path, help="the file from GET /v1/audit/export")
+    offline.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def main(args: argparse.Namespace, settings: Settings) -> int:
+    """Run an ``audit`` subcommand; returns the exit code."""
+    return asyncio.run(run(args, settings))
+
+
+async def run(args: argparse.Namespace, settings: Settings) -> int:
+    """Run an ``audit`` subcommand inside a running event loop; returns the exit code."""
+    if args.audit_command == "verify-export":
+        return verify_export_file(args.file, as_json=args.json)
+    db = Database(settings.database_url)
+    try:
+        return await verify_database(db, args.workspace, as_json=args.json)
+    finally:
+        await db.dispose()
+
+
+async def verify_database(db: Database, workspace: str | None, *, as_json: bool) -> int:
+    """Verify the chains of every workspace, or of the one named; print a line for each."""
+    chosen = await audited_workspaces(db)
+    if workspace is not None:
+        chosen = [(wid, name) for wid, name in chosen if workspace in (name, str(wid))]
+        if not chosen:
+            _out(f"no workspace named {workspace!r}")
+            return USAGE
+    broken = 0
+    for workspace_id, name in chosen:
+        result = await verify_workspace(db, workspace_id)
+        broken += not result.ok
+        if as_json:
+            _out(_json({"workspace": name, "workspace_id": str(workspace_id), **result.to_dict()}))
+        else:
+            _out(f"{name or '(unnamed)'} ({workspace_id}): {_describe(result)}")
+    if not as_json:
+        _out(f"{len(chosen)} workspace(s) verified, {broken} broken")
+    return BROKEN if broken else OK
+
+
+def verify_export_file(path: Path, *, as_json: bool) -> int:
+    """Re-verify an export file offline and print the result."""
+    try:
+        result = verify_export(path)
+    except OSError as exc:
+        _out(f"cannot read {path}: {exc.strerror or exc}")
+        return USAGE
+    _out(_json(result.to_dict()) if as_json else f"{path}: {_describe(result)}")
+    return OK if result.ok else BROKEN
+
+
+def _describe(result: VerifyResult) -> str:
+    if result.ok:
+        if result.events_checked == 0:
+            return "ok, no events"
+        first = result.head_seq - result.events_checked + 1
+        events = f"{result.events_checked} event{'s' if result.events_checked != 1 else ''}"
+        return f"ok, {events} (seq {first}..{result.head_seq}), head hash {result.head_hash}"
+    where = f"seq {result.broken_seq}" if result.broken_seq is not None else "the first line"
+    return f"BROKEN at {where}: {result.reason} ({result.detail})"
+
+
+def _json(value: dict[str, Any]) -> str:
+    return json.dumps(value, sort_keys=True)
+
+
+def _out(text: str) -> None:
+    # What the command prints for its user goes to stdout; logs go to stderr.
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()

@@ -1,0 +1,314 @@
+"""HTTP routes of the audit trail (scope ``audit:read``; every answer is per workspace).
+
+- ``GET /v1/audit/events`` pages through events, oldest first, with filters;
+- ``GET /v1/audit/contacts/{contact_id}/timeline`` tells what became of a contact: its
+  deletion event, who asked for it, and the timeline items it left behind, as they stand;
+- ``GET /v1/audit/verify`` walks the hash chain;
+- ``GET /v1/audit/export`` streams the chain as NDJSON (``service.audit.export``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections import Counter
+from datetime import datetime
+from typing import Annotated, Any, Final, TypeVar
+
+from aiohttp import web
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+
+from service.audit.chain import email_hmac, format_time
+from service.audit.export import export_line
+from service.audit.store import (
+    EventFilter,
+    load_hash_key,
+    query_events,
+    stream_events,
+    verify_workspace,
+)
+from service.config import Settings
+from service.contacts.models import Email
+from service.contacts.store import get_contact, timeline_items
+from service.db import Database
+from service.errors import ValidationFailed
+from service.http import (
+    DB_KEY,
+    REQUEST_ID_HEADER,
+    SETTINGS_KEY,
+    json_response,
+    parse_uuid,
+    query_model,
+    request_id,
+    require,
+)
+from service.logs import get_logger
+from service.pagination import decode_cursor, encode_cursor
+
+log = get_logger(__name__)
+
+SCOPE: Final = "audit:read"
+NDJSON: Final = "application/x-ndjson"
+EXPORT_FLUSH_BYTES: Final = 64 * 1024
+"""The export writes a chunk once this much is buffered: few writes, bounded memory."""
+
+_TIMELINE_KINDS: Final = {"activities": "activity", "notes": "note", "tasks": "task"}
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class EmailKey:
+    """The email HMAC key, loaded once (on first use it may be generated and stored)."""
+
+    def __init__(self) -> None:
+        self._key: bytes | None = None
+        self._lock = asyncio.Lock()
+
+    async def get(self, db: Database, settings: Settings) -> bytes:
+        async with self._lock:
+            if self._key is None:
+                configured = settings.audit_hash_key
+                self._key = await load_hash_key(
+                    db, configured.get_secret_value() if configured else None
+                )
+            return self._key
+
+
+EMAIL_KEY = web.AppKey("audit_email_key", EmailKey)
+
+
+def _instant(value: Any) -> Any:
+    # ISO-8601 only (pydantic would also take a bare number as a Unix time), and an
+    # instant needs its offset.
+    if not isinstance(value, str):
+        raise ValueError("give an ISO-8601 date-time string")
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise ValueError("not an ISO-8601 date-time, e.g. 2024-05-01T12:00:00Z") from None
+    if parsed.tzinfo is None or parsed.utcoffset() is None:
+        raise ValueError("add a UTC offset or Z")
+    return parsed
+
+
+Instant = Annotated[datetime, BeforeValidator(_instant)]
+
+
+class EventsQuery(BaseModel):
+    """The query string of ``GET /v1/audit/events``; unknown parameters are refused."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    target_id: str | None = Field(default=None, min_length=1, max_length=200)
+    job_id: str | None = Field(default=None, min_length=1, max_length=64)
+    action: str | None = Field(default=None, min_length=1, max_length=100)
+    actor_id: str | None = Field(default=None, min_length=1, max_length=200)
+    email: Email | None = None
+    since: Instant | None = None
+    until: Instant | None = None
+    limit: int = Field(default=100, ge=1, le=1000)
+    cursor: str | None = None
+
+
+class ExportQuery(BaseModel):
+    """The query string of ``GET /v1/audit/export``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    since_seq: int = Field(default=1, ge=1)
+
+
+class NoQuery(BaseModel):
+    """Endpoints that take no parameters still refuse unknown ones (a typo is not ignored)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+def _query(request: web.Request, model: type[M]) -> M:
+    """The query string in ``model``; a repeated parameter is ambiguous and refused too."""
+    # MultiDict.keys() lists a repeated name once; its items() do not.
+    counts = Counter(name for name, _ in request.query.items())
+    repeated = sorted(name for name, n in counts.items() if n > 1)
+    if repeated:
+        raise ValidationFailed(
+            "the query parameters are invalid",
+            [{"field": name, "message": "given more than once"} for name in repeated],
+        )
+    return query_model(request, model)
+
+
+def _after_seq(cursor: str | None) -> int:
+    if cursor is None:
+        return 0
+    value = decode_cursor(cursor, ("after_seq",))["after_seq"]
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValidationFailed(
+            "invalid cursor", [{"field": "cursor", "message": "not a cursor from this listing"}]
+        )
+    return value
+
+
+async def list_events(request: web.Request) -> web.Response:
+    """``GET /v1/audit/events``: matching events by seq, oldest first, cursor-paged.
+
+    ``since`` is inclusive and ``until`` exclusive. ``email`` is normalised as contact
+    addresses are and matched by its keyed hash; the address itself is never stored.
+    """
+    who = require(request, SCOPE)
+    query = _query(request, EventsQuery)
+    if query.since is not None and query.until is not None and query.until <= query.since:
+        raise ValidationFailed(
+            "the query parameters are invalid",
+            [{"field": "until", "message": "must be later than since"}],
+        )
+    db = request.app[DB_KEY]
+    hashed_email = None
+    if query.email is not None:
+        key = await request.app[EMAIL_KEY].get(db, request.app[SETTINGS_KEY])
+        hashed_email = email_hmac(key, query.email)
+    where = EventFilter(
+        target_id=query.target_id,
+        job_id=query.job_id,
+        action=query.action,
+        actor_id=query.actor_id,
+        email_hmac=hashed_email,
+        since=format_time(query.since) if query.since is not None else None,
+        until=format_time(query.until) if query.until is not None else None,
+    )
+    events, last_seq = await query_events(
+        db, who.workspace_id, where, limit=query.limit, after_seq=_after_seq(query.cursor)
+    )
+    next_cursor = encode_cursor({"after_seq": last_seq}) if last_seq is not None else None
+    return json_response({"data": events, "next_cursor": next_cursor})
+
+
+async def contact_timeline(request: web.Request) -> web.Response:
+    """``GET /v1/audit/contacts/{contact_id}/timeline``: what became of a contact.
+
+    For a deleted contact: its ``contact.deleted`` event, who asked (key, job, request
+    id), and the activities, notes and tasks it left behind as they stand now (content
+    included), newest first. A contact that the workspace still has, or that only has
+    other events (a failed deletion), answers ``deleted: false`` with an empty timeline:
+    its live timeline is a contacts:read matter. 404 when this workspace has neither the
+    contact nor any event about it, which is also what another workspace's contact gets.
+    """
+    who = require(request, SCOPE)
+    _query(request, NoQuery)
+    contact_id = parse_uuid(request.match_info["contact_id"], "contact")
+    db = request.app[DB_KEY]
+    about = EventFilter(target_type="contact", target_id=str(contact_id))
+    deletions, _ = await query_events(
+        db,
+        who.workspace_id,
+        EventFilter(target_type="contact", target_id=str(contact_id), action="contact.deleted"),
+        limit=1,
+        newest_first=True,
+    )
+    if not deletions:
+        any_event, _ = await query_events(db, who.workspace_id, about, limit=1)
+        if not any_event:
+            await get_contact(db, who.workspace_id, contact_id)  # NotFound when never had
+        body: dict[str, Any] = {
+            "contact_id": str(contact_id),
+            "deleted": False,
+            "deletion": None,
+            "requested_by": None,
+            "timeline": [],
+        }
+        return json_response({"data": body})
+    deletion = deletions[0]
+    data = deletion["data"]
+    actor = deletion["actor"]
+    api_key_id = data.get("api_key_id") or (actor["id"] if actor["type"] == "api_key" else None)
+    items = await timeline_items(db, who.workspace_id, ids=_preserved_ids(data))
+    body = {
+        "contact_id": str(contact_id),
+        "deleted": True,
+        "deletion": deletion,
+        "requested_by": {
+            "api_key_id": api_key_id,
+            "job_id": deletion["job_id"],
+            "request_id": deletion["request_id"],
+        },
+        "timeline": items,
+    }
+    return json_response({"data": body})
+
+
+def _preserved_ids(data: Any) -> dict[str, list[uuid.UUID]]:
+    """The ids of the items a ``contact.deleted`` event says lost their back-reference."""
+    preserved = data.get("preserved_timeline") if isinstance(data, dict) else None
+    ids: dict[str, list[uuid.UUID]] = {kind: [] for kind in _TIMELINE_KINDS.values()}
+    if not isinstance(preserved, dict):
+        return ids
+    for plural, kind in _TIMELINE_KINDS.items():
+        for entry in preserved.get(plural) or []:
+            try:
+                ids[kind].append(uuid.UUID(str(entry["id"])))
+            except (KeyError, TypeError, ValueError):
+                continue  # the event verifies as written; a bad entry names no item
+    return ids
+
+
+async def verify(request: web.Request) -> web.Response:
+    """``GET /v1/audit/verify``: walk this workspace's chain (``store.verify_workspace``)."""
+    who = require(request, SCOPE)
+    _query(request, NoQuery)
+    result = await verify_workspace(request.app[DB_KEY], who.workspace_id)
+    if not result.ok:
+        log.warning(
+            "audit_chain_broken",
+            broken_seq=result.broken_seq,
+            reason=result.reason,
+            detail=result.detail,
+        )
+    return json_response({"data": result.to_dict()})
+
+
+async def export(request: web.Request) -> web.StreamResponse:
+    """``GET /v1/audit/export?since_seq=``: the chain as NDJSON, streamed in constant memory.
+
+    One ``export.export_line`` per event, in seq order, from ``since_seq`` to the head at
+    the time each page is read. If reading fails after the first byte, the connection is
+    aborted rather than ended cleanly, so a client cannot take a cut export for a whole one.
+    """
+    who = require(request, SCOPE)
+    query = _query(request, ExportQuery)
+    db = request.app[DB_KEY]
+    response = web.StreamResponse(
+        headers={
+            "Content-Type": NDJSON,
+            "Cache-Control": "no-store",
+            REQUEST_ID_HEADER: request_id(request),
+        }
+    )
+    response.enable_chunked_encoding()
+    await response.prepare(request)
+    buffer = bytearray()
+    events = 0
+    try:
+        async for event in stream_events(db, who.workspace_id, since_seq=query.since_seq):
+            buffer += export_line(event)
+            events += 1
+            if len(buffer) >= EXPORT_FLUSH_BYTES:
+                await response.write(bytes(buffer))
+                buffer.clear()
+        if buffer:
+            await response.write(bytes(buffer))
+        await response.write_eof()
+    except ConnectionResetError:
+        log.info("audit_export_client_gone", events=events)
+    except Exception:
+        log.exception("audit_export_failed", events=events)
+        if request.transport is not None:
+            request.transport.abort()
+    return response
+
+
+def add_routes(app: web.Application) -> None:
+    """Register the audit routes (and the email key they share) on the app."""
+    app[EMAIL_KEY] = EmailKey()
+    app.router.add_get("/v1/audit/events", list_events)
+    app.router.add_get("/v1/audit/contacts/{contact_id}/timeline", contact_timeline)
+    app.router.add_get("/v1/audit/verify", verify)
+    app.router.add_get("/v1/audit/export", export)

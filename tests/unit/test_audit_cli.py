@@ -1,0 +1,115 @@
+"""`contact-deletion audit verify-export FILE`: offline, no database, exit code 0 or 1."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from service.audit import cli as audit_cli
+from service.audit.chain import GENESIS_HASH, format_time, seal
+from service.audit.export import export_line
+from service.config import Settings
+
+T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
+# Never used: verify-export must not touch a database.
+NO_DATABASE = Settings(database_url="postgresql+asyncpg://nobody@127.0.0.1:1/none")
+
+
+def write_export(path: Path, n: int = 20) -> bytes:
+    """A sealed chain of n events written as the export endpoint writes it."""
+    prev = GENESIS_HASH
+    lines = []
+    for seq in range(1, n + 1):
+        event = seal(
+            prev,
+            {
+                "seq": seq,
+                "id": f"evt_{seq}",
+                "workspace_id": "ws_1",
+                "occurred_at": format_time(T0 + timedelta(seconds=seq)),
+                "actor": {"type": "api_key", "id": "key_1"},
+                "action": "contact.deleted",
+                "target": {"type": "contact", "id": f"c_{seq}"},
+                "job_id": "job_1",
+                "request_id": "req_1",
+                "data": {"email_hmac": "ab" * 32, "note": "ünïcödé"},
+            },
+        )
+        prev = event["hash"]
+        lines.append(export_line(event))
+    body = b"".join(lines)
+    path.write_bytes(body)
+    return body
+
+
+def run(*argv: str) -> int:
+    parser = argparse.ArgumentParser(prog="contact-deletion")
+    audit_cli.add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["audit", "verify-export", *argv])
+    return audit_cli.main(args, NO_DATABASE)
+
+
+def test_a_good_export_exits_0_and_says_how_far_it_verified(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "audit.ndjson"
+    write_export(path)
+    assert run(str(path)) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"{path}: ok, 20 events (seq 1..20), head hash ")
+
+
+def test_json_output_is_the_verify_result(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "audit.ndjson"
+    write_export(path)
+    assert run(str(path), "--json") == 0
+    result: dict[str, Any] = json.loads(capsys.readouterr().out)
+    assert (result["ok"], result["events_checked"], result["head_seq"]) == (True, 20, 20)
+    assert result["broken_seq"] is None
+
+
+@pytest.mark.parametrize("where", ["a hash", "the data", "a seq", "a key", "a newline", "a brace"])
+def test_one_changed_byte_exits_1(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], where: str
+) -> None:
+    path = tmp_path / "audit.ndjson"
+    body = bytearray(write_export(path))
+    line_7 = sum(len(line) + 1 for line in body.split(b"\n")[:6])
+    needle = {
+        "a hash": b'"hash":"',
+        "the data": b"n\xc3\xafc",
+        "a seq": b'"seq":',
+        "a key": b'"target"',
+        "a newline": b"}\n",
+        "a brace": b"{",
+    }[where]
+    offset = body.index(needle, line_7) + len(needle) - 1
+    if where in ("a hash", "a seq"):
+        offset += 1  # the first character of the value
+    body[offset] ^= 0x01
+    path.write_bytes(bytes(body))
+    assert run(str(path)) == 1
+    out = capsys.readouterr().out
+    assert "BROKEN at seq 7" in out
+
+
+def test_every_single_changed_byte_is_caught(tmp_path: Path) -> None:
+    path = tmp_path / "audit.ndjson"
+    good = write_export(path, n=3)
+    for offset in range(len(good)):
+        body = bytearray(good)
+        body[offset] ^= 0x01
+        path.write_bytes(bytes(body))
+        assert audit_cli.verify_export_file(path, as_json=True) == 1, offset
+
+
+def test_a_missing_file_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(str(tmp_path / "nope.ndjson")) == 2
+    assert "cannot read" in capsys.readouterr().out
