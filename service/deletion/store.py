@@ -187,6 +187,15 @@ def selector_summary(req: BulkDeleteRequest) -> dict[str, Any]:
     return {"type": "filter", "fields": fields, "search": req.search is not None}
 
 
+def stored_selector(selector: dict[str, Any]) -> dict[str, Any]:
+    """The selector as the job keeps it: addresses of contacts being deleted are personal
+    data the service must not keep, so an emails selector is kept as its size only (the
+    addresses that matched nothing stay listed in `not_found`)."""
+    if "emails" in selector:
+        return {"emails": {"count": len(selector["emails"])}}
+    return selector
+
+
 def _filter_fields(value: Any) -> set[str]:
     found: set[str] = set()
     if isinstance(value, dict):
@@ -227,7 +236,7 @@ async def create_job(
             status=JobStatus.PENDING,
             dry_run=False,
             delete_members=req.delete_members,
-            selector=selector,
+            selector=stored_selector(selector),
             expanded=not expanding,
             total_requested=len(refs),
             processed_count=unknown,

@@ -9,6 +9,7 @@ matches per page here, so any filter over more than seven contacts spans several
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
@@ -190,6 +191,12 @@ async def test_emails_match_case_insensitively_and_an_unknown_email_is_not_found
     assert job["failed_count"] == 0 and job["errors"] == []
     assert not await exists(tenant, doomed)
     assert await exists(tenant, kept)
+    # The deleted contact's address is not kept with the job, even in the selector.
+    assert job["selector"] == {"emails": {"count": 2}}
+    status, stored, _ = await tenant.call("GET", f"/v1/bulk-jobs/{job['job_id']}")
+    assert status == 200
+    assert token not in json.dumps(stored["data"]["selector"]).lower()
+    assert stored["data"]["not_found"] == [nobody]
 
 
 async def test_filter_selector_deletes_every_match_of_this_workspace_only(
