@@ -10,6 +10,7 @@ import sys
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 
+from service import bench
 from service.app import Services, components, run_components
 from service.audit import cli as audit_cli
 from service.config import Settings
@@ -141,6 +142,11 @@ def build_parser() -> argparse.ArgumentParser:
     revoke.add_argument("key_id")
 
     audit_cli.add_parser(sub)
+    bench.add_arguments(
+        sub.add_parser(
+            "bench", help="benchmark the service against its bare floor (prints figures)"
+        )
+    )
 
     return parser
 
@@ -148,6 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     settings = Settings()
+    if args.command == "bench":
+        return bench.run_bench(args)
     if args.command == "dev":
         return run_dev(settings, start_kafka=not args.no_kafka)
     configure_logging(settings.log_format, settings.log_level)
