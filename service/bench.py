@@ -26,6 +26,12 @@ A benchmark, not a test: it prints figures and asserts nothing. One run:
 7. with ``--filter-contacts M``: M contacts deleted by one filter job: its duration and
    the service's peak RSS while it ran.
 
+Beside the figures it reports what explains them: CPU seconds of each process it started
+over the deletion phase, the worker's transactions (contacts per transaction), per outbox
+topic when the relay published the last row, and the machine's load average (other work
+on the machine skews everything). ``--rate`` paces the requests (latency at a given load);
+``--profile-service FILE`` runs the service under cProfile.
+
 It prints a table and then one JSON line with every figure, and stops everything it
 started (service, receivers, broker, cluster, temporary files) on success, failure or
 Ctrl-C. The service process inherits the environment, so its knobs (``WORKER_BATCH_SIZE``
@@ -1132,6 +1138,8 @@ def run_bench(args: argparse.Namespace) -> int:
         raise SystemExit("--database-url goes with --database postgresql")
     if not 1 <= args.batch <= 500:
         raise SystemExit("--batch must be between 1 and 500")
+    # Progress goes to stderr for a human; stdout carries only the table and the JSON line.
+    configure_logging("console", Settings().log_level)
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     workdir = Path(tempfile.mkdtemp(prefix="cdbench-"))
     try:
@@ -1177,9 +1185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``python -m service.bench``: the same as ``contact-deletion bench``."""
     parser = argparse.ArgumentParser(prog="python -m service.bench", description=__doc__)
     add_arguments(parser)
-    args = parser.parse_args(argv)
-    configure_logging("console", "INFO")
-    return run_bench(args)
+    return run_bench(parser.parse_args(argv))
 
 
 if __name__ == "__main__":
