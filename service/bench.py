@@ -81,10 +81,11 @@ from service.db import (
     webhook_deliveries,
 )
 from service.keys import SCOPES, create_key, ensure_workspace
-from service.localkafka import LocalKafka, _die_with_parent_hook, broker_answers, free_port
+from service.localkafka import LocalKafka, broker_answers
 from service.localpg import LocalPostgres
 from service.logs import configure_logging, get_logger
 from service.migrate import upgrade_sync
+from service.procs import die_with_parent_hook, free_port, read_tail
 from service.webhooks.signing import webhook_headers
 
 log = get_logger(__name__)
@@ -183,13 +184,6 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 
 # --- processes -------------------------------------------------------------------------------
-
-
-def _tail(path: Path, lines: int = 30) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no output)"
 
 
 def _proc_status_kb(pid: int, field_name: str) -> int | None:
@@ -300,14 +294,14 @@ class ServiceProcess:
             stderr=subprocess.STDOUT,
             # Its own group: a Ctrl-C reaches the bench, which then stops it in order.
             process_group=0,
-            preexec_fn=_die_with_parent_hook(),
+            preexec_fn=die_with_parent_hook(),
         )
 
     def check_alive(self) -> None:
         if self._process is not None and self._process.poll() is not None:
             raise BenchFailed(
                 f"the service exited with {self._process.returncode}; its output:\n"
-                + _tail(self.log_path)
+                + read_tail(self.log_path, 30)
             )
 
     async def wait_healthy(self, http: aiohttp.ClientSession, timeout_s: float) -> None:
@@ -321,7 +315,7 @@ class ServiceProcess:
             if time.monotonic() > deadline:
                 raise BenchFailed(
                     f"the service did not answer /healthz within {timeout_s:.0f} s:\n"
-                    + _tail(self.log_path)
+                    + read_tail(self.log_path, 30)
                 )
             await asyncio.sleep(0.1)
 
@@ -372,7 +366,7 @@ class ReceiverProcess:
             stdout=subprocess.PIPE,
             stderr=self._errors,
             process_group=0,
-            preexec_fn=_die_with_parent_hook(),
+            preexec_fn=die_with_parent_hook(),
         )
 
     async def wait_ready(self, timeout_s: float = 30.0) -> list[int]:
@@ -389,7 +383,8 @@ class ReceiverProcess:
         if not line:
             process.wait(timeout=5)
             raise BenchFailed(
-                f"the webhook receivers exited with {process.returncode}:\n" + _tail(self.log_path)
+                f"the webhook receivers exited with {process.returncode}:\n"
+                + read_tail(self.log_path, 30)
             )
         self.ports = [int(p) for p in json.loads(line)["ports"]]
         return self.ports

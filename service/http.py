@@ -47,12 +47,17 @@ PRINCIPAL_KEY = web.RequestKey("principal", Principal)
 REQUEST_ID_KEY = web.RequestKey("request_id", str)
 
 
+def encode_json(data: Any) -> bytes:
+    """The API's JSON encoding: compact UTF-8."""
+    return json.dumps(data, separators=(",", ":"), default=str).encode("utf-8")
+
+
 def json_response(
     data: Any, status: int = 200, headers: dict[str, str] | None = None
 ) -> web.Response:
     """A JSON response with the body as given (callers wrap in {"data": ...})."""
     return web.Response(
-        body=json.dumps(data, separators=(",", ":"), default=str).encode("utf-8"),
+        body=encode_json(data),
         status=status,
         headers=headers,
         content_type="application/json",

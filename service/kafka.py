@@ -343,3 +343,26 @@ async def kafka_reachable(bootstrap: str, timeout_s: float = 3.0) -> bool:
         return False
     finally:
         await admin.close()
+
+
+def next_offsets(messages: Sequence[InMessage]) -> dict[tuple[str, int], int]:
+    """The offsets to commit once these messages are durable: last offset + 1 per partition."""
+    offsets: dict[tuple[str, int], int] = {}
+    for m in messages:
+        key = (m.topic, m.partition)
+        offsets[key] = max(offsets.get(key, 0), m.offset + 1)
+    return offsets
+
+
+def dead_letter(message: InMessage, reason: str, suffix: str = ".dlq") -> OutMessage:
+    """The copy of a message that can never be processed, for the topic's dead-letter topic."""
+    return OutMessage(
+        topic=message.topic + suffix,
+        key=message.key,
+        value=message.value,
+        headers=(
+            *message.headers,
+            ("dlq-reason", reason.encode()[:1000]),
+            ("dlq-source", f"{message.topic}/{message.partition}/{message.offset}".encode()),
+        ),
+    )

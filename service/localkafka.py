@@ -17,26 +17,24 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
-import ctypes
-import ctypes.util
 import fcntl
 import importlib.resources
 import os
-import re
 import secrets
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from types import FrameType, TracebackType
+from types import TracebackType
 from typing import IO
 
 import structlog
+
+from service.procs import die_with_parent_hook, free_port, read_tail, run_until_signalled, tail
 
 log = structlog.get_logger(__name__)
 
@@ -47,7 +45,6 @@ _POM_RESOURCE = "kafka-pom.xml"
 _COMPLETE_MARKER = "libs.complete"
 _MVN_TIMEOUT_S = 15 * 60
 _FORMAT_TIMEOUT_S = 120.0
-_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 
 class LocalKafkaError(RuntimeError):
@@ -142,7 +139,7 @@ def _fetch_jars(version: str, base: Path) -> None:
         if result.returncode != 0:
             raise LocalKafkaError(
                 f"mvn failed to fetch the Kafka {version} jars (exit {result.returncode}):\n"
-                + _tail(result.stdout + result.stderr)
+                + tail(result.stdout + result.stderr)
             )
         if not (fetched / f"kafka_2.13-{version}.jar").is_file():
             raise LocalKafkaError(f"mvn succeeded but kafka_2.13-{version}.jar is missing")
@@ -159,14 +156,6 @@ def _fetch_jars(version: str, base: Path) -> None:
 
 
 # --- the broker process ----------------------------------------------------------------------
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that is free on ``host`` right now (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def broker_answers(host: str, port: int, timeout_s: float = 1.0) -> bool:
@@ -188,44 +177,6 @@ def new_cluster_id() -> str:
         value = base64.urlsafe_b64encode(secrets.token_bytes(16)).rstrip(b"=").decode("ascii")
         if not value.startswith("-"):
             return value
-
-
-def _die_with_parent_hook() -> Callable[[], None]:
-    """A ``preexec_fn`` that makes the kernel SIGKILL the child when its parent dies.
-
-    PR_SET_PDEATHSIG fires when the *thread* that forked the child exits, not the process:
-    a broker started from a short-lived worker thread would be killed as soon as that thread
-    ends. Start brokers from a long-lived thread (the main thread).
-    """
-    if not sys.platform.startswith("linux"):
-        return lambda: None
-    # Resolved before fork: the child should not have to load libraries between fork and exec.
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-    prctl = libc.prctl
-    parent = os.getpid()
-
-    def hook() -> None:
-        if prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) != 0:
-            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
-        if os.getppid() != parent:  # the parent died before prctl took effect
-            os._exit(1)
-
-    return hook
-
-
-_ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
-
-
-def _tail(text: str, lines: int = 40) -> str:
-    """The last ``lines`` lines of a tool's output, without terminal colour codes."""
-    return "\n".join(_ANSI_ESCAPE.sub("", text).splitlines()[-lines:])
-
-
-def _read_tail(path: Path, lines: int = 40) -> str:
-    try:
-        return _tail(path.read_text(errors="replace"), lines)
-    except OSError:
-        return "(no output)"
 
 
 _LOG4J_PROPERTIES = """\
@@ -289,7 +240,7 @@ class LocalKafka:
     def start(self, timeout_s: float = 90.0) -> None:
         """Fetch the jars if needed, format storage once, launch the broker, wait until ready.
 
-        Call it from the main thread (see :func:`_die_with_parent_hook`). Raises
+        Call it from the main thread (see :func:`service.procs.die_with_parent_hook`). Raises
         :class:`LocalKafkaError`, with the tail of the broker's output, if the broker exits
         or is not ready within ``timeout_s``.
         """
@@ -323,7 +274,7 @@ class LocalKafka:
                 stderr=subprocess.STDOUT,
                 cwd=data_dir,
                 process_group=0,
-                preexec_fn=_die_with_parent_hook(),  # see the hook for the thread caveat
+                preexec_fn=die_with_parent_hook(),  # see the hook for the thread caveat
             )
             self._wait_until_ready(output_path, started + timeout_s)
         except BaseException:
@@ -399,14 +350,14 @@ class LocalKafka:
                 text=True,
                 timeout=_FORMAT_TIMEOUT_S,
                 check=False,
-                preexec_fn=_die_with_parent_hook(),
+                preexec_fn=die_with_parent_hook(),
             )
         except subprocess.TimeoutExpired as exc:
             raise LocalKafkaError("formatting Kafka storage timed out") from exc
         if result.returncode != 0:
             raise LocalKafkaError(
                 f"formatting Kafka storage failed (exit {result.returncode}):\n"
-                + _tail(result.stdout + result.stderr)
+                + tail(result.stdout + result.stderr)
             )
         log.info("kafka_storage_formatted", cluster_id=cluster_id, data_dir=str(self._data_dir))
 
@@ -417,14 +368,14 @@ class LocalKafka:
             if code is not None:
                 raise LocalKafkaError(
                     f"Kafka exited with code {code} while starting; its output:\n"
-                    + _read_tail(output_path)
+                    + read_tail(output_path)
                 )
             if STARTED_MESSAGE in output_path.read_bytes() and broker_answers(self.host, self.port):
                 return
             if time.monotonic() > deadline:
                 raise LocalKafkaError(
                     f"Kafka was not ready on {self.bootstrap} in time; its output:\n"
-                    + _read_tail(output_path)
+                    + read_tail(output_path)
                 )
             time.sleep(0.1)
 
@@ -472,14 +423,6 @@ class LocalKafka:
 # --- python -m service.localkafka ------------------------------------------------------------
 
 
-class _StopRequested(Exception):
-    """SIGTERM or SIGINT arrived."""
-
-
-def _raise_stop(signum: int, frame: FrameType | None) -> None:
-    raise _StopRequested(signal.Signals(signum).name)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one broker until SIGTERM/SIGINT; print ``READY host:port pid=<pid>`` when ready."""
     from service.logs import configure_logging  # logs go to stderr; stdout is the READY line
@@ -493,26 +436,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     configure_logging("console", "INFO")
 
-    # Installed before start() so that a signal during start-up also stops the broker.
-    signal.signal(signal.SIGTERM, _raise_stop)
-    signal.signal(signal.SIGINT, _raise_stop)
     kafka = LocalKafka(args.host, args.port, args.data_dir, args.heap_mb)
-    try:
+
+    def start() -> str:
         kafka.start(timeout_s=args.timeout)
-        print(f"READY {kafka.bootstrap} pid={kafka.pid}", flush=True)  # noqa: T201
-        while True:
-            signal.pause()
-    except _StopRequested as stop:
-        log.info("stop_requested", signal=str(stop))
-    except LocalKafkaError as exc:
-        log.error("kafka_failed", error=str(exc))
-        return 1
-    finally:
-        # A second signal must not interrupt the orderly stop.
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        kafka.stop()
-    return 0
+        return f"{kafka.bootstrap} pid={kafka.pid}"
+
+    return run_until_signalled(start, kafka.stop, (LocalKafkaError,))
 
 
 if __name__ == "__main__":

@@ -17,17 +17,16 @@ import glob
 import os
 import pwd
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from types import FrameType, TracebackType
+from types import TracebackType
 
 import structlog
 
-from service.localkafka import free_port
+from service.procs import free_port, read_tail, run_until_signalled
 
 log = structlog.get_logger(__name__)
 
@@ -183,12 +182,12 @@ class LocalPostgres:
             )
         except (OSError, subprocess.TimeoutExpired) as exc:
             raise LocalPostgresError(
-                f"{tool} could not run: {exc}\n{_log_tail(root / 'log')}"
+                f"{tool} could not run: {exc}\nserver log:\n{read_tail(root / 'log', 30)}"
             ) from exc
         if result.returncode != 0:
             raise LocalPostgresError(
                 f"{' '.join(command)} failed (exit {result.returncode}):\n"
-                f"{result.stdout}{result.stderr}\n{_log_tail(root / 'log')}"
+                f"{result.stdout}{result.stderr}\nserver log:\n{read_tail(root / 'log', 30)}"
             )
 
     def __enter__(self) -> LocalPostgres:
@@ -204,23 +203,7 @@ class LocalPostgres:
         self.stop()
 
 
-def _log_tail(path: Path, lines: int = 30) -> str:
-    try:
-        text = path.read_text(errors="replace")
-    except OSError:
-        return ""
-    return "server log:\n" + "\n".join(text.splitlines()[-lines:])
-
-
 # --- python -m service.localpg ---------------------------------------------------------------
-
-
-class _StopRequested(Exception):
-    """SIGTERM or SIGINT arrived."""
-
-
-def _raise_stop(signum: int, frame: FrameType | None) -> None:
-    raise _StopRequested(signal.Signals(signum).name)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -233,25 +216,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     configure_logging("console", "INFO")
 
-    signal.signal(signal.SIGTERM, _raise_stop)
-    signal.signal(signal.SIGINT, _raise_stop)
     cluster = LocalPostgres(args.database, port=args.port)
-    try:
+
+    def start() -> str:
         cluster.start()
-        sys.stdout.write(f"READY {cluster.url}\n")
-        sys.stdout.flush()
-        while True:
-            signal.pause()
-    except _StopRequested as stop:
-        log.info("stop_requested", signal=str(stop))
-    except LocalPostgresError as exc:
-        log.error("postgres_failed", error=str(exc))
-        return 1
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        cluster.stop()
-    return 0
+        return cluster.url
+
+    return run_until_signalled(start, cluster.stop, (LocalPostgresError,))
 
 
 if __name__ == "__main__":

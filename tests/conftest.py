@@ -8,6 +8,7 @@ workspace, so tests share a migrated database per backend without seeing each ot
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -77,6 +78,28 @@ def settings(db_url: str) -> Settings:
     return make_settings(db_url)
 
 
+@contextlib.asynccontextmanager
+async def opened_services(settings: Settings) -> AsyncIterator[Services]:
+    """The process resources of a service with these settings, closed afterwards."""
+    svc = Services(settings=settings, db=Database(settings.database_url))
+    try:
+        yield svc
+    finally:
+        await svc.close()
+
+
+@contextlib.asynccontextmanager
+async def components_running(services: Services, *names: str) -> AsyncIterator[None]:
+    """The named components (relay, worker, dispatcher...) running in this process."""
+    stop = asyncio.Event()
+    task = asyncio.create_task(run_components(services, list(names), stop))
+    try:
+        yield
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, timeout=30)
+
+
 @pytest.fixture
 def kafka_settings(db_url: str, kafka_bootstrap: str) -> Settings:
     """Settings against the real broker (topics and groups unique to the test)."""
@@ -86,18 +109,14 @@ def kafka_settings(db_url: str, kafka_bootstrap: str) -> Settings:
 @pytest.fixture
 async def pipeline(services: Services) -> AsyncIterator[Services]:
     """Relay and worker running in this process against the test's database and broker."""
-    stop = asyncio.Event()
-    task = asyncio.create_task(run_components(services, ["relay", "worker"], stop))
-    yield services
-    stop.set()
-    await asyncio.wait_for(task, timeout=30)
+    async with components_running(services, "relay", "worker"):
+        yield services
 
 
 @pytest.fixture
 async def services(settings: Settings) -> AsyncIterator[Services]:
-    svc = Services(settings=settings, db=Database(settings.database_url))
-    yield svc
-    await svc.close()
+    async with opened_services(settings) as svc:
+        yield svc
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import re
 import time
 import uuid
@@ -30,6 +29,7 @@ from service.errors import ValidationFailed
 from service.http import (
     DB_KEY,
     SETTINGS_KEY,
+    encode_json,
     json_response,
     parse_uuid,
     query_model,
@@ -52,10 +52,6 @@ def prefer_wait(request: web.Request) -> float:
     """Seconds the client will wait (`Prefer: wait=N`, RFC 7240), capped at 60."""
     match = _WAIT_RE.search(request.headers.get("Prefer", ""))
     return float(min(int(match.group(1)), MAX_WAIT_S)) if match else 0.0
-
-
-def _encode(data: Any) -> bytes:
-    return json.dumps(data, separators=(",", ":"), default=str).encode("utf-8")
 
 
 async def bulk_delete(request: web.Request) -> web.Response:
@@ -153,7 +149,7 @@ async def _dry_run(
                 )
             ],
         )
-    return 200, {}, _encode({"data": job})
+    return 200, {}, encode_json({"data": job})
 
 
 async def _answer(
@@ -162,8 +158,8 @@ async def _answer(
     """200 with the finished job if it finishes within `wait_s`, else 202 with its state."""
     job = await wait_for_job(request, workspace_id, job_id, wait_s)
     if job["status"] in FINISHED and wait_s > 0:
-        return 200, {}, _encode({"data": job})
-    return 202, {"Location": f"/v1/bulk-jobs/{job_id}"}, _encode({"data": job})
+        return 200, {}, encode_json({"data": job})
+    return 202, {"Location": f"/v1/bulk-jobs/{job_id}"}, encode_json({"data": job})
 
 
 async def wait_for_job(

@@ -246,6 +246,19 @@ async def create_job(
             created_at=now,
         )
     )
+    topic = settings.topic(TOPIC_DELETION_REQUESTED)
+    if expanding:
+        event = envelope(
+            TYPE_JOB_EXPAND,
+            str(job_id),
+            JobExpand(job_id=job_id, workspace_id=who.workspace_id),
+            now,
+        )
+        await conn.execute(outbox.insert().values(**outbox_row(topic, str(job_id), event)))
+    else:
+        await insert_items(conn, settings, job_id, who.workspace_id, refs, start=0, now=now)
+    # The audit append locks the workspace's chain head until commit: do it last, so that
+    # concurrent requests and workers wait for it as briefly as possible.
     await append_events(
         conn,
         db,
@@ -266,18 +279,7 @@ async def create_job(
             )
         ],
     )
-    topic = settings.topic(TOPIC_DELETION_REQUESTED)
-    if expanding:
-        event = envelope(
-            TYPE_JOB_EXPAND,
-            str(job_id),
-            JobExpand(job_id=job_id, workspace_id=who.workspace_id),
-            now,
-        )
-        await conn.execute(outbox.insert().values(**outbox_row(topic, str(job_id), event)))
-        return
-    await insert_items(conn, settings, job_id, who.workspace_id, refs, start=0, now=now)
-    if refs and unknown == len(refs):
+    if not expanding and refs and unknown == len(refs):
         await apply_progress(conn, db, settings, job_id, ProgressDelta())
 
 
@@ -351,6 +353,21 @@ def _actor(who: Requester) -> dict[str, str]:
     return {"type": "api_key", "id": str(who.api_key_id)}
 
 
+# What finishing a job needs of its row: never the selector, which can be large.
+PROGRESS_COLUMNS = (
+    deletion_jobs.c.id,
+    deletion_jobs.c.workspace_id,
+    deletion_jobs.c.request_id,
+    deletion_jobs.c.expanded,
+    deletion_jobs.c.completed_at,
+    deletion_jobs.c.total_requested,
+    deletion_jobs.c.processed_count,
+    deletion_jobs.c.deleted_count,
+    deletion_jobs.c.not_found_count,
+    deletion_jobs.c.failed_count,
+)
+
+
 @dataclass
 class ProgressDelta:
     """How many items of one job a transaction just finished, by outcome."""
@@ -389,7 +406,7 @@ async def apply_progress(
                 deletion_jobs.update()
                 .where(c.id == job_id)
                 .values(**values)
-                .returning(deletion_jobs)
+                .returning(*PROGRESS_COLUMNS)
             )
         )
         .mappings()

@@ -14,7 +14,6 @@ times, then its item is recorded as `FAILED_DELETE_CONTACT`.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ from pydantic import ValidationError
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from service.aio import Stopped, retry_transient
 from service.audit.chain import email_hmac
 from service.audit.store import AuditRecord, append_events, load_hash_key
 from service.config import Settings
@@ -50,7 +50,14 @@ from service.events import (
     envelope,
 )
 from service.failpoints import crash_if
-from service.kafka import Consumer, InMessage, KafkaUnavailable, OutMessage, Producer
+from service.kafka import (
+    Consumer,
+    InMessage,
+    KafkaUnavailable,
+    Producer,
+    dead_letter,
+    next_offsets,
+)
 from service.logs import get_logger
 from service.metrics import Metrics
 from service.outbox import outbox_row
@@ -132,7 +139,7 @@ class DeletionWorker:
                 if not await self.handle(messages, dlq, stop):
                     break  # stopped before the batch was durable: leave it uncommitted
                 crash_if(self.settings.failpoint, "worker_after_db_commit")
-                await consumer.commit(_next_offsets(messages))
+                await consumer.commit(next_offsets(messages))
         finally:
             await consumer.stop()
             await dlq.stop()
@@ -154,7 +161,7 @@ class DeletionWorker:
             if commands:
                 result = await self._process_with_retries([c for _, c in commands], stop)
                 self._after_commit(result)
-        except _Stopped:
+        except Stopped:
             return False
         return True
 
@@ -165,7 +172,7 @@ class DeletionWorker:
         while True:
             try:
                 return await self._retry_transient(lambda: self.process(commands), stop)
-            except _Stopped:
+            except Stopped:
                 raise
             except Exception as exc:
                 attempt += 1
@@ -186,47 +193,21 @@ class DeletionWorker:
         for attempt in range(1, MAX_ATTEMPTS + 1):
             try:
                 return await self._retry_transient(lambda: self.process([command]), stop)
-            except _Stopped:
+            except Stopped:
                 raise
             except Exception as exc:
                 log.error("worker_command_failed", error=repr(exc), attempt=attempt)
         return await self._retry_transient(lambda: self.give_up(command), stop)
 
     async def _retry_transient(self, work: Callable[[], Awaitable[T]], stop: asyncio.Event) -> T:
-        backoff = 0.1
-        while True:
-            try:
-                return await work()
-            except Exception as exc:
-                if not is_transient(exc):
-                    raise
-                log.warning("worker_transient_error", error=repr(exc), backoff_s=backoff)
-            if stop.is_set():
-                raise _Stopped
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=backoff)
-            backoff = min(backoff * 2, 10.0)
+        return await retry_transient(work, stop, is_transient, event="worker_transient_error")
 
     async def _dead_letter(self, dlq: Producer, poison: list[tuple[InMessage, str]]) -> None:
         for message, reason in poison:
             log.error(
                 "message_dead_lettered", topic=message.topic, offset=message.offset, reason=reason
             )
-        await dlq.send_many(
-            [
-                OutMessage(
-                    topic=m.topic + DLQ_SUFFIX,
-                    key=m.key,
-                    value=m.value,
-                    headers=(
-                        *m.headers,
-                        ("dlq-reason", reason.encode()[:1000]),
-                        ("dlq-source", f"{m.topic}/{m.partition}/{m.offset}".encode()),
-                    ),
-                )
-                for m, reason in poison
-            ]
-        )
+        await dlq.send_many([dead_letter(m, reason, DLQ_SUFFIX) for m, reason in poison])
 
     def _after_commit(self, result: BatchResult) -> None:
         self.metrics.contacts_deleted.inc(result.deleted)
@@ -323,7 +304,15 @@ class DeletionWorker:
         jobs = {
             r.id: r
             for r in (
-                await conn.execute(sa.select(deletion_jobs).where(deletion_jobs.c.id.in_(job_ids)))
+                await conn.execute(
+                    sa.select(
+                        deletion_jobs.c.id,
+                        deletion_jobs.c.workspace_id,
+                        deletion_jobs.c.api_key_id,
+                        deletion_jobs.c.request_id,
+                        deletion_jobs.c.delete_members,
+                    ).where(deletion_jobs.c.id.in_(job_ids))
+                )
             ).all()
         }
         item_stmt = sa.select(items.job_id, items.ref, items.status).where(
@@ -430,8 +419,6 @@ class DeletionWorker:
                         occurred_at=now,
                     )
                 )
-        if records:
-            await append_events(conn, self.db, records)
         await conn.execute(
             deletion_job_items.update()
             .where(items.job_id == sa.bindparam("b_job"), items.ref == sa.bindparam("b_ref"))
@@ -455,6 +442,9 @@ class DeletionWorker:
         )
         if deleted_rows:
             await conn.execute(outbox.insert(), deleted_rows)
+        if records:
+            # Last: the append holds the workspace's chain head until commit.
+            await append_events(conn, self.db, records)
         return len(doomed)
 
     async def _orphan_timelines(
@@ -543,15 +533,3 @@ def _job_actor(job: Any) -> dict[str, str]:
     if job.api_key_id:
         return {"type": "api_key", "id": str(job.api_key_id)}
     return {"type": "system", "id": "worker"}
-
-
-class _Stopped(Exception):
-    """Shutdown was requested while waiting out a transient error."""
-
-
-def _next_offsets(messages: Sequence[InMessage]) -> dict[tuple[str, int], int]:
-    offsets: dict[tuple[str, int], int] = {}
-    for m in messages:
-        key = (m.topic, m.partition)
-        offsets[key] = max(offsets.get(key, 0), m.offset + 1)
-    return offsets

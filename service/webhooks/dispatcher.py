@@ -17,12 +17,11 @@ Retries are rows with a `next_attempt_at`, not sleeps holding a Kafka partition.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import random
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -32,7 +31,7 @@ import sqlalchemy as sa
 from pydantic import ValidationError
 from sqlalchemy.exc import DBAPIError
 
-from service.aio import wait_any
+from service.aio import Stopped, retry_transient, wait_any
 from service.audit.store import AuditRecord, append_events
 from service.config import Settings
 from service.db import (
@@ -43,8 +42,16 @@ from service.db import (
     webhook_deliveries,
     webhook_endpoints,
 )
-from service.events import TOPIC_CONTACT_DELETED, TOPIC_JOB_COMPLETED, CloudEvent
-from service.kafka import Consumer, InMessage, KafkaUnavailable, OutMessage, Producer
+from service.events import DLQ_SUFFIX, TOPIC_CONTACT_DELETED, TOPIC_JOB_COMPLETED, CloudEvent
+from service.kafka import (
+    Consumer,
+    InMessage,
+    KafkaUnavailable,
+    OutMessage,
+    Producer,
+    dead_letter,
+    next_offsets,
+)
 from service.logs import get_logger
 from service.metrics import Metrics
 from service.webhooks.models import DeliveryStatus, EndpointStatus
@@ -123,12 +130,7 @@ class Dispatcher:
                     continue
                 if not await self._durably(functools.partial(self.fan_out, messages, dlq), stop):
                     break
-                offsets: dict[tuple[str, int], int] = {}
-                for m in messages:
-                    offsets[(m.topic, m.partition)] = max(
-                        offsets.get((m.topic, m.partition), 0), m.offset + 1
-                    )
-                await consumer.commit(offsets)
+                await consumer.commit(next_offsets(messages))
                 self.wakeup.set()
         finally:
             await consumer.stop()
@@ -145,18 +147,15 @@ class Dispatcher:
                 events.append(event)
             except (ValidationError, ValueError, KeyError) as exc:
                 log.error("webhook_event_dead_lettered", topic=m.topic, offset=m.offset)
-                poison.append(
-                    OutMessage(
-                        m.topic + ".dlq", m.key, m.value, (("dlq-reason", str(exc)[:500].encode()),)
-                    )
-                )
+                poison.append(dead_letter(m, str(exc), DLQ_SUFFIX))
         if poison:
             await dlq.send_many(poison)
         created = 0
         if not events:
             return 0
         workspace_ids = {uuid.UUID(str(e.data["workspace_id"])) for e in events}
-        async with self.db.begin() as conn:
+        # Read first: most events have no endpoint to go to, and then nothing is written.
+        async with self.db.read() as conn:
             rows = (
                 await conn.execute(
                     sa.select(E.id, E.workspace_id, E.event_types).where(
@@ -164,14 +163,20 @@ class Dispatcher:
                     )
                 )
             ).all()
-            for event in events:
-                ws = uuid.UUID(str(event.data["workspace_id"]))
-                targets = [
-                    r.id
-                    for r in rows
-                    if r.workspace_id == ws and (not r.event_types or event.type in r.event_types)
-                ]
-                body = webhook_body(event.type, event.time, event.data)
+        planned = []
+        for event in events:
+            ws = uuid.UUID(str(event.data["workspace_id"]))
+            targets = [
+                r.id
+                for r in rows
+                if r.workspace_id == ws and (not r.event_types or event.type in r.event_types)
+            ]
+            if targets:
+                planned.append((event, ws, targets))
+        if not planned:
+            return 0
+        async with self.db.begin() as conn:
+            for event, ws, targets in planned:
                 created += await enqueue(
                     conn,
                     self.db,
@@ -179,7 +184,7 @@ class Dispatcher:
                     endpoint_ids=targets,
                     event_id=event.id,
                     event_type=event.type,
-                    payload=body,
+                    payload=webhook_body(event.type, event.time, event.data),
                 )
         return created
 
@@ -459,19 +464,17 @@ class Dispatcher:
                 f"every delivery failed for {_duration(limit)}",
             )
 
-    async def _durably(self, work: Any, stop: asyncio.Event) -> bool:
-        backoff = 0.1
-        while True:
-            try:
-                await work()
-                return True
-            except (DBAPIError, KafkaUnavailable, OSError) as exc:
-                log.warning("dispatcher_transient_error", error=str(exc))
-            if stop.is_set():
-                return False
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=backoff)
-            backoff = min(backoff * 2, 10.0)
+    async def _durably(self, work: Callable[[], Awaitable[Any]], stop: asyncio.Event) -> bool:
+        try:
+            await retry_transient(
+                work,
+                stop,
+                lambda exc: isinstance(exc, DBAPIError | KafkaUnavailable | OSError),
+                event="dispatcher_transient_error",
+            )
+        except Stopped:
+            return False
+        return True
 
     async def run(self, stop: asyncio.Event) -> None:
         """Fan-out and sender together, until `stop`."""

@@ -22,6 +22,7 @@ on (``ipaddress``'s notion of ``is_private``/``is_global`` changed within 3.11 a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import re
 import socket
@@ -155,10 +156,8 @@ def _literal_address(host: str) -> Address | None:
         host = host[1:-1]
     if ":" in host:
         host = host.replace("%25", "%")  # a zone id as it is percent-encoded in a URL
-    try:
+    with contextlib.suppress(ValueError):
         return ipaddress.ip_address(host)
-    except ValueError:
-        pass
     if _LEGACY_IPV4.fullmatch(host):
         # 2130706433, 0x7f.0.0.1, 127.1, 017700000001: getaddrinfo reads them all as an
         # IPv4 address, through inet_aton, so read them the same way here.

@@ -8,6 +8,7 @@ verifies every webhook with the independent `standardwebhooks` library.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -25,7 +26,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from standardwebhooks.webhooks import Webhook
 
-from service.localkafka import free_port
+from service.procs import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -90,12 +91,10 @@ async def _until_ready(http: aiohttp.ClientSession, service: RunningService) -> 
     for _ in range(150):
         if service.process.poll() is not None:
             raise AssertionError(service.log.read_text()[-3000:])
-        try:
+        with contextlib.suppress(aiohttp.ClientError):
             async with http.get(service.base + "/readyz") as response:
                 if response.status == 200:
                     return
-        except aiohttp.ClientError:
-            pass
         await asyncio.sleep(0.2)
     raise AssertionError("service never became ready:\n" + service.log.read_text()[-3000:])
 

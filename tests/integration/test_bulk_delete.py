@@ -19,12 +19,12 @@ import sqlalchemy as sa
 from multidict import CIMultiDictProxy
 
 from service import idempotency
-from service.app import Services, run_components
+from service.app import Services
 from service.config import Settings
 from service.contacts.models import ContactCreate
 from service.contacts.store import create_contact
-from service.db import Database, activities, audit_events, notes, outbox, tasks
-from tests.conftest import Tenant, make_settings
+from service.db import activities, audit_events, notes, outbox, tasks
+from tests.conftest import Tenant, components_running, make_settings, opened_services
 
 BULK = "/v1/contacts/bulk-delete"
 WAIT = {"Prefer": "wait=30"}
@@ -45,19 +45,15 @@ def settings(db_url: str, kafka_bootstrap: str) -> Settings:
 
 @pytest.fixture(scope="module")
 async def services(settings: Settings) -> AsyncIterator[Services]:
-    svc = Services(settings=settings, db=Database(settings.database_url))
-    yield svc
-    await svc.close()
+    async with opened_services(settings) as svc:
+        yield svc
 
 
 @pytest.fixture(scope="module")
 async def pipeline(services: Services) -> AsyncIterator[Services]:
     """Relay and worker in this process for the whole module."""
-    stop = asyncio.Event()
-    task = asyncio.create_task(run_components(services, ["relay", "worker"], stop))
-    yield services
-    stop.set()
-    await asyncio.wait_for(task, timeout=30)
+    async with components_running(services, "relay", "worker"):
+        yield services
 
 
 # --- helpers --------------------------------------------------------------------------------

@@ -12,16 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import signal
-import subprocess
-import sys
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import pytest
 from aiohttp import web
@@ -29,15 +25,15 @@ from aiohttp.test_utils import TestServer
 from standardwebhooks.webhooks import Webhook
 
 from service.config import Settings
+from tests.components import Components, components
 from tests.conftest import Tenant, make_settings
 
 pytestmark = pytest.mark.slow
 
-COMMAND = str(Path(sys.executable).with_name("contact-deletion"))
 ENDPOINTS = "/v1/webhooks/endpoints"
 PER_ENDPOINT = 5
 RECEIVER_SLEEP_S = 3.0
-TIMEOUT_S = 4  # the claim lease is then 4 * 2 + 30 = 38 s
+TIMEOUT_S = 4  # the claim lease is then 4 + 10 = 14 s
 DEADLINE_S = 90.0
 
 
@@ -54,100 +50,10 @@ def settings(db_url: str, kafka_bootstrap: str) -> Settings:
 # -- the dispatcher process ------------------------------------------------------------
 
 
-@dataclass
-class Process:
-    """One `contact-deletion dispatcher` process and the file its output goes to."""
-
-    name: str
-    popen: subprocess.Popen[bytes]
-    log_path: Path
-    log_file: IO[bytes]
-
-    def assert_running(self) -> None:
-        code = self.popen.poll()
-        assert code is None, f"{self.name} exited with {code}:\n{self.tail()}"
-
-    def kill(self) -> int:
-        """SIGKILL; returns the exit status."""
-        self.popen.send_signal(signal.SIGKILL)
-        return self.popen.wait(timeout=10)
-
-    def stop(self) -> None:
-        """SIGTERM, then SIGKILL if it does not stop in time."""
-        if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGTERM)
-            try:
-                self.popen.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait(timeout=10)
-        self.log_file.close()
-
-    def tail(self, lines: int = 40) -> str:
-        text = self.log_path.read_text(errors="replace").splitlines()
-        return "\n".join(text[-lines:])
-
-
-class Dispatchers:
-    """Starts dispatcher processes with the test's settings; stops them all at the end."""
-
-    def __init__(self, settings: Settings, log_dir: Path) -> None:
-        self.settings = settings
-        self.log_dir = log_dir
-        self.started: list[Process] = []
-
-    def env(self) -> dict[str, str]:
-        s = self.settings
-        env = dict(os.environ)
-        env.pop("FAILPOINT", None)
-        env.update(
-            DATABASE_URL=s.database_url,
-            KAFKA_BOOTSTRAP_SERVERS=s.kafka_bootstrap_servers,
-            KAFKA_TOPIC_PREFIX=s.kafka_topic_prefix,
-            KAFKA_CONSUMER_GROUP_PREFIX=s.kafka_consumer_group_prefix,
-            KAFKA_PARTITIONS=str(s.kafka_partitions),
-            WEBHOOK_ALLOW_PRIVATE_NETWORKS="true",
-            WEBHOOK_RETRY_SCHEDULE=s.webhook_retry_schedule,
-            WEBHOOK_TIMEOUT_S=str(s.webhook_timeout_s),
-            LOG_LEVEL="INFO",
-            LOG_FORMAT="json",
-        )
-        return env
-
-    def start(self) -> Process:
-        name = f"dispatcher-{len(self.started) + 1}"
-        log_path = self.log_dir / f"{name}.log"
-        log_file = log_path.open("wb")
-        popen = subprocess.Popen(
-            [COMMAND, "dispatcher"],
-            env=self.env(),
-            stdin=subprocess.DEVNULL,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-        )
-        process = Process(name, popen, log_path, log_file)
-        self.started.append(process)
-        return process
-
-    def stop_all(self) -> None:
-        for process in reversed(self.started):
-            process.stop()
-
-    def print_tails(self) -> None:
-        # pytest shows what a test printed only when it failed.
-        for process in self.started:
-            print(f"\n----- {process.name} (exit {process.popen.returncode}) -----")
-            print(process.tail())
-
-
 @pytest.fixture
-def dispatchers(settings: Settings, tmp_path: Path) -> Iterator[Dispatchers]:
-    group = Dispatchers(settings, tmp_path)
-    try:
+def dispatchers(settings: Settings, tmp_path: Path) -> Iterator[Components]:
+    with components(settings, tmp_path) as group:
         yield group
-    finally:
-        group.stop_all()
-        group.print_tails()
 
 
 # -- the receiver ----------------------------------------------------------------------
@@ -205,7 +111,7 @@ async def deliveries(tenant: Tenant, endpoint_ids: list[str]) -> dict[str, dict[
 
 
 async def test_a_dispatcher_killed_mid_flight_and_restarted_delivers_everything(
-    tenant: Tenant, receiver: SlowReceiver, dispatchers: Dispatchers
+    tenant: Tenant, receiver: SlowReceiver, dispatchers: Components
 ) -> None:
     """SIGKILL with requests in flight loses nothing: after a restart every delivery
     succeeds and every event reaches the receiver (at least once)."""
@@ -225,7 +131,7 @@ async def test_a_dispatcher_killed_mid_flight_and_restarted_delivers_everything(
             assert status == 202, body
             events[body["data"]["event_id"]] = endpoint_id
 
-    first = dispatchers.start()
+    first = dispatchers.start("dispatcher")
     deadline = loop.time() + 30
     while receiver.in_flight == 0:
         first.assert_running()
@@ -243,7 +149,7 @@ async def test_a_dispatcher_killed_mid_flight_and_restarted_delivers_everything(
     assert in_flight <= set(events)
     assert 1 <= len(in_flight) <= 2 * 4  # at most 4 in flight per endpoint
 
-    second = dispatchers.start()
+    second = dispatchers.start("dispatcher")
     deadline = loop.time() + DEADLINE_S
     while True:
         now = await deliveries(tenant, endpoint_ids)

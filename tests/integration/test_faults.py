@@ -12,15 +12,12 @@ right counts, and an audit chain that still verifies.
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import aiohttp
 import pytest
@@ -36,6 +33,7 @@ from service.contacts.models import ActivityCreate, ContactCreate, NoteCreate
 from service.contacts.store import add_timeline_item, create_contact
 from service.db import activities, audit_events, contacts, deletion_job_items, notes, outbox
 from service.events import TOPIC_CONTACT_DELETED, TOPIC_DELETION_REQUESTED, TOPIC_JOB_COMPLETED
+from tests.components import Components, Process, components
 from tests.conftest import Tenant, make_settings, new_tenant
 
 pytestmark = pytest.mark.slow
@@ -45,7 +43,6 @@ BATCH = 10
 # Generous bounds: a restarted worker waits out the dead member's session (10 s) before
 # the group rebalances and hands it the partition.
 DEADLINE_S = 60.0
-COMMAND = str(Path(sys.executable).with_name("contact-deletion"))
 
 
 @pytest.fixture
@@ -65,105 +62,10 @@ def settings(db_url: str, kafka_bootstrap: str) -> Settings:
 # -- processes -------------------------------------------------------------------------
 
 
-@dataclass
-class Process:
-    """One `contact-deletion <component>` process and the file its output goes to."""
-
-    name: str
-    popen: subprocess.Popen[bytes]
-    log_path: Path
-    log_file: IO[bytes]
-
-    async def wait_exit(self, timeout_s: float) -> int:
-        """Its return code once it has exited (fails the test if it outlives timeout_s)."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout_s
-        while (code := self.popen.poll()) is None:
-            assert loop.time() < deadline, f"{self.name} still running after {timeout_s} s"
-            await asyncio.sleep(0.1)
-        return code
-
-    def assert_running(self) -> None:
-        code = self.popen.poll()
-        assert code is None, f"{self.name} exited with {code}:\n{self.tail()}"
-
-    def stop(self) -> None:
-        """SIGTERM, then SIGKILL if it does not stop in time."""
-        if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGTERM)
-            try:
-                self.popen.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait(timeout=10)
-        self.log_file.close()
-
-    def tail(self, lines: int = 40) -> str:
-        text = self.log_path.read_text(errors="replace").splitlines()
-        return "\n".join(text[-lines:])
-
-
-class Processes:
-    """Starts component processes with the test's settings; stops them all at the end."""
-
-    def __init__(self, settings: Settings, log_dir: Path) -> None:
-        self.settings = settings
-        self.log_dir = log_dir
-        self.started: list[Process] = []
-
-    def env(self, failpoint: str | None) -> dict[str, str]:
-        s = self.settings
-        env = dict(os.environ)
-        env.pop("FAILPOINT", None)
-        env.update(
-            DATABASE_URL=s.database_url,
-            KAFKA_BOOTSTRAP_SERVERS=s.kafka_bootstrap_servers,
-            KAFKA_TOPIC_PREFIX=s.kafka_topic_prefix,
-            KAFKA_CONSUMER_GROUP_PREFIX=s.kafka_consumer_group_prefix,
-            KAFKA_PARTITIONS=str(s.kafka_partitions),
-            WORKER_BATCH_SIZE=str(s.worker_batch_size),
-            RELAY_BATCH_SIZE=str(s.relay_batch_size),
-            LOG_LEVEL="INFO",
-            LOG_FORMAT="json",
-        )
-        if failpoint is not None:
-            env["FAILPOINT"] = failpoint
-        return env
-
-    def start(self, component: str, failpoint: str | None = None) -> Process:
-        name = f"{component}-{len(self.started) + 1}" + (f"-{failpoint}" if failpoint else "")
-        log_path = self.log_dir / f"{name}.log"
-        log_file = log_path.open("wb")
-        popen = subprocess.Popen(
-            [COMMAND, component],
-            env=self.env(failpoint),
-            stdin=subprocess.DEVNULL,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-        )
-        process = Process(name, popen, log_path, log_file)
-        self.started.append(process)
-        return process
-
-    def stop_all(self) -> None:
-        for process in reversed(self.started):
-            process.stop()
-
-    def print_tails(self) -> None:
-        # pytest shows what a test printed only when it failed.
-        for process in self.started:
-            print(f"\n----- {process.name} (exit {process.popen.returncode}) -----")
-            print(process.tail())
-
-
 @pytest.fixture
-def processes(settings: Settings, tmp_path: Path) -> Iterator[Processes]:
-    group = Processes(settings, tmp_path)
-    try:
+def processes(settings: Settings, tmp_path: Path) -> Iterator[Components]:
+    with components(settings, tmp_path) as group:
         yield group
-    finally:
-        group.stop_all()
-        group.print_tails()
 
 
 # -- set-up and observations -----------------------------------------------------------
@@ -348,7 +250,7 @@ async def assert_deleted_exactly_once(services: Services, seeded: Seeded) -> Non
 
 
 async def test_worker_killed_between_db_commit_and_offset_commit(
-    services: Services, api: str, http: aiohttp.ClientSession, processes: Processes
+    services: Services, api: str, http: aiohttp.ClientSession, processes: Components
 ) -> None:
     """A worker crash after its transaction but before its offset commit repeats nothing."""
     seeded = await seed_and_request(services, api, http)
@@ -370,7 +272,7 @@ async def test_worker_killed_between_db_commit_and_offset_commit(
 
 
 async def test_relay_killed_between_publish_and_mark(
-    services: Services, api: str, http: aiohttp.ClientSession, processes: Processes
+    services: Services, api: str, http: aiohttp.ClientSession, processes: Components
 ) -> None:
     """A relay crash after publishing but before marking only duplicates messages."""
     seeded = await seed_and_request(services, api, http)

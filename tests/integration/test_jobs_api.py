@@ -7,7 +7,6 @@ running once per module and backend. Tests that need a job to stay `pending` use
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 import uuid
@@ -19,7 +18,7 @@ import pytest
 import sqlalchemy as sa
 from aiohttp.test_utils import TestServer
 
-from service.app import Services, create_app, run_components
+from service.app import Services, create_app
 from service.config import Settings
 from service.contacts.models import ContactCreate
 from service.contacts.store import create_contact
@@ -32,7 +31,7 @@ from service.events import (
     DeletionRequested,
     JobExpand,
 )
-from tests.conftest import Tenant, make_settings, new_tenant
+from tests.conftest import Tenant, components_running, make_settings, new_tenant, opened_services
 
 BULK = "/v1/contacts/bulk-delete"
 WAIT = {"Prefer": "wait=30"}
@@ -66,19 +65,15 @@ def settings(db_url: str, kafka_bootstrap: str) -> Settings:
 
 @pytest.fixture(scope="module")
 async def services(settings: Settings) -> AsyncIterator[Services]:
-    svc = Services(settings=settings, db=Database(settings.database_url))
-    yield svc
-    await svc.close()
+    async with opened_services(settings) as svc:
+        yield svc
 
 
 @pytest.fixture(scope="module")
 async def pipeline(services: Services) -> AsyncIterator[Services]:
     """Relay and worker in this process for the whole module."""
-    stop = asyncio.Event()
-    task = asyncio.create_task(run_components(services, ["relay", "worker"], stop))
-    yield services
-    stop.set()
-    await asyncio.wait_for(task, timeout=30)
+    async with components_running(services, "relay", "worker"):
+        yield services
 
 
 @pytest.fixture

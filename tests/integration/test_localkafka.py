@@ -24,7 +24,8 @@ from service.kafka import (
     ensure_topics,
     kafka_reachable,
 )
-from service.localkafka import LocalKafka, broker_answers, free_port
+from service.localkafka import LocalKafka, broker_answers
+from service.procs import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 

@@ -31,7 +31,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
-from service.app import Services, run_components
+from service.app import Services
 from service.config import Settings
 from service.db import audit_events, utcnow, webhook_deliveries
 from service.events import (
@@ -45,9 +45,9 @@ from service.events import (
 )
 from service.kafka import InMessage, Producer
 from service.keys import SCOPES, create_key
-from service.localkafka import free_port
+from service.procs import free_port
 from service.webhooks.dispatcher import Dispatcher
-from tests.conftest import Tenant, make_settings
+from tests.conftest import Tenant, components_running, make_settings
 
 T = TypeVar("T")
 ENDPOINTS = "/v1/webhooks/endpoints"
@@ -208,11 +208,8 @@ async def sender(services: Services, receiver: Receiver) -> AsyncIterator[StartS
 @pytest.fixture
 async def everything(services: Services) -> AsyncIterator[Services]:
     """Relay, worker and dispatcher running in this process against the real broker."""
-    stop = asyncio.Event()
-    task = asyncio.create_task(run_components(services, ["relay", "worker", "dispatcher"], stop))
-    yield services
-    stop.set()
-    await asyncio.wait_for(task, timeout=30)
+    async with components_running(services, "relay", "worker", "dispatcher"):
+        yield services
 
 
 # -- helpers ---------------------------------------------------------------------------

@@ -11,9 +11,9 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from standardwebhooks.webhooks import Webhook
 
-from service.app import Services, run_components
+from service.app import Services
 from service.config import Settings
-from tests.conftest import Tenant
+from tests.conftest import Tenant, components_running
 
 
 @pytest.fixture
@@ -23,11 +23,8 @@ def settings(kafka_settings: Settings) -> Settings:
 
 @pytest.fixture
 async def everything(services: Services) -> AsyncIterator[Services]:
-    stop = asyncio.Event()
-    task = asyncio.create_task(run_components(services, ["relay", "worker", "dispatcher"], stop))
-    yield services
-    stop.set()
-    await asyncio.wait_for(task, timeout=30)
+    async with components_running(services, "relay", "worker", "dispatcher"):
+        yield services
 
 
 async def test_deleted_contact_is_announced_signed(tenant: Tenant, everything: Services) -> None:

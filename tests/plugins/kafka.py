@@ -12,7 +12,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from service.localkafka import LocalKafka, free_port
+from service.localkafka import LocalKafka
+from service.procs import free_port
 
 
 @pytest.fixture(scope="session")

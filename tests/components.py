@@ -1,0 +1,132 @@
+"""Service components as real processes (`contact-deletion <component>`), for crash tests.
+
+Each process gets the test's settings through its environment, writes its output to a
+file in the test's tmp dir, and is stopped (SIGTERM, then SIGKILL) when the test ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+from service.config import Settings
+
+COMMAND = str(Path(sys.executable).with_name("contact-deletion"))
+
+
+@dataclass
+class Process:
+    """One `contact-deletion <component>` process and the file its output goes to."""
+
+    name: str
+    popen: subprocess.Popen[bytes]
+    log_path: Path
+    log_file: IO[bytes]
+
+    async def wait_exit(self, timeout_s: float) -> int:
+        """Its return code once it has exited (fails the test if it outlives timeout_s)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while (code := self.popen.poll()) is None:
+            assert loop.time() < deadline, f"{self.name} still running after {timeout_s} s"
+            await asyncio.sleep(0.1)
+        return code
+
+    def assert_running(self) -> None:
+        code = self.popen.poll()
+        assert code is None, f"{self.name} exited with {code}:\n{self.tail()}"
+
+    def kill(self) -> int:
+        """SIGKILL; returns the exit status."""
+        self.popen.send_signal(signal.SIGKILL)
+        return self.popen.wait(timeout=10)
+
+    def stop(self) -> None:
+        """SIGTERM, then SIGKILL if it does not stop in time."""
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(timeout=10)
+        self.log_file.close()
+
+    def tail(self, lines: int = 40) -> str:
+        text = self.log_path.read_text(errors="replace").splitlines()
+        return "\n".join(text[-lines:])
+
+
+class Components:
+    """Starts component processes with the test's settings; stops them all at the end."""
+
+    def __init__(self, settings: Settings, log_dir: Path) -> None:
+        self.settings = settings
+        self.log_dir = log_dir
+        self.started: list[Process] = []
+
+    def env(self, failpoint: str | None) -> dict[str, str]:
+        s = self.settings
+        env = dict(os.environ)
+        env.pop("FAILPOINT", None)
+        env.update(
+            DATABASE_URL=s.database_url,
+            KAFKA_BOOTSTRAP_SERVERS=s.kafka_bootstrap_servers,
+            KAFKA_TOPIC_PREFIX=s.kafka_topic_prefix,
+            KAFKA_CONSUMER_GROUP_PREFIX=s.kafka_consumer_group_prefix,
+            KAFKA_PARTITIONS=str(s.kafka_partitions),
+            WORKER_BATCH_SIZE=str(s.worker_batch_size),
+            RELAY_BATCH_SIZE=str(s.relay_batch_size),
+            WEBHOOK_ALLOW_PRIVATE_NETWORKS=str(s.webhook_allow_private_networks).lower(),
+            WEBHOOK_RETRY_SCHEDULE=s.webhook_retry_schedule,
+            WEBHOOK_TIMEOUT_S=str(s.webhook_timeout_s),
+            LOG_LEVEL="INFO",
+            LOG_FORMAT="json",
+        )
+        if failpoint is not None:
+            env["FAILPOINT"] = failpoint
+        return env
+
+    def start(self, component: str, failpoint: str | None = None) -> Process:
+        name = f"{component}-{len(self.started) + 1}" + (f"-{failpoint}" if failpoint else "")
+        log_path = self.log_dir / f"{name}.log"
+        log_file = log_path.open("wb")
+        popen = subprocess.Popen(
+            [COMMAND, component],
+            env=self.env(failpoint),
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
+        process = Process(name, popen, log_path, log_file)
+        self.started.append(process)
+        return process
+
+    def stop_all(self) -> None:
+        for process in reversed(self.started):
+            process.stop()
+
+    def print_tails(self) -> None:
+        # pytest shows what a test printed only when it failed.
+        for process in self.started:
+            print(f"\n----- {process.name} (exit {process.popen.returncode}) -----")
+            print(process.tail())
+
+
+@contextmanager
+def components(settings: Settings, log_dir: Path) -> Iterator[Components]:
+    """Components for one test; every process is stopped and its log tail shown at the end."""
+    group = Components(settings, log_dir)
+    try:
+        yield group
+    finally:
+        group.stop_all()
+        group.print_tails()
