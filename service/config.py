@@ -51,6 +51,18 @@ class Settings(BaseSettings):
     idempotency_ttl_s: int = Field(default=24 * 3600, ge=1)
     kafka_replication_factor: int = Field(default=1, ge=1)
 
+    # Erasure (DESIGN "Erasure"): at most this long after deletions commit, SQLite's WAL is
+    # checkpointed and truncated, or PostgreSQL's touched tables are vacuumed; runs are
+    # also at least this far apart, which is what bounds their cost.
+    erasure_delay_s: float = Field(default=30.0, gt=0, le=3600)
+    # PostgreSQL: "full" rewrites the touched tables (VACUUM FULL: no byte of a deleted row
+    # is left in the relation files, at the price of a short exclusive lock per table);
+    # "plain" only marks the space reusable (no lock, but stale bytes can stay in free
+    # space until overwritten); "off" leaves it to autovacuum.
+    erasure_pg_vacuum: Literal["full", "plain", "off"] = "full"
+    # How long a vacuum waits for its table lock before giving up until the next run.
+    erasure_lock_timeout_s: float = Field(default=2.0, gt=0)
+
     # Fault injection for the crash tests: a named point at which the process kills
     # itself with SIGKILL (e.g. "worker_after_db_commit", "relay_after_publish").
     failpoint: str | None = None

@@ -148,6 +148,8 @@ deletion_jobs = sa.Table(
     sa.Column("status", sa.String(32), nullable=False),
     sa.Column("dry_run", sa.Boolean, nullable=False),
     sa.Column("delete_members", sa.Boolean, nullable=False),
+    # Redact the deleted contacts' values inside the timeline they leave (issue 12).
+    sa.Column("redact_timeline", sa.Boolean, nullable=False, server_default=sa.false()),
     sa.Column("selector", JSONType, nullable=False),
     # Filter/search jobs learn their size while the worker expands them.
     sa.Column("expanded", sa.Boolean, nullable=False),
@@ -388,6 +390,10 @@ def _sqlite_pragmas(engine: AsyncEngine, *, immediate: bool) -> None:
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.execute("PRAGMA busy_timeout=30000")
         cursor.execute("PRAGMA foreign_keys=ON")
+        # Deleted content is overwritten with zeros (cells, free pages), so a deleted row
+        # cannot be read back from the main file; the WAL's old frames go at the next
+        # checkpoint(TRUNCATE) (service.erasure.scrubber).
+        cursor.execute("PRAGMA secure_delete=ON")
         cursor.close()
 
     @event.listens_for(engine.sync_engine, "begin")

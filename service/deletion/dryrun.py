@@ -9,9 +9,11 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from service.contacts.filters import selection_clause
+from service.contacts.store import TIMELINE_TABLES
 from service.db import contacts, utcnow
 from service.deletion.models import BulkDeleteRequest, ItemStatus, decide
-from service.deletion.store import LIST_CAP, job_json, resolve_emails
+from service.deletion.store import LIST_CAP, job_json, resolve_emails, stored_selector
+from service.erasure.redact import TEXT_FIELDS, Redactor
 
 PAGE = 1000
 
@@ -24,10 +26,15 @@ async def dry_run(
     counts = {ItemStatus.DELETED: 0, ItemStatus.NOT_FOUND: 0, ItemStatus.FAILED: 0}
     not_found: list[str] = []
     errors: list[dict[str, Any]] = []
+    # Contacts a real run would delete, whose timelines redaction would rewrite.
+    to_redact: dict[uuid.UUID, Redactor] = {}
+    would_redact = 0
 
     def judge(ref: str, contact: Any) -> None:
         outcome = decide(contact, req.delete_members)
         counts[outcome.status] += 1
+        if req.redact_timeline and outcome.status is ItemStatus.DELETED:
+            to_redact[contact["id"]] = Redactor.of(contact)
         if outcome.status is ItemStatus.NOT_FOUND and len(not_found) < LIST_CAP:
             not_found.append(ref)
         elif outcome.code is not None and len(errors) < LIST_CAP:
@@ -57,6 +64,7 @@ async def dry_run(
         by_id = {r["id"]: r for r in rows}
         for ref, cid in refs:
             judge(ref, by_id.get(cid) if cid is not None else None)
+        would_redact += await count_redactions(conn, to_redact)
     else:
         where = selection_clause(contacts, req.filter_tree(), req.search)
         after: uuid.UUID | None = None
@@ -72,6 +80,8 @@ async def dry_run(
             rows = (await conn.execute(stmt)).mappings().all()
             for row in rows:
                 judge(str(row["id"]), row)
+            would_redact += await count_redactions(conn, to_redact)
+            to_redact.clear()
             if len(rows) < page:
                 break
             after = rows[-1]["id"]
@@ -82,7 +92,7 @@ async def dry_run(
         "status": "completed_with_errors" if counts[ItemStatus.FAILED] else "completed",
         "dry_run": True,
         "delete_members": req.delete_members,
-        "selector": selector,
+        "selector": stored_selector(selector),
         "total_requested": processed,
         "processed_count": processed,
         "deleted_count": counts[ItemStatus.DELETED],
@@ -92,4 +102,22 @@ async def dry_run(
         "started_at": now,
         "completed_at": now,
     }
-    return job_json(job_row, not_found, errors)
+    return job_json(job_row, not_found, errors) | {"would_redact_count": would_redact}
+
+
+async def count_redactions(conn: AsyncConnection, redactors: dict[uuid.UUID, Redactor]) -> int:
+    """How many timeline items of these contacts `redact_timeline` would rewrite."""
+    total = 0
+    ids = list(redactors)
+    for start in range(0, len(ids), PAGE):
+        chunk = ids[start : start + PAGE]
+        for kind, table in TIMELINE_TABLES.items():
+            rows = await conn.execute(
+                sa.select(table.c.contact_id, *[table.c[f] for f in TEXT_FIELDS[kind]]).where(
+                    table.c.contact_id.in_(chunk)
+                )
+            )
+            for row in rows:
+                changed, _ = redactors[row.contact_id].redact_item(kind, row._mapping)
+                total += bool(changed)
+    return total

@@ -68,6 +68,14 @@ class BulkDeleteRequest(BaseModel):
     search: str | None = Field(default=None, min_length=1, max_length=200)
     dry_run: bool = False
     delete_members: bool = False
+    redact_timeline: bool = Field(
+        default=False,
+        description=(
+            "Replace the deleted contacts' email, phone and first and last name inside the "
+            "timeline items (activities, notes, tasks) that survive them; the contact.deleted "
+            "audit event records what was redacted, never the values."
+        ),
+    )
 
     @model_validator(mode="after")
     def _one_selector(self) -> BulkDeleteRequest:

@@ -57,6 +57,7 @@ def job_json(
         "status": row["status"],
         "dry_run": row["dry_run"],
         "delete_members": row["delete_members"],
+        "redact_timeline": row.get("redact_timeline", False),
         "selector": row["selector"],
         "total_requested": row["total_requested"],
         "processed_count": row["processed_count"],
@@ -236,6 +237,7 @@ async def create_job(
             status=JobStatus.PENDING,
             dry_run=False,
             delete_members=req.delete_members,
+            redact_timeline=req.redact_timeline,
             selector=stored_selector(selector),
             expanded=not expanding,
             total_requested=len(refs),
@@ -275,6 +277,7 @@ async def create_job(
                     "count": len(refs) if not expanding else None,
                     "dry_run": False,
                     "delete_members": req.delete_members,
+                    **({"redact_timeline": True} if req.redact_timeline else {}),
                 },
             )
         ],

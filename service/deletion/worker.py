@@ -34,6 +34,8 @@ from service.db import Database, contacts, deletion_job_items, deletion_jobs, ou
 from service.deletion.models import NOT_FOUND, ErrorCode, ItemStatus, Outcome, decide
 from service.deletion.notify import JobNotifier
 from service.deletion.store import ProgressDelta, apply_progress, insert_items
+from service.erasure.redact import TEXT_FIELDS, RedactionSummary, Redactor
+from service.erasure.scrubber import Scrubber, touched_tables
 from service.errors import PoisonMessage
 from service.events import (
     DLQ_SUFFIX,
@@ -94,6 +96,17 @@ def is_transient(exc: BaseException) -> bool:
 class BatchResult:
     finished_jobs: list[uuid.UUID] = field(default_factory=list)
     deleted: int = 0
+    # Tables whose old row versions now hold deleted values (for the scrubber).
+    touched: set[str] = field(default_factory=set)
+
+
+@dataclass
+class Orphaned:
+    """What deleting a batch's contacts left of their timelines."""
+
+    kept: dict[uuid.UUID, dict[str, list[dict[str, str]]]] = field(default_factory=dict)
+    redactions: dict[uuid.UUID, RedactionSummary] = field(default_factory=dict)
+    redacted_tables: set[sa.Table] = field(default_factory=set)
 
 
 class DeletionWorker:
@@ -104,12 +117,16 @@ class DeletionWorker:
         metrics: Metrics,
         notifier: JobNotifier | None = None,
         outbox_signal: asyncio.Event | None = None,
+        scrubber: Scrubber | None = None,
     ) -> None:
         self.settings = settings
         self.db = db
         self.metrics = metrics
         self.notifier = notifier
         self.outbox_signal = outbox_signal
+        # The erasure housekeeping of this process: the worker owns it, since it is the
+        # component whose transactions delete (service.erasure.scrubber).
+        self.scrubber = scrubber if scrubber is not None else Scrubber(settings, db)
         self.topic = settings.topic(TOPIC_DELETION_REQUESTED)
         self.hash_key = b""
 
@@ -127,6 +144,9 @@ class DeletionWorker:
             bootstrap, [self.topic], f"{self.settings.kafka_consumer_group_prefix}.worker"
         )
         dlq = Producer(bootstrap)
+        # Its own stop: it ends with the consumer loop, after a last scrub of what is pending.
+        done = asyncio.Event()
+        scrubbing = asyncio.create_task(self.scrubber.run(done), name="erasure-scrubber")
         await consumer.start()
         await dlq.start()
         try:
@@ -143,6 +163,8 @@ class DeletionWorker:
         finally:
             await consumer.stop()
             await dlq.stop()
+            done.set()
+            await scrubbing
 
     async def handle(
         self, messages: Sequence[InMessage], dlq: Producer, stop: asyncio.Event
@@ -185,6 +207,7 @@ class DeletionWorker:
             result = await self._process_alone(command, stop)
             total.finished_jobs += result.finished_jobs
             total.deleted += result.deleted
+            total.touched |= result.touched
         return total
 
     async def _process_alone(
@@ -211,6 +234,8 @@ class DeletionWorker:
 
     def _after_commit(self, result: BatchResult) -> None:
         self.metrics.contacts_deleted.inc(result.deleted)
+        if result.touched:
+            self.scrubber.note(result.touched)
         if self.outbox_signal is not None:
             self.outbox_signal.set()
         if self.notifier is not None:
@@ -227,7 +252,7 @@ class DeletionWorker:
         async with self.db.begin() as conn:
             progress: dict[uuid.UUID, ProgressDelta] = {}
             if deletions:
-                result.deleted = await self._delete(conn, deletions, progress)
+                result.deleted = await self._delete(conn, deletions, progress, result.touched)
             for expansion in expansions:
                 await self._expand(conn, expansion, progress)
             for job_id in sorted(progress, key=str):
@@ -298,6 +323,7 @@ class DeletionWorker:
         conn: AsyncConnection,
         commands: Sequence[DeletionRequested],
         progress: dict[uuid.UUID, ProgressDelta],
+        touched: set[str],
     ) -> int:
         items = deletion_job_items.c
         job_ids = sorted({c.job_id for c in commands}, key=str)
@@ -311,6 +337,7 @@ class DeletionWorker:
                         deletion_jobs.c.api_key_id,
                         deletion_jobs.c.request_id,
                         deletion_jobs.c.delete_members,
+                        deletion_jobs.c.redact_timeline,
                     ).where(deletion_jobs.c.id.in_(job_ids))
                 )
             ).all()
@@ -350,9 +377,15 @@ class DeletionWorker:
                     doomed[c.contact_id] = c
             outcomes.append((c, outcome))
 
-        timeline = await self._orphan_timelines(conn, list(doomed))
+        redact = {
+            cid: Redactor.of(found[cid])
+            for cid, c in doomed.items()
+            if jobs[c.job_id].redact_timeline
+        }
+        orphaned = await self._orphan_timelines(conn, list(doomed), redact)
         if doomed:
             await conn.execute(contacts.delete().where(contacts.c.id.in_(list(doomed))))
+            touched |= touched_tables(True, orphaned.redacted_tables)
 
         records: list[AuditRecord] = []
         deleted_rows: list[dict[str, Any]] = []
@@ -366,7 +399,8 @@ class DeletionWorker:
                 delta.deleted += 1
                 contact = found[c.contact_id]
                 hmac_hex = email_hmac(self.hash_key, contact["email"])
-                kept = timeline.get(c.contact_id, {})
+                kept = orphaned.kept.get(c.contact_id, {})
+                redaction = orphaned.redactions.get(c.contact_id)
                 records.append(
                     AuditRecord(
                         workspace_id=job.workspace_id,
@@ -383,6 +417,12 @@ class DeletionWorker:
                             "preserved_timeline": {
                                 KIND_PLURAL[k]: kept.get(k, []) for k in TIMELINE_TABLES
                             },
+                            # Only with redact_timeline: what was redacted, never the values.
+                            **(
+                                {"timeline_redaction": redaction.to_audit()}
+                                if redaction is not None
+                                else {}
+                            ),
                         },
                         occurred_at=now,
                     )
@@ -448,32 +488,57 @@ class DeletionWorker:
         return len(doomed)
 
     async def _orphan_timelines(
-        self, conn: AsyncConnection, contact_ids: list[uuid.UUID]
-    ) -> dict[uuid.UUID, dict[str, list[dict[str, str]]]]:
-        """Null the back-references of these contacts' timelines; say what was kept."""
-        kept: dict[uuid.UUID, dict[str, list[dict[str, str]]]] = {}
+        self,
+        conn: AsyncConnection,
+        contact_ids: list[uuid.UUID],
+        redact: dict[uuid.UUID, Redactor],
+    ) -> Orphaned:
+        """Null the back-references of these contacts' timelines, redact the text of those
+        in `redact`; say what was kept and what was redacted."""
+        orphaned = Orphaned(redactions={cid: RedactionSummary() for cid in redact})
+        kept = orphaned.kept
         if not contact_ids:
-            return kept
+            return orphaned
         for kind, table in TIMELINE_TABLES.items():
             when = table.c.occurred_at if kind == "activity" else table.c.created_at
+            text = [table.c[f] for f in TEXT_FIELDS[kind]] if redact else []
             rows = (
                 await conn.execute(
-                    sa.select(table.c.id, table.c.contact_id, when.label("at"))
+                    sa.select(table.c.id, table.c.contact_id, when.label("at"), *text)
                     .where(table.c.contact_id.in_(contact_ids))
                     .order_by(table.c.id)
                 )
             ).all()
+            rewrites: list[dict[str, Any]] = []
             for r in rows:
                 kept.setdefault(r.contact_id, {}).setdefault(kind, []).append(
                     {"id": str(r.id), "kind": kind, "at": r.at.isoformat().replace("+00:00", "Z")}
                 )
+                redactor = redact.get(r.contact_id)
+                if redactor is not None:
+                    item = r._mapping
+                    changed, values = redactor.redact_item(kind, item)
+                    orphaned.redactions[r.contact_id].add(kind, changed, values)
+                    if changed:
+                        rewrites.append(
+                            {"b_id": r.id}
+                            | {f"b_{f}": changed.get(f, item[f]) for f in TEXT_FIELDS[kind]}
+                        )
+            if rewrites:
+                await conn.execute(
+                    table.update()
+                    .where(table.c.id == sa.bindparam("b_id"))
+                    .values({f: sa.bindparam(f"b_{f}") for f in TEXT_FIELDS[kind]}),
+                    rewrites,
+                )
+                orphaned.redacted_tables.add(table)
             if rows:
                 await conn.execute(
                     table.update()
                     .where(table.c.contact_id.in_(contact_ids))
                     .values(contact_id=None)
                 )
-        return kept
+        return orphaned
 
     async def _expand(
         self, conn: AsyncConnection, command: JobExpand, progress: dict[uuid.UUID, ProgressDelta]
