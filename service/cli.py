@@ -16,6 +16,7 @@ from service.audit import cli as audit_cli
 from service.config import Settings
 from service.db import Database
 from service.dev import run_dev
+from service.erasure import cli as erasure_cli
 from service.keys import SCOPES, create_key, list_keys, revoke_key
 from service.logs import configure_logging, get_logger
 from service.migrate import upgrade
@@ -142,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     revoke.add_argument("key_id")
 
     audit_cli.add_parser(sub)
+    erasure_cli.add_parser(sub)
     bench.add_arguments(
         sub.add_parser(
             "bench", help="benchmark the service against its bare floor (prints figures)"
@@ -168,6 +170,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return asyncio.run(handler[args.keys_command](settings, args))
     if args.command == "audit":
         return audit_cli.main(args, settings)
+    if args.command == "erasure":
+        return erasure_cli.main(args, settings)
     if args.command == "run":
         return asyncio.run(serve(settings, list(components()), migrate=True))
     if args.command in components():

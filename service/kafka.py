@@ -11,7 +11,7 @@ Failures of the broker or of the connection surface as :class:`KafkaUnavailable`
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -366,3 +366,63 @@ def dead_letter(message: InMessage, reason: str, suffix: str = ".dlq") -> OutMes
             ("dlq-source", f"{message.topic}/{message.partition}/{message.offset}".encode()),
         ),
     )
+
+
+async def read_topics(
+    bootstrap: str, topics: Sequence[str], timeout_s: float = 30.0
+) -> AsyncIterator[InMessage]:
+    """Every record of these topics, from the beginning to the end they have now.
+
+    No consumer group: nothing is committed and no member of the service's groups is
+    disturbed. Topics that do not exist are skipped. Raises :class:`KafkaUnavailable` when
+    the cluster does not answer, or the end is not reached within ``timeout_s``.
+    """
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap,
+        group_id=None,
+        client_id=f"{DEFAULT_CLIENT_ID}-reader",
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+    )
+    try:
+        await consumer.start()
+    except (KafkaError, OSError) as exc:
+        await consumer.stop()
+        raise KafkaUnavailable(f"cannot connect a reader to {bootstrap}") from exc
+    try:
+        known = await consumer.topics()
+        partitions = [
+            TopicPartition(topic, p)
+            for topic in topics
+            if topic in known
+            for p in sorted(consumer.partitions_for_topic(topic) or ())
+        ]
+        if not partitions:
+            return
+        consumer.assign(partitions)
+        await consumer.seek_to_beginning(*partitions)
+        ends: dict[Any, int] = await consumer.end_offsets(partitions)
+        left = {tp for tp in partitions if ends[tp] > 0}
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while left:
+            if asyncio.get_running_loop().time() > deadline:
+                raise KafkaUnavailable("the end of the topics was not reached in time")
+            batches: dict[Any, list[Any]] = await consumer.getmany(timeout_ms=500)
+            for tp, records in batches.items():
+                for record in records:
+                    if record.offset < ends[tp]:
+                        yield InMessage(
+                            topic=record.topic,
+                            partition=record.partition,
+                            offset=record.offset,
+                            key=record.key,
+                            value=record.value if record.value is not None else b"",
+                            headers=tuple((name, value) for name, value in record.headers),
+                        )
+            for tp in list(left):
+                if await consumer.position(tp) >= ends[tp]:
+                    left.discard(tp)
+    except KafkaError as exc:
+        raise KafkaUnavailable(f"reading topics failed: {exc}") from exc
+    finally:
+        await consumer.stop()

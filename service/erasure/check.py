@@ -1,0 +1,463 @@
+"""``contact-deletion erasure check --email ADDRESS``: is an address gone from everything we write?
+
+An operator answering an erasure request runs it after the deletion (and after
+``ERASURE_DELAY_S``). It searches, place by place:
+
+- live rows: contacts (the address, any case), timeline text (activities, notes, tasks),
+  and job items that name the address (an emails job whose address matched nothing);
+- the database files themselves: SQLite's main file and its WAL; PostgreSQL's relation
+  files of the service's tables, indexes and TOAST (when the data directory is readable
+  by the user running the check, i.e. on the database host);
+- every Kafka topic of the service, from the beginning;
+- the log files given with ``--log-file`` (the service logs to stderr; where that goes is
+  the operator's choice);
+
+for the address as given, lower-cased, and as its unkeyed SHA-256 (hex, of the stripped,
+lower-cased address, as in the webhook's ``email_sha256``). The SHA-256 is *by design* in a
+``contact.deleted`` event's ``email_sha256`` (on its Kafka topic, in the outbox and in
+webhook deliveries): those occurrences are reported as such and are not a finding;
+anywhere else it is.
+
+It also answers from the audit trail whether and when the address was deleted (by the
+keyed hash the trail keeps). Exit codes: 0 nowhere, 1 found somewhere, 2 nothing found but
+some place could not be searched (so nothing is proven).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import sqlalchemy as sa
+
+from service.audit.chain import email_hmac
+from service.config import Settings
+from service.contacts.store import TIMELINE_TABLES
+from service.db import (
+    Database,
+    audit_events,
+    contacts,
+    deletion_job_items,
+    outbox,
+    server_secrets,
+    webhook_deliveries,
+    workspaces,
+)
+from service.erasure.redact import TEXT_FIELDS
+from service.events import TOPIC_CONTACT_DELETED, TYPE_CONTACT_DELETED
+from service.kafka import KafkaUnavailable, read_topics
+from service.topics import all_topics
+from service.webhooks.signing import email_sha256
+
+NOWHERE = 0
+FOUND = 1
+UNPROVEN = 2
+
+Status = Literal["found", "not found", "not checked"]
+CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class Needles:
+    """The byte forms of one address that the check looks for."""
+
+    forms: dict[str, bytes]
+
+    @classmethod
+    def of(cls, address: str) -> Needles:
+        clear = address.strip()
+        forms = {"clear": clear.encode("utf-8")}
+        if clear.lower() != clear:
+            forms["lower-cased"] = clear.lower().encode("utf-8")
+        forms["sha256"] = email_sha256(clear).encode("ascii")
+        return cls(forms)
+
+    @property
+    def sha256(self) -> bytes:
+        return self.forms["sha256"]
+
+    def count_in(self, data: bytes) -> dict[str, int]:
+        """Occurrences of each form in `data` (forms that do not occur are left out)."""
+        return {name: n for name, needle in self.forms.items() if (n := data.count(needle))}
+
+
+@dataclass
+class Place:
+    """One place searched, and what was found there."""
+
+    place: str
+    status: Status
+    forms: dict[str, int] = field(default_factory=dict)
+    detail: str = ""
+
+    def line(self) -> str:
+        text = f"{self.place}: {self.status}"
+        if self.forms:
+            text += " (" + ", ".join(f"{k} x{v}" for k, v in sorted(self.forms.items())) + ")"
+        return text + (f" - {self.detail}" if self.detail else "")
+
+
+@dataclass
+class Deletion:
+    """One ``contact.deleted`` audit event whose keyed hash matches the address."""
+
+    workspace: str
+    contact_id: str | None
+    job_id: str | None
+    deleted_at: str
+    seq: int
+
+
+@dataclass
+class Report:
+    places: list[Place]
+    deletions: list[Deletion]
+    audit_note: str = ""
+
+    @property
+    def exit_code(self) -> int:
+        if any(p.status == "found" for p in self.places):
+            return FOUND
+        if any(p.status == "not checked" for p in self.places):
+            return UNPROVEN
+        return NOWHERE
+
+    def lines(self) -> list[str]:
+        out = [p.line() for p in self.places]
+        if self.deletions:
+            for d in self.deletions:
+                out.append(
+                    f"audit trail: deleted at {d.deleted_at} in workspace {d.workspace} "
+                    f"(contact {d.contact_id}, job {d.job_id}, seq {d.seq})"
+                )
+        else:
+            out.append(f"audit trail: no deletion of this address recorded{self.audit_note}")
+        found = [p.place for p in self.places if p.status == "found"]
+        unchecked = [p.place for p in self.places if p.status == "not checked"]
+        if found:
+            out.append(f"verdict: FOUND in {len(found)} place(s): {'; '.join(found)}")
+        elif unchecked:
+            out.append(f"verdict: not found, but {len(unchecked)} place(s) not checked")
+        else:
+            out.append("verdict: nowhere")
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "verdict": {NOWHERE: "nowhere", FOUND: "found", UNPROVEN: "unproven"}[
+                    self.exit_code
+                ],
+                "places": [asdict(p) for p in self.places],
+                "deletions": [asdict(d) for d in self.deletions],
+            },
+            sort_keys=True,
+        )
+
+
+def scan_file(path: Path, needles: Needles) -> dict[str, int]:
+    """Occurrences of each form in a file, read in chunks (a match across chunks counts)."""
+    overlap = max(len(n) for n in needles.forms.values()) - 1
+    counts: dict[str, int] = {}
+    tail = b""
+    with path.open("rb") as handle:
+        while chunk := handle.read(CHUNK):
+            data = tail + chunk
+            # Count only matches that end inside the new chunk, so none is counted twice.
+            for name, needle in needles.forms.items():
+                n = data.count(needle) - tail.count(needle)
+                if n:
+                    counts[name] = counts.get(name, 0) + n
+            tail = data[-overlap:] if overlap > 0 else b""
+    return counts
+
+
+class ErasureCheck:
+    """Searches every place the service writes for one address."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        db: Database,
+        address: str,
+        *,
+        workspace: str | None = None,
+        log_files: Iterable[Path] = (),
+    ) -> None:
+        self.settings = settings
+        self.db = db
+        self.address = address.strip()
+        self.needles = Needles.of(address)
+        self.workspace = workspace
+        self.log_files = list(log_files)
+        self.workspace_id: uuid.UUID | None = None
+
+    async def run(self) -> Report:
+        """Search everything; never raises for a place it cannot read (that place says so)."""
+        places: list[Place] = []
+        if self.workspace is not None:
+            self.workspace_id = await self._workspace_id(self.workspace)
+            if self.workspace_id is None:
+                places.append(Place(f"workspace {self.workspace}", "not checked", {}, "unknown"))
+                return Report(places, [])
+        places += await self.live_rows()
+        places += await self.database_files()
+        places += await self.kafka_topics()
+        places += [self.log_file(p) for p in self.log_files]
+        deletions, note = await self.audit_trail()
+        return Report(places, deletions, note)
+
+    async def _workspace_id(self, name: str) -> uuid.UUID | None:
+        async with self.db.read() as conn:
+            rows = (await conn.execute(sa.select(workspaces.c.id, workspaces.c.name))).all()
+        for row in rows:
+            if name in (row.name, str(row.id)):
+                return uuid.UUID(str(row.id))
+        return None
+
+    def _in_workspace(self, table: sa.Table) -> list[sa.ColumnElement[bool]]:
+        return [table.c.workspace_id == self.workspace_id] if self.workspace_id else []
+
+    async def live_rows(self) -> list[Place]:
+        """Contacts with the address, timeline text and job items that contain it."""
+        lowered = self.address.lower()
+        async with self.db.read() as conn:
+            n_contacts = (
+                await conn.execute(
+                    sa.select(sa.func.count())
+                    .select_from(contacts)
+                    .where(
+                        sa.func.lower(contacts.c.email) == lowered, *self._in_workspace(contacts)
+                    )
+                )
+            ).scalar_one()
+            n_items = 0
+            for kind, table in TIMELINE_TABLES.items():
+                matches = [
+                    sa.func.lower(table.c[f]).contains(lowered, autoescape=True)
+                    for f in TEXT_FIELDS[kind]
+                ]
+                n_items += (
+                    await conn.execute(
+                        sa.select(sa.func.count())
+                        .select_from(table)
+                        .where(sa.or_(*matches), *self._in_workspace(table))
+                    )
+                ).scalar_one()
+            n_refs = (
+                await conn.execute(
+                    sa.select(sa.func.count())
+                    .select_from(deletion_job_items)
+                    .where(sa.func.lower(deletion_job_items.c.ref) == lowered)
+                )
+            ).scalar_one()
+
+        def place(name: str, n: int, what: str) -> Place:
+            return Place(name, "found" if n else "not found", {}, f"{n} {what}" if n else "")
+
+        return [
+            place("live rows: contacts", n_contacts, "contact(s) with this address"),
+            place("live rows: timeline content", n_items, "item(s) whose text holds it"),
+            place("live rows: job items", n_refs, "job item(s) naming it (matched nothing)"),
+        ]
+
+    async def database_files(self) -> list[Place]:
+        if self.db.is_sqlite:
+            return self._sqlite_files(await self._designed_sha256_rows())
+        return [await self._postgres_files()]
+
+    def _sqlite_files(self, designed_sha256: int) -> list[Place]:
+        path = sa.engine.make_url(self.db.url).database
+        if not path or path == ":memory:":
+            return [Place("database file", "not checked", {}, "in-memory database")]
+        places = []
+        for suffix in ("", "-wal", "-journal"):
+            file = Path(path + suffix)
+            if suffix and not file.exists():
+                continue
+            places.append(self._file_place(f"database file {file}", file, designed_sha256))
+        return places
+
+    def _file_place(self, name: str, file: Path, designed_sha256: int = 0) -> Place:
+        try:
+            counts = scan_file(file, self.needles)
+        except OSError as exc:
+            return Place(name, "not checked", {}, exc.strerror or str(exc))
+        return self._judge(name, counts, designed_sha256)
+
+    def _judge(self, name: str, counts: dict[str, int], designed_sha256: int) -> Place:
+        """Found unless the only occurrences are the SHA-256 where the design puts it."""
+        if not counts:
+            return Place(name, "not found")
+        if set(counts) == {"sha256"} and designed_sha256:
+            return Place(
+                name,
+                "not found",
+                counts,
+                "only the SHA-256, in contact.deleted events' email_sha256 (by design)",
+            )
+        return Place(name, "found", counts)
+
+    async def _designed_sha256_rows(self) -> int:
+        """Outbox rows and webhook deliveries carrying the hash (contact.deleted events)."""
+        needle = self.needles.sha256
+        total = 0
+        async with self.db.read() as conn:
+            for table in (outbox, webhook_deliveries):
+                if self.db.is_sqlite:
+                    hit = sa.func.instr(table.c.payload, needle) > 0
+                else:
+                    text = sa.func.encode(table.c.payload, "escape")
+                    hit = text.contains(needle.decode("ascii"), autoescape=True)
+                total += (
+                    await conn.execute(sa.select(sa.func.count()).select_from(table).where(hit))
+                ).scalar_one()
+        return total
+
+    async def _postgres_files(self) -> Place:
+        name = "postgresql relation files"
+        query = sa.text(
+            "SELECT pg_relation_filepath(c.oid) FROM pg_class c"
+            " JOIN pg_namespace n ON n.oid = c.relnamespace"
+            " WHERE n.nspname NOT IN ('pg_catalog', 'information_schema')"
+            " AND c.relkind IN ('r', 'i', 't', 'm')"
+            " AND pg_relation_filepath(c.oid) IS NOT NULL"
+        )
+        try:
+            async with self.db.read() as conn:
+                data_dir = (await conn.execute(sa.text("SHOW data_directory"))).scalar_one()
+                paths = list((await conn.execute(query)).scalars())
+            # Flush dirty pages so the files show what the database holds (needs superuser or
+            # pg_checkpoint; without it the files may lag by one checkpoint interval).
+            async with self.db.engine.connect() as conn:
+                auto = await conn.execution_options(isolation_level="AUTOCOMMIT")
+                await auto.exec_driver_sql("CHECKPOINT")
+        except sa.exc.DBAPIError as exc:
+            return Place(name, "not checked", {}, f"the database refused: {exc.orig}")
+        base = Path(str(data_dir))
+        if not os.access(base, os.R_OK | os.X_OK):
+            return Place(name, "not checked", {}, f"{base} is not readable here")
+        counts: dict[str, int] = {}
+        files = 0
+        for rel in paths:
+            main = base / rel
+            for file in [main, *sorted(main.parent.glob(main.name + ".*"))]:
+                if not file.is_file() or not file.name.split(".")[0].isdigit():
+                    continue
+                try:
+                    found = scan_file(file, self.needles)
+                except OSError as exc:
+                    return Place(name, "not checked", {}, f"{file}: {exc.strerror or exc}")
+                files += 1
+                for k, v in found.items():
+                    counts[k] = counts.get(k, 0) + v
+        place = self._judge(
+            f"{name} ({files} files under {base})",
+            counts,
+            await self._designed_sha256_rows() if "sha256" in counts else 0,
+        )
+        return place
+
+    async def kafka_topics(self) -> list[Place]:
+        topics = all_topics(self.settings)
+        counts: dict[str, dict[str, int]] = {t: {} for t in topics}
+        designed: dict[str, int] = {t: 0 for t in topics}
+        deleted_topic = self.settings.topic(TOPIC_CONTACT_DELETED)
+        try:
+            async for message in read_topics(self.settings.kafka_bootstrap_servers, topics):
+                data = b"".join(
+                    [message.key or b"", message.value, *(v for _, v in message.headers)]
+                )
+                found = self.needles.count_in(data)
+                if not found:
+                    continue
+                if (
+                    message.topic == deleted_topic
+                    and found == {"sha256": 1}
+                    and _email_sha256_of(message.value) == self.needles.sha256.decode()
+                ):
+                    designed[message.topic] += 1
+                for k, v in found.items():
+                    counts[message.topic][k] = counts[message.topic].get(k, 0) + v
+        except KafkaUnavailable as exc:
+            return [Place(f"kafka topic {t}", "not checked", {}, str(exc)) for t in topics]
+        places = []
+        for t in topics:
+            sha = counts[t].get("sha256", 0)
+            places.append(
+                self._judge(f"kafka topic {t}", counts[t], designed[t] if designed[t] == sha else 0)
+            )
+        return places
+
+    def log_file(self, path: Path) -> Place:
+        return self._file_place(f"log file {path}", path)
+
+    async def audit_trail(self) -> tuple[list[Deletion], str]:
+        """The ``contact.deleted`` events whose keyed email hash matches the address."""
+        key = (
+            self.settings.audit_hash_key.get_secret_value().encode("utf-8")
+            if self.settings.audit_hash_key
+            else None
+        )
+        async with self.db.read() as conn:
+            if key is None:
+                stored = (
+                    await conn.execute(
+                        sa.select(server_secrets.c.value).where(
+                            server_secrets.c.name == "audit_hash_key"
+                        )
+                    )
+                ).scalar_one_or_none()
+                if stored is None:
+                    return [], " (the audit trail has no hash key yet: nothing was deleted)"
+                key = str(stored).encode("utf-8")
+            e = audit_events.c
+            rows = (
+                await conn.execute(
+                    sa.select(
+                        e.workspace_id,
+                        e.seq,
+                        e.occurred_at,
+                        e.target_id,
+                        e.job_id,
+                        workspaces.c.name,
+                    )
+                    .select_from(
+                        audit_events.outerjoin(workspaces, workspaces.c.id == e.workspace_id)
+                    )
+                    .where(
+                        e.email_hmac == email_hmac(key, self.address),
+                        e.action == "contact.deleted",
+                        *self._in_workspace(audit_events),
+                    )
+                    .order_by(e.occurred_at, e.seq)
+                )
+            ).all()
+        return [
+            Deletion(
+                workspace=r.name or str(r.workspace_id),
+                contact_id=r.target_id,
+                job_id=r.job_id,
+                deleted_at=r.occurred_at,
+                seq=int(r.seq),
+            )
+            for r in rows
+        ], ""
+
+
+def _email_sha256_of(value: bytes) -> str | None:
+    """The ``email_sha256`` of a ``contact.deleted`` CloudEvent, if that is what this is."""
+    try:
+        event: Any = json.loads(value)
+    except ValueError:
+        return None
+    if not isinstance(event, dict) or event.get("type") != TYPE_CONTACT_DELETED:
+        return None
+    data = event.get("data")
+    digest = data.get("email_sha256") if isinstance(data, dict) else None
+    return digest if isinstance(digest, str) else None

@@ -1,0 +1,71 @@
+"""``contact-deletion erasure check``: prove, place by place, that an address is gone.
+
+Prints one line per place searched (found / not found / not checked, with the forms found:
+the address as given, lower-cased, or its SHA-256), what the audit trail says about the
+address's deletion, and a verdict. Exit codes: 0 nowhere, 1 found somewhere, 2 nothing
+found but some place could not be searched. See ``service.erasure.check``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from pathlib import Path
+
+from service.config import Settings
+from service.db import Database
+from service.erasure.check import ErasureCheck
+
+
+def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``erasure`` and its subcommands to the ``contact-deletion`` parser."""
+    erasure = subparsers.add_parser(
+        "erasure", help="prove that a deleted address is gone from everything the service writes"
+    )
+    commands = erasure.add_subparsers(dest="erasure_command", required=True)
+    check = commands.add_parser(
+        "check",
+        help="search the database (rows and files), the Kafka topics and log files for an "
+        "address; exit 0 when it is nowhere, 1 when found, 2 when a place could not be read",
+    )
+    check.add_argument("--email", required=True, help="the address to look for")
+    check.add_argument(
+        "--workspace", help="limit the live-row and audit answers to this workspace (name or id)"
+    )
+    check.add_argument(
+        "--log-file",
+        action="append",
+        default=[],
+        type=Path,
+        metavar="PATH",
+        help="a file the service's log goes to (repeat for several)",
+    )
+    check.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def main(args: argparse.Namespace, settings: Settings) -> int:
+    """Run an ``erasure`` subcommand; returns the exit code."""
+    return asyncio.run(run(args, settings))
+
+
+async def run(args: argparse.Namespace, settings: Settings) -> int:
+    db = Database(settings.database_url)
+    try:
+        report = await ErasureCheck(
+            settings, db, args.email, workspace=args.workspace, log_files=args.log_file
+        ).run()
+    finally:
+        await db.dispose()
+    if args.json:
+        _out(report.to_json())
+    else:
+        for line in report.lines():
+            _out(line)
+    return report.exit_code
+
+
+def _out(text: str) -> None:
+    # What the command prints for its user goes to stdout; logs go to stderr.
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
