@@ -550,9 +550,20 @@ def _resource_schemas(c: _Components) -> dict[str, Schema]:
                     "status": _enum(JobStatus),
                     "dry_run": {"type": "boolean"},
                     "delete_members": {"type": "boolean"},
+                    "redact_timeline": {
+                        "type": "boolean",
+                        "description": "Whether the deleted contacts' values are redacted "
+                        "inside the timeline items they leave",
+                    },
                     "selector": {
                         "type": "object",
                         "description": "contact_ids, emails, or filter and/or search",
+                    },
+                    "would_redact_count": {
+                        "type": "integer",
+                        "minimum": 0,
+                        "description": "Dry runs only: timeline items whose text "
+                        "`redact_timeline` would rewrite (0 when it is off)",
                     },
                     **{name: {"type": "integer", "minimum": 0} for name in counts},
                     "failed_count": {"type": "integer", "minimum": 0},
@@ -768,7 +779,9 @@ def _deletion_paths(c: _Components, r: dict[str, Schema]) -> dict[str, Schema]:
                 description="Exactly one selector: `contact_ids` (1 to 500), `emails` (1 to 1000), "
                 "or `filter` and/or `search`. The job runs in the background; a contact "
                 "that matches nothing is `not_found`, never an error. `dry_run` changes "
-                "nothing and answers 200 with the counts a real run would give.",
+                "nothing and answers 200 with the counts a real run would give. "
+                "`redact_timeline` replaces the deleted contacts' email, phone and names "
+                "inside the timeline items that survive them.",
                 responses=_job_answers(r["Job"]),
             )
         },

@@ -52,7 +52,7 @@ class Redactor:
         if len(digits) >= MIN_PHONE_DIGITS:
             between = r"[\s().\-/]*"
             body = between.join(re.escape(d) for d in digits)
-            patterns.append(("phone", re.compile(rf"(?<![\d+])\+?{between}{body}(?!\d)")))
+            patterns.append(("phone", re.compile(rf"(?<![\d+])(?:\+{between})?{body}(?!\d)")))
         for kind in ("first_name", "last_name"):
             name = (contact.get(kind) or "").strip()
             if len(name) >= MIN_NAME_CHARS:
