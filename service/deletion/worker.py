@@ -144,11 +144,11 @@ class DeletionWorker:
             bootstrap, [self.topic], f"{self.settings.kafka_consumer_group_prefix}.worker"
         )
         dlq = Producer(bootstrap)
+        await consumer.start()
+        await dlq.start()
         # Its own stop: it ends with the consumer loop, after a last scrub of what is pending.
         done = asyncio.Event()
         scrubbing = asyncio.create_task(self.scrubber.run(done), name="erasure-scrubber")
-        await consumer.start()
-        await dlq.start()
         try:
             while not stop.is_set():
                 messages = await consumer.getmany(

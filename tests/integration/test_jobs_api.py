@@ -41,6 +41,7 @@ JOB_FIELDS = {
     "status",
     "dry_run",
     "delete_members",
+    "redact_timeline",
     "selector",
     "total_requested",
     "processed_count",
