@@ -200,16 +200,24 @@ class ErasureCheck:
     async def run(self) -> Report:
         """Search everything; never raises for a place it cannot read (that place says so)."""
         places: list[Place] = []
-        if self.workspace is not None:
-            self.workspace_id = await self._workspace_id(self.workspace)
-            if self.workspace_id is None:
-                places.append(Place(f"workspace {self.workspace}", "not checked", {}, "unknown"))
-                return Report(places, [])
-        places += await self.live_rows()
-        places += await self.database_files()
+        try:
+            if self.workspace is not None:
+                self.workspace_id = await self._workspace_id(self.workspace)
+                if self.workspace_id is None:
+                    return Report(
+                        [Place(f"workspace {self.workspace}", "not checked", {}, "unknown")], []
+                    )
+            places += await self.live_rows()
+            places += await self.database_files()
+        except (sa.exc.SQLAlchemyError, OSError) as exc:
+            reason = f"the database did not answer: {_first_line(exc)}"
+            places.append(Place("database", "not checked", {}, reason))
         places += await self.kafka_topics()
         places += [self.log_file(p) for p in self.log_files]
-        deletions, note = await self.audit_trail()
+        try:
+            deletions, note = await self.audit_trail()
+        except (sa.exc.SQLAlchemyError, OSError) as exc:
+            deletions, note = [], f" (the audit trail could not be read: {_first_line(exc)})"
         return Report(places, deletions, note)
 
     async def _workspace_id(self, name: str) -> uuid.UUID | None:
@@ -464,3 +472,7 @@ def _email_sha256_of(value: bytes) -> str | None:
     data = event.get("data")
     digest = data.get("email_sha256") if isinstance(data, dict) else None
     return digest if isinstance(digest, str) else None
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
