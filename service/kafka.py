@@ -390,12 +390,15 @@ async def read_topics(
         await consumer.stop()
         raise KafkaUnavailable(f"cannot connect a reader to {bootstrap}") from exc
     try:
-        known = await consumer.topics()
+        # consumer.partitions_for_topic() reads a metadata cache that only subscriptions
+        # fill, so it answers None here: ask the cluster for its metadata directly.
+        cluster = await consumer._client.fetch_all_metadata()
+        known = cluster.topics()
         partitions = [
             TopicPartition(topic, p)
             for topic in topics
             if topic in known
-            for p in sorted(consumer.partitions_for_topic(topic) or ())
+            for p in sorted(cluster.partitions_for_topic(topic) or ())
         ]
         if not partitions:
             return

@@ -28,6 +28,7 @@ from service.app import Services
 from service.config import Settings
 from service.db import Database
 from service.erasure.check import ErasureCheck
+from service.kafka import OutMessage, Producer
 from service.procs import free_port
 from tests.components import COMMAND, Components, Process, components
 from tests.conftest import Tenant, make_settings, new_tenant
@@ -282,6 +283,22 @@ async def test_deleted_addresses_leave_no_byte_in_any_file_the_service_wrote(
                 place = next(x for x in report.places if x.place == topic)
                 assert (place.status, place.forms) == ("not found", {"sha256": 1})
                 assert "by design" in place.detail
+
+            # A topic that did carry an address is a finding, with the place named.
+            leaked = doomed[5]
+            dlq = settings.topic("contact.deleted.dlq")
+            producer = Producer(settings.kafka_bootstrap_servers)
+            await producer.start()
+            try:
+                await producer.send_many([OutMessage(dlq, None, f"oops {leaked.stored}".encode())])
+            finally:
+                await producer.stop()
+            report = await ErasureCheck(settings, db, leaked.email).run()
+            assert report.exit_code == 1
+            found = [x for x in report.places if x.status == "found"]
+            assert [(x.place, x.forms) for x in found] == [
+                (f"kafka topic {dlq}", {"lower-cased": 1})
+            ]
     finally:
         await db.dispose()
 
