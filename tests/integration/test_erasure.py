@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import subprocess
 import time
 import uuid
@@ -271,6 +272,9 @@ async def test_deleted_addresses_leave_no_byte_in_any_file_the_service_wrote(
             assert run.returncode == 1, run.stdout + run.stderr
             assert "live rows: contacts: found" in run.stdout
             assert "live rows: timeline content: found" in run.stdout
+            # ... and in the database files themselves (SQLite file/WAL, PostgreSQL relations).
+            file_place = r"^(database file \S+|postgresql relation files .*): found \("
+            assert re.search(file_place, run.stdout, re.MULTILINE), run.stdout
             assert "verdict: FOUND" in run.stdout
             assert "audit trail: no deletion of this address recorded" in run.stdout
             for p in doomed[1:]:
