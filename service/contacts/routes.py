@@ -11,12 +11,21 @@ from service.contacts.filters import parse_filter
 from service.contacts.models import (
     ActivityCreate,
     ContactCreate,
+    ContactList,
     ContactQuery,
     NoteCreate,
     TaskCreate,
 )
 from service.errors import ValidationFailed
-from service.http import DB_KEY, Handler, json_response, parse_uuid, read_model, require
+from service.http import (
+    DB_KEY,
+    Handler,
+    json_response,
+    parse_uuid,
+    query_model,
+    read_model,
+    require,
+)
 from service.pagination import decode_cursor, encode_cursor
 
 
@@ -34,21 +43,35 @@ async def get_contact(request: web.Request) -> web.Response:
     return json_response({"data": contact})
 
 
+def _after(cursor: str | None) -> uuid.UUID | None:
+    if not cursor:
+        return None
+    try:
+        return uuid.UUID(str(decode_cursor(cursor, ("after",))["after"]))
+    except ValueError:
+        raise ValidationFailed(
+            "invalid cursor",
+            [{"field": "cursor", "message": "not a cursor from this listing"}],
+        ) from None
+
+
 async def query_contacts(request: web.Request) -> web.Response:
     who = require(request, "contacts:read")
     body = await read_model(request, ContactQuery)
     tree = parse_filter(body.filter) if body.filter is not None else None
-    after = None
-    if body.cursor:
-        try:
-            after = uuid.UUID(str(decode_cursor(body.cursor, ("after",))["after"]))
-        except ValueError:
-            raise ValidationFailed(
-                "invalid cursor",
-                [{"field": "cursor", "message": "not a cursor from this listing"}],
-            ) from None
     page, next_after = await store.query_contacts(
-        request.app[DB_KEY], who.workspace_id, tree, body.search, body.limit, after
+        request.app[DB_KEY], who.workspace_id, tree, body.search, body.limit, _after(body.cursor)
+    )
+    next_cursor = encode_cursor({"after": str(next_after)}) if next_after else None
+    return json_response({"data": page, "next_cursor": next_cursor})
+
+
+async def list_contacts(request: web.Request) -> web.Response:
+    """``GET /v1/contacts?limit=&cursor=``: every contact of the workspace, in id order."""
+    who = require(request, "contacts:read")
+    query = query_model(request, ContactList)
+    page, next_after = await store.query_contacts(
+        request.app[DB_KEY], who.workspace_id, None, None, query.limit, _after(query.cursor)
     )
     next_cursor = encode_cursor({"after": str(next_after)}) if next_after else None
     return json_response({"data": page, "next_cursor": next_cursor})
@@ -78,6 +101,7 @@ async def get_timeline(request: web.Request) -> web.Response:
 
 def add_routes(app: web.Application) -> None:
     app.router.add_post("/v1/contacts", create_contact)
+    app.router.add_get("/v1/contacts", list_contacts)
     app.router.add_post("/v1/contacts/query", query_contacts)
     app.router.add_get("/v1/contacts/{contact_id}", get_contact)
     app.router.add_post("/v1/contacts/{contact_id}/activities", _timeline_adder(ActivityCreate))

@@ -16,6 +16,7 @@ from service.errors import ValidationFailed
 
 MAX_IDS = 500
 MAX_EMAILS = 1000
+DRY_RUN_PAGE = 100
 SELECTOR_GROUPS = {
     "contact_ids": "contact_ids",
     "emails": "emails",
@@ -68,11 +69,33 @@ class BulkDeleteRequest(BaseModel):
     search: str | None = Field(default=None, min_length=1, max_length=200)
     dry_run: bool = False
     delete_members: bool = False
+    # Paging of a dry run's `contact_ids` (refused without dry_run).
+    dry_run_limit_: int | None = Field(default=None, ge=1, le=1000, alias="dry_run_limit")
+    dry_run_cursor: str | None = Field(default=None, min_length=1, max_length=200)
+
+    @property
+    def dry_run_limit(self) -> int:
+        """Contact ids per page of a dry run (default 100)."""
+        return self.dry_run_limit_ if self.dry_run_limit_ is not None else DRY_RUN_PAGE
 
     @model_validator(mode="after")
     def _one_selector(self) -> BulkDeleteRequest:
         # ValidationFailed (not ValueError, which pydantic would file under the whole body)
         # so that the 400 names the selector fields at fault.
+        if not self.dry_run:
+            paging = [
+                name
+                for name, value in (
+                    ("dry_run_limit", self.dry_run_limit_),
+                    ("dry_run_cursor", self.dry_run_cursor),
+                )
+                if value is not None
+            ]
+            if paging:
+                raise ValidationFailed(
+                    "the request body is invalid",
+                    [{"field": f, "message": "only with dry_run: true"} for f in paging],
+                )
         given = [name for name in SELECTOR_FIELDS if getattr(self, name) is not None]
         chosen = list(dict.fromkeys(SELECTOR_GROUPS[name] for name in given))
         if len(chosen) == 1:

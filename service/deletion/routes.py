@@ -38,7 +38,10 @@ from service.http import (
     require,
     validation_details,
 )
+from service.logs import get_logger
 from service.pagination import decode_cursor, encode_cursor
+
+log = get_logger(__name__)
 
 NOTIFIER_KEY = web.AppKey("job_notifier", JobNotifier)
 OUTBOX_SIGNAL_KEY = web.AppKey("outbox_signal", asyncio.Event)
@@ -104,10 +107,18 @@ async def _submit(
         else:
             job_id = uuid.uuid4()
             async with db.begin() as conn:
-                await create_job(conn, db, settings, who, req, job_id)
+                change = await create_job(conn, db, settings, who, req, job_id)
                 if key is not None:
                     await idempotency.record_job(conn, workspace_id, key, job_id)
             request.app[OUTBOX_SIGNAL_KEY].set()
+            log.info(
+                "deletion_job_accepted",
+                job_id=str(job_id),
+                selector=selector_summary(req),
+                delete_members=req.delete_members,
+            )
+            if change.finished is not None:
+                log.info("deletion_job_finished", **change.finished)
             status, headers, body = await _answer(
                 request, workspace_id, job_id, prefer_wait(request)
             )
@@ -126,9 +137,10 @@ async def _submit(
 async def _dry_run(
     request: web.Request, who: Requester, req: BulkDeleteRequest
 ) -> tuple[int, dict[str, str], bytes]:
+    """200 with what a real run would do; no job. The audit trail notes who looked."""
     db = request.app[DB_KEY]
     async with db.begin() as conn:
-        job = await dry_run(conn, who.workspace_id, req)
+        answer = await dry_run(conn, who.workspace_id, req)
         await append_events(
             conn,
             db,
@@ -136,20 +148,27 @@ async def _dry_run(
                 AuditRecord(
                     workspace_id=who.workspace_id,
                     actor={"type": "api_key", "id": str(who.api_key_id)},
-                    action="deletion.requested",
-                    target={"type": "deletion_job", "id": job["job_id"]},
-                    job_id=job["job_id"],
+                    action="deletion.dry_run",
+                    target={"type": "request", "id": who.request_id or ""},
                     request_id=who.request_id,
                     data={
                         "selector": selector_summary(req),
-                        "count": job["total_requested"],
-                        "dry_run": True,
+                        "would_delete_count": answer["would_delete_count"],
+                        "would_fail_count": answer["would_fail_count"],
+                        "not_found_count": answer["not_found_count"],
                         "delete_members": req.delete_members,
                     },
                 )
             ],
         )
-    return 200, {}, encode_json({"data": job})
+    log.info(
+        "deletion_dry_run",
+        selector=selector_summary(req),
+        would_delete=answer["would_delete_count"],
+        would_fail=answer["would_fail_count"],
+        not_found=answer["not_found_count"],
+    )
+    return 200, {}, encode_json({"data": answer})
 
 
 async def _answer(

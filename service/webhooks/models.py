@@ -20,10 +20,26 @@ class EndpointStatus(enum.StrEnum):
 
 
 class DeliveryStatus(enum.StrEnum):
+    """``pending``: not tried yet; ``failing``: tried, failed, a retry is scheduled;
+    ``succeeded``; ``failed``: retries exhausted, or the endpoint was disabled or deleted
+    (``recover``/``retry`` send it again); ``cancelled``: its endpoint was deleted first."""
+
     PENDING = "pending"
+    FAILING = "failing"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     CANCELLED = "cancelled"
+
+
+# Deliveries the sender still has to send (first try or a scheduled retry).
+SENDABLE = (DeliveryStatus.PENDING, DeliveryStatus.FAILING)
+
+
+class DisabledReason(enum.StrEnum):
+    """Why an endpoint was disabled (DESIGN §3 Webhooks)."""
+
+    GONE = "gone"  # the receiver answered 410 Gone
+    FAILING = "failing"  # every delivery failed for WEBHOOK_DISABLE_AFTER_S
 
 
 class _Strict(BaseModel):

@@ -115,7 +115,7 @@ async def send_test(request: web.Request) -> web.Response:
     who = require(request, SCOPE)
     db = request.app[DB_KEY]
     endpoint_id = _endpoint_id(request)
-    await store.get_endpoint(db, who.workspace_id, endpoint_id)
+    await store.get_enabled_endpoint(db, who.workspace_id, endpoint_id)
     event_id = f"evt_test_{uuid.uuid4().hex}"
     body = webhook_body(
         TYPE_WEBHOOK_TEST,

@@ -40,6 +40,8 @@ JOB_FIELDS = {
     "job_id",
     "status",
     "dry_run",
+    "phase",
+    "estimated_total",
     "delete_members",
     "selector",
     "total_requested",
