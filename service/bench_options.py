@@ -10,7 +10,12 @@ from pathlib import Path
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of `contact-deletion bench` (and `python -m service.bench`)."""
     parser.add_argument("--contacts", type=_positive, default=20_000, help="N (default 20000)")
-    parser.add_argument("--database", choices=("sqlite", "postgresql"), default="sqlite")
+    parser.add_argument(
+        "--database",
+        choices=("sqlite", "postgresql"),
+        default="sqlite",
+        help="the backend to measure (default sqlite)",
+    )
     parser.add_argument(
         "--database-url",
         default=None,

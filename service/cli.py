@@ -253,11 +253,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="a scope the key holds; repeat for several (%(choices)s)",
     )
     create.add_argument("--json", action="store_true", help="print one JSON line")
-    lst = keys.add_parser(
-        "list", help="list every key (id, prefix, workspace, live/revoked, scopes)"
-    )
+    summary = "list every key (id, prefix, workspace, live/revoked, scopes)"
+    lst = keys.add_parser("list", help=summary, description=summary.capitalize() + ".")
     lst.add_argument("--json", action="store_true", help="print a JSON array")
-    revoke = keys.add_parser("revoke", help="revoke a key; it stops working at once")
+    summary = "revoke a key; it stops working at once"
+    revoke = keys.add_parser("revoke", help=summary, description=summary.capitalize() + ".")
     revoke.add_argument("key_id", help="the key's id (from `keys create` or `keys list`)")
 
     audit_cli.add_parser(sub)

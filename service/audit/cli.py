@@ -37,13 +37,13 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         description="Verify the audit trail's hash chains: exit 0 ok, 1 broken, 2 unusable.",
     )
     commands = audit.add_subparsers(dest="audit_command", required=True, metavar="SUBCOMMAND")
-    verify = commands.add_parser(
-        "verify", help="walk the hash chain of every workspace (or one) in the database"
-    )
+    summary = "walk the hash chain of every workspace (or one) in the database"
+    verify = commands.add_parser("verify", help=summary, description=summary.capitalize() + ".")
     verify.add_argument("--workspace", help="the name or id of one workspace (default: all)")
     verify.add_argument("--json", action="store_true", help="one JSON object per workspace")
+    summary = "re-verify an exported NDJSON file offline, without the database"
     offline = commands.add_parser(
-        "verify-export", help="re-verify an exported NDJSON file offline, without the database"
+        "verify-export", help=summary, description=summary.capitalize() + "."
     )
     offline.add_argument("file", type=Path, help="the file from GET /v1/audit/export")
     offline.add_argument("--json", action="store_true", help="print the result as JSON")

@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+import sqlalchemy as sa
 import structlog
+from sqlalchemy.ext.asyncio import create_async_engine
 
 from service.cli import main
+from service.config import Settings
 from tests.conftest import Tenant
 
 
@@ -159,3 +164,47 @@ async def test_an_unknown_scope_is_an_argparse_error_exit_2(
     captured = capsys.readouterr()
     assert captured.out == ""
     assert "contacts:nuke" in captured.err
+
+
+@pytest.fixture
+def empty_db_url(db_url: str, tmp_path: Path) -> Iterator[str]:
+    """A database of the backend under test with no schema at all."""
+    if db_url.startswith("sqlite"):
+        path = tmp_path / "empty.db"
+        sqlite3.connect(path).close()
+        yield f"sqlite+aiosqlite:///{path}"
+        return
+    name = f"empty_{uuid.uuid4().hex[:10]}"
+    asyncio.run(_pg_admin(db_url, f'CREATE DATABASE "{name}"'))
+    base, _, _ = db_url.rpartition("/")
+    yield f"{base}/{name}"
+    asyncio.run(_pg_admin(db_url, f'DROP DATABASE "{name}"'))
+
+
+async def _pg_admin(url: str, statement: str) -> None:
+    engine = create_async_engine(url, isolation_level="AUTOCOMMIT")
+    try:
+        async with engine.connect() as conn:
+            await conn.execute(sa.text(statement))
+    finally:
+        await engine.dispose()
+
+
+async def test_a_database_without_schema_is_named_with_the_command_to_run(
+    empty_db_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """keys and audit verify on an unmigrated database: exit 2 and one line naming the
+    database and `contact-deletion migrate` (no traceback); after migrate they work."""
+    monkeypatch.setenv("DATABASE_URL", empty_db_url)
+    for argv in (["keys", "list"], ["audit", "verify"]):
+        capsys.readouterr()
+        code = await asyncio.to_thread(main, argv)
+        err = capsys.readouterr().err
+        assert code == 2, argv
+        assert "contact-deletion migrate" in err and "Traceback" not in err
+        where = Settings(database_url=empty_db_url).describe_database()
+        assert where in err
+    code, out = await run_cli(capsys, "migrate")
+    assert code == 0 and "latest schema" in out
+    code, _ = await run_cli(capsys, "keys", "list")
+    assert code == 0
