@@ -29,6 +29,7 @@ from typing import Any
 from pydantic import BaseModel, TypeAdapter
 
 from service.audit.chain import VerifyResult
+from service.audit.routes import EventsQuery
 from service.contacts.models import (
     ActivityCreate,
     ContactCreate,
@@ -48,6 +49,7 @@ from service.events import (
     DeletionRequested,
     JobExpand,
 )
+from service.webhooks.models import DeliveryStatus, DisabledReason
 from service.webhooks.payloads import (
     TYPE_WEBHOOK_TEST,
     ContactDeletedWebhook,
@@ -454,7 +456,12 @@ def _resource_schemas(c: _Components) -> dict[str, Schema]:
                 "id": _UUID,
                 **endpoint_fields,
                 "status": _enum(["enabled", "disabled"]),
-                "disabled_reason": _nullable("string"),
+                "disabled_reason": {
+                    **_enum([r.value for r in DisabledReason], nullable=True),
+                    "description": "gone: the receiver answered 410; failing: every "
+                    "delivery failed for WEBHOOK_DISABLE_AFTER_S",
+                },
+                "disabled_at": _TIME_OR_NULL,
                 "created_at": _TIME,
                 "updated_at": _TIME,
             },
@@ -469,7 +476,12 @@ def _resource_schemas(c: _Components) -> dict[str, Schema]:
                 "endpoint_id": _UUID,
                 "event_id": {"type": "string", "description": "The webhook-id header"},
                 "event_type": {"type": "string"},
-                "status": _enum(["pending", "succeeded", "failed", "cancelled"]),
+                "status": {
+                    **_enum([d.value for d in DeliveryStatus]),
+                    "description": "pending: not tried yet; failing: tried, failed, a "
+                    "retry is scheduled; succeeded; failed: retries exhausted, or the "
+                    "endpoint was disabled or deleted; cancelled: the endpoint was deleted",
+                },
                 "attempt_count": {"type": "integer", "minimum": 0},
                 "next_attempt_at": _TIME_OR_NULL,
                 "last_attempt_at": _TIME_OR_NULL,
@@ -548,6 +560,17 @@ def _resource_schemas(c: _Components) -> dict[str, Schema]:
                 {
                     "job_id": _UUID,
                     "status": _enum(JobStatus),
+                    "phase": {
+                        **_enum(["finding_contacts", "deleting", "done"]),
+                        "description": "finding_contacts: a filter/search job still "
+                        "expanding its matches (total_requested is what was found so far)",
+                    },
+                    "estimated_total": _nullable(
+                        "integer",
+                        minimum=0,
+                        description="Filter/search jobs: the matches counted when the job "
+                        "was accepted; null for ids and emails",
+                    ),
                     "dry_run": {"type": "boolean"},
                     "delete_members": {"type": "boolean"},
                     "selector": {
@@ -566,7 +589,61 @@ def _resource_schemas(c: _Components) -> dict[str, Schema]:
                     "started_at": _TIME_OR_NULL,
                     "completed_at": _TIME_OR_NULL,
                 },
-                ["job_id", "status", "dry_run", "selector", *counts, "failed_count"],
+                [
+                    "job_id",
+                    "status",
+                    "phase",
+                    "estimated_total",
+                    "dry_run",
+                    "selector",
+                    *counts,
+                    "failed_count",
+                ],
+            ),
+        ),
+        "DryRun": c.add(
+            "DryRun",
+            _object(
+                {
+                    "dry_run": {"const": True},
+                    "selector": {"type": "object", "description": "As a job would show it"},
+                    "would_delete_count": {"type": "integer", "minimum": 0},
+                    "would_fail_count": {
+                        "type": "integer",
+                        "minimum": 0,
+                        "description": "Contacts a real run would refuse (see errors)",
+                    },
+                    "not_found_count": {"type": "integer", "minimum": 0},
+                    "not_found": {"type": "array", "items": {"type": "string"}},
+                    "errors": {"type": "array", "items": job_error},
+                    "orphaned_timeline": _object(
+                        {k: {"type": "integer", "minimum": 0} for k in _TIMELINE_KINDS},
+                        _TIMELINE_KINDS,
+                        description="Timeline items that would lose their back-reference",
+                    ),
+                    "would_redact_count": {"type": "integer", "minimum": 0},
+                    "contact_ids": {
+                        "type": "array",
+                        "items": _UUID,
+                        "description": "One page of the ids it would delete, sorted",
+                    },
+                    "next_cursor": _nullable(
+                        "string", description="Send back as dry_run_cursor for the next page"
+                    ),
+                },
+                [
+                    "dry_run",
+                    "selector",
+                    "would_delete_count",
+                    "would_fail_count",
+                    "not_found_count",
+                    "not_found",
+                    "errors",
+                    "orphaned_timeline",
+                    "contact_ids",
+                    "next_cursor",
+                ],
+                description="What a real run would do; no job is created.",
             ),
         ),
         "JobItem": c.add(
@@ -663,6 +740,10 @@ def _resource_schemas(c: _Components) -> dict[str, Schema]:
     }
 
 
+_DISABLED = _ref("responses", "EndpointDisabled")
+_TIMELINE_KINDS = ("activities", "notes", "tasks")
+
+
 def _job_answers(job: Schema) -> dict[str, Schema]:
     replayed = (*_API_HEADERS, "Idempotent-Replayed")
     return {
@@ -703,8 +784,18 @@ def _contact_paths(c: _Components, r: dict[str, Schema]) -> dict[str, Schema]:
                 tag,
                 scope=write,
                 body=c.model(ContactCreate),
+                description="Any syntactically valid address is accepted, including on "
+                "special-use names such as .test or .local; it is stored lowercased.",
                 responses={"201": _response("The contact", _data(r["Contact"]))},
-            )
+            ),
+            "get": _operation(
+                "listContacts",
+                "List the workspace's contacts, in id order",
+                tag,
+                scope=read,
+                query=[_limit(100, 1000), _ref("parameters", "Cursor")],
+                responses={"200": _response("A page of contacts", _page(r["Contact"]))},
+            ),
         },
         "/v1/contacts/query": {
             "post": _operation(
@@ -768,8 +859,17 @@ def _deletion_paths(c: _Components, r: dict[str, Schema]) -> dict[str, Schema]:
                 description="Exactly one selector: `contact_ids` (1 to 500), `emails` (1 to 1000), "
                 "or `filter` and/or `search`. The job runs in the background; a contact "
                 "that matches nothing is `not_found`, never an error. `dry_run` changes "
-                "nothing and answers 200 with the counts a real run would give.",
-                responses=_job_answers(r["Job"]),
+                "nothing, creates no job and answers 200 with a DryRun: what a real run "
+                "would do, and the ids it would delete, paged by dry_run_limit and "
+                "dry_run_cursor.",
+                responses={
+                    **_job_answers(r["Job"]),
+                    "200": _response(
+                        "A dry run (DryRun), or the job finished within `Prefer: wait`",
+                        _data({"oneOf": [r["Job"], r["DryRun"]]}),
+                        headers=(*_API_HEADERS, "Idempotent-Replayed"),
+                    ),
+                },
             )
         },
         "/v1/bulk-jobs": {
@@ -877,13 +977,15 @@ def _webhook_paths(r: dict[str, Schema]) -> dict[str, Schema]:
         },
         f"{one}/rotate-secret": endpoint_action(
             "rotateWebhookSecret",
-            "Issue a new secret; the old one keeps signing alongside it for 24 h",
+            "Issue a new secret; each old one keeps signing alongside it for 24 h "
+            "(WEBHOOK_SECRET_OVERLAP_S), at most 5 live secrets",
             {"200": _response("The endpoint, with its new secret", with_secret)},
         ),
         f"{one}/test": endpoint_action(
             "testWebhookEndpoint",
-            "Send a webhook.test event",
+            "Send a webhook.test event (409 endpoint_disabled while disabled)",
             {
+                "409": _DISABLED,
                 "202": _response(
                     "Queued",
                     _data(
@@ -892,7 +994,7 @@ def _webhook_paths(r: dict[str, Schema]) -> dict[str, Schema]:
                             ["event_id", "endpoint_id"],
                         )
                     ),
-                )
+                ),
             },
         ),
         f"{one}/enable": endpoint_action(
@@ -908,7 +1010,10 @@ def _webhook_paths(r: dict[str, Schema]) -> dict[str, Schema]:
                 scope=scope,
                 path=["EndpointId"],
                 body=r["WebhookRecover"],
+                description="409 endpoint_disabled while the endpoint is disabled: enable "
+                "it first, then recover.",
                 responses={
+                    "409": _DISABLED,
                     "202": _response(
                         "Queued again",
                         _data(
@@ -920,7 +1025,7 @@ def _webhook_paths(r: dict[str, Schema]) -> dict[str, Schema]:
                                 ["endpoint_id", "requeued"],
                             )
                         ),
-                    )
+                    ),
                 },
             )
         },
@@ -932,7 +1037,7 @@ def _webhook_paths(r: dict[str, Schema]) -> dict[str, Schema]:
                 scope=scope,
                 path=["EndpointId"],
                 query=[
-                    _query("status", _enum(["pending", "succeeded", "failed", "cancelled"])),
+                    _query("status", _enum([d.value for d in DeliveryStatus])),
                     _limit(50, 500),
                     _ref("parameters", "Cursor"),
                 ],
@@ -954,17 +1059,20 @@ def _webhook_paths(r: dict[str, Schema]) -> dict[str, Schema]:
         "/v1/webhooks/deliveries/{delivery_id}/retry": {
             "post": _operation(
                 "retryWebhookDelivery",
-                "Send a delivery again now",
+                "Send a delivery again now (409 endpoint_disabled while its endpoint is)",
                 tag,
                 scope=scope,
                 path=["DeliveryId"],
-                responses={"202": _response("Queued", _data(r["WebhookDelivery"]))},
+                responses={
+                    "202": _response("Queued", _data(r["WebhookDelivery"])),
+                    "409": _DISABLED,
+                },
             )
         },
     }
 
 
-def _audit_paths(r: dict[str, Schema]) -> dict[str, Schema]:
+def _audit_paths(c: _Components, r: dict[str, Schema]) -> dict[str, Schema]:
     tag, scope = "Audit", "audit:read"
     return {
         "/v1/audit/events": {
@@ -978,11 +1086,29 @@ def _audit_paths(r: dict[str, Schema]) -> dict[str, Schema]:
                     _query("job_id", {"type": "string"}),
                     _query("action", {"type": "string"}, "e.g. contact.deleted"),
                     _query("actor", {"type": "string"}, "An actor id, e.g. an API key id"),
+                    _query(
+                        "email",
+                        {"type": "string", "format": "email"},
+                        "Was this address deleted? URL-encode it (`+` is %2B), or use "
+                        "POST /v1/audit/events/query to keep it out of the URL",
+                    ),
                     _query("since", _TIME),
                     _query("until", _TIME),
                     _limit(100, 1000),
                     _ref("parameters", "Cursor"),
                 ],
+                responses={"200": _response("A page of events", _page(r["AuditEvent"]))},
+            )
+        },
+        "/v1/audit/events/query": {
+            "post": _operation(
+                "queryAuditEvents",
+                "Search the audit trail with the filters in a JSON body",
+                tag,
+                scope=scope,
+                body=c.model(EventsQuery),
+                description="The same filters and answer as GET /v1/audit/events; an "
+                "`email` sent here stays out of URLs and access logs.",
                 responses={"200": _response("A page of events", _page(r["AuditEvent"]))},
             )
         },
@@ -1121,7 +1247,7 @@ def openapi_spec() -> dict[str, Any]:
         **_contact_paths(c, r),
         **_deletion_paths(c, r),
         **_webhook_paths(r),
-        **_audit_paths(r),
+        **_audit_paths(c, r),
         **_ops_paths(),
     }
     webhooks = _webhooks(c)
@@ -1155,6 +1281,12 @@ def openapi_spec() -> dict[str, Any]:
             "responses": {
                 name: _response(description, _ref("schemas", "Error"), headers=headers)
                 for name, description, headers in _ERRORS.values()
+            }
+            | {
+                "EndpointDisabled": _response(
+                    "`endpoint_disabled`: the webhook endpoint is disabled; enable it first",
+                    _ref("schemas", "Error"),
+                )
             },
             "parameters": _PARAMETERS,
             "headers": _HEADERS,

@@ -96,7 +96,8 @@ Instant = Annotated[datetime, BeforeValidator(_instant)]
 
 
 class EventsQuery(BaseModel):
-    """The query string of ``GET /v1/audit/events``; unknown parameters are refused."""
+    """The filters of ``GET /v1/audit/events`` (query string) and of ``POST
+    /v1/audit/events/query`` (JSON body); unknown ones are refused."""
 
     model_config = ConfigDict(extra="forbid")
 

@@ -14,6 +14,7 @@ Create Date: 2026-11-29 13:00:00
 
 import json
 from collections.abc import Sequence
+from datetime import UTC, datetime
 
 import sqlalchemy as sa
 from alembic import op
@@ -50,7 +51,12 @@ def upgrade() -> None:
         retired = []
         if row["previous_secret"] and row["previous_secret_expires_at"] is not None:
             expires = row["previous_secret_expires_at"]
-            text = expires.isoformat() if hasattr(expires, "isoformat") else str(expires)
+            if isinstance(expires, str):
+                expires = datetime.fromisoformat(expires)
+            # SQLite hands back naive datetimes; every time the service stores is UTC.
+            if expires.tzinfo is None:
+                expires = expires.replace(tzinfo=UTC)
+            text = expires.astimezone(UTC).isoformat().replace("+00:00", "Z")
             retired.append({"secret": row["previous_secret"], "expires_at": text})
         reason = row["disabled_reason"]
         if row["status"] == "disabled":
