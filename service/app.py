@@ -15,9 +15,9 @@ from typing import Any
 from aiohttp import web
 
 from service import ops
+from service.api import route_tables
 from service.audit import routes as audit_routes
 from service.config import Settings
-from service.contacts import routes as contact_routes
 from service.db import Database
 from service.deletion import routes as deletion_routes
 from service.deletion.notify import JobNotifier
@@ -29,11 +29,14 @@ from service.http import (
     RateLimiter,
     edge_headers,
     edge_middleware,
+    encode_json,
 )
 from service.kafka import Producer
 from service.logs import get_logger
 from service.metrics import Metrics
 from service.relay import Relay
+from service.routing import register
+from service.schemas import openapi_spec
 from service.topics import create_topics
 from service.webhooks import routes as webhook_routes
 from service.webhooks.dispatcher import Dispatcher
@@ -83,11 +86,10 @@ def create_app(services: Services) -> web.Application:
     app[deletion_routes.NOTIFIER_KEY] = services.notifier
     app[deletion_routes.OUTBOX_SIGNAL_KEY] = services.outbox_signal
     app[webhook_routes.WEBHOOK_SIGNAL_KEY] = services.webhook_signal
-    ops.add_routes(app)
-    contact_routes.add_routes(app)
-    deletion_routes.add_routes(app)
-    webhook_routes.add_routes(app)
-    audit_routes.add_routes(app)
+    audit_routes.add_state(app)
+    tables = route_tables()
+    app[ops.OPENAPI_KEY] = encode_json(openapi_spec(tables))
+    register(app, tables)
     return app
 
 

@@ -6,13 +6,15 @@ import enum
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from service.apimodels import Out, Time, UuidText
 from service.contacts.filters import Node, parse_filter
 from service.contacts.models import Email
 from service.errors import ValidationFailed
+from service.events import OrphanedTimeline
 
 MAX_IDS = 500
 MAX_EMAILS = 1000
@@ -164,3 +166,82 @@ def decide(contact: Mapping[Any, Any] | None, delete_members: bool) -> Outcome:
 def final_status(failed: int) -> JobStatus:
     """A finished job's status. (`failed` is kept for a job that could not run at all.)"""
     return JobStatus.COMPLETED_WITH_ERRORS if failed else JobStatus.COMPLETED
+
+
+# --- Answers ---------------------------------------------------------------------------
+
+
+class JobError(Out):
+    """A contact the job could not delete, and why."""
+
+    contact_id: str
+    code: ErrorCode
+    message: str
+
+
+class Job(Out):
+    """A deletion job (DESIGN §3)."""
+
+    job_id: UuidText
+    status: JobStatus
+    phase: Literal["finding_contacts", "deleting", "done"] = Field(
+        description="finding_contacts: a filter/search job still expanding its matches "
+        "(total_requested is what was found so far); deleting; done"
+    )
+    dry_run: bool
+    delete_members: bool
+    selector: dict[str, Any] = Field(
+        description="contact_ids, emails (a count), or filter and/or search"
+    )
+    total_requested: int = Field(ge=0)
+    estimated_total: int | None = Field(
+        ge=0,
+        description="Filter/search jobs: the matches counted when the job was accepted "
+        "(contacts may come and go meanwhile); null for ids and emails",
+    )
+    processed_count: int = Field(ge=0)
+    deleted_count: int = Field(ge=0)
+    not_found_count: int = Field(ge=0)
+    failed_count: int = Field(ge=0)
+    not_found: list[str] = Field(description="Ids or emails that matched nothing (the first ones)")
+    errors: list[JobError]
+    created_at: Time
+    started_at: Time | None
+    completed_at: Time | None
+
+
+class DryRun(Out):
+    """What a real run would do (``dry_run: true``); no job is created, so no job id."""
+
+    dry_run: Literal[True]
+    selector: dict[str, Any] = Field(description="As a job would show it")
+    would_delete_count: int = Field(ge=0)
+    would_fail_count: int = Field(
+        ge=0, description="Contacts a real run would refuse (their errors are listed)"
+    )
+    not_found_count: int = Field(ge=0)
+    not_found: list[str] = Field(description="Ids or emails that match nothing (the first ones)")
+    errors: list[JobError]
+    orphaned_timeline: OrphanedTimeline = Field(
+        description="Timeline items that would lose their back-reference"
+    )
+    would_redact_count: int = Field(
+        ge=0, description="Timeline items whose text would be redacted (redact_timeline)"
+    )
+    contact_ids: list[UuidText] = Field(
+        description="One page of the ids it would delete, sorted (dry_run_limit per page)"
+    )
+    next_cursor: str | None = Field(
+        description="Send back as dry_run_cursor for the next page; null on the last"
+    )
+
+
+class JobItem(Out):
+    """One contact's outcome in a job."""
+
+    ref: str = Field(description="The contact id or email asked for")
+    contact_id: UuidText | None
+    status: ItemStatus
+    error_code: ErrorCode | None
+    error_message: str | None
+    processed_at: Time | None
