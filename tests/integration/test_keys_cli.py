@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import sqlite3
 import uuid
 from collections.abc import Iterator
@@ -18,6 +19,9 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from service.cli import main
 from service.config import Settings
+from service.db import Database
+from service.dev import demo_key, port_in_use
+from service.keys import authenticate
 from tests.conftest import Tenant
 
 
@@ -208,3 +212,41 @@ async def test_a_database_without_schema_is_named_with_the_command_to_run(
     assert code == 0 and "latest schema" in out
     code, _ = await run_cli(capsys, "keys", "list")
     assert code == 0
+
+
+async def test_dev_keeps_one_demo_key_across_starts(db_url: str, tmp_path: Path) -> None:
+    """Every `make dev` shows the same live key (it used to add one each start);
+    --new-key revokes it and stores another."""
+    db = Database(db_url)
+    key_file = tmp_path / "demo-key"
+    try:
+        first, new = await demo_key(db, key_file, new_key=False)
+        assert new and key_file.read_text().strip() == first
+        assert (key_file.stat().st_mode & 0o777) == 0o600
+        again, new = await demo_key(db, key_file, new_key=False)
+        assert (again, new) == (first, False)
+        replaced, new = await demo_key(db, key_file, new_key=True)
+        assert new and replaced != first
+        assert await authenticate(db, first) is None
+        assert await authenticate(db, replaced) is not None
+    finally:
+        await db.dispose()
+
+
+def test_dev_refuses_a_port_in_use_before_printing_anything(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert port_in_use("127.0.0.1", port)
+        monkeypatch.setenv("HTTP_PORT", str(port))
+        monkeypatch.setenv("DATA_DIR", str(tmp_path))
+        capsys.readouterr()
+        assert main(["dev", "--no-kafka"]) == 1
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert f"127.0.0.1:{port} is already in use" in err and "HTTP_PORT=" in err
+    assert list(tmp_path.iterdir()) == []  # no database, no key
+    assert not port_in_use("127.0.0.1", port)
