@@ -261,7 +261,8 @@ async def test_workload_recorded_every_action_in_order(workload: Workload) -> No
     assert actions[:4] == ["api_key.created"] * 3 + ["api_key.revoked"]
     assert actions.count("contact.deleted") == 3
     assert actions.count("contact.deletion_failed") == 1
-    assert actions.count("deletion.requested") == 3  # bulk, single, dry run
+    assert actions.count("deletion.requested") == 2  # bulk, single
+    assert actions.count("deletion.dry_run") == 1  # no job, so no deletion.requested
     assert actions.count("deletion.completed") == 2
     assert all(e["workspace_id"] == str(workload.tenant.workspace_id) for e in trail)
     for before, after in itertools.pairwise(trail):
