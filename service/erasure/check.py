@@ -336,7 +336,7 @@ class ErasureCheck:
             " AND c.relkind IN ('r', 'i', 't', 'm')"
             " AND pg_relation_filepath(c.oid) IS NOT NULL"
             # Where ANALYZE keeps sample values (the service turns it off for its personal
-            # columns, see migration 0012; an older sample would still show here).
+            # columns, see migration 0003; an older sample would still show here).
             " UNION ALL SELECT pg_relation_filepath('pg_catalog.pg_statistic')"
         )
         try:

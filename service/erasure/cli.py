@@ -12,22 +12,28 @@ import argparse
 import asyncio
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from service.config import Settings
-from service.db import Database
-from service.erasure.check import ErasureCheck
+# Only the parser is built at start-up; the service is imported once the command runs.
+if TYPE_CHECKING:
+    from service.config import Settings
 
 
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``erasure`` and its subcommands to the ``contact-deletion`` parser."""
-    erasure = subparsers.add_parser(
-        "erasure", help="prove that a deleted address is gone from everything the service writes"
-    )
+    summary = "prove that a deleted address is gone from everything the service writes"
+    erasure = subparsers.add_parser("erasure", help=summary, description=summary.capitalize() + ".")
     commands = erasure.add_subparsers(dest="erasure_command", required=True)
+    summary = (
+        "search the database (rows and files), the Kafka topics and log files for an "
+        "address; exit 0 when it is nowhere, 1 when found, 2 when a place could not be read"
+    )
     check = commands.add_parser(
         "check",
-        help="search the database (rows and files), the Kafka topics and log files for an "
-        "address; exit 0 when it is nowhere, 1 when found, 2 when a place could not be read",
+        help=summary,
+        description=summary.capitalize()
+        + ". Run it with the service's environment (DATABASE_URL, KAFKA_BOOTSTRAP_SERVERS, "
+        "KAFKA_TOPIC_PREFIX), on the database host to have PostgreSQL's files read.",
     )
     check.add_argument("--email", required=True, help="the address to look for")
     check.add_argument(
@@ -50,6 +56,10 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def run(args: argparse.Namespace, settings: Settings) -> int:
+    """Run the check and print its report; returns the exit code."""
+    from service.db import Database
+    from service.erasure.check import ErasureCheck
+
     db = Database(settings.database_url)
     try:
         report = await ErasureCheck(

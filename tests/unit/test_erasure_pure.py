@@ -14,6 +14,14 @@ from service.erasure import check
 from service.erasure.check import Needles, Place, Report, scan_file
 from service.erasure.redact import RedactionSummary, Redactor
 from service.erasure.scrubber import SETTLE_S, Scrubber
+from service.logs import configure_logging
+
+
+@pytest.fixture(autouse=True)
+def _log_to_this_tests_stderr() -> None:
+    # The scrubber logs; an earlier test may have left structlog writing to a closed stream.
+    configure_logging("json", "WARNING")
+
 
 ADA = {
     "email": "ada.lovelace@example.com",

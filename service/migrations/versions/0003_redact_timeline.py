@@ -1,7 +1,7 @@
 """deletion_jobs.redact_timeline (issue 12)
 
-Revision ID: 0012
-Revises: 0001
+Revision ID: 0003
+Revises: 0002
 Create Date: 2026-11-29 13:00:00
 
 The ``redact_timeline`` option of a bulk delete, kept on the job so that the worker (which
@@ -18,8 +18,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0012"
-down_revision: str | None = "0001"
+revision: str = "0003"
+down_revision: str | None = "0002"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
