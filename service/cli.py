@@ -11,6 +11,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Sequence
 
 from service import bench
+from service.aio import Stopped, wait_for_dependency
 from service.app import Services, components, run_components
 from service.audit import cli as audit_cli
 from service.config import Settings
@@ -45,11 +46,20 @@ def _stop_on_signals(stop: asyncio.Event) -> None:
 
 async def serve(settings: Settings, names: Sequence[str], *, migrate: bool) -> int:
     """Run components until SIGINT/SIGTERM."""
-    if migrate:
-        await upgrade(settings.database_url)
-    services = Services(settings=settings, db=Database(settings.database_url))
     stop = asyncio.Event()
     _stop_on_signals(stop)
+    if migrate:
+        # A database that is down (or still starting) at start-up is waited for.
+        try:
+            await wait_for_dependency(
+                lambda: upgrade(settings.database_url),
+                stop,
+                dependency="database",
+                component="migrate",
+            )
+        except Stopped:
+            return 0
+    services = Services(settings=settings, db=Database(settings.database_url))
     try:
         await run_components(services, names, stop)
     finally:

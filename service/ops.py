@@ -13,6 +13,8 @@ from service.metrics import Metrics
 from service.schemas import openapi_spec
 
 METRICS_KEY = web.AppKey("metrics", Metrics)
+# Components of this process still waiting for a dependency at start-up (name -> what).
+WAITING_KEY = web.AppKey("waiting", dict[str, str])
 
 log = get_logger(__name__)
 
@@ -31,6 +33,8 @@ async def readyz(request: web.Request) -> web.Response:
         checks["database"] = "unreachable"
     bootstrap = request.app[SETTINGS_KEY].kafka_bootstrap_servers
     checks["kafka"] = "ok" if await kafka_reachable(bootstrap, timeout_s=3) else "unreachable"
+    for component, dependency in sorted(request.app.get(WAITING_KEY, {}).items()):
+        checks[component] = f"waiting for {dependency}"
     ready = all(v == "ok" for v in checks.values())
     if ready:
         return json_response({"data": {"status": "ready", "checks": checks}})
