@@ -28,7 +28,7 @@ from collections.abc import Iterator
 import aiokafka.errors as kafka_errors
 import sqlalchemy.exc as sa_exc
 
-from service.errors import RetryLater
+from service.errors import RetryLater, ServiceError
 
 # SQLSTATE classes and codes that mean "not answering right now" (PostgreSQL Appendix A).
 _TRANSIENT_SQLSTATE_CLASSES = frozenset(
@@ -150,6 +150,8 @@ def describe(exc: BaseException) -> str:
     the statement's parameters or the message text (which may quote a value, such as an
     email address).
     """
+    if isinstance(exc, ServiceError):
+        return exc.message  # our own words, written for the client
     for link in _chain(exc):
         if isinstance(link, sqlite3.Error):
             name = getattr(link, "sqlite_errorname", None) or type(link).__name__
@@ -162,4 +164,10 @@ def describe(exc: BaseException) -> str:
         return (
             f"the database refused the statement (SQLSTATE {link.sqlstate}, {type(link).__name__})"  # type: ignore[attr-defined]
         )
+    for link in _chain(exc):
+        if isinstance(link, sa_exc.DBAPIError):
+            # A refusal by the driver itself (asyncpg's limit of 32767 arguments, a value it
+            # cannot encode): its class says enough, its message may quote the value.
+            inner = [type(x).__name__ for x in _chain(link) if x is not link]
+            return f"the database refused the statement ({inner[-1] if inner else 'DBAPIError'})"
     return f"an unexpected error ({type(exc).__name__})"
