@@ -22,7 +22,7 @@ from asyncpg.exceptions import CannotConnectNowError
 
 from service import idempotency
 from service.app import Services, create_app
-from service.db import Database, deletion_jobs, utcnow
+from service.db import Database, deletion_jobs, idempotency_keys, utcnow
 from service.deletion import routes as deletion_routes
 from service.errors import IdempotencyConflict
 from service.procs import free_port
@@ -48,7 +48,7 @@ async def test_a_transient_failure_is_503_with_retry_after_and_frees_the_key(
     services: Services, tenant: Tenant, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The database going away mid-request: 503, and the same key retried runs at once."""
-    real_create = deletion_routes.create_job
+    real_create = deletion_routes.create_job  # type: ignore[attr-defined]
     failures = 1
 
     async def create_during_shutdown(*args: Any, **kwargs: Any) -> None:
@@ -146,8 +146,8 @@ async def test_a_taken_over_key_whose_job_exists_answers_that_job(
     # As if the first request had died after creating its job, before storing its answer.
     async with services.db.begin() as conn:
         await conn.execute(
-            idempotency.idempotency_keys.update()
-            .where(idempotency.idempotency_keys.c.key == key)
+            idempotency_keys.update()
+            .where(idempotency_keys.c.key == key)
             .values(
                 state="in_progress",
                 response_status=None,
