@@ -59,7 +59,8 @@ async def serve(settings: Settings, names: Sequence[str], *, migrate: bool) -> i
             )
         except Stopped:
             return 0
-    services = Services(settings=settings, db=Database(settings.database_url))
+    db = Database(settings.database_url, busy_timeout_ms=settings.sqlite_busy_timeout_ms)
+    services = Services(settings=settings, db=db)
     try:
         await run_components(services, names, stop)
     finally:

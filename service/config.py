@@ -55,6 +55,9 @@ class Settings(BaseSettings):
     # (group.min.session.timeout.ms); aiokafka's default is 10 s. Heartbeats every 1 s.
     kafka_session_timeout_ms: int = Field(default=6000, ge=1000)
     kafka_heartbeat_interval_ms: int = Field(default=1000, ge=100)
+    # How long a SQLite writer waits for a lock another process holds before the error
+    # (SQLITE_BUSY, transient: retried with back-off) reaches the caller.
+    sqlite_busy_timeout_ms: int = Field(default=30_000, ge=0)
     # Longest back-off between retries of a transient error (database or broker down).
     retry_max_backoff_s: float = Field(default=5.0, gt=0)
 
