@@ -16,18 +16,28 @@ from aiohttp import web
 
 from service import ops
 from service.aio import Stopped, wait_for_dependency
+from service.api import route_tables
 from service.audit import routes as audit_routes
 from service.config import Settings
-from service.contacts import routes as contact_routes
 from service.db import Database
 from service.deletion import routes as deletion_routes
 from service.deletion.notify import JobNotifier
 from service.deletion.worker import DeletionWorker
-from service.http import DB_KEY, RATE_LIMITER_KEY, SETTINGS_KEY, RateLimiter, edge_middleware
+from service.http import (
+    DB_KEY,
+    RATE_LIMITER_KEY,
+    SETTINGS_KEY,
+    RateLimiter,
+    edge_headers,
+    edge_middleware,
+    encode_json,
+)
 from service.kafka import Producer
 from service.logs import get_logger
 from service.metrics import Metrics
 from service.relay import Relay
+from service.routing import register
+from service.schemas import openapi_spec
 from service.topics import create_topics
 from service.webhooks import routes as webhook_routes
 from service.webhooks.dispatcher import Dispatcher
@@ -48,6 +58,17 @@ class Services:
     webhook_signal: asyncio.Event = field(default_factory=asyncio.Event)
     # Components still waiting for a dependency at start-up (name -> what), for /readyz.
     waiting: dict[str, str] = field(default_factory=dict)
+    # Set once the HTTP API listens (`dev` prints its banner then, not before).
+    listening: asyncio.Event = field(default_factory=asyncio.Event)
+    _topics_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    _topics_ready: bool = False
+
+    async def ensure_topics(self) -> None:
+        """Create the Kafka topics once per process, whichever component asks first."""
+        async with self._topics_lock:
+            if not self._topics_ready:
+                await create_topics(self.settings)
+                self._topics_ready = True
 
     async def close(self) -> None:
         await self.db.dispose()
@@ -60,6 +81,7 @@ def create_app(services: Services) -> web.Application:
         middlewares=[services.metrics.middleware, edge_middleware],
         client_max_size=settings.max_body_bytes,
     )
+    app.on_response_prepare.append(edge_headers)
     app[SETTINGS_KEY] = settings
     app[DB_KEY] = services.db
     app[RATE_LIMITER_KEY] = RateLimiter(settings.rate_limit_per_s, settings.rate_limit_burst)
@@ -68,11 +90,10 @@ def create_app(services: Services) -> web.Application:
     app[deletion_routes.NOTIFIER_KEY] = services.notifier
     app[deletion_routes.OUTBOX_SIGNAL_KEY] = services.outbox_signal
     app[webhook_routes.WEBHOOK_SIGNAL_KEY] = services.webhook_signal
-    ops.add_routes(app)
-    contact_routes.add_routes(app)
-    deletion_routes.add_routes(app)
-    webhook_routes.add_routes(app)
-    audit_routes.add_routes(app)
+    audit_routes.add_state(app)
+    tables = route_tables()
+    app[ops.OPENAPI_KEY] = encode_json(openapi_spec(tables))
+    register(app, tables)
     return app
 
 
@@ -82,6 +103,7 @@ async def run_api(services: Services, stop: asyncio.Event) -> None:
     await runner.setup()
     site = web.TCPSite(runner, services.settings.http_host, services.settings.http_port)
     await site.start()
+    services.listening.set()
     log.info("api_listening", host=services.settings.http_host, port=services.settings.http_port)
     try:
         await stop.wait()
@@ -97,7 +119,7 @@ async def _topics_ready(services: Services, stop: asyncio.Event, component: str)
     services.waiting[component] = "kafka"
     try:
         await wait_for_dependency(
-            lambda: create_topics(services.settings),
+            services.ensure_topics,
             stop,
             dependency="kafka",
             component=component,

@@ -45,6 +45,7 @@ from service.deletion.models import NOT_FOUND, ErrorCode, ItemStatus, Outcome, d
 from service.deletion.notify import JobNotifier
 from service.deletion.store import (
     PROGRESS_COLUMNS,
+    JobChange,
     ProgressDelta,
     apply_progress,
     finish_job,
@@ -102,6 +103,32 @@ def parse_message(message: InMessage) -> DeletionRequested | JobExpand:
 class BatchResult:
     finished_jobs: list[uuid.UUID] = field(default_factory=list)
     deleted: int = 0
+    # For the log lines written once the batch has committed:
+    started: list[uuid.UUID] = field(default_factory=list)
+    finished: list[dict[str, Any]] = field(default_factory=list)
+    failed_jobs: list[uuid.UUID] = field(default_factory=list)
+    progress: dict[uuid.UUID, ProgressDelta] = field(default_factory=dict)
+
+    def add(self, other: BatchResult) -> None:
+        self.finished_jobs += other.finished_jobs
+        self.deleted += other.deleted
+        self.started += other.started
+        self.finished += other.finished
+        self.failed_jobs += other.failed_jobs
+        for job_id, delta in other.progress.items():
+            mine = self.progress.setdefault(job_id, ProgressDelta())
+            mine.deleted += delta.deleted
+            mine.not_found += delta.not_found
+            mine.failed += delta.failed
+            mine.added += delta.added
+            mine.expanded = mine.expanded or delta.expanded
+
+    def note(self, job_id: uuid.UUID, change: JobChange) -> None:
+        if change.started:
+            self.started.append(job_id)
+        if change.finished is not None:
+            self.finished_jobs.append(job_id)
+            self.finished.append(change.finished)
 
 
 class DeletionWorker:
@@ -215,9 +242,7 @@ class DeletionWorker:
             )
         total = BatchResult()
         for command in commands:
-            result = await self._process_alone(command, stop)
-            total.finished_jobs += result.finished_jobs
-            total.deleted += result.deleted
+            total.add(await self._process_alone(command, stop))
         return total
 
     async def _process_alone(
@@ -261,6 +286,7 @@ class DeletionWorker:
         await dlq.send_many([dead_letter(m, reason, DLQ_SUFFIX) for m, reason in poison])
 
     def _after_commit(self, result: BatchResult) -> None:
+        _log_batch(result)
         self.metrics.contacts_deleted.inc(result.deleted)
         if self.outbox_signal is not None:
             self.outbox_signal.set()
@@ -282,8 +308,11 @@ class DeletionWorker:
             for expansion in expansions:
                 await self._expand(conn, expansion, progress)
             for job_id in sorted(progress, key=str):
-                if await apply_progress(conn, self.db, self.settings, job_id, progress[job_id]):
-                    result.finished_jobs.append(job_id)
+                change = await apply_progress(
+                    conn, self.db, self.settings, job_id, progress[job_id]
+                )
+                result.note(job_id, change)
+            result.progress = progress
         return result
 
     async def give_up(
@@ -302,10 +331,11 @@ class DeletionWorker:
                 if job_row is not None:
                     message = f"the job's contacts could not be selected: {reason}"
                     failure = (str(ErrorCode.FAILED), message[:500])
-                    await finish_job(
+                    finished = await finish_job(
                         conn, self.db, self.settings, job_row, utcnow(), failure=failure
                     )
-                    result.finished_jobs.append(command.job_id)
+                    result.note(command.job_id, JobChange(finished=finished))
+                    result.failed_jobs.append(command.job_id)
                 return result
             items = deletion_job_items.c
             now = utcnow()
@@ -348,8 +378,9 @@ class DeletionWorker:
                     ],
                 )
                 delta = ProgressDelta(failed=1)
-                if await apply_progress(conn, self.db, self.settings, command.job_id, delta):
-                    result.finished_jobs.append(command.job_id)
+                change = await apply_progress(conn, self.db, self.settings, command.job_id, delta)
+                result.note(command.job_id, change)
+                result.progress[command.job_id] = delta
         return result
 
     async def _delete(
@@ -585,6 +616,37 @@ class DeletionWorker:
         delta = progress.setdefault(job["id"], ProgressDelta())
         delta.added += len(ids)
         delta.expanded = delta.expanded or last
+
+
+def _log_batch(result: BatchResult) -> None:
+    """The lines of one committed batch: per job, what it did; then starts and ends.
+
+    Ids and counts only: never an address (items of an emails job are named by the
+    contact id they resolved to).
+    """
+    for job_id in result.started:
+        log.info("deletion_job_started", job_id=str(job_id))
+    for job_id, delta in sorted(result.progress.items(), key=lambda kv: str(kv[0])):
+        if delta.processed:
+            log.info(
+                "deletion_batch",
+                job_id=str(job_id),
+                deleted=delta.deleted,
+                not_found=delta.not_found,
+                failed=delta.failed,
+            )
+        if delta.added or delta.expanded:
+            log.info(
+                "deletion_job_expansion_done" if delta.expanded else "deletion_job_expansion_page",
+                job_id=str(job_id),
+                found=delta.added,
+            )
+    for summary in result.finished:
+        log.info("deletion_job_finished", **summary)
+    for job_id in result.failed_jobs:
+        log.error(
+            "deletion_job_failed", job_id=str(job_id), reason="its expansion failed permanently"
+        )
 
 
 def _job_actor(job: Any) -> dict[str, str]:
