@@ -51,12 +51,12 @@ async def test_a_transient_failure_is_503_with_retry_after_and_frees_the_key(
     real_create = deletion_routes.create_job  # type: ignore[attr-defined]
     failures = 1
 
-    async def create_during_shutdown(*args: Any, **kwargs: Any) -> None:
+    async def create_during_shutdown(*args: Any, **kwargs: Any) -> Any:
         nonlocal failures
         if failures:
             failures -= 1
             raise wrapped(CannotConnectNowError("the database system is shutting down"))
-        await real_create(*args, **kwargs)
+        return await real_create(*args, **kwargs)
 
     monkeypatch.setattr(deletion_routes, "create_job", create_during_shutdown)
     body = {"contact_ids": [str(uuid.uuid4())]}

@@ -23,7 +23,7 @@ from service.app import Services
 from service.audit.chain import verify_events
 from service.audit.store import load_hash_key, stream_events
 from service.config import Settings
-from service.db import contacts, outbox
+from service.db import contacts, deletion_jobs, outbox
 from service.deletion.worker import BatchResult, DeletionWorker
 from service.events import DLQ_SUFFIX, TOPIC_DELETION_REQUESTED, DeletionRequested, JobExpand
 from service.kafka import Consumer, InMessage, OutMessage, Producer
@@ -380,15 +380,14 @@ async def test_an_expansion_the_database_refuses_fails_its_job_and_not_another_w
             services.db,
             services.settings,
             Requester(tenant.workspace_id, tenant.key_id, "req-huge"),
-            BulkDeleteRequest.model_construct(
-                contact_ids=None,
-                emails=None,
-                filter=huge,
-                search=None,
-                dry_run=False,
-                delete_members=False,
-            ),
+            BulkDeleteRequest.model_validate({"filter": {"last_name": "Nobody"}}),
             big_job,
+        )
+        # The stored selector is what the worker expands: make it the one that got through.
+        await conn.execute(
+            deletion_jobs.update()
+            .where(deletion_jobs.c.id == big_job)
+            .values(selector={"filter": huge})
         )
     other_ids = await make_contacts(other_tenant, 1)
     worker, small_messages, small_job = await worker_and_messages(services, other_tenant, other_ids)

@@ -29,14 +29,14 @@ from service.kafka import KafkaUnavailable
 from service.logs import configure_logging
 from tests.real_errors import sqlite_busy, sqlite_too_many_variables, wrapped
 
-_DBAPI = AsyncAdapt_asyncpg_dbapi(asyncpg)
+_DBAPI = AsyncAdapt_asyncpg_dbapi(asyncpg)  # type: ignore[no-untyped-call]
 
 
 @pytest.fixture(autouse=True)
 def _logs_to_a_live_stream() -> None:
     # The retry loops log; a test that ran before may have left structlog writing to a
     # capture stream pytest has closed since (the CLI tests configure logging under capsys).
-    configure_logging("json", "WARNING")  # type: ignore[no-untyped-call]
+    configure_logging("json", "WARNING")
 
 
 def through_sqlalchemy(error: pg.PostgresError | pg.InterfaceError) -> sa_exc.DBAPIError:
