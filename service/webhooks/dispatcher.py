@@ -154,7 +154,7 @@ class Dispatcher:
                 )
                 if not messages:
                     continue
-                if not await self._durably(functools.partial(self.fan_out, messages, dlq), stop):
+                if not await self._fan_out_isolating(messages, dlq, stop):
                     break
                 # A refused commit (the partition moved) is logged and skipped inside.
                 await self._transient(
@@ -521,6 +521,41 @@ class Dispatcher:
                 f"every delivery failed for {_duration(limit)}",
             )
         return False
+
+    async def _fan_out_isolating(
+        self, messages: Sequence[InMessage], dlq: Producer, stop: asyncio.Event
+    ) -> bool:
+        """Fan a batch out; False if stopped first. Never raises.
+
+        Outages are waited out. A permanent error splits the batch: each event alone, and
+        one that still fails is dead-lettered with the reason, so one bad event never
+        holds back the others.
+        """
+        try:
+            await self._transient(functools.partial(self.fan_out, messages, dlq), stop)
+            return True
+        except Stopped:
+            return False
+        except Exception as exc:
+            log.error("webhook_fanout_failed", error=describe(exc), events=len(messages))
+        for message in messages:
+            try:
+                await self._transient(functools.partial(self.fan_out, [message], dlq), stop)
+                continue
+            except Stopped:
+                return False
+            except Exception as exc:
+                reason = describe(exc)
+            log.error(
+                "webhook_event_dead_lettered",
+                topic=message.topic,
+                offset=message.offset,
+                reason=reason,
+            )
+            copy = dead_letter(message, reason, DLQ_SUFFIX)
+            if not await self._durably(functools.partial(dlq.send_many, [copy]), stop):
+                return False
+        return True
 
     def _backoff(self) -> Backoff:
         return Backoff(cap_s=self.settings.retry_max_backoff_s, rng=self.rng, sleep=self.sleep)

@@ -423,3 +423,91 @@ async def test_an_expansion_the_database_refuses_fails_its_job_and_not_another_w
     assert finished["data"]["code"] == "FAILED_DELETE_CONTACT"
     assert "database refused" in finished["data"]["message"]
     assert verify_events(events, workspace_id=str(tenant.workspace_id)).ok
+
+
+# -- the dispatcher's fan-out meets the same classification ------------------------------
+
+
+async def test_an_event_the_database_refuses_is_dead_lettered_and_its_batch_mates_delivered(
+    services: Services, tenant: Tenant, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A permanent error in the dispatcher's fan-out splits the batch: the bad event goes to
+    the dead-letter topic with its reason, the good one gets its delivery row."""
+    from service.db import utcnow, webhook_deliveries
+    from service.events import (
+        TOPIC_CONTACT_DELETED,
+        TYPE_CONTACT_DELETED,
+        ContactDeleted,
+        OrphanedTimeline,
+        envelope,
+    )
+    from service.webhooks import dispatcher as dispatcher_module
+
+    status, body, _ = await tenant.call(
+        "POST", "/v1/webhooks/endpoints", {"url": "http://127.0.0.1:9/hook"}
+    )
+    assert status == 201, body
+    await create_topics(settings)
+    topic = settings.topic(TOPIC_CONTACT_DELETED)
+    events = [
+        envelope(
+            TYPE_CONTACT_DELETED,
+            str(contact_id),
+            ContactDeleted(
+                contact_id=contact_id,
+                workspace_id=tenant.workspace_id,
+                job_id=uuid.uuid4(),
+                deleted_at=utcnow(),
+                email_sha256="0" * 64,
+                orphaned_timeline=OrphanedTimeline(activities=0, notes=0, tasks=0),
+            ),
+            utcnow(),
+        )
+        for contact_id in (uuid.uuid4(), uuid.uuid4())
+    ]
+    bad, good = events
+    messages = [
+        InMessage(topic, 0, n, str(e.subject).encode(), e.model_dump_json().encode(), ())
+        for n, e in enumerate(events)
+    ]
+    real_enqueue = dispatcher_module.enqueue  # type: ignore[attr-defined]
+
+    async def refuses_bad(conn: Any, db: Any, **kwargs: Any) -> int:
+        if kwargs["event_id"] == bad.id:
+            raise wrapped(sqlite_too_many_variables(), "INSERT INTO webhook_deliveries ...")
+        return await real_enqueue(conn, db, **kwargs)
+
+    monkeypatch.setattr(dispatcher_module, "enqueue", refuses_bad)
+    dispatcher = dispatcher_module.Dispatcher(settings, services.db, Metrics())
+    dlq = Producer(settings.kafka_bootstrap_servers)
+    await dlq.start()
+    try:
+        assert await dispatcher._fan_out_isolating(messages, dlq, asyncio.Event())
+    finally:
+        await dlq.stop()
+
+    async with services.db.read() as conn:
+        delivered = (
+            (
+                await conn.execute(
+                    sa.select(webhook_deliveries.c.event_id).where(
+                        webhook_deliveries.c.workspace_id == tenant.workspace_id
+                    )
+                )
+            )
+            .scalars()
+            .all()
+        )
+    assert list(delivered) == [good.id]
+    consumer = Consumer(
+        settings.kafka_bootstrap_servers,
+        [topic + DLQ_SUFFIX],
+        f"{settings.kafka_consumer_group_prefix}.dlq-reader",
+    )
+    await consumer.start()
+    try:
+        [dead] = await read_all(consumer, 1)
+    finally:
+        await consumer.stop()
+    assert dead.key == str(bad.subject).encode()
+    assert "too many SQL variables" in dict(dead.headers)["dlq-reason"].decode()
