@@ -46,9 +46,11 @@ async def sleep_unless_stopped(delay_s: float, stop: asyncio.Event) -> None:
 
 @dataclass
 class Backoff:
-    """Capped exponential back-off with full jitter (AWS Architecture Blog, "Exponential
-    Backoff And Jitter", 2015): the n-th delay is uniform in [base*2^n / 2, base*2^n],
-    capped at ``cap_s``. The randomness and the sleep are injected, so tests run at once.
+    """Capped exponential back-off with "equal jitter" (AWS Architecture Blog, "Exponential
+    Backoff And Jitter", 2015): the n-th delay (n from 0) is uniform in [d/2, d] where
+    d = min(cap_s, base_s * 2^n), in seconds. Half of it is random, so many processes that
+    lost the same database do not come back in step; the other half keeps the wait growing.
+    The randomness and the sleep are injected, so tests need not wait.
     """
 
     base_s: float = 0.1
