@@ -15,6 +15,7 @@ from typing import Any
 from aiohttp import web
 
 from service import ops
+from service.aio import Stopped, wait_for_dependency
 from service.api import route_tables
 from service.audit import routes as audit_routes
 from service.config import Settings
@@ -55,6 +56,8 @@ class Services:
     notifier: JobNotifier = field(default_factory=JobNotifier)
     outbox_signal: asyncio.Event = field(default_factory=asyncio.Event)
     webhook_signal: asyncio.Event = field(default_factory=asyncio.Event)
+    # Components still waiting for a dependency at start-up (name -> what), for /readyz.
+    waiting: dict[str, str] = field(default_factory=dict)
     # Set once the HTTP API listens (`dev` prints its banner then, not before).
     listening: asyncio.Event = field(default_factory=asyncio.Event)
     _topics_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -83,6 +86,7 @@ def create_app(services: Services) -> web.Application:
     app[DB_KEY] = services.db
     app[RATE_LIMITER_KEY] = RateLimiter(settings.rate_limit_per_s, settings.rate_limit_burst)
     app[ops.METRICS_KEY] = services.metrics
+    app[ops.WAITING_KEY] = services.waiting
     app[deletion_routes.NOTIFIER_KEY] = services.notifier
     app[deletion_routes.OUTBOX_SIGNAL_KEY] = services.outbox_signal
     app[webhook_routes.WEBHOOK_SIGNAL_KEY] = services.webhook_signal
@@ -107,12 +111,35 @@ async def run_api(services: Services, stop: asyncio.Event) -> None:
         await runner.cleanup()
 
 
+async def _topics_ready(services: Services, stop: asyncio.Event, component: str) -> bool:
+    """Wait (with back-off and a log line) until the broker answers and the topics exist.
+
+    False if stopped first. Meanwhile the component is listed as waiting in /readyz.
+    """
+    services.waiting[component] = "kafka"
+    try:
+        await wait_for_dependency(
+            services.ensure_topics,
+            stop,
+            dependency="kafka",
+            component=component,
+        )
+    except Stopped:
+        return False
+    services.waiting.pop(component, None)
+    return True
+
+
 async def run_relay(services: Services, stop: asyncio.Event) -> None:
     """Publish the outbox to Kafka until `stop` is set."""
     settings = services.settings
-    await services.ensure_topics()
+    if not await _topics_ready(services, stop, "relay"):
+        return
     producer = Producer(settings.kafka_bootstrap_servers)
-    await producer.start()
+    try:
+        await wait_for_dependency(producer.start, stop, dependency="kafka", component="relay")
+    except Stopped:
+        return
     try:
         relay = Relay(settings, services.db, producer, services.metrics, services.outbox_signal)
         await relay.run(stop)
@@ -122,7 +149,8 @@ async def run_relay(services: Services, stop: asyncio.Event) -> None:
 
 async def run_worker(services: Services, stop: asyncio.Event) -> None:
     """Consume deletion requests and delete contacts until `stop` is set."""
-    await services.ensure_topics()
+    if not await _topics_ready(services, stop, "worker"):
+        return
     worker = DeletionWorker(
         services.settings,
         services.db,
@@ -135,7 +163,8 @@ async def run_worker(services: Services, stop: asyncio.Event) -> None:
 
 async def run_dispatcher(services: Services, stop: asyncio.Event) -> None:
     """Fan events out to webhook endpoints and deliver them until `stop` is set."""
-    await services.ensure_topics()
+    if not await _topics_ready(services, stop, "dispatcher"):
+        return
     dispatcher = Dispatcher(
         services.settings, services.db, services.metrics, services.webhook_signal
     )

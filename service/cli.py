@@ -81,25 +81,49 @@ async def _with_db(settings: Settings, work: Callable[[Database], Awaitable[int]
 
 
 async def serve(settings: Settings, names: Sequence[str], *, migrate: bool) -> int:
-    """Run components until SIGINT/SIGTERM."""
+    """Run components until SIGINT/SIGTERM.
+
+    A database that is down (or still starting) at start-up is waited for, with back-off
+    and a `waiting_for_dependency` log line, rather than ending the process.
+    """
     import signal
 
+    from service.aio import Stopped, wait_for_dependency
     from service.app import Services, run_components
     from service.db import Database
     from service.logs import get_logger
     from service.migrate import schema_problem, upgrade
 
-    if migrate:
-        await upgrade(settings.database_url)
-    else:
-        problem = await schema_problem(settings.database_url, where=settings.describe_database())
-        if problem is not None:
-            return _fail(problem)
-    services = Services(settings=settings, db=Database(settings.database_url))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    try:
+        if migrate:
+            await wait_for_dependency(
+                lambda: upgrade(settings.database_url),
+                stop,
+                dependency="database",
+                component="migrate",
+            )
+        else:
+            if not settings.is_sqlite:  # (opening SQLite would create a missing file)
+                probe = Database(settings.database_url)
+                try:
+                    await wait_for_dependency(
+                        probe.ping, stop, dependency="database", component="+".join(names)
+                    )
+                finally:
+                    await probe.dispose()
+            problem = await schema_problem(
+                settings.database_url, where=settings.describe_database()
+            )
+            if problem is not None:
+                return _fail(problem)
+    except Stopped:
+        return 0
+    db = Database(settings.database_url, busy_timeout_ms=settings.sqlite_busy_timeout_ms)
+    services = Services(settings=settings, db=db)
     try:
         await run_components(services, names, stop)
     finally:

@@ -68,6 +68,16 @@ class Settings(BaseSettings):
     expand_page_size: int = Field(default=1000, ge=1)
     idempotency_ttl_s: int = Field(default=24 * 3600, ge=1)
     kafka_replication_factor: int = Field(default=1, ge=1)
+    # How fast the group notices a member that died (kill -9, a lost host): its partitions
+    # move after this many ms without a heartbeat. 6 s is the broker's minimum
+    # (group.min.session.timeout.ms); aiokafka's default is 10 s. Heartbeats every 1 s.
+    kafka_session_timeout_ms: int = Field(default=6000, ge=1000)
+    kafka_heartbeat_interval_ms: int = Field(default=1000, ge=100)
+    # How long a SQLite writer waits for a lock another process holds before the error
+    # (SQLITE_BUSY, transient: retried with back-off) reaches the caller.
+    sqlite_busy_timeout_ms: int = Field(default=30_000, ge=0)
+    # Longest back-off between retries of a transient error (database or broker down).
+    retry_max_backoff_s: float = Field(default=5.0, gt=0)
 
     # Erasure (DESIGN "Erasure"): at most this long after deletions commit, SQLite's WAL is
     # checkpointed and truncated, or PostgreSQL's touched tables are vacuumed; runs are

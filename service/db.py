@@ -324,7 +324,7 @@ def new_id() -> uuid.UUID:
 class Database:
     """The engines of one database and the two kinds of transaction the service uses."""
 
-    def __init__(self, url: str, *, echo: bool = False) -> None:
+    def __init__(self, url: str, *, echo: bool = False, busy_timeout_ms: int = 30_000) -> None:
         self.url = url
         self.is_sqlite = url.startswith("sqlite")
         if self.is_sqlite:
@@ -336,9 +336,9 @@ class Database:
             else:
                 self._writer = create_async_engine(url, echo=echo, pool_size=1, max_overflow=0)
                 self._reader = create_async_engine(url, echo=echo, pool_size=4, max_overflow=4)
-            _sqlite_pragmas(self._writer, immediate=True)
+            _sqlite_pragmas(self._writer, immediate=True, busy_timeout_ms=busy_timeout_ms)
             if self._reader is not self._writer:
-                _sqlite_pragmas(self._reader, immediate=False)
+                _sqlite_pragmas(self._reader, immediate=False, busy_timeout_ms=busy_timeout_ms)
         else:
             self._writer = create_async_engine(
                 url, echo=echo, pool_size=10, max_overflow=10, pool_pre_ping=True
@@ -385,7 +385,7 @@ def _ensure_sqlite_dir(url: str) -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
 
 
-def _sqlite_pragmas(engine: AsyncEngine, *, immediate: bool) -> None:
+def _sqlite_pragmas(engine: AsyncEngine, *, immediate: bool, busy_timeout_ms: int) -> None:
     @event.listens_for(engine.sync_engine, "connect")
     def _on_connect(dbapi_connection: Any, _: Any) -> None:
         # Take transaction control away from the driver so BEGIN is ours to issue.
@@ -393,7 +393,7 @@ def _sqlite_pragmas(engine: AsyncEngine, *, immediate: bool) -> None:
         cursor = dbapi_connection.cursor()
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA synchronous=NORMAL")
-        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
         cursor.execute("PRAGMA foreign_keys=ON")
         # Deleted content is overwritten with zeros (cells, free pages), so a deleted row
         # cannot be read back from the main file; the WAL's old frames go at the next

@@ -9,7 +9,7 @@
     ├── PayloadTooLarge         413 payload_too_large
     ├── UnsupportedMediaType    415 unsupported_media_type
     ├── RateLimited             429 rate_limited
-    └── Unavailable             503 unavailable
+    └── Unavailable             503 service_unavailable (the database or broker is down)
 
 Consumers use a second pair: ``RetryLater`` (transient; back off and try again, never
 skip) and ``PoisonMessage`` (never retry; dead-letter it and commit).
@@ -95,8 +95,10 @@ class RateLimited(ServiceError):
 
 
 class Unavailable(ServiceError):
+    """A dependency is not answering right now (service.faults says which errors mean it)."""
+
     status = 503
-    code = "unavailable"
+    code = "service_unavailable"
 
 
 class RetryLater(Exception):

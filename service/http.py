@@ -29,9 +29,11 @@ from service.errors import (
     RateLimited,
     ServiceError,
     Unauthenticated,
+    Unavailable,
     UnsupportedMediaType,
     ValidationFailed,
 )
+from service.faults import is_transient
 from service.keys import Principal, authenticate
 from service.logs import get_logger
 
@@ -41,6 +43,8 @@ M = TypeVar("M", bound=BaseModel)
 log = get_logger(__name__)
 
 REQUEST_ID_HEADER = "X-Request-ID"
+# What a 503 during an outage asks the client to wait, in seconds.
+RETRY_AFTER_S = 2
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:\-]{1,200}$")
 
 PRINCIPAL_KEY = web.RequestKey("principal", Principal)
@@ -221,9 +225,24 @@ async def edge_middleware(request: web.Request, handler: Handler) -> web.StreamR
         response = error_response(exc)
     except web.HTTPException as exc:
         response = error_response(_from_http_exception(exc))
-    except Exception:
-        log.exception("unhandled_error", path=request.path, method=request.method)
-        response = error_response(ServiceError("an unexpected error occurred"))
+    except Exception as exc:
+        if is_transient(exc):
+            # An outage, not a bug: tell the client when to come back (DESIGN §3).
+            log.warning(
+                "service_unavailable",
+                path=request.path,
+                method=request.method,
+                error=repr(exc)[:500],
+            )
+            response = error_response(
+                Unavailable(
+                    "the service cannot reach its database or broker right now; retry later",
+                    headers={"Retry-After": str(RETRY_AFTER_S)},
+                )
+            )
+        else:
+            log.exception("unhandled_error", path=request.path, method=request.method)
+            response = error_response(ServiceError("an unexpected error occurred"))
     finally:
         structlog.contextvars.clear_contextvars()
     response.headers.update(extra_headers)

@@ -3,14 +3,22 @@
 A key is claimed in its own short transaction before the work starts, so a concurrent
 repeat sees it and gets 409 with Retry-After; the answer is stored when the work is done
 and replayed byte for byte for 24 hours (configurable).
+
+A claim is a lease (LEASE, renewed while the request runs): a request that fails is
+released at once, and one whose process died frees its key when the lease lapses. Every
+write of the request is fenced by its claim's token, so the same request never runs
+twice at once, even after a takeover.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import uuid
-from dataclasses import dataclass
-from datetime import timedelta
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
@@ -19,9 +27,17 @@ from sqlalchemy.dialects import postgresql, sqlite
 from service.audit.chain import canonical_json
 from service.db import Database, idempotency_keys, utcnow
 from service.errors import IdempotencyConflict, ValidationFailed
+from service.logs import get_logger
+
+log = get_logger(__name__)
 
 MAX_KEY_LENGTH = 255
-# A claim older than this was abandoned by a crashed request (waits are at most 60 s).
+# A running request holds its key under a lease that its handler renews every
+# LEASE / 3 (see `hold`); a key whose handler died is free again once the lease lapses,
+# within seconds, not minutes.
+LEASE = timedelta(seconds=10)
+# Claims written before leases existed carry the replay window as their expiry: for those,
+# the old rule (abandoned after 120 s, the longest a request can wait) still applies.
 STALE_AFTER = timedelta(seconds=120)
 REPLAYED_HEADERS = ("Location", "Content-Type")
 
@@ -35,10 +51,21 @@ class StoredResponse:
 
 @dataclass(frozen=True)
 class Claim:
-    """The outcome of claiming a key: go ahead, replay, or resume an abandoned job."""
+    """The outcome of claiming a key: go ahead, replay, or resume an abandoned job.
+
+    ``token`` fences the claim: it is the claim's ``created_at``, which a takeover
+    changes, and every later write of this request (the job, the answer, the release)
+    only applies while the row still carries it. So a request whose lease lapsed and was
+    taken over can never create a second job or overwrite the new owner's answer.
+    """
 
     replay: StoredResponse | None = None
     abandoned_job: uuid.UUID | None = None
+    token: datetime | None = field(default=None, compare=False)
+
+
+class LostClaim(IdempotencyConflict):
+    """The request's lease lapsed and another request took its key over."""
 
 
 def check_key(key: str) -> str:
@@ -60,8 +87,21 @@ def _insert(db: Database) -> Any:
     return (sqlite.insert if db.is_sqlite else postgresql.insert)(idempotency_keys)
 
 
+def _lease_lapsed(row: Any, now: datetime) -> bool:
+    if row["expires_at"] <= now:
+        return True
+    legacy = row["expires_at"] > now + 2 * LEASE
+    return bool(legacy and row["created_at"] < now - STALE_AFTER)
+
+
 async def claim(db: Database, workspace_id: uuid.UUID, key: str, print_: str, ttl_s: int) -> Claim:
-    """Claim `key` for a request with this fingerprint, or say why not."""
+    """Claim `key` for a request with this fingerprint, or say why not.
+
+    While a request runs, its row is ``in_progress`` and ``expires_at`` is the end of its
+    lease (renewed by :func:`hold`); once answered, the row is ``done`` and ``expires_at``
+    is the end of the replay window (``ttl_s``). Raises :class:`IdempotencyConflict` for
+    another body, or (with ``Retry-After: 1``) while the first request holds the lease.
+    """
     now = utcnow()
     c = idempotency_keys.c
     async with db.begin() as conn:
@@ -73,52 +113,54 @@ async def claim(db: Database, workspace_id: uuid.UUID, key: str, print_: str, tt
                 fingerprint=print_,
                 state="in_progress",
                 created_at=now,
-                expires_at=now + timedelta(seconds=ttl_s),
+                expires_at=now + LEASE,
             )
             .on_conflict_do_nothing()
         )
         if inserted.rowcount == 1:
-            return Claim()
+            return Claim(token=now)
         where = sa.and_(c.workspace_id == workspace_id, c.key == key)
         row = (
             (await conn.execute(db.for_update(sa.select(idempotency_keys).where(where))))
             .mappings()
             .one()
         )
-        if row["expires_at"] <= now or (
-            row["state"] == "in_progress"
-            and row["job_id"] is None
-            and row["created_at"] < now - STALE_AFTER
-        ):
-            # Expired, or abandoned before it created anything: start afresh.
-            await conn.execute(
-                idempotency_keys.update()
-                .where(where)
-                .values(
-                    fingerprint=print_,
-                    state="in_progress",
-                    job_id=None,
-                    response_status=None,
-                    response_headers=None,
-                    response_body=None,
-                    created_at=now,
-                    expires_at=now + timedelta(seconds=ttl_s),
-                )
-            )
-            return Claim()
-        if row["fingerprint"] != print_:
-            raise IdempotencyConflict(
-                "this Idempotency-Key was used with a different request",
-                {"idempotency_key": key},
-            )
+        fresh = {
+            "fingerprint": print_,
+            "state": "in_progress",
+            "job_id": None,
+            "response_status": None,
+            "response_headers": None,
+            "response_body": None,
+            "created_at": now,
+            "expires_at": now + LEASE,
+        }
         if row["state"] == "done":
+            if row["expires_at"] <= now:
+                await conn.execute(idempotency_keys.update().where(where).values(**fresh))
+                return Claim(token=now)
+            if row["fingerprint"] != print_:
+                raise _different_body(key)
             return Claim(
                 replay=StoredResponse(
                     row["response_status"], dict(row["response_headers"]), row["response_body"]
                 )
             )
-        if row["job_id"] is not None and row["created_at"] < now - STALE_AFTER:
-            return Claim(abandoned_job=row["job_id"])
+        lapsed = _lease_lapsed(row, now)
+        if lapsed and row["job_id"] is None:
+            # Abandoned before it created anything: start afresh, under a new token.
+            await conn.execute(idempotency_keys.update().where(where).values(**fresh))
+            return Claim(token=now)
+        if row["fingerprint"] != print_:
+            raise _different_body(key)
+        if lapsed:
+            # The job exists; take the key over to answer it (and to store that answer).
+            await conn.execute(
+                idempotency_keys.update()
+                .where(where)
+                .values(created_at=now, expires_at=now + LEASE)
+            )
+            return Claim(abandoned_job=row["job_id"], token=now)
         raise IdempotencyConflict(
             "a request with this Idempotency-Key is still being handled",
             {"idempotency_key": key},
@@ -126,43 +168,129 @@ async def claim(db: Database, workspace_id: uuid.UUID, key: str, print_: str, tt
         )
 
 
-async def record_job(conn: Any, workspace_id: uuid.UUID, key: str, job_id: uuid.UUID) -> None:
-    """Note the job a claimed request created (in the job's own transaction)."""
-    c = idempotency_keys.c
-    await conn.execute(
-        idempotency_keys.update()
-        .where(c.workspace_id == workspace_id, c.key == key)
-        .values(job_id=job_id)
+def _different_body(key: str) -> IdempotencyConflict:
+    return IdempotencyConflict(
+        "this Idempotency-Key was used with a different request", {"idempotency_key": key}
     )
 
 
-async def complete(
-    db: Database, workspace_id: uuid.UUID, key: str, response: StoredResponse
-) -> None:
-    """Store the answer to replay."""
+def _held(workspace_id: uuid.UUID, key: str, token: datetime) -> sa.ColumnElement[bool]:
     c = idempotency_keys.c
+    return sa.and_(
+        c.workspace_id == workspace_id,
+        c.key == key,
+        c.created_at == token,
+        c.state == "in_progress",
+    )
+
+
+async def fence(
+    conn: Any,
+    workspace_id: uuid.UUID,
+    key: str,
+    token: datetime,
+    job_id: uuid.UUID | None = None,
+) -> None:
+    """Inside the request's own write transaction: check the claim is still ours (and
+    note the job it creates); raises :class:`LostClaim` (409) otherwise, which rolls the
+    transaction back. This is what keeps one key from ever creating two jobs.
+    """
+    values: dict[str, Any] = {"expires_at": utcnow() + LEASE}
+    if job_id is not None:
+        values["job_id"] = job_id
+    updated = await conn.execute(
+        idempotency_keys.update().where(_held(workspace_id, key, token)).values(**values)
+    )
+    if updated.rowcount != 1:
+        raise LostClaim(
+            "a request with this Idempotency-Key took over while this one was stalled",
+            {"idempotency_key": key},
+            headers={"Retry-After": "1"},
+        )
+
+
+async def record_job(
+    conn: Any, workspace_id: uuid.UUID, key: str, job_id: uuid.UUID, token: datetime
+) -> None:
+    """Note the job a claimed request created (in the job's own transaction)."""
+    await fence(conn, workspace_id, key, token, job_id)
+
+
+async def renew(db: Database, workspace_id: uuid.UUID, key: str, token: datetime) -> bool:
+    """Extend the lease of a running request; False if the claim is no longer ours."""
+    async with db.begin() as conn:
+        updated = await conn.execute(
+            idempotency_keys.update()
+            .where(_held(workspace_id, key, token))
+            .values(expires_at=utcnow() + LEASE)
+        )
+    return bool(updated.rowcount == 1)
+
+
+@contextlib.asynccontextmanager
+async def hold(
+    db: Database, workspace_id: uuid.UUID, key: str, token: datetime
+) -> AsyncIterator[None]:
+    """Renew the claim's lease every LEASE / 3 while the block runs."""
+
+    async def renewing() -> None:
+        while True:
+            await asyncio.sleep(LEASE.total_seconds() / 3)
+            try:
+                if not await renew(db, workspace_id, key, token):
+                    return
+            except Exception as exc:  # an outage: the lease may lapse, `fence` still guards
+                log.warning("idempotency_renew_failed", error=repr(exc)[:300])
+
+    task = asyncio.create_task(renewing())
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def complete(
+    db: Database,
+    workspace_id: uuid.UUID,
+    key: str,
+    response: StoredResponse,
+    *,
+    token: datetime,
+    ttl_s: int,
+) -> None:
+    """Store the answer to replay (for `ttl_s` seconds), if the claim is still ours."""
     async with db.begin() as conn:
         await conn.execute(
             idempotency_keys.update()
-            .where(c.workspace_id == workspace_id, c.key == key)
+            .where(_held(workspace_id, key, token))
             .values(
                 state="done",
                 response_status=response.status,
                 response_headers=response.headers,
                 response_body=response.body,
+                expires_at=utcnow() + timedelta(seconds=ttl_s),
             )
         )
 
 
-async def release(db: Database, workspace_id: uuid.UUID, key: str) -> None:
-    """Give a claim back after a failure that wrote nothing, so the client can retry."""
+async def release(db: Database, workspace_id: uuid.UUID, key: str, token: datetime) -> None:
+    """Give a claim back after a failure, so that the client's retry runs at once.
+
+    A claim that created nothing is deleted; one whose job exists has its lease ended, so
+    the retry answers that job instead of making another. Never raises: during an outage
+    the release itself may fail, and then the lease lapses on its own within LEASE.
+    """
     c = idempotency_keys.c
-    async with db.begin() as conn:
-        await conn.execute(
-            idempotency_keys.delete().where(
-                c.workspace_id == workspace_id,
-                c.key == key,
-                c.state == "in_progress",
-                c.job_id.is_(None),
+    held = _held(workspace_id, key, token)
+    try:
+        async with db.begin() as conn:
+            await conn.execute(idempotency_keys.delete().where(held, c.job_id.is_(None)))
+            await conn.execute(
+                idempotency_keys.update()
+                .where(held, c.job_id.is_not(None))
+                .values(expires_at=utcnow())
             )
-        )
+    except Exception as exc:
+        log.warning("idempotency_release_failed", error=repr(exc)[:300])

@@ -21,6 +21,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, for_code
 
 from service.errors import RetryLater
+from service.faults import is_rebalance
 
 log = structlog.get_logger(__name__)
 
@@ -152,11 +153,16 @@ class Consumer:
         topics: Sequence[str],
         group_id: str,
         client_id: str = DEFAULT_CLIENT_ID,
+        *,
+        session_timeout_ms: int = 10_000,
+        heartbeat_interval_ms: int = 3_000,
     ) -> None:
         self._bootstrap = bootstrap
         self._topics = tuple(topics)
         self._group_id = group_id
         self._client_id = client_id
+        self._session_timeout_ms = session_timeout_ms
+        self._heartbeat_interval_ms = heartbeat_interval_ms
         self._consumer: Any = None
 
     async def start(self) -> None:
@@ -168,6 +174,11 @@ class Consumer:
             client_id=self._client_id,
             auto_offset_reset="earliest",
             enable_auto_commit=False,
+            # A rebalance waits for every member for up to this long (aiokafka makes the
+            # rebalance timeout equal to the session timeout), so a short session is what
+            # makes the group recover quickly after a member died.
+            session_timeout_ms=self._session_timeout_ms,
+            heartbeat_interval_ms=self._heartbeat_interval_ms,
         )
         try:
             await consumer.start()
@@ -207,19 +218,34 @@ class Consumer:
             )
         return messages
 
-    async def commit(self, offsets: Mapping[tuple[str, int], int]) -> None:
+    async def commit(self, offsets: Mapping[tuple[str, int], int]) -> bool:
         """Commit, for each ``(topic, partition)``, the NEXT offset to read (last done + 1).
 
-        Raises :class:`KafkaUnavailable` if the commit failed (for instance because the
-        group rebalanced): the records will be read again, which idempotent handlers allow.
+        Returns False, with a log line, when the group refused the commit because it
+        rebalanced (a partition is no longer ours, or our generation is old): the work is
+        already durable and the partition's new owner reads those records again, which
+        idempotent handlers allow. Partitions still assigned are committed. Raises
+        :class:`KafkaUnavailable` if the broker did not answer (transient; retry).
         """
         if not offsets:
-            return
+            return True
+        consumer = self._started()
+        assigned = consumer.assignment()
         positions = {TopicPartition(t, p): offset for (t, p), offset in offsets.items()}
+        kept = {tp: offset for tp, offset in positions.items() if tp in assigned}
+        moved = sorted(f"{tp.topic}/{tp.partition}" for tp in positions if tp not in kept)
+        if moved:
+            log.warning("offset_commit_skipped", reason="partition_moved", partitions=moved)
+        if not kept:
+            return False
         try:
-            await self._started().commit(positions)
+            await consumer.commit(kept)
         except KafkaError as exc:
+            if is_rebalance(exc):
+                log.warning("offset_commit_skipped", reason="rebalance", error=repr(exc))
+                return False
             raise KafkaUnavailable(f"offset commit failed: {exc}") from exc
+        return not moved
 
     def seek(self, topic: str, partition: int, offset: int) -> None:
         """Read ``topic``/``partition`` from ``offset`` on the next :meth:`getmany`."""

@@ -126,19 +126,28 @@ class LocalPostgres:
             if self.port is None:
                 self.port = free_port()
             self._run("initdb", "-A", "trust", "-U", SUPERUSER, "-E", "UTF8", "-D", str(self._data))
-            options = (
-                f"-p {self.port} -k {root} -c listen_addresses=127.0.0.1"
-                " -c fsync=off -c full_page_writes=off -c synchronous_commit=off"
-                f" -c max_connections={self.max_connections}"
-            )
-            self._run(
-                "pg_ctl", "-w", "-D", str(self._data), "-l", str(self._log), "start", "-o", options
-            )
+            self.start_server()
             self.create_database(self.database)
         except BaseException:
             self.stop()
             raise
         log.info("postgres_started", port=self.port, root=str(root))
+
+    def start_server(self) -> None:
+        """``pg_ctl start`` on the existing cluster (after :meth:`stop_server`), same port."""
+        root = self._started_root()
+        options = (
+            f"-p {self.port} -k {root} -c listen_addresses=127.0.0.1"
+            " -c fsync=off -c full_page_writes=off -c synchronous_commit=off"
+            f" -c max_connections={self.max_connections}"
+        )
+        self._run(
+            "pg_ctl", "-w", "-D", str(self._data), "-l", str(self._log), "start", "-o", options
+        )
+
+    def stop_server(self, mode: str = "fast") -> None:
+        """``pg_ctl stop -m <mode>``, keeping the cluster for :meth:`start_server`."""
+        self._run("pg_ctl", "-w", "-D", str(self._data), "-m", mode, "stop")
 
     def create_database(self, name: str) -> None:
         """``createdb name`` in this cluster."""

@@ -16,6 +16,8 @@ from service.metrics import Metrics
 from service.routing import Answer, Call, Operation, Reply
 
 METRICS_KEY = web.AppKey("metrics", Metrics)
+# Components of this process still waiting for a dependency at start-up (name -> what).
+WAITING_KEY = web.AppKey("waiting", dict[str, str])
 OPENAPI_KEY = web.AppKey("openapi", bytes)
 """The OpenAPI document, rendered once by the composition root from the route tables."""
 
@@ -61,6 +63,8 @@ async def readyz(call: Call) -> Reply:
         checks["database"] = "unreachable"
     bootstrap = call.app[SETTINGS_KEY].kafka_bootstrap_servers
     checks["kafka"] = "ok" if await kafka_reachable(bootstrap, timeout_s=3) else "unreachable"
+    for component, dependency in sorted(call.app.get(WAITING_KEY, {}).items()):
+        checks[component] = f"waiting for {dependency}"
     ready = all(v == "ok" for v in checks.values())
     if ready:
         return Reply(Data[Readiness](data=Readiness(status="ready", checks=checks)))

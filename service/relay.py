@@ -12,13 +12,13 @@ import asyncio
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.exc import DBAPIError
 
-from service.aio import wait_any
+from service.aio import Backoff, Sleep, sleep_unless_stopped, wait_any
 from service.config import Settings
 from service.db import Database, outbox, utcnow
 from service.failpoints import crash_if
-from service.kafka import KafkaUnavailable, OutMessage, Producer
+from service.faults import describe, is_transient
+from service.kafka import OutMessage, Producer
 from service.logs import get_logger
 from service.metrics import Metrics
 
@@ -39,12 +39,14 @@ class Relay:
         producer: Producer,
         metrics: Metrics,
         wakeup: asyncio.Event | None = None,
+        sleep: Sleep = sleep_unless_stopped,
     ) -> None:
         self.settings = settings
         self.db = db
         self.producer = producer
         self.metrics = metrics
         self.wakeup = wakeup or asyncio.Event()
+        self.sleep = sleep
 
     def _pending(self) -> sa.Select[Any]:
         stmt = (
@@ -85,16 +87,26 @@ class Relay:
         )
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Publish until `stop`; wait for a wake-up (or the poll interval) when idle."""
-        backoff = 0.1
+        """Publish until `stop`; wait for a wake-up (or the poll interval) when idle.
+
+        Never exits on an error: an outage of the database or broker is waited out with
+        capped, jittered back-off; anything else is logged as an error and retried at the
+        slowest pace (the rows stay unpublished, nothing is lost).
+        """
+        backoff = Backoff(cap_s=self.settings.retry_max_backoff_s, sleep=self.sleep)
         while not stop.is_set():
             try:
                 sent = await self.publish_once()
-                backoff = 0.1
-            except (KafkaUnavailable, DBAPIError, OSError) as exc:
-                log.warning("relay_retrying", error=str(exc), backoff_s=backoff)
-                await wait_any(backoff, stop)
-                backoff = min(backoff * 2, 5.0)
+                backoff.reset()
+            except Exception as exc:
+                if is_transient(exc):
+                    delay = backoff.next_delay()
+                    log.warning("relay_retrying", error=repr(exc)[:500], backoff_s=delay)
+                else:
+                    backoff.attempt = 32
+                    delay = backoff.next_delay()
+                    log.error("relay_batch_failed", error=describe(exc), backoff_s=delay)
+                await self.sleep(delay, stop)
                 continue
             if sent < self.settings.relay_batch_size:
                 self.wakeup.clear()

@@ -68,9 +68,12 @@ class Process:
 class Components:
     """Starts component processes with the test's settings; stops them all at the end."""
 
-    def __init__(self, settings: Settings, log_dir: Path) -> None:
+    def __init__(
+        self, settings: Settings, log_dir: Path, extra_env: dict[str, str] | None = None
+    ) -> None:
         self.settings = settings
         self.log_dir = log_dir
+        self.extra_env = dict(extra_env or {})
         self.started: list[Process] = []
 
     def env(self, failpoint: str | None) -> dict[str, str]:
@@ -91,6 +94,7 @@ class Components:
             LOG_LEVEL="INFO",
             LOG_FORMAT="json",
         )
+        env.update(self.extra_env)
         if failpoint is not None:
             env["FAILPOINT"] = failpoint
         return env
@@ -122,9 +126,11 @@ class Components:
 
 
 @contextmanager
-def components(settings: Settings, log_dir: Path) -> Iterator[Components]:
+def components(
+    settings: Settings, log_dir: Path, extra_env: dict[str, str] | None = None
+) -> Iterator[Components]:
     """Components for one test; every process is stopped and its log tail shown at the end."""
-    group = Components(settings, log_dir)
+    group = Components(settings, log_dir, extra_env)
     try:
         yield group
     finally:

@@ -78,61 +78,90 @@ async def _submit(
     db = request.app[DB_KEY]
     settings = request.app[SETTINGS_KEY]
     key = request.headers.get("Idempotency-Key")
-    resumed: uuid.UUID | None = None
-    if key is not None:
-        idempotency.check_key(key)
-        print_ = idempotency.fingerprint(request.method, request.path, raw)
-        claim = await idempotency.claim(db, workspace_id, key, print_, settings.idempotency_ttl_s)
-        if claim.replay is not None:
-            stored = claim.replay
-            return web.Response(
-                status=stored.status,
-                body=stored.body,
-                headers={**stored.headers, "Idempotent-Replayed": "true"},
-            )
-        resumed = claim.abandoned_job
-    who = Requester(workspace_id, key_id, request_id(request))
-    try:
-        if resumed is not None:
-            status, headers, body = await _answer(request, workspace_id, resumed, 0.0)
-        elif req.dry_run:
-            status, headers, body = await _dry_run(request, who, req)
-        else:
-            job_id = uuid.uuid4()
-            async with db.begin() as conn:
-                change = await create_job(conn, db, settings, who, req, job_id)
-                if key is not None:
-                    await idempotency.record_job(conn, workspace_id, key, job_id)
-            request.app[OUTBOX_SIGNAL_KEY].set()
-            log.info(
-                "deletion_job_accepted",
-                job_id=str(job_id),
-                selector=selector_summary(req),
-                delete_members=req.delete_members,
-            )
-            if change.finished is not None:
-                log.info("deletion_job_finished", **change.finished)
-            status, headers, body = await _answer(
-                request, workspace_id, job_id, prefer_wait(request)
-            )
-    except BaseException:
-        if key is not None:
-            await idempotency.release(db, workspace_id, key)
-        raise
-    headers["Content-Type"] = "application/json"
-    if key is not None:
-        await idempotency.complete(
-            db, workspace_id, key, idempotency.StoredResponse(status, headers, body)
+    if key is None:
+        status, headers, body = await _handle(request, workspace_id, key_id, req, None, None)
+        return web.Response(status=status, body=body, headers=headers)
+    idempotency.check_key(key)
+    print_ = idempotency.fingerprint(request.method, request.path, raw)
+    claim = await idempotency.claim(db, workspace_id, key, print_, settings.idempotency_ttl_s)
+    if claim.replay is not None:
+        stored = claim.replay
+        return web.Response(
+            status=stored.status,
+            body=stored.body,
+            headers={**stored.headers, "Idempotent-Replayed": "true"},
         )
+    assert claim.token is not None
+    held = (key, claim.token)
+    try:
+        async with idempotency.hold(db, workspace_id, key, claim.token):
+            status, headers, body = await _handle(
+                request, workspace_id, key_id, req, held, claim.abandoned_job
+            )
+        await idempotency.complete(
+            db,
+            workspace_id,
+            key,
+            idempotency.StoredResponse(status, headers, body),
+            token=claim.token,
+            ttl_s=settings.idempotency_ttl_s,
+        )
+    except idempotency.LostClaim:
+        raise  # the key is someone else's now: leave it alone
+    except BaseException:
+        # Whatever failed (an outage, a refusal), the client's retry must be able to run.
+        await idempotency.release(db, workspace_id, key, claim.token)
+        raise
     return web.Response(status=status, body=body, headers=headers)
 
 
+async def _handle(
+    request: web.Request,
+    workspace_id: uuid.UUID,
+    key_id: uuid.UUID,
+    req: BulkDeleteRequest,
+    held: tuple[str, datetime] | None,
+    resumed: uuid.UUID | None,
+) -> tuple[int, dict[str, str], bytes]:
+    """Create the job (or dry-run it, or answer an abandoned one); the answer to send."""
+    db = request.app[DB_KEY]
+    settings = request.app[SETTINGS_KEY]
+    who = Requester(workspace_id, key_id, request_id(request))
+    if resumed is not None:
+        status, headers, body = await _answer(request, workspace_id, resumed, 0.0)
+    elif req.dry_run:
+        status, headers, body = await _dry_run(request, who, req, held)
+    else:
+        job_id = uuid.uuid4()
+        async with db.begin() as conn:
+            if held is not None:
+                await idempotency.record_job(conn, workspace_id, held[0], job_id, held[1])
+            change = await create_job(conn, db, settings, who, req, job_id)
+        request.app[OUTBOX_SIGNAL_KEY].set()
+        log.info(
+            "deletion_job_accepted",
+            job_id=str(job_id),
+            selector=selector_summary(req),
+            delete_members=req.delete_members,
+        )
+        if change.finished is not None:
+            log.info("deletion_job_finished", **change.finished)
+        status, headers, body = await _answer(request, workspace_id, job_id, prefer_wait(request))
+    headers["Content-Type"] = "application/json"
+    return status, headers, body
+
+
 async def _dry_run(
-    request: web.Request, who: Requester, req: BulkDeleteRequest
+    request: web.Request,
+    who: Requester,
+    req: BulkDeleteRequest,
+    held: tuple[str, datetime] | None = None,
 ) -> tuple[int, dict[str, str], bytes]:
     """200 with what a real run would do; no job. The audit trail notes who looked."""
     db = request.app[DB_KEY]
     async with db.begin() as conn:
+        if held is not None:
+            await idempotency.fence(conn, who.workspace_id, held[0], held[1])
         answer = await dry_run(conn, who.workspace_id, req)
         await append_events(
             conn,

@@ -464,10 +464,20 @@ async def apply_progress(
 
 
 async def finish_job(
-    conn: AsyncConnection, db: Database, settings: Settings, row: Mapping[Any, Any], now: datetime
+    conn: AsyncConnection,
+    db: Database,
+    settings: Settings,
+    row: Mapping[Any, Any],
+    now: datetime,
+    *,
+    failure: tuple[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Mark a job finished, and record and announce it; returns its id, status and counts."""
-    status = final_status(row["failed_count"])
+    """Mark a job finished, and record and announce it; returns its id, status and counts.
+
+    ``failure`` (code, message) finishes it ``failed``: the job itself could not run, for
+    instance because the database refused its selection statement.
+    """
+    status = JobStatus.FAILED if failure is not None else final_status(row["failed_count"])
     await conn.execute(
         deletion_jobs.update()
         .where(deletion_jobs.c.id == row["id"])
@@ -495,7 +505,11 @@ async def finish_job(
                 target={"type": "deletion_job", "id": str(row["id"])},
                 job_id=str(row["id"]),
                 request_id=row["request_id"],
-                data={"status": str(status), **counts},
+                data={
+                    "status": str(status),
+                    **counts,
+                    **({"code": failure[0], "message": failure[1]} if failure else {}),
+                },
             )
         ],
     )

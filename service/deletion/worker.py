@@ -6,14 +6,18 @@ timeline back-references, appends the audit events, marks the job items, writes 
 that transaction commits, and an item that is no longer pending is skipped, so a
 redelivered message changes nothing and emits nothing.
 
-Error kinds: a malformed message is dead-lettered and committed; a transient database or
-broker error is retried with backoff, never skipped; any other failure is retried a few
-times, then its item is recorded as `FAILED_DELETE_CONTACT`.
+Error kinds (service.faults decides which is which): a malformed message is dead-lettered
+and committed; a transient database or broker error is retried with capped, jittered
+back-off for as long as it lasts, never skipped and never counted against an item; a
+permanent one (a statement the database refuses) splits the batch so that only its own
+command fails: the item as `FAILED_DELETE_CONTACT`, or the job for an expansion, each with
+its audit event.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -21,10 +25,16 @@ from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from pydantic import ValidationError
-from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from service.aio import Stopped, retry_transient
+from service.aio import (
+    Backoff,
+    Sleep,
+    Stopped,
+    retry_transient,
+    sleep_unless_stopped,
+    wait_for_dependency,
+)
 from service.audit.chain import email_hmac
 from service.audit.store import AuditRecord, append_events, load_hash_key
 from service.config import Settings
@@ -33,7 +43,14 @@ from service.contacts.store import TIMELINE_TABLES
 from service.db import Database, contacts, deletion_job_items, deletion_jobs, outbox, utcnow
 from service.deletion.models import NOT_FOUND, ErrorCode, ItemStatus, Outcome, decide
 from service.deletion.notify import JobNotifier
-from service.deletion.store import JobChange, ProgressDelta, apply_progress, insert_items
+from service.deletion.store import (
+    PROGRESS_COLUMNS,
+    JobChange,
+    ProgressDelta,
+    apply_progress,
+    finish_job,
+    insert_items,
+)
 from service.erasure.redact import TEXT_FIELDS, RedactionSummary, Redactor
 from service.erasure.scrubber import Scrubber, touched_tables
 from service.errors import PoisonMessage
@@ -52,10 +69,10 @@ from service.events import (
     envelope,
 )
 from service.failpoints import crash_if
+from service.faults import describe, is_transient
 from service.kafka import (
     Consumer,
     InMessage,
-    KafkaUnavailable,
     Producer,
     dead_letter,
     next_offsets,
@@ -68,7 +85,6 @@ from service.webhooks.signing import email_sha256
 log = get_logger(__name__)
 T = TypeVar("T")
 
-MAX_ATTEMPTS = 3
 KIND_PLURAL = {"activity": "activities", "note": "notes", "task": "tasks"}
 
 
@@ -83,13 +99,6 @@ def parse_message(message: InMessage) -> DeletionRequested | JobExpand:
     except (ValidationError, ValueError) as exc:
         raise PoisonMessage(f"malformed message: {exc}") from exc
     raise PoisonMessage(f"unknown event type {event.type!r}")
-
-
-def is_transient(exc: BaseException) -> bool:
-    """Errors that mean "the database or broker is not answering right now"."""
-    if isinstance(exc, OperationalError | KafkaUnavailable | OSError | TimeoutError):
-        return True
-    return isinstance(exc, DBAPIError) and exc.connection_invalidated
 
 
 @dataclass
@@ -145,6 +154,7 @@ class DeletionWorker:
         notifier: JobNotifier | None = None,
         outbox_signal: asyncio.Event | None = None,
         scrubber: Scrubber | None = None,
+        sleep: Sleep = sleep_unless_stopped,
     ) -> None:
         self.settings = settings
         self.db = db
@@ -156,37 +166,57 @@ class DeletionWorker:
         self.scrubber = scrubber if scrubber is not None else Scrubber(settings, db)
         self.topic = settings.topic(TOPIC_DELETION_REQUESTED)
         self.hash_key = b""
+        # Injected so that tests of the back-off need not wait for it.
+        self.sleep: Sleep = sleep
 
     # -- the consumer loop -------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
-        self.hash_key = await load_hash_key(
-            self.db,
-            self.settings.audit_hash_key.get_secret_value()
-            if self.settings.audit_hash_key
-            else None,
-        )
-        bootstrap = self.settings.kafka_bootstrap_servers
-        consumer = Consumer(
-            bootstrap, [self.topic], f"{self.settings.kafka_consumer_group_prefix}.worker"
-        )
-        dlq = Producer(bootstrap)
-        await consumer.start()
-        await dlq.start()
+        """Consume until `stop`; waits out database and broker outages, never exits on one."""
+        configured = self.settings.audit_hash_key
+        try:
+            self.hash_key = await wait_for_dependency(
+                lambda: load_hash_key(
+                    self.db, configured.get_secret_value() if configured else None
+                ),
+                stop,
+                dependency="database",
+                component="worker",
+            )
+            bootstrap = self.settings.kafka_bootstrap_servers
+            consumer = Consumer(
+                bootstrap,
+                [self.topic],
+                f"{self.settings.kafka_consumer_group_prefix}.worker",
+                session_timeout_ms=self.settings.kafka_session_timeout_ms,
+                heartbeat_interval_ms=self.settings.kafka_heartbeat_interval_ms,
+            )
+            dlq = Producer(bootstrap)
+            await wait_for_dependency(consumer.start, stop, dependency="kafka", component="worker")
+        except Stopped:
+            return
         # Its own stop: it ends with the consumer loop, after a last scrub of what is pending.
         done = asyncio.Event()
         scrubbing = asyncio.create_task(self.scrubber.run(done), name="erasure-scrubber")
         try:
+            await wait_for_dependency(dlq.start, stop, dependency="kafka", component="worker")
             while not stop.is_set():
-                messages = await consumer.getmany(
-                    timeout_ms=200, max_records=self.settings.worker_batch_size
+                messages = await self._retry_transient(
+                    lambda: consumer.getmany(
+                        timeout_ms=200, max_records=self.settings.worker_batch_size
+                    ),
+                    stop,
                 )
                 if not messages:
                     continue
                 if not await self.handle(messages, dlq, stop):
                     break  # stopped before the batch was durable: leave it uncommitted
                 crash_if(self.settings.failpoint, "worker_after_db_commit")
-                await consumer.commit(next_offsets(messages))
+                # A refused commit (the partition moved) is logged and skipped inside.
+                offsets = next_offsets(messages)
+                await self._retry_transient(functools.partial(consumer.commit, offsets), stop)
+        except Stopped:
+            pass
         finally:
             await consumer.stop()
             await dlq.stop()
@@ -217,18 +247,22 @@ class DeletionWorker:
     async def _process_with_retries(
         self, commands: list[DeletionRequested | JobExpand], stop: asyncio.Event
     ) -> BatchResult:
-        attempt = 0
-        while True:
-            try:
-                return await self._retry_transient(lambda: self.process(commands), stop)
-            except Stopped:
-                raise
-            except Exception as exc:
-                attempt += 1
-                log.warning("worker_batch_failed", error=repr(exc), attempt=attempt)
-                if attempt >= MAX_ATTEMPTS:
-                    break
-        # Something in the batch keeps failing: isolate it, one command at a time.
+        """The batch in one transaction; on a permanent error, each command alone.
+
+        Transient errors are waited out (never counted); a permanent one is the fault of
+        some command in the batch, so the batch is split and only that command fails:
+        one bad job never holds back the others in its batch.
+        """
+        try:
+            return await self._retry_transient(lambda: self.process(commands), stop)
+        except Stopped:
+            raise
+        except Exception as exc:
+            if len(commands) == 1:
+                return await self._fail(commands[0], exc, stop)
+            log.warning(
+                "worker_batch_failed", error=describe(exc), commands=len(commands), isolating=True
+            )
         total = BatchResult()
         for command in commands:
             total.add(await self._process_alone(command, stop))
@@ -237,17 +271,35 @@ class DeletionWorker:
     async def _process_alone(
         self, command: DeletionRequested | JobExpand, stop: asyncio.Event
     ) -> BatchResult:
-        for attempt in range(1, MAX_ATTEMPTS + 1):
-            try:
-                return await self._retry_transient(lambda: self.process([command]), stop)
-            except Stopped:
-                raise
-            except Exception as exc:
-                log.error("worker_command_failed", error=repr(exc), attempt=attempt)
-        return await self._retry_transient(lambda: self.give_up(command), stop)
+        try:
+            return await self._retry_transient(lambda: self.process([command]), stop)
+        except Stopped:
+            raise
+        except Exception as exc:
+            return await self._fail(command, exc, stop)
+
+    async def _fail(
+        self, command: DeletionRequested | JobExpand, exc: Exception, stop: asyncio.Event
+    ) -> BatchResult:
+        """A permanent error: the command's item (or, for an expansion, its job) fails."""
+        reason = describe(exc)
+        log.error(
+            "worker_command_failed",
+            error=reason,
+            exception=type(exc).__name__,
+            job_id=str(command.job_id),
+            contact_id=str(command.contact_id) if isinstance(command, DeletionRequested) else None,
+        )
+        return await self._retry_transient(lambda: self.give_up(command, reason), stop)
 
     async def _retry_transient(self, work: Callable[[], Awaitable[T]], stop: asyncio.Event) -> T:
-        return await retry_transient(work, stop, is_transient, event="worker_transient_error")
+        return await retry_transient(
+            work,
+            stop,
+            is_transient,
+            event="worker_transient_error",
+            backoff=Backoff(cap_s=self.settings.retry_max_backoff_s, sleep=self.sleep),
+        )
 
     async def _dead_letter(self, dlq: Producer, poison: list[tuple[InMessage, str]]) -> None:
         for message, reason in poison:
@@ -288,23 +340,31 @@ class DeletionWorker:
             result.progress = progress
         return result
 
-    async def give_up(self, command: DeletionRequested | JobExpand) -> BatchResult:
-        """Record a command that kept failing: its item fails (or its job, for an expansion)."""
+    async def give_up(
+        self, command: DeletionRequested | JobExpand, reason: str = "an unexpected error"
+    ) -> BatchResult:
+        """Record a command that failed permanently: its item fails with
+        `FAILED_DELETE_CONTACT` (or its job fails, for an expansion), with an audit event.
+        """
         result = BatchResult()
         async with self.db.begin() as conn:
             if isinstance(command, JobExpand):
-                await conn.execute(
-                    deletion_jobs.update()
-                    .where(
-                        deletion_jobs.c.id == command.job_id, deletion_jobs.c.completed_at.is_(None)
-                    )
-                    .values(status="failed", completed_at=utcnow())
+                job_stmt = sa.select(*PROGRESS_COLUMNS).where(
+                    deletion_jobs.c.id == command.job_id, deletion_jobs.c.completed_at.is_(None)
                 )
-                result.failed_jobs.append(command.job_id)
+                job_row = (await conn.execute(self.db.for_update(job_stmt))).mappings().first()
+                if job_row is not None:
+                    message = f"the job's contacts could not be selected: {reason}"
+                    failure = (str(ErrorCode.FAILED), message[:500])
+                    finished = await finish_job(
+                        conn, self.db, self.settings, job_row, utcnow(), failure=failure
+                    )
+                    result.note(command.job_id, JobChange(finished=finished))
+                    result.failed_jobs.append(command.job_id)
                 return result
             items = deletion_job_items.c
             now = utcnow()
-            message = "the contact could not be deleted (an unexpected error)"
+            message = f"the contact could not be deleted: {reason}"[:500]
             updated = await conn.execute(
                 deletion_job_items.update()
                 .where(
@@ -649,7 +709,9 @@ def _log_batch(result: BatchResult) -> None:
     for summary in result.finished:
         log.info("deletion_job_finished", **summary)
     for job_id in result.failed_jobs:
-        log.error("deletion_job_failed", job_id=str(job_id), reason="expansion kept failing")
+        log.error(
+            "deletion_job_failed", job_id=str(job_id), reason="its expansion failed permanently"
+        )
 
 
 def _job_actor(job: Any) -> dict[str, str]:

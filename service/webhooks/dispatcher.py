@@ -18,20 +18,28 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import random
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 import sqlalchemy as sa
 from pydantic import ValidationError
-from sqlalchemy.exc import DBAPIError
 
-from service.aio import Stopped, retry_transient, wait_any
+from service.aio import (
+    Backoff,
+    Sleep,
+    Stopped,
+    retry_transient,
+    sleep_unless_stopped,
+    wait_any,
+    wait_for_dependency,
+)
 from service.audit.store import AuditRecord, append_events
 from service.config import Settings
 from service.db import (
@@ -43,10 +51,10 @@ from service.db import (
     webhook_endpoints,
 )
 from service.events import DLQ_SUFFIX, TOPIC_CONTACT_DELETED, TOPIC_JOB_COMPLETED, CloudEvent
+from service.faults import describe, is_transient
 from service.kafka import (
     Consumer,
     InMessage,
-    KafkaUnavailable,
     OutMessage,
     Producer,
     dead_letter,
@@ -63,6 +71,7 @@ from service.webhooks.ssrf import BlockedDestination, PinnedResolver, check_url
 from service.webhooks.store import disable_endpoint, enqueue, live_secrets
 
 log = get_logger(__name__)
+T = TypeVar("T")
 
 USER_AGENT = "contact-deletion-webhooks/0.1 (+https://github.com/contact-deletion)"
 RESPONSE_BODY_LIMIT = 4096
@@ -104,12 +113,14 @@ class Dispatcher:
         metrics: Metrics,
         wakeup: asyncio.Event | None = None,
         rng: random.Random | None = None,
+        sleep: Sleep = sleep_unless_stopped,
     ) -> None:
         self.settings = settings
         self.db = db
         self.metrics = metrics
         self.wakeup = wakeup or asyncio.Event()
         self.rng = rng or random.Random()
+        self.sleep = sleep
         self.policy = RetryPolicy(settings.retry_schedule)
         self.slots: dict[uuid.UUID, EndpointSlots] = {}
         self.tasks: set[asyncio.Task[None]] = set()
@@ -118,21 +129,40 @@ class Dispatcher:
     # -- fan-out ------------------------------------------------------------------------
 
     async def run_fanout(self, stop: asyncio.Event) -> None:
+        """Consume events until `stop`; outages of the database or broker are waited out."""
         bootstrap = self.settings.kafka_bootstrap_servers
         group = f"{self.settings.kafka_consumer_group_prefix}.dispatcher"
-        consumer = Consumer(bootstrap, self.topics, group)
+        consumer = Consumer(
+            bootstrap,
+            self.topics,
+            group,
+            session_timeout_ms=self.settings.kafka_session_timeout_ms,
+            heartbeat_interval_ms=self.settings.kafka_heartbeat_interval_ms,
+        )
         dlq = Producer(bootstrap)
-        await consumer.start()
-        await dlq.start()
         try:
+            await wait_for_dependency(
+                consumer.start, stop, dependency="kafka", component="dispatcher"
+            )
+        except Stopped:
+            return
+        try:
+            await wait_for_dependency(dlq.start, stop, dependency="kafka", component="dispatcher")
             while not stop.is_set():
-                messages = await consumer.getmany(timeout_ms=200, max_records=500)
+                messages = await self._transient(
+                    functools.partial(consumer.getmany, timeout_ms=200, max_records=500), stop
+                )
                 if not messages:
                     continue
-                if not await self._durably(functools.partial(self.fan_out, messages, dlq), stop):
+                if not await self._fan_out_isolating(messages, dlq, stop):
                     break
-                await consumer.commit(next_offsets(messages))
+                # A refused commit (the partition moved) is logged and skipped inside.
+                await self._transient(
+                    functools.partial(consumer.commit, next_offsets(messages)), stop
+                )
                 self.wakeup.set()
+        except Stopped:
+            pass
         finally:
             await consumer.stop()
             await dlq.stop()
@@ -201,6 +231,7 @@ class Dispatcher:
             limit=0,
             ttl_dns_cache=10,
         )
+        backoff = self._backoff()
         async with aiohttp.ClientSession(
             connector=connector, timeout=timeout, trust_env=False
         ) as session:
@@ -208,9 +239,21 @@ class Dispatcher:
                 while not stop.is_set():
                     try:
                         claimed = await self.claim()
-                    except (DBAPIError, OSError) as exc:
-                        log.warning("dispatcher_claim_failed", error=str(exc))
-                        claimed = []
+                        backoff.reset()
+                    except Exception as exc:
+                        # Never let the sender die: an outage is waited out, and anything
+                        # else is logged loudly and retried at the slowest pace.
+                        transient = is_transient(exc)
+                        log.log(
+                            logging.WARNING if transient else logging.ERROR,
+                            "dispatcher_claim_failed",
+                            error=repr(exc)[:500] if transient else describe(exc),
+                            transient=transient,
+                        )
+                        if not transient:
+                            backoff.attempt = 32
+                        await backoff.wait(stop)
+                        continue
                     for row in claimed:
                         task = asyncio.create_task(self._send(session, row))
                         self.tasks.add(task)
@@ -329,15 +372,16 @@ class Dispatcher:
             self.slots[delivery["endpoint_id"]].in_flight -= 1
 
     async def _retry_db(self, work: Any) -> None:
-        backoff = 0.1
+        backoff = self._backoff()
         for _ in range(20):
             try:
                 await work()
                 return
-            except (DBAPIError, OSError) as exc:
-                log.warning("webhook_record_retry", error=str(exc))
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
+                log.warning("webhook_record_retry", error=repr(exc)[:500])
+                await backoff.sleep(backoff.next_delay(), asyncio.Event())
         # The claim lease runs out and another pass sends it again: at least once.
         log.error("webhook_record_gave_up", delivery_id="unknown")
 
@@ -478,17 +522,68 @@ class Dispatcher:
             )
         return False
 
-    async def _durably(self, work: Callable[[], Awaitable[Any]], stop: asyncio.Event) -> bool:
+    async def _fan_out_isolating(
+        self, messages: Sequence[InMessage], dlq: Producer, stop: asyncio.Event
+    ) -> bool:
+        """Fan a batch out; False if stopped first. Never raises.
+
+        Outages are waited out. A permanent error splits the batch: each event alone, and
+        one that still fails is dead-lettered with the reason, so one bad event never
+        holds back the others.
+        """
         try:
-            await retry_transient(
-                work,
-                stop,
-                lambda exc: isinstance(exc, DBAPIError | KafkaUnavailable | OSError),
-                event="dispatcher_transient_error",
-            )
+            await self._transient(functools.partial(self.fan_out, messages, dlq), stop)
+            return True
         except Stopped:
             return False
+        except Exception as exc:
+            log.error("webhook_fanout_failed", error=describe(exc), events=len(messages))
+        for message in messages:
+            try:
+                await self._transient(functools.partial(self.fan_out, [message], dlq), stop)
+                continue
+            except Stopped:
+                return False
+            except Exception as exc:
+                reason = describe(exc)
+            log.error(
+                "webhook_event_dead_lettered",
+                topic=message.topic,
+                offset=message.offset,
+                reason=reason,
+            )
+            copy = dead_letter(message, reason, DLQ_SUFFIX)
+            if not await self._durably(functools.partial(dlq.send_many, [copy]), stop):
+                return False
         return True
+
+    def _backoff(self) -> Backoff:
+        return Backoff(cap_s=self.settings.retry_max_backoff_s, rng=self.rng, sleep=self.sleep)
+
+    async def _transient(self, work: Callable[[], Awaitable[T]], stop: asyncio.Event) -> T:
+        return await retry_transient(
+            work, stop, is_transient, event="dispatcher_transient_error", backoff=self._backoff()
+        )
+
+    async def _durably(self, work: Callable[[], Awaitable[Any]], stop: asyncio.Event) -> bool:
+        """Run ``work`` until it is done; False if stopped first. Never raises.
+
+        Transient errors are waited out. A permanent error is logged and the same work is
+        retried at the slowest pace, so the process stays up (and says so in its log).
+        """
+        backoff = self._backoff()
+        while True:
+            try:
+                await self._transient(work, stop)
+                return True
+            except Stopped:
+                return False
+            except Exception as exc:
+                log.error("dispatcher_work_failed", error=describe(exc), exception=repr(exc)[:500])
+                backoff.attempt = 32
+                await backoff.wait(stop)
+                if stop.is_set():
+                    return False
 
     async def run(self, stop: asyncio.Event) -> None:
         """Fan-out and sender together, until `stop`."""

@@ -2,33 +2,35 @@
 
 A malformed message is dead-lettered with its reason and committed, and the worker carries
 on; a transient database error is retried until it clears, never skipped; a failure that
-keeps happening for one contact fails that contact's item after bounded retries while the
-rest of its batch is deleted.
+is permanent (service.faults) fails that contact's item at once, with its code, message and
+audit event, while the rest of its batch (and other jobs, other workspaces) goes through.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
 import uuid
 from collections.abc import Sequence
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from sqlalchemy.exc import OperationalError
+from asyncpg.exceptions import CannotConnectNowError
 
 from service.app import Services
 from service.audit.chain import verify_events
 from service.audit.store import load_hash_key, stream_events
 from service.config import Settings
-from service.db import contacts, outbox
+from service.db import contacts, deletion_jobs, outbox
 from service.deletion.worker import BatchResult, DeletionWorker
 from service.events import DLQ_SUFFIX, TOPIC_DELETION_REQUESTED, DeletionRequested, JobExpand
 from service.kafka import Consumer, InMessage, OutMessage, Producer
 from service.metrics import Metrics
 from service.topics import create_topics
 from tests.conftest import Tenant, make_settings
+from tests.real_errors import sqlite_busy, sqlite_too_many_variables, wrapped
 
 Command = DeletionRequested | JobExpand
 
@@ -177,7 +179,7 @@ def unused_producer(settings: Settings) -> Producer:
 async def test_transient_database_error_is_retried_until_it_clears(
     services: Services, tenant: Tenant, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """An OperationalError is retried with backoff; the batch is then done, nothing skipped."""
+    """SQLite busy is retried with back-off; the batch is then done, nothing skipped."""
     ids = await make_contacts(tenant, 2)
     worker, messages, job_id = await worker_and_messages(services, tenant, ids)
     real_process = worker.process
@@ -187,7 +189,7 @@ async def test_transient_database_error_is_retried_until_it_clears(
         nonlocal calls
         calls += 1
         if calls <= 2:
-            raise OperationalError("DELETE FROM contacts", {}, Exception("database is down"))
+            raise wrapped(sqlite_busy(), "DELETE FROM contacts")
         return await real_process(commands)
 
     monkeypatch.setattr(worker, "process", flaky)
@@ -212,7 +214,7 @@ async def test_transient_error_at_shutdown_leaves_the_batch_uncommitted(
     worker, messages, job_id = await worker_and_messages(services, tenant, ids)
 
     async def down(commands: Sequence[Command]) -> BatchResult:
-        raise OperationalError("SELECT 1", {}, Exception("database is down"))
+        raise wrapped(CannotConnectNowError("the database system is shutting down"))
 
     monkeypatch.setattr(worker, "process", down)
     monkeypatch.setattr(worker, "give_up", down)
@@ -281,3 +283,231 @@ async def test_persistent_failure_fails_only_its_own_item(
     ]
     assert sum(e["action"] == "contact.deleted" for e in events) == 3
     assert verify_events(events, workspace_id=str(tenant.workspace_id)).ok
+
+
+async def test_a_statement_the_database_refuses_fails_its_item_with_a_message_not_a_retry(
+    services: Services, tenant: Tenant, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ "too many SQL variables" is permanent: one item fails at once, nothing waits on it."""
+    ids = await make_contacts(tenant, 3)
+    bad = uuid.UUID(ids[0])
+    worker, messages, job_id = await worker_and_messages(services, tenant, ids)
+    real_process = worker.process
+    sleeps: list[float] = []
+
+    async def no_sleep(delay: float, stop: asyncio.Event) -> None:
+        sleeps.append(delay)
+
+    async def refused_for_bad(commands: Sequence[Command]) -> BatchResult:
+        if any(isinstance(c, DeletionRequested) and c.contact_id == bad for c in commands):
+            raise wrapped(sqlite_too_many_variables(), "DELETE FROM contacts WHERE id IN (...)")
+        return await real_process(commands)
+
+    worker.sleep = no_sleep
+    monkeypatch.setattr(worker, "process", refused_for_bad)
+    done = await asyncio.wait_for(
+        worker.handle(messages, unused_producer(services.settings), asyncio.Event()), timeout=30
+    )
+
+    assert done is True
+    assert sleeps == []  # permanent: never backed off, never retried
+    _, body, _ = await tenant.call("GET", f"/v1/bulk-jobs/{job_id}")
+    job: dict[str, Any] = body["data"]
+    assert (job["status"], job["deleted_count"], job["failed_count"]) == (
+        "completed_with_errors",
+        2,
+        1,
+    )
+    [error] = job["errors"]
+    assert error["code"] == "FAILED_DELETE_CONTACT"
+    assert "too many SQL variables" in error["message"]
+    events = [e async for e in stream_events(services.db, tenant.workspace_id)]
+    failed = [e for e in events if e["action"] == "contact.deletion_failed"]
+    assert [e["target"]["id"] for e in failed] == [str(bad)]
+    assert "too many SQL variables" in failed[0]["data"]["message"]
+
+
+async def test_transient_errors_back_off_exponentially_with_jitter_and_a_cap(
+    services: Services, tenant: Tenant, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each wait grows (jittered within [d/2, d]) up to the cap; no item is ever failed."""
+    ids = await make_contacts(tenant, 1)
+    worker, messages, job_id = await worker_and_messages(services, tenant, ids)
+    real_process = worker.process
+    sleeps: list[float] = []
+
+    async def record(delay: float, stop: asyncio.Event) -> None:
+        sleeps.append(delay)
+
+    async def down_for_a_while(commands: Sequence[Command]) -> BatchResult:
+        if len(sleeps) < 12:
+            raise wrapped(CannotConnectNowError("the database system is starting up"))
+        return await real_process(commands)
+
+    worker.sleep = record
+    monkeypatch.setattr(worker, "process", down_for_a_while)
+    assert await worker.handle(messages, unused_producer(services.settings), asyncio.Event())
+
+    cap = services.settings.retry_max_backoff_s
+    assert len(sleeps) == 12
+    for n, delay in enumerate(sleeps):
+        ceiling = min(cap, 0.1 * 2**n)
+        assert ceiling / 2 <= delay <= ceiling, (n, delay)
+    assert max(sleeps) <= cap
+    _, body, _ = await tenant.call("GET", f"/v1/bulk-jobs/{job_id}")
+    assert (body["data"]["status"], body["data"]["failed_count"]) == ("completed", 0)
+
+
+async def test_an_expansion_the_database_refuses_fails_its_job_and_not_another_workspace(
+    services: Services, tenant: Tenant, other_tenant: Tenant
+) -> None:
+    """A filter job whose selection statement is refused ends `failed` with its code and an
+    audit event; another workspace's job in the same batch completes."""
+    from service.deletion.models import BulkDeleteRequest
+    from service.deletion.store import Requester, create_job
+
+    # Over both drivers' limits on bound values (this SQLite's, asyncpg's 32767). The HTTP
+    # edge refuses such a filter; the worker must still survive one that got through.
+    limit = sqlite3.connect(":memory:").getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
+    groups = max(limit, 32_767) // 1000 + 1
+    huge = {
+        "$or": [{"email": {"$in": [f"u{n}-{m}@x.io" for n in range(1000)]}} for m in range(groups)]
+    }
+    big_job = uuid.uuid4()
+    async with services.db.begin() as conn:
+        await create_job(
+            conn,
+            services.db,
+            services.settings,
+            Requester(tenant.workspace_id, tenant.key_id, "req-huge"),
+            BulkDeleteRequest.model_validate({"filter": {"last_name": "Nobody"}}),
+            big_job,
+        )
+        # The stored selector is what the worker expands: make it the one that got through.
+        await conn.execute(
+            deletion_jobs.update()
+            .where(deletion_jobs.c.id == big_job)
+            .values(selector={"filter": huge})
+        )
+    other_ids = await make_contacts(other_tenant, 1)
+    worker, small_messages, small_job = await worker_and_messages(services, other_tenant, other_ids)
+    topic = services.settings.topic(TOPIC_DELETION_REQUESTED)
+    async with services.db.read() as conn:
+        payload = (
+            await conn.execute(
+                sa.select(outbox.c.payload).where(
+                    outbox.c.topic == topic, outbox.c.key == str(big_job)
+                )
+            )
+        ).scalar_one()
+    expand = InMessage(topic, 0, 99, str(big_job).encode(), bytes(payload), ())
+
+    done = await asyncio.wait_for(
+        worker.handle(
+            [expand, *small_messages], unused_producer(services.settings), asyncio.Event()
+        ),
+        timeout=60,
+    )
+
+    assert done is True
+    status, body, _ = await tenant.call("GET", f"/v1/bulk-jobs/{big_job}")
+    assert status == 200, body
+    assert body["data"]["status"] == "failed"
+    assert body["data"]["completed_at"] is not None
+    status, body, _ = await other_tenant.call("GET", f"/v1/bulk-jobs/{small_job}")
+    assert (body["data"]["status"], body["data"]["deleted_count"]) == ("completed", 1)
+    events = [e async for e in stream_events(services.db, tenant.workspace_id)]
+    [finished] = [e for e in events if e["action"] == "deletion.completed"]
+    assert finished["job_id"] == str(big_job)
+    assert finished["data"]["status"] == "failed"
+    assert finished["data"]["code"] == "FAILED_DELETE_CONTACT"
+    assert "database refused" in finished["data"]["message"]
+    assert verify_events(events, workspace_id=str(tenant.workspace_id)).ok
+
+
+# -- the dispatcher's fan-out meets the same classification ------------------------------
+
+
+async def test_an_event_the_database_refuses_is_dead_lettered_and_its_batch_mates_delivered(
+    services: Services, tenant: Tenant, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A permanent error in the dispatcher's fan-out splits the batch: the bad event goes to
+    the dead-letter topic with its reason, the good one gets its delivery row."""
+    from service.db import utcnow, webhook_deliveries
+    from service.events import (
+        TOPIC_CONTACT_DELETED,
+        TYPE_CONTACT_DELETED,
+        ContactDeleted,
+        OrphanedTimeline,
+        envelope,
+    )
+    from service.webhooks import dispatcher as dispatcher_module
+
+    status, body, _ = await tenant.call(
+        "POST", "/v1/webhooks/endpoints", {"url": "http://127.0.0.1:9/hook"}
+    )
+    assert status == 201, body
+    await create_topics(settings)
+    topic = settings.topic(TOPIC_CONTACT_DELETED)
+    events = [
+        envelope(
+            TYPE_CONTACT_DELETED,
+            str(contact_id),
+            ContactDeleted(
+                contact_id=contact_id,
+                workspace_id=tenant.workspace_id,
+                job_id=uuid.uuid4(),
+                deleted_at=utcnow(),
+                email_sha256="0" * 64,
+                orphaned_timeline=OrphanedTimeline(activities=0, notes=0, tasks=0),
+            ),
+            utcnow(),
+        )
+        for contact_id in (uuid.uuid4(), uuid.uuid4())
+    ]
+    bad, good = events
+    messages = [
+        InMessage(topic, 0, n, str(e.subject).encode(), e.model_dump_json().encode(), ())
+        for n, e in enumerate(events)
+    ]
+    real_enqueue = dispatcher_module.enqueue  # type: ignore[attr-defined]
+
+    async def refuses_bad(conn: Any, db: Any, **kwargs: Any) -> int:
+        if kwargs["event_id"] == bad.id:
+            raise wrapped(sqlite_too_many_variables(), "INSERT INTO webhook_deliveries ...")
+        return await real_enqueue(conn, db, **kwargs)
+
+    monkeypatch.setattr(dispatcher_module, "enqueue", refuses_bad)
+    dispatcher = dispatcher_module.Dispatcher(settings, services.db, Metrics())
+    dlq = Producer(settings.kafka_bootstrap_servers)
+    await dlq.start()
+    try:
+        assert await dispatcher._fan_out_isolating(messages, dlq, asyncio.Event())
+    finally:
+        await dlq.stop()
+
+    async with services.db.read() as conn:
+        delivered = (
+            (
+                await conn.execute(
+                    sa.select(webhook_deliveries.c.event_id).where(
+                        webhook_deliveries.c.workspace_id == tenant.workspace_id
+                    )
+                )
+            )
+            .scalars()
+            .all()
+        )
+    assert list(delivered) == [good.id]
+    consumer = Consumer(
+        settings.kafka_bootstrap_servers,
+        [topic + DLQ_SUFFIX],
+        f"{settings.kafka_consumer_group_prefix}.dlq-reader",
+    )
+    await consumer.start()
+    try:
+        [dead] = await read_all(consumer, 1)
+    finally:
+        await consumer.stop()
+    assert dead.key == str(bad.subject).encode()
+    assert "too many SQL variables" in dict(dead.headers)["dlq-reason"].decode()

@@ -3,6 +3,8 @@
 ``TEST_KAFKA_BOOTSTRAP=host:port`` points the tests at a broker that already runs;
 otherwise one Apache Kafka node is started from the cached jars (see service.localkafka)
 and stopped at the end. A broker that cannot start fails the tests; it never skips them.
+``kafka_broker`` is that node (None for an external broker), for the outage tests that
+stop and restart it in place.
 """
 
 from __future__ import annotations
@@ -21,13 +23,12 @@ KAFKA_LOG_DIR = pytest.StashKey[Path]()
 
 
 @pytest.fixture(scope="session")
-def kafka_bootstrap(
+def kafka_broker(
     tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
-) -> Iterator[str]:
-    """``host:port`` of a running Kafka broker, shared by the session."""
-    external = os.environ.get("TEST_KAFKA_BOOTSTRAP")
-    if external:
-        yield external
+) -> Iterator[LocalKafka | None]:
+    """The broker this session started, or None when ``TEST_KAFKA_BOOTSTRAP`` names one."""
+    if os.environ.get("TEST_KAFKA_BOOTSTRAP"):
+        yield None
         return
     # Fixtures run in the main thread, which lives as long as the session: the broker's
     # parent-death signal is tied to the thread that starts it.
@@ -36,9 +37,17 @@ def kafka_bootstrap(
     kafka = LocalKafka(port=free_port(), data_dir=data_dir)
     kafka.start()
     try:
-        yield kafka.bootstrap
+        yield kafka
     finally:
         kafka.stop()
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap(kafka_broker: LocalKafka | None) -> str:
+    """``host:port`` of a running Kafka broker, shared by the session."""
+    if kafka_broker is None:
+        return os.environ["TEST_KAFKA_BOOTSTRAP"]
+    return kafka_broker.bootstrap
 
 
 @pytest.fixture(scope="session")

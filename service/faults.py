@@ -1,0 +1,173 @@
+"""What an error means: the one classification every component uses.
+
+Two kinds, nothing in between:
+
+- **transient**: the database or the broker is not answering right now: unreachable,
+  shutting down, starting up, in recovery, out of connections or resources; a
+  serialization failure or deadlock; a lock or statement timeout; SQLite busy/locked; a
+  consumer-group rebalance. Retried with capped exponential back-off and jitter
+  (:class:`service.aio.Backoff`) for as long as it lasts, never counted against an item,
+  and answered 503 ``service_unavailable`` with ``Retry-After`` at the HTTP edge.
+- **permanent**: everything else, and in particular a statement the database refuses
+  (a syntax or data error, SQLite "too many SQL variables", a constraint). Retrying cannot
+  fix it: the item or job fails with a code, a message and its audit event.
+
+The worker, the relay, the dispatcher, the API and start-up all call :func:`is_transient`;
+nothing else decides. The rules read the SQLSTATE of PostgreSQL errors (asyncpg, raw or
+as SQLAlchemy wraps it), the extended result code of SQLite errors (``sqlite3``, which
+aiosqlite raises as is), and the type of aiokafka errors. Sources: PostgreSQL
+"Appendix A. PostgreSQL Error Codes"; SQLite "Result and Error Codes"; KIP-345/aiokafka
+``errors.py`` for the group errors.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+
+import aiokafka.errors as kafka_errors
+import sqlalchemy.exc as sa_exc
+
+from service.errors import RetryLater, ServiceError
+
+# SQLSTATE classes and codes that mean "not answering right now" (PostgreSQL Appendix A).
+_TRANSIENT_SQLSTATE_CLASSES = frozenset(
+    {
+        "08",  # connection exception
+        "53",  # insufficient resources: too many connections, disk full, out of memory
+        "58",  # system error: I/O error
+    }
+)
+_TRANSIENT_SQLSTATES = frozenset(
+    {
+        "40001",  # serialization_failure
+        "40P01",  # deadlock_detected
+        "40003",  # statement_completion_unknown
+        "55P03",  # lock_not_available (lock_timeout)
+        "57014",  # query_canceled (statement_timeout)
+        "57P01",  # admin_shutdown ("terminating connection due to administrator command")
+        "57P02",  # crash_shutdown
+        "57P03",  # cannot_connect_now ("the database system is shutting down/starting up")
+        "57P05",  # idle_session_timeout
+        "25P03",  # idle_in_transaction_session_timeout
+        "25006",  # read_only_sql_transaction (a standby, during a failover)
+    }
+)
+
+# SQLite primary result codes (the low byte of the extended code) that mean "busy".
+_SQLITE_TRANSIENT = frozenset(
+    {
+        5,  # SQLITE_BUSY: another connection holds the lock past the busy timeout
+        6,  # SQLITE_LOCKED
+        7,  # SQLITE_NOMEM
+        10,  # SQLITE_IOERR
+        13,  # SQLITE_FULL: the disk is full
+        15,  # SQLITE_PROTOCOL
+    }
+)
+
+# The group moved under us: the work will be redelivered to the partition's new owner.
+_REBALANCE = (
+    kafka_errors.CommitFailedError,
+    kafka_errors.IllegalStateError,
+    kafka_errors.RebalanceInProgressError,
+    kafka_errors.UnknownMemberIdError,
+    kafka_errors.IllegalGenerationError,
+)
+_KAFKA_TRANSIENT = (
+    kafka_errors.KafkaConnectionError,
+    kafka_errors.KafkaTimeoutError,
+    kafka_errors.NodeNotReadyError,
+    kafka_errors.NoBrokersAvailable,
+    kafka_errors.KafkaUnavailableError,
+)
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    """The exception, what SQLAlchemy wrapped (``orig``) and the explicit causes."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        link = todo.pop()
+        if link is None or id(link) in seen:
+            continue
+        seen.add(id(link))
+        yield link
+        orig = getattr(link, "orig", None)
+        todo.append(orig if isinstance(orig, BaseException) else None)
+        todo.append(link.__cause__)
+
+
+def sqlstate(exc: BaseException) -> str | None:
+    """The PostgreSQL SQLSTATE anywhere in the chain, if any."""
+    for link in _chain(exc):
+        code = getattr(link, "sqlstate", None)
+        if isinstance(code, str) and len(code) == 5:
+            return code
+    return None
+
+
+def is_rebalance(exc: BaseException) -> bool:
+    """True if the error says the consumer group moved (a partition is no longer ours)."""
+    return any(isinstance(link, _REBALANCE) for link in _chain(exc))
+
+
+def _link_is_transient(link: BaseException) -> bool:
+    if isinstance(link, RetryLater | OSError | TimeoutError):
+        return True
+    if isinstance(link, sa_exc.DBAPIError) and link.connection_invalidated:
+        return True
+    if isinstance(link, sa_exc.TimeoutError | sa_exc.DisconnectionError):
+        return True  # the pool had no connection to give in time / a dead connection
+    if isinstance(link, sqlite3.Error):
+        code = getattr(link, "sqlite_errorcode", None)
+        if isinstance(code, int):
+            return (code & 0xFF) in _SQLITE_TRANSIENT
+        return "database is locked" in str(link)
+    code = getattr(link, "sqlstate", None)
+    if isinstance(code, str) and len(code) == 5:
+        return code in _TRANSIENT_SQLSTATES or code[:2] in _TRANSIENT_SQLSTATE_CLASSES
+    if isinstance(link, (*_KAFKA_TRANSIENT, *_REBALANCE)):
+        return True
+    if isinstance(link, kafka_errors.KafkaError) and link.retriable:
+        return True
+    # asyncpg raises this bare when its connection died under it.
+    return type(link).__name__ == "InterfaceError" and "connection is closed" in str(link)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True if ``exc`` means "the database or broker is not answering right now".
+
+    Everything else is permanent: retrying the same work cannot make it succeed.
+    """
+    return any(_link_is_transient(link) for link in _chain(exc))
+
+
+def describe(exc: BaseException) -> str:
+    """A short, value-free description of an error, fit for an item's error message.
+
+    Names the driver's code (SQLSTATE or SQLite result name) and the error class, never
+    the statement's parameters or the message text (which may quote a value, such as an
+    email address).
+    """
+    if isinstance(exc, ServiceError):
+        return exc.message  # our own words, written for the client
+    for link in _chain(exc):
+        if isinstance(link, sqlite3.Error):
+            name = getattr(link, "sqlite_errorname", None) or type(link).__name__
+            # SQLite's own messages name a limit or a table, never a bound value.
+            return f"the database refused the statement ({name}: {str(link)[:120]})"
+    coded = [link for link in _chain(exc) if isinstance(getattr(link, "sqlstate", None), str)]
+    if coded:
+        # The driver's own class (asyncpg's) names the condition best.
+        link = next((c for c in coded if type(c).__module__.startswith("asyncpg")), coded[0])
+        return (
+            f"the database refused the statement (SQLSTATE {link.sqlstate}, {type(link).__name__})"  # type: ignore[attr-defined]
+        )
+    for link in _chain(exc):
+        if isinstance(link, sa_exc.DBAPIError):
+            # A refusal by the driver itself (asyncpg's limit of 32767 arguments, a value it
+            # cannot encode): its class says enough, its message may quote the value.
+            inner = [type(x).__name__ for x in _chain(link) if x is not link]
+            return f"the database refused the statement ({inner[-1] if inner else 'DBAPIError'})"
+    return f"an unexpected error ({type(exc).__name__})"
