@@ -78,7 +78,8 @@ async def dry_run(
                 (i, uuid.UUID(i)) for i in selector["contact_ids"]
             ]
         else:
-            refs = await resolve_emails(conn, workspace_id, selector["emails"])
+            assert req.emails is not None  # the other selector of this branch
+            refs = await resolve_emails(conn, workspace_id, req.emails)
         ids = [cid for _, cid in refs if cid is not None]
         rows = (
             (

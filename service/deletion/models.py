@@ -216,7 +216,10 @@ class Job(Out):
     deleted_count: int = Field(ge=0)
     not_found_count: int = Field(ge=0)
     failed_count: int = Field(ge=0)
-    not_found: list[str] = Field(description="Ids or emails that matched nothing (the first ones)")
+    not_found: list[str] = Field(
+        description="Ids that matched nothing, and addresses by their place in the request's"
+        " `emails` array (`emails[3]`, 0-based), so no address is kept (the first 1000)"
+    )
     errors: list[JobError]
     created_at: Time
     started_at: Time | None
@@ -233,7 +236,10 @@ class DryRun(Out):
         ge=0, description="Contacts a real run would refuse (their errors are listed)"
     )
     not_found_count: int = Field(ge=0)
-    not_found: list[str] = Field(description="Ids or emails that match nothing (the first ones)")
+    not_found: list[str] = Field(
+        description="Ids that match nothing, and addresses by their place in the request's"
+        " `emails` array (`emails[3]`, 0-based), as a job names them (the first 1000)"
+    )
     errors: list[JobError]
     orphaned_timeline: OrphanedTimeline = Field(
         description="Timeline items that would lose their back-reference"

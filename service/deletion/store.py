@@ -206,8 +206,8 @@ def selector_summary(req: BulkDeleteRequest) -> dict[str, Any]:
 
 def stored_selector(selector: dict[str, Any]) -> dict[str, Any]:
     """The selector as the job keeps it: addresses of contacts being deleted are personal
-    data the service must not keep, so an emails selector is kept as its size only (the
-    addresses that matched nothing stay listed in `not_found`)."""
+    data the service must not keep, so an emails selector is kept as its size only (an
+    address that matched nothing is listed in `not_found` by its place, see `email_ref`)."""
     if "emails" in selector:
         return {"emails": {"count": len(selector["emails"])}}
     return selector
@@ -244,7 +244,7 @@ async def create_job(
     if req.contact_ids is not None:
         refs = [(i, uuid.UUID(i)) for i in selector["contact_ids"]]
     elif req.emails is not None:
-        refs = await resolve_emails(conn, who.workspace_id, selector["emails"])
+        refs = await resolve_emails(conn, who.workspace_id, req.emails)
     expanding = req.contact_ids is None and req.emails is None
     unknown = sum(1 for _, cid in refs if cid is None)
     estimate: int | None = None
@@ -358,13 +358,25 @@ async def insert_items(
         await conn.execute(outbox.insert(), messages)
 
 
+def email_ref(index: int) -> str:
+    """How a job names an address that matched nothing: its place in the request's
+    ``emails`` array (``"emails[3]"``, 0-based, first occurrence). The caller holds its own
+    list; the service never keeps an address it did not delete (DESIGN.md, Erasure)."""
+    return f"emails[{index}]"
+
+
 async def resolve_emails(
     conn: AsyncConnection, workspace_id: uuid.UUID, emails: Sequence[str]
 ) -> list[tuple[str, uuid.UUID | None]]:
+    """Refs for an emails selector as the request gave it (duplicates allowed): each
+    matching contact by id, each address that matched nothing by `email_ref`."""
+    first: dict[str, int] = {}
+    for index, email in enumerate(emails):
+        first.setdefault(email, index)
     rows = (
         await conn.execute(
             sa.select(contacts.c.id, contacts.c.email)
-            .where(contacts.c.workspace_id == workspace_id, contacts.c.email.in_(list(emails)))
+            .where(contacts.c.workspace_id == workspace_id, contacts.c.email.in_(list(first)))
             .order_by(contacts.c.id)
         )
     ).all()
@@ -372,10 +384,10 @@ async def resolve_emails(
     for row in rows:
         by_email.setdefault(row.email, []).append(row.id)
     refs: list[tuple[str, uuid.UUID | None]] = []
-    for email in emails:
+    for email, index in first.items():
         matches = by_email.get(email)
         if not matches:
-            refs.append((email, None))
+            refs.append((email_ref(index), None))
         else:
             refs.extend((str(cid), cid) for cid in matches)
     return refs
