@@ -14,9 +14,10 @@ from typing import Any
 
 from aiohttp import web
 
-from service import ops
+from service import me, ops
 from service.audit import routes as audit_routes
 from service.config import Settings
+from service.console import routes as console_routes
 from service.contacts import routes as contact_routes
 from service.db import Database
 from service.deletion import routes as deletion_routes
@@ -69,6 +70,8 @@ def create_app(services: Services) -> web.Application:
     deletion_routes.add_routes(app)
     webhook_routes.add_routes(app)
     audit_routes.add_routes(app)
+    me.add_routes(app)
+    console_routes.add_routes(app)
     return app
 
 

@@ -1071,6 +1071,72 @@ def _ops_paths() -> dict[str, Schema]:
     }
 
 
+def _me_paths() -> dict[str, Schema]:
+    """``GET /v1/me``: any valid key may ask which workspace and scopes it has."""
+    me = _object(
+        {
+            "workspace_id": _UUID,
+            "workspace_name": {"type": "string"},
+            "key_id": _UUID,
+            "scopes": {
+                "type": "array",
+                "items": _enum(["contacts:read", "contacts:write", "webhooks:manage", "audit:read"]),
+            },
+        },
+        ["workspace_id", "workspace_name", "key_id", "scopes"],
+    )
+    op = _operation(
+        "getMe",
+        "The calling key: its workspace and the scopes it holds",
+        "Operations",
+        scope=None,
+        responses={"200": _response("The key", _data(me))},
+        errors=(401, 429),
+        description="Needs no scope: any valid key may learn its own scopes (the console "
+        "uses it to show only what the key can use).",
+    )
+    op["security"] = [{"bearer": []}]
+    return {"/v1/me": {"get": op}}
+
+
+def _console_paths() -> dict[str, Schema]:
+    """The web console and this document rendered, with their assets (HTML, not JSON)."""
+    tag = "Console"
+    name = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
+
+    def page(operation_id: str, summary: str, media_type: str, asset: bool = False) -> Schema:
+        op = _operation(
+            operation_id,
+            summary,
+            tag,
+            scope=None,
+            errors=(404,) if asset else (),
+            responses={
+                "200": _response(
+                    summary, {"type": "string"}, headers=_OPS_HEADERS, media_type=media_type
+                )
+            },
+        )
+        if asset:
+            op["parameters"].insert(0, name)
+        return {"get": op}
+
+    redirect = _operation(
+        "root",
+        "Redirects to the console",
+        tag,
+        scope=None,
+        responses={"302": {"description": "Location: /console"}},
+    )
+    return {
+        "/": {"get": redirect},
+        "/console": page("console", "The web console (sign in with an API key)", "text/html"),
+        "/console/assets/{name}": page("consoleAsset", "A file of the console", "*/*", True),
+        "/docs": page("docs", "This document, rendered by Swagger UI", "text/html"),
+        "/docs/assets/{name}": page("docsAsset", "A file of Swagger UI", "*/*", True),
+    }
+
+
 def _webhooks(c: _Components) -> dict[str, Schema]:
     """What this service POSTs to receivers (OpenAPI 3.1 `webhooks`)."""
 
@@ -1123,6 +1189,8 @@ def openapi_spec() -> dict[str, Any]:
         **_webhook_paths(r),
         **_audit_paths(r),
         **_ops_paths(),
+        **_me_paths(),
+        **_console_paths(),
     }
     webhooks = _webhooks(c)
     return {
@@ -1137,7 +1205,14 @@ def openapi_spec() -> dict[str, Any]:
         "servers": [{"url": "http://127.0.0.1:8080", "description": "The local default"}],
         "security": [{"bearer": []}],
         "tags": [
-            {"name": name} for name in ("Contacts", "Deletion", "Webhooks", "Audit", "Operations")
+            {"name": name} for name in (
+                "Contacts",
+                "Deletion",
+                "Webhooks",
+                "Audit",
+                "Operations",
+                "Console",
+            )
         ],
         "paths": paths,
         "webhooks": webhooks,
