@@ -47,7 +47,8 @@ async function start() {
   document.getElementById("api-key").value = "";
   const who = document.getElementById("who");
   who.hidden = false;
-  document.getElementById("who-text").textContent = `Workspace ${me.workspace_name} · ${me.scopes.join(", ")}`;
+  document.getElementById("who-name").textContent = `Workspace ${me.workspace_name}`;
+  document.getElementById("who-scopes").textContent = me.scopes.join(" · ");
   const nav = document.getElementById("nav");
   mount(nav, allowed().map((s) => h("a", { href: `#/${s.id}`, "data-section": s.id }, s.label)));
   nav.hidden = false;

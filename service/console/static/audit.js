@@ -135,7 +135,7 @@ async function timelinePage(view, contactId) {
     h("h2", {}, "Deleted contact"),
     h("section", { class: "card" }, kv([
       ["Contact", h("code", {}, t.contact_id)],
-      ["Deleted", t.deleted ? h("span", { id: "timeline-deleted" }, badge("deleted"), ` ${time(t.deletion?.occurred_at)}`) : "no deletion recorded"],
+      ["Deleted", t.deleted ? h("span", { id: "timeline-deleted" }, badge("deleted"), " ", time(t.deletion?.occurred_at)) : "no deletion recorded"],
       ["Requested by key", by?.api_key_id ? h("code", {}, by.api_key_id) : "—"],
       ["Job", by?.job_id ? h("a", { href: `#/jobs/${by.job_id}` }, h("code", {}, by.job_id)) : "—"],
       ["Request id", by?.request_id ? h("code", {}, by.request_id) : "—"],

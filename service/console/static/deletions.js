@@ -111,7 +111,7 @@ async function jobPage(view, jobId, me, ctx) {
   const drawJob = () => {
     mount(summary, kv([
       ["Job", h("code", {}, job.job_id)],
-      ["Status", badge(job.status)],
+      ["Status", h("span", { id: "job-status" }, badge(job.status))],
       ["Progress", progress(job)],
       ["Counts", counts(job)],
       ["Selector", selectorText(job.selector)],

@@ -34,7 +34,11 @@ export function mount(target, ...children) {
 export function time(value) {
   if (!value) return "—";
   const d = new Date(value);
-  return Number.isNaN(d.getTime()) ? String(value) : d.toLocaleString();
+  if (Number.isNaN(d.getTime())) return String(value);
+  const p = (n) => String(n).padStart(2, "0");
+  // Local time, unambiguous order; the full ISO value is in the title.
+  const text = `${d.getFullYear()}-${p(d.getMonth() + 1)}-${p(d.getDate())} ${p(d.getHours())}:${p(d.getMinutes())}:${p(d.getSeconds())}`;
+  return h("time", { datetime: d.toISOString(), title: d.toISOString() }, text);
 }
 
 export function badge(status) {

@@ -39,7 +39,8 @@ function secretBox(secret, why) {
 function reason(endpoint) {
   if (endpoint.status !== "disabled") return "—";
   const r = endpoint.disabled_reason;
-  return `${REASONS[r] || r || "disabled"}${endpoint.disabled_at ? ` (since ${time(endpoint.disabled_at)})` : ""}`;
+  return h("span", {}, REASONS[r] || r || "disabled",
+    endpoint.disabled_at ? [" (since ", time(endpoint.disabled_at), ")"] : null);
 }
 
 async function listPage(view) {
@@ -59,7 +60,7 @@ async function listPage(view) {
   const load = async () => {
     const page = await api("GET", "/v1/webhooks/endpoints");
     mount(list, table("Webhook endpoints", ["URL", "Status", "Events", ""],
-      page.data.map((e) => [h("code", {}, e.url), h("span", {}, badge(e.status), e.status === "disabled" ? h("span", { class: "hint" }, ` ${reason(e)}`) : null),
+      page.data.map((e) => [h("code", {}, e.url), h("span", {}, badge(e.status), e.status === "disabled" ? h("span", { class: "hint" }, " ", reason(e)) : null),
         e.event_types.length ? e.event_types.join(", ") : "all",
         h("a", { href: `#/endpoints/${e.id}`, "aria-label": `Open endpoint ${e.url}` }, "Open")]),
       "No endpoints yet."));
@@ -162,7 +163,7 @@ async function endpointPage(view, id, ctx) {
     more.hidden = !cursor;
     mount(log, table("Deliveries to this endpoint, newest first", ["Created", "Event", "Status", "Attempts", "Next attempt", ""],
       shown.map((d) => [time(d.created_at), d.event_type, badge(d.status), String(d.attempt_count),
-        time(d.next_attempt_at), h("a", { href: `#/deliveries/${d.id}`, "aria-label": `Open delivery of ${d.event_type}` }, "Attempts")]),
+        ["succeeded", "failed", "cancelled"].includes(d.status) ? "—" : time(d.next_attempt_at), h("a", { href: `#/deliveries/${d.id}`, "aria-label": `Open delivery of ${d.event_type}` }, "Attempts")]),
       "No deliveries with this status."));
   };
 
@@ -239,10 +240,10 @@ async function deliveryPage(view, id, ctx) {
     back.textContent = "← Endpoint";
     mount(details, kv([
       ["Event", `${d.event_type} (${d.event_id})`],
-      ["Status", badge(d.status)],
+      ["Status", h("span", { id: "delivery-status-now" }, badge(d.status))],
       ["Attempts", String(d.attempt_count)],
       ["Created", time(d.created_at)],
-      ["Next attempt", time(d.next_attempt_at)],
+      ["Next attempt", ["succeeded", "failed", "cancelled"].includes(d.status) ? "—" : time(d.next_attempt_at)],
       ["Completed", time(d.completed_at)],
     ]));
     mount(attempts, table("Attempts, oldest first", ["Time", "HTTP status", "Latency", "Error", "Response excerpt"],
