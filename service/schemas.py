@@ -1080,7 +1080,9 @@ def _me_paths() -> dict[str, Schema]:
             "key_id": _UUID,
             "scopes": {
                 "type": "array",
-                "items": _enum(["contacts:read", "contacts:write", "webhooks:manage", "audit:read"]),
+                "items": _enum(
+                    ["contacts:read", "contacts:write", "webhooks:manage", "audit:read"]
+                ),
             },
         },
         ["workspace_id", "workspace_name", "key_id", "scopes"],
@@ -1205,7 +1207,8 @@ def openapi_spec() -> dict[str, Any]:
         "servers": [{"url": "http://127.0.0.1:8080", "description": "The local default"}],
         "security": [{"bearer": []}],
         "tags": [
-            {"name": name} for name in (
+            {"name": name}
+            for name in (
                 "Contacts",
                 "Deletion",
                 "Webhooks",

@@ -8,6 +8,7 @@ from a fixed allow-list of names (no path from the request ever reaches the file
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from aiohttp import web
@@ -92,7 +93,9 @@ async def docs_page(_: web.Request) -> web.Response:
     return _file(STATIC_DIR / "docs.html", DOCS_CSP)
 
 
-def _asset_handler(files: dict[str, Path], csp: str) -> web.Handler:
+def _asset_handler(
+    files: dict[str, Path], csp: str
+) -> Callable[[web.Request], Awaitable[web.Response]]:
     async def asset(request: web.Request) -> web.Response:
         path = files.get(request.match_info["name"])
         if path is None:

@@ -32,7 +32,7 @@ import pytest
 from aiohttp import web
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
-from selenium.webdriver.remote.webdriver import WebDriver
+from selenium.webdriver.chrome.webdriver import WebDriver
 from selenium.webdriver.support.ui import WebDriverWait
 from standardwebhooks.webhooks import Webhook
 
@@ -143,7 +143,9 @@ def console_service(
 def new_driver(width: int = 1280, height: int = 800) -> WebDriver:
     """Headless Debian Chromium at width x height, with its console log kept."""
     for path in (CHROMIUM, CHROMEDRIVER):
-        assert path.exists(), f"{path} is missing: `make test` installs chromium and chromium-driver"
+        assert path.exists(), (
+            f"{path} is missing: `make test` installs chromium and chromium-driver"
+        )
     options = webdriver.ChromeOptions()
     options.binary_location = str(CHROMIUM)
     for arg in (
@@ -165,7 +167,7 @@ def new_driver(width: int = 1280, height: int = 800) -> WebDriver:
 
 def _viewport(driver: WebDriver, width: int, height: int) -> None:
     metrics = {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": width < 600}
-    driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", metrics)  # type: ignore[attr-defined]
+    driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", metrics)
 
 
 @pytest.fixture
@@ -182,7 +184,8 @@ def browser() -> Iterator[WebDriver]:
 def console_errors(driver: WebDriver) -> list[dict[str, Any]]:
     """Everything the page logged at error level since the last call (CSP violations,
     uncaught exceptions, failed requests)."""
-    return [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+    entries: list[dict[str, Any]] = driver.get_log("browser")  # type: ignore[no-untyped-call]
+    return [e for e in entries if e["level"] == "SEVERE"]
 
 
 def assert_no_console_errors(driver: WebDriver) -> None:
