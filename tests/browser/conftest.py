@@ -31,6 +31,7 @@ from typing import Any, TypeVar
 import pytest
 from aiohttp import web
 from selenium import webdriver
+from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.chrome.webdriver import WebDriver
 from selenium.webdriver.support.ui import WebDriverWait
@@ -194,8 +195,15 @@ def assert_no_console_errors(driver: WebDriver) -> None:
 
 
 def wait_for(driver: WebDriver, condition: Callable[[WebDriver], T], timeout: float = 20) -> T:
-    """The first truthy value of `condition`, polled until `timeout` seconds."""
-    result: T = WebDriverWait(driver, timeout, poll_frequency=0.1).until(condition)
+    """The first truthy value of `condition`, polled until `timeout` seconds. The console
+    re-renders polled lists, so an element gone stale meanwhile just means "try again"."""
+    wait = WebDriverWait(
+        driver,
+        timeout,
+        poll_frequency=0.1,
+        ignored_exceptions=(NoSuchElementException, StaleElementReferenceException),
+    )
+    result: T = wait.until(condition)
     return result
 
 

@@ -98,7 +98,9 @@ async function auditPage(view) {
     h("button", { type: "submit" }, "Search"));
   let cursor = null;
   let shown = [];
+  let latest = 0; // answers to an overtaken request are dropped
   const load = async (append) => {
+    const mine = ++latest;
     const params = { action: action.value, target_id: targetId.value.trim(), job_id: jobId.value.trim(),
       since: iso(since), until: iso(until), limit: 50, cursor: append ? cursor : null };
     const who = actor.value.trim();
@@ -110,6 +112,7 @@ async function auditPage(view) {
       if (!who || err.status !== 400) throw err;
       page = await api("GET", `/v1/audit/events${query({ ...params, actor: who })}`);
     }
+    if (mine !== latest) return;
     shown = append ? shown.concat(page.data) : page.data;
     cursor = page.next_cursor;
     more.hidden = !cursor;

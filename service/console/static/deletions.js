@@ -123,9 +123,12 @@ async function jobPage(view, jobId, me, ctx) {
     mount(errors, table("Contacts this job could not delete", ["Contact", "Code", "Message"],
       job.errors.map((e) => [h("code", {}, e.contact_id), e.code, e.message]), "No per-contact errors."));
   };
+  let latest = 0; // answers to an overtaken request are dropped
   const loadItems = async (append) => {
+    const mine = ++latest;
     const page = await api("GET", `/v1/bulk-jobs/${encodeURIComponent(jobId)}/items${query({
       status: statusSelect.value, limit: 100, cursor: append ? cursor : null })}`);
+    if (mine !== latest) return;
     shownItems = append ? shownItems.concat(page.data) : page.data;
     cursor = page.next_cursor;
     more.hidden = !cursor;

@@ -155,8 +155,11 @@ async function endpointPage(view, id, ctx) {
   let cursor = null;
   let shown = [];
   let appended = false;
+  let latest = 0; // answers to an overtaken request are dropped
   const loadLog = async (append) => {
+    const mine = ++latest;
     const page = await api("GET", `${base}/deliveries${query({ status: statusSelect.value, limit: 50, cursor: append ? cursor : null })}`);
+    if (mine !== latest) return;
     shown = append ? shown.concat(page.data) : page.data;
     appended = appended || append;
     cursor = page.next_cursor;
