@@ -14,20 +14,29 @@ from typing import Any
 
 from aiohttp import web
 
-from service import me, ops
+from service import ops
+from service.api import route_tables
 from service.audit import routes as audit_routes
 from service.config import Settings
 from service.console import routes as console_routes
-from service.contacts import routes as contact_routes
 from service.db import Database
 from service.deletion import routes as deletion_routes
 from service.deletion.notify import JobNotifier
 from service.deletion.worker import DeletionWorker
-from service.http import DB_KEY, RATE_LIMITER_KEY, SETTINGS_KEY, RateLimiter, edge_middleware
+from service.http import (
+    DB_KEY,
+    RATE_LIMITER_KEY,
+    SETTINGS_KEY,
+    RateLimiter,
+    edge_middleware,
+    encode_json,
+)
 from service.kafka import Producer
 from service.logs import get_logger
 from service.metrics import Metrics
 from service.relay import Relay
+from service.routing import register
+from service.schemas import openapi_spec
 from service.topics import create_topics
 from service.webhooks import routes as webhook_routes
 from service.webhooks.dispatcher import Dispatcher
@@ -65,13 +74,11 @@ def create_app(services: Services) -> web.Application:
     app[deletion_routes.NOTIFIER_KEY] = services.notifier
     app[deletion_routes.OUTBOX_SIGNAL_KEY] = services.outbox_signal
     app[webhook_routes.WEBHOOK_SIGNAL_KEY] = services.webhook_signal
-    ops.add_routes(app)
-    contact_routes.add_routes(app)
-    deletion_routes.add_routes(app)
-    webhook_routes.add_routes(app)
-    audit_routes.add_routes(app)
-    me.add_routes(app)
-    console_routes.add_routes(app)
+    audit_routes.add_state(app)
+    tables = route_tables()
+    app[ops.OPENAPI_KEY] = encode_json(openapi_spec(tables))
+    register(app, tables)
+    console_routes.add_asset_routes(app)
     return app
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import structlog
-from aiohttp import web
+from aiohttp import hdrs, web
 from pydantic import BaseModel, ValidationError
 
 from service.config import Settings
@@ -232,7 +232,8 @@ async def _authenticated(
     match_info = request.match_info
     if match_info.http_exception is not None:
         raise match_info.http_exception
-    if not request.path.startswith("/v1/"):
+    # A path's catch-all (405 with Allow, OPTIONS) needs no key: it reveals only the route table.
+    if not request.path.startswith("/v1/") or match_info.route.method == hdrs.METH_ANY:
         return await handler(request)
     auth = request.headers.get("Authorization", "")
     scheme, _, token = auth.partition(" ")

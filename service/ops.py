@@ -1,54 +1,127 @@
-"""Operational routes: liveness, readiness, metrics and the OpenAPI document."""
+"""Operational routes: liveness, readiness, metrics and the OpenAPI document, and their table."""
 
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 from aiohttp import web
+from pydantic import Field, RootModel
 
-from service.http import DB_KEY, SETTINGS_KEY, json_response
+from service.apimodels import Data, Out
+from service.http import DB_KEY, SETTINGS_KEY
 from service.kafka import kafka_reachable
 from service.logs import get_logger
 from service.metrics import Metrics
-from service.schemas import openapi_spec
+from service.routing import Answer, Call, Operation, Reply
 
 METRICS_KEY = web.AppKey("metrics", Metrics)
+OPENAPI_KEY = web.AppKey("openapi", bytes)
+"""The OpenAPI document, rendered once by the composition root from the route tables."""
 
 log = get_logger(__name__)
 
 
-async def healthz(_: web.Request) -> web.Response:
-    return json_response({"data": {"status": "ok"}})
+class Health(Out):
+    status: str
 
 
-async def readyz(request: web.Request) -> web.Response:
+class Readiness(Out):
+    status: str
+    checks: dict[str, str] = Field(description="database and kafka: ok or unreachable")
+
+
+class ErrorBody(Out):
+    code: str
+    message: str
+    details: Any = None
+
+
+class NotReady(Out):
+    """`not_ready`: details name what is unreachable."""
+
+    error: ErrorBody
+
+
+class Document(RootModel[dict[str, Any]]):
+    """A JSON object (the OpenAPI document)."""
+
+
+async def healthz(_: Call) -> Data[Health]:
+    return Data[Health](data=Health(status="ok"))
+
+
+async def readyz(call: Call) -> Reply:
     checks: dict[str, str] = {}
     try:
-        await asyncio.wait_for(request.app[DB_KEY].ping(), timeout=3)
+        await asyncio.wait_for(call.app[DB_KEY].ping(), timeout=3)
         checks["database"] = "ok"
     except Exception as exc:  # any failure means "not ready"; say which
         log.warning("readiness_database_failed", error=str(exc))
         checks["database"] = "unreachable"
-    bootstrap = request.app[SETTINGS_KEY].kafka_bootstrap_servers
+    bootstrap = call.app[SETTINGS_KEY].kafka_bootstrap_servers
     checks["kafka"] = "ok" if await kafka_reachable(bootstrap, timeout_s=3) else "unreachable"
     ready = all(v == "ok" for v in checks.values())
     if ready:
-        return json_response({"data": {"status": "ready", "checks": checks}})
-    body = {"error": {"code": "not_ready", "message": "a dependency is down", "details": checks}}
-    return json_response(body, status=503)
+        return Reply(Data[Readiness](data=Readiness(status="ready", checks=checks)))
+    error = ErrorBody(code="not_ready", message="a dependency is down", details=checks)
+    return Reply(NotReady(error=error), 503)
 
 
-async def metrics(request: web.Request) -> web.Response:
-    return request.app[METRICS_KEY].render()
+async def metrics(call: Call) -> web.StreamResponse:
+    return call.app[METRICS_KEY].render()
 
 
-async def openapi(_: web.Request) -> web.Response:
-    # Built from the code, the same document as schemas/openapi.json (a test keeps them equal).
-    return json_response(openapi_spec())
+async def openapi(call: Call) -> web.StreamResponse:
+    # Built from the route tables, the same document as schemas/openapi.json (a test keeps
+    # them equal).
+    return web.Response(body=call.app[OPENAPI_KEY], content_type="application/json")
 
 
-def add_routes(app: web.Application) -> None:
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics)
-    app.router.add_get("/openapi.json", openapi)
+TAG = "Operations"
+ROUTES: tuple[Operation, ...] = (
+    Operation(
+        "GET",
+        "/healthz",
+        healthz,
+        "healthz",
+        "Alive",
+        tag=TAG,
+        scope=None,
+        answers=(Answer(200, Data[Health], "Alive"),),
+    ),
+    Operation(
+        "GET",
+        "/readyz",
+        readyz,
+        "readyz",
+        "Ready: the database and Kafka are reachable",
+        tag=TAG,
+        scope=None,
+        answers=(
+            Answer(200, Data[Readiness], "Ready"),
+            Answer(503, NotReady, "`not_ready`: details name what is unreachable"),
+        ),
+    ),
+    Operation(
+        "GET",
+        "/metrics",
+        metrics,
+        "metrics",
+        "Prometheus metrics",
+        tag=TAG,
+        scope=None,
+        answers=(Answer(200, None, "The metrics", media_type="text/plain"),),
+    ),
+    Operation(
+        "GET",
+        "/openapi.json",
+        openapi,
+        "openapi",
+        "This document",
+        tag=TAG,
+        scope=None,
+        answers=(Answer(200, Document, "OpenAPI 3.1"),),
+    ),
+)
+"""The operational routes (no key needed)."""

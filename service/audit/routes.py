@@ -11,15 +11,16 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections import Counter
 from datetime import datetime
-from typing import Annotated, Any, Final, TypeVar
+from typing import Annotated, Any, Final
 
 from aiohttp import web
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
+from service.apimodels import Data, Page
 from service.audit.chain import email_hmac, format_time
 from service.audit.export import export_line
+from service.audit.models import AuditContactTimeline, AuditEvent, ChainVerdict
 from service.audit.store import (
     EventFilter,
     load_hash_key,
@@ -32,18 +33,10 @@ from service.contacts.models import Email
 from service.contacts.store import get_contact, timeline_items
 from service.db import Database
 from service.errors import ValidationFailed
-from service.http import (
-    DB_KEY,
-    REQUEST_ID_HEADER,
-    SETTINGS_KEY,
-    json_response,
-    parse_uuid,
-    query_model,
-    request_id,
-    require,
-)
+from service.http import DB_KEY, REQUEST_ID_HEADER, SETTINGS_KEY, request_id
 from service.logs import get_logger
 from service.pagination import decode_cursor, encode_cursor
+from service.routing import Answer, Call, Operation
 
 log = get_logger(__name__)
 
@@ -53,8 +46,6 @@ EXPORT_FLUSH_BYTES: Final = 64 * 1024
 """The export writes a chunk once this much is buffered: few writes, bounded memory."""
 
 _TIMELINE_KINDS: Final = {"activities": "activity", "notes": "note", "tasks": "task"}
-
-M = TypeVar("M", bound=BaseModel)
 
 
 class EmailKey:
@@ -118,25 +109,6 @@ class ExportQuery(BaseModel):
     since_seq: int = Field(default=1, ge=1)
 
 
-class NoQuery(BaseModel):
-    """Endpoints that take no parameters still refuse unknown ones (a typo is not ignored)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-
-def _query(request: web.Request, model: type[M]) -> M:
-    """The query string in ``model``; a repeated parameter is ambiguous and refused too."""
-    # MultiDict.keys() lists a repeated name once; its items() do not.
-    counts = Counter(name for name, _ in request.query.items())
-    repeated = sorted(name for name, n in counts.items() if n > 1)
-    if repeated:
-        raise ValidationFailed(
-            "the query parameters are invalid",
-            [{"field": name, "message": "given more than once"} for name in repeated],
-        )
-    return query_model(request, model)
-
-
 def _after_seq(cursor: str | None) -> int:
     if cursor is None:
         return 0
@@ -148,14 +120,14 @@ def _after_seq(cursor: str | None) -> int:
     return value
 
 
-async def list_events(request: web.Request) -> web.Response:
+async def list_events(call: Call) -> Page[AuditEvent]:
     """``GET /v1/audit/events``: matching events by seq, oldest first, cursor-paged.
 
     ``since`` is inclusive and ``until`` exclusive. ``email`` is normalised as contact
     addresses are and matched by its keyed hash; the address itself is never stored.
     """
-    who = require(request, SCOPE)
-    query = _query(request, EventsQuery)
+    request, who = call.request, call.principal
+    query = call.query_as(EventsQuery)
     if query.since is not None and query.until is not None and query.until <= query.since:
         raise ValidationFailed(
             "the query parameters are invalid",
@@ -179,10 +151,10 @@ async def list_events(request: web.Request) -> web.Response:
         db, who.workspace_id, where, limit=query.limit, after_seq=_after_seq(query.cursor)
     )
     next_cursor = encode_cursor({"after_seq": last_seq}) if last_seq is not None else None
-    return json_response({"data": events, "next_cursor": next_cursor})
+    return Page[AuditEvent].model_validate({"data": events, "next_cursor": next_cursor})
 
 
-async def contact_timeline(request: web.Request) -> web.Response:
+async def contact_timeline(call: Call) -> Data[AuditContactTimeline]:
     """``GET /v1/audit/contacts/{contact_id}/timeline``: what became of a contact.
 
     For a deleted contact: its ``contact.deleted`` event, who asked (key, job, request
@@ -192,10 +164,9 @@ async def contact_timeline(request: web.Request) -> web.Response:
     its live timeline is a contacts:read matter. 404 when this workspace has neither the
     contact nor any event about it, which is also what another workspace's contact gets.
     """
-    who = require(request, SCOPE)
-    _query(request, NoQuery)
-    contact_id = parse_uuid(request.match_info["contact_id"], "contact")
-    db = request.app[DB_KEY]
+    who = call.principal
+    contact_id = call.path["contact_id"]
+    db = call.app[DB_KEY]
     about = EventFilter(target_type="contact", target_id=str(contact_id))
     deletions, _ = await query_events(
         db,
@@ -215,7 +186,7 @@ async def contact_timeline(request: web.Request) -> web.Response:
             "requested_by": None,
             "timeline": [],
         }
-        return json_response({"data": body})
+        return Data[AuditContactTimeline].model_validate({"data": body})
     deletion = deletions[0]
     data = deletion["data"]
     actor = deletion["actor"]
@@ -232,7 +203,7 @@ async def contact_timeline(request: web.Request) -> web.Response:
         },
         "timeline": items,
     }
-    return json_response({"data": body})
+    return Data[AuditContactTimeline].model_validate({"data": body})
 
 
 def _preserved_ids(data: Any) -> dict[str, list[uuid.UUID]]:
@@ -250,11 +221,9 @@ def _preserved_ids(data: Any) -> dict[str, list[uuid.UUID]]:
     return ids
 
 
-async def verify(request: web.Request) -> web.Response:
+async def verify(call: Call) -> Data[ChainVerdict]:
     """``GET /v1/audit/verify``: walk this workspace's chain (``store.verify_workspace``)."""
-    who = require(request, SCOPE)
-    _query(request, NoQuery)
-    result = await verify_workspace(request.app[DB_KEY], who.workspace_id)
+    result = await verify_workspace(call.app[DB_KEY], call.principal.workspace_id)
     if not result.ok:
         log.warning(
             "audit_chain_broken",
@@ -262,19 +231,19 @@ async def verify(request: web.Request) -> web.Response:
             reason=result.reason,
             detail=result.detail,
         )
-    return json_response({"data": result.to_dict()})
+    return Data[ChainVerdict].model_validate({"data": result.to_dict()})
 
 
-async def export(request: web.Request) -> web.StreamResponse:
+async def export(call: Call) -> web.StreamResponse:
     """``GET /v1/audit/export?since_seq=``: the chain as NDJSON, streamed in constant memory.
 
     One ``export.export_line`` per event, in seq order, from ``since_seq`` to the head at
     the time each page is read. If reading fails after the first byte, the connection is
     aborted rather than ended cleanly, so a client cannot take a cut export for a whole one.
     """
-    who = require(request, SCOPE)
-    query = _query(request, ExportQuery)
-    db = request.app[DB_KEY]
+    request, who = call.request, call.principal
+    query = call.query_as(ExportQuery)
+    db = call.app[DB_KEY]
     response = web.StreamResponse(
         headers={
             "Content-Type": NDJSON,
@@ -305,10 +274,55 @@ async def export(request: web.Request) -> web.StreamResponse:
     return response
 
 
-def add_routes(app: web.Application) -> None:
-    """Register the audit routes (and the email key they share) on the app."""
+def add_state(app: web.Application) -> None:
+    """The state the audit routes share: the email key, loaded on first use."""
     app[EMAIL_KEY] = EmailKey()
-    app.router.add_get("/v1/audit/events", list_events)
-    app.router.add_get("/v1/audit/contacts/{contact_id}/timeline", contact_timeline)
-    app.router.add_get("/v1/audit/verify", verify)
-    app.router.add_get("/v1/audit/export", export)
+
+
+TAG: Final = "Audit"
+
+ROUTES: tuple[Operation, ...] = (
+    Operation(
+        "GET",
+        "/v1/audit/events",
+        list_events,
+        "listAuditEvents",
+        "Search the audit trail, in seq order",
+        tag=TAG,
+        scope=SCOPE,
+        query=EventsQuery,
+        answers=(Answer(200, Page[AuditEvent], "A page of events"),),
+    ),
+    Operation(
+        "GET",
+        "/v1/audit/contacts/{contact_id}/timeline",
+        contact_timeline,
+        "getDeletedContactTimeline",
+        "What happened to a deleted contact, and its timeline as it stands now",
+        tag=TAG,
+        scope=SCOPE,
+        answers=(Answer(200, Data[AuditContactTimeline], "The deletion and timeline"),),
+    ),
+    Operation(
+        "GET",
+        "/v1/audit/verify",
+        verify,
+        "verifyAuditChain",
+        "Walk the hash chain: ok with the head hash, or the first broken seq",
+        tag=TAG,
+        scope=SCOPE,
+        answers=(Answer(200, Data[ChainVerdict], "The verdict"),),
+    ),
+    Operation(
+        "GET",
+        "/v1/audit/export",
+        export,
+        "exportAuditEvents",
+        "Stream the audit trail as NDJSON, one AuditEvent a line",
+        tag=TAG,
+        scope=SCOPE,
+        query=ExportQuery,
+        answers=(Answer(200, None, "The events from since_seq on", media_type=NDJSON),),
+    ),
+)
+"""The audit capability's operations (scope audit:read)."""

@@ -14,6 +14,7 @@ from pathlib import Path
 from aiohttp import web
 
 from service.errors import NotFound
+from service.routing import Answer, Call, Operation
 
 STATIC_DIR = Path(__file__).with_name("static")
 
@@ -80,17 +81,56 @@ def _console_assets() -> dict[str, Path]:
     }
 
 
-async def root(_: web.Request) -> web.Response:
+async def root(_: Call) -> web.StreamResponse:
     """``/``: a redirect to the console."""
     return web.Response(status=302, headers={"Location": "/console"})
 
 
-async def console_page(_: web.Request) -> web.Response:
+async def console_page(_: Call) -> web.StreamResponse:
     return _file(STATIC_DIR / "console.html", CONSOLE_CSP)
 
 
-async def docs_page(_: web.Request) -> web.Response:
+async def docs_page(_: Call) -> web.StreamResponse:
     return _file(STATIC_DIR / "docs.html", DOCS_CSP)
+
+
+TAG = "Console"
+ROUTES: tuple[Operation, ...] = (
+    Operation(
+        "GET",
+        "/",
+        root,
+        "root",
+        "Redirects to the console",
+        tag=TAG,
+        scope=None,
+        answers=(Answer(302, None, "Location: /console"),),
+    ),
+    Operation(
+        "GET",
+        "/console",
+        console_page,
+        "console",
+        "The web console: sign in with an API key",
+        tag=TAG,
+        scope=None,
+        answers=(Answer(200, None, "The page", media_type="text/html"),),
+    ),
+    Operation(
+        "GET",
+        "/docs",
+        docs_page,
+        "docs",
+        "This document, rendered by Swagger UI",
+        tag=TAG,
+        scope=None,
+        answers=(Answer(200, None, "The page", media_type="text/html"),),
+    ),
+)
+"""The pages (their files are served by `add_asset_routes`)."""
+
+ASSET_PATHS = ("/console/assets/{name}", "/docs/assets/{name}")
+"""Files of the pages, by name from an allow-list: not API operations, so not documented."""
 
 
 def _asset_handler(
@@ -105,13 +145,11 @@ def _asset_handler(
     return asset
 
 
-def add_routes(app: web.Application) -> None:
+def add_asset_routes(app: web.Application) -> None:
+    """The console's own files and Swagger UI's (from the swagger-ui-py package)."""
     swagger = swagger_ui_dir()
-    app.router.add_get("/", root)
-    app.router.add_get("/console", console_page)
-    app.router.add_get("/console/assets/{name}", _asset_handler(_console_assets(), CONSOLE_CSP))
-    app.router.add_get("/docs", docs_page)
+    console_assets, docs_assets = ASSET_PATHS
+    app.router.add_get(console_assets, _asset_handler(_console_assets(), CONSOLE_CSP))
     app.router.add_get(
-        "/docs/assets/{name}",
-        _asset_handler({n: swagger / n for n in _SWAGGER_FILES}, DOCS_CSP),
+        docs_assets, _asset_handler({n: swagger / n for n in _SWAGGER_FILES}, DOCS_CSP)
     )

@@ -7,6 +7,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, EmailStr, Field
 
+from service.apimodels import Out, Time, UuidText
+
 
 def _lower(value: str) -> str:
     return value.strip().lower()
@@ -14,6 +16,7 @@ def _lower(value: str) -> str:
 
 Email = Annotated[EmailStr, AfterValidator(_lower)]
 MemberRole = Literal["member", "owner", "contributor"]
+TimelineKind = Literal["activity", "note", "task"]
 
 
 class Strict(BaseModel):
@@ -57,4 +60,41 @@ class TaskCreate(Strict):
     due_at: datetime | None = None
 
 
-TimelineKind = Literal["activity", "note", "task"]
+# --- Answers ---------------------------------------------------------------------------
+
+
+class Contact(Out):
+    """A contact as the API shows it."""
+
+    id: UuidText
+    email: str = Field(json_schema_extra={"format": "email"})
+    first_name: str | None
+    last_name: str | None
+    phone: str | None
+    properties: dict[str, Any]
+    member_role: MemberRole | None
+    has_billing_subscription: bool
+    created_at: Time
+    updated_at: Time
+
+
+class TimelineItem(Out):
+    """An activity, note or task; the fields after `created_at` depend on `kind`."""
+
+    id: UuidText
+    kind: TimelineKind
+    contact_id: UuidText | None = Field(description="null once the contact is deleted")
+    created_at: Time
+    type: str | None = Field(default=None, description="activity only")
+    subject: str | None = Field(default=None, description="activity only")
+    occurred_at: Time | None = Field(default=None, description="activity only")
+    title: str | None = Field(default=None, description="task only")
+    status: Literal["open", "completed"] | None = Field(default=None, description="task only")
+    due_at: Time | None = Field(default=None, description="task only")
+    body: str | None = None
+
+
+class Timeline(Out):
+    """A contact's timeline, newest first."""
+
+    items: list[TimelineItem]

@@ -1,42 +1,47 @@
-"""HTTP routes of contacts and their timeline."""
+"""HTTP routes of contacts and their timeline: the handlers and their route table."""
 
 from __future__ import annotations
 
 import uuid
 
-from aiohttp import web
-
+from service.apimodels import Data, Page
 from service.contacts import store
 from service.contacts.filters import parse_filter
 from service.contacts.models import (
     ActivityCreate,
+    Contact,
     ContactCreate,
     ContactQuery,
     NoteCreate,
     TaskCreate,
+    Timeline,
+    TimelineItem,
 )
 from service.errors import ValidationFailed
-from service.http import DB_KEY, Handler, json_response, parse_uuid, read_model, require
+from service.http import DB_KEY
 from service.pagination import decode_cursor, encode_cursor
+from service.routing import Answer, Call, Handler, Operation, Reply
+
+READ = "contacts:read"
+WRITE = "contacts:write"
+TAG = "Contacts"
 
 
-async def create_contact(request: web.Request) -> web.Response:
-    who = require(request, "contacts:write")
-    body = await read_model(request, ContactCreate)
-    contact = await store.create_contact(request.app[DB_KEY], who.workspace_id, body)
-    return json_response({"data": contact}, status=201)
+async def create_contact(call: Call) -> Reply:
+    body = call.body_as(ContactCreate)
+    contact = await store.create_contact(call.app[DB_KEY], call.principal.workspace_id, body)
+    return Reply(Data[Contact].model_validate({"data": contact}), 201)
 
 
-async def get_contact(request: web.Request) -> web.Response:
-    who = require(request, "contacts:read")
-    contact_id = parse_uuid(request.match_info["contact_id"], "contact")
-    contact = await store.get_contact(request.app[DB_KEY], who.workspace_id, contact_id)
-    return json_response({"data": contact})
+async def get_contact(call: Call) -> Data[Contact]:
+    contact = await store.get_contact(
+        call.app[DB_KEY], call.principal.workspace_id, call.path["contact_id"]
+    )
+    return Data[Contact].model_validate({"data": contact})
 
 
-async def query_contacts(request: web.Request) -> web.Response:
-    who = require(request, "contacts:read")
-    body = await read_model(request, ContactQuery)
+async def query_contacts(call: Call) -> Page[Contact]:
+    body = call.body_as(ContactQuery)
     tree = parse_filter(body.filter) if body.filter is not None else None
     after = None
     if body.cursor:
@@ -48,39 +53,94 @@ async def query_contacts(request: web.Request) -> web.Response:
                 [{"field": "cursor", "message": "not a cursor from this listing"}],
             ) from None
     page, next_after = await store.query_contacts(
-        request.app[DB_KEY], who.workspace_id, tree, body.search, body.limit, after
+        call.app[DB_KEY], call.principal.workspace_id, tree, body.search, body.limit, after
     )
     next_cursor = encode_cursor({"after": str(next_after)}) if next_after else None
-    return json_response({"data": page, "next_cursor": next_cursor})
+    return Page[Contact].model_validate({"data": page, "next_cursor": next_cursor})
 
 
-def _timeline_adder(
-    model: type[ActivityCreate] | type[NoteCreate] | type[TaskCreate],
-) -> Handler:
-    async def handler(request: web.Request) -> web.Response:
-        who = require(request, "contacts:write")
-        contact_id = parse_uuid(request.match_info["contact_id"], "contact")
-        body = await read_model(request, model)
+def _timeline_adder(model: type[ActivityCreate] | type[NoteCreate] | type[TaskCreate]) -> Handler:
+    async def handler(call: Call) -> Reply:
         item = await store.add_timeline_item(
-            request.app[DB_KEY], who.workspace_id, contact_id, body
+            call.app[DB_KEY],
+            call.principal.workspace_id,
+            call.path["contact_id"],
+            call.body_as(model),
         )
-        return json_response({"data": item}, status=201)
+        return Reply(Data[TimelineItem].model_validate({"data": item}), 201)
 
     return handler
 
 
-async def get_timeline(request: web.Request) -> web.Response:
-    who = require(request, "contacts:read")
-    contact_id = parse_uuid(request.match_info["contact_id"], "contact")
-    items = await store.contact_timeline(request.app[DB_KEY], who.workspace_id, contact_id)
-    return json_response({"data": {"items": items}})
+async def get_timeline(call: Call) -> Data[Timeline]:
+    items = await store.contact_timeline(
+        call.app[DB_KEY], call.principal.workspace_id, call.path["contact_id"]
+    )
+    return Data[Timeline].model_validate({"data": {"items": items}})
 
 
-def add_routes(app: web.Application) -> None:
-    app.router.add_post("/v1/contacts", create_contact)
-    app.router.add_post("/v1/contacts/query", query_contacts)
-    app.router.add_get("/v1/contacts/{contact_id}", get_contact)
-    app.router.add_post("/v1/contacts/{contact_id}/activities", _timeline_adder(ActivityCreate))
-    app.router.add_post("/v1/contacts/{contact_id}/notes", _timeline_adder(NoteCreate))
-    app.router.add_post("/v1/contacts/{contact_id}/tasks", _timeline_adder(TaskCreate))
-    app.router.add_get("/v1/contacts/{contact_id}/timeline", get_timeline)
+def _adder(
+    kind: str, model: type[ActivityCreate] | type[NoteCreate] | type[TaskCreate], plural: str
+) -> Operation:
+    return Operation(
+        "POST",
+        f"/v1/contacts/{{contact_id}}/{plural}",
+        _timeline_adder(model),
+        f"add{kind.capitalize()}",
+        f"Add a {kind} to a contact's timeline",
+        tag=TAG,
+        scope=WRITE,
+        body=model,
+        answers=(Answer(201, Data[TimelineItem], f"The {kind}"),),
+    )
+
+
+ROUTES: tuple[Operation, ...] = (
+    Operation(
+        "POST",
+        "/v1/contacts",
+        create_contact,
+        "createContact",
+        "Create a contact",
+        tag=TAG,
+        scope=WRITE,
+        body=ContactCreate,
+        answers=(Answer(201, Data[Contact], "The contact"),),
+    ),
+    Operation(
+        "POST",
+        "/v1/contacts/query",
+        query_contacts,
+        "queryContacts",
+        "Find contacts by filter and/or search",
+        tag=TAG,
+        scope=READ,
+        body=ContactQuery,
+        description="The same filter language as bulk delete: the dry run of a filter.",
+        answers=(Answer(200, Page[Contact], "A page of contacts"),),
+    ),
+    Operation(
+        "GET",
+        "/v1/contacts/{contact_id}",
+        get_contact,
+        "getContact",
+        "Get a contact",
+        tag=TAG,
+        scope=READ,
+        answers=(Answer(200, Data[Contact], "The contact"),),
+    ),
+    _adder("activity", ActivityCreate, "activities"),
+    _adder("note", NoteCreate, "notes"),
+    _adder("task", TaskCreate, "tasks"),
+    Operation(
+        "GET",
+        "/v1/contacts/{contact_id}/timeline",
+        get_timeline,
+        "getContactTimeline",
+        "A contact's activities, notes and tasks",
+        tag=TAG,
+        scope=READ,
+        answers=(Answer(200, Data[Timeline], "The timeline"),),
+    ),
+)
+"""The contacts capability's operations (DELETE /v1/contacts/{id} is deletion's)."""

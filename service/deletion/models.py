@@ -10,6 +10,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from service.apimodels import Out, Time, UuidText
 from service.contacts.filters import Node, parse_filter
 from service.contacts.models import Email
 from service.errors import ValidationFailed
@@ -141,3 +142,47 @@ def decide(contact: Mapping[Any, Any] | None, delete_members: bool) -> Outcome:
 def final_status(failed: int) -> JobStatus:
     """A finished job's status. (`failed` is kept for a job that could not run at all.)"""
     return JobStatus.COMPLETED_WITH_ERRORS if failed else JobStatus.COMPLETED
+
+
+# --- Answers ---------------------------------------------------------------------------
+
+
+class JobError(Out):
+    """A contact the job could not delete, and why."""
+
+    contact_id: str
+    code: ErrorCode
+    message: str
+
+
+class Job(Out):
+    """A deletion job (DESIGN §3)."""
+
+    job_id: UuidText
+    status: JobStatus
+    dry_run: bool
+    delete_members: bool
+    selector: dict[str, Any] = Field(
+        description="contact_ids, emails (a count), or filter and/or search"
+    )
+    total_requested: int = Field(ge=0)
+    processed_count: int = Field(ge=0)
+    deleted_count: int = Field(ge=0)
+    not_found_count: int = Field(ge=0)
+    failed_count: int = Field(ge=0)
+    not_found: list[str] = Field(description="Ids or emails that matched nothing (the first ones)")
+    errors: list[JobError]
+    created_at: Time
+    started_at: Time | None
+    completed_at: Time | None
+
+
+class JobItem(Out):
+    """One contact's outcome in a job."""
+
+    ref: str = Field(description="The contact id or email asked for")
+    contact_id: UuidText | None
+    status: ItemStatus
+    error_code: ErrorCode | None
+    error_message: str | None
+    processed_at: Time | None

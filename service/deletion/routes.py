@@ -1,4 +1,4 @@
-"""HTTP routes of bulk deletion and jobs."""
+"""HTTP routes of bulk deletion and jobs: the handlers and their route table."""
 
 from __future__ import annotations
 
@@ -10,12 +10,13 @@ from datetime import datetime
 from typing import Any
 
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from service import idempotency
+from service.apimodels import Data, Page
 from service.audit.store import AuditRecord, append_events
 from service.deletion.dryrun import dry_run
-from service.deletion.models import BulkDeleteRequest, ItemStatus, JobStatus
+from service.deletion.models import BulkDeleteRequest, ItemStatus, Job, JobItem, JobStatus
 from service.deletion.notify import JobNotifier
 from service.deletion.store import (
     Requester,
@@ -26,19 +27,9 @@ from service.deletion.store import (
     selector_summary,
 )
 from service.errors import ValidationFailed
-from service.http import (
-    DB_KEY,
-    SETTINGS_KEY,
-    encode_json,
-    json_response,
-    parse_uuid,
-    query_model,
-    read_json,
-    request_id,
-    require,
-    validation_details,
-)
+from service.http import DB_KEY, SETTINGS_KEY, request_id
 from service.pagination import decode_cursor, encode_cursor
+from service.routing import Answer, Call, HeaderParam, Operation, dump
 
 NOTIFIER_KEY = web.AppKey("job_notifier", JobNotifier)
 OUTBOX_SIGNAL_KEY = web.AppKey("outbox_signal", asyncio.Event)
@@ -54,22 +45,17 @@ def prefer_wait(request: web.Request) -> float:
     return float(min(int(match.group(1)), MAX_WAIT_S)) if match else 0.0
 
 
-async def bulk_delete(request: web.Request) -> web.Response:
-    who = require(request, "contacts:write")
-    raw = await read_json(request)
-    try:
-        req = BulkDeleteRequest.model_validate(raw)
-    except ValidationError as exc:
-        raise ValidationFailed("the request body is invalid", validation_details(exc)) from None
+async def bulk_delete(call: Call) -> web.StreamResponse:
+    req = call.body_as(BulkDeleteRequest)
     req.filter_tree()  # refuses unknown fields and operators before anything is written
-    return await _submit(request, who.key_id, who.workspace_id, req, raw)
+    who = call.principal
+    return await _submit(call.request, who.key_id, who.workspace_id, req, call.raw_body)
 
 
-async def delete_contact(request: web.Request) -> web.Response:
-    who = require(request, "contacts:write")
-    contact_id = parse_uuid(request.match_info["contact_id"], "contact")
-    req = BulkDeleteRequest(contact_ids=[contact_id])
-    return await _submit(request, who.key_id, who.workspace_id, req, None)
+async def delete_contact(call: Call) -> web.StreamResponse:
+    who = call.principal
+    req = BulkDeleteRequest(contact_ids=[call.path["contact_id"]])
+    return await _submit(call.request, who.key_id, who.workspace_id, req, None)
 
 
 async def _submit(
@@ -149,7 +135,11 @@ async def _dry_run(
                 )
             ],
         )
-    return 200, {}, encode_json({"data": job})
+    return 200, {}, _job_body(job)
+
+
+def _job_body(job: dict[str, Any]) -> bytes:
+    return dump(Data[Job].model_validate({"data": job}))
 
 
 async def _answer(
@@ -158,8 +148,8 @@ async def _answer(
     """200 with the finished job if it finishes within `wait_s`, else 202 with its state."""
     job = await wait_for_job(request, workspace_id, job_id, wait_s)
     if job["status"] in FINISHED and wait_s > 0:
-        return 200, {}, encode_json({"data": job})
-    return 202, {"Location": f"/v1/bulk-jobs/{job_id}"}, encode_json({"data": job})
+        return 200, {}, _job_body(job)
+    return 202, {"Location": f"/v1/bulk-jobs/{job_id}"}, _job_body(job)
 
 
 async def wait_for_job(
@@ -180,27 +170,28 @@ async def wait_for_job(
         backoff = min(backoff * 2, 1.0)
 
 
-async def get_job(request: web.Request) -> web.Response:
-    who = require(request, "contacts:read")
-    job_id = parse_uuid(request.match_info["job_id"], "job")
-    async with request.app[DB_KEY].read() as conn:
-        job = await load_job(conn, who.workspace_id, job_id)
-    return json_response({"data": job})
+async def get_job(call: Call) -> Data[Job]:
+    async with call.app[DB_KEY].read() as conn:
+        job = await load_job(conn, call.principal.workspace_id, call.path["job_id"])
+    return Data[Job].model_validate({"data": job})
 
 
 class ListQuery(BaseModel):
+    """The query string of GET /v1/bulk-jobs."""
+
     model_config = ConfigDict(extra="forbid")
     limit: int = Field(default=50, ge=1, le=500)
-    cursor: str | None = None
+    cursor: str | None = Field(default=None, description="The `next_cursor` of the previous page")
 
 
 class ItemsQuery(ListQuery):
+    """The query string of GET /v1/bulk-jobs/{job_id}/items."""
+
     status: ItemStatus | None = None
 
 
-async def get_jobs(request: web.Request) -> web.Response:
-    who = require(request, "contacts:read")
-    query = query_model(request, ListQuery)
+async def get_jobs(call: Call) -> Page[Job]:
+    query = call.query_as(ListQuery)
     before = None
     if query.cursor:
         pos = decode_cursor(query.cursor, ("at", "id"))
@@ -210,33 +201,116 @@ async def get_jobs(request: web.Request) -> web.Response:
             raise ValidationFailed(
                 "invalid cursor", [{"field": "cursor", "message": "bad"}]
             ) from None
-    async with request.app[DB_KEY].read() as conn:
-        page, nxt = await list_jobs(conn, who.workspace_id, query.limit, before)
+    async with call.app[DB_KEY].read() as conn:
+        page, nxt = await list_jobs(conn, call.principal.workspace_id, query.limit, before)
     cursor = encode_cursor({"at": nxt[0].isoformat(), "id": str(nxt[1])}) if nxt else None
-    return json_response({"data": page, "next_cursor": cursor})
+    return Page[Job].model_validate({"data": page, "next_cursor": cursor})
 
 
-async def get_items(request: web.Request) -> web.Response:
-    who = require(request, "contacts:read")
-    job_id = parse_uuid(request.match_info["job_id"], "job")
-    query = query_model(request, ItemsQuery)
+async def get_items(call: Call) -> Page[JobItem]:
+    query = call.query_as(ItemsQuery)
     after = None
     if query.cursor:
         value = decode_cursor(query.cursor, ("after",))["after"]
         if not isinstance(value, int):
             raise ValidationFailed("invalid cursor", [{"field": "cursor", "message": "bad"}])
         after = value
-    async with request.app[DB_KEY].read() as conn:
+    async with call.app[DB_KEY].read() as conn:
         page, nxt = await list_items(
-            conn, who.workspace_id, job_id, query.status, query.limit, after
+            conn,
+            call.principal.workspace_id,
+            call.path["job_id"],
+            query.status,
+            query.limit,
+            after,
         )
     cursor = encode_cursor({"after": nxt}) if nxt is not None else None
-    return json_response({"data": page, "next_cursor": cursor})
+    return Page[JobItem].model_validate({"data": page, "next_cursor": cursor})
 
 
-def add_routes(app: web.Application) -> None:
-    app.router.add_post("/v1/contacts/bulk-delete", bulk_delete)
-    app.router.add_delete("/v1/contacts/{contact_id}", delete_contact)
-    app.router.add_get("/v1/bulk-jobs", get_jobs)
-    app.router.add_get("/v1/bulk-jobs/{job_id}", get_job)
-    app.router.add_get("/v1/bulk-jobs/{job_id}/items", get_items)
+IDEMPOTENCY_KEY = HeaderParam(
+    "IdempotencyKey",
+    "Idempotency-Key",
+    "Makes the request safe to retry: the same key with the same body within 24 h gets the "
+    "original answer again (with Idempotent-Replayed: true); with another body, 409. "
+    "Strongly recommended.",
+    {"type": "string", "minLength": 1, "maxLength": idempotency.MAX_KEY_LENGTH},
+)
+PREFER = HeaderParam(
+    "Prefer",
+    "Prefer",
+    "`wait=N` (N ≤ 60): wait up to N seconds for the job and answer 200 with the finished "
+    "job if it finished in time (RFC 7240)",
+    {"type": "string", "examples": ["wait=10"]},
+)
+_REPLAYED = ("Idempotent-Replayed",)
+JOB_ANSWERS = (
+    Answer(200, Data[Job], "A dry run, or the job finished within `Prefer: wait`", _REPLAYED),
+    Answer(202, Data[Job], "Accepted; poll the job at Location", (*_REPLAYED, "Location")),
+)
+TAG = "Deletion"
+
+ROUTES: tuple[Operation, ...] = (
+    Operation(
+        "POST",
+        "/v1/contacts/bulk-delete",
+        bulk_delete,
+        "bulkDelete",
+        "Delete contacts by ids, emails, or filter and/or search",
+        tag=TAG,
+        scope="contacts:write",
+        body=BulkDeleteRequest,
+        headers=(IDEMPOTENCY_KEY, PREFER),
+        errors=(409,),
+        description="Exactly one selector: `contact_ids` (1 to 500), `emails` (1 to 1000), "
+        "or `filter` and/or `search`. The job runs in the background; a contact that "
+        "matches nothing is `not_found`, never an error. `dry_run` changes nothing and "
+        "answers 200 with the counts a real run would give.",
+        answers=JOB_ANSWERS,
+    ),
+    Operation(
+        "DELETE",
+        "/v1/contacts/{contact_id}",
+        delete_contact,
+        "deleteContact",
+        "Delete one contact (a deletion job of one)",
+        tag=TAG,
+        scope="contacts:write",
+        headers=(IDEMPOTENCY_KEY, PREFER),
+        errors=(409,),
+        answers=JOB_ANSWERS,
+    ),
+    Operation(
+        "GET",
+        "/v1/bulk-jobs",
+        get_jobs,
+        "listJobs",
+        "List deletion jobs, newest first",
+        tag=TAG,
+        scope="contacts:read",
+        query=ListQuery,
+        answers=(Answer(200, Page[Job], "A page of jobs"),),
+    ),
+    Operation(
+        "GET",
+        "/v1/bulk-jobs/{job_id}",
+        get_job,
+        "getJob",
+        "Get a deletion job",
+        tag=TAG,
+        scope="contacts:read",
+        answers=(Answer(200, Data[Job], "The job"),),
+    ),
+    Operation(
+        "GET",
+        "/v1/bulk-jobs/{job_id}/items",
+        get_items,
+        "listJobItems",
+        "Page through a job's per-contact outcomes",
+        tag=TAG,
+        scope="contacts:read",
+        query=ItemsQuery,
+        answers=(Answer(200, Page[JobItem], "A page of items"),),
+    ),
+)
+"""The deletion capability's operations."""

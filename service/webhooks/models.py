@@ -8,6 +8,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from service.apimodels import Out, Time, UuidText
 from service.webhooks.ssrf import validate_endpoint_url
 
 EventType = Literal["contact.deleted", "deletion_job.completed", "webhook.test"]
@@ -64,3 +65,72 @@ class Recover(_Strict):
         if value.tzinfo is None:
             raise ValueError("since needs a timezone (e.g. Z)")
         return value
+
+
+# --- Answers ---------------------------------------------------------------------------
+
+
+class WebhookEndpoint(Out):
+    """A subscribed receiver."""
+
+    id: UuidText
+    url: str
+    description: str | None
+    event_types: list[EventType] = Field(description="Empty: every event type")
+    rate_limit_per_s: float | None
+    status: EndpointStatus
+    disabled_reason: str | None
+    created_at: Time
+    updated_at: Time
+
+
+class WebhookEndpointWithSecret(WebhookEndpoint):
+    """An endpoint with its signing secret, shown only on creation and rotation."""
+
+    secret: str = Field(pattern=r"^whsec_[A-Za-z0-9+/]+=*$")
+
+
+class WebhookDelivery(Out):
+    """One event's delivery to one endpoint."""
+
+    id: UuidText
+    endpoint_id: UuidText
+    event_id: str = Field(description="The webhook-id header")
+    event_type: str
+    status: DeliveryStatus
+    attempt_count: int = Field(ge=0)
+    next_attempt_at: Time | None
+    last_attempt_at: Time | None
+    created_at: Time
+    completed_at: Time | None
+
+
+class WebhookAttempt(Out):
+    """One POST of a delivery: when, the answer's status, how long it took, what failed."""
+
+    id: UuidText
+    attempted_at: Time
+    status_code: int | None = Field(description="null when no answer came")
+    latency_ms: float
+    error: str | None
+    response_body: str | None = Field(description="The start of the answer")
+
+
+class WebhookDeliveryWithAttempts(WebhookDelivery):
+    """A delivery with its attempts, oldest first."""
+
+    attempts: list[WebhookAttempt]
+
+
+class QueuedTest(Out):
+    """A webhook.test event queued for an endpoint."""
+
+    event_id: str
+    endpoint_id: UuidText
+
+
+class Requeued(Out):
+    """How many failed deliveries were queued again."""
+
+    endpoint_id: UuidText
+    requeued: int = Field(ge=0)

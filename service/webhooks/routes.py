@@ -1,30 +1,35 @@
-"""HTTP routes of webhook endpoints, deliveries and recovery (scope webhooks:manage)."""
+"""HTTP routes of webhook endpoints, deliveries and recovery (webhooks:manage): handlers, table."""
 
 from __future__ import annotations
 
 import asyncio
 import uuid
 from datetime import datetime
+from typing import Any
 
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
+from service.apimodels import Data, NoQuery, Page
 from service.db import utcnow
 from service.errors import ValidationFailed
-from service.http import (
-    DB_KEY,
-    SETTINGS_KEY,
-    json_response,
-    parse_uuid,
-    query_model,
-    read_model,
-    request_id,
-    require,
-)
+from service.http import DB_KEY, SETTINGS_KEY, request_id
 from service.keys import Principal
 from service.pagination import decode_cursor, encode_cursor
+from service.routing import Answer, Call, Handler, Operation, Reply
 from service.webhooks import store
-from service.webhooks.models import DeliveryStatus, EndpointCreate, EndpointPatch, Recover
+from service.webhooks.models import (
+    DeliveryStatus,
+    EndpointCreate,
+    EndpointPatch,
+    QueuedTest,
+    Recover,
+    Requeued,
+    WebhookDelivery,
+    WebhookDeliveryWithAttempts,
+    WebhookEndpoint,
+    WebhookEndpointWithSecret,
+)
 from service.webhooks.payloads import TYPE_WEBHOOK_TEST, webhook_body
 
 WEBHOOK_SIGNAL_KEY = web.AppKey("webhook_signal", asyncio.Event)
@@ -35,86 +40,93 @@ def _actor(who: Principal) -> dict[str, str]:
     return {"type": "api_key", "id": str(who.key_id)}
 
 
-def _endpoint_id(request: web.Request) -> uuid.UUID:
-    return parse_uuid(request.match_info["endpoint_id"], "webhook endpoint")
+def _endpoint(endpoint: dict[str, Any]) -> Data[WebhookEndpoint]:
+    return Data[WebhookEndpoint].model_validate({"data": endpoint})
 
 
-async def create(request: web.Request) -> web.Response:
-    who = require(request, SCOPE)
-    body = await read_model(request, EndpointCreate)
+def _with_secret(endpoint: dict[str, Any]) -> Data[WebhookEndpointWithSecret]:
+    return Data[WebhookEndpointWithSecret].model_validate({"data": endpoint})
+
+
+async def create(call: Call) -> Reply:
+    who = call.principal
     endpoint = await store.create_endpoint(
-        request.app[DB_KEY], who.workspace_id, body, _actor(who), request_id(request)
+        call.app[DB_KEY],
+        who.workspace_id,
+        call.body_as(EndpointCreate),
+        _actor(who),
+        request_id(call.request),
     )
-    return json_response({"data": endpoint}, status=201)
+    return Reply(_with_secret(endpoint), 201)
 
 
-async def list_all(request: web.Request) -> web.Response:
-    who = require(request, SCOPE)
-    return json_response(
-        {"data": await store.list_endpoints(request.app[DB_KEY], who.workspace_id)}
-    )
+async def list_all(call: Call) -> Data[list[WebhookEndpoint]]:
+    endpoints = await store.list_endpoints(call.app[DB_KEY], call.principal.workspace_id)
+    return Data[list[WebhookEndpoint]].model_validate({"data": endpoints})
 
 
-async def get_one(request: web.Request) -> web.Response:
-    who = require(request, SCOPE)
+async def get_one(call: Call) -> Data[WebhookEndpoint]:
     endpoint = await store.get_endpoint(
-        request.app[DB_KEY], who.workspace_id, _endpoint_id(request)
+        call.app[DB_KEY], call.principal.workspace_id, call.path["endpoint_id"]
     )
-    return json_response({"data": endpoint})
+    return _endpoint(endpoint)
 
 
-async def patch(request: web.Request) -> web.Response:
-    who = require(request, SCOPE)
-    endpoint_id = _endpoint_id(request)
-    body = await read_model(request, EndpointPatch)
+async def patch(call: Call) -> Data[WebhookEndpoint]:
+    who = call.principal
     endpoint = await store.update_endpoint(
-        request.app[DB_KEY], who.workspace_id, endpoint_id, body, _actor(who), request_id(request)
+        call.app[DB_KEY],
+        who.workspace_id,
+        call.path["endpoint_id"],
+        call.body_as(EndpointPatch),
+        _actor(who),
+        request_id(call.request),
     )
-    return json_response({"data": endpoint})
+    return _endpoint(endpoint)
 
 
-async def delete(request: web.Request) -> web.Response:
-    who = require(request, SCOPE)
+async def delete(call: Call) -> Reply:
+    who = call.principal
     await store.delete_endpoint(
-        request.app[DB_KEY],
+        call.app[DB_KEY],
         who.workspace_id,
-        _endpoint_id(request),
+        call.path["endpoint_id"],
         _actor(who),
-        request_id(request),
+        request_id(call.request),
     )
-    return web.Response(status=204)
+    return Reply(None, 204)
 
 
-async def rotate(request: web.Request) -> web.Response:
-    who = require(request, SCOPE)
+async def rotate(call: Call) -> Data[WebhookEndpointWithSecret]:
+    who = call.principal
     endpoint = await store.rotate_secret(
-        request.app[DB_KEY],
+        call.app[DB_KEY],
         who.workspace_id,
-        _endpoint_id(request),
-        request.app[SETTINGS_KEY].webhook_secret_overlap_s,
+        call.path["endpoint_id"],
+        call.app[SETTINGS_KEY].webhook_secret_overlap_s,
         _actor(who),
-        request_id(request),
+        request_id(call.request),
     )
-    return json_response({"data": endpoint})
+    return _with_secret(endpoint)
 
 
-async def enable(request: web.Request) -> web.Response:
-    who = require(request, SCOPE)
+async def enable(call: Call) -> Data[WebhookEndpoint]:
+    who = call.principal
     endpoint = await store.enable_endpoint(
-        request.app[DB_KEY],
+        call.app[DB_KEY],
         who.workspace_id,
-        _endpoint_id(request),
+        call.path["endpoint_id"],
         _actor(who),
-        request_id(request),
+        request_id(call.request),
     )
-    request.app[WEBHOOK_SIGNAL_KEY].set()
-    return json_response({"data": endpoint})
+    call.app[WEBHOOK_SIGNAL_KEY].set()
+    return _endpoint(endpoint)
 
 
-async def send_test(request: web.Request) -> web.Response:
-    who = require(request, SCOPE)
-    db = request.app[DB_KEY]
-    endpoint_id = _endpoint_id(request)
+async def send_test(call: Call) -> Reply:
+    who = call.principal
+    db = call.app[DB_KEY]
+    endpoint_id = call.path["endpoint_id"]
     await store.get_endpoint(db, who.workspace_id, endpoint_id)
     event_id = f"evt_test_{uuid.uuid4().hex}"
     body = webhook_body(
@@ -132,21 +144,22 @@ async def send_test(request: web.Request) -> web.Response:
             event_type=TYPE_WEBHOOK_TEST,
             payload=body,
         )
-    request.app[WEBHOOK_SIGNAL_KEY].set()
-    return json_response({"data": {"event_id": event_id, "endpoint_id": str(endpoint_id)}}, 202)
+    call.app[WEBHOOK_SIGNAL_KEY].set()
+    queued = {"event_id": event_id, "endpoint_id": str(endpoint_id)}
+    return Reply(Data[QueuedTest].model_validate({"data": queued}), 202)
 
 
 class DeliveriesQuery(BaseModel):
+    """The query string of GET /v1/webhooks/endpoints/{endpoint_id}/deliveries."""
+
     model_config = ConfigDict(extra="forbid")
     status: DeliveryStatus | None = None
     limit: int = Field(default=50, ge=1, le=500)
-    cursor: str | None = None
+    cursor: str | None = Field(default=None, description="The `next_cursor` of the previous page")
 
 
-async def deliveries(request: web.Request) -> web.Response:
-    who = require(request, SCOPE)
-    endpoint_id = _endpoint_id(request)
-    query = query_model(request, DeliveriesQuery)
+async def deliveries(call: Call) -> Page[WebhookDelivery]:
+    query = call.query_as(DeliveriesQuery)
     before = None
     if query.cursor:
         pos = decode_cursor(query.cursor, ("at", "id"))
@@ -157,47 +170,176 @@ async def deliveries(request: web.Request) -> web.Response:
                 "invalid cursor", [{"field": "cursor", "message": "bad"}]
             ) from None
     page, nxt = await store.list_deliveries(
-        request.app[DB_KEY], who.workspace_id, endpoint_id, query.status, query.limit, before
+        call.app[DB_KEY],
+        call.principal.workspace_id,
+        call.path["endpoint_id"],
+        query.status,
+        query.limit,
+        before,
     )
     cursor = encode_cursor({"at": nxt[0].isoformat(), "id": str(nxt[1])}) if nxt else None
-    return json_response({"data": page, "next_cursor": cursor})
+    return Page[WebhookDelivery].model_validate({"data": page, "next_cursor": cursor})
 
 
-async def delivery(request: web.Request) -> web.Response:
-    who = require(request, SCOPE)
-    delivery_id = parse_uuid(request.match_info["delivery_id"], "delivery")
-    found = await store.get_delivery(request.app[DB_KEY], who.workspace_id, delivery_id)
-    return json_response({"data": found})
+async def delivery(call: Call) -> Data[WebhookDeliveryWithAttempts]:
+    found = await store.get_delivery(
+        call.app[DB_KEY], call.principal.workspace_id, call.path["delivery_id"]
+    )
+    return Data[WebhookDeliveryWithAttempts].model_validate({"data": found})
 
 
-async def retry(request: web.Request) -> web.Response:
-    who = require(request, SCOPE)
-    delivery_id = parse_uuid(request.match_info["delivery_id"], "delivery")
-    found = await store.retry_delivery(request.app[DB_KEY], who.workspace_id, delivery_id)
-    request.app[WEBHOOK_SIGNAL_KEY].set()
-    return json_response({"data": found}, 202)
+async def retry(call: Call) -> Reply:
+    found = await store.retry_delivery(
+        call.app[DB_KEY], call.principal.workspace_id, call.path["delivery_id"]
+    )
+    call.app[WEBHOOK_SIGNAL_KEY].set()
+    return Reply(Data[WebhookDeliveryWithAttempts].model_validate({"data": found}), 202)
 
 
-async def recover(request: web.Request) -> web.Response:
-    who = require(request, SCOPE)
-    endpoint_id = _endpoint_id(request)
-    body = await read_model(request, Recover)
-    count = await store.recover(request.app[DB_KEY], who.workspace_id, endpoint_id, body.since)
-    request.app[WEBHOOK_SIGNAL_KEY].set()
-    return json_response({"data": {"endpoint_id": str(endpoint_id), "requeued": count}}, 202)
+async def recover(call: Call) -> Reply:
+    endpoint_id = call.path["endpoint_id"]
+    body = call.body_as(Recover)
+    count = await store.recover(
+        call.app[DB_KEY], call.principal.workspace_id, endpoint_id, body.since
+    )
+    call.app[WEBHOOK_SIGNAL_KEY].set()
+    requeued = {"endpoint_id": str(endpoint_id), "requeued": count}
+    return Reply(Data[Requeued].model_validate({"data": requeued}), 202)
 
 
-def add_routes(app: web.Application) -> None:
-    base = "/v1/webhooks/endpoints"
-    app.router.add_post(base, create)
-    app.router.add_get(base, list_all)
-    app.router.add_get(base + "/{endpoint_id}", get_one)
-    app.router.add_patch(base + "/{endpoint_id}", patch)
-    app.router.add_delete(base + "/{endpoint_id}", delete)
-    app.router.add_post(base + "/{endpoint_id}/rotate-secret", rotate)
-    app.router.add_post(base + "/{endpoint_id}/enable", enable)
-    app.router.add_post(base + "/{endpoint_id}/test", send_test)
-    app.router.add_post(base + "/{endpoint_id}/recover", recover)
-    app.router.add_get(base + "/{endpoint_id}/deliveries", deliveries)
-    app.router.add_get("/v1/webhooks/deliveries/{delivery_id}", delivery)
-    app.router.add_post("/v1/webhooks/deliveries/{delivery_id}/retry", retry)
+TAG = "Webhooks"
+BASE = "/v1/webhooks/endpoints"
+ONE = BASE + "/{endpoint_id}"
+
+
+def _op(
+    method: str,
+    path: str,
+    handler: Handler,
+    operation_id: str,
+    summary: str,
+    *answers: Answer,
+    body: type[BaseModel] | None = None,
+    query: type[BaseModel] = NoQuery,
+    description: str | None = None,
+) -> Operation:
+    return Operation(
+        method,
+        path,
+        handler,
+        operation_id,
+        summary,
+        tag=TAG,
+        scope=SCOPE,
+        body=body,
+        query=query,
+        description=description,
+        answers=answers,
+    )
+
+
+ROUTES: tuple[Operation, ...] = (
+    _op(
+        "POST",
+        BASE,
+        create,
+        "createWebhookEndpoint",
+        "Subscribe a webhook receiver",
+        Answer(201, Data[WebhookEndpointWithSecret], "The endpoint, with its secret"),
+        body=EndpointCreate,
+        description="A URL that resolves to a private, loopback or link-local address is "
+        "refused unless the operator allows it.",
+    ),
+    _op(
+        "GET",
+        BASE,
+        list_all,
+        "listWebhookEndpoints",
+        "List webhook endpoints",
+        Answer(200, Data[list[WebhookEndpoint]], "The endpoints"),
+    ),
+    _op(
+        "GET",
+        ONE,
+        get_one,
+        "getWebhookEndpoint",
+        "Get a webhook endpoint",
+        Answer(200, Data[WebhookEndpoint], "The endpoint"),
+    ),
+    _op(
+        "PATCH",
+        ONE,
+        patch,
+        "updateWebhookEndpoint",
+        "Change a webhook endpoint",
+        Answer(200, Data[WebhookEndpoint], "The endpoint"),
+        body=EndpointPatch,
+    ),
+    _op(
+        "DELETE",
+        ONE,
+        delete,
+        "deleteWebhookEndpoint",
+        "Delete a webhook endpoint",
+        Answer(204, None, "Deleted"),
+    ),
+    _op(
+        "POST",
+        ONE + "/rotate-secret",
+        rotate,
+        "rotateWebhookSecret",
+        "Issue a new secret; the old one keeps signing alongside it for 24 h",
+        Answer(200, Data[WebhookEndpointWithSecret], "The endpoint, with its new secret"),
+    ),
+    _op(
+        "POST",
+        ONE + "/test",
+        send_test,
+        "testWebhookEndpoint",
+        "Send a webhook.test event",
+        Answer(202, Data[QueuedTest], "Queued"),
+    ),
+    _op(
+        "POST",
+        ONE + "/enable",
+        enable,
+        "enableWebhookEndpoint",
+        "Re-enable a disabled endpoint",
+        Answer(200, Data[WebhookEndpoint], "The endpoint"),
+    ),
+    _op(
+        "POST",
+        ONE + "/recover",
+        recover,
+        "recoverWebhookDeliveries",
+        "Send again every failed delivery since a time",
+        Answer(202, Data[Requeued], "Queued again"),
+        body=Recover,
+    ),
+    _op(
+        "GET",
+        ONE + "/deliveries",
+        deliveries,
+        "listWebhookDeliveries",
+        "List an endpoint's deliveries, newest first",
+        Answer(200, Page[WebhookDelivery], "A page of deliveries"),
+        query=DeliveriesQuery,
+    ),
+    _op(
+        "GET",
+        "/v1/webhooks/deliveries/{delivery_id}",
+        delivery,
+        "getWebhookDelivery",
+        "A delivery with its attempts: time, status code, latency, error",
+        Answer(200, Data[WebhookDeliveryWithAttempts], "The delivery"),
+    ),
+    _op(
+        "POST",
+        "/v1/webhooks/deliveries/{delivery_id}/retry",
+        retry,
+        "retryWebhookDelivery",
+        "Send a delivery again now",
+        Answer(202, Data[WebhookDeliveryWithAttempts], "Queued"),
+    ),
+)
+"""The webhooks capability's operations (scope webhooks:manage)."""

@@ -25,7 +25,6 @@ import pytest
 from aiohttp.test_utils import TestServer
 
 from service.app import Services, create_app, run_components
-from service.audit import routes as audit_routes
 from service.audit.chain import EVENT_FIELDS, parse_time
 from service.audit.export import verify_export
 from service.audit.store import AuditRecord, append_events
@@ -46,8 +45,6 @@ AUDIT_PATHS = (
 def audit_app(services: Services) -> Any:
     """The app, with the audit routes added if create_app does not wire them (yet)."""
     app = create_app(services)
-    if audit_routes.EMAIL_KEY not in app:
-        audit_routes.add_routes(app)
     return app
 
 

@@ -33,7 +33,6 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from service.app import Services, create_app, run_components
 from service.audit import cli as audit_cli
-from service.audit import routes as audit_routes
 from service.audit.chain import email_hmac
 from service.audit.export import verify_export
 from service.audit.store import AuditRecord, append_events, verify_workspace
@@ -51,8 +50,6 @@ HASH_KEY = b"test-audit-key"
 async def api(services: Services) -> AsyncIterator[str]:
     """The HTTP API with the audit routes (added here until create_app wires them)."""
     app = create_app(services)
-    if audit_routes.EMAIL_KEY not in app:
-        audit_routes.add_routes(app)
     server = TestServer(app, host="127.0.0.1")
     await server.start_server()
     yield str(server.make_url("")).rstrip("/")
@@ -477,8 +474,6 @@ async def running(kafka_settings: Settings, tmp_path: Path) -> AsyncIterator[Run
     structlog.configure(logger_factory=structlog.PrintLoggerFactory(file=logs))
     services = Services(settings=kafka_settings, db=Database(kafka_settings.database_url))
     app = create_app(services)
-    if audit_routes.EMAIL_KEY not in app:
-        audit_routes.add_routes(app)
     server = TestServer(app, host="127.0.0.1")
     stop = asyncio.Event()
     task = asyncio.create_task(run_components(services, ["relay", "worker"], stop))

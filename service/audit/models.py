@@ -1,0 +1,75 @@
+"""The audit trail's answers as the API shows them (pydantic response models)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field
+
+from service.apimodels import Out, Time, UuidText
+from service.contacts.models import TimelineItem
+
+
+class Actor(Out):
+    """Who did it: an API key (`api_key`) or the service itself (`system`)."""
+
+    type: str
+    id: str
+
+
+class Target(Out):
+    """What it was done to."""
+
+    type: str
+    id: str
+
+
+class AuditEvent(Out):
+    """One event of a workspace's hash chain."""
+
+    seq: int = Field(ge=1, description="Gap-free per workspace")
+    id: UuidText
+    workspace_id: UuidText
+    occurred_at: Time
+    actor: Actor
+    action: str = Field(examples=["contact.deleted"])
+    target: Target | None
+    job_id: str | None
+    request_id: str | None
+    data: dict[str, Any]
+    prev_hash: str = Field(pattern="^[0-9a-f]{64}$")
+    hash: str = Field(
+        pattern="^[0-9a-f]{64}$", description="SHA-256(prev_hash ‖ canonical JSON of the event)"
+    )
+
+
+class RequestedBy(Out):
+    """Who asked for a deletion: the key, the job and the request."""
+
+    api_key_id: str | None
+    job_id: str | None
+    request_id: str | None
+
+
+class AuditContactTimeline(Out):
+    """What became of a contact: its deletion, who asked, and the items it left behind."""
+
+    contact_id: UuidText
+    deleted: bool
+    deletion: AuditEvent | None = Field(description="The contact.deleted event; null if none")
+    requested_by: RequestedBy | None = Field(description="null when the contact is not deleted")
+    timeline: list[TimelineItem] = Field(
+        description="The items that lost their back-reference, as they stand now"
+    )
+
+
+class ChainVerdict(Out):
+    """The outcome of walking the chain (`service.audit.chain.VerifyResult`)."""
+
+    ok: bool
+    events_checked: int = Field(ge=0)
+    head_seq: int = Field(ge=0)
+    head_hash: str
+    broken_seq: int | None = None
+    reason: str | None = None
+    detail: str | None = None

@@ -1,0 +1,255 @@
+"""Route tables: each operation of the HTTP API declared once, served and documented from there.
+
+A capability (contacts, deletion, webhooks, audit, ops) lists its operations in a
+``ROUTES`` tuple of `Operation`::
+
+    Operation("POST", "/v1/contacts", create_contact, "createContact", "Create a contact",
+              tag="Contacts", scope="contacts:write", body=ContactCreate,
+              answers=(Answer(201, Data[Contact], "The contact"),))
+
+`register` adds the tables to an aiohttp app, and `service.openapi` builds the OpenAPI
+document from the same tables, so a documented parameter the service does not take (or
+the reverse) cannot happen: the query model that validates the query string is the one
+the document describes, and so on for bodies, path ids and answers.
+
+For every operation the wrapper, before the handler runs:
+
+- checks the key's scope (403), when the operation has one;
+- turns each ``{name}`` path segment into a UUID (a malformed one is 404: it cannot exist);
+- validates the query string into ``query`` (unknown or repeated names are 400);
+- reads and validates the JSON body into ``body`` (`service.http.read_json` bounds it).
+
+The handler gets a `Call` and returns a `Reply` (or a bare pydantic model for the
+operation's first answer). The reply's model must be the one declared for its status; it
+is dumped through pydantic, so what leaves is what the document says. A handler may
+return a prepared ``web.StreamResponse`` (a stream, a byte-exact idempotent replay).
+
+A path that exists answers another method with 405 and ``Allow`` (and ``OPTIONS`` with
+204 and ``Allow``), on every route.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from aiohttp import hdrs, web
+from pydantic import BaseModel, ValidationError
+
+from service.apimodels import NoQuery
+from service.errors import MethodNotAllowed, NotFound, ValidationFailed
+from service.http import read_json, require, validation_details
+from service.keys import Principal
+
+M = TypeVar("M", bound=BaseModel)
+
+
+@dataclass(frozen=True)
+class Answer:
+    """One documented success answer: status, body model (None: no body), and headers."""
+
+    status: int
+    model: type[BaseModel] | None
+    description: str
+    headers: tuple[str, ...] = ()
+    media_type: str = "application/json"
+
+
+@dataclass(frozen=True)
+class HeaderParam:
+    """A request header an operation reads (documented as ``components.parameters.<key>``)."""
+
+    key: str
+    name: str
+    description: str
+    schema: dict[str, Any] = field(default_factory=lambda: {"type": "string"})
+
+
+@dataclass
+class Reply:
+    """What a handler answers: the model for `status`, and extra headers."""
+
+    model: BaseModel | None
+    status: int = 200
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Call:
+    """One request as a handler sees it, already authorised and validated."""
+
+    request: web.Request
+    who: Principal | None
+    path: dict[str, uuid.UUID]
+    query: BaseModel
+    body: BaseModel | None
+    raw_body: Any
+
+    @property
+    def principal(self) -> Principal:
+        assert self.who is not None, "only operations with a scope have a caller"
+        return self.who
+
+    @property
+    def app(self) -> web.Application:
+        return self.request.app
+
+    def body_as(self, model: type[M]) -> M:
+        """The validated body; `model` must be the operation's declared body model."""
+        assert isinstance(self.body, model), f"the route table declares {type(self.body)}"
+        return self.body
+
+    def query_as(self, model: type[M]) -> M:
+        """The validated query; `model` must be the operation's declared query model."""
+        assert isinstance(self.query, model), f"the route table declares {type(self.query)}"
+        return self.query
+
+
+Handler = Callable[[Call], Awaitable[Reply | BaseModel | web.StreamResponse]]
+
+
+@dataclass(frozen=True)
+class Operation:
+    """One operation of the API: method, path, handler, and everything the document says."""
+
+    method: str
+    path: str
+    handler: Handler
+    operation_id: str
+    summary: str
+    tag: str
+    scope: str | None
+    answers: tuple[Answer, ...]
+    body: type[BaseModel] | None = None
+    query: type[BaseModel] = NoQuery
+    headers: tuple[HeaderParam, ...] = ()
+    errors: tuple[int, ...] = ()
+    description: str | None = None
+
+    @property
+    def path_params(self) -> tuple[str, ...]:
+        return tuple(part[1:-1] for part in self.path.split("/") if part.startswith("{"))
+
+    def answer(self, status: int) -> Answer:
+        for answer in self.answers:
+            if answer.status == status:
+                return answer
+        raise AssertionError(f"{self.operation_id} does not declare a {status} answer")
+
+
+RouteTable = Sequence[Operation]
+
+
+def query_dict(request: web.Request) -> dict[str, str]:
+    """The query string as a dict; a repeated parameter is ambiguous and refused."""
+    counts = Counter(name for name, _ in request.query.items())
+    repeated = sorted(name for name, n in counts.items() if n > 1)
+    if repeated:
+        raise ValidationFailed(
+            "the query parameters are invalid",
+            [{"field": name, "message": "given more than once"} for name in repeated],
+        )
+    return dict(request.query)
+
+
+def _noun(param: str) -> str:
+    return param.removesuffix("_id").replace("_", " ")
+
+
+def dump(model: BaseModel) -> bytes:
+    """A response model as the API's JSON: compact UTF-8, only the fields that were set."""
+    return model.model_dump_json(exclude_unset=True).encode("utf-8")
+
+
+def _wrap(op: Operation) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        who = require(request, op.scope) if op.scope is not None else None
+        path: dict[str, uuid.UUID] = {}
+        for name in op.path_params:
+            try:
+                path[name] = uuid.UUID(request.match_info[name])
+            except ValueError:
+                raise NotFound(f"no such {_noun(name)}") from None
+        try:
+            query = op.query.model_validate(query_dict(request))
+        except ValidationError as exc:
+            raise ValidationFailed(
+                "the query parameters are invalid", validation_details(exc)
+            ) from None
+        body: BaseModel | None = None
+        raw: Any = None
+        if op.body is not None:
+            raw = await read_json(request)
+            try:
+                body = op.body.model_validate(raw)
+            except ValidationError as exc:
+                raise ValidationFailed(
+                    "the request body is invalid", validation_details(exc)
+                ) from None
+        result = await op.handler(Call(request, who, path, query, body, raw))
+        if isinstance(result, web.StreamResponse):
+            return result
+        reply = result if isinstance(result, Reply) else Reply(result, op.answers[0].status)
+        answer = op.answer(reply.status)
+        if answer.model is None:
+            assert reply.model is None, f"{op.operation_id} {reply.status} has no body"
+            return web.Response(status=reply.status, headers=reply.headers)
+        assert type(reply.model) is answer.model, (
+            f"{op.operation_id} answered {type(reply.model).__name__} for {reply.status}, "
+            f"the table says {answer.model.__name__}"
+        )
+        return web.Response(
+            status=reply.status,
+            body=dump(reply.model),
+            headers=reply.headers,
+            content_type=answer.media_type,
+        )
+
+    handler.__name__ = op.operation_id
+    return handler
+
+
+def _not_allowed(methods: Iterable[str]) -> Callable[[web.Request], Awaitable[web.Response]]:
+    """A path's catch-all: 405 with Allow for other methods, 204 with Allow for OPTIONS."""
+    allowed = sorted(set(methods) | {hdrs.METH_OPTIONS})
+    allow = ",".join(allowed)
+
+    async def handler(request: web.Request) -> web.Response:
+        if request.method == hdrs.METH_OPTIONS:
+            return web.Response(status=204, headers={"Allow": allow})
+        raise MethodNotAllowed(
+            f"method {request.method} is not allowed here",
+            {"allowed_methods": allowed},
+            headers={"Allow": allow},
+        )
+
+    return handler
+
+
+def register(app: web.Application, tables: Iterable[RouteTable]) -> None:
+    """Add every operation of the tables to the app, plus each path's 405 catch-all."""
+    by_path: dict[str, list[Operation]] = {}
+    for table in tables:
+        for op in table:
+            by_path.setdefault(op.path, []).append(op)
+    for path, ops in by_path.items():
+        methods = [op.method for op in ops]
+        duplicated = [m for m, n in Counter(methods).items() if n > 1]
+        assert not duplicated, f"{path} is declared twice for {duplicated}"
+        resource = app.router.add_resource(path)
+        for op in ops:
+            resource.add_route(op.method, _wrap(op))
+        allowed = set(methods)
+        if hdrs.METH_GET in allowed:
+            allowed.add(hdrs.METH_HEAD)
+            get = next(op for op in ops if op.method == hdrs.METH_GET)
+            resource.add_route(hdrs.METH_HEAD, _wrap(get))
+        resource.add_route(hdrs.METH_ANY, _not_allowed(allowed))
+
+
+def operations(tables: Iterable[RouteTable]) -> list[Operation]:
+    """Every operation of the tables, in order."""
+    return [op for table in tables for op in table]
