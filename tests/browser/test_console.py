@@ -6,7 +6,9 @@ Kafka, real database of each backend, a real webhook receiver on 127.0.0.1).
 
 from __future__ import annotations
 
+import json
 from collections import Counter
+from pathlib import Path
 
 import pytest
 from selenium.webdriver.chrome.webdriver import WebDriver
@@ -275,3 +277,55 @@ def test_docs_renders_the_openapi_document_from_local_assets(
     assert resources, "no resource was loaded"
     assert all(url.startswith(service.base + "/") for url in resources), resources
     shot(driver, "docs")
+
+
+def test_manage_an_endpoint_and_export_the_trail_from_the_page(
+    console_service: ConsoleService, browser: WebDriver, receiver: Receiver, tmp_path: Path
+) -> None:
+    """Edit, rotate (new secret shown once), send a test event, delete; export the trail."""
+    service, driver = console_service, browser
+    key = service.key(*ALL_SCOPES)
+    status, created = service.call(key, "POST", "/v1/webhooks/endpoints", {"url": receiver.url})
+    assert status == 201
+    endpoint_id, first_secret = created["data"]["id"], created["data"]["secret"]
+    receiver.fail_first = 0
+    sign_in(driver, service, key)
+    driver.get(f"{service.base}/console#/endpoints/{endpoint_id}")
+    description = wait_for(driver, lambda d: d.find_element(By.ID, "edit-description"))
+    description.send_keys("CRM sync")
+    css(driver, "#edit-form button[type=submit]").click()
+    wait_for(driver, lambda d: "CRM sync" in text_of(d, ".kv"))
+
+    css(driver, "#rotate").click()
+    new_secret = wait_for(driver, lambda d: d.find_element(By.ID, "endpoint-secret")).text
+    assert new_secret.startswith("whsec_") and new_secret != first_secret
+    assert "24 hours" in text_of(driver, ".secret")
+    receiver.secret = new_secret
+
+    css(driver, "#send-test").click()
+    wait_for(driver, lambda d: "webhook.test" in text_of(d, "table tbody"), timeout=30)
+    wait_for(driver, lambda d: "succeeded" in text_of(d, "table tbody"), timeout=30)
+    assert [p["type"] for p in receiver.verified] == ["webhook.test"]
+
+    css(driver, "#delete-endpoint").click()
+    css(driver, "#really-delete").click()
+    wait_for(driver, lambda d: d.current_url.endswith("#/webhooks"))
+    wait_for(driver, lambda d: "No endpoints yet." in text_of(d, "main"))
+    assert service.call(key, "GET", f"/v1/webhooks/endpoints/{endpoint_id}")[0] == 404
+
+    # The export arrives as a file whose events are this workspace's chain.
+    driver.execute_cdp_cmd(
+        "Browser.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(tmp_path)}
+    )
+    go(driver, "audit")
+    wait_for(driver, lambda d: d.find_element(By.ID, "export")).click()
+    exported = tmp_path / "audit-from-1.ndjson"
+    wait_for(driver, lambda d: exported.exists() and exported.stat().st_size > 0)
+    actions = [json.loads(line)["action"] for line in exported.read_text().splitlines()]
+    assert actions == [
+        "api_key.created",
+        "webhook.endpoint.created",
+        "webhook.endpoint.updated",
+        "webhook.endpoint.secret_rotated",
+        "webhook.endpoint.deleted",
+    ]
