@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from selenium.webdriver.chrome.webdriver import WebDriver
 from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.remote.webelement import WebElement
 from selenium.webdriver.support.ui import Select
 
@@ -40,8 +41,8 @@ def sign_in(driver: WebDriver, service: ConsoleService, key: str) -> list[str]:
     assert driver.current_url == service.base + "/console"
     field = wait_for(driver, lambda d: d.find_element(By.ID, "api-key"))
     shot(driver, "sign-in")
-    field.send_keys(key)
-    css(driver, "#sign-in-form button[type=submit]").click()
+    assert_labelled(driver)
+    field.send_keys(key + Keys.ENTER)  # the keyboard alone signs in
     wait_for(driver, lambda d: d.find_element(By.ID, "nav").is_displayed())
     # The key is in this tab's session storage only: not in the URL, not in a cookie.
     assert driver.execute_script("return sessionStorage.length") == 1
@@ -62,6 +63,16 @@ def click(driver: WebDriver, selector: str) -> None:
         return True
 
     wait_for(driver, attempt)
+
+
+def assert_labelled(driver: WebDriver) -> None:
+    """Every form control on the page has a label (or an aria-label)."""
+    unlabelled = driver.execute_script(
+        "return [...document.querySelectorAll('input, select, textarea')]"
+        ".filter(e => e.offsetParent !== null && !e.labels.length"
+        " && !e.getAttribute('aria-label')).map(e => e.outerHTML)"
+    )
+    assert unlabelled == [], unlabelled
 
 
 def text_of(driver: WebDriver, selector: str) -> str:
@@ -114,6 +125,7 @@ def test_delete_subscribe_retry_and_audit_from_the_page(
     outcome = css(driver, "#dry-run-outcome").text
     assert "CANNOT_DELETE_SITE_MEMBERS" in outcome
     assert member["data"]["id"] in outcome
+    assert_labelled(driver)
     shot(driver, "deletions-dry-run")
     status, still = service.call(key, "GET", f"/v1/contacts/{ids[0]}")
     assert status == 200, still
@@ -156,6 +168,7 @@ def test_delete_subscribe_retry_and_audit_from_the_page(
     deliveries = sorted(wait_for(driver, both_tried, timeout=60))
     # The contract calls a tried-and-failed delivery "failing"; older servers "pending".
     assert deliveries[0][0] in ("failing", "pending") and deliveries[1][0] == "succeeded"
+    assert_labelled(driver)
     shot(driver, "endpoint")
     click(driver, f"a[href='#{deliveries[0][1]}']")
     wait_for(driver, lambda d: "503" in text_of(d, "table tbody"))
@@ -182,6 +195,7 @@ def test_delete_subscribe_retry_and_audit_from_the_page(
     css(driver, "#events-form button[type=submit]").click()
     link = f"a[href='#/audit/contacts/{ids[0]}']"
     wait_for(driver, lambda d: d.find_elements(By.CSS_SELECTOR, link))
+    assert_labelled(driver)
     shot(driver, "audit")
     click(driver, link)
     wait_for(driver, lambda d: d.find_element(By.ID, "timeline-deleted"))
@@ -239,6 +253,12 @@ def test_a_key_without_audit_read_sees_no_audit_section_and_sign_out_forgets_it(
     wait_for(driver, lambda d: d.find_element(By.ID, "delete-form"))
     assert "Audit" not in css(driver, "header").text
     assert not driver.find_elements(By.ID, "verify")
+    # The keyboard reaches the sections: focus a nav link, press Enter.
+    nav = css(driver, "#nav a[data-section=webhooks]")
+    driver.execute_script("arguments[0].focus()", nav)
+    driver.switch_to.active_element.send_keys(Keys.ENTER)
+    wait_for(driver, lambda d: d.find_element(By.ID, "endpoint-form"))
+    assert_labelled(driver)
     css(driver, "#sign-out").click()
     wait_for(driver, lambda d: d.find_element(By.ID, "api-key").is_displayed())
     assert driver.execute_script("return sessionStorage.length") == 0

@@ -76,7 +76,16 @@ function route() {
   current = new ViewContext();
   say("");
   const view = document.getElementById("view");
-  section.module.render(view, parts, { me, ctx: current }).catch(fail);
+  section.module.render(view, parts, { me, ctx: current })
+    .then(() => {
+      // Moving to a new view puts keyboard and screen-reader focus on its heading.
+      const heading = view.querySelector("h2");
+      if (heading && !view.contains(document.activeElement)) {
+        heading.setAttribute("tabindex", "-1");
+        heading.focus({ preventScroll: true });
+      }
+    })
+    .catch(fail);
 }
 
 document.getElementById("sign-in-form").addEventListener("submit", (event) => {

@@ -17,7 +17,7 @@ export async function render(view, parts, { me, ctx }) {
   const jobs = h("section", { class: "card", "aria-labelledby": "jobs-h" });
   mount(view,
     h("h2", {}, "Deletions"),
-    canWrite ? deleteForm() : h("p", { class: "hint" }, "This key cannot post deletions (it lacks contacts:write)."),
+    canWrite ? deleteForm(canRead) : h("p", { class: "hint" }, "This key cannot post deletions (it lacks contacts:write)."),
     canRead ? jobs : h("p", { class: "hint" }, "This key cannot list jobs (it lacks contacts:read)."));
   if (canRead) await jobsList(jobs, ctx);
 }
@@ -156,7 +156,7 @@ function splitList(text) {
   return text.split(/[\s,;]+/).map((s) => s.trim()).filter(Boolean);
 }
 
-function deleteForm() {
+function deleteForm(canRead) {
   const kinds = [["contact_ids", "Contact ids"], ["emails", "Email addresses"], ["filter", "Filter or search"]];
   const radios = kinds.map(([value, label], i) => h("label", { class: "choice" },
     h("input", { type: "radio", name: "selector-kind", value, checked: i === 0 }), label));
@@ -210,13 +210,37 @@ function deleteForm() {
       say("Running the dry run…");
       const result = (await api("POST", "/v1/contacts/bulk-delete", { ...request, dry_run: true })).data;
       say("");
-      showOutcome(outcome, request, result);
+      showOutcome(outcome, request, result, canRead);
     } catch (err) { fail(err); }
   });
   return h("section", { class: "card", "aria-labelledby": "form-h" }, h("h3", { id: "form-h" }, "New deletion"), form, outcome);
 }
 
-function showOutcome(outcome, request, result) {
+// The ids a real run would delete, a page at a time (the dry run's `next_cursor`).
+function idsToDelete(request, first) {
+  const ids = [...first.contact_ids];
+  const summary = h("summary", {});
+  const list = h("pre", {});
+  const more = h("button", { type: "button", class: "secondary" }, "More ids");
+  const draw = (cursor) => {
+    summary.textContent = `Ids it would delete (${ids.length}${cursor ? " so far" : ""})`;
+    list.textContent = ids.join("\n");
+    more.hidden = !cursor;
+    more.dataset.cursor = cursor || "";
+  };
+  more.addEventListener("click", async () => {
+    try {
+      const page = (await api("POST", "/v1/contacts/bulk-delete",
+        { ...request, dry_run: true, dry_run_cursor: more.dataset.cursor })).data;
+      ids.push(...page.contact_ids);
+      draw(page.next_cursor);
+    } catch (err) { fail(err); }
+  });
+  draw(first.next_cursor);
+  return h("details", {}, summary, list, more);
+}
+
+function showOutcome(outcome, request, result, canRead) {
   const wouldDelete = result.would_delete_count ?? result.deleted_count ?? 0;
   const wouldFail = result.would_fail_count ?? result.failed_count ?? 0;
   const notFound = result.not_found_count ?? 0;
@@ -230,8 +254,13 @@ function showOutcome(outcome, request, result) {
     confirm.disabled = true;
     try {
       const job = (await api("POST", "/v1/contacts/bulk-delete", request, { "Idempotency-Key": idempotencyKey })).data;
-      say("Deletion requested.", "good");
-      location.hash = `#/jobs/${job.job_id}`;
+      if (canRead) {
+        say("Deletion requested.", "good");
+        location.hash = `#/jobs/${job.job_id}`;
+      } else {
+        outcome.replaceChildren();
+        say(`Deletion requested: job ${job.job_id} (this key cannot read jobs: it lacks contacts:read).`, "good");
+      }
     } catch (err) { confirm.disabled = false; fail(err); }
   });
   mount(outcome, h("div", { class: "card outcome" },
@@ -248,8 +277,7 @@ function showOutcome(outcome, request, result) {
     h("h3", {}, "Blockers"),
     table("Contacts a real run would refuse", ["Contact", "Code", "Message"],
       (result.errors || []).map((e) => [h("code", {}, e.contact_id), e.code, e.message]), "None: nothing blocks this deletion."),
-    result.contact_ids?.length ? h("details", {}, h("summary", {}, `Ids it would delete (first ${result.contact_ids.length})`),
-      h("pre", {}, result.contact_ids.join("\n"))) : null,
+    result.contact_ids?.length ? idsToDelete(request, result) : null,
     h("p", {}, wouldDelete ? "Deleting cannot be undone. The request is sent with an idempotency key, so a repeat does not delete twice." : "Nothing to delete."),
     confirm, cancel));
   outcome.querySelector("#outcome-h").focus();
