@@ -28,6 +28,7 @@ from service.http import (
     RATE_LIMITER_KEY,
     SETTINGS_KEY,
     RateLimiter,
+    edge_headers,
     edge_middleware,
     encode_json,
 )
@@ -55,6 +56,17 @@ class Services:
     notifier: JobNotifier = field(default_factory=JobNotifier)
     outbox_signal: asyncio.Event = field(default_factory=asyncio.Event)
     webhook_signal: asyncio.Event = field(default_factory=asyncio.Event)
+    # Set once the HTTP API listens (`dev` prints its banner then, not before).
+    listening: asyncio.Event = field(default_factory=asyncio.Event)
+    _topics_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    _topics_ready: bool = False
+
+    async def ensure_topics(self) -> None:
+        """Create the Kafka topics once per process, whichever component asks first."""
+        async with self._topics_lock:
+            if not self._topics_ready:
+                await create_topics(self.settings)
+                self._topics_ready = True
 
     async def close(self) -> None:
         await self.db.dispose()
@@ -67,6 +79,7 @@ def create_app(services: Services) -> web.Application:
         middlewares=[services.metrics.middleware, edge_middleware],
         client_max_size=settings.max_body_bytes,
     )
+    app.on_response_prepare.append(edge_headers)
     app[SETTINGS_KEY] = settings
     app[DB_KEY] = services.db
     app[RATE_LIMITER_KEY] = RateLimiter(settings.rate_limit_per_s, settings.rate_limit_burst)
@@ -88,6 +101,7 @@ async def run_api(services: Services, stop: asyncio.Event) -> None:
     await runner.setup()
     site = web.TCPSite(runner, services.settings.http_host, services.settings.http_port)
     await site.start()
+    services.listening.set()
     log.info("api_listening", host=services.settings.http_host, port=services.settings.http_port)
     try:
         await stop.wait()
@@ -98,7 +112,7 @@ async def run_api(services: Services, stop: asyncio.Event) -> None:
 async def run_relay(services: Services, stop: asyncio.Event) -> None:
     """Publish the outbox to Kafka until `stop` is set."""
     settings = services.settings
-    await create_topics(settings)
+    await services.ensure_topics()
     producer = Producer(settings.kafka_bootstrap_servers)
     await producer.start()
     try:
@@ -110,7 +124,7 @@ async def run_relay(services: Services, stop: asyncio.Event) -> None:
 
 async def run_worker(services: Services, stop: asyncio.Event) -> None:
     """Consume deletion requests and delete contacts until `stop` is set."""
-    await create_topics(services.settings)
+    await services.ensure_topics()
     worker = DeletionWorker(
         services.settings,
         services.db,
@@ -123,7 +137,7 @@ async def run_worker(services: Services, stop: asyncio.Event) -> None:
 
 async def run_dispatcher(services: Services, stop: asyncio.Event) -> None:
     """Fan events out to webhook endpoints and deliver them until `stop` is set."""
-    await create_topics(services.settings)
+    await services.ensure_topics()
     dispatcher = Dispatcher(
         services.settings, services.db, services.metrics, services.webhook_signal
     )

@@ -1,26 +1,44 @@
-"""The `contact-deletion` command and its subcommands."""
+"""The `contact-deletion` command and its subcommands.
+
+The parser is built from this module alone (and the light ``service.scopes``,
+``service.bench_options`` and ``service.audit.cli``): the service itself is imported only
+once a command runs, so ``--help`` and ``--version`` answer at once.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import json
-import signal
 import sys
-import uuid
 from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING
 
-from service import bench
-from service.app import Services, components, run_components
-from service.audit import cli as audit_cli
-from service.config import Settings
-from service.db import Database
-from service.dev import run_dev
-from service.keys import SCOPES, create_key, list_keys, revoke_key
-from service.logs import configure_logging, get_logger
-from service.migrate import upgrade
+from service.bench_options import add_arguments as add_bench_arguments
+from service.scopes import SCOPES
 
-log = get_logger(__name__)
+if TYPE_CHECKING:
+    from service.config import Settings
+    from service.db import Database
+
+PROG = "contact-deletion"
+DATABASE_ERROR = 2
+
+# The components `run` starts, with what each does (service.app.components() runs them).
+COMPONENTS = {
+    "api": "serve the HTTP API on HTTP_HOST:HTTP_PORT (default 127.0.0.1:8080)",
+    "relay": "publish outbox rows to Kafka (several relays share the work on PostgreSQL)",
+    "worker": "consume contact.deletion-requested and delete contacts (a consumer group)",
+    "dispatcher": "fan events out to webhook endpoints and send the signed deliveries",
+}
+
+ENVIRONMENT = """\
+configuration comes from environment variables (all optional locally), e.g.
+  DATABASE_URL             default: sqlite file data/contact-deletion.db of the checkout
+  KAFKA_BOOTSTRAP_SERVERS  default: 127.0.0.1:9092
+  HTTP_HOST / HTTP_PORT    default: 127.0.0.1 / 8080
+  LOG_FORMAT / LOG_LEVEL   default: json / INFO
+see the README for the full list."""
 
 
 def _out(text: str) -> None:
@@ -29,7 +47,32 @@ def _out(text: str) -> None:
     sys.stdout.flush()
 
 
-async def _with_db(settings: Settings, work: Callable[[Database], Awaitable[int]]) -> int:
+def _fail(text: str) -> int:
+    sys.stderr.write(f"{PROG}: error: {text}\n")
+    sys.stderr.flush()
+    return DATABASE_ERROR
+
+
+def version() -> str:
+    """The installed distribution's version."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version("contact-deletion")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+async def _with_db(settings: Settings, work: Callable[[Database], Awaitable[int]]) -> int | str:
+    """Run `work` on the configured database once its schema is known to be there;
+    otherwise the reason, naming the database (nothing is created)."""
+    from service.db import Database
+    from service.migrate import schema_problem
+
+    problem = await schema_problem(settings.database_url, where=settings.describe_database())
+    if problem is not None:
+        return problem
     db = Database(settings.database_url)
     try:
         return await work(db)
@@ -37,28 +80,37 @@ async def _with_db(settings: Settings, work: Callable[[Database], Awaitable[int]
         await db.dispose()
 
 
-def _stop_on_signals(stop: asyncio.Event) -> None:
+async def serve(settings: Settings, names: Sequence[str], *, migrate: bool) -> int:
+    """Run components until SIGINT/SIGTERM."""
+    import signal
+
+    from service.app import Services, run_components
+    from service.db import Database
+    from service.logs import get_logger
+    from service.migrate import schema_problem, upgrade
+
+    if migrate:
+        await upgrade(settings.database_url)
+    else:
+        problem = await schema_problem(settings.database_url, where=settings.describe_database())
+        if problem is not None:
+            return _fail(problem)
+    services = Services(settings=settings, db=Database(settings.database_url))
+    stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-
-
-async def serve(settings: Settings, names: Sequence[str], *, migrate: bool) -> int:
-    """Run components until SIGINT/SIGTERM."""
-    if migrate:
-        await upgrade(settings.database_url)
-    services = Services(settings=settings, db=Database(settings.database_url))
-    stop = asyncio.Event()
-    _stop_on_signals(stop)
     try:
         await run_components(services, names, stop)
     finally:
         await services.close()
-    log.info("stopped", components=list(names))
+    get_logger(__name__).info("stopped", components=list(names))
     return 0
 
 
-async def _keys_create(settings: Settings, args: argparse.Namespace) -> int:
+async def _keys_create(settings: Settings, args: argparse.Namespace) -> int | str:
+    from service.keys import create_key
+
     async def work(db: Database) -> int:
         created = await create_key(db, args.workspace, args.scope)
         if args.json:
@@ -82,7 +134,9 @@ async def _keys_create(settings: Settings, args: argparse.Namespace) -> int:
     return await _with_db(settings, work)
 
 
-async def _keys_list(settings: Settings, args: argparse.Namespace) -> int:
+async def _keys_list(settings: Settings, args: argparse.Namespace) -> int | str:
+    from service.keys import list_keys
+
     async def work(db: Database) -> int:
         keys = await list_keys(db)
         if args.json:
@@ -99,7 +153,11 @@ async def _keys_list(settings: Settings, args: argparse.Namespace) -> int:
     return await _with_db(settings, work)
 
 
-async def _keys_revoke(settings: Settings, args: argparse.Namespace) -> int:
+async def _keys_revoke(settings: Settings, args: argparse.Namespace) -> int | str:
+    import uuid
+
+    from service.keys import revoke_key
+
     try:
         key_id = uuid.UUID(args.key_id)
     except ValueError:
@@ -117,60 +175,136 @@ async def _keys_revoke(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="contact-deletion",
-        description="Bulk contact deletion with signed webhooks and an audit trail.",
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("run", help="run every component (api, relay, worker, dispatcher)")
-    for name in components():
-        sub.add_parser(name, help=f"run the {name} alone")
-    sub.add_parser("migrate", help="apply database migrations")
-    dev = sub.add_parser("dev", help="local Kafka + SQLite + everything, with a demo key")
-    dev.add_argument("--no-kafka", action="store_true", help="do not start a local broker")
+    """The whole command line, with help on every subcommand and option."""
+    from service.audit import cli as audit_cli
 
-    keys = sub.add_parser("keys", help="manage API keys").add_subparsers(
-        dest="keys_command", required=True
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Bulk contact deletion with signed webhooks and an audit trail.",
+        epilog=ENVIRONMENT,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    create = keys.add_parser("create", help="create a key (and its workspace when new)")
-    create.add_argument("--workspace", required=True)
-    create.add_argument("--scope", action="append", required=True, choices=SCOPES)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, summary: str, description: str | None = None) -> argparse.ArgumentParser:
+        return sub.add_parser(
+            name,
+            help=summary,
+            description=description or summary,
+            epilog=ENVIRONMENT,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+
+    command(
+        "run",
+        "run every component (api, relay, worker, dispatcher) in one process",
+        "Migrate the database, then run the api, relay, worker and dispatcher in one "
+        "process until Ctrl-C or SIGTERM. Needs a Kafka broker at KAFKA_BOOTSTRAP_SERVERS.",
+    )
+    for name, what in COMPONENTS.items():
+        command(
+            name,
+            f"run the {name} alone: {what}",
+            f"Run only the {name} ({what}), until Ctrl-C or SIGTERM; start as many as you "
+            "like. The database must be migrated first (`contact-deletion migrate`).",
+        )
+    command(
+        "migrate",
+        "create or upgrade the database schema (Alembic migrations)",
+        "Apply every Alembic migration to DATABASE_URL (creating the SQLite file if needed).",
+    )
+    dev = command(
+        "dev",
+        "local Kafka + SQLite + every component, with a demo key (what `make dev` runs)",
+        "Start a local Apache Kafka broker (unless one answers at KAFKA_BOOTSTRAP_SERVERS), "
+        "migrate, make or reuse the demo workspace's key, and run everything until Ctrl-C.",
+    )
+    dev.add_argument(
+        "--no-kafka",
+        action="store_true",
+        help="do not start a local broker; use the one at KAFKA_BOOTSTRAP_SERVERS",
+    )
+    dev.add_argument(
+        "--new-key",
+        action="store_true",
+        help="revoke the stored demo key and make a new one",
+    )
+
+    keys = command("keys", "create, list and revoke API keys").add_subparsers(
+        dest="keys_command", required=True, metavar="SUBCOMMAND"
+    )
+    create = keys.add_parser(
+        "create",
+        help="create a key (and its workspace when new); the key is printed once",
+        description="Create an API key. Only its SHA-256 is stored: copy the key now.",
+    )
+    create.add_argument(
+        "--workspace",
+        required=True,
+        metavar="NAME",
+        help="the workspace the key belongs to (created when no workspace has this name)",
+    )
+    create.add_argument(
+        "--scope",
+        action="append",
+        required=True,
+        choices=SCOPES,
+        help="a scope the key holds; repeat for several (%(choices)s)",
+    )
     create.add_argument("--json", action="store_true", help="print one JSON line")
-    lst = keys.add_parser("list", help="list keys")
-    lst.add_argument("--json", action="store_true")
-    revoke = keys.add_parser("revoke", help="revoke a key")
-    revoke.add_argument("key_id")
+    summary = "list every key (id, prefix, workspace, live/revoked, scopes)"
+    lst = keys.add_parser("list", help=summary, description=summary.capitalize() + ".")
+    lst.add_argument("--json", action="store_true", help="print a JSON array")
+    summary = "revoke a key; it stops working at once"
+    revoke = keys.add_parser("revoke", help=summary, description=summary.capitalize() + ".")
+    revoke.add_argument("key_id", help="the key's id (from `keys create` or `keys list`)")
 
     audit_cli.add_parser(sub)
-    bench.add_arguments(
-        sub.add_parser(
-            "bench", help="benchmark the service against its bare floor (prints figures)"
+    add_bench_arguments(
+        command(
+            "bench",
+            "benchmark the service against its bare floor (prints figures)",
+            "Start a broker, a database and the service in a temporary directory, delete "
+            "contacts through the API and report throughput, latency and memory.",
         )
     )
-
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from service.config import Settings
+
     settings = Settings()
     if args.command == "bench":
+        from service import bench
+
         return bench.run_bench(args)
     if args.command == "dev":
-        return run_dev(settings, start_kafka=not args.no_kafka)
+        from service.dev import run_dev
+
+        return run_dev(settings, start_kafka=not args.no_kafka, new_key=args.new_key)
+    from service.logs import configure_logging
+
     configure_logging(settings.log_format, settings.log_level)
     if args.command == "migrate":
+        from service.migrate import upgrade
+
         asyncio.run(upgrade(settings.database_url))
-        _out("database is at the latest schema")
+        _out(f"database {settings.describe_database()} is at the latest schema")
         return 0
     if args.command == "keys":
         handler = {"create": _keys_create, "list": _keys_list, "revoke": _keys_revoke}
-        return asyncio.run(handler[args.keys_command](settings, args))
+        result = asyncio.run(handler[args.keys_command](settings, args))
+        return _fail(result) if isinstance(result, str) else result
     if args.command == "audit":
+        from service.audit import cli as audit_cli
+
         return audit_cli.main(args, settings)
     if args.command == "run":
-        return asyncio.run(serve(settings, list(components()), migrate=True))
-    if args.command in components():
+        return asyncio.run(serve(settings, list(COMPONENTS), migrate=True))
+    if args.command in COMPONENTS:
         return asyncio.run(serve(settings, [args.command], migrate=False))
     raise SystemExit(f"unknown command {args.command}")
 

@@ -2,14 +2,31 @@
 
 from __future__ import annotations
 
+import os
 from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_RETRY_SCHEDULE = (0, 5, 300, 1800, 7200, 18000, 36000, 36000)
+
+
+def default_data_dir() -> Path:
+    """Where local state lives when DATA_DIR is not set, whatever the current directory:
+    ``data/`` of the source checkout the package runs from (a clone after ``make
+    install``), else ``$XDG_DATA_HOME/contact-deletion`` (``~/.local/share/...``)."""
+    checkout = Path(__file__).resolve().parent.parent
+    if (checkout / "pyproject.toml").is_file() and (checkout / "service").is_dir():
+        return checkout / "data"
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "contact-deletion"
+
+
+def sqlite_url(path: Path) -> str:
+    """The SQLAlchemy URL of an SQLite file."""
+    return f"sqlite+aiosqlite:///{path}"
 
 
 class Settings(BaseSettings):
@@ -17,7 +34,8 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="", extra="ignore", frozen=True)
 
-    database_url: str = "sqlite+aiosqlite:///./data/contact-deletion.db"
+    # Default: <data_dir>/contact-deletion.db (an absolute path; see default_data_dir).
+    database_url: str = ""
     kafka_bootstrap_servers: str = "127.0.0.1:9092"
     kafka_topic_prefix: str = ""
     kafka_partitions: int = Field(default=6, ge=1)
@@ -42,7 +60,7 @@ class Settings(BaseSettings):
     webhook_max_in_flight_per_endpoint: int = Field(default=4, ge=1)
 
     audit_hash_key: SecretStr | None = None
-    data_dir: Path = Path("./data")
+    data_dir: Path = Field(default_factory=default_data_dir)
 
     relay_batch_size: int = Field(default=500, ge=1)
     relay_poll_interval_s: float = Field(default=0.05, gt=0)
@@ -54,6 +72,20 @@ class Settings(BaseSettings):
     # Fault injection for the crash tests: a named point at which the process kills
     # itself with SIGKILL (e.g. "worker_after_db_commit", "relay_after_publish").
     failpoint: str | None = None
+
+    @model_validator(mode="after")
+    def _local_paths(self) -> Settings:
+        # Relative paths are anchored once, here, so that no later `cd` changes them.
+        object.__setattr__(self, "data_dir", self.data_dir.expanduser().resolve())
+        if not self.database_url:
+            db_file = self.data_dir / "contact-deletion.db"
+            object.__setattr__(self, "database_url", sqlite_url(db_file))
+        return self
+
+    @property
+    def sqlite_path(self) -> Path | None:
+        """The database file when the database is SQLite (None for :memory: or PostgreSQL)."""
+        return sqlite_file(self.database_url)
 
     @field_validator("webhook_retry_schedule")
     @classmethod
@@ -71,6 +103,13 @@ class Settings(BaseSettings):
         """The webhook retry schedule in seconds, first attempt first."""
         return tuple(int(p) for p in self.webhook_retry_schedule.split(","))
 
+    def describe_database(self) -> str:
+        """The database for a human: the file of SQLite, host and name of PostgreSQL."""
+        path = self.sqlite_path
+        if path is not None:
+            return str(path)
+        return _without_password(self.database_url)
+
     @property
     def is_sqlite(self) -> bool:
         return self.database_url.startswith("sqlite")
@@ -78,3 +117,23 @@ class Settings(BaseSettings):
     def topic(self, name: str) -> str:
         """The full name of a topic, with the configured prefix."""
         return f"{self.kafka_topic_prefix}{name}"
+
+
+def sqlite_file(url: str) -> Path | None:
+    """The file of an SQLite URL, absolute (None for :memory: or another backend)."""
+    if not url.startswith("sqlite"):
+        return None
+    _, _, rest = url.partition(":///")
+    rest = rest.split("?", 1)[0]
+    if not rest or rest == ":memory:" or "mode=memory" in url:
+        return None
+    return Path(rest).expanduser().resolve()
+
+
+def _without_password(url: str) -> str:
+    scheme, sep, rest = url.partition("://")
+    if not sep or "@" not in rest:
+        return url
+    creds, _, host = rest.rpartition("@")
+    user = creds.split(":", 1)[0]
+    return f"{scheme}://{user}@{host}" if user else f"{scheme}://{host}"

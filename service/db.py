@@ -154,6 +154,9 @@ deletion_jobs = sa.Table(
     # Where the next expansion page starts; a repeated expansion message is ignored.
     sa.Column("expand_after", UUID, nullable=True),
     sa.Column("total_requested", sa.Integer, nullable=False),
+    # Filter/search jobs: how many contacts matched when the job was accepted (an estimate:
+    # contacts may come and go while the job runs). Null for ids/emails jobs.
+    sa.Column("estimated_total", sa.Integer, nullable=True),
     sa.Column("processed_count", sa.Integer, nullable=False),
     sa.Column("deleted_count", sa.Integer, nullable=False),
     sa.Column("not_found_count", sa.Integer, nullable=False),
@@ -223,10 +226,12 @@ webhook_endpoints = sa.Table(
     sa.Column("event_types", JSONType, nullable=False),
     sa.Column("rate_limit_per_s", sa.Float, nullable=True),
     sa.Column("secret", sa.String(100), nullable=False),
-    sa.Column("previous_secret", sa.String(100), nullable=True),
-    sa.Column("previous_secret_expires_at", UTCDateTime, nullable=True),
+    # Rotated-out secrets that still sign: [{"secret", "expires_at"}], newest first.
+    sa.Column("retired_secrets", JSONType, nullable=False),
     sa.Column("status", sa.String(16), nullable=False),
+    # null | "gone" (the receiver answered 410) | "failing" (failed for too long)
     sa.Column("disabled_reason", sa.String(200), nullable=True),
+    sa.Column("disabled_at", UTCDateTime, nullable=True),
     sa.Column("failing_since", UTCDateTime, nullable=True),
     sa.Column("created_at", UTCDateTime, nullable=False),
     sa.Column("updated_at", UTCDateTime, nullable=False),

@@ -1,5 +1,10 @@
 """`contact-deletion dev`: the local default (a real local Kafka, SQLite, every component).
 
+Before anything is printed or started it checks that the HTTP port is free, so that a
+second `make dev` says so in one line instead of printing a banner and dying. The demo
+key is made once and kept in ``<data_dir>/demo-key`` (mode 0600), so every `make dev`
+shows the same key instead of adding another live one; ``--new-key`` replaces it.
+
 The broker is started from the main thread before the event loop, because its
 die-with-parent signal is tied to the thread that launched it.
 """
@@ -7,13 +12,17 @@ die-with-parent signal is tied to the thread that launched it.
 from __future__ import annotations
 
 import asyncio
+import errno
+import os
 import signal
+import socket
 import sys
+from pathlib import Path
 
 from service.app import Services, components, run_components
 from service.config import Settings
 from service.db import Database
-from service.keys import SCOPES, create_key
+from service.keys import SCOPES, authenticate, create_key, revoke_key
 from service.localkafka import LocalKafka, broker_answers
 from service.logs import configure_logging, get_logger
 from service.migrate import upgrade
@@ -21,6 +30,7 @@ from service.migrate import upgrade
 log = get_logger(__name__)
 
 DEMO_WORKSPACE = "demo"
+DEMO_KEY_FILE = "demo-key"
 
 
 def _say(text: str = "") -> None:
@@ -28,11 +38,29 @@ def _say(text: str = "") -> None:
     sys.stdout.flush()
 
 
-def run_dev(settings: Settings, *, start_kafka: bool = True) -> int:
-    """Start (or reuse) a local broker, migrate, make a demo key, run everything."""
+def port_in_use(host: str, port: int) -> bool:
+    """True when something already listens on host:port (nothing is left bound)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            return exc.errno == errno.EADDRINUSE
+    return False
+
+
+def run_dev(settings: Settings, *, start_kafka: bool = True, new_key: bool = False) -> int:
+    """Start (or reuse) a local broker, migrate, reuse the demo key, run everything."""
     settings = settings.model_copy(
         update={"webhook_allow_private_networks": True, "log_format": "console"}
     )
+    if port_in_use(settings.http_host, settings.http_port):
+        sys.stderr.write(
+            f"contact-deletion dev: {settings.http_host}:{settings.http_port} is already in "
+            "use (is another `make dev` running?). Stop it, or choose another port: "
+            f"HTTP_PORT={settings.http_port + 1} make dev\n"
+        )
+        return 1
     configure_logging(settings.log_format, settings.log_level)
     host, _, port_text = settings.kafka_bootstrap_servers.split(",")[0].rpartition(":")
     port = int(port_text)
@@ -45,48 +73,88 @@ def run_dev(settings: Settings, *, start_kafka: bool = True) -> int:
     elif start_kafka:
         _say(f"a broker already answers on {host}:{port}; using it")
     try:
-        return asyncio.run(_dev_main(settings))
+        return asyncio.run(_dev_main(settings, new_key=new_key))
     finally:
         if broker is not None:
             broker.stop()
             _say("local broker stopped")
 
 
-async def _dev_main(settings: Settings) -> int:
+async def demo_key(db: Database, key_file: Path, *, new_key: bool) -> tuple[str, bool]:
+    """The demo workspace's key: the stored one while it still works, else a new one
+    (stored). Returns the key and whether it is new."""
+    stored = _read_key(key_file)
+    if stored:
+        who = await authenticate(db, stored)
+        if who is not None and not new_key:
+            return stored, False
+        if who is not None:
+            await revoke_key(db, who.key_id)
+    created = await create_key(db, DEMO_WORKSPACE, list(SCOPES))
+    _write_key(key_file, created.key)
+    return created.key, True
+
+
+def _read_key(key_file: Path) -> str:
+    return key_file.read_text().strip() if key_file.is_file() else ""
+
+
+def _write_key(key_file: Path, key: str) -> None:
+    key_file.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(key + "\n")
+
+
+async def _dev_main(settings: Settings, *, new_key: bool) -> int:
     await upgrade(settings.database_url)
     services = Services(settings=settings, db=Database(settings.database_url))
-    key = await create_key(services.db, DEMO_WORKSPACE, list(SCOPES))
-    base = f"http://{settings.http_host}:{settings.http_port}"
-    _say(_banner(base, key.key, str(key.workspace_id)))
+    key_file = settings.data_dir / DEMO_KEY_FILE
+    key, is_new = await demo_key(services.db, key_file, new_key=new_key)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    base = f"http://{settings.http_host}:{settings.http_port}"
+    banner = _banner(base, key, key_file, is_new, settings.describe_database())
+
+    async def announce() -> None:
+        await services.listening.wait()
+        _say(banner)
+
+    announcer = asyncio.create_task(announce())
     try:
         await run_components(services, list(components()), stop)
+    except OSError as exc:
+        log.error("dev_failed", error=str(exc))
+        return 1
     finally:
+        announcer.cancel()
         await services.close()
     return 0
 
 
-def _banner(base: str, key: str, workspace_id: str) -> str:
+def _banner(base: str, key: str, key_file: Path, is_new: bool, database: str) -> str:
+    made = "new" if is_new else "the same as last time"
     return f"""
-contact-deletion is running at {base}  (workspace "demo" {workspace_id})
-demo API key (all scopes; shown once): {key}
+contact-deletion is running at {base}  (database {database})
+demo API key, workspace "demo", all scopes ({made}; kept in {key_file}):
 
   export KEY={key}
   # create a contact
   curl -s {base}/v1/contacts -H "Authorization: Bearer $KEY" \\
        -H 'Content-Type: application/json' -d '{{"email":"ada@example.com","first_name":"Ada"}}'
-  # subscribe a webhook receiver
-  curl -s {base}/v1/webhooks/endpoints -H "Authorization: Bearer $KEY" \\
-       -H 'Content-Type: application/json' -d '{{"url":"http://127.0.0.1:9000/hook"}}'
+  # list contacts
+  curl -s {base}/v1/contacts -H "Authorization: Bearer $KEY"
   # delete contacts in bulk and wait up to 10 s for the result
   curl -s {base}/v1/contacts/bulk-delete -H "Authorization: Bearer $KEY" \\
        -H 'Content-Type: application/json' -H 'Prefer: wait=10' \\
-       -H "Idempotency-Key: $(uuidgen || date +%s)" -d '{{"emails":["ada@example.com"]}}'
-  # query the audit trail
-  curl -s "{base}/v1/audit/events?action=contact.deleted" -H "Authorization: Bearer $KEY"
+       -H "Idempotency-Key: $(python3 -c 'import uuid; print(uuid.uuid4())')" \\
+       -d '{{"emails":["ada@example.com"]}}'
+  # was it deleted? (the address stays out of the URL)
+  curl -s {base}/v1/audit/events/query -H "Authorization: Bearer $KEY" \\
+       -H 'Content-Type: application/json' -d '{{"email":"ada@example.com"}}'
 
-Ctrl-C stops everything (and the local broker).
+Web console (sign in with the key above): {base}/console   API reference: {base}/docs
+Ctrl-C stops everything (and the local broker). The README has the rest.
 """

@@ -69,6 +69,12 @@ class Conflict(ServiceError):
     code = "conflict"
 
 
+class EndpointDisabled(Conflict):
+    """An action that sends to a webhook endpoint while it is disabled."""
+
+    code = "endpoint_disabled"
+
+
 class IdempotencyConflict(Conflict):
     code = "idempotency_conflict"
 

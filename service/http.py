@@ -45,6 +45,9 @@ _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:\-]{1,200}$")
 
 PRINCIPAL_KEY = web.RequestKey("principal", Principal)
 REQUEST_ID_KEY = web.RequestKey("request_id", str)
+# Headers every response to this request carries (request id, rate limit), whatever
+# handler made it; `edge_headers` adds them to a streamed response before its first byte.
+EDGE_HEADERS_KEY = web.RequestKey("edge_headers", dict[str, str])
 
 
 def encode_json(data: Any) -> bytes:
@@ -211,6 +214,7 @@ async def edge_middleware(request: web.Request, handler: Handler) -> web.StreamR
     structlog.contextvars.clear_contextvars()
     structlog.contextvars.bind_contextvars(request_id=rid)
     extra_headers: dict[str, str] = {REQUEST_ID_HEADER: rid}
+    request[EDGE_HEADERS_KEY] = extra_headers
     try:
         response = await _authenticated(request, handler, extra_headers)
     except ServiceError as exc:
@@ -224,6 +228,13 @@ async def edge_middleware(request: web.Request, handler: Handler) -> web.StreamR
         structlog.contextvars.clear_contextvars()
     response.headers.update(extra_headers)
     return response
+
+
+async def edge_headers(request: web.BaseRequest, response: web.StreamResponse) -> None:
+    """`on_response_prepare`: a streamed response (the audit export) sends its headers
+    inside the handler, before the middleware sees it; they get the edge headers here."""
+    if isinstance(request, web.Request) and EDGE_HEADERS_KEY in request:
+        response.headers.update(request[EDGE_HEADERS_KEY])
 
 
 async def _authenticated(

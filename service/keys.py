@@ -18,8 +18,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from service.audit.store import AuditRecord, append_events
 from service.db import Database, api_keys, new_id, utcnow, workspaces
+from service.scopes import SCOPES as SCOPES
 
-SCOPES = ("contacts:read", "contacts:write", "webhooks:manage", "audit:read")
 KEY_PREFIX = "cdk_"
 
 

@@ -19,28 +19,72 @@ def _redact(_: Any, __: str, event_dict: dict[str, Any]) -> dict[str, Any]:
     return event_dict
 
 
+# aiokafka reports a group coordinator that is not elected yet (a fresh broker, a new
+# group) as errors and warnings, every retry, while it waits for one: expected at start-up
+# and retried by aiokafka itself, so they are dropped (kept at DEBUG).
+_KAFKA_STARTUP_NOISE = (
+    "Group Coordinator Request failed",
+    "Marking the coordinator dead",
+)
+
+
+_HANDLER_NAME = "contact-deletion"
+
+
+class _KafkaStartupNoise(logging.Filter):
+    """Drop aiokafka's retried coordinator-lookup messages unless the level is DEBUG."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith("aiokafka") or record.levelno < logging.WARNING:
+            return True
+        message = str(record.msg)
+        return not any(message.startswith(prefix) for prefix in _KAFKA_STARTUP_NOISE)
+
+
 def configure_logging(fmt: str = "json", level: str = "INFO") -> None:
-    """Configure structlog and the stdlib root logger once, at start-up."""
+    """Configure structlog and the stdlib root logger once, at start-up.
+
+    Every line goes to stderr in one format: structlog's own events, and records of
+    libraries (aiokafka, aiohttp, alembic) at WARNING and above, rendered by the same
+    processors. The console format uses colours only when stderr is a terminal.
+    """
     renderer: Any
     if fmt == "console":
-        renderer = structlog.dev.ConsoleRenderer()
+        renderer = structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
     else:
         renderer = structlog.processors.JSONRenderer()
-    processors: list[Any] = [
+    shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         _redact,
-        structlog.processors.format_exc_info,
-        renderer,
     ]
     structlog.configure(
-        processors=processors,
+        processors=[*shared, structlog.processors.format_exc_info, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level)),
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=False,
     )
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(name)s %(message)s")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name],
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                structlog.processors.format_exc_info,
+                renderer,
+            ],
+        )
+    )
+    if level != "DEBUG":
+        handler.addFilter(_KafkaStartupNoise())
+    root = logging.getLogger()
+    # Replace only our own handler from an earlier call (tests configure more than once).
+    for old in [h for h in root.handlers if getattr(h, "name", None) == _HANDLER_NAME]:
+        root.removeHandler(old)
+    handler.set_name(_HANDLER_NAME)
+    root.addHandler(handler)
+    root.setLevel(logging.WARNING)
 
 
 def get_logger(name: str) -> structlog.stdlib.BoundLogger:

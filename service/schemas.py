@@ -190,7 +190,8 @@ _ERRORS: dict[int, tuple[str, str, tuple[str, ...]]] = {
     409: (
         "IdempotencyConflict",
         "`idempotency_conflict`: this Idempotency-Key was used with another body, or its "
-        "first request is still running",
+        "first request is still running; `endpoint_disabled` (webhooks): the endpoint is "
+        "disabled, enable it first",
         _API_HEADERS,
     ),
     413: ("PayloadTooLarge", "`payload_too_large`: the body is over 1 MiB", _API_HEADERS),

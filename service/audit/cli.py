@@ -16,13 +16,13 @@ import asyncio
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from service.audit.chain import VerifyResult
-from service.audit.export import verify_export
-from service.audit.store import audited_workspaces, verify_workspace
-from service.config import Settings
-from service.db import Database
+if TYPE_CHECKING:
+    # Imported where used, so that `contact-deletion --help` stays fast.
+    from service.audit.chain import VerifyResult
+    from service.config import Settings
+    from service.db import Database
 
 OK = 0
 BROKEN = 1
@@ -31,15 +31,19 @@ USAGE = 2
 
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``audit`` and its subcommands to the ``contact-deletion`` parser."""
-    audit = subparsers.add_parser("audit", help="verify the tamper-evident audit trail")
-    commands = audit.add_subparsers(dest="audit_command", required=True)
-    verify = commands.add_parser(
-        "verify", help="walk the hash chain of every workspace (or one) in the database"
+    audit = subparsers.add_parser(
+        "audit",
+        help="verify the tamper-evident audit trail",
+        description="Verify the audit trail's hash chains: exit 0 ok, 1 broken, 2 unusable.",
     )
+    commands = audit.add_subparsers(dest="audit_command", required=True, metavar="SUBCOMMAND")
+    summary = "walk the hash chain of every workspace (or one) in the database"
+    verify = commands.add_parser("verify", help=summary, description=summary.capitalize() + ".")
     verify.add_argument("--workspace", help="the name or id of one workspace (default: all)")
     verify.add_argument("--json", action="store_true", help="one JSON object per workspace")
+    summary = "re-verify an exported NDJSON file offline, without the database"
     offline = commands.add_parser(
-        "verify-export", help="re-verify an exported NDJSON file offline, without the database"
+        "verify-export", help=summary, description=summary.capitalize() + "."
     )
     offline.add_argument("file", type=Path, help="the file from GET /v1/audit/export")
     offline.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -54,6 +58,13 @@ async def run(args: argparse.Namespace, settings: Settings) -> int:
     """Run an ``audit`` subcommand inside a running event loop; returns the exit code."""
     if args.audit_command == "verify-export":
         return verify_export_file(args.file, as_json=args.json)
+    from service.db import Database
+    from service.migrate import schema_problem
+
+    problem = await schema_problem(settings.database_url, where=settings.describe_database())
+    if problem is not None:
+        sys.stderr.write(f"contact-deletion: error: {problem}\n")
+        return USAGE
     db = Database(settings.database_url)
     try:
         return await verify_database(db, args.workspace, as_json=args.json)
@@ -63,6 +74,8 @@ async def run(args: argparse.Namespace, settings: Settings) -> int:
 
 async def verify_database(db: Database, workspace: str | None, *, as_json: bool) -> int:
     """Verify the chains of every workspace, or of the one named; print a line for each."""
+    from service.audit.store import audited_workspaces, verify_workspace
+
     chosen = await audited_workspaces(db)
     if workspace is not None:
         chosen = [(wid, name) for wid, name in chosen if workspace in (name, str(wid))]
@@ -84,6 +97,8 @@ async def verify_database(db: Database, workspace: str | None, *, as_json: bool)
 
 def verify_export_file(path: Path, *, as_json: bool) -> int:
     """Re-verify an export file offline and print the result."""
+    from service.audit.export import verify_export
+
     try:
         result = verify_export(path)
     except OSError as exc:

@@ -86,7 +86,8 @@ Instant = Annotated[datetime, BeforeValidator(_instant)]
 
 
 class EventsQuery(BaseModel):
-    """The query string of ``GET /v1/audit/events``; unknown parameters are refused."""
+    """The filters of ``GET /v1/audit/events`` (query string) and of ``POST
+    /v1/audit/events/query`` (JSON body); unknown ones are refused."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -94,7 +95,11 @@ class EventsQuery(BaseModel):
     job_id: str | None = Field(default=None, min_length=1, max_length=64)
     action: str | None = Field(default=None, min_length=1, max_length=100)
     actor_id: str | None = Field(default=None, min_length=1, max_length=200)
-    email: Email | None = None
+    email: Email | None = Field(
+        default=None,
+        description="Was this address deleted? In a query string, URL-encode it (`+` is "
+        "%2B), or use POST /v1/audit/events/query to keep it out of the URL",
+    )
     since: Instant | None = None
     until: Instant | None = None
     limit: int = Field(default=100, ge=1, le=1000)
@@ -126,8 +131,19 @@ async def list_events(call: Call) -> Page[AuditEvent]:
     ``since`` is inclusive and ``until`` exclusive. ``email`` is normalised as contact
     addresses are and matched by its keyed hash; the address itself is never stored.
     """
-    request, who = call.request, call.principal
-    query = call.query_as(EventsQuery)
+    return await _events(call.request, call.principal.workspace_id, call.query_as(EventsQuery))
+
+
+async def query_events_post(call: Call) -> Page[AuditEvent]:
+    """``POST /v1/audit/events/query``: the same filters and answer as
+    ``GET /v1/audit/events``, in a JSON body, so that an ``email`` stays out of URLs,
+    proxies and access logs (and needs no URL-encoding of ``+``)."""
+    return await _events(call.request, call.principal.workspace_id, call.body_as(EventsQuery))
+
+
+async def _events(
+    request: web.Request, workspace_id: uuid.UUID, query: EventsQuery
+) -> Page[AuditEvent]:
     if query.since is not None and query.until is not None and query.until <= query.since:
         raise ValidationFailed(
             "the query parameters are invalid",
@@ -148,7 +164,7 @@ async def list_events(call: Call) -> Page[AuditEvent]:
         until=format_time(query.until) if query.until is not None else None,
     )
     events, last_seq = await query_events(
-        db, who.workspace_id, where, limit=query.limit, after_seq=_after_seq(query.cursor)
+        db, workspace_id, where, limit=query.limit, after_seq=_after_seq(query.cursor)
     )
     next_cursor = encode_cursor({"after_seq": last_seq}) if last_seq is not None else None
     return Page[AuditEvent].model_validate({"data": events, "next_cursor": next_cursor})
@@ -291,6 +307,19 @@ ROUTES: tuple[Operation, ...] = (
         tag=TAG,
         scope=SCOPE,
         query=EventsQuery,
+        answers=(Answer(200, Page[AuditEvent], "A page of events"),),
+    ),
+    Operation(
+        "POST",
+        "/v1/audit/events/query",
+        query_events_post,
+        "queryAuditEvents",
+        "Search the audit trail with the filters in a JSON body",
+        tag=TAG,
+        scope=SCOPE,
+        body=EventsQuery,
+        description="The same filters and answer as GET /v1/audit/events; an `email` sent "
+        "here stays out of URLs and access logs.",
         answers=(Answer(200, Page[AuditEvent], "A page of events"),),
     ),
     Operation(

@@ -5,16 +5,48 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, EmailStr, Field
+import email_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from service.apimodels import Out, Time, UuidText
 
 
-def _lower(value: str) -> str:
-    return value.strip().lower()
+def _special_use_suffix(domain: str) -> str | None:
+    """The special-use or reserved name (RFC 6761: ``test``, ``local``, ``invalid``...)
+    that `domain` is or ends in, if any."""
+    for name in email_validator.SPECIAL_USE_DOMAIN_NAMES:
+        if domain == name or domain.endswith("." + name):
+            return name
+    return None
 
 
-Email = Annotated[EmailStr, AfterValidator(_lower)]
+def check_email(value: str) -> str:
+    """A syntactically valid address, stripped and lowercased.
+
+    The syntax rules are email-validator's (no DNS lookups). Unlike its defaults, an
+    address on a special-use or reserved name (``bulk1@load.test``, ``a@host.local``) is
+    accepted: a CRM holds such addresses and must be able to delete them. Raises
+    ValueError with email-validator's message otherwise.
+    """
+    text = value.strip()
+    local, at, domain = text.rpartition("@")
+    suffix = _special_use_suffix(domain.lower()) if at else None
+    # email-validator refuses special-use names outright, except `test` in its test
+    # mode; check the same syntax with the reserved suffix spelled `test`, keep the original.
+    probe = f"{local}@{domain[: len(domain) - len(suffix)]}test" if suffix else text
+    try:
+        checked = email_validator.validate_email(
+            probe, check_deliverability=False, test_environment=True
+        )
+    except email_validator.EmailNotValidError as exc:
+        raise ValueError(f"value is not a valid email address: {exc}") from None
+    normalized = checked.normalized
+    if suffix:
+        normalized = normalized[: -len("test")] + suffix
+    return normalized.lower()
+
+
+Email = Annotated[str, AfterValidator(check_email)]
 MemberRole = Literal["member", "owner", "contributor"]
 TimelineKind = Literal["activity", "note", "task"]
 
@@ -40,6 +72,13 @@ class ContactQuery(Strict):
     search: str | None = Field(default=None, min_length=1, max_length=200)
     limit: int = Field(default=100, ge=1, le=1000)
     cursor: str | None = None
+
+
+class ContactList(Strict):
+    """The query string of ``GET /v1/contacts``."""
+
+    limit: int = Field(default=100, ge=1, le=1000)
+    cursor: str | None = Field(default=None, max_length=500)
 
 
 class ActivityCreate(Strict):

@@ -11,6 +11,7 @@ from service.contacts.models import (
     ActivityCreate,
     Contact,
     ContactCreate,
+    ContactList,
     ContactQuery,
     NoteCreate,
     TaskCreate,
@@ -40,20 +41,38 @@ async def get_contact(call: Call) -> Data[Contact]:
     return Data[Contact].model_validate({"data": contact})
 
 
+def _after(cursor: str | None) -> uuid.UUID | None:
+    if not cursor:
+        return None
+    try:
+        return uuid.UUID(str(decode_cursor(cursor, ("after",))["after"]))
+    except ValueError:
+        raise ValidationFailed(
+            "invalid cursor",
+            [{"field": "cursor", "message": "not a cursor from this listing"}],
+        ) from None
+
+
 async def query_contacts(call: Call) -> Page[Contact]:
     body = call.body_as(ContactQuery)
     tree = parse_filter(body.filter) if body.filter is not None else None
-    after = None
-    if body.cursor:
-        try:
-            after = uuid.UUID(str(decode_cursor(body.cursor, ("after",))["after"]))
-        except ValueError:
-            raise ValidationFailed(
-                "invalid cursor",
-                [{"field": "cursor", "message": "not a cursor from this listing"}],
-            ) from None
     page, next_after = await store.query_contacts(
-        call.app[DB_KEY], call.principal.workspace_id, tree, body.search, body.limit, after
+        call.app[DB_KEY],
+        call.principal.workspace_id,
+        tree,
+        body.search,
+        body.limit,
+        _after(body.cursor),
+    )
+    next_cursor = encode_cursor({"after": str(next_after)}) if next_after else None
+    return Page[Contact].model_validate({"data": page, "next_cursor": next_cursor})
+
+
+async def list_contacts(call: Call) -> Page[Contact]:
+    """``GET /v1/contacts?limit=&cursor=``: every contact of the workspace, in id order."""
+    query = call.query_as(ContactList)
+    page, next_after = await store.query_contacts(
+        call.app[DB_KEY], call.principal.workspace_id, None, None, query.limit, _after(query.cursor)
     )
     next_cursor = encode_cursor({"after": str(next_after)}) if next_after else None
     return Page[Contact].model_validate({"data": page, "next_cursor": next_cursor})
@@ -105,7 +124,20 @@ ROUTES: tuple[Operation, ...] = (
         tag=TAG,
         scope=WRITE,
         body=ContactCreate,
+        description="Any syntactically valid address is accepted, special-use names such "
+        "as .test or .local included; it is stored lowercased.",
         answers=(Answer(201, Data[Contact], "The contact"),),
+    ),
+    Operation(
+        "GET",
+        "/v1/contacts",
+        list_contacts,
+        "listContacts",
+        "List the workspace's contacts, in id order",
+        tag=TAG,
+        scope=READ,
+        query=ContactList,
+        answers=(Answer(200, Page[Contact], "A page of contacts"),),
     ),
     Operation(
         "POST",

@@ -1,19 +1,46 @@
-"""A dry run: the counts and per-contact errors a real run would give, changing nothing."""
+"""A dry run: what a real run would do, in fields that cannot be mistaken for a job's.
+
+The answer (DESIGN §3, the lead's contract) has no ``job_id`` and no job-status fields:
+``would_delete_count``, ``would_fail_count``, ``not_found_count`` with the capped
+``not_found`` list, the same per-contact ``errors`` a real run would record, how many
+timeline items would lose their back-reference, and one page of the contact ids it would
+delete (sorted; ``next_cursor`` is passed back as ``dry_run_cursor`` for the next page).
+The counts always cover the whole selection, whatever the page. Nothing is written.
+"""
 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from service.contacts.filters import selection_clause
-from service.db import contacts, utcnow
+from service.contacts.store import TIMELINE_TABLES
+from service.db import contacts
 from service.deletion.models import BulkDeleteRequest, ItemStatus, decide
-from service.deletion.store import LIST_CAP, job_json, resolve_emails
+from service.deletion.store import LIST_CAP, resolve_emails, stored_selector
+from service.errors import ValidationFailed
+from service.pagination import decode_cursor, encode_cursor
 
 PAGE = 1000
+TIMELINE_CHUNK = 500  # ids per IN (...) when counting the timelines that would be orphaned
+KIND_PLURAL = {"activity": "activities", "note": "notes", "task": "tasks"}
+
+
+def _cursor_after(cursor: str | None) -> uuid.UUID | None:
+    if cursor is None:
+        return None
+    value = decode_cursor(cursor, ("after",))["after"]
+    try:
+        return uuid.UUID(str(value))
+    except ValueError:
+        raise ValidationFailed(
+            "invalid cursor",
+            [{"field": "dry_run_cursor", "message": "not a cursor from this dry run"}],
+        ) from None
 
 
 async def dry_run(
@@ -21,12 +48,18 @@ async def dry_run(
 ) -> dict[str, Any]:
     """Evaluate the selector against today's contacts with the real outcome rules."""
     selector = req.selector()
+    after = _cursor_after(req.dry_run_cursor)
     counts = {ItemStatus.DELETED: 0, ItemStatus.NOT_FOUND: 0, ItemStatus.FAILED: 0}
     not_found: list[str] = []
     errors: list[dict[str, Any]] = []
+    doomed: set[uuid.UUID] = set()
 
     def judge(ref: str, contact: Any) -> None:
         outcome = decide(contact, req.delete_members)
+        if outcome.status is ItemStatus.DELETED:
+            if contact["id"] in doomed:
+                return  # named twice (an id and its email): deleted once
+            doomed.add(contact["id"])
         counts[outcome.status] += 1
         if outcome.status is ItemStatus.NOT_FOUND and len(not_found) < LIST_CAP:
             not_found.append(ref)
@@ -59,7 +92,7 @@ async def dry_run(
             judge(ref, by_id.get(cid) if cid is not None else None)
     else:
         where = selection_clause(contacts, req.filter_tree(), req.search)
-        after: uuid.UUID | None = None
+        last: uuid.UUID | None = None
         while True:
             stmt = (
                 sa.select(contacts)
@@ -67,29 +100,48 @@ async def dry_run(
                 .order_by(contacts.c.id)
                 .limit(page)
             )
-            if after is not None:
-                stmt = stmt.where(contacts.c.id > after)
-            rows = (await conn.execute(stmt)).mappings().all()
-            for row in rows:
+            if last is not None:
+                stmt = stmt.where(contacts.c.id > last)
+            batch = (await conn.execute(stmt)).mappings().all()
+            for row in batch:
                 judge(str(row["id"]), row)
-            if len(rows) < page:
+            if len(batch) < page:
                 break
-            after = rows[-1]["id"]
-    now = utcnow()
-    processed = sum(counts.values())
-    job_row: dict[str, Any] = {
-        "id": uuid.uuid4(),
-        "status": "completed_with_errors" if counts[ItemStatus.FAILED] else "completed",
+            last = batch[-1]["id"]
+
+    ordered = sorted(doomed)
+    start = 0
+    if after is not None:
+        start = next((i for i, cid in enumerate(ordered) if cid > after), len(ordered))
+    shown = ordered[start : start + req.dry_run_limit]
+    more = start + req.dry_run_limit < len(ordered)
+    return {
         "dry_run": True,
-        "delete_members": req.delete_members,
-        "selector": selector,
-        "total_requested": processed,
-        "processed_count": processed,
-        "deleted_count": counts[ItemStatus.DELETED],
+        "selector": stored_selector(selector),
+        "would_delete_count": counts[ItemStatus.DELETED],
+        "would_fail_count": counts[ItemStatus.FAILED],
         "not_found_count": counts[ItemStatus.NOT_FOUND],
-        "failed_count": counts[ItemStatus.FAILED],
-        "created_at": now,
-        "started_at": now,
-        "completed_at": now,
+        "not_found": not_found,
+        "errors": errors,
+        "orphaned_timeline": await _timeline_counts(conn, ordered),
+        "would_redact_count": 0,
+        "contact_ids": [str(c) for c in shown],
+        "next_cursor": encode_cursor({"after": str(shown[-1])}) if more and shown else None,
     }
-    return job_json(job_row, not_found, errors)
+
+
+async def _timeline_counts(conn: AsyncConnection, ids: Sequence[uuid.UUID]) -> dict[str, int]:
+    """How many activities, notes and tasks would lose their back-reference."""
+    totals = dict.fromkeys(KIND_PLURAL.values(), 0)
+    for i in range(0, len(ids), TIMELINE_CHUNK):
+        chunk = list(ids[i : i + TIMELINE_CHUNK])
+        for kind, table in TIMELINE_TABLES.items():
+            n = (
+                await conn.execute(
+                    sa.select(sa.func.count())
+                    .select_from(table)
+                    .where(table.c.contact_id.in_(chunk))
+                )
+            ).scalar_one()
+            totals[KIND_PLURAL[kind]] += int(n)
+    return totals

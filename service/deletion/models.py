@@ -6,7 +6,7 @@ import enum
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -14,9 +14,11 @@ from service.apimodels import Out, Time, UuidText
 from service.contacts.filters import Node, parse_filter
 from service.contacts.models import Email
 from service.errors import ValidationFailed
+from service.events import OrphanedTimeline
 
 MAX_IDS = 500
 MAX_EMAILS = 1000
+DRY_RUN_PAGE = 100
 SELECTOR_GROUPS = {
     "contact_ids": "contact_ids",
     "emails": "emails",
@@ -69,11 +71,33 @@ class BulkDeleteRequest(BaseModel):
     search: str | None = Field(default=None, min_length=1, max_length=200)
     dry_run: bool = False
     delete_members: bool = False
+    # Paging of a dry run's `contact_ids` (refused without dry_run).
+    dry_run_limit_: int | None = Field(default=None, ge=1, le=1000, alias="dry_run_limit")
+    dry_run_cursor: str | None = Field(default=None, min_length=1, max_length=200)
+
+    @property
+    def dry_run_limit(self) -> int:
+        """Contact ids per page of a dry run (default 100)."""
+        return self.dry_run_limit_ if self.dry_run_limit_ is not None else DRY_RUN_PAGE
 
     @model_validator(mode="after")
     def _one_selector(self) -> BulkDeleteRequest:
         # ValidationFailed (not ValueError, which pydantic would file under the whole body)
         # so that the 400 names the selector fields at fault.
+        if not self.dry_run:
+            paging = [
+                name
+                for name, value in (
+                    ("dry_run_limit", self.dry_run_limit_),
+                    ("dry_run_cursor", self.dry_run_cursor),
+                )
+                if value is not None
+            ]
+            if paging:
+                raise ValidationFailed(
+                    "the request body is invalid",
+                    [{"field": f, "message": "only with dry_run: true"} for f in paging],
+                )
         given = [name for name in SELECTOR_FIELDS if getattr(self, name) is not None]
         chosen = list(dict.fromkeys(SELECTOR_GROUPS[name] for name in given))
         if len(chosen) == 1:
@@ -160,12 +184,21 @@ class Job(Out):
 
     job_id: UuidText
     status: JobStatus
+    phase: Literal["finding_contacts", "deleting", "done"] = Field(
+        description="finding_contacts: a filter/search job still expanding its matches "
+        "(total_requested is what was found so far); deleting; done"
+    )
     dry_run: bool
     delete_members: bool
     selector: dict[str, Any] = Field(
         description="contact_ids, emails (a count), or filter and/or search"
     )
     total_requested: int = Field(ge=0)
+    estimated_total: int | None = Field(
+        ge=0,
+        description="Filter/search jobs: the matches counted when the job was accepted "
+        "(contacts may come and go meanwhile); null for ids and emails",
+    )
     processed_count: int = Field(ge=0)
     deleted_count: int = Field(ge=0)
     not_found_count: int = Field(ge=0)
@@ -175,6 +208,32 @@ class Job(Out):
     created_at: Time
     started_at: Time | None
     completed_at: Time | None
+
+
+class DryRun(Out):
+    """What a real run would do (``dry_run: true``); no job is created, so no job id."""
+
+    dry_run: Literal[True]
+    selector: dict[str, Any] = Field(description="As a job would show it")
+    would_delete_count: int = Field(ge=0)
+    would_fail_count: int = Field(
+        ge=0, description="Contacts a real run would refuse (their errors are listed)"
+    )
+    not_found_count: int = Field(ge=0)
+    not_found: list[str] = Field(description="Ids or emails that match nothing (the first ones)")
+    errors: list[JobError]
+    orphaned_timeline: OrphanedTimeline = Field(
+        description="Timeline items that would lose their back-reference"
+    )
+    would_redact_count: int = Field(
+        ge=0, description="Timeline items whose text would be redacted (redact_timeline)"
+    )
+    contact_ids: list[UuidText] = Field(
+        description="One page of the ids it would delete, sorted (dry_run_limit per page)"
+    )
+    next_cursor: str | None = Field(
+        description="Send back as dry_run_cursor for the next page; null on the last"
+    )
 
 
 class JobItem(Out):

@@ -16,7 +16,14 @@ from service import idempotency
 from service.apimodels import Data, Page
 from service.audit.store import AuditRecord, append_events
 from service.deletion.dryrun import dry_run
-from service.deletion.models import BulkDeleteRequest, ItemStatus, Job, JobItem, JobStatus
+from service.deletion.models import (
+    BulkDeleteRequest,
+    DryRun,
+    ItemStatus,
+    Job,
+    JobItem,
+    JobStatus,
+)
 from service.deletion.notify import JobNotifier
 from service.deletion.store import (
     Requester,
@@ -28,8 +35,11 @@ from service.deletion.store import (
 )
 from service.errors import ValidationFailed
 from service.http import DB_KEY, SETTINGS_KEY, request_id
+from service.logs import get_logger
 from service.pagination import decode_cursor, encode_cursor
 from service.routing import Answer, Call, HeaderParam, Operation, dump
+
+log = get_logger(__name__)
 
 NOTIFIER_KEY = web.AppKey("job_notifier", JobNotifier)
 OUTBOX_SIGNAL_KEY = web.AppKey("outbox_signal", asyncio.Event)
@@ -90,10 +100,18 @@ async def _submit(
         else:
             job_id = uuid.uuid4()
             async with db.begin() as conn:
-                await create_job(conn, db, settings, who, req, job_id)
+                change = await create_job(conn, db, settings, who, req, job_id)
                 if key is not None:
                     await idempotency.record_job(conn, workspace_id, key, job_id)
             request.app[OUTBOX_SIGNAL_KEY].set()
+            log.info(
+                "deletion_job_accepted",
+                job_id=str(job_id),
+                selector=selector_summary(req),
+                delete_members=req.delete_members,
+            )
+            if change.finished is not None:
+                log.info("deletion_job_finished", **change.finished)
             status, headers, body = await _answer(
                 request, workspace_id, job_id, prefer_wait(request)
             )
@@ -112,9 +130,10 @@ async def _submit(
 async def _dry_run(
     request: web.Request, who: Requester, req: BulkDeleteRequest
 ) -> tuple[int, dict[str, str], bytes]:
+    """200 with what a real run would do; no job. The audit trail notes who looked."""
     db = request.app[DB_KEY]
     async with db.begin() as conn:
-        job = await dry_run(conn, who.workspace_id, req)
+        answer = await dry_run(conn, who.workspace_id, req)
         await append_events(
             conn,
             db,
@@ -122,20 +141,34 @@ async def _dry_run(
                 AuditRecord(
                     workspace_id=who.workspace_id,
                     actor={"type": "api_key", "id": str(who.api_key_id)},
-                    action="deletion.requested",
-                    target={"type": "deletion_job", "id": job["job_id"]},
-                    job_id=job["job_id"],
+                    action="deletion.dry_run",
+                    target={"type": "request", "id": who.request_id or ""},
                     request_id=who.request_id,
                     data={
                         "selector": selector_summary(req),
-                        "count": job["total_requested"],
-                        "dry_run": True,
+                        "would_delete_count": answer["would_delete_count"],
+                        "would_fail_count": answer["would_fail_count"],
+                        "not_found_count": answer["not_found_count"],
                         "delete_members": req.delete_members,
                     },
                 )
             ],
         )
-    return 200, {}, _job_body(job)
+    log.info(
+        "deletion_dry_run",
+        selector=selector_summary(req),
+        would_delete=answer["would_delete_count"],
+        would_fail=answer["would_fail_count"],
+        not_found=answer["not_found_count"],
+    )
+    return 200, {}, dump(Data[DryRun].model_validate({"data": answer}))
+
+
+class JobOrDryRun(BaseModel):
+    """The 200 of a bulk delete: a dry run, or the job finished within `Prefer: wait`."""
+
+    model_config = ConfigDict(extra="forbid")
+    data: DryRun | Job
 
 
 def _job_body(job: dict[str, Any]) -> bytes:
@@ -244,9 +277,10 @@ PREFER = HeaderParam(
     {"type": "string", "examples": ["wait=10"]},
 )
 _REPLAYED = ("Idempotent-Replayed",)
+ACCEPTED = Answer(202, Data[Job], "Accepted; poll the job at Location", (*_REPLAYED, "Location"))
 JOB_ANSWERS = (
-    Answer(200, Data[Job], "A dry run, or the job finished within `Prefer: wait`", _REPLAYED),
-    Answer(202, Data[Job], "Accepted; poll the job at Location", (*_REPLAYED, "Location")),
+    Answer(200, Data[Job], "The job finished within `Prefer: wait`", _REPLAYED),
+    ACCEPTED,
 )
 TAG = "Deletion"
 
@@ -264,9 +298,18 @@ ROUTES: tuple[Operation, ...] = (
         errors=(409,),
         description="Exactly one selector: `contact_ids` (1 to 500), `emails` (1 to 1000), "
         "or `filter` and/or `search`. The job runs in the background; a contact that "
-        "matches nothing is `not_found`, never an error. `dry_run` changes nothing and "
-        "answers 200 with the counts a real run would give.",
-        answers=JOB_ANSWERS,
+        "matches nothing is `not_found`, never an error. `dry_run` changes nothing, "
+        "creates no job and answers 200 with a DryRun: what a real run would do, and the "
+        "ids it would delete, paged by `dry_run_limit` and `dry_run_cursor`.",
+        answers=(
+            Answer(
+                200,
+                JobOrDryRun,
+                "A dry run (DryRun), or the job finished within `Prefer: wait`",
+                _REPLAYED,
+            ),
+            ACCEPTED,
+        ),
     ),
     Operation(
         "DELETE",

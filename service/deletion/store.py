@@ -19,6 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from service.audit.store import AuditRecord, append_events
 from service.config import Settings
+from service.contacts.filters import selection_clause
 from service.db import Database, contacts, deletion_job_items, deletion_jobs, outbox, utcnow
 from service.deletion.models import BulkDeleteRequest, ItemStatus, JobStatus, final_status
 from service.errors import NotFound
@@ -48,17 +49,32 @@ class Requester:
     request_id: str | None
 
 
+FINISHED = frozenset({JobStatus.COMPLETED, JobStatus.COMPLETED_WITH_ERRORS, JobStatus.FAILED})
+
+
+def job_phase(row: Mapping[Any, Any]) -> str:
+    """``finding_contacts`` while a filter/search job is still expanding its matches (its
+    ``total_requested`` is what was found so far), ``deleting`` once every item is known,
+    ``done`` when the job is finished."""
+    if row["status"] in FINISHED:
+        return "done"
+    return "deleting" if row["expanded"] else "finding_contacts"
+
+
 def job_json(
     row: Mapping[Any, Any], not_found: Sequence[str], errors: Sequence[Mapping[str, Any]]
 ) -> dict[str, Any]:
-    """The job object of DESIGN §3."""
+    """The job object of DESIGN §3, with ``phase`` and ``estimated_total`` (a filter/search
+    job's match count when it was accepted; null for ids/emails jobs)."""
     return {
         "job_id": str(row["id"]),
         "status": row["status"],
+        "phase": job_phase(row),
         "dry_run": row["dry_run"],
         "delete_members": row["delete_members"],
         "selector": row["selector"],
         "total_requested": row["total_requested"],
+        "estimated_total": row["estimated_total"],
         "processed_count": row["processed_count"],
         "deleted_count": row["deleted_count"],
         "not_found_count": row["not_found_count"],
@@ -216,8 +232,11 @@ async def create_job(
     who: Requester,
     req: BulkDeleteRequest,
     job_id: uuid.UUID,
-) -> None:
-    """Write the job, its items, its outbox rows and its audit event (one transaction)."""
+) -> JobChange:
+    """Write the job, its items, its outbox rows and its audit event (one transaction).
+
+    A job whose every id or address matched nothing finishes at once (see the change).
+    """
     now = utcnow()
     selector = req.selector()
     refs: list[tuple[str, uuid.UUID | None]] = []
@@ -227,6 +246,16 @@ async def create_job(
         refs = await resolve_emails(conn, who.workspace_id, selector["emails"])
     expanding = req.contact_ids is None and req.emails is None
     unknown = sum(1 for _, cid in refs if cid is None)
+    estimate: int | None = None
+    if expanding:
+        where = selection_clause(contacts, req.filter_tree(), req.search)
+        estimate = (
+            await conn.execute(
+                sa.select(sa.func.count())
+                .select_from(contacts)
+                .where(contacts.c.workspace_id == who.workspace_id, where)
+            )
+        ).scalar_one()
     await conn.execute(
         deletion_jobs.insert().values(
             id=job_id,
@@ -239,6 +268,7 @@ async def create_job(
             selector=stored_selector(selector),
             expanded=not expanding,
             total_requested=len(refs),
+            estimated_total=estimate,
             processed_count=unknown,
             deleted_count=0,
             not_found_count=unknown,
@@ -280,7 +310,8 @@ async def create_job(
         ],
     )
     if not expanding and refs and unknown == len(refs):
-        await apply_progress(conn, db, settings, job_id, ProgressDelta())
+        return await apply_progress(conn, db, settings, job_id, ProgressDelta())
+    return JobChange()
 
 
 async def insert_items(
@@ -365,7 +396,16 @@ PROGRESS_COLUMNS = (
     deletion_jobs.c.deleted_count,
     deletion_jobs.c.not_found_count,
     deletion_jobs.c.failed_count,
+    deletion_jobs.c.started_at,
 )
+
+
+@dataclass
+class JobChange:
+    """What one progress update did to a job, for the log lines written after commit."""
+
+    started: bool = False
+    finished: dict[str, Any] | None = None  # the finished job's id, status and counts
 
 
 @dataclass
@@ -385,8 +425,8 @@ class ProgressDelta:
 
 async def apply_progress(
     conn: AsyncConnection, db: Database, settings: Settings, job_id: uuid.UUID, delta: ProgressDelta
-) -> bool:
-    """Add outcomes to a job; finish it when nothing is left (then True)."""
+) -> JobChange:
+    """Add outcomes to a job; finish it when nothing is left (then `finished` is set)."""
     c = deletion_jobs.c
     now = utcnow()
     values: dict[str, Any] = {
@@ -412,17 +452,18 @@ async def apply_progress(
         .mappings()
         .one()
     )
+    change = JobChange(started=row["started_at"] == now)
     done = row["expanded"] and row["processed_count"] >= row["total_requested"]
     if not done or row["completed_at"] is not None:
-        return False
-    await finish_job(conn, db, settings, row, now)
-    return True
+        return change
+    change.finished = await finish_job(conn, db, settings, row, now)
+    return change
 
 
 async def finish_job(
     conn: AsyncConnection, db: Database, settings: Settings, row: Mapping[Any, Any], now: datetime
-) -> None:
-    """Mark a job finished, and record and announce it."""
+) -> dict[str, Any]:
+    """Mark a job finished, and record and announce it; returns its id, status and counts."""
     status = final_status(row["failed_count"])
     await conn.execute(
         deletion_jobs.update()
@@ -469,3 +510,4 @@ async def finish_job(
     )
     topic = settings.topic(TOPIC_JOB_COMPLETED)
     await conn.execute(outbox.insert().values(**outbox_row(topic, str(row["id"]), event)))
+    return {"job_id": str(row["id"]), "status": status.value, **counts}

@@ -33,7 +33,7 @@ from service.contacts.store import TIMELINE_TABLES
 from service.db import Database, contacts, deletion_job_items, deletion_jobs, outbox, utcnow
 from service.deletion.models import NOT_FOUND, ErrorCode, ItemStatus, Outcome, decide
 from service.deletion.notify import JobNotifier
-from service.deletion.store import ProgressDelta, apply_progress, insert_items
+from service.deletion.store import JobChange, ProgressDelta, apply_progress, insert_items
 from service.errors import PoisonMessage
 from service.events import (
     DLQ_SUFFIX,
@@ -94,6 +94,32 @@ def is_transient(exc: BaseException) -> bool:
 class BatchResult:
     finished_jobs: list[uuid.UUID] = field(default_factory=list)
     deleted: int = 0
+    # For the log lines written once the batch has committed:
+    started: list[uuid.UUID] = field(default_factory=list)
+    finished: list[dict[str, Any]] = field(default_factory=list)
+    failed_jobs: list[uuid.UUID] = field(default_factory=list)
+    progress: dict[uuid.UUID, ProgressDelta] = field(default_factory=dict)
+
+    def add(self, other: BatchResult) -> None:
+        self.finished_jobs += other.finished_jobs
+        self.deleted += other.deleted
+        self.started += other.started
+        self.finished += other.finished
+        self.failed_jobs += other.failed_jobs
+        for job_id, delta in other.progress.items():
+            mine = self.progress.setdefault(job_id, ProgressDelta())
+            mine.deleted += delta.deleted
+            mine.not_found += delta.not_found
+            mine.failed += delta.failed
+            mine.added += delta.added
+            mine.expanded = mine.expanded or delta.expanded
+
+    def note(self, job_id: uuid.UUID, change: JobChange) -> None:
+        if change.started:
+            self.started.append(job_id)
+        if change.finished is not None:
+            self.finished_jobs.append(job_id)
+            self.finished.append(change.finished)
 
 
 class DeletionWorker:
@@ -182,9 +208,7 @@ class DeletionWorker:
         # Something in the batch keeps failing: isolate it, one command at a time.
         total = BatchResult()
         for command in commands:
-            result = await self._process_alone(command, stop)
-            total.finished_jobs += result.finished_jobs
-            total.deleted += result.deleted
+            total.add(await self._process_alone(command, stop))
         return total
 
     async def _process_alone(
@@ -210,6 +234,7 @@ class DeletionWorker:
         await dlq.send_many([dead_letter(m, reason, DLQ_SUFFIX) for m, reason in poison])
 
     def _after_commit(self, result: BatchResult) -> None:
+        _log_batch(result)
         self.metrics.contacts_deleted.inc(result.deleted)
         if self.outbox_signal is not None:
             self.outbox_signal.set()
@@ -231,8 +256,11 @@ class DeletionWorker:
             for expansion in expansions:
                 await self._expand(conn, expansion, progress)
             for job_id in sorted(progress, key=str):
-                if await apply_progress(conn, self.db, self.settings, job_id, progress[job_id]):
-                    result.finished_jobs.append(job_id)
+                change = await apply_progress(
+                    conn, self.db, self.settings, job_id, progress[job_id]
+                )
+                result.note(job_id, change)
+            result.progress = progress
         return result
 
     async def give_up(self, command: DeletionRequested | JobExpand) -> BatchResult:
@@ -247,6 +275,7 @@ class DeletionWorker:
                     )
                     .values(status="failed", completed_at=utcnow())
                 )
+                result.failed_jobs.append(command.job_id)
                 return result
             items = deletion_job_items.c
             now = utcnow()
@@ -289,8 +318,9 @@ class DeletionWorker:
                     ],
                 )
                 delta = ProgressDelta(failed=1)
-                if await apply_progress(conn, self.db, self.settings, command.job_id, delta):
-                    result.finished_jobs.append(command.job_id)
+                change = await apply_progress(conn, self.db, self.settings, command.job_id, delta)
+                result.note(command.job_id, change)
+                result.progress[command.job_id] = delta
         return result
 
     async def _delete(
@@ -526,6 +556,35 @@ class DeletionWorker:
         delta = progress.setdefault(job["id"], ProgressDelta())
         delta.added += len(ids)
         delta.expanded = delta.expanded or last
+
+
+def _log_batch(result: BatchResult) -> None:
+    """The lines of one committed batch: per job, what it did; then starts and ends.
+
+    Ids and counts only: never an address (items of an emails job are named by the
+    contact id they resolved to).
+    """
+    for job_id in result.started:
+        log.info("deletion_job_started", job_id=str(job_id))
+    for job_id, delta in sorted(result.progress.items(), key=lambda kv: str(kv[0])):
+        if delta.processed:
+            log.info(
+                "deletion_batch",
+                job_id=str(job_id),
+                deleted=delta.deleted,
+                not_found=delta.not_found,
+                failed=delta.failed,
+            )
+        if delta.added or delta.expanded:
+            log.info(
+                "deletion_job_expansion_done" if delta.expanded else "deletion_job_expansion_page",
+                job_id=str(job_id),
+                found=delta.added,
+            )
+    for summary in result.finished:
+        log.info("deletion_job_finished", **summary)
+    for job_id in result.failed_jobs:
+        log.error("deletion_job_failed", job_id=str(job_id), reason="expansion kept failing")
 
 
 def _job_actor(job: Any) -> dict[str, str]:

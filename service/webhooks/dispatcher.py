@@ -54,12 +54,13 @@ from service.kafka import (
 )
 from service.logs import get_logger
 from service.metrics import Metrics
-from service.webhooks.models import DeliveryStatus, EndpointStatus
+from service.timefmt import iso
+from service.webhooks.models import SENDABLE, DeliveryStatus, DisabledReason, EndpointStatus
 from service.webhooks.payloads import webhook_body
 from service.webhooks.schedule import Outcome, RetryPolicy, classify, parse_retry_after
 from service.webhooks.signing import webhook_headers
 from service.webhooks.ssrf import BlockedDestination, PinnedResolver, check_url
-from service.webhooks.store import disable_endpoint, enqueue
+from service.webhooks.store import disable_endpoint, enqueue, live_secrets
 
 log = get_logger(__name__)
 
@@ -248,7 +249,7 @@ class Dispatcher:
                 D.created_at,
             )
             .where(
-                D.status == DeliveryStatus.PENDING,
+                D.status.in_(SENDABLE),
                 D.next_attempt_at <= now,
                 sa.or_(D.claimed_until.is_(None), D.claimed_until < now),
             )
@@ -295,7 +296,7 @@ class Dispatcher:
                         "payload": bytes(c.payload),
                         "attempt_count": c.attempt_count,
                         "url": endpoint.url,
-                        "secrets": _live_secrets(endpoint, now),
+                        "secrets": live_secrets(endpoint._mapping, now),
                     }
                 )
                 if len(picked) >= CLAIM_BATCH:
@@ -307,6 +308,7 @@ class Dispatcher:
                     .where(D.id.in_(gone))
                     .values(status=DeliveryStatus.FAILED, completed_at=now)
                 )
+                log.info("webhook_deliveries_failed_endpoint_disabled", count=len(gone))
             if picked:
                 await conn.execute(
                     webhook_deliveries.update()
@@ -394,7 +396,11 @@ class Dispatcher:
                 exhausted = True
                 values |= {"status": DeliveryStatus.FAILED, "completed_at": now}
             else:
-                values |= {"next_attempt_at": now + timedelta(seconds=delay)}
+                values |= {
+                    "status": DeliveryStatus.FAILING,
+                    "next_attempt_at": now + timedelta(seconds=delay),
+                }
+        disabled: DisabledReason | None = None
         async with self.db.begin() as conn:
             await conn.execute(
                 webhook_attempts.insert().values(
@@ -417,10 +423,11 @@ class Dispatcher:
                     .where(E.id == eid, E.failing_since.is_not(None))
                     .values(failing_since=None)
                 )
-                return
-            if outcome is Outcome.GONE:
-                await disable_endpoint(conn, self.db, ws, eid, "the receiver answered 410 Gone")
-            if exhausted:
+            elif outcome is Outcome.GONE and await disable_endpoint(
+                conn, self.db, ws, eid, DisabledReason.GONE, "the receiver answered 410 Gone"
+            ):
+                disabled = DisabledReason.GONE
+            if outcome is not Outcome.SUCCESS and exhausted:
                 await append_events(
                     conn,
                     self.db,
@@ -441,11 +448,16 @@ class Dispatcher:
                         )
                     ],
                 )
-            await self._note_failure(conn, ws, eid, now)
+            if outcome is not Outcome.SUCCESS and await self._note_failure(conn, ws, eid, now):
+                disabled = DisabledReason.FAILING
+        _log_outcome(delivery, values, attempts, result, exhausted)
+        if disabled is not None:
+            log.warning("webhook_endpoint_disabled", endpoint_id=str(eid), reason=disabled.value)
 
     async def _note_failure(
         self, conn: Any, workspace_id: uuid.UUID, endpoint_id: uuid.UUID, now: datetime
-    ) -> None:
+    ) -> bool:
+        """Start or continue the endpoint's failing streak; True if that disabled it."""
         await conn.execute(
             webhook_endpoints.update()
             .where(E.id == endpoint_id, E.failing_since.is_(None))
@@ -456,13 +468,15 @@ class Dispatcher:
         ).scalar_one_or_none()
         limit = timedelta(seconds=self.settings.webhook_disable_after_s)
         if since is not None and now - since >= limit:
-            await disable_endpoint(
+            return await disable_endpoint(
                 conn,
                 self.db,
                 workspace_id,
                 endpoint_id,
+                DisabledReason.FAILING,
                 f"every delivery failed for {_duration(limit)}",
             )
+        return False
 
     async def _durably(self, work: Callable[[], Awaitable[Any]], stop: asyncio.Event) -> bool:
         try:
@@ -481,12 +495,50 @@ class Dispatcher:
         await asyncio.gather(self.run_fanout(stop), self.run_sender(stop))
 
 
-def _live_secrets(endpoint: Any, now: datetime) -> list[str]:
-    secrets = [endpoint.secret]
-    expires = endpoint.previous_secret_expires_at
-    if endpoint.previous_secret and expires is not None and expires > now:
-        secrets.append(endpoint.previous_secret)
-    return secrets
+def _log_outcome(
+    delivery: dict[str, Any],
+    values: dict[str, Any],
+    attempts: int,
+    result: AttemptResult,
+    exhausted: bool,
+) -> None:
+    """One line per attempt's outcome: ids, codes and timing, never the URL or payload."""
+    fields = {
+        "delivery_id": str(delivery["id"]),
+        "endpoint_id": str(delivery["endpoint_id"]),
+        "event_id": delivery["event_id"],
+        "event_type": delivery["event_type"],
+        "attempt": attempts,
+        "status_code": result.status_code,
+        "latency_ms": round(result.latency_ms, 1),
+    }
+    status = values.get("status")
+    if status == DeliveryStatus.SUCCEEDED:
+        log.info("webhook_delivery_succeeded", **fields)
+    elif status == DeliveryStatus.FAILING:
+        log.info(
+            "webhook_delivery_retry_scheduled",
+            **fields,
+            error=_error_kind(result),
+            next_attempt_at=iso(values["next_attempt_at"]),
+        )
+    elif exhausted:
+        log.warning("webhook_delivery_exhausted", **fields, error=_error_kind(result))
+    else:
+        log.warning("webhook_delivery_failed", **fields, error=_error_kind(result))
+
+
+def _error_kind(result: AttemptResult) -> str | None:
+    """A short kind of what went wrong; a transport error's text may name the host."""
+    if result.error is None:
+        return f"http_{result.status_code}" if result.status_code is not None else None
+    if result.error.startswith("blocked"):
+        return "blocked"
+    if result.error == "timed out":
+        return "timeout"
+    if result.error.startswith("redirect"):
+        return "redirect"
+    return result.error.split(":", 1)[0]
 
 
 def _duration(span: timedelta) -> str:

@@ -21,10 +21,26 @@ class EndpointStatus(enum.StrEnum):
 
 
 class DeliveryStatus(enum.StrEnum):
+    """``pending``: not tried yet; ``failing``: tried, failed, a retry is scheduled;
+    ``succeeded``; ``failed``: retries exhausted, or the endpoint was disabled or deleted
+    (``recover``/``retry`` send it again); ``cancelled``: its endpoint was deleted first."""
+
     PENDING = "pending"
+    FAILING = "failing"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     CANCELLED = "cancelled"
+
+
+# Deliveries the sender still has to send (first try or a scheduled retry).
+SENDABLE = (DeliveryStatus.PENDING, DeliveryStatus.FAILING)
+
+
+class DisabledReason(enum.StrEnum):
+    """Why an endpoint was disabled (DESIGN §3 Webhooks)."""
+
+    GONE = "gone"  # the receiver answered 410 Gone
+    FAILING = "failing"  # every delivery failed for WEBHOOK_DISABLE_AFTER_S
 
 
 class _Strict(BaseModel):
@@ -79,7 +95,11 @@ class WebhookEndpoint(Out):
     event_types: list[EventType] = Field(description="Empty: every event type")
     rate_limit_per_s: float | None
     status: EndpointStatus
-    disabled_reason: str | None
+    disabled_reason: DisabledReason | None = Field(
+        description="gone: the receiver answered 410; failing: every delivery failed for "
+        "WEBHOOK_DISABLE_AFTER_S"
+    )
+    disabled_at: Time | None
     created_at: Time
     updated_at: Time
 

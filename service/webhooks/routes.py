@@ -127,7 +127,7 @@ async def send_test(call: Call) -> Reply:
     who = call.principal
     db = call.app[DB_KEY]
     endpoint_id = call.path["endpoint_id"]
-    await store.get_endpoint(db, who.workspace_id, endpoint_id)
+    await store.get_enabled_endpoint(db, who.workspace_id, endpoint_id)
     event_id = f"evt_test_{uuid.uuid4().hex}"
     body = webhook_body(
         TYPE_WEBHOOK_TEST,
@@ -222,6 +222,7 @@ def _op(
     body: type[BaseModel] | None = None,
     query: type[BaseModel] = NoQuery,
     description: str | None = None,
+    errors: tuple[int, ...] = (),
 ) -> Operation:
     return Operation(
         method,
@@ -235,6 +236,7 @@ def _op(
         query=query,
         description=description,
         answers=answers,
+        errors=errors,
     )
 
 
@@ -288,8 +290,11 @@ ROUTES: tuple[Operation, ...] = (
         ONE + "/rotate-secret",
         rotate,
         "rotateWebhookSecret",
-        "Issue a new secret; the old one keeps signing alongside it for 24 h",
+        "Issue a new secret; each old one keeps signing alongside it for 24 h",
         Answer(200, Data[WebhookEndpointWithSecret], "The endpoint, with its new secret"),
+        description="Every rotated-out secret younger than WEBHOOK_SECRET_OVERLAP_S (24 h) "
+        "keeps signing, one signature each in webhook-signature, at most 5 live secrets in "
+        "all (the oldest retires early beyond that).",
     ),
     _op(
         "POST",
@@ -298,6 +303,8 @@ ROUTES: tuple[Operation, ...] = (
         "testWebhookEndpoint",
         "Send a webhook.test event",
         Answer(202, Data[QueuedTest], "Queued"),
+        description="409 endpoint_disabled while the endpoint is disabled: enable it first.",
+        errors=(409,),
     ),
     _op(
         "POST",
@@ -315,6 +322,9 @@ ROUTES: tuple[Operation, ...] = (
         "Send again every failed delivery since a time",
         Answer(202, Data[Requeued], "Queued again"),
         body=Recover,
+        description="409 endpoint_disabled while the endpoint is disabled: enable it "
+        "first, then recover.",
+        errors=(409,),
     ),
     _op(
         "GET",
@@ -340,6 +350,8 @@ ROUTES: tuple[Operation, ...] = (
         "retryWebhookDelivery",
         "Send a delivery again now",
         Answer(202, Data[WebhookDeliveryWithAttempts], "Queued"),
+        description="409 endpoint_disabled while its endpoint is disabled.",
+        errors=(409,),
     ),
 )
 """The webhooks capability's operations (scope webhooks:manage)."""

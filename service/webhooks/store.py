@@ -20,13 +20,55 @@ from service.db import (
     webhook_deliveries,
     webhook_endpoints,
 )
-from service.errors import NotFound
+from service.errors import EndpointDisabled, NotFound
+from service.logs import get_logger
 from service.timefmt import iso
-from service.webhooks.models import DeliveryStatus, EndpointCreate, EndpointPatch, EndpointStatus
+from service.webhooks.models import (
+    SENDABLE,
+    DeliveryStatus,
+    DisabledReason,
+    EndpointCreate,
+    EndpointPatch,
+    EndpointStatus,
+)
 from service.webhooks.signing import generate_secret
+
+log = get_logger(__name__)
 
 E = webhook_endpoints.c
 D = webhook_deliveries.c
+
+MAX_LIVE_SECRETS = 5
+"""At most this many secrets sign at once: the current one and the four most recently
+rotated out. Each rotated-out secret signs until it is WEBHOOK_SECRET_OVERLAP_S old; a
+fifth rotation inside one overlap window retires the oldest one early."""
+
+
+def live_retired(retired: Any, now: datetime) -> list[dict[str, str]]:
+    """The rotated-out secrets still inside their overlap, newest first."""
+    return [r for r in (retired or []) if datetime.fromisoformat(r["expires_at"]) > now]
+
+
+def live_secrets(row: Mapping[Any, Any], now: datetime) -> list[str]:
+    """Every secret that signs a delivery now: the current one first, then retired ones."""
+    return [row["secret"], *(r["secret"] for r in live_retired(row["retired_secrets"], now))]
+
+
+def _disabled_message(endpoint_id: uuid.UUID) -> str:
+    return (
+        f"webhook endpoint {endpoint_id} is disabled; enable it first "
+        f"(POST /v1/webhooks/endpoints/{endpoint_id}/enable), then try again"
+    )
+
+
+def ensure_enabled(row: Mapping[Any, Any]) -> None:
+    """Refuse (409 endpoint_disabled) to queue a send to a disabled endpoint: the sender
+    would mark it failed at once, so the caller would be told "queued" for nothing."""
+    if row["status"] != EndpointStatus.ENABLED:
+        raise EndpointDisabled(
+            _disabled_message(row["id"]),
+            {"endpoint_id": str(row["id"]), "disabled_reason": row["disabled_reason"]},
+        )
 
 
 def endpoint_json(row: Mapping[Any, Any], *, secret: str | None = None) -> dict[str, Any]:
@@ -38,6 +80,7 @@ def endpoint_json(row: Mapping[Any, Any], *, secret: str | None = None) -> dict[
         "rate_limit_per_s": row["rate_limit_per_s"],
         "status": row["status"],
         "disabled_reason": row["disabled_reason"],
+        "disabled_at": iso(row["disabled_at"]),
         "created_at": iso(row["created_at"]),
         "updated_at": iso(row["updated_at"]),
     }
@@ -123,8 +166,10 @@ async def create_endpoint(
         "event_types": list(dict.fromkeys(body.event_types)),
         "rate_limit_per_s": body.rate_limit_per_s,
         "secret": secret,
+        "retired_secrets": [],
         "status": EndpointStatus.ENABLED.value,
         "disabled_reason": None,
+        "disabled_at": None,
         "created_at": now,
         "updated_at": now,
     }
@@ -145,6 +190,16 @@ async def create_endpoint(
             ],
         )
     return endpoint_json(values, secret=secret)
+
+
+async def get_enabled_endpoint(
+    db: Database, workspace_id: uuid.UUID, endpoint_id: uuid.UUID
+) -> dict[str, Any]:
+    """The endpoint, or 404, or 409 endpoint_disabled."""
+    async with db.read() as conn:
+        row = await _endpoint_row(conn, workspace_id, endpoint_id)
+    ensure_enabled(row)
+    return endpoint_json(row)
 
 
 async def get_endpoint(
@@ -214,7 +269,7 @@ async def delete_endpoint(
         await conn.execute(webhook_endpoints.delete().where(E.id == endpoint_id))
         await conn.execute(
             webhook_deliveries.update()
-            .where(D.endpoint_id == endpoint_id, D.status == DeliveryStatus.PENDING)
+            .where(D.endpoint_id == endpoint_id, D.status.in_(SENDABLE))
             .values(status=DeliveryStatus.CANCELLED, completed_at=utcnow())
         )
         await append_events(
@@ -236,19 +291,23 @@ async def rotate_secret(
     actor: Mapping[str, str],
     rid: str,
 ) -> dict[str, Any]:
+    """A new current secret; the rotated-out ones keep signing for `overlap_s` seconds
+    each, at most MAX_LIVE_SECRETS in all (the oldest retire early beyond that)."""
     now = utcnow()
     secret = generate_secret()
     async with db.begin() as conn:
         row = await _endpoint_row(conn, workspace_id, endpoint_id)
+        retired = [
+            {"secret": row["secret"], "expires_at": iso(now + timedelta(seconds=overlap_s))},
+            *live_retired(row["retired_secrets"], now),
+        ]
+        if overlap_s <= 0:
+            retired = []
+        retired = retired[: MAX_LIVE_SECRETS - 1]
         await conn.execute(
             webhook_endpoints.update()
             .where(E.id == endpoint_id)
-            .values(
-                secret=secret,
-                previous_secret=row["secret"],
-                previous_secret_expires_at=now + timedelta(seconds=overlap_s),
-                updated_at=now,
-            )
+            .values(secret=secret, retired_secrets=retired, updated_at=now)
         )
         await append_events(
             conn,
@@ -265,6 +324,12 @@ async def rotate_secret(
             ],
         )
         updated = await _endpoint_row(conn, workspace_id, endpoint_id)
+    log.info(
+        "webhook_secret_rotated",
+        endpoint_id=str(endpoint_id),
+        live_secrets=len(retired) + 1,
+        overlap_s=overlap_s,
+    )
     return endpoint_json(updated, secret=secret)
 
 
@@ -275,15 +340,19 @@ async def enable_endpoint(
     actor: Mapping[str, str],
     rid: str,
 ) -> dict[str, Any]:
+    """Enable a disabled endpoint (its failed deliveries stay failed until `recover`)."""
+    enabled = False
     async with db.begin() as conn:
         row = await _endpoint_row(conn, workspace_id, endpoint_id)
         if row["status"] != EndpointStatus.ENABLED:
+            enabled = True
             await conn.execute(
                 webhook_endpoints.update()
                 .where(E.id == endpoint_id)
                 .values(
                     status=EndpointStatus.ENABLED,
                     disabled_reason=None,
+                    disabled_at=None,
                     failing_since=None,
                     updated_at=utcnow(),
                 )
@@ -297,7 +366,14 @@ async def enable_endpoint(
                     )
                 ],
             )
-        return endpoint_json(await _endpoint_row(conn, workspace_id, endpoint_id))
+        found = endpoint_json(await _endpoint_row(conn, workspace_id, endpoint_id))
+    if enabled:
+        log.info(
+            "webhook_endpoint_enabled",
+            endpoint_id=str(endpoint_id),
+            previous_reason=row["disabled_reason"],
+        )
+    return found
 
 
 async def disable_endpoint(
@@ -305,28 +381,40 @@ async def disable_endpoint(
     db: Database,
     workspace_id: uuid.UUID,
     endpoint_id: uuid.UUID,
-    reason: str,
-) -> None:
-    """Disable an endpoint (410 Gone, or failing for too long), with its audit event."""
+    reason: DisabledReason,
+    detail: str,
+) -> bool:
+    """Disable an endpoint (410 Gone, or failing for too long), with its audit event.
+
+    True when this call disabled it (the caller logs it once its transaction commits).
+    """
+    now = utcnow()
     updated = await conn.execute(
         webhook_endpoints.update()
         .where(E.id == endpoint_id, E.status == EndpointStatus.ENABLED)
-        .values(status=EndpointStatus.DISABLED, disabled_reason=reason, updated_at=utcnow())
-    )
-    if updated.rowcount:
-        await append_events(
-            conn,
-            db,
-            [
-                endpoint_audit(
-                    workspace_id,
-                    endpoint_id,
-                    "webhook.endpoint.disabled",
-                    {"type": "system", "id": "dispatcher"},
-                    {"reason": reason},
-                )
-            ],
+        .values(
+            status=EndpointStatus.DISABLED,
+            disabled_reason=reason.value,
+            disabled_at=now,
+            updated_at=now,
         )
+    )
+    if not updated.rowcount:
+        return False
+    await append_events(
+        conn,
+        db,
+        [
+            endpoint_audit(
+                workspace_id,
+                endpoint_id,
+                "webhook.endpoint.disabled",
+                {"type": "system", "id": "dispatcher"},
+                {"reason": reason.value, "detail": detail},
+            )
+        ],
+    )
+    return True
 
 
 async def enqueue(
@@ -427,8 +515,22 @@ async def get_delivery(
 async def retry_delivery(
     db: Database, workspace_id: uuid.UUID, delivery_id: uuid.UUID
 ) -> dict[str, Any]:
-    """Send a delivery again now, whatever its state."""
+    """Send a delivery again now, whatever its state (409 while its endpoint is disabled)."""
     async with db.begin() as conn:
+        endpoint_id = (
+            await conn.execute(
+                sa.select(D.endpoint_id).where(D.id == delivery_id, D.workspace_id == workspace_id)
+            )
+        ).scalar_one_or_none()
+        if endpoint_id is None:
+            raise NotFound("no such delivery")
+        endpoint = (
+            (await conn.execute(sa.select(webhook_endpoints).where(E.id == endpoint_id)))
+            .mappings()
+            .first()
+        )
+        if endpoint is not None:
+            ensure_enabled(endpoint)
         updated = await conn.execute(
             webhook_deliveries.update()
             .where(D.id == delivery_id, D.workspace_id == workspace_id)
@@ -447,9 +549,12 @@ async def retry_delivery(
 async def recover(
     db: Database, workspace_id: uuid.UUID, endpoint_id: uuid.UUID, since: datetime
 ) -> int:
-    """Re-queue every failed delivery of an endpoint created since `since`."""
+    """Re-queue every failed delivery of an endpoint created since `since`.
+
+    Raises EndpointDisabled (409) while the endpoint is disabled: enable it first.
+    """
     async with db.begin() as conn:
-        await _endpoint_row(conn, workspace_id, endpoint_id)
+        ensure_enabled(await _endpoint_row(conn, workspace_id, endpoint_id))
         updated = await conn.execute(
             webhook_deliveries.update()
             .where(
@@ -464,4 +569,6 @@ async def recover(
                 claimed_until=None,
             )
         )
-    return int(updated.rowcount or 0)
+    count = int(updated.rowcount or 0)
+    log.info("webhook_deliveries_recovered", endpoint_id=str(endpoint_id), requeued=count)
+    return count

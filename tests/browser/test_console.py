@@ -203,11 +203,6 @@ def test_delete_subscribe_retry_and_audit_from_the_page(
     shot(driver, "timeline")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="POST /v1/audit/events/query (CONTRACT.md) comes with issue 11; "
-    "remove this mark when both are merged",
-)
 def test_look_up_a_deleted_address_and_open_its_timeline(
     console_service: ConsoleService,
 ) -> None:

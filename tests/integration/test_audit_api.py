@@ -261,7 +261,8 @@ async def test_workload_recorded_every_action_in_order(workload: Workload) -> No
     assert actions[:4] == ["api_key.created"] * 3 + ["api_key.revoked"]
     assert actions.count("contact.deleted") == 3
     assert actions.count("contact.deletion_failed") == 1
-    assert actions.count("deletion.requested") == 3  # bulk, single, dry run
+    assert actions.count("deletion.requested") == 2  # bulk, single
+    assert actions.count("deletion.dry_run") == 1  # no job, so no deletion.requested
     assert actions.count("deletion.completed") == 2
     assert all(e["workspace_id"] == str(workload.tenant.workspace_id) for e in trail)
     for before, after in itertools.pairwise(trail):
@@ -650,3 +651,68 @@ async def test_export_of_100k_events_streams_in_flat_memory(big_chain: Tenant) -
     assert lines == EXPORT_EVENTS + 1  # and the key's api_key.created
     assert total > 80 * 2**20
     assert peak < 30 * 2**20, f"peak {peak / 2**20:.1f} MiB for {total / 2**20:.0f} MiB"
+
+
+# --- the lookup without the address in the URL, and the export's headers ----------------------
+
+
+async def post_query(tenant: Tenant, **body: Any) -> tuple[int, Any]:
+    status, answer, _ = await tenant.call("POST", "/v1/audit/events/query", body)
+    return status, answer
+
+
+async def test_post_query_answers_like_get_and_keeps_the_address_out_of_the_url(
+    workload: Workload,
+) -> None:
+    """POST /v1/audit/events/query takes the GET filters in a JSON body: same answer, and
+    an address with `+` needs no URL-encoding."""
+    address = workload.deleted["email"]
+    status, body = await post_query(workload.tenant, email=address.upper())
+    assert status == 200, body
+    assert [(e["action"], e["target"]["id"]) for e in body["data"]] == [
+        ("contact.deleted", workload.deleted["id"])
+    ]
+    for filters in (
+        {"action": "contact.deleted"},
+        {"job_id": workload.job_id},
+        {"target_id": workload.deleted["id"]},
+    ):
+        status, posted = await post_query(workload.tenant, **filters, limit=1000)
+        assert status == 200, posted
+        assert posted["data"] == await events(workload.tenant, **filters), filters
+    status, body = await post_query(workload.tenant, email="ada+crm@example.com")
+    assert (status, body["data"]) == (200, [])
+
+    status, first = await post_query(workload.tenant, limit=2)
+    assert status == 200 and len(first["data"]) == 2 and first["next_cursor"]
+    status, second = await post_query(workload.tenant, limit=2, cursor=first["next_cursor"])
+    assert status == 200, second
+    assert second["data"][0]["seq"] == first["data"][-1]["seq"] + 1
+
+
+async def test_post_query_refuses_bad_fields_and_needs_audit_read(workload: Workload) -> None:
+    for body, name in (
+        ({"email": "not-an-address"}, "email"),
+        ({"limit": 0}, "limit"),
+        ({"since": "yesterday"}, "since"),
+        ({"colour": "red"}, "colour"),
+    ):
+        status, answer = await post_query(workload.tenant, **body)
+        assert status == 400, (body, answer)
+        assert name in {d["field"] for d in answer["error"]["details"]}, answer
+    status, answer = await post_query(workload.reader, action="contact.deleted")
+    assert (status, answer["error"]["code"]) == (403, "insufficient_permissions")
+
+
+async def test_export_carries_the_rate_limit_headers_like_every_authenticated_answer(
+    workload: Workload,
+) -> None:
+    headers = {"Authorization": f"Bearer {workload.tenant.key}"}
+    async with workload.tenant.http.get(
+        workload.tenant.url("/v1/audit/export"), headers=headers
+    ) as response:
+        await response.read()
+        assert response.status == 200
+        for name in ("X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset"):
+            assert response.headers.get(name), name
+        assert response.headers["X-Request-ID"]

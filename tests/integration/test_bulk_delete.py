@@ -437,44 +437,75 @@ async def test_duplicate_emails_are_counted_once_whatever_their_case(
 # --- dry run ---------------------------------------------------------------------------------
 
 
+DRY_RUN_FIELDS = {
+    "dry_run",
+    "selector",
+    "would_delete_count",
+    "would_fail_count",
+    "not_found_count",
+    "not_found",
+    "errors",
+    "orphaned_timeline",
+    "would_redact_count",
+    "contact_ids",
+    "next_cursor",
+}
+
+
 async def test_dry_run_by_ids_predicts_the_real_run_and_changes_nothing(
     services: Services, pipeline: Services, tenant: Tenant
 ) -> None:
+    """The answer has no job id and no job-status fields; its counts are the real run's."""
     plain = await seed(services, tenant)
     member = await seed(services, tenant, member_role="member")
     billing = await seed(services, tenant, has_billing_subscription=True)
     unknown = str(uuid.uuid4())
     ids = [plain, member, billing, unknown, plain]
+    status, _, _ = await tenant.call(
+        "POST", f"/v1/contacts/{plain}/notes", {"body": "kept after the deletion"}
+    )
+    assert status == 201
     audit_before = await audit_count(services, tenant)
 
     status, answer, _ = await tenant.call("POST", BULK, {"contact_ids": ids, "dry_run": True})
 
     assert status == 200, answer
     dry = answer["data"]
+    assert set(dry) == DRY_RUN_FIELDS
     assert dry["dry_run"] is True
-    assert dry["status"] == "completed_with_errors"
-    assert_counts_add_up(dry)
-    # Nothing changed: the contacts are there, no job, no outbox row, no deletion event.
+    assert (dry["would_delete_count"], dry["would_fail_count"], dry["not_found_count"]) == (
+        1,
+        2,
+        1,
+    )
+    assert dry["contact_ids"] == [plain] and dry["next_cursor"] is None
+    assert dry["orphaned_timeline"] == {"activities": 0, "notes": 1, "tasks": 0}
+    assert dry["would_redact_count"] == 0
+    # Nothing changed: the contacts are there, no job, no outbox row; the audit trail notes
+    # the dry run itself (without a job id).
     assert [await exists(tenant, c) for c in (plain, member, billing)] == [True] * 3
     assert await jobs_of(tenant) == []
-    status, _, _ = await tenant.call("GET", f"/v1/bulk-jobs/{dry['job_id']}")
-    assert status == 404
-    assert await outbox_keys(services, [plain, member, billing, unknown, dry["job_id"]]) == []
-    assert await audit_count(services, tenant) == audit_before + 1  # deletion.requested only
+    assert await outbox_keys(services, [plain, member, billing, unknown]) == []
+    assert await audit_count(services, tenant) == audit_before + 1
+    async with services.db.read() as conn:
+        last = (
+            await conn.execute(
+                sa.select(audit_events.c.action, audit_events.c.job_id)
+                .where(audit_events.c.workspace_id == tenant.workspace_id)
+                .order_by(audit_events.c.seq.desc())
+                .limit(1)
+            )
+        ).one()
+    assert (last.action, last.job_id) == ("deletion.dry_run", None)
 
     real = await run_job(tenant, {"contact_ids": ids})
 
-    for field in (
-        "status",
-        "total_requested",
-        "processed_count",
-        "deleted_count",
-        "not_found_count",
-        "failed_count",
-        "not_found",
-        "errors",
-        "selector",
-    ):
+    assert (real["deleted_count"], real["failed_count"], real["not_found_count"]) == (
+        dry["would_delete_count"],
+        dry["would_fail_count"],
+        dry["not_found_count"],
+    )
+    for field in ("not_found", "errors", "selector"):
         assert dry[field] == real[field], field
     assert (real["deleted_count"], real["not_found_count"], real["failed_count"]) == (1, 1, 2)
     assert not await exists(tenant, plain)
@@ -492,7 +523,9 @@ async def test_dry_run_of_a_filter_predicts_the_real_run_and_changes_nothing(
 
     assert status == 200, answer
     dry = answer["data"]
-    assert (dry["total_requested"], dry["deleted_count"], dry["failed_count"]) == (11, 10, 1)
+    assert "job_id" not in dry and "status" not in dry
+    assert (dry["would_delete_count"], dry["would_fail_count"]) == (10, 1)
+    assert dry["contact_ids"] == sorted([*smiths, member])
     assert dry["errors"] == [
         {
             "contact_id": owner,
@@ -506,9 +539,53 @@ async def test_dry_run_of_a_filter_predicts_the_real_run_and_changes_nothing(
 
     real = await run_job(tenant, body)
 
-    for field in ("status", "total_requested", "deleted_count", "failed_count", "errors"):
-        assert dry[field] == real[field], field
+    assert (real["deleted_count"], real["failed_count"]) == (10, 1)
+    assert dry["errors"] == real["errors"]
     assert not await exists(tenant, member)
+
+
+async def test_dry_run_pages_the_ids_it_would_delete_with_a_cursor(
+    services: Services, tenant: Tenant
+) -> None:
+    """dry_run_limit ids per page, sorted; next_cursor as dry_run_cursor gives the next
+    page; the counts cover the whole selection on every page."""
+    ids = await seed_many(services, tenant, 5, last_name="Pager")
+    body = {"filter": {"last_name": "Pager"}, "dry_run": True, "dry_run_limit": 2}
+    pages: list[list[str]] = []
+    cursor = None
+    while True:
+        status, answer, _ = await tenant.call(
+            "POST", BULK, {**body, **({"dry_run_cursor": cursor} if cursor else {})}
+        )
+        assert status == 200, answer
+        assert answer["data"]["would_delete_count"] == 5
+        pages.append(answer["data"]["contact_ids"])
+        cursor = answer["data"]["next_cursor"]
+        if cursor is None:
+            break
+    assert [len(p) for p in pages] == [2, 2, 1]
+    assert [i for p in pages for i in p] == sorted(ids)
+
+
+@pytest.mark.parametrize(
+    ("extra", "field"),
+    [
+        ({"dry_run_limit": 10}, "dry_run_limit"),
+        ({"dry_run_cursor": "abc"}, "dry_run_cursor"),
+        ({"dry_run": True, "dry_run_limit": 0}, "dry_run_limit"),
+        ({"dry_run": True, "dry_run_limit": 1001}, "dry_run_limit"),
+        ({"dry_run": True, "dry_run_cursor": "not-a-cursor"}, "cursor"),
+    ],
+)
+async def test_dry_run_paging_fields_are_refused_without_dry_run_or_out_of_range(
+    services: Services, tenant: Tenant, extra: dict[str, Any], field: str
+) -> None:
+    contact = await seed(services, tenant)
+    status, answer, _ = await tenant.call("POST", BULK, {"contact_ids": [contact], **extra})
+    assert status == 400, answer
+    assert answer["error"]["code"] == "validation_error"
+    assert any(field in d["field"] for d in answer["error"]["details"]), answer
+    assert await exists(tenant, contact)
 
 
 # --- idempotency -----------------------------------------------------------------------------

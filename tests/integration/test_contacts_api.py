@@ -384,3 +384,66 @@ async def test_an_activity_sorts_by_when_it_occurred(tenant: Tenant) -> None:
 
     assert status == 200
     assert [i["id"] for i in body["data"]["items"]] == [note["data"]["id"], old["data"]["id"]]
+
+
+# --- list, and the addresses a CRM holds ------------------------------------------------------
+
+
+async def test_list_contacts_pages_every_contact_of_the_workspace_once(
+    tenant: Tenant, other_tenant: Tenant
+) -> None:
+    """GET /v1/contacts?limit=&cursor=: the same page shape as the other listings."""
+    created = {(await create(tenant))["id"] for _ in range(5)}
+    await create(other_tenant)
+    seen: list[str] = []
+    sizes = []
+    path = "/v1/contacts?limit=2"
+    while True:
+        status, answer, _ = await tenant.call("GET", path)
+        assert status == 200, answer
+        assert set(answer) == {"data", "next_cursor"}
+        sizes.append(len(answer["data"]))
+        seen.extend(c["id"] for c in answer["data"])
+        if answer["next_cursor"] is None:
+            break
+        path = f"/v1/contacts?limit=2&cursor={answer['next_cursor']}"
+        assert len(sizes) < 10
+    assert sizes == [2, 2, 1]
+    assert seen == sorted(seen) and set(seen) == created
+
+
+async def test_list_contacts_refuses_a_bad_limit_cursor_or_parameter(tenant: Tenant) -> None:
+    for query, field in (
+        ("limit=0", "limit"),
+        ("limit=1001", "limit"),
+        ("cursor=nope", "cursor"),
+        ("email=a@example.com", "email"),
+    ):
+        status, body, _ = await tenant.call("GET", f"/v1/contacts?{query}")
+        assert status == 400, (query, body)
+        assert field in fields_named(assert_error(body, "validation_error")), query
+
+
+async def test_addresses_on_special_use_names_are_accepted_and_deletable(
+    tenant: Tenant,
+) -> None:
+    """A CRM holds addresses such as bulk1@load.test or a@host.local: they are valid
+    syntax, so they are accepted (lowercased), found by emails, and deleted."""
+    addresses = ["Bulk1@Load.TEST", "printer@office.local", "old@shop.invalid", "x@host.onion"]
+    made = [await create(tenant, email=a) for a in addresses]
+    assert [c["email"] for c in made] == [a.lower() for a in addresses]
+    status, answer, _ = await tenant.call(
+        "POST",
+        "/v1/contacts/bulk-delete",
+        json={"emails": [a.lower() for a in addresses], "dry_run": True},
+    )
+    assert status == 200, answer
+    assert answer["data"]["would_delete_count"] == len(addresses)
+    assert answer["data"]["contact_ids"] == sorted(c["id"] for c in made)
+
+
+async def test_still_refused_what_is_not_an_address(tenant: Tenant) -> None:
+    for bad in ("a@b@c.test", "no-at-sign.test", "a@nodot", "a b@example.com", "@example.com"):
+        status, body, _ = await tenant.call("POST", "/v1/contacts", json={"email": bad})
+        assert status == 400, (bad, body)
+        assert fields_named(assert_error(body, "validation_error")) == {"email"}

@@ -32,6 +32,7 @@ from service.events import (
     JobExpand,
 )
 from tests.conftest import Tenant, components_running, make_settings, new_tenant, opened_services
+from tests.logcapture import json_logs
 
 BULK = "/v1/contacts/bulk-delete"
 WAIT = {"Prefer": "wait=30"}
@@ -40,6 +41,8 @@ JOB_FIELDS = {
     "job_id",
     "status",
     "dry_run",
+    "phase",
+    "estimated_total",
     "delete_members",
     "selector",
     "total_requested",
@@ -528,3 +531,102 @@ async def test_a_repeated_expansion_message_of_a_finished_filter_job_changes_not
     assert await outbox_rows(services, [job["job_id"], late]) == outbox_before
     status, _, _ = await tenant.call("GET", f"/v1/contacts/{late}")
     assert status == 200
+
+
+# --- what a job says while it runs, and what the logs say -----------------------------------
+
+
+async def test_a_filter_job_says_it_is_still_finding_contacts_with_an_estimate(
+    services: Services, idle_tenant: Tenant
+) -> None:
+    """phase `finding_contacts` while the matches are being expanded (total_requested is
+    what was found so far), with `estimated_total` counted at acceptance; then `deleting`."""
+    for _ in range(5):
+        await seed(services, idle_tenant, last_name="Expando")
+    status, body, _ = await idle_tenant.call("POST", BULK, {"filter": {"last_name": "Expando"}})
+    assert status == 202, body
+    job = body["data"]
+    assert (job["phase"], job["estimated_total"], job["total_requested"]) == (
+        "finding_contacts",
+        5,
+        0,
+    )
+    worker = DeletionWorker(
+        make_settings(services.settings.database_url, expand_page_size=2),
+        services.db,
+        services.metrics,
+    )
+    job_id = uuid.UUID(job["job_id"])
+    await worker.process([JobExpand(job_id=job_id, workspace_id=idle_tenant.workspace_id)])
+    job = await get_job(idle_tenant, str(job_id))
+    assert (job["phase"], job["status"], job["total_requested"], job["processed_count"]) == (
+        "finding_contacts",
+        "in_progress",
+        2,
+        0,
+    )
+    async with services.db.read() as conn:
+        after = (
+            await conn.execute(
+                sa.select(deletion_job_items.c.contact_id)
+                .where(deletion_job_items.c.job_id == job_id)
+                .order_by(deletion_job_items.c.position.desc())
+                .limit(1)
+            )
+        ).scalar_one()
+    for _ in range(2):
+        await worker.process(
+            [JobExpand(job_id=job_id, workspace_id=idle_tenant.workspace_id, after=after)]
+        )
+        job = await get_job(idle_tenant, str(job_id))
+        async with services.db.read() as conn:
+            after = (
+                await conn.execute(
+                    sa.select(deletion_job_items.c.contact_id)
+                    .where(deletion_job_items.c.job_id == job_id)
+                    .order_by(deletion_job_items.c.position.desc())
+                    .limit(1)
+                )
+            ).scalar_one()
+    assert (job["phase"], job["total_requested"], job["estimated_total"]) == ("deleting", 5, 5)
+
+
+async def test_an_ids_job_has_no_estimate_and_is_done_when_finished(
+    services: Services, pipeline: Services, tenant: Tenant
+) -> None:
+    contact_id = await seed(services, tenant)
+    status, body, _ = await tenant.call("POST", BULK, {"contact_ids": [contact_id]})
+    assert status == 202, body
+    assert (body["data"]["phase"], body["data"]["estimated_total"]) == ("deleting", None)
+    job = await run_job(tenant, {"contact_ids": [contact_id, str(uuid.uuid4())]})
+    assert job["phase"] == "done"
+
+
+async def test_job_lifecycle_and_deletion_batches_leave_log_lines_without_addresses(
+    services: Services, pipeline: Services, tenant: Tenant
+) -> None:
+    """accepted, started, batch, expansion, finished: one JSON line each with the job id
+    and counts; no email address (an emails job) anywhere in the logs."""
+    emails = [f"log.{uuid.uuid4().hex[:8]}@example.com" for _ in range(3)]
+    for email in emails:
+        await seed(services, tenant, email=email, last_name="Logline")
+    with json_logs() as logs:
+        by_email = await run_job(tenant, {"emails": [*emails[:2], "nobody.logs@example.com"]})
+        by_filter = await run_job(tenant, {"filter": {"last_name": "Logline"}})
+
+    for job in (by_email, by_filter):
+        jid = job["job_id"]
+        assert len(logs.events("deletion_job_accepted", job_id=jid)) == 1
+        assert len(logs.events("deletion_job_started", job_id=jid)) == 1
+        batches = logs.events("deletion_batch", job_id=jid)
+        assert sum(b["deleted"] for b in batches) == job["deleted_count"]
+        finished = logs.events("deletion_job_finished", job_id=jid)
+        assert [(f["status"], f["deleted_count"]) for f in finished] == [
+            (job["status"], job["deleted_count"])
+        ]
+    assert by_email["selector"] == {"emails": {"count": 3}}
+    accepted = logs.events("deletion_job_accepted", job_id=by_email["job_id"])[0]
+    assert accepted["selector"] == {"type": "emails", "count": 3}
+    expansion = logs.events("deletion_job_expansion_done", job_id=by_filter["job_id"])
+    assert [e["found"] for e in expansion] == [1]
+    assert "@" not in logs.text

@@ -4,15 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
+import sqlite3
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+import sqlalchemy as sa
 import structlog
+from sqlalchemy.ext.asyncio import create_async_engine
 
 from service.cli import main
+from service.config import Settings
+from service.db import Database
+from service.dev import demo_key, port_in_use
+from service.keys import authenticate
 from tests.conftest import Tenant
 
 
@@ -159,3 +168,85 @@ async def test_an_unknown_scope_is_an_argparse_error_exit_2(
     captured = capsys.readouterr()
     assert captured.out == ""
     assert "contacts:nuke" in captured.err
+
+
+@pytest.fixture
+def empty_db_url(db_url: str, tmp_path: Path) -> Iterator[str]:
+    """A database of the backend under test with no schema at all."""
+    if db_url.startswith("sqlite"):
+        path = tmp_path / "empty.db"
+        sqlite3.connect(path).close()
+        yield f"sqlite+aiosqlite:///{path}"
+        return
+    name = f"empty_{uuid.uuid4().hex[:10]}"
+    asyncio.run(_pg_admin(db_url, f'CREATE DATABASE "{name}"'))
+    base, _, _ = db_url.rpartition("/")
+    yield f"{base}/{name}"
+    asyncio.run(_pg_admin(db_url, f'DROP DATABASE "{name}"'))
+
+
+async def _pg_admin(url: str, statement: str) -> None:
+    engine = create_async_engine(url, isolation_level="AUTOCOMMIT")
+    try:
+        async with engine.connect() as conn:
+            await conn.execute(sa.text(statement))
+    finally:
+        await engine.dispose()
+
+
+async def test_a_database_without_schema_is_named_with_the_command_to_run(
+    empty_db_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """keys and audit verify on an unmigrated database: exit 2 and one line naming the
+    database and `contact-deletion migrate` (no traceback); after migrate they work."""
+    monkeypatch.setenv("DATABASE_URL", empty_db_url)
+    for argv in (["keys", "list"], ["audit", "verify"]):
+        capsys.readouterr()
+        code = await asyncio.to_thread(main, argv)
+        err = capsys.readouterr().err
+        assert code == 2, argv
+        assert "contact-deletion migrate" in err and "Traceback" not in err
+        where = Settings(database_url=empty_db_url).describe_database()
+        assert where in err
+    code, out = await run_cli(capsys, "migrate")
+    assert code == 0 and "latest schema" in out
+    code, _ = await run_cli(capsys, "keys", "list")
+    assert code == 0
+
+
+async def test_dev_keeps_one_demo_key_across_starts(db_url: str, tmp_path: Path) -> None:
+    """Every `make dev` shows the same live key (it used to add one each start);
+    --new-key revokes it and stores another."""
+    db = Database(db_url)
+    key_file = tmp_path / "demo-key"
+    try:
+        first, new = await demo_key(db, key_file, new_key=False)
+        assert new and key_file.read_text().strip() == first
+        assert (key_file.stat().st_mode & 0o777) == 0o600
+        again, new = await demo_key(db, key_file, new_key=False)
+        assert (again, new) == (first, False)
+        replaced, new = await demo_key(db, key_file, new_key=True)
+        assert new and replaced != first
+        assert await authenticate(db, first) is None
+        assert await authenticate(db, replaced) is not None
+    finally:
+        await db.dispose()
+
+
+def test_dev_refuses_a_port_in_use_before_printing_anything(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert port_in_use("127.0.0.1", port)
+        monkeypatch.setenv("HTTP_PORT", str(port))
+        monkeypatch.setenv("DATA_DIR", str(tmp_path))
+        capsys.readouterr()
+        assert main(["dev", "--no-kafka"]) == 1
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert f"127.0.0.1:{port} is already in use" in err and "HTTP_PORT=" in err
+    assert list(tmp_path.iterdir()) == []  # no database, no key
+    assert not port_in_use("127.0.0.1", port)

@@ -48,6 +48,7 @@ from service.keys import SCOPES, create_key
 from service.procs import free_port
 from service.webhooks.dispatcher import Dispatcher
 from tests.conftest import Tenant, components_running, make_settings
+from tests.logcapture import json_logs
 
 T = TypeVar("T")
 ENDPOINTS = "/v1/webhooks/endpoints"
@@ -175,7 +176,7 @@ async def _forget_pending(services: Services) -> AsyncIterator[None]:
         await conn.execute(
             webhook_deliveries.update()
             .where(
-                webhook_deliveries.c.status == "pending",
+                webhook_deliveries.c.status.in_(("pending", "failing")),
                 webhook_deliveries.c.created_at >= started,
             )
             .values(status="cancelled", completed_at=utcnow())
@@ -768,7 +769,7 @@ async def test_a_refused_connection_is_retried(
     delivery = await wait_delivery(
         tenant, endpoint["id"], event_id, lambda d: d["attempt_count"] >= 2
     )
-    assert delivery["status"] == "pending"
+    assert delivery["status"] == "failing"
     for attempt in delivery["attempts"]:
         assert attempt["status_code"] is None
         assert attempt["error"], attempt
@@ -845,7 +846,8 @@ async def test_410_gone_fails_the_delivery_and_disables_until_enabled(
     assert delivery["attempt_count"] == 1
     disabled = await get_endpoint(tenant, eid)
     assert disabled["status"] == "disabled"
-    assert "410" in disabled["disabled_reason"]
+    assert disabled["disabled_reason"] == "gone"
+    assert disabled["disabled_at"] is not None
     await asyncio.sleep(1.5)  # no retry follows a 410
     assert len(receiver.at("/hook")) == 1
 
@@ -854,6 +856,7 @@ async def test_410_gone_fails_the_delivery_and_disables_until_enabled(
     assert status == 200, body
     assert body["data"]["status"] == "enabled"
     assert body["data"]["disabled_reason"] is None
+    assert body["data"]["disabled_at"] is None
     assert "secret" not in body["data"]
     again = await send_test(tenant, eid)
     await wait_delivery(tenant, eid, again, has_status("succeeded"))
@@ -867,7 +870,7 @@ async def test_410_gone_fails_the_delivery_and_disables_until_enabled(
         ("webhook.endpoint.disabled", "system", eid),
         ("webhook.endpoint.enabled", "api_key", eid),
     ]
-    assert "410" in trail[0].data["reason"]
+    assert trail[0].data["reason"] == "gone" and "410" in trail[0].data["detail"]
 
 
 async def test_a_redirect_is_a_failure_and_is_not_followed(
@@ -882,7 +885,7 @@ async def test_a_redirect_is_a_failure_and_is_not_followed(
     delivery = await wait_delivery(
         tenant, endpoint["id"], event_id, lambda d: d["attempt_count"] >= 2
     )
-    assert delivery["status"] in ("pending", "failed")
+    assert delivery["status"] in ("failing", "failed")
     for attempt in delivery["attempts"]:
         assert attempt["status_code"] == 302
         assert "redirect" in attempt["error"]
@@ -938,7 +941,7 @@ async def test_an_endpoint_failing_longer_than_the_limit_is_disabled(
         return got if got["status"] == "disabled" else None
 
     got = await eventually(disabled, 8, "the failing endpoint disabled")
-    assert got["disabled_reason"]
+    assert got["disabled_reason"] == "failing"
     delivery = await delivery_of(tenant, eid, event_id)
     times = [at(a["attempted_at"]) for a in delivery["attempts"]]
     assert len(times) >= 2
@@ -1126,3 +1129,155 @@ async def test_deliveries_page_with_a_cursor(tenant: Tenant) -> None:
     assert status == 404, body
     status, body, _ = await tenant.call("GET", f"{DELIVERIES}/not-a-uuid")
     assert status in (400, 404), body
+
+
+# -- what a new user meets: failing state, disabled endpoints, rotation, logs -------------
+
+
+async def test_a_delivery_waiting_for_its_retry_is_failing_and_listed_by_status_failing(
+    tenant: Tenant, receiver: Receiver, sender: StartSender
+) -> None:
+    """Tried, failed, retry scheduled: `failing` (not `pending`), and `?status=failing`
+    lists it; once it succeeds it leaves that list."""
+    sender(webhook_retry_schedule="0,2")
+    endpoint = await create_endpoint(tenant, receiver.script("/hook", answer(500), answer(200)))
+    eid = endpoint["id"]
+    event_id = await send_test(tenant, eid)
+    failing = await wait_delivery(tenant, eid, event_id, lambda d: d["attempt_count"] >= 1)
+    assert failing["status"] == "failing"
+    assert failing["next_attempt_at"] is not None
+    assert [d["id"] for d in await list_deliveries(tenant, eid, "&status=failing")] == [
+        failing["id"]
+    ]
+    assert await list_deliveries(tenant, eid, "&status=pending") == []
+    await wait_delivery(tenant, eid, event_id, has_status("succeeded"))
+    assert await list_deliveries(tenant, eid, "&status=failing") == []
+
+
+async def test_recover_test_and_retry_on_a_disabled_endpoint_answer_409_until_enabled(
+    tenant: Tenant, receiver: Receiver, sender: StartSender
+) -> None:
+    """On a disabled endpoint nothing is queued that could not be sent: 409
+    endpoint_disabled saying to enable it first; after enable, recover sends them."""
+    sender()
+    endpoint = await create_endpoint(tenant, receiver.script("/hook", answer(410)))
+    eid = endpoint["id"]
+    event_id = await send_test(tenant, eid)
+    failed = await wait_delivery(tenant, eid, event_id, has_status("failed"))
+    assert (await get_endpoint(tenant, eid))["disabled_reason"] == "gone"
+
+    since = {"since": "2020-01-01T00:00:00Z"}
+    for method, path, body in (
+        ("POST", f"{ENDPOINTS}/{eid}/recover", since),
+        ("POST", f"{ENDPOINTS}/{eid}/test", None),
+        ("POST", f"{DELIVERIES}/{failed['id']}/retry", None),
+    ):
+        status, answer_body, _ = await tenant.call(method, path, body)
+        assert status == 409, (path, answer_body)
+        error = answer_body["error"]
+        assert error["code"] == "endpoint_disabled"
+        assert "enable it first" in error["message"] and f"{eid}/enable" in error["message"]
+    await asyncio.sleep(0.5)
+    assert (await delivery_of(tenant, eid, event_id))["status"] == "failed"
+    assert len(receiver.at("/hook")) == 1
+
+    receiver.script("/hook", answer(200))
+    status, body, _ = await tenant.call("POST", f"{ENDPOINTS}/{eid}/enable")
+    assert status == 200, body
+    status, body, _ = await tenant.call("POST", f"{ENDPOINTS}/{eid}/recover", since)
+    assert status == 202, body
+    assert body["data"]["requeued"] == 1
+    await wait_delivery(tenant, eid, event_id, has_status("succeeded"))
+
+
+async def test_every_secret_younger_than_the_overlap_signs_up_to_five(
+    tenant: Tenant, receiver: Receiver, sender: StartSender
+) -> None:
+    """Two rotations within the overlap: the first secret still verifies (it used to be
+    dropped at the second rotation). At most five live secrets: the oldest goes first."""
+    sender()
+    url = receiver.script("/hook", answer(200))
+    endpoint = await create_endpoint(tenant, url)
+    eid = endpoint["id"]
+    secrets = [endpoint["secret"]]
+    for _ in range(2):
+        status, body, _ = await tenant.call("POST", f"{ENDPOINTS}/{eid}/rotate-secret")
+        assert status == 200, body
+        secrets.append(body["data"]["secret"])
+    await wait_delivery(tenant, eid, await send_test(tenant, eid), has_status("succeeded"))
+    hit = receiver.at("/hook")[-1]
+    assert len(hit.headers["webhook-signature"].split(" ")) == 3
+    for secret in secrets:
+        Webhook(secret).verify(hit.body, hit.headers)  # raises if it does not verify
+
+    for _ in range(4):
+        status, body, _ = await tenant.call("POST", f"{ENDPOINTS}/{eid}/rotate-secret")
+        assert status == 200, body
+        secrets.append(body["data"]["secret"])
+    await wait_delivery(tenant, eid, await send_test(tenant, eid), has_status("succeeded"))
+    hit = receiver.at("/hook")[-1]
+    assert len(hit.headers["webhook-signature"].split(" ")) == 5
+    for secret in secrets[-5:]:
+        Webhook(secret).verify(hit.body, hit.headers)
+    for secret in secrets[:-5]:
+        with pytest.raises(WebhookVerificationError):
+            Webhook(secret).verify(hit.body, hit.headers)
+
+
+async def test_rotation_with_no_overlap_signs_with_the_new_secret_only(
+    tenant: Tenant, receiver: Receiver, sender: StartSender, services: Services
+) -> None:
+    sender()
+    endpoint = await create_endpoint(tenant, receiver.script("/hook", answer(200)))
+    eid = endpoint["id"]
+    async with services.db.begin() as conn:
+        await conn.execute(
+            sa.text("UPDATE webhook_endpoints SET retired_secrets = :r WHERE id = :i").bindparams(
+                sa.bindparam("r", type_=sa.JSON()), sa.bindparam("i", type_=sa.Uuid())
+            ),
+            {
+                "r": [{"secret": random_secret(), "expires_at": "2000-01-01T00:00:00Z"}],
+                "i": uuid.UUID(eid),
+            },
+        )
+    await wait_delivery(tenant, eid, await send_test(tenant, eid), has_status("succeeded"))
+    hit = receiver.at("/hook")[-1]
+    assert len(hit.headers["webhook-signature"].split(" ")) == 1  # the expired one is gone
+    Webhook(endpoint["secret"]).verify(hit.body, hit.headers)
+
+
+async def test_delivery_outcomes_and_endpoint_state_changes_leave_log_lines(
+    tenant: Tenant, receiver: Receiver, sender: StartSender
+) -> None:
+    """retry scheduled, succeeded, disabled by 410, enabled, secret rotated: one JSON line
+    each, with ids and codes, never the receiver's URL or a secret."""
+    with json_logs() as logs:
+        sender()
+        url = receiver.script("/hook", answer(500), answer(200), answer(410))
+        endpoint = await create_endpoint(tenant, url)
+        eid = endpoint["id"]
+        first = await send_test(tenant, eid)
+        await wait_delivery(tenant, eid, first, has_status("succeeded"))
+        second = await send_test(tenant, eid)
+        await wait_delivery(tenant, eid, second, has_status("failed"))
+        status, body, _ = await tenant.call("POST", f"{ENDPOINTS}/{eid}/enable")
+        assert status == 200, body
+        status, body, _ = await tenant.call("POST", f"{ENDPOINTS}/{eid}/rotate-secret")
+        assert status == 200, body
+        new_secret = body["data"]["secret"]
+
+    retry = logs.events("webhook_delivery_retry_scheduled", endpoint_id=eid, event_id=first)
+    assert [(r["attempt"], r["status_code"], r["error"]) for r in retry] == [(1, 500, "http_500")]
+    ok = logs.events("webhook_delivery_succeeded", endpoint_id=eid, event_id=first)
+    assert [(r["attempt"], r["status_code"]) for r in ok] == [(2, 200)]
+    gone = logs.events("webhook_delivery_failed", endpoint_id=eid, event_id=second)
+    assert [r["status_code"] for r in gone] == [410]
+    assert [r["reason"] for r in logs.events("webhook_endpoint_disabled", endpoint_id=eid)] == [
+        "gone"
+    ]
+    assert len(logs.events("webhook_endpoint_enabled", endpoint_id=eid)) == 1
+    rotated = logs.events("webhook_secret_rotated", endpoint_id=eid)
+    assert [r["live_secrets"] for r in rotated] == [2]
+    for secret in (endpoint["secret"], new_secret, "whsec_"):
+        assert secret not in logs.text
+    assert url not in logs.text and "/hook" not in logs.text

@@ -103,15 +103,7 @@ async function auditPage(view) {
     const mine = ++latest;
     const params = { action: action.value, target_id: targetId.value.trim(), job_id: jobId.value.trim(),
       since: iso(since), until: iso(until), limit: 50, cursor: append ? cursor : null };
-    const who = actor.value.trim();
-    let page;
-    try {
-      page = await api("GET", `/v1/audit/events${query({ ...params, actor_id: who })}`);
-    } catch (err) {
-      // The actor filter's name is `actor` in the newer API, `actor_id` in the older one.
-      if (!who || err.status !== 400) throw err;
-      page = await api("GET", `/v1/audit/events${query({ ...params, actor: who })}`);
-    }
+    const page = await api("GET", `/v1/audit/events${query({ ...params, actor_id: actor.value.trim() })}`);
     if (mine !== latest) return;
     shown = append ? shown.concat(page.data) : page.data;
     cursor = page.next_cursor;

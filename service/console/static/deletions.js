@@ -24,18 +24,13 @@ export async function render(view, parts, { me, ctx }) {
 
 // --- jobs ---------------------------------------------------------------------------
 
-function phase(job) {
-  if (job.phase) return job.phase;
-  if (TERMINAL.has(job.status)) return "done";
-  const bySelection = job.selector && ("filter" in job.selector || "search" in job.selector);
-  return bySelection && job.status === "pending" && !job.total_requested ? "finding_contacts" : "deleting";
-}
 
 const PHASE_TEXT = { finding_contacts: "still finding contacts", deleting: "deleting", done: "done" };
 
 export function progress(job) {
-  const total = job.estimated_total ?? job.total_requested ?? 0;
-  const p = phase(job);
+  const p = job.phase;
+  // Filter/search jobs count their matches at the start; the final total is what was found.
+  const total = (p === "done" ? job.total_requested : job.estimated_total ?? job.total_requested) ?? 0;
   const bar = h("progress", {
     max: Math.max(total, 1),
     value: p === "done" ? Math.max(total, 1) : job.processed_count,
@@ -241,9 +236,9 @@ function idsToDelete(request, first) {
 }
 
 function showOutcome(outcome, request, result, canRead) {
-  const wouldDelete = result.would_delete_count ?? result.deleted_count ?? 0;
-  const wouldFail = result.would_fail_count ?? result.failed_count ?? 0;
-  const notFound = result.not_found_count ?? 0;
+  const wouldDelete = result.would_delete_count;
+  const wouldFail = result.would_fail_count;
+  const notFound = result.not_found_count;
   const orphaned = result.orphaned_timeline;
   const idempotencyKey = crypto.randomUUID(); // one per confirmation: a double click replays
   const confirm = h("button", { type: "button", class: "danger", id: "confirm-delete", disabled: wouldDelete === 0 },
@@ -268,16 +263,15 @@ function showOutcome(outcome, request, result, canRead) {
     kv([
       ["Would delete", h("strong", { id: "would-delete" }, String(wouldDelete))],
       ["Would refuse", String(wouldFail)],
-      ["Not found", `${notFound}${result.not_found?.length ? ` (${result.not_found.join(", ")})` : ""}`],
-      ["Timeline items that would be orphaned", orphaned
-        ? `${orphaned.activities} activities · ${orphaned.notes} notes · ${orphaned.tasks} tasks`
-        : "not reported by this server"],
+      ["Not found", `${notFound}${result.not_found.length ? ` (${result.not_found.join(", ")})` : ""}`],
+      ["Timeline items that would be orphaned",
+        `${orphaned.activities} activities · ${orphaned.notes} notes · ${orphaned.tasks} tasks`],
       ["Selector", selectorText(result.selector)],
     ]),
     h("h3", {}, "Blockers"),
     table("Contacts a real run would refuse", ["Contact", "Code", "Message"],
-      (result.errors || []).map((e) => [h("code", {}, e.contact_id), e.code, e.message]), "None: nothing blocks this deletion."),
-    result.contact_ids?.length ? idsToDelete(request, result) : null,
+      result.errors.map((e) => [h("code", {}, e.contact_id), e.code, e.message]), "None: nothing blocks this deletion."),
+    result.contact_ids.length ? idsToDelete(request, result) : null,
     h("p", {}, wouldDelete ? "Deleting cannot be undone. The request is sent with an idempotency key, so a repeat does not delete twice." : "Nothing to delete."),
     confirm, cancel));
   outcome.querySelector("#outcome-h").focus();

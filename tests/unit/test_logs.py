@@ -1,0 +1,60 @@
+"""Log set-up as an operator meets it: one format, no colour codes in files, no start-up noise."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+
+import pytest
+
+from service.logs import configure_logging, get_logger
+
+
+class Captured:
+    """stderr as pytest captures it: not a terminal, as when logs go to a file."""
+
+    def __init__(self, capsys: pytest.CaptureFixture[str]) -> None:
+        self.capsys = capsys
+
+    def getvalue(self) -> str:
+        return self.capsys.readouterr().err
+
+
+@pytest.fixture
+def stderr(capsys: pytest.CaptureFixture[str]) -> Iterator[Captured]:
+    capsys.readouterr()
+    yield Captured(capsys)
+    configure_logging("json", "WARNING")
+
+
+def test_console_format_writes_no_colour_codes_when_stderr_is_not_a_terminal(
+    stderr: Captured,
+) -> None:
+    configure_logging("console", "INFO")
+    get_logger("test").info("something_happened", job_id="j1")
+    text = stderr.getvalue()
+    assert "something_happened" in text and "job_id=j1" in text
+    assert "\x1b[" not in text
+
+
+def test_kafka_coordinator_lookups_are_quiet_but_other_warnings_are_json_lines(
+    stderr: Captured,
+) -> None:
+    configure_logging("json", "INFO")
+    coordinator = logging.getLogger("aiokafka.consumer.group_coordinator")
+    coordinator.error("Group Coordinator Request failed: %s", "[Error 15] NotAvailable")
+    coordinator.warning("Marking the coordinator dead (node %s)for group %s.", 1, "g")
+    logging.getLogger("aiokafka.conn").warning("Unable to connect to %s", "127.0.0.1:9")
+    lines = [json.loads(line) for line in stderr.getvalue().splitlines()]
+    assert [(line["event"], line["level"], line["logger"]) for line in lines] == [
+        ("Unable to connect to 127.0.0.1:9", "warning", "aiokafka.conn")
+    ]
+
+
+def test_at_debug_the_coordinator_lookups_are_kept(stderr: Captured) -> None:
+    configure_logging("json", "DEBUG")
+    logging.getLogger("aiokafka.consumer.group_coordinator").warning(
+        "Marking the coordinator dead (node %s)for group %s.", 1, "g"
+    )
+    assert "Marking the coordinator dead" in stderr.getvalue()
