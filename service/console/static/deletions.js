@@ -265,7 +265,7 @@ function showOutcome(outcome, request, result, canRead) {
       ["Would refuse", String(wouldFail)],
       ["Not found", `${notFound}${result.not_found.length ? ` (${result.not_found.join(", ")})` : ""}`],
       ["Timeline items that would be orphaned",
-        `${orphaned.activities} activities · ${orphaned.notes} notes · ${orphaned.tasks} tasks`],
+        `activities ${orphaned.activities} · notes ${orphaned.notes} · tasks ${orphaned.tasks}`],
       ["Selector", selectorText(result.selector)],
     ]),
     h("h3", {}, "Blockers"),
