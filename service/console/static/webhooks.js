@@ -123,7 +123,7 @@ async function endpointPage(view, id, ctx) {
       action("Rotate secret", "rotate", async () => {
         endpoint = (await api("POST", `${base}/rotate-secret`)).data;
         mount(notice, secretBox(endpoint.secret,
-          "The previous secret keeps signing alongside this one for 24 hours (each delivery carries both signatures), so update your receiver within that window and nothing fails verification."));
+          "The previous secret keeps signing alongside this one for an overlap window (24 hours by default): each delivery carries both signatures, so update your receiver within that window and nothing fails verification."));
         draw();
       }),
     ];
