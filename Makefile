@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: dev test lint typecheck unit integration e2e bench install postgres clean
+.PHONY: dev test lint typecheck unit integration e2e bench install postgres browser screenshots clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,14 @@ postgres:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; \
 	fi
 
+# Debian's Chromium and its driver for the browser tests (tests/browser); nothing downloads
+# a browser of its own.
+browser:
+	@if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then \
+		echo "installing Debian's chromium and chromium-driver"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	fi
+
 dev: install
 	$(BIN)/contact-deletion dev
 
@@ -33,8 +41,13 @@ lint: install
 typecheck: install
 	$(BIN)/mypy
 
-test: install postgres lint typecheck
+test: install postgres browser lint typecheck
 	$(BIN)/python -m pytest -q
+
+# The README's pictures of the console: the browser tests, saving each page as they go.
+screenshots: install browser
+	rm -f docs/screenshots/*.png
+	CONSOLE_SCREENSHOTS=docs/screenshots $(BIN)/python -m pytest -q tests/browser -k sqlite
 
 bench: install
 	$(BIN)/contact-deletion bench

@@ -6,8 +6,9 @@ a new capability adds its table here.
 
 from __future__ import annotations
 
-from service import ops
+from service import me, ops
 from service.audit import routes as audit_routes
+from service.console import routes as console_routes
 from service.contacts import routes as contact_routes
 from service.deletion import routes as deletion_routes
 from service.routing import RouteTable
@@ -22,4 +23,6 @@ def route_tables() -> tuple[RouteTable, ...]:
         webhook_routes.ROUTES,
         audit_routes.ROUTES,
         ops.ROUTES,
+        me.ROUTES,
+        console_routes.ROUTES,
     )

@@ -19,6 +19,7 @@ from service.aio import Stopped, wait_for_dependency
 from service.api import route_tables
 from service.audit import routes as audit_routes
 from service.config import Settings
+from service.console import routes as console_routes
 from service.db import Database
 from service.deletion import routes as deletion_routes
 from service.deletion.notify import JobNotifier
@@ -94,6 +95,7 @@ def create_app(services: Services) -> web.Application:
     tables = route_tables()
     app[ops.OPENAPI_KEY] = encode_json(openapi_spec(tables))
     register(app, tables)
+    console_routes.add_asset_routes(app)
     return app
 
 

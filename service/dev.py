@@ -155,5 +155,6 @@ demo API key, workspace "demo", all scopes ({made}; kept in {key_file}):
   curl -s {base}/v1/audit/events/query -H "Authorization: Bearer $KEY" \\
        -H 'Content-Type: application/json' -d '{{"email":"ada@example.com"}}'
 
+Web console (sign in with the key above): {base}/console   API reference: {base}/docs
 Ctrl-C stops everything (and the local broker). The README has the rest.
 """

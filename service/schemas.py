@@ -313,6 +313,13 @@ def _answer(c: _Components, answer: Answer, scoped: bool) -> Schema:
     )
 
 
+def _security(op: Operation) -> list[Schema]:
+    """The scope an operation needs; under /v1/ a key is needed even without a scope."""
+    if op.scope is not None:
+        return [{"bearer": [op.scope]}]
+    return [{"bearer": []}] if op.path.startswith("/v1/") else []
+
+
 def _operation(c: _Components, op: Operation) -> Schema:
     """One operation; the error answers that always apply are added from what it takes.
 
@@ -351,7 +358,7 @@ def _operation(c: _Components, op: Operation) -> Schema:
                 for code in sorted(codes - documented)
             },
         },
-        "security": [{"bearer": [op.scope]}] if op.scope is not None else [],
+        "security": _security(op),
     }
     if op.description is not None:
         schema["description"] = op.description
@@ -430,7 +437,8 @@ def openapi_spec(tables: Sequence[RouteTable] | None = None) -> dict[str, Any]:
         "servers": [{"url": "http://127.0.0.1:8080", "description": "The local default"}],
         "security": [{"bearer": []}],
         "tags": [
-            {"name": name} for name in ("Contacts", "Deletion", "Webhooks", "Audit", "Operations")
+            {"name": name}
+            for name in ("Contacts", "Deletion", "Webhooks", "Audit", "Operations", "Console")
         ],
         "paths": paths,
         "webhooks": webhooks,

@@ -1,0 +1,145 @@
+// Audit: events browser (filters, cursor pages), "was this address deleted?" (the address
+// goes in a POST body, never in a URL), a deleted contact's preserved timeline, chain
+// verification and the NDJSON export.
+import { api, query, download } from "./api.js";
+import { h, mount, time, badge, field, table, kv, say, fail } from "./dom.js";
+
+const ACTIONS = ["deletion.requested", "contact.deleted", "contact.deletion_failed", "deletion.completed",
+  "webhook.endpoint.created", "webhook.endpoint.updated", "webhook.endpoint.deleted", "webhook.endpoint.disabled",
+  "webhook.endpoint.secret_rotated", "webhook.delivery.exhausted"];
+
+export function owns(part) {
+  return part === "audit";
+}
+
+export async function render(view, parts) {
+  if (parts[1] === "contacts" && parts[2]) return timelinePage(view, parts[2]);
+  return auditPage(view);
+}
+
+function target(e) {
+  if (!e.target) return "—";
+  const text = `${e.target.type} ${e.target.id}`;
+  return e.target.type === "contact"
+    ? h("a", { href: `#/audit/contacts/${e.target.id}`, "aria-label": `Timeline of contact ${e.target.id}` }, h("code", {}, text))
+    : h("code", {}, text);
+}
+
+function eventRows(events) {
+  return events.map((e) => [String(e.seq), time(e.occurred_at), e.action, target(e),
+    e.job_id ? h("code", {}, e.job_id) : "—", e.actor ? h("code", {}, `${e.actor.type} ${e.actor.id}`) : "—"]);
+}
+
+const HEADERS = ["Seq", "Time", "Action", "Target", "Job", "Actor"];
+
+function iso(input) {
+  if (!input.value) return null;
+  const d = new Date(input.value);
+  return Number.isNaN(d.getTime()) ? null : d.toISOString();
+}
+
+async function auditPage(view) {
+  // Verify
+  const verdict = h("div", { id: "verify-result", "aria-live": "polite" });
+  const verifyButton = h("button", { type: "button", id: "verify" }, "Verify the chain");
+  verifyButton.addEventListener("click", async () => {
+    try {
+      const r = (await api("GET", "/v1/audit/verify")).data;
+      mount(verdict, r.ok
+        ? h("div", {}, h("p", {}, badge("ok"), ` The chain holds: ${r.events_checked} events checked.`),
+          kv([["Head seq", String(r.head_seq)], ["Head hash", h("code", { id: "head-hash" }, r.head_hash)]]))
+        : h("div", {}, h("p", { class: "error" }, badge("broken"), ` Broken at seq ${r.broken_seq ?? "?"} (${r.reason}).`),
+          kv([["Detail", r.detail], ["Last good seq", String(r.head_seq)], ["Last good hash", h("code", {}, r.head_hash)]])));
+    } catch (err) { fail(err); }
+  });
+
+  // Export
+  const sinceSeq = h("input", { id: "export-since", type: "text", inputmode: "numeric", value: "1" });
+  const exportButton = h("button", { type: "button", id: "export" }, "Download NDJSON");
+  exportButton.addEventListener("click", async () => {
+    try {
+      const n = sinceSeq.value.trim() || "1";
+      await download(`/v1/audit/export${query({ since_seq: n })}`, `audit-from-${n}.ndjson`);
+      say("Export downloaded.", "good");
+    } catch (err) { fail(err); }
+  });
+
+  // Lookup by address (POST body only)
+  const email = h("input", { id: "lookup-email", type: "text", inputmode: "email", autocomplete: "off", spellcheck: "false" });
+  const lookupResult = h("div", { id: "lookup-result", "aria-live": "polite" });
+  const lookup = h("form", { id: "lookup-form" },
+    field("lookup-email", "Email address", email, "Matched by its keyed hash; the address is sent in a request body, never in a URL."),
+    h("button", { type: "submit" }, "Look up"));
+  lookup.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    try {
+      const page = await api("POST", "/v1/audit/events/query", { email: email.value.trim(), limit: 100 });
+      const deleted = page.data.filter((e) => e.action === "contact.deleted");
+      mount(lookupResult,
+        h("p", {}, deleted.length ? h("strong", {}, `Yes: deleted (${deleted.length} contact${deleted.length === 1 ? "" : "s"}).`)
+          : page.data.length ? "Events mention this address, but no deletion." : "No event mentions this address."),
+        table("Events about this address", HEADERS, eventRows(page.data), ""));
+    } catch (err) { fail(err); }
+  });
+
+  // Browser
+  const action = h("select", { id: "f-action" }, h("option", { value: "" }, "any action"), ACTIONS.map((a) => h("option", { value: a }, a)));
+  const targetId = h("input", { id: "f-target", type: "text", spellcheck: "false" });
+  const jobId = h("input", { id: "f-job", type: "text", spellcheck: "false" });
+  const actor = h("input", { id: "f-actor", type: "text", spellcheck: "false" });
+  const since = h("input", { id: "f-since", type: "datetime-local" });
+  const until = h("input", { id: "f-until", type: "datetime-local" });
+  const results = h("div");
+  const more = h("button", { type: "button", class: "secondary", hidden: true, id: "events-more" }, "Next page");
+  const browse = h("form", { id: "events-form" },
+    h("div", { class: "filters" },
+      field("f-action", "Action", action), field("f-target", "Target id", targetId), field("f-job", "Job id", jobId),
+      field("f-actor", "Actor id", actor), field("f-since", "Since (local time)", since), field("f-until", "Until", until)),
+    h("button", { type: "submit" }, "Search"));
+  let cursor = null;
+  let shown = [];
+  let latest = 0; // answers to an overtaken request are dropped
+  const load = async (append) => {
+    const mine = ++latest;
+    const params = { action: action.value, target_id: targetId.value.trim(), job_id: jobId.value.trim(),
+      since: iso(since), until: iso(until), limit: 50, cursor: append ? cursor : null };
+    const page = await api("GET", `/v1/audit/events${query({ ...params, actor_id: actor.value.trim() })}`);
+    if (mine !== latest) return;
+    shown = append ? shown.concat(page.data) : page.data;
+    cursor = page.next_cursor;
+    more.hidden = !cursor;
+    mount(results, table("Audit events, oldest first", HEADERS, eventRows(shown), "No events match."));
+  };
+  browse.addEventListener("submit", (event) => { event.preventDefault(); load(false).catch(fail); });
+  more.addEventListener("click", () => load(true).catch(fail));
+
+  mount(view, h("h2", {}, "Audit trail"),
+    h("div", { class: "grid" },
+      h("section", { class: "card" }, h("h3", {}, "Was this address deleted?"), lookup, lookupResult),
+      h("section", { class: "card" }, h("h3", {}, "Chain verification"),
+        h("p", { class: "hint" }, "Walks this workspace's hash chain from seq 1."), verifyButton, verdict,
+        h("h3", {}, "Export"), field("export-since", "From seq", sinceSeq), exportButton)),
+    h("section", { class: "card" }, h("h3", {}, "Events"), browse, results, more));
+  await load(false);
+}
+
+async function timelinePage(view, contactId) {
+  const t = (await api("GET", `/v1/audit/contacts/${encodeURIComponent(contactId)}/timeline`)).data;
+  const by = t.requested_by;
+  mount(view, h("p", {}, h("a", { href: "#/audit" }, "← Audit trail")),
+    h("h2", {}, "Deleted contact"),
+    h("section", { class: "card" }, kv([
+      ["Contact", h("code", {}, t.contact_id)],
+      ["Deleted", t.deleted ? h("span", { id: "timeline-deleted" }, badge("deleted"), " ", time(t.deletion?.occurred_at)) : "no deletion recorded"],
+      ["Requested by key", by?.api_key_id ? h("code", {}, by.api_key_id) : "—"],
+      ["Job", by?.job_id ? h("a", { href: `#/jobs/${by.job_id}` }, h("code", {}, by.job_id)) : "—"],
+      ["Request id", by?.request_id ? h("code", {}, by.request_id) : "—"],
+      ["Audit event", t.deletion ? `seq ${t.deletion.seq}` : "—"],
+    ])),
+    h("section", { class: "card" }, h("h3", {}, "Preserved timeline"),
+      h("p", { class: "hint" }, "Activities, notes and tasks that outlived the contact; their back-reference is gone."),
+      table("Timeline items, newest first", ["Kind", "Created", "What", "Back-reference"],
+        t.timeline.map((i) => [i.kind, time(i.created_at),
+          [i.subject || i.title, i.body].filter(Boolean).join(" — ") || "—", i.contact_id ? h("code", {}, i.contact_id) : "none"]),
+        "No timeline items.")));
+}

@@ -1,0 +1,259 @@
+// Webhooks: endpoints (create, edit, delete, secret shown once, rotate, test, enable),
+// each endpoint's delivery log, a delivery's attempts, retry one, recover since a time.
+import { api, query } from "./api.js";
+import { h, mount, time, badge, field, table, kv, say, fail } from "./dom.js";
+
+const EVENT_TYPES = ["contact.deleted", "deletion_job.completed", "webhook.test"];
+const DELIVERY_STATUSES = ["pending", "failing", "succeeded", "failed", "cancelled"];
+const REASONS = {
+  gone: "the receiver answered 410 Gone",
+  failing: "every attempt failed for the configured number of days",
+};
+
+export function owns(part) {
+  return ["webhooks", "endpoints", "deliveries"].includes(part);
+}
+
+export async function render(view, parts, { ctx }) {
+  if (parts[0] === "endpoints" && parts[1]) return endpointPage(view, parts[1], ctx);
+  if (parts[0] === "deliveries" && parts[1]) return deliveryPage(view, parts[1], ctx);
+  return listPage(view);
+}
+
+function eventTypeBoxes(prefix, selected = []) {
+  return h("fieldset", {}, h("legend", {}, "Event types (none ticked: all of them)"),
+    EVENT_TYPES.map((t) => h("label", { class: "choice" },
+      h("input", { type: "checkbox", name: `${prefix}-event`, value: t, checked: selected.includes(t) }), t)));
+}
+
+function ticked(form, prefix) {
+  return [...form.querySelectorAll(`input[name=${prefix}-event]:checked`)].map((i) => i.value);
+}
+
+function secretBox(secret, why) {
+  return h("div", { class: "secret", role: "alert" },
+    h("p", {}, h("strong", {}, "Copy this signing secret now: it is not shown again. "), why),
+    h("code", { id: "endpoint-secret" }, secret));
+}
+
+function reason(endpoint) {
+  if (endpoint.status !== "disabled") return "—";
+  const r = endpoint.disabled_reason;
+  return h("span", {}, REASONS[r] || r || "disabled",
+    endpoint.disabled_at ? [" (since ", time(endpoint.disabled_at), ")"] : null);
+}
+
+async function listPage(view) {
+  const url = h("input", { id: "ep-url", type: "url", required: true, placeholder: "https://crm.example.com/hooks/deletions" });
+  const description = h("input", { id: "ep-description", type: "text", maxlength: 500 });
+  const created = h("div", { "aria-live": "polite" });
+  const list = h("div");
+  const form = h("form", { id: "endpoint-form" },
+    field("ep-url", "Receiver URL", url, "Signed per Standard Webhooks; verify with any Standard Webhooks library."),
+    field("ep-description", "Description (optional)", description),
+    eventTypeBoxes("new"),
+    h("button", { type: "submit" }, "Add endpoint"));
+  mount(view, h("h2", {}, "Webhooks"),
+    h("div", { class: "grid" },
+      h("section", { class: "card" }, h("h3", {}, "Subscribe a receiver"), form, created),
+      h("section", { class: "card" }, h("h3", {}, "Endpoints"), list)));
+  const load = async () => {
+    const page = await api("GET", "/v1/webhooks/endpoints");
+    mount(list, table("Webhook endpoints", ["URL", "Status", "Events", ""],
+      page.data.map((e) => [h("code", {}, e.url), h("span", {}, badge(e.status), e.status === "disabled" ? h("span", { class: "hint" }, " ", reason(e)) : null),
+        e.event_types.length ? e.event_types.join(", ") : "all",
+        h("a", { href: `#/endpoints/${e.id}`, "aria-label": `Open endpoint ${e.url}` }, "Open")]),
+      "No endpoints yet."));
+  };
+  form.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    try {
+      const body = { url: url.value.trim() };
+      if (description.value.trim()) body.description = description.value.trim();
+      const types = ticked(form, "new");
+      if (types.length) body.event_types = types;
+      const endpoint = (await api("POST", "/v1/webhooks/endpoints", body)).data;
+      form.reset();
+      mount(created, secretBox(endpoint.secret, "Your receiver verifies each delivery's signature with it."),
+        h("p", {}, h("a", { href: `#/endpoints/${endpoint.id}` }, "Open the new endpoint")));
+      say("Endpoint added.", "good");
+      await load();
+    } catch (err) { fail(err); }
+  });
+  await load();
+}
+
+async function endpointPage(view, id, ctx) {
+  const base = `/v1/webhooks/endpoints/${encodeURIComponent(id)}`;
+  let endpoint = (await api("GET", base)).data;
+  const details = h("div");
+  const notice = h("div", { "aria-live": "polite" });
+  const actions = h("div");
+  const editUrl = h("input", { id: "edit-url", type: "url", required: true });
+  const editDescription = h("input", { id: "edit-description", type: "text", maxlength: 500 });
+  const editForm = h("form", { id: "edit-form" });
+  const statusSelect = h("select", { id: "delivery-status" },
+    h("option", { value: "" }, "any status"), DELIVERY_STATUSES.map((s) => h("option", { value: s }, s)));
+  const since = h("input", { id: "recover-since", type: "datetime-local", required: true });
+  const recoverForm = h("form", { id: "recover-form" },
+    field("recover-since", "Resend every failed delivery since", since, "Your local time. Use it after an outage of your receiver."),
+    h("button", { type: "submit" }, "Recover"));
+  const log = h("div");
+  const more = h("button", { type: "button", class: "secondary", hidden: true }, "Older deliveries");
+
+  const draw = () => {
+    mount(details, kv([
+      ["URL", h("code", {}, endpoint.url)],
+      ["Status", badge(endpoint.status)],
+      ["Why disabled", reason(endpoint)],
+      ["Description", endpoint.description || "—"],
+      ["Event types", endpoint.event_types.length ? endpoint.event_types.join(", ") : "all"],
+      ["Created", time(endpoint.created_at)],
+    ]));
+    editUrl.value = endpoint.url;
+    editDescription.value = endpoint.description || "";
+    mount(editForm, field("edit-url", "Receiver URL", editUrl), field("edit-description", "Description", editDescription),
+      eventTypeBoxes("edit", endpoint.event_types), h("button", { type: "submit" }, "Save changes"));
+    const buttons = [
+      action("Send test event", "send-test", async () => {
+        await api("POST", `${base}/test`);
+        say("Test event queued: it appears in the delivery log below.", "good");
+        await loadLog(false);
+      }),
+      action("Rotate secret", "rotate", async () => {
+        endpoint = (await api("POST", `${base}/rotate-secret`)).data;
+        mount(notice, secretBox(endpoint.secret,
+          "The previous secret keeps signing alongside this one for an overlap window (24 hours by default): each delivery carries both signatures, so update your receiver within that window and nothing fails verification."));
+        draw();
+      }),
+    ];
+    if (endpoint.status === "disabled") {
+      buttons.push(action("Enable", "enable", async () => {
+        endpoint = (await api("POST", `${base}/enable`)).data;
+        say("Endpoint enabled.", "good");
+        draw();
+      }));
+    }
+    const del = h("button", { type: "button", class: "danger", id: "delete-endpoint" }, "Delete endpoint");
+    del.addEventListener("click", () => {
+      const really = h("button", { type: "button", class: "danger", id: "really-delete" }, "Yes, delete it");
+      const keep = h("button", { type: "button", class: "secondary" }, "Keep it");
+      keep.addEventListener("click", draw);
+      really.addEventListener("click", async () => {
+        try {
+          await api("DELETE", base);
+          say("Endpoint deleted: its pending deliveries will not be sent.", "good");
+          location.hash = "#/webhooks";
+        } catch (err) { fail(err); }
+      });
+      mount(actions, buttons, h("p", { class: "error" }, "Delete this endpoint? Pending deliveries to it are dropped."), really, keep);
+      really.focus();
+    });
+    mount(actions, buttons, del);
+  };
+
+  let cursor = null;
+  let shown = [];
+  let appended = false;
+  let latest = 0; // answers to an overtaken request are dropped
+  const loadLog = async (append) => {
+    const mine = ++latest;
+    const page = await api("GET", `${base}/deliveries${query({ status: statusSelect.value, limit: 50, cursor: append ? cursor : null })}`);
+    if (mine !== latest) return;
+    shown = append ? shown.concat(page.data) : page.data;
+    appended = appended || append;
+    cursor = page.next_cursor;
+    more.hidden = !cursor;
+    mount(log, table("Deliveries to this endpoint, newest first", ["Created", "Event", "Status", "Attempts", "Next attempt", ""],
+      shown.map((d) => [time(d.created_at), d.event_type, badge(d.status), String(d.attempt_count),
+        ["succeeded", "failed", "cancelled"].includes(d.status) ? "—" : time(d.next_attempt_at), h("a", { href: `#/deliveries/${d.id}`, "aria-label": `Open delivery of ${d.event_type}` }, "Attempts")]),
+      "No deliveries with this status."));
+  };
+
+  editForm.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    try {
+      endpoint = (await api("PATCH", base, {
+        url: editUrl.value.trim(), description: editDescription.value.trim() || null,
+        event_types: ticked(editForm, "edit"),
+      })).data;
+      say("Saved.", "good");
+      draw();
+    } catch (err) { fail(err); }
+  });
+  recoverForm.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    try {
+      const when = new Date(since.value);
+      if (Number.isNaN(when.getTime())) throw new Error("Pick a date and time.");
+      const result = (await api("POST", `${base}/recover`, { since: when.toISOString() })).data;
+      say(`${result.requeued} deliveries queued again.`, "good");
+      await loadLog(false);
+    } catch (err) { fail(err); }
+  });
+  statusSelect.addEventListener("change", () => { appended = false; loadLog(false).catch(fail); });
+  more.addEventListener("click", () => loadLog(true).catch(fail));
+
+  mount(view,
+    h("p", {}, h("a", { href: "#/webhooks" }, "← All endpoints")),
+    h("h2", {}, "Webhook endpoint"),
+    h("div", { class: "grid" },
+      h("section", { class: "card" }, details, actions, notice),
+      h("section", { class: "card" }, h("h3", {}, "Edit"), editForm)),
+    h("section", { class: "card" }, h("h3", {}, "Delivery log"),
+      h("div", { class: "filters" }, field("delivery-status", "Show deliveries with status", statusSelect)),
+      log, more, h("h3", {}, "Recover after an outage"), recoverForm));
+  draw();
+  await loadLog(false);
+  ctx.every(2000, () => { if (!appended) loadLog(false).catch(fail); });
+}
+
+function action(label, id, fn) {
+  const button = h("button", { type: "button", class: "secondary", id });
+  button.textContent = label;
+  button.addEventListener("click", async () => {
+    button.disabled = true;
+    try { await fn(); } catch (err) { fail(err); } finally { button.disabled = false; }
+  });
+  return button;
+}
+
+function excerpt(text) {
+  if (!text) return "—";
+  return text.length > 200 ? `${text.slice(0, 200)}…` : text;
+}
+
+async function deliveryPage(view, id, ctx) {
+  const base = `/v1/webhooks/deliveries/${encodeURIComponent(id)}`;
+  const details = h("div");
+  const attempts = h("div");
+  const retry = action("Retry now", "retry-delivery", async () => {
+    await api("POST", `${base}/retry`);
+    say("Retry queued.", "good");
+    await load();
+  });
+  retry.className = "";
+  const back = h("a", { href: "#/webhooks" }, "← Endpoints");
+  mount(view, h("p", {}, back), h("h2", {}, "Delivery"),
+    h("section", { class: "card" }, details, retry),
+    h("section", { class: "card" }, h("h3", {}, "Attempts"), attempts));
+  const load = async () => {
+    const d = (await api("GET", base)).data;
+    back.href = `#/endpoints/${d.endpoint_id}`;
+    back.textContent = "← Endpoint";
+    mount(details, kv([
+      ["Event", `${d.event_type} (${d.event_id})`],
+      ["Status", h("span", { id: "delivery-status-now" }, badge(d.status))],
+      ["Attempts", String(d.attempt_count)],
+      ["Created", time(d.created_at)],
+      ["Next attempt", ["succeeded", "failed", "cancelled"].includes(d.status) ? "—" : time(d.next_attempt_at)],
+      ["Completed", time(d.completed_at)],
+    ]));
+    mount(attempts, table("Attempts, oldest first", ["Time", "HTTP status", "Latency", "Error", "Response excerpt"],
+      d.attempts.map((a) => [time(a.attempted_at), a.status_code === null ? "—" : String(a.status_code),
+        `${Math.round(a.latency_ms)} ms`, a.error || "—", h("code", {}, excerpt(a.response_body))]),
+      "Not tried yet."));
+  };
+  await load();
+  ctx.every(1500, () => load().catch(fail));
+}

@@ -1,0 +1,347 @@
+"""The console at /console and the reference at /docs, used through a real browser.
+
+One flow per user task, as a person would click it, against the running service (real
+Kafka, real database of each backend, a real webhook receiver on 127.0.0.1).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from selenium.webdriver.chrome.webdriver import WebDriver
+from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
+from selenium.webdriver.remote.webelement import WebElement
+from selenium.webdriver.support.ui import Select
+
+from tests.browser.conftest import (
+    ConsoleService,
+    Receiver,
+    assert_no_console_errors,
+    new_driver,
+    shot,
+    wait_for,
+)
+
+ALL_SCOPES = ("contacts:read", "contacts:write", "webhooks:manage", "audit:read")
+
+pytestmark = pytest.mark.slow
+
+
+def css(driver: WebDriver, selector: str) -> WebElement:
+    return driver.find_element(By.CSS_SELECTOR, selector)
+
+
+def sign_in(driver: WebDriver, service: ConsoleService, key: str) -> list[str]:
+    """Open / (redirected to /console), sign in, return the section names shown."""
+    driver.get(service.base + "/")
+    assert driver.current_url == service.base + "/console"
+    field = wait_for(driver, lambda d: d.find_element(By.ID, "api-key"))
+    shot(driver, "sign-in")
+    assert_labelled(driver)
+    field.send_keys(key + Keys.ENTER)  # the keyboard alone signs in
+    wait_for(driver, lambda d: d.find_element(By.ID, "nav").is_displayed())
+    # The key is in this tab's session storage only: not in the URL, not in a cookie.
+    assert driver.execute_script("return sessionStorage.length") == 1
+    assert key not in driver.current_url
+    assert driver.get_cookies() == []
+    return [a.text for a in driver.find_elements(By.CSS_SELECTOR, "#nav a")]
+
+
+def go(driver: WebDriver, section: str) -> None:
+    css(driver, f"#nav a[data-section={section}]").click()
+
+
+def click(driver: WebDriver, selector: str) -> None:
+    """Click what `selector` finds, again if a re-render replaced it meanwhile."""
+
+    def attempt(d: WebDriver) -> bool:
+        d.find_element(By.CSS_SELECTOR, selector).click()
+        return True
+
+    wait_for(driver, attempt)
+
+
+def assert_labelled(driver: WebDriver) -> None:
+    """Every form control on the page has a label (or an aria-label)."""
+    unlabelled = driver.execute_script(
+        "return [...document.querySelectorAll('input, select, textarea')]"
+        ".filter(e => e.offsetParent !== null && !e.labels.length"
+        " && !e.getAttribute('aria-label')).map(e => e.outerHTML)"
+    )
+    assert unlabelled == [], unlabelled
+
+
+def text_of(driver: WebDriver, selector: str) -> str:
+    elements = driver.find_elements(By.CSS_SELECTOR, selector)
+    return elements[0].text if elements else ""
+
+
+def test_delete_subscribe_retry_and_audit_from_the_page(
+    console_service: ConsoleService, browser: WebDriver, receiver: Receiver
+) -> None:
+    """Sign in; subscribe a receiver; dry run then delete; see deliveries, retry one;
+    verify the chain; open a deleted contact's preserved timeline."""
+    service, driver = console_service, browser
+    key = service.key(*ALL_SCOPES)
+    emails = ["ada@example.com", "alan@example.com"]
+    ids = []
+    for email in emails:
+        status, contact = service.call(key, "POST", "/v1/contacts", {"email": email})
+        assert status == 201, contact
+        ids.append(contact["data"]["id"])
+    status, _ = service.call(
+        key, "POST", f"/v1/contacts/{ids[0]}/notes", {"body": "met at the conference"}
+    )
+    assert status == 201
+    status, member = service.call(
+        key, "POST", "/v1/contacts", {"email": "grace@example.com", "member_role": "member"}
+    )
+    assert status == 201
+
+    assert sign_in(driver, service, key) == ["Deletions", "Webhooks", "Audit"]
+
+    # Subscribe the receiver; the secret is shown once, and the receiver verifies with it.
+    go(driver, "webhooks")
+    wait_for(driver, lambda d: d.find_element(By.ID, "ep-url")).send_keys(receiver.url)
+    css(driver, "input[name=new-event][value='contact.deleted']").click()
+    css(driver, "#endpoint-form button[type=submit]").click()
+    receiver.secret = wait_for(driver, lambda d: d.find_element(By.ID, "endpoint-secret")).text
+    assert receiver.secret.startswith("whsec_")
+    wait_for(driver, lambda d: receiver.url in text_of(d, "table"))
+    shot(driver, "webhooks")
+
+    # A dry run first: the member is a blocker; nothing changes.
+    go(driver, "deletions")
+    wait_for(driver, lambda d: d.find_element(By.ID, "delete-form"))
+    css(driver, "input[name=selector-kind][value=emails]").click()
+    listing = css(driver, "#del-list")
+    listing.send_keys("\n".join([*emails, "grace@example.com", "nobody@example.com"]))
+    css(driver, "#dry-run").click()
+    wait_for(driver, lambda d: text_of(d, "#would-delete") == "2")
+    outcome = css(driver, "#dry-run-outcome").text
+    assert "CANNOT_DELETE_SITE_MEMBERS" in outcome
+    assert "activities 0 · notes 1 · tasks 0" in outcome  # Ada's note would be orphaned
+    assert member["data"]["id"] in outcome
+    assert_labelled(driver)
+    shot(driver, "deletions-dry-run")
+    status, still = service.call(key, "GET", f"/v1/contacts/{ids[0]}")
+    assert status == 200, still
+
+    # Editing the list drops the preview; a new one, then the real deletion.
+    listing.clear()
+    listing.send_keys("\n".join([*emails, "nobody@example.com"]))
+    assert not driver.find_elements(By.ID, "would-delete")
+    css(driver, "#dry-run").click()
+    wait_for(driver, lambda d: text_of(d, "#would-delete") == "2")
+    assert "nothing blocks" in css(driver, "#dry-run-outcome").text
+    css(driver, "#confirm-delete").click()
+    wait_for(driver, lambda d: "#/jobs/" in d.current_url)
+    wait_for(driver, lambda d: text_of(d, "#job-status") == "completed", timeout=60)
+    assert "2 deleted · 1 not found · 0 failed" in css(driver, "main").text
+    assert "done" in css(driver, ".phase").text
+    shot(driver, "job")
+    for contact_id in ids:
+        assert service.call(key, "GET", f"/v1/contacts/{contact_id}")[0] == 404
+    go(driver, "deletions")
+    wait_for(driver, lambda d: "completed" in text_of(d, "#jobs-h + div table"))
+    shot(driver, "deletions")
+
+    # The delivery log: one delivery failed (503) and waits an hour; retry it from the page.
+    go(driver, "webhooks")
+    wait_for(driver, lambda d: d.find_element(By.LINK_TEXT, "Open")).click()
+    wait_for(driver, lambda d: d.find_element(By.ID, "delivery-status"))
+
+    def both_tried(d: WebDriver) -> list[tuple[str, str]]:
+        """(status, link) of each delivery once there are two, each tried once."""
+        rows = []
+        for row in d.find_elements(By.CSS_SELECTOR, "table tbody tr"):
+            cells = [td.text for td in row.find_elements(By.TAG_NAME, "td")]
+            link = row.find_element(By.LINK_TEXT, "Attempts").get_attribute("href") or ""
+            rows.append((cells[2], cells[3], link.split("#", 1)[1]))
+        if len(rows) == 2 and all(tries == "1" for _, tries, _ in rows):
+            return [(status, link) for status, _, link in rows]
+        return []
+
+    deliveries = sorted(wait_for(driver, both_tried, timeout=60))
+    # Tried, failed, a retry scheduled: "failing".
+    assert [status for status, _ in deliveries] == ["failing", "succeeded"]
+    assert_labelled(driver)
+    shot(driver, "endpoint")
+    click(driver, f"a[href='#{deliveries[0][1]}']")
+    wait_for(driver, lambda d: "503" in text_of(d, "table tbody"))
+    css(driver, "#retry-delivery").click()
+    wait_for(driver, lambda d: text_of(d, "#delivery-status-now") == "succeeded", timeout=30)
+    wait_for(driver, lambda d: len(d.find_elements(By.CSS_SELECTOR, "table tbody tr")) == 2)
+    assert "200" in text_of(driver, "table tbody")
+    shot(driver, "delivery")
+    assert receiver.rejected == []
+    assert receiver.answered == [503, 200, 200]
+    # Three signed requests: both contacts, one of them twice (the 503, then the retry).
+    sent = Counter(p["data"]["contact_id"] for p in receiver.verified)
+    assert set(sent) == set(ids) and sorted(sent.values()) == [1, 2]
+
+    # The audit trail: the chain verifies, with its head hash shown; the deletion events
+    # lead to the preserved timeline.
+    go(driver, "audit")
+    wait_for(driver, lambda d: d.find_element(By.ID, "verify")).click()
+    head = wait_for(driver, lambda d: d.find_element(By.ID, "head-hash")).text
+    status, verdict = service.call(key, "GET", "/v1/audit/verify")
+    assert verdict["data"]["ok"] is True
+    assert head == verdict["data"]["head_hash"]
+    Select(css(driver, "#f-action")).select_by_value("contact.deleted")
+    css(driver, "#events-form button[type=submit]").click()
+    link = f"a[href='#/audit/contacts/{ids[0]}']"
+    wait_for(driver, lambda d: d.find_elements(By.CSS_SELECTOR, link))
+    assert_labelled(driver)
+    shot(driver, "audit")
+    click(driver, link)
+    wait_for(driver, lambda d: d.find_element(By.ID, "timeline-deleted"))
+    assert "met at the conference" in css(driver, "main").text
+    shot(driver, "timeline")
+
+
+def test_look_up_a_deleted_address_and_open_its_timeline(
+    console_service: ConsoleService,
+) -> None:
+    """The address goes in a POST body (never a URL); the answer links to the timeline."""
+    service = console_service
+    key = service.key(*ALL_SCOPES)
+    status, contact = service.call(key, "POST", "/v1/contacts", {"email": "lin@example.com"})
+    assert status == 201
+    contact_id = contact["data"]["id"]
+    service.call(key, "POST", f"/v1/contacts/{contact_id}/notes", {"body": "renewal call"})
+    status, job = service.call(
+        key, "POST", "/v1/contacts/bulk-delete", {"contact_ids": [contact_id]}, Prefer="wait=30"
+    )
+    assert status == 200 and job["data"]["status"] == "completed", job
+    driver = new_driver()
+    try:
+        sign_in(driver, service, key)
+        go(driver, "audit")
+        wait_for(driver, lambda d: d.find_element(By.ID, "lookup-email")).send_keys(
+            "Lin@Example.com"
+        )
+        css(driver, "#lookup-form button[type=submit]").click()
+        # Whatever the answer (or error), it shows at once; then it must be "deleted".
+        wait_for(driver, lambda d: text_of(d, "#lookup-result") or text_of(d, ".status.bad"))
+        assert "Yes: deleted" in text_of(driver, "#lookup-result"), text_of(driver, ".status")
+        assert "example.com" not in driver.current_url.lower()
+        css(driver, f"#lookup-result a[href='#/audit/contacts/{contact_id}']").click()
+        wait_for(driver, lambda d: d.find_element(By.ID, "timeline-deleted"))
+        assert "renewal call" in css(driver, "main").text
+        assert_no_console_errors(driver)
+    finally:
+        driver.quit()
+
+
+def test_a_key_without_audit_read_sees_no_audit_section_and_sign_out_forgets_it(
+    console_service: ConsoleService, browser: WebDriver
+) -> None:
+    service, driver = console_service, browser
+    key = service.key("contacts:read", "contacts:write", "webhooks:manage")
+    assert sign_in(driver, service, key) == ["Deletions", "Webhooks"]
+    driver.get(service.base + "/console#/audit")
+    wait_for(driver, lambda d: d.current_url.endswith("#/deletions"))
+    wait_for(driver, lambda d: d.find_element(By.ID, "delete-form"))
+    assert "Audit" not in css(driver, "header").text
+    assert not driver.find_elements(By.ID, "verify")
+    # The keyboard reaches the sections: focus a nav link, press Enter.
+    nav = css(driver, "#nav a[data-section=webhooks]")
+    driver.execute_script("arguments[0].focus()", nav)
+    driver.switch_to.active_element.send_keys(Keys.ENTER)
+    wait_for(driver, lambda d: d.find_element(By.ID, "endpoint-form"))
+    assert_labelled(driver)
+    css(driver, "#sign-out").click()
+    wait_for(driver, lambda d: d.find_element(By.ID, "api-key").is_displayed())
+    assert driver.execute_script("return sessionStorage.length") == 0
+    driver.refresh()
+    wait_for(driver, lambda d: d.find_element(By.ID, "api-key").is_displayed())
+    assert not css(driver, "#nav").is_displayed()
+
+
+def test_a_narrow_screen_gets_the_same_console(console_service: ConsoleService) -> None:
+    """At 390 px wide nothing overflows sideways and the delete form is usable."""
+    service = console_service
+    driver = new_driver(390, 844)
+    try:
+        sign_in(driver, service, service.key(*ALL_SCOPES))
+        wait_for(driver, lambda d: d.find_element(By.ID, "delete-form"))
+        width = driver.execute_script("return document.documentElement.scrollWidth")
+        inner = driver.execute_script("return window.innerWidth")
+        assert width <= inner, f"the page is {width} px wide in a {inner} px window"
+        shot(driver, "narrow-deletions")
+        assert_no_console_errors(driver)
+    finally:
+        driver.quit()
+
+
+def test_docs_renders_the_openapi_document_from_local_assets(
+    console_service: ConsoleService, browser: WebDriver
+) -> None:
+    service, driver = console_service, browser
+    driver.get(service.base + "/docs")
+    title = wait_for(driver, lambda d: d.find_elements(By.CSS_SELECTOR, ".swagger-ui .info .title"))
+    assert "Contact deletion service" in title[0].text
+    wait_for(driver, lambda d: "/v1/contacts/bulk-delete" in css(d, "#swagger-ui").text)
+    resources = driver.execute_script(
+        "return performance.getEntriesByType('resource').map(e => e.name)"
+    )
+    assert resources, "no resource was loaded"
+    assert all(url.startswith(service.base + "/") for url in resources), resources
+    shot(driver, "docs")
+
+
+def test_manage_an_endpoint_and_export_the_trail_from_the_page(
+    console_service: ConsoleService, browser: WebDriver, receiver: Receiver, tmp_path: Path
+) -> None:
+    """Edit, rotate (new secret shown once), send a test event, delete; export the trail."""
+    service, driver = console_service, browser
+    key = service.key(*ALL_SCOPES)
+    status, created = service.call(key, "POST", "/v1/webhooks/endpoints", {"url": receiver.url})
+    assert status == 201
+    endpoint_id, first_secret = created["data"]["id"], created["data"]["secret"]
+    receiver.fail_first = 0
+    sign_in(driver, service, key)
+    driver.get(f"{service.base}/console#/endpoints/{endpoint_id}")
+    description = wait_for(driver, lambda d: d.find_element(By.ID, "edit-description"))
+    description.send_keys("CRM sync")
+    css(driver, "#edit-form button[type=submit]").click()
+    wait_for(driver, lambda d: "CRM sync" in text_of(d, ".kv"))
+
+    css(driver, "#rotate").click()
+    new_secret = wait_for(driver, lambda d: d.find_element(By.ID, "endpoint-secret")).text
+    assert new_secret.startswith("whsec_") and new_secret != first_secret
+    assert "24 hours" in text_of(driver, ".secret")
+    receiver.secret = new_secret
+
+    css(driver, "#send-test").click()
+    wait_for(driver, lambda d: "webhook.test" in text_of(d, "table tbody"), timeout=30)
+    wait_for(driver, lambda d: "succeeded" in text_of(d, "table tbody"), timeout=30)
+    assert [p["type"] for p in receiver.verified] == ["webhook.test"]
+
+    css(driver, "#delete-endpoint").click()
+    css(driver, "#really-delete").click()
+    wait_for(driver, lambda d: d.current_url.endswith("#/webhooks"))
+    wait_for(driver, lambda d: "No endpoints yet." in text_of(d, "main"))
+    assert service.call(key, "GET", f"/v1/webhooks/endpoints/{endpoint_id}")[0] == 404
+
+    # The export arrives as a file whose events are this workspace's chain.
+    driver.execute_cdp_cmd(
+        "Browser.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(tmp_path)}
+    )
+    go(driver, "audit")
+    wait_for(driver, lambda d: d.find_element(By.ID, "export")).click()
+    exported = tmp_path / "audit-from-1.ndjson"
+    wait_for(driver, lambda d: exported.exists() and exported.stat().st_size > 0)
+    actions = [json.loads(line)["action"] for line in exported.read_text().splitlines()]
+    assert actions == [
+        "api_key.created",
+        "webhook.endpoint.created",
+        "webhook.endpoint.updated",
+        "webhook.endpoint.secret_rotated",
+        "webhook.endpoint.deleted",
+    ]
