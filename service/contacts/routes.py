@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
-
 from service.apimodels import Data, Page
 from service.contacts import store
 from service.contacts.filters import parse_filter
@@ -17,9 +15,8 @@ from service.contacts.models import (
     Timeline,
     TimelineItem,
 )
-from service.errors import ValidationFailed
 from service.http import DB_KEY
-from service.pagination import decode_cursor, encode_cursor
+from service.pagination import IdCursor, encode_cursor, read_cursor
 from service.routing import Answer, Call, Handler, Operation, Reply
 
 READ = "contacts:read"
@@ -45,13 +42,7 @@ async def query_contacts(call: Call) -> Page[Contact]:
     tree = parse_filter(body.filter) if body.filter is not None else None
     after = None
     if body.cursor:
-        try:
-            after = uuid.UUID(str(decode_cursor(body.cursor, ("after",))["after"]))
-        except ValueError:
-            raise ValidationFailed(
-                "invalid cursor",
-                [{"field": "cursor", "message": "not a cursor from this listing"}],
-            ) from None
+        after = read_cursor(body.cursor, IdCursor).after
     page, next_after = await store.query_contacts(
         call.app[DB_KEY], call.principal.workspace_id, tree, body.search, body.limit, after
     )

@@ -6,7 +6,6 @@ import asyncio
 import re
 import time
 import uuid
-from datetime import datetime
 from typing import Any
 
 from aiohttp import web
@@ -26,9 +25,9 @@ from service.deletion.store import (
     load_job,
     selector_summary,
 )
-from service.errors import ValidationFailed
 from service.http import DB_KEY, SETTINGS_KEY, request_id
-from service.pagination import decode_cursor, encode_cursor
+from service.limits import MAX_CURSOR_LENGTH
+from service.pagination import PositionCursor, TimeIdCursor, encode_cursor, read_cursor
 from service.routing import Answer, Call, HeaderParam, Operation, dump
 
 NOTIFIER_KEY = web.AppKey("job_notifier", JobNotifier)
@@ -181,7 +180,11 @@ class ListQuery(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     limit: int = Field(default=50, ge=1, le=500)
-    cursor: str | None = Field(default=None, description="The `next_cursor` of the previous page")
+    cursor: str | None = Field(
+        default=None,
+        max_length=MAX_CURSOR_LENGTH,
+        description="The `next_cursor` of the previous page",
+    )
 
 
 class ItemsQuery(ListQuery):
@@ -194,13 +197,7 @@ async def get_jobs(call: Call) -> Page[Job]:
     query = call.query_as(ListQuery)
     before = None
     if query.cursor:
-        pos = decode_cursor(query.cursor, ("at", "id"))
-        try:
-            before = (datetime.fromisoformat(pos["at"]), uuid.UUID(pos["id"]))
-        except (ValueError, TypeError):
-            raise ValidationFailed(
-                "invalid cursor", [{"field": "cursor", "message": "bad"}]
-            ) from None
+        before = read_cursor(query.cursor, TimeIdCursor).position
     async with call.app[DB_KEY].read() as conn:
         page, nxt = await list_jobs(conn, call.principal.workspace_id, query.limit, before)
     cursor = encode_cursor({"at": nxt[0].isoformat(), "id": str(nxt[1])}) if nxt else None
@@ -211,10 +208,7 @@ async def get_items(call: Call) -> Page[JobItem]:
     query = call.query_as(ItemsQuery)
     after = None
     if query.cursor:
-        value = decode_cursor(query.cursor, ("after",))["after"]
-        if not isinstance(value, int):
-            raise ValidationFailed("invalid cursor", [{"field": "cursor", "message": "bad"}])
-        after = value
+        after = read_cursor(query.cursor, PositionCursor).after
     async with call.app[DB_KEY].read() as conn:
         page, nxt = await list_items(
             conn,

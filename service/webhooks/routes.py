@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from datetime import datetime
 from typing import Any
 
 from aiohttp import web
@@ -12,10 +11,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from service.apimodels import Data, NoQuery, Page
 from service.db import utcnow
-from service.errors import ValidationFailed
 from service.http import DB_KEY, SETTINGS_KEY, request_id
 from service.keys import Principal
-from service.pagination import decode_cursor, encode_cursor
+from service.limits import MAX_CURSOR_LENGTH
+from service.pagination import TimeIdCursor, encode_cursor, read_cursor
 from service.routing import Answer, Call, Handler, Operation, Reply
 from service.webhooks import store
 from service.webhooks.models import (
@@ -155,20 +154,18 @@ class DeliveriesQuery(BaseModel):
     model_config = ConfigDict(extra="forbid")
     status: DeliveryStatus | None = None
     limit: int = Field(default=50, ge=1, le=500)
-    cursor: str | None = Field(default=None, description="The `next_cursor` of the previous page")
+    cursor: str | None = Field(
+        default=None,
+        max_length=MAX_CURSOR_LENGTH,
+        description="The `next_cursor` of the previous page",
+    )
 
 
 async def deliveries(call: Call) -> Page[WebhookDelivery]:
     query = call.query_as(DeliveriesQuery)
     before = None
     if query.cursor:
-        pos = decode_cursor(query.cursor, ("at", "id"))
-        try:
-            before = (datetime.fromisoformat(pos["at"]), uuid.UUID(pos["id"]))
-        except (TypeError, ValueError):
-            raise ValidationFailed(
-                "invalid cursor", [{"field": "cursor", "message": "bad"}]
-            ) from None
+        before = read_cursor(query.cursor, TimeIdCursor).position
     page, nxt = await store.list_deliveries(
         call.app[DB_KEY],
         call.principal.workspace_id,
