@@ -112,6 +112,18 @@ def bad_text(value: str) -> str | None:
     return None
 
 
+def storable(value: str | None, limit: int | None = None) -> str | None:
+    """Text from outside (a receiver's body, headers, reason phrase, an error message) made
+    safe for both databases: NUL and lone surrogates become U+FFFD; cut to `limit`."""
+    if value is None:
+        return None
+    if limit is not None:
+        value = value[:limit]
+    if bad_text(value) is not None:
+        value = value.replace("\x00", "\ufffd").encode("utf-8", "replace").decode("utf-8")
+    return value
+
+
 def check_text(value: Any, path: str = "body") -> None:
     """Refuse (400) any string in a parsed JSON value, key or not, that cannot be stored."""
     stack: list[tuple[Any, str]] = [(value, path)]

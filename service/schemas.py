@@ -234,8 +234,9 @@ _PARAMETERS: dict[str, Schema] = {
         "name": "X-Request-ID",
         "in": "header",
         "required": False,
-        "description": "Your id for this request; echoed back and logged",
-        "schema": {"type": "string", "pattern": "^[A-Za-z0-9._:\\-]{1,200}$"},
+        "description": "Your id for this request; echoed back and logged when it is 1-200 "
+        "of A-Z a-z 0-9 . _ : - (any other value is replaced by a new id)",
+        "schema": {"type": "string"},
     },
 }
 

@@ -131,8 +131,9 @@ def _parse_field(field: str, value: Any, path: str, budget: _Budget) -> list[Con
         if op not in OPERATORS:
             raise _fail(here, f"unknown operator {op!r}; known: {', '.join(OPERATORS)}")
         budget.node(here)
-        budget.bind(here, len(operand) if op == "$in" and isinstance(operand, list) else 1)
-        conditions.append(Condition(field, op, _operand(field, op, operand, here)))
+        parsed = _operand(field, op, operand, here)  # the $in limit first: it is the nearer
+        budget.bind(here, len(parsed) if op == "$in" else 1)
+        conditions.append(Condition(field, op, parsed))
     return conditions
 
 

@@ -66,10 +66,29 @@ ERROR_MESSAGES = {
 }
 
 
+def _exactly_one_selector(schema: dict[str, Any]) -> None:
+    """The selector rule in the document: contact_ids, or emails, or filter/search/match_all."""
+
+    def any_of(*names: str) -> dict[str, Any]:
+        return {"anyOf": [{"required": [name]} for name in names]}
+
+    # A selector given as null counts as not given; the document offers only real values.
+    for name in SELECTOR_FIELDS:
+        prop = schema["properties"][name]
+        options = [o for o in prop.pop("anyOf", []) if o != {"type": "null"}]
+        if options:
+            prop.update(options[0])
+    schema["oneOf"] = [
+        {"required": ["contact_ids"], "not": any_of("emails", "filter", "search", "match_all")},
+        {"required": ["emails"], "not": any_of("contact_ids", "filter", "search", "match_all")},
+        {**any_of("filter", "search", "match_all"), "not": any_of("contact_ids", "emails")},
+    ]
+
+
 class BulkDeleteRequest(BaseModel):
     """POST /v1/contacts/bulk-delete: exactly one selector, and options."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_exactly_one_selector)
 
     contact_ids: list[uuid.UUID] | None = Field(default=None, min_length=1, max_length=MAX_IDS)
     emails: list[Email] | None = Field(default=None, min_length=1, max_length=MAX_EMAILS)

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from service import idempotency
 from service.apimodels import Data, Page
 from service.audit.store import AuditRecord, append_events
+from service.contacts.store import contact_exists
 from service.deletion.dryrun import dry_run
 from service.deletion.models import BulkDeleteRequest, ItemStatus, Job, JobItem, JobStatus
 from service.deletion.notify import JobNotifier
@@ -25,6 +26,7 @@ from service.deletion.store import (
     load_job,
     selector_summary,
 )
+from service.errors import NotFound
 from service.http import DB_KEY, SETTINGS_KEY, request_id
 from service.limits import MAX_CURSOR_LENGTH
 from service.pagination import PositionCursor, TimeIdCursor, encode_cursor, read_cursor
@@ -53,8 +55,9 @@ async def bulk_delete(call: Call) -> web.StreamResponse:
 
 async def delete_contact(call: Call) -> web.StreamResponse:
     who = call.principal
-    req = BulkDeleteRequest(contact_ids=[call.path["contact_id"]])
-    return await _submit(call.request, who.key_id, who.workspace_id, req, None)
+    contact_id = call.path["contact_id"]
+    req = BulkDeleteRequest(contact_ids=[contact_id])
+    return await _submit(call.request, who.key_id, who.workspace_id, req, None, contact_id)
 
 
 async def _submit(
@@ -63,7 +66,13 @@ async def _submit(
     workspace_id: uuid.UUID,
     req: BulkDeleteRequest,
     raw: Any,
+    must_exist: uuid.UUID | None = None,
 ) -> web.Response:
+    """Create the job (or dry run) under the request's Idempotency-Key, and answer.
+
+    `must_exist` is the contact a single DELETE names: one this workspace does not have
+    (another's, or already deleted) is a 404 like on every other route, and no job.
+    """
     db = request.app[DB_KEY]
     settings = request.app[SETTINGS_KEY]
     key = request.headers.get("Idempotency-Key")
@@ -84,6 +93,8 @@ async def _submit(
     try:
         if resumed is not None:
             status, headers, body = await _answer(request, workspace_id, resumed, 0.0)
+        elif must_exist is not None and not await contact_exists(db, workspace_id, must_exist):
+            raise NotFound("no such contact")
         elif req.dry_run:
             status, headers, body = await _dry_run(request, who, req)
         else:

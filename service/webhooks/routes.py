@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from service.apimodels import Data, NoQuery, Page
 from service.db import utcnow
+from service.errors import ValidationFailed
 from service.http import DB_KEY, SETTINGS_KEY, request_id
 from service.keys import Principal
 from service.limits import MAX_CURSOR_LENGTH
@@ -30,6 +31,7 @@ from service.webhooks.models import (
     WebhookEndpointWithSecret,
 )
 from service.webhooks.payloads import TYPE_WEBHOOK_TEST, webhook_body
+from service.webhooks.ssrf import ensure_public
 
 WEBHOOK_SIGNAL_KEY = web.AppKey("webhook_signal", asyncio.Event)
 SCOPE = "webhooks:manage"
@@ -47,12 +49,28 @@ def _with_secret(endpoint: dict[str, Any]) -> Data[WebhookEndpointWithSecret]:
     return Data[WebhookEndpointWithSecret].model_validate({"data": endpoint})
 
 
+async def _public(call: Call, url: str | None) -> None:
+    """Refuse (400) a destination that is, or resolves to, a non-public address."""
+    if url is None:
+        return
+    try:
+        await ensure_public(
+            url, allow_private=call.app[SETTINGS_KEY].webhook_allow_private_networks
+        )
+    except ValueError as exc:
+        raise ValidationFailed(
+            "the request body is invalid", [{"field": "url", "message": str(exc)}]
+        ) from None
+
+
 async def create(call: Call) -> Reply:
     who = call.principal
+    body = call.body_as(EndpointCreate)
+    await _public(call, body.url)
     endpoint = await store.create_endpoint(
         call.app[DB_KEY],
         who.workspace_id,
-        call.body_as(EndpointCreate),
+        body,
         _actor(who),
         request_id(call.request),
     )
@@ -73,11 +91,13 @@ async def get_one(call: Call) -> Data[WebhookEndpoint]:
 
 async def patch(call: Call) -> Data[WebhookEndpoint]:
     who = call.principal
+    body = call.body_as(EndpointPatch)
+    await _public(call, body.url)
     endpoint = await store.update_endpoint(
         call.app[DB_KEY],
         who.workspace_id,
         call.path["endpoint_id"],
-        call.body_as(EndpointPatch),
+        body,
         _actor(who),
         request_id(call.request),
     )
