@@ -228,6 +228,25 @@ async def test_search_selector_matches_names_and_emails_case_insensitively(
     assert await exists(tenant, unrelated)
 
 
+@pytest.mark.parametrize("needle", ["öztürk", "ÖZTÜRK"])
+async def test_search_deletes_names_with_upper_case_non_ascii_letters(
+    services: Services, pipeline: Services, tenant: Tenant, needle: str
+) -> None:
+    """Query, dry run and real run fold case the same way (Unicode, on both databases)."""
+    turk = await seed(services, tenant, last_name="ÖZTÜRK")
+    other = await seed(services, tenant, last_name="Ozturk")
+    _, found, _ = await tenant.call("POST", "/v1/contacts/query", {"search": needle})
+    _, dry, _ = await tenant.call("POST", BULK, {"search": needle, "dry_run": True})
+
+    job = await run_job(tenant, {"search": needle})
+
+    assert [c["id"] for c in found["data"]] == [turk]
+    assert dry["data"].get("would_delete_count", dry["data"].get("total_requested")) == 1, dry
+    assert (job["total_requested"], job["deleted_count"]) == (1, 1)
+    assert not await exists(tenant, turk)
+    assert await exists(tenant, other)
+
+
 async def test_filter_and_search_together_delete_only_contacts_matching_both(
     services: Services, pipeline: Services, tenant: Tenant
 ) -> None:
