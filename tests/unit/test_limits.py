@@ -97,7 +97,7 @@ def test_storable_replaces_nul_and_lone_surrogates_and_cuts() -> None:
 
 def test_a_connection_failure_does_not_name_the_address_a_host_resolved_to() -> None:
     key = aiohttp.client_reqrep.ConnectionKey(
-        "hooks.example.com", 443, True, None, None, None, None
+        "hooks.example.com", 443, True, True, None, None, None
     )
     error = aiohttp.ClientConnectorError(
         key, ConnectionRefusedError(111, "Connect call failed ('10.1.2.3', 443)")
