@@ -17,7 +17,7 @@ from typing import Annotated, Any, Final
 from aiohttp import web
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
-from service.apimodels import Data, Page
+from service.apimodels import Data, Page, in_utc_range
 from service.audit.chain import email_hmac, format_time
 from service.audit.export import export_line
 from service.audit.models import AuditContactTimeline, AuditEvent, ChainVerdict
@@ -80,7 +80,7 @@ def _instant(value: Any) -> Any:
         raise ValueError("not an ISO-8601 date-time, e.g. 2024-05-01T12:00:00Z") from None
     if parsed.tzinfo is None or parsed.utcoffset() is None:
         raise ValueError("add a UTC offset or Z")
-    return parsed
+    return in_utc_range(parsed)
 
 
 Instant = Annotated[datetime, BeforeValidator(_instant)]

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import sqlalchemy as sa
@@ -180,7 +180,10 @@ def _value(field: str, value: Any, path: str) -> Any:
             raise _fail(path, f"not an ISO-8601 date-time: {value!r}") from None
         if parsed.tzinfo is None:
             raise _fail(path, "created_at values need a timezone (e.g. Z)")
-        return parsed
+        try:
+            return parsed.astimezone(UTC)
+        except OverflowError:
+            raise _fail(path, f"out of range once converted to UTC: {value!r}") from None
     if not isinstance(value, str):
         raise _fail(path, f"{field} values are strings")
     # Emails are stored lowercased, so compare them that way.

@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, EmailStr, Field, field_validator
 
-from service.apimodels import Out, Time, UuidText
+from service.apimodels import Out, Time, UtcRange, UuidText
 from service.limits import (
     MAX_CURSOR_LENGTH,
     MAX_FILTER_DEPTH,
@@ -86,7 +86,7 @@ class ActivityCreate(Strict):
     type: str = Field(default="activity", min_length=1, max_length=64)
     subject: str | None = Field(default=None, max_length=500)
     body: str | None = Field(default=None, max_length=100_000)
-    occurred_at: datetime | None = None
+    occurred_at: Annotated[datetime, UtcRange] | None = None
 
 
 class NoteCreate(Strict):
@@ -97,7 +97,7 @@ class TaskCreate(Strict):
     title: str = Field(min_length=1, max_length=500)
     body: str | None = Field(default=None, max_length=100_000)
     status: Literal["open", "completed"] = "open"
-    due_at: datetime | None = None
+    due_at: Annotated[datetime, UtcRange] | None = None
 
 
 # --- Answers ---------------------------------------------------------------------------

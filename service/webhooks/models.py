@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 from pydantic.config import JsonDict
 from pydantic.json_schema import SkipJsonSchema
 
-from service.apimodels import Out, Time, UuidText
+from service.apimodels import Out, Time, UuidText, in_utc_range
 from service.webhooks.ssrf import validate_endpoint_url
 
 EventType = Literal["contact.deleted", "deletion_job.completed", "webhook.test"]
@@ -86,7 +86,7 @@ class Recover(_Strict):
     def _aware(cls, value: datetime) -> datetime:
         if value.tzinfo is None:
             raise ValueError("since needs a timezone (e.g. Z)")
-        return value
+        return in_utc_range(value)
 
 
 # --- Answers ---------------------------------------------------------------------------

@@ -315,6 +315,35 @@ async def test_out_of_range_integers_and_crafted_cursors_are_400s(
     assert body["error"]["code"] == "validation_error"
 
 
+EDGE_OF_TIME = "0001-01-01T00:00:00+14:00"  # exists, but not in UTC
+
+
+async def test_times_that_overflow_in_utc_are_400s_everywhere(
+    services: Services, tenant: Tenant
+) -> None:
+    contact_id = await seed(services, tenant)
+    status, endpoint, _ = await tenant.call(
+        "POST", "/v1/webhooks/endpoints", {"url": "https://hooks.example.com/t"}
+    )
+    assert status == 201, endpoint
+    calls = [
+        ("GET", f"/v1/audit/events?since={EDGE_OF_TIME.replace('+', '%2B')}", None),
+        ("POST", QUERY, {"filter": {"created_at": {"$gt": EDGE_OF_TIME}}}),
+        ("POST", BULK, {"filter": {"created_at": {"$lt": EDGE_OF_TIME}}, **DRY}),
+        ("POST", f"/v1/contacts/{contact_id}/activities", {"occurred_at": EDGE_OF_TIME}),
+        ("POST", f"/v1/contacts/{contact_id}/tasks", {"title": "t", "due_at": EDGE_OF_TIME}),
+        (
+            "POST",
+            f"/v1/webhooks/endpoints/{endpoint['data']['id']}/recover",
+            {"since": EDGE_OF_TIME},
+        ),
+    ]
+    for method, path, body in calls:
+        status, answer, _ = await tenant.call(method, path, body)
+
+        assert status == 400, (path, answer)
+
+
 async def test_the_largest_since_seq_is_an_empty_export(tenant: Tenant) -> None:
     async with tenant.http.get(
         tenant.url("/v1/audit/export?since_seq=9223372036854775807"),
