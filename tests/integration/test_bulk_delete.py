@@ -247,6 +247,23 @@ async def test_search_deletes_names_with_upper_case_non_ascii_letters(
     assert await exists(tenant, other)
 
 
+async def test_match_all_deletes_every_contact_of_the_workspace_and_no_other(
+    services: Services, pipeline: Services, tenant: Tenant, other_tenant: Tenant
+) -> None:
+    """The explicit opt-in works end to end, and "all" is this workspace's all."""
+    mine = await seed_many(services, tenant, PAGE_SIZE + 2)  # spans expansion pages
+    theirs = await seed(services, other_tenant)
+    status, refused, _ = await tenant.call("POST", BULK, {"filter": {"$or": [{}]}}, WAIT)
+    assert status == 400, refused
+
+    job = await run_job(tenant, {"match_all": True})
+
+    assert job["selector"] == {"filter": {}, "match_all": True}
+    assert (job["total_requested"], job["deleted_count"]) == (len(mine), len(mine))
+    assert not any([await exists(tenant, c) for c in mine])
+    assert await exists(other_tenant, theirs)
+
+
 async def test_filter_and_search_together_delete_only_contacts_matching_both(
     services: Services, pipeline: Services, tenant: Tenant
 ) -> None:
