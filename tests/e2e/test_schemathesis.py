@@ -129,6 +129,7 @@ async def test_schemathesis_finds_no_5xx_and_no_schema_violation(
             "--report-json-path",
             str(report_path),
             env={**os.environ, "NO_COLOR": "1", "SCHEMATHESIS_TELEMETRY": "false"},
+            cwd=tmp_path,  # its cache directory goes there, not into the checkout
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
         )
