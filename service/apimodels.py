@@ -5,11 +5,26 @@ Pure (pydantic only), so a capability's models can use them without the HTTP lay
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Annotated, Any, Generic, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 T = TypeVar("T")
+
+
+def in_utc_range(value: datetime) -> datetime:
+    """An aware time that still exists once moved to UTC (0001-01-01T00:00+14:00 does not:
+    converting it overflows, which would be a 500 at the database); naive ones pass as is."""
+    if value.tzinfo is not None and value.utcoffset() is not None:
+        try:
+            value.astimezone(UTC)
+        except OverflowError:
+            raise ValueError("this time is out of range once converted to UTC") from None
+    return value
+
+
+UtcRange = AfterValidator(in_utc_range)
 
 UuidText = Annotated[str, Field(json_schema_extra={"format": "uuid"})]
 """A UUID as the API writes it (a string, kept as the store wrote it)."""

@@ -385,6 +385,10 @@ def _ensure_sqlite_dir(url: str) -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
 
 
+def _unicode_lower(value: Any) -> Any:
+    return value.lower() if isinstance(value, str) else value
+
+
 def _sqlite_pragmas(engine: AsyncEngine, *, immediate: bool, busy_timeout_ms: int) -> None:
     @event.listens_for(engine.sync_engine, "connect")
     def _on_connect(dbapi_connection: Any, _: Any) -> None:
@@ -400,6 +404,8 @@ def _sqlite_pragmas(engine: AsyncEngine, *, immediate: bool, busy_timeout_ms: in
         # checkpoint(TRUNCATE) (service.erasure.scrubber).
         cursor.execute("PRAGMA secure_delete=ON")
         cursor.close()
+        # Unicode-aware lowercase for search (service.contacts.filters.unicode_lower).
+        dbapi_connection.create_function("unicode_lower", 1, _unicode_lower, deterministic=True)
 
     @event.listens_for(engine.sync_engine, "begin")
     def _on_begin(conn: Any) -> None:

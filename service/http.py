@@ -35,6 +35,7 @@ from service.errors import (
 )
 from service.faults import is_transient
 from service.keys import Principal, authenticate
+from service.limits import parse_json
 from service.logs import get_logger
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -169,7 +170,8 @@ def validation_details(exc: ValidationError) -> list[dict[str, Any]]:
 
 
 async def read_json(request: web.Request) -> Any:
-    """The request body as JSON: 415 for another media type, 400 for malformed JSON."""
+    """The request body as JSON: 415 for another media type, 400 for malformed JSON or a
+    body over the structural limits (`service.limits.parse_json`)."""
     if request.content_type != "application/json":
         raise UnsupportedMediaType(
             "send the body as application/json", {"content_type": request.content_type}
@@ -182,12 +184,7 @@ async def read_json(request: web.Request) -> Any:
         ) from None
     if not raw:
         raise ValidationFailed("a JSON body is required", [{"field": "body", "message": "empty"}])
-    try:
-        return json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValidationFailed(
-            "the body is not valid JSON", [{"field": "body", "message": str(exc)}]
-        ) from None
+    return parse_json(raw)
 
 
 async def read_model(request: web.Request, model: type[M]) -> M:

@@ -69,10 +69,16 @@ class LostClaim(IdempotencyConflict):
 
 
 def check_key(key: str) -> str:
-    if not key or len(key) > MAX_KEY_LENGTH or not key.isprintable():
+    # A blank key would silently give no idempotency (e.g. `$(uuidgen)` with no uuidgen).
+    if not key.strip() or len(key) > MAX_KEY_LENGTH or not key.isprintable():
         raise ValidationFailed(
             "invalid Idempotency-Key",
-            [{"field": "Idempotency-Key", "message": f"1-{MAX_KEY_LENGTH} printable characters"}],
+            [
+                {
+                    "field": "Idempotency-Key",
+                    "message": f"1-{MAX_KEY_LENGTH} printable characters, not all blank",
+                }
+            ],
         )
     return key
 

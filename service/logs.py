@@ -7,6 +7,7 @@ import sys
 from typing import Any
 
 import structlog
+from aiohttp.http_exceptions import HttpProcessingError
 
 _SECRET_KEYS = frozenset({"secret", "key", "authorization", "password", "api_key", "token"})
 
@@ -85,6 +86,19 @@ def configure_logging(fmt: str = "json", level: str = "INFO") -> None:
     handler.set_name(_HANDLER_NAME)
     root.addHandler(handler)
     root.setLevel(logging.WARNING)
+    logging.getLogger("aiohttp.server").addFilter(_malformed_http_is_the_clients)
+
+
+def _malformed_http_is_the_clients(record: logging.LogRecord) -> bool:
+    """aiohttp answers malformed HTTP (a NUL in a header, a bad request line) with 400
+    itself and logs it with a traceback; that is the client's error, not ours: one line."""
+    exc = record.exc_info[1] if record.exc_info else None
+    if isinstance(exc, HttpProcessingError) and (exc.code or 400) < 500:
+        record.exc_info = None
+        record.levelno, record.levelname = logging.INFO, "INFO"
+        record.msg, record.args = "malformed_http_request %s", (str(exc.message)[:200],)
+        return logging.getLogger("aiohttp.server").isEnabledFor(logging.INFO)
+    return True
 
 
 def get_logger(name: str) -> structlog.stdlib.BoundLogger:

@@ -43,6 +43,7 @@ from service.apimodels import NoQuery
 from service.errors import MethodNotAllowed, NotFound, ValidationFailed
 from service.http import read_json, require, validation_details
 from service.keys import Principal
+from service.limits import bad_text
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -152,6 +153,12 @@ def query_dict(request: web.Request) -> dict[str, str]:
             "the query parameters are invalid",
             [{"field": name, "message": "given more than once"} for name in repeated],
         )
+    for name, value in request.query.items():
+        why = bad_text(name) or bad_text(value)
+        if why is not None:
+            raise ValidationFailed(
+                "the query parameters are invalid", [{"field": name, "message": why}]
+            )
     return dict(request.query)
 
 

@@ -40,6 +40,7 @@ from service.events import (
     DeletionRequested,
     JobExpand,
 )
+from service.limits import limits_table
 from service.routing import Answer, HeaderParam, Operation, RouteTable, operations
 from service.webhooks.payloads import (
     TYPE_WEBHOOK_TEST,
@@ -235,8 +236,9 @@ _PARAMETERS: dict[str, Schema] = {
         "name": "X-Request-ID",
         "in": "header",
         "required": False,
-        "description": "Your id for this request; echoed back and logged",
-        "schema": {"type": "string", "pattern": "^[A-Za-z0-9._:\\-]{1,200}$"},
+        "description": "Your id for this request; echoed back and logged when it is 1-200 "
+        "of A-Z a-z 0-9 . _ : - (any other value is replaced by a new id)",
+        "schema": {"type": "string"},
     },
 }
 
@@ -432,7 +434,8 @@ def openapi_spec(tables: Sequence[RouteTable] | None = None) -> dict[str, Any]:
             "version": "1",
             "description": "Bulk contact deletion for CRMs, with signed webhooks and a "
             'tamper-evident audit trail. Success bodies are `{"data": …}`; errors '
-            '`{"error": {"code", "message", "details"}}`.',
+            '`{"error": {"code", "message", "details"}}`.\n\n' + _LIMITS_TEXT,
+            "x-limits": limits_table(),
         },
         "servers": [{"url": "http://127.0.0.1:8080", "description": "The local default"}],
         "security": [{"bearer": []}],
@@ -462,6 +465,14 @@ def openapi_spec(tables: Sequence[RouteTable] | None = None) -> dict[str, Any]:
         },
     }
 
+
+_LIMITS_TEXT = (
+    "Limits, enforced before any SQL runs (over one: 400 `validation_error` whose details "
+    "name it as `limit`): "
+    + "; ".join(f"{name} = {value}" for name, value in limits_table().items())
+    + ". Integers in query parameters and cursors are at most 2^63-1. A filter that "
+    "matches every contact after simplification is refused unless `match_all` is true."
+)
 
 # --- Files --------------------------------------------------------------------------------
 

@@ -17,7 +17,7 @@ from typing import Annotated, Any, Final
 from aiohttp import web
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
-from service.apimodels import Data, Page
+from service.apimodels import Data, Page, in_utc_range
 from service.audit.chain import email_hmac, format_time
 from service.audit.export import export_line
 from service.audit.models import AuditContactTimeline, AuditEvent, ChainVerdict
@@ -34,8 +34,9 @@ from service.contacts.store import get_contact, timeline_items
 from service.db import Database
 from service.errors import ValidationFailed
 from service.http import DB_KEY, REQUEST_ID_HEADER, SETTINGS_KEY, request_id
+from service.limits import MAX_CURSOR_LENGTH, MAX_INT64
 from service.logs import get_logger
-from service.pagination import decode_cursor, encode_cursor
+from service.pagination import SeqCursor, encode_cursor, read_cursor
 from service.routing import Answer, Call, Operation
 
 log = get_logger(__name__)
@@ -79,7 +80,7 @@ def _instant(value: Any) -> Any:
         raise ValueError("not an ISO-8601 date-time, e.g. 2024-05-01T12:00:00Z") from None
     if parsed.tzinfo is None or parsed.utcoffset() is None:
         raise ValueError("add a UTC offset or Z")
-    return parsed
+    return in_utc_range(parsed)
 
 
 Instant = Annotated[datetime, BeforeValidator(_instant)]
@@ -103,7 +104,11 @@ class EventsQuery(BaseModel):
     since: Instant | None = None
     until: Instant | None = None
     limit: int = Field(default=100, ge=1, le=1000)
-    cursor: str | None = None
+    cursor: str | None = Field(
+        default=None,
+        max_length=MAX_CURSOR_LENGTH,
+        description="The `next_cursor` of the previous page",
+    )
 
 
 class ExportQuery(BaseModel):
@@ -111,18 +116,11 @@ class ExportQuery(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    since_seq: int = Field(default=1, ge=1)
+    since_seq: int = Field(default=1, ge=1, le=MAX_INT64)
 
 
 def _after_seq(cursor: str | None) -> int:
-    if cursor is None:
-        return 0
-    value = decode_cursor(cursor, ("after_seq",))["after_seq"]
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise ValidationFailed(
-            "invalid cursor", [{"field": "cursor", "message": "not a cursor from this listing"}]
-        )
-    return value
+    return read_cursor(cursor, SeqCursor).after_seq if cursor is not None else 0
 
 
 async def list_events(call: Call) -> Page[AuditEvent]:

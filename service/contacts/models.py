@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
+import json
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
 import email_validator
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
-from service.apimodels import Out, Time, UuidText
+from service.apimodels import Out, Time, UtcRange, UuidText
+from service.limits import (
+    MAX_CURSOR_LENGTH,
+    MAX_FILTER_DEPTH,
+    MAX_FILTER_NODES,
+    MAX_FILTER_STRING,
+    MAX_FILTER_VALUES,
+    MAX_IN_VALUES,
+    MAX_PROPERTIES,
+    MAX_PROPERTIES_BYTES,
+    MAX_SEARCH_LENGTH,
+)
 
 
 def _special_use_suffix(domain: str) -> str | None:
@@ -62,30 +74,58 @@ class ContactCreate(Strict):
     first_name: str | None = Field(default=None, max_length=200)
     last_name: str | None = Field(default=None, max_length=200)
     phone: str | None = Field(default=None, max_length=64)
-    properties: dict[str, Any] = Field(default_factory=dict)
+    properties: dict[str, Any] = Field(
+        default_factory=dict,
+        max_length=MAX_PROPERTIES,
+        description=f"Any JSON object: at most {MAX_PROPERTIES} keys and "
+        f"{MAX_PROPERTIES_BYTES} bytes as compact JSON",
+    )
     member_role: MemberRole | None = None
     has_billing_subscription: bool = False
 
+    @field_validator("properties")
+    @classmethod
+    def _small(cls, value: dict[str, Any]) -> dict[str, Any]:
+        size = len(json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode())
+        if size > MAX_PROPERTIES_BYTES:
+            raise ValueError(f"at most {MAX_PROPERTIES_BYTES} bytes as compact JSON")
+        return value
+
 
 class ContactQuery(Strict):
-    filter: dict[str, Any] | None = None
-    search: str | None = Field(default=None, min_length=1, max_length=200)
+    filter: dict[str, Any] | None = Field(
+        default=None,
+        description=f"The filter language of bulk delete: at most {MAX_FILTER_NODES} "
+        f"conditions and combinations, {MAX_FILTER_DEPTH} levels deep, {MAX_FILTER_VALUES} "
+        f"values in all ({MAX_IN_VALUES} per $in), {MAX_FILTER_STRING} characters a value",
+    )
+    search: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=MAX_SEARCH_LENGTH,
+        description="Case-insensitive substring of a name, the email or the phone "
+        "(both sides lowercased by Unicode's default mapping: ÖZTÜRK finds öztürk)",
+    )
     limit: int = Field(default=100, ge=1, le=1000)
-    cursor: str | None = None
+    cursor: str | None = Field(
+        default=None,
+        max_length=MAX_CURSOR_LENGTH,
+        description="The `next_cursor` of the previous page",
+    )
 
 
 class ContactList(Strict):
     """The query string of ``GET /v1/contacts``."""
 
     limit: int = Field(default=100, ge=1, le=1000)
-    cursor: str | None = Field(default=None, max_length=500)
+    cursor: str | None = Field(default=None, max_length=MAX_CURSOR_LENGTH)
 
 
 class ActivityCreate(Strict):
     type: str = Field(default="activity", min_length=1, max_length=64)
     subject: str | None = Field(default=None, max_length=500)
     body: str | None = Field(default=None, max_length=100_000)
-    occurred_at: datetime | None = None
+    occurred_at: Annotated[datetime, UtcRange] | None = None
 
 
 class NoteCreate(Strict):
@@ -96,7 +136,7 @@ class TaskCreate(Strict):
     title: str = Field(min_length=1, max_length=500)
     body: str | None = Field(default=None, max_length=100_000)
     status: Literal["open", "completed"] = "open"
-    due_at: datetime | None = None
+    due_at: Annotated[datetime, UtcRange] | None = None
 
 
 # --- Answers ---------------------------------------------------------------------------

@@ -18,9 +18,8 @@ from service.contacts.models import (
     Timeline,
     TimelineItem,
 )
-from service.errors import ValidationFailed
 from service.http import DB_KEY
-from service.pagination import decode_cursor, encode_cursor
+from service.pagination import IdCursor, encode_cursor, read_cursor
 from service.routing import Answer, Call, Handler, Operation, Reply
 
 READ = "contacts:read"
@@ -42,15 +41,8 @@ async def get_contact(call: Call) -> Data[Contact]:
 
 
 def _after(cursor: str | None) -> uuid.UUID | None:
-    if not cursor:
-        return None
-    try:
-        return uuid.UUID(str(decode_cursor(cursor, ("after",))["after"]))
-    except ValueError:
-        raise ValidationFailed(
-            "invalid cursor",
-            [{"field": "cursor", "message": "not a cursor from this listing"}],
-        ) from None
+    """The contact id a `next_cursor` points after (a bad cursor is a 400 naming it)."""
+    return read_cursor(cursor, IdCursor).after if cursor else None
 
 
 async def query_contacts(call: Call) -> Page[Contact]:

@@ -96,6 +96,15 @@ async def get_contact(
     return contact_json(row)
 
 
+async def contact_exists(db: Database, workspace_id: uuid.UUID, contact_id: uuid.UUID) -> bool:
+    """Whether this workspace has the contact (now)."""
+    stmt = sa.select(contacts.c.id).where(
+        contacts.c.id == contact_id, contacts.c.workspace_id == workspace_id
+    )
+    async with db.read() as conn:
+        return (await conn.execute(stmt)).first() is not None
+
+
 async def query_contacts(
     db: Database,
     workspace_id: uuid.UUID,

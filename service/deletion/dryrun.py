@@ -23,8 +23,7 @@ from service.db import contacts
 from service.deletion.models import BulkDeleteRequest, ItemStatus, decide
 from service.deletion.store import LIST_CAP, resolve_emails, stored_selector
 from service.erasure.redact import TEXT_FIELDS, Redactor
-from service.errors import ValidationFailed
-from service.pagination import decode_cursor, encode_cursor
+from service.pagination import IdCursor, encode_cursor, read_cursor
 
 PAGE = 1000
 TIMELINE_CHUNK = 500  # ids per IN (...) when counting the timelines that would be orphaned
@@ -32,16 +31,8 @@ KIND_PLURAL = {"activity": "activities", "note": "notes", "task": "tasks"}
 
 
 def _cursor_after(cursor: str | None) -> uuid.UUID | None:
-    if cursor is None:
-        return None
-    value = decode_cursor(cursor, ("after",))["after"]
-    try:
-        return uuid.UUID(str(value))
-    except ValueError:
-        raise ValidationFailed(
-            "invalid cursor",
-            [{"field": "dry_run_cursor", "message": "not a cursor from this dry run"}],
-        ) from None
+    """The contact id a dry run's `next_cursor` points after (a bad one is a 400)."""
+    return read_cursor(cursor, IdCursor).after if cursor is not None else None
 
 
 async def dry_run(

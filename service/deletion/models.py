@@ -11,10 +11,18 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from service.apimodels import Out, Time, UuidText
-from service.contacts.filters import Node, parse_filter
+from service.contacts.filters import ALL, Node, parse_filter, simplify
 from service.contacts.models import Email
 from service.errors import ValidationFailed
 from service.events import OrphanedTimeline
+from service.limits import (
+    MAX_FILTER_DEPTH,
+    MAX_FILTER_NODES,
+    MAX_FILTER_STRING,
+    MAX_FILTER_VALUES,
+    MAX_IN_VALUES,
+    MAX_SEARCH_LENGTH,
+)
 
 MAX_IDS = 500
 MAX_EMAILS = 1000
@@ -60,15 +68,46 @@ ERROR_MESSAGES = {
 }
 
 
+def _exactly_one_selector(schema: dict[str, Any]) -> None:
+    """The selector rule in the document: contact_ids, or emails, or filter/search/match_all."""
+
+    def any_of(*names: str) -> dict[str, Any]:
+        return {"anyOf": [{"required": [name]} for name in names]}
+
+    # A selector given as null counts as not given; the document offers only real values.
+    for name in SELECTOR_FIELDS:
+        prop = schema["properties"][name]
+        options = [o for o in prop.pop("anyOf", []) if o != {"type": "null"}]
+        if options:
+            prop.update(options[0])
+    schema["oneOf"] = [
+        {"required": ["contact_ids"], "not": any_of("emails", "filter", "search", "match_all")},
+        {"required": ["emails"], "not": any_of("contact_ids", "filter", "search", "match_all")},
+        {**any_of("filter", "search", "match_all"), "not": any_of("contact_ids", "emails")},
+    ]
+
+
 class BulkDeleteRequest(BaseModel):
     """POST /v1/contacts/bulk-delete: exactly one selector, and options."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_exactly_one_selector)
 
     contact_ids: list[uuid.UUID] | None = Field(default=None, min_length=1, max_length=MAX_IDS)
     emails: list[Email] | None = Field(default=None, min_length=1, max_length=MAX_EMAILS)
-    filter: dict[str, Any] | None = None
-    search: str | None = Field(default=None, min_length=1, max_length=200)
+    filter: dict[str, Any] | None = Field(
+        default=None,
+        description=f"At most {MAX_FILTER_NODES} conditions and combinations, "
+        f"{MAX_FILTER_DEPTH} levels deep, {MAX_FILTER_VALUES} values in all "
+        f"({MAX_IN_VALUES} per $in), {MAX_FILTER_STRING} characters a value. A filter "
+        "that matches every contact (after simplification: {}, {'$or': [{}]}, "
+        "x exists or does not ...) is refused unless match_all is true.",
+    )
+    search: str | None = Field(default=None, min_length=1, max_length=MAX_SEARCH_LENGTH)
+    match_all: bool = Field(
+        default=False,
+        description="The explicit opt-in to delete every contact: alone, it selects the "
+        "whole workspace; with a filter, it allows one that matches every contact.",
+    )
     dry_run: bool = False
     delete_members: bool = False
     redact_timeline: bool = Field(
@@ -106,14 +145,28 @@ class BulkDeleteRequest(BaseModel):
                     "the request body is invalid",
                     [{"field": f, "message": "only with dry_run: true"} for f in paging],
                 )
+        selectors = (self.filter, self.search, self.contact_ids, self.emails)
+        if self.match_all and all(s is None for s in selectors):
+            self.filter = {}  # every contact, asked for by name
         given = [name for name in SELECTOR_FIELDS if getattr(self, name) is not None]
         chosen = list(dict.fromkeys(SELECTOR_GROUPS[name] for name in given))
         if len(chosen) == 1:
-            if self.filter == {} and self.search is None:
-                # An empty filter matches every contact; that must be asked for by name.
+            if self.match_all and chosen[0] != "filter/search":
                 raise ValidationFailed(
                     "the request body is invalid",
-                    [{"field": "filter", "message": "an empty filter would select every contact"}],
+                    [{"field": "match_all", "message": "match_all goes with filter/search only"}],
+                )
+            if self.search is None and not self.match_all and self.filter_tree() == ALL:
+                # A filter that matches every contact must be asked for by name.
+                raise ValidationFailed(
+                    "the filter matches every contact; send match_all: true to mean that",
+                    [
+                        {
+                            "field": "filter",
+                            "message": "after simplification this filter selects every "
+                            'contact; add "match_all": true to delete them all',
+                        }
+                    ],
                 )
             return self
         if not chosen:
@@ -126,8 +179,8 @@ class BulkDeleteRequest(BaseModel):
         )
 
     def filter_tree(self) -> Node | None:
-        """The parsed filter (raises ValidationFailed naming the bad part)."""
-        return parse_filter(self.filter) if self.filter is not None else None
+        """The parsed, simplified filter (raises ValidationFailed naming the bad part)."""
+        return simplify(parse_filter(self.filter)) if self.filter is not None else None
 
     def selector(self) -> dict[str, Any]:
         """The selector as stored on the job, duplicates removed."""
@@ -140,6 +193,8 @@ class BulkDeleteRequest(BaseModel):
             selector["filter"] = self.filter
         if self.search is not None:
             selector["search"] = self.search
+        if self.match_all:
+            selector["match_all"] = True
         return selector
 
 

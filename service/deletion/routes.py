@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from service import idempotency
 from service.apimodels import Data, Page
 from service.audit.store import AuditRecord, append_events
+from service.contacts.store import contact_exists
 from service.deletion.dryrun import dry_run
 from service.deletion.models import (
     BulkDeleteRequest,
@@ -33,10 +34,11 @@ from service.deletion.store import (
     load_job,
     selector_summary,
 )
-from service.errors import ValidationFailed
+from service.errors import NotFound
 from service.http import DB_KEY, SETTINGS_KEY, request_id
+from service.limits import MAX_CURSOR_LENGTH
 from service.logs import get_logger
-from service.pagination import decode_cursor, encode_cursor
+from service.pagination import PositionCursor, TimeIdCursor, encode_cursor, read_cursor
 from service.routing import Answer, Call, HeaderParam, Operation, dump
 
 log = get_logger(__name__)
@@ -64,8 +66,9 @@ async def bulk_delete(call: Call) -> web.StreamResponse:
 
 async def delete_contact(call: Call) -> web.StreamResponse:
     who = call.principal
-    req = BulkDeleteRequest(contact_ids=[call.path["contact_id"]])
-    return await _submit(call.request, who.key_id, who.workspace_id, req, None)
+    contact_id = call.path["contact_id"]
+    req = BulkDeleteRequest(contact_ids=[contact_id])
+    return await _submit(call.request, who.key_id, who.workspace_id, req, None, contact_id)
 
 
 async def _submit(
@@ -74,12 +77,20 @@ async def _submit(
     workspace_id: uuid.UUID,
     req: BulkDeleteRequest,
     raw: Any,
+    must_exist: uuid.UUID | None = None,
 ) -> web.Response:
+    """Create the job (or dry run) under the request's Idempotency-Key, and answer.
+
+    `must_exist` is the contact a single DELETE names: one this workspace does not have
+    (another's, or already deleted) is a 404 like on every other route, and no job.
+    """
     db = request.app[DB_KEY]
     settings = request.app[SETTINGS_KEY]
     key = request.headers.get("Idempotency-Key")
     if key is None:
-        status, headers, body = await _handle(request, workspace_id, key_id, req, None, None)
+        status, headers, body = await _handle(
+            request, workspace_id, key_id, req, None, None, must_exist
+        )
         return web.Response(status=status, body=body, headers=headers)
     idempotency.check_key(key)
     print_ = idempotency.fingerprint(request.method, request.path, raw)
@@ -96,7 +107,7 @@ async def _submit(
     try:
         async with idempotency.hold(db, workspace_id, key, claim.token):
             status, headers, body = await _handle(
-                request, workspace_id, key_id, req, held, claim.abandoned_job
+                request, workspace_id, key_id, req, held, claim.abandoned_job, must_exist
             )
         await idempotency.complete(
             db,
@@ -122,6 +133,7 @@ async def _handle(
     req: BulkDeleteRequest,
     held: tuple[str, datetime] | None,
     resumed: uuid.UUID | None,
+    must_exist: uuid.UUID | None = None,
 ) -> tuple[int, dict[str, str], bytes]:
     """Create the job (or dry-run it, or answer an abandoned one); the answer to send."""
     db = request.app[DB_KEY]
@@ -129,6 +141,8 @@ async def _handle(
     who = Requester(workspace_id, key_id, request_id(request))
     if resumed is not None:
         status, headers, body = await _answer(request, workspace_id, resumed, 0.0)
+    elif must_exist is not None and not await contact_exists(db, workspace_id, must_exist):
+        raise NotFound("no such contact")
     elif req.dry_run:
         status, headers, body = await _dry_run(request, who, req, held)
     else:
@@ -243,7 +257,11 @@ class ListQuery(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     limit: int = Field(default=50, ge=1, le=500)
-    cursor: str | None = Field(default=None, description="The `next_cursor` of the previous page")
+    cursor: str | None = Field(
+        default=None,
+        max_length=MAX_CURSOR_LENGTH,
+        description="The `next_cursor` of the previous page",
+    )
 
 
 class ItemsQuery(ListQuery):
@@ -256,13 +274,7 @@ async def get_jobs(call: Call) -> Page[Job]:
     query = call.query_as(ListQuery)
     before = None
     if query.cursor:
-        pos = decode_cursor(query.cursor, ("at", "id"))
-        try:
-            before = (datetime.fromisoformat(pos["at"]), uuid.UUID(pos["id"]))
-        except (ValueError, TypeError):
-            raise ValidationFailed(
-                "invalid cursor", [{"field": "cursor", "message": "bad"}]
-            ) from None
+        before = read_cursor(query.cursor, TimeIdCursor).position
     async with call.app[DB_KEY].read() as conn:
         page, nxt = await list_jobs(conn, call.principal.workspace_id, query.limit, before)
     cursor = encode_cursor({"at": nxt[0].isoformat(), "id": str(nxt[1])}) if nxt else None
@@ -273,10 +285,7 @@ async def get_items(call: Call) -> Page[JobItem]:
     query = call.query_as(ItemsQuery)
     after = None
     if query.cursor:
-        value = decode_cursor(query.cursor, ("after",))["after"]
-        if not isinstance(value, int):
-            raise ValidationFailed("invalid cursor", [{"field": "cursor", "message": "bad"}])
-        after = value
+        after = read_cursor(query.cursor, PositionCursor).after
     async with call.app[DB_KEY].read() as conn:
         page, nxt = await list_items(
             conn,

@@ -60,6 +60,7 @@ from service.kafka import (
     dead_letter,
     next_offsets,
 )
+from service.limits import storable
 from service.logs import get_logger
 from service.metrics import Metrics
 from service.timefmt import iso
@@ -67,7 +68,7 @@ from service.webhooks.models import SENDABLE, DeliveryStatus, DisabledReason, En
 from service.webhooks.payloads import webhook_body
 from service.webhooks.schedule import Outcome, RetryPolicy, classify, parse_retry_after
 from service.webhooks.signing import webhook_headers
-from service.webhooks.ssrf import BlockedDestination, PinnedResolver, check_url
+from service.webhooks.ssrf import BlockedDestination, PinnedResolver, check_url, failure_text
 from service.webhooks.store import disable_endpoint, enqueue, live_secrets
 
 log = get_logger(__name__)
@@ -98,11 +99,24 @@ class EndpointSlots:
 
 @dataclass(frozen=True)
 class AttemptResult:
+    """One POST's outcome. `error` and `body` are storable text (`limits.storable`)."""
+
     status_code: int | None
     latency_ms: float
     error: str | None
     body: str | None
     retry_after_s: float | None
+
+    def __post_init__(self) -> None:
+        # Whatever a receiver sends back (NUL bytes, invalid UTF-8, odd headers or reason
+        # phrases) must not make the attempt unrecordable.
+        object.__setattr__(self, "error", storable(self.error, 1000))
+        object.__setattr__(self, "body", storable(self.body, RESPONSE_BODY_LIMIT))
+
+    def bare(self) -> AttemptResult:
+        """The same outcome without the receiver's text (when that could not be stored)."""
+        note = "the answer's details could not be stored"
+        return AttemptResult(self.status_code, self.latency_ms, note, None, self.retry_after_s)
 
 
 class Dispatcher:
@@ -365,7 +379,7 @@ class Dispatcher:
     async def _send(self, session: aiohttp.ClientSession, delivery: dict[str, Any]) -> None:
         try:
             result = await self.attempt(session, delivery)
-            await self._retry_db(lambda: self.record(delivery, result))
+            await self._retry_db(lambda: self.record_safely(delivery, result))
         except Exception:
             log.exception("webhook_send_crashed", delivery_id=str(delivery["id"]))
         finally:
@@ -384,6 +398,26 @@ class Dispatcher:
                 await backoff.sleep(backoff.next_delay(), asyncio.Event())
         # The claim lease runs out and another pass sends it again: at least once.
         log.error("webhook_record_gave_up", delivery_id="unknown")
+
+    async def record_safely(self, delivery: dict[str, Any], result: AttemptResult) -> None:
+        """`record`, falling back to the bare outcome if the database refuses the details.
+
+        A refused statement (not an outage) must not leave the delivery unrecorded: its
+        claim would lapse and the same webhook go out again, forever. The bare outcome
+        still counts the attempt, so the retry schedule runs on and ends.
+        """
+        try:
+            await self.record(delivery, result)
+        except Exception as exc:
+            if is_transient(exc):
+                raise  # the database is not answering: retried by the caller
+            # A refusal, by the one classification every component uses (service.faults).
+            log.error(
+                "webhook_attempt_details_refused",
+                delivery_id=str(delivery["id"]),
+                error=describe(exc),
+            )
+            await self.record(delivery, result.bare())
 
     async def attempt(
         self, session: aiohttp.ClientSession, delivery: dict[str, Any]
@@ -414,9 +448,7 @@ class Dispatcher:
         except TimeoutError:
             return AttemptResult(None, _ms(started), "timed out", None, None)
         except (aiohttp.ClientError, OSError, ValueError) as exc:
-            return AttemptResult(
-                None, _ms(started), f"{type(exc).__name__}: {exc}"[:500], None, None
-            )
+            return AttemptResult(None, _ms(started), failure_text(exc, delivery["url"]), None, None)
 
     async def record(self, delivery: dict[str, Any], result: AttemptResult) -> None:
         """Store the attempt and decide what happens next, in one transaction."""

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import enum
 from datetime import datetime
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic.config import JsonDict
+from pydantic.json_schema import SkipJsonSchema
 
-from service.apimodels import Out, Time, UuidText
+from service.apimodels import Out, Time, UuidText, in_utc_range
 from service.webhooks.ssrf import validate_endpoint_url
 
 EventType = Literal["contact.deleted", "deletion_job.completed", "webhook.test"]
@@ -51,8 +53,17 @@ def _check_url(value: str) -> str:
     return validate_endpoint_url(value)
 
 
+URL_SCHEMA: JsonDict = {
+    "format": "uri",
+    "maxLength": 2048,
+    "pattern": r"^https?://[A-Za-z0-9._-]+(:[0-9]{1,5})?(/[!-~]*)?$",
+    "description": "An absolute http(s) URL without credentials; one that is, or resolves "
+    "to, a private, loopback or link-local address is refused unless the operator allows it",
+}
+
+
 class EndpointCreate(_Strict):
-    url: str
+    url: str = Field(json_schema_extra=URL_SCHEMA)
     event_types: list[EventType] = Field(default_factory=list)
     description: str | None = Field(default=None, max_length=500)
     rate_limit_per_s: float | None = Field(default=None, gt=0, le=10_000)
@@ -61,15 +72,26 @@ class EndpointCreate(_Strict):
 
 
 class EndpointPatch(_Strict):
-    url: str | None = None
-    event_types: list[EventType] | None = None
+    """A change to an endpoint: omitted fields stay as they are.
+
+    ``description`` and ``rate_limit_per_s`` may be null (no description, no limit);
+    ``url`` and ``event_types`` may not: an endpoint always has a URL, and "every event
+    type" is the empty list.
+    """
+
+    # None only means "not given": an explicit null is refused, and the document
+    # (SkipJsonSchema) does not offer it.
+    url: SkipJsonSchema[None] | str = Field(default=None, json_schema_extra=URL_SCHEMA)
+    event_types: SkipJsonSchema[None] | list[EventType] = None
     description: str | None = Field(default=None, max_length=500)
     rate_limit_per_s: float | None = Field(default=None, gt=0, le=10_000)
 
-    @field_validator("url")
+    @field_validator("url", "event_types")
     @classmethod
-    def _url(cls, value: str | None) -> str | None:
-        return validate_endpoint_url(value) if value is not None else None
+    def _not_null(cls, value: Any, info: ValidationInfo) -> Any:
+        if value is None:
+            raise ValueError(f"{info.field_name} cannot be null; omit it to keep it as it is")
+        return validate_endpoint_url(value) if info.field_name == "url" else value
 
 
 class Recover(_Strict):
@@ -80,7 +102,7 @@ class Recover(_Strict):
     def _aware(cls, value: datetime) -> datetime:
         if value.tzinfo is None:
             raise ValueError("since needs a timezone (e.g. Z)")
-        return value
+        return in_utc_range(value)
 
 
 # --- Answers ---------------------------------------------------------------------------

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from datetime import datetime
 from typing import Any
 
 from aiohttp import web
@@ -15,7 +14,8 @@ from service.db import utcnow
 from service.errors import ValidationFailed
 from service.http import DB_KEY, SETTINGS_KEY, request_id
 from service.keys import Principal
-from service.pagination import decode_cursor, encode_cursor
+from service.limits import MAX_CURSOR_LENGTH
+from service.pagination import TimeIdCursor, encode_cursor, read_cursor
 from service.routing import Answer, Call, Handler, Operation, Reply
 from service.webhooks import store
 from service.webhooks.models import (
@@ -31,6 +31,7 @@ from service.webhooks.models import (
     WebhookEndpointWithSecret,
 )
 from service.webhooks.payloads import TYPE_WEBHOOK_TEST, webhook_body
+from service.webhooks.ssrf import ensure_public
 
 WEBHOOK_SIGNAL_KEY = web.AppKey("webhook_signal", asyncio.Event)
 SCOPE = "webhooks:manage"
@@ -48,12 +49,28 @@ def _with_secret(endpoint: dict[str, Any]) -> Data[WebhookEndpointWithSecret]:
     return Data[WebhookEndpointWithSecret].model_validate({"data": endpoint})
 
 
+async def _public(call: Call, url: str | None) -> None:
+    """Refuse (400) a destination that is, or resolves to, a non-public address."""
+    if url is None:
+        return
+    try:
+        await ensure_public(
+            url, allow_private=call.app[SETTINGS_KEY].webhook_allow_private_networks
+        )
+    except ValueError as exc:
+        raise ValidationFailed(
+            "the request body is invalid", [{"field": "url", "message": str(exc)}]
+        ) from None
+
+
 async def create(call: Call) -> Reply:
     who = call.principal
+    body = call.body_as(EndpointCreate)
+    await _public(call, body.url)
     endpoint = await store.create_endpoint(
         call.app[DB_KEY],
         who.workspace_id,
-        call.body_as(EndpointCreate),
+        body,
         _actor(who),
         request_id(call.request),
     )
@@ -74,11 +91,13 @@ async def get_one(call: Call) -> Data[WebhookEndpoint]:
 
 async def patch(call: Call) -> Data[WebhookEndpoint]:
     who = call.principal
+    body = call.body_as(EndpointPatch)
+    await _public(call, body.url)
     endpoint = await store.update_endpoint(
         call.app[DB_KEY],
         who.workspace_id,
         call.path["endpoint_id"],
-        call.body_as(EndpointPatch),
+        body,
         _actor(who),
         request_id(call.request),
     )
@@ -155,20 +174,18 @@ class DeliveriesQuery(BaseModel):
     model_config = ConfigDict(extra="forbid")
     status: DeliveryStatus | None = None
     limit: int = Field(default=50, ge=1, le=500)
-    cursor: str | None = Field(default=None, description="The `next_cursor` of the previous page")
+    cursor: str | None = Field(
+        default=None,
+        max_length=MAX_CURSOR_LENGTH,
+        description="The `next_cursor` of the previous page",
+    )
 
 
 async def deliveries(call: Call) -> Page[WebhookDelivery]:
     query = call.query_as(DeliveriesQuery)
     before = None
     if query.cursor:
-        pos = decode_cursor(query.cursor, ("at", "id"))
-        try:
-            before = (datetime.fromisoformat(pos["at"]), uuid.UUID(pos["id"]))
-        except (TypeError, ValueError):
-            raise ValidationFailed(
-                "invalid cursor", [{"field": "cursor", "message": "bad"}]
-            ) from None
+        before = read_cursor(query.cursor, TimeIdCursor).position
     page, nxt = await store.list_deliveries(
         call.app[DB_KEY],
         call.principal.workspace_id,

@@ -28,6 +28,7 @@ import re
 import socket
 from collections.abc import Awaitable, Callable
 
+import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
 from yarl import URL
 
@@ -92,9 +93,11 @@ class BlockedDestination(Exception):
     """A webhook destination that resolves to an address that is not public."""
 
     def __init__(self, host: str, address: str, reason: str) -> None:
+        # The text never names the address: a key holder would read internal DNS answers
+        # in the delivery log. `address` and `reason` stay on the object for our own logs.
         super().__init__(
-            f"refusing to send a webhook to {host!r}: it resolves to {address}, "
-            f"which is not a public address ({reason})"
+            f"the destination {host!r} is not allowed: it is, or resolves to, an address "
+            "that is not public"
         )
         self.host = host
         self.address = address
@@ -255,6 +258,60 @@ async def check_url(url: str, *, allow_private: bool, resolver: Resolve | None =
     """
     _parsed, host, port = _parse_http_url(url)
     await resolve_checked(host, port, allow_private=allow_private, resolver=resolver)
+
+
+_IPV4_TEXT = re.compile(r"(?<![\w.])\d{1,3}(?:\.\d{1,3}){3}(?![\w.])")
+_IPV6_TEXT = re.compile(r"(?<![\w:])[0-9A-Fa-f]{0,4}(?::[0-9A-Fa-f]{0,4}){2,7}(?![\w:])")
+
+
+def failure_text(exc: BaseException, url: str) -> str:
+    """What a failed POST leaves in the delivery log, without the addresses tried.
+
+    Connection errors name the address a host resolved to ("Connect call failed
+    ('10.1.2.3', 443)"); that is internal DNS, so any address other than the URL's own
+    literal host is replaced by ``<address>``.
+    """
+    try:
+        host = URL(url).raw_host or ""
+    except ValueError:
+        host = ""
+    host = host.strip("[]")
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        why = exc.os_error.strerror or type(exc.os_error).__name__
+        text = f"could not connect to {exc.host}:{exc.port}: {why}"
+    else:
+        text = f"{type(exc).__name__}: {exc}"
+
+    def scrub(match: re.Match[str]) -> str:
+        found = match.group(0)
+        return found if found == host or not _is_address(found) else "<address>"
+
+    return _IPV6_TEXT.sub(scrub, _IPV4_TEXT.sub(scrub, text))[:500]
+
+
+def _is_address(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+async def ensure_public(url: str, *, allow_private: bool, timeout_s: float = 3.0) -> None:
+    """At creation or change of an endpoint: refuse a URL whose host is, or resolves to,
+    an address that is not public (ValueError with a message that names no address).
+
+    A name that does not resolve (yet), or not in time, is accepted: the check before
+    every send still holds, with the connection pinned to the address checked.
+    """
+    if allow_private:
+        return
+    try:
+        await asyncio.wait_for(check_url(url, allow_private=False), timeout_s)
+    except BlockedDestination as exc:
+        raise ValueError(str(exc)) from None
+    except (OSError, TimeoutError):
+        return
 
 
 class PinnedResolver(AbstractResolver):

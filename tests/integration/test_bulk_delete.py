@@ -230,6 +230,42 @@ async def test_search_selector_matches_names_and_emails_case_insensitively(
     assert await exists(tenant, unrelated)
 
 
+@pytest.mark.parametrize("needle", ["öztürk", "ÖZTÜRK"])
+async def test_search_deletes_names_with_upper_case_non_ascii_letters(
+    services: Services, pipeline: Services, tenant: Tenant, needle: str
+) -> None:
+    """Query, dry run and real run fold case the same way (Unicode, on both databases)."""
+    turk = await seed(services, tenant, last_name="ÖZTÜRK")
+    other = await seed(services, tenant, last_name="Ozturk")
+    _, found, _ = await tenant.call("POST", "/v1/contacts/query", {"search": needle})
+    _, dry, _ = await tenant.call("POST", BULK, {"search": needle, "dry_run": True})
+
+    job = await run_job(tenant, {"search": needle})
+
+    assert [c["id"] for c in found["data"]] == [turk]
+    assert dry["data"].get("would_delete_count", dry["data"].get("total_requested")) == 1, dry
+    assert (job["total_requested"], job["deleted_count"]) == (1, 1)
+    assert not await exists(tenant, turk)
+    assert await exists(tenant, other)
+
+
+async def test_match_all_deletes_every_contact_of_the_workspace_and_no_other(
+    services: Services, pipeline: Services, tenant: Tenant, other_tenant: Tenant
+) -> None:
+    """The explicit opt-in works end to end, and "all" is this workspace's all."""
+    mine = await seed_many(services, tenant, PAGE_SIZE + 2)  # spans expansion pages
+    theirs = await seed(services, other_tenant)
+    status, refused, _ = await tenant.call("POST", BULK, {"filter": {"$or": [{}]}}, WAIT)
+    assert status == 400, refused
+
+    job = await run_job(tenant, {"match_all": True})
+
+    assert job["selector"] == {"filter": {}, "match_all": True}
+    assert (job["total_requested"], job["deleted_count"]) == (len(mine), len(mine))
+    assert not any([await exists(tenant, c) for c in mine])
+    assert await exists(other_tenant, theirs)
+
+
 async def test_filter_and_search_together_delete_only_contacts_matching_both(
     services: Services, pipeline: Services, tenant: Tenant
 ) -> None:

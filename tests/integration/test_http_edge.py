@@ -167,9 +167,9 @@ async def test_a_body_over_one_mib_is_a_413_envelope(tenant: Tenant) -> None:
 
 
 async def test_a_body_just_under_one_mib_is_accepted(tenant: Tenant) -> None:
-    envelope = json.dumps({"email": "a@example.com", "properties": {"pad": ""}}).encode()
-    padding = "x" * (1024 * 1024 - len(envelope))
-    data = json.dumps({"email": "a@example.com", "properties": {"pad": padding}}).encode()
+    # Padded with whitespace: the body limit is what is tested, not a field's own limit.
+    envelope = json.dumps({"email": "a@example.com"}).encode()
+    data = envelope[:-1] + b" " * (1024 * 1024 - len(envelope)) + b"}"
     assert len(data) == 1024 * 1024
 
     status, body, _ = await send(

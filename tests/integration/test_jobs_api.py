@@ -235,21 +235,24 @@ async def test_delete_contact_is_a_job_of_one_that_honours_prefer_wait(
     assert [j["job_id"] for j in listed["data"]] == [job["job_id"]]
 
 
-async def test_delete_of_an_unknown_contact_gives_a_job_with_it_not_found(
-    pipeline: Services, tenant: Tenant
+async def test_delete_of_a_contact_the_workspace_does_not_have_is_404_and_no_job(
+    pipeline: Services, tenant: Tenant, other_tenant: Tenant
 ) -> None:
-    unknown = str(uuid.uuid4())
+    """Unknown, another workspace's, or already deleted: 404 like every other route."""
+    theirs = await seed(pipeline, other_tenant)
+    mine = await seed(pipeline, tenant)
+    status, body, _ = await tenant.call("DELETE", f"/v1/contacts/{mine}", None, WAIT)
+    assert (status, body["data"]["deleted_count"]) == (200, 1), body
 
-    status, body, _ = await tenant.call("DELETE", f"/v1/contacts/{unknown}", None, WAIT)
+    for contact_id in (str(uuid.uuid4()), theirs, mine):
+        status, body, _ = await tenant.call("DELETE", f"/v1/contacts/{contact_id}", None, WAIT)
 
-    assert status == 200, body
-    job = body["data"]
-    assert (job["status"], job["not_found_count"], job["not_found"]) == (
-        "completed",
-        1,
-        [unknown],
-    )
-    assert (job["deleted_count"], job["failed_count"], job["errors"]) == (0, 0, [])
+        assert status == 404, (contact_id, body)
+        assert body["error"]["code"] == "not_found"
+    status, listed, _ = await tenant.call("GET", "/v1/bulk-jobs")
+    assert len(listed["data"]) == 1  # only the deletion that had a contact to delete
+    status, _, _ = await other_tenant.call("GET", f"/v1/contacts/{theirs}")
+    assert status == 200
 
 
 async def test_delete_without_prefer_answers_202_with_the_jobs_location(
@@ -295,8 +298,8 @@ async def test_jobs_list_newest_first_and_pages_with_a_cursor(
         status, body, _ = await idle_tenant.call("POST", BULK, {"contact_ids": [contact_id]})
         assert status == 202, body
         created.append(body["data"]["job_id"])
-    await seed(services, other_tenant)
-    status, _, _ = await other_tenant.call("DELETE", f"/v1/contacts/{uuid.uuid4()}")
+    theirs = await seed(services, other_tenant)
+    status, _, _ = await other_tenant.call("DELETE", f"/v1/contacts/{theirs}")
     assert status == 202
 
     listing = await pages(idle_tenant, "/v1/bulk-jobs?limit=2")

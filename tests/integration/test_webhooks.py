@@ -46,7 +46,7 @@ from service.events import (
 from service.kafka import InMessage, Producer
 from service.keys import SCOPES, create_key
 from service.procs import free_port
-from service.webhooks.dispatcher import Dispatcher
+from service.webhooks.dispatcher import AttemptResult, Dispatcher
 from tests.conftest import Tenant, components_running, make_settings
 from tests.logcapture import json_logs
 
@@ -716,6 +716,67 @@ async def test_500_then_200_is_delivered_on_the_second_attempt_with_the_same_web
         Webhook(endpoint["secret"]).verify(hit.body, hit.headers)
     # The schedule's second delay is 1 s with +-20 % jitter.
     assert 0.7 <= hits[1].at - hits[0].at <= 2.5
+
+
+def raw_answer(status: int, body: bytes, reason: str | None = None) -> Reply:
+    async def reply(request: web.Request) -> web.StreamResponse:
+        return web.Response(status=status, body=body, reason=reason)
+
+    return reply
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "final"),
+    [
+        (200, b"ok\x00\x00nul", "succeeded"),
+        (200, b"\xff\xfe\xfa not utf-8 \xc3\x28", "succeeded"),
+        (410, b"gone\x00", "failed"),
+    ],
+    ids=["nul-bytes", "invalid-utf8", "gone-with-nul"],
+)
+async def test_whatever_a_receiver_answers_is_recorded_once_and_never_resent(
+    tenant: Tenant, receiver: Receiver, sender: StartSender, status: int, body: bytes, final: str
+) -> None:
+    """NUL bytes or invalid UTF-8 in the answer: one attempt row, final state, no resend."""
+    sender()
+    url = receiver.script("/odd", raw_answer(status, body, reason="Odd\u00e9 Reason"))
+    endpoint = await create_endpoint(tenant, url)
+    event_id = await send_test(tenant, endpoint["id"])
+
+    delivery = await wait_delivery(tenant, endpoint["id"], event_id, has_status(final))
+
+    assert [a["status_code"] for a in delivery["attempts"]] == [status]
+    stored = delivery["attempts"][0]["response_body"]
+    assert "\x00" not in stored and stored.startswith(("ok", "gone", "\ufffd"))
+    await asyncio.sleep(1.5)  # longer than the next retry delay: nothing is sent again
+    assert len(receiver.at("/odd")) == 1
+
+
+async def test_an_attempt_whose_details_are_refused_is_still_counted(
+    services: Services, tenant: Tenant, receiver: Receiver
+) -> None:
+    """If the database refuses what the receiver said, the bare outcome is recorded, so the
+    claim does not lapse into resending the same webhook forever."""
+    endpoint = await create_endpoint(tenant, receiver.script("/x", answer(500)))
+    event_id = await send_test(tenant, endpoint["id"])
+    dispatcher = Dispatcher(services.settings, services.db, services.metrics)
+    claimed = [d for d in await dispatcher.claim() if d["event_id"] == event_id]
+    assert len(claimed) == 1
+    result = AttemptResult(500, 12.5, None, "body", None)
+    object.__setattr__(result, "body", "raw\x00text")  # as if it had slipped past cleaning
+
+    await dispatcher.record_safely(claimed[0], result)
+
+    delivery = await delivery_of(tenant, endpoint["id"], event_id)
+    assert delivery["attempt_count"] == 1
+    assert [a["status_code"] for a in delivery["attempts"]] == [500]
+    if services.db.is_sqlite:  # SQLite stores NUL; PostgreSQL refuses it
+        assert delivery["attempts"][0]["response_body"] == "raw\x00text"
+    else:
+        assert delivery["attempts"][0]["response_body"] is None
+        assert "could not be stored" in delivery["attempts"][0]["error"]
+    assert delivery["status"] in ("pending", "failing")  # "failing" once retried
+    assert delivery["next_attempt_at"] is not None
 
 
 async def test_503_with_retry_after_waits_at_least_that_long(

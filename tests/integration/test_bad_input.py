@@ -1,0 +1,538 @@
+"""Bad input never crashes, wedges or widens a deletion (issue 9), on SQLite and PostgreSQL.
+
+One test (or a parametrized family) per kind of fault: limits at the edge, selectors that
+match everything in disguise, Unicode search, integer and cursor ranges, nullable PATCH
+fields, storable text, 404/400/405 where other routes give them, and SSRF at creation.
+Runs against the API alone (no broker): everything here is refused before any job exists.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import uuid
+from typing import Any
+
+import aiohttp
+import pytest
+
+from service.app import Services
+from service.contacts.models import ContactCreate
+from service.contacts.store import create_contact
+from service.limits import (
+    MAX_FILTER_DEPTH,
+    MAX_FILTER_NODES,
+    MAX_FILTER_VALUES,
+    MAX_IN_VALUES,
+    MAX_JSON_DEPTH,
+)
+from service.schemas import openapi_spec
+from tests.conftest import Tenant, make_settings, new_tenant, opened_services
+
+BULK = "/v1/contacts/bulk-delete"
+QUERY = "/v1/contacts/query"
+DRY = {"dry_run": True}
+
+
+def would_delete(dry_run: Any) -> int:
+    """A dry run's count of contacts it would delete (in either answer shape)."""
+    data = dry_run["data"]
+    count: int = data.get("would_delete_count", data.get("total_requested"))
+    return count
+
+
+def assert_limit(status: int, body: Any, limit: str) -> None:
+    """A 400 validation_error whose details name `limit`."""
+    assert status == 400, body
+    assert body["error"]["code"] == "validation_error", body
+    assert any(d.get("limit") == limit for d in body["error"]["details"]), body
+
+
+async def seed(services: Services, tenant: Tenant, **fields: Any) -> str:
+    values = {"email": f"{uuid.uuid4().hex[:12]}@example.com", **fields}
+    contact = await create_contact(services.db, tenant.workspace_id, ContactCreate(**values))
+    contact_id: str = contact["id"]
+    return contact_id
+
+
+async def raw_post(tenant: Tenant, path: str, body: bytes) -> tuple[int, Any]:
+    headers = {"Authorization": f"Bearer {tenant.key}", "Content-Type": "application/json"}
+    async with tenant.http.post(tenant.url(path), data=body, headers=headers) as response:
+        return response.status, await response.json(content_type=None)
+
+
+# --- 1. a filter that matches everything in disguise ----------------------------------------
+
+MATCH_EVERYTHING = [
+    {"$or": [{}]},
+    {"$and": [{}]},
+    {"$and": [{}, {"$or": [{}, {"last_name": "x"}]}]},
+    {"$or": [{"phone": {"$exists": True}}, {"phone": {"$exists": False}}]},
+    {"$or": [{"email": "a@example.com"}, {"email": {"$ne": "a@example.com"}}]},
+    {"$or": [{"last_name": {"$ne": "a"}}, {"last_name": {"$ne": "b"}}]},
+    {"$or": [{"first_name": {"$ne": "Ada"}}, {"first_name": {"$startsWith": "Ad"}}]},
+    {
+        "$or": [
+            {"created_at": {"$gt": "2020-01-01T00:00:00Z"}},
+            {"created_at": {"$lt": "2030-01-01T00:00:00Z"}},
+        ]
+    },
+]
+
+
+@pytest.mark.parametrize("filter_", MATCH_EVERYTHING)
+@pytest.mark.parametrize("dry_run", [False, True])
+async def test_a_filter_that_matches_everything_is_refused_dry_or_real(
+    services: Services, tenant: Tenant, filter_: dict[str, Any], dry_run: bool
+) -> None:
+    await seed(services, tenant, last_name="Lovelace")
+
+    status, body, _ = await tenant.call(
+        "POST", BULK, {"filter": filter_, "dry_run": dry_run}, {"Prefer": "wait=5"}
+    )
+
+    assert status == 400, body
+    assert body["error"]["code"] == "validation_error"
+    assert "match_all" in body["error"]["details"][0]["message"]
+    status, contacts, _ = await tenant.call("POST", QUERY, {})
+    assert len(contacts["data"]) == 1  # nothing was deleted
+    status, jobs, _ = await tenant.call("GET", "/v1/bulk-jobs")
+    assert jobs["data"] == []
+
+
+async def test_match_all_is_the_explicit_opt_in_and_only_with_filter_or_search(
+    services: Services, tenant: Tenant
+) -> None:
+    ids = {await seed(services, tenant) for _ in range(3)}
+
+    alone = await tenant.call("POST", BULK, {"match_all": True, **DRY})
+    with_filter = await tenant.call(
+        "POST", BULK, {"filter": {"$or": [{}]}, "match_all": True, **DRY}
+    )
+    with_ids = await tenant.call("POST", BULK, {"contact_ids": list(ids), "match_all": True})
+
+    for status, body, _ in (alone, with_filter):
+        assert status == 200, body
+        assert would_delete(body) == len(ids)
+    assert with_ids[0] == 400
+    assert with_ids[1]["error"]["details"][0]["field"] == "match_all"
+
+
+async def test_a_narrow_filter_is_still_accepted(services: Services, tenant: Tenant) -> None:
+    await seed(services, tenant, last_name="Lovelace")
+    await seed(services, tenant, last_name="Hopper")
+
+    status, body, _ = await tenant.call("POST", BULK, {"filter": {"last_name": "Hopper"}, **DRY})
+
+    assert status == 200, body
+    assert would_delete(body) == 1
+
+
+# --- 2. a wide filter is refused at the edge, on every route that takes one ----------------
+
+
+def wide_filter() -> dict[str, Any]:
+    """The issue's filter: branches of a 1,000-value $in (about 0.8 MB, under the body limit)."""
+    return {"$or": [{"email": {"$in": ["a"] * MAX_IN_VALUES}} for _ in range(200)]}
+
+
+@pytest.mark.parametrize(
+    ("path", "extra"),
+    [(BULK, {}), (BULK, DRY), (QUERY, {"limit": 1})],
+    ids=["bulk-delete", "dry-run", "query"],
+)
+async def test_a_filter_binding_too_many_values_is_a_400_naming_the_limit(
+    tenant: Tenant, path: str, extra: dict[str, Any]
+) -> None:
+    status, body, _ = await tenant.call("POST", path, {"filter": wide_filter(), **extra})
+
+    assert_limit(status, body, "max_filter_values")
+    status, jobs, _ = await tenant.call("GET", "/v1/bulk-jobs")
+    assert jobs["data"] == []
+
+
+@pytest.mark.parametrize(
+    ("filter_", "limit"),
+    [
+        ({"email": {"$in": ["a@example.com"] * (MAX_IN_VALUES + 1)}}, "max_in_values"),
+        (
+            {"$or": [{"last_name": f"n{i}"} for i in range(MAX_FILTER_NODES + 1)]},
+            "max_filter_nodes",
+        ),
+        ({"last_name": "x" * 321}, "max_filter_string"),
+    ],
+    ids=["in-values", "nodes", "string"],
+)
+async def test_each_filter_limit_is_a_400_naming_it(
+    tenant: Tenant, filter_: dict[str, Any], limit: str
+) -> None:
+    for path, extra in ((BULK, DRY), (QUERY, {})):
+        status, body, _ = await tenant.call("POST", path, {"filter": filter_, **extra})
+
+        assert_limit(status, body, limit)
+
+
+async def test_a_filter_nested_too_deep_is_a_400_naming_the_limit(tenant: Tenant) -> None:
+    nested: dict[str, Any] = {"last_name": "x"}
+    for _ in range(MAX_FILTER_DEPTH + 1):
+        nested = {"$and": [nested]}
+
+    status, body, _ = await tenant.call("POST", QUERY, {"filter": nested})
+
+    assert_limit(status, body, "max_filter_depth")
+
+
+async def test_a_filter_at_every_limit_runs(services: Services, tenant: Tenant) -> None:
+    """The largest filter the edge accepts is SQL both databases run."""
+    target = await seed(services, tenant, email="last@example.com")
+    emails = [f"user{i}@example.com" for i in range(MAX_FILTER_VALUES - 1)]
+    filter_ = {"$or": [{"email": {"$in": emails}}, {"email": "last@example.com"}]}
+
+    status, body, _ = await tenant.call("POST", QUERY, {"filter": filter_, "limit": 1})
+    dry = await tenant.call("POST", BULK, {"filter": filter_, **DRY})
+
+    assert status == 200, body
+    assert [c["id"] for c in body["data"]] == [target]
+    assert dry[0] == 200, dry[1]
+    assert would_delete(dry[1]) == 1
+
+
+# --- 3. deep JSON --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", [QUERY, BULK, "/v1/contacts", "/v1/webhooks/endpoints"])
+async def test_deep_json_is_a_400_not_a_recursion_error(tenant: Tenant, path: str) -> None:
+    for depth in (977, 100_000, MAX_JSON_DEPTH + 1):
+        status, body = await raw_post(tenant, path, b"[" * depth + b"]" * depth)
+
+        assert_limit(status, body, "max_json_depth")
+    status, body = await raw_post(tenant, path, b'{"a":' * 40 + b"1" + b"}" * 40)
+    assert_limit(status, body, "max_json_depth")
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"email": "a@example.com", "properties": {"x": NaN}}',
+        b'{"email": "a@example.com", "properties": {"x": Infinity}}',
+        b'{"email": "a@example.com", "properties": {"x": ' + b"9" * 5000 + b"}}",
+        b'{"email": "a@example.com", "first_name": "nul\\u0000here"}',
+        b'{"email": "a@example.com", "first_name": "\\ud800"}',
+        b'{"email": "a@example.com", "properties": {"k\\u0000": 1}}',
+        b'{"email": "a@example.com", "first_name": "\xff\xfe"}',
+    ],
+    ids=["nan", "infinity", "huge-int", "nul", "lone-surrogate", "nul-key", "bad-utf8"],
+)
+async def test_json_neither_database_can_store_is_a_400(tenant: Tenant, raw: bytes) -> None:
+    status, body = await raw_post(tenant, "/v1/contacts", raw)
+
+    assert status == 400, body
+    assert body["error"]["code"] == "validation_error"
+
+
+async def test_a_nul_in_a_query_parameter_is_a_400(tenant: Tenant) -> None:
+    for query in ("action=%00", "target_id=a%00b", "job_id=%00"):
+        status, body, _ = await tenant.call("GET", f"/v1/audit/events?{query}")
+
+        assert status == 400, (query, body)
+
+
+async def test_oversized_properties_are_a_400(tenant: Tenant) -> None:
+    many = {f"k{i}": i for i in range(101)}
+    big = {"k": "x" * 20_000}
+    for properties in (many, big):
+        status, body, _ = await tenant.call(
+            "POST", "/v1/contacts", {"email": "a@example.com", "properties": properties}
+        )
+
+        assert status == 400, body
+
+
+# --- 4. Unicode-aware search (query and dry run here; the real run in test_bulk_delete) ---
+
+
+@pytest.mark.parametrize("needle", ["ÖZTÜRK", "öztürk", "Öz", "türk", "ZTÜ"])
+async def test_search_finds_upper_case_non_ascii_names(
+    services: Services, tenant: Tenant, needle: str
+) -> None:
+    turk = await seed(services, tenant, last_name="ÖZTÜRK")
+    await seed(services, tenant, last_name="Ozturk")  # not the same letters
+
+    status, body, _ = await tenant.call("POST", QUERY, {"search": needle})
+    dry = await tenant.call("POST", BULK, {"search": needle, **DRY})
+
+    assert status == 200, body
+    assert [c["id"] for c in body["data"]] == [turk]
+    assert would_delete(dry[1]) == 1, dry
+
+
+async def test_search_lowercases_greek_and_cyrillic_too(services: Services, tenant: Tenant) -> None:
+    greek = await seed(services, tenant, first_name="ΣΩΚΡΆΤΗΣ")
+    cyrillic = await seed(services, tenant, last_name="ДОСТОЕВСКИЙ")
+
+    found = {}
+    for needle in ("σωκράτ", "достоевский"):
+        status, body, _ = await tenant.call("POST", QUERY, {"search": needle})
+        assert status == 200, body
+        found[needle] = [c["id"] for c in body["data"]]
+
+    assert found == {"σωκράτ": [greek], "достоевский": [cyrillic]}
+
+
+# --- 5. integer ranges, cursor contents, nullable PATCH fields ------------------------------
+
+
+def cursor(position: Any) -> str:
+    return base64.urlsafe_b64encode(json.dumps(position).encode()).decode().rstrip("=")
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/v1/audit/export?since_seq=9223372036854775808",
+        "/v1/audit/export?since_seq=99999999999999999999999",
+        "/v1/audit/events?limit=9223372036854775808",
+        "/v1/bulk-jobs?limit=0",
+        "/v1/audit/events?cursor=" + cursor({"after_seq": 18446744073709551616}),
+        "/v1/audit/events?cursor=" + cursor({"after_seq": -1}),
+        "/v1/audit/events?cursor=" + cursor({"after_seq": "1"}),
+        "/v1/audit/events?cursor=" + cursor([1]),
+        "/v1/audit/events?cursor=" + "A" * 600,
+        "/v1/audit/events?cursor=%F0%9F%98%80",
+        "/v1/bulk-jobs?cursor=" + cursor({"at": "2024-01-01T00:00:00", "id": str(uuid.uuid4())}),
+        "/v1/bulk-jobs?cursor="
+        + cursor({"at": "0001-01-01T00:00:00+14:00", "id": str(uuid.uuid4())}),
+        "/v1/bulk-jobs?cursor=" + cursor({"at": 5, "id": "x"}),
+        f"/v1/bulk-jobs/{uuid.uuid4()}/items?cursor=" + cursor({"after": 2**70}),
+    ],
+)
+async def test_out_of_range_integers_and_crafted_cursors_are_400s(
+    tenant: Tenant, path: str
+) -> None:
+    status, body, _ = await tenant.call("GET", path)
+
+    assert status == 400, (path, status, body)
+    assert body["error"]["code"] == "validation_error"
+
+
+EDGE_OF_TIME = "0001-01-01T00:00:00+14:00"  # exists, but not in UTC
+
+
+async def test_times_that_overflow_in_utc_are_400s_everywhere(
+    services: Services, tenant: Tenant
+) -> None:
+    contact_id = await seed(services, tenant)
+    status, endpoint, _ = await tenant.call(
+        "POST", "/v1/webhooks/endpoints", {"url": "https://hooks.example.com/t"}
+    )
+    assert status == 201, endpoint
+    calls = [
+        ("GET", f"/v1/audit/events?since={EDGE_OF_TIME.replace('+', '%2B')}", None),
+        ("POST", QUERY, {"filter": {"created_at": {"$gt": EDGE_OF_TIME}}}),
+        ("POST", BULK, {"filter": {"created_at": {"$lt": EDGE_OF_TIME}}, **DRY}),
+        ("POST", f"/v1/contacts/{contact_id}/activities", {"occurred_at": EDGE_OF_TIME}),
+        ("POST", f"/v1/contacts/{contact_id}/tasks", {"title": "t", "due_at": EDGE_OF_TIME}),
+        (
+            "POST",
+            f"/v1/webhooks/endpoints/{endpoint['data']['id']}/recover",
+            {"since": EDGE_OF_TIME},
+        ),
+    ]
+    for method, path, body in calls:
+        status, answer, _ = await tenant.call(method, path, body)
+
+        assert status == 400, (path, answer)
+
+
+async def test_the_largest_since_seq_is_an_empty_export(tenant: Tenant) -> None:
+    async with tenant.http.get(
+        tenant.url("/v1/audit/export?since_seq=9223372036854775807"),
+        headers={"Authorization": f"Bearer {tenant.key}"},
+    ) as response:
+        assert response.status == 200
+        assert await response.read() == b""
+
+
+async def test_null_for_a_required_endpoint_field_is_a_400_and_null_clears_the_optional(
+    tenant: Tenant,
+) -> None:
+    status, endpoint, _ = await tenant.call(
+        "POST",
+        "/v1/webhooks/endpoints",
+        {"url": "https://hooks.example.com/x", "description": "d", "rate_limit_per_s": 5},
+    )
+    assert status == 201, endpoint
+    one = f"/v1/webhooks/endpoints/{endpoint['data']['id']}"
+
+    for field in ("url", "event_types"):
+        status, body, _ = await tenant.call("PATCH", one, {field: None})
+        assert status == 400, (field, body)
+        assert body["error"]["details"][0]["field"] == field
+    status, body, _ = await tenant.call(
+        "PATCH", one, {"description": None, "rate_limit_per_s": None}
+    )
+
+    assert status == 200, body
+    assert (body["data"]["description"], body["data"]["rate_limit_per_s"]) == (None, None)
+    assert body["data"]["url"] == "https://hooks.example.com/x"
+
+
+# --- 8. Idempotency-Key ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("key", ["", " ", "\t "])
+async def test_an_empty_or_blank_idempotency_key_is_a_400(
+    services: Services, tenant: Tenant, key: str
+) -> None:
+    contact_id = await seed(services, tenant)
+    headers = {"Idempotency-Key": key}
+
+    bulk = await tenant.call("POST", BULK, {"contact_ids": [contact_id], **DRY}, headers)
+    single = await tenant.call("DELETE", f"/v1/contacts/{contact_id}", None, headers)
+
+    for status, body, _ in (bulk, single):
+        assert status == 400, body
+        assert body["error"]["details"][0]["field"] == "Idempotency-Key"
+
+
+# --- 9. the spec and the service agree; 405 with Allow on every route ------------------------
+
+
+def test_the_audit_events_parameters_are_the_ones_the_service_takes() -> None:
+    op = openapi_spec()["paths"]["/v1/audit/events"]["get"]
+    names = {p["name"] for p in op["parameters"] if p.get("in") == "query"}
+
+    assert names == {
+        "target_id",
+        "job_id",
+        "action",
+        "actor_id",
+        "email",
+        "since",
+        "until",
+        "limit",
+        "cursor",
+    }
+
+
+async def test_every_documented_query_parameter_is_accepted(tenant: Tenant) -> None:
+    """A documented parameter the service refuses (or the reverse) cannot happen."""
+    samples = {"string": "x", "integer": "1", "date-time": "2024-01-01T00:00:00Z"}
+    for path, item in openapi_spec()["paths"].items():
+        for method, op in item.items():
+            if method != "get" or "{" in path or not path.startswith("/v1/"):
+                continue
+            for param in op["parameters"]:
+                if param.get("in") != "query" or param["name"] in ("cursor", "email"):
+                    continue
+                schema = param["schema"]
+                value = (
+                    schema["enum"][0]
+                    if "enum" in schema
+                    else samples.get(schema.get("format", schema.get("type", "string")), "x")
+                )
+                if "$ref" in schema:
+                    value = "pending"
+                status, body, _ = await tenant.call("GET", f"{path}?{param['name']}={value}")
+                assert status == 200, (path, param["name"], body)
+
+
+async def test_a_wrong_method_is_405_with_allow_on_every_route(tenant: Tenant) -> None:
+    methods = {"GET", "POST", "PATCH", "DELETE", "PUT"}
+    for path, item in openapi_spec()["paths"].items():
+        concrete = path.replace("{", "").replace("}", "")
+        for name in ("contact_id", "job_id", "endpoint_id", "delivery_id"):
+            concrete = concrete.replace(name, str(uuid.uuid4()))
+        allowed = {m.upper() for m in item}
+        for method in sorted(methods - allowed):
+            status, body, headers = await tenant.call(method, concrete)
+
+            assert status == 405, (method, path, body)
+            assert set(headers["Allow"].split(",")) >= allowed, (method, path)
+            assert method not in headers["Allow"].split(",")
+        async with tenant.http.options(tenant.url(concrete)) as response:
+            assert response.status == 204
+            assert set(response.headers["Allow"].split(",")) >= allowed
+
+
+async def test_get_on_post_only_routes_is_405_not_404(tenant: Tenant) -> None:
+    for path in (QUERY, BULK):
+        status, body, headers = await tenant.call("GET", path)
+
+        assert status == 405, body
+        assert headers["Allow"].split(",") == ["OPTIONS", "POST"]
+
+
+def test_a_deleted_contacts_requester_may_be_null_in_the_spec() -> None:
+    schemas = openapi_spec()["components"]["schemas"]
+    requested_by = schemas["AuditContactTimeline"]["properties"]["requested_by"]
+
+    assert {"type": "null"} in requested_by["anyOf"]
+
+
+def test_bulk_delete_documents_the_selector_rule_and_the_limits() -> None:
+    schema = openapi_spec()["components"]["schemas"]["BulkDeleteRequest"]
+
+    assert "match_all" in schema["properties"]
+    assert str(MAX_FILTER_VALUES) in schema["properties"]["filter"]["description"]
+    assert schema["properties"]["contact_ids"]["maxItems"] == 500
+    assert len(schema["oneOf"]) == 3  # exactly one selector
+
+
+# --- 10. SSRF at creation and on PATCH ---------------------------------------------------------
+
+PRIVATE_URLS = [
+    "http://127.0.0.1/",
+    "http://[::1]/",
+    "http://169.254.169.254/latest/meta-data",
+    "http://10.0.0.1:8080/hook",
+    "http://2130706433/",
+    "http://0x7f.0.0.1/",
+    "http://[::ffff:127.0.0.1]/",
+    "http://localhost:9/hook",
+]
+
+
+@pytest.fixture
+async def guarded(db_url: str, http: aiohttp.ClientSession) -> Any:
+    """A tenant of an API that does not allow private destinations (the production default)."""
+    from aiohttp.test_utils import TestServer
+
+    from service.app import create_app
+
+    settings = make_settings(db_url, webhook_allow_private_networks=False)
+    async with opened_services(settings) as services:
+        server = TestServer(create_app(services), host="127.0.0.1")
+        await server.start_server()
+        try:
+            yield await new_tenant(services, str(server.make_url("")).rstrip("/"), http)
+        finally:
+            await server.close()
+
+
+@pytest.mark.parametrize("url", PRIVATE_URLS)
+async def test_a_private_destination_is_refused_at_creation_without_naming_the_address(
+    guarded: Tenant, url: str
+) -> None:
+    status, body, _ = await guarded.call("POST", "/v1/webhooks/endpoints", {"url": url})
+
+    assert status == 400, body
+    detail = body["error"]["details"][0]
+    assert detail["field"] == "url"
+    assert "not allowed" in detail["message"]
+    if "localhost" in url:
+        assert "127.0.0.1" not in json.dumps(body)
+
+
+async def test_a_private_destination_is_refused_on_patch(guarded: Tenant) -> None:
+    status, created, _ = await guarded.call(
+        "POST", "/v1/webhooks/endpoints", {"url": "https://203.0.114.7/hook"}
+    )
+    assert status == 201, created
+    one = f"/v1/webhooks/endpoints/{created['data']['id']}"
+
+    for url in PRIVATE_URLS:
+        status, body, _ = await guarded.call("PATCH", one, {"url": url})
+        assert status == 400, (url, body)
+    status, body, _ = await guarded.call("GET", one)
+    assert body["data"]["url"] == "https://203.0.114.7/hook"
