@@ -358,10 +358,11 @@ async def test_transient_errors_back_off_exponentially_with_jitter_and_a_cap(
     assert (body["data"]["status"], body["data"]["failed_count"]) == ("completed", 0)
 
 
-async def test_an_expansion_the_database_refuses_fails_its_job_and_not_another_workspace(
+async def test_an_expansion_that_cannot_run_fails_its_job_and_not_another_workspace(
     services: Services, tenant: Tenant, other_tenant: Tenant
 ) -> None:
-    """A filter job whose selection statement is refused ends `failed` with its code and an
+    """A filter job whose selection cannot run (over the bound-value limit, which the worker
+    enforces again, before the database would refuse it) ends `failed` with its code and an
     audit event; another workspace's job in the same batch completes."""
     from service.deletion.models import BulkDeleteRequest
     from service.deletion.store import Requester, create_job
@@ -421,7 +422,8 @@ async def test_an_expansion_the_database_refuses_fails_its_job_and_not_another_w
     assert finished["job_id"] == str(big_job)
     assert finished["data"]["status"] == "failed"
     assert finished["data"]["code"] == "FAILED_DELETE_CONTACT"
-    assert "database refused" in finished["data"]["message"]
+    assert finished["data"]["message"].startswith("the job's contacts could not be selected")
+    assert "binds more than" in finished["data"]["message"]
     assert verify_events(events, workspace_id=str(tenant.workspace_id)).ok
 
 
