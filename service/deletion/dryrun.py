@@ -21,7 +21,12 @@ from service.contacts.filters import selection_clause
 from service.contacts.store import TIMELINE_TABLES
 from service.db import contacts
 from service.deletion.models import BulkDeleteRequest, ItemStatus, decide
-from service.deletion.store import LIST_CAP, resolve_emails, stored_selector
+from service.deletion.store import (
+    LIST_CAP,
+    refuse_if_everything,
+    resolve_emails,
+    stored_selector,
+)
 from service.erasure.redact import TEXT_FIELDS, Redactor
 from service.pagination import IdCursor, encode_cursor, read_cursor
 
@@ -92,6 +97,7 @@ async def dry_run(
     else:
         where = selection_clause(contacts, req.filter_tree(), req.search)
         last: uuid.UUID | None = None
+        matched = 0
         while True:
             stmt = (
                 sa.select(contacts)
@@ -106,9 +112,11 @@ async def dry_run(
                 judge(str(row["id"]), row)
             would_redact += await count_redactions(conn, to_redact)
             to_redact.clear()
+            matched += len(batch)
             if len(batch) < page:
                 break
             last = batch[-1]["id"]
+        await refuse_if_everything(conn, workspace_id, req, matched)
 
     ordered = sorted(doomed)
     start = 0

@@ -22,7 +22,7 @@ from service.config import Settings
 from service.contacts.filters import selection_clause
 from service.db import Database, contacts, deletion_job_items, deletion_jobs, outbox, utcnow
 from service.deletion.models import BulkDeleteRequest, ItemStatus, JobStatus, final_status
-from service.errors import NotFound
+from service.errors import NotFound, ValidationFailed
 from service.events import (
     TOPIC_DELETION_REQUESTED,
     TOPIC_JOB_COMPLETED,
@@ -257,6 +257,7 @@ async def create_job(
                 .where(contacts.c.workspace_id == who.workspace_id, where)
             )
         ).scalar_one()
+        await refuse_if_everything(conn, who.workspace_id, req, estimate)
     await conn.execute(
         deletion_jobs.insert().values(
             id=job_id,
@@ -363,6 +364,42 @@ def email_ref(index: int) -> str:
     ``emails`` array (``"emails[3]"``, 0-based, first occurrence). The caller holds its own
     list; the service never keeps an address it did not delete (DESIGN.md, Erasure)."""
     return f"emails[{index}]"
+
+
+async def refuse_if_everything(
+    conn: AsyncConnection, workspace_id: uuid.UUID, req: BulkDeleteRequest, matched: int
+) -> None:
+    """A filter/search that selects every contact of the workspace is a 400 unless the
+    request says ``match_all: true`` (DESIGN.md: a deletion never widens by accident).
+
+    The filter's simplification (`service.contacts.filters.simplify`) catches the forms
+    that match everything whatever the data; this catches the rest by the data itself:
+    ``{"search": "@"}``, ``created_at`` after 1970, a ``$startsWith`` every address shares.
+    Dry run and real run both call it, so they agree. Raises `ValidationFailed`.
+    """
+    if req.match_all or matched == 0:
+        return
+    total = (
+        await conn.execute(
+            sa.select(sa.func.count())
+            .select_from(contacts)
+            .where(contacts.c.workspace_id == workspace_id)
+        )
+    ).scalar_one()
+    if matched < total:
+        return
+    fields = [f for f in ("filter", "search") if getattr(req, f) is not None]
+    raise ValidationFailed(
+        "the selection matches every contact of the workspace; send match_all: true to mean that",
+        [
+            {
+                "field": field,
+                "message": f"selects all {total} contacts of this workspace; add "
+                '"match_all": true to delete them all',
+            }
+            for field in fields
+        ],
+    )
 
 
 async def resolve_emails(

@@ -100,6 +100,61 @@ async def test_a_filter_that_matches_everything_is_refused_dry_or_real(
     assert jobs["data"] == []
 
 
+# Selections that match every contact because of the data, not the filter's form: no
+# simplification can see them, so the service counts (same rule for dry and real runs).
+EVERYTHING_HERE = [
+    {"search": "@"},
+    {"search": "example"},
+    {"filter": {"created_at": {"$gt": "1970-01-01T00:00:00Z"}}},
+    {"filter": {"email": {"$startsWith": "every"}}},
+    {"filter": {"last_name": "Lovelace"}},
+    {"filter": {"$or": [{"last_name": "Lovelace"}, {"phone": {"$exists": True}}]}},
+    {"filter": {"last_name": "Lovelace"}, "search": "every"},
+]
+
+
+@pytest.mark.parametrize("selector", EVERYTHING_HERE)
+@pytest.mark.parametrize("dry_run", [False, True])
+async def test_a_selection_that_happens_to_match_every_contact_is_refused(
+    services: Services, tenant: Tenant, selector: dict[str, Any], dry_run: bool
+) -> None:
+    for n in range(3):
+        await seed(
+            services,
+            tenant,
+            email=f"every{n}.{uuid.uuid4().hex[:6]}@example.com",
+            last_name="Lovelace",
+        )
+
+    status, body, _ = await tenant.call(
+        "POST", BULK, {**selector, "dry_run": dry_run}, {"Prefer": "wait=5"}
+    )
+
+    assert status == 400, body
+    assert body["error"]["code"] == "validation_error"
+    assert "match_all" in body["error"]["details"][0]["message"]
+    status, contacts, _ = await tenant.call("POST", QUERY, {})
+    assert len(contacts["data"]) == 3  # nothing was deleted
+    status, jobs, _ = await tenant.call("GET", "/v1/bulk-jobs")
+    assert jobs["data"] == []
+    # The explicit opt-in is honoured whatever the data.
+    status, body, _ = await tenant.call("POST", BULK, {**selector, "match_all": True, **DRY})
+    assert (status, would_delete(body)) == (200, 3), body
+
+
+async def test_the_same_selection_with_a_contact_it_leaves_is_a_deletion(
+    services: Services, tenant: Tenant
+) -> None:
+    for _ in range(3):
+        await seed(services, tenant, last_name="Lovelace")
+    await seed(services, tenant, last_name="Other")  # not selected
+
+    status, body, _ = await tenant.call("POST", BULK, {"filter": {"last_name": "Lovelace"}, **DRY})
+
+    assert status == 200, body
+    assert would_delete(body) == 3
+
+
 async def test_match_all_is_the_explicit_opt_in_and_only_with_filter_or_search(
     services: Services, tenant: Tenant
 ) -> None:
@@ -185,6 +240,7 @@ async def test_a_filter_nested_too_deep_is_a_400_naming_the_limit(tenant: Tenant
 async def test_a_filter_at_every_limit_runs(services: Services, tenant: Tenant) -> None:
     """The largest filter the edge accepts is SQL both databases run."""
     target = await seed(services, tenant, email="last@example.com")
+    await seed(services, tenant, email="bystander@example.com")  # so the filter is not "all"
     emails = [f"user{i}@example.com" for i in range(MAX_FILTER_VALUES - 1)]
     filter_ = {"$or": [{"email": {"$in": emails}}, {"email": "last@example.com"}]}
 

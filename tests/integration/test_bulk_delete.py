@@ -307,6 +307,7 @@ async def test_filter_matching_a_whole_number_of_pages_completes(
 ) -> None:
     """The last expansion page is empty; the job must still finish."""
     await seed_many(services, tenant, 2 * PAGE_SIZE, last_name="Smith")
+    await seed(services, tenant, last_name="Bystander")  # not selected: the filter is not "all"
 
     job = await run_job(tenant, {"filter": {"last_name": "Smith"}})
 
@@ -555,6 +556,7 @@ async def test_dry_run_of_a_filter_predicts_the_real_run_and_changes_nothing(
     smiths = await seed_many(services, tenant, 9, last_name="Smith")
     owner = await seed(services, tenant, last_name="Smith", member_role="owner")
     member = await seed(services, tenant, last_name="Smith", member_role="member")
+    await seed(services, tenant, last_name="Bystander")  # not selected: the filter is not "all"
     body = {"filter": {"last_name": "Smith"}, "delete_members": True}
 
     status, answer, _ = await tenant.call("POST", BULK, {**body, "dry_run": True})
@@ -588,6 +590,7 @@ async def test_dry_run_pages_the_ids_it_would_delete_with_a_cursor(
     """dry_run_limit ids per page, sorted; next_cursor as dry_run_cursor gives the next
     page; the counts cover the whole selection on every page."""
     ids = await seed_many(services, tenant, 5, last_name="Pager")
+    await seed(services, tenant, last_name="Bystander")  # not selected: the filter is not "all"
     body = {"filter": {"last_name": "Pager"}, "dry_run": True, "dry_run_limit": 2}
     pages: list[list[str]] = []
     cursor = None

@@ -518,6 +518,7 @@ async def test_a_repeated_expansion_message_of_a_finished_filter_job_changes_not
 ) -> None:
     for _ in range(3):
         await seed(services, tenant, last_name="Smith")
+    await seed(services, tenant, last_name="Bystander")  # not selected: the filter is not "all"
     job = await run_job(tenant, {"filter": {"last_name": "Smith"}})
     assert job["deleted_count"] == 3
     late = await seed(services, tenant, last_name="Smith")  # would match if re-expanded
@@ -547,6 +548,7 @@ async def test_a_filter_job_says_it_is_still_finding_contacts_with_an_estimate(
     what was found so far), with `estimated_total` counted at acceptance; then `deleting`."""
     for _ in range(5):
         await seed(services, idle_tenant, last_name="Expando")
+    await seed(services, idle_tenant, last_name="Bystander")  # the filter is not "all"
     status, body, _ = await idle_tenant.call("POST", BULK, {"filter": {"last_name": "Expando"}})
     assert status == 202, body
     job = body["data"]
@@ -614,6 +616,7 @@ async def test_job_lifecycle_and_deletion_batches_leave_log_lines_without_addres
     emails = [f"log.{uuid.uuid4().hex[:8]}@example.com" for _ in range(3)]
     for email in emails:
         await seed(services, tenant, email=email, last_name="Logline")
+    await seed(services, tenant, last_name="Bystander")  # not selected: the filter is not "all"
     with json_logs() as logs:
         by_email = await run_job(tenant, {"emails": [*emails[:2], "nobody.logs@example.com"]})
         by_filter = await run_job(tenant, {"filter": {"last_name": "Logline"}})

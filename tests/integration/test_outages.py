@@ -96,7 +96,10 @@ async def seed_job(db: Database, settings: Settings, count: int) -> Job:
     async with db.begin() as conn:
         await conn.execute(contacts.insert(), rows)
     job_id = uuid.uuid4()
-    request = BulkDeleteRequest.model_validate({"filter": {"email": {"$startsWith": marker}}})
+    # Every contact of the workspace, so the request must say so (match_all).
+    request = BulkDeleteRequest.model_validate(
+        {"filter": {"email": {"$startsWith": marker}}, "match_all": True}
+    )
     async with db.begin() as conn:
         await create_job(
             conn, db, settings, Requester(workspace_id, None, f"req-{marker}"), request, job_id
