@@ -100,7 +100,8 @@ class BulkDeleteRequest(BaseModel):
         f"{MAX_FILTER_DEPTH} levels deep, {MAX_FILTER_VALUES} values in all "
         f"({MAX_IN_VALUES} per $in), {MAX_FILTER_STRING} characters a value. A filter "
         "that matches every contact (after simplification: {}, {'$or': [{}]}, "
-        "x exists or does not ...) is refused unless match_all is true.",
+        "x exists or does not ...), or that selects every contact of the workspace on "
+        "today's data, is refused unless match_all is true.",
     )
     search: str | None = Field(default=None, min_length=1, max_length=MAX_SEARCH_LENGTH)
     match_all: bool = Field(
