@@ -39,7 +39,26 @@ class _KafkaStartupNoise(logging.Filter):
         if not record.name.startswith("aiokafka") or record.levelno < logging.WARNING:
             return True
         message = str(record.msg)
+        if record.levelno >= logging.ERROR and any(
+            name in record.getMessage() for name in _KAFKA_RETRIABLE
+        ):
+            # aiokafka logs these at ERROR and then retries them itself (a partition's leader
+            # moving, a topic's metadata not there yet): a passing broker state, a warning.
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
         return not any(message.startswith(prefix) for prefix in _KAFKA_STARTUP_NOISE)
+
+
+# Retriable broker errors (Kafka protocol error codes marked retriable) that aiokafka's
+# fetcher and coordinator report at ERROR level before retrying on their own.
+_KAFKA_RETRIABLE = (
+    "NotLeaderForPartitionError",
+    "LeaderNotAvailableError",
+    "UnknownTopicOrPartitionError",
+    "GroupCoordinatorNotAvailableError",
+    "NotCoordinatorForGroupError",
+    "CoordinatorLoadInProgressError",
+    "RequestTimedOutError",
+)
 
 
 def configure_logging(fmt: str = "json", level: str = "INFO") -> None:

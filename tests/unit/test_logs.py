@@ -58,3 +58,16 @@ def test_at_debug_the_coordinator_lookups_are_kept(stderr: Captured) -> None:
         "Marking the coordinator dead (node %s)for group %s.", 1, "g"
     )
     assert "Marking the coordinator dead" in stderr.getvalue()
+
+
+def test_retriable_broker_errors_that_aiokafka_retries_itself_are_warnings(
+    stderr: Captured,
+) -> None:
+    """A partition's leader moving is a passing broker state: a warning, not an error line
+    (the schemathesis run fails on any error line); a real error stays an error."""
+    configure_logging("json", "INFO")
+    fetcher = logging.getLogger("aiokafka.consumer.fetcher")
+    fetcher.error("Failed fetch offsets from %s: %s", 1, "[Error 6] NotLeaderForPartitionError: tp")
+    fetcher.error("Unexpected error in fetcher routine: %s", "boom")
+    lines = [json.loads(line) for line in stderr.getvalue().splitlines()]
+    assert [line["level"] for line in lines] == ["warning", "error"]
