@@ -73,7 +73,7 @@ def run_dev(settings: Settings, *, start_kafka: bool = True, new_key: bool = Fal
     elif start_kafka:
         _say(f"a broker already answers on {host}:{port}; using it")
     try:
-        return asyncio.run(_dev_main(settings, new_key=new_key))
+        return asyncio.run(_dev_main(settings, new_key=new_key, owns_broker=broker is not None))
     finally:
         if broker is not None:
             broker.stop()
@@ -106,7 +106,7 @@ def _write_key(key_file: Path, key: str) -> None:
         out.write(key + "\n")
 
 
-async def _dev_main(settings: Settings, *, new_key: bool) -> int:
+async def _dev_main(settings: Settings, *, new_key: bool, owns_broker: bool) -> int:
     await upgrade(settings.database_url)
     services = Services(settings=settings, db=Database(settings.database_url))
     key_file = settings.data_dir / DEMO_KEY_FILE
@@ -116,7 +116,7 @@ async def _dev_main(settings: Settings, *, new_key: bool) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     base = f"http://{settings.http_host}:{settings.http_port}"
-    banner = _banner(base, key, key_file, is_new, settings.describe_database())
+    banner = _banner(base, key, key_file, is_new, settings.describe_database(), owns_broker)
 
     async def announce() -> None:
         await services.listening.wait()
@@ -131,10 +131,13 @@ async def _dev_main(settings: Settings, *, new_key: bool) -> int:
     finally:
         announcer.cancel()
         await services.close()
+    log.info("stopped", components=list(components()))
     return 0
 
 
-def _banner(base: str, key: str, key_file: Path, is_new: bool, database: str) -> str:
+def _banner(
+    base: str, key: str, key_file: Path, is_new: bool, database: str, owns_broker: bool = True
+) -> str:
     made = "new" if is_new else "the same as last time"
     return f"""
 contact-deletion is running at {base}  (database {database})
@@ -156,5 +159,5 @@ demo API key, workspace "demo", all scopes ({made}; kept in {key_file}):
        -H 'Content-Type: application/json' -d '{{"email":"ada@example.com"}}'
 
 Web console (sign in with the key above): {base}/console   API reference: {base}/docs
-Ctrl-C stops everything (and the local broker). The README has the rest.
+Ctrl-C stops everything{" (and the local broker)" if owns_broker else ""}. The README has the rest.
 """

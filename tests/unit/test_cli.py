@@ -132,3 +132,11 @@ def test_a_command_without_a_database_names_the_file_and_creates_nothing(
     assert "contact-deletion migrate" in err
     assert "Traceback" not in err
     assert os.listdir(tmp_path) == []
+
+
+def test_the_dev_banner_promises_to_stop_only_a_broker_it_started() -> None:
+    from service.dev import _banner
+
+    args = ("http://127.0.0.1:8081", "cdk_x", Path("data/demo-key"), False, "data/x.db")
+    assert "(and the local broker)" in _banner(*args, owns_broker=True)
+    assert "(and the local broker)" not in _banner(*args, owns_broker=False)
