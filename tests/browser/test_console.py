@@ -125,6 +125,9 @@ def test_delete_subscribe_retry_and_audit_from_the_page(
     outcome = css(driver, "#dry-run-outcome").text
     assert "CANNOT_DELETE_SITE_MEMBERS" in outcome
     assert "activities 0 · notes 1 · tasks 0" in outcome  # Ada's note would be orphaned
+    # The API names it "emails[3]" (it keeps no address it did not delete); the page, which
+    # has the list it sent, shows the address.
+    assert "1 (nobody@example.com)" in outcome
     assert member["data"]["id"] in outcome
     assert_labelled(driver)
     shot(driver, "deletions-dry-run")

@@ -235,6 +235,14 @@ function idsToDelete(request, first) {
   return h("details", {}, summary, list, more);
 }
 
+// The service names an address that matched nothing by its place in the request
+// ("emails[3]"), so that it keeps no address it did not delete; this page still has the
+// list it sent, and shows the address again.
+function addressOf(ref, request) {
+  const match = /^emails\[(\d+)\]$/.exec(ref);
+  return match && request.emails ? request.emails[Number(match[1])] ?? ref : ref;
+}
+
 function showOutcome(outcome, request, result, canRead) {
   const wouldDelete = result.would_delete_count;
   const wouldFail = result.would_fail_count;
@@ -263,7 +271,7 @@ function showOutcome(outcome, request, result, canRead) {
     kv([
       ["Would delete", h("strong", { id: "would-delete" }, String(wouldDelete))],
       ["Would refuse", String(wouldFail)],
-      ["Not found", `${notFound}${result.not_found.length ? ` (${result.not_found.join(", ")})` : ""}`],
+      ["Not found", `${notFound}${result.not_found.length ? ` (${result.not_found.map((ref) => addressOf(ref, request)).join(", ")})` : ""}`],
       ["Timeline items that would be orphaned",
         `activities ${orphaned.activities} · notes ${orphaned.notes} · tasks ${orphaned.tasks}`],
       ["Selector", selectorText(result.selector)],
