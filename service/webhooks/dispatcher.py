@@ -22,7 +22,8 @@ import logging
 import random
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
@@ -76,25 +77,38 @@ T = TypeVar("T")
 
 USER_AGENT = "contact-deletion-webhooks/0.1 (+https://github.com/contact-deletion)"
 RESPONSE_BODY_LIMIT = 4096
-CLAIM_BATCH = 200
+QUEUE_REFILL = 1000
+"""Due delivery ids (no payloads) read into the per-endpoint queues at a time."""
+REFILL_EVERY_S = 0.5
+"""The queues are read afresh at least this often, and whenever new work is signalled."""
 D = webhook_deliveries.c
 E = webhook_endpoints.c
 
 
 @dataclass
 class EndpointSlots:
-    """In-flight count and optional rate limit of one endpoint, in this process."""
+    """This process's view of one endpoint: the ids of its due deliveries (a queue, oldest
+    first), how many of its claims are not recorded yet, and its token bucket."""
 
+    queue: deque[uuid.UUID] = field(default_factory=deque)
     in_flight: int = 0
+    max_in_flight: int | None = None  # the endpoint's own limit, once seen
     tokens: float = 0.0
     updated: float = field(default_factory=time.monotonic)
 
-    def has_token(self, rate: float | None, now: float) -> bool:
-        if rate is None:
-            return True
+    rate: float | None = None  # the endpoint's rate_limit_per_s, once seen
+
+    def idle(self, now: float) -> bool:
+        """Nothing in flight and a full bucket: forgetting it loses nothing."""
+        if self.in_flight:
+            return False
+        return self.rate is None or self.tokens_now(self.rate, now) >= max(self.rate, 1.0)
+
+    def tokens_now(self, rate: float, now: float) -> int:
+        """Whole tokens available at `now` (monotonic seconds) for `rate` per second."""
         self.tokens = min(max(rate, 1.0), self.tokens + (now - self.updated) * rate)
         self.updated = now
-        return self.tokens >= 1.0
+        return int(self.tokens)
 
 
 @dataclass(frozen=True)
@@ -138,6 +152,11 @@ class Dispatcher:
         self.policy = RetryPolicy(settings.retry_schedule)
         self.slots: dict[uuid.UUID, EndpointSlots] = {}
         self.tasks: set[asyncio.Task[None]] = set()
+        # Attempts sent but not recorded yet; `flush` records them together.
+        self.finished: list[tuple[dict[str, Any], AttemptResult]] = []
+        self.progress = asyncio.Event()  # a send finished
+        self._refilled_at = -float("inf")
+        self._drained = False
         self.topics = [settings.topic(TOPIC_CONTACT_DELETED), settings.topic(TOPIC_JOB_COMPLETED)]
 
     # -- fan-out ------------------------------------------------------------------------
@@ -236,6 +255,12 @@ class Dispatcher:
     # -- sender -------------------------------------------------------------------------
 
     async def run_sender(self, stop: asyncio.Event) -> None:
+        """Claim, send and record until `stop`; then let what is in flight finish.
+
+        One pass records every attempt that finished since the last one (one transaction,
+        `flush`) and claims deliveries for the slots that freed (one transaction, `claim`),
+        so the database sees a few statements per batch of sends, not per send.
+        """
         timeout = aiohttp.ClientTimeout(
             total=self.settings.webhook_timeout_s,
             connect=self.settings.webhook_connect_timeout_s,
@@ -251,8 +276,12 @@ class Dispatcher:
         ) as session:
             try:
                 while not stop.is_set():
+                    news = self.wakeup.is_set()
+                    self.wakeup.clear()
+                    self.progress.clear()
                     try:
-                        claimed = await self.claim()
+                        await self.flush()
+                        claimed = await self.claim(refill=news)
                         backoff.reset()
                     except Exception as exc:
                         # Never let the sender die: an outage is waited out, and anything
@@ -271,133 +300,244 @@ class Dispatcher:
                     for row in claimed:
                         task = asyncio.create_task(self._send(session, row))
                         self.tasks.add(task)
-                        task.add_done_callback(self._done)
-                    if len(claimed) < CLAIM_BATCH:
-                        self.wakeup.clear()
-                        await wait_any(0.5, stop, self.wakeup)
+                        task.add_done_callback(self.tasks.discard)
+                    if not claimed:
+                        await wait_any(REFILL_EVERY_S, stop, self.wakeup, self.progress)
             finally:
                 if self.tasks:
                     await asyncio.wait(self.tasks, timeout=self.settings.webhook_timeout_s + 1)
+                await self._flush_at_exit()
 
-    def _done(self, task: asyncio.Task[None]) -> None:
-        self.tasks.discard(task)
-        self.wakeup.set()  # a slot is free
+    async def _flush_at_exit(self) -> None:
+        """Record what finished before stopping; what cannot be is sent again (at least once)."""
+        for _ in range(3):
+            try:
+                await self.flush()
+                return
+            except Exception as exc:
+                log.warning("webhook_record_retry", error=repr(exc)[:500])
+                await asyncio.sleep(0.2)
+        log.error("webhook_record_gave_up", attempts=len(self.finished))
 
-    def _saturated(self, limit: int) -> set[uuid.UUID]:
-        return {eid for eid, s in self.slots.items() if s.in_flight >= limit}
+    def _limit(self, max_in_flight: int | None) -> int:
+        return max_in_flight or self.settings.webhook_max_in_flight_per_endpoint
 
-    async def claim(self) -> list[dict[str, Any]]:
-        """Claim due deliveries of endpoints with free slots; marks them claimed for a while."""
-        limit = self.settings.webhook_max_in_flight_per_endpoint
+    async def _refill(self) -> None:
+        """Queue the ids of the oldest due deliveries per endpoint (no payloads)."""
         now = utcnow()
-        # A request ends within the timeout, so a claim older than that plus a margin
-        # belongs to a dispatcher that died: another one may send it again.
-        lease = now + timedelta(seconds=self.settings.webhook_timeout_s + 10)
-        saturated = self._saturated(limit)
         stmt = (
-            sa.select(
-                D.id,
-                D.workspace_id,
-                D.endpoint_id,
-                D.event_id,
-                D.event_type,
-                D.payload,
-                D.attempt_count,
-                D.created_at,
-            )
+            sa.select(D.id, D.endpoint_id)
             .where(
                 D.status.in_(SENDABLE),
                 D.next_attempt_at <= now,
                 sa.or_(D.claimed_until.is_(None), D.claimed_until < now),
             )
             .order_by(D.next_attempt_at)
-            .limit(CLAIM_BATCH * 2)
+            .limit(QUEUE_REFILL)
         )
-        if saturated:
-            stmt = stmt.where(D.endpoint_id.not_in(saturated))
+        async with self.db.read() as conn:
+            rows = (await conn.execute(stmt)).all()
+        # Forget idle endpoints, but never a rate-limited one's partly spent bucket.
+        mono = time.monotonic()
+        for eid in [e for e, s in self.slots.items() if s.idle(mono)]:
+            del self.slots[eid]
+        for slots in self.slots.values():
+            slots.queue.clear()
+        for r in rows:
+            self.slots.setdefault(r.endpoint_id, EndpointSlots()).queue.append(r.id)
+        self._refilled_at = time.monotonic()
+        self._drained = False
+
+    async def claim(self, *, refill: bool = False) -> list[dict[str, Any]]:
+        """Claim due deliveries for the free slots of each endpoint, with their payloads.
+
+        The candidates come from this process's per-endpoint queues (refilled from the
+        database when new work was signalled, when a queue ran dry, or every
+        REFILL_EVERY_S). A claim is a lease: `claimed_until` lies ahead until the attempt
+        is recorded, or until the lease lapses if this process dies. The endpoint's row
+        is locked (SQLite: the one writer) while its live leases are counted, so
+        `max_in_flight` holds across every dispatcher process.
+        """
+        if refill or self._drained or time.monotonic() - self._refilled_at >= REFILL_EVERY_S:
+            await self._refill()
+        wanted = [
+            eid
+            for eid, s in self.slots.items()
+            if s.queue and s.in_flight < self._limit(s.max_in_flight)
+        ]
+        if not wanted:
+            return []
+        now = utcnow()
+        # A request ends within the timeout, so a claim older than that plus a margin
+        # belongs to a dispatcher that died: another one may send it again.
+        lease = now + timedelta(seconds=self.settings.webhook_timeout_s + 10)
+        picked: list[dict[str, Any]] = []
         async with self.db.begin() as conn:
-            candidates = (await conn.execute(self.db.for_update(stmt, skip_locked=True))).all()
-            if not candidates:
-                return []
-            endpoint_ids = {c.endpoint_id for c in candidates}
-            endpoints = {
-                r.id: r
-                for r in (
-                    await conn.execute(sa.select(webhook_endpoints).where(E.id.in_(endpoint_ids)))
-                ).all()
-            }
-            picked: list[dict[str, Any]] = []
-            gone: list[uuid.UUID] = []
-            taken: dict[uuid.UUID, int] = {}
-            mono = time.monotonic()
-            for c in candidates:
-                endpoint = endpoints.get(c.endpoint_id)
-                if endpoint is None or endpoint.status != EndpointStatus.ENABLED:
-                    gone.append(c.id)
-                    continue
-                slots = self.slots.setdefault(c.endpoint_id, EndpointSlots())
-                if slots.in_flight + taken.get(c.endpoint_id, 0) >= limit:
-                    continue
-                if not slots.has_token(endpoint.rate_limit_per_s, mono):
-                    continue
-                if endpoint.rate_limit_per_s is not None:
-                    slots.tokens -= 1
-                taken[c.endpoint_id] = taken.get(c.endpoint_id, 0) + 1
-                picked.append(
-                    {
-                        "id": c.id,
-                        "workspace_id": c.workspace_id,
-                        "endpoint_id": c.endpoint_id,
-                        "event_id": c.event_id,
-                        "event_type": c.event_type,
-                        "payload": bytes(c.payload),
-                        "attempt_count": c.attempt_count,
-                        "url": endpoint.url,
-                        "secrets": live_secrets(endpoint._mapping, now),
-                    }
-                )
-                if len(picked) >= CLAIM_BATCH:
-                    break
-            if gone:
-                # The endpoint was deleted or disabled: these wait for `recover`/`retry`.
+            # SKIP LOCKED: an endpoint another dispatcher is claiming for waits for the
+            # next pass instead of holding this one up.
+            locked = (
                 await conn.execute(
+                    self.db.for_update(
+                        sa.select(webhook_endpoints).where(E.id.in_(wanted)).order_by(E.id),
+                        skip_locked=True,
+                    )
+                )
+            ).all()
+            if not locked:
+                return []
+            # Every live lease, whichever dispatcher holds it (a few index entries).
+            leases: dict[uuid.UUID, int] = {
+                eid: count
+                for eid, count in (
+                    await conn.execute(
+                        sa.select(D.endpoint_id, sa.func.count())
+                        .where(D.claimed_until > now)
+                        .group_by(D.endpoint_id)
+                    )
+                ).tuples()
+            }
+            take: list[uuid.UUID] = []
+            gone: list[uuid.UUID] = []
+            endpoints: dict[uuid.UUID, Any] = {}
+            mono = time.monotonic()
+            for endpoint in locked:
+                slots = self.slots[endpoint.id]
+                if endpoint.status != EndpointStatus.ENABLED:
+                    gone.extend(slots.queue)
+                    slots.queue.clear()
+                    continue
+                endpoints[endpoint.id] = endpoint
+                slots.max_in_flight = endpoint.max_in_flight
+                slots.rate = endpoint.rate_limit_per_s
+                free = self._limit(endpoint.max_in_flight) - leases.get(endpoint.id, 0)
+                if endpoint.rate_limit_per_s is not None:
+                    free = min(free, slots.tokens_now(endpoint.rate_limit_per_s, mono))
+                for _ in range(max(0, min(free, len(slots.queue)))):
+                    take.append(slots.queue.popleft())
+                if not slots.queue:
+                    self._drained = True
+            if gone:
+                # The endpoint was disabled: these wait for `recover`/`retry`.
+                failed = await conn.execute(
                     webhook_deliveries.update()
-                    .where(D.id.in_(gone))
+                    .where(
+                        D.id.in_(gone),
+                        D.status.in_(SENDABLE),
+                        sa.or_(D.claimed_until.is_(None), D.claimed_until < now),
+                    )
                     .values(status=DeliveryStatus.FAILED, completed_at=now)
                 )
-                log.info("webhook_deliveries_failed_endpoint_disabled", count=len(gone))
-            if picked:
+                log.info("webhook_deliveries_failed_endpoint_disabled", count=failed.rowcount)
+            if not take:
+                return []
+            rows = (
                 await conn.execute(
-                    webhook_deliveries.update()
-                    .where(D.id.in_([p["id"] for p in picked]))
-                    .values(claimed_until=lease)
+                    self.db.for_update(
+                        sa.select(
+                            D.id,
+                            D.workspace_id,
+                            D.endpoint_id,
+                            D.event_id,
+                            D.event_type,
+                            D.payload,
+                            D.attempt_count,
+                        ).where(
+                            D.id.in_(take),
+                            D.status.in_(SENDABLE),
+                            D.next_attempt_at <= now,
+                            sa.or_(D.claimed_until.is_(None), D.claimed_until < now),
+                        ),
+                        skip_locked=True,
+                    )
                 )
-        for p in picked:
-            self.slots[p["endpoint_id"]].in_flight += 1
+            ).all()
+            if not rows:
+                return []
+            await conn.execute(
+                webhook_deliveries.update()
+                .where(D.id.in_([r.id for r in rows]))
+                .values(claimed_until=lease, retry_requested=False)
+            )
+        for r in rows:
+            endpoint = endpoints[r.endpoint_id]
+            slots = self.slots[r.endpoint_id]
+            slots.in_flight += 1
+            if endpoint.rate_limit_per_s is not None:
+                slots.tokens -= 1
+            picked.append(
+                {
+                    "id": r.id,
+                    "workspace_id": r.workspace_id,
+                    "endpoint_id": r.endpoint_id,
+                    "event_id": r.event_id,
+                    "event_type": r.event_type,
+                    "payload": bytes(r.payload),
+                    "attempt_count": r.attempt_count,
+                    "url": endpoint.url,
+                    "secrets": live_secrets(endpoint._mapping, now),
+                    "claimed_until": lease,
+                }
+            )
         return picked
 
     async def _send(self, session: aiohttp.ClientSession, delivery: dict[str, Any]) -> None:
         try:
             result = await self.attempt(session, delivery)
-            await self._retry_db(lambda: self.record_safely(delivery, result))
         except Exception:
+            # A bug, not a receiver's failure: the lease lapses and it is sent again.
             log.exception("webhook_send_crashed", delivery_id=str(delivery["id"]))
+            self._release(delivery)
+        else:
+            self.finished.append((delivery, result))
         finally:
-            self.slots[delivery["endpoint_id"]].in_flight -= 1
+            self.progress.set()
 
-    async def _retry_db(self, work: Any) -> None:
-        backoff = self._backoff()
-        for _ in range(20):
-            try:
-                await work()
-                return
-            except Exception as exc:
-                if not is_transient(exc):
-                    raise
-                log.warning("webhook_record_retry", error=repr(exc)[:500])
-                await backoff.sleep(backoff.next_delay(), asyncio.Event())
-        # The claim lease runs out and another pass sends it again: at least once.
-        log.error("webhook_record_gave_up", delivery_id="unknown")
+    def _release(self, delivery: dict[str, Any]) -> None:
+        slots = self.slots.get(delivery["endpoint_id"])
+        if slots is not None:
+            slots.in_flight -= 1
+
+    async def flush(self) -> None:
+        """Record every finished attempt in one transaction (group commit).
+
+        An outage keeps them for the next pass (until their lease lapses: then another
+        pass sends them again, at least once). If the database refuses the batch, each
+        attempt is recorded alone (`record_safely`), so one bad answer holds back no other.
+        """
+        if not self.finished:
+            return
+        now = utcnow()
+        batch: list[tuple[dict[str, Any], AttemptResult]] = []
+        for delivery, result in self.finished:
+            if delivery.get("claimed_until", now) < now:
+                log.error("webhook_record_gave_up", delivery_id=str(delivery["id"]))
+                self._release(delivery)
+            else:
+                batch.append((delivery, result))
+        self.finished = []
+        try:
+            await self.record_many(batch)
+        except Exception as exc:
+            if is_transient(exc):
+                self.finished = batch + self.finished
+                raise
+            log.error("webhook_record_batch_refused", error=describe(exc), attempts=len(batch))
+            for n, (delivery, result) in enumerate(batch):
+                try:
+                    await self.record_safely(delivery, result)
+                except Exception as alone:
+                    if is_transient(alone):
+                        self.finished = batch[n:] + self.finished
+                        raise
+                    log.error(
+                        "webhook_record_gave_up",
+                        delivery_id=str(delivery["id"]),
+                        error=describe(alone),
+                    )
+                self._release(delivery)
+            return
+        for delivery, _ in batch:
+            self._release(delivery)
 
     async def record_safely(self, delivery: dict[str, Any], result: AttemptResult) -> None:
         """`record`, falling back to the bare outcome if the database refuses the details.
@@ -451,84 +591,96 @@ class Dispatcher:
             return AttemptResult(None, _ms(started), failure_text(exc, delivery["url"]), None, None)
 
     async def record(self, delivery: dict[str, Any], result: AttemptResult) -> None:
-        """Store the attempt and decide what happens next, in one transaction."""
+        """Store one attempt and decide what happens next, in one transaction."""
+        await self.record_many([(delivery, result)])
+
+    async def record_many(self, batch: Sequence[tuple[dict[str, Any], AttemptResult]]) -> None:
+        """Store these attempts and decide what happens next, in one transaction.
+
+        Per delivery: the attempt row; the next state (succeeded, a retry scheduled, or
+        failed when exhausted or gone) and the lease released; a retry asked for while
+        it was in flight makes it due again now. Per endpoint: a success ends its failing
+        streak, a 410 disables it, failing too long disables it, with their audit events.
+        """
+        if not batch:
+            return
         now = utcnow()
-        outcome = classify(result.status_code)
-        attempts = delivery["attempt_count"] + 1
-        self.metrics.webhook_attempts.labels(outcome.value).inc()
-        values: dict[str, Any] = {
-            "attempt_count": attempts,
-            "last_attempt_at": now,
-            "claimed_until": None,
-        }
-        exhausted = False
-        if outcome is Outcome.SUCCESS:
-            values |= {"status": DeliveryStatus.SUCCEEDED, "completed_at": now}
-        elif outcome is Outcome.GONE:
-            values |= {"status": DeliveryStatus.FAILED, "completed_at": now}
-        else:
-            delay = self.policy.next_delay(attempts, self.rng, result.retry_after_s)
-            if delay is None:
-                exhausted = True
-                values |= {"status": DeliveryStatus.FAILED, "completed_at": now}
-            else:
-                values |= {
-                    "status": DeliveryStatus.FAILING,
-                    "next_attempt_at": now + timedelta(seconds=delay),
-                }
-        disabled: DisabledReason | None = None
+        plans = [_plan(self.policy, self.rng, d, r, now) for d, r in batch]
+        disabled: dict[uuid.UUID, DisabledReason] = {}
         async with self.db.begin() as conn:
-            await conn.execute(
-                webhook_attempts.insert().values(
-                    id=new_id(),
-                    delivery_id=delivery["id"],
-                    attempted_at=now,
-                    status_code=result.status_code,
-                    latency_ms=result.latency_ms,
-                    error=result.error,
-                    response_body=result.body,
+            for chunk in _chunks(plans, 500):
+                await conn.execute(
+                    webhook_attempts.insert().values(
+                        [
+                            {
+                                "id": new_id(),
+                                "delivery_id": p.delivery["id"],
+                                "attempted_at": now,
+                                "status_code": p.result.status_code,
+                                "latency_ms": p.result.latency_ms,
+                                "error": p.result.error,
+                                "response_body": p.result.body,
+                            }
+                            for p in chunk
+                        ]
+                    )
                 )
+            for shape in ("done", "failing"):
+                params = [p.params for p in plans if p.shape == shape]
+                if params:
+                    await conn.execute(_update(shape), params)
+            ids = [p.delivery["id"] for p in plans]
+            requeued = set(
+                (
+                    await conn.execute(
+                        webhook_deliveries.update()
+                        .where(D.id.in_(ids), D.retry_requested.is_(True))
+                        .values(
+                            status=DeliveryStatus.PENDING,
+                            next_attempt_at=now,
+                            completed_at=None,
+                            retry_requested=False,
+                        )
+                        .returning(D.id)
+                    )
+                ).scalars()
             )
-            await conn.execute(
-                webhook_deliveries.update().where(D.id == delivery["id"]).values(**values)
-            )
-            ws, eid = delivery["workspace_id"], delivery["endpoint_id"]
-            if outcome is Outcome.SUCCESS:
+            last: dict[uuid.UUID, _Plan] = {}
+            succeeded: set[uuid.UUID] = set()
+            for p in plans:
+                last[p.delivery["endpoint_id"]] = p
+                if p.outcome is Outcome.SUCCESS:
+                    succeeded.add(p.delivery["endpoint_id"])
+            if succeeded:
                 await conn.execute(
                     webhook_endpoints.update()
-                    .where(E.id == eid, E.failing_since.is_not(None))
+                    .where(E.id.in_(sorted(succeeded)), E.failing_since.is_not(None))
                     .values(failing_since=None)
                 )
-            elif outcome is Outcome.GONE and await disable_endpoint(
-                conn, self.db, ws, eid, DisabledReason.GONE, "the receiver answered 410 Gone"
-            ):
-                disabled = DisabledReason.GONE
-            if outcome is not Outcome.SUCCESS and exhausted:
-                await append_events(
-                    conn,
-                    self.db,
-                    [
-                        AuditRecord(
-                            workspace_id=ws,
-                            actor={"type": "system", "id": "dispatcher"},
-                            action="webhook.delivery.exhausted",
-                            target={"type": "webhook_delivery", "id": str(delivery["id"])},
-                            data={
-                                "endpoint_id": str(eid),
-                                "event_id": delivery["event_id"],
-                                "event_type": delivery["event_type"],
-                                "attempts": attempts,
-                                "last_status_code": result.status_code,
-                                "last_error": result.error,
-                            },
-                        )
-                    ],
+            for eid in sorted({p.delivery["endpoint_id"] for p in plans if p.gone}):
+                ws = last[eid].delivery["workspace_id"]
+                if await disable_endpoint(
+                    conn, self.db, ws, eid, DisabledReason.GONE, "the receiver answered 410 Gone"
+                ):
+                    disabled[eid] = DisabledReason.GONE
+            exhausted = [_exhausted_record(p) for p in plans if p.exhausted]
+            if exhausted:
+                await append_events(conn, self.db, exhausted)
+            for eid in sorted(last):
+                p = last[eid]
+                if p.outcome is not Outcome.SUCCESS and await self._note_failure(
+                    conn, p.delivery["workspace_id"], eid, now
+                ):
+                    disabled[eid] = DisabledReason.FAILING
+        for p in plans:
+            self.metrics.webhook_attempts.labels(p.outcome.value).inc()
+            _log_outcome(p.delivery, p.values, p.attempts, p.result, p.exhausted)
+            if p.delivery["id"] in requeued:
+                log.info(
+                    "webhook_delivery_retry_requested_requeued", delivery_id=str(p.delivery["id"])
                 )
-            if outcome is not Outcome.SUCCESS and await self._note_failure(conn, ws, eid, now):
-                disabled = DisabledReason.FAILING
-        _log_outcome(delivery, values, attempts, result, exhausted)
-        if disabled is not None:
-            log.warning("webhook_endpoint_disabled", endpoint_id=str(eid), reason=disabled.value)
+        for eid, reason in disabled.items():
+            log.warning("webhook_endpoint_disabled", endpoint_id=str(eid), reason=reason.value)
 
     async def _note_failure(
         self, conn: Any, workspace_id: uuid.UUID, endpoint_id: uuid.UUID, now: datetime
@@ -620,6 +772,102 @@ class Dispatcher:
     async def run(self, stop: asyncio.Event) -> None:
         """Fan-out and sender together, until `stop`."""
         await asyncio.gather(self.run_fanout(stop), self.run_sender(stop))
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What recording one attempt writes: the delivery's next state, as parameters of
+    one of the two UPDATE shapes, and what the endpoint and the log are told."""
+
+    delivery: dict[str, Any]
+    result: AttemptResult
+    outcome: Outcome
+    attempts: int
+    values: dict[str, Any]
+    exhausted: bool
+    shape: str  # "done" (succeeded or failed) | "failing" (a retry is scheduled)
+    params: dict[str, Any]
+
+    @property
+    def gone(self) -> bool:
+        return self.outcome is Outcome.GONE
+
+
+def _plan(
+    policy: RetryPolicy,
+    rng: random.Random,
+    delivery: dict[str, Any],
+    result: AttemptResult,
+    now: datetime,
+) -> _Plan:
+    outcome = classify(result.status_code)
+    attempts = delivery["attempt_count"] + 1
+    exhausted = False
+    values: dict[str, Any]
+    if outcome is Outcome.SUCCESS:
+        values = {"status": DeliveryStatus.SUCCEEDED, "completed_at": now}
+    elif outcome is Outcome.GONE:
+        values = {"status": DeliveryStatus.FAILED, "completed_at": now}
+    else:
+        delay = policy.next_delay(attempts, rng, result.retry_after_s)
+        if delay is None:
+            exhausted = True
+            values = {"status": DeliveryStatus.FAILED, "completed_at": now}
+        else:
+            values = {
+                "status": DeliveryStatus.FAILING,
+                "next_attempt_at": now + timedelta(seconds=delay),
+            }
+    shape = "failing" if "next_attempt_at" in values else "done"
+    params = {
+        "d_id": delivery["id"],
+        "d_status": values["status"].value,
+        "d_attempts": attempts,
+        "d_last": now,
+        "d_when": values.get("next_attempt_at", values.get("completed_at")),
+    }
+    return _Plan(delivery, result, outcome, attempts, values, exhausted, shape, params)
+
+
+@functools.cache
+def _update(shape: str) -> sa.Update:
+    """The UPDATE of one recorded delivery, run once per batch with many parameter sets."""
+    when = D.next_attempt_at if shape == "failing" else D.completed_at
+    return (
+        webhook_deliveries.update()
+        .where(D.id == sa.bindparam("d_id", type_=D.id.type))
+        .values(
+            {
+                D.status: sa.bindparam("d_status", type_=D.status.type),
+                D.attempt_count: sa.bindparam("d_attempts", type_=D.attempt_count.type),
+                D.last_attempt_at: sa.bindparam("d_last", type_=D.last_attempt_at.type),
+                when: sa.bindparam("d_when", type_=when.type),
+                D.claimed_until: None,
+            }
+        )
+    )
+
+
+def _exhausted_record(p: _Plan) -> AuditRecord:
+    return AuditRecord(
+        workspace_id=p.delivery["workspace_id"],
+        actor={"type": "system", "id": "dispatcher"},
+        action="webhook.delivery.exhausted",
+        target={"type": "webhook_delivery", "id": str(p.delivery["id"])},
+        data={
+            "endpoint_id": str(p.delivery["endpoint_id"]),
+            "event_id": p.delivery["event_id"],
+            "event_type": p.delivery["event_type"],
+            "attempts": p.attempts,
+            "last_status_code": p.result.status_code,
+            "last_error": p.result.error,
+        },
+    )
+
+
+def _chunks(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
 
 
 def _log_outcome(

@@ -78,6 +78,7 @@ def endpoint_json(row: Mapping[Any, Any], *, secret: str | None = None) -> dict[
         "description": row["description"],
         "event_types": list(row["event_types"]),
         "rate_limit_per_s": row["rate_limit_per_s"],
+        "max_in_flight": row["max_in_flight"],
         "status": row["status"],
         "disabled_reason": row["disabled_reason"],
         "disabled_at": iso(row["disabled_at"]),
@@ -165,6 +166,7 @@ async def create_endpoint(
         "description": body.description,
         "event_types": list(dict.fromkeys(body.event_types)),
         "rate_limit_per_s": body.rate_limit_per_s,
+        "max_in_flight": body.max_in_flight,
         "secret": secret,
         "retired_secrets": [],
         "status": EndpointStatus.ENABLED.value,
@@ -515,7 +517,13 @@ async def get_delivery(
 async def retry_delivery(
     db: Database, workspace_id: uuid.UUID, delivery_id: uuid.UUID
 ) -> dict[str, Any]:
-    """Send a delivery again now, whatever its state (409 while its endpoint is disabled)."""
+    """Send a delivery again now, whatever its state (409 while its endpoint is disabled).
+
+    A delivery in flight (its claim has not lapsed) is never sent a second time at once:
+    it is only marked `retry_requested`, and the dispatcher makes it due again when it
+    records the attempt under way. The one statement decides on the row as it stands when
+    it is written (PostgreSQL re-reads a row it waited for; SQLite has one writer).
+    """
     async with db.begin() as conn:
         endpoint_id = (
             await conn.execute(
@@ -531,14 +539,21 @@ async def retry_delivery(
         )
         if endpoint is not None:
             ensure_enabled(endpoint)
+        now = utcnow()
+        in_flight = sa.and_(D.claimed_until.is_not(None), D.claimed_until > now)
+
+        def unless_in_flight(value: Any, column: Any) -> Any:
+            # Bound with the column's own type (UTCDateTime stores its own way on SQLite).
+            return sa.case((in_flight, column), else_=sa.literal(value, column.type))
+
         updated = await conn.execute(
             webhook_deliveries.update()
             .where(D.id == delivery_id, D.workspace_id == workspace_id)
             .values(
-                status=DeliveryStatus.PENDING,
-                next_attempt_at=utcnow(),
-                completed_at=None,
-                claimed_until=None,
+                retry_requested=sa.case((in_flight, sa.true()), else_=sa.false()),
+                status=unless_in_flight(DeliveryStatus.PENDING.value, D.status),
+                next_attempt_at=unless_in_flight(now, D.next_attempt_at),
+                completed_at=unless_in_flight(None, D.completed_at),
             )
         )
         if not updated.rowcount:
