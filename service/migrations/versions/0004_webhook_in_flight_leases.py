@@ -32,9 +32,7 @@ def upgrade() -> None:
         batch.add_column(
             sa.Column("retry_requested", sa.Boolean(), nullable=False, server_default=sa.false())
         )
-    op.create_index(
-        "ix_webhook_deliveries_claimed_until", "webhook_deliveries", ["claimed_until"]
-    )
+    op.create_index("ix_webhook_deliveries_claimed_until", "webhook_deliveries", ["claimed_until"])
 
 
 def downgrade() -> None:
