@@ -5,12 +5,24 @@ Two loops share one process:
 - **fan-out** consumes `contact.deleted` and `deletion_job.completed` and writes one
   delivery row per event and matching endpoint (a unique constraint makes a repeated
   event a no-op), then commits the offsets.
-- **sender** claims due deliveries (`FOR UPDATE SKIP LOCKED` on PostgreSQL, so several
-  dispatchers can share the work), sends each as a signed Standard Webhooks POST, stores
-  the attempt, and schedules the retry or finishes the delivery.
+- **sender** keeps per-endpoint queues of due delivery ids (no payloads), claims from
+  them for each endpoint's free slots (loading payloads only for what it sends), sends
+  each as a signed Standard Webhooks POST, and records the finished attempts of a pass
+  together in one transaction (group commit): the attempt rows, the next state (retry
+  scheduled or finished), the endpoint's failing streak.
 
-A slow receiver holds only its own endpoint's slots (default 4 in flight): deliveries of a
-saturated endpoint are not claimed, so they never queue in front of other endpoints'.
+The in-flight limit holds across dispatcher processes: a claim is a lease (`claimed_until`), and the
+live leases of an endpoint are counted under its row lock (`FOR UPDATE SKIP LOCKED` on
+PostgreSQL; SQLite has one writer) before more are taken, so an endpoint never has more
+than its `max_in_flight` requests open, whatever the number of dispatchers. A dispatcher
+that dies lets its leases lapse after the request timeout plus a margin. A `retry` asked
+for while a delivery is in flight is only noted (`retry_requested`): recording the
+attempt under way makes it due again, so a delivery is never in flight twice.
+(`rate_limit_per_s` is still a token bucket per process: N dispatchers may send up to N
+times the rate.)
+
+A slow receiver holds only its own endpoint's slots: its queue is capped at a refill, so
+its backlog never queues in front of other endpoints' deliveries.
 Retries are rows with a `next_attempt_at`, not sleeps holding a Kafka partition.
 """
 
@@ -81,6 +93,8 @@ QUEUE_REFILL = 1000
 """Due delivery ids (no payloads) read into the per-endpoint queues at a time."""
 REFILL_EVERY_S = 0.5
 """The queues are read afresh at least this often, and whenever new work is signalled."""
+QUEUE_KEEP = 100
+"""A queue this long is kept as it is at a refill (the endpoint has work enough)."""
 D = webhook_deliveries.c
 E = webhook_endpoints.c
 
@@ -323,8 +337,14 @@ class Dispatcher:
         return max_in_flight or self.settings.webhook_max_in_flight_per_endpoint
 
     async def _refill(self) -> None:
-        """Queue the ids of the oldest due deliveries per endpoint (no payloads)."""
+        """Queue the ids of the oldest due deliveries per endpoint (no payloads).
+
+        An endpoint whose queue still holds QUEUE_KEEP ids keeps it and is left out of the
+        read, so a backlog at one (slow) endpoint never crowds out the others' work.
+        """
         now = utcnow()
+        mono = time.monotonic()
+        full = {eid for eid, s in self.slots.items() if len(s.queue) >= QUEUE_KEEP}
         stmt = (
             sa.select(D.id, D.endpoint_id)
             .where(
@@ -335,17 +355,19 @@ class Dispatcher:
             .order_by(D.next_attempt_at)
             .limit(QUEUE_REFILL)
         )
+        if full:
+            stmt = stmt.where(D.endpoint_id.not_in(full))
         async with self.db.read() as conn:
             rows = (await conn.execute(stmt)).all()
         # Forget idle endpoints, but never a rate-limited one's partly spent bucket.
-        mono = time.monotonic()
-        for eid in [e for e, s in self.slots.items() if s.idle(mono)]:
+        for eid in [e for e, s in self.slots.items() if e not in full and s.idle(mono)]:
             del self.slots[eid]
-        for slots in self.slots.values():
-            slots.queue.clear()
+        for eid, slots in self.slots.items():
+            if eid not in full:
+                slots.queue.clear()
         for r in rows:
             self.slots.setdefault(r.endpoint_id, EndpointSlots()).queue.append(r.id)
-        self._refilled_at = time.monotonic()
+        self._refilled_at = mono
         self._drained = False
 
     async def claim(self, *, refill: bool = False) -> list[dict[str, Any]]:
