@@ -229,6 +229,9 @@ webhook_endpoints = sa.Table(
     sa.Column("rate_limit_per_s", sa.Float, nullable=True),
     # Concurrent requests at most, across every dispatcher; null: the service default.
     sa.Column("max_in_flight", sa.Integer, nullable=True),
+    # The one dispatcher sending to this endpoint, until when (a lease it renews).
+    sa.Column("owner", sa.String(64), nullable=True),
+    sa.Column("owner_until", UTCDateTime, nullable=True),
     sa.Column("secret", sa.String(100), nullable=False),
     # Rotated-out secrets that still sign: [{"secret", "expires_at"}], newest first.
     sa.Column("retired_secrets", JSONType, nullable=False),
@@ -263,7 +266,6 @@ webhook_deliveries = sa.Table(
     sa.UniqueConstraint("event_id", "endpoint_id", name="uq_webhook_deliveries_event_endpoint"),
     sa.Index("ix_webhook_deliveries_due", "status", "next_attempt_at"),
     sa.Index("ix_webhook_deliveries_endpoint_created", "endpoint_id", "created_at"),
-    sa.Index("ix_webhook_deliveries_claimed_until", "claimed_until"),
 )
 
 webhook_attempts = sa.Table(

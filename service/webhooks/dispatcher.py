@@ -5,21 +5,20 @@ Two loops share one process:
 - **fan-out** consumes `contact.deleted` and `deletion_job.completed` and writes one
   delivery row per event and matching endpoint (a unique constraint makes a repeated
   event a no-op), then commits the offsets.
-- **sender** keeps per-endpoint queues of due delivery ids (no payloads), claims from
-  them for each endpoint's free slots (loading payloads only for what it sends), sends
-  each as a signed Standard Webhooks POST, and records the finished attempts of a pass
-  together in one transaction (group commit): the attempt rows, the next state (retry
-  scheduled or finished), the endpoint's failing streak.
+- **sender** keeps per-endpoint queues of due delivery ids (no payloads) and claims from
+  them into per-endpoint buffers (loading payloads only for what it sends); sends run from
+  the buffers up to each endpoint's limits, and the attempts that finished meanwhile are
+  recorded together, one transaction per pass (group commit): the attempt rows, the next
+  state (retry scheduled or finished), the endpoint's failing streak.
 
-The in-flight limit holds across dispatcher processes: a claim is a lease (`claimed_until`), and the
-live leases of an endpoint are counted under its row lock (`FOR UPDATE SKIP LOCKED` on
-PostgreSQL; SQLite has one writer) before more are taken, so an endpoint never has more
-than its `max_in_flight` requests open, whatever the number of dispatchers. A dispatcher
-that dies lets its leases lapse after the request timeout plus a margin. A `retry` asked
-for while a delivery is in flight is only noted (`retry_requested`): recording the
-attempt under way makes it due again, so a delivery is never in flight twice.
-(`rate_limit_per_s` is still a token bucket per process: N dispatchers may send up to N
-times the rate.)
+Limits hold across dispatcher processes because one dispatcher at a time sends to an
+endpoint: it owns the endpoint (`owner`, `owner_until` on its row, claimed atomically and
+renewed while it has work), and enforces `max_in_flight` and `rate_limit_per_s` in
+memory. It starts a request only while its ownership outlasts the request timeout, so
+a successor (once the ownership lapsed, e.g. after a crash) never overlaps it. Claimed
+deliveries are leased (`claimed_until`) for as long. A `retry` asked for while a
+delivery is claimed is only noted (`retry_requested`): recording the attempt under way
+makes it due again, so a delivery is never in flight twice.
 
 A slow receiver holds only its own endpoint's slots: its queue is capped at a refill, so
 its backlog never queues in front of other endpoints' deliveries.
@@ -31,11 +30,13 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import os
 import random
+import socket
 import time
 import uuid
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
@@ -95,6 +96,11 @@ REFILL_EVERY_S = 0.5
 """The queues are read afresh at least this often, and whenever new work is signalled."""
 QUEUE_KEEP = 100
 """A queue this long is kept as it is at a refill (the endpoint has work enough)."""
+BUFFER_ROUNDS = 2
+"""Deliveries claimed ahead per endpoint: this many times its max_in_flight, counting the
+ones in flight, so sends go on while the batch before is recorded."""
+GROUP_COMMIT_S = 0.005
+"""After a send ends, the recording pass waits this long for others to end too."""
 D = webhook_deliveries.c
 E = webhook_endpoints.c
 
@@ -102,19 +108,21 @@ E = webhook_endpoints.c
 @dataclass
 class EndpointSlots:
     """This process's view of one endpoint: the ids of its due deliveries (a queue, oldest
-    first), how many of its claims are not recorded yet, and its token bucket."""
+    first), the deliveries it claimed and has yet to send, its open requests, how long it
+    owns the endpoint, and its token bucket."""
 
     queue: deque[uuid.UUID] = field(default_factory=deque)
-    in_flight: int = 0
+    ready: deque[dict[str, Any]] = field(default_factory=deque)  # claimed, not sent yet
+    in_flight: int = 0  # requests open now
+    owned_until: datetime | None = None  # this process sends to it until then
     max_in_flight: int | None = None  # the endpoint's own limit, once seen
+    rate: float | None = None  # the endpoint's rate_limit_per_s, once seen
     tokens: float = 0.0
     updated: float = field(default_factory=time.monotonic)
 
-    rate: float | None = None  # the endpoint's rate_limit_per_s, once seen
-
     def idle(self, now: float) -> bool:
-        """Nothing in flight and a full bucket: forgetting it loses nothing."""
-        if self.in_flight:
+        """Nothing claimed or in flight and a full bucket: forgetting it loses nothing."""
+        if self.in_flight or self.ready:
             return False
         return self.rate is None or self.tokens_now(self.rate, now) >= max(self.rate, 1.0)
 
@@ -169,6 +177,15 @@ class Dispatcher:
         # Attempts sent but not recorded yet; `flush` records them together.
         self.finished: list[tuple[dict[str, Any], AttemptResult]] = []
         self.progress = asyncio.Event()  # a send finished
+        self.held: set[uuid.UUID] = set()  # claimed by this process and not recorded yet
+        self.instance = f"{socket.gethostname()[:40]}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        timeout_s = settings.webhook_timeout_s
+        # Owning an endpoint (and leasing its deliveries) lasts long enough for a full
+        # buffer to be sent; a send starts only while a request can end within it.
+        self._own = timedelta(seconds=timeout_s * (BUFFER_ROUNDS + 1) + 10)
+        self._send_margin = timedelta(seconds=timeout_s + 2)
+        self._session: aiohttp.ClientSession | None = None
+        self._stopping = False
         self._refilled_at = -float("inf")
         self._drained = False
         self.topics = [settings.topic(TOPIC_CONTACT_DELETED), settings.topic(TOPIC_JOB_COMPLETED)]
@@ -271,9 +288,9 @@ class Dispatcher:
     async def run_sender(self, stop: asyncio.Event) -> None:
         """Claim, send and record until `stop`; then let what is in flight finish.
 
-        One pass records every attempt that finished since the last one (one transaction,
-        `flush`) and claims deliveries for the slots that freed (one transaction, `claim`),
-        so the database sees a few statements per batch of sends, not per send.
+        Sends run from the per-endpoint buffers as fast as the endpoints' limits allow;
+        each pass of this loop records the attempts that finished meanwhile (one
+        transaction, `flush`) and tops the buffers up (one transaction, `claim`).
         """
         timeout = aiohttp.ClientTimeout(
             total=self.settings.webhook_timeout_s,
@@ -288,6 +305,8 @@ class Dispatcher:
         async with aiohttp.ClientSession(
             connector=connector, timeout=timeout, trust_env=False
         ) as session:
+            self._session = session
+            self._stopping = False
             try:
                 while not stop.is_set():
                     news = self.wakeup.is_set()
@@ -311,22 +330,39 @@ class Dispatcher:
                             backoff.attempt = 32
                         await backoff.wait(stop)
                         continue
-                    for row in claimed:
-                        task = asyncio.create_task(self._send(session, row))
-                        self.tasks.add(task)
-                        task.add_done_callback(self.tasks.discard)
-                    if not claimed:
-                        await wait_any(REFILL_EVERY_S, stop, self.wakeup, self.progress)
+                    for eid in list(self.slots):
+                        self._start_sends(eid)
+                    if claimed:
+                        continue
+                    await wait_any(REFILL_EVERY_S, stop, self.wakeup, self.progress)
+                    if self.progress.is_set() and not self.wakeup.is_set():
+                        # Group commit: let the other requests in flight end too.
+                        await asyncio.sleep(GROUP_COMMIT_S)
             finally:
+                self._stopping = True
                 if self.tasks:
                     await asyncio.wait(self.tasks, timeout=self.settings.webhook_timeout_s + 1)
                 await self._flush_at_exit()
 
     async def _flush_at_exit(self) -> None:
-        """Record what finished before stopping; what cannot be is sent again (at least once)."""
+        """Record what finished, give back the unsent claims and the endpoints; what
+        cannot be recorded is sent again later (at least once)."""
+        unsent = [d["id"] for s in self.slots.values() for d in s.ready]
         for _ in range(3):
             try:
                 await self.flush()
+                async with self.db.begin() as conn:
+                    if unsent:
+                        await conn.execute(
+                            webhook_deliveries.update()
+                            .where(D.id.in_(unsent))
+                            .values(claimed_until=None)
+                        )
+                    await conn.execute(
+                        webhook_endpoints.update()
+                        .where(E.owner == self.instance)
+                        .values(owner=None, owner_until=None)
+                    )
                 return
             except Exception as exc:
                 log.warning("webhook_record_retry", error=repr(exc)[:500])
@@ -336,8 +372,33 @@ class Dispatcher:
     def _limit(self, max_in_flight: int | None) -> int:
         return max_in_flight or self.settings.webhook_max_in_flight_per_endpoint
 
+    def _start_sends(self, endpoint_id: uuid.UUID) -> None:
+        """Start buffered sends of an endpoint up to its limits, while this process owns
+        it for longer than a request can take."""
+        slots = self.slots.get(endpoint_id)
+        if slots is None or not slots.ready or self._stopping or self._session is None:
+            return
+        now = utcnow()
+        if slots.owned_until is None or slots.owned_until - now < self._send_margin:
+            return
+        limit = self._limit(slots.max_in_flight)
+        mono = time.monotonic()
+        while slots.ready and slots.in_flight < limit:
+            if slots.rate is not None:
+                if slots.tokens_now(slots.rate, mono) < 1:
+                    loop = asyncio.get_running_loop()
+                    loop.call_later(1 / slots.rate, self.progress.set)
+                    return
+                slots.tokens -= 1
+            delivery = slots.ready.popleft()
+            slots.in_flight += 1
+            task = asyncio.create_task(self._send(self._session, delivery))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
     async def _refill(self) -> None:
-        """Queue the ids of the oldest due deliveries per endpoint (no payloads).
+        """Queue the ids of the oldest due deliveries per endpoint (no payloads), of the
+        endpoints that no other dispatcher owns.
 
         An endpoint whose queue still holds QUEUE_KEEP ids keeps it and is left out of the
         read, so a backlog at one (slow) endpoint never crowds out the others' work.
@@ -347,10 +408,12 @@ class Dispatcher:
         full = {eid for eid, s in self.slots.items() if len(s.queue) >= QUEUE_KEEP}
         stmt = (
             sa.select(D.id, D.endpoint_id)
+            .select_from(webhook_deliveries.join(webhook_endpoints, E.id == D.endpoint_id))
             .where(
                 D.status.in_(SENDABLE),
                 D.next_attempt_at <= now,
                 sa.or_(D.claimed_until.is_(None), D.claimed_until < now),
+                sa.or_(E.owner.is_(None), E.owner == self.instance, E.owner_until < now),
             )
             .order_by(D.next_attempt_at)
             .limit(QUEUE_REFILL)
@@ -366,110 +429,95 @@ class Dispatcher:
             if eid not in full:
                 slots.queue.clear()
         for r in rows:
-            self.slots.setdefault(r.endpoint_id, EndpointSlots()).queue.append(r.id)
+            if r.id not in self.held:
+                self.slots.setdefault(r.endpoint_id, EndpointSlots()).queue.append(r.id)
         self._refilled_at = mono
         self._drained = False
 
     async def claim(self, *, refill: bool = False) -> list[dict[str, Any]]:
-        """Claim due deliveries for the free slots of each endpoint, with their payloads.
+        """Own endpoints and claim their due deliveries into this process's buffers.
 
-        The candidates come from this process's per-endpoint queues (refilled from the
-        database when new work was signalled, when a queue ran dry, or every
-        REFILL_EVERY_S). A claim is a lease: `claimed_until` lies ahead until the attempt
-        is recorded, or until the lease lapses if this process dies. The endpoint's row
-        is locked (SQLite: the one writer) while its live leases are counted, so
-        `max_in_flight` holds across every dispatcher process.
+        Returns the deliveries claimed now (with payloads, URL and live secrets); they
+        are also queued for sending. The candidates come from the per-endpoint queues
+        (refilled from the database when new work was signalled, when a queue ran dry,
+        or every REFILL_EVERY_S). An endpoint is claimed for while no other dispatcher
+        owns it, and its ownership is renewed while this one has work for it; each
+        claimed delivery is leased (`claimed_until`) for as long, so that after a crash
+        both lapse and another dispatcher takes over.
         """
         if refill or self._drained or time.monotonic() - self._refilled_at >= REFILL_EVERY_S:
             await self._refill()
-        wanted = [
-            eid
-            for eid, s in self.slots.items()
-            if s.queue and s.in_flight < self._limit(s.max_in_flight)
-        ]
+        now = utcnow()
+        wanted = []
+        for eid, s in self.slots.items():
+            need = self._limit(s.max_in_flight) * BUFFER_ROUNDS - len(s.ready) - s.in_flight
+            renew = s.owned_until is not None and s.owned_until - now < self._own / 2
+            if (s.queue and need > 0) or (renew and (s.ready or s.in_flight or s.queue)):
+                wanted.append(eid)
         if not wanted:
             return []
-        now = utcnow()
-        # A request ends within the timeout, so a claim older than that plus a margin
-        # belongs to a dispatcher that died: another one may send it again.
-        lease = now + timedelta(seconds=self.settings.webhook_timeout_s + 10)
+        until = now + self._own
         picked: list[dict[str, Any]] = []
         async with self.db.begin() as conn:
-            # SKIP LOCKED: an endpoint another dispatcher is claiming for waits for the
-            # next pass instead of holding this one up.
-            locked = (
-                await conn.execute(
-                    self.db.for_update(
-                        sa.select(webhook_endpoints).where(E.id.in_(wanted)).order_by(E.id),
-                        skip_locked=True,
-                    )
-                )
-            ).all()
-            if not locked:
-                return []
-            # Every live lease, whichever dispatcher holds it (a few index entries).
-            leases: dict[uuid.UUID, int] = {
-                eid: count
-                for eid, count in (
+            owned = {
+                r.id: r
+                for r in (
                     await conn.execute(
-                        sa.select(D.endpoint_id, sa.func.count())
-                        .where(D.claimed_until > now)
-                        .group_by(D.endpoint_id)
+                        webhook_endpoints.update()
+                        .where(
+                            E.id.in_(sorted(wanted)),
+                            E.status == EndpointStatus.ENABLED,
+                            sa.or_(
+                                E.owner.is_(None), E.owner == self.instance, E.owner_until < now
+                            ),
+                        )
+                        .values(owner=self.instance, owner_until=until)
+                        .returning(
+                            E.id,
+                            E.url,
+                            E.secret,
+                            E.retired_secrets,
+                            E.rate_limit_per_s,
+                            E.max_in_flight,
+                        )
                     )
-                ).tuples()
+                ).all()
             }
+            others = [eid for eid in wanted if eid not in owned]
+            if others:
+                await self._let_go(conn, others, now)
             take: list[uuid.UUID] = []
-            gone: list[uuid.UUID] = []
-            endpoints: dict[uuid.UUID, Any] = {}
-            mono = time.monotonic()
-            for endpoint in locked:
-                slots = self.slots[endpoint.id]
-                if endpoint.status != EndpointStatus.ENABLED:
-                    gone.extend(slots.queue)
-                    slots.queue.clear()
-                    continue
-                endpoints[endpoint.id] = endpoint
+            for eid, endpoint in owned.items():
+                slots = self.slots[eid]
+                slots.owned_until = until
                 slots.max_in_flight = endpoint.max_in_flight
                 slots.rate = endpoint.rate_limit_per_s
-                free = self._limit(endpoint.max_in_flight) - leases.get(endpoint.id, 0)
-                if endpoint.rate_limit_per_s is not None:
-                    free = min(free, slots.tokens_now(endpoint.rate_limit_per_s, mono))
-                for _ in range(max(0, min(free, len(slots.queue)))):
-                    take.append(slots.queue.popleft())
+                need = self._limit(endpoint.max_in_flight) * BUFFER_ROUNDS
+                need -= len(slots.ready) + slots.in_flight
+                while need > 0 and slots.queue:
+                    delivery_id = slots.queue.popleft()
+                    if delivery_id not in self.held:
+                        take.append(delivery_id)
+                        need -= 1
                 if not slots.queue:
                     self._drained = True
-            if gone:
-                # The endpoint was disabled: these wait for `recover`/`retry`.
-                failed = await conn.execute(
-                    webhook_deliveries.update()
-                    .where(
-                        D.id.in_(gone),
-                        D.status.in_(SENDABLE),
-                        sa.or_(D.claimed_until.is_(None), D.claimed_until < now),
-                    )
-                    .values(status=DeliveryStatus.FAILED, completed_at=now)
-                )
-                log.info("webhook_deliveries_failed_endpoint_disabled", count=failed.rowcount)
             if not take:
                 return []
             rows = (
                 await conn.execute(
-                    self.db.for_update(
-                        sa.select(
-                            D.id,
-                            D.workspace_id,
-                            D.endpoint_id,
-                            D.event_id,
-                            D.event_type,
-                            D.payload,
-                            D.attempt_count,
-                        ).where(
-                            D.id.in_(take),
-                            D.status.in_(SENDABLE),
-                            D.next_attempt_at <= now,
-                            sa.or_(D.claimed_until.is_(None), D.claimed_until < now),
-                        ),
-                        skip_locked=True,
+                    sa.select(
+                        D.id,
+                        D.workspace_id,
+                        D.endpoint_id,
+                        D.event_id,
+                        D.event_type,
+                        D.payload,
+                        D.attempt_count,
+                    ).where(
+                        D.id.in_(take),
+                        D.status.in_(SENDABLE),
+                        D.next_attempt_at <= now,
+                        sa.or_(D.claimed_until.is_(None), D.claimed_until < now),
                     )
                 )
             ).all()
@@ -478,29 +526,53 @@ class Dispatcher:
             await conn.execute(
                 webhook_deliveries.update()
                 .where(D.id.in_([r.id for r in rows]))
-                .values(claimed_until=lease, retry_requested=False)
+                .values(claimed_until=until, retry_requested=False)
             )
         for r in rows:
-            endpoint = endpoints[r.endpoint_id]
-            slots = self.slots[r.endpoint_id]
-            slots.in_flight += 1
-            if endpoint.rate_limit_per_s is not None:
-                slots.tokens -= 1
-            picked.append(
-                {
-                    "id": r.id,
-                    "workspace_id": r.workspace_id,
-                    "endpoint_id": r.endpoint_id,
-                    "event_id": r.event_id,
-                    "event_type": r.event_type,
-                    "payload": bytes(r.payload),
-                    "attempt_count": r.attempt_count,
-                    "url": endpoint.url,
-                    "secrets": live_secrets(endpoint._mapping, now),
-                    "claimed_until": lease,
-                }
-            )
+            endpoint = owned[r.endpoint_id]
+            delivery = {
+                "id": r.id,
+                "workspace_id": r.workspace_id,
+                "endpoint_id": r.endpoint_id,
+                "event_id": r.event_id,
+                "event_type": r.event_type,
+                "payload": bytes(r.payload),
+                "attempt_count": r.attempt_count,
+                "url": endpoint.url,
+                "secrets": live_secrets(endpoint._mapping, now),
+                "claimed_until": until,
+            }
+            self.slots[r.endpoint_id].ready.append(delivery)
+            self.held.add(r.id)
+            picked.append(delivery)
         return picked
+
+    async def _let_go(self, conn: Any, endpoint_ids: list[uuid.UUID], now: datetime) -> None:
+        """Endpoints this process could not own: disabled or deleted ones fail their
+        queued deliveries (they wait for `recover`/`retry`); another dispatcher's are
+        left to it, and what this one still buffered for them (its ownership lapsed) is
+        dropped unsent."""
+        statuses = dict(
+            (await conn.execute(sa.select(E.id, E.status).where(E.id.in_(endpoint_ids)))).all()
+        )
+        gone: list[uuid.UUID] = []
+        for eid in endpoint_ids:
+            slots = self.slots[eid]
+            unsent = [d["id"] for d in slots.ready]
+            if statuses.get(eid, EndpointStatus.DISABLED) != EndpointStatus.ENABLED:
+                gone.extend(slots.queue)
+                gone.extend(unsent)
+            slots.queue.clear()
+            slots.ready.clear()
+            slots.owned_until = None
+            self.held.difference_update(unsent)
+        if gone:
+            failed = await conn.execute(
+                webhook_deliveries.update()
+                .where(D.id.in_(gone), D.status.in_(SENDABLE))
+                .values(status=DeliveryStatus.FAILED, completed_at=now, claimed_until=None)
+            )
+            log.info("webhook_deliveries_failed_endpoint_disabled", count=failed.rowcount)
 
     async def _send(self, session: aiohttp.ClientSession, delivery: dict[str, Any]) -> None:
         try:
@@ -508,22 +580,21 @@ class Dispatcher:
         except Exception:
             # A bug, not a receiver's failure: the lease lapses and it is sent again.
             log.exception("webhook_send_crashed", delivery_id=str(delivery["id"]))
-            self._release(delivery)
+            self.held.discard(delivery["id"])
         else:
             self.finished.append((delivery, result))
         finally:
+            slots = self.slots.get(delivery["endpoint_id"])
+            if slots is not None:
+                slots.in_flight -= 1
             self.progress.set()
-
-    def _release(self, delivery: dict[str, Any]) -> None:
-        slots = self.slots.get(delivery["endpoint_id"])
-        if slots is not None:
-            slots.in_flight -= 1
+            self._start_sends(delivery["endpoint_id"])
 
     async def flush(self) -> None:
         """Record every finished attempt in one transaction (group commit).
 
-        An outage keeps them for the next pass (until their lease lapses: then another
-        pass sends them again, at least once). If the database refuses the batch, each
+        An outage keeps them for the next pass (until their lease lapses: then the
+        delivery is sent again, at least once). If the database refuses the batch, each
         attempt is recorded alone (`record_safely`), so one bad answer holds back no other.
         """
         if not self.finished:
@@ -533,7 +604,7 @@ class Dispatcher:
         for delivery, result in self.finished:
             if delivery.get("claimed_until", now) < now:
                 log.error("webhook_record_gave_up", delivery_id=str(delivery["id"]))
-                self._release(delivery)
+                self.held.discard(delivery["id"])
             else:
                 batch.append((delivery, result))
         self.finished = []
@@ -556,10 +627,10 @@ class Dispatcher:
                         delivery_id=str(delivery["id"]),
                         error=describe(alone),
                     )
-                self._release(delivery)
+                self.held.discard(delivery["id"])
             return
         for delivery, _ in batch:
-            self._release(delivery)
+            self.held.discard(delivery["id"])
 
     async def record_safely(self, delivery: dict[str, Any], result: AttemptResult) -> None:
         """`record`, falling back to the bare outcome if the database refuses the details.
@@ -630,23 +701,23 @@ class Dispatcher:
         plans = [_plan(self.policy, self.rng, d, r, now) for d, r in batch]
         disabled: dict[uuid.UUID, DisabledReason] = {}
         async with self.db.begin() as conn:
-            for chunk in _chunks(plans, 500):
-                await conn.execute(
-                    webhook_attempts.insert().values(
-                        [
-                            {
-                                "id": new_id(),
-                                "delivery_id": p.delivery["id"],
-                                "attempted_at": now,
-                                "status_code": p.result.status_code,
-                                "latency_ms": p.result.latency_ms,
-                                "error": p.result.error,
-                                "response_body": p.result.body,
-                            }
-                            for p in chunk
-                        ]
-                    )
-                )
+            # executemany of one cached statement (a multi-row VALUES compiles anew for
+            # every batch size).
+            await conn.execute(
+                webhook_attempts.insert(),
+                [
+                    {
+                        "id": new_id(),
+                        "delivery_id": p.delivery["id"],
+                        "attempted_at": now,
+                        "status_code": p.result.status_code,
+                        "latency_ms": p.result.latency_ms,
+                        "error": p.result.error,
+                        "response_body": p.result.body,
+                    }
+                    for p in plans
+                ],
+            )
             for shape in ("done", "failing"):
                 params = [p.params for p in plans if p.shape == shape]
                 if params:
@@ -885,11 +956,6 @@ def _exhausted_record(p: _Plan) -> AuditRecord:
             "last_error": p.result.error,
         },
     )
-
-
-def _chunks(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
 
 
 def _log_outcome(
