@@ -83,7 +83,7 @@ from service.webhooks.payloads import webhook_body
 from service.webhooks.schedule import Outcome, RetryPolicy, classify, parse_retry_after
 from service.webhooks.signing import webhook_headers
 from service.webhooks.ssrf import BlockedDestination, PinnedResolver, check_url, failure_text
-from service.webhooks.store import disable_endpoint, enqueue, live_secrets
+from service.webhooks.store import NewDeliveries, disable_endpoint, enqueue_many, live_secrets
 
 log = get_logger(__name__)
 T = TypeVar("T")
@@ -271,16 +271,20 @@ class Dispatcher:
         if not planned:
             return 0
         async with self.db.begin() as conn:
-            for event, ws, targets in planned:
-                created += await enqueue(
-                    conn,
-                    self.db,
-                    workspace_id=ws,
-                    endpoint_ids=targets,
-                    event_id=event.id,
-                    event_type=event.type,
-                    payload=webhook_body(event.type, event.time, event.data),
-                )
+            created = await enqueue_many(
+                conn,
+                self.db,
+                [
+                    NewDeliveries(
+                        ws,
+                        targets,
+                        event.id,
+                        event.type,
+                        webhook_body(event.type, event.time, event.data),
+                    )
+                    for event, ws, targets in planned
+                ],
+            )
         return created
 
     # -- sender -------------------------------------------------------------------------

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -419,6 +420,17 @@ async def disable_endpoint(
     return True
 
 
+@dataclass(frozen=True)
+class NewDeliveries:
+    """One event to queue for these endpoints of its workspace."""
+
+    workspace_id: uuid.UUID
+    endpoint_ids: Sequence[uuid.UUID]
+    event_id: str
+    event_type: str
+    payload: bytes
+
+
 async def enqueue(
     conn: AsyncConnection,
     db: Database,
@@ -430,31 +442,40 @@ async def enqueue(
     payload: bytes,
 ) -> int:
     """One delivery per (event, endpoint); a repeated event adds nothing. Returns how many."""
-    if not endpoint_ids:
-        return 0
+    return await enqueue_many(
+        conn, db, [NewDeliveries(workspace_id, endpoint_ids, event_id, event_type, payload)]
+    )
+
+
+async def enqueue_many(conn: AsyncConnection, db: Database, events: Sequence[NewDeliveries]) -> int:
+    """`enqueue` for many events in one statement (executemany of one cached INSERT).
+
+    Returns how many deliveries were new (RETURNING counts them on both backends; an
+    executemany's rowcount is -1 on asyncpg).
+    """
     now = utcnow()
-    ins: Any = (sqlite.insert if db.is_sqlite else postgresql.insert)(webhook_deliveries)
     rows = [
         {
             "id": new_id(),
-            "workspace_id": workspace_id,
+            "workspace_id": e.workspace_id,
             "endpoint_id": endpoint_id,
-            "event_id": event_id,
-            "event_type": event_type,
-            "payload": payload,
+            "event_id": e.event_id,
+            "event_type": e.event_type,
+            "payload": e.payload,
             "status": DeliveryStatus.PENDING.value,
             "attempt_count": 0,
             "next_attempt_at": now,
             "created_at": now,
         }
-        for endpoint_id in endpoint_ids
+        for e in events
+        for endpoint_id in e.endpoint_ids
     ]
-    # RETURNING counts what was inserted on both backends; an executemany's rowcount is
-    # -1 on asyncpg.
+    if not rows:
+        return 0
+    ins: Any = (sqlite.insert if db.is_sqlite else postgresql.insert)(webhook_deliveries)
     result = await conn.execute(
-        ins.values(rows)
-        .on_conflict_do_nothing(index_elements=["event_id", "endpoint_id"])
-        .returning(D.id)
+        ins.on_conflict_do_nothing(index_elements=["event_id", "endpoint_id"]).returning(D.id),
+        rows,
     )
     return len(result.all())
 
