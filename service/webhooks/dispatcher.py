@@ -376,6 +376,15 @@ class Dispatcher:
     def _limit(self, max_in_flight: int | None) -> int:
         return max_in_flight or self.settings.webhook_max_in_flight_per_endpoint
 
+    def _buffer(self, max_in_flight: int | None, rate: float | None) -> int:
+        """Deliveries to hold claimed (in flight included): BUFFER_ROUNDS times the
+        limit, but no more than a rate-limited endpoint sends within a request timeout,
+        so that none waits here past its lease."""
+        size = self._limit(max_in_flight) * BUFFER_ROUNDS
+        if rate is not None:
+            size = min(size, max(1, int(rate * self.settings.webhook_timeout_s)))
+        return size
+
     def _start_sends(self, endpoint_id: uuid.UUID) -> None:
         """Start buffered sends of an endpoint up to its limits, while this process owns
         it for longer than a request can take."""
@@ -454,7 +463,7 @@ class Dispatcher:
         now = utcnow()
         wanted = []
         for eid, s in self.slots.items():
-            need = self._limit(s.max_in_flight) * BUFFER_ROUNDS - len(s.ready) - s.in_flight
+            need = self._buffer(s.max_in_flight, s.rate) - len(s.ready) - s.in_flight
             renew = s.owned_until is not None and s.owned_until - now < self._own / 2
             if (s.queue and need > 0) or (renew and (s.ready or s.in_flight or s.queue)):
                 wanted.append(eid)
@@ -496,7 +505,7 @@ class Dispatcher:
                 slots.owned_until = until
                 slots.max_in_flight = endpoint.max_in_flight
                 slots.rate = endpoint.rate_limit_per_s
-                need = self._limit(endpoint.max_in_flight) * BUFFER_ROUNDS
+                need = self._buffer(endpoint.max_in_flight, endpoint.rate_limit_per_s)
                 need -= len(slots.ready) + slots.in_flight
                 while need > 0 and slots.queue:
                     delivery_id = slots.queue.popleft()
@@ -606,7 +615,14 @@ class Dispatcher:
         now = utcnow()
         batch: list[tuple[dict[str, Any], AttemptResult]] = []
         for delivery, result in self.finished:
-            if delivery.get("claimed_until", now) < now:
+            # Only the owner sends to an endpoint, so while this process owns it (or
+            # never ran a sender: `claim` called alone) nobody else sent it meanwhile and
+            # the attempt is recorded. Once the ownership lapsed, another dispatcher may
+            # have sent and recorded it: this attempt is dropped, the delivery was sent
+            # at least once.
+            slots = self.slots.get(delivery["endpoint_id"])
+            owned_until = slots.owned_until if slots is not None else None
+            if owned_until is not None and owned_until < now:
                 log.error("webhook_record_gave_up", delivery_id=str(delivery["id"]))
                 self.held.discard(delivery["id"])
             else:

@@ -1161,6 +1161,24 @@ async def test_one_slot_endpoint_is_served_one_request_at_a_time_by_two_dispatch
     assert len(receiver.at("/one")) == 4
 
 
+async def test_rate_limit_holds_across_two_dispatchers(
+    tenant: Tenant, receiver: Receiver, services: Services
+) -> None:
+    """rate_limit_per_s 4 with two dispatchers: 8 deliveries spread over at least 1.5 s
+    (one token bucket for the endpoint; one per dispatcher would take about half that)."""
+    url = receiver.script("/paced", answer(200))
+    endpoint = await create_endpoint(tenant, url, rate_limit_per_s=4)
+    events = [await send_test(tenant, endpoint["id"]) for _ in range(8)]
+
+    async with dispatchers(services, 2):
+        for event_id in events:
+            await wait_delivery(tenant, endpoint["id"], event_id, has_status("succeeded"), 20)
+
+    hits = receiver.at("/paced")
+    assert sorted(h.webhook_id for h in hits) == sorted(events)
+    assert hits[-1].at - hits[0].at >= 1.5
+
+
 async def test_retry_while_in_flight_sends_again_only_after_the_attempt_ends(
     tenant: Tenant, receiver: Receiver, services: Services
 ) -> None:
