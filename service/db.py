@@ -227,6 +227,11 @@ webhook_endpoints = sa.Table(
     sa.Column("description", sa.String(500), nullable=True),
     sa.Column("event_types", JSONType, nullable=False),
     sa.Column("rate_limit_per_s", sa.Float, nullable=True),
+    # Concurrent requests at most, across every dispatcher; null: the service default.
+    sa.Column("max_in_flight", sa.Integer, nullable=True),
+    # The one dispatcher sending to this endpoint, until when (a lease it renews).
+    sa.Column("owner", sa.String(64), nullable=True),
+    sa.Column("owner_until", UTCDateTime, nullable=True),
     sa.Column("secret", sa.String(100), nullable=False),
     # Rotated-out secrets that still sign: [{"secret", "expires_at"}], newest first.
     sa.Column("retired_secrets", JSONType, nullable=False),
@@ -252,9 +257,12 @@ webhook_deliveries = sa.Table(
     sa.Column("attempt_count", sa.Integer, nullable=False),
     sa.Column("next_attempt_at", UTCDateTime, nullable=True),
     sa.Column("last_attempt_at", UTCDateTime, nullable=True),
+    # In flight until then (a lease: a dispatcher that dies lets it lapse).
     sa.Column("claimed_until", UTCDateTime, nullable=True),
     sa.Column("created_at", UTCDateTime, nullable=False),
     sa.Column("completed_at", UTCDateTime, nullable=True),
+    # A retry asked for while an attempt was in flight: due again once that is recorded.
+    sa.Column("retry_requested", sa.Boolean, nullable=False, server_default=sa.false()),
     sa.UniqueConstraint("event_id", "endpoint_id", name="uq_webhook_deliveries_event_endpoint"),
     sa.Index("ix_webhook_deliveries_due", "status", "next_attempt_at"),
     sa.Index("ix_webhook_deliveries_endpoint_created", "endpoint_id", "created_at"),

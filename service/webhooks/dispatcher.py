@@ -5,12 +5,23 @@ Two loops share one process:
 - **fan-out** consumes `contact.deleted` and `deletion_job.completed` and writes one
   delivery row per event and matching endpoint (a unique constraint makes a repeated
   event a no-op), then commits the offsets.
-- **sender** claims due deliveries (`FOR UPDATE SKIP LOCKED` on PostgreSQL, so several
-  dispatchers can share the work), sends each as a signed Standard Webhooks POST, stores
-  the attempt, and schedules the retry or finishes the delivery.
+- **sender** keeps per-endpoint queues of due delivery ids (no payloads) and claims from
+  them into per-endpoint buffers (loading payloads only for what it sends); sends run from
+  the buffers up to each endpoint's limits, and the attempts that finished meanwhile are
+  recorded together, one transaction per pass (group commit): the attempt rows, the next
+  state (retry scheduled or finished), the endpoint's failing streak.
 
-A slow receiver holds only its own endpoint's slots (default 4 in flight): deliveries of a
-saturated endpoint are not claimed, so they never queue in front of other endpoints'.
+Limits hold across dispatcher processes because one dispatcher at a time sends to an
+endpoint: it owns the endpoint (`owner`, `owner_until` on its row, claimed atomically and
+renewed while it has work), and enforces `max_in_flight` and `rate_limit_per_s` in
+memory. It starts a request only while its ownership outlasts the request timeout, so
+a successor (once the ownership lapsed, e.g. after a crash) never overlaps it. Claimed
+deliveries are leased (`claimed_until`) for as long. A `retry` asked for while a
+delivery is claimed is only noted (`retry_requested`): recording the attempt under way
+makes it due again, so a delivery is never in flight twice.
+
+A slow receiver holds only its own endpoint's slots: its queue is capped at a refill, so
+its backlog never queues in front of other endpoints' deliveries.
 Retries are rows with a `next_attempt_at`, not sleeps holding a Kafka partition.
 """
 
@@ -19,9 +30,12 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import os
 import random
+import socket
 import time
 import uuid
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -69,32 +83,54 @@ from service.webhooks.payloads import webhook_body
 from service.webhooks.schedule import Outcome, RetryPolicy, classify, parse_retry_after
 from service.webhooks.signing import webhook_headers
 from service.webhooks.ssrf import BlockedDestination, PinnedResolver, check_url, failure_text
-from service.webhooks.store import disable_endpoint, enqueue, live_secrets
+from service.webhooks.store import NewDeliveries, disable_endpoint, enqueue_many, live_secrets
 
 log = get_logger(__name__)
 T = TypeVar("T")
 
 USER_AGENT = "contact-deletion-webhooks/0.1 (+https://github.com/contact-deletion)"
 RESPONSE_BODY_LIMIT = 4096
-CLAIM_BATCH = 200
+QUEUE_REFILL = 1000
+"""Due delivery ids (no payloads) read into the per-endpoint queues at a time."""
+REFILL_EVERY_S = 0.5
+"""The queues are read afresh at least this often, and whenever new work is signalled."""
+QUEUE_KEEP = 100
+"""A queue this long is kept as it is at a refill (the endpoint has work enough)."""
+BUFFER_ROUNDS = 2
+"""Deliveries claimed ahead per endpoint: this many times its max_in_flight, counting the
+ones in flight, so sends go on while the batch before is recorded."""
+GROUP_COMMIT_S = 0.005
+"""After a send ends, the recording pass waits this long for others to end too."""
 D = webhook_deliveries.c
 E = webhook_endpoints.c
 
 
 @dataclass
 class EndpointSlots:
-    """In-flight count and optional rate limit of one endpoint, in this process."""
+    """This process's view of one endpoint: the ids of its due deliveries (a queue, oldest
+    first), the deliveries it claimed and has yet to send, its open requests, how long it
+    owns the endpoint, and its token bucket."""
 
-    in_flight: int = 0
+    queue: deque[uuid.UUID] = field(default_factory=deque)
+    ready: deque[dict[str, Any]] = field(default_factory=deque)  # claimed, not sent yet
+    in_flight: int = 0  # requests open now
+    owned_until: datetime | None = None  # this process sends to it until then
+    max_in_flight: int | None = None  # the endpoint's own limit, once seen
+    rate: float | None = None  # the endpoint's rate_limit_per_s, once seen
     tokens: float = 0.0
     updated: float = field(default_factory=time.monotonic)
 
-    def has_token(self, rate: float | None, now: float) -> bool:
-        if rate is None:
-            return True
+    def idle(self, now: float) -> bool:
+        """Nothing claimed or in flight and a full bucket: forgetting it loses nothing."""
+        if self.in_flight or self.ready:
+            return False
+        return self.rate is None or self.tokens_now(self.rate, now) >= max(self.rate, 1.0)
+
+    def tokens_now(self, rate: float, now: float) -> int:
+        """Whole tokens available at `now` (monotonic seconds) for `rate` per second."""
         self.tokens = min(max(rate, 1.0), self.tokens + (now - self.updated) * rate)
         self.updated = now
-        return self.tokens >= 1.0
+        return int(self.tokens)
 
 
 @dataclass(frozen=True)
@@ -138,6 +174,20 @@ class Dispatcher:
         self.policy = RetryPolicy(settings.retry_schedule)
         self.slots: dict[uuid.UUID, EndpointSlots] = {}
         self.tasks: set[asyncio.Task[None]] = set()
+        # Attempts sent but not recorded yet; `flush` records them together.
+        self.finished: list[tuple[dict[str, Any], AttemptResult]] = []
+        self.progress = asyncio.Event()  # a send finished
+        self.held: set[uuid.UUID] = set()  # claimed by this process and not recorded yet
+        self.instance = f"{socket.gethostname()[:40]}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        timeout_s = settings.webhook_timeout_s
+        # Owning an endpoint (and leasing its deliveries) lasts long enough for a full
+        # buffer to be sent; a send starts only while a request can end within it.
+        self._own = timedelta(seconds=timeout_s * (BUFFER_ROUNDS + 1) + 10)
+        self._send_margin = timedelta(seconds=timeout_s + 2)
+        self._session: aiohttp.ClientSession | None = None
+        self._stopping = False
+        self._refilled_at = -float("inf")
+        self._drained = False
         self.topics = [settings.topic(TOPIC_CONTACT_DELETED), settings.topic(TOPIC_JOB_COMPLETED)]
 
     # -- fan-out ------------------------------------------------------------------------
@@ -221,21 +271,31 @@ class Dispatcher:
         if not planned:
             return 0
         async with self.db.begin() as conn:
-            for event, ws, targets in planned:
-                created += await enqueue(
-                    conn,
-                    self.db,
-                    workspace_id=ws,
-                    endpoint_ids=targets,
-                    event_id=event.id,
-                    event_type=event.type,
-                    payload=webhook_body(event.type, event.time, event.data),
-                )
+            created = await enqueue_many(
+                conn,
+                self.db,
+                [
+                    NewDeliveries(
+                        ws,
+                        targets,
+                        event.id,
+                        event.type,
+                        webhook_body(event.type, event.time, event.data),
+                    )
+                    for event, ws, targets in planned
+                ],
+            )
         return created
 
     # -- sender -------------------------------------------------------------------------
 
     async def run_sender(self, stop: asyncio.Event) -> None:
+        """Claim, send and record until `stop`; then let what is in flight finish.
+
+        Sends run from the per-endpoint buffers as fast as the endpoints' limits allow;
+        each pass of this loop records the attempts that finished meanwhile (one
+        transaction, `flush`) and tops the buffers up (one transaction, `claim`).
+        """
         timeout = aiohttp.ClientTimeout(
             total=self.settings.webhook_timeout_s,
             connect=self.settings.webhook_connect_timeout_s,
@@ -249,10 +309,16 @@ class Dispatcher:
         async with aiohttp.ClientSession(
             connector=connector, timeout=timeout, trust_env=False
         ) as session:
+            self._session = session
+            self._stopping = False
             try:
                 while not stop.is_set():
+                    news = self.wakeup.is_set()
+                    self.wakeup.clear()
+                    self.progress.clear()
                     try:
-                        claimed = await self.claim()
+                        await self.flush()
+                        claimed = await self.claim(refill=news)
                         backoff.reset()
                     except Exception as exc:
                         # Never let the sender die: an outage is waited out, and anything
@@ -268,136 +334,323 @@ class Dispatcher:
                             backoff.attempt = 32
                         await backoff.wait(stop)
                         continue
-                    for row in claimed:
-                        task = asyncio.create_task(self._send(session, row))
-                        self.tasks.add(task)
-                        task.add_done_callback(self._done)
-                    if len(claimed) < CLAIM_BATCH:
-                        self.wakeup.clear()
-                        await wait_any(0.5, stop, self.wakeup)
+                    for eid in list(self.slots):
+                        self._start_sends(eid)
+                    if claimed:
+                        continue
+                    await wait_any(REFILL_EVERY_S, stop, self.wakeup, self.progress)
+                    if self.progress.is_set() and not self.wakeup.is_set():
+                        # Group commit: let the other requests in flight end too.
+                        await asyncio.sleep(GROUP_COMMIT_S)
             finally:
+                self._stopping = True
                 if self.tasks:
                     await asyncio.wait(self.tasks, timeout=self.settings.webhook_timeout_s + 1)
+                await self._flush_at_exit()
 
-    def _done(self, task: asyncio.Task[None]) -> None:
-        self.tasks.discard(task)
-        self.wakeup.set()  # a slot is free
+    async def _flush_at_exit(self) -> None:
+        """Record what finished, give back the unsent claims and the endpoints; what
+        cannot be recorded is sent again later (at least once)."""
+        unsent = [d["id"] for s in self.slots.values() for d in s.ready]
+        for _ in range(3):
+            try:
+                await self.flush()
+                async with self.db.begin() as conn:
+                    if unsent:
+                        await conn.execute(
+                            webhook_deliveries.update()
+                            .where(D.id.in_(unsent))
+                            .values(claimed_until=None)
+                        )
+                    await conn.execute(
+                        webhook_endpoints.update()
+                        .where(E.owner == self.instance)
+                        .values(owner=None, owner_until=None)
+                    )
+                return
+            except Exception as exc:
+                log.warning("webhook_record_retry", error=repr(exc)[:500])
+                await asyncio.sleep(0.2)
+        log.error("webhook_record_gave_up", attempts=len(self.finished))
 
-    def _saturated(self, limit: int) -> set[uuid.UUID]:
-        return {eid for eid, s in self.slots.items() if s.in_flight >= limit}
+    def _limit(self, max_in_flight: int | None) -> int:
+        return max_in_flight or self.settings.webhook_max_in_flight_per_endpoint
 
-    async def claim(self) -> list[dict[str, Any]]:
-        """Claim due deliveries of endpoints with free slots; marks them claimed for a while."""
-        limit = self.settings.webhook_max_in_flight_per_endpoint
+    def _buffer(self, max_in_flight: int | None, rate: float | None) -> int:
+        """Deliveries to hold claimed (in flight included): BUFFER_ROUNDS times the
+        limit, but no more than a rate-limited endpoint sends within a request timeout,
+        so that none waits here past its lease."""
+        size = self._limit(max_in_flight) * BUFFER_ROUNDS
+        if rate is not None:
+            size = min(size, max(1, int(rate * self.settings.webhook_timeout_s)))
+        return size
+
+    def _start_sends(self, endpoint_id: uuid.UUID) -> None:
+        """Start buffered sends of an endpoint up to its limits, while this process owns
+        it for longer than a request can take."""
+        slots = self.slots.get(endpoint_id)
+        if slots is None or not slots.ready or self._stopping or self._session is None:
+            return
         now = utcnow()
-        # A request ends within the timeout, so a claim older than that plus a margin
-        # belongs to a dispatcher that died: another one may send it again.
-        lease = now + timedelta(seconds=self.settings.webhook_timeout_s + 10)
-        saturated = self._saturated(limit)
+        if slots.owned_until is None or slots.owned_until - now < self._send_margin:
+            return
+        limit = self._limit(slots.max_in_flight)
+        mono = time.monotonic()
+        while slots.ready and slots.in_flight < limit:
+            if slots.rate is not None:
+                if slots.tokens_now(slots.rate, mono) < 1:
+                    loop = asyncio.get_running_loop()
+                    loop.call_later(1 / slots.rate, self.progress.set)
+                    return
+                slots.tokens -= 1
+            delivery = slots.ready.popleft()
+            slots.in_flight += 1
+            task = asyncio.create_task(self._send(self._session, delivery))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
+    async def _refill(self) -> None:
+        """Queue the ids of the oldest due deliveries per endpoint (no payloads), of the
+        endpoints that no other dispatcher owns.
+
+        An endpoint whose queue still holds QUEUE_KEEP ids keeps it and is left out of the
+        read, so a backlog at one (slow) endpoint never crowds out the others' work.
+        """
+        now = utcnow()
+        mono = time.monotonic()
+        full = {eid for eid, s in self.slots.items() if len(s.queue) >= QUEUE_KEEP}
         stmt = (
-            sa.select(
-                D.id,
-                D.workspace_id,
-                D.endpoint_id,
-                D.event_id,
-                D.event_type,
-                D.payload,
-                D.attempt_count,
-                D.created_at,
-            )
+            sa.select(D.id, D.endpoint_id)
+            .select_from(webhook_deliveries.join(webhook_endpoints, E.id == D.endpoint_id))
             .where(
                 D.status.in_(SENDABLE),
                 D.next_attempt_at <= now,
                 sa.or_(D.claimed_until.is_(None), D.claimed_until < now),
+                sa.or_(E.owner.is_(None), E.owner == self.instance, E.owner_until < now),
             )
             .order_by(D.next_attempt_at)
-            .limit(CLAIM_BATCH * 2)
+            .limit(QUEUE_REFILL)
         )
-        if saturated:
-            stmt = stmt.where(D.endpoint_id.not_in(saturated))
+        if full:
+            stmt = stmt.where(D.endpoint_id.not_in(full))
+        async with self.db.read() as conn:
+            rows = (await conn.execute(stmt)).all()
+        # Forget idle endpoints, but never a rate-limited one's partly spent bucket.
+        for eid in [e for e, s in self.slots.items() if e not in full and s.idle(mono)]:
+            del self.slots[eid]
+        for eid, slots in self.slots.items():
+            if eid not in full:
+                slots.queue.clear()
+        for r in rows:
+            if r.id not in self.held:
+                self.slots.setdefault(r.endpoint_id, EndpointSlots()).queue.append(r.id)
+        self._refilled_at = mono
+        self._drained = False
+
+    async def claim(self, *, refill: bool = False) -> list[dict[str, Any]]:
+        """Own endpoints and claim their due deliveries into this process's buffers.
+
+        Returns the deliveries claimed now (with payloads, URL and live secrets); they
+        are also queued for sending. The candidates come from the per-endpoint queues
+        (refilled from the database when new work was signalled, when a queue ran dry,
+        or every REFILL_EVERY_S). An endpoint is claimed for while no other dispatcher
+        owns it, and its ownership is renewed while this one has work for it; each
+        claimed delivery is leased (`claimed_until`) for as long, so that after a crash
+        both lapse and another dispatcher takes over.
+        """
+        if refill or self._drained or time.monotonic() - self._refilled_at >= REFILL_EVERY_S:
+            await self._refill()
+        now = utcnow()
+        wanted = []
+        for eid, s in self.slots.items():
+            need = self._buffer(s.max_in_flight, s.rate) - len(s.ready) - s.in_flight
+            renew = s.owned_until is not None and s.owned_until - now < self._own / 2
+            if (s.queue and need > 0) or (renew and (s.ready or s.in_flight or s.queue)):
+                wanted.append(eid)
+        if not wanted:
+            return []
+        until = now + self._own
+        picked: list[dict[str, Any]] = []
         async with self.db.begin() as conn:
-            candidates = (await conn.execute(self.db.for_update(stmt, skip_locked=True))).all()
-            if not candidates:
-                return []
-            endpoint_ids = {c.endpoint_id for c in candidates}
-            endpoints = {
+            owned = {
                 r.id: r
                 for r in (
-                    await conn.execute(sa.select(webhook_endpoints).where(E.id.in_(endpoint_ids)))
+                    await conn.execute(
+                        webhook_endpoints.update()
+                        .where(
+                            E.id.in_(sorted(wanted)),
+                            E.status == EndpointStatus.ENABLED,
+                            sa.or_(
+                                E.owner.is_(None), E.owner == self.instance, E.owner_until < now
+                            ),
+                        )
+                        .values(owner=self.instance, owner_until=until)
+                        .returning(
+                            E.id,
+                            E.url,
+                            E.secret,
+                            E.retired_secrets,
+                            E.rate_limit_per_s,
+                            E.max_in_flight,
+                        )
+                    )
                 ).all()
             }
-            picked: list[dict[str, Any]] = []
-            gone: list[uuid.UUID] = []
-            taken: dict[uuid.UUID, int] = {}
-            mono = time.monotonic()
-            for c in candidates:
-                endpoint = endpoints.get(c.endpoint_id)
-                if endpoint is None or endpoint.status != EndpointStatus.ENABLED:
-                    gone.append(c.id)
-                    continue
-                slots = self.slots.setdefault(c.endpoint_id, EndpointSlots())
-                if slots.in_flight + taken.get(c.endpoint_id, 0) >= limit:
-                    continue
-                if not slots.has_token(endpoint.rate_limit_per_s, mono):
-                    continue
-                if endpoint.rate_limit_per_s is not None:
-                    slots.tokens -= 1
-                taken[c.endpoint_id] = taken.get(c.endpoint_id, 0) + 1
-                picked.append(
-                    {
-                        "id": c.id,
-                        "workspace_id": c.workspace_id,
-                        "endpoint_id": c.endpoint_id,
-                        "event_id": c.event_id,
-                        "event_type": c.event_type,
-                        "payload": bytes(c.payload),
-                        "attempt_count": c.attempt_count,
-                        "url": endpoint.url,
-                        "secrets": live_secrets(endpoint._mapping, now),
-                    }
-                )
-                if len(picked) >= CLAIM_BATCH:
-                    break
-            if gone:
-                # The endpoint was deleted or disabled: these wait for `recover`/`retry`.
+            others = [eid for eid in wanted if eid not in owned]
+            if others:
+                await self._let_go(conn, others, now)
+            take: list[uuid.UUID] = []
+            for eid, endpoint in owned.items():
+                slots = self.slots[eid]
+                slots.owned_until = until
+                slots.max_in_flight = endpoint.max_in_flight
+                slots.rate = endpoint.rate_limit_per_s
+                need = self._buffer(endpoint.max_in_flight, endpoint.rate_limit_per_s)
+                need -= len(slots.ready) + slots.in_flight
+                while need > 0 and slots.queue:
+                    delivery_id = slots.queue.popleft()
+                    if delivery_id not in self.held:
+                        take.append(delivery_id)
+                        need -= 1
+                if not slots.queue:
+                    self._drained = True
+            if not take:
+                return []
+            rows = (
                 await conn.execute(
-                    webhook_deliveries.update()
-                    .where(D.id.in_(gone))
-                    .values(status=DeliveryStatus.FAILED, completed_at=now)
+                    sa.select(
+                        D.id,
+                        D.workspace_id,
+                        D.endpoint_id,
+                        D.event_id,
+                        D.event_type,
+                        D.payload,
+                        D.attempt_count,
+                    ).where(
+                        D.id.in_(take),
+                        D.status.in_(SENDABLE),
+                        D.next_attempt_at <= now,
+                        sa.or_(D.claimed_until.is_(None), D.claimed_until < now),
+                    )
                 )
-                log.info("webhook_deliveries_failed_endpoint_disabled", count=len(gone))
-            if picked:
-                await conn.execute(
-                    webhook_deliveries.update()
-                    .where(D.id.in_([p["id"] for p in picked]))
-                    .values(claimed_until=lease)
-                )
-        for p in picked:
-            self.slots[p["endpoint_id"]].in_flight += 1
+            ).all()
+            if not rows:
+                return []
+            await conn.execute(
+                webhook_deliveries.update()
+                .where(D.id.in_([r.id for r in rows]))
+                .values(claimed_until=until, retry_requested=False)
+            )
+        for r in rows:
+            endpoint = owned[r.endpoint_id]
+            delivery = {
+                "id": r.id,
+                "workspace_id": r.workspace_id,
+                "endpoint_id": r.endpoint_id,
+                "event_id": r.event_id,
+                "event_type": r.event_type,
+                "payload": bytes(r.payload),
+                "attempt_count": r.attempt_count,
+                "url": endpoint.url,
+                "secrets": live_secrets(endpoint._mapping, now),
+                "claimed_until": until,
+            }
+            self.slots[r.endpoint_id].ready.append(delivery)
+            self.held.add(r.id)
+            picked.append(delivery)
         return picked
+
+    async def _let_go(self, conn: Any, endpoint_ids: list[uuid.UUID], now: datetime) -> None:
+        """Endpoints this process could not own: disabled or deleted ones fail their
+        queued deliveries (they wait for `recover`/`retry`); another dispatcher's are
+        left to it, and what this one still buffered for them (its ownership lapsed) is
+        dropped unsent."""
+        statuses = dict(
+            (await conn.execute(sa.select(E.id, E.status).where(E.id.in_(endpoint_ids)))).all()
+        )
+        gone: list[uuid.UUID] = []
+        for eid in endpoint_ids:
+            slots = self.slots[eid]
+            unsent = [d["id"] for d in slots.ready]
+            if statuses.get(eid, EndpointStatus.DISABLED) != EndpointStatus.ENABLED:
+                gone.extend(slots.queue)
+                gone.extend(unsent)
+            slots.queue.clear()
+            slots.ready.clear()
+            slots.owned_until = None
+            self.held.difference_update(unsent)
+        if gone:
+            failed = await conn.execute(
+                webhook_deliveries.update()
+                .where(D.id.in_(gone), D.status.in_(SENDABLE))
+                .values(status=DeliveryStatus.FAILED, completed_at=now, claimed_until=None)
+            )
+            log.info("webhook_deliveries_failed_endpoint_disabled", count=failed.rowcount)
 
     async def _send(self, session: aiohttp.ClientSession, delivery: dict[str, Any]) -> None:
         try:
             result = await self.attempt(session, delivery)
-            await self._retry_db(lambda: self.record_safely(delivery, result))
         except Exception:
+            # A bug, not a receiver's failure: the lease lapses and it is sent again.
             log.exception("webhook_send_crashed", delivery_id=str(delivery["id"]))
+            self.held.discard(delivery["id"])
+        else:
+            self.finished.append((delivery, result))
         finally:
-            self.slots[delivery["endpoint_id"]].in_flight -= 1
+            slots = self.slots.get(delivery["endpoint_id"])
+            if slots is not None:
+                slots.in_flight -= 1
+            self.progress.set()
+            self._start_sends(delivery["endpoint_id"])
 
-    async def _retry_db(self, work: Any) -> None:
-        backoff = self._backoff()
-        for _ in range(20):
-            try:
-                await work()
-                return
-            except Exception as exc:
-                if not is_transient(exc):
-                    raise
-                log.warning("webhook_record_retry", error=repr(exc)[:500])
-                await backoff.sleep(backoff.next_delay(), asyncio.Event())
-        # The claim lease runs out and another pass sends it again: at least once.
-        log.error("webhook_record_gave_up", delivery_id="unknown")
+    async def flush(self) -> None:
+        """Record every finished attempt in one transaction (group commit).
+
+        An outage keeps them for the next pass (until their lease lapses: then the
+        delivery is sent again, at least once). If the database refuses the batch, each
+        attempt is recorded alone (`record_safely`), so one bad answer holds back no other.
+        """
+        if not self.finished:
+            return
+        now = utcnow()
+        batch: list[tuple[dict[str, Any], AttemptResult]] = []
+        for delivery, result in self.finished:
+            # Only the owner sends to an endpoint, so while this process owns it (or
+            # never ran a sender: `claim` called alone) nobody else sent it meanwhile and
+            # the attempt is recorded. Once the ownership lapsed, another dispatcher may
+            # have sent and recorded it: this attempt is dropped, the delivery was sent
+            # at least once.
+            slots = self.slots.get(delivery["endpoint_id"])
+            owned_until = slots.owned_until if slots is not None else None
+            if owned_until is not None and owned_until < now:
+                log.error("webhook_record_gave_up", delivery_id=str(delivery["id"]))
+                self.held.discard(delivery["id"])
+            else:
+                batch.append((delivery, result))
+        self.finished = []
+        try:
+            await self.record_many(batch)
+        except Exception as exc:
+            if is_transient(exc):
+                self.finished = batch + self.finished
+                raise
+            log.error("webhook_record_batch_refused", error=describe(exc), attempts=len(batch))
+            for n, (delivery, result) in enumerate(batch):
+                try:
+                    await self.record_safely(delivery, result)
+                except Exception as alone:
+                    if is_transient(alone):
+                        self.finished = batch[n:] + self.finished
+                        raise
+                    log.error(
+                        "webhook_record_gave_up",
+                        delivery_id=str(delivery["id"]),
+                        error=describe(alone),
+                    )
+                self.held.discard(delivery["id"])
+            return
+        for delivery, _ in batch:
+            self.held.discard(delivery["id"])
 
     async def record_safely(self, delivery: dict[str, Any], result: AttemptResult) -> None:
         """`record`, falling back to the bare outcome if the database refuses the details.
@@ -451,84 +704,96 @@ class Dispatcher:
             return AttemptResult(None, _ms(started), failure_text(exc, delivery["url"]), None, None)
 
     async def record(self, delivery: dict[str, Any], result: AttemptResult) -> None:
-        """Store the attempt and decide what happens next, in one transaction."""
+        """Store one attempt and decide what happens next, in one transaction."""
+        await self.record_many([(delivery, result)])
+
+    async def record_many(self, batch: Sequence[tuple[dict[str, Any], AttemptResult]]) -> None:
+        """Store these attempts and decide what happens next, in one transaction.
+
+        Per delivery: the attempt row; the next state (succeeded, a retry scheduled, or
+        failed when exhausted or gone) and the lease released; a retry asked for while
+        it was in flight makes it due again now. Per endpoint: a success ends its failing
+        streak, a 410 disables it, failing too long disables it, with their audit events.
+        """
+        if not batch:
+            return
         now = utcnow()
-        outcome = classify(result.status_code)
-        attempts = delivery["attempt_count"] + 1
-        self.metrics.webhook_attempts.labels(outcome.value).inc()
-        values: dict[str, Any] = {
-            "attempt_count": attempts,
-            "last_attempt_at": now,
-            "claimed_until": None,
-        }
-        exhausted = False
-        if outcome is Outcome.SUCCESS:
-            values |= {"status": DeliveryStatus.SUCCEEDED, "completed_at": now}
-        elif outcome is Outcome.GONE:
-            values |= {"status": DeliveryStatus.FAILED, "completed_at": now}
-        else:
-            delay = self.policy.next_delay(attempts, self.rng, result.retry_after_s)
-            if delay is None:
-                exhausted = True
-                values |= {"status": DeliveryStatus.FAILED, "completed_at": now}
-            else:
-                values |= {
-                    "status": DeliveryStatus.FAILING,
-                    "next_attempt_at": now + timedelta(seconds=delay),
-                }
-        disabled: DisabledReason | None = None
+        plans = [_plan(self.policy, self.rng, d, r, now) for d, r in batch]
+        disabled: dict[uuid.UUID, DisabledReason] = {}
         async with self.db.begin() as conn:
+            # executemany of one cached statement (a multi-row VALUES compiles anew for
+            # every batch size).
             await conn.execute(
-                webhook_attempts.insert().values(
-                    id=new_id(),
-                    delivery_id=delivery["id"],
-                    attempted_at=now,
-                    status_code=result.status_code,
-                    latency_ms=result.latency_ms,
-                    error=result.error,
-                    response_body=result.body,
-                )
+                webhook_attempts.insert(),
+                [
+                    {
+                        "id": new_id(),
+                        "delivery_id": p.delivery["id"],
+                        "attempted_at": now,
+                        "status_code": p.result.status_code,
+                        "latency_ms": p.result.latency_ms,
+                        "error": p.result.error,
+                        "response_body": p.result.body,
+                    }
+                    for p in plans
+                ],
             )
-            await conn.execute(
-                webhook_deliveries.update().where(D.id == delivery["id"]).values(**values)
+            for shape in ("done", "failing"):
+                params = [p.params for p in plans if p.shape == shape]
+                if params:
+                    await conn.execute(_update(shape), params)
+            ids = [p.delivery["id"] for p in plans]
+            requeued = set(
+                (
+                    await conn.execute(
+                        webhook_deliveries.update()
+                        .where(D.id.in_(ids), D.retry_requested.is_(True))
+                        .values(
+                            status=DeliveryStatus.PENDING,
+                            next_attempt_at=now,
+                            completed_at=None,
+                            retry_requested=False,
+                        )
+                        .returning(D.id)
+                    )
+                ).scalars()
             )
-            ws, eid = delivery["workspace_id"], delivery["endpoint_id"]
-            if outcome is Outcome.SUCCESS:
+            last: dict[uuid.UUID, _Plan] = {}
+            succeeded: set[uuid.UUID] = set()
+            for p in plans:
+                last[p.delivery["endpoint_id"]] = p
+                if p.outcome is Outcome.SUCCESS:
+                    succeeded.add(p.delivery["endpoint_id"])
+            if succeeded:
                 await conn.execute(
                     webhook_endpoints.update()
-                    .where(E.id == eid, E.failing_since.is_not(None))
+                    .where(E.id.in_(sorted(succeeded)), E.failing_since.is_not(None))
                     .values(failing_since=None)
                 )
-            elif outcome is Outcome.GONE and await disable_endpoint(
-                conn, self.db, ws, eid, DisabledReason.GONE, "the receiver answered 410 Gone"
-            ):
-                disabled = DisabledReason.GONE
-            if outcome is not Outcome.SUCCESS and exhausted:
-                await append_events(
-                    conn,
-                    self.db,
-                    [
-                        AuditRecord(
-                            workspace_id=ws,
-                            actor={"type": "system", "id": "dispatcher"},
-                            action="webhook.delivery.exhausted",
-                            target={"type": "webhook_delivery", "id": str(delivery["id"])},
-                            data={
-                                "endpoint_id": str(eid),
-                                "event_id": delivery["event_id"],
-                                "event_type": delivery["event_type"],
-                                "attempts": attempts,
-                                "last_status_code": result.status_code,
-                                "last_error": result.error,
-                            },
-                        )
-                    ],
+            for eid in sorted({p.delivery["endpoint_id"] for p in plans if p.gone}):
+                ws = last[eid].delivery["workspace_id"]
+                if await disable_endpoint(
+                    conn, self.db, ws, eid, DisabledReason.GONE, "the receiver answered 410 Gone"
+                ):
+                    disabled[eid] = DisabledReason.GONE
+            exhausted = [_exhausted_record(p) for p in plans if p.exhausted]
+            if exhausted:
+                await append_events(conn, self.db, exhausted)
+            for eid in sorted(last):
+                p = last[eid]
+                if p.outcome is not Outcome.SUCCESS and await self._note_failure(
+                    conn, p.delivery["workspace_id"], eid, now
+                ):
+                    disabled[eid] = DisabledReason.FAILING
+        for p in plans:
+            self.metrics.webhook_attempts.labels(p.outcome.value).inc()
+            _log_outcome(p.delivery, p.values, p.attempts, p.result, p.exhausted)
+            if p.delivery["id"] in requeued:
+                log.info(
+                    "webhook_delivery_retry_requested_requeued", delivery_id=str(p.delivery["id"])
                 )
-            if outcome is not Outcome.SUCCESS and await self._note_failure(conn, ws, eid, now):
-                disabled = DisabledReason.FAILING
-        _log_outcome(delivery, values, attempts, result, exhausted)
-        if disabled is not None:
-            log.warning("webhook_endpoint_disabled", endpoint_id=str(eid), reason=disabled.value)
+        for eid, reason in disabled.items():
+            log.warning("webhook_endpoint_disabled", endpoint_id=str(eid), reason=reason.value)
 
     async def _note_failure(
         self, conn: Any, workspace_id: uuid.UUID, endpoint_id: uuid.UUID, now: datetime
@@ -620,6 +885,97 @@ class Dispatcher:
     async def run(self, stop: asyncio.Event) -> None:
         """Fan-out and sender together, until `stop`."""
         await asyncio.gather(self.run_fanout(stop), self.run_sender(stop))
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What recording one attempt writes: the delivery's next state, as parameters of
+    one of the two UPDATE shapes, and what the endpoint and the log are told."""
+
+    delivery: dict[str, Any]
+    result: AttemptResult
+    outcome: Outcome
+    attempts: int
+    values: dict[str, Any]
+    exhausted: bool
+    shape: str  # "done" (succeeded or failed) | "failing" (a retry is scheduled)
+    params: dict[str, Any]
+
+    @property
+    def gone(self) -> bool:
+        return self.outcome is Outcome.GONE
+
+
+def _plan(
+    policy: RetryPolicy,
+    rng: random.Random,
+    delivery: dict[str, Any],
+    result: AttemptResult,
+    now: datetime,
+) -> _Plan:
+    outcome = classify(result.status_code)
+    attempts = delivery["attempt_count"] + 1
+    exhausted = False
+    values: dict[str, Any]
+    if outcome is Outcome.SUCCESS:
+        values = {"status": DeliveryStatus.SUCCEEDED, "completed_at": now}
+    elif outcome is Outcome.GONE:
+        values = {"status": DeliveryStatus.FAILED, "completed_at": now}
+    else:
+        delay = policy.next_delay(attempts, rng, result.retry_after_s)
+        if delay is None:
+            exhausted = True
+            values = {"status": DeliveryStatus.FAILED, "completed_at": now}
+        else:
+            values = {
+                "status": DeliveryStatus.FAILING,
+                "next_attempt_at": now + timedelta(seconds=delay),
+            }
+    shape = "failing" if "next_attempt_at" in values else "done"
+    params = {
+        "d_id": delivery["id"],
+        "d_status": values["status"].value,
+        "d_attempts": attempts,
+        "d_last": now,
+        "d_when": values.get("next_attempt_at", values.get("completed_at")),
+    }
+    return _Plan(delivery, result, outcome, attempts, values, exhausted, shape, params)
+
+
+@functools.cache
+def _update(shape: str) -> sa.Update:
+    """The UPDATE of one recorded delivery, run once per batch with many parameter sets."""
+    when = D.next_attempt_at if shape == "failing" else D.completed_at
+    return (
+        webhook_deliveries.update()
+        .where(D.id == sa.bindparam("d_id", type_=D.id.type))
+        .values(
+            {
+                D.status: sa.bindparam("d_status", type_=D.status.type),
+                D.attempt_count: sa.bindparam("d_attempts", type_=D.attempt_count.type),
+                D.last_attempt_at: sa.bindparam("d_last", type_=D.last_attempt_at.type),
+                when: sa.bindparam("d_when", type_=when.type),
+                D.claimed_until: None,
+            }
+        )
+    )
+
+
+def _exhausted_record(p: _Plan) -> AuditRecord:
+    return AuditRecord(
+        workspace_id=p.delivery["workspace_id"],
+        actor={"type": "system", "id": "dispatcher"},
+        action="webhook.delivery.exhausted",
+        target={"type": "webhook_delivery", "id": str(p.delivery["id"])},
+        data={
+            "endpoint_id": str(p.delivery["endpoint_id"]),
+            "event_id": p.delivery["event_id"],
+            "event_type": p.delivery["event_type"],
+            "attempts": p.attempts,
+            "last_status_code": p.result.status_code,
+            "last_error": p.result.error,
+        },
+    )
 
 
 def _log_outcome(

@@ -62,11 +62,21 @@ URL_SCHEMA: JsonDict = {
 }
 
 
+MAX_IN_FLIGHT_LIMIT = 100
+MAX_IN_FLIGHT_TEXT = (
+    "Concurrent requests to this endpoint at most, across every dispatcher process; "
+    "null: the service default (WEBHOOK_MAX_IN_FLIGHT_PER_ENDPOINT, 4 unless configured)"
+)
+
+
 class EndpointCreate(_Strict):
     url: str = Field(json_schema_extra=URL_SCHEMA)
     event_types: list[EventType] = Field(default_factory=list)
     description: str | None = Field(default=None, max_length=500)
     rate_limit_per_s: float | None = Field(default=None, gt=0, le=10_000)
+    max_in_flight: int | None = Field(
+        default=None, ge=1, le=MAX_IN_FLIGHT_LIMIT, description=MAX_IN_FLIGHT_TEXT
+    )
 
     _url = field_validator("url")(_check_url)
 
@@ -74,7 +84,8 @@ class EndpointCreate(_Strict):
 class EndpointPatch(_Strict):
     """A change to an endpoint: omitted fields stay as they are.
 
-    ``description`` and ``rate_limit_per_s`` may be null (no description, no limit);
+    ``description`` and ``rate_limit_per_s`` may be null (no description, no limit), and
+    ``max_in_flight`` null (the service default);
     ``url`` and ``event_types`` may not: an endpoint always has a URL, and "every event
     type" is the empty list.
     """
@@ -85,6 +96,9 @@ class EndpointPatch(_Strict):
     event_types: SkipJsonSchema[None] | list[EventType] = None
     description: str | None = Field(default=None, max_length=500)
     rate_limit_per_s: float | None = Field(default=None, gt=0, le=10_000)
+    max_in_flight: int | None = Field(
+        default=None, ge=1, le=MAX_IN_FLIGHT_LIMIT, description=MAX_IN_FLIGHT_TEXT
+    )
 
     @field_validator("url", "event_types")
     @classmethod
@@ -116,6 +130,7 @@ class WebhookEndpoint(Out):
     description: str | None
     event_types: list[EventType] = Field(description="Empty: every event type")
     rate_limit_per_s: float | None
+    max_in_flight: int | None = Field(description=MAX_IN_FLIGHT_TEXT)
     status: EndpointStatus
     disabled_reason: DisabledReason | None = Field(
         description="gone: the receiver answered 410; failing: every delivery failed for "

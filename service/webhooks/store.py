@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -78,6 +79,7 @@ def endpoint_json(row: Mapping[Any, Any], *, secret: str | None = None) -> dict[
         "description": row["description"],
         "event_types": list(row["event_types"]),
         "rate_limit_per_s": row["rate_limit_per_s"],
+        "max_in_flight": row["max_in_flight"],
         "status": row["status"],
         "disabled_reason": row["disabled_reason"],
         "disabled_at": iso(row["disabled_at"]),
@@ -165,6 +167,7 @@ async def create_endpoint(
         "description": body.description,
         "event_types": list(dict.fromkeys(body.event_types)),
         "rate_limit_per_s": body.rate_limit_per_s,
+        "max_in_flight": body.max_in_flight,
         "secret": secret,
         "retired_secrets": [],
         "status": EndpointStatus.ENABLED.value,
@@ -417,6 +420,17 @@ async def disable_endpoint(
     return True
 
 
+@dataclass(frozen=True)
+class NewDeliveries:
+    """One event to queue for these endpoints of its workspace."""
+
+    workspace_id: uuid.UUID
+    endpoint_ids: Sequence[uuid.UUID]
+    event_id: str
+    event_type: str
+    payload: bytes
+
+
 async def enqueue(
     conn: AsyncConnection,
     db: Database,
@@ -428,31 +442,40 @@ async def enqueue(
     payload: bytes,
 ) -> int:
     """One delivery per (event, endpoint); a repeated event adds nothing. Returns how many."""
-    if not endpoint_ids:
-        return 0
+    return await enqueue_many(
+        conn, db, [NewDeliveries(workspace_id, endpoint_ids, event_id, event_type, payload)]
+    )
+
+
+async def enqueue_many(conn: AsyncConnection, db: Database, events: Sequence[NewDeliveries]) -> int:
+    """`enqueue` for many events in one statement (executemany of one cached INSERT).
+
+    Returns how many deliveries were new (RETURNING counts them on both backends; an
+    executemany's rowcount is -1 on asyncpg).
+    """
     now = utcnow()
-    ins: Any = (sqlite.insert if db.is_sqlite else postgresql.insert)(webhook_deliveries)
     rows = [
         {
             "id": new_id(),
-            "workspace_id": workspace_id,
+            "workspace_id": e.workspace_id,
             "endpoint_id": endpoint_id,
-            "event_id": event_id,
-            "event_type": event_type,
-            "payload": payload,
+            "event_id": e.event_id,
+            "event_type": e.event_type,
+            "payload": e.payload,
             "status": DeliveryStatus.PENDING.value,
             "attempt_count": 0,
             "next_attempt_at": now,
             "created_at": now,
         }
-        for endpoint_id in endpoint_ids
+        for e in events
+        for endpoint_id in e.endpoint_ids
     ]
-    # RETURNING counts what was inserted on both backends; an executemany's rowcount is
-    # -1 on asyncpg.
+    if not rows:
+        return 0
+    ins: Any = (sqlite.insert if db.is_sqlite else postgresql.insert)(webhook_deliveries)
     result = await conn.execute(
-        ins.values(rows)
-        .on_conflict_do_nothing(index_elements=["event_id", "endpoint_id"])
-        .returning(D.id)
+        ins.on_conflict_do_nothing(index_elements=["event_id", "endpoint_id"]).returning(D.id),
+        rows,
     )
     return len(result.all())
 
@@ -515,7 +538,13 @@ async def get_delivery(
 async def retry_delivery(
     db: Database, workspace_id: uuid.UUID, delivery_id: uuid.UUID
 ) -> dict[str, Any]:
-    """Send a delivery again now, whatever its state (409 while its endpoint is disabled)."""
+    """Send a delivery again now, whatever its state (409 while its endpoint is disabled).
+
+    A delivery in flight (its claim has not lapsed) is never sent a second time at once:
+    it is only marked `retry_requested`, and the dispatcher makes it due again when it
+    records the attempt under way. The one statement decides on the row as it stands when
+    it is written (PostgreSQL re-reads a row it waited for; SQLite has one writer).
+    """
     async with db.begin() as conn:
         endpoint_id = (
             await conn.execute(
@@ -531,14 +560,21 @@ async def retry_delivery(
         )
         if endpoint is not None:
             ensure_enabled(endpoint)
+        now = utcnow()
+        in_flight = sa.and_(D.claimed_until.is_not(None), D.claimed_until > now)
+
+        def unless_in_flight(value: Any, column: Any) -> Any:
+            # Bound with the column's own type (UTCDateTime stores its own way on SQLite).
+            return sa.case((in_flight, column), else_=sa.literal(value, column.type))
+
         updated = await conn.execute(
             webhook_deliveries.update()
             .where(D.id == delivery_id, D.workspace_id == workspace_id)
             .values(
-                status=DeliveryStatus.PENDING,
-                next_attempt_at=utcnow(),
-                completed_at=None,
-                claimed_until=None,
+                retry_requested=sa.case((in_flight, sa.true()), else_=sa.false()),
+                status=unless_in_flight(DeliveryStatus.PENDING.value, D.status),
+                next_attempt_at=unless_in_flight(now, D.next_attempt_at),
+                completed_at=unless_in_flight(None, D.completed_at),
             )
         )
         if not updated.rowcount:

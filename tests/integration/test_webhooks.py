@@ -33,7 +33,7 @@ from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from service.app import Services
 from service.config import Settings
-from service.db import audit_events, utcnow, webhook_deliveries
+from service.db import Database, audit_events, utcnow, webhook_deliveries
 from service.events import (
     TYPE_CONTACT_DELETED,
     TYPE_JOB_COMPLETED,
@@ -1091,6 +1091,122 @@ async def delivery_payload(services: Services, event_id: str, endpoint_id: uuid.
 
 
 # -- delivery log and recovery ---------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def dispatchers(services: Services, count: int) -> AsyncIterator[list[Dispatcher]]:
+    """`count` senders, each with its own Database (own connections and, on SQLite, its own
+    writer taking the file lock), as separate dispatcher processes would have."""
+    databases = [Database(services.settings.database_url) for _ in range(count)]
+    running = [
+        Dispatcher(services.settings, db, services.metrics, asyncio.Event()) for db in databases
+    ]
+    stop = asyncio.Event()
+    tasks = [asyncio.create_task(d.run_sender(stop)) for d in running]
+    try:
+        yield running
+    finally:
+        stop.set()
+        await asyncio.wait_for(asyncio.gather(*tasks), timeout=30)
+        for db in databases:
+            await db.dispose()
+
+
+async def test_max_in_flight_holds_across_three_dispatchers(
+    tenant: Tenant, receiver: Receiver, services: Services
+) -> None:
+    """Three dispatchers, an endpoint with max_in_flight 3 and a receiver holding each
+    request 0.6 s: never more than 3 requests open at once, and each webhook sent once."""
+    url = receiver.script("/held", receiver.sleep(0.6, answer(200)))
+    endpoint = await create_endpoint(tenant, url, max_in_flight=3)
+    assert endpoint["max_in_flight"] == 3
+    events = [await send_test(tenant, endpoint["id"]) for _ in range(12)]
+
+    async with dispatchers(services, 3):
+        for event_id in events:
+            await wait_delivery(tenant, endpoint["id"], event_id, has_status("succeeded"), 20)
+
+    assert receiver.max_in_flight["/held"] == 3  # the limit, reached and never passed
+    assert sorted(h.webhook_id for h in receiver.at("/held")) == sorted(events)
+
+
+async def test_max_in_flight_is_set_and_cleared_per_endpoint(tenant: Tenant) -> None:
+    """max_in_flight: null (the service default) unless given; 1..100; PATCH changes it."""
+    endpoint = await create_endpoint(tenant, "https://hooks.example.com/limits")
+    assert endpoint["max_in_flight"] is None
+    path = f"{ENDPOINTS}/{endpoint['id']}"
+    status, body, _ = await tenant.call("PATCH", path, {"max_in_flight": 1})
+    assert (status, body["data"]["max_in_flight"]) == (200, 1), body
+    assert (await get_endpoint(tenant, endpoint["id"]))["max_in_flight"] == 1
+    status, body, _ = await tenant.call("PATCH", path, {"max_in_flight": None})
+    assert (status, body["data"]["max_in_flight"]) == (200, None), body
+    for bad in (0, 101, 2.5):
+        status, body, _ = await tenant.call("PATCH", path, {"max_in_flight": bad})
+        assert (status, body["error"]["code"]) == (400, "validation_error"), body
+
+
+async def test_one_slot_endpoint_is_served_one_request_at_a_time_by_two_dispatchers(
+    tenant: Tenant, receiver: Receiver, services: Services
+) -> None:
+    """max_in_flight 1 with two dispatchers: the receiver never sees two requests at once."""
+    url = receiver.script("/one", receiver.sleep(0.3, answer(200)))
+    endpoint = await create_endpoint(tenant, url, max_in_flight=1)
+    events = [await send_test(tenant, endpoint["id"]) for _ in range(4)]
+
+    async with dispatchers(services, 2):
+        for event_id in events:
+            await wait_delivery(tenant, endpoint["id"], event_id, has_status("succeeded"), 20)
+
+    assert receiver.max_in_flight["/one"] == 1
+    assert len(receiver.at("/one")) == 4
+
+
+async def test_rate_limit_holds_across_two_dispatchers(
+    tenant: Tenant, receiver: Receiver, services: Services
+) -> None:
+    """rate_limit_per_s 4 with two dispatchers: 8 deliveries spread over at least 1.5 s
+    (one token bucket for the endpoint; one per dispatcher would take about half that)."""
+    url = receiver.script("/paced", answer(200))
+    endpoint = await create_endpoint(tenant, url, rate_limit_per_s=4)
+    events = [await send_test(tenant, endpoint["id"]) for _ in range(8)]
+
+    async with dispatchers(services, 2):
+        for event_id in events:
+            await wait_delivery(tenant, endpoint["id"], event_id, has_status("succeeded"), 20)
+
+    hits = receiver.at("/paced")
+    assert sorted(h.webhook_id for h in hits) == sorted(events)
+    assert hits[-1].at - hits[0].at >= 1.5
+
+
+async def test_retry_while_in_flight_sends_again_only_after_the_attempt_ends(
+    tenant: Tenant, receiver: Receiver, services: Services
+) -> None:
+    """POST .../retry while the receiver holds the first attempt (1.5 s): no second
+    concurrent POST; the delivery is sent again once the first attempt is recorded."""
+    url = receiver.script("/busy", receiver.sleep(1.5, answer(200)), answer(200))
+    endpoint = await create_endpoint(tenant, url)
+    event_id = await send_test(tenant, endpoint["id"])
+
+    async with dispatchers(services, 2):
+        await eventually(
+            lambda: _some(receiver.in_flight["/busy"] == 1), 10, "the first attempt in flight"
+        )
+        delivery = await delivery_of(tenant, endpoint["id"], event_id)
+        status, body, _ = await tenant.call("POST", f"{DELIVERIES}/{delivery['id']}/retry")
+        assert status == 202, body
+        done = await wait_delivery(
+            tenant, endpoint["id"], event_id, lambda d: d["attempt_count"] == 2, 10
+        )
+        await asyncio.sleep(0.5)  # nothing more goes out
+
+    assert done["status"] == "succeeded"
+    assert [a["status_code"] for a in done["attempts"]] == [200, 200]
+    assert receiver.max_in_flight["/busy"] == 1
+    first, second = receiver.at("/busy")
+    assert first.webhook_id == second.webhook_id == event_id
+    assert second.at - first.at >= 1.4  # after the held attempt answered
+    assert len(receiver.at("/busy")) == 2
 
 
 async def test_retry_sends_a_delivery_again_now(

@@ -472,14 +472,14 @@ async def test_an_event_the_database_refuses_is_dead_lettered_and_its_batch_mate
         InMessage(topic, 0, n, str(e.subject).encode(), e.model_dump_json().encode(), ())
         for n, e in enumerate(events)
     ]
-    real_enqueue = dispatcher_module.enqueue  # type: ignore[attr-defined]
+    real_enqueue = dispatcher_module.enqueue_many  # type: ignore[attr-defined]
 
-    async def refuses_bad(conn: Any, db: Any, **kwargs: Any) -> int:
-        if kwargs["event_id"] == bad.id:
+    async def refuses_bad(conn: Any, db: Any, planned: Any) -> int:
+        if any(p.event_id == bad.id for p in planned):
             raise wrapped(sqlite_too_many_variables(), "INSERT INTO webhook_deliveries ...")
-        return await real_enqueue(conn, db, **kwargs)
+        return await real_enqueue(conn, db, planned)
 
-    monkeypatch.setattr(dispatcher_module, "enqueue", refuses_bad)
+    monkeypatch.setattr(dispatcher_module, "enqueue_many", refuses_bad)
     dispatcher = dispatcher_module.Dispatcher(settings, services.db, Metrics())
     dlq = Producer(settings.kafka_bootstrap_servers)
     await dlq.start()
