@@ -7,19 +7,43 @@ file in the test's tmp dir, and is stopped (SIGTERM, then SIGKILL) when the test
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+import aiohttp
+
 from service.config import Settings
 
 COMMAND = str(Path(sys.executable).with_name("contact-deletion"))
+
+
+async def wait_ready(base: str, exited: Callable[[], str | None], timeout_s: float = 60.0) -> None:
+    """Poll ``{base}/readyz`` until it answers 200 (every 0.2 s, at most `timeout_s`).
+
+    `exited()` says why the service cannot get ready (its exit and log tail), or None while
+    it runs; either that or the time running out fails the test with the reason.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    async with aiohttp.ClientSession() as http:
+        while loop.time() < deadline:
+            problem = exited()
+            if problem is not None:
+                raise AssertionError(f"the service exited before it was ready:\n{problem}")
+            with contextlib.suppress(aiohttp.ClientError):
+                async with http.get(f"{base}/readyz") as response:
+                    if response.status == 200:
+                        return
+            await asyncio.sleep(0.2)
+    raise AssertionError(f"the service did not get ready in {timeout_s} s")
 
 
 @dataclass
@@ -43,6 +67,11 @@ class Process:
     def assert_running(self) -> None:
         code = self.popen.poll()
         assert code is None, f"{self.name} exited with {code}:\n{self.tail()}"
+
+    def exited(self) -> str | None:
+        """None while it runs; else its exit status and the tail of its output."""
+        code = self.popen.poll()
+        return None if code is None else f"{self.name} exited with {code}:\n{self.tail()}"
 
     def kill(self) -> int:
         """SIGKILL; returns the exit status."""

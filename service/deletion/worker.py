@@ -17,6 +17,7 @@ its audit event.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
@@ -199,24 +200,23 @@ class DeletionWorker:
         done = asyncio.Event()
         scrubbing = asyncio.create_task(self.scrubber.run(done), name="erasure-scrubber")
         try:
-            await wait_for_dependency(dlq.start, stop, dependency="kafka", component="worker")
-            while not stop.is_set():
-                messages = await self._retry_transient(
-                    lambda: consumer.getmany(
-                        timeout_ms=200, max_records=self.settings.worker_batch_size
-                    ),
-                    stop,
-                )
-                if not messages:
-                    continue
-                if not await self.handle(messages, dlq, stop):
-                    break  # stopped before the batch was durable: leave it uncommitted
-                crash_if(self.settings.failpoint, "worker_after_db_commit")
-                # A refused commit (the partition moved) is logged and skipped inside.
-                offsets = next_offsets(messages)
-                await self._retry_transient(functools.partial(consumer.commit, offsets), stop)
-        except Stopped:
-            pass
+            with contextlib.suppress(Stopped):
+                await wait_for_dependency(dlq.start, stop, dependency="kafka", component="worker")
+                while not stop.is_set():
+                    messages = await self._retry_transient(
+                        lambda: consumer.getmany(
+                            timeout_ms=200, max_records=self.settings.worker_batch_size
+                        ),
+                        stop,
+                    )
+                    if not messages:
+                        continue
+                    if not await self.handle(messages, dlq, stop):
+                        break  # stopped before the batch was durable: leave it uncommitted
+                    crash_if(self.settings.failpoint, "worker_after_db_commit")
+                    # A refused commit (the partition moved) is logged and skipped inside.
+                    offsets = next_offsets(messages)
+                    await self._retry_transient(functools.partial(consumer.commit, offsets), stop)
         finally:
             await consumer.stop()
             await dlq.stop()

@@ -28,6 +28,7 @@ Retries are rows with a `next_attempt_at`, not sleeps holding a Kafka partition.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import os
@@ -211,22 +212,23 @@ class Dispatcher:
         except Stopped:
             return
         try:
-            await wait_for_dependency(dlq.start, stop, dependency="kafka", component="dispatcher")
-            while not stop.is_set():
-                messages = await self._transient(
-                    functools.partial(consumer.getmany, timeout_ms=200, max_records=500), stop
+            with contextlib.suppress(Stopped):
+                await wait_for_dependency(
+                    dlq.start, stop, dependency="kafka", component="dispatcher"
                 )
-                if not messages:
-                    continue
-                if not await self._fan_out_isolating(messages, dlq, stop):
-                    break
-                # A refused commit (the partition moved) is logged and skipped inside.
-                await self._transient(
-                    functools.partial(consumer.commit, next_offsets(messages)), stop
-                )
-                self.wakeup.set()
-        except Stopped:
-            pass
+                while not stop.is_set():
+                    messages = await self._transient(
+                        functools.partial(consumer.getmany, timeout_ms=200, max_records=500), stop
+                    )
+                    if not messages:
+                        continue
+                    if not await self._fan_out_isolating(messages, dlq, stop):
+                        break
+                    # A refused commit (the partition moved) is logged and skipped inside.
+                    await self._transient(
+                        functools.partial(consumer.commit, next_offsets(messages)), stop
+                    )
+                    self.wakeup.set()
         finally:
             await consumer.stop()
             await dlq.stop()

@@ -38,6 +38,7 @@ from selenium.webdriver.support.ui import WebDriverWait
 from standardwebhooks.webhooks import Webhook
 
 from service.procs import free_port
+from tests.components import wait_ready
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
@@ -52,6 +53,10 @@ class ConsoleService:
     env: dict[str, str]
     process: subprocess.Popen[bytes]
     log: Path
+
+    def exited(self) -> str | None:
+        """None while it runs; else its log's tail."""
+        return None if self.process.poll() is None else self.log.read_text()[-3000:]
 
     def key(self, *scopes: str, workspace: str | None = None) -> str:
         """A new key from the real CLI, in a fresh workspace unless one is named."""
@@ -87,21 +92,6 @@ class ConsoleService:
             return exc.code, json.loads(raw) if raw else None
 
 
-def _wait_ready(service: ConsoleService) -> None:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if service.process.poll() is not None:
-            raise AssertionError(service.log.read_text()[-3000:])
-        try:
-            with urllib.request.urlopen(service.base + "/readyz", timeout=5) as response:  # noqa: S310
-                if response.status == 200:
-                    return
-        except (urllib.error.URLError, OSError):
-            pass
-        time.sleep(0.2)
-    raise AssertionError("service never became ready:\n" + service.log.read_text()[-3000:])
-
-
 @pytest.fixture(scope="module")
 def console_service(
     db_url: str, kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory
@@ -130,7 +120,7 @@ def console_service(
         )
     service = ConsoleService(f"http://127.0.0.1:{env['HTTP_PORT']}", env, process, log)
     try:
-        _wait_ready(service)
+        asyncio.run(wait_ready(service.base, service.exited))
         yield service
     finally:
         process.send_signal(signal.SIGTERM)

@@ -26,12 +26,12 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 
 from service.db import Database
 from service.keys import SCOPES, create_key
 from service.procs import free_port
+from tests.components import wait_ready
 
 pytestmark = pytest.mark.slow
 
@@ -59,20 +59,6 @@ SERVE = (
     "configure_logging(s.log_format, s.log_level)\n"
     "sys.exit(asyncio.run(serve(s, ['api', 'relay', 'worker'], migrate=False)))\n"
 )
-
-
-async def _wait_healthy(base: str, process: asyncio.subprocess.Process) -> None:
-    async with aiohttp.ClientSession() as http:
-        for _ in range(300):
-            assert process.returncode is None, "the service exited at start-up"
-            try:
-                async with http.get(f"{base}/readyz") as response:
-                    if response.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.1)
-    pytest.fail("the service did not become ready in 30 s")
 
 
 async def test_schemathesis_finds_no_5xx_and_no_schema_violation(
@@ -107,7 +93,10 @@ async def test_schemathesis_finds_no_5xx_and_no_schema_violation(
             sys.executable, "-c", SERVE, env=env, stdout=log, stderr=log
         )
     try:
-        await _wait_healthy(base, service)
+        await wait_ready(
+            base,
+            lambda: None if service.returncode is None else f"exit {service.returncode}",
+        )
         fuzzer = await asyncio.create_subprocess_exec(
             str(Path(sys.executable).with_name("schemathesis")),
             "run",

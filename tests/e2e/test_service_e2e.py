@@ -8,7 +8,6 @@ verifies every webhook with the independent `standardwebhooks` library.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import signal
@@ -27,6 +26,7 @@ from aiohttp.test_utils import TestServer
 from standardwebhooks.webhooks import Webhook
 
 from service.procs import free_port
+from tests.components import wait_ready
 
 pytestmark = pytest.mark.slow
 
@@ -37,6 +37,10 @@ class RunningService:
     env: dict[str, str]
     process: subprocess.Popen[bytes]
     log: Path
+
+    def exited(self) -> str | None:
+        """None while it runs; else its log's tail."""
+        return None if self.process.poll() is None else self.log.read_text()[-3000:]
 
 
 def _cli(env: dict[str, str], *args: str) -> str:
@@ -87,18 +91,6 @@ def running(service_env: dict[str, str], tmp_path: Path) -> Iterator[RunningServ
             process.wait()
 
 
-async def _until_ready(http: aiohttp.ClientSession, service: RunningService) -> None:
-    for _ in range(150):
-        if service.process.poll() is not None:
-            raise AssertionError(service.log.read_text()[-3000:])
-        with contextlib.suppress(aiohttp.ClientError):
-            async with http.get(service.base + "/readyz") as response:
-                if response.status == 200:
-                    return
-        await asyncio.sleep(0.2)
-    raise AssertionError("service never became ready:\n" + service.log.read_text()[-3000:])
-
-
 @pytest.fixture
 async def receiver() -> AsyncIterator[tuple[str, list[tuple[bytes, dict[str, str]]]]]:
     received: list[tuple[bytes, dict[str, str]]] = []
@@ -122,7 +114,7 @@ async def test_a_user_deletes_contacts_and_is_told_by_a_signed_webhook(
     """Keys from the CLI, contacts with a timeline, a webhook, a bulk delete, the audit trail."""
     url, received = receiver
     async with aiohttp.ClientSession() as http:
-        await _until_ready(http, running)
+        await wait_ready(running.base, running.exited)
         created = json.loads(
             await asyncio.to_thread(
                 _cli,

@@ -31,7 +31,7 @@ from service.db import Database
 from service.erasure.check import ErasureCheck
 from service.kafka import OutMessage, Producer
 from service.procs import free_port
-from tests.components import COMMAND, Components, Process, components
+from tests.components import COMMAND, Components, components, wait_ready
 from tests.conftest import Tenant, make_settings, new_tenant
 
 DELAY_S = 1.0
@@ -138,20 +138,6 @@ def hits(files: list[Path], needles: list[bytes]) -> dict[str, int]:
     return found
 
 
-async def wait_ready(http: aiohttp.ClientSession, base: str, service: Process) -> None:
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        service.assert_running()
-        try:
-            async with http.get(f"{base}/readyz") as response:
-                if response.status == 200:
-                    return
-        except aiohttp.ClientError:
-            pass
-        await asyncio.sleep(0.3)
-    raise AssertionError(f"the service did not get ready:\n{service.tail()}")
-
-
 def erasure_check(
     procs: Components, email: str, log_file: Path
 ) -> subprocess.CompletedProcess[str]:
@@ -184,7 +170,7 @@ async def test_deleted_addresses_leave_no_byte_in_any_file_the_service_wrote(
     try:
         with components(settings, tmp_path) as procs:
             service = procs.start("run")
-            await wait_ready(http, base, service)
+            await wait_ready(base, service.exited, timeout_s=90)
             tenant = await new_tenant(Services(settings=settings, db=db), base, http)
             ids = [await create_person(tenant, p) for p in doomed]
             await create_person(tenant, keeper)
