@@ -145,8 +145,19 @@ def _asset_handler(
     return asset
 
 
+PAGE_ALIASES = ("/console/", "/docs/")
+"""The pages with a trailing slash, as people type them: a redirect to the page."""
+
+
+async def _to_page(request: web.Request) -> web.Response:
+    return web.Response(status=301, headers={"Location": request.path.rstrip("/")})
+
+
 def add_asset_routes(app: web.Application) -> None:
-    """The console's own files and Swagger UI's (from the swagger-ui-py package)."""
+    """The console's own files and Swagger UI's (from the swagger-ui-py package), and
+    the pages' trailing-slash aliases."""
+    for alias in PAGE_ALIASES:
+        app.router.add_get(alias, _to_page, allow_head=True)
     swagger = swagger_ui_dir()
     console_assets, docs_assets = ASSET_PATHS
     app.router.add_get(console_assets, _asset_handler(_console_assets(), CONSOLE_CSP))

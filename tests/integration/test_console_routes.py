@@ -6,6 +6,7 @@ import re
 import uuid
 
 import aiohttp
+import pytest
 
 from service.app import Services
 from service.console.routes import STATIC_DIR
@@ -100,3 +101,18 @@ async def test_only_listed_files_are_served(api: str, http: aiohttp.ClientSessio
         async with http.get(api + path) as response:
             assert response.status == 404, path
             assert (await response.json())["error"]["code"] == "not_found"
+
+
+@pytest.mark.parametrize("page", ["/console", "/docs"])
+async def test_a_page_typed_with_a_trailing_slash_redirects_to_it(
+    api: str, http: aiohttp.ClientSession, page: str
+) -> None:
+    async with http.get(api + page + "/", allow_redirects=False) as response:
+        assert response.status == 301
+        assert response.headers["Location"] == page
+    async with http.get(api + page + "/") as response:
+        assert response.status == 200
+        assert response.content_type == "text/html"
+    async with http.post(api + page + "/") as response:
+        assert response.status == 405
+        assert (await response.json())["error"]["code"] == "method_not_allowed"

@@ -14,7 +14,7 @@ from pydantic import ValidationError
 
 from service.app import Services, create_app
 from service.config import Settings
-from service.console.routes import ASSET_PATHS
+from service.console.routes import ASSET_PATHS, PAGE_ALIASES
 from service.db import Database
 from service.events import (
     TYPE_CONTACT_DELETED,
@@ -325,7 +325,7 @@ async def test_the_openapi_document_lists_every_route_of_the_app(tmp_path: Path)
     }
     assert served, "the app registered no routes"
     # The console's and Swagger UI's files are not API operations (service.console.routes).
-    assets = {("GET", _shape(path)) for path in ASSET_PATHS}
+    assets = {("GET", _shape(path)) for path in ASSET_PATHS + PAGE_ALIASES}
     assert served == documented | assets
 
 
