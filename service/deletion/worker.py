@@ -448,7 +448,9 @@ class DeletionWorker:
                 todo.append(c)
         if not todo:
             return 0
-        contact_stmt = sa.select(contacts).where(contacts.c.id.in_({c.contact_id for c in todo}))
+        contact_stmt = sa.select(*_DECIDING_COLUMNS).where(
+            contacts.c.id.in_({c.contact_id for c in todo})
+        )
         found = {
             r["id"]: r for r in (await conn.execute(self.db.for_update(contact_stmt))).mappings()
         }
@@ -549,27 +551,21 @@ class DeletionWorker:
                         occurred_at=now,
                     )
                 )
-        await conn.execute(
-            deletion_job_items.update()
-            .where(items.job_id == sa.bindparam("b_job"), items.ref == sa.bindparam("b_ref"))
-            .values(
-                status=sa.bindparam("b_status"),
-                error_code=sa.bindparam("b_code"),
-                error_message=sa.bindparam("b_message"),
-                processed_at=sa.bindparam("b_at"),
-            ),
-            [
-                {
-                    "b_job": c.job_id,
-                    "b_ref": c.ref,
-                    "b_status": str(o.status),
-                    "b_code": str(o.code) if o.code else None,
-                    "b_message": o.message,
-                    "b_at": now,
-                }
-                for c, o in outcomes
-            ],
-        )
+        # One statement per job and outcome (usually one per job), not one row each.
+        groups: dict[tuple[uuid.UUID, Outcome], list[str]] = {}
+        for c, o in outcomes:
+            groups.setdefault((c.job_id, o), []).append(c.ref)
+        for (job_id, o), refs in groups.items():
+            await conn.execute(
+                deletion_job_items.update()
+                .where(items.job_id == job_id, items.ref.in_(refs))
+                .values(
+                    status=str(o.status),
+                    error_code=str(o.code) if o.code else None,
+                    error_message=o.message,
+                    processed_at=now,
+                )
+            )
         if deleted_rows:
             await conn.execute(outbox.insert(), deleted_rows)
         if records:
@@ -602,7 +598,7 @@ class DeletionWorker:
             rewrites: list[dict[str, Any]] = []
             for r in rows:
                 kept.setdefault(r.contact_id, {}).setdefault(kind, []).append(
-                    {"id": str(r.id), "kind": kind, "at": r.at.isoformat().replace("+00:00", "Z")}
+                    {"id": str(r.id), "kind": kind, "at": _iso_z(r.at)}
                 )
                 redactor = redact.get(r.contact_id)
                 if redactor is not None:
@@ -681,6 +677,23 @@ class DeletionWorker:
         delta = progress.setdefault(job["id"], ProgressDelta())
         delta.added += len(ids)
         delta.expanded = delta.expanded or last
+
+
+# What deciding a contact's outcome and redacting its timeline read of it.
+_DECIDING_COLUMNS = (
+    contacts.c.id,
+    contacts.c.workspace_id,
+    contacts.c.email,
+    contacts.c.first_name,
+    contacts.c.last_name,
+    contacts.c.phone,
+    contacts.c.member_role,
+    contacts.c.has_billing_subscription,
+)
+
+
+def _iso_z(at: Any) -> str:
+    return str(at.isoformat().replace("+00:00", "Z"))
 
 
 def _log_batch(result: BatchResult) -> None:
