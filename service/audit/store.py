@@ -63,14 +63,18 @@ class AuditRecord:
 async def _lock_head(
     conn: AsyncConnection, db: Database, workspace_id: uuid.UUID
 ) -> tuple[int, str]:
+    # One round trip: create the head if new, else "update" it to itself, which takes its
+    # row lock (waiting for any other writer's commit, then reading what it committed) and
+    # returns it; the lock is held until this transaction ends, like SELECT FOR UPDATE.
     ins: Any = (postgresql.insert if not db.is_sqlite else sqlite.insert)(audit_heads)
-    await conn.execute(
-        ins.values(workspace_id=workspace_id, seq=0, hash=GENESIS_HASH).on_conflict_do_nothing()
+    stmt = (
+        ins.values(workspace_id=workspace_id, seq=0, hash=GENESIS_HASH)
+        .on_conflict_do_update(
+            index_elements=[audit_heads.c.workspace_id], set_={"seq": audit_heads.c.seq}
+        )
+        .returning(audit_heads.c.seq, audit_heads.c.hash)
     )
-    stmt = sa.select(audit_heads.c.seq, audit_heads.c.hash).where(
-        audit_heads.c.workspace_id == workspace_id
-    )
-    row = (await conn.execute(db.for_update(stmt))).one()
+    row = (await conn.execute(stmt)).one()
     return int(row.seq), str(row.hash)
 
 
