@@ -64,7 +64,11 @@ class Settings(BaseSettings):
 
     relay_batch_size: int = Field(default=500, ge=1)
     relay_poll_interval_s: float = Field(default=0.05, gt=0)
-    worker_batch_size: int = Field(default=200, ge=1)
+    # Messages per worker transaction, at most: larger batches amortise the statements
+    # and commits (issue 8 measured 500 at about 15 % less CPU per contact than 200). At
+    # most 10,000: a batch's ids are bound three times in one statement, under the
+    # databases' limit of 32,766 bound values.
+    worker_batch_size: int = Field(default=500, ge=1, le=10_000)
     expand_page_size: int = Field(default=1000, ge=1)
     idempotency_ttl_s: int = Field(default=24 * 3600, ge=1)
     kafka_replication_factor: int = Field(default=1, ge=1)

@@ -76,6 +76,26 @@ def event_hash(prev_hash: str, event: Mapping[str, Any]) -> str:
     return hashlib.sha256(prev_hash.encode("ascii") + body).hexdigest()
 
 
+# The hashed keys in canonical (sorted) order fall on either side of "data".
+_BEFORE_DATA: Final = tuple(sorted(n for n in HASHED_FIELDS if n < "data"))
+_AFTER_DATA: Final = tuple(sorted(n for n in HASHED_FIELDS if n > "data"))
+
+
+def event_hash_with_data(prev_hash: str, event: Mapping[str, Any], data_json: bytes) -> str:
+    """``event_hash(prev_hash, event)`` for an event whose ``data`` is already encoded.
+
+    ``data_json`` must be ``canonical_json(event["data"])``; ``event["data"]`` itself is
+    not read. The canonical object is the sorted keys before ``data``, then ``data``, then
+    the rest, so it is spliced from the canonical encodings of the two halves: the same
+    bytes as ``event_hash`` hashes (tests/unit/test_audit_chain.py holds them equal),
+    without encoding a large ``data`` a second time on the append path.
+    """
+    before = canonical_json({name: event[name] for name in _BEFORE_DATA})
+    after = canonical_json({name: event[name] for name in _AFTER_DATA})
+    body = b"".join((before[:-1], b',"data":', data_json, b",", after[1:]))
+    return hashlib.sha256(prev_hash.encode("ascii") + body).hexdigest()
+
+
 def seal(prev_hash: str, event: Mapping[str, Any]) -> dict[str, Any]:
     """Return the event (its ``HASHED_FIELDS``) with ``prev_hash`` and ``hash`` filled in.
 

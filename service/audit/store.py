@@ -29,7 +29,7 @@ from service.audit.chain import (
     ChainVerifier,
     VerifyResult,
     canonical_json,
-    event_hash,
+    event_hash_with_data,
     format_time,
 )
 from service.db import (
@@ -63,55 +63,82 @@ class AuditRecord:
 async def _lock_head(
     conn: AsyncConnection, db: Database, workspace_id: uuid.UUID
 ) -> tuple[int, str]:
+    # One round trip: create the head if new, else "update" it to itself, which takes its
+    # row lock (waiting for any other writer's commit, then reading what it committed) and
+    # returns it; the lock is held until this transaction ends, like SELECT FOR UPDATE.
     ins: Any = (postgresql.insert if not db.is_sqlite else sqlite.insert)(audit_heads)
-    await conn.execute(
-        ins.values(workspace_id=workspace_id, seq=0, hash=GENESIS_HASH).on_conflict_do_nothing()
+    stmt = (
+        ins.values(workspace_id=workspace_id, seq=0, hash=GENESIS_HASH)
+        .on_conflict_do_update(
+            index_elements=[audit_heads.c.workspace_id], set_={"seq": audit_heads.c.seq}
+        )
+        .returning(audit_heads.c.seq, audit_heads.c.hash)
     )
-    stmt = sa.select(audit_heads.c.seq, audit_heads.c.hash).where(
-        audit_heads.c.workspace_id == workspace_id
-    )
-    row = (await conn.execute(db.for_update(stmt))).one()
+    row = (await conn.execute(stmt)).one()
     return int(row.seq), str(row.hash)
 
 
 async def append_events(
     conn: AsyncConnection, db: Database, records: Sequence[AuditRecord]
-) -> list[dict[str, Any]]:
-    """Append records to their workspaces' chains in this transaction; returns the events."""
+) -> None:
+    """Append records to their workspaces' chains in this transaction.
+
+    Each event's ``data`` is encoded once (canonical JSON): those bytes are what is
+    stored and what the hash covers (``chain.event_hash_with_data``).
+    """
     by_workspace: dict[uuid.UUID, list[AuditRecord]] = {}
     for record in records:
         _check_record(record)
         by_workspace.setdefault(record.workspace_id, []).append(record)
-    sealed: list[dict[str, Any]] = []
     # Lock heads in a fixed order so two writers over several workspaces cannot deadlock.
     for workspace_id in sorted(by_workspace, key=str):
         seq, prev_hash = await _lock_head(conn, db, workspace_id)
+        workspace = str(workspace_id)
         rows: list[dict[str, Any]] = []
         for record in by_workspace[workspace_id]:
             seq += 1
+            event_id = new_id()
+            data_json = canonical_json(dict(record.data))
+            actor = dict(record.actor)
+            target = dict(record.target) if record.target is not None else None
             event = {
                 "seq": seq,
-                "id": str(new_id()),
-                "workspace_id": str(workspace_id),
+                "id": str(event_id),
+                "workspace_id": workspace,
                 "occurred_at": format_time(record.occurred_at or utcnow()),
-                "actor": dict(record.actor),
+                "actor": actor,
                 "action": record.action,
-                "target": dict(record.target) if record.target is not None else None,
+                "target": target,
                 "job_id": record.job_id,
                 "request_id": record.request_id,
-                "data": json.loads(canonical_json(dict(record.data))),
             }
-            event["prev_hash"] = prev_hash
-            event["hash"] = prev_hash = event_hash(prev_hash, event)
-            sealed.append(event)
-            rows.append(_to_row(event, record.email_hmac))
+            digest = event_hash_with_data(prev_hash, event, data_json)
+            rows.append(
+                {
+                    "workspace_id": workspace_id,
+                    "seq": seq,
+                    "id": event_id,
+                    "occurred_at": event["occurred_at"],
+                    "actor_type": actor["type"],
+                    "actor_id": actor["id"],
+                    "action": record.action,
+                    "target_type": target["type"] if target else None,
+                    "target_id": target["id"] if target else None,
+                    "job_id": record.job_id,
+                    "request_id": record.request_id,
+                    "data": data_json.decode("utf-8"),
+                    "email_hmac": record.email_hmac,
+                    "prev_hash": prev_hash,
+                    "hash": digest,
+                }
+            )
+            prev_hash = digest
         await conn.execute(audit_events.insert(), rows)
         await conn.execute(
             audit_heads.update()
             .where(audit_heads.c.workspace_id == workspace_id)
             .values(seq=seq, hash=prev_hash)
         )
-    return sealed
 
 
 def _check_record(record: AuditRecord) -> None:
@@ -126,27 +153,6 @@ def _check_record(record: AuditRecord) -> None:
         raise ValueError("audit target type must not be None")
     if record.email_hmac != record.data.get("email_hmac"):
         raise ValueError("audit email_hmac must equal data['email_hmac']")
-
-
-def _to_row(event: Mapping[str, Any], email_hmac: str | None) -> dict[str, Any]:
-    target = event["target"]
-    return {
-        "workspace_id": uuid.UUID(event["workspace_id"]),
-        "seq": event["seq"],
-        "id": uuid.UUID(event["id"]),
-        "occurred_at": event["occurred_at"],
-        "actor_type": event["actor"]["type"],
-        "actor_id": event["actor"]["id"],
-        "action": event["action"],
-        "target_type": target["type"] if target else None,
-        "target_id": target["id"] if target else None,
-        "job_id": event["job_id"],
-        "request_id": event["request_id"],
-        "data": canonical_json(event["data"]).decode("utf-8"),
-        "email_hmac": email_hmac,
-        "prev_hash": event["prev_hash"],
-        "hash": event["hash"],
-    }
 
 
 def row_to_event(row: Mapping[Any, Any]) -> dict[str, Any]:

@@ -466,6 +466,39 @@ async def test_contact_deleted_event_keeps_the_timeline_ids_and_who_asked_but_no
     assert email.encode() not in bytes(row["payload"])
 
 
+async def test_each_contact_of_a_batch_keeps_only_its_own_timeline_in_id_order(
+    services: Services, pipeline: Services, tenant: Tenant
+) -> None:
+    """The worker reads a whole batch's timelines at once; none may leak to a neighbour."""
+    mine: dict[str, dict[str, list[str]]] = {}
+    for n in range(3):
+        contact_id = await seed(services, tenant, email=f"batch{n}.{uuid.uuid4().hex[:6]}@x.io")
+        mine[contact_id] = {"activities": [], "notes": [], "tasks": []}
+        for kind, body in (
+            ("activities", {"type": "call"}),
+            ("notes", {"body": "one"}),
+            ("notes", {"body": "two"}),
+            ("tasks", {"title": "follow up"}),
+        )[n:]:
+            status, answer, _ = await tenant.call("POST", f"/v1/contacts/{contact_id}/{kind}", body)
+            assert status == 201, answer
+            mine[contact_id][kind].append(answer["data"]["id"])
+
+    await run_job(tenant, {"contact_ids": list(mine)})
+
+    events = [e for e in await audit_rows(services, tenant) if e["action"] == "contact.deleted"]
+    assert sorted(e["target_id"] for e in events) == sorted(mine)
+    for event in events:
+        preserved = json.loads(event["data"])["preserved_timeline"]
+        expected = mine[event["target_id"]]
+        assert {k: [i["id"] for i in v] for k, v in preserved.items()} == {
+            k: sorted(ids, key=uuid.UUID) for k, ids in expected.items()
+        }
+        singular = {"activities": "activity", "notes": "note", "tasks": "task"}
+        assert all(i["kind"] == singular[k] for k, v in preserved.items() for i in v)
+        assert all(i["at"].endswith("Z") for v in preserved.values() for i in v)
+
+
 async def test_a_repeated_deletion_requested_message_changes_nothing_and_emits_nothing(
     services: Services, pipeline: Services, tenant: Tenant
 ) -> None:

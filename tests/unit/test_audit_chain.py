@@ -21,6 +21,7 @@ from service.audit.chain import (
     canonical_json,
     email_hmac,
     event_hash,
+    event_hash_with_data,
     format_time,
     parse_time,
     seal,
@@ -107,6 +108,39 @@ def test_event_hash_is_sha256_of_prev_hash_then_canonical_hashed_fields() -> Non
         GENESIS_HASH.encode("ascii") + canonical_json({k: event[k] for k in HASHED_FIELDS})
     ).hexdigest()
     assert event_hash(GENESIS_HASH, event) == expected
+
+
+_json_leaf = st.none() | st.booleans() | st.integers() | st.text()
+_json = st.recursive(
+    _json_leaf,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=20,
+)
+_party = st.fixed_dictionaries({"type": st.text(), "id": st.text()})
+
+
+@given(
+    data=st.dictionaries(st.text(), _json, max_size=6),
+    actor=_party,
+    target=st.none() | _party,
+    text=st.text(),
+    optional=st.none() | st.text(),
+    seq=st.integers(min_value=1, max_value=2**31),
+)
+def test_event_hash_with_encoded_data_is_event_hash(
+    data: dict[str, Any],
+    actor: dict[str, str],
+    target: dict[str, str] | None,
+    text: str,
+    optional: str | None,
+    seq: int,
+) -> None:
+    """The append path hashes data it encoded once; the bytes hashed must be the same."""
+    event = unsealed(seq, workspace_id=text, data=data)
+    event |= {"actor": actor, "target": target, "job_id": optional, "request_id": text}
+    expected = event_hash(GENESIS_HASH, event)
+    spliced = dict(event, data="not read")
+    assert event_hash_with_data(GENESIS_HASH, spliced, canonical_json(data)) == expected
 
 
 def test_event_hash_ignores_prev_hash_and_hash_fields_of_the_event() -> None:
