@@ -1216,30 +1216,37 @@ async def test_retry_while_in_flight_sends_again_only_after_the_attempt_ends(
     assert len(receiver.at("/busy")) == 2
 
 
-@contextlib.asynccontextmanager
-async def whole_dispatchers(services: Services, count: int) -> AsyncIterator[list[Dispatcher]]:
-    """`count` whole dispatchers (fan-out consumer in one Kafka group, and sender), each
-    with its own Database, as separate dispatcher processes would be; yielded once every
-    one has its share of the group's partitions."""
-    databases = [Database(services.settings.database_url) for _ in range(count)]
-    running = [
-        Dispatcher(services.settings, db, services.metrics, asyncio.Event()) for db in databases
-    ]
-    stop = asyncio.Event()
-    tasks = [asyncio.create_task(d.run(stop)) for d in running]
-    try:
+class WholeDispatchers:
+    """Whole dispatchers (fan-out consumer in one Kafka group, and sender), each with its
+    own Database, as separate dispatcher processes would be."""
+
+    def __init__(self, services: Services) -> None:
+        self.services = services
+        self.running: list[Dispatcher] = []
+        self.databases: list[Database] = []
+        self.tasks: list[asyncio.Task[None]] = []
+        self.stop = asyncio.Event()
+
+    async def add(self) -> Dispatcher:
+        """One more dispatcher, returned once every one has its share of the group."""
+        db = Database(self.services.settings.database_url)
+        dispatcher = Dispatcher(self.services.settings, db, self.services.metrics, asyncio.Event())
+        self.databases.append(db)
+        self.running.append(dispatcher)
+        self.tasks.append(asyncio.create_task(dispatcher.run(self.stop)))
+        count = len(self.running)
 
         async def shared() -> list[float] | None:
-            shares = [d.share() for d in running]
-            known = [s for s in shares if s is not None]
+            known = [s for s in (d.share() for d in self.running) if s is not None]
             return known if len(known) == count and abs(sum(known) - 1) < 1e-9 else None
 
         assert await eventually(shared, 30, "every dispatcher in the group") == [1 / count] * count
-        yield running
-    finally:
-        stop.set()
-        await asyncio.wait_for(asyncio.gather(*tasks), timeout=30)
-        for db in databases:
+        return dispatcher
+
+    async def close(self) -> None:
+        self.stop.set()
+        await asyncio.wait_for(asyncio.gather(*self.tasks), timeout=30)
+        for db in self.databases:
             await db.dispose()
 
 
@@ -1253,12 +1260,13 @@ async def owners(services: Services, endpoint_ids: list[str]) -> dict[str, str |
         return {str(r.id): r.owner for r in rows}
 
 
-async def test_two_busy_endpoints_are_owned_by_two_dispatchers(
+async def test_a_second_dispatcher_takes_over_half_of_the_busy_endpoints(
     tenant: Tenant, receiver: Receiver, services: Services
 ) -> None:
-    """Two dispatchers in one group and two endpoints with a backlog (one slot each, the
-    receiver holding every request 0.2 s): each dispatcher owns one endpoint (its fair
-    share), the limits still hold, and every webhook goes out once."""
+    """Two endpoints with a backlog (one slot each, the receiver holding every request
+    0.2 s): a lone dispatcher owns both; once a second one joins the group, the first
+    gives one up (its fair share is one) and the second owns it. The limits hold
+    throughout and every webhook goes out once."""
     paths = ["/spread-a", "/spread-b"]
     endpoints = [
         await create_endpoint(
@@ -1267,20 +1275,26 @@ async def test_two_busy_endpoints_are_owned_by_two_dispatchers(
         for p in paths
     ]
     ids = [e["id"] for e in endpoints]
-    async with whole_dispatchers(services, 2) as running:
-        events = {e["id"]: [await send_test(tenant, e["id"]) for _ in range(10)] for e in endpoints}
-        for d in running:
-            d.wakeup.set()
+    events = {e["id"]: [await send_test(tenant, e["id"]) for _ in range(40)] for e in endpoints}
+    group = WholeDispatchers(services)
+    try:
+        first = await group.add()
+        first.wakeup.set()
 
-        async def spread() -> dict[str, str | None] | None:
+        async def owned_by(instances: set[str]) -> dict[str, str | None] | None:
             seen = await owners(services, ids)
-            mine = {d.instance for d in running}
-            return seen if set(seen.values()) == mine else None
+            return seen if set(seen.values()) == instances else None
 
-        assert len(set((await eventually(spread, 15, "one endpoint per dispatcher")).values())) == 2
+        await eventually(lambda: owned_by({first.instance}), 10, "the first owns both")
+        second = await group.add()
+        await eventually(
+            lambda: owned_by({first.instance, second.instance}), 15, "one endpoint each"
+        )
         for endpoint_id, sent in events.items():
             for event_id in sent:
                 await wait_delivery(tenant, endpoint_id, event_id, has_status("succeeded"), 20)
+    finally:
+        await group.close()
 
     for path, endpoint in zip(paths, endpoints, strict=True):
         assert receiver.max_in_flight[path] == 1
