@@ -9,7 +9,11 @@ Two loops share one process:
   them into per-endpoint buffers (loading payloads only for what it sends); sends run from
   the buffers up to each endpoint's limits, and the attempts that finished meanwhile are
   recorded together, one transaction per pass (group commit): the attempt rows, the next
-  state (retry scheduled or finished), the endpoint's failing streak.
+  state (retry scheduled or finished), the endpoint's failing streak. A buffer holds what
+  its endpoint was seen to send in WEBHOOK_CLAIM_AHEAD_S (at least twice its limit) and is
+  topped up at half, and a pass runs WEBHOOK_GROUP_COMMIT_S after the first unrecorded
+  attempt ended, so one claim and one recording transaction cover many deliveries (a
+  finished send does not start a pass of its own).
 
 Limits hold across dispatcher processes because one dispatcher at a time sends to an
 endpoint: it owns the endpoint (`owner`, `owner_until` on its row, claimed atomically and
@@ -19,6 +23,13 @@ a successor (once the ownership lapsed, e.g. after a crash) never overlaps it. C
 deliveries are leased (`claimed_until`) for as long. A `retry` asked for while a
 delivery is claimed is only noted (`retry_requested`): recording the attempt under way
 makes it due again, so a delivery is never in flight twice.
+
+Endpoints with work spread over the dispatchers: each owns at most its fair share of them,
+its share of the partitions of the dispatchers' Kafka group (the fan-out consumer's) times
+the endpoints with work, and gives the least busy ones beyond that up, once their requests
+ended and were recorded. Without a known share (the group rebalancing, the broker away) a
+dispatcher takes what nobody owns, and an endpoint nobody took for UNOWNED_GRACE_S is
+taken whatever the shares say: spreading is for speed, ownership is what keeps the limits.
 
 A slow receiver holds only its own endpoint's slots: its queue is capped at a refill, so
 its backlog never queues in front of other endpoints' deliveries.
@@ -520,6 +531,9 @@ class Dispatcher:
         now = utcnow()
         if slots.owned_until is None or slots.owned_until - now < self._send_margin:
             return
+        if slots.ready[0]["claimed_until"] - now < self._send_margin:
+            self.progress.set()  # the pass renews the buffer's leases first
+            return
         limit = self._limit(slots.max_in_flight)
         mono = time.monotonic()
         while slots.ready and slots.in_flight < limit:
@@ -624,11 +638,17 @@ class Dispatcher:
             size = self._buffer(s, mono)
             held = self._owns(s, now)
             due = bool(s.queue) and (not held or self._low(s, size))
-            if due and not held:
+            if due and s.owned_until is None:
+                # A new endpoint for this process (not one whose ownership it let lapse).
                 if not self._may_own(s, owning, mono):
                     continue
                 owning += 1
-            renew = held and s.owned_until is not None and s.owned_until - now < self._own / 2
+            # Renewed at half the lease: the ownership, and the leases of the buffered
+            # deliveries (the oldest is first in the buffer).
+            renew = s.owned_until is not None and (
+                s.owned_until - now < self._own / 2
+                or (bool(s.ready) and s.ready[0]["claimed_until"] - now < self._own / 2)
+            )
             if renew and (s.ready or s.in_flight or s.queue):
                 renewing.add(eid)
             if due or eid in renewing:
@@ -692,6 +712,9 @@ class Dispatcher:
                     .where(D.id.in_(kept), D.claimed_until.is_not(None))
                     .values(claimed_until=until)
                 )
+                for eid in renewing & owned.keys():
+                    for delivery in self.slots[eid].ready:
+                        delivery["claimed_until"] = until
             if not take:
                 return []
             # One statement claims and reads them (payloads only for what is sent).
