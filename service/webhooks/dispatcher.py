@@ -284,11 +284,11 @@ class Dispatcher:
                         continue
                     if not await self._fan_out_isolating(messages, dlq, stop):
                         break
+                    self.wakeup.set()  # the deliveries are written: the sender need not wait
                     # A refused commit (the partition moved) is logged and skipped inside.
                     await self._transient(
                         functools.partial(consumer.commit, next_offsets(messages)), stop
                     )
-                    self.wakeup.set()
         finally:
             self.share = _unknown_share
             await consumer.stop()
