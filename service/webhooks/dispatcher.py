@@ -10,10 +10,10 @@ Two loops share one process:
   the buffers up to each endpoint's limits, and the attempts that finished meanwhile are
   recorded together, one transaction per pass (group commit): the attempt rows, the next
   state (retry scheduled or finished), the endpoint's failing streak. A buffer holds what
-  its endpoint was seen to send in WEBHOOK_CLAIM_AHEAD_S (at least twice its limit) and is
-  topped up at half, and a pass runs WEBHOOK_GROUP_COMMIT_S after the first unrecorded
-  attempt ended, so one claim and one recording transaction cover many deliveries (a
-  finished send does not start a pass of its own).
+  its endpoint takes in WEBHOOK_CLAIM_AHEAD_S at its limit and observed latency (at least
+  twice its limit) and is topped up at half, and a pass runs WEBHOOK_GROUP_COMMIT_S after
+  the first unrecorded attempt ended, so one claim and one recording transaction cover many
+  deliveries (a finished send does not start a pass of its own).
 
 Limits hold across dispatcher processes because one dispatcher at a time sends to an
 endpoint: it owns the endpoint (`owner`, `owner_until` on its row, claimed atomically and
@@ -113,13 +113,14 @@ QUEUE_KEEP = 100
 MIN_AHEAD_ROUNDS = 2
 """Deliveries claimed ahead per endpoint: at least this many times its max_in_flight,
 counting the ones in flight, so sends go on while the batch before is recorded; more for
-an endpoint seen to send fast (WEBHOOK_CLAIM_AHEAD_S of its observed rate)."""
+an endpoint seen to answer fast (what it sends in WEBHOOK_CLAIM_AHEAD_S at its limit and
+its observed latency)."""
 LEASE_ROUNDS = 3
 """An endpoint is owned (and its deliveries leased) for this many request timeouts, plus
 LEASE_SLACK_S: a buffer claimed ahead is sent well within it."""
 LEASE_SLACK_S = 10
-RATE_WINDOW_S = 0.25
-"""An endpoint's send rate is measured over windows at least this long (then smoothed)."""
+LATENCY_WEIGHT = 0.2
+"""Weight of the newest attempt in an endpoint's smoothed latency."""
 UNOWNED_GRACE_S = 2.0
 """An endpoint with due work that no dispatcher took for this long is taken whatever the
 fair share says."""
@@ -150,21 +151,22 @@ class EndpointSlots:
     tokens: float = 0.0
     updated: float = field(default_factory=time.monotonic)
     ahead: int = 0  # deliveries to hold claimed (in flight included); 0: not yet known
-    sent: int = 0  # attempts ended since this process knew the endpoint
-    sent_mark: tuple[float, int] = field(default_factory=lambda: (time.monotonic(), 0))
-    sent_rate: float = 0.0  # attempts ended per second, smoothed
+    latency_s: float | None = None  # its attempts' smoothed latency, once one ended
     failing: bool | None = None  # its failing streak as last read or written; None: unknown
     waiting_since: float | None = None  # due work seen, not owned by this process yet
     releasing: bool = False  # to be given up to another dispatcher (fair share)
 
-    def observe_rate(self, now: float) -> float:
-        """The smoothed rate at which this endpoint's attempts end (per second)."""
-        at, count = self.sent_mark
-        if now - at >= RATE_WINDOW_S:
-            seen = (self.sent - count) / (now - at)
-            self.sent_rate = seen if self.sent_rate == 0 else (self.sent_rate + seen) / 2
-            self.sent_mark = (now, self.sent)
-        return self.sent_rate
+    def observe(self, latency_s: float) -> None:
+        """Fold one attempt's latency (seconds) into the smoothed one."""
+        old = self.latency_s
+        self.latency_s = latency_s if old is None else old + LATENCY_WEIGHT * (latency_s - old)
+
+    def pace(self, limit: int) -> float:
+        """Attempts per second this endpoint takes at `limit` requests in flight, from its
+        observed latency (0 while none is known)."""
+        if self.latency_s is None:
+            return 0.0
+        return limit / max(self.latency_s, 0.001)
 
     def idle(self, now: float) -> bool:
         """Nothing claimed or in flight and a full bucket: forgetting it loses nothing."""
@@ -439,13 +441,14 @@ class Dispatcher:
     def _limit(self, max_in_flight: int | None) -> int:
         return max_in_flight or self.settings.webhook_max_in_flight_per_endpoint
 
-    def _buffer(self, slots: EndpointSlots, now: float) -> int:
-        """Deliveries to hold claimed (in flight included): what the endpoint was seen to
-        send in WEBHOOK_CLAIM_AHEAD_S, at least MIN_AHEAD_ROUNDS times its limit, at most
-        WEBHOOK_CLAIM_AHEAD_MAX; and no more than a rate-limited endpoint sends within a
-        request timeout, so that none waits here past its lease."""
+    def _buffer(self, slots: EndpointSlots) -> int:
+        """Deliveries to hold claimed (in flight included): what the endpoint takes in
+        WEBHOOK_CLAIM_AHEAD_S at its limit and observed latency (`EndpointSlots.pace`, so
+        a burst after a quiet spell is claimed at once), at least MIN_AHEAD_ROUNDS times
+        its limit, at most WEBHOOK_CLAIM_AHEAD_MAX; and no more than a rate-limited
+        endpoint sends within a request timeout, so that none waits here past its lease."""
         limit = self._limit(slots.max_in_flight)
-        size = max(limit * MIN_AHEAD_ROUNDS, int(slots.observe_rate(now) * self._ahead_s))
+        size = max(limit * MIN_AHEAD_ROUNDS, int(slots.pace(limit) * self._ahead_s))
         size = min(size, max(self._ahead_max, limit))
         if slots.rate is not None:
             size = min(size, max(1, int(slots.rate * self.settings.webhook_timeout_s)))
@@ -621,7 +624,7 @@ class Dispatcher:
         claimed delivery is leased (`claimed_until`) for as long, and the leases of the
         ones still buffered are renewed with the ownership, so that after a crash both
         lapse and another dispatcher takes over. A buffer is topped up once it is down
-        to half of what the endpoint sends in WEBHOOK_CLAIM_AHEAD_S (`_buffer`), so one
+        to half of what the endpoint takes in WEBHOOK_CLAIM_AHEAD_S (`_buffer`), so one
         claim covers many deliveries.
         """
         if refill or self._drained or time.monotonic() - self._refilled_at >= REFILL_EVERY_S:
@@ -635,7 +638,7 @@ class Dispatcher:
         for eid, s in self.slots.items():
             if s.releasing:
                 continue
-            size = self._buffer(s, mono)
+            size = self._buffer(s)
             held = self._owns(s, now)
             due = bool(s.queue) and (not held or self._low(s, size))
             if due and s.owned_until is None:
@@ -697,7 +700,7 @@ class Dispatcher:
                 slots.failing = endpoint.failing_since is not None
                 if eid in renewing:
                     kept.extend(d["id"] for d in slots.ready)
-                need = self._buffer(slots, mono) - len(slots.ready) - slots.in_flight
+                need = self._buffer(slots) - len(slots.ready) - slots.in_flight
                 while need > 0 and slots.queue:
                     delivery_id = slots.queue.popleft()
                     if delivery_id not in self.held:
@@ -797,11 +800,13 @@ class Dispatcher:
             self.held.discard(delivery["id"])
         else:
             self.finished.append((delivery, result))
+            slots = self.slots.get(delivery["endpoint_id"])
+            if slots is not None:
+                slots.observe(result.latency_ms / 1000)
         finally:
             slots = self.slots.get(delivery["endpoint_id"])
             if slots is not None:
                 slots.in_flight -= 1
-                slots.sent += 1
             self._start_sends(delivery["endpoint_id"])
             # Wake the loop to record (group commit: once the window since the first
             # unrecorded attempt passed, or when many wait) and to top the buffer up.
