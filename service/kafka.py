@@ -218,6 +218,22 @@ class Consumer:
             )
         return messages
 
+    def assigned_share(self) -> float | None:
+        """The fraction of its topics' partitions the group assigned to this member now
+        (0 < share <= 1), or None when that is not known: not started, between two
+        rebalances (nothing assigned), or the topics' partitions not known yet."""
+        consumer = self._consumer
+        if consumer is None:
+            return None
+        mine = len(consumer.assignment())
+        total = 0
+        for topic in self._topics:
+            partitions = consumer.partitions_for_topic(topic)
+            if not partitions:
+                return None
+            total += len(partitions)
+        return min(1.0, mine / total) if mine else None
+
     async def commit(self, offsets: Mapping[tuple[str, int], int]) -> bool:
         """Commit, for each ``(topic, partition)``, the NEXT offset to read (last done + 1).
 

@@ -9,7 +9,11 @@ Two loops share one process:
   them into per-endpoint buffers (loading payloads only for what it sends); sends run from
   the buffers up to each endpoint's limits, and the attempts that finished meanwhile are
   recorded together, one transaction per pass (group commit): the attempt rows, the next
-  state (retry scheduled or finished), the endpoint's failing streak.
+  state (retry scheduled or finished), the endpoint's failing streak. A buffer holds what
+  its endpoint takes in WEBHOOK_CLAIM_AHEAD_S at its limit and observed latency (at least
+  twice its limit) and is topped up at half, and a pass runs WEBHOOK_GROUP_COMMIT_S after
+  the first unrecorded attempt ended, so one claim and one recording transaction cover many
+  deliveries (a finished send does not start a pass of its own).
 
 Limits hold across dispatcher processes because one dispatcher at a time sends to an
 endpoint: it owns the endpoint (`owner`, `owner_until` on its row, claimed atomically and
@@ -19,6 +23,13 @@ a successor (once the ownership lapsed, e.g. after a crash) never overlaps it. C
 deliveries are leased (`claimed_until`) for as long. A `retry` asked for while a
 delivery is claimed is only noted (`retry_requested`): recording the attempt under way
 makes it due again, so a delivery is never in flight twice.
+
+Endpoints with work spread over the dispatchers: each owns at most its fair share of them,
+its share of the partitions of the dispatchers' Kafka group (the fan-out consumer's) times
+the endpoints with work, and gives the least busy ones beyond that up, once their requests
+ended and were recorded. Without a known share (the group rebalancing, the broker away) a
+dispatcher takes what nobody owns, and an endpoint nobody took for UNOWNED_GRACE_S is
+taken whatever the shares say: spreading is for speed, ownership is what keeps the limits.
 
 A slow receiver holds only its own endpoint's slots: its queue is capped at a refill, so
 its backlog never queues in front of other endpoints' deliveries.
@@ -31,6 +42,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import math
 import os
 import random
 import socket
@@ -45,6 +57,7 @@ from typing import Any, TypeVar
 import aiohttp
 import sqlalchemy as sa
 from pydantic import ValidationError
+from yarl import URL
 
 from service.aio import (
     Backoff,
@@ -97,11 +110,28 @@ REFILL_EVERY_S = 0.5
 """The queues are read afresh at least this often, and whenever new work is signalled."""
 QUEUE_KEEP = 100
 """A queue this long is kept as it is at a refill (the endpoint has work enough)."""
-BUFFER_ROUNDS = 2
-"""Deliveries claimed ahead per endpoint: this many times its max_in_flight, counting the
-ones in flight, so sends go on while the batch before is recorded."""
-GROUP_COMMIT_S = 0.005
-"""After a send ends, the recording pass waits this long for others to end too."""
+MIN_AHEAD_ROUNDS = 2
+"""Deliveries claimed ahead per endpoint: at least this many times its max_in_flight,
+counting the ones in flight, so sends go on while the batch before is recorded; more for
+an endpoint seen to answer fast (what it sends in WEBHOOK_CLAIM_AHEAD_S at its limit and
+its observed latency)."""
+LEASE_ROUNDS = 3
+"""An endpoint is owned (and its deliveries leased) for this many request timeouts, plus
+LEASE_SLACK_S: a buffer claimed ahead is sent well within it."""
+LEASE_SLACK_S = 10
+LATENCY_WEIGHT = 0.2
+"""Weight of the newest attempt in an endpoint's smoothed latency."""
+UNOWNED_GRACE_S = 2.0
+"""An endpoint with due work that no dispatcher took for this long is taken whatever the
+fair share says."""
+EXCESS_FOR_S = 1.0
+"""A dispatcher owning more endpoints than its fair share for this long gives some up."""
+RELEASE_HOLD_S = 2.0
+"""A dispatcher leaves an endpoint it gave up alone this long (another takes it)."""
+CHECK_TTL_S = 10.0
+"""A URL's passing SSRF check is reused this long: the sender connector's DNS cache
+(`ttl_dns_cache`) keeps a checked answer as long."""
+CHECKED_URLS_MAX = 10_000
 D = webhook_deliveries.c
 E = webhook_endpoints.c
 
@@ -120,6 +150,23 @@ class EndpointSlots:
     rate: float | None = None  # the endpoint's rate_limit_per_s, once seen
     tokens: float = 0.0
     updated: float = field(default_factory=time.monotonic)
+    ahead: int = 0  # deliveries to hold claimed (in flight included); 0: not yet known
+    latency_s: float | None = None  # its attempts' smoothed latency, once one ended
+    failing: bool | None = None  # its failing streak as last read or written; None: unknown
+    waiting_since: float | None = None  # due work seen, not owned by this process yet
+    releasing: bool = False  # to be given up to another dispatcher (fair share)
+
+    def observe(self, latency_s: float) -> None:
+        """Fold one attempt's latency (seconds) into the smoothed one."""
+        old = self.latency_s
+        self.latency_s = latency_s if old is None else old + LATENCY_WEIGHT * (latency_s - old)
+
+    def pace(self, limit: int) -> float:
+        """Attempts per second this endpoint takes at `limit` requests in flight, from its
+        observed latency (0 while none is known)."""
+        if self.latency_s is None:
+            return 0.0
+        return limit / max(self.latency_s, 0.001)
 
     def idle(self, now: float) -> bool:
         """Nothing claimed or in flight and a full bucket: forgetting it loses nothing."""
@@ -183,8 +230,22 @@ class Dispatcher:
         timeout_s = settings.webhook_timeout_s
         # Owning an endpoint (and leasing its deliveries) lasts long enough for a full
         # buffer to be sent; a send starts only while a request can end within it.
-        self._own = timedelta(seconds=timeout_s * (BUFFER_ROUNDS + 1) + 10)
+        self._own = timedelta(seconds=timeout_s * LEASE_ROUNDS + LEASE_SLACK_S)
         self._send_margin = timedelta(seconds=timeout_s + 2)
+        # Claimed ahead: what an endpoint sends in this long, never more than it sends in
+        # a quarter of the lease (the lease is renewed, with the buffer's, at its half).
+        self._ahead_s = min(settings.webhook_claim_ahead_s, self._own.total_seconds() / 4)
+        self._ahead_max = settings.webhook_claim_ahead_max
+        self._commit_s = settings.webhook_group_commit_s
+        self._commit_timer: asyncio.TimerHandle | None = None
+        self._checked: dict[str, float] = {}  # URL -> until when its SSRF check holds
+        # Spreading endpoints across dispatchers: this process's share of the
+        # dispatchers' Kafka group (set while the fan-out consumer runs), the number of
+        # endpoints that makes its fair share, and the ones it gave up lately.
+        self.share: Callable[[], float | None] = _unknown_share
+        self._quota: int | None = None
+        self._excess_since: float | None = None
+        self._released: dict[uuid.UUID, float] = {}
         self._session: aiohttp.ClientSession | None = None
         self._stopping = False
         self._refilled_at = -float("inf")
@@ -211,6 +272,7 @@ class Dispatcher:
             )
         except Stopped:
             return
+        self.share = consumer.assigned_share
         try:
             with contextlib.suppress(Stopped):
                 await wait_for_dependency(
@@ -224,12 +286,13 @@ class Dispatcher:
                         continue
                     if not await self._fan_out_isolating(messages, dlq, stop):
                         break
+                    self.wakeup.set()  # the deliveries are written: the sender need not wait
                     # A refused commit (the partition moved) is logged and skipped inside.
                     await self._transient(
                         functools.partial(consumer.commit, next_offsets(messages)), stop
                     )
-                    self.wakeup.set()
         finally:
+            self.share = _unknown_share
             await consumer.stop()
             await dlq.stop()
 
@@ -296,7 +359,10 @@ class Dispatcher:
 
         Sends run from the per-endpoint buffers as fast as the endpoints' limits allow;
         each pass of this loop records the attempts that finished meanwhile (one
-        transaction, `flush`) and tops the buffers up (one transaction, `claim`).
+        transaction, `flush`) and tops the buffers up (one transaction, `claim`). A pass
+        runs when new work is signalled, when a buffer is down to half, when
+        WEBHOOK_GROUP_COMMIT_S passed since the first unrecorded attempt ended (or a
+        buffer's worth of them is waiting), and every REFILL_EVERY_S.
         """
         timeout = aiohttp.ClientTimeout(
             total=self.settings.webhook_timeout_s,
@@ -305,7 +371,7 @@ class Dispatcher:
         connector = aiohttp.TCPConnector(
             resolver=PinnedResolver(allow_private=self.settings.webhook_allow_private_networks),
             limit=0,
-            ttl_dns_cache=10,
+            ttl_dns_cache=int(CHECK_TTL_S),
         )
         backoff = self._backoff()
         async with aiohttp.ClientSession(
@@ -341,9 +407,6 @@ class Dispatcher:
                     if claimed:
                         continue
                     await wait_any(REFILL_EVERY_S, stop, self.wakeup, self.progress)
-                    if self.progress.is_set() and not self.wakeup.is_set():
-                        # Group commit: let the other requests in flight end too.
-                        await asyncio.sleep(GROUP_COMMIT_S)
             finally:
                 self._stopping = True
                 if self.tasks:
@@ -378,23 +441,101 @@ class Dispatcher:
     def _limit(self, max_in_flight: int | None) -> int:
         return max_in_flight or self.settings.webhook_max_in_flight_per_endpoint
 
-    def _buffer(self, max_in_flight: int | None, rate: float | None) -> int:
-        """Deliveries to hold claimed (in flight included): BUFFER_ROUNDS times the
-        limit, but no more than a rate-limited endpoint sends within a request timeout,
-        so that none waits here past its lease."""
-        size = self._limit(max_in_flight) * BUFFER_ROUNDS
-        if rate is not None:
-            size = min(size, max(1, int(rate * self.settings.webhook_timeout_s)))
+    def _buffer(self, slots: EndpointSlots) -> int:
+        """Deliveries to hold claimed (in flight included): what the endpoint takes in
+        WEBHOOK_CLAIM_AHEAD_S at its limit and observed latency (`EndpointSlots.pace`, so
+        a burst after a quiet spell is claimed at once), at least MIN_AHEAD_ROUNDS times
+        its limit, at most WEBHOOK_CLAIM_AHEAD_MAX; and no more than a rate-limited
+        endpoint sends within a request timeout, so that none waits here past its lease."""
+        limit = self._limit(slots.max_in_flight)
+        size = max(limit * MIN_AHEAD_ROUNDS, int(slots.pace(limit) * self._ahead_s))
+        size = min(size, max(self._ahead_max, limit))
+        if slots.rate is not None:
+            size = min(size, max(1, int(slots.rate * self.settings.webhook_timeout_s)))
+        slots.ahead = size
         return size
+
+    @staticmethod
+    def _owns(slots: EndpointSlots, now: datetime) -> bool:
+        return slots.owned_until is not None and slots.owned_until > now
+
+    def _may_own(self, slots: EndpointSlots, owning: int, mono: float) -> bool:
+        """Whether to take one more endpoint: while this process owns fewer than its fair
+        share (`_quota`), or once nobody took it for UNOWNED_GRACE_S (so an endpoint with
+        work is never left unowned while the dispatchers' views of the group differ)."""
+        if self._quota is None or owning < self._quota:
+            return True
+        return slots.waiting_since is not None and mono - slots.waiting_since >= UNOWNED_GRACE_S
+
+    async def _release_excess(self, now: datetime, mono: float) -> None:
+        """Give up endpoints beyond this process's fair share, for another dispatcher.
+
+        Chosen ones (the least busy) start no more sends; once their requests ended and
+        were recorded, their ownership and the leases of what was claimed but not sent
+        are cleared in one transaction, and this process leaves them alone for
+        RELEASE_HOLD_S. An excess must last EXCESS_FOR_S first (no churn while counts
+        move during a rebalance).
+        """
+        owned = [(eid, s) for eid, s in self.slots.items() if self._owns(s, now)]
+        kept = [(eid, s) for eid, s in owned if not s.releasing]
+        excess = 0 if self._quota is None else len(kept) - self._quota
+        if excess <= 0:
+            self._excess_since = None
+        elif self._excess_since is None:
+            self._excess_since = mono
+        elif mono - self._excess_since >= EXCESS_FOR_S:
+            kept.sort(key=lambda item: len(item[1].ready) + item[1].in_flight)
+            for _eid, slots in kept[:excess]:
+                slots.releasing = True
+            self._excess_since = None
+        unrecorded = {d["endpoint_id"] for d, _ in self.finished}
+        going = [
+            eid for eid, s in owned if s.releasing and not s.in_flight and eid not in unrecorded
+        ]
+        if not going:
+            return
+        unsent = [d["id"] for eid in going for d in self.slots[eid].ready]
+        async with self.db.begin() as conn:
+            if unsent:
+                await conn.execute(
+                    webhook_deliveries.update().where(D.id.in_(unsent)).values(claimed_until=None)
+                )
+            await conn.execute(
+                webhook_endpoints.update()
+                .where(E.id.in_(going), E.owner == self.instance)
+                .values(owner=None, owner_until=None)
+            )
+        for eid in going:
+            slots = self.slots.pop(eid)
+            self.held.difference_update(d["id"] for d in slots.ready)
+            self._released[eid] = mono + RELEASE_HOLD_S
+            log.info(
+                "webhook_endpoint_released",
+                endpoint_id=str(eid),
+                reason="fair_share",
+                quota=self._quota,
+                unsent=len(slots.ready),
+            )
+
+    @staticmethod
+    def _low(slots: EndpointSlots, size: int) -> bool:
+        """Whether an endpoint's buffer is due a top-up: fewer than half of `size` claimed
+        and unsent, and room for more."""
+        return len(slots.ready) < max(1, size // 2) and len(slots.ready) + slots.in_flight < size
 
     def _start_sends(self, endpoint_id: uuid.UUID) -> None:
         """Start buffered sends of an endpoint up to its limits, while this process owns
         it for longer than a request can take."""
         slots = self.slots.get(endpoint_id)
-        if slots is None or not slots.ready or self._stopping or self._session is None:
+        if slots is None or not slots.ready or slots.releasing:
+            return
+        if self._stopping or self._session is None:
             return
         now = utcnow()
         if slots.owned_until is None or slots.owned_until - now < self._send_margin:
+            return
+        if slots.ready[0]["claimed_until"] - now < self._send_margin:
+            self.progress.set()  # the pass renews the buffer's leases first
             return
         limit = self._limit(slots.max_in_flight)
         mono = time.monotonic()
@@ -435,17 +576,40 @@ class Dispatcher:
         )
         if full:
             stmt = stmt.where(D.endpoint_id.not_in(full))
+        share = self.share()
         async with self.db.read() as conn:
             rows = (await conn.execute(stmt)).all()
-        # Forget idle endpoints, but never a rate-limited one's partly spent bucket.
-        for eid in [e for e, s in self.slots.items() if e not in full and s.idle(mono)]:
+            others = 0
+            if share is not None:
+                others = (
+                    await conn.execute(
+                        sa.select(sa.func.count())
+                        .select_from(webhook_endpoints)
+                        .where(E.owner != self.instance, E.owner_until >= now)
+                    )
+                ).scalar_one()
+        # Forget idle endpoints (their ownership lapsed), but never a rate-limited one's
+        # partly spent bucket.
+        for eid in [
+            e
+            for e, s in self.slots.items()
+            if e not in full and s.idle(mono) and (s.owned_until is None or s.owned_until < now)
+        ]:
             del self.slots[eid]
         for eid, slots in self.slots.items():
             if eid not in full:
                 slots.queue.clear()
+        self._released = {e: t for e, t in self._released.items() if t > mono}
         for r in rows:
-            if r.id not in self.held:
-                self.slots.setdefault(r.endpoint_id, EndpointSlots()).queue.append(r.id)
+            if r.id not in self.held and r.endpoint_id not in self._released:
+                slots = self.slots.setdefault(r.endpoint_id, EndpointSlots())
+                slots.queue.append(r.id)
+                if slots.owned_until is None and slots.waiting_since is None:
+                    slots.waiting_since = mono
+        # This process's fair share of the endpoints with work: its share of the
+        # dispatchers' Kafka group times those endpoints (its own and the others').
+        mine = sum(1 for s in self.slots.values() if s.queue or self._owns(s, now))
+        self._quota = None if share is None else math.ceil((mine + others) * share)
         self._refilled_at = mono
         self._drained = False
 
@@ -457,17 +621,40 @@ class Dispatcher:
         (refilled from the database when new work was signalled, when a queue ran dry,
         or every REFILL_EVERY_S). An endpoint is claimed for while no other dispatcher
         owns it, and its ownership is renewed while this one has work for it; each
-        claimed delivery is leased (`claimed_until`) for as long, so that after a crash
-        both lapse and another dispatcher takes over.
+        claimed delivery is leased (`claimed_until`) for as long, and the leases of the
+        ones still buffered are renewed with the ownership, so that after a crash both
+        lapse and another dispatcher takes over. A buffer is topped up once it is down
+        to half of what the endpoint takes in WEBHOOK_CLAIM_AHEAD_S (`_buffer`), so one
+        claim covers many deliveries.
         """
         if refill or self._drained or time.monotonic() - self._refilled_at >= REFILL_EVERY_S:
             await self._refill()
         now = utcnow()
+        mono = time.monotonic()
+        await self._release_excess(now, mono)
+        owning = sum(1 for s in self.slots.values() if self._owns(s, now) and not s.releasing)
         wanted = []
+        renewing: set[uuid.UUID] = set()
         for eid, s in self.slots.items():
-            need = self._buffer(s.max_in_flight, s.rate) - len(s.ready) - s.in_flight
-            renew = s.owned_until is not None and s.owned_until - now < self._own / 2
-            if (s.queue and need > 0) or (renew and (s.ready or s.in_flight or s.queue)):
+            if s.releasing:
+                continue
+            size = self._buffer(s)
+            held = self._owns(s, now)
+            due = bool(s.queue) and (not held or self._low(s, size))
+            if due and s.owned_until is None:
+                # A new endpoint for this process (not one whose ownership it let lapse).
+                if not self._may_own(s, owning, mono):
+                    continue
+                owning += 1
+            # Renewed at half the lease: the ownership, and the leases of the buffered
+            # deliveries (the oldest is first in the buffer).
+            renew = s.owned_until is not None and (
+                s.owned_until - now < self._own / 2
+                or (bool(s.ready) and s.ready[0]["claimed_until"] - now < self._own / 2)
+            )
+            if renew and (s.ready or s.in_flight or s.queue):
+                renewing.add(eid)
+            if due or eid in renewing:
                 wanted.append(eid)
         if not wanted:
             return []
@@ -494,6 +681,7 @@ class Dispatcher:
                             E.retired_secrets,
                             E.rate_limit_per_s,
                             E.max_in_flight,
+                            E.failing_since,
                         )
                     )
                 ).all()
@@ -502,13 +690,17 @@ class Dispatcher:
             if others:
                 await self._let_go(conn, others, now)
             take: list[uuid.UUID] = []
+            kept: list[uuid.UUID] = []
             for eid, endpoint in owned.items():
                 slots = self.slots[eid]
                 slots.owned_until = until
+                slots.waiting_since = None
                 slots.max_in_flight = endpoint.max_in_flight
                 slots.rate = endpoint.rate_limit_per_s
-                need = self._buffer(endpoint.max_in_flight, endpoint.rate_limit_per_s)
-                need -= len(slots.ready) + slots.in_flight
+                slots.failing = endpoint.failing_since is not None
+                if eid in renewing:
+                    kept.extend(d["id"] for d in slots.ready)
+                need = self._buffer(slots) - len(slots.ready) - slots.in_flight
                 while need > 0 and slots.queue:
                     delivery_id = slots.queue.popleft()
                     if delivery_id not in self.held:
@@ -516,11 +708,30 @@ class Dispatcher:
                         need -= 1
                 if not slots.queue:
                     self._drained = True
+            if kept:
+                # The buffered deliveries stay leased as long as their endpoint is owned.
+                await conn.execute(
+                    webhook_deliveries.update()
+                    .where(D.id.in_(kept), D.claimed_until.is_not(None))
+                    .values(claimed_until=until)
+                )
+                for eid in renewing & owned.keys():
+                    for delivery in self.slots[eid].ready:
+                        delivery["claimed_until"] = until
             if not take:
                 return []
+            # One statement claims and reads them (payloads only for what is sent).
             rows = (
                 await conn.execute(
-                    sa.select(
+                    webhook_deliveries.update()
+                    .where(
+                        D.id.in_(take),
+                        D.status.in_(SENDABLE),
+                        D.next_attempt_at <= now,
+                        sa.or_(D.claimed_until.is_(None), D.claimed_until < now),
+                    )
+                    .values(claimed_until=until, retry_requested=False)
+                    .returning(
                         D.id,
                         D.workspace_id,
                         D.endpoint_id,
@@ -528,23 +739,14 @@ class Dispatcher:
                         D.event_type,
                         D.payload,
                         D.attempt_count,
-                    ).where(
-                        D.id.in_(take),
-                        D.status.in_(SENDABLE),
-                        D.next_attempt_at <= now,
-                        sa.or_(D.claimed_until.is_(None), D.claimed_until < now),
                     )
                 )
             ).all()
             if not rows:
                 return []
-            await conn.execute(
-                webhook_deliveries.update()
-                .where(D.id.in_([r.id for r in rows]))
-                .values(claimed_until=until, retry_requested=False)
-            )
-        for r in rows:
-            endpoint = owned[r.endpoint_id]
+        order = {delivery_id: n for n, delivery_id in enumerate(take)}
+        secrets = {eid: live_secrets(endpoint._mapping, now) for eid, endpoint in owned.items()}
+        for r in sorted(rows, key=lambda r: order[r.id]):
             delivery = {
                 "id": r.id,
                 "workspace_id": r.workspace_id,
@@ -553,8 +755,8 @@ class Dispatcher:
                 "event_type": r.event_type,
                 "payload": bytes(r.payload),
                 "attempt_count": r.attempt_count,
-                "url": endpoint.url,
-                "secrets": live_secrets(endpoint._mapping, now),
+                "url": owned[r.endpoint_id].url,
+                "secrets": secrets[r.endpoint_id],
                 "claimed_until": until,
             }
             self.slots[r.endpoint_id].ready.append(delivery)
@@ -598,12 +800,32 @@ class Dispatcher:
             self.held.discard(delivery["id"])
         else:
             self.finished.append((delivery, result))
+            slots = self.slots.get(delivery["endpoint_id"])
+            if slots is not None:
+                slots.observe(result.latency_ms / 1000)
         finally:
             slots = self.slots.get(delivery["endpoint_id"])
             if slots is not None:
                 slots.in_flight -= 1
-            self.progress.set()
             self._start_sends(delivery["endpoint_id"])
+            # Wake the loop to record (group commit: once the window since the first
+            # unrecorded attempt passed, or when many wait) and to top the buffer up.
+            refill = slots is not None and (bool(slots.queue) or self._drained)
+            if (
+                len(self.finished) >= self._ahead_max
+                or self._stopping
+                or (refill and slots is not None and self._low(slots, slots.ahead))
+            ):
+                self.progress.set()
+            elif self._commit_timer is None or self._commit_timer.cancelled():
+                self._commit_timer = asyncio.get_running_loop().call_later(
+                    self._commit_s, self._commit_due
+                )
+
+    def _commit_due(self) -> None:
+        self._commit_timer = None
+        if self.finished:
+            self.progress.set()
 
     async def flush(self) -> None:
         """Record every finished attempt in one transaction (group commit).
@@ -684,11 +906,9 @@ class Dispatcher:
             delivery["secrets"], delivery["event_id"], int(time.time()), body, USER_AGENT
         )
         try:
-            await check_url(
-                delivery["url"], allow_private=self.settings.webhook_allow_private_networks
-            )
+            await self._check(delivery["url"])
             async with session.post(
-                delivery["url"], data=body, headers=headers, allow_redirects=False
+                _parsed_url(delivery["url"]), data=body, headers=headers, allow_redirects=False
             ) as response:
                 text = (await response.content.read(RESPONSE_BODY_LIMIT)).decode("utf-8", "replace")
                 retry_after = None
@@ -704,6 +924,23 @@ class Dispatcher:
             return AttemptResult(None, _ms(started), "timed out", None, None)
         except (aiohttp.ClientError, OSError, ValueError) as exc:
             return AttemptResult(None, _ms(started), failure_text(exc, delivery["url"]), None, None)
+
+    async def _check(self, url: str) -> None:
+        """`check_url` before a send, its passing answer kept for CHECK_TTL_S per URL.
+
+        The connector resolves names through `PinnedResolver` (checked on every lookup,
+        its answers cached as long), so a name's connection still goes only to checked
+        addresses; a literal IP host always answers the same. A refusal is never kept.
+        """
+        now = time.monotonic()
+        if self._checked.get(url, 0.0) > now:
+            return
+        await check_url(url, allow_private=self.settings.webhook_allow_private_networks)
+        if len(self._checked) >= CHECKED_URLS_MAX:
+            self._checked = {u: t for u, t in self._checked.items() if t > now}
+            if len(self._checked) >= CHECKED_URLS_MAX:
+                self._checked.clear()
+        self._checked[url] = now + CHECK_TTL_S
 
     async def record(self, delivery: dict[str, Any], result: AttemptResult) -> None:
         """Store one attempt and decide what happens next, in one transaction."""
@@ -766,6 +1003,9 @@ class Dispatcher:
                 last[p.delivery["endpoint_id"]] = p
                 if p.outcome is Outcome.SUCCESS:
                     succeeded.add(p.delivery["endpoint_id"])
+            # Only the owner records attempts, so an endpoint it read (at its claim) or
+            # left without a failing streak has none to end.
+            succeeded = {e for e in succeeded if self._failing(e) is not False}
             if succeeded:
                 await conn.execute(
                     webhook_endpoints.update()
@@ -787,15 +1027,26 @@ class Dispatcher:
                     conn, p.delivery["workspace_id"], eid, now
                 ):
                     disabled[eid] = DisabledReason.FAILING
+        outcomes: dict[Outcome, int] = {}
+        for eid, p in last.items():
+            slots = self.slots.get(eid)
+            if slots is not None:
+                slots.failing = eid not in disabled and p.outcome is not Outcome.SUCCESS
         for p in plans:
-            self.metrics.webhook_attempts.labels(p.outcome.value).inc()
+            outcomes[p.outcome] = outcomes.get(p.outcome, 0) + 1
             _log_outcome(p.delivery, p.values, p.attempts, p.result, p.exhausted)
             if p.delivery["id"] in requeued:
                 log.info(
                     "webhook_delivery_retry_requested_requeued", delivery_id=str(p.delivery["id"])
                 )
+        for outcome, count in outcomes.items():
+            self.metrics.webhook_attempts.labels(outcome.value).inc(count)
         for eid, reason in disabled.items():
             log.warning("webhook_endpoint_disabled", endpoint_id=str(eid), reason=reason.value)
+
+    def _failing(self, endpoint_id: uuid.UUID) -> bool | None:
+        slots = self.slots.get(endpoint_id)
+        return None if slots is None else slots.failing
 
     async def _note_failure(
         self, conn: Any, workspace_id: uuid.UUID, endpoint_id: uuid.UUID, now: datetime
@@ -1032,6 +1283,17 @@ def _duration(span: timedelta) -> str:
         if seconds >= size and seconds % size == 0:
             return f"{seconds // size} {unit}"
     return f"{seconds} seconds"
+
+
+def _unknown_share() -> float | None:
+    """No group to go by (the fan-out consumer is not running): no fair share."""
+    return None
+
+
+@functools.lru_cache(maxsize=4096)
+def _parsed_url(url: str) -> URL:
+    """An endpoint URL parsed once (aiohttp would parse the text on every request)."""
+    return URL(url)
 
 
 def _ms(started: float) -> float:

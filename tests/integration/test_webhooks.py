@@ -33,7 +33,14 @@ from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from service.app import Services
 from service.config import Settings
-from service.db import Database, audit_events, utcnow, webhook_deliveries
+from service.db import (
+    Database,
+    audit_events,
+    utcnow,
+    webhook_attempts,
+    webhook_deliveries,
+    webhook_endpoints,
+)
 from service.events import (
     TYPE_CONTACT_DELETED,
     TYPE_JOB_COMPLETED,
@@ -1207,6 +1214,148 @@ async def test_retry_while_in_flight_sends_again_only_after_the_attempt_ends(
     assert first.webhook_id == second.webhook_id == event_id
     assert second.at - first.at >= 1.4  # after the held attempt answered
     assert len(receiver.at("/busy")) == 2
+
+
+class WholeDispatchers:
+    """Whole dispatchers (fan-out consumer in one Kafka group, and sender), each with its
+    own Database, as separate dispatcher processes would be."""
+
+    def __init__(self, services: Services) -> None:
+        self.services = services
+        self.running: list[Dispatcher] = []
+        self.databases: list[Database] = []
+        self.tasks: list[asyncio.Task[None]] = []
+        self.stop = asyncio.Event()
+
+    async def add(self) -> Dispatcher:
+        """One more dispatcher, returned once every one has its share of the group."""
+        db = Database(self.services.settings.database_url)
+        dispatcher = Dispatcher(self.services.settings, db, self.services.metrics, asyncio.Event())
+        self.databases.append(db)
+        self.running.append(dispatcher)
+        self.tasks.append(asyncio.create_task(dispatcher.run(self.stop)))
+        count = len(self.running)
+
+        async def shared() -> list[float] | None:
+            known = [s for s in (d.share() for d in self.running) if s is not None]
+            return known if len(known) == count and abs(sum(known) - 1) < 1e-9 else None
+
+        assert await eventually(shared, 30, "every dispatcher in the group") == [1 / count] * count
+        return dispatcher
+
+    async def close(self) -> None:
+        self.stop.set()
+        await asyncio.wait_for(asyncio.gather(*self.tasks), timeout=30)
+        for db in self.databases:
+            await db.dispose()
+
+
+async def owners(services: Services, endpoint_ids: list[str]) -> dict[str, str | None]:
+    async with services.db.read() as conn:
+        rows = await conn.execute(
+            sa.select(webhook_endpoints.c.id, webhook_endpoints.c.owner).where(
+                webhook_endpoints.c.id.in_([uuid.UUID(e) for e in endpoint_ids])
+            )
+        )
+        return {str(r.id): r.owner for r in rows}
+
+
+async def test_a_second_dispatcher_takes_over_half_of_the_busy_endpoints(
+    tenant: Tenant, receiver: Receiver, services: Services
+) -> None:
+    """Two endpoints with a backlog (one slot each, the receiver holding every request
+    0.2 s): a lone dispatcher owns both; once a second one joins the group, the first
+    gives one up (its fair share is one) and the second owns it. The limits hold
+    throughout and every webhook goes out once."""
+    paths = ["/spread-a", "/spread-b"]
+    endpoints = [
+        await create_endpoint(
+            tenant, receiver.script(p, receiver.sleep(0.2, answer(200))), max_in_flight=1
+        )
+        for p in paths
+    ]
+    ids = [e["id"] for e in endpoints]
+    events = {e["id"]: [await send_test(tenant, e["id"]) for _ in range(40)] for e in endpoints}
+    group = WholeDispatchers(services)
+    try:
+        first = await group.add()
+        first.wakeup.set()
+
+        async def owned_by(instances: set[str]) -> dict[str, str | None] | None:
+            seen = await owners(services, ids)
+            return seen if set(seen.values()) == instances else None
+
+        await eventually(lambda: owned_by({first.instance}), 10, "the first owns both")
+        second = await group.add()
+        await eventually(
+            lambda: owned_by({first.instance, second.instance}), 15, "one endpoint each"
+        )
+        for endpoint_id, sent in events.items():
+            for event_id in sent:
+                await wait_delivery(tenant, endpoint_id, event_id, has_status("succeeded"), 20)
+    finally:
+        await group.close()
+
+    for path, endpoint in zip(paths, endpoints, strict=True):
+        assert receiver.max_in_flight[path] == 1
+        assert sorted(h.webhook_id for h in receiver.at(path)) == sorted(events[endpoint["id"]])
+
+
+async def test_claim_ahead_is_bounded_by_the_endpoint_s_pace_and_the_lease(
+    tenant: Tenant, receiver: Receiver, services: Services, sender: StartSender
+) -> None:
+    """A slow endpoint (one slot, 0.2 s per request) with a backlog of 12: at most twice
+    its limit is claimed ahead (plus the attempt being recorded), each lease ends within
+    the ownership lease; a fast endpoint's backlog of 100 is recorded in few group
+    commits (one `attempted_at` per recording transaction), not one per delivery."""
+    lease = timedelta(seconds=services.settings.webhook_timeout_s * 3 + 10)
+    slow = await create_endpoint(
+        tenant, receiver.script("/slow", receiver.sleep(0.2, answer(200))), max_in_flight=1
+    )
+    fast = await create_endpoint(tenant, receiver.script("/fast", answer(200)))
+    backlog = [await send_test(tenant, slow["id"]) for _ in range(12)]
+    sent = [await send_test(tenant, fast["id"]) for _ in range(100)]
+    sender()
+    most = 0
+    while len(receiver.at("/slow")) < len(backlog):
+        async with services.db.read() as conn:
+            leases = (
+                (
+                    await conn.execute(
+                        sa.select(webhook_deliveries.c.claimed_until).where(
+                            webhook_deliveries.c.endpoint_id == uuid.UUID(slow["id"]),
+                            webhook_deliveries.c.claimed_until.is_not(None),
+                        )
+                    )
+                )
+                .scalars()
+                .all()
+            )
+        now = utcnow()
+        assert all(until <= now + lease for until in leases)
+        most = max(most, sum(1 for until in leases if until > now))
+        await asyncio.sleep(0.02)
+    assert 1 <= most <= 2 * 1 + 1
+    assert receiver.max_in_flight["/slow"] == 1
+    assert sorted(h.webhook_id for h in receiver.at("/slow")) == sorted(backlog)
+
+    for event_id in sent:
+        await wait_delivery(tenant, fast["id"], event_id, has_status("succeeded"), 20)
+    async with services.db.read() as conn:
+        commits = (
+            await conn.execute(
+                sa.select(sa.func.count(sa.distinct(webhook_attempts.c.attempted_at)))
+                .select_from(
+                    webhook_attempts.join(
+                        webhook_deliveries,
+                        webhook_deliveries.c.id == webhook_attempts.c.delivery_id,
+                    )
+                )
+                .where(webhook_deliveries.c.endpoint_id == uuid.UUID(fast["id"]))
+            )
+        ).scalar_one()
+    assert commits <= len(sent) // 4, commits
+    assert sorted(h.webhook_id for h in receiver.at("/fast")) == sorted(sent)
 
 
 async def test_retry_sends_a_delivery_again_now(
