@@ -1264,18 +1264,19 @@ async def test_a_second_dispatcher_takes_over_half_of_the_busy_endpoints(
     tenant: Tenant, receiver: Receiver, services: Services
 ) -> None:
     """Two endpoints with a backlog (one slot each, the receiver holding every request
-    0.2 s): a lone dispatcher owns both; once a second one joins the group, the first
+    0.4 s: 20 s of work each, so the backlog outlasts a slow group join on a loaded
+    machine): a lone dispatcher owns both; once a second one joins the group, the first
     gives one up (its fair share is one) and the second owns it. The limits hold
     throughout and every webhook goes out once."""
     paths = ["/spread-a", "/spread-b"]
     endpoints = [
         await create_endpoint(
-            tenant, receiver.script(p, receiver.sleep(0.2, answer(200))), max_in_flight=1
+            tenant, receiver.script(p, receiver.sleep(0.4, answer(200))), max_in_flight=1
         )
         for p in paths
     ]
     ids = [e["id"] for e in endpoints]
-    events = {e["id"]: [await send_test(tenant, e["id"]) for _ in range(40)] for e in endpoints}
+    events = {e["id"]: [await send_test(tenant, e["id"]) for _ in range(50)] for e in endpoints}
     group = WholeDispatchers(services)
     try:
         first = await group.add()
@@ -1288,11 +1289,11 @@ async def test_a_second_dispatcher_takes_over_half_of_the_busy_endpoints(
         await eventually(lambda: owned_by({first.instance}), 10, "the first owns both")
         second = await group.add()
         await eventually(
-            lambda: owned_by({first.instance, second.instance}), 15, "one endpoint each"
+            lambda: owned_by({first.instance, second.instance}), 18, "one endpoint each"
         )
         for endpoint_id, sent in events.items():
             for event_id in sent:
-                await wait_delivery(tenant, endpoint_id, event_id, has_status("succeeded"), 20)
+                await wait_delivery(tenant, endpoint_id, event_id, has_status("succeeded"), 30)
     finally:
         await group.close()
 
