@@ -2,7 +2,8 @@
 
 `create_job` writes a job, its items, one outbox row per contact (or one expansion
 message for filter/search jobs) and the `deletion.requested` audit event in the caller's
-transaction. `apply_progress` moves a job's counters and, when the last item is done,
+transaction. `apply_progress` moves a job's counters, expands a filter/search job further
+when few of its items are left waiting (`expand_page`) and, when the last item is done,
 finishes it (status, `deletion.completed` audit event, `deletion_job.completed` outbox row).
 """
 
@@ -19,7 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from service.audit.store import AuditRecord, append_events
 from service.config import Settings
-from service.contacts.filters import selection_clause
+from service.contacts.filters import parse_filter, selection_clause
 from service.db import Database, contacts, deletion_job_items, deletion_jobs, outbox, utcnow
 from service.deletion.models import BulkDeleteRequest, ItemStatus, JobStatus, final_status
 from service.errors import NotFound, ValidationFailed
@@ -34,8 +35,12 @@ from service.events import (
     JobExpand,
     envelope,
 )
+from service.faults import describe, is_transient
+from service.logs import get_logger
 from service.outbox import outbox_row
 from service.timefmt import iso
+
+log = get_logger(__name__)
 
 LIST_CAP = 1000  # not_found / errors shown on the job object; the items endpoint pages the rest
 
@@ -359,6 +364,67 @@ async def insert_items(
         await conn.execute(outbox.insert(), messages)
 
 
+@dataclass(frozen=True)
+class ExpandedPage:
+    """What one expansion page of a filter/search job found."""
+
+    found: int  # items added (the job's total_requested grows by this much)
+    last: bool  # the matches are exhausted: the job now knows every one of its items
+
+
+async def expand_page(
+    conn: AsyncConnection,
+    settings: Settings,
+    job: Mapping[Any, Any],
+    selector: Mapping[str, Any],
+    *,
+    now: datetime,
+) -> ExpandedPage:
+    """Turn the next page of a filter/search job's matches into items and deletion messages,
+    and move the job's cursor (``expand_after``) past them; the caller adds ``found`` to the
+    job's ``total_requested`` (and sets ``expanded`` on the last page).
+
+    ``job`` needs ``id``, ``workspace_id``, ``expand_after`` and ``total_requested`` (the
+    position of the page's first item). The caller holds the job row (``FOR UPDATE``, or the
+    ``UPDATE`` of `apply_progress`), so two pages of one job never run at once, and the
+    cursor makes a page exactly-once: each match is found by one page only.
+
+    The matches are read in id order after the cursor, at most ``expand_page_size`` of them:
+    with the ``(workspace_id, id)`` index the statement stops after one page's worth of
+    the workspace, so a page costs the same at the millionth contact as at the first.
+    """
+    tree = parse_filter(selector["filter"]) if "filter" in selector else None
+    page_size = settings.expand_page_size
+    stmt = (
+        sa.select(contacts.c.id)
+        .where(
+            contacts.c.workspace_id == job["workspace_id"],
+            selection_clause(contacts, tree, selector.get("search")),
+        )
+        .order_by(contacts.c.id)
+        .limit(page_size)
+    )
+    if job["expand_after"] is not None:
+        stmt = stmt.where(contacts.c.id > job["expand_after"])
+    ids = list((await conn.execute(stmt)).scalars())
+    await insert_items(
+        conn,
+        settings,
+        job["id"],
+        job["workspace_id"],
+        [(str(i), i) for i in ids],
+        start=job["total_requested"],
+        now=now,
+    )
+    if ids:
+        await conn.execute(
+            deletion_jobs.update()
+            .where(deletion_jobs.c.id == job["id"])
+            .values(expand_after=ids[-1])
+        )
+    return ExpandedPage(found=len(ids), last=len(ids) < page_size)
+
+
 def email_ref(index: int) -> str:
     """How a job names an address that matched nothing: its place in the request's
     ``emails`` array (``"emails[3]"``, 0-based, first occurrence). The caller holds its own
@@ -492,24 +558,83 @@ async def apply_progress(
     }
     if delta.expanded:
         values["expanded"] = True
-    row = (
+    row: Mapping[Any, Any] = (
         (
             await conn.execute(
                 deletion_jobs.update()
                 .where(c.id == job_id)
                 .values(**values)
-                .returning(*PROGRESS_COLUMNS)
+                .returning(*PROGRESS_COLUMNS, c.expand_after)
             )
         )
         .mappings()
         .one()
     )
     change = JobChange(started=row["started_at"] == now)
+    if (
+        delta.processed
+        and not row["expanded"]
+        and row["completed_at"] is None
+        and row["total_requested"] - row["processed_count"] < settings.expand_ahead_max
+    ):
+        row = await _expand_ahead(conn, settings, row, delta, now)
     done = row["expanded"] and row["processed_count"] >= row["total_requested"]
     if not done or row["completed_at"] is not None:
         return change
     change.finished = await finish_job(conn, db, settings, row, now)
     return change
+
+
+async def _expand_ahead(
+    conn: AsyncConnection,
+    settings: Settings,
+    row: Mapping[Any, Any],
+    delta: ProgressDelta,
+    now: datetime,
+) -> Mapping[Any, Any]:
+    """One more expansion page for a filter/search job whose waiting items fell below
+    ``expand_ahead_max``, in the transaction of the deletions that made them fall; the
+    job's row as it now stands. ``delta`` learns what the page added, for the log lines.
+
+    Expanding here, rather than by a message queued behind the job's own deletions, keeps
+    between ``expand_ahead_max`` and ``expand_ahead_max + expand_page_size`` items waiting
+    while the job runs: enough to keep the workers busy, never the whole job. A statement
+    the database refuses is not this batch's fault: the page is rolled back to its
+    savepoint and left to an expansion message, whose failure fails the job as any
+    expansion failure does (service.deletion.worker).
+    """
+    c = deletion_jobs.c
+    selector = (await conn.execute(sa.select(c.selector).where(c.id == row["id"]))).scalar_one()
+    try:
+        async with conn.begin_nested():
+            page = await expand_page(conn, settings, row, selector, now=now)
+    except Exception as exc:
+        if is_transient(exc):
+            raise
+        log.warning("deletion_job_expansion_deferred", job_id=str(row["id"]), error=describe(exc))
+        event = envelope(
+            TYPE_JOB_EXPAND,
+            str(row["id"]),
+            JobExpand(
+                job_id=row["id"], workspace_id=row["workspace_id"], after=row["expand_after"]
+            ),
+            now,
+        )
+        topic = settings.topic(TOPIC_DELETION_REQUESTED)
+        await conn.execute(outbox.insert().values(**outbox_row(topic, str(row["id"]), event)))
+        return row
+    delta.added += page.found
+    delta.expanded = delta.expanded or page.last
+    values: dict[str, Any] = {"total_requested": c.total_requested + page.found}
+    if page.last:
+        values["expanded"] = True
+    updated = await conn.execute(
+        deletion_jobs.update()
+        .where(c.id == row["id"])
+        .values(**values)
+        .returning(*PROGRESS_COLUMNS, c.expand_after)
+    )
+    return updated.mappings().one()
 
 
 async def finish_job(
