@@ -20,6 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from service.audit.store import AuditRecord, append_events
 from service.config import Settings
+from service.contacts.filters import FIELDS as FILTER_FIELDS
 from service.contacts.filters import parse_filter, selection_clause
 from service.db import Database, contacts, deletion_job_items, deletion_jobs, outbox, utcnow
 from service.deletion.models import BulkDeleteRequest, ItemStatus, JobStatus, final_status
@@ -372,6 +373,13 @@ class ExpandedPage:
     last: bool  # the matches are exhausted: the job now knows every one of its items
 
 
+# How many contacts of the workspace, in id order, one expansion statement looks at (in
+# pages: a window of 10 pages), and how many windows one page may look through when the
+# matches are sparse before it hands over to the next page.
+EXPAND_WINDOW_PAGES = 10
+EXPAND_WINDOWS_PER_PAGE = 5
+
+
 async def expand_page(
     conn: AsyncConnection,
     settings: Settings,
@@ -389,24 +397,46 @@ async def expand_page(
     ``UPDATE`` of `apply_progress`), so two pages of one job never run at once, and the
     cursor makes a page exactly-once: each match is found by one page only.
 
-    The matches are read in id order after the cursor, at most ``expand_page_size`` of them:
-    with the ``(workspace_id, id)`` index the statement stops after one page's worth of
-    the workspace, so a page costs the same at the millionth contact as at the first.
+    A page is at most ``expand_page_size`` matches, looked for among the next contacts of
+    the workspace in id order (`_window`): whatever the filter and whatever the planner
+    thinks of it, a page reads O(page) rows, so the millionth contact costs what the first
+    did (a plain ``WHERE filter AND id > cursor ORDER BY id`` lets PostgreSQL read every
+    remaining match through the filter's own index, then sort them, for every page).
     """
     tree = parse_filter(selector["filter"]) if "filter" in selector else None
     page_size = settings.expand_page_size
-    stmt = (
-        sa.select(contacts.c.id)
-        .where(
-            contacts.c.workspace_id == job["workspace_id"],
-            selection_clause(contacts, tree, selector.get("search")),
+    window_rows = EXPAND_WINDOW_PAGES * page_size
+    after: uuid.UUID | None = job["expand_after"]
+    ids: list[uuid.UUID] = []
+    last = False
+    for _ in range(EXPAND_WINDOWS_PER_PAGE):
+        window = _window(job["workspace_id"], after, window_rows, FILTER_FIELDS)
+        stmt = (
+            sa.select(window.c.id)
+            .where(selection_clause(window, tree, selector.get("search")))
+            .order_by(window.c.id)
+            .limit(page_size - len(ids))
         )
-        .order_by(contacts.c.id)
-        .limit(page_size)
-    )
-    if job["expand_after"] is not None:
-        stmt = stmt.where(contacts.c.id > job["expand_after"])
-    ids = list((await conn.execute(stmt)).scalars())
+        ids += (await conn.execute(stmt)).scalars()
+        if len(ids) == page_size:
+            after = ids[-1]
+            break
+        # Fewer matches than asked: the whole window was read. Continue after its end,
+        # unless it reached the end of the workspace (PostgreSQL has no max() of uuid).
+        end_stmt = (
+            sa.select(contacts.c.id)
+            .where(contacts.c.workspace_id == job["workspace_id"])
+            .order_by(contacts.c.id)
+            .offset(window_rows - 1)
+            .limit(1)
+        )
+        if after is not None:
+            end_stmt = end_stmt.where(contacts.c.id > after)
+        end = (await conn.execute(end_stmt)).scalar_one_or_none()
+        if end is None:
+            last = True
+            break
+        after = end
     await insert_items(
         conn,
         settings,
@@ -416,13 +446,52 @@ async def expand_page(
         start=job["total_requested"],
         now=now,
     )
-    if ids:
+    if after != job["expand_after"]:
         await conn.execute(
-            deletion_jobs.update()
-            .where(deletion_jobs.c.id == job["id"])
-            .values(expand_after=ids[-1])
+            deletion_jobs.update().where(deletion_jobs.c.id == job["id"]).values(expand_after=after)
         )
-    return ExpandedPage(found=len(ids), last=len(ids) < page_size)
+    if not ids and not last:
+        # Nothing found that a deletion would later top up from: the next page comes by
+        # message instead, so a sparse job never stalls.
+        await queue_expansion(conn, settings, job["id"], job["workspace_id"], after, now)
+    return ExpandedPage(found=len(ids), last=last)
+
+
+async def queue_expansion(
+    conn: AsyncConnection,
+    settings: Settings,
+    job_id: uuid.UUID,
+    workspace_id: uuid.UUID,
+    after: uuid.UUID | None,
+    now: datetime,
+) -> None:
+    """An expansion message for the page after ``after`` (the worker ignores it unless the
+    job's cursor is still there when it arrives)."""
+    event = envelope(
+        TYPE_JOB_EXPAND,
+        str(job_id),
+        JobExpand(job_id=job_id, workspace_id=workspace_id, after=after),
+        now,
+    )
+    topic = settings.topic(TOPIC_DELETION_REQUESTED)
+    await conn.execute(outbox.insert().values(**outbox_row(topic, str(job_id), event)))
+
+
+def _window(
+    workspace_id: uuid.UUID, after: uuid.UUID | None, rows: int, fields: Sequence[str]
+) -> sa.Subquery:
+    """The next ``rows`` contacts of a workspace after ``after``, in id order: a subquery
+    whose LIMIT keeps the filter applied outside it from being pushed in, so both
+    databases read it through the ``(workspace_id, id)`` index."""
+    stmt = (
+        sa.select(*(contacts.c[f] for f in fields))
+        .where(contacts.c.workspace_id == workspace_id)
+        .order_by(contacts.c.id)
+        .limit(rows)
+    )
+    if after is not None:
+        stmt = stmt.where(contacts.c.id > after)
+    return stmt.subquery("expansion_window")
 
 
 def email_ref(index: int) -> str:
@@ -612,16 +681,9 @@ async def _expand_ahead(
         if is_transient(exc):
             raise
         log.warning("deletion_job_expansion_deferred", job_id=str(row["id"]), error=describe(exc))
-        event = envelope(
-            TYPE_JOB_EXPAND,
-            str(row["id"]),
-            JobExpand(
-                job_id=row["id"], workspace_id=row["workspace_id"], after=row["expand_after"]
-            ),
-            now,
+        await queue_expansion(
+            conn, settings, row["id"], row["workspace_id"], row["expand_after"], now
         )
-        topic = settings.topic(TOPIC_DELETION_REQUESTED)
-        await conn.execute(outbox.insert().values(**outbox_row(topic, str(row["id"]), event)))
         return row
     delta.added += page.found
     delta.expanded = delta.expanded or page.last

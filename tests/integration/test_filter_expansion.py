@@ -10,6 +10,7 @@ kills a worker between its database commit and its offset commit.
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -58,12 +59,15 @@ async def db(db_url: str) -> AsyncIterator[Database]:
         await database.dispose()
 
 
-async def seed(db: Database, count: int, last_name: str) -> tuple[uuid.UUID, set[uuid.UUID]]:
-    """A new workspace with ``count`` contacts of this last name and one bystander."""
+async def seed(
+    db: Database, count: int, last_name: str, *, others: int = 1, last: bool = False
+) -> tuple[uuid.UUID, set[uuid.UUID]]:
+    """A new workspace with ``count`` contacts of this last name and ``others`` not (with
+    ``last``, the matches come after all of the others in id order)."""
     workspace_id = await ensure_workspace(db, f"expansion-{uuid.uuid4().hex}")
     now = utcnow()
-    ids = {uuid.uuid4() for _ in range(count)}
-    rows = [
+    ids = {uuid.UUID("ffff" + uuid.uuid4().hex[4:]) if last else uuid.uuid4() for _ in range(count)}
+    rows: list[dict[str, Any]] = [
         {
             "id": contact_id,
             "workspace_id": workspace_id,
@@ -77,7 +81,8 @@ async def seed(db: Database, count: int, last_name: str) -> tuple[uuid.UUID, set
             "created_at": now,
             "updated_at": now,
         }
-        for contact_id, name in [(i, last_name) for i in ids] + [(uuid.uuid4(), "Bystander")]
+        for contact_id, name in [(i, last_name) for i in ids]
+        + [(uuid.uuid4(), "Bystander") for _ in range(others)]
     ]
     async with db.begin() as conn:
         await conn.execute(contacts.insert(), rows)
@@ -113,6 +118,64 @@ async def pending_items(db: Database, job_id: uuid.UUID) -> list[Any]:
         return list((await conn.execute(stmt)).all())
 
 
+async def drain(
+    worker: DeletionWorker,
+    db: Database,
+    job_id: uuid.UUID,
+    workspace_id: uuid.UUID,
+    *,
+    per_batch: int,
+    bound: int,
+) -> int:
+    """Delete the job's waiting items ``per_batch`` per transaction, as a worker's batches
+    would, checking after each that at most ``bound`` items wait; the most that waited."""
+    most_waiting = 0
+    delivered: set[int] = set()
+    for _ in range(200):
+        for message in await expansion_messages(worker.settings, db, job_id):
+            if message.id not in delivered:
+                delivered.add(message.id)
+                data = json.loads(message.payload)["data"]
+                await worker.process([JobExpand.model_validate(data)])
+        waiting = await pending_items(db, job_id)
+        if not waiting:
+            if (await job_row(db, job_id)).completed_at is not None:
+                break
+            continue
+        batch = [
+            DeletionRequested(
+                job_id=job_id, workspace_id=workspace_id, ref=w.ref, contact_id=w.contact_id
+            )
+            for w in waiting[:per_batch]
+        ]
+        await worker.process(batch)
+        job = await job_row(db, job_id)
+        most_waiting = max(most_waiting, job.total_requested - job.processed_count)
+        assert job.total_requested - job.processed_count <= bound, job
+    return most_waiting
+
+
+async def expansion_messages(settings: Settings, db: Database, job_id: uuid.UUID) -> list[Any]:
+    """The job's expansion messages in the outbox (keyed by job id on the work topic)."""
+    async with db.read() as conn:
+        stmt = (
+            sa.select(outbox.c.id, outbox.c.payload)
+            .where(
+                outbox.c.key == str(job_id),
+                outbox.c.topic == settings.topic(TOPIC_DELETION_REQUESTED),
+            )
+            .order_by(outbox.c.id)
+        )
+        return list((await conn.execute(stmt)).all())
+
+
+async def job_items(db: Database, job_id: uuid.UUID) -> list[uuid.UUID]:
+    c = deletion_job_items.c
+    async with db.read() as conn:
+        stmt = sa.select(c.contact_id).where(c.job_id == job_id)
+        return sorted((await conn.execute(stmt)).scalars(), key=str)
+
+
 async def test_expansion_stays_a_bounded_number_of_items_ahead_of_the_deletions(
     db_url: str, db: Database
 ) -> None:
@@ -129,46 +192,37 @@ async def test_expansion_stays_a_bounded_number_of_items_ahead_of_the_deletions(
     job = await job_row(db, job_id)
     assert (job.total_requested, job.processed_count, job.expanded) == (PAGE, 0, False)
 
-    # Delete two waiting items per transaction, as a worker's batches would.
-    most_waiting = 0
-    for _ in range(40):
-        waiting = await pending_items(db, job_id)
-        if not waiting:
-            break
-        batch = [
-            DeletionRequested(
-                job_id=job_id, workspace_id=workspace_id, ref=w.ref, contact_id=w.contact_id
-            )
-            for w in waiting[:2]
-        ]
-        await worker.process(batch)
-        job = await job_row(db, job_id)
-        most_waiting = max(most_waiting, job.total_requested - job.processed_count)
-        assert job.total_requested - job.processed_count <= AHEAD + PAGE - 1, job
+    most_waiting = await drain(
+        worker, db, job_id, workspace_id, per_batch=2, bound=AHEAD + PAGE - 1
+    )
     job = await job_row(db, job_id)
     assert job.status == "completed" and job.expanded, job
     assert (job.total_requested, job.deleted_count) == (20, 20)
     assert most_waiting >= AHEAD  # it did expand ahead, up to the bound
-    async with db.read() as conn:
-        items = (
-            await conn.execute(
-                sa.select(deletion_job_items.c.contact_id).where(
-                    deletion_job_items.c.job_id == job_id
-                )
-            )
-        ).scalars()
-        assert sorted(items, key=str) == sorted(matches, key=str)
-        expansions = (
-            await conn.execute(
-                sa.select(sa.func.count())
-                .select_from(outbox)
-                .where(
-                    outbox.c.key == str(job_id),
-                    outbox.c.topic == settings.topic(TOPIC_DELETION_REQUESTED),
-                )
-            )
-        ).scalar_one()
-    assert expansions == 1  # only the one create_job queued
+    assert await job_items(db, job_id) == sorted(matches, key=str)
+    # Only the message create_job queued: every later page came with the deletions.
+    assert len(await expansion_messages(settings, db, job_id)) == 1
+
+
+async def test_a_sparse_filter_finds_every_match_however_far_apart(
+    db_url: str, db: Database
+) -> None:
+    """A page looks through a bounded part of the workspace; one that found nothing hands
+    over to an expansion message, and matches far beyond it are all found, once."""
+    settings = make_settings(db_url, expand_page_size=2, expand_ahead_max=2)
+    workspace_id, matches = await seed(db, 7, "Needle", others=150, last=True)
+    job_id = await filter_job(db, settings, workspace_id, "Needle")
+    worker = DeletionWorker(settings, db, Metrics())
+    worker.hash_key = await load_hash_key(db, None)
+
+    await drain(worker, db, job_id, workspace_id, per_batch=1, bound=3)
+
+    job = await job_row(db, job_id)
+    assert job.status == "completed" and job.expanded, job
+    assert (job.total_requested, job.deleted_count) == (7, 7)
+    assert await job_items(db, job_id) == sorted(matches, key=str)
+    # 150 others at 100 a page: the first page found nothing and queued the next.
+    assert len(await expansion_messages(settings, db, job_id)) == 2
 
 
 # --- across a worker crash, with the real broker ----------------------------------------------
