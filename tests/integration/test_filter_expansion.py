@@ -32,8 +32,8 @@ from service.db import (
     outbox,
     utcnow,
 )
-from service.deletion.models import BulkDeleteRequest
-from service.deletion.store import Requester, create_job
+from service.deletion.models import BulkDeleteRequest, ItemStatus
+from service.deletion.store import Requester, create_job, outcome_list
 from service.deletion.worker import DeletionWorker
 from service.events import (
     TOPIC_CONTACT_DELETED,
@@ -334,3 +334,39 @@ async def test_a_filter_job_expands_every_match_exactly_once_across_worker_crash
     events = [e async for e in stream_events(db, workspace_id)]
     chain = verify_events(events, workspace_id=str(workspace_id))
     assert chain.ok, chain
+
+
+# --- what a huge job costs to look at -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("status", [ItemStatus.NOT_FOUND, ItemStatus.FAILED])
+async def test_the_job_object_lists_read_only_the_items_with_that_outcome(
+    db: Database, status: ItemStatus
+) -> None:
+    """A GET of a job lists its not_found refs and errors through a partial index that
+    holds only those items, not by reading all of a million-item job's items."""
+    sent: list[tuple[str, Any]] = []
+
+    def capture(*args: Any) -> None:
+        sent.append((args[2], args[3]))  # the statement and parameters the driver gets
+
+    async with db.read() as conn:
+        if not db.is_sqlite:
+            # Whether the index can serve the statement as sent, in a plan that does not
+            # know its parameters, whatever the table's size today.
+            await conn.exec_driver_sql("SET plan_cache_mode = force_generic_plan")
+            await conn.exec_driver_sql("SET enable_seqscan = off")
+        sa.event.listen(conn.sync_connection, "before_cursor_execute", capture)
+        await conn.execute(outcome_list(uuid.uuid4(), status))
+        sa.event.remove(conn.sync_connection, "before_cursor_execute", capture)
+        statement, parameters = sent[-1]
+        if db.is_sqlite:
+            rows = (await conn.exec_driver_sql("EXPLAIN QUERY PLAN " + statement, parameters)).all()
+        else:
+            # A prepared statement's generic plan, as a long-lived connection ends up using.
+            name = f"outcome_{uuid.uuid4().hex}"
+            await conn.exec_driver_sql(f"PREPARE {name} AS {statement}")
+            values = ", ".join(str(p) if isinstance(p, int) else f"'{p}'" for p in parameters)
+            rows = (await conn.exec_driver_sql(f"EXPLAIN EXECUTE {name}({values})")).all()
+    plan = " ".join(str(r[-1]) for r in rows)
+    assert f"ix_deletion_job_items_{status.value}" in plan, plan
