@@ -64,7 +64,7 @@ from typing import IO, Any
 import aiohttp
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
-from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
 
 from service.bench_options import add_arguments
 from service.bench_receiver import CONFIG_PATH, HOOK_PATH, RESET_PATH, STATS_PATH
@@ -409,10 +409,42 @@ async def seed(
                 }
             )
         async with db.begin() as conn:
-            await conn.execute(contacts.insert(), people)
-            await conn.execute(activities.insert(), acts)
-            await conn.execute(notes.insert(), texts)
+            await _bulk_insert(conn, contacts, people)
+            await _bulk_insert(conn, activities, acts)
+            await _bulk_insert(conn, notes, texts)
     return ids
+
+
+async def _bulk_insert(conn: AsyncConnection, table: sa.Table, rows: list[dict[str, Any]]) -> None:
+    """Insert rows at the driver level: PostgreSQL's COPY, SQLite's executemany (a million
+    contacts seed in seconds, not minutes). The values go through the columns' own bind
+    processing first, so they are stored exactly as a SQLAlchemy insert would store them."""
+    names = list(rows[0])
+    dialect = conn.dialect
+    processors = [table.c[n].type.dialect_impl(dialect).bind_processor(dialect) for n in names]
+    # Most values are the same object row after row (the workspace, the time): process
+    # each such run once.
+    last_in: list[Any] = [object()] * len(names)
+    last_out: list[Any] = [None] * len(names)
+    records = []
+    for row in rows:
+        record = []
+        for i, name in enumerate(names):
+            value = row[name]
+            if value is not last_in[i]:
+                process = processors[i]
+                last_in[i], last_out[i] = value, process(value) if process else value
+            record.append(last_out[i])
+        records.append(tuple(record))
+    if dialect.name == "postgresql":
+        driver = (await conn.get_raw_connection()).driver_connection
+        assert driver is not None  # an asyncpg connection, inside this transaction
+        await driver.copy_records_to_table(table.name, records=records, columns=names)
+        return
+    marks = ", ".join("?" for _ in names)
+    await conn.exec_driver_sql(
+        f"INSERT INTO {table.name} ({', '.join(names)}) VALUES ({marks})", records
+    )
 
 
 async def bare_floor(db: Database, ids: Sequence[uuid.UUID]) -> float:
