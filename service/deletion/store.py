@@ -9,8 +9,9 @@ finishes it (status, `deletion.completed` audit event, `deletion_job.completed` 
 
 from __future__ import annotations
 
+import functools
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -379,11 +380,9 @@ class ExpandedPage:
     last: bool  # the matches are exhausted: the job now knows every one of its items
 
 
-# How many contacts of the workspace, in id order, one expansion statement looks at (in
-# pages: a window of 10 pages), and how many windows one page may look through when the
-# matches are sparse before it hands over to the next page.
-EXPAND_WINDOW_PAGES = 10
-EXPAND_WINDOWS_PER_PAGE = 5
+# How many windows of ``expand_page_size`` contacts (in id order) one page may read when
+# the matches are sparse, before it hands over to the next page.
+EXPAND_WINDOWS_PER_PAGE = 10
 
 
 async def expand_page(
@@ -404,45 +403,32 @@ async def expand_page(
     cursor makes a page exactly-once: each match is found by one page only.
 
     A page is at most ``expand_page_size`` matches, looked for among the next contacts of
-    the workspace in id order (`_window`): whatever the filter and whatever the planner
-    thinks of it, a page reads O(page) rows, so the millionth contact costs what the first
-    did (a plain ``WHERE filter AND id > cursor ORDER BY id`` lets PostgreSQL read every
-    remaining match through the filter's own index, then sort them, for every page).
+    the workspace in id order, one window of ``expand_page_size`` contacts at a time
+    (`_window_statement`): whatever the filter and whatever the planner thinks of it, a
+    page reads O(page) rows, so the millionth contact costs what the first did (a plain
+    ``WHERE filter AND id > cursor ORDER BY id LIMIT n`` lets PostgreSQL read every
+    remaining match through the filter's own index and sort them, for every page).
     """
     tree = parse_filter(selector["filter"]) if "filter" in selector else None
+    clause_of = functools.partial(selection_clause, filter_tree=tree, search=selector.get("search"))
     page_size = settings.expand_page_size
-    window_rows = EXPAND_WINDOW_PAGES * page_size
     after: uuid.UUID | None = job["expand_after"]
     ids: list[uuid.UUID] = []
     last = False
     for _ in range(EXPAND_WINDOWS_PER_PAGE):
-        window = _window(job["workspace_id"], after, window_rows, FILTER_FIELDS)
-        stmt = (
-            sa.select(window.c.id)
-            .where(selection_clause(window, tree, selector.get("search")))
-            .order_by(window.c.id)
-            .limit(page_size - len(ids))
+        stmt = _window_statement(
+            job["workspace_id"], after, page_size, page_size - len(ids), clause_of
         )
-        ids += (await conn.execute(stmt)).scalars()
+        rows = (await conn.execute(stmt)).all()
+        ids += sorted(r.id for r in rows if r.kind == _MATCH)
+        ends = [r.id for r in rows if r.kind == _WINDOW_END]
         if len(ids) == page_size:
             after = ids[-1]
             break
-        # Fewer matches than asked: the whole window was read. Continue after its end,
-        # unless it reached the end of the workspace (PostgreSQL has no max() of uuid).
-        end_stmt = (
-            sa.select(contacts.c.id)
-            .where(contacts.c.workspace_id == job["workspace_id"])
-            .order_by(contacts.c.id)
-            .offset(window_rows - 1)
-            .limit(1)
-        )
-        if after is not None:
-            end_stmt = end_stmt.where(contacts.c.id > after)
-        end = (await conn.execute(end_stmt)).scalar_one_or_none()
-        if end is None:
-            last = True
+        if not ends:
+            last = True  # an empty window: nothing left after the cursor
             break
-        after = end
+        after = ends[0]  # the window was read to its end, and held too few matches
     await insert_items(
         conn,
         settings,
@@ -483,21 +469,38 @@ async def queue_expansion(
     await conn.execute(outbox.insert().values(**outbox_row(topic, str(job_id), event)))
 
 
-def _window(
-    workspace_id: uuid.UUID, after: uuid.UUID | None, rows: int, fields: Sequence[str]
-) -> sa.Subquery:
-    """The next ``rows`` contacts of a workspace after ``after``, in id order: a subquery
-    whose LIMIT keeps the filter applied outside it from being pushed in, so both
-    databases read it through the ``(workspace_id, id)`` index."""
-    stmt = (
-        sa.select(*(contacts.c[f] for f in fields))
-        .where(contacts.c.workspace_id == workspace_id)
-        .order_by(contacts.c.id)
-        .limit(rows)
+_MATCH = 1
+_WINDOW_END = 0
+
+
+def _window_statement(
+    workspace_id: uuid.UUID,
+    after: uuid.UUID | None,
+    window_rows: int,
+    wanted: int,
+    clause_of: Callable[[sa.FromClause], sa.ColumnElement[bool]],
+) -> sa.CompoundSelect[Any]:
+    """One statement over the next ``window_rows`` contacts of a workspace after ``after``
+    (in id order): the first ``wanted`` of them that match (kind ``_MATCH``), and the
+    window's last contact (kind ``_WINDOW_END``; none when the window is empty).
+
+    The window is a LIMITed CTE, which neither database pushes the filter into, so it is
+    read through the ``(workspace_id, id)`` index, never the filter's own; and the window's
+    end comes from the same statement (one snapshot) as its matches, so a contact deleted
+    meanwhile by someone else cannot move the next window past contacts never read.
+    """
+    window = sa.select(*(contacts.c[f] for f in FILTER_FIELDS)).where(
+        contacts.c.workspace_id == workspace_id
     )
     if after is not None:
-        stmt = stmt.where(contacts.c.id > after)
-    return stmt.subquery("expansion_window")
+        window = window.where(contacts.c.id > after)
+    w = window.order_by(contacts.c.id).limit(window_rows).cte("expansion_window")
+    matches = sa.select(w.c.id).where(clause_of(w)).order_by(w.c.id).limit(wanted).subquery()
+    end = sa.select(w.c.id).order_by(w.c.id.desc()).limit(1).subquery()
+    return sa.union_all(
+        sa.select(matches.c.id, sa.literal(_MATCH).label("kind")),
+        sa.select(end.c.id, sa.literal(_WINDOW_END).label("kind")),
+    )
 
 
 def email_ref(index: int) -> str:
