@@ -27,10 +27,16 @@ A benchmark, not a test: it prints figures and asserts nothing. One run:
    the service's peak RSS while it ran.
 
 Beside the figures it reports what explains them: CPU seconds of each process it started
-over the deletion phase, the worker's transactions (contacts per transaction), per outbox
-topic when the relay published the last row, and the machine's load average (other work
-on the machine skews everything). ``--rate`` paces the requests (latency at a given load);
-``--profile-service FILE`` runs the service under cProfile.
+over the deletion phase and to the last webhook, and per item: ``cpu_ms_per_contact`` (the
+service over the deletion phase / N) and ``cpu_ms_per_delivery`` (the dispatcher's share /
+deliveries), each with the PostgreSQL server's CPU beside it (``db_cpu_ms_per_*``) when the
+bench started the server (see ``cpu_per_item``); how fast the dispatcher drains what is
+left after the last deletion (``webhook_drain_deliveries_per_s``: its own pace, not capped
+by the deletions feeding it); ``--split`` runs the api, relay, worker and dispatcher as
+four processes, each measured on its own; the worker's transactions (contacts per
+transaction), per outbox topic when the relay published the last row, and the machine's
+load average (other work on the machine skews everything). ``--rate`` paces the requests
+(latency at a given load); ``--profile-service FILE`` runs the service under cProfile.
 
 It prints a table and then one JSON line with every figure, and stops everything it
 started (service, receivers, broker, cluster, temporary files) on success, failure or
@@ -179,6 +185,7 @@ class CpuMeter:
     pids: dict[str, int]
     started: dict[str, float] = field(default_factory=dict)
     wall: float = 0.0
+    last: dict[str, float] = field(default_factory=dict)
 
     def _read(self) -> dict[str, float]:
         now = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
@@ -193,8 +200,46 @@ class CpuMeter:
     def stop(self) -> dict[str, float]:
         """CPU seconds per process since start(), and the wall-clock seconds."""
         now = self._read()
-        used = {name: round(now[name] - self.started.get(name, 0.0), 1) for name in now}
-        return {**used, "wall": round(time.monotonic() - self.wall, 1)}
+        used = {name: round(now[name] - self.started.get(name, 0.0), 2) for name in now}
+        self.last = {**used, "wall": round(time.monotonic() - self.wall, 1)}
+        return self.last
+
+
+SERVICE_PROCESSES = ("service", "api", "relay", "worker")
+"""The names under which CpuMeter counts the deletion side of the service."""
+
+
+def cpu_per_item(
+    cpu: dict[str, float], items: int, item: str, *, before: dict[str, float] | None = None
+) -> dict[str, float | None]:
+    """CPU milliseconds per item from CpuMeter readings.
+
+    ``cpu_ms_per_<item>``: the service's processes (all-in-one ``service``, or with
+    ``--split`` the deletion side for contacts and the ``dispatcher`` for deliveries);
+    ``db_cpu_ms_per_<item>``: the PostgreSQL server the bench started, when it started
+    one. With ``before`` (a reading at the end of the deletion phase) and no separate
+    dispatcher, a delivery's CPU is what the service spent beyond the deletion phase: a
+    dispatcher that keeps up with the deletions does part of its work inside that phase,
+    so this under-counts it then (``--split`` measures it exactly).
+    """
+    if items <= 0:
+        return {f"cpu_ms_per_{item}": None}
+
+    def per(seconds: float) -> float:
+        return round(seconds * 1000 / items, 3)
+
+    out: dict[str, float | None] = {}
+    if item == "delivery" and "dispatcher" in cpu:
+        out["cpu_ms_per_delivery"] = per(cpu["dispatcher"])
+    elif item == "delivery" and before is not None:
+        out["cpu_ms_per_delivery"] = per(cpu.get("service", 0.0) - before.get("service", 0.0))
+    else:
+        names = SERVICE_PROCESSES
+        out[f"cpu_ms_per_{item}"] = per(sum(cpu.get(name, 0.0) for name in names))
+    if "postgres" in cpu:
+        spent = cpu["postgres"] - (before or {}).get("postgres", 0.0)
+        out[f"db_cpu_ms_per_{item}"] = per(spent)
+    return out
 
 
 def _stop_process(process: subprocess.Popen[bytes], timeout_s: float = 30.0) -> None:
@@ -211,47 +256,68 @@ def _stop_process(process: subprocess.Popen[bytes], timeout_s: float = 30.0) -> 
 
 
 class ServiceProcess:
-    """`python -m service.cli run` as a child process, with its output in a file."""
+    """The service as child processes, with their output in files: `python -m service.cli
+    run` (every component in one process), or with ``split`` one process per component
+    (`api`, `relay`, `worker`, `dispatcher`), each measured on its own."""
 
     def __init__(
-        self, env: dict[str, str], port: int, workdir: Path, profile: Path | None = None
+        self,
+        env: dict[str, str],
+        port: int,
+        workdir: Path,
+        profile: Path | None = None,
+        *,
+        split: bool = False,
     ) -> None:
         self.env = env
         self.profile = profile
         self.port = port
         self.workdir = workdir
-        self.log_path = workdir / "service.log"
+        self.commands = ("api", "relay", "worker", "dispatcher") if split else ("run",)
         self.base = f"http://127.0.0.1:{port}"
-        self._process: subprocess.Popen[bytes] | None = None
-        self._output: IO[bytes] | None = None
+        self._processes: dict[str, subprocess.Popen[bytes]] = {}
+        self._outputs: list[IO[bytes]] = []
+
+    def log_path(self, command: str) -> Path:
+        return self.workdir / f"service-{command}.log"
 
     @property
-    def pid(self) -> int:
-        if self._process is None:
+    def pids(self) -> dict[str, int]:
+        """Process name -> pid: ``service`` for the one process, else the components."""
+        if not self._processes:
             raise BenchFailed("the service is not running")
-        return self._process.pid
+        return {
+            ("service" if command == "run" else command): process.pid
+            for command, process in self._processes.items()
+        }
 
     def start(self) -> None:
-        self._output = self.log_path.open("wb")
-        profiler = ["-m", "cProfile", "-o", str(self.profile.resolve())] if self.profile else []
-        self._process = subprocess.Popen(
-            [sys.executable, *profiler, "-m", "service.cli", "run"],
-            env=self.env,
-            cwd=self.workdir,
-            stdin=subprocess.DEVNULL,
-            stdout=self._output,
-            stderr=subprocess.STDOUT,
-            # Its own group: a Ctrl-C reaches the bench, which then stops it in order.
-            process_group=0,
-            preexec_fn=die_with_parent_hook(),
-        )
+        for command in self.commands:
+            output = self.log_path(command).open("wb")
+            self._outputs.append(output)
+            profiler: list[str] = []
+            if self.profile is not None:
+                path = self.profile if command == "run" else self.profile.with_suffix(f".{command}")
+                profiler = ["-m", "cProfile", "-o", str(path.resolve())]
+            self._processes[command] = subprocess.Popen(
+                [sys.executable, *profiler, "-m", "service.cli", command],
+                env=self.env,
+                cwd=self.workdir,
+                stdin=subprocess.DEVNULL,
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                # Its own group: a Ctrl-C reaches the bench, which then stops it in order.
+                process_group=0,
+                preexec_fn=die_with_parent_hook(),
+            )
 
     def check_alive(self) -> None:
-        if self._process is not None and self._process.poll() is not None:
-            raise BenchFailed(
-                f"the service exited with {self._process.returncode}; its output:\n"
-                + read_tail(self.log_path, 30)
-            )
+        for command, process in self._processes.items():
+            if process.poll() is not None:
+                raise BenchFailed(
+                    f"the service ({command}) exited with {process.returncode}; its output:\n"
+                    + read_tail(self.log_path(command), 30)
+                )
 
     async def wait_healthy(self, http: aiohttp.ClientSession, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
@@ -264,35 +330,42 @@ class ServiceProcess:
             if time.monotonic() > deadline:
                 raise BenchFailed(
                     f"the service did not answer /healthz within {timeout_s:.0f} s:\n"
-                    + read_tail(self.log_path, 30)
+                    + read_tail(self.log_path(self.commands[0]), 30)
                 )
             await asyncio.sleep(0.1)
 
+    def _sum_kb(self, field_name: str) -> float | None:
+        values = [_proc_status_kb(pid, field_name) for pid in self.pids.values()]
+        if any(v is None for v in values):
+            return None
+        return round(sum(v for v in values if v is not None) / 1024, 1)
+
     def peak_rss_mb(self) -> float | None:
-        """The highest resident set size so far (VmHWM), in MiB."""
-        kb = _proc_status_kb(self.pid, "VmHWM")
-        return round(kb / 1024, 1) if kb is not None else None
+        """The highest resident set size so far (VmHWM), in MiB, summed over the
+        processes (with ``split`` the peaks may not have coincided: an upper bound)."""
+        return self._sum_kb("VmHWM")
 
     def rss_mb(self) -> float | None:
-        kb = _proc_status_kb(self.pid, "VmRSS")
-        return round(kb / 1024, 1) if kb is not None else None
+        return self._sum_kb("VmRSS")
 
     def reset_peak_rss(self) -> bool:
         """Restart VmHWM from the current RSS (``clear_refs`` 5); False if refused."""
         try:
-            with open(f"/proc/{self.pid}/clear_refs", "w") as refs:
-                refs.write("5")
+            for pid in self.pids.values():
+                with open(f"/proc/{pid}/clear_refs", "w") as refs:
+                    refs.write("5")
         except OSError:
             return False
         return True
 
     def stop(self) -> None:
-        process, self._process = self._process, None
-        if process is not None:
+        processes, self._processes = self._processes, {}
+        # The API first, the dispatcher last: nothing is left half-sent by the order.
+        for process in processes.values():
             _stop_process(process)
-        if self._output is not None:
-            self._output.close()
-            self._output = None
+        outputs, self._outputs = self._outputs, []
+        for output in outputs:
+            output.close()
 
 
 class ReceiverProcess:
@@ -770,13 +843,16 @@ async def measure(args: argparse.Namespace, env: Environment) -> dict[str, Any]:
         "concurrency": args.concurrency,
         "rate_limit_contacts_per_s": args.rate or None,
         "webhooks": args.webhooks,
+        "processes": "split" if args.split else "one",
         "kafka": "reused" if not env.kafka_started else "local",
         # Other work on the machine skews every figure; this says how busy it was.
         "load_average_start": [round(x, 2) for x in os.getloadavg()],
     }
     db = Database(env.database_url)
     port = free_port()
-    service = ServiceProcess(_service_env(env, port), port, env.workdir, args.profile_service)
+    service = ServiceProcess(
+        _service_env(env, port), port, env.workdir, args.profile_service, split=args.split
+    )
     receivers = ReceiverProcess(args.webhooks, env.workdir) if args.webhooks else None
     connector = aiohttp.TCPConnector(limit=0)
     timeout = aiohttp.ClientTimeout(total=120)
@@ -809,8 +885,7 @@ async def measure(args: argparse.Namespace, env: Environment) -> dict[str, Any]:
             await _warm_up(api, warm_up_id, hooks, service, args.timeout)
             log.info("bench_deleting", contacts=n, batch=args.batch, concurrency=args.concurrency)
             meter = CpuMeter(
-                {"service": service.pid}
-                | {name: pid for name, pid in env.pids.items() if pid is not None}
+                service.pids | {name: pid for name, pid in env.pids.items() if pid is not None}
             )
             meter.start()
             requests = await delete_through_api(api, ids, args.batch, args.concurrency, args.rate)
@@ -818,13 +893,16 @@ async def measure(args: argparse.Namespace, env: Environment) -> dict[str, Any]:
                 lambda: unfinished_jobs(db, key.workspace_id), args.timeout, service, "jobs"
             )
             figures["cpu_seconds"] = meter.stop()
-            figures |= await _deletion_figures(db, requests, n)
+            figures |= cpu_per_item(figures["cpu_seconds"], n, "contact")
+            deletion = await _deletion_figures(db, requests, n)
+            deletion_ended = deletion.pop("last_done_at")
+            figures |= deletion
             figures["outbox"] = await outbox_figures(db, min(r.sent for r in requests))
             figures["contacts_left"] = await count_contacts(db, key.workspace_id)
 
             if hooks is not None:
                 figures |= await _webhook_figures(
-                    http, hooks, requests, n, args, service, db, meter
+                    http, hooks, requests, n, args, service, db, meter, deletion_ended
                 )
             figures["service_peak_rss_mb"] = service.peak_rss_mb()
 
@@ -912,6 +990,7 @@ async def _deletion_figures(db: Database, requests: list[Request], n: int) -> di
         "deletion_latency_ms": _ms(
             [at - accepted_at[job] for job, _, at in items if at is not None]
         ),
+        "last_done_at": last_done,
     }
 
 
@@ -924,8 +1003,12 @@ async def _webhook_figures(
     service: ServiceProcess,
     db: Database,
     meter: CpuMeter,
+    deletion_ended: float,
 ) -> dict[str, Any]:
+    """Deliveries, their latency, CPU and the floor. ``deletion_ended``: unix time of the
+    last deletion, after which what arrives is the backlog the dispatcher drains."""
     k = hooks.receivers.count
+    deletion_cpu = meter.last
     complete = await hooks.wait_for(http, n, args.timeout, service)
     # From the first deletion request to the last webhook (the receivers included).
     cpu = meter.stop()
@@ -935,6 +1018,7 @@ async def _webhook_figures(
     latencies: list[float] = []
     last_arrival = first_sent
     unique = 0
+    drained = 0
     delivered: list[set[str]] = []
     for receiver in stats:
         first_seen: dict[str, tuple[str | None, float]] = {}
@@ -944,9 +1028,13 @@ async def _webhook_figures(
         delivered.append(set(first_seen))
         for job_id, arrived in first_seen.values():
             last_arrival = max(last_arrival, arrived)
+            drained += arrived > deletion_ended
             if job_id in accepted_at:
                 latencies.append(arrived - accepted_at[job_id])
     elapsed = last_arrival - first_sent
+    # After the last deletion the dispatcher drains its backlog alone: its own pace, not
+    # capped by the deletions feeding it.
+    drain_s = last_arrival - deletion_ended
     out: dict[str, Any] = {
         "webhook_deliveries_expected": k * n,
         "webhook_deliveries": unique,
@@ -957,7 +1045,10 @@ async def _webhook_figures(
         "webhook_deliveries_per_s": _rate(unique, elapsed),
         "webhook_contacts_per_s": _rate(n, elapsed) if complete else None,
         "webhook_latency_ms": _ms(latencies),
+        "webhook_drained_after_deletion": drained,
+        "webhook_drain_deliveries_per_s": _rate(drained, drain_s) if drained > k else None,
         "webhook_cpu_seconds": cpu,
+        **cpu_per_item(cpu, unique, "delivery", before=deletion_cpu),
     }
     await hooks.reset(http)
     per_endpoint = Settings().webhook_max_in_flight_per_endpoint
@@ -972,6 +1063,9 @@ async def _webhook_figures(
     }
     out["webhook_to_floor_ratio"] = _ratio(
         out["webhook_deliveries_per_s"], out["webhook_floor_deliveries_per_s"]
+    )
+    out["webhook_drain_to_floor_ratio"] = _ratio(
+        out["webhook_drain_deliveries_per_s"], out["webhook_floor_deliveries_per_s"]
     )
     return out
 
@@ -1064,6 +1158,8 @@ _TABLE: list[tuple[str, str, str]] = [
     ("service / floor", "service_to_floor_ratio", ""),
     ("contacts / worker tx", "contacts_per_worker_transaction", ""),
     ("CPU s, deletion phase", "cpu_seconds", ""),
+    ("CPU ms per contact", "cpu_ms_per_contact", "ms"),
+    ("  + PostgreSQL server", "db_cpu_ms_per_contact", "ms"),
     ("service RSS idle", "service_rss_idle_mb", "MiB"),
     ("service peak RSS", "service_peak_rss_mb", "MiB"),
     ("webhook deliveries", "webhook_deliveries", ""),
@@ -1075,6 +1171,11 @@ _TABLE: list[tuple[str, str, str]] = [
     ("webhook floor /s", "webhook_floor_deliveries_per_s", "/s"),
     ("webhook / floor", "webhook_to_floor_ratio", ""),
     ("CPU s, to last webhook", "webhook_cpu_seconds", ""),
+    ("CPU ms per delivery", "cpu_ms_per_delivery", "ms"),
+    ("  + PostgreSQL server", "db_cpu_ms_per_delivery", "ms"),
+    ("drained after deletion", "webhook_drained_after_deletion", ""),
+    ("drain rate", "webhook_drain_deliveries_per_s", "/s"),
+    ("drain / floor", "webhook_drain_to_floor_ratio", ""),
     ("filter job contacts (M)", "filter_contacts", ""),
     ("filter job time", "filter_seconds", "s"),
     ("filter job rate", "filter_contacts_per_s", "contacts/s"),

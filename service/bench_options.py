@@ -40,6 +40,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--timeout", type=float, default=600.0, help="bound of each wait, in seconds"
     )
+    parser.add_argument(
+        "--split",
+        action="store_true",
+        help="run api, relay, worker and dispatcher as four processes (default: one), "
+        "with the CPU of each",
+    )
     parser.add_argument("--json-only", action="store_true", help="print only the JSON line")
     parser.add_argument(
         "--profile-service",

@@ -71,3 +71,22 @@ def test_retriable_broker_errors_that_aiokafka_retries_itself_are_warnings(
     fetcher.error("Unexpected error in fetcher routine: %s", "boom")
     lines = [json.loads(line) for line in stderr.getvalue().splitlines()]
     assert [line["level"] for line in lines] == ["warning", "error"]
+
+
+def test_lines_go_to_the_stderr_of_the_moment_not_the_one_configured_with(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import io
+    import sys
+
+    first = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", first)
+    configure_logging("json", "INFO")
+    first.close()  # e.g. a test's capture that ended
+    second = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", second)
+    get_logger("test").info("after_the_swap", job_id="j2")
+    logging.getLogger("aiokafka").warning("a library warning")
+    lines = [json.loads(line) for line in second.getvalue().splitlines()]
+    assert [line["event"] for line in lines] == ["after_the_swap", "a library warning"]
+    configure_logging("json", "WARNING")
