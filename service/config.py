@@ -78,7 +78,11 @@ class Settings(BaseSettings):
     # most 10,000: a batch's ids are bound three times in one statement, under the
     # databases' limit of 32,766 bound values.
     worker_batch_size: int = Field(default=500, ge=1, le=10_000)
-    expand_page_size: int = Field(default=1000, ge=1)
+    # A filter/search job turns its matches into items this many at a time, and only while
+    # fewer than `expand_ahead_max` of its items wait for deletion: the pipeline stays fed
+    # without a million-contact job queueing a million messages at once.
+    expand_page_size: int = Field(default=2000, ge=1)
+    expand_ahead_max: int = Field(default=10_000, ge=1)
     idempotency_ttl_s: int = Field(default=24 * 3600, ge=1)
     kafka_replication_factor: int = Field(default=1, ge=1)
     # How fast the group notices a member that died (kill -9, a lost host): its partitions

@@ -182,6 +182,18 @@ deletion_job_items = sa.Table(
     sa.Column("error_message", sa.String(500), nullable=True),
     sa.Column("processed_at", UTCDateTime, nullable=True),
     sa.Index("ix_deletion_job_items_job_id_position", "job_id", "position"),
+    # The job object's not_found and errors lists, without reading the job's other items
+    # (migration 0005).
+    *(
+        sa.Index(
+            f"ix_deletion_job_items_{status}",
+            "job_id",
+            "position",
+            postgresql_where=sa.text(f"status = '{status}'"),
+            sqlite_where=sa.text(f"status = '{status}'"),
+        )
+        for status in ("not_found", "failed")
+    ),
 )
 
 idempotency_keys = sa.Table(

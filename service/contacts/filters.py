@@ -272,8 +272,9 @@ def _escape_like(text: str) -> str:
     return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
-def compile_filter(node: Node, table: sa.Table) -> sa.ColumnElement[bool]:
-    """The SQLAlchemy clause of a parsed filter over the contacts table."""
+def compile_filter(node: Node, table: sa.FromClause) -> sa.ColumnElement[bool]:
+    """The SQLAlchemy clause of a parsed filter over the contacts table (or a subquery
+    with its columns)."""
     if isinstance(node, Combination):
         clauses = [compile_filter(p, table) for p in node.parts]
         if not clauses:
@@ -325,7 +326,7 @@ def _lower_postgresql(element: unicode_lower, compiler: Any, **kw: Any) -> str:
     return f'lower(({compiler.process(element.clauses, **kw)}) COLLATE "und-x-icu")'
 
 
-def compile_search(text: str, table: sa.Table) -> sa.ColumnElement[bool]:
+def compile_search(text: str, table: sa.FromClause) -> sa.ColumnElement[bool]:
     """Case-insensitive substring search over name, email and phone (`unicode_lower`)."""
     pattern = unicode_lower(sa.cast(sa.literal("%" + _escape_like(text) + "%"), sa.Text))
     columns = ("first_name", "last_name", "email", "phone")
@@ -333,7 +334,7 @@ def compile_search(text: str, table: sa.Table) -> sa.ColumnElement[bool]:
 
 
 def selection_clause(
-    table: sa.Table, filter_tree: Node | None, search: str | None
+    table: sa.FromClause, filter_tree: Node | None, search: str | None
 ) -> sa.ColumnElement[bool]:
     """The clause of a filter and/or search (both must match when both are given)."""
     clauses = []

@@ -2,14 +2,16 @@
 
 `create_job` writes a job, its items, one outbox row per contact (or one expansion
 message for filter/search jobs) and the `deletion.requested` audit event in the caller's
-transaction. `apply_progress` moves a job's counters and, when the last item is done,
+transaction. `apply_progress` moves a job's counters, expands a filter/search job further
+when few of its items are left waiting (`expand_page`) and, when the last item is done,
 finishes it (status, `deletion.completed` audit event, `deletion_job.completed` outbox row).
 """
 
 from __future__ import annotations
 
+import functools
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -19,7 +21,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from service.audit.store import AuditRecord, append_events
 from service.config import Settings
-from service.contacts.filters import selection_clause
+from service.contacts.filters import FIELDS as FILTER_FIELDS
+from service.contacts.filters import parse_filter, selection_clause
 from service.db import Database, contacts, deletion_job_items, deletion_jobs, outbox, utcnow
 from service.deletion.models import BulkDeleteRequest, ItemStatus, JobStatus, final_status
 from service.errors import NotFound, ValidationFailed
@@ -34,8 +37,12 @@ from service.events import (
     JobExpand,
     envelope,
 )
+from service.faults import describe, is_transient
+from service.logs import get_logger
 from service.outbox import outbox_row
 from service.timefmt import iso
+
+log = get_logger(__name__)
 
 LIST_CAP = 1000  # not_found / errors shown on the job object; the items endpoint pages the rest
 
@@ -106,29 +113,35 @@ async def load_job(
     return await _with_lists(conn, await load_job_row(conn, workspace_id, job_id))
 
 
-async def _with_lists(conn: AsyncConnection, row: Mapping[Any, Any]) -> dict[str, Any]:
+def status_is(status: ItemStatus) -> sa.ColumnElement[bool]:
+    """``deletion_job_items.status = '<status>'`` with the value written into the statement:
+    a partial index (migration 0005) serves only a plan that knows the value, and the
+    generic plan PostgreSQL settles on for a prepared statement (asyncpg prepares them
+    all) does not know its parameters."""
+    return deletion_job_items.c.status == sa.literal(status.value, literal_execute=True)
+
+
+def outcome_list(job_id: uuid.UUID, status: ItemStatus) -> sa.Select[Any]:
+    """The first ``LIST_CAP`` items of a job with this outcome, in request order: what the
+    job object lists as ``not_found`` and ``errors``. Reads only items of that outcome (a
+    partial index), however many others the job has."""
     items = deletion_job_items.c
-    not_found = (
-        await conn.execute(
-            sa.select(items.ref)
-            .where(items.job_id == row["id"], items.status == ItemStatus.NOT_FOUND)
-            .order_by(items.position)
-            .limit(LIST_CAP)
-        )
-    ).scalars()
-    failed = (
-        await conn.execute(
-            sa.select(items.ref, items.contact_id, items.error_code, items.error_message)
-            .where(items.job_id == row["id"], items.status == ItemStatus.FAILED)
-            .order_by(items.position)
-            .limit(LIST_CAP)
-        )
-    ).all()
+    return (
+        sa.select(items.ref, items.contact_id, items.error_code, items.error_message)
+        .where(items.job_id == job_id, status_is(status))
+        .order_by(items.position)
+        .limit(LIST_CAP)
+    )
+
+
+async def _with_lists(conn: AsyncConnection, row: Mapping[Any, Any]) -> dict[str, Any]:
+    not_found = (await conn.execute(outcome_list(row["id"], ItemStatus.NOT_FOUND))).all()
+    failed = (await conn.execute(outcome_list(row["id"], ItemStatus.FAILED))).all()
     errors = [
         {"contact_id": str(f.contact_id or f.ref), "code": f.error_code, "message": f.error_message}
         for f in failed
     ]
-    return job_json(row, [str(r) for r in not_found], errors)
+    return job_json(row, [str(r.ref) for r in not_found], errors)
 
 
 async def list_jobs(
@@ -167,7 +180,7 @@ async def list_items(
     c = deletion_job_items.c
     stmt = sa.select(deletion_job_items).where(c.job_id == job_id).order_by(c.position)
     if status is not None:
-        stmt = stmt.where(c.status == status)
+        stmt = stmt.where(status_is(status))
     if after is not None:
         stmt = stmt.where(c.position > after)
     rows = (await conn.execute(stmt.limit(limit + 1))).mappings().all()
@@ -359,6 +372,137 @@ async def insert_items(
         await conn.execute(outbox.insert(), messages)
 
 
+@dataclass(frozen=True)
+class ExpandedPage:
+    """What one expansion page of a filter/search job found."""
+
+    found: int  # items added (the job's total_requested grows by this much)
+    last: bool  # the matches are exhausted: the job now knows every one of its items
+
+
+# How many windows of ``expand_page_size`` contacts (in id order) one page may read when
+# the matches are sparse, before it hands over to the next page.
+EXPAND_WINDOWS_PER_PAGE = 10
+
+
+async def expand_page(
+    conn: AsyncConnection,
+    settings: Settings,
+    job: Mapping[Any, Any],
+    selector: Mapping[str, Any],
+    *,
+    now: datetime,
+) -> ExpandedPage:
+    """Turn the next page of a filter/search job's matches into items and deletion messages,
+    and move the job's cursor (``expand_after``) past them; the caller adds ``found`` to the
+    job's ``total_requested`` (and sets ``expanded`` on the last page).
+
+    ``job`` needs ``id``, ``workspace_id``, ``expand_after`` and ``total_requested`` (the
+    position of the page's first item). The caller holds the job row (``FOR UPDATE``, or the
+    ``UPDATE`` of `apply_progress`), so two pages of one job never run at once, and the
+    cursor makes a page exactly-once: each match is found by one page only.
+
+    A page is at most ``expand_page_size`` matches, looked for among the next contacts of
+    the workspace in id order, one window of ``expand_page_size`` contacts at a time
+    (`_window_statement`): whatever the filter and whatever the planner thinks of it, a
+    page reads O(page) rows, so the millionth contact costs what the first did (a plain
+    ``WHERE filter AND id > cursor ORDER BY id LIMIT n`` lets PostgreSQL read every
+    remaining match through the filter's own index and sort them, for every page).
+    """
+    tree = parse_filter(selector["filter"]) if "filter" in selector else None
+    clause_of = functools.partial(selection_clause, filter_tree=tree, search=selector.get("search"))
+    page_size = settings.expand_page_size
+    after: uuid.UUID | None = job["expand_after"]
+    ids: list[uuid.UUID] = []
+    last = False
+    for _ in range(EXPAND_WINDOWS_PER_PAGE):
+        stmt = _window_statement(
+            job["workspace_id"], after, page_size, page_size - len(ids), clause_of
+        )
+        rows = (await conn.execute(stmt)).all()
+        ids += sorted(r.id for r in rows if r.kind == _MATCH)
+        ends = [r.id for r in rows if r.kind == _WINDOW_END]
+        if len(ids) == page_size:
+            after = ids[-1]
+            break
+        if not ends:
+            last = True  # an empty window: nothing left after the cursor
+            break
+        after = ends[0]  # the window was read to its end, and held too few matches
+    await insert_items(
+        conn,
+        settings,
+        job["id"],
+        job["workspace_id"],
+        [(str(i), i) for i in ids],
+        start=job["total_requested"],
+        now=now,
+    )
+    if after != job["expand_after"]:
+        await conn.execute(
+            deletion_jobs.update().where(deletion_jobs.c.id == job["id"]).values(expand_after=after)
+        )
+    if not ids and not last:
+        # Nothing found that a deletion would later top up from: the next page comes by
+        # message instead, so a sparse job never stalls.
+        await queue_expansion(conn, settings, job["id"], job["workspace_id"], after, now)
+    return ExpandedPage(found=len(ids), last=last)
+
+
+async def queue_expansion(
+    conn: AsyncConnection,
+    settings: Settings,
+    job_id: uuid.UUID,
+    workspace_id: uuid.UUID,
+    after: uuid.UUID | None,
+    now: datetime,
+) -> None:
+    """An expansion message for the page after ``after`` (the worker ignores it unless the
+    job's cursor is still there when it arrives)."""
+    event = envelope(
+        TYPE_JOB_EXPAND,
+        str(job_id),
+        JobExpand(job_id=job_id, workspace_id=workspace_id, after=after),
+        now,
+    )
+    topic = settings.topic(TOPIC_DELETION_REQUESTED)
+    await conn.execute(outbox.insert().values(**outbox_row(topic, str(job_id), event)))
+
+
+_MATCH = 1
+_WINDOW_END = 0
+
+
+def _window_statement(
+    workspace_id: uuid.UUID,
+    after: uuid.UUID | None,
+    window_rows: int,
+    wanted: int,
+    clause_of: Callable[[sa.FromClause], sa.ColumnElement[bool]],
+) -> sa.CompoundSelect[Any]:
+    """One statement over the next ``window_rows`` contacts of a workspace after ``after``
+    (in id order): the first ``wanted`` of them that match (kind ``_MATCH``), and the
+    window's last contact (kind ``_WINDOW_END``; none when the window is empty).
+
+    The window is a LIMITed CTE, which neither database pushes the filter into, so it is
+    read through the ``(workspace_id, id)`` index, never the filter's own; and the window's
+    end comes from the same statement (one snapshot) as its matches, so a contact deleted
+    meanwhile by someone else cannot move the next window past contacts never read.
+    """
+    window = sa.select(*(contacts.c[f] for f in FILTER_FIELDS)).where(
+        contacts.c.workspace_id == workspace_id
+    )
+    if after is not None:
+        window = window.where(contacts.c.id > after)
+    w = window.order_by(contacts.c.id).limit(window_rows).cte("expansion_window")
+    matches = sa.select(w.c.id).where(clause_of(w)).order_by(w.c.id).limit(wanted).subquery()
+    end = sa.select(w.c.id).order_by(w.c.id.desc()).limit(1).subquery()
+    return sa.union_all(
+        sa.select(matches.c.id, sa.literal(_MATCH).label("kind")),
+        sa.select(end.c.id, sa.literal(_WINDOW_END).label("kind")),
+    )
+
+
 def email_ref(index: int) -> str:
     """How a job names an address that matched nothing: its place in the request's
     ``emails`` array (``"emails[3]"``, 0-based, first occurrence). The caller holds its own
@@ -492,24 +636,76 @@ async def apply_progress(
     }
     if delta.expanded:
         values["expanded"] = True
-    row = (
+    row: Mapping[Any, Any] = (
         (
             await conn.execute(
                 deletion_jobs.update()
                 .where(c.id == job_id)
                 .values(**values)
-                .returning(*PROGRESS_COLUMNS)
+                .returning(*PROGRESS_COLUMNS, c.expand_after)
             )
         )
         .mappings()
         .one()
     )
     change = JobChange(started=row["started_at"] == now)
+    if (
+        delta.processed
+        and not row["expanded"]
+        and row["completed_at"] is None
+        and row["total_requested"] - row["processed_count"] < settings.expand_ahead_max
+    ):
+        row = await _expand_ahead(conn, settings, row, delta, now)
     done = row["expanded"] and row["processed_count"] >= row["total_requested"]
     if not done or row["completed_at"] is not None:
         return change
     change.finished = await finish_job(conn, db, settings, row, now)
     return change
+
+
+async def _expand_ahead(
+    conn: AsyncConnection,
+    settings: Settings,
+    row: Mapping[Any, Any],
+    delta: ProgressDelta,
+    now: datetime,
+) -> Mapping[Any, Any]:
+    """One more expansion page for a filter/search job whose waiting items fell below
+    ``expand_ahead_max``, in the transaction of the deletions that made them fall; the
+    job's row as it now stands. ``delta`` learns what the page added, for the log lines.
+
+    Expanding here, rather than by a message queued behind the job's own deletions, keeps
+    between ``expand_ahead_max`` and ``expand_ahead_max + expand_page_size`` items waiting
+    while the job runs: enough to keep the workers busy, never the whole job. A statement
+    the database refuses is not this batch's fault: the page is rolled back to its
+    savepoint and left to an expansion message, whose failure fails the job as any
+    expansion failure does (service.deletion.worker).
+    """
+    c = deletion_jobs.c
+    selector = (await conn.execute(sa.select(c.selector).where(c.id == row["id"]))).scalar_one()
+    try:
+        async with conn.begin_nested():
+            page = await expand_page(conn, settings, row, selector, now=now)
+    except Exception as exc:
+        if is_transient(exc):
+            raise
+        log.warning("deletion_job_expansion_deferred", job_id=str(row["id"]), error=describe(exc))
+        await queue_expansion(
+            conn, settings, row["id"], row["workspace_id"], row["expand_after"], now
+        )
+        return row
+    delta.added += page.found
+    delta.expanded = delta.expanded or page.last
+    values: dict[str, Any] = {"total_requested": c.total_requested + page.found}
+    if page.last:
+        values["expanded"] = True
+    updated = await conn.execute(
+        deletion_jobs.update()
+        .where(c.id == row["id"])
+        .values(**values)
+        .returning(*PROGRESS_COLUMNS, c.expand_after)
+    )
+    return updated.mappings().one()
 
 
 async def finish_job(

@@ -39,7 +39,6 @@ from service.aio import (
 from service.audit.chain import email_hmac
 from service.audit.store import AuditRecord, append_events, load_hash_key
 from service.config import Settings
-from service.contacts.filters import parse_filter, selection_clause
 from service.contacts.store import TIMELINE_TABLES
 from service.db import Database, contacts, deletion_job_items, deletion_jobs, outbox, utcnow
 from service.deletion.models import NOT_FOUND, ErrorCode, ItemStatus, Outcome, decide
@@ -49,8 +48,8 @@ from service.deletion.store import (
     JobChange,
     ProgressDelta,
     apply_progress,
+    expand_page,
     finish_job,
-    insert_items,
 )
 from service.erasure.redact import TEXT_FIELDS, RedactionSummary, Redactor
 from service.erasure.scrubber import Scrubber, touched_tables
@@ -672,54 +671,35 @@ class DeletionWorker:
     async def _expand(
         self, conn: AsyncConnection, command: JobExpand, progress: dict[uuid.UUID, ProgressDelta]
     ) -> None:
-        """Turn the next page of a filter/search job's matches into items and messages."""
-        job_stmt = sa.select(deletion_jobs).where(deletion_jobs.c.id == command.job_id)
+        """Turn the next page of a filter/search job's matches into items and messages.
+
+        One message, one page: the job's first page comes from the message `create_job`
+        writes; later pages come from `apply_progress`, as the job's deletions drain its
+        waiting items (service.deletion.store.expand_page). A repeated or stale message
+        (its cursor is not the job's) changes nothing.
+        """
+        c = deletion_jobs.c
+        job_stmt = sa.select(
+            c.id,
+            c.workspace_id,
+            c.selector,
+            c.expanded,
+            c.expand_after,
+            c.total_requested,
+            c.completed_at,
+        ).where(c.id == command.job_id)
         job = (await conn.execute(self.db.for_update(job_stmt))).mappings().first()
-        if job is None or job["expanded"] or job["expand_after"] != command.after:
-            return  # a repeated or stale expansion message
-        selector = job["selector"]
-        tree = parse_filter(selector["filter"]) if "filter" in selector else None
-        stmt = (
-            sa.select(contacts.c.id)
-            .where(
-                contacts.c.workspace_id == job["workspace_id"],
-                selection_clause(contacts, tree, selector.get("search")),
-            )
-            .order_by(contacts.c.id)
-            .limit(self.settings.expand_page_size)
-        )
-        if command.after is not None:
-            stmt = stmt.where(contacts.c.id > command.after)
-        ids = list((await conn.execute(stmt)).scalars())
-        now = utcnow()
-        await insert_items(
-            conn,
-            self.settings,
-            job["id"],
-            job["workspace_id"],
-            [(str(i), i) for i in ids],
-            start=job["total_requested"],
-            now=now,
-        )
-        last = len(ids) < self.settings.expand_page_size
-        if not last:
-            event = envelope(
-                TYPE_JOB_EXPAND,
-                str(job["id"]),
-                JobExpand(job_id=job["id"], workspace_id=job["workspace_id"], after=ids[-1]),
-                now,
-            )
-            await conn.execute(
-                outbox.insert().values(**outbox_row(self.topic, str(job["id"]), event))
-            )
-        await conn.execute(
-            deletion_jobs.update()
-            .where(deletion_jobs.c.id == job["id"])
-            .values(expand_after=ids[-1] if ids else None)
-        )
+        if (
+            job is None
+            or job["expanded"]
+            or job["completed_at"] is not None
+            or job["expand_after"] != command.after
+        ):
+            return
+        page = await expand_page(conn, self.settings, job, job["selector"], now=utcnow())
         delta = progress.setdefault(job["id"], ProgressDelta())
-        delta.added += len(ids)
-        delta.expanded = delta.expanded or last
+        delta.added += page.found
+        delta.expanded = delta.expanded or page.last
 
 
 # What deciding a contact's outcome and redacting its timeline read of it.
