@@ -137,7 +137,7 @@ async def run_relay(services: Services, stop: asyncio.Event) -> None:
     settings = services.settings
     if not await _topics_ready(services, stop, "relay"):
         return
-    producer = Producer(settings.kafka_bootstrap_servers)
+    producer = Producer(settings.kafka_bootstrap_servers, linger_ms=settings.relay_linger_ms)
     try:
         await wait_for_dependency(producer.start, stop, dependency="kafka", component="relay")
     except Stopped:

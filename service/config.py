@@ -73,6 +73,10 @@ class Settings(BaseSettings):
 
     relay_batch_size: int = Field(default=500, ge=1)
     relay_poll_interval_s: float = Field(default=0.05, gt=0)
+    # How long the relay's producer lets a batch wait for more records (Kafka linger.ms).
+    # 0: a pass enqueues its whole batch before the sender runs, so the records still
+    # share requests; waiting longer would only add to every event's latency (issue 8).
+    relay_linger_ms: int = Field(default=0, ge=0, le=1000)
     # Messages per worker transaction, at most: larger batches amortise the statements
     # and commits (issue 8 measured 500 at about 15 % less CPU per contact than 200). At
     # most 10,000: a batch's ids are bound three times in one statement, under the

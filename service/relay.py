@@ -47,6 +47,11 @@ class Relay:
         self.metrics = metrics
         self.wakeup = wakeup or asyncio.Event()
         self.sleep = sleep
+        # The relay's own figures: rows published and passes made since it started, and
+        # `idle`, set while it waits with nothing signalled (cleared when a pass starts).
+        self.published = 0
+        self.passes = 0
+        self.idle = asyncio.Event()
 
     def _pending(self) -> sa.Select[Any]:
         stmt = (
@@ -79,6 +84,7 @@ class Relay:
                 crash_if(self.settings.failpoint, "relay_after_publish")
                 await self._mark(conn, [r.id for r in rows])
         self.metrics.outbox_published.inc(len(rows))
+        self.published += len(rows)
         return len(rows)
 
     async def _mark(self, conn: Any, ids: list[int]) -> None:
@@ -89,12 +95,20 @@ class Relay:
     async def run(self, stop: asyncio.Event) -> None:
         """Publish until `stop`; wait for a wake-up (or the poll interval) when idle.
 
+        The wake-up (`wakeup`, set by whoever commits outbox rows in this process) is
+        cleared before a pass reads, never after: a row committed while a batch is read or
+        published sets it again, and the next pass starts at once instead of after
+        ``relay_poll_interval_s`` (the poll only catches rows that other processes wrote).
+
         Never exits on an error: an outage of the database or broker is waited out with
         capped, jittered back-off; anything else is logged as an error and retried at the
         slowest pace (the rows stay unpublished, nothing is lost).
         """
         backoff = Backoff(cap_s=self.settings.retry_max_backoff_s, sleep=self.sleep)
         while not stop.is_set():
+            self.wakeup.clear()
+            self.idle.clear()
+            self.passes += 1
             try:
                 sent = await self.publish_once()
                 backoff.reset()
@@ -108,6 +122,6 @@ class Relay:
                     log.error("relay_batch_failed", error=describe(exc), backoff_s=delay)
                 await self.sleep(delay, stop)
                 continue
-            if sent < self.settings.relay_batch_size:
-                self.wakeup.clear()
+            if sent < self.settings.relay_batch_size and not self.wakeup.is_set():
+                self.idle.set()
                 await wait_any(self.settings.relay_poll_interval_s, stop, self.wakeup)
