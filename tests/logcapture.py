@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 from collections.abc import Iterator
@@ -34,6 +35,19 @@ class LogLines:
             for e in self.all()
             if e.get("event") == name and all(e.get(k) == v for k, v in fields.items())
         ]
+
+    async def wait_for(self, name: str, timeout_s: float = 10.0, **fields: Any) -> None:
+        """Wait until a line of event `name` with `fields` is written.
+
+        A component logs what it did once its transaction has committed, so a line can
+        trail by a moment the state the API already shows (a finished job, a recorded
+        attempt): wait for the line rather than race it. Fails after `timeout_s` seconds.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while not self.events(name, **fields):
+            assert loop.time() < deadline, f"no {name} line with {fields} in {timeout_s} s"
+            await asyncio.sleep(0.02)
 
 
 @contextmanager

@@ -653,6 +653,8 @@ async def test_job_lifecycle_and_deletion_batches_leave_log_lines_without_addres
     with json_logs() as logs:
         by_email = await run_job(tenant, {"emails": [*emails[:2], "nobody.logs@example.com"]})
         by_filter = await run_job(tenant, {"filter": {"last_name": "Logline"}})
+        for job in (by_email, by_filter):  # the lines follow the commit the API reads
+            await logs.wait_for("deletion_job_finished", job_id=job["job_id"])
 
     for job in (by_email, by_filter):
         jid = job["job_id"]

@@ -1592,6 +1592,10 @@ async def test_delivery_outcomes_and_endpoint_state_changes_leave_log_lines(
         status, body, _ = await tenant.call("POST", f"{ENDPOINTS}/{eid}/rotate-secret")
         assert status == 200, body
         new_secret = body["data"]["secret"]
+        # The dispatcher logs an outcome once it is recorded, which the API shows first.
+        await logs.wait_for("webhook_delivery_succeeded", endpoint_id=eid, event_id=first)
+        await logs.wait_for("webhook_delivery_failed", endpoint_id=eid, event_id=second)
+        await logs.wait_for("webhook_endpoint_disabled", endpoint_id=eid)
 
     retry = logs.events("webhook_delivery_retry_scheduled", endpoint_id=eid, event_id=first)
     assert [(r["attempt"], r["status_code"], r["error"]) for r in retry] == [(1, 500, "http_500")]
