@@ -75,6 +75,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
 from service.bench_options import add_arguments
 from service.bench_receiver import CONFIG_PATH, HOOK_PATH, RESET_PATH, STATS_PATH
 from service.config import Settings
+from service.contacts.store import contact_row
 from service.db import (
     Database,
     activities,
@@ -446,19 +447,14 @@ async def seed(
             if keep_ids:
                 ids.append(contact_id)
             people.append(
-                {
-                    "id": contact_id,
-                    "workspace_id": workspace_id,
-                    "email": f"{tag}-{i}@bench.example.com",
-                    "first_name": "Bench",
-                    "last_name": tag,
-                    "phone": None,
-                    "properties": {},
-                    "member_role": None,
-                    "has_billing_subscription": False,
-                    "created_at": now,
-                    "updated_at": now,
-                }
+                contact_row(
+                    contact_id,
+                    workspace_id,
+                    f"{tag}-{i}@bench.example.com",
+                    first_name="Bench",
+                    last_name=tag,
+                    at=now,
+                )
             )
             acts.append(
                 {

@@ -18,6 +18,34 @@ from service.timefmt import iso
 TIMELINE_TABLES: dict[str, sa.Table] = {"activity": activities, "note": notes, "task": tasks}
 
 
+def contact_row(
+    contact_id: uuid.UUID,
+    workspace_id: uuid.UUID,
+    email: str,
+    *,
+    first_name: str | None = None,
+    last_name: str | None = None,
+    phone: str | None = None,
+    at: datetime | None = None,
+) -> dict[str, Any]:
+    """A whole `contacts` row for a bulk insert (seeding, tests): no properties, no member
+    role, no billing subscription, created and updated `at` (default now, UTC)."""
+    now = at or utcnow()
+    return {
+        "id": contact_id,
+        "workspace_id": workspace_id,
+        "email": email,
+        "first_name": first_name,
+        "last_name": last_name,
+        "phone": phone,
+        "properties": {},
+        "member_role": None,
+        "has_billing_subscription": False,
+        "created_at": now,
+        "updated_at": now,
+    }
+
+
 def contact_json(row: Mapping[Any, Any]) -> dict[str, Any]:
     """A contact row as the API shows it."""
     return {

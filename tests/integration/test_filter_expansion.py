@@ -23,6 +23,7 @@ import sqlalchemy as sa
 from service.audit.chain import verify_events
 from service.audit.store import load_hash_key, stream_events
 from service.config import Settings
+from service.contacts.store import contact_row
 from service.db import (
     Database,
     audit_events,
@@ -73,19 +74,9 @@ async def seed(
     now = utcnow()
     ids = {uuid.UUID("ffff" + uuid.uuid4().hex[4:]) if last else uuid.uuid4() for _ in range(count)}
     rows: list[dict[str, Any]] = [
-        {
-            "id": contact_id,
-            "workspace_id": workspace_id,
-            "email": f"{contact_id.hex}@example.com",
-            "first_name": None,
-            "last_name": name,
-            "phone": None,
-            "properties": {},
-            "member_role": None,
-            "has_billing_subscription": False,
-            "created_at": now,
-            "updated_at": now,
-        }
+        contact_row(
+            contact_id, workspace_id, f"{contact_id.hex}@example.com", last_name=name, at=now
+        )
         for contact_id, name in [(i, last_name) for i in ids]
         + [(uuid.uuid4(), "Bystander") for _ in range(others)]
     ]

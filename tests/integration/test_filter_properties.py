@@ -27,6 +27,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from service.contacts.filters import ALL, compile_filter, parse_filter, simplify
+from service.contacts.store import contact_row
 from service.db import Database, contacts, workspaces
 from service.errors import ValidationFailed
 
@@ -78,19 +79,15 @@ def _people(workspace_id: uuid.UUID) -> list[dict[str, Any]]:
     for i in range(12):
         contact_id = uuid.UUID(IDS[i]) if i < len(IDS) else uuid.uuid4()
         rows.append(
-            {
-                "id": contact_id,
-                "workspace_id": workspace_id,
-                "email": EMAILS[i % len(EMAILS)] if i < 6 else f"p{i}@example.org",
-                "first_name": firsts[i % len(firsts)],
-                "last_name": lasts[i % len(lasts)],
-                "phone": phones[i % len(phones)],
-                "properties": {},
-                "member_role": None,
-                "has_billing_subscription": False,
-                "created_at": times[i % len(times)],
-                "updated_at": times[i % len(times)],
-            }
+            contact_row(
+                contact_id,
+                workspace_id,
+                EMAILS[i % len(EMAILS)] if i < 6 else f"p{i}@example.org",
+                first_name=firsts[i % len(firsts)],
+                last_name=lasts[i % len(lasts)],
+                phone=phones[i % len(phones)],
+                at=times[i % len(times)],
+            )
         )
     return rows
 

@@ -34,6 +34,7 @@ import sqlalchemy as sa
 from service.audit.chain import verify_events
 from service.audit.store import stream_events
 from service.config import Settings
+from service.contacts.store import contact_row
 from service.db import (
     Database,
     audit_events,
@@ -78,19 +79,14 @@ async def seed_job(db: Database, settings: Settings, count: int) -> Job:
     now = utcnow()
     ids = [new_id() for _ in range(count)]
     rows: list[dict[str, Any]] = [
-        {
-            "id": ids[n],
-            "workspace_id": workspace_id,
-            "email": f"{marker}-{n}@example.com",
-            "first_name": "Out",
-            "last_name": f"Age{n}",
-            "phone": None,
-            "properties": {},
-            "member_role": None,
-            "has_billing_subscription": False,
-            "created_at": now,
-            "updated_at": now,
-        }
+        contact_row(
+            ids[n],
+            workspace_id,
+            f"{marker}-{n}@example.com",
+            first_name="Out",
+            last_name=f"Age{n}",
+            at=now,
+        )
         for n in range(count)
     ]
     async with db.begin() as conn:
