@@ -52,14 +52,16 @@ def sign_in(driver: WebDriver, service: ConsoleService, key: str) -> list[str]:
 
 
 def go(driver: WebDriver, section: str) -> None:
-    css(driver, f"#nav a[data-section={section}]").click()
+    click(driver, f"#nav a[data-section={section}]")
 
 
-def click(driver: WebDriver, selector: str) -> None:
-    """Click what `selector` finds, again if a re-render replaced it meanwhile."""
+def click(driver: WebDriver, selector: str, by: str = By.CSS_SELECTOR) -> None:
+    """Click what `selector` finds, again if a re-render replaced it between the find and
+    the click (the console re-renders polled lists and pages; a stale element was not
+    clicked, so clicking the new one is the same user action)."""
 
     def attempt(d: WebDriver) -> bool:
-        d.find_element(By.CSS_SELECTOR, selector).click()
+        d.find_element(by, selector).click()
         return True
 
     wait_for(driver, attempt)
@@ -107,8 +109,8 @@ def test_delete_subscribe_retry_and_audit_from_the_page(
     # Subscribe the receiver; the secret is shown once, and the receiver verifies with it.
     go(driver, "webhooks")
     wait_for(driver, lambda d: d.find_element(By.ID, "ep-url")).send_keys(receiver.url)
-    css(driver, "input[name=new-event][value='contact.deleted']").click()
-    css(driver, "#endpoint-form button[type=submit]").click()
+    click(driver, "input[name=new-event][value='contact.deleted']")
+    click(driver, "#endpoint-form button[type=submit]")
     receiver.secret = wait_for(driver, lambda d: d.find_element(By.ID, "endpoint-secret")).text
     assert receiver.secret.startswith("whsec_")
     wait_for(driver, lambda d: receiver.url in text_of(d, "table"))
@@ -117,10 +119,10 @@ def test_delete_subscribe_retry_and_audit_from_the_page(
     # A dry run first: the member is a blocker; nothing changes.
     go(driver, "deletions")
     wait_for(driver, lambda d: d.find_element(By.ID, "delete-form"))
-    css(driver, "input[name=selector-kind][value=emails]").click()
+    click(driver, "input[name=selector-kind][value=emails]")
     listing = css(driver, "#del-list")
     listing.send_keys("\n".join([*emails, "grace@example.com", "nobody@example.com"]))
-    css(driver, "#dry-run").click()
+    click(driver, "#dry-run")
     wait_for(driver, lambda d: text_of(d, "#would-delete") == "2")
     outcome = css(driver, "#dry-run-outcome").text
     assert "CANNOT_DELETE_SITE_MEMBERS" in outcome
@@ -138,10 +140,10 @@ def test_delete_subscribe_retry_and_audit_from_the_page(
     listing.clear()
     listing.send_keys("\n".join([*emails, "nobody@example.com"]))
     assert not driver.find_elements(By.ID, "would-delete")
-    css(driver, "#dry-run").click()
+    click(driver, "#dry-run")
     wait_for(driver, lambda d: text_of(d, "#would-delete") == "2")
     assert "nothing blocks" in css(driver, "#dry-run-outcome").text
-    css(driver, "#confirm-delete").click()
+    click(driver, "#confirm-delete")
     wait_for(driver, lambda d: "#/jobs/" in d.current_url)
     wait_for(driver, lambda d: text_of(d, "#job-status") == "completed", timeout=60)
     assert "2 deleted · 1 not found · 0 failed" in css(driver, "main").text
@@ -155,7 +157,7 @@ def test_delete_subscribe_retry_and_audit_from_the_page(
 
     # The delivery log: one delivery failed (503) and waits an hour; retry it from the page.
     go(driver, "webhooks")
-    wait_for(driver, lambda d: d.find_element(By.LINK_TEXT, "Open")).click()
+    click(driver, "Open", by=By.LINK_TEXT)
     wait_for(driver, lambda d: d.find_element(By.ID, "delivery-status"))
 
     def both_tried(d: WebDriver) -> list[tuple[str, str]]:
@@ -176,7 +178,7 @@ def test_delete_subscribe_retry_and_audit_from_the_page(
     shot(driver, "endpoint")
     click(driver, f"a[href='#{deliveries[0][1]}']")
     wait_for(driver, lambda d: "503" in text_of(d, "table tbody"))
-    css(driver, "#retry-delivery").click()
+    click(driver, "#retry-delivery")
     wait_for(driver, lambda d: text_of(d, "#delivery-status-now") == "succeeded", timeout=30)
     wait_for(driver, lambda d: len(d.find_elements(By.CSS_SELECTOR, "table tbody tr")) == 2)
     assert "200" in text_of(driver, "table tbody")
@@ -190,13 +192,13 @@ def test_delete_subscribe_retry_and_audit_from_the_page(
     # The audit trail: the chain verifies, with its head hash shown; the deletion events
     # lead to the preserved timeline.
     go(driver, "audit")
-    wait_for(driver, lambda d: d.find_element(By.ID, "verify")).click()
+    click(driver, "verify", by=By.ID)
     head = wait_for(driver, lambda d: d.find_element(By.ID, "head-hash")).text
     status, verdict = service.call(key, "GET", "/v1/audit/verify")
     assert verdict["data"]["ok"] is True
     assert head == verdict["data"]["head_hash"]
     Select(css(driver, "#f-action")).select_by_value("contact.deleted")
-    css(driver, "#events-form button[type=submit]").click()
+    click(driver, "#events-form button[type=submit]")
     link = f"a[href='#/audit/contacts/{ids[0]}']"
     wait_for(driver, lambda d: d.find_elements(By.CSS_SELECTOR, link))
     assert_labelled(driver)
@@ -228,12 +230,12 @@ def test_look_up_a_deleted_address_and_open_its_timeline(
         wait_for(driver, lambda d: d.find_element(By.ID, "lookup-email")).send_keys(
             "Lin@Example.com"
         )
-        css(driver, "#lookup-form button[type=submit]").click()
+        click(driver, "#lookup-form button[type=submit]")
         # Whatever the answer (or error), it shows at once; then it must be "deleted".
         wait_for(driver, lambda d: text_of(d, "#lookup-result") or text_of(d, ".status.bad"))
         assert "Yes: deleted" in text_of(driver, "#lookup-result"), text_of(driver, ".status")
         assert "example.com" not in driver.current_url.lower()
-        css(driver, f"#lookup-result a[href='#/audit/contacts/{contact_id}']").click()
+        click(driver, f"#lookup-result a[href='#/audit/contacts/{contact_id}']")
         wait_for(driver, lambda d: d.find_element(By.ID, "timeline-deleted"))
         assert "renewal call" in css(driver, "main").text
         assert_no_console_errors(driver)
@@ -258,7 +260,7 @@ def test_a_key_without_audit_read_sees_no_audit_section_and_sign_out_forgets_it(
     driver.switch_to.active_element.send_keys(Keys.ENTER)
     wait_for(driver, lambda d: d.find_element(By.ID, "endpoint-form"))
     assert_labelled(driver)
-    css(driver, "#sign-out").click()
+    click(driver, "#sign-out")
     wait_for(driver, lambda d: d.find_element(By.ID, "api-key").is_displayed())
     assert driver.execute_script("return sessionStorage.length") == 0
     driver.refresh()
@@ -312,22 +314,22 @@ def test_manage_an_endpoint_and_export_the_trail_from_the_page(
     driver.get(f"{service.base}/console#/endpoints/{endpoint_id}")
     description = wait_for(driver, lambda d: d.find_element(By.ID, "edit-description"))
     description.send_keys("CRM sync")
-    css(driver, "#edit-form button[type=submit]").click()
+    click(driver, "#edit-form button[type=submit]")
     wait_for(driver, lambda d: "CRM sync" in text_of(d, ".kv"))
 
-    css(driver, "#rotate").click()
+    click(driver, "#rotate")
     new_secret = wait_for(driver, lambda d: d.find_element(By.ID, "endpoint-secret")).text
     assert new_secret.startswith("whsec_") and new_secret != first_secret
     assert "24 hours" in text_of(driver, ".secret")
     receiver.secret = new_secret
 
-    css(driver, "#send-test").click()
+    click(driver, "#send-test")
     wait_for(driver, lambda d: "webhook.test" in text_of(d, "table tbody"), timeout=30)
     wait_for(driver, lambda d: "succeeded" in text_of(d, "table tbody"), timeout=30)
     assert [p["type"] for p in receiver.verified] == ["webhook.test"]
 
-    css(driver, "#delete-endpoint").click()
-    css(driver, "#really-delete").click()
+    click(driver, "#delete-endpoint")
+    click(driver, "#really-delete")
     wait_for(driver, lambda d: d.current_url.endswith("#/webhooks"))
     wait_for(driver, lambda d: "No endpoints yet." in text_of(d, "main"))
     assert service.call(key, "GET", f"/v1/webhooks/endpoints/{endpoint_id}")[0] == 404
@@ -337,7 +339,7 @@ def test_manage_an_endpoint_and_export_the_trail_from_the_page(
         "Browser.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(tmp_path)}
     )
     go(driver, "audit")
-    wait_for(driver, lambda d: d.find_element(By.ID, "export")).click()
+    click(driver, "export", by=By.ID)
     exported = tmp_path / "audit-from-1.ndjson"
     wait_for(driver, lambda d: exported.exists() and exported.stat().st_size > 0)
     actions = [json.loads(line)["action"] for line in exported.read_text().splitlines()]
