@@ -9,6 +9,7 @@ relay, rows go out in id order, so events of one key keep their order.
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 import sqlalchemy as sa
@@ -25,10 +26,32 @@ from service.metrics import Metrics
 log = get_logger(__name__)
 
 
+# The headers column read as its JSON text (no JSON result processing per row): the rows
+# of a pass share a handful of distinct header lists (content type and event type), so
+# each distinct text is parsed once and remembered.
+_HEADERS_TEXT = sa.type_coerce(outbox.c.headers, sa.Text).label("headers")
+_HEADERS_CACHE_MAX = 1024
+_headers_cache: dict[str, tuple[tuple[str, bytes], ...]] = {}
+
+
+def _headers(text: str | list[Any]) -> tuple[tuple[str, bytes], ...]:
+    """Kafka headers from the stored ``[[name, value], ...]`` (its JSON text, as read)."""
+    if not isinstance(text, str):  # a driver that hands JSON back decoded
+        return tuple((str(k), str(v).encode()) for k, v in text)
+    headers = _headers_cache.get(text)
+    if headers is None:
+        headers = tuple((str(k), str(v).encode()) for k, v in json.loads(text))
+        if len(_headers_cache) >= _HEADERS_CACHE_MAX:
+            _headers_cache.clear()
+        _headers_cache[text] = headers
+    return headers
+
+
 def _message(row: Any) -> OutMessage:
-    headers = tuple((str(k), str(v).encode()) for k, v in row.headers)
     key = row.key.encode() if row.key is not None else None
-    return OutMessage(topic=row.topic, key=key, value=bytes(row.payload), headers=headers)
+    return OutMessage(
+        topic=row.topic, key=key, value=bytes(row.payload), headers=_headers(row.headers)
+    )
 
 
 class Relay:
@@ -55,7 +78,7 @@ class Relay:
 
     def _pending(self) -> sa.Select[Any]:
         stmt = (
-            sa.select(outbox.c.id, outbox.c.topic, outbox.c.key, outbox.c.payload, outbox.c.headers)
+            sa.select(outbox.c.id, outbox.c.topic, outbox.c.key, outbox.c.payload, _HEADERS_TEXT)
             .where(outbox.c.published_at.is_(None))
             .order_by(outbox.c.id)
             .limit(self.settings.relay_batch_size)
