@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from service.db import utcnow
+from service.db import EncodedJSON, utcnow
 from service.events import CloudEvent
 
 
@@ -24,6 +24,22 @@ def encoded_outbox_row(
         "topic": topic,
         "key": key,
         "payload": payload,
-        "headers": [["content-type", "application/cloudevents+json"], ["ce_type", event_type]],
+        "headers": _headers(event_type),
         "created_at": created_at or utcnow(),
     }
+
+
+_HEADERS: dict[str, EncodedJSON] = {}
+
+
+def _headers(event_type: str) -> EncodedJSON:
+    """``[["content-type", ...], ["ce_type", event_type]]``, JSON-encoded once per type."""
+    headers = _HEADERS.get(event_type)
+    if headers is None:
+        if len(_HEADERS) >= 256:
+            _HEADERS.clear()
+        headers = EncodedJSON(
+            (("content-type", "application/cloudevents+json"), ("ce_type", event_type))
+        )
+        _HEADERS[event_type] = headers
+    return headers

@@ -26,10 +26,10 @@ from service.metrics import Metrics
 log = get_logger(__name__)
 
 
-# The headers column read as its JSON text (no JSON result processing per row): the rows
-# of a pass share a handful of distinct header lists (content type and event type), so
-# each distinct text is parsed once and remembered.
-_HEADERS_TEXT = sa.type_coerce(outbox.c.headers, sa.Text).label("headers")
+# The headers column read as its JSON text (cast in SQL, so neither SQLAlchemy nor asyncpg
+# decodes JSON per row): the rows of a pass share a handful of distinct header lists
+# (content type and event type), so each distinct text is parsed once and remembered.
+_HEADERS_TEXT = sa.cast(outbox.c.headers, sa.Text).label("headers")
 _HEADERS_CACHE_MAX = 1024
 _headers_cache: dict[str, tuple[tuple[str, bytes], ...]] = {}
 
