@@ -34,10 +34,8 @@ _HEADERS_CACHE_MAX = 1024
 _headers_cache: dict[str, tuple[tuple[str, bytes], ...]] = {}
 
 
-def _headers(text: str | list[Any]) -> tuple[tuple[str, bytes], ...]:
+def _headers(text: str) -> tuple[tuple[str, bytes], ...]:
     """Kafka headers from the stored ``[[name, value], ...]`` (its JSON text, as read)."""
-    if not isinstance(text, str):  # a driver that hands JSON back decoded
-        return tuple((str(k), str(v).encode()) for k, v in text)
     headers = _headers_cache.get(text)
     if headers is None:
         headers = tuple((str(k), str(v).encode()) for k, v in json.loads(text))
