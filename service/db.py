@@ -8,8 +8,9 @@ in-process instead of failing with "database is locked"), and reads use a second
 
 from __future__ import annotations
 
+import json
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -29,6 +30,30 @@ metadata = sa.MetaData(
         "pk": "pk_%(table_name)s",
     }
 )
+
+
+class EncodedJSON(tuple[Any, ...]):
+    """A JSON array value that many rows share, with its JSON text computed once.
+
+    The engines' JSON serializer (:func:`json_serializer`) writes ``json`` instead of
+    encoding the value again for every row; any other serializer sees a tuple and writes
+    the same array. Immutable, so the text cannot go stale.
+    """
+
+    json: str
+
+    def __new__(cls, items: Iterable[Any]) -> EncodedJSON:
+        value = super().__new__(cls, items)
+        value.json = json.dumps(list(value))
+        return value
+
+
+def json_serializer(value: Any) -> str:
+    """JSON text of a JSON column's value: ``json.dumps``, or the text an
+    :class:`EncodedJSON` carries (byte-for-byte what ``json.dumps`` gives for it)."""
+    if type(value) is EncodedJSON:
+        return value.json
+    return json.dumps(value)
 
 
 def utcnow() -> datetime:
@@ -351,17 +376,26 @@ class Database:
             _ensure_sqlite_dir(url)
             if ":memory:" in url:
                 # One shared in-memory database: one connection serves reads and writes.
-                self._writer = create_async_engine(url, echo=echo)
+                self._writer = create_async_engine(url, echo=echo, json_serializer=json_serializer)
                 self._reader = self._writer
             else:
-                self._writer = create_async_engine(url, echo=echo, pool_size=1, max_overflow=0)
-                self._reader = create_async_engine(url, echo=echo, pool_size=4, max_overflow=4)
+                self._writer = create_async_engine(
+                    url, echo=echo, pool_size=1, max_overflow=0, json_serializer=json_serializer
+                )
+                self._reader = create_async_engine(
+                    url, echo=echo, pool_size=4, max_overflow=4, json_serializer=json_serializer
+                )
             _sqlite_pragmas(self._writer, immediate=True, busy_timeout_ms=busy_timeout_ms)
             if self._reader is not self._writer:
                 _sqlite_pragmas(self._reader, immediate=False, busy_timeout_ms=busy_timeout_ms)
         else:
             self._writer = create_async_engine(
-                url, echo=echo, pool_size=10, max_overflow=10, pool_pre_ping=True
+                url,
+                echo=echo,
+                pool_size=10,
+                max_overflow=10,
+                pool_pre_ping=True,
+                json_serializer=json_serializer,
             )
             self._reader = self._writer
 

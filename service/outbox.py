@@ -2,18 +2,44 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
-from service.db import utcnow
+from service.db import EncodedJSON, utcnow
 from service.events import CloudEvent
 
 
 def outbox_row(topic: str, key: str, event: CloudEvent) -> dict[str, Any]:
     """An outbox row for a CloudEvent (structured JSON, content type header)."""
+    return encoded_outbox_row(
+        topic, key, event.type, event.model_dump_json(exclude_none=True).encode("utf-8")
+    )
+
+
+def encoded_outbox_row(
+    topic: str, key: str, event_type: str, payload: bytes, created_at: datetime | None = None
+) -> dict[str, Any]:
+    """An outbox row for a CloudEvent already encoded as structured JSON (``payload``)."""
     return {
         "topic": topic,
         "key": key,
-        "payload": event.model_dump_json(exclude_none=True).encode("utf-8"),
-        "headers": [["content-type", "application/cloudevents+json"], ["ce_type", event.type]],
-        "created_at": utcnow(),
+        "payload": payload,
+        "headers": _headers(event_type),
+        "created_at": created_at or utcnow(),
     }
+
+
+_HEADERS: dict[str, EncodedJSON] = {}
+
+
+def _headers(event_type: str) -> EncodedJSON:
+    """``[["content-type", ...], ["ce_type", event_type]]``, JSON-encoded once per type."""
+    headers = _HEADERS.get(event_type)
+    if headers is None:
+        if len(_HEADERS) >= 256:
+            _HEADERS.clear()
+        headers = EncodedJSON(
+            (("content-type", "application/cloudevents+json"), ("ce_type", event_type))
+        )
+        _HEADERS[event_type] = headers
+    return headers

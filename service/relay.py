@@ -9,6 +9,7 @@ relay, rows go out in id order, so events of one key keep their order.
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 import sqlalchemy as sa
@@ -25,10 +26,30 @@ from service.metrics import Metrics
 log = get_logger(__name__)
 
 
+# The headers column read as its JSON text (cast in SQL, so neither SQLAlchemy nor asyncpg
+# decodes JSON per row): the rows of a pass share a handful of distinct header lists
+# (content type and event type), so each distinct text is parsed once and remembered.
+_HEADERS_TEXT = sa.cast(outbox.c.headers, sa.Text).label("headers")
+_HEADERS_CACHE_MAX = 1024
+_headers_cache: dict[str, tuple[tuple[str, bytes], ...]] = {}
+
+
+def _headers(text: str) -> tuple[tuple[str, bytes], ...]:
+    """Kafka headers from the stored ``[[name, value], ...]`` (its JSON text, as read)."""
+    headers = _headers_cache.get(text)
+    if headers is None:
+        headers = tuple((str(k), str(v).encode()) for k, v in json.loads(text))
+        if len(_headers_cache) >= _HEADERS_CACHE_MAX:
+            _headers_cache.clear()
+        _headers_cache[text] = headers
+    return headers
+
+
 def _message(row: Any) -> OutMessage:
-    headers = tuple((str(k), str(v).encode()) for k, v in row.headers)
     key = row.key.encode() if row.key is not None else None
-    return OutMessage(topic=row.topic, key=key, value=bytes(row.payload), headers=headers)
+    return OutMessage(
+        topic=row.topic, key=key, value=bytes(row.payload), headers=_headers(row.headers)
+    )
 
 
 class Relay:
@@ -55,7 +76,7 @@ class Relay:
 
     def _pending(self) -> sa.Select[Any]:
         stmt = (
-            sa.select(outbox.c.id, outbox.c.topic, outbox.c.key, outbox.c.payload, outbox.c.headers)
+            sa.select(outbox.c.id, outbox.c.topic, outbox.c.key, outbox.c.payload, _HEADERS_TEXT)
             .where(outbox.c.published_at.is_(None))
             .order_by(outbox.c.id)
             .limit(self.settings.relay_batch_size)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from aiokafka.partitioner import DefaultPartitioner
 
 from service.kafka import (
     Consumer,
@@ -23,6 +24,7 @@ from service.kafka import (
     Producer,
     ensure_topics,
     kafka_reachable,
+    read_topics,
 )
 from service.localkafka import LocalKafka, broker_answers
 from service.procs import free_port
@@ -74,6 +76,44 @@ async def test_message_round_trips_with_key_value_and_headers(kafka_bootstrap: s
         assert await again.getmany(timeout_ms=1500, max_records=10) == []
     finally:
         await again.stop()
+
+
+async def test_send_many_puts_each_key_where_the_default_partitioner_does_in_order(
+    kafka_bootstrap: str,
+) -> None:
+    """Records are batched per partition by the producer itself: each lands in the partition
+    aiokafka's DefaultPartitioner picks for its key, in the order given (also across the
+    several batches a small batch size forces), headers intact; a keyless one lands too."""
+    topics = [_unique("batched-a"), _unique("batched-b")]
+    await ensure_topics(kafka_bootstrap, topics, partitions=5)
+    keys = [str(uuid.uuid4()).encode() for _ in range(40)]
+    sent = [
+        OutMessage(topics[i % 2], keys[i % 40], f"{i}".encode() * 20, (("ce_type", b"t"),))
+        for i in range(400)
+    ]
+    sent.append(OutMessage(topics[0], None, b"keyless"))
+    producer = Producer(kafka_bootstrap, max_batch_size=1024)
+    await producer.start()
+    try:
+        await producer.send_many(sent)
+    finally:
+        await producer.stop()
+
+    got = [m async for m in read_topics(kafka_bootstrap, topics)]
+    assert sorted(m.value for m in got) == sorted(m.value for m in sent)
+    partitioner = DefaultPartitioner()
+    for m in got:
+        if m.key is not None:
+            assert m.partition == partitioner(m.key, list(range(5)), list(range(5)))
+            assert m.headers == (("ce_type", b"t"),)
+    for topic in topics:
+        for key in keys:
+            order = [m.value for m in sent if m.topic == topic and m.key == key]
+            arrived = sorted(
+                (m for m in got if m.topic == topic and m.key == key), key=lambda m: m.offset
+            )
+            assert [m.value for m in arrived] == order
+    assert max(m.offset for m in got) > 20  # many records per partition: several batches
 
 
 async def test_seek_to_committed_rereads_an_uncommitted_batch(kafka_bootstrap: str) -> None:

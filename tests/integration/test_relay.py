@@ -12,12 +12,19 @@ import uuid
 from collections.abc import Sequence
 
 import sqlalchemy as sa
+from aiokafka.partitioner import DefaultPartitioner
 
 from service.app import Services
 from service.db import Database, outbox, utcnow
-from service.events import TOPIC_DELETION_REQUESTED
-from service.kafka import OutMessage, Producer
+from service.events import (
+    TOPIC_DELETION_REQUESTED,
+    TYPE_DELETION_REQUESTED,
+    CloudEvent,
+    DeletionRequestedEncoder,
+)
+from service.kafka import OutMessage, Producer, read_topics
 from service.metrics import Metrics
+from service.outbox import encoded_outbox_row, outbox_row
 from service.relay import Relay
 from tests.conftest import make_settings, opened_services
 
@@ -101,3 +108,53 @@ async def test_rows_committed_while_the_relay_publishes_or_idles_go_out_on_the_w
             stop.set()
             await asyncio.wait_for(task, BOUND_S)
             await producer.stop()
+
+
+async def test_a_pass_publishes_rows_as_stored_keyed_to_their_partition_and_marks_them(
+    db_url: str, kafka_bootstrap: str
+) -> None:
+    """The wire format the consumers read: each row's payload bytes, key and headers as
+    stored (shared pre-encoded headers, per-row JSON lists, a CloudEvent row), the key's
+    default-partitioner partition, rows of one key in id order; then all marked published."""
+    settings = make_settings(db_url, kafka_bootstrap_servers=kafka_bootstrap)
+    async with opened_services(settings) as services:
+        await services.ensure_topics()
+        topic = settings.topic(TOPIC_DELETION_REQUESTED)
+        job, ws, now = uuid.uuid4(), uuid.uuid4(), utcnow()
+        encoder = DeletionRequestedEncoder(job, ws, now)
+        keys = [uuid.uuid4() for _ in range(7)]
+        rows = [
+            encoded_outbox_row(topic, str(k), TYPE_DELETION_REQUESTED, encoder.encode(f"r{i}", k))
+            for i in range(21)
+            for k in [keys[i % 7]]
+        ]
+        rows.append(
+            {**encoded_outbox_row(topic, "plain", "x", b'{"n": 1}'), "headers": [["h", "v é"]]}
+        )
+        event = CloudEvent(id="e1", type="t.x", time=now, data={"a": 1})
+        rows.append(outbox_row(topic, str(keys[0]), event))
+        async with services.db.begin() as conn:
+            ids = list((await conn.execute(outbox.insert().returning(outbox.c.id), rows)).scalars())
+        producer = Producer(kafka_bootstrap)
+        await producer.start()
+        try:
+            relay = Relay(settings, services.db, producer, Metrics())
+            assert await relay.publish_once() == len(rows)
+            assert await relay.publish_once() == 0
+        finally:
+            await producer.stop()
+        assert await _published(services.db, ids) == set(ids)
+
+        got = [m async for m in read_topics(kafka_bootstrap, [topic])]
+        by_value = {m.value: m for m in got}
+        assert len(got) == len(rows) == len(by_value)
+        partitions = list(range(settings.kafka_partitions))
+        for row in rows:
+            m = by_value[bytes(row["payload"])]
+            assert m.key == row["key"].encode()
+            assert m.partition == DefaultPartitioner()(m.key, partitions, partitions)
+            assert [[k, v.decode()] for k, v in m.headers] == [list(h) for h in row["headers"]]
+        for key in keys:
+            in_id_order = [bytes(r["payload"]) for r in rows if r["key"] == str(key)]
+            arrived = sorted((m for m in got if m.key == str(key).encode()), key=lambda m: m.offset)
+            assert [m.value for m in arrived] == in_id_order
