@@ -82,6 +82,18 @@ _KAFKA_TRANSIENT = (
     kafka_errors.KafkaUnavailableError,
 )
 
+# The broker refused an idempotent producer's state (its id, epoch or sequence numbers):
+# typically after a broker restart lost batches that were in flight. That producer can never
+# send again (aiokafka issue #1017; Kafka's own docs: "the only remedy is a new producer
+# instance"), so the state is dropped with the producer, and the resend is transient.
+_PRODUCER_STATE_LOST = (
+    kafka_errors.OutOfOrderSequenceNumber,
+    kafka_errors.InvalidProducerEpoch,
+    kafka_errors.InvalidProducerIdMapping,
+    kafka_errors.UnknownProducerId,
+    kafka_errors.ProducerFenced,
+)
+
 
 def _chain(exc: BaseException) -> Iterator[BaseException]:
     """The exception, what SQLAlchemy wrapped (``orig``) and the explicit causes."""
@@ -105,6 +117,15 @@ def sqlstate(exc: BaseException) -> str | None:
         if isinstance(code, str) and len(code) == 5:
             return code
     return None
+
+
+def producer_state_lost(exc: BaseException) -> bool:
+    """True if the broker refused the producer's idempotence state: it needs a new producer.
+
+    Such an error is transient for the work (resent by a new producer, it goes through)
+    but permanent for the producer that got it.
+    """
+    return any(isinstance(link, _PRODUCER_STATE_LOST) for link in _chain(exc))
 
 
 def is_rebalance(exc: BaseException) -> bool:

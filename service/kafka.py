@@ -11,6 +11,7 @@ Failures of the broker or of the connection surface as :class:`KafkaUnavailable`
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import struct
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -23,7 +24,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, for_code
 
 from service.errors import RetryLater
-from service.faults import is_rebalance
+from service.faults import is_rebalance, producer_state_lost
 
 log = structlog.get_logger(__name__)
 
@@ -114,6 +115,9 @@ class Producer:
         self._linger_ms = linger_ms
         self._max_batch_size = max_batch_size
         self._producer: Any = None
+        # Set when the broker refused this producer's idempotence state: the next send
+        # replaces it (see `send_many`).
+        self._state_lost = False
 
     async def start(self) -> None:
         """Connect to the cluster; raises :class:`KafkaUnavailable` if it cannot."""
@@ -149,7 +153,13 @@ class Producer:
         order, so the order within each partition (hence of each key) is kept. Raises
         :class:`KafkaUnavailable` if any delivery failed; some of the others may have been
         written, so callers resend the whole batch (consumers are idempotent).
+
+        A producer whose sequence numbers or id the broker refused (after a broker restart
+        lost batches in flight: :func:`service.faults.producer_state_lost`) would be refused
+        forever; it is replaced by a new one (a new producer id) before the next send.
         """
+        if self._state_lost:
+            await self._replace()
         producer = self._started()
         futures: list[asyncio.Future[Any]] = []
         try:
@@ -184,11 +194,29 @@ class Producer:
                 raise KafkaUnavailable(f"cannot enqueue a message: {exc}") from exc
             raise
         results = await asyncio.gather(*futures, return_exceptions=True)
+        if any(isinstance(r, BaseException) and producer_state_lost(r) for r in results):
+            self._state_lost = True
         for result in results:
             if isinstance(result, KafkaError):
                 raise KafkaUnavailable(f"a message was not delivered: {result}") from result
             if isinstance(result, BaseException):
                 raise result
+
+    async def _replace(self) -> None:
+        """Drop a producer the broker no longer accepts and start a new one.
+
+        Raises :class:`KafkaUnavailable` if the broker cannot be reached (the caller's retry
+        comes back here).
+        """
+        old, self._producer = self._producer, None
+        if old is not None:
+            # Nothing of ours is pending on it (every send's future was awaited); a stop
+            # that hangs on a broker still away is not waited for past 10 s.
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(old.stop(), timeout=10)
+        log.warning("kafka_producer_replaced", reason="the broker refused its sequence state")
+        await self.start()
+        self._state_lost = False
 
     @staticmethod
     def _append(batch: Any, message: OutMessage) -> bool:

@@ -15,11 +15,14 @@ from pathlib import Path
 
 import psutil
 import pytest
+from aiokafka import TopicPartition
 from aiokafka.partitioner import DefaultPartitioner
 
+from service.faults import is_transient, producer_state_lost
 from service.kafka import (
     Consumer,
     InMessage,
+    KafkaUnavailable,
     OutMessage,
     Producer,
     ensure_topics,
@@ -76,6 +79,35 @@ async def test_message_round_trips_with_key_value_and_headers(kafka_bootstrap: s
         assert await again.getmany(timeout_ms=1500, max_records=10) == []
     finally:
         await again.stop()
+
+
+async def test_a_producer_whose_sequence_the_broker_refuses_is_replaced(
+    kafka_bootstrap: str,
+) -> None:
+    """After a broker restart loses batches in flight, the broker refuses the idempotent
+    producer's next sequence number (OutOfOrderSequenceNumber) and would refuse it forever
+    (aiokafka issue #1017): that send fails as transient, and the caller's resend goes
+    through on a new producer. The desynchronised sequence is injected into the client's
+    real state (a gap of 5), the refusal is the real broker's."""
+    topic = _unique("sequence")
+    await ensure_topics(kafka_bootstrap, [topic], partitions=1)
+    producer = Producer(kafka_bootstrap)
+    await producer.start()
+    try:
+        await producer.send_many([OutMessage(topic, b"k", b"first")])
+        inner = producer._started()
+        inner._txn_manager.increment_sequence_number(TopicPartition(topic, 0), 5)
+        with pytest.raises(KafkaUnavailable) as refused:
+            await producer.send_many([OutMessage(topic, b"k", b"second")])
+        assert is_transient(refused.value) and producer_state_lost(refused.value)
+        await producer.send_many([OutMessage(topic, b"k", b"second")])  # the caller's retry
+        assert producer._started() is not inner
+        await producer.send_many([OutMessage(topic, b"k", b"third")])
+    finally:
+        await producer.stop()
+
+    got = [m.value async for m in read_topics(kafka_bootstrap, [topic])]
+    assert got == [b"first", b"second", b"third"]
 
 
 async def test_send_many_puts_each_key_where_the_default_partitioner_does_in_order(

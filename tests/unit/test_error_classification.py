@@ -24,7 +24,7 @@ from sqlalchemy.dialects.postgresql.asyncpg import AsyncAdapt_asyncpg_dbapi
 
 from service.aio import Backoff, Stopped, retry_transient, wait_for_dependency
 from service.errors import ValidationFailed
-from service.faults import describe, is_rebalance, is_transient, sqlstate
+from service.faults import describe, is_rebalance, is_transient, producer_state_lost, sqlstate
 from service.kafka import KafkaUnavailable
 from service.logs import configure_logging
 from tests.real_errors import sqlite_busy, sqlite_too_many_variables, wrapped
@@ -194,6 +194,34 @@ def test_broker_outage_and_rebalance_errors_are_transient(error: Exception) -> N
 )
 def test_broker_refusals_are_permanent(error: Exception) -> None:
     assert not is_transient(error)
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        kafka_errors.OutOfOrderSequenceNumber(),
+        kafka_errors.UnknownProducerId(),
+        kafka_errors.InvalidProducerEpoch(),
+        kafka_errors.InvalidProducerIdMapping(),
+        kafka_errors.ProducerFenced(),
+    ],
+    ids=repr,
+)
+def test_a_refused_producer_state_needs_a_new_producer_and_the_resend_is_transient(
+    error: Exception,
+) -> None:
+    """The broker refusing an idempotent producer's id, epoch or sequence (as after a broker
+    restart) is permanent for that producer, so Producer replaces it; the work is resent."""
+    assert producer_state_lost(error)
+    try:
+        raise KafkaUnavailable("a message was not delivered") from error
+    except KafkaUnavailable as wrapper:
+        assert producer_state_lost(wrapper) and is_transient(wrapper)
+
+
+@pytest.mark.parametrize("error", KAFKA_TRANSIENT + KAFKA_REBALANCE, ids=repr)
+def test_outages_keep_the_producer(error: Exception) -> None:
+    assert not producer_state_lost(error)
 
 
 def test_sockets_and_timeouts_are_transient_bugs_and_bad_data_are_not() -> None:
