@@ -56,7 +56,7 @@ from typing import Any, TypeVar
 
 import aiohttp
 import sqlalchemy as sa
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from yarl import URL
 
 from service.aio import (
@@ -297,60 +297,176 @@ class Dispatcher:
             await dlq.stop()
 
     async def fan_out(self, messages: Sequence[InMessage], dlq: Producer) -> int:
-        """Write the deliveries of these events (idempotent); dead-letter malformed ones."""
-        events: list[CloudEvent] = []
+        """Write the deliveries of these events (idempotent); dead-letter malformed ones.
+
+        Returns how many deliveries were new. Each event is first read only as far as
+        its routing (`_Routing`: id, type, time, workspace); the endpoints of those
+        workspaces are read at once, from the database, for every batch (so an endpoint
+        created by any process before the batch is never missed); only an event with an
+        endpoint to go to is read in full and written. An event whose routing cannot be
+        read is dead-lettered; one nobody subscribes to is not read further.
+
+        A new delivery to an endpoint this process owns (with room in its buffer and no
+        older due work queued) is claimed by the same INSERT and handed to the buffer
+        from memory, so its first attempt starts without another read or claim
+        transaction (`_hand_over`).
+        """
+        routed: list[tuple[InMessage, _Routing]] = []
         poison: list[OutMessage] = []
         for m in messages:
             try:
-                event = CloudEvent.model_validate_json(m.value)
-                uuid.UUID(str(event.data["workspace_id"]))
-                events.append(event)
-            except (ValidationError, ValueError, KeyError) as exc:
+                routed.append((m, _Routing.model_validate_json(m.value)))
+            except ValidationError as exc:
                 log.error("webhook_event_dead_lettered", topic=m.topic, offset=m.offset)
                 poison.append(dead_letter(m, str(exc), DLQ_SUFFIX))
+        endpoints: dict[uuid.UUID, list[Any]] = {}
+        if routed:
+            # Read first: most events have no endpoint to go to, and then nothing is written.
+            async with self.db.read() as conn:
+                for r in (
+                    await conn.execute(
+                        sa.select(
+                            E.id, E.workspace_id, E.event_types, E.url, E.secret, E.retired_secrets
+                        ).where(
+                            E.workspace_id.in_({r.data.workspace_id for _, r in routed}),
+                            E.status == EndpointStatus.ENABLED,
+                        )
+                    )
+                ).all():
+                    endpoints.setdefault(r.workspace_id, []).append(r)
+        planned: list[tuple[CloudEvent, uuid.UUID, list[Any]]] = []
+        for m, routing in routed:
+            ws = routing.data.workspace_id
+            targets = [
+                e
+                for e in endpoints.get(ws, ())
+                if not e.event_types or routing.type in e.event_types
+            ]
+            if not targets:
+                continue
+            try:
+                event = CloudEvent.model_validate_json(m.value)
+            except ValidationError as exc:
+                log.error("webhook_event_dead_lettered", topic=m.topic, offset=m.offset)
+                poison.append(dead_letter(m, str(exc), DLQ_SUFFIX))
+                continue
+            planned.append((event, ws, targets))
         if poison:
             await dlq.send_many(poison)
-        created = 0
-        if not events:
-            return 0
-        workspace_ids = {uuid.UUID(str(e.data["workspace_id"])) for e in events}
-        # Read first: most events have no endpoint to go to, and then nothing is written.
-        async with self.db.read() as conn:
-            rows = (
-                await conn.execute(
-                    sa.select(E.id, E.workspace_id, E.event_types).where(
-                        E.workspace_id.in_(workspace_ids), E.status == EndpointStatus.ENABLED
-                    )
-                )
-            ).all()
-        planned = []
-        for event in events:
-            ws = uuid.UUID(str(event.data["workspace_id"]))
-            targets = [
-                r.id
-                for r in rows
-                if r.workspace_id == ws and (not r.event_types or event.type in r.event_types)
-            ]
-            if targets:
-                planned.append((event, ws, targets))
         if not planned:
             return 0
-        async with self.db.begin() as conn:
-            created = await enqueue_many(
-                conn,
-                self.db,
-                [
-                    NewDeliveries(
-                        ws,
-                        targets,
-                        event.id,
-                        event.type,
-                        webhook_body(event.type, event.time, event.data),
-                    )
-                    for event, ws, targets in planned
-                ],
+        now = utcnow()
+        room = self._handover_room({e.id for _, _, targets in planned for e in targets}, now)
+        leased: dict[uuid.UUID, EndpointSlots] = {eid: self.slots[eid] for eid in room}
+        batch = []
+        for event, ws, targets in planned:
+            leases: dict[uuid.UUID, datetime] = {}
+            for e in targets:
+                if room.get(e.id, 0) > 0:
+                    room[e.id] -= 1
+                    until = leased[e.id].owned_until
+                    assert until is not None
+                    leases[e.id] = until
+            batch.append(
+                NewDeliveries(
+                    ws,
+                    [e.id for e in targets],
+                    event.id,
+                    event.type,
+                    webhook_body(event.type, event.time, event.data),
+                    leases,
+                )
             )
-        return created
+        async with self.db.begin() as conn:
+            created = await enqueue_many(conn, self.db, batch)
+        if leased:
+            targets_by_id = {e.id: e for _, _, targets in planned for e in targets}
+            await self._hand_over(
+                [r for r in created if r["claimed_until"] is not None],
+                leased,
+                targets_by_id,
+                now,
+            )
+        return len(created)
+
+    def _handover_room(self, endpoint_ids: set[uuid.UUID], now: datetime) -> dict[uuid.UUID, int]:
+        """Per endpoint among these that new deliveries can go to straight from the
+        fan-out: owned by this process for longer than a request can take (and not being
+        given up), its sender running, nothing older queued for it; the value is the
+        room left in its buffer (`_buffer`)."""
+        if self._stopping or self._session is None:
+            return {}
+        room = {}
+        for eid in endpoint_ids:
+            slots = self.slots.get(eid)
+            if (
+                slots is None
+                or slots.releasing
+                or slots.queue
+                or slots.owned_until is None
+                or slots.owned_until - now <= self._send_margin
+            ):
+                continue
+            free = self._buffer(slots) - len(slots.ready) - slots.in_flight
+            if free > 0:
+                room[eid] = free
+        return room
+
+    async def _hand_over(
+        self,
+        rows: list[dict[str, Any]],
+        leased: dict[uuid.UUID, EndpointSlots],
+        endpoints: dict[uuid.UUID, Any],
+        now: datetime,
+    ) -> None:
+        """Put new deliveries the fan-out claimed (`rows`, as inserted) into their
+        endpoints' buffers and start their sends. One whose endpoint this process no
+        longer owns as it did (given up or lost meanwhile) has its lease cleared, so
+        that the endpoint's owner sends it; if that fails, the lease lapses."""
+        orphaned: list[uuid.UUID] = []
+        started: set[uuid.UUID] = set()
+        secrets: dict[uuid.UUID, list[str]] = {}
+        for row in rows:
+            eid = row["endpoint_id"]
+            slots = self.slots.get(eid)
+            if (
+                slots is not leased[eid]
+                or slots.releasing
+                or self._stopping
+                or slots.owned_until is None
+                or slots.owned_until < row["claimed_until"]
+            ):
+                orphaned.append(row["id"])
+                continue
+            endpoint = endpoints[eid]
+            if eid not in secrets:
+                secrets[eid] = live_secrets(endpoint._mapping, now)
+            slots.ready.append(
+                {
+                    "id": row["id"],
+                    "workspace_id": row["workspace_id"],
+                    "endpoint_id": eid,
+                    "event_id": row["event_id"],
+                    "event_type": row["event_type"],
+                    "payload": row["payload"],
+                    "attempt_count": 0,
+                    "url": endpoint.url,
+                    "secrets": secrets[eid],
+                    "claimed_until": row["claimed_until"],
+                }
+            )
+            self.held.add(row["id"])
+            started.add(eid)
+        for eid in started:
+            self._start_sends(eid)
+        if orphaned:
+            try:
+                async with self.db.begin() as conn:
+                    await self._give_back(conn, orphaned, [])
+            except Exception as exc:
+                log.warning(
+                    "webhook_handover_lease_kept", deliveries=len(orphaned), error=repr(exc)[:500]
+                )
 
     # -- sender -------------------------------------------------------------------------
 
@@ -421,22 +537,30 @@ class Dispatcher:
             try:
                 await self.flush()
                 async with self.db.begin() as conn:
-                    if unsent:
-                        await conn.execute(
-                            webhook_deliveries.update()
-                            .where(D.id.in_(unsent))
-                            .values(claimed_until=None)
-                        )
-                    await conn.execute(
-                        webhook_endpoints.update()
-                        .where(E.owner == self.instance)
-                        .values(owner=None, owner_until=None)
-                    )
+                    await self._give_back(conn, unsent, None)
                 return
             except Exception as exc:
                 log.warning("webhook_record_retry", error=repr(exc)[:500])
                 await asyncio.sleep(0.2)
         log.error("webhook_record_gave_up", attempts=len(self.finished))
+
+    async def _give_back(
+        self, conn: Any, unsent: Sequence[uuid.UUID], endpoints: Sequence[uuid.UUID] | None
+    ) -> None:
+        """Clear the leases of these claimed but unsent deliveries and this process's
+        ownership of these endpoints (None: of every endpoint it owns), in the caller's
+        transaction, so that another dispatcher takes them at once."""
+        if unsent:
+            await conn.execute(
+                webhook_deliveries.update().where(D.id.in_(unsent)).values(claimed_until=None)
+            )
+        if endpoints is None or endpoints:
+            owned = E.owner == self.instance
+            await conn.execute(
+                webhook_endpoints.update()
+                .where(owned if endpoints is None else sa.and_(E.id.in_(endpoints), owned))
+                .values(owner=None, owner_until=None)
+            )
 
     def _limit(self, max_in_flight: int | None) -> int:
         return max_in_flight or self.settings.webhook_max_in_flight_per_endpoint
@@ -496,15 +620,7 @@ class Dispatcher:
             return
         unsent = [d["id"] for eid in going for d in self.slots[eid].ready]
         async with self.db.begin() as conn:
-            if unsent:
-                await conn.execute(
-                    webhook_deliveries.update().where(D.id.in_(unsent)).values(claimed_until=None)
-                )
-            await conn.execute(
-                webhook_endpoints.update()
-                .where(E.id.in_(going), E.owner == self.instance)
-                .values(owner=None, owner_until=None)
-            )
+            await self._give_back(conn, unsent, going)
         for eid in going:
             slots = self.slots.pop(eid)
             self.held.difference_update(d["id"] for d in slots.ready)
@@ -1138,6 +1254,21 @@ class Dispatcher:
     async def run(self, stop: asyncio.Event) -> None:
         """Fan-out and sender together, until `stop`."""
         await asyncio.gather(self.run_fanout(stop), self.run_sender(stop))
+
+
+class _RoutingData(BaseModel):
+    workspace_id: uuid.UUID
+
+
+class _Routing(BaseModel):
+    """What routes an event to endpoints, read from its CloudEvent JSON without the rest
+    of its data (the fan-out reads the whole event only when it has an endpoint to go to).
+    The same fields `CloudEvent` requires for a delivery: id, type, time, data.workspace_id."""
+
+    id: str
+    type: str
+    time: datetime
+    data: _RoutingData
 
 
 @dataclass(frozen=True)

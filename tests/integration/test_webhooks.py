@@ -1084,6 +1084,69 @@ async def test_event_types_filter_selects_the_endpoints_of_its_workspace(
     assert body["data"]["deleted_count"] == 1
 
 
+async def test_an_endpoint_created_between_two_batches_gets_the_second_batch_s_events(
+    tenant: Tenant, other_tenant: Tenant, services: Services, dlq: Producer
+) -> None:
+    """The fan-out reads a workspace's endpoints afresh for every batch (no cache that
+    another process's endpoint creation could leave stale): a workspace without endpoints
+    gets nothing, and one created meanwhile gets the next batch's event. An event whose
+    routing cannot be read is dead-lettered and holds no other back."""
+    dispatcher = Dispatcher(services.settings, services.db, services.metrics)
+    before = contact_deleted(tenant.workspace_id)
+    assert await dispatcher.fan_out([message(before)], dlq) == 0
+    endpoint = await create_endpoint(tenant, "https://hooks.example.com/late")
+    after = contact_deleted(tenant.workspace_id)
+    garbled = InMessage("contact.deleted", 0, 2, b"x", b'{"id": "no routing"}', ())
+    with json_logs() as lines:
+        created = await dispatcher.fan_out(
+            [garbled, message(after, 3), message(contact_deleted(other_tenant.workspace_id), 4)],
+            dlq,
+        )
+    assert created == 1
+    assert [d["event_id"] for d in await list_deliveries(tenant, endpoint["id"])] == [after.id]
+    dead = lines.events("webhook_event_dead_lettered")
+    assert [line["offset"] for line in dead] == [2]
+
+
+async def test_a_new_delivery_to_an_endpoint_this_dispatcher_owns_goes_from_the_fan_out(
+    tenant: Tenant, receiver: Receiver, services: Services, sender: StartSender, dlq: Producer
+) -> None:
+    """Once a dispatcher owns an endpoint, the deliveries its fan-out writes for it are
+    claimed by the same INSERT and are in its buffer (or in flight) when fan_out returns,
+    with no claim of their own; each arrives once, signed with the endpoint's secret, and
+    is recorded. Another workspace's event written meanwhile is untouched."""
+    dispatcher = sender()
+    endpoint = await create_endpoint(tenant, receiver.script("/owned", answer(204)))
+    eid = uuid.UUID(endpoint["id"])
+    first = await send_test(tenant, endpoint["id"])
+    await wait_delivery(tenant, endpoint["id"], first, has_status("succeeded"))
+    assert dispatcher.slots[eid].owned_until is not None
+
+    events = [contact_deleted(tenant.workspace_id) for _ in range(3)]
+    assert await dispatcher.fan_out([message(e, n) for n, e in enumerate(events)], dlq) == 3
+    held = set(dispatcher.held)  # before any other task ran
+    async with services.db.read() as conn:
+        rows = (
+            await conn.execute(
+                sa.select(webhook_deliveries.c.id, webhook_deliveries.c.claimed_until).where(
+                    webhook_deliveries.c.event_id.in_([e.id for e in events])
+                )
+            )
+        ).all()
+    # Handed over by the fan-out itself: held by this dispatcher the moment fan_out
+    # returned, with no pass of the sender in between (a claim would need one).
+    assert len(rows) == 3
+    assert {r.id for r in rows} <= held
+    for event in events:
+        delivery = await wait_delivery(tenant, endpoint["id"], event.id, has_status("succeeded"))
+        assert delivery["attempt_count"] == 1
+    hits = [h for h in receiver.at("/owned") if h.webhook_id != first]
+    assert sorted(h.webhook_id for h in hits) == sorted(e.id for e in events)
+    for hit in hits:
+        payload: Any = Webhook(endpoint["secret"]).verify(hit.body, hit.headers)
+        assert payload["type"] == "contact.deleted"
+
+
 async def delivery_payload(services: Services, event_id: str, endpoint_id: uuid.UUID) -> bytes:
     async with services.db.read() as conn:
         payload = (
