@@ -501,8 +501,7 @@ class Dispatcher:
                     self.wakeup.clear()
                     self.progress.clear()
                     try:
-                        await self.flush()
-                        claimed = await self.claim(refill=news)
+                        claimed = await self.step(refill=news)
                         backoff.reset()
                     except Exception as exc:
                         # Never let the sender die: an outage is waited out, and anything
@@ -743,11 +742,47 @@ class Dispatcher:
         to half of what the endpoint takes in WEBHOOK_CLAIM_AHEAD_S (`_buffer`), so one
         claim covers many deliveries.
         """
+        return await self.step(refill=refill, record=False)
+
+    async def step(self, *, refill: bool = False, record: bool = True) -> list[dict[str, Any]]:
+        """One pass of the sender: the finished attempts recorded (`record`) and the
+        buffers topped up (`claim`) in ONE write transaction, so that on SQLite a pass
+        queues once for the single writer. Returns the deliveries claimed now.
+
+        If the database refuses the recording (not an outage), the attempts are recorded
+        one by one (`_record_batch`) and the claim waits for the next pass. An outage
+        keeps the attempts for the next pass.
+        """
         if refill or self._drained or time.monotonic() - self._refilled_at >= REFILL_EVERY_S:
             await self._refill()
         now = utcnow()
         mono = time.monotonic()
         await self._release_excess(now, mono)
+        batch = self._take_finished(now) if record else []
+        wanted, renewing = self._wanted(now, mono)
+        if not wanted:
+            await self._record_batch(batch)
+            return []
+        try:
+            async with self.db.begin() as conn:
+                recorded = await self._record_in(conn, batch) if batch else None
+                claimed = await self._claim_in(conn, wanted, renewing, now)
+        except Exception as exc:
+            if not batch:
+                raise
+            if is_transient(exc):
+                self.finished = batch + self.finished
+                raise
+            await self._record_batch(batch, refused=exc)
+            return []
+        if recorded is not None:
+            recorded()
+            self.held.difference_update(d["id"] for d, _ in batch)
+        return self._claimed(claimed, now)
+
+    def _wanted(self, now: datetime, mono: float) -> tuple[list[uuid.UUID], set[uuid.UUID]]:
+        """The endpoints to own (or keep owning) and claim for now, and those among them
+        whose ownership and buffered leases are due a renewal."""
         owning = sum(1 for s in self.slots.values() if self._owns(s, now) and not s.releasing)
         wanted = []
         renewing: set[uuid.UUID] = set()
@@ -772,94 +807,105 @@ class Dispatcher:
                 renewing.add(eid)
             if due or eid in renewing:
                 wanted.append(eid)
-        if not wanted:
-            return []
+        return wanted, renewing
+
+    async def _claim_in(
+        self, conn: Any, wanted: list[uuid.UUID], renewing: set[uuid.UUID], now: datetime
+    ) -> tuple[dict[uuid.UUID, Any], list[Any], list[uuid.UUID], datetime]:
+        """`claim`'s statements, in the caller's transaction: own the wanted endpoints,
+        renew the buffered leases, claim and read their deliveries."""
         until = now + self._own
-        picked: list[dict[str, Any]] = []
-        async with self.db.begin() as conn:
-            owned = {
-                r.id: r
-                for r in (
-                    await conn.execute(
-                        webhook_endpoints.update()
-                        .where(
-                            E.id.in_(sorted(wanted)),
-                            E.status == EndpointStatus.ENABLED,
-                            sa.or_(
-                                E.owner.is_(None), E.owner == self.instance, E.owner_until < now
-                            ),
-                        )
-                        .values(owner=self.instance, owner_until=until)
-                        .returning(
-                            E.id,
-                            E.url,
-                            E.secret,
-                            E.retired_secrets,
-                            E.rate_limit_per_s,
-                            E.max_in_flight,
-                            E.failing_since,
-                        )
-                    )
-                ).all()
-            }
-            others = [eid for eid in wanted if eid not in owned]
-            if others:
-                await self._let_go(conn, others, now)
-            take: list[uuid.UUID] = []
-            kept: list[uuid.UUID] = []
-            for eid, endpoint in owned.items():
-                slots = self.slots[eid]
-                slots.owned_until = until
-                slots.waiting_since = None
-                slots.max_in_flight = endpoint.max_in_flight
-                slots.rate = endpoint.rate_limit_per_s
-                slots.failing = endpoint.failing_since is not None
-                if eid in renewing:
-                    kept.extend(d["id"] for d in slots.ready)
-                need = self._buffer(slots) - len(slots.ready) - slots.in_flight
-                while need > 0 and slots.queue:
-                    delivery_id = slots.queue.popleft()
-                    if delivery_id not in self.held:
-                        take.append(delivery_id)
-                        need -= 1
-                if not slots.queue:
-                    self._drained = True
-            if kept:
-                # The buffered deliveries stay leased as long as their endpoint is owned.
+        owned = {
+            r.id: r
+            for r in (
                 await conn.execute(
-                    webhook_deliveries.update()
-                    .where(D.id.in_(kept), D.claimed_until.is_not(None))
-                    .values(claimed_until=until)
-                )
-                for eid in renewing & owned.keys():
-                    for delivery in self.slots[eid].ready:
-                        delivery["claimed_until"] = until
-            if not take:
-                return []
-            # One statement claims and reads them (payloads only for what is sent).
-            rows = (
-                await conn.execute(
-                    webhook_deliveries.update()
+                    webhook_endpoints.update()
                     .where(
-                        D.id.in_(take),
-                        D.status.in_(SENDABLE),
-                        D.next_attempt_at <= now,
-                        sa.or_(D.claimed_until.is_(None), D.claimed_until < now),
+                        E.id.in_(sorted(wanted)),
+                        E.status == EndpointStatus.ENABLED,
+                        sa.or_(E.owner.is_(None), E.owner == self.instance, E.owner_until < now),
                     )
-                    .values(claimed_until=until, retry_requested=False)
+                    .values(owner=self.instance, owner_until=until)
                     .returning(
-                        D.id,
-                        D.workspace_id,
-                        D.endpoint_id,
-                        D.event_id,
-                        D.event_type,
-                        D.payload,
-                        D.attempt_count,
+                        E.id,
+                        E.url,
+                        E.secret,
+                        E.retired_secrets,
+                        E.rate_limit_per_s,
+                        E.max_in_flight,
+                        E.failing_since,
                     )
                 )
             ).all()
-            if not rows:
-                return []
+        }
+        others = [eid for eid in wanted if eid not in owned]
+        if others:
+            await self._let_go(conn, others, now)
+        take: list[uuid.UUID] = []
+        kept: list[uuid.UUID] = []
+        for eid, endpoint in owned.items():
+            slots = self.slots[eid]
+            slots.owned_until = until
+            slots.waiting_since = None
+            slots.max_in_flight = endpoint.max_in_flight
+            slots.rate = endpoint.rate_limit_per_s
+            slots.failing = endpoint.failing_since is not None
+            if eid in renewing:
+                kept.extend(d["id"] for d in slots.ready)
+            need = self._buffer(slots) - len(slots.ready) - slots.in_flight
+            while need > 0 and slots.queue:
+                delivery_id = slots.queue.popleft()
+                if delivery_id not in self.held:
+                    take.append(delivery_id)
+                    need -= 1
+            if not slots.queue:
+                self._drained = True
+        if kept:
+            # The buffered deliveries stay leased as long as their endpoint is owned.
+            await conn.execute(
+                webhook_deliveries.update()
+                .where(D.id.in_(kept), D.claimed_until.is_not(None))
+                .values(claimed_until=until)
+            )
+            for eid in renewing & owned.keys():
+                for delivery in self.slots[eid].ready:
+                    delivery["claimed_until"] = until
+        if not take:
+            return owned, [], take, until
+        # One statement claims and reads them (payloads only for what is sent).
+        rows = (
+            await conn.execute(
+                webhook_deliveries.update()
+                .where(
+                    D.id.in_(take),
+                    D.status.in_(SENDABLE),
+                    D.next_attempt_at <= now,
+                    sa.or_(D.claimed_until.is_(None), D.claimed_until < now),
+                )
+                .values(claimed_until=until, retry_requested=False)
+                .returning(
+                    D.id,
+                    D.workspace_id,
+                    D.endpoint_id,
+                    D.event_id,
+                    D.event_type,
+                    D.payload,
+                    D.attempt_count,
+                )
+            )
+        ).all()
+        return owned, rows, take, until
+
+    def _claimed(
+        self,
+        claimed: tuple[dict[uuid.UUID, Any], list[Any], list[uuid.UUID], datetime],
+        now: datetime,
+    ) -> list[dict[str, Any]]:
+        """Put what `_claim_in` claimed into the buffers, once committed."""
+        owned, rows, take, until = claimed
+        if not rows:
+            return []
+        picked: list[dict[str, Any]] = []
         order = {delivery_id: n for n, delivery_id in enumerate(take)}
         secrets = {eid: live_secrets(endpoint._mapping, now) for eid, endpoint in owned.items()}
         for r in sorted(rows, key=lambda r: order[r.id]):
@@ -950,9 +996,10 @@ class Dispatcher:
         delivery is sent again, at least once). If the database refuses the batch, each
         attempt is recorded alone (`record_safely`), so one bad answer holds back no other.
         """
-        if not self.finished:
-            return
-        now = utcnow()
+        await self._record_batch(self._take_finished(utcnow()))
+
+    def _take_finished(self, now: datetime) -> list[tuple[dict[str, Any], AttemptResult]]:
+        """The finished attempts to record now, taken off `finished`."""
         batch: list[tuple[dict[str, Any], AttemptResult]] = []
         for delivery, result in self.finished:
             # Only the owner sends to an endpoint, so while this process owns it (or
@@ -968,28 +1015,41 @@ class Dispatcher:
             else:
                 batch.append((delivery, result))
         self.finished = []
-        try:
-            await self.record_many(batch)
-        except Exception as exc:
-            if is_transient(exc):
-                self.finished = batch + self.finished
-                raise
-            log.error("webhook_record_batch_refused", error=describe(exc), attempts=len(batch))
-            for n, (delivery, result) in enumerate(batch):
-                try:
-                    await self.record_safely(delivery, result)
-                except Exception as alone:
-                    if is_transient(alone):
-                        self.finished = batch[n:] + self.finished
-                        raise
-                    log.error(
-                        "webhook_record_gave_up",
-                        delivery_id=str(delivery["id"]),
-                        error=describe(alone),
-                    )
-                self.held.discard(delivery["id"])
+        return batch
+
+    async def _record_batch(
+        self,
+        batch: list[tuple[dict[str, Any], AttemptResult]],
+        refused: Exception | None = None,
+    ) -> None:
+        """Record `batch` in one transaction; once the database refused it (`refused`,
+        or now), each attempt alone. An outage puts what is left back on `finished`."""
+        if not batch:
             return
-        for delivery, _ in batch:
+        if refused is None:
+            try:
+                await self.record_many(batch)
+            except Exception as exc:
+                if is_transient(exc):
+                    self.finished = batch + self.finished
+                    raise
+                refused = exc
+            else:
+                self.held.difference_update(d["id"] for d, _ in batch)
+                return
+        log.error("webhook_record_batch_refused", error=describe(refused), attempts=len(batch))
+        for n, (delivery, result) in enumerate(batch):
+            try:
+                await self.record_safely(delivery, result)
+            except Exception as alone:
+                if is_transient(alone):
+                    self.finished = batch[n:] + self.finished
+                    raise
+                log.error(
+                    "webhook_record_gave_up",
+                    delivery_id=str(delivery["id"]),
+                    error=describe(alone),
+                )
             self.held.discard(delivery["id"])
 
     async def record_safely(self, delivery: dict[str, Any], result: AttemptResult) -> None:
@@ -1072,93 +1132,106 @@ class Dispatcher:
         """
         if not batch:
             return
+        async with self.db.begin() as conn:
+            recorded = await self._record_in(conn, batch)
+        recorded()
+
+    async def _record_in(
+        self, conn: Any, batch: Sequence[tuple[dict[str, Any], AttemptResult]]
+    ) -> Callable[[], None]:
+        """`record_many`'s statements, in the caller's transaction; returns what is to
+        be done once it committed (the endpoints' known state, log lines, metrics)."""
         now = utcnow()
         plans = [_plan(self.policy, self.rng, d, r, now) for d, r in batch]
         disabled: dict[uuid.UUID, DisabledReason] = {}
-        async with self.db.begin() as conn:
-            # executemany of one cached statement (a multi-row VALUES compiles anew for
-            # every batch size).
-            await conn.execute(
-                webhook_attempts.insert(),
-                [
-                    {
-                        "id": new_id(),
-                        "delivery_id": p.delivery["id"],
-                        "attempted_at": now,
-                        "status_code": p.result.status_code,
-                        "latency_ms": p.result.latency_ms,
-                        "error": p.result.error,
-                        "response_body": p.result.body,
-                    }
-                    for p in plans
-                ],
-            )
-            for shape in ("done", "failing"):
-                params = [p.params for p in plans if p.shape == shape]
-                if params:
-                    await conn.execute(_update(shape), params)
-            ids = [p.delivery["id"] for p in plans]
-            requeued = set(
-                (
-                    await conn.execute(
-                        webhook_deliveries.update()
-                        .where(D.id.in_(ids), D.retry_requested.is_(True))
-                        .values(
-                            status=DeliveryStatus.PENDING,
-                            next_attempt_at=now,
-                            completed_at=None,
-                            retry_requested=False,
-                        )
-                        .returning(D.id)
-                    )
-                ).scalars()
-            )
-            last: dict[uuid.UUID, _Plan] = {}
-            succeeded: set[uuid.UUID] = set()
-            for p in plans:
-                last[p.delivery["endpoint_id"]] = p
-                if p.outcome is Outcome.SUCCESS:
-                    succeeded.add(p.delivery["endpoint_id"])
-            # Only the owner records attempts, so an endpoint it read (at its claim) or
-            # left without a failing streak has none to end.
-            succeeded = {e for e in succeeded if self._failing(e) is not False}
-            if succeeded:
+        # executemany of one cached statement (a multi-row VALUES compiles anew for
+        # every batch size).
+        await conn.execute(
+            webhook_attempts.insert(),
+            [
+                {
+                    "id": new_id(),
+                    "delivery_id": p.delivery["id"],
+                    "attempted_at": now,
+                    "status_code": p.result.status_code,
+                    "latency_ms": p.result.latency_ms,
+                    "error": p.result.error,
+                    "response_body": p.result.body,
+                }
+                for p in plans
+            ],
+        )
+        for shape in ("done", "failing"):
+            params = [p.params for p in plans if p.shape == shape]
+            if params:
+                await conn.execute(_update(shape), params)
+        ids = [p.delivery["id"] for p in plans]
+        requeued = set(
+            (
                 await conn.execute(
-                    webhook_endpoints.update()
-                    .where(E.id.in_(sorted(succeeded)), E.failing_since.is_not(None))
-                    .values(failing_since=None)
+                    webhook_deliveries.update()
+                    .where(D.id.in_(ids), D.retry_requested.is_(True))
+                    .values(
+                        status=DeliveryStatus.PENDING,
+                        next_attempt_at=now,
+                        completed_at=None,
+                        retry_requested=False,
+                    )
+                    .returning(D.id)
                 )
-            for eid in sorted({p.delivery["endpoint_id"] for p in plans if p.gone}):
-                ws = last[eid].delivery["workspace_id"]
-                if await disable_endpoint(
-                    conn, self.db, ws, eid, DisabledReason.GONE, "the receiver answered 410 Gone"
-                ):
-                    disabled[eid] = DisabledReason.GONE
-            exhausted = [_exhausted_record(p) for p in plans if p.exhausted]
-            if exhausted:
-                await append_events(conn, self.db, exhausted)
-            for eid in sorted(last):
-                p = last[eid]
-                if p.outcome is not Outcome.SUCCESS and await self._note_failure(
-                    conn, p.delivery["workspace_id"], eid, now
-                ):
-                    disabled[eid] = DisabledReason.FAILING
-        outcomes: dict[Outcome, int] = {}
-        for eid, p in last.items():
-            slots = self.slots.get(eid)
-            if slots is not None:
-                slots.failing = eid not in disabled and p.outcome is not Outcome.SUCCESS
+            ).scalars()
+        )
+        last: dict[uuid.UUID, _Plan] = {}
+        succeeded: set[uuid.UUID] = set()
         for p in plans:
-            outcomes[p.outcome] = outcomes.get(p.outcome, 0) + 1
-            _log_outcome(p.delivery, p.values, p.attempts, p.result, p.exhausted)
-            if p.delivery["id"] in requeued:
-                log.info(
-                    "webhook_delivery_retry_requested_requeued", delivery_id=str(p.delivery["id"])
-                )
-        for outcome, count in outcomes.items():
-            self.metrics.webhook_attempts.labels(outcome.value).inc(count)
-        for eid, reason in disabled.items():
-            log.warning("webhook_endpoint_disabled", endpoint_id=str(eid), reason=reason.value)
+            last[p.delivery["endpoint_id"]] = p
+            if p.outcome is Outcome.SUCCESS:
+                succeeded.add(p.delivery["endpoint_id"])
+        # Only the owner records attempts, so an endpoint it read (at its claim) or
+        # left without a failing streak has none to end.
+        succeeded = {e for e in succeeded if self._failing(e) is not False}
+        if succeeded:
+            await conn.execute(
+                webhook_endpoints.update()
+                .where(E.id.in_(sorted(succeeded)), E.failing_since.is_not(None))
+                .values(failing_since=None)
+            )
+        for eid in sorted({p.delivery["endpoint_id"] for p in plans if p.gone}):
+            ws = last[eid].delivery["workspace_id"]
+            if await disable_endpoint(
+                conn, self.db, ws, eid, DisabledReason.GONE, "the receiver answered 410 Gone"
+            ):
+                disabled[eid] = DisabledReason.GONE
+        exhausted = [_exhausted_record(p) for p in plans if p.exhausted]
+        if exhausted:
+            await append_events(conn, self.db, exhausted)
+        for eid in sorted(last):
+            p = last[eid]
+            if p.outcome is not Outcome.SUCCESS and await self._note_failure(
+                conn, p.delivery["workspace_id"], eid, now
+            ):
+                disabled[eid] = DisabledReason.FAILING
+
+        def committed() -> None:
+            outcomes: dict[Outcome, int] = {}
+            for eid, p in last.items():
+                slots = self.slots.get(eid)
+                if slots is not None:
+                    slots.failing = eid not in disabled and p.outcome is not Outcome.SUCCESS
+            for p in plans:
+                outcomes[p.outcome] = outcomes.get(p.outcome, 0) + 1
+                _log_outcome(p.delivery, p.values, p.attempts, p.result, p.exhausted)
+                if p.delivery["id"] in requeued:
+                    log.info(
+                        "webhook_delivery_retry_requested_requeued",
+                        delivery_id=str(p.delivery["id"]),
+                    )
+            for outcome, count in outcomes.items():
+                self.metrics.webhook_attempts.labels(outcome.value).inc(count)
+            for eid, reason in disabled.items():
+                log.warning("webhook_endpoint_disabled", endpoint_id=str(eid), reason=reason.value)
+
+        return committed
 
     def _failing(self, endpoint_id: uuid.UUID) -> bool | None:
         slots = self.slots.get(endpoint_id)
