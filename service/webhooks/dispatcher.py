@@ -696,11 +696,23 @@ class Dispatcher:
             rows = (await conn.execute(stmt)).all()
             others = 0
             if share is not None:
+                # Only the others' endpoints with due work count: an ownership outlives
+                # an endpoint's work (and a crashed dispatcher) by up to a lease, and
+                # counting those idle ones raised every quota, so a busy dispatcher
+                # kept all its endpoints while a newcomer idled (issue 8).
                 others = (
                     await conn.execute(
                         sa.select(sa.func.count())
                         .select_from(webhook_endpoints)
-                        .where(E.owner != self.instance, E.owner_until >= now)
+                        .where(
+                            E.owner != self.instance,
+                            E.owner_until >= now,
+                            sa.exists().where(
+                                D.endpoint_id == E.id,
+                                D.status.in_(SENDABLE),
+                                D.next_attempt_at <= now,
+                            ),
+                        )
                     )
                 ).scalar_one()
         # Forget idle endpoints (their ownership lapsed), but never a rate-limited one's

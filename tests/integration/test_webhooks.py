@@ -1328,9 +1328,11 @@ async def test_a_second_dispatcher_joining_busy_endpoints_keeps_limits_and_sends
 ) -> None:
     """Two endpoints with a backlog (one slot each, the receiver holding every request
     0.4 s: 20 s of work each, so the backlog outlasts a slow group join on a loaded
-    machine): a lone dispatcher owns both; then a second one joins the group (and may
-    take one over: its fair share is one). The limits hold throughout and every webhook
-    goes out once."""
+    machine): a lone dispatcher owns both; once a second one joins the group, the first
+    gives one up (its fair share is one) and the second owns it, even though a third,
+    idle endpoint is still owned by a dispatcher that is gone (an ownership outlives its
+    work by up to a lease: counting it raised the first's share to both, issue 8). The
+    limits hold throughout and every webhook goes out once."""
     paths = ["/spread-a", "/spread-b"]
     endpoints = [
         await create_endpoint(
@@ -1340,6 +1342,13 @@ async def test_a_second_dispatcher_joining_busy_endpoints_keeps_limits_and_sends
     ]
     ids = [e["id"] for e in endpoints]
     events = {e["id"]: [await send_test(tenant, e["id"]) for _ in range(50)] for e in endpoints}
+    idle = await create_endpoint(tenant, receiver.script("/spread-idle", answer(200)))
+    async with services.db.begin() as conn:
+        await conn.execute(
+            webhook_endpoints.update()
+            .where(webhook_endpoints.c.id == uuid.UUID(idle["id"]))
+            .values(owner="gone:1:dispatcher", owner_until=utcnow() + timedelta(minutes=5))
+        )
     group = WholeDispatchers(services)
     try:
         first = await group.add()
@@ -1350,15 +1359,22 @@ async def test_a_second_dispatcher_joining_busy_endpoints_keeps_limits_and_sends
             return seen if set(seen.values()) == instances else None
 
         await eventually(lambda: owned_by({first.instance}), 10, "the first owns both")
-        # Which dispatcher owns what after the second joins is not asserted: the fair-share
-        # handover (2.6 s in isolated runs) did not happen within 18 s in 2 of 5 full runs
-        # (issue 8 closing note); what must hold with two dispatchers is asserted below.
-        await group.add()
+        second = await group.add()
+        # 2.3-2.6 s in isolated runs; the bound leaves room for a loaded machine.
+        await eventually(
+            lambda: owned_by({first.instance, second.instance}), 20, "one endpoint each"
+        )
         for endpoint_id, sent in events.items():
             for event_id in sent:
                 await wait_delivery(tenant, endpoint_id, event_id, has_status("succeeded"), 30)
     finally:
         await group.close()
+        async with services.db.begin() as conn:
+            await conn.execute(
+                webhook_endpoints.update()
+                .where(webhook_endpoints.c.id == uuid.UUID(idle["id"]))
+                .values(owner=None, owner_until=None)
+            )
 
     for path, endpoint in zip(paths, endpoints, strict=True):
         assert receiver.max_in_flight[path] == 1
