@@ -4,7 +4,9 @@ Two loops share one process:
 
 - **fan-out** consumes `contact.deleted` and `deletion_job.completed` and writes one
   delivery row per event and matching endpoint (a unique constraint makes a repeated
-  event a no-op), then commits the offsets.
+  event a no-op), then commits the offsets. A new delivery to an endpoint this process
+  owns is claimed by that INSERT and goes straight into the endpoint's buffer (no read
+  or claim of its own: on SQLite, no second wait for the single writer).
 - **sender** keeps per-endpoint queues of due delivery ids (no payloads) and claims from
   them into per-endpoint buffers (loading payloads only for what it sends); sends run from
   the buffers up to each endpoint's limits, and the attempts that finished meanwhile are
@@ -12,8 +14,8 @@ Two loops share one process:
   state (retry scheduled or finished), the endpoint's failing streak. A buffer holds what
   its endpoint takes in WEBHOOK_CLAIM_AHEAD_S at its limit and observed latency (at least
   twice its limit) and is topped up at half, and a pass runs WEBHOOK_GROUP_COMMIT_S after
-  the first unrecorded attempt ended, so one claim and one recording transaction cover many
-  deliveries (a finished send does not start a pass of its own).
+  the first unrecorded attempt ended, so one transaction (recording and claiming together)
+  covers many deliveries (a finished send does not start a pass of its own).
 
 Limits hold across dispatcher processes because one dispatcher at a time sends to an
 endpoint: it owns the endpoint (`owner`, `owner_until` on its row, claimed atomically and
@@ -474,8 +476,8 @@ class Dispatcher:
         """Claim, send and record until `stop`; then let what is in flight finish.
 
         Sends run from the per-endpoint buffers as fast as the endpoints' limits allow;
-        each pass of this loop records the attempts that finished meanwhile (one
-        transaction, `flush`) and tops the buffers up (one transaction, `claim`). A pass
+        each pass of this loop (`step`) records the attempts that finished meanwhile and
+        tops the buffers up, in one transaction. A pass
         runs when new work is signalled, when a buffer is down to half, when
         WEBHOOK_GROUP_COMMIT_S passed since the first unrecorded attempt ended (or a
         buffer's worth of them is waiting), and every REFILL_EVERY_S.
