@@ -4,7 +4,9 @@ Two loops share one process:
 
 - **fan-out** consumes `contact.deleted` and `deletion_job.completed` and writes one
   delivery row per event and matching endpoint (a unique constraint makes a repeated
-  event a no-op), then commits the offsets.
+  event a no-op), then commits the offsets. A new delivery to an endpoint this process
+  owns is claimed by that INSERT and goes straight into the endpoint's buffer (no read
+  or claim of its own: on SQLite, no second wait for the single writer).
 - **sender** keeps per-endpoint queues of due delivery ids (no payloads) and claims from
   them into per-endpoint buffers (loading payloads only for what it sends); sends run from
   the buffers up to each endpoint's limits, and the attempts that finished meanwhile are
@@ -12,8 +14,8 @@ Two loops share one process:
   state (retry scheduled or finished), the endpoint's failing streak. A buffer holds what
   its endpoint takes in WEBHOOK_CLAIM_AHEAD_S at its limit and observed latency (at least
   twice its limit) and is topped up at half, and a pass runs WEBHOOK_GROUP_COMMIT_S after
-  the first unrecorded attempt ended, so one claim and one recording transaction cover many
-  deliveries (a finished send does not start a pass of its own).
+  the first unrecorded attempt ended, so one transaction (recording and claiming together)
+  covers many deliveries (a finished send does not start a pass of its own).
 
 Limits hold across dispatcher processes because one dispatcher at a time sends to an
 endpoint: it owns the endpoint (`owner`, `owner_until` on its row, claimed atomically and
@@ -56,7 +58,7 @@ from typing import Any, TypeVar
 
 import aiohttp
 import sqlalchemy as sa
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from yarl import URL
 
 from service.aio import (
@@ -297,60 +299,176 @@ class Dispatcher:
             await dlq.stop()
 
     async def fan_out(self, messages: Sequence[InMessage], dlq: Producer) -> int:
-        """Write the deliveries of these events (idempotent); dead-letter malformed ones."""
-        events: list[CloudEvent] = []
+        """Write the deliveries of these events (idempotent); dead-letter malformed ones.
+
+        Returns how many deliveries were new. Each event is first read only as far as
+        its routing (`_Routing`: id, type, time, workspace); the endpoints of those
+        workspaces are read at once, from the database, for every batch (so an endpoint
+        created by any process before the batch is never missed); only an event with an
+        endpoint to go to is read in full and written. An event whose routing cannot be
+        read is dead-lettered; one nobody subscribes to is not read further.
+
+        A new delivery to an endpoint this process owns (with room in its buffer and no
+        older due work queued) is claimed by the same INSERT and handed to the buffer
+        from memory, so its first attempt starts without another read or claim
+        transaction (`_hand_over`).
+        """
+        routed: list[tuple[InMessage, _Routing]] = []
         poison: list[OutMessage] = []
         for m in messages:
             try:
-                event = CloudEvent.model_validate_json(m.value)
-                uuid.UUID(str(event.data["workspace_id"]))
-                events.append(event)
-            except (ValidationError, ValueError, KeyError) as exc:
+                routed.append((m, _Routing.model_validate_json(m.value)))
+            except ValidationError as exc:
                 log.error("webhook_event_dead_lettered", topic=m.topic, offset=m.offset)
                 poison.append(dead_letter(m, str(exc), DLQ_SUFFIX))
+        endpoints: dict[uuid.UUID, list[Any]] = {}
+        if routed:
+            # Read first: most events have no endpoint to go to, and then nothing is written.
+            async with self.db.read() as conn:
+                for r in (
+                    await conn.execute(
+                        sa.select(
+                            E.id, E.workspace_id, E.event_types, E.url, E.secret, E.retired_secrets
+                        ).where(
+                            E.workspace_id.in_({r.data.workspace_id for _, r in routed}),
+                            E.status == EndpointStatus.ENABLED,
+                        )
+                    )
+                ).all():
+                    endpoints.setdefault(r.workspace_id, []).append(r)
+        planned: list[tuple[CloudEvent, uuid.UUID, list[Any]]] = []
+        for m, routing in routed:
+            ws = routing.data.workspace_id
+            targets = [
+                e
+                for e in endpoints.get(ws, ())
+                if not e.event_types or routing.type in e.event_types
+            ]
+            if not targets:
+                continue
+            try:
+                event = CloudEvent.model_validate_json(m.value)
+            except ValidationError as exc:
+                log.error("webhook_event_dead_lettered", topic=m.topic, offset=m.offset)
+                poison.append(dead_letter(m, str(exc), DLQ_SUFFIX))
+                continue
+            planned.append((event, ws, targets))
         if poison:
             await dlq.send_many(poison)
-        created = 0
-        if not events:
-            return 0
-        workspace_ids = {uuid.UUID(str(e.data["workspace_id"])) for e in events}
-        # Read first: most events have no endpoint to go to, and then nothing is written.
-        async with self.db.read() as conn:
-            rows = (
-                await conn.execute(
-                    sa.select(E.id, E.workspace_id, E.event_types).where(
-                        E.workspace_id.in_(workspace_ids), E.status == EndpointStatus.ENABLED
-                    )
-                )
-            ).all()
-        planned = []
-        for event in events:
-            ws = uuid.UUID(str(event.data["workspace_id"]))
-            targets = [
-                r.id
-                for r in rows
-                if r.workspace_id == ws and (not r.event_types or event.type in r.event_types)
-            ]
-            if targets:
-                planned.append((event, ws, targets))
         if not planned:
             return 0
-        async with self.db.begin() as conn:
-            created = await enqueue_many(
-                conn,
-                self.db,
-                [
-                    NewDeliveries(
-                        ws,
-                        targets,
-                        event.id,
-                        event.type,
-                        webhook_body(event.type, event.time, event.data),
-                    )
-                    for event, ws, targets in planned
-                ],
+        now = utcnow()
+        room = self._handover_room({e.id for _, _, targets in planned for e in targets}, now)
+        leased: dict[uuid.UUID, EndpointSlots] = {eid: self.slots[eid] for eid in room}
+        batch = []
+        for event, ws, targets in planned:
+            leases: dict[uuid.UUID, datetime] = {}
+            for e in targets:
+                if room.get(e.id, 0) > 0:
+                    room[e.id] -= 1
+                    until = leased[e.id].owned_until
+                    assert until is not None
+                    leases[e.id] = until
+            batch.append(
+                NewDeliveries(
+                    ws,
+                    [e.id for e in targets],
+                    event.id,
+                    event.type,
+                    webhook_body(event.type, event.time, event.data),
+                    leases,
+                )
             )
-        return created
+        async with self.db.begin() as conn:
+            created = await enqueue_many(conn, self.db, batch)
+        if leased:
+            targets_by_id = {e.id: e for _, _, targets in planned for e in targets}
+            await self._hand_over(
+                [r for r in created if r["claimed_until"] is not None],
+                leased,
+                targets_by_id,
+                now,
+            )
+        return len(created)
+
+    def _handover_room(self, endpoint_ids: set[uuid.UUID], now: datetime) -> dict[uuid.UUID, int]:
+        """Per endpoint among these that new deliveries can go to straight from the
+        fan-out: owned by this process for longer than a request can take (and not being
+        given up), its sender running, nothing older queued for it; the value is the
+        room left in its buffer (`_buffer`)."""
+        if self._stopping or self._session is None:
+            return {}
+        room = {}
+        for eid in endpoint_ids:
+            slots = self.slots.get(eid)
+            if (
+                slots is None
+                or slots.releasing
+                or slots.queue
+                or slots.owned_until is None
+                or slots.owned_until - now <= self._send_margin
+            ):
+                continue
+            free = self._buffer(slots) - len(slots.ready) - slots.in_flight
+            if free > 0:
+                room[eid] = free
+        return room
+
+    async def _hand_over(
+        self,
+        rows: list[dict[str, Any]],
+        leased: dict[uuid.UUID, EndpointSlots],
+        endpoints: dict[uuid.UUID, Any],
+        now: datetime,
+    ) -> None:
+        """Put new deliveries the fan-out claimed (`rows`, as inserted) into their
+        endpoints' buffers and start their sends. One whose endpoint this process no
+        longer owns as it did (given up or lost meanwhile) has its lease cleared, so
+        that the endpoint's owner sends it; if that fails, the lease lapses."""
+        orphaned: list[uuid.UUID] = []
+        started: set[uuid.UUID] = set()
+        secrets: dict[uuid.UUID, list[str]] = {}
+        for row in rows:
+            eid = row["endpoint_id"]
+            slots = self.slots.get(eid)
+            if (
+                slots is not leased[eid]
+                or slots.releasing
+                or self._stopping
+                or slots.owned_until is None
+                or slots.owned_until < row["claimed_until"]
+            ):
+                orphaned.append(row["id"])
+                continue
+            endpoint = endpoints[eid]
+            if eid not in secrets:
+                secrets[eid] = live_secrets(endpoint._mapping, now)
+            slots.ready.append(
+                {
+                    "id": row["id"],
+                    "workspace_id": row["workspace_id"],
+                    "endpoint_id": eid,
+                    "event_id": row["event_id"],
+                    "event_type": row["event_type"],
+                    "payload": row["payload"],
+                    "attempt_count": 0,
+                    "url": endpoint.url,
+                    "secrets": secrets[eid],
+                    "claimed_until": row["claimed_until"],
+                }
+            )
+            self.held.add(row["id"])
+            started.add(eid)
+        for eid in started:
+            self._start_sends(eid)
+        if orphaned:
+            try:
+                async with self.db.begin() as conn:
+                    await self._give_back(conn, orphaned, [])
+            except Exception as exc:
+                log.warning(
+                    "webhook_handover_lease_kept", deliveries=len(orphaned), error=repr(exc)[:500]
+                )
 
     # -- sender -------------------------------------------------------------------------
 
@@ -358,8 +476,8 @@ class Dispatcher:
         """Claim, send and record until `stop`; then let what is in flight finish.
 
         Sends run from the per-endpoint buffers as fast as the endpoints' limits allow;
-        each pass of this loop records the attempts that finished meanwhile (one
-        transaction, `flush`) and tops the buffers up (one transaction, `claim`). A pass
+        each pass of this loop (`step`) records the attempts that finished meanwhile and
+        tops the buffers up, in one transaction. A pass
         runs when new work is signalled, when a buffer is down to half, when
         WEBHOOK_GROUP_COMMIT_S passed since the first unrecorded attempt ended (or a
         buffer's worth of them is waiting), and every REFILL_EVERY_S.
@@ -385,8 +503,7 @@ class Dispatcher:
                     self.wakeup.clear()
                     self.progress.clear()
                     try:
-                        await self.flush()
-                        claimed = await self.claim(refill=news)
+                        claimed = await self.step(refill=news)
                         backoff.reset()
                     except Exception as exc:
                         # Never let the sender die: an outage is waited out, and anything
@@ -421,22 +538,30 @@ class Dispatcher:
             try:
                 await self.flush()
                 async with self.db.begin() as conn:
-                    if unsent:
-                        await conn.execute(
-                            webhook_deliveries.update()
-                            .where(D.id.in_(unsent))
-                            .values(claimed_until=None)
-                        )
-                    await conn.execute(
-                        webhook_endpoints.update()
-                        .where(E.owner == self.instance)
-                        .values(owner=None, owner_until=None)
-                    )
+                    await self._give_back(conn, unsent, None)
                 return
             except Exception as exc:
                 log.warning("webhook_record_retry", error=repr(exc)[:500])
                 await asyncio.sleep(0.2)
         log.error("webhook_record_gave_up", attempts=len(self.finished))
+
+    async def _give_back(
+        self, conn: Any, unsent: Sequence[uuid.UUID], endpoints: Sequence[uuid.UUID] | None
+    ) -> None:
+        """Clear the leases of these claimed but unsent deliveries and this process's
+        ownership of these endpoints (None: of every endpoint it owns), in the caller's
+        transaction, so that another dispatcher takes them at once."""
+        if unsent:
+            await conn.execute(
+                webhook_deliveries.update().where(D.id.in_(unsent)).values(claimed_until=None)
+            )
+        if endpoints is None or endpoints:
+            owned = E.owner == self.instance
+            await conn.execute(
+                webhook_endpoints.update()
+                .where(owned if endpoints is None else sa.and_(E.id.in_(endpoints), owned))
+                .values(owner=None, owner_until=None)
+            )
 
     def _limit(self, max_in_flight: int | None) -> int:
         return max_in_flight or self.settings.webhook_max_in_flight_per_endpoint
@@ -496,15 +621,7 @@ class Dispatcher:
             return
         unsent = [d["id"] for eid in going for d in self.slots[eid].ready]
         async with self.db.begin() as conn:
-            if unsent:
-                await conn.execute(
-                    webhook_deliveries.update().where(D.id.in_(unsent)).values(claimed_until=None)
-                )
-            await conn.execute(
-                webhook_endpoints.update()
-                .where(E.id.in_(going), E.owner == self.instance)
-                .values(owner=None, owner_until=None)
-            )
+            await self._give_back(conn, unsent, going)
         for eid in going:
             slots = self.slots.pop(eid)
             self.held.difference_update(d["id"] for d in slots.ready)
@@ -581,11 +698,23 @@ class Dispatcher:
             rows = (await conn.execute(stmt)).all()
             others = 0
             if share is not None:
+                # Only the others' endpoints with due work count: an ownership outlives
+                # an endpoint's work (and a crashed dispatcher) by up to a lease, and
+                # counting those idle ones raised every quota, so a busy dispatcher
+                # kept all its endpoints while a newcomer idled (issue 8).
                 others = (
                     await conn.execute(
                         sa.select(sa.func.count())
                         .select_from(webhook_endpoints)
-                        .where(E.owner != self.instance, E.owner_until >= now)
+                        .where(
+                            E.owner != self.instance,
+                            E.owner_until >= now,
+                            sa.exists().where(
+                                D.endpoint_id == E.id,
+                                D.status.in_(SENDABLE),
+                                D.next_attempt_at <= now,
+                            ),
+                        )
                     )
                 ).scalar_one()
         # Forget idle endpoints (their ownership lapsed), but never a rate-limited one's
@@ -627,11 +756,47 @@ class Dispatcher:
         to half of what the endpoint takes in WEBHOOK_CLAIM_AHEAD_S (`_buffer`), so one
         claim covers many deliveries.
         """
+        return await self.step(refill=refill, record=False)
+
+    async def step(self, *, refill: bool = False, record: bool = True) -> list[dict[str, Any]]:
+        """One pass of the sender: the finished attempts recorded (`record`) and the
+        buffers topped up (`claim`) in ONE write transaction, so that on SQLite a pass
+        queues once for the single writer. Returns the deliveries claimed now.
+
+        If the database refuses the recording (not an outage), the attempts are recorded
+        one by one (`_record_batch`) and the claim waits for the next pass. An outage
+        keeps the attempts for the next pass.
+        """
         if refill or self._drained or time.monotonic() - self._refilled_at >= REFILL_EVERY_S:
             await self._refill()
         now = utcnow()
         mono = time.monotonic()
         await self._release_excess(now, mono)
+        batch = self._take_finished(now) if record else []
+        wanted, renewing = self._wanted(now, mono)
+        if not wanted:
+            await self._record_batch(batch)
+            return []
+        try:
+            async with self.db.begin() as conn:
+                recorded = await self._record_in(conn, batch) if batch else None
+                claimed = await self._claim_in(conn, wanted, renewing, now)
+        except Exception as exc:
+            if not batch:
+                raise
+            if is_transient(exc):
+                self.finished = batch + self.finished
+                raise
+            await self._record_batch(batch, refused=exc)
+            return []
+        if recorded is not None:
+            recorded()
+            self.held.difference_update(d["id"] for d, _ in batch)
+        return self._claimed(claimed, now)
+
+    def _wanted(self, now: datetime, mono: float) -> tuple[list[uuid.UUID], set[uuid.UUID]]:
+        """The endpoints to own (or keep owning) and claim for now, and those among them
+        whose ownership and buffered leases are due a renewal."""
         owning = sum(1 for s in self.slots.values() if self._owns(s, now) and not s.releasing)
         wanted = []
         renewing: set[uuid.UUID] = set()
@@ -656,94 +821,105 @@ class Dispatcher:
                 renewing.add(eid)
             if due or eid in renewing:
                 wanted.append(eid)
-        if not wanted:
-            return []
+        return wanted, renewing
+
+    async def _claim_in(
+        self, conn: Any, wanted: list[uuid.UUID], renewing: set[uuid.UUID], now: datetime
+    ) -> tuple[dict[uuid.UUID, Any], list[Any], list[uuid.UUID], datetime]:
+        """`claim`'s statements, in the caller's transaction: own the wanted endpoints,
+        renew the buffered leases, claim and read their deliveries."""
         until = now + self._own
-        picked: list[dict[str, Any]] = []
-        async with self.db.begin() as conn:
-            owned = {
-                r.id: r
-                for r in (
-                    await conn.execute(
-                        webhook_endpoints.update()
-                        .where(
-                            E.id.in_(sorted(wanted)),
-                            E.status == EndpointStatus.ENABLED,
-                            sa.or_(
-                                E.owner.is_(None), E.owner == self.instance, E.owner_until < now
-                            ),
-                        )
-                        .values(owner=self.instance, owner_until=until)
-                        .returning(
-                            E.id,
-                            E.url,
-                            E.secret,
-                            E.retired_secrets,
-                            E.rate_limit_per_s,
-                            E.max_in_flight,
-                            E.failing_since,
-                        )
-                    )
-                ).all()
-            }
-            others = [eid for eid in wanted if eid not in owned]
-            if others:
-                await self._let_go(conn, others, now)
-            take: list[uuid.UUID] = []
-            kept: list[uuid.UUID] = []
-            for eid, endpoint in owned.items():
-                slots = self.slots[eid]
-                slots.owned_until = until
-                slots.waiting_since = None
-                slots.max_in_flight = endpoint.max_in_flight
-                slots.rate = endpoint.rate_limit_per_s
-                slots.failing = endpoint.failing_since is not None
-                if eid in renewing:
-                    kept.extend(d["id"] for d in slots.ready)
-                need = self._buffer(slots) - len(slots.ready) - slots.in_flight
-                while need > 0 and slots.queue:
-                    delivery_id = slots.queue.popleft()
-                    if delivery_id not in self.held:
-                        take.append(delivery_id)
-                        need -= 1
-                if not slots.queue:
-                    self._drained = True
-            if kept:
-                # The buffered deliveries stay leased as long as their endpoint is owned.
+        owned = {
+            r.id: r
+            for r in (
                 await conn.execute(
-                    webhook_deliveries.update()
-                    .where(D.id.in_(kept), D.claimed_until.is_not(None))
-                    .values(claimed_until=until)
-                )
-                for eid in renewing & owned.keys():
-                    for delivery in self.slots[eid].ready:
-                        delivery["claimed_until"] = until
-            if not take:
-                return []
-            # One statement claims and reads them (payloads only for what is sent).
-            rows = (
-                await conn.execute(
-                    webhook_deliveries.update()
+                    webhook_endpoints.update()
                     .where(
-                        D.id.in_(take),
-                        D.status.in_(SENDABLE),
-                        D.next_attempt_at <= now,
-                        sa.or_(D.claimed_until.is_(None), D.claimed_until < now),
+                        E.id.in_(sorted(wanted)),
+                        E.status == EndpointStatus.ENABLED,
+                        sa.or_(E.owner.is_(None), E.owner == self.instance, E.owner_until < now),
                     )
-                    .values(claimed_until=until, retry_requested=False)
+                    .values(owner=self.instance, owner_until=until)
                     .returning(
-                        D.id,
-                        D.workspace_id,
-                        D.endpoint_id,
-                        D.event_id,
-                        D.event_type,
-                        D.payload,
-                        D.attempt_count,
+                        E.id,
+                        E.url,
+                        E.secret,
+                        E.retired_secrets,
+                        E.rate_limit_per_s,
+                        E.max_in_flight,
+                        E.failing_since,
                     )
                 )
             ).all()
-            if not rows:
-                return []
+        }
+        others = [eid for eid in wanted if eid not in owned]
+        if others:
+            await self._let_go(conn, others, now)
+        take: list[uuid.UUID] = []
+        kept: list[uuid.UUID] = []
+        for eid, endpoint in owned.items():
+            slots = self.slots[eid]
+            slots.owned_until = until
+            slots.waiting_since = None
+            slots.max_in_flight = endpoint.max_in_flight
+            slots.rate = endpoint.rate_limit_per_s
+            slots.failing = endpoint.failing_since is not None
+            if eid in renewing:
+                kept.extend(d["id"] for d in slots.ready)
+            need = self._buffer(slots) - len(slots.ready) - slots.in_flight
+            while need > 0 and slots.queue:
+                delivery_id = slots.queue.popleft()
+                if delivery_id not in self.held:
+                    take.append(delivery_id)
+                    need -= 1
+            if not slots.queue:
+                self._drained = True
+        if kept:
+            # The buffered deliveries stay leased as long as their endpoint is owned.
+            await conn.execute(
+                webhook_deliveries.update()
+                .where(D.id.in_(kept), D.claimed_until.is_not(None))
+                .values(claimed_until=until)
+            )
+            for eid in renewing & owned.keys():
+                for delivery in self.slots[eid].ready:
+                    delivery["claimed_until"] = until
+        if not take:
+            return owned, [], take, until
+        # One statement claims and reads them (payloads only for what is sent).
+        rows = (
+            await conn.execute(
+                webhook_deliveries.update()
+                .where(
+                    D.id.in_(take),
+                    D.status.in_(SENDABLE),
+                    D.next_attempt_at <= now,
+                    sa.or_(D.claimed_until.is_(None), D.claimed_until < now),
+                )
+                .values(claimed_until=until, retry_requested=False)
+                .returning(
+                    D.id,
+                    D.workspace_id,
+                    D.endpoint_id,
+                    D.event_id,
+                    D.event_type,
+                    D.payload,
+                    D.attempt_count,
+                )
+            )
+        ).all()
+        return owned, rows, take, until
+
+    def _claimed(
+        self,
+        claimed: tuple[dict[uuid.UUID, Any], list[Any], list[uuid.UUID], datetime],
+        now: datetime,
+    ) -> list[dict[str, Any]]:
+        """Put what `_claim_in` claimed into the buffers, once committed."""
+        owned, rows, take, until = claimed
+        if not rows:
+            return []
+        picked: list[dict[str, Any]] = []
         order = {delivery_id: n for n, delivery_id in enumerate(take)}
         secrets = {eid: live_secrets(endpoint._mapping, now) for eid, endpoint in owned.items()}
         for r in sorted(rows, key=lambda r: order[r.id]):
@@ -834,9 +1010,10 @@ class Dispatcher:
         delivery is sent again, at least once). If the database refuses the batch, each
         attempt is recorded alone (`record_safely`), so one bad answer holds back no other.
         """
-        if not self.finished:
-            return
-        now = utcnow()
+        await self._record_batch(self._take_finished(utcnow()))
+
+    def _take_finished(self, now: datetime) -> list[tuple[dict[str, Any], AttemptResult]]:
+        """The finished attempts to record now, taken off `finished`."""
         batch: list[tuple[dict[str, Any], AttemptResult]] = []
         for delivery, result in self.finished:
             # Only the owner sends to an endpoint, so while this process owns it (or
@@ -852,28 +1029,41 @@ class Dispatcher:
             else:
                 batch.append((delivery, result))
         self.finished = []
-        try:
-            await self.record_many(batch)
-        except Exception as exc:
-            if is_transient(exc):
-                self.finished = batch + self.finished
-                raise
-            log.error("webhook_record_batch_refused", error=describe(exc), attempts=len(batch))
-            for n, (delivery, result) in enumerate(batch):
-                try:
-                    await self.record_safely(delivery, result)
-                except Exception as alone:
-                    if is_transient(alone):
-                        self.finished = batch[n:] + self.finished
-                        raise
-                    log.error(
-                        "webhook_record_gave_up",
-                        delivery_id=str(delivery["id"]),
-                        error=describe(alone),
-                    )
-                self.held.discard(delivery["id"])
+        return batch
+
+    async def _record_batch(
+        self,
+        batch: list[tuple[dict[str, Any], AttemptResult]],
+        refused: Exception | None = None,
+    ) -> None:
+        """Record `batch` in one transaction; once the database refused it (`refused`,
+        or now), each attempt alone. An outage puts what is left back on `finished`."""
+        if not batch:
             return
-        for delivery, _ in batch:
+        if refused is None:
+            try:
+                await self.record_many(batch)
+            except Exception as exc:
+                if is_transient(exc):
+                    self.finished = batch + self.finished
+                    raise
+                refused = exc
+            else:
+                self.held.difference_update(d["id"] for d, _ in batch)
+                return
+        log.error("webhook_record_batch_refused", error=describe(refused), attempts=len(batch))
+        for n, (delivery, result) in enumerate(batch):
+            try:
+                await self.record_safely(delivery, result)
+            except Exception as alone:
+                if is_transient(alone):
+                    self.finished = batch[n:] + self.finished
+                    raise
+                log.error(
+                    "webhook_record_gave_up",
+                    delivery_id=str(delivery["id"]),
+                    error=describe(alone),
+                )
             self.held.discard(delivery["id"])
 
     async def record_safely(self, delivery: dict[str, Any], result: AttemptResult) -> None:
@@ -956,93 +1146,106 @@ class Dispatcher:
         """
         if not batch:
             return
+        async with self.db.begin() as conn:
+            recorded = await self._record_in(conn, batch)
+        recorded()
+
+    async def _record_in(
+        self, conn: Any, batch: Sequence[tuple[dict[str, Any], AttemptResult]]
+    ) -> Callable[[], None]:
+        """`record_many`'s statements, in the caller's transaction; returns what is to
+        be done once it committed (the endpoints' known state, log lines, metrics)."""
         now = utcnow()
         plans = [_plan(self.policy, self.rng, d, r, now) for d, r in batch]
         disabled: dict[uuid.UUID, DisabledReason] = {}
-        async with self.db.begin() as conn:
-            # executemany of one cached statement (a multi-row VALUES compiles anew for
-            # every batch size).
-            await conn.execute(
-                webhook_attempts.insert(),
-                [
-                    {
-                        "id": new_id(),
-                        "delivery_id": p.delivery["id"],
-                        "attempted_at": now,
-                        "status_code": p.result.status_code,
-                        "latency_ms": p.result.latency_ms,
-                        "error": p.result.error,
-                        "response_body": p.result.body,
-                    }
-                    for p in plans
-                ],
-            )
-            for shape in ("done", "failing"):
-                params = [p.params for p in plans if p.shape == shape]
-                if params:
-                    await conn.execute(_update(shape), params)
-            ids = [p.delivery["id"] for p in plans]
-            requeued = set(
-                (
-                    await conn.execute(
-                        webhook_deliveries.update()
-                        .where(D.id.in_(ids), D.retry_requested.is_(True))
-                        .values(
-                            status=DeliveryStatus.PENDING,
-                            next_attempt_at=now,
-                            completed_at=None,
-                            retry_requested=False,
-                        )
-                        .returning(D.id)
-                    )
-                ).scalars()
-            )
-            last: dict[uuid.UUID, _Plan] = {}
-            succeeded: set[uuid.UUID] = set()
-            for p in plans:
-                last[p.delivery["endpoint_id"]] = p
-                if p.outcome is Outcome.SUCCESS:
-                    succeeded.add(p.delivery["endpoint_id"])
-            # Only the owner records attempts, so an endpoint it read (at its claim) or
-            # left without a failing streak has none to end.
-            succeeded = {e for e in succeeded if self._failing(e) is not False}
-            if succeeded:
+        # executemany of one cached statement (a multi-row VALUES compiles anew for
+        # every batch size).
+        await conn.execute(
+            webhook_attempts.insert(),
+            [
+                {
+                    "id": new_id(),
+                    "delivery_id": p.delivery["id"],
+                    "attempted_at": now,
+                    "status_code": p.result.status_code,
+                    "latency_ms": p.result.latency_ms,
+                    "error": p.result.error,
+                    "response_body": p.result.body,
+                }
+                for p in plans
+            ],
+        )
+        for shape in ("done", "failing"):
+            params = [p.params for p in plans if p.shape == shape]
+            if params:
+                await conn.execute(_update(shape), params)
+        ids = [p.delivery["id"] for p in plans]
+        requeued = set(
+            (
                 await conn.execute(
-                    webhook_endpoints.update()
-                    .where(E.id.in_(sorted(succeeded)), E.failing_since.is_not(None))
-                    .values(failing_since=None)
+                    webhook_deliveries.update()
+                    .where(D.id.in_(ids), D.retry_requested.is_(True))
+                    .values(
+                        status=DeliveryStatus.PENDING,
+                        next_attempt_at=now,
+                        completed_at=None,
+                        retry_requested=False,
+                    )
+                    .returning(D.id)
                 )
-            for eid in sorted({p.delivery["endpoint_id"] for p in plans if p.gone}):
-                ws = last[eid].delivery["workspace_id"]
-                if await disable_endpoint(
-                    conn, self.db, ws, eid, DisabledReason.GONE, "the receiver answered 410 Gone"
-                ):
-                    disabled[eid] = DisabledReason.GONE
-            exhausted = [_exhausted_record(p) for p in plans if p.exhausted]
-            if exhausted:
-                await append_events(conn, self.db, exhausted)
-            for eid in sorted(last):
-                p = last[eid]
-                if p.outcome is not Outcome.SUCCESS and await self._note_failure(
-                    conn, p.delivery["workspace_id"], eid, now
-                ):
-                    disabled[eid] = DisabledReason.FAILING
-        outcomes: dict[Outcome, int] = {}
-        for eid, p in last.items():
-            slots = self.slots.get(eid)
-            if slots is not None:
-                slots.failing = eid not in disabled and p.outcome is not Outcome.SUCCESS
+            ).scalars()
+        )
+        last: dict[uuid.UUID, _Plan] = {}
+        succeeded: set[uuid.UUID] = set()
         for p in plans:
-            outcomes[p.outcome] = outcomes.get(p.outcome, 0) + 1
-            _log_outcome(p.delivery, p.values, p.attempts, p.result, p.exhausted)
-            if p.delivery["id"] in requeued:
-                log.info(
-                    "webhook_delivery_retry_requested_requeued", delivery_id=str(p.delivery["id"])
-                )
-        for outcome, count in outcomes.items():
-            self.metrics.webhook_attempts.labels(outcome.value).inc(count)
-        for eid, reason in disabled.items():
-            log.warning("webhook_endpoint_disabled", endpoint_id=str(eid), reason=reason.value)
+            last[p.delivery["endpoint_id"]] = p
+            if p.outcome is Outcome.SUCCESS:
+                succeeded.add(p.delivery["endpoint_id"])
+        # Only the owner records attempts, so an endpoint it read (at its claim) or
+        # left without a failing streak has none to end.
+        succeeded = {e for e in succeeded if self._failing(e) is not False}
+        if succeeded:
+            await conn.execute(
+                webhook_endpoints.update()
+                .where(E.id.in_(sorted(succeeded)), E.failing_since.is_not(None))
+                .values(failing_since=None)
+            )
+        for eid in sorted({p.delivery["endpoint_id"] for p in plans if p.gone}):
+            ws = last[eid].delivery["workspace_id"]
+            if await disable_endpoint(
+                conn, self.db, ws, eid, DisabledReason.GONE, "the receiver answered 410 Gone"
+            ):
+                disabled[eid] = DisabledReason.GONE
+        exhausted = [_exhausted_record(p) for p in plans if p.exhausted]
+        if exhausted:
+            await append_events(conn, self.db, exhausted)
+        for eid in sorted(last):
+            p = last[eid]
+            if p.outcome is not Outcome.SUCCESS and await self._note_failure(
+                conn, p.delivery["workspace_id"], eid, now
+            ):
+                disabled[eid] = DisabledReason.FAILING
+
+        def committed() -> None:
+            outcomes: dict[Outcome, int] = {}
+            for eid, p in last.items():
+                slots = self.slots.get(eid)
+                if slots is not None:
+                    slots.failing = eid not in disabled and p.outcome is not Outcome.SUCCESS
+            for p in plans:
+                outcomes[p.outcome] = outcomes.get(p.outcome, 0) + 1
+                _log_outcome(p.delivery, p.values, p.attempts, p.result, p.exhausted)
+                if p.delivery["id"] in requeued:
+                    log.info(
+                        "webhook_delivery_retry_requested_requeued",
+                        delivery_id=str(p.delivery["id"]),
+                    )
+            for outcome, count in outcomes.items():
+                self.metrics.webhook_attempts.labels(outcome.value).inc(count)
+            for eid, reason in disabled.items():
+                log.warning("webhook_endpoint_disabled", endpoint_id=str(eid), reason=reason.value)
+
+        return committed
 
     def _failing(self, endpoint_id: uuid.UUID) -> bool | None:
         slots = self.slots.get(endpoint_id)
@@ -1138,6 +1341,21 @@ class Dispatcher:
     async def run(self, stop: asyncio.Event) -> None:
         """Fan-out and sender together, until `stop`."""
         await asyncio.gather(self.run_fanout(stop), self.run_sender(stop))
+
+
+class _RoutingData(BaseModel):
+    workspace_id: uuid.UUID
+
+
+class _Routing(BaseModel):
+    """What routes an event to endpoints, read from its CloudEvent JSON without the rest
+    of its data (the fan-out reads the whole event only when it has an endpoint to go to).
+    The same fields `CloudEvent` requires for a delivery: id, type, time, data.workspace_id."""
+
+    id: str
+    type: str
+    time: datetime
+    data: _RoutingData
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,6 @@ Pure: nothing here does I/O.
 
 from __future__ import annotations
 
-import json
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
@@ -101,6 +100,6 @@ def webhook_body(event_type: str, timestamp: datetime, data: dict[str, Any]) -> 
     payload: BaseModel = (
         model.model_validate(fields) if model is not None else WebhookPayload.model_validate(fields)
     )
-    return json.dumps(
-        payload.model_dump(mode="json"), separators=(",", ":"), ensure_ascii=False
-    ).encode("utf-8")
+    # pydantic's own serializer writes the same compact UTF-8 JSON as json.dumps with
+    # separators=(",", ":") and ensure_ascii=False, in a third of the time (issue 8).
+    return payload.model_dump_json().encode("utf-8")

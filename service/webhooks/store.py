@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -422,13 +422,18 @@ async def disable_endpoint(
 
 @dataclass(frozen=True)
 class NewDeliveries:
-    """One event to queue for these endpoints of its workspace."""
+    """One event to queue for these endpoints of its workspace.
+
+    `leases`: endpoints whose new delivery is claimed at once (`claimed_until` set to the
+    given time), by the dispatcher that owns the endpoint and sends it from memory.
+    """
 
     workspace_id: uuid.UUID
     endpoint_ids: Sequence[uuid.UUID]
     event_id: str
     event_type: str
     payload: bytes
+    leases: Mapping[uuid.UUID, datetime] = field(default_factory=dict)
 
 
 async def enqueue(
@@ -442,16 +447,20 @@ async def enqueue(
     payload: bytes,
 ) -> int:
     """One delivery per (event, endpoint); a repeated event adds nothing. Returns how many."""
-    return await enqueue_many(
+    new = await enqueue_many(
         conn, db, [NewDeliveries(workspace_id, endpoint_ids, event_id, event_type, payload)]
     )
+    return len(new)
 
 
-async def enqueue_many(conn: AsyncConnection, db: Database, events: Sequence[NewDeliveries]) -> int:
+async def enqueue_many(
+    conn: AsyncConnection, db: Database, events: Sequence[NewDeliveries]
+) -> list[dict[str, Any]]:
     """`enqueue` for many events in one statement (executemany of one cached INSERT).
 
-    Returns how many deliveries were new (RETURNING counts them on both backends; an
-    executemany's rowcount is -1 on asyncpg).
+    Returns the rows that were new (column name -> value, as inserted), in the order of
+    `events`; a repeated (event, endpoint) is left out. RETURNING tells them apart on both
+    backends (an executemany's rowcount is -1 on asyncpg).
     """
     now = utcnow()
     rows = [
@@ -466,18 +475,20 @@ async def enqueue_many(conn: AsyncConnection, db: Database, events: Sequence[New
             "attempt_count": 0,
             "next_attempt_at": now,
             "created_at": now,
+            "claimed_until": e.leases.get(endpoint_id),
         }
         for e in events
         for endpoint_id in e.endpoint_ids
     ]
     if not rows:
-        return 0
+        return []
     ins: Any = (sqlite.insert if db.is_sqlite else postgresql.insert)(webhook_deliveries)
     result = await conn.execute(
         ins.on_conflict_do_nothing(index_elements=["event_id", "endpoint_id"]).returning(D.id),
         rows,
     )
-    return len(result.all())
+    new = set(result.scalars())
+    return [r for r in rows if r["id"] in new]
 
 
 async def list_deliveries(

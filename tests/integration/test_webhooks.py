@@ -1084,6 +1084,69 @@ async def test_event_types_filter_selects_the_endpoints_of_its_workspace(
     assert body["data"]["deleted_count"] == 1
 
 
+async def test_an_endpoint_created_between_two_batches_gets_the_second_batch_s_events(
+    tenant: Tenant, other_tenant: Tenant, services: Services, dlq: Producer
+) -> None:
+    """The fan-out reads a workspace's endpoints afresh for every batch (no cache that
+    another process's endpoint creation could leave stale): a workspace without endpoints
+    gets nothing, and one created meanwhile gets the next batch's event. An event whose
+    routing cannot be read is dead-lettered and holds no other back."""
+    dispatcher = Dispatcher(services.settings, services.db, services.metrics)
+    before = contact_deleted(tenant.workspace_id)
+    assert await dispatcher.fan_out([message(before)], dlq) == 0
+    endpoint = await create_endpoint(tenant, "https://hooks.example.com/late")
+    after = contact_deleted(tenant.workspace_id)
+    garbled = InMessage("contact.deleted", 0, 2, b"x", b'{"id": "no routing"}', ())
+    with json_logs() as lines:
+        created = await dispatcher.fan_out(
+            [garbled, message(after, 3), message(contact_deleted(other_tenant.workspace_id), 4)],
+            dlq,
+        )
+    assert created == 1
+    assert [d["event_id"] for d in await list_deliveries(tenant, endpoint["id"])] == [after.id]
+    dead = lines.events("webhook_event_dead_lettered")
+    assert [line["offset"] for line in dead] == [2]
+
+
+async def test_a_new_delivery_to_an_endpoint_this_dispatcher_owns_goes_from_the_fan_out(
+    tenant: Tenant, receiver: Receiver, services: Services, sender: StartSender, dlq: Producer
+) -> None:
+    """Once a dispatcher owns an endpoint, the deliveries its fan-out writes for it are
+    claimed by the same INSERT and are in its buffer (or in flight) when fan_out returns,
+    with no claim of their own; each arrives once, signed with the endpoint's secret, and
+    is recorded. Another workspace's event written meanwhile is untouched."""
+    dispatcher = sender()
+    endpoint = await create_endpoint(tenant, receiver.script("/owned", answer(204)))
+    eid = uuid.UUID(endpoint["id"])
+    first = await send_test(tenant, endpoint["id"])
+    await wait_delivery(tenant, endpoint["id"], first, has_status("succeeded"))
+    assert dispatcher.slots[eid].owned_until is not None
+
+    events = [contact_deleted(tenant.workspace_id) for _ in range(3)]
+    assert await dispatcher.fan_out([message(e, n) for n, e in enumerate(events)], dlq) == 3
+    held = set(dispatcher.held)  # before any other task ran
+    async with services.db.read() as conn:
+        rows = (
+            await conn.execute(
+                sa.select(webhook_deliveries.c.id, webhook_deliveries.c.claimed_until).where(
+                    webhook_deliveries.c.event_id.in_([e.id for e in events])
+                )
+            )
+        ).all()
+    # Handed over by the fan-out itself: held by this dispatcher the moment fan_out
+    # returned, with no pass of the sender in between (a claim would need one).
+    assert len(rows) == 3
+    assert {r.id for r in rows} <= held
+    for event in events:
+        delivery = await wait_delivery(tenant, endpoint["id"], event.id, has_status("succeeded"))
+        assert delivery["attempt_count"] == 1
+    hits = [h for h in receiver.at("/owned") if h.webhook_id != first]
+    assert sorted(h.webhook_id for h in hits) == sorted(e.id for e in events)
+    for hit in hits:
+        payload: Any = Webhook(endpoint["secret"]).verify(hit.body, hit.headers)
+        assert payload["type"] == "contact.deleted"
+
+
 async def delivery_payload(services: Services, event_id: str, endpoint_id: uuid.UUID) -> bytes:
     async with services.db.read() as conn:
         payload = (
@@ -1300,6 +1363,43 @@ async def test_a_second_dispatcher_joining_busy_endpoints_keeps_limits_and_sends
     for path, endpoint in zip(paths, endpoints, strict=True):
         assert receiver.max_in_flight[path] == 1
         assert sorted(h.webhook_id for h in receiver.at(path)) == sorted(events[endpoint["id"]])
+
+
+async def test_a_fair_share_counts_only_the_other_dispatchers_endpoints_with_work(
+    tenant: Tenant, services: Services
+) -> None:
+    """A dispatcher's fair share of the endpoints with work is the same whether or not
+    another (or a crashed) dispatcher still owns an idle endpoint: an ownership outlives
+    its work by up to a lease, and counting such idle ones raised the share (two busy
+    endpoints and half of the group: a share of two instead of one), so a busy
+    dispatcher never gave an endpoint up to a newcomer (issue 8)."""
+    busy = [await create_endpoint(tenant, "https://hooks.example.com/busy") for _ in range(2)]
+    idle = await create_endpoint(tenant, "https://hooks.example.com/idle")
+    for endpoint in busy:
+        await send_test(tenant, endpoint["id"])
+
+    async def quota(idle_owner: str | None) -> int | None:
+        async with services.db.begin() as conn:
+            await conn.execute(
+                webhook_endpoints.update()
+                .where(webhook_endpoints.c.id == uuid.UUID(idle["id"]))
+                .values(
+                    owner=idle_owner,
+                    owner_until=utcnow() + timedelta(minutes=5) if idle_owner else None,
+                )
+            )
+        dispatcher = Dispatcher(services.settings, services.db, services.metrics)
+        dispatcher.share = lambda: 0.5
+        await dispatcher._refill()
+        assert {e["id"] for e in busy} <= {str(e) for e in dispatcher.slots}
+        return dispatcher._quota
+
+    try:
+        alone = await quota(None)
+        assert alone is not None and alone >= 1
+        assert await quota("gone:1:dispatcher") == alone
+    finally:
+        await quota(None)
 
 
 async def test_claim_ahead_is_bounded_by_the_endpoint_s_pace_and_the_lease(

@@ -474,7 +474,7 @@ async def test_an_event_the_database_refuses_is_dead_lettered_and_its_batch_mate
     ]
     real_enqueue = dispatcher_module.enqueue_many  # type: ignore[attr-defined]
 
-    async def refuses_bad(conn: Any, db: Any, planned: Any) -> int:
+    async def refuses_bad(conn: Any, db: Any, planned: Any) -> list[dict[str, Any]]:
         if any(p.event_id == bad.id for p in planned):
             raise wrapped(sqlite_too_many_variables(), "INSERT INTO webhook_deliveries ...")
         return await real_enqueue(conn, db, planned)
