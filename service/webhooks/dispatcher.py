@@ -773,7 +773,8 @@ class Dispatcher:
         mono = time.monotonic()
         await self._release_excess(now, mono)
         batch = self._take_finished(now) if record else []
-        wanted, renewing = self._wanted(now, mono)
+        unrecorded = {d["endpoint_id"] for d, _ in batch}
+        wanted, renewing = self._wanted(now, mono, unrecorded)
         if not wanted:
             await self._record_batch(batch)
             return []
@@ -794,9 +795,14 @@ class Dispatcher:
             self.held.difference_update(d["id"] for d, _ in batch)
         return self._claimed(claimed, now)
 
-    def _wanted(self, now: datetime, mono: float) -> tuple[list[uuid.UUID], set[uuid.UUID]]:
+    def _wanted(
+        self, now: datetime, mono: float, unrecorded: set[uuid.UUID]
+    ) -> tuple[list[uuid.UUID], set[uuid.UUID]]:
         """The endpoints to own (or keep owning) and claim for now, and those among them
-        whose ownership and buffered leases are due a renewal."""
+        whose ownership and buffered leases are due a renewal: any with deliveries buffered,
+        in flight, queued, or sent and not recorded yet (`unrecorded`: an ownership that
+        lapsed before its attempts were recorded would drop them, and the webhooks would
+        go out again)."""
         owning = sum(1 for s in self.slots.values() if self._owns(s, now) and not s.releasing)
         wanted = []
         renewing: set[uuid.UUID] = set()
@@ -817,7 +823,7 @@ class Dispatcher:
                 s.owned_until - now < self._own / 2
                 or (bool(s.ready) and s.ready[0]["claimed_until"] - now < self._own / 2)
             )
-            if renew and (s.ready or s.in_flight or s.queue):
+            if renew and (s.ready or s.in_flight or s.queue or eid in unrecorded):
                 renewing.add(eid)
             if due or eid in renewing:
                 wanted.append(eid)
