@@ -305,7 +305,7 @@ class Consumer:
                     offset=record.offset,
                     key=record.key,
                     value=record.value if record.value is not None else b"",
-                    headers=tuple((name, value) for name, value in record.headers),
+                    headers=tuple(record.headers),  # (name, value) pairs, as they come
                 )
                 for record in batches[tp]
             )
@@ -555,7 +555,7 @@ async def read_topics(
                             offset=record.offset,
                             key=record.key,
                             value=record.value if record.value is not None else b"",
-                            headers=tuple((name, value) for name, value in record.headers),
+                            headers=tuple(record.headers),  # (name, value) pairs, as they come
                         )
             for tp in list(left):
                 if await consumer.position(tp) >= ends[tp]:
