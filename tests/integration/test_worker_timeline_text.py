@@ -82,6 +82,7 @@ async def test_preserved_timeline_ids_and_times_are_the_text_of_what_was_written
                 for cid in (contact_id, neighbour_id)
             ],
         )
+        rows: list[dict[str, Any]]
         for table, rows in (
             (
                 activities,
@@ -117,7 +118,7 @@ async def test_preserved_timeline_ids_and_times_are_the_text_of_what_was_written
     )
 
     async with db.read() as conn:
-        rows = (
+        events = (
             await conn.execute(
                 sa.select(audit_events.c.target_id, audit_events.c.data).where(
                     audit_events.c.workspace_id == workspace_id,
@@ -125,7 +126,7 @@ async def test_preserved_timeline_ids_and_times_are_the_text_of_what_was_written
                 )
             )
         ).all()
-    preserved = {r.target_id: json.loads(r.data)["preserved_timeline"] for r in rows}
+    preserved = {e.target_id: json.loads(e.data)["preserved_timeline"] for e in events}
     assert preserved[str(contact_id)] == kept
     neighbour = preserved[str(neighbour_id)]
     assert [len(neighbour[k]) for k in ("activities", "notes", "tasks")] == [1, 0, 1]

@@ -66,8 +66,9 @@ def test_spliced_bytes_equal_the_models_json(
 ) -> None:
     event_id = str(uuid.uuid4())
     expected = model_event(event_id, ids, digest, timeline, time)
+    contact, workspace, job = (str(i) for i in ids)
     spliced = ContactDeletedEncoder(time).encode(
-        *(str(i) for i in ids), digest, timeline, event_id=event_id
+        contact, workspace, job, digest, timeline, event_id=event_id
     )
     assert spliced == expected.model_dump_json(exclude_none=True).encode("utf-8")
     assert CloudEvent.model_validate_json(spliced) == expected
@@ -78,7 +79,9 @@ def test_each_event_gets_a_fresh_id_and_the_row_is_what_outbox_row_writes() -> N
     ids = (uuid.uuid4(), uuid.uuid4(), uuid.uuid4())
     encoder = ContactDeletedEncoder(now)
     texts = [str(i) for i in ids]
-    first, second = (encoder.encode(*texts, "ab" * 32, (1, 0, 2)) for _ in range(2))
+    first, second = (
+        encoder.encode(texts[0], texts[1], texts[2], "ab" * 32, (1, 0, 2)) for _ in range(2)
+    )
     assert json.loads(first)["id"] != json.loads(second)["id"]
     expected = outbox_row(
         "t.contact.deleted",
