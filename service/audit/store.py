@@ -90,6 +90,7 @@ async def append_events(
     for record in records:
         _check_record(record)
         by_workspace.setdefault(record.workspace_id, []).append(record)
+    times: dict[datetime, str] = {}  # a batch's events usually share one time
     # Lock heads in a fixed order so two writers over several workspaces cannot deadlock.
     for workspace_id in sorted(by_workspace, key=str):
         seq, prev_hash = await _lock_head(conn, db, workspace_id)
@@ -101,11 +102,15 @@ async def append_events(
             data_json = canonical_json(dict(record.data))
             actor = dict(record.actor)
             target = dict(record.target) if record.target is not None else None
+            at = record.occurred_at or utcnow()
+            occurred_at = times.get(at)
+            if occurred_at is None:
+                occurred_at = times[at] = format_time(at)
             event = {
                 "seq": seq,
                 "id": str(event_id),
                 "workspace_id": workspace,
-                "occurred_at": format_time(record.occurred_at or utcnow()),
+                "occurred_at": occurred_at,
                 "actor": actor,
                 "action": record.action,
                 "target": target,

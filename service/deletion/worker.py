@@ -22,6 +22,7 @@ import functools
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import sqlalchemy as sa
@@ -41,6 +42,7 @@ from service.audit.store import AuditRecord, append_events, load_hash_key
 from service.config import Settings
 from service.contacts.store import TIMELINE_TABLES
 from service.db import Database, contacts, deletion_job_items, deletion_jobs, outbox, utcnow
+from service.deletion.encoding import ContactDeletedEncoder, contact_deleted_row
 from service.deletion.models import NOT_FOUND, ErrorCode, ItemStatus, Outcome, decide
 from service.deletion.notify import JobNotifier
 from service.deletion.store import (
@@ -58,15 +60,11 @@ from service.events import (
     DLQ_SUFFIX,
     TOPIC_CONTACT_DELETED,
     TOPIC_DELETION_REQUESTED,
-    TYPE_CONTACT_DELETED,
     TYPE_DELETION_REQUESTED,
     TYPE_JOB_EXPAND,
     CloudEvent,
-    ContactDeleted,
     DeletionRequested,
     JobExpand,
-    OrphanedTimeline,
-    envelope,
 )
 from service.failpoints import crash_if
 from service.faults import describe, is_transient
@@ -79,7 +77,6 @@ from service.kafka import (
 )
 from service.logs import get_logger
 from service.metrics import Metrics
-from service.outbox import outbox_row
 from service.webhooks.signing import email_sha256
 
 log = get_logger(__name__)
@@ -490,10 +487,22 @@ class DeletionWorker:
         records: list[AuditRecord] = []
         deleted_rows: list[dict[str, Any]] = []
         topic = self.settings.topic(TOPIC_CONTACT_DELETED)
+        encoder = ContactDeletedEncoder(now)
+        # What every item of a job shares, as text, once per job rather than per contact.
+        texts = {
+            job_id: (
+                str(job_id),
+                str(job.workspace_id),
+                _job_actor(job),
+                str(job.api_key_id) if job.api_key_id else None,
+            )
+            for job_id, job in jobs.items()
+        }
         for c, outcome in outcomes:
             job = jobs[c.job_id]
-            actor = _job_actor(job)
-            target = {"type": "contact", "id": str(c.contact_id)}
+            job_text, workspace_text, actor, api_key_text = texts[c.job_id]
+            contact_text = str(c.contact_id)
+            target = {"type": "contact", "id": contact_text}
             delta = progress.setdefault(c.job_id, ProgressDelta())
             if outcome.status is ItemStatus.DELETED:
                 delta.deleted += 1
@@ -507,12 +516,12 @@ class DeletionWorker:
                         actor=actor,
                         action="contact.deleted",
                         target=target,
-                        job_id=str(c.job_id),
+                        job_id=job_text,
                         request_id=job.request_id,
                         email_hmac=hmac_hex,
                         data={
                             "email_hmac": hmac_hex,
-                            "api_key_id": str(job.api_key_id) if job.api_key_id else None,
+                            "api_key_id": api_key_text,
                             "member_role": contact["member_role"],
                             "preserved_timeline": {
                                 KIND_PLURAL[k]: kept.get(k, []) for k in TIMELINE_TABLES
@@ -527,22 +536,18 @@ class DeletionWorker:
                         occurred_at=now,
                     )
                 )
-                event = envelope(
-                    TYPE_CONTACT_DELETED,
-                    str(c.contact_id),
-                    ContactDeleted(
-                        contact_id=c.contact_id,
-                        workspace_id=job.workspace_id,
-                        job_id=c.job_id,
-                        deleted_at=now,
-                        email_sha256=email_sha256(contact["email"]),
-                        orphaned_timeline=OrphanedTimeline(
-                            **{KIND_PLURAL[k]: len(kept.get(k, [])) for k in TIMELINE_TABLES}
-                        ),
+                payload = encoder.encode(
+                    contact_text,
+                    workspace_text,
+                    job_text,
+                    email_sha256(contact["email"]),
+                    (
+                        len(kept.get("activity", ())),
+                        len(kept.get("note", ())),
+                        len(kept.get("task", ())),
                     ),
-                    now,
                 )
-                deleted_rows.append(outbox_row(topic, str(c.contact_id), event))
+                deleted_rows.append(contact_deleted_row(topic, contact_text, payload, now))
             elif outcome.status is ItemStatus.NOT_FOUND:
                 delta.not_found += 1
             else:
@@ -553,7 +558,7 @@ class DeletionWorker:
                         actor=actor,
                         action="contact.deletion_failed",
                         target=target,
-                        job_id=str(c.job_id),
+                        job_id=job_text,
                         request_id=job.request_id,
                         data={"code": str(outcome.code), "message": outcome.message},
                         occurred_at=now,
@@ -642,22 +647,30 @@ class DeletionWorker:
         """Without redaction: one statement reads what the three timelines keep of these
         contacts, then one per table that has any nulls their back-references (each round
         trip counts: on a busy machine each one waits for the database to be scheduled)."""
+        # The columns come back as the driver gives them (`_raw`): a batch reads two or
+        # three timeline rows per contact, and building a UUID and a datetime for each only
+        # to turn them back into text cost more than the rest of the read.
         selects = [
             sa.select(
                 sa.literal(kind, sa.String).label("kind"),
-                table.c.id,
-                table.c.contact_id,
-                _timeline_time(kind, table).label("at"),
+                _raw(table.c.id),
+                _raw(table.c.contact_id),
+                _raw(_timeline_time(kind, table)).label("at"),
             ).where(table.c.contact_id.in_(contact_ids))
             for kind, table in TIMELINE_TABLES.items()
         ]
         rows = (await conn.execute(sa.union_all(*selects))).all()
+        by_text = {_uuid_text(cid): cid for cid in contact_ids}
         kinds: set[str] = set()
-        # In id order within each kind, as a per-table ORDER BY id would give.
-        for r in sorted(rows, key=lambda r: r.id):
-            kinds.add(r.kind)
-            orphaned.kept.setdefault(r.contact_id, {}).setdefault(r.kind, []).append(
-                {"id": str(r.id), "kind": r.kind, "at": _iso_z(r.at)}
+        # In id order within each kind, as a per-table ORDER BY id would give (the text
+        # forms sort as the UUIDs do: fixed-width lowercase hex).
+        kept = orphaned.kept
+        for text_id, kind, contact_text, at in sorted(
+            (_uuid_text(r[1]), r[0], _uuid_text(r[2]), r[3]) for r in rows
+        ):
+            kinds.add(kind)
+            kept.setdefault(by_text[contact_text], {}).setdefault(kind, []).append(
+                {"id": text_id, "kind": kind, "at": _raw_iso_z(at)}
             )
         for kind, table in TIMELINE_TABLES.items():
             if kind in kinds:
@@ -722,6 +735,36 @@ def _timeline_time(kind: str, table: sa.Table) -> sa.ColumnElement[Any]:
 
 def _iso_z(at: Any) -> str:
     return str(at.isoformat().replace("+00:00", "Z"))
+
+
+def _raw(column: sa.ColumnElement[Any]) -> sa.ColumnElement[Any]:
+    """The column under its own name, without SQLAlchemy's result conversion: what the
+    driver returns (SQLite: text; asyncpg: its UUID and an aware datetime)."""
+    return sa.type_coerce(column, sa.types.NullType()).label(column.key)
+
+
+def _uuid_text(value: Any) -> str:
+    """A UUID's canonical text (``8-4-4-4-12`` lowercase hex) from a `uuid.UUID`, a driver's
+    UUID, or SQLite's stored form (32 hex digits, as ``sa.Uuid`` writes it)."""
+    text = value.hex if isinstance(value, uuid.UUID) else str(value).lower()
+    if len(text) == 32:
+        return f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-{text[20:]}"
+    return text
+
+
+def _raw_iso_z(at: Any) -> str:
+    """``_iso_z`` of a timestamp column as the driver returned it: an aware datetime
+    (asyncpg), or SQLite's stored text ``YYYY-MM-DD HH:MM:SS.ffffff`` in UTC (how
+    `UTCDateTime` writes it), formatted exactly as ``datetime.isoformat`` would format it
+    (no fraction when the microseconds are zero)."""
+    if isinstance(at, datetime):
+        return _iso_z(at if at.tzinfo is not None else at.replace(tzinfo=UTC))
+    text = str(at)
+    if len(text) == 26 and text[10] == " " and text[19] == ".":
+        fraction = text[19:]
+        return f"{text[:10]}T{text[11:19]}{'' if fraction == '.000000' else fraction}Z"
+    parsed = datetime.fromisoformat(text)
+    return _iso_z(parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC))
 
 
 def _log_batch(result: BatchResult) -> None:

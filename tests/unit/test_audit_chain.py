@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta, timezone
@@ -117,6 +118,16 @@ _json = st.recursive(
     max_leaves=20,
 )
 _party = st.fixed_dictionaries({"type": st.text(), "id": st.text()})
+
+
+@given(value=_json | st.floats(allow_nan=False, allow_infinity=False))
+def test_canonical_json_is_exactly_the_documented_json_dumps(value: Any) -> None:
+    """The encoder is built once, not per call: the bytes must not change with that."""
+    expected = json.dumps(
+        value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+    ).encode("utf-8")
+    assert canonical_json(value) == expected
+    assert canonical_json({"b": value, "a": [value]}) == b'{"a":[%s],"b":%s}' % (expected, expected)
 
 
 @given(
