@@ -16,6 +16,7 @@ from typing import Any
 from pydantic import TypeAdapter
 
 from service.events import SOURCE, TYPE_CONTACT_DELETED
+from service.outbox import encoded_outbox_row
 
 _TIME_JSON: TypeAdapter[datetime] = TypeAdapter(datetime)
 
@@ -67,19 +68,8 @@ class ContactDeletedEncoder:
 _SAFE = frozenset("0123456789abcdef-")
 
 
-# What `service.outbox.outbox_row` writes as a contact.deleted row's headers (held equal
-# by tests/unit/test_contact_deleted_encoding.py).
-_HEADERS = (("content-type", "application/cloudevents+json"), ("ce_type", TYPE_CONTACT_DELETED))
-
-
 def contact_deleted_row(
     topic: str, contact_id: str, payload: bytes, created_at: datetime
 ) -> dict[str, Any]:
     """The outbox row of an encoded ``contact.deleted`` event, as `outbox_row` makes it."""
-    return {
-        "topic": topic,
-        "key": contact_id,
-        "payload": payload,
-        "headers": [list(h) for h in _HEADERS],
-        "created_at": created_at,
-    }
+    return encoded_outbox_row(topic, contact_id, TYPE_CONTACT_DELETED, payload, created_at)
