@@ -52,6 +52,7 @@ from service.deletion.store import (
     apply_progress,
     expand_page,
     finish_job,
+    pending_items_statement,
 )
 from service.erasure.redact import TEXT_FIELDS, RedactionSummary, Redactor
 from service.erasure.scrubber import Scrubber, touched_tables
@@ -437,9 +438,7 @@ class DeletionWorker:
                 )
             ).all()
         }
-        item_stmt = sa.select(items.job_id, items.ref, items.status).where(
-            items.job_id.in_(job_ids), items.ref.in_({c.ref for c in commands})
-        )
+        item_stmt = pending_items_statement(job_ids, sorted({c.ref for c in commands}))
         statuses = {
             (r.job_id, r.ref): r.status
             for r in (await conn.execute(self.db.for_update(item_stmt))).all()

@@ -35,10 +35,12 @@ from service.db import (
 )
 from service.deletion.models import BulkDeleteRequest, ItemStatus
 from service.deletion.store import (
+    ANALYZE_FROM_ITEMS,
     EXPAND_WINDOWS_PER_PAGE,
     Requester,
     create_job,
     outcome_list,
+    pending_items_statement,
 )
 from service.deletion.worker import DeletionWorker
 from service.events import (
@@ -367,3 +369,42 @@ async def test_the_job_object_lists_read_only_the_items_with_that_outcome(
             rows = (await conn.exec_driver_sql(f"EXPLAIN EXECUTE {name}({values})")).all()
     plan = " ".join(str(r[-1]) for r in rows)
     assert f"ix_deletion_job_items_{status.value}" in plan, plan
+
+
+async def test_a_job_that_grows_large_is_known_to_the_planner_by_its_size(
+    db_url: str, db: Database
+) -> None:
+    """The worker finds a batch's items by (job_id, ref). Planned with statistics from when a
+    job had few items, PostgreSQL scanned the job's whole (job_id, position) range for each
+    batch instead of probing the primary key (137 ms per 500-contact batch at 100,000 items,
+    measured): expansion refreshes the statistics once a job reaches ANALYZE_FROM_ITEMS
+    items, so the planner estimates the job's size. SQLite looks the items up by the
+    primary key's own index."""
+    count = ANALYZE_FROM_ITEMS + 10
+    settings = make_settings(db_url, expand_page_size=count, expand_ahead_max=count)
+    workspace_id, matches = await seed(db, count, "Planned")
+    job_id = await filter_job(db, settings, workspace_id, "Planned")
+    worker = DeletionWorker(settings, db, Metrics())
+    worker.hash_key = await load_hash_key(db, None)
+    await worker.process([JobExpand(job_id=job_id, workspace_id=workspace_id)])
+    assert (await job_row(db, job_id)).total_requested == count
+
+    async with db.read() as conn:
+        if db.is_sqlite:
+            refs = sorted(str(m) for m in matches)[:500]
+            statement = str(
+                pending_items_statement([job_id], refs).compile(
+                    dialect=conn.dialect, compile_kwargs={"literal_binds": True}
+                )
+            )
+            rows = (await conn.exec_driver_sql("EXPLAIN QUERY PLAN " + statement)).all()
+            plan = " ".join(str(r[-1]) for r in rows)
+            assert "sqlite_autoindex_deletion_job_items_1" in plan, plan
+            return
+        rows = (
+            await conn.exec_driver_sql(
+                f"EXPLAIN SELECT * FROM deletion_job_items WHERE job_id = '{job_id}'"
+            )
+        ).all()
+    estimate = int(str(rows[0][0]).split(" rows=")[1].split(" ")[0])
+    assert estimate >= count // 2, rows[0][0]
