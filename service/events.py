@@ -106,7 +106,8 @@ def envelope(event_type: str, subject: str, data: EventData, time: datetime) -> 
     )
 
 
-_TIME_JSON: TypeAdapter[datetime] = TypeAdapter(datetime)
+TIME_JSON: TypeAdapter[datetime] = TypeAdapter(datetime)
+"""Writes a time exactly as the event models do (for encoders that splice event JSON)."""
 
 
 class DeletionRequestedEncoder:
@@ -121,7 +122,7 @@ class DeletionRequestedEncoder:
     """
 
     def __init__(self, job_id: uuid.UUID, workspace_id: uuid.UUID, time: datetime) -> None:
-        time_json = _TIME_JSON.dump_json(time)
+        time_json = TIME_JSON.dump_json(time)
         self._head = b'{"specversion":"1.0","id":"'
         self._middle = (
             b'","source":'

@@ -57,6 +57,16 @@ def db_url(
     yield url
 
 
+@pytest.fixture
+async def db(db_url: str) -> AsyncIterator[Database]:
+    """The database under test, opened for one test (its own connections)."""
+    database = Database(db_url)
+    try:
+        yield database
+    finally:
+        await database.dispose()
+
+
 def make_settings(db_url: str, **overrides: Any) -> Settings:
     """Settings for a test: high rate limits, private webhook targets allowed."""
     values: dict[str, Any] = {

@@ -13,12 +13,8 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-from pydantic import TypeAdapter
-
-from service.events import SOURCE, TYPE_CONTACT_DELETED
+from service.events import SOURCE, TIME_JSON, TYPE_CONTACT_DELETED
 from service.outbox import encoded_outbox_row
-
-_TIME_JSON: TypeAdapter[datetime] = TypeAdapter(datetime)
 
 
 class ContactDeletedEncoder:
@@ -32,7 +28,7 @@ class ContactDeletedEncoder:
     """
 
     def __init__(self, time: datetime) -> None:
-        time_json = _TIME_JSON.dump_json(time).decode("ascii")
+        time_json = TIME_JSON.dump_json(time).decode("ascii")
         self._middle = (
             f'","source":{json.dumps(SOURCE)},"type":"{TYPE_CONTACT_DELETED}"'
             f',"time":{time_json},"subject":"'

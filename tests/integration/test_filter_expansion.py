@@ -13,7 +13,7 @@ import asyncio
 import json
 import signal
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -56,15 +56,6 @@ from tests.conftest import make_settings
 
 PAGE = 3
 AHEAD = 5
-
-
-@pytest.fixture
-async def db(db_url: str) -> AsyncIterator[Database]:
-    database = Database(db_url)
-    try:
-        yield database
-    finally:
-        await database.dispose()
 
 
 async def seed(

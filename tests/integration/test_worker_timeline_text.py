@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
 
-import pytest
 import sqlalchemy as sa
 
 from service.audit.store import load_hash_key
@@ -26,15 +24,6 @@ from service.events import DeletionRequested
 from service.keys import ensure_workspace
 from service.metrics import Metrics
 from tests.conftest import make_settings
-
-
-@pytest.fixture
-async def db(db_url: str) -> AsyncIterator[Database]:
-    database = Database(db_url)
-    try:
-        yield database
-    finally:
-        await database.dispose()
 
 
 def iso_z(at: datetime) -> str:
