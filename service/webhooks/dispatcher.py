@@ -81,6 +81,7 @@ from service.db import (
     webhook_endpoints,
 )
 from service.events import DLQ_SUFFIX, TOPIC_CONTACT_DELETED, TOPIC_JOB_COMPLETED, CloudEvent
+from service.failpoints import Pauses
 from service.faults import describe, is_transient
 from service.kafka import (
     Consumer,
@@ -214,8 +215,14 @@ class Dispatcher:
         wakeup: asyncio.Event | None = None,
         rng: random.Random | None = None,
         sleep: Sleep = sleep_unless_stopped,
+        clock: Callable[[], datetime] = utcnow,
+        pauses: Pauses | None = None,
     ) -> None:
         self.settings = settings
+        # The time leases are taken and checked by (tests move it on, as a stall would).
+        self.clock = clock
+        # Points where a test holds this dispatcher, as a stalled process would stop there.
+        self.pauses = pauses
         self.db = db
         self.metrics = metrics
         self.wakeup = wakeup or asyncio.Event()
@@ -253,6 +260,11 @@ class Dispatcher:
         self._refilled_at = -float("inf")
         self._drained = False
         self.topics = [settings.topic(TOPIC_CONTACT_DELETED), settings.topic(TOPIC_JOB_COMPLETED)]
+
+    async def _pause(self, point: str) -> None:
+        """Wait here while a test holds `point` (`failpoints.Pauses`); nothing otherwise."""
+        if self.pauses is not None:
+            await self.pauses.at(point)
 
     # -- fan-out ------------------------------------------------------------------------
 
@@ -357,7 +369,7 @@ class Dispatcher:
             await dlq.send_many(poison)
         if not planned:
             return 0
-        now = utcnow()
+        now = self.clock()
         room = self._handover_room({e.id for _, _, targets in planned for e in targets}, now)
         leased: dict[uuid.UUID, EndpointSlots] = {eid: self.slots[eid] for eid in room}
         batch = []
@@ -519,6 +531,8 @@ class Dispatcher:
                             backoff.attempt = 32
                         await backoff.wait(stop)
                         continue
+                    if claimed:
+                        await self._pause("claimed")  # claimed, nothing of it sent yet
                     for eid in list(self.slots):
                         self._start_sends(eid)
                     if claimed:
@@ -648,7 +662,7 @@ class Dispatcher:
             return
         if self._stopping or self._session is None:
             return
-        now = utcnow()
+        now = self.clock()
         if slots.owned_until is None or slots.owned_until - now < self._send_margin:
             return
         if slots.ready[0]["claimed_until"] - now < self._send_margin:
@@ -676,7 +690,7 @@ class Dispatcher:
         An endpoint whose queue still holds QUEUE_KEEP ids keeps it and is left out of the
         read, so a backlog at one (slow) endpoint never crowds out the others' work.
         """
-        now = utcnow()
+        now = self.clock()
         mono = time.monotonic()
         full = {eid for eid, s in self.slots.items() if len(s.queue) >= QUEUE_KEEP}
         stmt = (
@@ -767,9 +781,10 @@ class Dispatcher:
         one by one (`_record_batch`) and the claim waits for the next pass. An outage
         keeps the attempts for the next pass.
         """
+        await self._pause("pass")
         if refill or self._drained or time.monotonic() - self._refilled_at >= REFILL_EVERY_S:
             await self._refill()
-        now = utcnow()
+        now = self.clock()
         mono = time.monotonic()
         await self._release_excess(now, mono)
         batch = self._take_finished(now) if record else []
@@ -976,6 +991,7 @@ class Dispatcher:
     async def _send(self, session: aiohttp.ClientSession, delivery: dict[str, Any]) -> None:
         try:
             result = await self.attempt(session, delivery)
+            await self._pause("sent")  # sent, the outcome not noted for recording yet
         except Exception:
             # A bug, not a receiver's failure: the lease lapses and it is sent again.
             log.exception("webhook_send_crashed", delivery_id=str(delivery["id"]))
@@ -1016,7 +1032,7 @@ class Dispatcher:
         delivery is sent again, at least once). If the database refuses the batch, each
         attempt is recorded alone (`record_safely`), so one bad answer holds back no other.
         """
-        await self._record_batch(self._take_finished(utcnow()))
+        await self._record_batch(self._take_finished(self.clock()))
 
     def _take_finished(self, now: datetime) -> list[tuple[dict[str, Any], AttemptResult]]:
         """The finished attempts to record now, taken off `finished`."""
@@ -1103,13 +1119,16 @@ class Dispatcher:
         )
         try:
             await self._check(delivery["url"])
+            await self._pause("before_post")
             async with session.post(
                 _parsed_url(delivery["url"]), data=body, headers=headers, allow_redirects=False
             ) as response:
                 text = (await response.content.read(RESPONSE_BODY_LIMIT)).decode("utf-8", "replace")
                 retry_after = None
                 if response.status in (429, 503):
-                    retry_after = parse_retry_after(response.headers.get("Retry-After"), utcnow())
+                    retry_after = parse_retry_after(
+                        response.headers.get("Retry-After"), self.clock()
+                    )
                 error = None
                 if 300 <= response.status < 400:
                     error = f"redirect to {response.headers.get('Location', '?')} not followed"
@@ -1161,7 +1180,7 @@ class Dispatcher:
     ) -> Callable[[], None]:
         """`record_many`'s statements, in the caller's transaction; returns what is to
         be done once it committed (the endpoints' known state, log lines, metrics)."""
-        now = utcnow()
+        now = self.clock()
         plans = [_plan(self.policy, self.rng, d, r, now) for d, r in batch]
         disabled: dict[uuid.UUID, DisabledReason] = {}
         # executemany of one cached statement (a multi-row VALUES compiles anew for
