@@ -20,9 +20,12 @@ Two loops share one process:
 Limits hold across dispatcher processes because one dispatcher at a time sends to an
 endpoint: it owns the endpoint (`owner`, `owner_until` on its row, claimed atomically and
 renewed while it has work), and enforces `max_in_flight` and `rate_limit_per_s` in
-memory. It starts a request only while its ownership outlasts the request timeout, so
-a successor (once the ownership lapsed, e.g. after a crash) never overlaps it. Claimed
-deliveries are leased (`claimed_until`) for as long. A `retry` asked for while a
+memory. It starts a request only while its ownership outlasts the request timeout
+(checked as a send leaves the buffer and again at the request itself), so a successor
+(once the ownership lapsed, e.g. after a crash or a stall) never overlaps it. Claimed
+deliveries are leased (`claimed_until`) for as long; a stalled dispatcher renews only the
+leases that are still the ones it took, and records an attempt whose lease lapsed only if
+nobody claimed the delivery since (tests/integration/test_dispatcher_stalls.py). A `retry` asked for while a
 delivery is claimed is only noted (`retry_requested`): recording the attempt under way
 makes it due again, so a delivery is never in flight twice.
 
@@ -241,6 +244,8 @@ class Dispatcher:
         # buffer to be sent; a send starts only while a request can end within it.
         self._own = timedelta(seconds=timeout_s * LEASE_ROUNDS + LEASE_SLACK_S)
         self._send_margin = timedelta(seconds=timeout_s + 2)
+        # At the request itself (a moment after `_start_sends` checked `_send_margin`).
+        self._post_margin = timedelta(seconds=timeout_s + 1)
         # Claimed ahead: what an endpoint sends in this long, never more than it sends in
         # a quarter of the lease (the lease is renewed, with the buffer's, at its half).
         self._ahead_s = min(settings.webhook_claim_ahead_s, self._own.total_seconds() / 4)
@@ -846,9 +851,13 @@ class Dispatcher:
 
     async def _claim_in(
         self, conn: Any, wanted: list[uuid.UUID], renewing: set[uuid.UUID], now: datetime
-    ) -> tuple[dict[uuid.UUID, Any], list[Any], list[uuid.UUID], datetime]:
+    ) -> _Claim:
         """`claim`'s statements, in the caller's transaction: own the wanted endpoints,
-        renew the buffered leases, claim and read their deliveries."""
+        renew the buffered leases, claim and read their deliveries.
+
+        The new ownership and leases reach this process's buffers only once the
+        transaction committed (`_claimed`): rolled back, they would have made it send
+        under an ownership the database never gave it."""
         until = now + self._own
         owned = {
             r.id: r
@@ -877,16 +886,14 @@ class Dispatcher:
         if others:
             await self._let_go(conn, others, now)
         take: list[uuid.UUID] = []
-        kept: list[uuid.UUID] = []
+        kept: list[dict[str, Any]] = []
         for eid, endpoint in owned.items():
             slots = self.slots[eid]
-            slots.owned_until = until
-            slots.waiting_since = None
             slots.max_in_flight = endpoint.max_in_flight
             slots.rate = endpoint.rate_limit_per_s
             slots.failing = endpoint.failing_since is not None
             if eid in renewing:
-                kept.extend(d["id"] for d in slots.ready)
+                kept.extend(slots.ready)
             need = self._buffer(slots) - len(slots.ready) - slots.in_flight
             while need > 0 and slots.queue:
                 delivery_id = slots.queue.popleft()
@@ -895,18 +902,28 @@ class Dispatcher:
                     need -= 1
             if not slots.queue:
                 self._drained = True
+        renewed: set[uuid.UUID] = set()
         if kept:
-            # The buffered deliveries stay leased as long as their endpoint is owned.
-            await conn.execute(
-                webhook_deliveries.update()
-                .where(D.id.in_(kept), D.claimed_until.is_not(None))
-                .values(claimed_until=until)
+            # The buffered deliveries stay leased as long as their endpoint is owned, but
+            # only those whose lease is still this process's own (the value it set): once
+            # it lapsed (a stall), another dispatcher may have claimed, sent and recorded
+            # one (then given the endpoint up), and it must not go out again from here.
+            renewed = set(
+                (
+                    await conn.execute(
+                        webhook_deliveries.update()
+                        .where(
+                            D.id.in_([d["id"] for d in kept]),
+                            D.claimed_until.in_(sorted({d["claimed_until"] for d in kept})),
+                            D.status.in_(SENDABLE),
+                        )
+                        .values(claimed_until=until)
+                        .returning(D.id)
+                    )
+                ).scalars()
             )
-            for eid in renewing & owned.keys():
-                for delivery in self.slots[eid].ready:
-                    delivery["claimed_until"] = until
         if not take:
-            return owned, [], take, until
+            return _Claim(owned, [], take, until, kept, renewed)
         # One statement claims and reads them (payloads only for what is sent).
         rows = (
             await conn.execute(
@@ -929,15 +946,29 @@ class Dispatcher:
                 )
             )
         ).all()
-        return owned, rows, take, until
+        return _Claim(owned, rows, take, until, kept, renewed)
 
-    def _claimed(
-        self,
-        claimed: tuple[dict[uuid.UUID, Any], list[Any], list[uuid.UUID], datetime],
-        now: datetime,
-    ) -> list[dict[str, Any]]:
-        """Put what `_claim_in` claimed into the buffers, once committed."""
-        owned, rows, take, until = claimed
+    def _claimed(self, claim: _Claim, now: datetime) -> list[dict[str, Any]]:
+        """Once `_claim_in` committed: the endpoints' new ownership, the renewed leases
+        (a buffered delivery whose lease was not renewed is dropped unsent), and what it
+        claimed, into the buffers."""
+        owned, rows, take, until = claim.owned, claim.rows, claim.take, claim.until
+        for eid in owned:
+            slots = self.slots[eid]
+            slots.owned_until = until
+            slots.waiting_since = None
+        lost: dict[uuid.UUID, set[uuid.UUID]] = {}
+        for delivery in claim.kept:
+            if delivery["id"] in claim.renewed:
+                delivery["claimed_until"] = until  # wherever it is now (sent meanwhile)
+            else:
+                lost.setdefault(delivery["endpoint_id"], set()).add(delivery["id"])
+        for eid, ids in lost.items():
+            slots = self.slots[eid]
+            log.warning("webhook_claims_lost", endpoint_id=str(eid), deliveries=len(ids))
+            dropped = {d["id"] for d in slots.ready if d["id"] in ids}
+            slots.ready = deque(d for d in slots.ready if d["id"] not in ids)
+            self.held.difference_update(dropped)
         if not rows:
             return []
         picked: list[dict[str, Any]] = []
@@ -992,6 +1023,8 @@ class Dispatcher:
         try:
             result = await self.attempt(session, delivery)
             await self._pause("sent")  # sent, the outcome not noted for recording yet
+        except _LeaseTooShort:
+            self._unsent(delivery)
         except Exception:
             # A bug, not a receiver's failure: the lease lapses and it is sent again.
             log.exception("webhook_send_crashed", delivery_id=str(delivery["id"]))
@@ -1020,6 +1053,27 @@ class Dispatcher:
                     self._commit_s, self._commit_due
                 )
 
+    def _lease_left(self, delivery: dict[str, Any]) -> timedelta:
+        """How long this process may still be sending `delivery`: the shorter of its
+        lease and its endpoint's ownership (zero once either lapsed or was given up)."""
+        slots = self.slots.get(delivery["endpoint_id"])
+        if slots is None or slots.owned_until is None or slots.releasing:
+            return timedelta(0)
+        until: datetime = min(slots.owned_until, delivery["claimed_until"])
+        return until - self.clock()
+
+    def _unsent(self, delivery: dict[str, Any]) -> None:
+        """A delivery taken for sending whose lease ran short first (the process was held
+        up between `_start_sends` and the request): back to the front of its buffer, where
+        the next pass renews its lease if it is still this process's, or drops it."""
+        log.warning("webhook_send_skipped_lease_short", delivery_id=str(delivery["id"]))
+        slots = self.slots.get(delivery["endpoint_id"])
+        if slots is None:
+            self.held.discard(delivery["id"])  # its lease lapses
+            return
+        slots.ready.appendleft(delivery)  # given back with the buffer, if it comes to that
+        self.progress.set()
+
     def _commit_due(self) -> None:
         self._commit_timer = None
         if self.finished:
@@ -1035,22 +1089,9 @@ class Dispatcher:
         await self._record_batch(self._take_finished(self.clock()))
 
     def _take_finished(self, now: datetime) -> list[tuple[dict[str, Any], AttemptResult]]:
-        """The finished attempts to record now, taken off `finished`."""
-        batch: list[tuple[dict[str, Any], AttemptResult]] = []
-        for delivery, result in self.finished:
-            # Only the owner sends to an endpoint, so while this process owns it (or
-            # never ran a sender: `claim` called alone) nobody else sent it meanwhile and
-            # the attempt is recorded. Once the ownership lapsed, another dispatcher may
-            # have sent and recorded it: this attempt is dropped, the delivery was sent
-            # at least once.
-            slots = self.slots.get(delivery["endpoint_id"])
-            owned_until = slots.owned_until if slots is not None else None
-            if owned_until is not None and owned_until < now:
-                log.error("webhook_record_gave_up", delivery_id=str(delivery["id"]))
-                self.held.discard(delivery["id"])
-            else:
-                batch.append((delivery, result))
-        self.finished = []
+        """The finished attempts to record now, taken off `finished` (`_record_in` checks
+        that the late ones are still this process's to record)."""
+        batch, self.finished = self.finished, []
         return batch
 
     async def _record_batch(
@@ -1120,6 +1161,10 @@ class Dispatcher:
         try:
             await self._check(delivery["url"])
             await self._pause("before_post")
+            # Checked again right before the request: a stall since `_start_sends` may
+            # have let the lease run short, and a successor sends it once it lapsed.
+            if self._lease_left(delivery) < self._post_margin:
+                raise _LeaseTooShort
             async with session.post(
                 _parsed_url(delivery["url"]), data=body, headers=headers, allow_redirects=False
             ) as response:
@@ -1179,8 +1224,18 @@ class Dispatcher:
         self, conn: Any, batch: Sequence[tuple[dict[str, Any], AttemptResult]]
     ) -> Callable[[], None]:
         """`record_many`'s statements, in the caller's transaction; returns what is to
-        be done once it committed (the endpoints' known state, log lines, metrics)."""
+        be done once it committed (the endpoints' known state, log lines, metrics).
+
+        An attempt whose lease lapsed before it is recorded (a stall, an outage) is
+        recorded only if the delivery is still leased as this process leased it: then
+        nobody else claimed it meanwhile, so nobody else sent it, and recording it keeps
+        it from going out again. Otherwise another dispatcher claimed it (and sends and
+        records it): this attempt is dropped with a log line; the webhook went out twice.
+        """
         now = self.clock()
+        batch = await self._still_ours(conn, batch, now)
+        if not batch:
+            return lambda: None
         plans = [_plan(self.policy, self.rng, d, r, now) for d, r in batch]
         disabled: dict[uuid.UUID, DisabledReason] = {}
         # executemany of one cached statement (a multi-row VALUES compiles anew for
@@ -1271,6 +1326,28 @@ class Dispatcher:
                 log.warning("webhook_endpoint_disabled", endpoint_id=str(eid), reason=reason.value)
 
         return committed
+
+    async def _still_ours(
+        self, conn: Any, batch: Sequence[tuple[dict[str, Any], AttemptResult]], now: datetime
+    ) -> Sequence[tuple[dict[str, Any], AttemptResult]]:
+        """The attempts of `batch` this process may record (`_record_in`). The rows of
+        the late ones are locked (PostgreSQL; SQLite's writer holds the file) until the
+        transaction ends, so no claim slips in between the check and the recording."""
+        late = {d["id"]: d["claimed_until"] for d, _ in batch if d["claimed_until"] <= now}
+        if not late:
+            return batch
+        stmt = sa.select(D.id, D.claimed_until).where(D.id.in_(sorted(late)))
+        if not self.db.is_sqlite:
+            stmt = stmt.with_for_update()
+        leases = dict((await conn.execute(stmt)).all())
+        lost = {i for i, until in late.items() if leases.get(i) != until}
+        for delivery_id in sorted(lost):
+            log.error(
+                "webhook_attempt_not_recorded",
+                delivery_id=str(delivery_id),
+                reason="lease_lost",
+            )
+        return [(d, r) for d, r in batch if d["id"] not in lost]
 
     def _failing(self, endpoint_id: uuid.UUID) -> bool | None:
         slots = self.slots.get(endpoint_id)
@@ -1381,6 +1458,25 @@ class _Routing(BaseModel):
     type: str
     time: datetime
     data: _RoutingData
+
+
+class _LeaseTooShort(Exception):
+    """A request was about to start with less of its lease left than it can take."""
+
+
+@dataclass(frozen=True)
+class _Claim:
+    """What one claim wrote, applied to the buffers once committed (`_claimed`): the
+    endpoints owned until `until` (their rows), the deliveries claimed (rows) out of the
+    ids tried (`take`, oldest first), the buffered deliveries whose leases were to be
+    renewed (`kept`) and the ids of those whose lease was."""
+
+    owned: dict[uuid.UUID, Any]
+    rows: list[Any]
+    take: list[uuid.UUID]
+    until: datetime
+    kept: list[dict[str, Any]]
+    renewed: set[uuid.UUID]
 
 
 @dataclass(frozen=True)
