@@ -18,10 +18,11 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 
 from service.app import Services
 from service.config import Settings
-from service.db import Database, utcnow
+from service.db import Database, utcnow, webhook_deliveries
 from service.failpoints import Pauses
 from service.webhooks.dispatcher import LEASE_ROUNDS, LEASE_SLACK_S, Dispatcher
 from tests.conftest import Tenant, make_settings
@@ -264,3 +265,45 @@ async def test_a_late_recording_never_overwrites_a_successors_claim(
         await group.close()
     assert sent(receiver, path) == sorted(events * 2)
     assert await recorded_attempts(services, events) == dict.fromkeys(events, 1)
+
+
+async def test_a_buffer_held_past_half_its_lease_is_renewed_and_sent_once(
+    tenant: Tenant, receiver: Receiver, services: Services
+) -> None:
+    """Held after its claim for most of the lease (too little left to start a request,
+    nobody else about): the next pass renews the buffered leases (they are still the
+    ones it took), and the deliveries go out from the buffer, once each, under the
+    renewed leases."""
+    path = "/stall-renewed"
+    endpoint = await create_endpoint(tenant, receiver.script(path, answer(200)))
+    events = [await send_test(tenant, endpoint["id"]) for _ in range(3)]
+    group = Senders(services)
+    try:
+        pauses = Pauses()
+        pauses.hold("claimed")
+        first = group.start(pauses)
+        await pauses.reached("claimed")
+        taken = {d["claimed_until"] for s in first.dispatcher.slots.values() for d in s.ready}
+        lease = timedelta(seconds=services.settings.webhook_timeout_s * LEASE_ROUNDS)
+        group.clock.offset += lease * 0.8 + timedelta(seconds=LEASE_SLACK_S)
+        pauses.hold("before_post")
+        pauses.release("claimed")
+        await pauses.reached("before_post", 3)
+        leases = await claimed_until(services, events)
+        assert len(leases) == 1 and leases[0] > max(taken), (leases, taken)
+        pauses.release("before_post")
+        await succeeded(tenant, endpoint["id"], events)
+    finally:
+        await group.close()
+    assert sent(receiver, path) == sorted(events)
+    assert await recorded_attempts(services, events) == dict.fromkeys(events, 1)
+
+
+async def claimed_until(services: Services, event_ids: Sequence[str]) -> list[datetime]:
+    """The distinct leases of the deliveries of these events."""
+    d = webhook_deliveries.c
+    async with services.db.read() as conn:
+        rows = await conn.execute(
+            sa.select(d.claimed_until).where(d.event_id.in_(list(event_ids))).distinct()
+        )
+        return [r for (r,) in rows.all()]
