@@ -162,7 +162,7 @@ def record_refused(exc: BaseException) -> str | None:
     if is_transient(exc):
         return None
     for link in _chain(exc):
-        if isinstance(link, _RECORD_REFUSED | UnreadableRecord):
+        if isinstance(link, (*_RECORD_REFUSED, UnreadableRecord)):
             return type(link).__name__
     return None
 

@@ -173,7 +173,8 @@ class Producer:
 
         A producer whose sequence numbers or id the broker refused (after a broker restart
         lost batches in flight: :func:`service.faults.producer_state_lost`) would be refused
-        forever; it is replaced by a new one (a new producer id) before the next send.
+        forever; it is replaced by a new one (a new producer id) before the next send. So
+        is one that had a batch refused (its sequence numbers went ahead of the broker's).
         """
         if self._state_lost:
             await self._replace()
@@ -215,10 +216,13 @@ class Producer:
         errors = [r for r in results if isinstance(r, BaseException)]
         if not errors:
             return
-        if any(producer_state_lost(e) for e in errors):
-            self._state_lost = True
         # An outage first: the batch is resent as it is. Only then a refused record.
         refused = [e for e in errors if record_refused(e) is not None]
+        if refused or any(producer_state_lost(e) for e in errors):
+            # A batch the broker refused used up its sequence numbers on our side only:
+            # this producer's next batch to that partition would be refused as out of
+            # order (aiokafka does not rewind them), so it is replaced before that.
+            self._state_lost = True
         for error in errors:
             if isinstance(error, KafkaError) and (is_transient(error) or not refused):
                 raise KafkaUnavailable(f"a message was not delivered: {error}") from error
