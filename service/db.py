@@ -191,6 +191,9 @@ deletion_jobs = sa.Table(
     sa.Column("created_at", UTCDateTime, nullable=False),
     sa.Column("started_at", UTCDateTime, nullable=True),
     sa.Column("completed_at", UTCDateTime, nullable=True),
+    # A `failed` job's reason (it could not run at all); null for every other job (0006).
+    sa.Column("failure_code", sa.String(64), nullable=True),
+    sa.Column("failure_message", sa.String(500), nullable=True),
     sa.Index("ix_deletion_jobs_workspace_id_created_at", "workspace_id", "created_at"),
 )
 

@@ -71,8 +71,10 @@ def job_phase(row: Mapping[Any, Any]) -> str:
 def job_json(
     row: Mapping[Any, Any], not_found: Sequence[str], errors: Sequence[Mapping[str, Any]]
 ) -> dict[str, Any]:
-    """The job object of DESIGN §3, with ``phase`` and ``estimated_total`` (a filter/search
-    job's match count when it was accepted; null for ids/emails jobs)."""
+    """The job object of DESIGN §3, with ``phase``, ``estimated_total`` (a filter/search
+    job's match count when it was accepted; null for ids/emails jobs) and ``failure``
+    (``{code, message}`` of a job that ended ``failed``; null otherwise)."""
+    failure_code = row.get("failure_code")
     return {
         "job_id": str(row["id"]),
         "status": row["status"],
@@ -89,6 +91,9 @@ def job_json(
         "failed_count": row["failed_count"],
         "not_found": list(not_found),
         "errors": [dict(e) for e in errors],
+        "failure": {"code": failure_code, "message": row.get("failure_message") or ""}
+        if failure_code
+        else None,
         "created_at": iso(row["created_at"]),
         "started_at": iso(row["started_at"]),
         "completed_at": iso(row["completed_at"]),
@@ -751,7 +756,9 @@ async def finish_job(
     """Mark a job finished, and record and announce it; returns its id, status and counts.
 
     ``failure`` (code, message) finishes it ``failed``: the job itself could not run, for
-    instance because the database refused its selection statement.
+    instance because the database refused its selection statement. The reason is kept on
+    the job (its ``failure`` in the API, at most 500 characters of message) and in its
+    ``deletion.completed`` audit event.
     """
     status = JobStatus.FAILED if failure is not None else final_status(row["failed_count"])
     await conn.execute(
@@ -761,6 +768,8 @@ async def finish_job(
             status=status,
             completed_at=now,
             started_at=sa.func.coalesce(deletion_jobs.c.started_at, now),
+            failure_code=failure[0] if failure else None,
+            failure_message=failure[1][:500] if failure else None,
         )
     )
     counts = {
