@@ -208,7 +208,10 @@ async def test_unreadable_rows_are_set_aside_their_items_and_jobs_fail_and_the_r
         ]
         assert "unreadable outbox row (TypeError)" in job["errors"][0]["message"]
         assert await _failed_audit(tenant, job_id) == {refused_contact}
-        assert (await _finished(tenant, expanding))["status"] == "failed"
+        failed_job = await _finished(tenant, expanding)
+        assert failed_job["status"] == "failed"
+        assert failed_job["failure"]["code"] == "FAILED_DELETE_CONTACT"
+        assert "unreadable outbox row (ValueError)" in failed_job["failure"]["message"]
 
     async with services.db.read() as conn:
         result = await conn.execute(
