@@ -25,7 +25,7 @@ from aiokafka.errors import KafkaError, MessageSizeTooLargeError, for_code
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
 from service.errors import RetryLater
-from service.faults import is_rebalance, is_transient, producer_state_lost, record_refused
+from service.faults import is_rebalance, producer_state_lost, record_refused
 
 log = structlog.get_logger(__name__)
 
@@ -216,17 +216,24 @@ class Producer:
         errors = [r for r in results if isinstance(r, BaseException)]
         if not errors:
             return
-        # An outage first: the batch is resent as it is. Only then a refused record.
         refused = [e for e in errors if record_refused(e) is not None]
         if refused or any(producer_state_lost(e) for e in errors):
             # A batch the broker refused used up its sequence numbers on our side only:
-            # this producer's next batch to that partition would be refused as out of
-            # order (aiokafka does not rewind them), so it is replaced before that.
+            # this producer's next batch to that partition is (or would be) refused as out
+            # of order (aiokafka does not rewind them), so it is replaced before the next
+            # send. Those out-of-order refusals are the refused record's doing, not an
+            # outage: resending the whole batch would only meet them again.
             self._state_lost = True
-        for error in errors:
-            if isinstance(error, KafkaError) and (is_transient(error) or not refused):
+        outages = [
+            e
+            for e in errors
+            if record_refused(e) is None and not (refused and producer_state_lost(e))
+        ]
+        # An outage first: the batch is resent as it is. Only then a refused record.
+        for error in outages or refused:
+            if isinstance(error, KafkaError) and record_refused(error) is None:
                 raise KafkaUnavailable(f"a message was not delivered: {error}") from error
-        raise refused[0] if refused else errors[0]
+            raise error
 
     def _check_size(self, message: OutMessage) -> None:
         """Refuse a record over ``max_request_size``, as aiokafka's ``send()`` does (its
@@ -256,7 +263,10 @@ class Producer:
             # that hangs on a broker still away is not waited for past 10 s.
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(old.stop(), timeout=10)
-        log.warning("kafka_producer_replaced", reason="the broker refused its sequence state")
+        log.warning(
+            "kafka_producer_replaced",
+            reason="the broker refused its sequence state, or one of its batches",
+        )
         await self.start()
         self._state_lost = False
 

@@ -23,7 +23,9 @@ keep their per-key order), down to the refused rows alone; those are set aside
 - a payload that cannot be read names no job: the row is only set aside and logged.
 
 The consequence is recorded before the row is marked: a crash in between only repeats it
-(``give_up`` changes nothing twice), never loses it.
+(``give_up`` changes nothing twice), never loses it. A refused batch may have been written
+on its other partitions before the split resends those rows: repeats, as after a crash,
+which consumers ignore; the first copies keep the id order of each key.
 """
 
 from __future__ import annotations
@@ -275,8 +277,9 @@ class Relay:
         ``relay_poll_interval_s`` (the poll only catches rows that other processes wrote).
 
         Never exits on an error: an outage of the database or broker is waited out with
-        capped, jittered back-off; anything else is logged as an error and retried at the
-        slowest pace (the rows stay unpublished, nothing is lost).
+        capped, jittered back-off; a row the broker refuses for good is set aside inside
+        the pass (see the module), so it holds back nothing; anything else is logged as an
+        error and retried at the slowest pace (the rows stay unpublished, nothing is lost).
         """
         backoff = Backoff(cap_s=self.settings.retry_max_backoff_s, sleep=self.sleep)
         while not stop.is_set():
