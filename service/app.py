@@ -141,6 +141,7 @@ async def run_relay(services: Services, stop: asyncio.Event) -> None:
         settings.kafka_bootstrap_servers,
         linger_ms=settings.relay_linger_ms,
         max_request_size=settings.relay_max_request_size,
+        report_refusals=True,
     )
     try:
         await wait_for_dependency(producer.start, stop, dependency="kafka", component="relay")

@@ -109,6 +109,10 @@ class Producer:
 
     ``max_request_size`` (bytes) bounds one record as aiokafka's own ``send()`` does: a
     larger one is refused before anything is sent (:class:`MessageSizeTooLargeError`).
+    ``report_refusals``: a record refused for good raises its own error from
+    :meth:`send_many` (the caller sets it aside: the relay); without it, a
+    :class:`KafkaUnavailable` like any failed delivery (the dead-letter producers, whose
+    callers only retry).
     """
 
     def __init__(
@@ -119,12 +123,14 @@ class Producer:
         linger_ms: int = 5,
         max_batch_size: int = 256 * 1024,
         max_request_size: int = DEFAULT_MAX_REQUEST_SIZE,
+        report_refusals: bool = False,
     ) -> None:
         self._bootstrap = bootstrap
         self._client_id = client_id
         self._linger_ms = linger_ms
         self._max_batch_size = max_batch_size
         self._max_request_size = max_request_size
+        self._report_refusals = report_refusals
         self._producer: Any = None
         # Set when the broker refused this producer's idempotence state: the next send
         # replaces it (see `send_many`).
@@ -168,8 +174,8 @@ class Producer:
         idempotent). A record refused for good (:func:`service.faults.record_refused`: over
         ``max_request_size``, checked here before anything is sent, or refused by the
         broker: too large for the topic, invalid topic, corrupt) raises that aiokafka error
-        as is, when no delivery failed transiently: resending the batch cannot help, the
-        caller must find and set aside the record (service.relay).
+        as is (with ``report_refusals``), when no delivery failed transiently: resending
+        the batch cannot help, the caller must find and set aside the record (the relay).
 
         A producer whose sequence numbers or id the broker refused (after a broker restart
         lost batches in flight: :func:`service.faults.producer_state_lost`) would be refused
@@ -209,7 +215,7 @@ class Producer:
         except BaseException as exc:
             # Let the already-enqueued sends finish so none is left unobserved.
             await asyncio.gather(*futures, return_exceptions=True)
-            if isinstance(exc, KafkaError) and record_refused(exc) is None:
+            if isinstance(exc, KafkaError) and not self._refusal(exc):
                 raise KafkaUnavailable(f"cannot enqueue a message: {exc}") from exc
             raise
         results = await asyncio.gather(*futures, return_exceptions=True)
@@ -231,9 +237,13 @@ class Producer:
         ]
         # An outage first: the batch is resent as it is. Only then a refused record.
         for error in outages or refused:
-            if isinstance(error, KafkaError) and record_refused(error) is None:
+            if isinstance(error, KafkaError) and not self._refusal(error):
                 raise KafkaUnavailable(f"a message was not delivered: {error}") from error
             raise error
+
+    def _refusal(self, error: BaseException) -> bool:
+        """True if ``error`` is to be raised as the record's refusal (see the class)."""
+        return self._report_refusals and record_refused(error) is not None
 
     def _check_size(self, message: OutMessage) -> None:
         """Refuse a record over ``max_request_size``, as aiokafka's ``send()`` does (its

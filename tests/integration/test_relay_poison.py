@@ -247,7 +247,7 @@ async def test_a_refused_record_among_several_record_batches_of_one_partition(
     rows[4]["payload"] = b"y" * (TOPIC_LIMIT + 2048)
     async with services.db.begin() as conn:
         ids = list((await conn.execute(outbox.insert().returning(outbox.c.id), rows)).scalars())
-    producer = Producer(settings.kafka_bootstrap_servers, max_batch_size=1024)
+    producer = Producer(settings.kafka_bootstrap_servers, max_batch_size=1024, report_refusals=True)
     await producer.start()
     metrics = Metrics()
     try:
