@@ -250,11 +250,15 @@ outbox = sa.Table(
     sa.Column("headers", JSONType, nullable=False),
     sa.Column("created_at", UTCDateTime, nullable=False),
     sa.Column("published_at", UTCDateTime, nullable=True),
+    # Set instead of published_at when the broker refused the row for good (too large,
+    # invalid topic, corrupt) or it cannot be read: never published, never retried.
+    sa.Column("failed_at", UTCDateTime, nullable=True),
+    sa.Column("error", sa.String(500), nullable=True),
     sa.Index(
         "ix_outbox_unpublished",
         "id",
-        postgresql_where=sa.text("published_at IS NULL"),
-        sqlite_where=sa.text("published_at IS NULL"),
+        postgresql_where=sa.text("published_at IS NULL AND failed_at IS NULL"),
+        sqlite_where=sa.text("published_at IS NULL AND failed_at IS NULL"),
     ),
 )
 
