@@ -23,7 +23,15 @@ from service.audit.store import AuditRecord, append_events
 from service.config import Settings
 from service.contacts.filters import FIELDS as FILTER_FIELDS
 from service.contacts.filters import parse_filter, selection_clause
-from service.db import Database, contacts, deletion_job_items, deletion_jobs, outbox, utcnow
+from service.db import (
+    Database,
+    any_of,
+    contacts,
+    deletion_job_items,
+    deletion_jobs,
+    outbox,
+    utcnow,
+)
 from service.deletion.models import BulkDeleteRequest, ItemStatus, JobStatus, final_status
 from service.errors import NotFound, ValidationFailed
 from service.events import (
@@ -395,7 +403,7 @@ def pending_items_statement(job_ids: Sequence[uuid.UUID], refs: Sequence[str]) -
     key (job_id, ref) — as long as the planner's statistics know how big the jobs are."""
     items = deletion_job_items.c
     return sa.select(items.job_id, items.ref, items.status).where(
-        items.job_id.in_(job_ids), items.ref.in_(refs)
+        any_of(items.job_id, job_ids), any_of(items.ref, refs)
     )
 
 

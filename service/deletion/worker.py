@@ -41,7 +41,15 @@ from service.audit.chain import email_hmac
 from service.audit.store import AuditRecord, append_events, load_hash_key
 from service.config import Settings
 from service.contacts.store import TIMELINE_TABLES
-from service.db import Database, contacts, deletion_job_items, deletion_jobs, outbox, utcnow
+from service.db import (
+    Database,
+    any_of,
+    contacts,
+    deletion_job_items,
+    deletion_jobs,
+    outbox,
+    utcnow,
+)
 from service.deletion.encoding import ContactDeletedEncoder, contact_deleted_row
 from service.deletion.models import NOT_FOUND, ErrorCode, ItemStatus, Outcome, decide
 from service.deletion.notify import JobNotifier
@@ -434,7 +442,7 @@ class DeletionWorker:
                         deletion_jobs.c.request_id,
                         deletion_jobs.c.delete_members,
                         deletion_jobs.c.redact_timeline,
-                    ).where(deletion_jobs.c.id.in_(job_ids))
+                    ).where(any_of(deletion_jobs.c.id, job_ids))
                 )
             ).all()
         }
@@ -453,7 +461,7 @@ class DeletionWorker:
         if not todo:
             return 0
         contact_stmt = sa.select(*_DECIDING_COLUMNS).where(
-            contacts.c.id.in_({c.contact_id for c in todo})
+            any_of(contacts.c.id, {c.contact_id for c in todo})
         )
         found = {
             r["id"]: r for r in (await conn.execute(self.db.for_update(contact_stmt))).mappings()
@@ -480,7 +488,7 @@ class DeletionWorker:
         }
         orphaned = await self._orphan_timelines(conn, list(doomed), redact)
         if doomed:
-            await conn.execute(contacts.delete().where(contacts.c.id.in_(list(doomed))))
+            await conn.execute(contacts.delete().where(any_of(contacts.c.id, doomed)))
             touched |= touched_tables(True, orphaned.redacted_tables)
 
         records: list[AuditRecord] = []
@@ -570,7 +578,7 @@ class DeletionWorker:
         for (job_id, o), refs in groups.items():
             await conn.execute(
                 deletion_job_items.update()
-                .where(items.job_id == job_id, items.ref.in_(refs))
+                .where(items.job_id == job_id, any_of(items.ref, refs))
                 .values(
                     status=str(o.status),
                     error_code=str(o.code) if o.code else None,
@@ -605,7 +613,7 @@ class DeletionWorker:
             rows = (
                 await conn.execute(
                     sa.select(table.c.id, table.c.contact_id, when.label("at"), *text)
-                    .where(table.c.contact_id.in_(contact_ids))
+                    .where(any_of(table.c.contact_id, contact_ids))
                     .order_by(table.c.id)
                 )
             ).all()
@@ -635,7 +643,7 @@ class DeletionWorker:
             if rows:
                 await conn.execute(
                     table.update()
-                    .where(table.c.contact_id.in_(contact_ids))
+                    .where(any_of(table.c.contact_id, contact_ids))
                     .values(contact_id=None)
                 )
         return orphaned
@@ -655,7 +663,7 @@ class DeletionWorker:
                 _raw(table.c.id),
                 _raw(table.c.contact_id),
                 _raw(_timeline_time(kind, table)).label("at"),
-            ).where(table.c.contact_id.in_(contact_ids))
+            ).where(any_of(table.c.contact_id, contact_ids))
             for kind, table in TIMELINE_TABLES.items()
         ]
         rows = (await conn.execute(sa.union_all(*selects))).all()
@@ -675,7 +683,7 @@ class DeletionWorker:
             if kind in kinds:
                 await conn.execute(
                     table.update()
-                    .where(table.c.contact_id.in_(contact_ids))
+                    .where(any_of(table.c.contact_id, contact_ids))
                     .values(contact_id=None)
                 )
         return orphaned
