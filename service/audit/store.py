@@ -37,7 +37,7 @@ from service.db import (
     audit_events,
     audit_heads,
     insert_rows,
-    new_id,
+    new_ids,
     server_secrets,
     utcnow,
     workspaces,
@@ -117,9 +117,9 @@ async def append_events(
         seq, prev_hash = await _lock_head(conn, db, workspace_id)
         workspace = str(workspace_id)
         rows: list[_EventRow] = []
-        for record in by_workspace[workspace_id]:
+        batch = by_workspace[workspace_id]
+        for record, event_id in zip(batch, new_ids(len(batch)), strict=True):
             seq += 1
-            event_id = new_id()
             data_json = canonical_json(dict(record.data))
             actor = dict(record.actor)
             target = dict(record.target) if record.target is not None else None
