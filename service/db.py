@@ -440,13 +440,15 @@ _INSERTS: dict[tuple[str, sa.Table, tuple[str, ...]], tuple[str, _Processors]] =
 async def insert_rows(
     conn: AsyncConnection, table: sa.Table, rows: Sequence[tuple[Any, ...]]
 ) -> None:
-    """Insert ``rows`` with one executemany through the driver; each row is a NamedTuple
-    whose field names are the table's columns (one definition of the row's shape).
+    """Insert ``rows`` in one statement through the driver; each row is a NamedTuple whose
+    field names are the table's columns (one definition of the row's shape).
 
-    Only the values whose column type needs it are converted, by that type's own bind
-    processor (a `Uuid` on SQLite, a `UTCDateTime`, JSON), so hundreds of rows cost no dict
-    each nor SQLAlchemy's per-parameter bind processing. The statement is compiled once
-    per dialect, table and column list.
+    PostgreSQL: ``INSERT ... SELECT * FROM unnest($1::type[], ...)``, one array per column
+    (asyncpg encodes them in C; the server plans and executes one statement, not one per
+    row). SQLite: one executemany. Only the values whose column type needs it are
+    converted, by that type's own bind processor (a `Uuid` on SQLite, a `UTCDateTime`,
+    JSON), so hundreds of rows cost no dict each nor SQLAlchemy's per-parameter bind
+    processing. The statement is compiled once per dialect, table and column list.
     """
     if not rows:
         return
@@ -455,19 +457,39 @@ async def insert_rows(
     key = (dialect.name, table, columns)
     found = _INSERTS.get(key)
     if found is None:
-        compiled = table.insert().compile(dialect=dialect, column_keys=list(columns))
-        order = tuple(compiled.positiontup or ())
-        if order != columns:
-            raise ValueError(f"insert_rows: the statement binds {order}, not {columns}")
-        processors: _Processors = [
-            (i, p)
-            for i, name in enumerate(columns)
-            if (p := table.c[name].type._cached_bind_processor(dialect)) is not None
-        ]
-        found = _INSERTS[key] = (str(compiled), processors)
+        found = _INSERTS[key] = _insert_statement(dialect, table, columns)
     sql, processors = found
     values = [_converted(row, processors) for row in rows] if processors else list(rows)
-    await conn.exec_driver_sql(sql, values)
+    if dialect.name == "postgresql":
+        await conn.exec_driver_sql(sql, tuple(map(list, zip(*values, strict=True))))
+    else:
+        await conn.exec_driver_sql(sql, values)
+
+
+def _insert_statement(
+    dialect: sa.Dialect, table: sa.Table, columns: tuple[str, ...]
+) -> tuple[str, _Processors]:
+    compiled = table.insert().compile(dialect=dialect, column_keys=list(columns))
+    order = tuple(compiled.positiontup or ())
+    if order != columns:
+        raise ValueError(f"insert_rows: the statement binds {order}, not {columns}")
+    processors: _Processors = [
+        (i, p)
+        for i, name in enumerate(columns)
+        if (p := table.c[name].type._cached_bind_processor(dialect)) is not None
+    ]
+    if dialect.name != "postgresql":
+        return str(compiled), processors
+    preparer = dialect.identifier_preparer
+    arrays = ", ".join(
+        f"${i}::{table.c[name].type.compile(dialect=dialect)}[]"
+        for i, name in enumerate(columns, start=1)
+    )
+    names = ", ".join(preparer.quote(name) for name in columns)
+    return (
+        f"INSERT INTO {preparer.format_table(table)} ({names}) SELECT * FROM unnest({arrays})",
+        processors,
+    )
 
 
 def _converted(row: tuple[Any, ...], processors: _Processors) -> tuple[Any, ...]:

@@ -12,10 +12,9 @@ import json
 import re
 import uuid
 from datetime import datetime
-from typing import Any
 
 from service.events import SOURCE, TIME_JSON, TYPE_CONTACT_DELETED
-from service.outbox import encoded_outbox_row
+from service.outbox import OutboxRow, encoded_outbox_tuple
 
 
 class ContactDeletedEncoder:
@@ -67,6 +66,6 @@ _SAFE = re.compile("[0-9a-f-]*")
 
 def contact_deleted_row(
     topic: str, contact_id: str, payload: bytes, created_at: datetime
-) -> dict[str, Any]:
+) -> OutboxRow:
     """The outbox row of an encoded ``contact.deleted`` event, as `outbox_row` makes it."""
-    return encoded_outbox_row(topic, contact_id, TYPE_CONTACT_DELETED, payload, created_at)
+    return encoded_outbox_tuple(topic, contact_id, TYPE_CONTACT_DELETED, payload, created_at)

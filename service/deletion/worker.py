@@ -47,6 +47,7 @@ from service.db import (
     contacts,
     deletion_job_items,
     deletion_jobs,
+    insert_rows,
     new_ids,
     outbox,
     utcnow,
@@ -85,6 +86,7 @@ from service.kafka import (
 )
 from service.logs import get_logger
 from service.metrics import Metrics
+from service.outbox import OutboxRow
 from service.webhooks.signing import email_sha256
 
 log = get_logger(__name__)
@@ -507,7 +509,7 @@ class DeletionWorker:
             touched |= touched_tables(True, orphaned.redacted_tables)
 
         records: list[AuditRecord] = []
-        deleted_rows: list[dict[str, Any]] = []
+        deleted_rows: list[OutboxRow] = []
         topic = self.settings.topic(TOPIC_CONTACT_DELETED)
         encoder = ContactDeletedEncoder(now)
         # What every item of a job shares, as text, once per job rather than per contact.
@@ -603,8 +605,7 @@ class DeletionWorker:
                     processed_at=now,
                 )
             )
-        if deleted_rows:
-            await conn.execute(outbox.insert(), deleted_rows)
+        await insert_rows(conn, outbox, deleted_rows)
         if records:
             # Last: the append holds the workspace's chain head until commit.
             await append_events(conn, self.db, records)
