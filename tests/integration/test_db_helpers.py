@@ -78,7 +78,7 @@ async def test_any_of_keeps_the_primary_key_index(db: Database) -> None:
             assert "sqlite_autoindex_deletion_job_items_1" in plan, plan
             return
         # As the worker runs it (prepared, the arrays bound as parameters), against the
-        # plain IN list: the same index, probed with both columns.
+        # plain IN list: the same index.
         job = uuid.uuid4()
         await conn.exec_driver_sql("SET LOCAL enable_seqscan = off")
         await conn.exec_driver_sql(f"PREPARE any_of_plan AS {stmt.compile(dialect=conn.dialect)}")
