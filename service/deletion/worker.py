@@ -95,6 +95,8 @@ T = TypeVar("T")
 KIND_PLURAL = {"activity": "activities", "note": "notes", "task": "tasks"}
 
 
+# The literals are TYPE_DELETION_REQUESTED and TYPE_JOB_EXPAND (a Literal cannot name a
+# constant; tests/unit/test_worker_commands.py parses events made with the constants).
 class _DeletionRequestedEvent(CloudEvent):
     type: Literal["contact.deletion_requested"]
     data: DeletionRequested  # type: ignore[assignment]
