@@ -423,11 +423,12 @@ def any_of(column: sa.ColumnElement[Any], values: Collection[Any]) -> sa.ColumnE
     """``column IN values`` with the values bound as ONE parameter, however many there are.
 
     A plain ``IN`` list binds one parameter per value, each through SQLAlchemy's bind
-    processing, and renders the statement anew for its length: with the worker's batches of
-    hundreds of ids that was about a fifth of its busy time (py-spy). PostgreSQL: ``column = ANY($1)`` with an
-    array; SQLite: ``column IN (SELECT value FROM json_each(?))`` with a JSON array of what
-    the column's type binds (a `Uuid` as its 32 hex digits, as stored). Both use the
-    column's index as the ``IN`` list did (tests/integration/test_db_helpers.py).
+    processing, and renders the statement anew for its length: with the worker's batches
+    of hundreds of ids that was about a fifth of its busy time (py-spy). PostgreSQL:
+    ``column = ANY($1)`` with an array; SQLite: ``column IN (SELECT value FROM
+    json_each(?))`` with a JSON array of what the column's type binds (a `Uuid` as its 32
+    hex digits, as stored). Both use the column's index as the ``IN`` list did
+    (tests/integration/test_db_helpers.py).
     """
     param = sa.bindparam(None, list(values), type_=_ValueList(column.type), unique=True)
     return _AnyOf(column, param)
