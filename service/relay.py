@@ -253,7 +253,7 @@ class Relay:
                 raise
             log.error("outbox_row_job_not_updated", job_id=str(command.job_id), error=describe(exc))
             return
-        self.jobs._after_commit(result)
+        self.jobs.after_commit(result)
 
     async def _mark(self, conn: Any, done: _Pass) -> None:
         now = utcnow()

@@ -272,7 +272,7 @@ class DeletionWorker:
                 await self._retry_transient(lambda: self._dead_letter(dlq, poison), stop)
             if commands:
                 result = await self._process_with_retries([c for _, c in commands], stop)
-                self._after_commit(result)
+                self.after_commit(result)
         except Stopped:
             return False
         return True
@@ -341,7 +341,9 @@ class DeletionWorker:
             )
         await dlq.send_many([dead_letter(m, reason, DLQ_SUFFIX) for m, reason in poison])
 
-    def _after_commit(self, result: BatchResult) -> None:
+    def after_commit(self, result: BatchResult) -> None:
+        """What follows a committed batch (or a `give_up`, the relay's too): its log line,
+        metrics, the erasure scrubber's note, the relay's wake-up and `Prefer: wait`."""
         _log_batch(result)
         self.metrics.contacts_deleted.inc(result.deleted)
         if result.touched:
