@@ -137,13 +137,25 @@ async def run_relay(services: Services, stop: asyncio.Event) -> None:
     settings = services.settings
     if not await _topics_ready(services, stop, "relay"):
         return
-    producer = Producer(settings.kafka_bootstrap_servers, linger_ms=settings.relay_linger_ms)
+    producer = Producer(
+        settings.kafka_bootstrap_servers,
+        linger_ms=settings.relay_linger_ms,
+        max_request_size=settings.relay_max_request_size,
+        report_refusals=True,
+    )
     try:
         await wait_for_dependency(producer.start, stop, dependency="kafka", component="relay")
     except Stopped:
         return
     try:
-        relay = Relay(settings, services.db, producer, services.metrics, services.outbox_signal)
+        relay = Relay(
+            settings,
+            services.db,
+            producer,
+            services.metrics,
+            services.outbox_signal,
+            notifier=services.notifier,
+        )
         await relay.run(stop)
     finally:
         await producer.stop()

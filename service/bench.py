@@ -1207,12 +1207,13 @@ def _out(text: str) -> None:
 # --- entry points ----------------------------------------------------------------------------
 
 
-class _Terminated(BaseException):
-    """SIGTERM arrived (treated like Ctrl-C: stop everything, in order)."""
-
-
 def _on_sigterm(signum: int, frame: FrameType | None) -> None:
-    raise _Terminated
+    """Route SIGTERM through SIGINT's handling. Raising here instead landed wherever the
+    main thread was, and inside the event loop that could be a socket write whose transport
+    swallows the exception ("Fatal write error on socket transport"): the bench then kept
+    running. ``asyncio.run`` handles SIGINT by cancelling the main task, so every
+    ``finally`` of ``measure`` runs; outside the loop it is Python's KeyboardInterrupt."""
+    signal.raise_signal(signal.SIGINT)
 
 
 def _kafka_to_reuse() -> str | None:
@@ -1262,7 +1263,7 @@ def run_bench(args: argparse.Namespace) -> int:
                 pids=pids,
             )
             figures = asyncio.run(measure(args, env))
-    except (KeyboardInterrupt, _Terminated):
+    except KeyboardInterrupt:
         sys.stderr.write("bench: interrupted; everything it started is stopped\n")
         return 130
     except BenchFailed as exc:

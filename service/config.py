@@ -77,6 +77,10 @@ class Settings(BaseSettings):
     # 0: a pass enqueues its whole batch before the sender runs, so the records still
     # share requests; waiting longer would only add to every event's latency (issue 8).
     relay_linger_ms: int = Field(default=0, ge=0, le=1000)
+    # The largest record the relay's producer sends (Kafka max.request.size, bytes); a
+    # larger outbox row is set aside as refused (MessageSizeTooLargeError), never sent.
+    # Keep it at or below the broker's message.max.bytes (1,048,588 by default).
+    relay_max_request_size: int = Field(default=1024 * 1024, ge=1024)
     # Messages per worker transaction, at most: larger batches amortise the statements
     # and commits (issue 8 measured 500 at about 15 % less CPU per contact than 200). At
     # most 10,000: a batch's ids are bound three times in one statement, under the

@@ -95,6 +95,27 @@ _PRODUCER_STATE_LOST = (
 )
 
 
+# The broker (or the producer, before sending) refused the RECORD itself: the same record
+# is refused every time, whatever the broker's state, so its outbox row is set aside instead
+# of being retried (service.relay). Kafka's protocol: MESSAGE_TOO_LARGE (10: over the
+# producer's max_request_size, checked client-side, or the topic's max.message.bytes),
+# RECORD_LIST_TOO_LARGE (18), INVALID_TOPIC_EXCEPTION (17), CORRUPT_MESSAGE (2: a failed
+# CRC or, say, a null key on a compacted topic), INVALID_TIMESTAMP (32), INVALID_RECORD (87,
+# which aiokafka maps to UnknownError, so it is not listed). None of them is retriable.
+_RECORD_REFUSED = (
+    kafka_errors.MessageSizeTooLargeError,
+    kafka_errors.RecordListTooLargeError,
+    kafka_errors.InvalidTopicError,
+    kafka_errors.CorruptRecordException,
+    kafka_errors.InvalidTimestampError,
+)
+
+
+class UnreadableRecord(ValueError):
+    """A stored record (an outbox row) cannot be turned into a Kafka record: its headers,
+    key or payload do not decode. Permanent for the record, like a broker's refusal."""
+
+
 def _chain(exc: BaseException) -> Iterator[BaseException]:
     """The exception, what SQLAlchemy wrapped (``orig``) and the explicit causes."""
     seen: set[int] = set()
@@ -126,6 +147,24 @@ def producer_state_lost(exc: BaseException) -> bool:
     but permanent for the producer that got it.
     """
     return any(isinstance(link, _PRODUCER_STATE_LOST) for link in _chain(exc))
+
+
+def record_refused(exc: BaseException) -> str | None:
+    """Why the record itself can never be published, or None if ``exc`` does not say so.
+
+    Permanent for the RECORD (set it aside, publish the others): a refusal in
+    ``_RECORD_REFUSED`` or an :class:`UnreadableRecord`. The answer is the error's class
+    name, fit for the row's ``error`` column and a log line (never the message text, which
+    may quote a value). A transient error (:func:`is_transient`) always answers None, even
+    when it wraps such a refusal: the broker was not answering, so nothing is known of the
+    record yet.
+    """
+    if is_transient(exc):
+        return None
+    for link in _chain(exc):
+        if isinstance(link, (*_RECORD_REFUSED, UnreadableRecord)):
+            return type(link).__name__
+    return None
 
 
 def is_rebalance(exc: BaseException) -> bool:

@@ -21,10 +21,11 @@ from typing import Any
 import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import KafkaError, for_code
+from aiokafka.errors import KafkaError, MessageSizeTooLargeError, for_code
+from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
 from service.errors import RetryLater
-from service.faults import is_rebalance, producer_state_lost
+from service.faults import is_rebalance, producer_state_lost, record_refused
 
 log = structlog.get_logger(__name__)
 
@@ -34,6 +35,10 @@ _TOPIC_ALREADY_EXISTS = 36
 # KRaft answers "only 0 broker(s) are registered" with this code until the broker has
 # registered with its controller, which happens just after start-up.
 _INVALID_REPLICATION_FACTOR = 38
+
+# aiokafka's (and the Java client's) default max.request.size; the broker's default
+# message.max.bytes (1,048,588) is just above it.
+DEFAULT_MAX_REQUEST_SIZE = 1024 * 1024
 
 
 _UNPACK_WORDS: dict[int, Any] = {}
@@ -100,7 +105,15 @@ class InMessage:
 
 
 class Producer:
-    """An idempotent producer (``acks=all``): no duplicates or reordering on retries."""
+    """An idempotent producer (``acks=all``): no duplicates or reordering on retries.
+
+    ``max_request_size`` (bytes) bounds one record as aiokafka's own ``send()`` does: a
+    larger one is refused before anything is sent (:class:`MessageSizeTooLargeError`).
+    ``report_refusals``: a record refused for good raises its own error from
+    :meth:`send_many` (the caller sets it aside: the relay); without it, a
+    :class:`KafkaUnavailable` like any failed delivery (the dead-letter producers, whose
+    callers only retry).
+    """
 
     def __init__(
         self,
@@ -109,11 +122,15 @@ class Producer:
         *,
         linger_ms: int = 5,
         max_batch_size: int = 256 * 1024,
+        max_request_size: int = DEFAULT_MAX_REQUEST_SIZE,
+        report_refusals: bool = False,
     ) -> None:
         self._bootstrap = bootstrap
         self._client_id = client_id
         self._linger_ms = linger_ms
         self._max_batch_size = max_batch_size
+        self._max_request_size = max_request_size
+        self._report_refusals = report_refusals
         self._producer: Any = None
         # Set when the broker refused this producer's idempotence state: the next send
         # replaces it (see `send_many`).
@@ -128,6 +145,7 @@ class Producer:
             enable_idempotence=True,  # implies acks="all"
             linger_ms=self._linger_ms,
             max_batch_size=self._max_batch_size,
+            max_request_size=self._max_request_size,
         )
         try:
             await producer.start()
@@ -151,12 +169,18 @@ class Producer:
         (murmur2 of the key, as the Java client and aiokafka do; a random available one for
         no key), and the messages of one partition are appended to record batches in their
         order, so the order within each partition (hence of each key) is kept. Raises
-        :class:`KafkaUnavailable` if any delivery failed; some of the others may have been
-        written, so callers resend the whole batch (consumers are idempotent).
+        :class:`KafkaUnavailable` if any delivery failed for a transient reason; some of
+        the others may have been written, so callers resend the whole batch (consumers are
+        idempotent). A record refused for good (:func:`service.faults.record_refused`: over
+        ``max_request_size``, checked here before anything is sent, or refused by the
+        broker: too large for the topic, invalid topic, corrupt) raises that aiokafka error
+        as is (with ``report_refusals``), when no delivery failed transiently: resending
+        the batch cannot help, the caller must find and set aside the record (the relay).
 
         A producer whose sequence numbers or id the broker refused (after a broker restart
         lost batches in flight: :func:`service.faults.producer_state_lost`) would be refused
-        forever; it is replaced by a new one (a new producer id) before the next send.
+        forever; it is replaced by a new one (a new producer id) before the next send. So
+        is one that had a batch refused (its sequence numbers went ahead of the broker's).
         """
         if self._state_lost:
             await self._replace()
@@ -169,6 +193,7 @@ class Producer:
             groups: dict[tuple[str, int], list[OutMessage]] = {}
             partitions_of: dict[str, list[int]] = {}
             for message in messages:
+                self._check_size(message)
                 partitions = partitions_of.get(message.topic)
                 if partitions is None:
                     partitions = sorted(await producer.partitions_for(message.topic))
@@ -190,17 +215,51 @@ class Producer:
         except BaseException as exc:
             # Let the already-enqueued sends finish so none is left unobserved.
             await asyncio.gather(*futures, return_exceptions=True)
-            if isinstance(exc, KafkaError):
+            if isinstance(exc, KafkaError) and not self._refusal(exc):
                 raise KafkaUnavailable(f"cannot enqueue a message: {exc}") from exc
             raise
         results = await asyncio.gather(*futures, return_exceptions=True)
-        if any(isinstance(r, BaseException) and producer_state_lost(r) for r in results):
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if not errors:
+            return
+        refused = [e for e in errors if record_refused(e) is not None]
+        if refused or any(producer_state_lost(e) for e in errors):
+            # A batch the broker refused used up its sequence numbers on our side only:
+            # this producer's next batch to that partition is (or would be) refused as out
+            # of order (aiokafka does not rewind them), so it is replaced before the next
+            # send. Those out-of-order refusals are the refused record's doing, not an
+            # outage: resending the whole batch would only meet them again.
             self._state_lost = True
-        for result in results:
-            if isinstance(result, KafkaError):
-                raise KafkaUnavailable(f"a message was not delivered: {result}") from result
-            if isinstance(result, BaseException):
-                raise result
+        outages = [
+            e
+            for e in errors
+            if record_refused(e) is None and not (refused and producer_state_lost(e))
+        ]
+        # An outage first: the batch is resent as it is. Only then a refused record.
+        for error in outages or refused:
+            if isinstance(error, KafkaError) and not self._refusal(error):
+                raise KafkaUnavailable(f"a message was not delivered: {error}") from error
+            raise error
+
+    def _refusal(self, error: BaseException) -> bool:
+        """True if ``error`` is to be raised as the record's refusal (see the class)."""
+        return self._report_refusals and record_refused(error) is not None
+
+    def _check_size(self, message: OutMessage) -> None:
+        """Refuse a record over ``max_request_size``, as aiokafka's ``send()`` does (its
+        ``send_batch()``, used here, does not check)."""
+        rough = len(message.value) + (len(message.key) if message.key else 0)
+        for name, value in message.headers:
+            rough += len(name) + len(value)
+        if rough + 1024 < self._max_request_size:
+            return  # far enough below the limit: the exact size is not needed
+        size = DefaultRecordBatchBuilder.estimate_size_in_bytes(
+            message.key, message.value, list(message.headers)
+        )
+        if size > self._max_request_size:
+            raise MessageSizeTooLargeError(
+                f"the record is {size} bytes, over max_request_size ({self._max_request_size})"
+            )
 
     async def _replace(self) -> None:
         """Drop a producer the broker no longer accepts and start a new one.
@@ -214,7 +273,10 @@ class Producer:
             # that hangs on a broker still away is not waited for past 10 s.
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(old.stop(), timeout=10)
-        log.warning("kafka_producer_replaced", reason="the broker refused its sequence state")
+        log.warning(
+            "kafka_producer_replaced",
+            reason="the broker refused its sequence state, or one of its batches",
+        )
         await self.start()
         self._state_lost = False
 

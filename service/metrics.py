@@ -34,6 +34,13 @@ class Metrics:
         self.outbox_published = Counter(
             "outbox_published_total", "Outbox rows published to Kafka", registry=self.registry
         )
+        self.outbox_rejected = Counter(
+            "outbox_rejected_total",
+            "Outbox rows set aside, never published: the broker refused them for good or they"
+            " could not be read. effect: item_failed, job_failed, webhooks_not_sent, none",
+            ("event_type", "effect"),
+            registry=self.registry,
+        )
         self.webhook_attempts = Counter(
             "webhook_attempts_total",
             "Webhook delivery attempts by outcome",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from service.db import EncodedJSON, utcnow
 from service.events import CloudEvent
@@ -20,13 +20,25 @@ def encoded_outbox_row(
     topic: str, key: str, event_type: str, payload: bytes, created_at: datetime | None = None
 ) -> dict[str, Any]:
     """An outbox row for a CloudEvent already encoded as structured JSON (``payload``)."""
-    return {
-        "topic": topic,
-        "key": key,
-        "payload": payload,
-        "headers": _headers(event_type),
-        "created_at": created_at or utcnow(),
-    }
+    return encoded_outbox_tuple(topic, key, event_type, payload, created_at)._asdict()
+
+
+class OutboxRow(NamedTuple):
+    """An outbox row as written: the field names are the table's columns (for
+    `service.db.insert_rows`, which writes hundreds of them without a dict each)."""
+
+    topic: str
+    key: str | None
+    payload: bytes
+    headers: Any
+    created_at: datetime
+
+
+def encoded_outbox_tuple(
+    topic: str, key: str, event_type: str, payload: bytes, created_at: datetime | None = None
+) -> OutboxRow:
+    """`encoded_outbox_row` as an `OutboxRow`."""
+    return OutboxRow(topic, key, payload, _headers(event_type), created_at or utcnow())
 
 
 _HEADERS: dict[str, EncodedJSON] = {}

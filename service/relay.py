@@ -4,12 +4,37 @@ On PostgreSQL a batch is claimed with `FOR UPDATE SKIP LOCKED`, so any number of
 share the work. A crash between publishing and marking republishes that batch once
 more; every consumer is idempotent, so that costs a duplicate, never a loss. Within one
 relay, rows go out in id order, so events of one key keep their order.
+
+A row the broker will never accept (service.faults.record_refused: too large, invalid
+topic, corrupt) or that cannot be read back (its headers, key or payload do not decode) must
+not hold back the rows behind it. When a batch is refused for such a reason it is split in
+halves, each published in id order (the first before the second, so the rows that go out
+keep their per-key order), down to the refused rows alone; those are set aside
+(``failed_at`` and ``error``, never retried), logged ``outbox_row_rejected`` and counted in
+``outbox_rejected_total``, and the relay goes on at full speed. What a refused row means:
+
+- ``contact.deletion_requested``: its job item fails with ``FAILED_DELETE_CONTACT`` and a
+  ``contact.deletion_failed`` audit event, and the job's counts include it, so the job
+  completes (the worker's own ``give_up`` for a command that failed permanently);
+- ``deletion_job.expand``: the job fails (the same ``give_up``);
+- ``contact.deleted`` / ``deletion_job.completed``: the deletion or job stands (deleted and
+  audited); its webhooks are not sent, which the log line and the metric say
+  (``effect="webhooks_not_sent"``);
+- a payload that cannot be read names no job: the row is only set aside and logged.
+
+The consequence is recorded before the row is marked: a crash in between only repeats it
+(``give_up`` changes nothing twice), never loses it. A refused batch may have been written
+on its other partitions before the split resends those rows: repeats, as after a crash,
+which consumers ignore; the first copies keep the id order of each key.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import sqlalchemy as sa
@@ -17,8 +42,19 @@ import sqlalchemy as sa
 from service.aio import Backoff, Sleep, sleep_unless_stopped, wait_any
 from service.config import Settings
 from service.db import Database, outbox, utcnow
+from service.deletion.notify import JobNotifier
+from service.deletion.worker import DeletionWorker
+from service.events import (
+    TYPE_CONTACT_DELETED,
+    TYPE_DELETION_REQUESTED,
+    TYPE_JOB_COMPLETED,
+    TYPE_JOB_EXPAND,
+    CloudEvent,
+    DeletionRequested,
+    JobExpand,
+)
 from service.failpoints import crash_if
-from service.faults import describe, is_transient
+from service.faults import UnreadableRecord, describe, is_transient, record_refused
 from service.kafka import OutMessage, Producer
 from service.logs import get_logger
 from service.metrics import Metrics
@@ -46,10 +82,23 @@ def _headers(text: str) -> tuple[tuple[str, bytes], ...]:
 
 
 def _message(row: Any) -> OutMessage:
-    key = row.key.encode() if row.key is not None else None
-    return OutMessage(
-        topic=row.topic, key=key, value=bytes(row.payload), headers=_headers(row.headers)
-    )
+    """The Kafka record of an outbox row; :class:`UnreadableRecord` if it cannot be read."""
+    try:
+        key = row.key.encode() if row.key is not None else None
+        return OutMessage(
+            topic=row.topic, key=key, value=bytes(row.payload), headers=_headers(row.headers)
+        )
+    except (ValueError, TypeError, AttributeError) as exc:
+        # A JSON or Unicode error, headers of another shape, a payload of another type.
+        raise UnreadableRecord(f"unreadable outbox row ({type(exc).__name__})") from exc
+
+
+@dataclass
+class _Pass:
+    """What one pass did with its rows: published, or refused with the reason."""
+
+    published: list[int] = field(default_factory=list)
+    refused: list[tuple[Any, str]] = field(default_factory=list)
 
 
 class Relay:
@@ -61,6 +110,7 @@ class Relay:
         metrics: Metrics,
         wakeup: asyncio.Event | None = None,
         sleep: Sleep = sleep_unless_stopped,
+        notifier: JobNotifier | None = None,
     ) -> None:
         self.settings = settings
         self.db = db
@@ -68,6 +118,12 @@ class Relay:
         self.metrics = metrics
         self.wakeup = wakeup or asyncio.Event()
         self.sleep = sleep
+        # Records a refused row's job item or job as failed, exactly as the worker does
+        # for a command that failed permanently (its `give_up`); the job-finished line and
+        # the `Prefer: wait` notice follow as after a worker's batch.
+        self.jobs = DeletionWorker(settings, db, metrics, notifier, self.wakeup)
+        # Rows set aside since it started.
+        self.rejected = 0
         # The relay's own figures: rows published and passes made since it started, and
         # `idle`, set while it waits with nothing signalled (cleared when a pass starts).
         self.published = 0
@@ -77,14 +133,15 @@ class Relay:
     def _pending(self) -> sa.Select[Any]:
         stmt = (
             sa.select(outbox.c.id, outbox.c.topic, outbox.c.key, outbox.c.payload, _HEADERS_TEXT)
-            .where(outbox.c.published_at.is_(None))
+            .where(outbox.c.published_at.is_(None), outbox.c.failed_at.is_(None))
             .order_by(outbox.c.id)
             .limit(self.settings.relay_batch_size)
         )
         return self.db.for_update(stmt, skip_locked=True)
 
     async def publish_once(self) -> int:
-        """Publish one batch; returns how many rows went out."""
+        """Publish one batch; returns how many rows it took care of (published or set
+        aside: a full batch means more may be waiting)."""
         if self.db.is_sqlite:
             # SQLite has one writer: read, publish, then mark in a short write transaction,
             # rather than holding the write lock across a broker round trip.
@@ -92,26 +149,124 @@ class Relay:
                 rows = (await conn.execute(self._pending())).all()
             if not rows:
                 return 0
-            await self.producer.send_many([_message(r) for r in rows])
+            done = await self._publish(rows)
             crash_if(self.settings.failpoint, "relay_after_publish")
+            await self._refuse(done.refused)
             async with self.db.begin() as conn:
-                await self._mark(conn, [r.id for r in rows])
+                await self._mark(conn, done)
         else:
             async with self.db.begin() as conn:
                 rows = (await conn.execute(self._pending())).all()
                 if not rows:
                     return 0
-                await self.producer.send_many([_message(r) for r in rows])
+                done = await self._publish(rows)
                 crash_if(self.settings.failpoint, "relay_after_publish")
-                await self._mark(conn, [r.id for r in rows])
-        self.metrics.outbox_published.inc(len(rows))
-        self.published += len(rows)
+                await self._refuse(done.refused)
+                await self._mark(conn, done)
+        self.metrics.outbox_published.inc(len(done.published))
+        self.published += len(done.published)
+        self.rejected += len(done.refused)
         return len(rows)
 
-    async def _mark(self, conn: Any, ids: list[int]) -> None:
-        await conn.execute(
-            outbox.update().where(outbox.c.id.in_(ids)).values(published_at=utcnow())
-        )
+    async def _publish(self, rows: Sequence[Any]) -> _Pass:
+        """Publish ``rows`` in id order; the rows refused for good are set apart.
+
+        Transient errors propagate (the pass is retried as a whole, nothing is marked).
+        """
+        done = _Pass()
+        records: list[tuple[Any, OutMessage]] = []
+        for row in rows:
+            try:
+                records.append((row, _message(row)))
+            except UnreadableRecord as exc:
+                done.refused.append((row, str(exc)))
+        await self._send_or_split(records, done)
+        return done
+
+    async def _send_or_split(self, records: list[tuple[Any, OutMessage]], done: _Pass) -> None:
+        """Send ``records``; if the broker refuses one of them for good, send each half in
+        turn the same way, down to the refused records alone (about 2·log2(n) sends for
+        one refused record among n)."""
+        if not records:
+            return
+        try:
+            await self.producer.send_many([message for _, message in records])
+        except Exception as exc:
+            reason = record_refused(exc)
+            if reason is None:
+                raise
+            if len(records) == 1:
+                done.refused.append((records[0][0], f"the broker refused the record ({reason})"))
+                return
+            log.warning("relay_batch_isolating", rows=len(records), error=reason)
+            middle = len(records) // 2
+            await self._send_or_split(records[:middle], done)
+            await self._send_or_split(records[middle:], done)
+            return
+        done.published.extend(row.id for row, _ in records)
+
+    async def _refuse(self, refused: list[tuple[Any, str]]) -> None:
+        """Record what each refused row means for its job, and log it (see the module)."""
+        for row, reason in refused:
+            event_type, effect, job_id = "unknown", "none", None
+            try:
+                event = CloudEvent.model_validate_json(bytes(row.payload))
+            except (ValueError, TypeError):
+                event = None
+            if event is not None:
+                event_type = event.type
+                command: DeletionRequested | JobExpand | None = None
+                try:
+                    if event.type == TYPE_DELETION_REQUESTED:
+                        command = DeletionRequested.model_validate(event.data)
+                        effect = "item_failed"
+                    elif event.type == TYPE_JOB_EXPAND:
+                        command = JobExpand.model_validate(event.data)
+                        effect = "job_failed"
+                    elif event.type in (TYPE_CONTACT_DELETED, TYPE_JOB_COMPLETED):
+                        effect = "webhooks_not_sent"
+                        job_id = _job_of(event.data)
+                except ValueError:
+                    command = None
+                if command is not None:
+                    job_id = str(command.job_id)
+                    await self._give_up(command, reason)
+            log.error(
+                "outbox_row_rejected",
+                topic=row.topic,
+                row_id=row.id,
+                event_type=event_type,
+                reason=reason,
+                effect=effect,
+                job_id=job_id,
+            )
+            self.metrics.outbox_rejected.labels(event_type, effect).inc()
+
+    async def _give_up(self, command: DeletionRequested | JobExpand, reason: str) -> None:
+        """The worker's `give_up` for the command of a refused row. A transient error
+        propagates (the pass is retried); a permanent one is logged and the row still set
+        aside, so that it cannot wedge the relay either."""
+        try:
+            result = await self.jobs.give_up(command, reason)
+        except Exception as exc:
+            if is_transient(exc):
+                raise
+            log.error("outbox_row_job_not_updated", job_id=str(command.job_id), error=describe(exc))
+            return
+        self.jobs.after_commit(result)
+
+    async def _mark(self, conn: Any, done: _Pass) -> None:
+        now = utcnow()
+        if done.published:
+            await conn.execute(
+                outbox.update().where(outbox.c.id.in_(done.published)).values(published_at=now)
+            )
+        for row, reason in done.refused:
+            await conn.execute(
+                outbox.update()
+                .where(outbox.c.id == row.id)
+                .values(failed_at=now, error=reason[:500])
+            )
 
     async def run(self, stop: asyncio.Event) -> None:
         """Publish until `stop`; wait for a wake-up (or the poll interval) when idle.
@@ -122,8 +277,9 @@ class Relay:
         ``relay_poll_interval_s`` (the poll only catches rows that other processes wrote).
 
         Never exits on an error: an outage of the database or broker is waited out with
-        capped, jittered back-off; anything else is logged as an error and retried at the
-        slowest pace (the rows stay unpublished, nothing is lost).
+        capped, jittered back-off; a row the broker refuses for good is set aside inside
+        the pass (see the module), so it holds back nothing; anything else is logged as an
+        error and retried at the slowest pace (the rows stay unpublished, nothing is lost).
         """
         backoff = Backoff(cap_s=self.settings.retry_max_backoff_s, sleep=self.sleep)
         while not stop.is_set():
@@ -146,3 +302,12 @@ class Relay:
             if sent < self.settings.relay_batch_size and not self.wakeup.is_set():
                 self.idle.set()
                 await wait_any(self.settings.relay_poll_interval_s, stop, self.wakeup)
+
+
+def _job_of(data: Any) -> str | None:
+    """The job id an event's data names, if it names one (ids only, for the log)."""
+    job_id = data.get("job_id") if isinstance(data, dict) else None
+    try:
+        return str(uuid.UUID(str(job_id))) if job_id is not None else None
+    except ValueError:
+        return None

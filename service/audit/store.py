@@ -18,7 +18,7 @@ import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
@@ -36,13 +36,34 @@ from service.db import (
     Database,
     audit_events,
     audit_heads,
-    new_id,
+    insert_rows,
+    new_ids,
     server_secrets,
     utcnow,
     workspaces,
 )
 
 _PARTY_KEYS = frozenset({"type", "id"})
+
+
+class _EventRow(NamedTuple):
+    """An event's row as `append_events` inserts it: the field names are the columns."""
+
+    workspace_id: uuid.UUID
+    seq: int
+    id: uuid.UUID
+    occurred_at: str
+    actor_type: str
+    actor_id: str
+    action: str
+    target_type: str | None
+    target_id: str | None
+    job_id: str | None
+    request_id: str | None
+    data: str
+    email_hmac: str | None
+    prev_hash: str
+    hash: str
 
 
 @dataclass(frozen=True)
@@ -95,10 +116,10 @@ async def append_events(
     for workspace_id in sorted(by_workspace, key=str):
         seq, prev_hash = await _lock_head(conn, db, workspace_id)
         workspace = str(workspace_id)
-        rows: list[dict[str, Any]] = []
-        for record in by_workspace[workspace_id]:
+        rows: list[_EventRow] = []
+        batch = by_workspace[workspace_id]
+        for record, event_id in zip(batch, new_ids(len(batch)), strict=True):
             seq += 1
-            event_id = new_id()
             data_json = canonical_json(dict(record.data))
             actor = dict(record.actor)
             target = dict(record.target) if record.target is not None else None
@@ -119,26 +140,26 @@ async def append_events(
             }
             digest = event_hash_with_data(prev_hash, event, data_json)
             rows.append(
-                {
-                    "workspace_id": workspace_id,
-                    "seq": seq,
-                    "id": event_id,
-                    "occurred_at": event["occurred_at"],
-                    "actor_type": actor["type"],
-                    "actor_id": actor["id"],
-                    "action": record.action,
-                    "target_type": target["type"] if target else None,
-                    "target_id": target["id"] if target else None,
-                    "job_id": record.job_id,
-                    "request_id": record.request_id,
-                    "data": data_json.decode("utf-8"),
-                    "email_hmac": record.email_hmac,
-                    "prev_hash": prev_hash,
-                    "hash": digest,
-                }
+                _EventRow(
+                    workspace_id=workspace_id,
+                    seq=seq,
+                    id=event_id,
+                    occurred_at=occurred_at,
+                    actor_type=actor["type"],
+                    actor_id=actor["id"],
+                    action=record.action,
+                    target_type=target["type"] if target else None,
+                    target_id=target["id"] if target else None,
+                    job_id=record.job_id,
+                    request_id=record.request_id,
+                    data=data_json.decode("utf-8"),
+                    email_hmac=record.email_hmac,
+                    prev_hash=prev_hash,
+                    hash=digest,
+                )
             )
             prev_hash = digest
-        await conn.execute(audit_events.insert(), rows)
+        await insert_rows(conn, audit_events, rows)
         await conn.execute(
             audit_heads.update()
             .where(audit_heads.c.workspace_id == workspace_id)

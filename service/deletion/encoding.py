@@ -9,12 +9,12 @@ digest or a count, none of which JSON escapes, so the bytes are spliced instead.
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from datetime import datetime
-from typing import Any
 
 from service.events import SOURCE, TIME_JSON, TYPE_CONTACT_DELETED
-from service.outbox import encoded_outbox_row
+from service.outbox import OutboxRow, encoded_outbox_tuple
 
 
 class ContactDeletedEncoder:
@@ -48,7 +48,7 @@ class ContactDeletedEncoder:
         caller's to reuse across a batch); ``email_sha256`` is 64 hex digits;
         ``timeline`` counts the orphaned activities, notes and tasks. Text that JSON would
         have to escape raises ValueError."""
-        if not _SAFE.issuperset(f"{contact_id}{workspace_id}{job_id}{email_sha256}"):
+        if _SAFE.fullmatch(f"{contact_id}{workspace_id}{job_id}{email_sha256}") is None:
             raise ValueError("ids and digest must be hex text")
         activities, notes, tasks = timeline
         return (
@@ -61,11 +61,11 @@ class ContactDeletedEncoder:
 
 
 # What a UUID's text and a hex digest are made of: nothing JSON escapes.
-_SAFE = frozenset("0123456789abcdef-")
+_SAFE = re.compile("[0-9a-f-]*")
 
 
 def contact_deleted_row(
     topic: str, contact_id: str, payload: bytes, created_at: datetime
-) -> dict[str, Any]:
+) -> OutboxRow:
     """The outbox row of an encoded ``contact.deleted`` event, as `outbox_row` makes it."""
-    return encoded_outbox_row(topic, contact_id, TYPE_CONTACT_DELETED, payload, created_at)
+    return encoded_outbox_tuple(topic, contact_id, TYPE_CONTACT_DELETED, payload, created_at)

@@ -243,6 +243,14 @@ class JobError(Out):
     message: str
 
 
+class JobFailure(Out):
+    """Why a job ended ``failed``: it could not run at all (for instance, its selection
+    could not be expanded). Per-contact failures are in ``errors``, not here."""
+
+    code: ErrorCode
+    message: str
+
+
 class Job(Out):
     """A deletion job (DESIGN §3)."""
 
@@ -277,6 +285,10 @@ class Job(Out):
         " `emails` array (`emails[3]`, 0-based), so no address is kept (the first 1000)"
     )
     errors: list[JobError]
+    failure: JobFailure | None = Field(
+        default=None,
+        description="Why the job ended `failed` (it could not run at all); null otherwise",
+    )
     created_at: Time
     started_at: Time | None
     completed_at: Time | None

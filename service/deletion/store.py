@@ -14,7 +14,7 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -23,7 +23,16 @@ from service.audit.store import AuditRecord, append_events
 from service.config import Settings
 from service.contacts.filters import FIELDS as FILTER_FIELDS
 from service.contacts.filters import parse_filter, selection_clause
-from service.db import Database, contacts, deletion_job_items, deletion_jobs, outbox, utcnow
+from service.db import (
+    Database,
+    any_of,
+    contacts,
+    deletion_job_items,
+    deletion_jobs,
+    insert_rows,
+    outbox,
+    utcnow,
+)
 from service.deletion.models import BulkDeleteRequest, ItemStatus, JobStatus, final_status
 from service.errors import NotFound, ValidationFailed
 from service.events import (
@@ -39,7 +48,7 @@ from service.events import (
 )
 from service.faults import describe, is_transient
 from service.logs import get_logger
-from service.outbox import encoded_outbox_row, outbox_row
+from service.outbox import encoded_outbox_tuple, outbox_row
 from service.timefmt import iso
 
 log = get_logger(__name__)
@@ -71,8 +80,10 @@ def job_phase(row: Mapping[Any, Any]) -> str:
 def job_json(
     row: Mapping[Any, Any], not_found: Sequence[str], errors: Sequence[Mapping[str, Any]]
 ) -> dict[str, Any]:
-    """The job object of DESIGN §3, with ``phase`` and ``estimated_total`` (a filter/search
-    job's match count when it was accepted; null for ids/emails jobs)."""
+    """The job object of DESIGN §3, with ``phase``, ``estimated_total`` (a filter/search
+    job's match count when it was accepted; null for ids/emails jobs) and ``failure``
+    (``{code, message}`` of a job that ended ``failed``; null otherwise)."""
+    failure_code = row.get("failure_code")
     return {
         "job_id": str(row["id"]),
         "status": row["status"],
@@ -89,6 +100,9 @@ def job_json(
         "failed_count": row["failed_count"],
         "not_found": list(not_found),
         "errors": [dict(e) for e in errors],
+        "failure": {"code": failure_code, "message": row.get("failure_message") or ""}
+        if failure_code
+        else None,
         "created_at": iso(row["created_at"]),
         "started_at": iso(row["started_at"]),
         "completed_at": iso(row["completed_at"]),
@@ -331,6 +345,18 @@ async def create_job(
     return JobChange()
 
 
+class _ItemRow(NamedTuple):
+    """A new job item as `insert_items` writes it (the field names are the columns; its
+    error columns stay null)."""
+
+    job_id: uuid.UUID
+    ref: str
+    position: int
+    contact_id: uuid.UUID | None
+    status: str
+    processed_at: datetime | None
+
+
 async def insert_items(
     conn: AsyncConnection,
     settings: Settings,
@@ -346,31 +372,28 @@ async def insert_items(
         return
     topic = settings.topic(TOPIC_DELETION_REQUESTED)
     encoder = DeletionRequestedEncoder(job_id, workspace_id, now)
-    items = []
+    items: list[_ItemRow] = []
     messages = []
     for position, (ref, contact_id) in enumerate(refs, start=start):
         found = contact_id is not None
         items.append(
-            {
-                "job_id": job_id,
-                "ref": ref,
-                "position": position,
-                "contact_id": contact_id,
-                "status": ItemStatus.PENDING if found else ItemStatus.NOT_FOUND,
-                "error_code": None,
-                "error_message": None,
-                "processed_at": None if found else now,
-            }
+            _ItemRow(
+                job_id=job_id,
+                ref=ref,
+                position=position,
+                contact_id=contact_id,
+                status=ItemStatus.PENDING if found else ItemStatus.NOT_FOUND,
+                processed_at=None if found else now,
+            )
         )
         if contact_id is not None:
             # The bytes the DeletionRequested envelope would dump, spliced (property-tested).
             payload = encoder.encode(ref, contact_id)
             messages.append(
-                encoded_outbox_row(topic, str(contact_id), TYPE_DELETION_REQUESTED, payload, now)
+                encoded_outbox_tuple(topic, str(contact_id), TYPE_DELETION_REQUESTED, payload, now)
             )
-    await conn.execute(deletion_job_items.insert(), items)
-    if messages:
-        await conn.execute(outbox.insert(), messages)
+    await insert_rows(conn, deletion_job_items, items)
+    await insert_rows(conn, outbox, messages)
 
 
 @dataclass(frozen=True)
@@ -395,7 +418,7 @@ def pending_items_statement(job_ids: Sequence[uuid.UUID], refs: Sequence[str]) -
     key (job_id, ref) — as long as the planner's statistics know how big the jobs are."""
     items = deletion_job_items.c
     return sa.select(items.job_id, items.ref, items.status).where(
-        items.job_id.in_(job_ids), items.ref.in_(refs)
+        any_of(items.job_id, job_ids), any_of(items.ref, refs)
     )
 
 
@@ -751,7 +774,9 @@ async def finish_job(
     """Mark a job finished, and record and announce it; returns its id, status and counts.
 
     ``failure`` (code, message) finishes it ``failed``: the job itself could not run, for
-    instance because the database refused its selection statement.
+    instance because the database refused its selection statement. The reason is kept on
+    the job (its ``failure`` in the API, at most 500 characters of message) and in its
+    ``deletion.completed`` audit event.
     """
     status = JobStatus.FAILED if failure is not None else final_status(row["failed_count"])
     await conn.execute(
@@ -761,6 +786,8 @@ async def finish_job(
             status=status,
             completed_at=now,
             started_at=sa.func.coalesce(deletion_jobs.c.started_at, now),
+            failure_code=failure[0] if failure else None,
+            failure_message=failure[1][:500] if failure else None,
         )
     )
     counts = {

@@ -23,10 +23,10 @@ import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import sqlalchemy as sa
-from pydantic import ValidationError
+from pydantic import Field, TypeAdapter, ValidationError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from service.aio import (
@@ -41,7 +41,17 @@ from service.audit.chain import email_hmac
 from service.audit.store import AuditRecord, append_events, load_hash_key
 from service.config import Settings
 from service.contacts.store import TIMELINE_TABLES
-from service.db import Database, contacts, deletion_job_items, deletion_jobs, outbox, utcnow
+from service.db import (
+    Database,
+    any_of,
+    contacts,
+    deletion_job_items,
+    deletion_jobs,
+    insert_rows,
+    new_ids,
+    outbox,
+    utcnow,
+)
 from service.deletion.encoding import ContactDeletedEncoder, contact_deleted_row
 from service.deletion.models import NOT_FOUND, ErrorCode, ItemStatus, Outcome, decide
 from service.deletion.notify import JobNotifier
@@ -61,8 +71,6 @@ from service.events import (
     DLQ_SUFFIX,
     TOPIC_CONTACT_DELETED,
     TOPIC_DELETION_REQUESTED,
-    TYPE_DELETION_REQUESTED,
-    TYPE_JOB_EXPAND,
     CloudEvent,
     DeletionRequested,
     JobExpand,
@@ -78,6 +86,7 @@ from service.kafka import (
 )
 from service.logs import get_logger
 from service.metrics import Metrics
+from service.outbox import OutboxRow
 from service.webhooks.signing import email_sha256
 
 log = get_logger(__name__)
@@ -86,17 +95,35 @@ T = TypeVar("T")
 KIND_PLURAL = {"activity": "activities", "note": "notes", "task": "tasks"}
 
 
+# The literals are TYPE_DELETION_REQUESTED and TYPE_JOB_EXPAND (a Literal cannot name a
+# constant; tests/unit/test_worker_commands.py parses events made with the constants).
+class _DeletionRequestedEvent(CloudEvent):
+    type: Literal["contact.deletion_requested"]
+    data: DeletionRequested  # type: ignore[assignment]
+
+
+class _JobExpandEvent(CloudEvent):
+    type: Literal["deletion_job.expand"]
+    data: JobExpand  # type: ignore[assignment]
+
+
+# The worker's commands, validated in one pass (envelope and data) by their event type: a
+# third of the time of validating the envelope and then its data (16 -> 5 us a message).
+_COMMAND: TypeAdapter[_DeletionRequestedEvent | _JobExpandEvent] = TypeAdapter(
+    Annotated[_DeletionRequestedEvent | _JobExpandEvent, Field(discriminator="type")]
+)
+
+
 def parse_message(message: InMessage) -> DeletionRequested | JobExpand:
     """The typed command inside a message, or PoisonMessage."""
     try:
-        event = CloudEvent.model_validate_json(message.value)
-        if event.type == TYPE_DELETION_REQUESTED:
-            return DeletionRequested.model_validate(event.data)
-        if event.type == TYPE_JOB_EXPAND:
-            return JobExpand.model_validate(event.data)
-    except (ValidationError, ValueError) as exc:
+        return _COMMAND.validate_json(message.value).data
+    except ValidationError as exc:
+        errors = exc.errors()
+        if errors and errors[0]["type"] == "union_tag_invalid":
+            tag = errors[0].get("ctx", {}).get("tag")
+            raise PoisonMessage(f"unknown event type {tag!r}") from exc
         raise PoisonMessage(f"malformed message: {exc}") from exc
-    raise PoisonMessage(f"unknown event type {event.type!r}")
 
 
 @dataclass
@@ -245,7 +272,7 @@ class DeletionWorker:
                 await self._retry_transient(lambda: self._dead_letter(dlq, poison), stop)
             if commands:
                 result = await self._process_with_retries([c for _, c in commands], stop)
-                self._after_commit(result)
+                self.after_commit(result)
         except Stopped:
             return False
         return True
@@ -314,7 +341,9 @@ class DeletionWorker:
             )
         await dlq.send_many([dead_letter(m, reason, DLQ_SUFFIX) for m, reason in poison])
 
-    def _after_commit(self, result: BatchResult) -> None:
+    def after_commit(self, result: BatchResult) -> None:
+        """What follows a committed batch (or a `give_up`, the relay's too): its log line,
+        metrics, the erasure scrubber's note, the relay's wake-up and `Prefer: wait`."""
         _log_batch(result)
         self.metrics.contacts_deleted.inc(result.deleted)
         if result.touched:
@@ -434,7 +463,7 @@ class DeletionWorker:
                         deletion_jobs.c.request_id,
                         deletion_jobs.c.delete_members,
                         deletion_jobs.c.redact_timeline,
-                    ).where(deletion_jobs.c.id.in_(job_ids))
+                    ).where(any_of(deletion_jobs.c.id, job_ids))
                 )
             ).all()
         }
@@ -453,7 +482,7 @@ class DeletionWorker:
         if not todo:
             return 0
         contact_stmt = sa.select(*_DECIDING_COLUMNS).where(
-            contacts.c.id.in_({c.contact_id for c in todo})
+            any_of(contacts.c.id, {c.contact_id for c in todo})
         )
         found = {
             r["id"]: r for r in (await conn.execute(self.db.for_update(contact_stmt))).mappings()
@@ -480,11 +509,11 @@ class DeletionWorker:
         }
         orphaned = await self._orphan_timelines(conn, list(doomed), redact)
         if doomed:
-            await conn.execute(contacts.delete().where(contacts.c.id.in_(list(doomed))))
+            await conn.execute(contacts.delete().where(any_of(contacts.c.id, doomed)))
             touched |= touched_tables(True, orphaned.redacted_tables)
 
         records: list[AuditRecord] = []
-        deleted_rows: list[dict[str, Any]] = []
+        deleted_rows: list[OutboxRow] = []
         topic = self.settings.topic(TOPIC_CONTACT_DELETED)
         encoder = ContactDeletedEncoder(now)
         # What every item of a job shares, as text, once per job rather than per contact.
@@ -497,6 +526,7 @@ class DeletionWorker:
             )
             for job_id, job in jobs.items()
         }
+        event_ids = iter(new_ids(len(doomed)))  # one per contact.deleted event
         for c, outcome in outcomes:
             job = jobs[c.job_id]
             job_text, workspace_text, actor, api_key_text = texts[c.job_id]
@@ -545,6 +575,7 @@ class DeletionWorker:
                         len(kept.get("note", ())),
                         len(kept.get("task", ())),
                     ),
+                    str(next(event_ids)),
                 )
                 deleted_rows.append(contact_deleted_row(topic, contact_text, payload, now))
             elif outcome.status is ItemStatus.NOT_FOUND:
@@ -570,7 +601,7 @@ class DeletionWorker:
         for (job_id, o), refs in groups.items():
             await conn.execute(
                 deletion_job_items.update()
-                .where(items.job_id == job_id, items.ref.in_(refs))
+                .where(items.job_id == job_id, any_of(items.ref, refs))
                 .values(
                     status=str(o.status),
                     error_code=str(o.code) if o.code else None,
@@ -578,8 +609,7 @@ class DeletionWorker:
                     processed_at=now,
                 )
             )
-        if deleted_rows:
-            await conn.execute(outbox.insert(), deleted_rows)
+        await insert_rows(conn, outbox, deleted_rows)
         if records:
             # Last: the append holds the workspace's chain head until commit.
             await append_events(conn, self.db, records)
@@ -605,7 +635,7 @@ class DeletionWorker:
             rows = (
                 await conn.execute(
                     sa.select(table.c.id, table.c.contact_id, when.label("at"), *text)
-                    .where(table.c.contact_id.in_(contact_ids))
+                    .where(any_of(table.c.contact_id, contact_ids))
                     .order_by(table.c.id)
                 )
             ).all()
@@ -635,7 +665,7 @@ class DeletionWorker:
             if rows:
                 await conn.execute(
                     table.update()
-                    .where(table.c.contact_id.in_(contact_ids))
+                    .where(any_of(table.c.contact_id, contact_ids))
                     .values(contact_id=None)
                 )
         return orphaned
@@ -655,7 +685,7 @@ class DeletionWorker:
                 _raw(table.c.id),
                 _raw(table.c.contact_id),
                 _raw(_timeline_time(kind, table)).label("at"),
-            ).where(table.c.contact_id.in_(contact_ids))
+            ).where(any_of(table.c.contact_id, contact_ids))
             for kind, table in TIMELINE_TABLES.items()
         ]
         rows = (await conn.execute(sa.union_all(*selects))).all()
@@ -675,7 +705,7 @@ class DeletionWorker:
             if kind in kinds:
                 await conn.execute(
                     table.update()
-                    .where(table.c.contact_id.in_(contact_ids))
+                    .where(any_of(table.c.contact_id, contact_ids))
                     .values(contact_id=None)
                 )
         return orphaned

@@ -6,7 +6,9 @@ Kafka, real database of each backend, a real webhook receiver on 127.0.0.1).
 
 from __future__ import annotations
 
+import asyncio
 import json
+import uuid
 from collections import Counter
 from pathlib import Path
 
@@ -17,6 +19,7 @@ from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.remote.webelement import WebElement
 from selenium.webdriver.support.ui import Select
 
+from service.db import Database, deletion_jobs
 from tests.browser.conftest import (
     ConsoleService,
     Receiver,
@@ -266,6 +269,52 @@ def test_a_key_without_audit_read_sees_no_audit_section_and_sign_out_forgets_it(
     driver.refresh()
     wait_for(driver, lambda d: d.find_element(By.ID, "api-key").is_displayed())
     assert not css(driver, "#nav").is_displayed()
+
+
+def test_a_failed_job_says_why_on_its_page(
+    console_service: ConsoleService, browser: WebDriver
+) -> None:
+    """A job that could not run shows its reason (the API's `failure`) on its page."""
+    service, driver = console_service, browser
+    key = service.key(*ALL_SCOPES)
+    status, body = service.call(
+        key,
+        "POST",
+        "/v1/contacts/bulk-delete",
+        {"contact_ids": [str(uuid.uuid4())]},
+        Prefer="wait=30",
+    )
+    assert status == 200, body
+    job_id = body["data"]["job_id"]
+    message = "the job's contacts could not be selected: the selection binds too much"
+
+    async def fail_it() -> None:
+        # The state a job the worker could not expand ends in (finish_job with a failure).
+        db = Database(service.env["DATABASE_URL"])
+        try:
+            async with db.begin() as conn:
+                await conn.execute(
+                    deletion_jobs.update()
+                    .where(deletion_jobs.c.id == uuid.UUID(job_id))
+                    .values(
+                        status="failed",
+                        failure_code="FAILED_DELETE_CONTACT",
+                        failure_message=message,
+                    )
+                )
+        finally:
+            await db.dispose()
+
+    asyncio.run(fail_it())
+    assert service.call(key, "GET", f"/v1/bulk-jobs/{job_id}")[1]["data"]["failure"] == {
+        "code": "FAILED_DELETE_CONTACT",
+        "message": message,
+    }
+    sign_in(driver, service, key)
+    driver.get(f"{service.base}/console#/jobs/{job_id}")
+    wait_for(driver, lambda d: text_of(d, "#job-status") == "failed")
+    assert text_of(driver, "#job-failure") == f"FAILED_DELETE_CONTACT: {message}"
+    shot(driver, "job-failed")
 
 
 def test_a_narrow_screen_gets_the_same_console(console_service: ConsoleService) -> None:

@@ -56,6 +56,7 @@ JOB_FIELDS = {
     "created_at",
     "started_at",
     "completed_at",
+    "failure",
 }
 
 

@@ -415,8 +415,14 @@ async def test_an_expansion_that_cannot_run_fails_its_job_and_not_another_worksp
     assert status == 200, body
     assert body["data"]["status"] == "failed"
     assert body["data"]["completed_at"] is not None
+    # Why, on the job itself: the same reason as its audit event below.
+    failure = body["data"]["failure"]
+    assert failure["code"] == "FAILED_DELETE_CONTACT"
+    assert failure["message"].startswith("the job's contacts could not be selected")
+    assert "binds more than" in failure["message"]
     status, body, _ = await other_tenant.call("GET", f"/v1/bulk-jobs/{small_job}")
     assert (body["data"]["status"], body["data"]["deleted_count"]) == ("completed", 1)
+    assert body["data"]["failure"] is None
     events = [e async for e in stream_events(services.db, tenant.workspace_id)]
     [finished] = [e for e in events if e["action"] == "deletion.completed"]
     assert finished["job_id"] == str(big_job)

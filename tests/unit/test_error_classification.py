@@ -24,7 +24,15 @@ from sqlalchemy.dialects.postgresql.asyncpg import AsyncAdapt_asyncpg_dbapi
 
 from service.aio import Backoff, Stopped, retry_transient, wait_for_dependency
 from service.errors import ValidationFailed
-from service.faults import describe, is_rebalance, is_transient, producer_state_lost, sqlstate
+from service.faults import (
+    UnreadableRecord,
+    describe,
+    is_rebalance,
+    is_transient,
+    producer_state_lost,
+    record_refused,
+    sqlstate,
+)
 from service.kafka import KafkaUnavailable
 from service.logs import configure_logging
 from tests.real_errors import sqlite_busy, sqlite_too_many_variables, wrapped
@@ -194,6 +202,60 @@ def test_broker_outage_and_rebalance_errors_are_transient(error: Exception) -> N
 )
 def test_broker_refusals_are_permanent(error: Exception) -> None:
     assert not is_transient(error)
+
+
+# What the broker (or the producer, before sending) answers about one record that it will
+# answer every time: permanent for the RECORD, which the relay sets aside.
+RECORD_REFUSED = [
+    kafka_errors.MessageSizeTooLargeError("the record is 2000000 bytes, over max_request_size"),
+    kafka_errors.MessageSizeTooLargeError(),  # the broker's MESSAGE_TOO_LARGE (10)
+    kafka_errors.for_code(10)(),
+    kafka_errors.RecordListTooLargeError(),
+    kafka_errors.InvalidTopicError(),
+    kafka_errors.CorruptRecordException(),
+    kafka_errors.InvalidTimestampError(),
+    UnreadableRecord("unreadable outbox row (JSONDecodeError)"),
+]
+# Not the record's fault: the broker is away, a leader moves, a request timed out, the
+# producer's state was lost (a new producer resends it), or the relay is not allowed to
+# write the topic at all (configuration, not this record: retried, never set aside).
+NOT_THE_RECORD = [
+    *KAFKA_TRANSIENT,
+    kafka_errors.NotLeaderForPartitionError(),
+    kafka_errors.NotEnoughReplicasError(),
+    kafka_errors.NotEnoughReplicasAfterAppendError(),
+    kafka_errors.UnknownTopicOrPartitionError(),
+    kafka_errors.OutOfOrderSequenceNumber(),
+    kafka_errors.TopicAuthorizationFailedError(),
+    ValueError("a bug"),
+]
+
+
+@pytest.mark.parametrize("error", RECORD_REFUSED, ids=repr)
+def test_a_record_the_broker_will_never_accept_is_refused_for_good(error: Exception) -> None:
+    assert not is_transient(error)
+    assert record_refused(error) == type(error).__name__
+    try:
+        raise RuntimeError("while publishing") from error
+    except RuntimeError as wrapper:
+        assert record_refused(wrapper) == type(error).__name__
+
+
+@pytest.mark.parametrize("error", NOT_THE_RECORD, ids=repr)
+def test_outages_and_configuration_errors_are_not_the_records_fault(error: Exception) -> None:
+    assert record_refused(error) is None
+    try:
+        raise KafkaUnavailable("a message was not delivered") from error
+    except KafkaUnavailable as wrapper:
+        assert record_refused(wrapper) is None and is_transient(wrapper)
+
+
+def test_an_outage_that_wraps_a_refusal_is_an_outage() -> None:
+    """Nothing is known of the record while the broker is not answering: resend it."""
+    try:
+        raise KafkaUnavailable("cannot enqueue") from kafka_errors.MessageSizeTooLargeError()
+    except KafkaUnavailable as wrapper:
+        assert is_transient(wrapper) and record_refused(wrapper) is None
 
 
 @pytest.mark.parametrize(

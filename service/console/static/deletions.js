@@ -107,6 +107,7 @@ async function jobPage(view, jobId, me, ctx) {
     mount(summary, kv([
       ["Job", h("code", {}, job.job_id)],
       ["Status", h("span", { id: "job-status" }, badge(job.status))],
+      ...(job.failure ? [["Why it failed", h("span", { id: "job-failure" }, `${job.failure.code}: ${job.failure.message}`)]] : []),
       ["Progress", progress(job)],
       ["Counts", counts(job)],
       ["Selector", selectorText(job.selector)],

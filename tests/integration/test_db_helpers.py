@@ -1,0 +1,139 @@
+"""The statement helpers of service.db on SQLite and PostgreSQL.
+
+`any_of` binds a whole list as one parameter (PostgreSQL ``= ANY(array)``, SQLite
+``IN (SELECT value FROM json_each(?))``): it must select exactly what a plain ``IN`` list
+selects, for UUID and text columns, and keep using the column's index. `insert_rows`
+inserts NamedTuple rows through the driver: what it stores must read back exactly as what
+a SQLAlchemy insert of the same values stores.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Any, NamedTuple
+
+import pytest
+import sqlalchemy as sa
+
+from service.db import (
+    Database,
+    EncodedJSON,
+    any_of,
+    deletion_job_items,
+    insert_rows,
+    outbox,
+    utcnow,
+)
+
+
+async def test_any_of_selects_what_an_in_list_selects(db: Database) -> None:
+    """UUIDs and text, with duplicates, values that match nothing, one value and none."""
+    job_a, job_b, job_none = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    refs = [f"ref-{i}" for i in range(6)] + ['é-"quoted"-\\', "a'b"]
+    now = utcnow()
+    async with db.begin() as conn:
+        await conn.execute(
+            deletion_job_items.insert(),
+            [
+                {"job_id": job, "ref": ref, "position": i, "status": "pending", "processed_at": now}
+                for job in (job_a, job_b)
+                for i, ref in enumerate(refs)
+            ],
+        )
+    items = deletion_job_items.c
+    cases: list[tuple[list[uuid.UUID], list[str]]] = [
+        ([job_a], [*refs[:3], refs[1], "nothing"]),
+        ([job_a, job_b, job_none, job_a], refs[5:]),
+        ([job_b], [refs[0]]),
+        ([job_none], refs),
+        ([job_a], []),
+    ]
+    async with db.read() as conn:
+        for jobs, wanted in cases:
+            columns = (items.job_id, items.ref)
+            plain = sa.select(*columns).where(items.job_id.in_(jobs), items.ref.in_(wanted))
+            one = sa.select(*columns).where(any_of(items.job_id, jobs), any_of(items.ref, wanted))
+            expected = sorted((await conn.execute(plain)).all())
+            assert sorted((await conn.execute(one)).all()) == expected
+            assert len(expected) == len({j for j in jobs if j != job_none}) * len(
+                set(wanted) & set(refs)
+            )
+
+
+async def test_any_of_keeps_the_primary_key_index(db: Database) -> None:
+    """The look-up by (job_id, ref) keeps its index: SQLite's plan searches the primary
+    key's; PostgreSQL's (sequential scans disabled: a small table would not need an index)
+    uses the index a plain IN list gets."""
+    stmt = sa.select(deletion_job_items.c.status).where(
+        any_of(deletion_job_items.c.job_id, [uuid.uuid4()]),
+        any_of(deletion_job_items.c.ref, ["a", "b"]),
+    )
+    async with db.begin() as conn:
+        if db.is_sqlite:
+            sql = str(stmt.compile(dialect=conn.dialect, compile_kwargs={"literal_binds": True}))
+            rows = (await conn.exec_driver_sql("EXPLAIN QUERY PLAN " + sql)).all()
+            plan = " ".join(str(r[-1]) for r in rows)
+            assert "SEARCH deletion_job_items USING" in plan, plan
+            assert "sqlite_autoindex_deletion_job_items_1" in plan, plan
+            return
+        # As the worker runs it (prepared, the arrays bound as parameters), against the
+        # plain IN list: the same index.
+        job = uuid.uuid4()
+        await conn.exec_driver_sql("SET LOCAL enable_seqscan = off")
+        await conn.exec_driver_sql(f"PREPARE any_of_plan AS {stmt.compile(dialect=conn.dialect)}")
+        bound = await conn.exec_driver_sql(f"EXPLAIN EXECUTE any_of_plan('{{{job}}}', '{{a,b}}')")
+        listed = await conn.exec_driver_sql(
+            "EXPLAIN SELECT status FROM deletion_job_items"
+            f" WHERE job_id IN ('{job}') AND ref IN ('a', 'b')"
+        )
+        plans = [" ".join(str(r[0]) for r in rows) for rows in (bound.all(), listed.all())]
+    indexes = [plan.split("Index Scan using ")[1].split(" ")[0] for plan in plans]
+    assert indexes[0] == indexes[1], plans
+    assert "ANY" in plans[0], plans
+
+
+class _OutboxRow(NamedTuple):
+    topic: str
+    key: str | None
+    payload: bytes
+    headers: Any
+    created_at: datetime
+
+
+async def test_insert_rows_stores_what_a_sqlalchemy_insert_stores(db: Database) -> None:
+    """Values that need their column type's conversion (a UTC time, JSON, a shared
+    EncodedJSON, bytes, null) read back equal to the same values inserted by SQLAlchemy."""
+    topic = f"t-{uuid.uuid4().hex}"
+    at = datetime(2024, 2, 29, 23, 59, 59, 123456, tzinfo=UTC)
+    shared = EncodedJSON((("content-type", "application/json"), ("ce_type", "x")))
+    rows = [
+        _OutboxRow(topic, "k1", b"\x00\xffpayload", shared, at),
+        _OutboxRow(topic, None, b"", [["a", "é"]], at.replace(microsecond=0)),
+    ]
+    async with db.begin() as conn:
+        await insert_rows(conn, outbox, rows)
+        await conn.execute(outbox.insert(), [r._asdict() for r in rows])
+    columns = [outbox.c[name] for name in _OutboxRow._fields]
+    async with db.read() as conn:
+        stored = (
+            await conn.execute(
+                sa.select(*columns).where(outbox.c.topic == topic).order_by(outbox.c.id)
+            )
+        ).all()
+    assert len(stored) == 4
+    assert stored[:2] == stored[2:]
+    assert stored[0].created_at == at
+    assert stored[0].headers == [["content-type", "application/json"], ["ce_type", "x"]]
+    assert stored[1].key is None
+
+
+class _NotAColumn(NamedTuple):
+    topic: str
+    colour: str
+
+
+async def test_insert_rows_refuses_a_field_that_is_not_a_column(db: Database) -> None:
+    async with db.begin() as conn:
+        with pytest.raises(ValueError, match="colour"):
+            await insert_rows(conn, outbox, [_NotAColumn("t", "blue")])

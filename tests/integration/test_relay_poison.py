@@ -1,0 +1,273 @@
+"""One outbox row the broker will never accept does not stall the relay (GUIDE "Errors mean
+something"; service.relay).
+
+Real broker, both databases. The deletion topic is created with a small
+``max.message.bytes`` and the relay's producer has a lowered ``max_request_size``, so a
+padded row is refused by the broker or by the producer itself; a row whose stored headers
+cannot be read is refused before sending. The rows around them are published in id order,
+the refused ones are set aside with their reason and never retried, their job items fail
+with ``FAILED_DELETE_CONTACT`` (and an audit event), their jobs complete, and the relay
+carries on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+from service.app import Services
+from service.config import Settings
+from service.db import outbox, utcnow
+from service.events import TOPIC_DELETION_REQUESTED
+from service.kafka import Producer, read_topics
+from service.metrics import Metrics
+from service.outbox import encoded_outbox_row
+from service.relay import Relay
+from service.topics import create_topics
+from tests.conftest import Tenant, components_running, make_settings
+
+TOPIC_LIMIT = 16 * 1024  # the deletion topic's max.message.bytes
+PRODUCER_LIMIT = 32 * 1024  # the relay's max_request_size
+BOUND_S = 60
+
+
+@pytest.fixture
+def settings(db_url: str, kafka_bootstrap: str) -> Settings:
+    """One partition, so that the order of everything published can be read back."""
+    return make_settings(
+        db_url,
+        kafka_bootstrap_servers=kafka_bootstrap,
+        kafka_partitions=1,
+        relay_max_request_size=PRODUCER_LIMIT,
+    )
+
+
+async def _topics(settings: Settings) -> str:
+    """The topics, the deletion topic with a small max.message.bytes; returns its name."""
+    topic = settings.topic(TOPIC_DELETION_REQUESTED)
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap_servers)
+    await admin.start()
+    try:
+        await admin.create_topics(
+            [NewTopic(topic, 1, 1, topic_configs={"max.message.bytes": str(TOPIC_LIMIT)})]
+        )
+    finally:
+        await admin.close()
+    await create_topics(settings)  # the others; an existing topic is left as it is
+    return topic
+
+
+async def _contacts(tenant: Tenant, count: int) -> list[str]:
+    ids = []
+    for n in range(count):
+        status, body, _ = await tenant.call(
+            "POST", "/v1/contacts", {"email": f"p{n}-{uuid.uuid4().hex[:6]}@example.com"}
+        )
+        assert status == 201, body
+        ids.append(body["data"]["id"])
+    return ids
+
+
+async def _job(tenant: Tenant, selector: dict[str, Any]) -> str:
+    status, body, _ = await tenant.call("POST", "/v1/contacts/bulk-delete", selector)
+    assert status == 202, body
+    return str(body["data"]["job_id"])
+
+
+async def _rows(services: Services, job_id: str) -> list[Any]:
+    """The job's outbox rows, in id order (its payloads name the job)."""
+    async with services.db.read() as conn:
+        rows = (await conn.execute(sa.select(outbox).order_by(outbox.c.id))).all()
+    return [r for r in rows if job_id.encode() in bytes(r.payload)]
+
+
+async def _update(services: Services, row_id: int, **values: Any) -> None:
+    async with services.db.begin() as conn:
+        await conn.execute(outbox.update().where(outbox.c.id == row_id).values(**values))
+
+
+def _padded(payload: bytes, size: int) -> bytes:
+    """The same CloudEvent with an extension attribute that makes it ``size`` bytes long."""
+    event = json.loads(payload)
+    event["padding"] = ""
+    event["padding"] = "x" * (size - len(json.dumps(event).encode()))
+    return json.dumps(event).encode()
+
+
+async def _finished(tenant: Tenant, job_id: str) -> dict[str, Any]:
+    """The job once it completed (the bound is there so a wedged relay fails the test)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + BOUND_S
+    while True:
+        status, body, _ = await tenant.call("GET", f"/v1/bulk-jobs/{job_id}")
+        assert status == 200, body
+        job: dict[str, Any] = body["data"]
+        if job["completed_at"] is not None or loop.time() > deadline:
+            break
+        await asyncio.sleep(0.1)
+    assert job["completed_at"] is not None, job
+    return job
+
+
+async def _failed_audit(tenant: Tenant, job_id: str) -> set[str]:
+    status, body, _ = await tenant.call(
+        "GET", f"/v1/audit/events?job_id={job_id}&action=contact.deletion_failed"
+    )
+    assert status == 200, body
+    return {e["target"]["id"] for e in body["data"]}
+
+
+async def test_rows_too_large_are_set_aside_the_rest_go_out_in_order_and_the_job_completes(
+    tenant: Tenant, services: Services, settings: Settings
+) -> None:
+    topic = await _topics(settings)
+    ids = await _contacts(tenant, 6)
+    job_id = await _job(tenant, {"contact_ids": ids})
+    rows = await _rows(services, job_id)
+    assert len(rows) == 6
+    # Between good rows: one the broker refuses (over the topic's limit, under the
+    # producer's) and one the producer refuses before sending (over max_request_size).
+    by_broker, by_producer = rows[1], rows[4]
+    await _update(services, by_broker.id, payload=_padded(by_broker.payload, TOPIC_LIMIT + 2048))
+    await _update(
+        services, by_producer.id, payload=_padded(by_producer.payload, PRODUCER_LIMIT + 2048)
+    )
+    refused_contacts = {
+        json.loads(r.payload)["data"]["contact_id"] for r in (by_broker, by_producer)
+    }
+
+    async with components_running(services, "relay", "worker"):
+        job = await _finished(tenant, job_id)
+        assert job["status"] == "completed_with_errors"
+        assert (job["deleted_count"], job["failed_count"], job["processed_count"]) == (4, 2, 6)
+        assert {e["contact_id"] for e in job["errors"]} == refused_contacts
+        assert {e["code"] for e in job["errors"]} == {"FAILED_DELETE_CONTACT"}
+        assert all("MessageSizeTooLargeError" in e["message"] for e in job["errors"])
+        assert await _failed_audit(tenant, job_id) == refused_contacts
+
+        # The relay goes on: a later job goes through at once.
+        later = await _job(tenant, {"contact_ids": await _contacts(tenant, 2)})
+        assert (await _finished(tenant, later))["status"] == "completed"
+
+    good = [r for r in rows if r.id not in (by_broker.id, by_producer.id)]
+    after = {r.id: r for r in await _rows(services, job_id)}
+    for row in good:
+        assert after[row.id].published_at is not None and after[row.id].failed_at is None
+    for row in (by_broker, by_producer):
+        assert after[row.id].published_at is None and after[row.id].failed_at is not None
+        assert "MessageSizeTooLargeError" in after[row.id].error
+
+    # On the one partition: the good rows once each, in id order; the refused ones never.
+    sent = [m.value async for m in read_topics(settings.kafka_bootstrap_servers, [topic])]
+    mine = [v for v in sent if job_id.encode() in v]
+    assert mine == [bytes(r.payload) for r in good]
+
+
+async def test_unreadable_rows_are_set_aside_their_items_and_jobs_fail_and_the_rest_go_out(
+    tenant: Tenant, services: Services, settings: Settings
+) -> None:
+    topic = await _topics(settings)
+    ids = await _contacts(tenant, 3)
+    job_id = await _job(tenant, {"contact_ids": ids})
+    rows = await _rows(services, job_id)
+    # Stored headers that are not [name, value] pairs: the payload still names the item.
+    await _update(services, rows[1].id, headers=[1])
+    refused_contact = json.loads(rows[1].payload)["data"]["contact_id"]
+    # A filter job's expansion row, unreadable too: the job fails.
+    status, body, _ = await tenant.call(
+        "POST", "/v1/contacts", {"email": "poisoned@example.com", "last_name": "Poisoned"}
+    )
+    assert status == 201, body
+    expanding = await _job(tenant, {"filter": {"last_name": "Poisoned"}})
+    (expansion,) = await _rows(services, expanding)
+    await _update(services, expansion.id, headers={"not": "pairs"})
+    # A row whose payload is not even an event: it names no job, it is only set aside.
+    async with services.db.begin() as conn:
+        garbage = (
+            await conn.execute(
+                outbox.insert()
+                .values(
+                    topic=topic,
+                    key="k",
+                    payload=b"\xff not json",
+                    headers=[["a"]],
+                    created_at=utcnow(),
+                )
+                .returning(outbox.c.id)
+            )
+        ).scalar_one()
+
+    async with components_running(services, "relay", "worker"):
+        job = await _finished(tenant, job_id)
+        assert (job["deleted_count"], job["failed_count"]) == (2, 1)
+        assert [(e["contact_id"], e["code"]) for e in job["errors"]] == [
+            (refused_contact, "FAILED_DELETE_CONTACT")
+        ]
+        assert "unreadable outbox row (TypeError)" in job["errors"][0]["message"]
+        assert await _failed_audit(tenant, job_id) == {refused_contact}
+        failed_job = await _finished(tenant, expanding)
+        assert failed_job["status"] == "failed"
+        assert failed_job["failure"]["code"] == "FAILED_DELETE_CONTACT"
+        assert "unreadable outbox row (ValueError)" in failed_job["failure"]["message"]
+
+    async with services.db.read() as conn:
+        result = await conn.execute(
+            sa.select(outbox.c.id, outbox.c.failed_at, outbox.c.error).where(
+                outbox.c.id.in_([rows[1].id, expansion.id, garbage])
+            )
+        )
+        set_aside = {r.id: r for r in result}
+    assert all(r.failed_at is not None for r in set_aside.values())
+    assert "unreadable outbox row (TypeError)" in set_aside[rows[1].id].error
+    assert "unreadable outbox row (ValueError)" in set_aside[garbage].error
+
+    sent = [m.value async for m in read_topics(settings.kafka_bootstrap_servers, [topic])]
+    assert [v for v in sent if job_id.encode() in v] == [
+        bytes(rows[0].payload),
+        bytes(rows[2].payload),
+    ]
+    assert b"\xff not json" not in sent
+
+
+async def test_a_refused_record_among_several_record_batches_of_one_partition(
+    services: Services, settings: Settings
+) -> None:
+    """Small record batches (one row each), so that the batches behind the refused one on
+    its partition are refused too, as out of order (the producer's sequence numbers ran
+    ahead of the broker's): that is the refused record's doing, not an outage, so the pass
+    neither loops nor waits; the good rows go out (first copies in id order), once marked."""
+    topic = await _topics(settings)
+    rows = [encoded_outbox_row(topic, "one-key", "x", f"{n:04d}".encode() * 150) for n in range(10)]
+    rows[4]["payload"] = b"y" * (TOPIC_LIMIT + 2048)
+    async with services.db.begin() as conn:
+        ids = list((await conn.execute(outbox.insert().returning(outbox.c.id), rows)).scalars())
+    producer = Producer(settings.kafka_bootstrap_servers, max_batch_size=1024, report_refusals=True)
+    await producer.start()
+    metrics = Metrics()
+    try:
+        relay = Relay(settings, services.db, producer, metrics)
+        assert await relay.publish_once() == 10
+        assert (relay.published, relay.rejected) == (9, 1)
+        assert await relay.publish_once() == 0
+    finally:
+        await producer.stop()
+    labels = {"event_type": "unknown", "effect": "none"}
+    assert metrics.registry.get_sample_value("outbox_rejected_total", labels) == 1
+
+    async with services.db.read() as conn:
+        result = await conn.execute(
+            sa.select(outbox.c.id, outbox.c.published_at, outbox.c.error).order_by(outbox.c.id)
+        )
+        stored = {r.id: r for r in result}
+    assert [stored[i].published_at is not None for i in ids] == [n != 4 for n in range(10)]
+    assert stored[ids[4]].error == "the broker refused the record (MessageSizeTooLargeError)"
+
+    sent = [m.value async for m in read_topics(settings.kafka_bootstrap_servers, [topic])]
+    good = [bytes(r["payload"]) for n, r in enumerate(rows) if n != 4]
+    assert list(dict.fromkeys(sent)) == good
