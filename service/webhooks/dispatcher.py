@@ -63,7 +63,6 @@ from typing import Any, TypeVar
 import aiohttp
 import sqlalchemy as sa
 from pydantic import BaseModel, ValidationError
-from sqlalchemy.dialects import postgresql
 from yarl import URL
 
 from service.aio import (
@@ -79,6 +78,7 @@ from service.audit.store import AuditRecord, append_events
 from service.config import Settings
 from service.db import (
     Database,
+    any_of,
     new_id,
     utcnow,
     webhook_attempts,
@@ -267,14 +267,6 @@ class Dispatcher:
         self._refilled_at = -float("inf")
         self._drained = False
         self.topics = [settings.topic(TOPIC_CONTACT_DELETED), settings.topic(TOPIC_JOB_COMPLETED)]
-
-    def _among(self, column: Any, ids: Sequence[uuid.UUID]) -> Any:
-        """`column IN ids` for a pass's list of ids: on PostgreSQL `= ANY(array)`, one
-        statement text whatever the count (an IN list is a new text, so a new prepared
-        statement in asyncpg's cache, for every length)."""
-        if self.db.is_sqlite:
-            return column.in_(ids)
-        return column == sa.any_(sa.bindparam(None, list(ids), type_=postgresql.ARRAY(column.type)))
 
     async def _pause(self, point: str) -> None:
         """Wait here while a test holds `point` (`failpoints.Pauses`); nothing otherwise."""
@@ -939,7 +931,7 @@ class Dispatcher:
             await conn.execute(
                 webhook_deliveries.update()
                 .where(
-                    self._among(D.id, take),
+                    any_of(D.id, take),
                     D.status.in_(SENDABLE),
                     D.next_attempt_at <= now,
                     sa.or_(D.claimed_until.is_(None), D.claimed_until < now),
@@ -1276,7 +1268,7 @@ class Dispatcher:
         for status, done_ids in done.items():
             await conn.execute(
                 webhook_deliveries.update()
-                .where(self._among(D.id, done_ids))
+                .where(any_of(D.id, done_ids))
                 .values(
                     status=status,
                     attempt_count=D.attempt_count + 1,
@@ -1293,7 +1285,7 @@ class Dispatcher:
             (
                 await conn.execute(
                     webhook_deliveries.update()
-                    .where(self._among(D.id, ids), D.retry_requested.is_(True))
+                    .where(any_of(D.id, ids), D.retry_requested.is_(True))
                     .values(
                         status=DeliveryStatus.PENDING,
                         next_attempt_at=now,
