@@ -65,7 +65,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 import aiohttp
 import sqlalchemy as sa
@@ -96,6 +96,7 @@ from service.migrate import upgrade_sync
 from service.procs import die_with_parent_hook, free_port, read_tail
 from service.webhooks.signing import webhook_headers
 
+T = TypeVar("T")
 log = get_logger(__name__)
 
 SEED_BATCH = 5000
@@ -1208,12 +1209,28 @@ def _out(text: str) -> None:
 
 
 def _on_sigterm(signum: int, frame: FrameType | None) -> None:
-    """Route SIGTERM through SIGINT's handling. Raising here instead landed wherever the
-    main thread was, and inside the event loop that could be a socket write whose transport
-    swallows the exception ("Fatal write error on socket transport"): the bench then kept
-    running. ``asyncio.run`` handles SIGINT by cancelling the main task, so every
-    ``finally`` of ``measure`` runs; outside the loop it is Python's KeyboardInterrupt."""
-    signal.raise_signal(signal.SIGINT)
+    """SIGTERM outside the event loop (starting or stopping the broker and the database):
+    like Ctrl-C there."""
+    raise KeyboardInterrupt
+
+
+async def _cancelled_by_sigterm(work: Awaitable[T]) -> T:
+    """Await ``work``; SIGTERM meanwhile cancels it, so every ``finally`` in it runs.
+
+    Inside the loop a signal must not raise where the main thread happens to be: raised
+    inside a socket write, asyncpg's transport swallowed it ("Fatal write error on socket
+    transport") and the bench went on. Nor can it lean on SIGINT, which a process started
+    in the background of a non-interactive shell ignores (so does its handler in
+    ``asyncio.run``). The loop's own handler runs between callbacks."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+    loop.add_signal_handler(signal.SIGTERM, task.cancel)
+    try:
+        return await work
+    finally:
+        loop.remove_signal_handler(signal.SIGTERM)
+        signal.signal(signal.SIGTERM, _on_sigterm)
 
 
 def _kafka_to_reuse() -> str | None:
@@ -1262,8 +1279,8 @@ def run_bench(args: argparse.Namespace) -> int:
                 database_url=url,
                 pids=pids,
             )
-            figures = asyncio.run(measure(args, env))
-    except KeyboardInterrupt:
+            figures = asyncio.run(_cancelled_by_sigterm(measure(args, env)))
+    except (KeyboardInterrupt, asyncio.CancelledError):
         sys.stderr.write("bench: interrupted; everything it started is stopped\n")
         return 130
     except BenchFailed as exc:
