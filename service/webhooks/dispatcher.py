@@ -58,7 +58,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import aiohttp
 import sqlalchemy as sa
@@ -79,7 +79,8 @@ from service.config import Settings
 from service.db import (
     Database,
     any_of,
-    new_id,
+    insert_rows,
+    new_ids,
     utcnow,
     webhook_attempts,
     webhook_deliveries,
@@ -1240,21 +1241,22 @@ class Dispatcher:
             return lambda: None
         plans = [_plan(self.policy, self.rng, d, r, now) for d, r in batch]
         disabled: dict[uuid.UUID, DisabledReason] = {}
-        # executemany of one cached statement (a multi-row VALUES compiles anew for
-        # every batch size).
-        await conn.execute(
-            webhook_attempts.insert(),
+        # One statement through the driver (service.db.insert_rows), not a dict per row
+        # through SQLAlchemy's bind processing.
+        await insert_rows(
+            conn,
+            webhook_attempts,
             [
-                {
-                    "id": new_id(),
-                    "delivery_id": p.delivery["id"],
-                    "attempted_at": now,
-                    "status_code": p.result.status_code,
-                    "latency_ms": p.result.latency_ms,
-                    "error": p.result.error,
-                    "response_body": p.result.body,
-                }
-                for p in plans
+                _AttemptRow(
+                    attempt_id,
+                    p.delivery["id"],
+                    now,
+                    p.result.status_code,
+                    p.result.latency_ms,
+                    p.result.error,
+                    p.result.body,
+                )
+                for p, attempt_id in zip(plans, new_ids(len(plans)), strict=True)
             ],
         )
         # Finished deliveries (most of them: succeeded) differ only in their id: one
@@ -1479,6 +1481,18 @@ class _Routing(BaseModel):
     type: str
     time: datetime
     data: _RoutingData
+
+
+class _AttemptRow(NamedTuple):
+    """An attempt's row as `_record_in` inserts it: the field names are the columns."""
+
+    id: uuid.UUID
+    delivery_id: uuid.UUID
+    attempted_at: datetime
+    status_code: int | None
+    latency_ms: float
+    error: str | None
+    response_body: str | None
 
 
 class _LeaseTooShort(Exception):
