@@ -10,17 +10,10 @@ from service.events import CloudEvent
 
 
 def outbox_row(topic: str, key: str, event: CloudEvent) -> dict[str, Any]:
-    """An outbox row for a CloudEvent (structured JSON, content type header)."""
-    return encoded_outbox_row(
-        topic, key, event.type, event.model_dump_json(exclude_none=True).encode("utf-8")
-    )
-
-
-def encoded_outbox_row(
-    topic: str, key: str, event_type: str, payload: bytes, created_at: datetime | None = None
-) -> dict[str, Any]:
-    """An outbox row for a CloudEvent already encoded as structured JSON (``payload``)."""
-    return encoded_outbox_tuple(topic, key, event_type, payload, created_at)._asdict()
+    """An outbox row for a CloudEvent (structured JSON, content type header), as the
+    column values of an ``outbox.insert()``."""
+    payload = event.model_dump_json(exclude_none=True).encode("utf-8")
+    return encoded_outbox_row(topic, key, event.type, payload)._asdict()
 
 
 class OutboxRow(NamedTuple):
@@ -34,10 +27,10 @@ class OutboxRow(NamedTuple):
     created_at: datetime
 
 
-def encoded_outbox_tuple(
+def encoded_outbox_row(
     topic: str, key: str, event_type: str, payload: bytes, created_at: datetime | None = None
 ) -> OutboxRow:
-    """`encoded_outbox_row` as an `OutboxRow`."""
+    """An outbox row for a CloudEvent already encoded as structured JSON (``payload``)."""
     return OutboxRow(topic, key, payload, _headers(event_type), created_at or utcnow())
 
 

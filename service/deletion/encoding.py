@@ -14,7 +14,7 @@ import uuid
 from datetime import datetime
 
 from service.events import SOURCE, TIME_JSON, TYPE_CONTACT_DELETED
-from service.outbox import OutboxRow, encoded_outbox_tuple
+from service.outbox import OutboxRow, encoded_outbox_row
 
 
 class ContactDeletedEncoder:
@@ -68,4 +68,4 @@ def contact_deleted_row(
     topic: str, contact_id: str, payload: bytes, created_at: datetime
 ) -> OutboxRow:
     """The outbox row of an encoded ``contact.deleted`` event, as `outbox_row` makes it."""
-    return encoded_outbox_tuple(topic, contact_id, TYPE_CONTACT_DELETED, payload, created_at)
+    return encoded_outbox_row(topic, contact_id, TYPE_CONTACT_DELETED, payload, created_at)

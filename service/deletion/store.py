@@ -48,7 +48,7 @@ from service.events import (
 )
 from service.faults import describe, is_transient
 from service.logs import get_logger
-from service.outbox import encoded_outbox_tuple, outbox_row
+from service.outbox import encoded_outbox_row, outbox_row
 from service.timefmt import iso
 
 log = get_logger(__name__)
@@ -390,7 +390,7 @@ async def insert_items(
             # The bytes the DeletionRequested envelope would dump, spliced (property-tested).
             payload = encoder.encode(ref, contact_id)
             messages.append(
-                encoded_outbox_tuple(topic, str(contact_id), TYPE_DELETION_REQUESTED, payload, now)
+                encoded_outbox_row(topic, str(contact_id), TYPE_DELETION_REQUESTED, payload, now)
             )
     await insert_rows(conn, deletion_job_items, items)
     await insert_rows(conn, outbox, messages)

@@ -124,12 +124,17 @@ async def test_a_pass_publishes_rows_as_stored_keyed_to_their_partition_and_mark
         encoder = DeletionRequestedEncoder(job, ws, now)
         keys = [uuid.uuid4() for _ in range(7)]
         rows = [
-            encoded_outbox_row(topic, str(k), TYPE_DELETION_REQUESTED, encoder.encode(f"r{i}", k))
+            encoded_outbox_row(
+                topic, str(k), TYPE_DELETION_REQUESTED, encoder.encode(f"r{i}", k)
+            )._asdict()
             for i in range(21)
             for k in [keys[i % 7]]
         ]
         rows.append(
-            {**encoded_outbox_row(topic, "plain", "x", b'{"n": 1}'), "headers": [["h", "v é"]]}
+            {
+                **encoded_outbox_row(topic, "plain", "x", b'{"n": 1}')._asdict(),
+                "headers": [["h", "v é"]],
+            }
         )
         event = CloudEvent(id="e1", type="t.x", time=now, data={"a": 1})
         rows.append(outbox_row(topic, str(keys[0]), event))

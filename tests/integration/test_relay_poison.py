@@ -243,7 +243,10 @@ async def test_a_refused_record_among_several_record_batches_of_one_partition(
     ahead of the broker's): that is the refused record's doing, not an outage, so the pass
     neither loops nor waits; the good rows go out (first copies in id order), once marked."""
     topic = await _topics(settings)
-    rows = [encoded_outbox_row(topic, "one-key", "x", f"{n:04d}".encode() * 150) for n in range(10)]
+    rows = [
+        encoded_outbox_row(topic, "one-key", "x", f"{n:04d}".encode() * 150)._asdict()
+        for n in range(10)
+    ]
     rows[4]["payload"] = b"y" * (TOPIC_LIMIT + 2048)
     async with services.db.begin() as conn:
         ids = list((await conn.execute(outbox.insert().returning(outbox.c.id), rows)).scalars())
