@@ -42,7 +42,7 @@ typecheck: install
 	$(BIN)/mypy
 
 test: install postgres browser lint typecheck
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 # The README's pictures of the console: the browser tests, saving each page as they go.
 screenshots: install browser
