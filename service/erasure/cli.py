@@ -59,7 +59,14 @@ async def run(args: argparse.Namespace, settings: Settings) -> int:
     """Run the check and print its report; returns the exit code."""
     from service.db import Database
     from service.erasure.check import ErasureCheck
+    from service.migrate import schema_problem
 
+    # Like every command that reads the schema: a database that is not there is named and
+    # left alone (opening a missing SQLite file would create an empty one).
+    problem = await schema_problem(settings.database_url, where=settings.describe_database())
+    if problem is not None:
+        sys.stderr.write(f"contact-deletion: error: {problem}\n")
+        return 2
     db = Database(settings.database_url)
     try:
         report = await ErasureCheck(

@@ -113,7 +113,16 @@ def test_a_relative_data_dir_is_anchored_once(
     assert settings.database_url.endswith(f"{tmp_path}/state/contact-deletion.db")
 
 
-@pytest.mark.parametrize("argv", [["keys", "list"], ["audit", "verify"], ["worker"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["keys", "list"],
+        ["keys", "revoke", "00000000-0000-4000-8000-000000000001"],
+        ["audit", "verify"],
+        ["erasure", "check", "--email", "a@b.test"],
+        ["worker"],
+    ],
+)
 def test_a_command_without_a_database_names_the_file_and_creates_nothing(
     argv: list[str],
     tmp_path: Path,
