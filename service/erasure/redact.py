@@ -12,6 +12,11 @@ Matching (pure, no I/O):
 - email: the address, any letter case;
 - phone: its digits (at least ``MIN_PHONE_DIGITS``) in order, whatever separators
   (spaces, dots, dashes, brackets) stand between them, with or without a leading ``+``;
+  and for a number stored in international form (``+`` and a country code), also its
+  national forms, as people write it at home: the national significant number and the
+  national format with its trunk prefix (``+44 20 7946 0018`` is also ``20 7946 0018`` and
+  ``020 7946 0018``; ``+1 (555) 010-2031`` also ``(555) 010-2031``), per the ITU-T E.164
+  numbering plans of Google's libphonenumber (PyPI ``phonenumbers``);
 - names: each name (at least ``MIN_NAME_CHARS`` characters) as a whole word, any case.
 
 The email goes first, so that a name inside the address does not break the address match.
@@ -23,6 +28,8 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+
+import phonenumbers
 
 MIN_PHONE_DIGITS = 6
 MIN_NAME_CHARS = 2
@@ -48,11 +55,13 @@ class Redactor:
         email = (contact.get("email") or "").strip()
         if email:
             patterns.append(("email", re.compile(re.escape(email), re.IGNORECASE)))
-        digits = re.sub(r"\D", "", contact.get("phone") or "")
-        if len(digits) >= MIN_PHONE_DIGITS:
+        forms = phone_forms(contact.get("phone") or "")
+        if forms:
             between = r"[\s().\-/]*"
-            body = between.join(re.escape(d) for d in digits)
-            patterns.append(("phone", re.compile(rf"(?<![\d+])(?:\+{between})?{body}(?!\d)")))
+            bodies = "|".join(between.join(re.escape(d) for d in form) for form in forms)
+            # An opening bracket before the first digit is part of it: "(555) 010-2031".
+            pattern = rf"(?<![\d+])(?:\+{between}|\(\s*)?(?:{bodies})(?!\d)"
+            patterns.append(("phone", re.compile(pattern)))
         for kind in ("first_name", "last_name"):
             name = (contact.get(kind) or "").strip()
             if len(name) >= MIN_NAME_CHARS:
@@ -84,6 +93,27 @@ class Redactor:
                 changed[field] = new
                 found |= kinds
         return changed, frozenset(found)
+
+
+def phone_forms(phone: str) -> tuple[str, ...]:
+    """The digit strings a stored phone number may be written as, longest first.
+
+    Its own digits; and when it is in international form (a leading ``+``) and valid for
+    libphonenumber, its national significant number and the digits of its national
+    format (with the trunk prefix, e.g. the ``0`` of ``020 7946 0018``). Forms shorter
+    than ``MIN_PHONE_DIGITS`` are left out: too short to redact safely.
+    """
+    forms = {re.sub(r"\D", "", phone)}
+    if phone.strip().startswith("+"):
+        try:
+            number = phonenumbers.parse(phone, None)
+        except phonenumbers.NumberParseException:
+            number = None
+        if number is not None and phonenumbers.is_possible_number(number):
+            forms.add(phonenumbers.national_significant_number(number))
+            national = phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.NATIONAL)
+            forms.add(re.sub(r"\D", "", national))
+    return tuple(sorted((f for f in forms if len(f) >= MIN_PHONE_DIGITS), key=len, reverse=True))
 
 
 @dataclass

@@ -52,6 +52,39 @@ def test_redaction_leaves_words_that_only_contain_a_name_and_other_numbers() -> 
     assert found == {"first_name"}
 
 
+@pytest.mark.parametrize(
+    ("stored", "written"),
+    [
+        ("+1 (555) 010-2031", "(555) 010-2031"),
+        ("+1 (555) 010-2031", "555.010.2031"),
+        ("+44 20 7946 0018", "020 7946 0018"),
+        ("+44 20 7946 0018", "20-7946-0018"),
+        ("+33 1 23 45 67 89", "01 23 45 67 89"),
+        ("+7 495 123-45-67", "8 (495) 123-45-67"),
+        ("+39 06 1234 5678", "06 1234 5678"),
+    ],
+)
+def test_redaction_finds_an_international_number_written_in_its_national_forms(
+    stored: str, written: str
+) -> None:
+    """A CRM stores "+1 (555) 010-2031"; the note says "call (555) 010-2031"."""
+    redactor = Redactor.of({"email": "x@example.com", "phone": stored})
+    assert redactor.redact(f"call {written} today") == (
+        "call [redacted phone] today",
+        frozenset({"phone"}),
+    )
+    # Other numbers stay, a longer one that starts with this one included.
+    kept = f"call {written}9 or 999 000 1111"
+    assert redactor.redact(kept) == (kept, frozenset())
+
+
+def test_a_number_stored_without_its_country_code_is_matched_as_written() -> None:
+    """No country is known for a national number, so only its own digits are looked for."""
+    redactor = Redactor.of({"email": "x@example.com", "phone": "020 7946 0018"})
+    text = "call 020 7946 0018 or 2079460018"
+    assert redactor.redact(text)[0] == "call [redacted phone] or 2079460018"
+
+
 def test_redaction_ignores_values_too_short_to_be_safe_and_missing_ones() -> None:
     redactor = Redactor.of({"email": "x@example.com", "phone": "12", "first_name": "A"})
     assert redactor.redact("A 12 a")[0] == "A 12 a"
