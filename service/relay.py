@@ -9,7 +9,8 @@ A row the broker will never accept (service.faults.record_refused: too large, in
 topic, corrupt) or that cannot be read back (its headers, key or payload do not decode) must
 not hold back the rows behind it. When a batch is refused for such a reason it is split in
 halves, each published in id order (the first before the second, so the rows that go out
-keep their per-key order), down to the refused rows alone; those are set aside
+keep their per-key order), down to the refused rows alone (service.kafka.send_isolating,
+which the dead-letter producers share); those are set aside
 (``failed_at`` and ``error``, never retried), logged ``outbox_row_rejected`` and counted in
 ``outbox_rejected_total``, and the relay goes on at full speed. What a refused row means:
 
@@ -54,8 +55,8 @@ from service.events import (
     JobExpand,
 )
 from service.failpoints import crash_if
-from service.faults import UnreadableRecord, describe, is_transient, record_refused
-from service.kafka import OutMessage, Producer
+from service.faults import UnreadableRecord, describe, is_transient
+from service.kafka import OutMessage, Producer, send_isolating
 from service.logs import get_logger
 from service.metrics import Metrics
 
@@ -180,30 +181,13 @@ class Relay:
                 records.append((row, _message(row)))
             except UnreadableRecord as exc:
                 done.refused.append((row, str(exc)))
-        await self._send_or_split(records, done)
+        refused = dict(await send_isolating(self.producer, [m for _, m in records]))
+        for n, (row, _) in enumerate(records):
+            if n in refused:
+                done.refused.append((row, f"the broker refused the record ({refused[n]})"))
+            else:
+                done.published.append(row.id)
         return done
-
-    async def _send_or_split(self, records: list[tuple[Any, OutMessage]], done: _Pass) -> None:
-        """Send ``records``; if the broker refuses one of them for good, send each half in
-        turn the same way, down to the refused records alone (about 2·log2(n) sends for
-        one refused record among n)."""
-        if not records:
-            return
-        try:
-            await self.producer.send_many([message for _, message in records])
-        except Exception as exc:
-            reason = record_refused(exc)
-            if reason is None:
-                raise
-            if len(records) == 1:
-                done.refused.append((records[0][0], f"the broker refused the record ({reason})"))
-                return
-            log.warning("relay_batch_isolating", rows=len(records), error=reason)
-            middle = len(records) // 2
-            await self._send_or_split(records[:middle], done)
-            await self._send_or_split(records[middle:], done)
-            return
-        done.published.extend(row.id for row, _ in records)
 
     async def _refuse(self, refused: list[tuple[Any, str]]) -> None:
         """Record what each refused row means for its job, and log it (see the module)."""

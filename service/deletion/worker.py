@@ -81,8 +81,8 @@ from service.kafka import (
     Consumer,
     InMessage,
     Producer,
-    dead_letter,
     next_offsets,
+    send_dead_letters,
 )
 from service.logs import get_logger
 from service.metrics import Metrics
@@ -339,7 +339,8 @@ class DeletionWorker:
             log.error(
                 "message_dead_lettered", topic=message.topic, offset=message.offset, reason=reason
             )
-        await dlq.send_many([dead_letter(m, reason, DLQ_SUFFIX) for m, reason in poison])
+        # A copy the broker refuses for good is replaced or dropped there, never retried.
+        await send_dead_letters(dlq, poison, DLQ_SUFFIX, self.metrics.dead_letters_refused)
 
     def after_commit(self, result: BatchResult) -> None:
         """What follows a committed batch (or a `give_up`, the relay's too): its log line,
