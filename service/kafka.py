@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import hashlib
 import random
+import re
 import struct
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from typing import Any
 import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import KafkaError, MessageSizeTooLargeError, for_code
+from aiokafka.errors import InvalidTopicError, KafkaError, MessageSizeTooLargeError, for_code
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 from prometheus_client import Counter
 
@@ -201,6 +202,7 @@ class Producer:
             partitions_of: dict[str, list[int]] = {}
             for message in messages:
                 self._check_size(message)
+                _check_topic(message.topic)
                 partitions = partitions_of.get(message.topic)
                 if partitions is None:
                     partitions = sorted(await producer.partitions_for(message.topic))
@@ -300,6 +302,19 @@ class Producer:
         if self._producer is None:
             raise RuntimeError("Producer.start() has not been awaited")
         return self._producer
+
+
+# Kafka's rule for a topic name (org.apache.kafka.common.internals.Topic.validate):
+# 1 to 249 characters of ASCII letters, digits, '.', '_' and '-', and not "." or "..".
+_LEGAL_TOPIC = re.compile(r"[a-zA-Z0-9._-]{1,249}")
+
+
+def _check_topic(topic: str) -> None:
+    """Refuse a record for a topic that cannot exist (:class:`InvalidTopicError`, as the
+    broker would): aiokafka asks the broker for such a topic's partitions until it gives
+    up (a timeout, which reads as an outage) instead of saying the name is illegal."""
+    if topic in (".", "..") or not isinstance(topic, str) or not _LEGAL_TOPIC.fullmatch(topic):
+        raise InvalidTopicError(f"an illegal topic name ({len(str(topic))} characters)")
 
 
 class Consumer:

@@ -274,3 +274,36 @@ async def test_a_refused_record_among_several_record_batches_of_one_partition(
     sent = [m.value async for m in read_topics(settings.kafka_bootstrap_servers, [topic])]
     good = [bytes(r["payload"]) for n, r in enumerate(rows) if n != 4]
     assert list(dict.fromkeys(sent)) == good
+
+
+async def test_rows_for_an_illegal_topic_are_set_aside_instead_of_waiting_for_it(
+    services: Services, settings: Settings
+) -> None:
+    """A topic name Kafka cannot have (an unreadable row's, say): aiokafka would wait for
+    its metadata and time out, which reads as an outage, so the relay would retry that
+    pass forever; it is refused before sending (InvalidTopicError) and set aside."""
+    topic = await _topics(settings)
+    illegal = ["bad topic!", "", "..", "a/b"]  # (the column holds 200 characters)
+    rows = [encoded_outbox_row(topic, "k", "x", b"good-%d" % n)._asdict() for n in range(3)]
+    rows[1:1] = [encoded_outbox_row(t, "k", "x", b"illegal")._asdict() for t in illegal]
+    async with services.db.begin() as conn:
+        ids = list((await conn.execute(outbox.insert().returning(outbox.c.id), rows)).scalars())
+    producer = Producer(settings.kafka_bootstrap_servers, report_refusals=True)
+    await producer.start()
+    try:
+        relay = Relay(settings, services.db, producer, Metrics())
+        assert await asyncio.wait_for(relay.publish_once(), timeout=20) == len(rows)
+        assert (relay.published, relay.rejected) == (3, len(illegal))
+    finally:
+        await producer.stop()
+
+    async with services.db.read() as conn:
+        result = await conn.execute(
+            sa.select(outbox.c.id, outbox.c.published_at, outbox.c.error).order_by(outbox.c.id)
+        )
+        stored = {r.id: r for r in result}
+    for row_id in ids[1 : 1 + len(illegal)]:
+        assert stored[row_id].published_at is None
+        assert stored[row_id].error == "the broker refused the record (InvalidTopicError)"
+    sent = [m.value async for m in read_topics(settings.kafka_bootstrap_servers, [topic])]
+    assert sent == [b"good-0", b"good-1", b"good-2"]
