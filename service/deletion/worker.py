@@ -137,6 +137,8 @@ class BatchResult:
     progress: dict[uuid.UUID, ProgressDelta] = field(default_factory=dict)
     # Tables whose old row versions now hold deleted values (for the scrubber).
     touched: set[str] = field(default_factory=set)
+    # Commands whose failure could not be written either, with why: dead-lettered (`handle`).
+    unrecorded: list[tuple[DeletionRequested | JobExpand, str]] = field(default_factory=list)
 
     def add(self, other: BatchResult) -> None:
         self.finished_jobs += other.finished_jobs
@@ -145,6 +147,7 @@ class BatchResult:
         self.started += other.started
         self.finished += other.finished
         self.failed_jobs += other.failed_jobs
+        self.unrecorded += other.unrecorded
         for job_id, delta in other.progress.items():
             mine = self.progress.setdefault(job_id, ProgressDelta())
             mine.deleted += delta.deleted
@@ -272,6 +275,10 @@ class DeletionWorker:
                 await self._retry_transient(lambda: self._dead_letter(dlq, poison), stop)
             if commands:
                 result = await self._process_with_retries([c for _, c in commands], stop)
+                if result.unrecorded:
+                    why = {id(c): reason for c, reason in result.unrecorded}
+                    lost = [(m, why[id(c)]) for m, c in commands if id(c) in why]
+                    await self._retry_transient(lambda: self._dead_letter(dlq, lost), stop)
                 self.after_commit(result)
         except Stopped:
             return False
@@ -323,7 +330,17 @@ class DeletionWorker:
             job_id=str(command.job_id),
             contact_id=str(command.contact_id) if isinstance(command, DeletionRequested) else None,
         )
-        return await self._retry_transient(lambda: self.give_up(command, reason), stop)
+        try:
+            return await self._retry_transient(lambda: self.give_up(command, reason), stop)
+        except Stopped:
+            raise
+        except Exception as failed:
+            # The database refuses to record it too (its own values: a NUL in its ref, on
+            # PostgreSQL): retrying cannot help, and raising would stop the worker on this
+            # message every time. Its message is dead-lettered instead (`handle`).
+            return BatchResult(
+                unrecorded=[(command, f"{reason}; not recorded: {describe(failed)}")]
+            )
 
     async def _retry_transient(self, work: Callable[[], Awaitable[T]], stop: asyncio.Event) -> T:
         return await retry_transient(
@@ -337,7 +354,11 @@ class DeletionWorker:
     async def _dead_letter(self, dlq: Producer, poison: list[tuple[InMessage, str]]) -> None:
         for message, reason in poison:
             log.error(
-                "message_dead_lettered", topic=message.topic, offset=message.offset, reason=reason
+                "message_dead_lettered",
+                topic=message.topic,
+                partition=message.partition,
+                offset=message.offset,
+                reason=reason,
             )
         # A copy the broker refuses for good is replaced or dropped there, never retried.
         await send_dead_letters(dlq, poison, DLQ_SUFFIX, self.metrics.dead_letters_refused)

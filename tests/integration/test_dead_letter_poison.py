@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import uuid
 from typing import Any
 
@@ -24,8 +25,10 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
 from service.app import Services
+from service.audit.store import load_hash_key
 from service.config import Settings
-from service.db import utcnow, webhook_deliveries
+from service.db import outbox, utcnow, webhook_deliveries
+from service.deletion.worker import DeletionWorker
 from service.events import (
     DLQ_SUFFIX,
     TOPIC_CONTACT_DELETED,
@@ -276,3 +279,63 @@ async def test_the_dispatcher_replaces_a_refused_copy_of_an_event_that_failed_fo
     _assert_stub(dead[bad.key], topic, bad.value, "too many SQL variables")
     labels = {"topic": topic, "outcome": "stub"}
     assert metrics.registry.get_sample_value("dead_letters_refused_total", labels) == 1
+
+
+async def test_a_command_whose_failure_cannot_be_written_is_dead_lettered_and_the_rest_done(
+    tenant: Tenant, services: Services, settings: Settings
+) -> None:
+    """A command the database refuses even to record as failed (a NUL in its ref: PostgreSQL
+    text cannot hold one) used to raise out of the worker's batch, which stopped the worker,
+    and on restart it met the same message again. It is dead-lettered with both reasons
+    now; the commands beside it in its batch are done. (SQLite stores the NUL: the command
+    names no item there and changes nothing.)"""
+    await create_topics(settings)
+    topic = settings.topic(TOPIC_DELETION_REQUESTED)
+    ids = []
+    for n in range(2):
+        status, body, _ = await tenant.call(
+            "POST", "/v1/contacts", {"email": f"n{n}-{uuid.uuid4().hex[:6]}@example.com"}
+        )
+        assert status == 201, body
+        ids.append(body["data"]["id"])
+    status, body, _ = await tenant.call("POST", "/v1/contacts/bulk-delete", {"contact_ids": ids})
+    assert status == 202, body
+    job_id = body["data"]["job_id"]
+    async with services.db.read() as conn:
+        rows = (await conn.execute(sa.select(outbox).order_by(outbox.c.id))).all()
+    payloads = [bytes(r.payload) for r in rows if job_id.encode() in bytes(r.payload)]
+    assert len(payloads) == 2
+    event = json.loads(payloads[0])
+    event["id"] = str(uuid.uuid4())
+    event["data"] |= {"ref": "a\u0000b", "contact_id": str(uuid.uuid4())}
+    nul = json.dumps(event).encode()
+    messages = [
+        InMessage(topic, 0, 0, b"good-0", payloads[0], ()),
+        InMessage(topic, 0, 1, b"nul", nul, ()),
+        InMessage(topic, 0, 2, b"good-1", payloads[1], ()),
+    ]
+    worker = DeletionWorker(settings, services.db, Metrics())
+    worker.hash_key = await load_hash_key(services.db, None)
+    dlq = Producer(settings.kafka_bootstrap_servers)
+    await dlq.start()
+    stop = asyncio.Event()
+    try:
+        with json_logs() as lines:
+            assert await asyncio.wait_for(worker.handle(messages, dlq, stop), timeout=BOUND_S)
+    finally:
+        stop.set()
+        await dlq.stop()
+
+    status, body, _ = await tenant.call("GET", f"/v1/bulk-jobs/{job_id}")
+    assert status == 200, body
+    assert (body["data"]["status"], body["data"]["deleted_count"]) == ("completed", 2)
+    dead = await _dead_letters(settings, topic + DLQ_SUFFIX)
+    if services.db.is_sqlite:
+        assert dead == {}
+        return
+    assert set(dead) == {b"nul"}
+    assert dead[b"nul"].value == nul
+    reason = dict(dead[b"nul"].headers)["dlq-reason"].decode()
+    assert "not recorded: the database refused the statement (SQLSTATE 22021" in reason
+    [line] = lines.events("message_dead_lettered")
+    assert (line["topic"], line["partition"], line["offset"]) == (topic, 0, 1)
