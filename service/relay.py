@@ -44,7 +44,8 @@ from service.aio import Backoff, Sleep, sleep_unless_stopped, wait_any
 from service.config import Settings
 from service.db import Database, outbox, utcnow
 from service.deletion.notify import JobNotifier
-from service.deletion.worker import DeletionWorker
+from service.deletion.worker import DeletionWorker, parse_command
+from service.errors import PoisonMessage
 from service.events import (
     TYPE_CONTACT_DELETED,
     TYPE_DELETION_REQUESTED,
@@ -193,28 +194,29 @@ class Relay:
         """Record what each refused row means for its job, and log it (see the module)."""
         for row, reason in refused:
             event_type, effect, job_id = "unknown", "none", None
+            payload = bytes(row.payload)
             try:
-                event = CloudEvent.model_validate_json(bytes(row.payload))
-            except (ValueError, TypeError):
-                event = None
-            if event is not None:
-                event_type = event.type
-                command: DeletionRequested | JobExpand | None = None
+                command = parse_command(payload)  # the worker's own reading of it
+            except PoisonMessage:
+                command = None
+            if command is not None:
+                expand = isinstance(command, JobExpand)
+                event_type = TYPE_JOB_EXPAND if expand else TYPE_DELETION_REQUESTED
+                effect = "job_failed" if expand else "item_failed"
+                job_id = str(command.job_id)
+                await self._give_up(command, reason)
+            else:
+                # Not a command: an event for the webhooks, or one that cannot be read (its
+                # type and job, if it says, are for the log line only).
                 try:
-                    if event.type == TYPE_DELETION_REQUESTED:
-                        command = DeletionRequested.model_validate(event.data)
-                        effect = "item_failed"
-                    elif event.type == TYPE_JOB_EXPAND:
-                        command = JobExpand.model_validate(event.data)
-                        effect = "job_failed"
-                    elif event.type in (TYPE_CONTACT_DELETED, TYPE_JOB_COMPLETED):
+                    event = CloudEvent.model_validate_json(payload)
+                except ValueError:
+                    event = None
+                if event is not None:
+                    event_type = event.type
+                    if event.type in (TYPE_CONTACT_DELETED, TYPE_JOB_COMPLETED):
                         effect = "webhooks_not_sent"
                         job_id = _job_of(event.data)
-                except ValueError:
-                    command = None
-                if command is not None:
-                    job_id = str(command.job_id)
-                    await self._give_up(command, reason)
             log.error(
                 "outbox_row_rejected",
                 topic=row.topic,

@@ -116,8 +116,15 @@ _COMMAND: TypeAdapter[_DeletionRequestedEvent | _JobExpandEvent] = TypeAdapter(
 
 def parse_message(message: InMessage) -> DeletionRequested | JobExpand:
     """The typed command inside a message, or PoisonMessage."""
+    return parse_command(message.value)
+
+
+def parse_command(payload: bytes) -> DeletionRequested | JobExpand:
+    """The command of a ``contact.deletion_requested`` or ``deletion_job.expand`` CloudEvent
+    (its JSON), or PoisonMessage: the one parser of the worker and of the relay (which
+    reads a refused outbox row's command with it)."""
     try:
-        return _COMMAND.validate_json(message.value).data
+        return _COMMAND.validate_json(payload).data
     except ValidationError as exc:
         errors = exc.errors()
         if errors and errors[0]["type"] == "union_tag_invalid":
