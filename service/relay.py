@@ -21,7 +21,10 @@ which the dead-letter producers share); those are set aside
 - ``contact.deleted`` / ``deletion_job.completed``: the deletion or job stands (deleted and
   audited); its webhooks are not sent, which the log line and the metric say
   (``effect="webhooks_not_sent"``);
-- a payload that cannot be read names no job: the row is only set aside and logged.
+- a payload that cannot be read: if its headers say ``deletion_job.expand``, its key is the
+  job's id and that job fails as above; otherwise it names no job (a deletion request's key
+  is its contact's id, which may have pending items in several jobs): the row is only set
+  aside and logged.
 
 The consequence is recorded before the row is marked: a crash in between only repeats it
 (``give_up`` changes nothing twice), never loses it. A refused batch may have been written
@@ -42,7 +45,7 @@ import sqlalchemy as sa
 
 from service.aio import Backoff, Sleep, sleep_unless_stopped, wait_any
 from service.config import Settings
-from service.db import Database, outbox, utcnow
+from service.db import Database, deletion_jobs, outbox, utcnow
 from service.deletion.notify import JobNotifier
 from service.deletion.worker import DeletionWorker, parse_command
 from service.errors import PoisonMessage
@@ -217,6 +220,13 @@ class Relay:
                     if event.type in (TYPE_CONTACT_DELETED, TYPE_JOB_COMPLETED):
                         effect = "webhooks_not_sent"
                         job_id = _job_of(event.data)
+                elif (expansion := await self._expansion_by_key(row)) is not None:
+                    event_type, effect, job_id = (
+                        TYPE_JOB_EXPAND,
+                        "job_failed",
+                        str(expansion.job_id),
+                    )
+                    await self._give_up(expansion, reason)
             log.error(
                 "outbox_row_rejected",
                 topic=row.topic,
@@ -227,6 +237,26 @@ class Relay:
                 job_id=job_id,
             )
             self.metrics.outbox_rejected.labels(event_type, effect).inc()
+
+    async def _expansion_by_key(self, row: Any) -> JobExpand | None:
+        """The expansion command of a row whose payload cannot be read, from what is left:
+        its headers say ``deletion_job.expand`` and its key is the job's id (as
+        `service.deletion.store` writes it), a job that exists. None otherwise: a deletion
+        request's key is its contact's id, which does not say which job's item it was."""
+        try:
+            event_type = dict(_headers(row.headers)).get("ce_type", b"").decode()
+            job_id = uuid.UUID(row.key)
+        except (ValueError, TypeError, AttributeError):
+            return None
+        if event_type != TYPE_JOB_EXPAND:
+            return None
+        async with self.db.read() as conn:
+            workspace_id = (
+                await conn.execute(
+                    sa.select(deletion_jobs.c.workspace_id).where(deletion_jobs.c.id == job_id)
+                )
+            ).scalar_one_or_none()
+        return None if workspace_id is None else JobExpand(job_id=job_id, workspace_id=workspace_id)
 
     async def _give_up(self, command: DeletionRequested | JobExpand, reason: str) -> None:
         """The worker's `give_up` for the command of a refused row. A transient error

@@ -307,3 +307,27 @@ async def test_rows_for_an_illegal_topic_are_set_aside_instead_of_waiting_for_it
         assert stored[row_id].error == "the broker refused the record (InvalidTopicError)"
     sent = [m.value async for m in read_topics(settings.kafka_bootstrap_servers, [topic])]
     assert sent == [b"good-0", b"good-1", b"good-2"]
+
+
+async def test_an_expansion_row_whose_payload_cannot_be_read_fails_its_job_by_its_key(
+    tenant: Tenant, services: Services, settings: Settings
+) -> None:
+    """A refused expansion row whose payload (which names the job) cannot be read: its key
+    (the job's id) and headers (its type) are enough, so the job fails instead of waiting
+    forever for an expansion that never comes."""
+    await _topics(settings)
+    await _contacts(tenant, 1)  # not matched: a filter may not match every contact
+    status, body, _ = await tenant.call(
+        "POST", "/v1/contacts", {"email": "unread@example.com", "last_name": "Unread"}
+    )
+    assert status == 201, body
+    expanding = await _job(tenant, {"filter": {"last_name": "Unread"}})
+    (expansion,) = await _rows(services, expanding)
+    # Unreadable, and too large for the topic: refused (a readable row of that size would
+    # fail its job through its payload, as in the first test).
+    await _update(services, expansion.id, payload=b"\xff not json" * (2 * TOPIC_LIMIT // 10))
+
+    async with components_running(services, "relay", "worker"):
+        job = await _finished(tenant, expanding)
+    assert job["status"] == "failed"
+    assert "the broker refused the record (MessageSizeTooLargeError)" in job["failure"]["message"]
