@@ -45,9 +45,9 @@ import sqlalchemy as sa
 
 from service.aio import Backoff, Sleep, sleep_unless_stopped, wait_any
 from service.config import Settings
-from service.db import Database, deletion_jobs, outbox, utcnow
+from service.db import Database, outbox, utcnow
 from service.deletion.notify import JobNotifier
-from service.deletion.worker import DeletionWorker, parse_command
+from service.deletion.worker import DeletionWorker, expansion_by_key, parse_command
 from service.errors import PoisonMessage
 from service.events import (
     TYPE_CONTACT_DELETED,
@@ -239,24 +239,13 @@ class Relay:
             self.metrics.outbox_rejected.labels(event_type, effect).inc()
 
     async def _expansion_by_key(self, row: Any) -> JobExpand | None:
-        """The expansion command of a row whose payload cannot be read, from what is left:
-        its headers say ``deletion_job.expand`` and its key is the job's id (as
-        `service.deletion.store` writes it), a job that exists. None otherwise: a deletion
-        request's key is its contact's id, which does not say which job's item it was."""
+        """The expansion command of a row whose payload cannot be read, from its key and
+        ``ce_type`` header (the worker's `expansion_by_key`), or None."""
         try:
             event_type = dict(_headers(row.headers)).get("ce_type", b"").decode()
-            job_id = uuid.UUID(row.key)
-        except (ValueError, TypeError, AttributeError):
+        except (ValueError, TypeError):
             return None
-        if event_type != TYPE_JOB_EXPAND:
-            return None
-        async with self.db.read() as conn:
-            workspace_id = (
-                await conn.execute(
-                    sa.select(deletion_jobs.c.workspace_id).where(deletion_jobs.c.id == job_id)
-                )
-            ).scalar_one_or_none()
-        return None if workspace_id is None else JobExpand(job_id=job_id, workspace_id=workspace_id)
+        return await expansion_by_key(self.db, row.key, event_type)
 
     async def _give_up(self, command: DeletionRequested | JobExpand, reason: str) -> None:
         """The worker's `give_up` for the command of a refused row. A transient error

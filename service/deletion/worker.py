@@ -71,6 +71,7 @@ from service.events import (
     DLQ_SUFFIX,
     TOPIC_CONTACT_DELETED,
     TOPIC_DELETION_REQUESTED,
+    TYPE_JOB_EXPAND,
     CloudEvent,
     DeletionRequested,
     JobExpand,
@@ -131,6 +132,29 @@ def parse_command(payload: bytes) -> DeletionRequested | JobExpand:
             tag = errors[0].get("ctx", {}).get("tag")
             raise PoisonMessage(f"unknown event type {tag!r}") from exc
         raise PoisonMessage(f"malformed message: {exc}") from exc
+
+
+async def expansion_by_key(
+    db: Database, key: bytes | str | None, event_type: str | None
+) -> JobExpand | None:
+    """The expansion command an unreadable ``deletion_job.expand`` message (or outbox row)
+    still names: its ``ce_type`` header says what it was and its key is its job's id (as
+    `service.deletion.store` writes it). None unless both hold and that job exists. (A
+    deletion request's key is its contact's id, which does not say which job's item it was.)
+    """
+    if event_type != TYPE_JOB_EXPAND or key is None:
+        return None
+    try:
+        job_id = uuid.UUID(key.decode() if isinstance(key, bytes) else key)
+    except ValueError:  # UnicodeDecodeError included
+        return None
+    async with db.read() as conn:
+        workspace_id = (
+            await conn.execute(
+                sa.select(deletion_jobs.c.workspace_id).where(deletion_jobs.c.id == job_id)
+            )
+        ).scalar_one_or_none()
+    return None if workspace_id is None else JobExpand(job_id=job_id, workspace_id=workspace_id)
 
 
 @dataclass
@@ -280,6 +304,7 @@ class DeletionWorker:
         try:
             if poison:
                 await self._retry_transient(lambda: self._dead_letter(dlq, poison), stop)
+                await self._fail_unreadable_expansions(poison, stop)
             if commands:
                 result = await self._process_with_retries([c for _, c in commands], stop)
                 if result.unrecorded:
@@ -290,6 +315,29 @@ class DeletionWorker:
         except Stopped:
             return False
         return True
+
+    async def _fail_unreadable_expansions(
+        self, poison: list[tuple[InMessage, str]], stop: asyncio.Event
+    ) -> None:
+        """A dead-lettered message that was a job's expansion (`expansion_by_key`) fails that
+        job, which would otherwise wait forever for the page it announced."""
+        for message, reason in poison:
+            ce_type = dict(message.headers).get("ce_type", b"").decode(errors="replace")
+            find = functools.partial(expansion_by_key, self.db, message.key, ce_type)
+            try:
+                expansion = await self._retry_transient(find, stop)
+                if expansion is None:
+                    continue
+                why = f"its expansion message could not be read ({reason[:200]})"
+                result = await self._retry_transient(
+                    functools.partial(self.give_up, expansion, why), stop
+                )
+            except Stopped:
+                raise
+            except Exception as exc:
+                log.error("worker_job_not_failed", offset=message.offset, error=describe(exc))
+                continue
+            self.after_commit(result)
 
     async def _process_with_retries(
         self, commands: list[DeletionRequested | JobExpand], stop: asyncio.Event

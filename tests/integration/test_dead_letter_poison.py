@@ -339,3 +339,42 @@ async def test_a_command_whose_failure_cannot_be_written_is_dead_lettered_and_th
     assert "not recorded: the database refused the statement (SQLSTATE 22021" in reason
     [line] = lines.events("message_dead_lettered")
     assert (line["topic"], line["partition"], line["offset"]) == (topic, 0, 1)
+
+
+async def test_an_unreadable_expansion_message_fails_its_job_by_its_key(
+    tenant: Tenant, services: Services, settings: Settings
+) -> None:
+    """A ``deletion_job.expand`` message whose payload cannot be read (published from a
+    corrupted outbox row, say) is dead-lettered; its key (the job's id) and ``ce_type``
+    header still name the job, which fails instead of waiting forever for that page."""
+    await create_topics(settings)
+    topic = settings.topic(TOPIC_DELETION_REQUESTED)
+    for body in ({"email": "keep@example.com"}, {"email": "x@example.com", "last_name": "Xp"}):
+        status, created, _ = await tenant.call("POST", "/v1/contacts", body)
+        assert status == 201, created
+    status, body, _ = await tenant.call(
+        "POST", "/v1/contacts/bulk-delete", {"filter": {"last_name": "Xp"}}
+    )
+    assert status == 202, body
+    job_id = body["data"]["job_id"]
+    ce_type = ("ce_type", b"deletion_job.expand")
+    messages = [
+        InMessage(topic, 0, 0, job_id.encode(), b"\xff garbage", (ce_type,)),
+        # Keyed by an id that is no job's: dead-lettered, nothing else.
+        InMessage(topic, 0, 1, str(uuid.uuid4()).encode(), b"\xff garbage", (ce_type,)),
+    ]
+    worker = DeletionWorker(settings, services.db, Metrics())
+    dlq = Producer(settings.kafka_bootstrap_servers)
+    await dlq.start()
+    try:
+        done = worker.handle(messages, dlq, asyncio.Event())
+        assert await asyncio.wait_for(done, timeout=BOUND_S)
+    finally:
+        await dlq.stop()
+
+    status, body, _ = await tenant.call("GET", f"/v1/bulk-jobs/{job_id}")
+    assert status == 200, body
+    assert body["data"]["status"] == "failed"
+    assert "its expansion message could not be read" in body["data"]["failure"]["message"]
+    dead = await _dead_letters(settings, topic + DLQ_SUFFIX)
+    assert set(dead) == {m.key for m in messages}
