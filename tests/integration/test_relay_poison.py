@@ -20,12 +20,13 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import InvalidTopicError
 
 from service.app import Services
 from service.config import Settings
 from service.db import outbox, utcnow
 from service.events import TOPIC_DELETION_REQUESTED
-from service.kafka import Producer, read_topics
+from service.kafka import OutMessage, Producer, read_topics
 from service.metrics import Metrics
 from service.outbox import encoded_outbox_row
 from service.relay import Relay
@@ -294,6 +295,12 @@ async def test_rows_for_an_illegal_topic_are_set_aside_instead_of_waiting_for_it
         relay = Relay(settings, services.db, producer, Metrics())
         assert await asyncio.wait_for(relay.publish_once(), timeout=20) == len(rows)
         assert (relay.published, relay.rejected) == (3, len(illegal))
+        # Longer than the outbox column holds, but Kafka's limit is 249 characters.
+        with pytest.raises(InvalidTopicError):
+            await asyncio.wait_for(
+                producer.send_many([OutMessage("x" * 250, b"k", b"v")], report_refusals=True),
+                timeout=20,
+            )
     finally:
         await producer.stop()
 
