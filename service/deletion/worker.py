@@ -321,21 +321,29 @@ class DeletionWorker:
     ) -> None:
         """A dead-lettered message that was a job's expansion (`expansion_by_key`) fails that
         job, which would otherwise wait forever for the page it announced."""
-        for message, reason in poison:
+        for message, _ in poison:
             ce_type = dict(message.headers).get("ce_type", b"").decode(errors="replace")
             find = functools.partial(expansion_by_key, self.db, message.key, ce_type)
             try:
                 expansion = await self._retry_transient(find, stop)
                 if expansion is None:
                     continue
-                why = f"its expansion message could not be read ({reason[:200]})"
+                # Where it is, not what it said (a parser's message may quote the payload).
+                source = f"{message.topic}/{message.partition}/{message.offset}"
+                why = f"its expansion message could not be read (dead-lettered: {source})"
                 result = await self._retry_transient(
                     functools.partial(self.give_up, expansion, why), stop
                 )
             except Stopped:
                 raise
             except Exception as exc:
-                log.error("worker_job_not_failed", offset=message.offset, error=describe(exc))
+                log.error(
+                    "worker_job_not_failed",
+                    topic=message.topic,
+                    partition=message.partition,
+                    offset=message.offset,
+                    error=describe(exc),
+                )
                 continue
             self.after_commit(result)
 

@@ -375,6 +375,7 @@ async def test_an_unreadable_expansion_message_fails_its_job_by_its_key(
     status, body, _ = await tenant.call("GET", f"/v1/bulk-jobs/{job_id}")
     assert status == 200, body
     assert body["data"]["status"] == "failed"
-    assert "its expansion message could not be read" in body["data"]["failure"]["message"]
+    message = body["data"]["failure"]["message"]
+    assert f"its expansion message could not be read (dead-lettered: {topic}/0/0)" in message
     dead = await _dead_letters(settings, topic + DLQ_SUFFIX)
     assert set(dead) == {m.key for m in messages}
