@@ -202,9 +202,9 @@ class Producer:
             partitions_of: dict[str, list[int]] = {}
             for message in messages:
                 self._check_size(message)
-                _check_topic(message.topic)
                 partitions = partitions_of.get(message.topic)
                 if partitions is None:
+                    _check_topic(message.topic)  # once per topic and call
                     partitions = sorted(await producer.partitions_for(message.topic))
                     partitions_of[message.topic] = partitions
                 if message.key is None:
