@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import random
+import re
 import struct
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -21,8 +23,9 @@ from typing import Any
 import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import KafkaError, MessageSizeTooLargeError, for_code
+from aiokafka.errors import InvalidTopicError, KafkaError, MessageSizeTooLargeError, for_code
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
+from prometheus_client import Counter
 
 from service.errors import RetryLater
 from service.faults import is_rebalance, producer_state_lost, record_refused
@@ -110,9 +113,9 @@ class Producer:
     ``max_request_size`` (bytes) bounds one record as aiokafka's own ``send()`` does: a
     larger one is refused before anything is sent (:class:`MessageSizeTooLargeError`).
     ``report_refusals``: a record refused for good raises its own error from
-    :meth:`send_many` (the caller sets it aside: the relay); without it, a
-    :class:`KafkaUnavailable` like any failed delivery (the dead-letter producers, whose
-    callers only retry).
+    :meth:`send_many` (the caller sets it aside: the relay, :func:`send_isolating`,
+    :func:`send_dead_letters`); without it, a :class:`KafkaUnavailable` like any failed
+    delivery.
     """
 
     def __init__(
@@ -162,7 +165,9 @@ class Producer:
         if producer is not None:
             await producer.stop()
 
-    async def send_many(self, messages: Sequence[OutMessage]) -> None:
+    async def send_many(
+        self, messages: Sequence[OutMessage], *, report_refusals: bool | None = None
+    ) -> None:
         """Produce ``messages`` and return once the broker has acknowledged every one.
 
         Each message goes to the partition Kafka's default partitioner picks for its key
@@ -175,13 +180,16 @@ class Producer:
         ``max_request_size``, checked here before anything is sent, or refused by the
         broker: too large for the topic, invalid topic, corrupt) raises that aiokafka error
         as is (with ``report_refusals``), when no delivery failed transiently: resending
-        the batch cannot help, the caller must find and set aside the record (the relay).
+        the batch cannot help, the caller must find and set aside the record (the relay,
+        :func:`send_isolating`). ``report_refusals`` (None: the producer's own setting)
+        decides it for this call.
 
         A producer whose sequence numbers or id the broker refused (after a broker restart
         lost batches in flight: :func:`service.faults.producer_state_lost`) would be refused
         forever; it is replaced by a new one (a new producer id) before the next send. So
         is one that had a batch refused (its sequence numbers went ahead of the broker's).
         """
+        report = self._report_refusals if report_refusals is None else report_refusals
         if self._state_lost:
             await self._replace()
         producer = self._started()
@@ -196,6 +204,7 @@ class Producer:
                 self._check_size(message)
                 partitions = partitions_of.get(message.topic)
                 if partitions is None:
+                    _check_topic(message.topic)  # once per topic and call
                     partitions = sorted(await producer.partitions_for(message.topic))
                     partitions_of[message.topic] = partitions
                 if message.key is None:
@@ -215,7 +224,7 @@ class Producer:
         except BaseException as exc:
             # Let the already-enqueued sends finish so none is left unobserved.
             await asyncio.gather(*futures, return_exceptions=True)
-            if isinstance(exc, KafkaError) and not self._refusal(exc):
+            if isinstance(exc, KafkaError) and not (report and record_refused(exc)):
                 raise KafkaUnavailable(f"cannot enqueue a message: {exc}") from exc
             raise
         results = await asyncio.gather(*futures, return_exceptions=True)
@@ -237,13 +246,9 @@ class Producer:
         ]
         # An outage first: the batch is resent as it is. Only then a refused record.
         for error in outages or refused:
-            if isinstance(error, KafkaError) and not self._refusal(error):
+            if isinstance(error, KafkaError) and not (report and record_refused(error)):
                 raise KafkaUnavailable(f"a message was not delivered: {error}") from error
             raise error
-
-    def _refusal(self, error: BaseException) -> bool:
-        """True if ``error`` is to be raised as the record's refusal (see the class)."""
-        return self._report_refusals and record_refused(error) is not None
 
     def _check_size(self, message: OutMessage) -> None:
         """Refuse a record over ``max_request_size``, as aiokafka's ``send()`` does (its
@@ -297,6 +302,19 @@ class Producer:
         if self._producer is None:
             raise RuntimeError("Producer.start() has not been awaited")
         return self._producer
+
+
+# Kafka's rule for a topic name (org.apache.kafka.common.internals.Topic.validate):
+# 1 to 249 characters of ASCII letters, digits, '.', '_' and '-', and not "." or "..".
+_LEGAL_TOPIC = re.compile(r"[a-zA-Z0-9._-]{1,249}")
+
+
+def _check_topic(topic: str) -> None:
+    """Refuse a record for a topic that cannot exist (:class:`InvalidTopicError`, as the
+    broker would): aiokafka asks the broker for such a topic's partitions until it gives
+    up (a timeout, which reads as an outage) instead of saying the name is illegal."""
+    if topic in (".", "..") or not isinstance(topic, str) or not _LEGAL_TOPIC.fullmatch(topic):
+        raise InvalidTopicError(f"an illegal topic name ({len(str(topic))} characters)")
 
 
 class Consumer:
@@ -563,6 +581,109 @@ def dead_letter(message: InMessage, reason: str, suffix: str = ".dlq") -> OutMes
             ("dlq-source", f"{message.topic}/{message.partition}/{message.offset}".encode()),
         ),
     )
+
+
+async def send_isolating(
+    producer: Producer, messages: Sequence[OutMessage]
+) -> list[tuple[int, str]]:
+    """Send ``messages``, all but those refused for good; returns the refused ones as
+    ``(index in messages, reason)``, the reason from :func:`service.faults.record_refused`.
+
+    The whole list is sent first; if the broker (or the producer) refuses one of its records
+    for good, each half is sent in turn the same way, the first before the second, down to
+    the refused records alone (about 2·log2(n) sends for one among n), so what goes out
+    keeps the order of each key. Records of a refused batch on its other partitions may go
+    out twice (as after a crash: consumers are idempotent). A transient error propagates
+    (:class:`KafkaUnavailable`): the caller sends the whole list again.
+    """
+    refused: list[tuple[int, str]] = []
+
+    async def send(start: int, stop: int) -> None:
+        if start == stop:
+            return
+        try:
+            await producer.send_many(messages[start:stop], report_refusals=True)
+        except Exception as exc:
+            reason = record_refused(exc)
+            if reason is None:
+                raise
+            if stop - start == 1:
+                refused.append((start, reason))
+                return
+            log.warning("kafka_batch_isolating", records=stop - start, error=reason)
+            middle = (start + stop) // 2
+            await send(start, middle)
+            await send(middle, stop)
+
+    await send(0, len(messages))
+    return refused
+
+
+def dead_letter_stub(
+    message: InMessage, reason: str, refusal: str, suffix: str = ".dlq"
+) -> OutMessage:
+    """What stands for a dead-letter copy the broker refused for good (:func:`dead_letter`'s
+    copy too large for the dead-letter topic or the producer, say): the key, the reason and
+    the source, the refusal (``dlq-refused``), the original value's size in bytes
+    (``dlq-original-size``) and SHA-256 (``dlq-original-sha256``, hex), and no value or
+    original headers. The original stays at ``dlq-source`` until its topic's retention."""
+    return OutMessage(
+        topic=message.topic + suffix,
+        key=message.key,
+        value=b"",
+        headers=(
+            ("dlq-reason", reason.encode()[:1000]),
+            ("dlq-source", f"{message.topic}/{message.partition}/{message.offset}".encode()),
+            ("dlq-refused", refusal.encode()[:200]),
+            ("dlq-original-size", str(len(message.value)).encode()),
+            ("dlq-original-sha256", hashlib.sha256(message.value).hexdigest().encode()),
+        ),
+    )
+
+
+async def send_dead_letters(
+    producer: Producer,
+    poison: Sequence[tuple[InMessage, str]],
+    suffix: str = ".dlq",
+    refused_counter: Counter | None = None,
+) -> None:
+    """Dead-letter each ``(message, reason)``: what the consumers (the deletion worker, the
+    webhook dispatcher) do with a message they can never process, before committing past it.
+
+    Each message's :func:`dead_letter` copy goes to its topic's dead-letter topic. A copy
+    the broker refuses for good (:func:`send_isolating`: the dead-letter topic's
+    ``max.message.bytes`` is below the source topic's, or the added headers push a message
+    near the limit over it, or the producer's ``max_request_size``) must not be retried
+    forever, which would hold every later message of its partition: its
+    :func:`dead_letter_stub` goes instead (log ``dead_letter_refused``, ``outcome="stub"``),
+    and if even that is refused, nothing goes (``outcome="dropped"``, an error line naming
+    the source topic, partition and offset; the original stays in its topic until
+    retention). Either way the consumer moves on; ``refused_counter`` (labels ``topic``,
+    ``outcome``) counts them. Transient errors propagate (:class:`KafkaUnavailable`): the
+    caller retries the whole call (copies already written go out again).
+    """
+    if not poison:
+        return
+    copies = [dead_letter(message, reason, suffix) for message, reason in poison]
+    refused = await send_isolating(producer, copies)
+    if not refused:
+        return
+    stubs = [dead_letter_stub(poison[i][0], poison[i][1], why, suffix) for i, why in refused]
+    dropped = dict(await send_isolating(producer, stubs))
+    for n, (i, why) in enumerate(refused):
+        message = poison[i][0]
+        outcome = "dropped" if n in dropped else "stub"
+        (log.error if n in dropped else log.warning)(
+            "dead_letter_refused",
+            topic=message.topic,
+            partition=message.partition,
+            offset=message.offset,
+            reason=why,
+            outcome=outcome,
+            **({"stub_reason": dropped[n]} if n in dropped else {}),
+        )
+        if refused_counter is not None:
+            refused_counter.labels(message.topic, outcome).inc()
 
 
 async def read_topics(

@@ -47,6 +47,14 @@ class Metrics:
             ("outcome",),
             registry=self.registry,
         )
+        self.dead_letters_refused = Counter(
+            "dead_letters_refused_total",
+            "Dead-letter copies the broker refused for good (service.kafka.send_dead_letters):"
+            " outcome stub (a copy without the value went instead) or dropped (nothing went;"
+            " the original stays in its source topic)",
+            ("topic", "outcome"),
+            registry=self.registry,
+        )
 
     @web.middleware
     async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:

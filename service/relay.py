@@ -9,7 +9,8 @@ A row the broker will never accept (service.faults.record_refused: too large, in
 topic, corrupt) or that cannot be read back (its headers, key or payload do not decode) must
 not hold back the rows behind it. When a batch is refused for such a reason it is split in
 halves, each published in id order (the first before the second, so the rows that go out
-keep their per-key order), down to the refused rows alone; those are set aside
+keep their per-key order), down to the refused rows alone (service.kafka.send_isolating,
+which the dead-letter producers share); those are set aside
 (``failed_at`` and ``error``, never retried), logged ``outbox_row_rejected`` and counted in
 ``outbox_rejected_total``, and the relay goes on at full speed. What a refused row means:
 
@@ -20,7 +21,10 @@ keep their per-key order), down to the refused rows alone; those are set aside
 - ``contact.deleted`` / ``deletion_job.completed``: the deletion or job stands (deleted and
   audited); its webhooks are not sent, which the log line and the metric say
   (``effect="webhooks_not_sent"``);
-- a payload that cannot be read names no job: the row is only set aside and logged.
+- a payload that cannot be read: if its headers say ``deletion_job.expand``, its key is the
+  job's id and that job fails as above; otherwise it names no job (a deletion request's key
+  is its contact's id, which may have pending items in several jobs): the row is only set
+  aside and logged.
 
 The consequence is recorded before the row is marked: a crash in between only repeats it
 (``give_up`` changes nothing twice), never loses it. A refused batch may have been written
@@ -43,7 +47,8 @@ from service.aio import Backoff, Sleep, sleep_unless_stopped, wait_any
 from service.config import Settings
 from service.db import Database, outbox, utcnow
 from service.deletion.notify import JobNotifier
-from service.deletion.worker import DeletionWorker
+from service.deletion.worker import DeletionWorker, expansion_by_key, parse_command
+from service.errors import PoisonMessage
 from service.events import (
     TYPE_CONTACT_DELETED,
     TYPE_DELETION_REQUESTED,
@@ -54,8 +59,8 @@ from service.events import (
     JobExpand,
 )
 from service.failpoints import crash_if
-from service.faults import UnreadableRecord, describe, is_transient, record_refused
-from service.kafka import OutMessage, Producer
+from service.faults import UnreadableRecord, describe, is_transient
+from service.kafka import OutMessage, Producer, send_isolating
 from service.logs import get_logger
 from service.metrics import Metrics
 
@@ -180,57 +185,48 @@ class Relay:
                 records.append((row, _message(row)))
             except UnreadableRecord as exc:
                 done.refused.append((row, str(exc)))
-        await self._send_or_split(records, done)
+        refused = dict(await send_isolating(self.producer, [m for _, m in records]))
+        for n, (row, _) in enumerate(records):
+            if n in refused:
+                done.refused.append((row, f"the broker refused the record ({refused[n]})"))
+            else:
+                done.published.append(row.id)
         return done
-
-    async def _send_or_split(self, records: list[tuple[Any, OutMessage]], done: _Pass) -> None:
-        """Send ``records``; if the broker refuses one of them for good, send each half in
-        turn the same way, down to the refused records alone (about 2·log2(n) sends for
-        one refused record among n)."""
-        if not records:
-            return
-        try:
-            await self.producer.send_many([message for _, message in records])
-        except Exception as exc:
-            reason = record_refused(exc)
-            if reason is None:
-                raise
-            if len(records) == 1:
-                done.refused.append((records[0][0], f"the broker refused the record ({reason})"))
-                return
-            log.warning("relay_batch_isolating", rows=len(records), error=reason)
-            middle = len(records) // 2
-            await self._send_or_split(records[:middle], done)
-            await self._send_or_split(records[middle:], done)
-            return
-        done.published.extend(row.id for row, _ in records)
 
     async def _refuse(self, refused: list[tuple[Any, str]]) -> None:
         """Record what each refused row means for its job, and log it (see the module)."""
         for row, reason in refused:
             event_type, effect, job_id = "unknown", "none", None
+            payload = bytes(row.payload)
             try:
-                event = CloudEvent.model_validate_json(bytes(row.payload))
-            except (ValueError, TypeError):
-                event = None
-            if event is not None:
-                event_type = event.type
-                command: DeletionRequested | JobExpand | None = None
+                command = parse_command(payload)  # the worker's own reading of it
+            except PoisonMessage:
+                command = None
+            if command is not None:
+                expand = isinstance(command, JobExpand)
+                event_type = TYPE_JOB_EXPAND if expand else TYPE_DELETION_REQUESTED
+                effect = "job_failed" if expand else "item_failed"
+                job_id = str(command.job_id)
+                await self._give_up(command, reason)
+            else:
+                # Not a command: an event for the webhooks, or one that cannot be read (its
+                # type and job, if it says, are for the log line only).
                 try:
-                    if event.type == TYPE_DELETION_REQUESTED:
-                        command = DeletionRequested.model_validate(event.data)
-                        effect = "item_failed"
-                    elif event.type == TYPE_JOB_EXPAND:
-                        command = JobExpand.model_validate(event.data)
-                        effect = "job_failed"
-                    elif event.type in (TYPE_CONTACT_DELETED, TYPE_JOB_COMPLETED):
+                    event = CloudEvent.model_validate_json(payload)
+                except ValueError:
+                    event = None
+                if event is not None:
+                    event_type = event.type
+                    if event.type in (TYPE_CONTACT_DELETED, TYPE_JOB_COMPLETED):
                         effect = "webhooks_not_sent"
                         job_id = _job_of(event.data)
-                except ValueError:
-                    command = None
-                if command is not None:
-                    job_id = str(command.job_id)
-                    await self._give_up(command, reason)
+                elif (expansion := await self._expansion_by_key(row)) is not None:
+                    event_type, effect, job_id = (
+                        TYPE_JOB_EXPAND,
+                        "job_failed",
+                        str(expansion.job_id),
+                    )
+                    await self._give_up(expansion, reason)
             log.error(
                 "outbox_row_rejected",
                 topic=row.topic,
@@ -241,6 +237,15 @@ class Relay:
                 job_id=job_id,
             )
             self.metrics.outbox_rejected.labels(event_type, effect).inc()
+
+    async def _expansion_by_key(self, row: Any) -> JobExpand | None:
+        """The expansion command of a row whose payload cannot be read, from its key and
+        ``ce_type`` header (the worker's `expansion_by_key`), or None."""
+        try:
+            event_type = dict(_headers(row.headers)).get("ce_type", b"").decode()
+        except (ValueError, TypeError):
+            return None
+        return await expansion_by_key(self.db, row.key, event_type)
 
     async def _give_up(self, command: DeletionRequested | JobExpand, reason: str) -> None:
         """The worker's `give_up` for the command of a refused row. A transient error

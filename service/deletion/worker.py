@@ -71,6 +71,7 @@ from service.events import (
     DLQ_SUFFIX,
     TOPIC_CONTACT_DELETED,
     TOPIC_DELETION_REQUESTED,
+    TYPE_JOB_EXPAND,
     CloudEvent,
     DeletionRequested,
     JobExpand,
@@ -81,8 +82,8 @@ from service.kafka import (
     Consumer,
     InMessage,
     Producer,
-    dead_letter,
     next_offsets,
+    send_dead_letters,
 )
 from service.logs import get_logger
 from service.metrics import Metrics
@@ -116,14 +117,44 @@ _COMMAND: TypeAdapter[_DeletionRequestedEvent | _JobExpandEvent] = TypeAdapter(
 
 def parse_message(message: InMessage) -> DeletionRequested | JobExpand:
     """The typed command inside a message, or PoisonMessage."""
+    return parse_command(message.value)
+
+
+def parse_command(payload: bytes) -> DeletionRequested | JobExpand:
+    """The command of a ``contact.deletion_requested`` or ``deletion_job.expand`` CloudEvent
+    (its JSON), or PoisonMessage: the one parser of the worker and of the relay (which
+    reads a refused outbox row's command with it)."""
     try:
-        return _COMMAND.validate_json(message.value).data
+        return _COMMAND.validate_json(payload).data
     except ValidationError as exc:
         errors = exc.errors()
         if errors and errors[0]["type"] == "union_tag_invalid":
             tag = errors[0].get("ctx", {}).get("tag")
             raise PoisonMessage(f"unknown event type {tag!r}") from exc
         raise PoisonMessage(f"malformed message: {exc}") from exc
+
+
+async def expansion_by_key(
+    db: Database, key: bytes | str | None, event_type: str | None
+) -> JobExpand | None:
+    """The expansion command an unreadable ``deletion_job.expand`` message (or outbox row)
+    still names: its ``ce_type`` header says what it was and its key is its job's id (as
+    `service.deletion.store` writes it). None unless both hold and that job exists. (A
+    deletion request's key is its contact's id, which does not say which job's item it was.)
+    """
+    if event_type != TYPE_JOB_EXPAND or key is None:
+        return None
+    try:
+        job_id = uuid.UUID(key.decode() if isinstance(key, bytes) else key)
+    except ValueError:  # UnicodeDecodeError included
+        return None
+    async with db.read() as conn:
+        workspace_id = (
+            await conn.execute(
+                sa.select(deletion_jobs.c.workspace_id).where(deletion_jobs.c.id == job_id)
+            )
+        ).scalar_one_or_none()
+    return None if workspace_id is None else JobExpand(job_id=job_id, workspace_id=workspace_id)
 
 
 @dataclass
@@ -137,6 +168,8 @@ class BatchResult:
     progress: dict[uuid.UUID, ProgressDelta] = field(default_factory=dict)
     # Tables whose old row versions now hold deleted values (for the scrubber).
     touched: set[str] = field(default_factory=set)
+    # Commands whose failure could not be written either, with why: dead-lettered (`handle`).
+    unrecorded: list[tuple[DeletionRequested | JobExpand, str]] = field(default_factory=list)
 
     def add(self, other: BatchResult) -> None:
         self.finished_jobs += other.finished_jobs
@@ -145,6 +178,7 @@ class BatchResult:
         self.started += other.started
         self.finished += other.finished
         self.failed_jobs += other.failed_jobs
+        self.unrecorded += other.unrecorded
         for job_id, delta in other.progress.items():
             mine = self.progress.setdefault(job_id, ProgressDelta())
             mine.deleted += delta.deleted
@@ -270,12 +304,48 @@ class DeletionWorker:
         try:
             if poison:
                 await self._retry_transient(lambda: self._dead_letter(dlq, poison), stop)
+                await self._fail_unreadable_expansions(poison, stop)
             if commands:
                 result = await self._process_with_retries([c for _, c in commands], stop)
+                if result.unrecorded:
+                    why = {id(c): reason for c, reason in result.unrecorded}
+                    lost = [(m, why[id(c)]) for m, c in commands if id(c) in why]
+                    await self._retry_transient(lambda: self._dead_letter(dlq, lost), stop)
                 self.after_commit(result)
         except Stopped:
             return False
         return True
+
+    async def _fail_unreadable_expansions(
+        self, poison: list[tuple[InMessage, str]], stop: asyncio.Event
+    ) -> None:
+        """A dead-lettered message that was a job's expansion (`expansion_by_key`) fails that
+        job, which would otherwise wait forever for the page it announced."""
+        for message, _ in poison:
+            ce_type = dict(message.headers).get("ce_type", b"").decode(errors="replace")
+            find = functools.partial(expansion_by_key, self.db, message.key, ce_type)
+            try:
+                expansion = await self._retry_transient(find, stop)
+                if expansion is None:
+                    continue
+                # Where it is, not what it said (a parser's message may quote the payload).
+                source = f"{message.topic}/{message.partition}/{message.offset}"
+                why = f"its expansion message could not be read (dead-lettered: {source})"
+                result = await self._retry_transient(
+                    functools.partial(self.give_up, expansion, why), stop
+                )
+            except Stopped:
+                raise
+            except Exception as exc:
+                log.error(
+                    "worker_job_not_failed",
+                    topic=message.topic,
+                    partition=message.partition,
+                    offset=message.offset,
+                    error=describe(exc),
+                )
+                continue
+            self.after_commit(result)
 
     async def _process_with_retries(
         self, commands: list[DeletionRequested | JobExpand], stop: asyncio.Event
@@ -323,7 +393,17 @@ class DeletionWorker:
             job_id=str(command.job_id),
             contact_id=str(command.contact_id) if isinstance(command, DeletionRequested) else None,
         )
-        return await self._retry_transient(lambda: self.give_up(command, reason), stop)
+        try:
+            return await self._retry_transient(lambda: self.give_up(command, reason), stop)
+        except Stopped:
+            raise
+        except Exception as failed:
+            # The database refuses to record it too (its own values: a NUL in its ref, on
+            # PostgreSQL): retrying cannot help, and raising would stop the worker on this
+            # message every time. Its message is dead-lettered instead (`handle`).
+            return BatchResult(
+                unrecorded=[(command, f"{reason}; not recorded: {describe(failed)}")]
+            )
 
     async def _retry_transient(self, work: Callable[[], Awaitable[T]], stop: asyncio.Event) -> T:
         return await retry_transient(
@@ -337,9 +417,14 @@ class DeletionWorker:
     async def _dead_letter(self, dlq: Producer, poison: list[tuple[InMessage, str]]) -> None:
         for message, reason in poison:
             log.error(
-                "message_dead_lettered", topic=message.topic, offset=message.offset, reason=reason
+                "message_dead_lettered",
+                topic=message.topic,
+                partition=message.partition,
+                offset=message.offset,
+                reason=reason,
             )
-        await dlq.send_many([dead_letter(m, reason, DLQ_SUFFIX) for m, reason in poison])
+        # A copy the broker refuses for good is replaced or dropped there, never retried.
+        await send_dead_letters(dlq, poison, DLQ_SUFFIX, self.metrics.dead_letters_refused)
 
     def after_commit(self, result: BatchResult) -> None:
         """What follows a committed batch (or a `give_up`, the relay's too): its log line,

@@ -92,10 +92,9 @@ from service.faults import describe, is_transient
 from service.kafka import (
     Consumer,
     InMessage,
-    OutMessage,
     Producer,
-    dead_letter,
     next_offsets,
+    send_dead_letters,
 )
 from service.limits import storable
 from service.logs import get_logger
@@ -334,13 +333,13 @@ class Dispatcher:
         transaction (`_hand_over`).
         """
         routed: list[tuple[InMessage, _Routing]] = []
-        poison: list[OutMessage] = []
+        poison: list[tuple[InMessage, str]] = []
         for m in messages:
             try:
                 routed.append((m, _Routing.model_validate_json(m.value)))
             except ValidationError as exc:
                 log.error("webhook_event_dead_lettered", topic=m.topic, offset=m.offset)
-                poison.append(dead_letter(m, str(exc), DLQ_SUFFIX))
+                poison.append((m, str(exc)))
         endpoints: dict[uuid.UUID, list[Any]] = {}
         if routed:
             # Read first: most events have no endpoint to go to, and then nothing is written.
@@ -370,11 +369,12 @@ class Dispatcher:
                 event = CloudEvent.model_validate_json(m.value)
             except ValidationError as exc:
                 log.error("webhook_event_dead_lettered", topic=m.topic, offset=m.offset)
-                poison.append(dead_letter(m, str(exc), DLQ_SUFFIX))
+                poison.append((m, str(exc)))
                 continue
             planned.append((event, ws, targets))
         if poison:
-            await dlq.send_many(poison)
+            refused = self.metrics.dead_letters_refused
+            await send_dead_letters(dlq, poison, DLQ_SUFFIX, refused)
         if not planned:
             return 0
         now = self.clock()
@@ -1430,8 +1430,14 @@ class Dispatcher:
                 offset=message.offset,
                 reason=reason,
             )
-            copy = dead_letter(message, reason, DLQ_SUFFIX)
-            if not await self._durably(functools.partial(dlq.send_many, [copy]), stop):
+            send = functools.partial(
+                send_dead_letters,
+                dlq,
+                [(message, reason)],
+                DLQ_SUFFIX,
+                self.metrics.dead_letters_refused,
+            )
+            if not await self._durably(send, stop):
                 return False
         return True
 

@@ -65,8 +65,10 @@ class CommitsWhilePublishing(Producer):
         self.topic = topic
         self.committed_meanwhile: int | None = None
 
-    async def send_many(self, messages: Sequence[OutMessage]) -> None:
-        await super().send_many(messages)
+    async def send_many(
+        self, messages: Sequence[OutMessage], *, report_refusals: bool | None = None
+    ) -> None:
+        await super().send_many(messages, report_refusals=report_refusals)
         if self.committed_meanwhile is None:
             self.committed_meanwhile = await _insert(self.services.db, self.topic)
             self.services.outbox_signal.set()

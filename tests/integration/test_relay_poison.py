@@ -20,12 +20,13 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import InvalidTopicError
 
 from service.app import Services
 from service.config import Settings
 from service.db import outbox, utcnow
 from service.events import TOPIC_DELETION_REQUESTED
-from service.kafka import Producer, read_topics
+from service.kafka import OutMessage, Producer, read_topics
 from service.metrics import Metrics
 from service.outbox import encoded_outbox_row
 from service.relay import Relay
@@ -274,3 +275,66 @@ async def test_a_refused_record_among_several_record_batches_of_one_partition(
     sent = [m.value async for m in read_topics(settings.kafka_bootstrap_servers, [topic])]
     good = [bytes(r["payload"]) for n, r in enumerate(rows) if n != 4]
     assert list(dict.fromkeys(sent)) == good
+
+
+async def test_rows_for_an_illegal_topic_are_set_aside_instead_of_waiting_for_it(
+    services: Services, settings: Settings
+) -> None:
+    """A topic name Kafka cannot have (an unreadable row's, say): aiokafka would wait for
+    its metadata and time out, which reads as an outage, so the relay would retry that
+    pass forever; it is refused before sending (InvalidTopicError) and set aside."""
+    topic = await _topics(settings)
+    illegal = ["bad topic!", "", "..", "a/b"]  # (the column holds 200 characters)
+    rows = [encoded_outbox_row(topic, "k", "x", b"good-%d" % n)._asdict() for n in range(3)]
+    rows[1:1] = [encoded_outbox_row(t, "k", "x", b"illegal")._asdict() for t in illegal]
+    async with services.db.begin() as conn:
+        ids = list((await conn.execute(outbox.insert().returning(outbox.c.id), rows)).scalars())
+    producer = Producer(settings.kafka_bootstrap_servers, report_refusals=True)
+    await producer.start()
+    try:
+        relay = Relay(settings, services.db, producer, Metrics())
+        assert await asyncio.wait_for(relay.publish_once(), timeout=20) == len(rows)
+        assert (relay.published, relay.rejected) == (3, len(illegal))
+        # Longer than the outbox column holds, but Kafka's limit is 249 characters.
+        with pytest.raises(InvalidTopicError):
+            await asyncio.wait_for(
+                producer.send_many([OutMessage("x" * 250, b"k", b"v")], report_refusals=True),
+                timeout=20,
+            )
+    finally:
+        await producer.stop()
+
+    async with services.db.read() as conn:
+        result = await conn.execute(
+            sa.select(outbox.c.id, outbox.c.published_at, outbox.c.error).order_by(outbox.c.id)
+        )
+        stored = {r.id: r for r in result}
+    for row_id in ids[1 : 1 + len(illegal)]:
+        assert stored[row_id].published_at is None
+        assert stored[row_id].error == "the broker refused the record (InvalidTopicError)"
+    sent = [m.value async for m in read_topics(settings.kafka_bootstrap_servers, [topic])]
+    assert sent == [b"good-0", b"good-1", b"good-2"]
+
+
+async def test_an_expansion_row_whose_payload_cannot_be_read_fails_its_job_by_its_key(
+    tenant: Tenant, services: Services, settings: Settings
+) -> None:
+    """A refused expansion row whose payload (which names the job) cannot be read: its key
+    (the job's id) and headers (its type) are enough, so the job fails instead of waiting
+    forever for an expansion that never comes."""
+    await _topics(settings)
+    await _contacts(tenant, 1)  # not matched: a filter may not match every contact
+    status, body, _ = await tenant.call(
+        "POST", "/v1/contacts", {"email": "unread@example.com", "last_name": "Unread"}
+    )
+    assert status == 201, body
+    expanding = await _job(tenant, {"filter": {"last_name": "Unread"}})
+    (expansion,) = await _rows(services, expanding)
+    # Unreadable, and too large for the topic: refused (a readable row of that size would
+    # fail its job through its payload, as in the first test).
+    await _update(services, expansion.id, payload=b"\xff not json" * (2 * TOPIC_LIMIT // 10))
+
+    async with components_running(services, "relay", "worker"):
+        job = await _finished(tenant, expanding)
+    assert job["status"] == "failed"
+    assert "the broker refused the record (MessageSizeTooLargeError)" in job["failure"]["message"]
