@@ -27,6 +27,7 @@ from collections.abc import Iterator
 
 import aiokafka.errors as kafka_errors
 import sqlalchemy.exc as sa_exc
+from pydantic import ValidationError
 
 from service.errors import RetryLater, ServiceError
 
@@ -212,6 +213,15 @@ def describe(exc: BaseException) -> str:
     """
     if isinstance(exc, ServiceError):
         return exc.message  # our own words, written for the client
+    if isinstance(exc, ValidationError):
+        # Where and what, without the input (pydantic's text quotes it: a message on a
+        # topic may hold anything, an address included).
+        problems = exc.errors(include_url=False, include_input=False, include_context=False)
+        where = "; ".join(
+            f"{'.'.join(map(str, p['loc'])) or 'the value'}: {p['type']}" for p in problems[:5]
+        )
+        count = exc.error_count()
+        return f"invalid ({count} error{'s' if count != 1 else ''}: {where})"[:500]
     for link in _chain(exc):
         if isinstance(link, sqlite3.Error):
             name = getattr(link, "sqlite_errorname", None) or type(link).__name__

@@ -131,7 +131,7 @@ def parse_command(payload: bytes) -> DeletionRequested | JobExpand:
         if errors and errors[0]["type"] == "union_tag_invalid":
             tag = errors[0].get("ctx", {}).get("tag")
             raise PoisonMessage(f"unknown event type {tag!r}") from exc
-        raise PoisonMessage(f"malformed message: {exc}") from exc
+        raise PoisonMessage(f"malformed message: {describe(exc)}") from exc
 
 
 async def expansion_by_key(

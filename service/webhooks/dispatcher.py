@@ -339,7 +339,7 @@ class Dispatcher:
                 routed.append((m, _Routing.model_validate_json(m.value)))
             except ValidationError as exc:
                 log.error("webhook_event_dead_lettered", topic=m.topic, offset=m.offset)
-                poison.append((m, str(exc)))
+                poison.append((m, describe(exc)))
         endpoints: dict[uuid.UUID, list[Any]] = {}
         if routed:
             # Read first: most events have no endpoint to go to, and then nothing is written.
@@ -369,7 +369,7 @@ class Dispatcher:
                 event = CloudEvent.model_validate_json(m.value)
             except ValidationError as exc:
                 log.error("webhook_event_dead_lettered", topic=m.topic, offset=m.offset)
-                poison.append((m, str(exc)))
+                poison.append((m, describe(exc)))
                 continue
             planned.append((event, ws, targets))
         if poison:

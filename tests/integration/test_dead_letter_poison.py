@@ -244,7 +244,7 @@ async def test_the_dispatcher_replaces_a_refused_copy_of_an_unreadable_event(
     assert await _delivered(services, tenant) == {good_id}
     dead = await _dead_letters(settings, dlq)
     assert set(dead) == {b"garbage"}
-    _assert_stub(dead[b"garbage"], topic, garbage, "validation error")
+    _assert_stub(dead[b"garbage"], topic, garbage, "invalid (1 error: the value: json_invalid)")
     labels = {"topic": topic, "outcome": "stub"}
     assert metrics.registry.get_sample_value("dead_letters_refused_total", labels) == 1
 

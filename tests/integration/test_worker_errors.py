@@ -90,9 +90,14 @@ async def test_malformed_messages_are_dead_lettered_and_the_worker_carries_on(
             "data": {"contact_id": str(uuid.uuid4())},
         }
     ).encode()
+    # A known type whose data is wrong, quoting an address: the reason must not repeat it
+    # (it goes into the dead-letter header and the worker's log line).
+    leaky = json.loads(unknown_type) | {"type": "contact.deletion_requested"}
+    leaky["data"] = {"contact_id": "ann@x.io", "ref": "ann@x.io"}
     poison = {
         b"garbage": b"\x00\xff not json at all \xfe",
         b"unknown-type": unknown_type,
+        b"leaky": json.dumps(leaky).encode(),
     }
     producer = Producer(settings.kafka_bootstrap_servers)
     await producer.start()
@@ -134,6 +139,8 @@ async def test_malformed_messages_are_dead_lettered_and_the_worker_carries_on(
     reasons = {m.key: dict(m.headers)["dlq-reason"].decode() for m in dead}
     assert "malformed" in reasons[b"garbage"]
     assert "contact.teleported" in reasons[b"unknown-type"]
+    assert "data.contact_id: uuid_parsing" in reasons[b"leaky"]
+    assert "ann@x.io" not in reasons[b"leaky"]
 
 
 # -- retries ---------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import random
 import sqlite3
+import uuid
 from pathlib import Path
 
 import aiokafka.errors as kafka_errors
@@ -307,6 +308,18 @@ def test_describe_names_the_code_never_a_value() -> None:
     assert "ann@x.io" not in describe(through_sqlalchemy(client_side))
     assert "too many SQL variables" in describe(wrapped(sqlite_too_many_variables()))
     assert describe(ValidationFailed("filter too wide")) == "filter too wide"
+
+
+def test_describe_of_a_validation_error_names_where_and_what_never_the_input() -> None:
+    class Model(BaseModel):
+        contact_id: uuid.UUID
+        count: int
+
+    with pytest.raises(ValidationError) as invalid:
+        Model.model_validate({"contact_id": "ann@x.io", "count": "ann@x.io"})
+    text = describe(invalid.value)
+    assert "ann@x.io" not in text
+    assert text == "invalid (2 errors: contact_id: uuid_parsing; count: int_parsing)"
 
 
 # -- back-off --------------------------------------------------------------------------
