@@ -539,7 +539,7 @@ class Dispatcher:
                             backoff.attempt = 32
                         await backoff.wait(stop)
                         continue
-                    if claimed:
+                    if claimed and self.pauses is not None:
                         await self._pause("claimed")  # claimed, nothing of it sent yet
                     for eid in list(self.slots):
                         self._start_sends(eid)
@@ -789,7 +789,8 @@ class Dispatcher:
         one by one (`_record_batch`) and the claim waits for the next pass. An outage
         keeps the attempts for the next pass.
         """
-        await self._pause("pass")
+        if self.pauses is not None:
+            await self._pause("pass")
         if refill or self._drained or time.monotonic() - self._refilled_at >= REFILL_EVERY_S:
             await self._refill()
         now = self.clock()
@@ -1025,7 +1026,8 @@ class Dispatcher:
     async def _send(self, session: aiohttp.ClientSession, delivery: dict[str, Any]) -> None:
         try:
             result = await self.attempt(session, delivery)
-            await self._pause("sent")  # sent, the outcome not noted for recording yet
+            if self.pauses is not None:  # (no await per send otherwise)
+                await self._pause("sent")  # sent, the outcome not noted for recording yet
         except _LeaseTooShort:
             self._unsent(delivery)
         except Exception:
@@ -1163,7 +1165,8 @@ class Dispatcher:
         )
         try:
             await self._check(delivery["url"])
-            await self._pause("before_post")
+            if self.pauses is not None:
+                await self._pause("before_post")
             # Checked again right before the request: a stall since `_start_sends` may
             # have let the lease run short, and a successor sends it once it lapsed.
             if self._lease_left(delivery) < self._post_margin:
@@ -1335,9 +1338,11 @@ class Dispatcher:
                 slots = self.slots.get(eid)
                 if slots is not None:
                     slots.failing = eid not in disabled and p.outcome is not Outcome.SUCCESS
+            # Checked once a batch: a filtered line still cost its fields (issue 8).
+            info = log.is_enabled_for(logging.INFO)
             for p in plans:
                 outcomes[p.outcome] = outcomes.get(p.outcome, 0) + 1
-                _log_outcome(p.delivery, p.values, p.attempts, p.result, p.exhausted)
+                _log_outcome(p.delivery, p.values, p.attempts, p.result, p.exhausted, info)
                 if p.delivery["id"] in requeued:
                     log.info(
                         "webhook_delivery_retry_requested_requeued",
@@ -1612,8 +1617,14 @@ def _log_outcome(
     attempts: int,
     result: AttemptResult,
     exhausted: bool,
+    info: bool = True,
 ) -> None:
-    """One line per attempt's outcome: ids, codes and timing, never the URL or payload."""
+    """One line per attempt's outcome: ids, codes and timing, never the URL or payload.
+    `info`: whether INFO lines are written (a success or a scheduled retry is an INFO
+    line; when they are filtered out, nothing is built for them)."""
+    status = values.get("status")
+    if not info and status in (DeliveryStatus.SUCCEEDED, DeliveryStatus.FAILING):
+        return
     fields = {
         "delivery_id": str(delivery["id"]),
         "endpoint_id": str(delivery["endpoint_id"]),
@@ -1623,7 +1634,6 @@ def _log_outcome(
         "status_code": result.status_code,
         "latency_ms": round(result.latency_ms, 1),
     }
-    status = values.get("status")
     if status == DeliveryStatus.SUCCEEDED:
         log.info("webhook_delivery_succeeded", **fields)
     elif status == DeliveryStatus.FAILING:
