@@ -876,6 +876,7 @@ class Dispatcher:
                     .values(owner=self.instance, owner_until=until)
                     .returning(
                         E.id,
+                        E.workspace_id,
                         E.url,
                         E.secret,
                         E.retired_secrets,
@@ -940,8 +941,8 @@ class Dispatcher:
                 )
                 .values(claimed_until=until, retry_requested=False)
                 .returning(
+                    # Not the workspace: the endpoint's row has it (one fewer value a row).
                     D.id,
-                    D.workspace_id,
                     D.endpoint_id,
                     D.event_id,
                     D.event_type,
@@ -979,15 +980,16 @@ class Dispatcher:
         order = {delivery_id: n for n, delivery_id in enumerate(take)}
         secrets = {eid: live_secrets(endpoint._mapping, now) for eid, endpoint in owned.items()}
         for r in sorted(rows, key=lambda r: order[r.id]):
+            endpoint = owned[r.endpoint_id]
             delivery = {
                 "id": r.id,
-                "workspace_id": r.workspace_id,
+                "workspace_id": endpoint.workspace_id,
                 "endpoint_id": r.endpoint_id,
                 "event_id": r.event_id,
                 "event_type": r.event_type,
                 "payload": bytes(r.payload),
                 "attempt_count": r.attempt_count,
-                "url": owned[r.endpoint_id].url,
+                "url": endpoint.url,
                 "secrets": secrets[r.endpoint_id],
                 "claimed_until": until,
             }
@@ -1270,8 +1272,12 @@ class Dispatcher:
         for p in plans:
             if p.shape == "done":
                 done.setdefault(p.values["status"], []).append(p.delivery["id"])
+        # A retry asked for while the attempt was in flight (`retry_requested`) makes the
+        # delivery due again now. The finished ones' UPDATEs say whether any was asked
+        # for (most passes have none, and need no statement for it).
+        asked: list[uuid.UUID] = []
         for status, done_ids in done.items():
-            await conn.execute(
+            finished = await conn.execute(
                 webhook_deliveries.update()
                 .where(any_of(D.id, done_ids))
                 .values(
@@ -1281,26 +1287,31 @@ class Dispatcher:
                     completed_at=now,
                     claimed_until=None,
                 )
+                .returning(D.retry_requested)
             )
+            if any(finished.scalars()):
+                asked.extend(done_ids)
         retrying = [p.params for p in plans if p.shape == "failing"]
         if retrying:
             await conn.execute(_retry_update(), retrying)
-        ids = [p.delivery["id"] for p in plans]
-        requeued = set(
-            (
-                await conn.execute(
-                    webhook_deliveries.update()
-                    .where(any_of(D.id, ids), D.retry_requested.is_(True))
-                    .values(
-                        status=DeliveryStatus.PENDING,
-                        next_attempt_at=now,
-                        completed_at=None,
-                        retry_requested=False,
+            asked.extend(p.delivery["id"] for p in plans if p.shape == "failing")
+        requeued: set[uuid.UUID] = set()
+        if asked:
+            requeued = set(
+                (
+                    await conn.execute(
+                        webhook_deliveries.update()
+                        .where(any_of(D.id, asked), D.retry_requested.is_(True))
+                        .values(
+                            status=DeliveryStatus.PENDING,
+                            next_attempt_at=now,
+                            completed_at=None,
+                            retry_requested=False,
+                        )
+                        .returning(D.id)
                     )
-                    .returning(D.id)
-                )
-            ).scalars()
-        )
+                ).scalars()
+            )
         last: dict[uuid.UUID, _Plan] = {}
         succeeded: set[uuid.UUID] = set()
         for p in plans:
