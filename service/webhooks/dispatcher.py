@@ -141,8 +141,6 @@ CHECK_TTL_S = 10.0
 """A URL's passing SSRF check is reused this long: the sender connector's DNS cache
 (`ttl_dns_cache`) keeps a checked answer as long."""
 CHECKED_URLS_MAX = 10_000
-FANOUT_YIELD_EVERY = 50
-"""The fan-out builds this many webhook bodies between two turns of the event loop."""
 D = webhook_deliveries.c
 E = webhook_endpoints.c
 
@@ -379,18 +377,11 @@ class Dispatcher:
             await dlq.send_many(poison)
         if not planned:
             return 0
-        bodies: list[bytes] = []
-        for n, (event, _, _) in enumerate(planned, start=1):
-            bodies.append(webhook_body(event.type, event.time, event.data))
-            if n % FANOUT_YIELD_EVERY == 0:
-                # A batch's bodies take milliseconds: let the answers of the requests in
-                # flight in meanwhile (their next sends start), not after the batch.
-                await asyncio.sleep(0)
         now = self.clock()
         room = self._handover_room({e.id for _, _, targets in planned for e in targets}, now)
         leased: dict[uuid.UUID, EndpointSlots] = {eid: self.slots[eid] for eid in room}
         batch = []
-        for (event, ws, targets), body in zip(planned, bodies, strict=True):
+        for event, ws, targets in planned:
             leases: dict[uuid.UUID, datetime] = {}
             for e in targets:
                 if room.get(e.id, 0) > 0:
@@ -404,7 +395,7 @@ class Dispatcher:
                     [e.id for e in targets],
                     event.id,
                     event.type,
-                    body,
+                    webhook_body(event.type, event.time, event.data),
                     leases,
                 )
             )
