@@ -2,20 +2,21 @@
 
 from __future__ import annotations
 
+import functools
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from service.audit.store import AuditRecord, append_events
 from service.db import (
     Database,
     new_id,
+    new_ids,
     utcnow,
     webhook_attempts,
     webhook_deliveries,
@@ -456,39 +457,115 @@ async def enqueue(
 async def enqueue_many(
     conn: AsyncConnection, db: Database, events: Sequence[NewDeliveries]
 ) -> list[dict[str, Any]]:
-    """`enqueue` for many events in one statement (executemany of one cached INSERT).
+    """`enqueue` for many events in few statements: multi-row INSERTs through the driver.
 
     Returns the rows that were new (column name -> value, as inserted), in the order of
-    `events`; a repeated (event, endpoint) is left out. RETURNING tells them apart on both
-    backends (an executemany's rowcount is -1 on asyncpg).
+    `events`; a repeated (event, endpoint) is left out (``ON CONFLICT DO NOTHING``), and
+    RETURNING tells them apart on both backends.
+
+    One statement per `ENQUEUE_CHUNK` rows: on PostgreSQL ``INSERT ... SELECT FROM
+    unnest(arrays)``, on SQLite one ``VALUES`` list; values are converted only where the
+    column's type needs it, by that type's own bind processor, so a fan-out batch costs
+    no SQLAlchemy parameter processing per value (issue 8: a third of the fan-out's time).
     """
     now = utcnow()
+    pending = DeliveryStatus.PENDING.value
+    ids = new_ids(sum(len(e.endpoint_ids) for e in events))
     rows = [
-        {
-            "id": new_id(),
-            "workspace_id": e.workspace_id,
-            "endpoint_id": endpoint_id,
-            "event_id": e.event_id,
-            "event_type": e.event_type,
-            "payload": e.payload,
-            "status": DeliveryStatus.PENDING.value,
-            "attempt_count": 0,
-            "next_attempt_at": now,
-            "created_at": now,
-            "claimed_until": e.leases.get(endpoint_id),
-        }
-        for e in events
-        for endpoint_id in e.endpoint_ids
+        _DeliveryRow(
+            next_id,
+            e.workspace_id,
+            endpoint_id,
+            e.event_id,
+            e.event_type,
+            e.payload,
+            pending,
+            0,
+            now,
+            now,
+            e.leases.get(endpoint_id),
+        )
+        for next_id, (e, endpoint_id) in zip(
+            ids, ((e, eid) for e in events for eid in e.endpoint_ids), strict=True
+        )
     ]
     if not rows:
         return []
-    ins: Any = (sqlite.insert if db.is_sqlite else postgresql.insert)(webhook_deliveries)
-    result = await conn.execute(
-        ins.on_conflict_do_nothing(index_elements=["event_id", "endpoint_id"]).returning(D.id),
-        rows,
+    dialect = conn.dialect
+    processors = _delivery_processors(dialect)
+    values = [_converted(r, processors) for r in rows]
+    new: set[str] = set()
+    for start in range(0, len(values), ENQUEUE_CHUNK):
+        chunk = values[start : start + ENQUEUE_CHUNK]
+        if dialect.name == "postgresql":
+            params: tuple[Any, ...] = tuple(map(list, zip(*chunk, strict=True)))
+        else:
+            params = tuple(v for row in chunk for v in row)
+        result = await conn.exec_driver_sql(_enqueue_sql(dialect, len(chunk)), params)
+        new.update(str(i) for i in result.scalars())
+    return [r._asdict() for r, v in zip(rows, values, strict=True) if str(v[0]) in new]
+
+
+ENQUEUE_CHUNK = 1000
+"""Rows per INSERT of `enqueue_many`: 11 values each, under SQLite's 32,766 variables."""
+
+
+class _DeliveryRow(NamedTuple):
+    """A new delivery as `enqueue_many` inserts it: the field names are the columns."""
+
+    id: uuid.UUID
+    workspace_id: uuid.UUID
+    endpoint_id: uuid.UUID
+    event_id: str
+    event_type: str
+    payload: bytes
+    status: str
+    attempt_count: int
+    next_attempt_at: datetime
+    created_at: datetime
+    claimed_until: datetime | None
+
+
+_Processors = list[tuple[int, Callable[[Any], Any]]]
+
+
+@functools.cache
+def _delivery_processors(dialect: sa.Dialect) -> _Processors:
+    """(position, bind processor) of the `_DeliveryRow` columns whose type converts."""
+    return [
+        (i, p)
+        for i, name in enumerate(_DeliveryRow._fields)
+        if (p := webhook_deliveries.c[name].type._cached_bind_processor(dialect)) is not None
+    ]
+
+
+def _converted(row: tuple[Any, ...], processors: _Processors) -> tuple[Any, ...]:
+    values = list(row)
+    for i, process in processors:
+        if values[i] is not None:
+            values[i] = process(values[i])
+    return tuple(values)
+
+
+@functools.lru_cache(maxsize=64)
+def _enqueue_sql(dialect: sa.Dialect, count: int) -> str:
+    """The INSERT of `count` deliveries that skips repeated (event, endpoint) pairs and
+    returns the new ids; on PostgreSQL one array per column (any count)."""
+    preparer = dialect.identifier_preparer
+    names = ", ".join(preparer.quote(name) for name in _DeliveryRow._fields)
+    if dialect.name == "postgresql":
+        arrays = ", ".join(
+            f"${i}::{webhook_deliveries.c[name].type.compile(dialect=dialect)}[]"
+            for i, name in enumerate(_DeliveryRow._fields, start=1)
+        )
+        source = f"SELECT * FROM unnest({arrays})"
+    else:
+        one = "(" + ", ".join("?" * len(_DeliveryRow._fields)) + ")"
+        source = "VALUES " + ", ".join([one] * count)
+    return (
+        f"INSERT INTO {preparer.format_table(webhook_deliveries)} ({names}) {source} "
+        "ON CONFLICT (event_id, endpoint_id) DO NOTHING RETURNING id"
     )
-    new = set(result.scalars())
-    return [r for r in rows if r["id"] in new]
 
 
 async def list_deliveries(

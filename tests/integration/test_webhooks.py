@@ -53,6 +53,7 @@ from service.events import (
 from service.kafka import InMessage, Producer
 from service.keys import SCOPES, create_key
 from service.procs import free_port
+from service.webhooks import store
 from service.webhooks.dispatcher import AttemptResult, Dispatcher
 from tests.conftest import Tenant, components_running, make_settings
 from tests.logcapture import json_logs
@@ -1053,6 +1054,60 @@ async def test_the_same_event_consumed_twice_makes_one_delivery_per_endpoint(
     for endpoint in (every, deletes):
         listed = await list_deliveries(tenant, endpoint["id"])
         assert [(d["event_id"], d["event_type"]) for d in listed] == [(event.id, "contact.deleted")]
+
+
+async def test_enqueue_many_over_several_statements_returns_exactly_the_new_rows(
+    tenant: Tenant, services: Services, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fan-out's multi-row INSERT, two rows a statement: a repeated (event, endpoint)
+    is skipped wherever it falls, the rest come back in order, as stored (lease included)."""
+    monkeypatch.setattr(store, "ENQUEUE_CHUNK", 2)
+    a = uuid.UUID((await create_endpoint(tenant, "https://hooks.example.com/a"))["id"])
+    b = uuid.UUID((await create_endpoint(tenant, "https://hooks.example.com/b"))["id"])
+    until = utcnow() + timedelta(minutes=1)
+
+    def event(n: int, leases: dict[uuid.UUID, datetime] | None = None) -> store.NewDeliveries:
+        body = f'{{"n":{n},"text":"caf\u00e9 \u0000"}}'.encode()
+        return store.NewDeliveries(
+            tenant.workspace_id, [a, b], f"evt-{n}", "contact.deleted", body, leases or {}
+        )
+
+    async with services.db.begin() as conn:
+        first = await store.enqueue_many(conn, services.db, [event(1), event(2, {a: until})])
+    async with services.db.begin() as conn:
+        again = await store.enqueue_many(conn, services.db, [event(2), event(3), event(1)])
+
+    assert [(r["event_id"], r["endpoint_id"]) for r in first] == [
+        ("evt-1", a),
+        ("evt-1", b),
+        ("evt-2", a),
+        ("evt-2", b),
+    ]
+    assert [(r["event_id"], r["endpoint_id"]) for r in again] == [("evt-3", a), ("evt-3", b)]
+    assert [r["claimed_until"] for r in first] == [None, None, until, None]
+    d = webhook_deliveries.c
+    async with services.db.read() as conn:
+        stored = {
+            r.id: r
+            for r in await conn.execute(
+                sa.select(webhook_deliveries).where(d.workspace_id == tenant.workspace_id)
+            )
+        }
+    assert set(stored) == {r["id"] for r in first + again}
+    for r in first + again:
+        row = stored[r["id"]]
+        assert (row.endpoint_id, row.event_id, row.event_type) == (
+            r["endpoint_id"],
+            r["event_id"],
+            "contact.deleted",
+        )
+        assert bytes(row.payload) == r["payload"] == event(int(r["event_id"][4:])).payload
+        assert (row.status, row.attempt_count, row.claimed_until) == (
+            "pending",
+            0,
+            r["claimed_until"],
+        )
+        assert row.next_attempt_at == row.created_at == r["created_at"]
 
 
 async def test_event_types_filter_selects_the_endpoints_of_its_workspace(
