@@ -156,7 +156,10 @@ class WebhookDelivery(Out):
     event_type: str
     status: DeliveryStatus
     attempt_count: int = Field(ge=0)
-    next_attempt_at: Time | None
+    next_attempt_at: Time | None = Field(
+        description="When it is sent next (pending, failing); null once it succeeded, "
+        "failed or was cancelled"
+    )
     last_attempt_at: Time | None
     created_at: Time
     completed_at: Time | None

@@ -100,7 +100,9 @@ def delivery_json(row: Mapping[Any, Any]) -> dict[str, Any]:
         "event_type": row["event_type"],
         "status": row["status"],
         "attempt_count": row["attempt_count"],
-        "next_attempt_at": iso(row["next_attempt_at"]),
+        # Only a delivery still to be sent has a next attempt (the column keeps the last
+        # planned time once it is over: not an answer to give).
+        "next_attempt_at": iso(row["next_attempt_at"]) if row["status"] in SENDABLE else None,
         "last_attempt_at": iso(row["last_attempt_at"]),
         "created_at": iso(row["created_at"]),
         "completed_at": iso(row["completed_at"]),

@@ -798,9 +798,9 @@ async def test_503_with_retry_after_waits_at_least_that_long(
     delivery = await wait_delivery(tenant, endpoint["id"], event_id, has_status("succeeded"))
     first, second = delivery["attempts"]
     assert (first["status_code"], second["status_code"]) == (503, 200)
-    planned = at(delivery["next_attempt_at"]) - at(first["attempted_at"])
-    assert timedelta(seconds=2) <= planned < timedelta(seconds=3)
-    assert at(second["attempted_at"]) >= at(delivery["next_attempt_at"])
+    waited = at(second["attempted_at"]) - at(first["attempted_at"])
+    assert waited >= timedelta(seconds=2)
+    assert delivery["next_attempt_at"] is None  # it is over: nothing is planned
     hits = receiver.at("/hook")
     assert [h.webhook_id for h in hits] == [event_id, event_id]
     assert hits[1].at - hits[0].at >= 1.9
