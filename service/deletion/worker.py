@@ -17,6 +17,7 @@ its audit event.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import uuid
@@ -223,38 +224,67 @@ class DeletionWorker:
         # Its own stop: it ends with the consumer loop, after a last scrub of what is pending.
         done = asyncio.Event()
         scrubbing = asyncio.create_task(self.scrubber.run(done), name="erasure-scrubber")
+        # Batches being handled, oldest first: up to `worker_concurrency` at once, each in
+        # its own transaction (`process` takes its locks in one order, so two cannot
+        # deadlock; an item two of them name is done by the first, skipped by the second).
+        handling: collections.deque[tuple[Sequence[InMessage], asyncio.Task[bool]]] = (
+            collections.deque()
+        )
         committing: asyncio.Task[bool] | None = None
+        durable = True  # every batch handed over so far is done (or dead-lettered)
+
+        async def settle_oldest() -> None:
+            # The oldest batch's offsets go to the broker once its transaction committed:
+            # one commit at a time, in batch order, each only after its batch's commit. A
+            # batch that stopped before it was durable stops the commits: it and every
+            # batch after it stay uncommitted, to be delivered again (harmlessly).
+            nonlocal committing, durable
+            messages, task = handling.popleft()
+            if not await task or not durable:
+                durable = False
+                return
+            crash_if(self.settings.failpoint, "worker_after_db_commit")
+            # The offsets travel to the broker while the next batches are fetched and
+            # processed. A refused commit (the partition moved) is logged and skipped inside.
+            if committing is not None:
+                await committing
+            commit = functools.partial(consumer.commit, next_offsets(messages))
+            committing = asyncio.create_task(self._retry_transient(commit, stop))
+
         try:
             with contextlib.suppress(Stopped):
                 await wait_for_dependency(dlq.start, stop, dependency="kafka", component="worker")
-                while not stop.is_set():
+                while not stop.is_set() and durable:
+                    while handling and (
+                        handling[0][1].done() or len(handling) >= self.settings.worker_concurrency
+                    ):
+                        await settle_oldest()
+                    if not durable:
+                        break
                     messages = await self._retry_transient(
                         lambda: consumer.getmany(
                             timeout_ms=200, max_records=self.settings.worker_batch_size
                         ),
                         stop,
                     )
-                    if not messages:
-                        continue
-                    if not await self.handle(messages, dlq, stop):
-                        break  # stopped before the batch was durable: leave it uncommitted
-                    crash_if(self.settings.failpoint, "worker_after_db_commit")
-                    # The offsets travel to the broker while the next batch is fetched and
-                    # processed: one commit at a time, in batch order, each only after its
-                    # batch's transaction. A refused commit (the partition moved) is logged
-                    # and skipped inside.
-                    if committing is not None:
-                        await committing
-                    commit = functools.partial(consumer.commit, next_offsets(messages))
-                    committing = asyncio.create_task(self._retry_transient(commit, stop))
+                    if messages:
+                        task = asyncio.create_task(self.handle(messages, dlq, stop))
+                        handling.append((messages, task))
         finally:
-            if committing is not None:
+            try:
+                # Stopping: the batches under way finish (or give up at the stop) and the
+                # durable ones are committed, still in order.
                 with contextlib.suppress(Stopped):
-                    await committing
-            await consumer.stop()
-            await dlq.stop()
-            done.set()
-            await scrubbing
+                    while handling:
+                        await settle_oldest()
+                if committing is not None:
+                    with contextlib.suppress(Stopped):
+                        await committing
+            finally:
+                await consumer.stop()
+                await dlq.stop()
+                done.set()
+                await scrubbing
 
     async def handle(
         self, messages: Sequence[InMessage], dlq: Producer, stop: asyncio.Event
@@ -363,15 +393,24 @@ class DeletionWorker:
         expansions = [c for c in commands if isinstance(c, JobExpand)]
         async with self.db.begin() as conn:
             progress: dict[uuid.UUID, ProgressDelta] = {}
+            # Lock order, the same in every transaction of the worker (two of its batches
+            # may run at once, and `give_up` too): items and contacts, then job rows, then
+            # the audit chain head — appended last, with the events of the jobs this batch
+            # finished after its deletions, so the head is held as briefly as can be.
+            records: list[AuditRecord] = []
             if deletions:
-                result.deleted = await self._delete(conn, deletions, progress, result.touched)
+                result.deleted = await self._delete(
+                    conn, deletions, progress, result.touched, records
+                )
             for expansion in expansions:
                 await self._expand(conn, expansion, progress)
             for job_id in sorted(progress, key=str):
                 change = await apply_progress(
-                    conn, self.db, self.settings, job_id, progress[job_id]
+                    conn, self.db, self.settings, job_id, progress[job_id], audit=records
                 )
                 result.note(job_id, change)
+            if records:
+                await append_events(conn, self.db, records)
             result.progress = progress
         return result
 
@@ -415,30 +454,30 @@ class DeletionWorker:
                 )
             )
             if updated.rowcount:
-                # Like a refused deletion, a given-up one leaves its trace in the audit trail.
+                # Like a refused deletion, a given-up one leaves its trace in the audit trail
+                # (appended last: the lock order of `process`).
                 job = (
                     await conn.execute(
                         sa.select(deletion_jobs).where(deletion_jobs.c.id == command.job_id)
                     )
                 ).one()
-                await append_events(
-                    conn,
-                    self.db,
-                    [
-                        AuditRecord(
-                            workspace_id=job.workspace_id,
-                            actor=_job_actor(job),
-                            action="contact.deletion_failed",
-                            target={"type": "contact", "id": str(command.contact_id)},
-                            job_id=str(command.job_id),
-                            request_id=job.request_id,
-                            data={"code": str(ErrorCode.FAILED), "message": message},
-                            occurred_at=now,
-                        )
-                    ],
-                )
+                records = [
+                    AuditRecord(
+                        workspace_id=job.workspace_id,
+                        actor=_job_actor(job),
+                        action="contact.deletion_failed",
+                        target={"type": "contact", "id": str(command.contact_id)},
+                        job_id=str(command.job_id),
+                        request_id=job.request_id,
+                        data={"code": str(ErrorCode.FAILED), "message": message},
+                        occurred_at=now,
+                    )
+                ]
                 delta = ProgressDelta(failed=1)
-                change = await apply_progress(conn, self.db, self.settings, command.job_id, delta)
+                change = await apply_progress(
+                    conn, self.db, self.settings, command.job_id, delta, audit=records
+                )
+                await append_events(conn, self.db, records)
                 result.note(command.job_id, change)
                 result.progress[command.job_id] = delta
         return result
@@ -449,7 +488,10 @@ class DeletionWorker:
         commands: Sequence[DeletionRequested],
         progress: dict[uuid.UUID, ProgressDelta],
         touched: set[str],
+        records: list[AuditRecord],
     ) -> int:
+        """Delete what the commands ask for; their audit events go to ``records``, for the
+        caller to append after the job rows (`process`'s lock order)."""
         items = deletion_job_items.c
         job_ids = sorted({c.job_id for c in commands}, key=str)
         jobs = {
@@ -512,7 +554,6 @@ class DeletionWorker:
             await conn.execute(contacts.delete().where(any_of(contacts.c.id, doomed)))
             touched |= touched_tables(True, orphaned.redacted_tables)
 
-        records: list[AuditRecord] = []
         deleted_rows: list[OutboxRow] = []
         topic = self.settings.topic(TOPIC_CONTACT_DELETED)
         encoder = ContactDeletedEncoder(now)
@@ -610,9 +651,6 @@ class DeletionWorker:
                 )
             )
         await insert_rows(conn, outbox, deleted_rows)
-        if records:
-            # Last: the append holds the workspace's chain head until commit.
-            await append_events(conn, self.db, records)
         return len(doomed)
 
     async def _orphan_timelines(
