@@ -549,9 +549,8 @@ class DeletionWorker:
             for cid, c in doomed.items()
             if jobs[c.job_id].redact_timeline
         }
-        orphaned = await self._orphan_timelines(conn, list(doomed), redact)
+        orphaned = await self._delete_contacts(conn, list(doomed), redact)
         if doomed:
-            await conn.execute(contacts.delete().where(any_of(contacts.c.id, doomed)))
             touched |= touched_tables(True, orphaned.redacted_tables)
 
         deleted_rows: list[OutboxRow] = []
@@ -653,20 +652,47 @@ class DeletionWorker:
         await insert_rows(conn, outbox, deleted_rows)
         return len(doomed)
 
-    async def _orphan_timelines(
+    async def _delete_contacts(
         self,
         conn: AsyncConnection,
         contact_ids: list[uuid.UUID],
         redact: dict[uuid.UUID, Redactor],
     ) -> Orphaned:
-        """Null the back-references of these contacts' timelines, redact the text of those
-        in `redact`; say what was kept and what was redacted."""
+        """Delete these contacts; null the back-references of their timelines, redact the
+        text of those in `redact`; say what was kept and what was redacted."""
         orphaned = Orphaned(redactions={cid: RedactionSummary() for cid in redact})
-        kept = orphaned.kept
         if not contact_ids:
             return orphaned
+        if not redact and conn.dialect.name == "postgresql":
+            return await self._orphan_and_delete_pg(conn, contact_ids, orphaned)
         if not redact:
-            return await self._orphan_unredacted(conn, contact_ids, orphaned)
+            await self._orphan_unredacted(conn, contact_ids, orphaned)
+        else:
+            await self._orphan_timelines(conn, contact_ids, redact, orphaned)
+        await conn.execute(contacts.delete().where(any_of(contacts.c.id, contact_ids)))
+        return orphaned
+
+    async def _orphan_and_delete_pg(
+        self, conn: AsyncConnection, contact_ids: list[uuid.UUID], orphaned: Orphaned
+    ) -> Orphaned:
+        """PostgreSQL, without redaction: ONE statement (`_ORPHAN_AND_DELETE_PG`) nulls the
+        three timelines' back-references, returning what each kept, and deletes the
+        contacts — one round trip where `_orphan_unredacted` and the delete take up to
+        five. What is kept is the same, in the same order."""
+        result = await conn.exec_driver_sql(_ORPHAN_AND_DELETE_PG, (contact_ids,))
+        _keep(orphaned, contact_ids, result.all())
+        return orphaned
+
+    async def _orphan_timelines(
+        self,
+        conn: AsyncConnection,
+        contact_ids: list[uuid.UUID],
+        redact: dict[uuid.UUID, Redactor],
+        orphaned: Orphaned,
+    ) -> None:
+        """With redaction: per table, read the timeline rows of these contacts, redact the
+        text of those in `redact`, null their back-references."""
+        kept = orphaned.kept
         for kind, table in TIMELINE_TABLES.items():
             when = _timeline_time(kind, table)
             text = [table.c[f] for f in TEXT_FIELDS[kind]]
@@ -706,11 +732,10 @@ class DeletionWorker:
                     .where(any_of(table.c.contact_id, contact_ids))
                     .values(contact_id=None)
                 )
-        return orphaned
 
     async def _orphan_unredacted(
         self, conn: AsyncConnection, contact_ids: list[uuid.UUID], orphaned: Orphaned
-    ) -> Orphaned:
+    ) -> None:
         """Without redaction: one statement reads what the three timelines keep of these
         contacts, then one per table that has any nulls their back-references (each round
         trip counts: on a busy machine each one waits for the database to be scheduled)."""
@@ -727,18 +752,7 @@ class DeletionWorker:
             for kind, table in TIMELINE_TABLES.items()
         ]
         rows = (await conn.execute(sa.union_all(*selects))).all()
-        by_text = {_uuid_text(cid): cid for cid in contact_ids}
-        kinds: set[str] = set()
-        # In id order within each kind, as a per-table ORDER BY id would give (the text
-        # forms sort as the UUIDs do: fixed-width lowercase hex).
-        kept = orphaned.kept
-        for text_id, kind, contact_text, at in sorted(
-            (_uuid_text(r[1]), r[0], _uuid_text(r[2]), r[3]) for r in rows
-        ):
-            kinds.add(kind)
-            kept.setdefault(by_text[contact_text], {}).setdefault(kind, []).append(
-                {"id": text_id, "kind": kind, "at": _raw_iso_z(at)}
-            )
+        kinds = _keep(orphaned, contact_ids, rows)
         for kind, table in TIMELINE_TABLES.items():
             if kind in kinds:
                 await conn.execute(
@@ -746,7 +760,6 @@ class DeletionWorker:
                     .where(any_of(table.c.contact_id, contact_ids))
                     .values(contact_id=None)
                 )
-        return orphaned
 
     async def _expand(
         self, conn: AsyncConnection, command: JobExpand, progress: dict[uuid.UUID, ProgressDelta]
@@ -798,6 +811,46 @@ _DECIDING_COLUMNS = (
 def _timeline_time(kind: str, table: sa.Table) -> sa.ColumnElement[Any]:
     """When a timeline item happened: an activity's occurred_at, else its created_at."""
     return table.c.occurred_at if kind == "activity" else table.c.created_at
+
+
+def _keep(orphaned: Orphaned, contact_ids: list[uuid.UUID], rows: Sequence[Any]) -> set[str]:
+    """Note in ``orphaned.kept`` the timeline rows (kind, id, contact id, time, as the
+    driver returned them) these contacts leave; the kinds that had any."""
+    by_text = {_uuid_text(cid): cid for cid in contact_ids}
+    kinds: set[str] = set()
+    kept = orphaned.kept
+    # In id order within each kind, as a per-table ORDER BY id would give (the text forms
+    # sort as the UUIDs do: fixed-width lowercase hex).
+    for text_id, kind, contact_text, at in sorted(
+        (_uuid_text(r[1]), r[0], _uuid_text(r[2]), r[3]) for r in rows
+    ):
+        kinds.add(kind)
+        kept.setdefault(by_text[contact_text], {}).setdefault(kind, []).append(
+            {"id": text_id, "kind": kind, "at": _raw_iso_z(at)}
+        )
+    return kinds
+
+
+def _orphan_and_delete_sql() -> str:
+    """`_ORPHAN_AND_DELETE_PG`: data-modifying CTEs, all in one snapshot. Each timeline
+    UPDATE joins the table to itself to return the back-reference it nulls (RETURNING
+    gives the new row); the contacts' DELETE runs though nothing reads it (PostgreSQL
+    runs every data-modifying CTE exactly once). ``$1`` is the contact ids (uuid[])."""
+    ctes = []
+    selects = []
+    for kind, table in TIMELINE_TABLES.items():
+        when = _timeline_time(kind, table).name
+        ctes.append(
+            f"{kind} AS (UPDATE {table.name} AS t SET contact_id = NULL "
+            f"FROM {table.name} AS o WHERE o.contact_id = ANY($1::uuid[]) AND t.id = o.id "
+            f"RETURNING '{kind}'::text AS kind, t.id, o.contact_id, t.{when} AS at)"
+        )
+        selects.append(f"SELECT kind, id, contact_id, at FROM {kind}")
+    ctes.append(f"doomed AS (DELETE FROM {contacts.name} WHERE id = ANY($1::uuid[]))")
+    return f"WITH {', '.join(ctes)} {' UNION ALL '.join(selects)}"
+
+
+_ORPHAN_AND_DELETE_PG = _orphan_and_delete_sql()
 
 
 def _iso_z(at: Any) -> str:
