@@ -6,6 +6,12 @@ timeline back-references, appends the audit events, marks the job items, writes 
 that transaction commits, and an item that is no longer pending is skipped, so a
 redelivered message changes nothing and emits nothing.
 
+Up to `worker_concurrency` batches are in flight at once, each in its own transaction:
+every transaction of the worker takes its locks in one order (items and contacts, then job
+rows, then the audit chain head, appended last), so two of them never wait for each other
+in a cycle, and the next batch deletes while the previous one holds its job row and chain
+head to commit. Offsets are committed in batch order, each after its own batch's commit.
+
 Error kinds (service.faults decides which is which): a malformed message is dead-lettered
 and committed; a transient database or broker error is retried with capped, jittered
 back-off for as long as it lasts, never skipped and never counted against an item; a
