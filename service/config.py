@@ -91,6 +91,12 @@ class Settings(BaseSettings):
     # without a million-contact job queueing a million messages at once.
     expand_page_size: int = Field(default=2000, ge=1)
     expand_ahead_max: int = Field(default=10_000, ge=1)
+    # Worker batches in flight at once in one worker process, each in its own transaction:
+    # while one holds its job row and the audit chain head to commit, the next one reads,
+    # deletes and writes its items (PostgreSQL; SQLite's one writer runs them in turn).
+    # Offsets are still committed in batch order, each after its batch's commit. 1 = one
+    # batch at a time.
+    worker_concurrency: int = Field(default=2, ge=1, le=8)
     idempotency_ttl_s: int = Field(default=24 * 3600, ge=1)
     kafka_replication_factor: int = Field(default=1, ge=1)
     # How fast the group notices a member that died (kill -9, a lost host): its partitions

@@ -674,9 +674,19 @@ class ProgressDelta:
 
 
 async def apply_progress(
-    conn: AsyncConnection, db: Database, settings: Settings, job_id: uuid.UUID, delta: ProgressDelta
+    conn: AsyncConnection,
+    db: Database,
+    settings: Settings,
+    job_id: uuid.UUID,
+    delta: ProgressDelta,
+    *,
+    audit: list[AuditRecord] | None = None,
 ) -> JobChange:
-    """Add outcomes to a job; finish it when nothing is left (then `finished` is set)."""
+    """Add outcomes to a job; finish it when nothing is left (then `finished` is set).
+
+    ``audit``: see `finish_job` (the finished job's event goes there, for the caller to
+    append, when given).
+    """
     c = deletion_jobs.c
     now = utcnow()
     values: dict[str, Any] = {
@@ -713,7 +723,7 @@ async def apply_progress(
     done = row["expanded"] and row["processed_count"] >= row["total_requested"]
     if not done or row["completed_at"] is not None:
         return change
-    change.finished = await finish_job(conn, db, settings, row, now)
+    change.finished = await finish_job(conn, db, settings, row, now, audit=audit)
     return change
 
 
@@ -770,8 +780,15 @@ async def finish_job(
     now: datetime,
     *,
     failure: tuple[str, str] | None = None,
+    audit: list[AuditRecord] | None = None,
 ) -> dict[str, Any]:
     """Mark a job finished, and record and announce it; returns its id, status and counts.
+
+    ``audit``: when given, the job's ``deletion.completed`` event is added to it rather
+    than appended here, and the caller appends the list (`append_events`) before it
+    commits. The worker does so to take its locks in one order in every transaction —
+    items and contacts, then job rows, then the audit chain head — and to append the
+    job's last deletions and its completion, in that order, in one go.
 
     ``failure`` (code, message) finishes it ``failed``: the job itself could not run, for
     instance because the database refused its selection statement. The reason is kept on
@@ -797,25 +814,23 @@ async def finish_job(
         "not_found_count": row["not_found_count"],
         "failed_count": row["failed_count"],
     }
-    await append_events(
-        conn,
-        db,
-        [
-            AuditRecord(
-                workspace_id=row["workspace_id"],
-                actor={"type": "system", "id": "worker"},
-                action="deletion.completed",
-                target={"type": "deletion_job", "id": str(row["id"])},
-                job_id=str(row["id"]),
-                request_id=row["request_id"],
-                data={
-                    "status": str(status),
-                    **counts,
-                    **({"code": failure[0], "message": failure[1]} if failure else {}),
-                },
-            )
-        ],
+    record = AuditRecord(
+        workspace_id=row["workspace_id"],
+        actor={"type": "system", "id": "worker"},
+        action="deletion.completed",
+        target={"type": "deletion_job", "id": str(row["id"])},
+        job_id=str(row["id"]),
+        request_id=row["request_id"],
+        data={
+            "status": str(status),
+            **counts,
+            **({"code": failure[0], "message": failure[1]} if failure else {}),
+        },
     )
+    if audit is not None:
+        audit.append(record)
+    else:
+        await append_events(conn, db, [record])
     event = envelope(
         TYPE_JOB_COMPLETED,
         str(row["id"]),

@@ -36,7 +36,7 @@ async def test_preserved_timeline_ids_and_times_are_the_text_of_what_was_written
     settings = make_settings(db_url)
     workspace_id = await ensure_workspace(db, f"timeline-{uuid.uuid4().hex}")
     now = utcnow()
-    contact_id, neighbour_id = uuid.uuid4(), uuid.uuid4()
+    contact_id, neighbour_id, bystander_id = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
     whole_second = datetime(2024, 2, 29, 23, 59, 59, tzinfo=UTC)
     with_micros = datetime(2001, 1, 1, 0, 0, 0, 1, tzinfo=UTC)
     # Two activities inserted out of id order: the event lists them in id order.
@@ -68,7 +68,7 @@ async def test_preserved_timeline_ids_and_times_are_the_text_of_what_was_written
                     "created_at": now,
                     "updated_at": now,
                 }
-                for cid in (contact_id, neighbour_id)
+                for cid in (contact_id, neighbour_id, bystander_id)
             ],
         )
         rows: list[dict[str, Any]]
@@ -82,7 +82,13 @@ async def test_preserved_timeline_ids_and_times_are_the_text_of_what_was_written
                 ],
             ),
             (notes, [{"id": note_id, "contact_id": contact_id}]),
-            (tasks, [{"id": uuid.uuid4(), "contact_id": neighbour_id}]),
+            (
+                tasks,
+                [
+                    {"id": uuid.uuid4(), "contact_id": neighbour_id},
+                    {"id": uuid.uuid4(), "contact_id": bystander_id},
+                ],
+            ),
         ):
             await conn.execute(table.insert(), [base | extra(table) | r for r in rows])
         job_id = uuid.uuid4()
@@ -119,6 +125,28 @@ async def test_preserved_timeline_ids_and_times_are_the_text_of_what_was_written
     assert preserved[str(contact_id)] == kept
     neighbour = preserved[str(neighbour_id)]
     assert [len(neighbour[k]) for k in ("activities", "notes", "tasks")] == [1, 0, 1]
+    # The contacts are gone, their timelines stay without a back-reference; a contact the
+    # batch did not name keeps its own (PostgreSQL does all this in one statement).
+    async with db.read() as conn:
+        left = (
+            await conn.execute(
+                sa.select(contacts.c.id).where(contacts.c.workspace_id == workspace_id)
+            )
+        ).scalars()
+        assert set(left) == {bystander_id}
+        for table, expected in ((activities, 3), (notes, 1), (tasks, 1)):
+            orphans = (
+                await conn.execute(
+                    sa.select(sa.func.count()).where(
+                        table.c.workspace_id == workspace_id, table.c.contact_id.is_(None)
+                    )
+                )
+            ).scalar_one()
+            assert orphans == expected, table.name
+        still = (
+            await conn.execute(sa.select(tasks.c.contact_id).where(tasks.c.contact_id.isnot(None)))
+        ).scalars()
+        assert bystander_id in set(still)
 
 
 def extra(table: sa.Table) -> dict[str, Any]:

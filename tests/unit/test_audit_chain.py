@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import json
 import math
+import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
@@ -128,6 +130,97 @@ def test_canonical_json_is_exactly_the_documented_json_dumps(value: Any) -> None
     ).encode("utf-8")
     assert canonical_json(value) == expected
     assert canonical_json({"b": value, "a": [value]}) == b'{"a":[%s],"b":%s}' % (expected, expected)
+
+
+def _documented(value: Any) -> bytes | type[Exception]:
+    """What the documented ``json.dumps`` call makes of ``value``: its bytes, or the
+    class of the error it raises."""
+    try:
+        return json.dumps(
+            value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+        ).encode("utf-8")
+    except (TypeError, ValueError) as exc:  # UnicodeEncodeError is a ValueError
+        return TypeError if isinstance(exc, TypeError) else ValueError
+
+
+def _canonical(value: Any) -> bytes | type[Exception]:
+    try:
+        return canonical_json(value)
+    except (TypeError, ValueError) as exc:
+        return TypeError if isinstance(exc, TypeError) else ValueError
+
+
+class _Text(str):
+    pass
+
+
+class _Colour(enum.Enum):
+    RED = "red"
+
+
+class _Level(enum.IntEnum):
+    HIGH = 3
+
+
+# Every character, lone surrogates and controls included; integers far beyond 64 bits;
+# keys that are not strings; floats; subclasses and types orjson knows but json refuses.
+_any_text = st.text(st.characters(codec=None, categories=None), max_size=8) | st.sampled_from(
+    ["\x00\x1f\x7f\u2028\u2029", '"\\/', "\ud800", "é✓😀", "\x85\xa0"]
+)
+_wide_leaf = (
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.integers(min_value=2**63 - 2, max_value=2**64 + 2)
+    | st.integers(min_value=-(2**64) - 2, max_value=-(2**63) + 2)
+    | st.sampled_from([10**40, -(10**40), 2**64, -(2**63) - 1])
+    | _any_text
+    | st.floats()
+    | st.sampled_from(
+        [_Text("x"), _Level.HIGH, _Colour.RED, uuid.UUID(int=7), b"x", datetime(2024, 1, 1)]
+    )
+)
+_wide = st.recursive(
+    _wide_leaf,
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.lists(inner, max_size=4).map(tuple)
+        | st.dictionaries(_any_text, inner, max_size=4)
+        | st.dictionaries(st.integers(-3, 3) | st.none() | st.booleans(), inner, max_size=2)
+    ),
+    max_leaves=20,
+)
+
+
+@given(value=_wide)
+def test_canonical_json_matches_json_dumps_on_any_value(value: Any) -> None:
+    """canonical_json takes a faster encoder for the plain values; for every value, the
+    bytes, or the kind of refusal, must be what the documented json.dumps call gives."""
+    assert _canonical(value) == _documented(value)
+    assert _canonical({"k": value, "a": [value]}) == _documented({"k": value, "a": [value]})
+
+
+def test_canonical_json_matches_json_dumps_at_the_edges() -> None:
+    deep: Any = "x"
+    for _ in range(200):
+        deep = [deep, {"k": deep}] if isinstance(deep, str) else [deep]
+    looped: dict[str, Any] = {}
+    looped["self"] = looped
+    for value in (
+        deep,
+        looped,
+        {"\ud800": 1},
+        {"a\x00": "\x00", "a": "\x1f", "ä": 1, "z": 2, "Z": 3, "😀": 4, "\uffff": 5},
+        [2**64 - 1, 2**64, -(2**63), -(2**63) - 1],
+        {"k": 1e16, "j": 1e-7, "i": -0.0},
+        {1: "int key", "1": "str key"},
+        [_Text("x"), _Level.HIGH],
+        {"k": _Colour.RED},
+        {"k": uuid.UUID(int=7)},
+        {"k": math.nan},
+        {"k": datetime(2024, 1, 1)},
+    ):
+        assert _canonical(value) == _documented(value)
 
 
 @given(

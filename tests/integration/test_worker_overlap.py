@@ -1,0 +1,113 @@
+"""Worker transactions at once (``worker_concurrency``): batches of one job, a redelivered
+batch and a `give_up` running together finish the job exactly once, with exact counts and
+an audit chain that verifies, the job's completion its last event.
+
+Every worker transaction takes its locks in one order (items and contacts, the job row,
+then the audit chain head), so on PostgreSQL none of them waits for another in a cycle: a
+deadlock there would surface here as an error from `process` (it is not retried here).
+On SQLite the one writer connection runs them in turn.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import sqlalchemy as sa
+
+from service.audit.store import load_hash_key, stream_events, verify_workspace
+from service.db import Database, contacts, deletion_jobs, utcnow
+from service.deletion.models import BulkDeleteRequest
+from service.deletion.store import Requester, create_job
+from service.deletion.worker import DeletionWorker
+from service.events import DeletionRequested
+from service.keys import ensure_workspace
+from service.metrics import Metrics
+from tests.conftest import make_settings
+
+CONTACTS = 30
+
+
+async def test_overlapping_batches_redelivery_and_give_up_finish_a_job_exactly_once(
+    db_url: str, db: Database
+) -> None:
+    settings = make_settings(db_url)
+    workspace_id = await ensure_workspace(db, f"overlap-{uuid.uuid4().hex}")
+    now = utcnow()
+    ids = [uuid.uuid4() for _ in range(CONTACTS)]
+    job_id = uuid.uuid4()
+    async with db.begin() as conn:
+        await conn.execute(
+            contacts.insert(),
+            [
+                {
+                    "id": cid,
+                    "workspace_id": workspace_id,
+                    "email": f"{cid.hex}@example.com",
+                    "first_name": None,
+                    "last_name": None,
+                    "phone": None,
+                    "properties": {},
+                    "member_role": None,
+                    "has_billing_subscription": False,
+                    "created_at": now,
+                    "updated_at": now,
+                }
+                for cid in ids
+            ],
+        )
+        await create_job(
+            conn,
+            db,
+            settings,
+            Requester(workspace_id, None, None),
+            BulkDeleteRequest(contact_ids=ids),
+            job_id,
+        )
+    worker = DeletionWorker(settings, db, Metrics())
+    worker.hash_key = await load_hash_key(db, None)
+    commands = [
+        DeletionRequested(job_id=job_id, workspace_id=workspace_id, ref=str(c), contact_id=c)
+        for c in ids
+    ]
+
+    results = await asyncio.wait_for(
+        asyncio.gather(
+            worker.process(commands[:12]),
+            worker.process(commands[12:24]),
+            worker.process(commands[24:] + commands[:3]),  # a redelivered part of the first
+            worker.give_up(commands[20], "given up while its batch ran"),
+            worker.process(commands[:12]),  # the first batch again, whole
+        ),
+        timeout=60,
+    )
+
+    async with db.read() as conn:
+        job = (
+            (await conn.execute(sa.select(deletion_jobs).where(deletion_jobs.c.id == job_id)))
+            .mappings()
+            .one()
+        )
+        left = (
+            await conn.execute(sa.select(sa.func.count()).where(contacts.c.id.in_(ids)))
+        ).scalar_one()
+    failed = job["failed_count"]
+    assert failed in (0, 1)  # the give_up won its item, or found it done
+    assert (job["processed_count"], job["deleted_count"]) == (CONTACTS, CONTACTS - failed)
+    assert job["completed_at"] is not None
+    assert left == failed
+    assert sum(r.deleted for r in results) == CONTACTS - failed
+    assert sum(len(r.finished_jobs) for r in results) == 1
+
+    verified = await verify_workspace(db, workspace_id)
+    assert verified.ok, verified
+    events = [e async for e in stream_events(db, workspace_id)]
+    per_contact = [
+        e["target"]["id"]
+        for e in events
+        if e["action"] in ("contact.deleted", "contact.deletion_failed")
+    ]
+    assert sorted(per_contact) == sorted(str(c) for c in ids)  # one event each
+    assert [e["action"] for e in events].count("deletion.completed") == 1
+    assert events[-1]["action"] == "deletion.completed"
+    assert events[-1]["data"]["processed_count"] == CONTACTS
