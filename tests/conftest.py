@@ -12,6 +12,7 @@ import contextlib
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +66,24 @@ async def db(db_url: str) -> AsyncIterator[Database]:
         yield database
     finally:
         await database.dispose()
+
+
+def contact_row(workspace_id: uuid.UUID, contact_id: uuid.UUID, at: datetime) -> dict[str, Any]:
+    """A plain contact (an address from its id, no name, phone or role) for
+    ``contacts.insert()``, created and updated ``at``."""
+    return {
+        "id": contact_id,
+        "workspace_id": workspace_id,
+        "email": f"{contact_id.hex}@example.com",
+        "first_name": None,
+        "last_name": None,
+        "phone": None,
+        "properties": {},
+        "member_role": None,
+        "has_billing_subscription": False,
+        "created_at": at,
+        "updated_at": at,
+    }
 
 
 def make_settings(db_url: str, **overrides: Any) -> Settings:

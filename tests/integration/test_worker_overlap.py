@@ -23,7 +23,7 @@ from service.deletion.worker import DeletionWorker
 from service.events import DeletionRequested
 from service.keys import ensure_workspace
 from service.metrics import Metrics
-from tests.conftest import make_settings
+from tests.conftest import contact_row, make_settings
 
 CONTACTS = 30
 
@@ -39,22 +39,7 @@ async def test_overlapping_batches_redelivery_and_give_up_finish_a_job_exactly_o
     async with db.begin() as conn:
         await conn.execute(
             contacts.insert(),
-            [
-                {
-                    "id": cid,
-                    "workspace_id": workspace_id,
-                    "email": f"{cid.hex}@example.com",
-                    "first_name": None,
-                    "last_name": None,
-                    "phone": None,
-                    "properties": {},
-                    "member_role": None,
-                    "has_billing_subscription": False,
-                    "created_at": now,
-                    "updated_at": now,
-                }
-                for cid in ids
-            ],
+            [contact_row(workspace_id, cid, now) for cid in ids],
         )
         await create_job(
             conn,

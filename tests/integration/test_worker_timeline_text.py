@@ -23,7 +23,7 @@ from service.deletion.worker import DeletionWorker
 from service.events import DeletionRequested
 from service.keys import ensure_workspace
 from service.metrics import Metrics
-from tests.conftest import make_settings
+from tests.conftest import contact_row, make_settings
 
 
 def iso_z(at: datetime) -> str:
@@ -55,19 +55,7 @@ async def test_preserved_timeline_ids_and_times_are_the_text_of_what_was_written
         await conn.execute(
             contacts.insert(),
             [
-                {
-                    "id": cid,
-                    "workspace_id": workspace_id,
-                    "email": f"{cid.hex}@example.com",
-                    "first_name": None,
-                    "last_name": None,
-                    "phone": None,
-                    "properties": {},
-                    "member_role": None,
-                    "has_billing_subscription": False,
-                    "created_at": now,
-                    "updated_at": now,
-                }
+                contact_row(workspace_id, cid, now)
                 for cid in (contact_id, neighbour_id, bystander_id)
             ],
         )
