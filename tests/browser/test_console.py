@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 import uuid
 from collections import Counter
 from pathlib import Path
@@ -269,6 +270,43 @@ def test_a_key_without_audit_read_sees_no_audit_section_and_sign_out_forgets_it(
     driver.refresh()
     wait_for(driver, lambda d: d.find_element(By.ID, "api-key").is_displayed())
     assert not css(driver, "#nav").is_displayed()
+
+
+def test_a_view_that_finishes_loading_never_takes_the_focus_the_user_moved(
+    console_service: ConsoleService, browser: WebDriver
+) -> None:
+    """Navigating puts the focus on the new view's heading, unless the user moved it while
+    the view loaded: a keyboard user who tabbed to a link meanwhile keeps it (it was
+    taken, and their next Enter went to the heading)."""
+    service, driver = console_service, browser
+    key = service.key("contacts:read", "contacts:write", "webhooks:manage")
+    sign_in(driver, service, key)
+    wait_for(driver, lambda d: d.find_element(By.ID, "delete-form"))
+    # Go to the webhooks view and, once its route ran but before its data came back, move
+    # the focus to a nav link, as a Tab would.
+    driver.execute_async_script(
+        """const done = arguments[arguments.length - 1];
+        location.hash = "#/webhooks";
+        setTimeout(() => {
+          document.querySelector("#nav a[data-section=deletions]").focus();
+          done();
+        }, 0);"""
+    )
+    wait_for(driver, lambda d: d.find_element(By.ID, "endpoint-form"))
+    # A theft would come when the view's data lands: watch the focus for a second more.
+    watch_until = time.monotonic() + 1.0
+    while time.monotonic() < watch_until:
+        assert driver.switch_to.active_element.get_attribute("data-section") == "deletions"
+        time.sleep(0.05)
+    # Left alone, a navigation focuses the new view's heading.
+    driver.execute_script("location.hash = '#/deletions'")
+    wait_for(
+        driver,
+        lambda d: (
+            d.switch_to.active_element.tag_name == "h2" and d.find_element(By.ID, "delete-form")
+        ),
+    )
+    assert_no_console_errors(driver)
 
 
 def test_a_failed_job_says_why_on_its_page(

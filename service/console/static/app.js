@@ -76,11 +76,15 @@ function route() {
   current = new ViewContext();
   say("");
   const view = document.getElementById("view");
+  const focused = document.activeElement;
   section.module.render(view, parts, { me, ctx: current })
     .then(() => {
-      // Moving to a new view puts keyboard and screen-reader focus on its heading.
+      // Moving to a new view puts keyboard and screen-reader focus on its heading, unless
+      // the user moved the focus while the view loaded (tabbed to a link, say): never
+      // take it away from where they put it.
       const heading = view.querySelector("h2");
-      if (heading && !view.contains(document.activeElement)) {
+      const moved = document.activeElement !== focused && document.activeElement !== document.body;
+      if (heading && !moved && !view.contains(document.activeElement)) {
         heading.setAttribute("tabindex", "-1");
         heading.focus({ preventScroll: true });
       }
