@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -21,6 +22,14 @@ from typing import IO
 import aiohttp
 
 from service.config import Settings
+from service.db import utcnow
+from service.events import (
+    TYPE_CONTACT_DELETED,
+    CloudEvent,
+    ContactDeleted,
+    OrphanedTimeline,
+    envelope,
+)
 
 COMMAND = str(Path(sys.executable).with_name("contact-deletion"))
 
@@ -165,3 +174,22 @@ def components(
     finally:
         group.stop_all()
         group.print_tails()
+
+
+def contact_deleted_event(workspace_id: uuid.UUID) -> CloudEvent:
+    """A ``contact.deleted`` event of the workspace for a new contact id (empty timeline, a
+    zero email hash), as the worker publishes it; its ``subject`` is the contact id."""
+    contact_id = uuid.uuid4()
+    return envelope(
+        TYPE_CONTACT_DELETED,
+        str(contact_id),
+        ContactDeleted(
+            contact_id=contact_id,
+            workspace_id=workspace_id,
+            job_id=uuid.uuid4(),
+            deleted_at=utcnow(),
+            email_sha256="0" * 64,
+            orphaned_timeline=OrphanedTimeline(activities=0, notes=0, tasks=0),
+        ),
+        utcnow(),
+    )

@@ -27,21 +27,18 @@ from aiokafka.record.default_records import DefaultRecordBatchBuilder
 from service.app import Services
 from service.audit.store import load_hash_key
 from service.config import Settings
-from service.db import outbox, utcnow, webhook_deliveries
+from service.db import outbox, webhook_deliveries
 from service.deletion.worker import DeletionWorker
 from service.events import (
     DLQ_SUFFIX,
     TOPIC_CONTACT_DELETED,
     TOPIC_DELETION_REQUESTED,
-    TYPE_CONTACT_DELETED,
-    ContactDeleted,
-    OrphanedTimeline,
-    envelope,
 )
 from service.kafka import InMessage, OutMessage, Producer, read_topics
 from service.metrics import Metrics
 from service.topics import create_topics
 from service.webhooks import dispatcher as dispatcher_module
+from tests.components import contact_deleted_event
 from tests.conftest import Tenant, components_running, make_settings
 from tests.logcapture import json_logs
 from tests.real_errors import sqlite_too_many_variables, wrapped
@@ -175,22 +172,9 @@ async def test_the_worker_replaces_a_refused_dead_letter_copy_and_carries_on(
 
 def _event_message(topic: str, tenant: Tenant, offset: int) -> tuple[str, InMessage]:
     """A contact.deleted event of the tenant, as consumed at ``offset``; with its id."""
-    contact_id = uuid.uuid4()
-    event = envelope(
-        TYPE_CONTACT_DELETED,
-        str(contact_id),
-        ContactDeleted(
-            contact_id=contact_id,
-            workspace_id=tenant.workspace_id,
-            job_id=uuid.uuid4(),
-            deleted_at=utcnow(),
-            email_sha256="0" * 64,
-            orphaned_timeline=OrphanedTimeline(activities=0, notes=0, tasks=0),
-        ),
-        utcnow(),
-    )
+    event = contact_deleted_event(tenant.workspace_id)
     value = event.model_dump_json().encode()
-    return event.id, InMessage(topic, 0, offset, str(contact_id).encode(), value, ())
+    return event.id, InMessage(topic, 0, offset, str(event.subject).encode(), value, ())
 
 
 async def _fan_out(settings: Settings, services: Services, messages: list[InMessage]) -> Metrics:

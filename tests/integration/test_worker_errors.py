@@ -29,6 +29,7 @@ from service.events import DLQ_SUFFIX, TOPIC_DELETION_REQUESTED, DeletionRequest
 from service.kafka import Consumer, InMessage, OutMessage, Producer
 from service.metrics import Metrics
 from service.topics import create_topics
+from tests.components import contact_deleted_event
 from tests.conftest import Tenant, make_settings
 from tests.real_errors import sqlite_busy, sqlite_too_many_variables, wrapped
 
@@ -448,13 +449,9 @@ async def test_an_event_the_database_refuses_is_dead_lettered_and_its_batch_mate
 ) -> None:
     """A permanent error in the dispatcher's fan-out splits the batch: the bad event goes to
     the dead-letter topic with its reason, the good one gets its delivery row."""
-    from service.db import utcnow, webhook_deliveries
+    from service.db import webhook_deliveries
     from service.events import (
         TOPIC_CONTACT_DELETED,
-        TYPE_CONTACT_DELETED,
-        ContactDeleted,
-        OrphanedTimeline,
-        envelope,
     )
     from service.webhooks import dispatcher as dispatcher_module
 
@@ -464,22 +461,7 @@ async def test_an_event_the_database_refuses_is_dead_lettered_and_its_batch_mate
     assert status == 201, body
     await create_topics(settings)
     topic = settings.topic(TOPIC_CONTACT_DELETED)
-    events = [
-        envelope(
-            TYPE_CONTACT_DELETED,
-            str(contact_id),
-            ContactDeleted(
-                contact_id=contact_id,
-                workspace_id=tenant.workspace_id,
-                job_id=uuid.uuid4(),
-                deleted_at=utcnow(),
-                email_sha256="0" * 64,
-                orphaned_timeline=OrphanedTimeline(activities=0, notes=0, tasks=0),
-            ),
-            utcnow(),
-        )
-        for contact_id in (uuid.uuid4(), uuid.uuid4())
-    ]
+    events = [contact_deleted_event(tenant.workspace_id) for _ in range(2)]
     bad, good = events
     messages = [
         InMessage(topic, 0, n, str(e.subject).encode(), e.model_dump_json().encode(), ())
