@@ -69,6 +69,18 @@ class TimeIdCursor(_Cursor):
 C = TypeVar("C", bound=_Cursor)
 
 
+class ListQuery(BaseModel):
+    """The query string of a listing: ``limit`` rows (1 to 500, default 50) after ``cursor``."""
+
+    model_config = ConfigDict(extra="forbid")
+    limit: int = Field(default=50, ge=1, le=500)
+    cursor: str | None = Field(
+        default=None,
+        max_length=MAX_CURSOR_LENGTH,
+        description="The `next_cursor` of the previous page",
+    )
+
+
 def encode_cursor(position: dict[str, Any]) -> str:
     """An opaque, URL-safe cursor for a position in a listing."""
     raw = json.dumps(position, separators=(",", ":"), default=str).encode()

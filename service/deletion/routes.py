@@ -10,7 +10,7 @@ from datetime import datetime
 from typing import Any
 
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict
 
 from service import idempotency
 from service.apimodels import Data, Page
@@ -36,9 +36,14 @@ from service.deletion.store import (
 )
 from service.errors import NotFound
 from service.http import DB_KEY, SETTINGS_KEY, request_id
-from service.limits import MAX_CURSOR_LENGTH
 from service.logs import get_logger
-from service.pagination import PositionCursor, TimeIdCursor, encode_cursor, read_cursor
+from service.pagination import (
+    ListQuery,
+    PositionCursor,
+    TimeIdCursor,
+    encode_cursor,
+    read_cursor,
+)
 from service.routing import Answer, Call, HeaderParam, Operation, dump
 
 log = get_logger(__name__)
@@ -250,18 +255,6 @@ async def get_job(call: Call) -> Data[Job]:
     async with call.app[DB_KEY].read() as conn:
         job = await load_job(conn, call.principal.workspace_id, call.path["job_id"])
     return Data[Job].model_validate({"data": job})
-
-
-class ListQuery(BaseModel):
-    """The query string of GET /v1/bulk-jobs."""
-
-    model_config = ConfigDict(extra="forbid")
-    limit: int = Field(default=50, ge=1, le=500)
-    cursor: str | None = Field(
-        default=None,
-        max_length=MAX_CURSOR_LENGTH,
-        description="The `next_cursor` of the previous page",
-    )
 
 
 class ItemsQuery(ListQuery):

@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from datetime import datetime
 from typing import Any
 
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel
 
 from service.apimodels import Data, NoQuery, Page
 from service.db import utcnow
 from service.errors import ValidationFailed
 from service.http import DB_KEY, SETTINGS_KEY, request_id
 from service.keys import Principal
-from service.limits import MAX_CURSOR_LENGTH
-from service.pagination import TimeIdCursor, encode_cursor, read_cursor
+from service.pagination import ListQuery, TimeIdCursor, encode_cursor, read_cursor
 from service.routing import Answer, Call, Handler, Operation, Reply
 from service.webhooks import store
 from service.webhooks.models import (
@@ -35,6 +35,11 @@ from service.webhooks.ssrf import ensure_public
 
 WEBHOOK_SIGNAL_KEY = web.AppKey("webhook_signal", asyncio.Event)
 SCOPE = "webhooks:manage"
+
+
+def _cursor(nxt: tuple[datetime, uuid.UUID] | None) -> str | None:
+    """The `next_cursor` after a (created_at, id) position, or None on the last page."""
+    return encode_cursor({"at": nxt[0].isoformat(), "id": str(nxt[1])}) if nxt else None
 
 
 def _actor(who: Principal) -> dict[str, str]:
@@ -77,9 +82,13 @@ async def create(call: Call) -> Reply:
     return Reply(_with_secret(endpoint), 201)
 
 
-async def list_all(call: Call) -> Data[list[WebhookEndpoint]]:
-    endpoints = await store.list_endpoints(call.app[DB_KEY], call.principal.workspace_id)
-    return Data[list[WebhookEndpoint]].model_validate({"data": endpoints})
+async def list_all(call: Call) -> Page[WebhookEndpoint]:
+    query = call.query_as(ListQuery)
+    before = read_cursor(query.cursor, TimeIdCursor).position if query.cursor else None
+    page, nxt = await store.list_endpoints(
+        call.app[DB_KEY], call.principal.workspace_id, query.limit, before
+    )
+    return Page[WebhookEndpoint].model_validate({"data": page, "next_cursor": _cursor(nxt)})
 
 
 async def get_one(call: Call) -> Data[WebhookEndpoint]:
@@ -168,17 +177,10 @@ async def send_test(call: Call) -> Reply:
     return Reply(Data[QueuedTest].model_validate({"data": queued}), 202)
 
 
-class DeliveriesQuery(BaseModel):
+class DeliveriesQuery(ListQuery):
     """The query string of GET /v1/webhooks/endpoints/{endpoint_id}/deliveries."""
 
-    model_config = ConfigDict(extra="forbid")
     status: DeliveryStatus | None = None
-    limit: int = Field(default=50, ge=1, le=500)
-    cursor: str | None = Field(
-        default=None,
-        max_length=MAX_CURSOR_LENGTH,
-        description="The `next_cursor` of the previous page",
-    )
 
 
 async def deliveries(call: Call) -> Page[WebhookDelivery]:
@@ -194,8 +196,7 @@ async def deliveries(call: Call) -> Page[WebhookDelivery]:
         query.limit,
         before,
     )
-    cursor = encode_cursor({"at": nxt[0].isoformat(), "id": str(nxt[1])}) if nxt else None
-    return Page[WebhookDelivery].model_validate({"data": page, "next_cursor": cursor})
+    return Page[WebhookDelivery].model_validate({"data": page, "next_cursor": _cursor(nxt)})
 
 
 async def delivery(call: Call) -> Data[WebhookDeliveryWithAttempts]:
@@ -274,8 +275,9 @@ ROUTES: tuple[Operation, ...] = (
         BASE,
         list_all,
         "listWebhookEndpoints",
-        "List webhook endpoints",
-        Answer(200, Data[list[WebhookEndpoint]], "The endpoints"),
+        "List webhook endpoints, newest first",
+        Answer(200, Page[WebhookEndpoint], "A page of endpoints"),
+        query=ListQuery,
     ),
     _op(
         "GET",

@@ -215,16 +215,31 @@ async def get_endpoint(
         return endpoint_json(await _endpoint_row(conn, workspace_id, endpoint_id))
 
 
-async def list_endpoints(db: Database, workspace_id: uuid.UUID) -> list[dict[str, Any]]:
+async def list_endpoints(
+    db: Database,
+    workspace_id: uuid.UUID,
+    limit: int,
+    before: tuple[datetime, uuid.UUID] | None,
+) -> tuple[list[dict[str, Any]], tuple[datetime, uuid.UUID] | None]:
+    """A page of a workspace's endpoints, newest first, and the position after it (or None).
+
+    ``before`` is the (created_at, id) of the last endpoint of the previous page.
+    """
+    stmt = (
+        sa.select(webhook_endpoints)
+        .where(E.workspace_id == workspace_id)
+        .order_by(E.created_at.desc(), E.id.desc())
+        .limit(limit + 1)
+    )
+    if before is not None:
+        at, last = before
+        stmt = stmt.where(sa.or_(E.created_at < at, sa.and_(E.created_at == at, E.id < last)))
     async with db.read() as conn:
-        rows = (
-            await conn.execute(
-                sa.select(webhook_endpoints)
-                .where(E.workspace_id == workspace_id)
-                .order_by(E.created_at, E.id)
-            )
-        ).mappings()
-        return [endpoint_json(r) for r in rows]
+        rows = (await conn.execute(stmt)).mappings().all()
+    nxt = rows[limit - 1] if len(rows) > limit else None
+    return [endpoint_json(r) for r in rows[:limit]], (
+        (nxt["created_at"], nxt["id"]) if nxt is not None else None
+    )
 
 
 async def update_endpoint(

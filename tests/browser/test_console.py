@@ -309,6 +309,31 @@ def test_a_view_that_finishes_loading_never_takes_the_focus_the_user_moved(
     assert_no_console_errors(driver)
 
 
+def test_the_endpoint_list_pages_newest_first(
+    console_service: ConsoleService, browser: WebDriver
+) -> None:
+    """The API gives endpoints 50 a page: the console shows the first page and appends
+    the older ones on demand, each once."""
+    service, driver = console_service, browser
+    key = service.key("webhooks:manage")
+    urls = [f"https://hooks.example.com/page{n}" for n in range(52)]
+    for url in urls:
+        assert service.call(key, "POST", "/v1/webhooks/endpoints", {"url": url})[0] == 201
+    sign_in(driver, service, key)
+    driver.get(f"{service.base}/console#/webhooks")
+
+    def shown(d: WebDriver) -> list[str]:
+        return [c.text for c in d.find_elements(By.CSS_SELECTOR, "main table tbody tr td code")]
+
+    wait_for(driver, lambda d: len(shown(d)) == 50)
+    assert shown(driver) == urls[::-1][:50]
+    click(driver, "#endpoints-more")
+    wait_for(driver, lambda d: len(shown(d)) == 52)
+    assert shown(driver) == urls[::-1]
+    assert not driver.find_element(By.ID, "endpoints-more").is_displayed()
+    assert_no_console_errors(driver)
+
+
 def test_a_failed_job_says_why_on_its_page(
     console_service: ConsoleService, browser: WebDriver
 ) -> None:

@@ -1608,6 +1608,41 @@ async def test_recover_requeues_the_failed_deliveries_since_a_time(
     assert status == 400, body
 
 
+async def test_endpoints_page_with_a_cursor(tenant: Tenant, other_tenant: Tenant) -> None:
+    """limit + next_cursor walk the workspace's endpoints once, newest first; bad input 400."""
+    created = [
+        (await create_endpoint(tenant, f"https://hooks.example.com/p{n}"))["id"] for n in range(5)
+    ]
+    await create_endpoint(other_tenant, "https://hooks.example.com/theirs")
+
+    seen: list[dict[str, Any]] = []
+    sizes: list[int] = []
+    cursor: str | None = None
+    while True:
+        query = f"{ENDPOINTS}?limit=2" + (f"&cursor={cursor}" if cursor else "")
+        status, body, _ = await tenant.call("GET", query)
+        assert status == 200, body
+        seen.extend(body["data"])
+        sizes.append(len(body["data"]))
+        cursor = body["next_cursor"]
+        if cursor is None:
+            break
+    assert sizes == [2, 2, 1]
+    assert [e["id"] for e in seen] == list(reversed(created))
+    assert all("secret" not in e for e in seen)
+    keys = [(e["created_at"], e["id"]) for e in seen]
+    assert keys == sorted(keys, reverse=True)
+
+    status, body, _ = await tenant.call("GET", ENDPOINTS)
+    assert status == 200, body
+    assert len(body["data"]) == 5
+    assert body["next_cursor"] is None
+    for bad in ("limit=0", "limit=501", "limit=x", "cursor=not-a-cursor", "status=enabled"):
+        status, body, _ = await tenant.call("GET", f"{ENDPOINTS}?{bad}")
+        assert status == 400, (bad, body)
+        assert body["error"]["code"] == "validation_error", body
+
+
 async def test_deliveries_page_with_a_cursor(tenant: Tenant) -> None:
     """limit + next_cursor walk every delivery once, newest first; bad input is 400."""
     endpoint = await create_endpoint(tenant, "https://hooks.example.com/paged")

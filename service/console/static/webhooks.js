@@ -48,6 +48,7 @@ async function listPage(view) {
   const description = h("input", { id: "ep-description", type: "text", maxlength: 500 });
   const created = h("div", { "aria-live": "polite" });
   const list = h("div");
+  const more = h("button", { type: "button", class: "secondary", hidden: true, id: "endpoints-more" }, "Older endpoints");
   const form = h("form", { id: "endpoint-form" },
     field("ep-url", "Receiver URL", url, "Signed per Standard Webhooks; verify with any Standard Webhooks library."),
     field("ep-description", "Description (optional)", description),
@@ -56,15 +57,22 @@ async function listPage(view) {
   mount(view, h("h2", {}, "Webhooks"),
     h("div", { class: "grid" },
       h("section", { class: "card" }, h("h3", {}, "Subscribe a receiver"), form, created),
-      h("section", { class: "card" }, h("h3", {}, "Endpoints"), list)));
-  const load = async () => {
-    const page = await api("GET", "/v1/webhooks/endpoints");
-    mount(list, table("Webhook endpoints", ["URL", "Status", "Events", ""],
-      page.data.map((e) => [h("code", {}, e.url), h("span", {}, badge(e.status), e.status === "disabled" ? h("span", { class: "hint" }, " ", reason(e)) : null),
+      h("section", { class: "card" }, h("h3", {}, "Endpoints"), list, more)));
+  let cursor = null;
+  let shown = [];
+  // The first page again (after a change), or the next page appended (`more`).
+  const load = async (append) => {
+    const page = await api("GET", `/v1/webhooks/endpoints${query({ limit: 50, cursor: append ? cursor : null })}`);
+    shown = append ? shown.concat(page.data) : page.data;
+    cursor = page.next_cursor;
+    more.hidden = !cursor;
+    mount(list, table("Webhook endpoints, newest first", ["URL", "Status", "Events", ""],
+      shown.map((e) => [h("code", {}, e.url), h("span", {}, badge(e.status), e.status === "disabled" ? h("span", { class: "hint" }, " ", reason(e)) : null),
         e.event_types.length ? e.event_types.join(", ") : "all",
         h("a", { href: `#/endpoints/${e.id}`, "aria-label": `Open endpoint ${e.url}` }, "Open")]),
       "No endpoints yet."));
   };
+  more.addEventListener("click", () => load(true).catch(fail));
   form.addEventListener("submit", async (event) => {
     event.preventDefault();
     try {
@@ -77,10 +85,10 @@ async function listPage(view) {
       mount(created, secretBox(endpoint.secret, "Your receiver verifies each delivery's signature with it."),
         h("p", {}, h("a", { href: `#/endpoints/${endpoint.id}` }, "Open the new endpoint")));
       say("Endpoint added.", "good");
-      await load();
+      await load(false);
     } catch (err) { fail(err); }
   });
-  await load();
+  await load(false);
 }
 
 async function endpointPage(view, id, ctx) {
