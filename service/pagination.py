@@ -11,9 +11,11 @@ import base64
 import binascii
 import json
 import uuid
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
+import sqlalchemy as sa
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
 
 from service.errors import ValidationFailed
@@ -67,6 +69,31 @@ class TimeIdCursor(_Cursor):
 
 
 C = TypeVar("C", bound=_Cursor)
+S = TypeVar("S", bound=sa.Select[Any])
+R = TypeVar("R", bound=Mapping[Any, Any])
+
+TimeId = tuple[datetime, uuid.UUID]
+
+
+def newest_first(stmt: S, table: sa.Table, limit: int, before: TimeId | None) -> S:
+    """``stmt`` over ``table`` as one page, newest first: ordered by (created_at, id)
+    descending, rows strictly before ``before`` (a `TimeIdCursor` position), ``limit + 1``
+    rows (the extra one says a next page exists; `split_page` drops it)."""
+    c = table.c
+    stmt = stmt.order_by(c.created_at.desc(), c.id.desc()).limit(limit + 1)
+    if before is not None:
+        at, last = before
+        stmt = stmt.where(sa.or_(c.created_at < at, sa.and_(c.created_at == at, c.id < last)))
+    return stmt
+
+
+def split_page(rows: Sequence[R], limit: int) -> tuple[Sequence[R], TimeId | None]:
+    """The page of rows a `newest_first` query returned, and the position of its last row
+    if another page follows (else None)."""
+    if len(rows) <= limit:
+        return rows, None
+    last = rows[limit - 1]
+    return rows[:limit], (last["created_at"], last["id"])
 
 
 class ListQuery(BaseModel):

@@ -49,6 +49,7 @@ from service.events import (
 from service.faults import describe, is_transient
 from service.logs import get_logger
 from service.outbox import encoded_outbox_row, outbox_row
+from service.pagination import newest_first, split_page
 from service.timefmt import iso
 
 log = get_logger(__name__)
@@ -165,20 +166,10 @@ async def list_jobs(
     before: tuple[datetime, uuid.UUID] | None,
 ) -> tuple[list[dict[str, Any]], tuple[datetime, uuid.UUID] | None]:
     """A page of jobs, newest first, and where the next page starts."""
-    c = deletion_jobs.c
-    stmt = (
-        sa.select(deletion_jobs)
-        .where(c.workspace_id == workspace_id)
-        .order_by(c.created_at.desc(), c.id.desc())
-        .limit(limit + 1)
-    )
-    if before is not None:
-        at, last_id = before
-        stmt = stmt.where(sa.or_(c.created_at < at, sa.and_(c.created_at == at, c.id < last_id)))
-    rows = (await conn.execute(stmt)).mappings().all()
-    page = [await _with_lists(conn, r) for r in rows[:limit]]
-    last = rows[limit - 1] if len(rows) > limit else None
-    return page, ((last["created_at"], last["id"]) if last is not None else None)
+    stmt = sa.select(deletion_jobs).where(deletion_jobs.c.workspace_id == workspace_id)
+    rows = (await conn.execute(newest_first(stmt, deletion_jobs, limit, before))).mappings().all()
+    page, nxt = split_page(rows, limit)
+    return [await _with_lists(conn, r) for r in page], nxt
 
 
 async def list_items(

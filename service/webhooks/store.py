@@ -24,6 +24,7 @@ from service.db import (
 )
 from service.errors import EndpointDisabled, NotFound
 from service.logs import get_logger
+from service.pagination import newest_first, split_page
 from service.timefmt import iso
 from service.webhooks.models import (
     SENDABLE,
@@ -225,21 +226,16 @@ async def list_endpoints(
 
     ``before`` is the (created_at, id) of the last endpoint of the previous page.
     """
-    stmt = (
-        sa.select(webhook_endpoints)
-        .where(E.workspace_id == workspace_id)
-        .order_by(E.created_at.desc(), E.id.desc())
-        .limit(limit + 1)
+    stmt = newest_first(
+        sa.select(webhook_endpoints).where(E.workspace_id == workspace_id),
+        webhook_endpoints,
+        limit,
+        before,
     )
-    if before is not None:
-        at, last = before
-        stmt = stmt.where(sa.or_(E.created_at < at, sa.and_(E.created_at == at, E.id < last)))
     async with db.read() as conn:
         rows = (await conn.execute(stmt)).mappings().all()
-    nxt = rows[limit - 1] if len(rows) > limit else None
-    return [endpoint_json(r) for r in rows[:limit]], (
-        (nxt["created_at"], nxt["id"]) if nxt is not None else None
-    )
+    page, nxt = split_page(rows, limit)
+    return [endpoint_json(r) for r in page], nxt
 
 
 async def update_endpoint(
@@ -595,22 +591,18 @@ async def list_deliveries(
 ) -> tuple[list[dict[str, Any]], tuple[datetime, uuid.UUID] | None]:
     async with db.read() as conn:
         await _endpoint_row(conn, workspace_id, endpoint_id)
-        stmt = (
-            sa.select(webhook_deliveries)
-            .where(D.endpoint_id == endpoint_id, D.workspace_id == workspace_id)
-            .order_by(D.created_at.desc(), D.id.desc())
-            .limit(limit + 1)
+        stmt = sa.select(webhook_deliveries).where(
+            D.endpoint_id == endpoint_id, D.workspace_id == workspace_id
         )
         if status is not None:
             stmt = stmt.where(D.status == status)
-        if before is not None:
-            at, last = before
-            stmt = stmt.where(sa.or_(D.created_at < at, sa.and_(D.created_at == at, D.id < last)))
-        rows = (await conn.execute(stmt)).mappings().all()
-    nxt = rows[limit - 1] if len(rows) > limit else None
-    return [delivery_json(r) for r in rows[:limit]], (
-        (nxt["created_at"], nxt["id"]) if nxt is not None else None
-    )
+        rows = (
+            (await conn.execute(newest_first(stmt, webhook_deliveries, limit, before)))
+            .mappings()
+            .all()
+        )
+    page, nxt = split_page(rows, limit)
+    return [delivery_json(r) for r in page], nxt
 
 
 async def get_delivery(
