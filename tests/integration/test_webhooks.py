@@ -1608,6 +1608,22 @@ async def test_recover_requeues_the_failed_deliveries_since_a_time(
     assert status == 400, body
 
 
+async def walk_pages(tenant: Tenant, path: str) -> tuple[list[dict[str, Any]], list[int]]:
+    """Every row of a listing (``path`` with its query), following ``next_cursor``; and the
+    size of each page."""
+    seen: list[dict[str, Any]] = []
+    sizes: list[int] = []
+    cursor: str | None = None
+    while True:
+        status, body, _ = await tenant.call("GET", path + (f"&cursor={cursor}" if cursor else ""))
+        assert status == 200, body
+        seen.extend(body["data"])
+        sizes.append(len(body["data"]))
+        cursor = body["next_cursor"]
+        if cursor is None:
+            return seen, sizes
+
+
 async def test_endpoints_page_with_a_cursor(tenant: Tenant, other_tenant: Tenant) -> None:
     """limit + next_cursor walk the workspace's endpoints once, newest first; bad input 400."""
     created = [
@@ -1615,18 +1631,7 @@ async def test_endpoints_page_with_a_cursor(tenant: Tenant, other_tenant: Tenant
     ]
     await create_endpoint(other_tenant, "https://hooks.example.com/theirs")
 
-    seen: list[dict[str, Any]] = []
-    sizes: list[int] = []
-    cursor: str | None = None
-    while True:
-        query = f"{ENDPOINTS}?limit=2" + (f"&cursor={cursor}" if cursor else "")
-        status, body, _ = await tenant.call("GET", query)
-        assert status == 200, body
-        seen.extend(body["data"])
-        sizes.append(len(body["data"]))
-        cursor = body["next_cursor"]
-        if cursor is None:
-            break
+    seen, sizes = await walk_pages(tenant, f"{ENDPOINTS}?limit=2")
     assert sizes == [2, 2, 1]
     assert [e["id"] for e in seen] == list(reversed(created))
     assert all("secret" not in e for e in seen)
@@ -1649,18 +1654,7 @@ async def test_deliveries_page_with_a_cursor(tenant: Tenant) -> None:
     eid = endpoint["id"]
     events = [await send_test(tenant, eid) for _ in range(5)]
 
-    seen: list[dict[str, Any]] = []
-    sizes: list[int] = []
-    cursor: str | None = None
-    while True:
-        query = f"{ENDPOINTS}/{eid}/deliveries?limit=2" + (f"&cursor={cursor}" if cursor else "")
-        status, body, _ = await tenant.call("GET", query)
-        assert status == 200, body
-        seen.extend(body["data"])
-        sizes.append(len(body["data"]))
-        cursor = body["next_cursor"]
-        if cursor is None:
-            break
+    seen, sizes = await walk_pages(tenant, f"{ENDPOINTS}/{eid}/deliveries?limit=2")
     assert sizes == [2, 2, 1]
     assert [d["event_id"] for d in seen] == list(reversed(events))
     keys = [(d["created_at"], d["id"]) for d in seen]
