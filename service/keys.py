@@ -16,6 +16,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from service.audit.models import AuditAction
 from service.audit.store import AuditRecord, append_events
 from service.db import Database, api_keys, new_id, utcnow, workspaces
 from service.scopes import SCOPES as SCOPES
@@ -160,7 +161,7 @@ async def _audit_key(
     db: Database,
     workspace_id: uuid.UUID,
     key_id: uuid.UUID,
-    action: str,
+    action: AuditAction,
     data: dict[str, Any],
 ) -> None:
     record = AuditRecord(

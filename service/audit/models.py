@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal, get_args
 
 from pydantic import Field
 
@@ -24,6 +24,28 @@ class Target(Out):
     id: str
 
 
+AuditAction = Literal[
+    "deletion.requested",
+    "deletion.dry_run",
+    "contact.deleted",
+    "contact.deletion_failed",
+    "deletion.completed",
+    "webhook.endpoint.created",
+    "webhook.endpoint.updated",
+    "webhook.endpoint.deleted",
+    "webhook.endpoint.secret_rotated",
+    "webhook.endpoint.enabled",
+    "webhook.endpoint.disabled",
+    "webhook.delivery.exhausted",
+    "api_key.created",
+    "api_key.revoked",
+]
+"""Every action the service writes to the audit trail (`AuditRecord.action` is typed with
+it, so a new one is added here first); ``GET /v1/audit/events?action=`` takes only these."""
+
+AUDIT_ACTIONS: tuple[str, ...] = get_args(AuditAction)
+
+
 class AuditEvent(Out):
     """One event of a workspace's hash chain."""
 
@@ -32,7 +54,11 @@ class AuditEvent(Out):
     workspace_id: UuidText
     occurred_at: Time
     actor: Actor
-    action: str = Field(examples=["contact.deleted"])
+    action: str = Field(
+        examples=["contact.deleted"],
+        description="One of the actions `GET /v1/audit/events?action=` takes; a client should "
+        "tolerate a new one",
+    )
     target: Target | None
     job_id: str | None
     request_id: str | None

@@ -20,7 +20,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from service.apimodels import Data, Page, in_utc_range
 from service.audit.chain import email_hmac, format_time
 from service.audit.export import export_line
-from service.audit.models import AuditContactTimeline, AuditEvent, ChainVerdict
+from service.audit.models import AuditAction, AuditContactTimeline, AuditEvent, ChainVerdict
 from service.audit.store import (
     EventFilter,
     load_hash_key,
@@ -94,7 +94,7 @@ class EventsQuery(BaseModel):
 
     target_id: str | None = Field(default=None, min_length=1, max_length=200)
     job_id: str | None = Field(default=None, min_length=1, max_length=64)
-    action: str | None = Field(default=None, min_length=1, max_length=100)
+    action: AuditAction | None = None
     actor_id: str | None = Field(default=None, min_length=1, max_length=200)
     email: Email | None = Field(
         default=None,

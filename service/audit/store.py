@@ -32,6 +32,7 @@ from service.audit.chain import (
     event_hash_with_data,
     format_time,
 )
+from service.audit.models import AuditAction
 from service.db import (
     Database,
     audit_events,
@@ -72,7 +73,7 @@ class AuditRecord:
 
     workspace_id: uuid.UUID
     actor: Mapping[str, str]
-    action: str
+    action: AuditAction
     target: Mapping[str, str] | None = None
     job_id: str | None = None
     request_id: str | None = None
@@ -246,7 +247,7 @@ class EventFilter:
     target_type: str | None = None
     target_id: str | None = None
     job_id: str | None = None
-    action: str | None = None
+    action: AuditAction | None = None
     actor_id: str | None = None
     email_hmac: str | None = None
     since: str | None = None

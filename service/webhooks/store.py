@@ -12,6 +12,7 @@ from typing import Any, NamedTuple
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from service.audit.models import AuditAction
 from service.audit.store import AuditRecord, append_events
 from service.db import (
     Database,
@@ -124,7 +125,7 @@ def attempt_json(row: Mapping[Any, Any]) -> dict[str, Any]:
 def endpoint_audit(
     workspace_id: uuid.UUID,
     endpoint_id: uuid.UUID,
-    action: str,
+    action: AuditAction,
     actor: Mapping[str, str],
     data: Mapping[str, Any] | None = None,
     request_id: str | None = None,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import re
 import tracemalloc
 import uuid
 from collections.abc import AsyncIterator
@@ -24,9 +25,11 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
 
+from service import console
 from service.app import Services, create_app, run_components
 from service.audit.chain import EVENT_FIELDS, parse_time
 from service.audit.export import verify_export
+from service.audit.models import AUDIT_ACTIONS
 from service.audit.store import AuditRecord, append_events
 from service.db import Database
 from service.keys import SCOPES, create_key, revoke_key
@@ -280,7 +283,29 @@ async def test_action_filter_returns_only_that_action(workload: Workload) -> Non
         workload.plain["id"],
         workload.single["id"],
     }
-    assert await events(workload.tenant, action="no.such.action") == []
+
+
+async def test_an_unknown_action_is_400_listing_the_known_ones(workload: Workload) -> None:
+    """A misspelt action ("deleted") must not answer an empty 200: "was anything deleted?"
+    would read "no". The refusal names every action the service writes."""
+    for wrong in ("deleted", "no.such.action", "CONTACT.DELETED"):
+        status, body = await get(workload.tenant, "/v1/audit/events", action=wrong)
+        assert status == 400, body
+        (detail,) = body["error"]["details"]
+        assert detail["field"] == "action"
+        assert all(f"'{action}'" in detail["message"] for action in AUDIT_ACTIONS), detail
+    status, body, _ = await workload.tenant.call(
+        "POST", "/v1/audit/events/query", {"action": "deleted"}
+    )
+    assert status == 400, body
+
+
+def test_the_console_offers_every_audit_action() -> None:
+    """The console's action picker (a static list in audit.js) is the service's list."""
+    script = (Path(console.__file__).parent / "static" / "audit.js").read_text()
+    listed = re.search(r"const ACTIONS = \[(.*?)\];", script, re.S)
+    assert listed is not None
+    assert tuple(re.findall(r'"([^"]+)"', listed.group(1))) == AUDIT_ACTIONS
 
 
 async def test_target_filter_returns_the_events_about_one_contact(workload: Workload) -> None:
@@ -390,6 +415,7 @@ async def test_filters_and_paging_combine(workload: Workload) -> None:
         ({"cursor": encode_cursor({"after_seq": "3"})}, "cursor"),
         ({"cursor": encode_cursor({"after": 3})}, "cursor"),
         ({"action": ""}, "action"),
+        ({"action": "deleted"}, "action"),
         ({"target_id": "x" * 201}, "target_id"),
     ],
 )
@@ -616,7 +642,7 @@ async def big_chain(tmp_path: Path) -> AsyncIterator[Tenant]:
                     AuditRecord(
                         workspace_id=tenant.workspace_id,
                         actor={"type": "system", "id": "bench"},
-                        action="bench.event",
+                        action="contact.deleted",
                         target={"type": "contact", "id": str(uuid.uuid4())},
                         data={"n": start + n, "padding": padding},
                     )

@@ -378,7 +378,13 @@ async def test_postgresql_refuses_to_change_audit_rows(postgres_url: str, statem
         workspace_id = uuid.uuid4()
         async with db.begin() as conn:
             await append_events(
-                conn, db, [AuditRecord(workspace_id=workspace_id, actor=_SYSTEM, action="a")]
+                conn,
+                db,
+                [
+                    AuditRecord(
+                        workspace_id=workspace_id, actor=_SYSTEM, action="deletion.requested"
+                    )
+                ],
             )
         sql = {
             "UPDATE": "UPDATE audit_events SET action = 'x' WHERE workspace_id = :ws",
@@ -426,7 +432,7 @@ async def test_concurrent_writers_leave_no_gap_and_no_fork(services: Services) -
                     record = AuditRecord(
                         workspace_id=workspace_id,
                         actor={"type": "system", "id": f"writer-{n}"},
-                        action="test.appended",
+                        action="deletion.requested",
                         data={"writer": n, "i": i},
                     )
                     await append_events(conn, db, [record])

@@ -4,9 +4,11 @@
 import { api, query, download } from "./api.js";
 import { h, mount, time, badge, field, table, kv, say, fail } from "./dom.js";
 
-const ACTIONS = ["deletion.requested", "contact.deleted", "contact.deletion_failed", "deletion.completed",
-  "webhook.endpoint.created", "webhook.endpoint.updated", "webhook.endpoint.deleted", "webhook.endpoint.disabled",
-  "webhook.endpoint.secret_rotated", "webhook.delivery.exhausted"];
+// Every action the service writes (service/audit/models.py AuditAction; a test keeps them equal).
+const ACTIONS = ["deletion.requested", "deletion.dry_run", "contact.deleted", "contact.deletion_failed",
+  "deletion.completed", "webhook.endpoint.created", "webhook.endpoint.updated", "webhook.endpoint.deleted",
+  "webhook.endpoint.secret_rotated", "webhook.endpoint.enabled", "webhook.endpoint.disabled",
+  "webhook.delivery.exhausted", "api_key.created", "api_key.revoked"];
 
 export function owns(part) {
   return part === "audit";
