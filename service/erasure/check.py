@@ -143,6 +143,10 @@ class Report:
             out.append(f"verdict: FOUND in {len(found)} place(s): {'; '.join(found)}")
         elif unchecked:
             out.append(f"verdict: not found, but {len(unchecked)} place(s) not checked")
+        elif not self.deletions:
+            out.append(
+                "verdict: nowhere (and no deletion of it recorded: is it spelled as it was stored?)"
+            )
         else:
             out.append("verdict: nowhere")
         return out

@@ -3,7 +3,8 @@
 Prints one line per place searched (found / not found / not checked, with the forms found:
 the address as given, lower-cased, or its SHA-256), what the audit trail says about the
 address's deletion, and a verdict. Exit codes: 0 nowhere, 1 found somewhere, 2 nothing
-found but some place could not be searched. See ``service.erasure.check``.
+found but some place could not be searched, or not an address the API would accept (the
+API's own check, `service.contacts.models.check_email`). See ``service.erasure.check``.
 """
 
 from __future__ import annotations
@@ -57,10 +58,18 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
 
 async def run(args: argparse.Namespace, settings: Settings) -> int:
     """Run the check and print its report; returns the exit code."""
+    from service.contacts.models import check_email
     from service.db import Database
     from service.erasure.check import ErasureCheck
     from service.migrate import schema_problem
 
+    # What the API would refuse to store cannot be anywhere: a mistyped argument would
+    # otherwise read as a proof ("nowhere", exit 0).
+    try:
+        check_email(args.email)
+    except ValueError as exc:
+        sys.stderr.write(f"contact-deletion: error: --email: {exc}\n")
+        return 2
     # Like every command that reads the schema: a database that is not there is named and
     # left alone (opening a missing SQLite file would create an empty one).
     problem = await schema_problem(settings.database_url, where=settings.describe_database())

@@ -143,6 +143,25 @@ def test_a_command_without_a_database_names_the_file_and_creates_nothing(
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.parametrize("address", ["not-an-email", "a@", "@b.test", "a b@c.test", ""])
+def test_erasure_check_refuses_what_is_not_an_address_before_reading_anything(
+    address: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A typo must not read as a proof: "verdict: nowhere", exit 0, for a string that could
+    never have been stored. Refused with the API's reason, exit 2, before any database."""
+    monkeypatch.setenv("DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    code = cli.main(["erasure", "check", "--email", address])
+    out, err = capsys.readouterr()
+    assert code == 2
+    assert "--email" in err and "not a valid email address" in err
+    assert "verdict" not in out
+    assert not (tmp_path / "data").exists()
+
+
 def test_the_dev_banner_promises_to_stop_only_a_broker_it_started() -> None:
     from service.dev import _banner
 
