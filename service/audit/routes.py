@@ -86,6 +86,15 @@ def _instant(value: Any) -> Any:
 Instant = Annotated[datetime, BeforeValidator(_instant)]
 
 
+def _no_space(value: Any) -> Any:
+    if isinstance(value, str) and " " in value.strip():
+        raise ValueError(
+            "value is not a valid email address: it has a space; in a query string an "
+            "unencoded '+' arrives as a space: send it as %2B"
+        )
+    return value
+
+
 class EventsQuery(BaseModel):
     """The filters of ``GET /v1/audit/events`` (query string) and of ``POST
     /v1/audit/events/query`` (JSON body); unknown ones are refused."""
@@ -96,7 +105,7 @@ class EventsQuery(BaseModel):
     job_id: str | None = Field(default=None, min_length=1, max_length=64)
     action: AuditAction | None = None
     actor_id: str | None = Field(default=None, min_length=1, max_length=200)
-    email: Email | None = Field(
+    email: Annotated[Email, BeforeValidator(_no_space)] | None = Field(
         default=None,
         description="Was this address deleted? In a query string, URL-encode it (`+` is "
         "%2B), or use POST /v1/audit/events/query to keep it out of the URL",

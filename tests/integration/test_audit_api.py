@@ -428,6 +428,19 @@ async def test_bad_query_parameters_are_400_naming_the_parameter(
     assert field in {d["field"] for d in body["error"]["details"]}
 
 
+async def test_an_unencoded_plus_in_the_email_parameter_says_to_send_it_as_2b(
+    workload: Workload,
+) -> None:
+    """``?email=ada+crm@example.com`` arrives as "ada crm@…": the 400 says why."""
+    status, body, _ = await workload.tenant.call(
+        "GET", "/v1/audit/events?email=ada+crm@example.com"
+    )
+    assert status == 400, body
+    (detail,) = body["error"]["details"]
+    assert detail["field"] == "email" and "%2B" in detail["message"], detail
+    assert "ada" not in json.dumps(body)  # the refusal does not echo the address
+
+
 async def test_a_repeated_parameter_is_400(workload: Workload) -> None:
     status, body, _ = await workload.tenant.call(
         "GET", "/v1/audit/events?action=contact.deleted&action=deletion.requested"
