@@ -316,9 +316,11 @@ def test_the_endpoint_list_pages_newest_first(
     the older ones on demand, each once."""
     service, driver = console_service, browser
     key = service.key("webhooks:manage")
-    urls = [f"https://hooks.example.com/page{n}" for n in range(52)]
+    urls = [f"https://crm.example.com/hooks/contact-deletions/{n}" for n in range(52)]
     for url in urls:
-        assert service.call(key, "POST", "/v1/webhooks/endpoints", {"url": url})[0] == 201
+        types = ["contact.deleted", "webhook.test"] if url.endswith("0") else []
+        body = {"url": url, "event_types": types}
+        assert service.call(key, "POST", "/v1/webhooks/endpoints", body)[0] == 201
     sign_in(driver, service, key)
     driver.get(f"{service.base}/console#/webhooks")
 
@@ -331,6 +333,7 @@ def test_the_endpoint_list_pages_newest_first(
     wait_for(driver, lambda d: len(shown(d)) == 52)
     assert shown(driver) == urls[::-1]
     assert not driver.find_element(By.ID, "endpoints-more").is_displayed()
+    shot(driver, "endpoints-paged")
     assert_no_console_errors(driver)
 
 

@@ -57,7 +57,7 @@ async function listPage(view) {
   mount(view, h("h2", {}, "Webhooks"),
     h("div", { class: "grid" },
       h("section", { class: "card" }, h("h3", {}, "Subscribe a receiver"), form, created),
-      h("section", { class: "card" }, h("h3", {}, "Endpoints"), list, more)));
+      h("section", { class: "card wide" }, h("h3", {}, "Endpoints"), list, more)));
   let cursor = null;
   let shown = [];
   // The first page again (after a change), or the next page appended (`more`).
@@ -68,7 +68,7 @@ async function listPage(view) {
     more.hidden = !cursor;
     mount(list, table("Webhook endpoints, newest first", ["URL", "Status", "Events", ""],
       shown.map((e) => [h("code", {}, e.url), h("span", {}, badge(e.status), e.status === "disabled" ? h("span", { class: "hint" }, " ", reason(e)) : null),
-        e.event_types.length ? e.event_types.join(", ") : "all",
+        e.event_types.length ? h("span", {}, e.event_types.map((t) => h("div", { class: "nowrap" }, t))) : "all",
         h("a", { href: `#/endpoints/${e.id}`, "aria-label": `Open endpoint ${e.url}` }, "Open")]),
       "No endpoints yet."));
   };
