@@ -145,19 +145,44 @@ def check_text(value: Any, path: str = "body") -> None:
             stack.extend((sub, f"{where}[{i}]") for i, sub in enumerate(item))
 
 
+class _DuplicateName(ValueError):
+    pass
+
+
+def _unique_names(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object's members as a dict, refusing a name given twice."""
+    value = dict(pairs)
+    if len(value) != len(pairs):
+        seen: set[str] = set()
+        for name, _ in pairs:
+            if name in seen:
+                shown = json.dumps(name[:100])
+                raise _DuplicateName(f"the name {shown} appears twice in one object")
+            seen.add(name)
+    return value
+
+
 def parse_json(raw: bytes) -> Any:
     """A JSON body, refused with a 400 unless it is JSON within the limits that can be stored.
 
-    Refused: malformed JSON or UTF-8; ``NaN``/``Infinity``; integers beyond Python's
-    4,300-digit conversion limit; nesting deeper than ``MAX_JSON_DEPTH``; a string holding
-    NUL or a lone surrogate. Never a RecursionError, whatever the body.
+    Refused: malformed JSON or UTF-8; an object naming a member twice (RFC 8259 §4 leaves
+    the meaning to each parser: ``{"dry_run": true, "dry_run": false}`` or a filter field
+    given twice would be read one way by a client's tooling and the other by us, and a
+    deletion must never be wider than the sender read it); ``NaN``/``Infinity``; integers
+    beyond Python's 4,300-digit conversion limit; nesting deeper than ``MAX_JSON_DEPTH``; a
+    string holding NUL or a lone surrogate. Never a RecursionError, whatever the body.
     """
     if json_depth(raw, MAX_JSON_DEPTH) > MAX_JSON_DEPTH:
         raise over_limit(
             "body", "max_json_depth", f"JSON nested deeper than {MAX_JSON_DEPTH} levels"
         )
     try:
-        value = json.loads(raw, parse_constant=_no_constant)
+        value = json.loads(raw, parse_constant=_no_constant, object_pairs_hook=_unique_names)
+    except _DuplicateName as exc:
+        raise ValidationFailed(
+            "the body names a member twice in one object",
+            [{"field": "body", "message": str(exc)}],
+        ) from None
     except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError too
         raise ValidationFailed(
             "the body is not valid JSON", [{"field": "body", "message": str(exc)[:200]}]

@@ -286,6 +286,34 @@ async def test_json_neither_database_can_store_is_a_400(tenant: Tenant, raw: byt
     assert body["error"]["code"] == "validation_error"
 
 
+@pytest.mark.parametrize(
+    ("path", "template"),
+    [
+        (BULK, '{"contact_ids": ["%s"], "dry_run": true, "dry_run": false}'),
+        (BULK, '{"filter": {"id": "%s", "id": {"$exists": true}}}'),
+        (BULK, '{"filter": {"$or": [{"id": "%s"}]}, "filter": {"$or": [{}]}, "match_all": true}'),
+        (QUERY, '{"filter": {"id": "%s", "id": {"$exists": true}}, "limit": 10}'),
+        ("/v1/contacts", '{"email": "a@example.com", "properties": {"k": 1, "k": "%s"}}'),
+        ("/v1/webhooks/endpoints", '{"url": "https://h.example.com/%s", "url": "https://x.test"}'),
+    ],
+    ids=["dry-run-twice", "filter-field-twice", "filter-twice", "query", "nested", "webhook"],
+)
+async def test_a_member_named_twice_in_one_object_is_a_400_and_changes_nothing(
+    services: Services, tenant: Tenant, path: str, template: str
+) -> None:
+    """RFC 8259 leaves a repeated name to each parser: one reads the first, we read the
+    last. A request whose sender may have meant a dry run, or a narrower filter, is refused,
+    never read as a real or wider deletion."""
+    contact_id = await seed(services, tenant)
+    status, body = await raw_post(tenant, path, (template % contact_id).encode())
+
+    assert status == 400, body
+    assert body["error"]["code"] == "validation_error"
+    assert "appears twice" in body["error"]["details"][0]["message"], body
+    assert (await tenant.call("GET", f"/v1/contacts/{contact_id}"))[0] == 200
+    assert (await tenant.call("GET", "/v1/bulk-jobs"))[1]["data"] == []
+
+
 async def test_a_nul_in_a_query_parameter_is_a_400(tenant: Tenant) -> None:
     for query in ("action=%00", "target_id=a%00b", "job_id=%00"):
         status, body, _ = await tenant.call("GET", f"/v1/audit/events?{query}")

@@ -87,6 +87,23 @@ def test_json_the_databases_cannot_store_is_refused(raw: bytes) -> None:
         parse_json(raw)
 
 
+@pytest.mark.parametrize(
+    "raw",
+    [b'{"a": 1, "a": 1}', b'[{"x": {"y": 1, "z": 2, "y": 3}}]', b'{"\\u0061": 1, "a": 2}'],
+)
+def test_a_name_twice_in_one_object_is_refused_at_any_depth(raw: bytes) -> None:
+    with pytest.raises(ValidationFailed):
+        parse_json(raw)
+
+
+def test_the_same_name_in_sibling_objects_is_fine() -> None:
+    assert parse_json(b'[{"a": 1}, {"a": 2}, {"b": {"a": 3}}]') == [
+        {"a": 1},
+        {"a": 2},
+        {"b": {"a": 3}},
+    ]
+
+
 def test_storable_replaces_nul_and_lone_surrogates_and_cuts() -> None:
     assert storable("ok\x00nul") == "ok\ufffdnul"
     assert storable("a\ud800b") == "a?b"
