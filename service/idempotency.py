@@ -22,6 +22,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
+from multidict import CIMultiDictProxy
 from sqlalchemy.dialects import postgresql, sqlite
 
 from service.audit.chain import canonical_json
@@ -66,6 +67,19 @@ class Claim:
 
 class LostClaim(IdempotencyConflict):
     """The request's lease lapsed and another request took its key over."""
+
+
+def header_key(headers: CIMultiDictProxy[str]) -> str | None:
+    """The request's ``Idempotency-Key`` (None without one), or a 400 when it is blank,
+    too long, not printable, or sent more than once: two keys leave unclear which retry is
+    "the same" (the IETF draft httpapi-idempotency-key-header makes it a single value)."""
+    keys = headers.getall("Idempotency-Key", [])
+    if len(keys) > 1:
+        raise ValidationFailed(
+            "more than one Idempotency-Key",
+            [{"field": "Idempotency-Key", "message": "send one key per request"}],
+        )
+    return check_key(keys[0]) if keys else None
 
 
 def check_key(key: str) -> str:

@@ -91,13 +91,12 @@ async def _submit(
     """
     db = request.app[DB_KEY]
     settings = request.app[SETTINGS_KEY]
-    key = request.headers.get("Idempotency-Key")
+    key = idempotency.header_key(request.headers)
     if key is None:
         status, headers, body = await _handle(
             request, workspace_id, key_id, req, None, None, must_exist
         )
         return web.Response(status=status, body=body, headers=headers)
-    idempotency.check_key(key)
     print_ = idempotency.fingerprint(request.method, request.path, raw)
     claim = await idempotency.claim(db, workspace_id, key, print_, settings.idempotency_ttl_s)
     if claim.replay is not None:

@@ -15,6 +15,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from multidict import CIMultiDict
 
 from service.app import Services
 from service.contacts.models import ContactCreate
@@ -477,6 +478,32 @@ async def test_an_empty_or_blank_idempotency_key_is_a_400(
     for status, body, _ in (bulk, single):
         assert status == 400, body
         assert body["error"]["details"][0]["field"] == "Idempotency-Key"
+
+
+async def test_two_idempotency_keys_are_a_400_and_delete_nothing(
+    services: Services, tenant: Tenant
+) -> None:
+    """Which of two keys makes a retry "the same"? Neither is guessed: refused, no job."""
+    contact_id = await seed(services, tenant)
+    headers = CIMultiDict(
+        [
+            ("Authorization", f"Bearer {tenant.key}"),
+            ("Idempotency-Key", "k1"),
+            ("Idempotency-Key", "k2"),
+        ]
+    )
+    for method, path, body in (
+        ("POST", BULK, {"contact_ids": [contact_id]}),
+        ("DELETE", f"/v1/contacts/{contact_id}", None),
+    ):
+        async with tenant.http.request(
+            method, tenant.url(path), json=body, headers=headers
+        ) as response:
+            answer = await response.json()
+            assert response.status == 400, answer
+            assert answer["error"]["details"][0]["field"] == "Idempotency-Key"
+    assert (await tenant.call("GET", f"/v1/contacts/{contact_id}"))[0] == 200
+    assert (await tenant.call("GET", "/v1/bulk-jobs"))[1]["data"] == []
 
 
 # --- 9. the spec and the service agree; 405 with Allow on every route ------------------------
