@@ -262,9 +262,11 @@ async def _authenticated(
     # A path's catch-all (405 with Allow, OPTIONS) needs no key: it reveals only the route table.
     if not request.path.startswith("/v1/") or match_info.route.method == hdrs.METH_ANY:
         return await handler(request)
-    auth = request.headers.get("Authorization", "")
-    scheme, _, token = auth.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
+    # Two Authorization headers (RFC 9110 §11.6.2: one credential per request) could name
+    # two workspaces; which one a proxy or we would pick is not for either to guess.
+    auths = request.headers.getall("Authorization", [""])
+    scheme, _, token = auths[0].partition(" ")
+    if len(auths) > 1 or scheme.lower() != "bearer" or not token.strip():
         raise Unauthenticated(
             "send your API key as 'Authorization: Bearer <key>'",
             headers={"WWW-Authenticate": "Bearer"},

@@ -216,6 +216,22 @@ async def test_an_unknown_key_is_a_401_invalid_key(api: str, http: aiohttp.Clien
     assert_error(body, "invalid_key")
 
 
+async def test_two_authorization_headers_are_a_401_even_if_both_are_valid(
+    services: Services, tenant: Tenant, api: str, http: aiohttp.ClientSession
+) -> None:
+    """One credential per request (RFC 9110 §11.6.2): two keys, perhaps of two workspaces,
+    are refused rather than one of them picked."""
+    other = await new_tenant(services, api, http)
+    for second in (tenant.key, other.key):
+        headers = CIMultiDict(
+            [("Authorization", f"Bearer {tenant.key}"), ("Authorization", f"Bearer {second}")]
+        )
+        async with http.get(f"{api}/v1/bulk-jobs", headers=headers) as response:
+            assert response.status == 401
+            assert_error(await response.json(), "invalid_key")
+            assert response.headers["WWW-Authenticate"] == "Bearer"
+
+
 async def test_a_revoked_key_is_a_401_invalid_key(services: Services, tenant: Tenant) -> None:
     status, _, _ = await call(tenant, "POST", "/v1/contacts/query", json={})
     assert status == 200
