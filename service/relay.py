@@ -21,10 +21,19 @@ which the dead-letter producers share); those are set aside
 - ``contact.deleted`` / ``deletion_job.completed``: the deletion or job stands (deleted and
   audited); its webhooks are not sent, which the log line and the metric say
   (``effect="webhooks_not_sent"``);
-- a payload that cannot be read: if its headers say ``deletion_job.expand``, its key is the
-  job's id and that job fails as above; otherwise it names no job (a deletion request's key
-  is its contact's id, which may have pending items in several jobs): the row is only set
-  aside and logged.
+- a payload that cannot be read: its key and headers may still say what it was for
+  (service.deletion.giveup.unreadable_commands): ``deletion_job.expand``, its key is the
+  job's id and that job fails as above; ``contact.deletion_requested`` with a ``job-id``
+  header (written with every such row), its key is the contact's id and that job's pending
+  item for it fails as above; otherwise (headers unreadable too, or a row written before the
+  header existed) it names no job: the row is only set aside and logged.
+
+A pass that fails permanently for any other reason (not an outage, not a refused record: a
+stored row that crashes its reading, say) goes row by row (`Relay._isolate`): the rows that
+fail alone are set aside the same way, with the error's value-free description, provided
+another row went through alone; if none did, the fault is not shown to be the rows', and
+the relay refuses to go on rather than set every row aside (``relay_refusing``, an error,
+retried at the slowest pace; never logged as an outage).
 
 The consequence is recorded before the row is marked: a crash in between only repeats it
 (``give_up`` changes nothing twice), never loses it. A refused batch may have been written
