@@ -28,6 +28,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from service.audit.chain import canonical_json
 from service.db import Database, idempotency_keys, utcnow
 from service.errors import IdempotencyConflict, ValidationFailed
+from service.faults import describe, is_transient
 from service.logs import get_logger
 
 log = get_logger(__name__)
@@ -251,7 +252,9 @@ async def renew(db: Database, workspace_id: uuid.UUID, key: str, token: datetime
 async def hold(
     db: Database, workspace_id: uuid.UUID, key: str, token: datetime
 ) -> AsyncIterator[None]:
-    """Renew the claim's lease every LEASE / 3 while the block runs."""
+    """Renew the claim's lease every LEASE / 3 while the block runs: through an outage
+    (logged, tried again); not after the database refused a renewal for good (logged as
+    an error, not an outage: the lease then lapses and `fence` guards)."""
 
     async def renewing() -> None:
         while True:
@@ -259,7 +262,13 @@ async def hold(
             try:
                 if not await renew(db, workspace_id, key, token):
                     return
-            except Exception as exc:  # an outage: the lease may lapse, `fence` still guards
+            except Exception as exc:
+                if not is_transient(exc):
+                    # Refused for good: renewing again cannot work. The lease lapses; `fence`
+                    # still guards.
+                    log.error("idempotency_renew_refused", error=describe(exc))
+                    return
+                # An outage: the lease may lapse, `fence` still guards.
                 log.warning("idempotency_renew_failed", error=repr(exc)[:300])
 
     task = asyncio.create_task(renewing())

@@ -16,7 +16,7 @@ import hashlib
 import random
 import re
 import struct
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,7 +28,13 @@ from aiokafka.record.default_records import DefaultRecordBatchBuilder
 from prometheus_client import Counter
 
 from service.errors import RetryLater
-from service.faults import is_rebalance, producer_state_lost, record_refused
+from service.faults import (
+    describe,
+    is_rebalance,
+    is_transient,
+    producer_state_lost,
+    record_refused,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -255,7 +261,7 @@ class Producer:
         ``send_batch()``, used here, does not check)."""
         rough = len(message.value) + (len(message.key) if message.key else 0)
         for name, value in message.headers:
-            rough += len(name) + len(value)
+            rough += len(name) + (len(value) if value is not None else 0)  # Kafka allows null
         if rough + 1024 < self._max_request_size:
             return  # far enough below the limit: the exact size is not needed
         size = DefaultRecordBatchBuilder.estimate_size_in_bytes(
@@ -584,10 +590,13 @@ def dead_letter(message: InMessage, reason: str, suffix: str = ".dlq") -> OutMes
 
 
 async def send_isolating(
-    producer: Producer, messages: Sequence[OutMessage]
+    producer: Producer,
+    messages: Sequence[OutMessage],
+    refused_when: Callable[[BaseException], str | None] = record_refused,
 ) -> list[tuple[int, str]]:
     """Send ``messages``, all but those refused for good; returns the refused ones as
-    ``(index in messages, reason)``, the reason from :func:`service.faults.record_refused`.
+    ``(index in messages, reason)``, the reason from ``refused_when`` (by default
+    :func:`service.faults.record_refused`; None: not a refusal, the error propagates).
 
     The whole list is sent first; if the broker (or the producer) refuses one of its records
     for good, each half is sent in turn the same way, the first before the second, down to
@@ -604,7 +613,7 @@ async def send_isolating(
         try:
             await producer.send_many(messages[start:stop], report_refusals=True)
         except Exception as exc:
-            reason = record_refused(exc)
+            reason = refused_when(exc)
             if reason is None:
                 raise
             if stop - start == 1:
@@ -617,6 +626,16 @@ async def send_isolating(
 
     await send(0, len(messages))
     return refused
+
+
+def permanent_failure(exc: BaseException) -> str | None:
+    """Why a record failed for good (:func:`service.faults.record_refused`, else the
+    error's value-free description), or None for a transient error: for
+    :func:`send_isolating` where any permanent error is the record's (dead-letter copies,
+    whose loss costs a copy, never the original)."""
+    if is_transient(exc):
+        return None
+    return record_refused(exc) or describe(exc)
 
 
 def dead_letter_stub(
@@ -653,7 +672,9 @@ async def send_dead_letters(
     Each message's :func:`dead_letter` copy goes to its topic's dead-letter topic. A copy
     the broker refuses for good (:func:`send_isolating`: the dead-letter topic's
     ``max.message.bytes`` is below the source topic's, or the added headers push a message
-    near the limit over it, or the producer's ``max_request_size``) must not be retried
+    near the limit over it, or the producer's ``max_request_size``; or any other
+    permanent error while sending it, :func:`permanent_failure`: say, a header of the
+    original with a null value, which the producer cannot size) must not be retried
     forever, which would hold every later message of its partition: its
     :func:`dead_letter_stub` goes instead (log ``dead_letter_refused``, ``outcome="stub"``),
     and if even that is refused, nothing goes (``outcome="dropped"``, an error line naming
@@ -665,11 +686,11 @@ async def send_dead_letters(
     if not poison:
         return
     copies = [dead_letter(message, reason, suffix) for message, reason in poison]
-    refused = await send_isolating(producer, copies)
+    refused = await send_isolating(producer, copies, permanent_failure)
     if not refused:
         return
     stubs = [dead_letter_stub(poison[i][0], poison[i][1], why, suffix) for i, why in refused]
-    dropped = dict(await send_isolating(producer, stubs))
+    dropped = dict(await send_isolating(producer, stubs, permanent_failure))
     for n, (i, why) in enumerate(refused):
         message = poison[i][0]
         outcome = "dropped" if n in dropped else "stub"

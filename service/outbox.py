@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from datetime import datetime
 from typing import Any, NamedTuple
 
@@ -28,23 +29,43 @@ class OutboxRow(NamedTuple):
 
 
 def encoded_outbox_row(
-    topic: str, key: str, event_type: str, payload: bytes, created_at: datetime | None = None
+    topic: str,
+    key: str,
+    event_type: str,
+    payload: bytes,
+    created_at: datetime | None = None,
+    *,
+    job_id: uuid.UUID | None = None,
 ) -> OutboxRow:
-    """An outbox row for a CloudEvent already encoded as structured JSON (``payload``)."""
-    return OutboxRow(topic, key, payload, _headers(event_type), created_at or utcnow())
+    """An outbox row for a CloudEvent already encoded as structured JSON (``payload``).
+
+    ``job_id``: the job a ``contact.deletion_requested`` row is an item of, also written as
+    its :data:`JOB_HEADER` header, so that a row (or message) whose payload cannot be read
+    still names its job (its key is the contact's id, which may be an item of several jobs):
+    its item is failed instead of staying pending forever (service.deletion.giveup).
+    """
+    return OutboxRow(topic, key, payload, _headers(event_type, job_id), created_at or utcnow())
 
 
-_HEADERS: dict[str, EncodedJSON] = {}
+JOB_HEADER = "job-id"
+"""The Kafka header naming a deletion request's job (its id as text)."""
+
+_HEADERS: dict[tuple[str, uuid.UUID | None], EncodedJSON] = {}
 
 
-def _headers(event_type: str) -> EncodedJSON:
-    """``[["content-type", ...], ["ce_type", event_type]]``, JSON-encoded once per type."""
-    headers = _HEADERS.get(event_type)
+def _headers(event_type: str, job_id: uuid.UUID | None = None) -> EncodedJSON:
+    """``[["content-type", ...], ["ce_type", event_type]]`` (and ``[JOB_HEADER, job_id]``
+    when given), JSON-encoded once per type and job: a job's rows share them."""
+    headers = _HEADERS.get((event_type, job_id))
     if headers is None:
         if len(_HEADERS) >= 256:
             _HEADERS.clear()
-        headers = EncodedJSON(
-            (("content-type", "application/cloudevents+json"), ("ce_type", event_type))
+        pairs: tuple[tuple[str, str], ...] = (
+            ("content-type", "application/cloudevents+json"),
+            ("ce_type", event_type),
         )
-        _HEADERS[event_type] = headers
+        if job_id is not None:
+            pairs += ((JOB_HEADER, str(job_id)),)
+        headers = EncodedJSON(pairs)
+        _HEADERS[(event_type, job_id)] = headers
     return headers

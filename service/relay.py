@@ -21,10 +21,19 @@ which the dead-letter producers share); those are set aside
 - ``contact.deleted`` / ``deletion_job.completed``: the deletion or job stands (deleted and
   audited); its webhooks are not sent, which the log line and the metric say
   (``effect="webhooks_not_sent"``);
-- a payload that cannot be read: if its headers say ``deletion_job.expand``, its key is the
-  job's id and that job fails as above; otherwise it names no job (a deletion request's key
-  is its contact's id, which may have pending items in several jobs): the row is only set
-  aside and logged.
+- a payload that cannot be read: its key and headers may still say what it was for
+  (service.deletion.giveup.unreadable_commands): ``deletion_job.expand``, its key is the
+  job's id and that job fails as above; ``contact.deletion_requested`` with a ``job-id``
+  header (written with every such row), its key is the contact's id and that job's pending
+  item for it fails as above; otherwise (headers unreadable too, or a row written before the
+  header existed) it names no job: the row is only set aside and logged.
+
+A pass that fails permanently for any other reason (not an outage, not a refused record: a
+stored row that crashes its reading, say) goes row by row (`Relay._isolate`): the rows that
+fail alone are set aside the same way, with the error's value-free description, provided
+another row went through alone; if none did, the fault is not shown to be the rows', and
+the relay refuses to go on rather than set every row aside (``relay_refusing``, an error,
+retried at the slowest pace; never logged as an outage).
 
 The consequence is recorded before the row is marked: a crash in between only repeats it
 (``give_up`` changes nothing twice), never loses it. A refused batch may have been written
@@ -46,8 +55,9 @@ import sqlalchemy as sa
 from service.aio import Backoff, Sleep, sleep_unless_stopped, wait_any
 from service.config import Settings
 from service.db import Database, outbox, utcnow
+from service.deletion.giveup import give_up, unreadable_commands
 from service.deletion.notify import JobNotifier
-from service.deletion.worker import DeletionWorker, expansion_by_key, parse_command
+from service.deletion.worker import BatchResult, _log_batch, parse_command
 from service.errors import PoisonMessage
 from service.events import (
     TYPE_CONTACT_DELETED,
@@ -71,6 +81,7 @@ log = get_logger(__name__)
 # decodes JSON per row): the rows of a pass share a handful of distinct header lists
 # (content type and event type), so each distinct text is parsed once and remembered.
 _HEADERS_TEXT = sa.cast(outbox.c.headers, sa.Text).label("headers")
+_ROW = (outbox.c.id, outbox.c.topic, outbox.c.key, outbox.c.payload, _HEADERS_TEXT)
 _HEADERS_CACHE_MAX = 1024
 _headers_cache: dict[str, tuple[tuple[str, bytes], ...]] = {}
 
@@ -123,10 +134,12 @@ class Relay:
         self.metrics = metrics
         self.wakeup = wakeup or asyncio.Event()
         self.sleep = sleep
-        # Records a refused row's job item or job as failed, exactly as the worker does
-        # for a command that failed permanently (its `give_up`); the job-finished line and
-        # the `Prefer: wait` notice follow as after a worker's batch.
-        self.jobs = DeletionWorker(settings, db, metrics, notifier, self.wakeup)
+        # A refused row's job item or job fails as the worker's do (giveup.give_up); the
+        # job-finished line and the `Prefer: wait` notice follow as after a worker's batch.
+        self.notifier = notifier
+        # Rows that could be neither published nor set aside (`_set_aside`): skipped until
+        # the process restarts, never marked.
+        self.stuck: set[int] = set()
         # Rows set aside since it started.
         self.rejected = 0
         # The relay's own figures: rows published and passes made since it started, and
@@ -135,23 +148,32 @@ class Relay:
         self.passes = 0
         self.idle = asyncio.Event()
 
-    def _pending(self) -> sa.Select[Any]:
+    def _pending(self, only: int | None = None) -> sa.Select[Any]:
+        stmt = self._waiting(*_ROW)
+        if only is not None:
+            stmt = stmt.where(outbox.c.id == only)
+        return self.db.for_update(stmt, skip_locked=True)
+
+    def _waiting(self, *columns: sa.ColumnElement[Any]) -> sa.Select[Any]:
+        """The next batch of rows to publish (not the stuck ones), in id order."""
         stmt = (
-            sa.select(outbox.c.id, outbox.c.topic, outbox.c.key, outbox.c.payload, _HEADERS_TEXT)
+            sa.select(*columns)
             .where(outbox.c.published_at.is_(None), outbox.c.failed_at.is_(None))
             .order_by(outbox.c.id)
             .limit(self.settings.relay_batch_size)
         )
-        return self.db.for_update(stmt, skip_locked=True)
+        if self.stuck:
+            stmt = stmt.where(outbox.c.id.not_in(sorted(self.stuck)))
+        return stmt
 
-    async def publish_once(self) -> int:
-        """Publish one batch; returns how many rows it took care of (published or set
-        aside: a full batch means more may be waiting)."""
+    async def publish_once(self, only: int | None = None) -> int:
+        """Publish one batch (``only``: that row alone); returns how many rows it took care
+        of (published or set aside: a full batch means more may be waiting)."""
         if self.db.is_sqlite:
             # SQLite has one writer: read, publish, then mark in a short write transaction,
             # rather than holding the write lock across a broker round trip.
             async with self.db.read() as conn:
-                rows = (await conn.execute(self._pending())).all()
+                rows = (await conn.execute(self._pending(only))).all()
             if not rows:
                 return 0
             done = await self._publish(rows)
@@ -161,7 +183,7 @@ class Relay:
                 await self._mark(conn, done)
         else:
             async with self.db.begin() as conn:
-                rows = (await conn.execute(self._pending())).all()
+                rows = (await conn.execute(self._pending(only))).all()
                 if not rows:
                     return 0
                 done = await self._publish(rows)
@@ -194,39 +216,19 @@ class Relay:
         return done
 
     async def _refuse(self, refused: list[tuple[Any, str]]) -> None:
-        """Record what each refused row means for its job, and log it (see the module)."""
+        """Record what each refused row means for its job, and log it (see the module).
+
+        A transient error propagates (the pass is retried); a permanent one while working
+        out or recording the consequence is logged (``outbox_row_job_not_updated``) and the
+        row is still set aside, so that it cannot wedge the relay either."""
         for row, reason in refused:
-            event_type, effect, job_id = "unknown", "none", None
-            payload = bytes(row.payload)
             try:
-                command = parse_command(payload)  # the worker's own reading of it
-            except PoisonMessage:
-                command = None
-            if command is not None:
-                expand = isinstance(command, JobExpand)
-                event_type = TYPE_JOB_EXPAND if expand else TYPE_DELETION_REQUESTED
-                effect = "job_failed" if expand else "item_failed"
-                job_id = str(command.job_id)
-                await self._give_up(command, reason)
-            else:
-                # Not a command: an event for the webhooks, or one that cannot be read (its
-                # type and job, if it says, are for the log line only).
-                try:
-                    event = CloudEvent.model_validate_json(payload)
-                except ValueError:
-                    event = None
-                if event is not None:
-                    event_type = event.type
-                    if event.type in (TYPE_CONTACT_DELETED, TYPE_JOB_COMPLETED):
-                        effect = "webhooks_not_sent"
-                        job_id = _job_of(event.data)
-                elif (expansion := await self._expansion_by_key(row)) is not None:
-                    event_type, effect, job_id = (
-                        TYPE_JOB_EXPAND,
-                        "job_failed",
-                        str(expansion.job_id),
-                    )
-                    await self._give_up(expansion, reason)
+                event_type, effect, job_id = await self._consequence(row, reason)
+            except Exception as exc:
+                if is_transient(exc):
+                    raise
+                event_type, effect, job_id = "unknown", "none", None
+                log.error("outbox_row_job_not_updated", row_id=row.id, error=describe(exc))
             log.error(
                 "outbox_row_rejected",
                 topic=row.topic,
@@ -238,27 +240,59 @@ class Relay:
             )
             self.metrics.outbox_rejected.labels(event_type, effect).inc()
 
-    async def _expansion_by_key(self, row: Any) -> JobExpand | None:
-        """The expansion command of a row whose payload cannot be read, from its key and
-        ``ce_type`` header (the worker's `expansion_by_key`), or None."""
+    async def _consequence(self, row: Any, reason: str) -> tuple[str, str, str | None]:
+        """Fail what a refused row was for; its event type, the effect and its job id."""
+        payload = bytes(row.payload)
         try:
-            event_type = dict(_headers(row.headers)).get("ce_type", b"").decode()
+            commands: list[DeletionRequested | JobExpand] = [parse_command(payload)]
+        except PoisonMessage:
+            # Not a command, or one that cannot be read: its key and headers may still say
+            # which job it was for (giveup.unreadable_commands).
+            commands = await unreadable_commands(self.db, row.key, self._stored_headers(row))
+        if commands:
+            expand = isinstance(commands[0], JobExpand)
+            for command in commands:
+                await self._give_up(command, reason)
+            return (
+                TYPE_JOB_EXPAND if expand else TYPE_DELETION_REQUESTED,
+                "job_failed" if expand else "item_failed",
+                str(commands[0].job_id),
+            )
+        # An event for the webhooks, or one that cannot be read (its type and job, if it
+        # says, are for the log line only).
+        try:
+            event = CloudEvent.model_validate_json(payload)
+        except ValueError:
+            return "unknown", "none", None
+        if event.type in (TYPE_CONTACT_DELETED, TYPE_JOB_COMPLETED):
+            return event.type, "webhooks_not_sent", _job_of(event.data)
+        return event.type, "none", None
+
+    @staticmethod
+    def _stored_headers(row: Any) -> tuple[tuple[str, bytes], ...]:
+        """A row's headers, or none if they cannot be read."""
+        try:
+            return _headers(row.headers)
         except (ValueError, TypeError):
-            return None
-        return await expansion_by_key(self.db, row.key, event_type)
+            return ()
 
     async def _give_up(self, command: DeletionRequested | JobExpand, reason: str) -> None:
-        """The worker's `give_up` for the command of a refused row. A transient error
+        """`giveup.give_up` for the command of a refused row. A transient error
         propagates (the pass is retried); a permanent one is logged and the row still set
         aside, so that it cannot wedge the relay either."""
+        result = BatchResult()
         try:
-            result = await self.jobs.give_up(command, reason)
+            await give_up(self.db, self.settings, command, reason, result)
         except Exception as exc:
             if is_transient(exc):
                 raise
             log.error("outbox_row_job_not_updated", job_id=str(command.job_id), error=describe(exc))
             return
-        self.jobs.after_commit(result)
+        _log_batch(result)
+        self.wakeup.set()  # a finished job's completion row is in the outbox
+        if self.notifier is not None:
+            for job_id in result.finished_jobs:
+                self.notifier.notify(job_id)
 
     async def _mark(self, conn: Any, done: _Pass) -> None:
         now = utcnow()
@@ -283,8 +317,11 @@ class Relay:
 
         Never exits on an error: an outage of the database or broker is waited out with
         capped, jittered back-off; a row the broker refuses for good is set aside inside
-        the pass (see the module), so it holds back nothing; anything else is logged as an
-        error and retried at the slowest pace (the rows stay unpublished, nothing is lost).
+        the pass (see the module), so it holds back nothing; any other permanent error
+        makes the batch go row by row (`_isolate`), and the rows that fail alone are set
+        aside with it. Only when no row goes through alone (not a row's fault: going on
+        would set aside every row) does the relay refuse to go on: an error line
+        ``relay_refusing``, not an outage's warning, and another try at the slowest pace.
         """
         backoff = Backoff(cap_s=self.settings.retry_max_backoff_s, sleep=self.sleep)
         while not stop.is_set():
@@ -292,21 +329,94 @@ class Relay:
             self.idle.clear()
             self.passes += 1
             try:
-                sent = await self.publish_once()
+                try:
+                    sent = await self.publish_once()
+                except Exception as exc:
+                    if is_transient(exc):
+                        raise
+                    log.error("relay_batch_failed", error=describe(exc), isolating=True)
+                    sent = await self._isolate()
                 backoff.reset()
+            except _Refusing as exc:
+                backoff.attempt = 32
+                delay = backoff.next_delay()
+                log.error("relay_refusing", error=str(exc), transient=False, backoff_s=delay)
+                await self.sleep(delay, stop)
+                continue
             except Exception as exc:
                 if is_transient(exc):
                     delay = backoff.next_delay()
                     log.warning("relay_retrying", error=repr(exc)[:500], backoff_s=delay)
-                else:
+                else:  # a bug in the isolation itself: said as such, and tried again later
                     backoff.attempt = 32
                     delay = backoff.next_delay()
-                    log.error("relay_batch_failed", error=describe(exc), backoff_s=delay)
+                    log.error("relay_refusing", error=describe(exc), transient=False)
                 await self.sleep(delay, stop)
                 continue
             if sent < self.settings.relay_batch_size and not self.wakeup.is_set():
                 self.idle.set()
                 await wait_any(self.settings.relay_poll_interval_s, stop, self.wakeup)
+
+    async def _isolate(self) -> int:
+        """After a pass failed permanently (neither an outage nor a record the broker
+        refused: a stored row that crashes its reading, say), each row of the batch in a
+        pass of its own, in id order (so what goes out keeps each key's order). Rows that
+        fail alone are taken for the culprits only if another row went through alone;
+        then they are set aside (`_set_aside`) with their error. Returns the rows taken
+        care of; raises `_Refusing` when none went through (nothing is set aside: the
+        fault is not shown to be the rows'), and a transient error as is.
+        """
+        async with self.db.read() as conn:
+            ids = list((await conn.execute(self._waiting(outbox.c.id))).scalars())
+        failed: list[tuple[int, str]] = []
+        went = 0
+        for row_id in ids:
+            try:
+                went += await self.publish_once(only=row_id)
+            except Exception as exc:
+                if is_transient(exc):
+                    raise
+                failed.append((row_id, describe(exc)))
+        if failed and not went:
+            raise _Refusing(f"{len(failed)} rows failed alone too, the first: {failed[0][1]}")
+        for row_id, reason in failed:
+            await self._set_aside(row_id, reason)
+        return went + len(failed)
+
+    async def _set_aside(self, row_id: int, reason: str) -> None:
+        """Set aside a row whose own pass failed permanently, with its consequence for its
+        job (`_refuse`). If even marking it fails permanently, it is skipped until this
+        process restarts (``outbox_row_stuck``): kept in the outbox, unpublished."""
+        try:
+            async with self.db.read() as conn:
+                stmt = sa.select(*_ROW).where(outbox.c.id == row_id)
+                row = (await conn.execute(stmt)).one()
+            await self._refuse([(row, reason)])
+        except Exception as exc:
+            if is_transient(exc):
+                raise
+            # The row cannot even be read: only its id is known.
+            log.error("outbox_row_rejected", row_id=row_id, reason=reason, effect="unknown")
+            log.error("outbox_row_job_not_updated", row_id=row_id, error=describe(exc))
+            self.metrics.outbox_rejected.labels("unknown", "unknown").inc()
+        try:
+            async with self.db.begin() as conn:
+                await conn.execute(
+                    outbox.update()
+                    .where(outbox.c.id == row_id)
+                    .values(failed_at=utcnow(), error=reason[:500])
+                )
+        except Exception as exc:
+            if is_transient(exc):
+                raise
+            self.stuck.add(row_id)
+            log.error("outbox_row_stuck", row_id=row_id, reason=reason, error=describe(exc))
+            return
+        self.rejected += 1
+
+
+class _Refusing(Exception):
+    """Not an outage: the relay will not go on, since going on would set aside every row."""
 
 
 def _job_of(data: Any) -> str | None:

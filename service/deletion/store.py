@@ -381,7 +381,9 @@ async def insert_items(
             # The bytes the DeletionRequested envelope would dump, spliced (property-tested).
             payload = encoder.encode(ref, contact_id)
             messages.append(
-                encoded_outbox_row(topic, str(contact_id), TYPE_DELETION_REQUESTED, payload, now)
+                encoded_outbox_row(
+                    topic, str(contact_id), TYPE_DELETION_REQUESTED, payload, now, job_id=job_id
+                )
             )
     await insert_rows(conn, deletion_job_items, items)
     await insert_rows(conn, outbox, messages)

@@ -60,15 +60,15 @@ from service.db import (
     utcnow,
 )
 from service.deletion.encoding import ContactDeletedEncoder, contact_deleted_row
-from service.deletion.models import NOT_FOUND, ErrorCode, ItemStatus, Outcome, decide
+from service.deletion.giveup import give_up, unreadable_commands
+from service.deletion.giveup import job_actor as _job_actor
+from service.deletion.models import NOT_FOUND, ItemStatus, Outcome, decide
 from service.deletion.notify import JobNotifier
 from service.deletion.store import (
-    PROGRESS_COLUMNS,
     JobChange,
     ProgressDelta,
     apply_progress,
     expand_page,
-    finish_job,
     pending_items_statement,
 )
 from service.erasure.redact import TEXT_FIELDS, RedactionSummary, Redactor
@@ -78,7 +78,6 @@ from service.events import (
     DLQ_SUFFIX,
     TOPIC_CONTACT_DELETED,
     TOPIC_DELETION_REQUESTED,
-    TYPE_JOB_EXPAND,
     CloudEvent,
     DeletionRequested,
     JobExpand,
@@ -139,29 +138,6 @@ def parse_command(payload: bytes) -> DeletionRequested | JobExpand:
             tag = errors[0].get("ctx", {}).get("tag")
             raise PoisonMessage(f"unknown event type {tag!r}") from exc
         raise PoisonMessage(f"malformed message: {describe(exc)}") from exc
-
-
-async def expansion_by_key(
-    db: Database, key: bytes | str | None, event_type: str | None
-) -> JobExpand | None:
-    """The expansion command an unreadable ``deletion_job.expand`` message (or outbox row)
-    still names: its ``ce_type`` header says what it was and its key is its job's id (as
-    `service.deletion.store` writes it). None unless both hold and that job exists. (A
-    deletion request's key is its contact's id, which does not say which job's item it was.)
-    """
-    if event_type != TYPE_JOB_EXPAND or key is None:
-        return None
-    try:
-        job_id = uuid.UUID(key.decode() if isinstance(key, bytes) else key)
-    except ValueError:  # UnicodeDecodeError included
-        return None
-    async with db.read() as conn:
-        workspace_id = (
-            await conn.execute(
-                sa.select(deletion_jobs.c.workspace_id).where(deletion_jobs.c.id == job_id)
-            )
-        ).scalar_one_or_none()
-    return None if workspace_id is None else JobExpand(job_id=job_id, workspace_id=workspace_id)
 
 
 @dataclass
@@ -339,37 +315,37 @@ class DeletionWorker:
                 poison.append((message, str(exc)))
         try:
             if poison:
-                await self._retry_transient(lambda: self._dead_letter(dlq, poison), stop)
-                await self._fail_unreadable_expansions(poison, stop)
+                await self._dead_letter(dlq, poison, stop)
+                await self._fail_unreadable(poison, stop)
             if commands:
                 result = await self._process_with_retries([c for _, c in commands], stop)
                 if result.unrecorded:
                     why = {id(c): reason for c, reason in result.unrecorded}
                     lost = [(m, why[id(c)]) for m, c in commands if id(c) in why]
-                    await self._retry_transient(lambda: self._dead_letter(dlq, lost), stop)
+                    await self._dead_letter(dlq, lost, stop)
                 self.after_commit(result)
         except Stopped:
             return False
         return True
 
-    async def _fail_unreadable_expansions(
+    async def _fail_unreadable(
         self, poison: list[tuple[InMessage, str]], stop: asyncio.Event
     ) -> None:
-        """A dead-lettered message that was a job's expansion (`expansion_by_key`) fails that
-        job, which would otherwise wait forever for the page it announced."""
+        """A dead-lettered message whose key and headers still name its work
+        (`unreadable_commands`: a job's expansion, or a deletion request's job item) fails
+        that job or item, which would otherwise wait forever for a message that never comes."""
         for message, _ in poison:
-            ce_type = dict(message.headers).get("ce_type", b"").decode(errors="replace")
-            find = functools.partial(expansion_by_key, self.db, message.key, ce_type)
+            find = functools.partial(unreadable_commands, self.db, message.key, message.headers)
             try:
-                expansion = await self._retry_transient(find, stop)
-                if expansion is None:
-                    continue
-                # Where it is, not what it said (a parser's message may quote the payload).
-                source = f"{message.topic}/{message.partition}/{message.offset}"
-                why = f"its expansion message could not be read (dead-lettered: {source})"
-                result = await self._retry_transient(
-                    functools.partial(self.give_up, expansion, why), stop
-                )
+                for command in await self._retry_transient(find, stop):
+                    # Where it is, not what it said (a parser's message may quote the payload).
+                    source = f"{message.topic}/{message.partition}/{message.offset}"
+                    what = "expansion" if isinstance(command, JobExpand) else "deletion request"
+                    why = f"its {what} message could not be read (dead-lettered: {source})"
+                    result = await self._retry_transient(
+                        functools.partial(self.give_up, command, why), stop
+                    )
+                    self.after_commit(result)
             except Stopped:
                 raise
             except Exception as exc:
@@ -380,8 +356,6 @@ class DeletionWorker:
                     offset=message.offset,
                     error=describe(exc),
                 )
-                continue
-            self.after_commit(result)
 
     async def _process_with_retries(
         self, commands: list[DeletionRequested | JobExpand], stop: asyncio.Event
@@ -450,7 +424,13 @@ class DeletionWorker:
             backoff=Backoff(cap_s=self.settings.retry_max_backoff_s, sleep=self.sleep),
         )
 
-    async def _dead_letter(self, dlq: Producer, poison: list[tuple[InMessage, str]]) -> None:
+    async def _dead_letter(
+        self, dlq: Producer, poison: list[tuple[InMessage, str]], stop: asyncio.Event
+    ) -> None:
+        """Dead-letter these messages, outages waited out. A copy refused for good is
+        replaced or dropped by `send_dead_letters`; any other permanent error (a bug) is
+        not retried either: an error line per message names its source (it stays in its
+        topic until retention) and the worker goes on, since retrying cannot help."""
         for message, reason in poison:
             log.error(
                 "message_dead_lettered",
@@ -459,8 +439,22 @@ class DeletionWorker:
                 offset=message.offset,
                 reason=reason,
             )
-        # A copy the broker refuses for good is replaced or dropped there, never retried.
-        await send_dead_letters(dlq, poison, DLQ_SUFFIX, self.metrics.dead_letters_refused)
+        send = functools.partial(
+            send_dead_letters, dlq, poison, DLQ_SUFFIX, self.metrics.dead_letters_refused
+        )
+        try:
+            await self._retry_transient(send, stop)
+        except Stopped:
+            raise
+        except Exception as exc:
+            for message, _ in poison:
+                log.error(
+                    "dead_letter_dropped",
+                    topic=message.topic,
+                    partition=message.partition,
+                    offset=message.offset,
+                    error=describe(exc),
+                )
 
     def after_commit(self, result: BatchResult) -> None:
         """What follows a committed batch (or a `give_up`, the relay's too): its log line,
@@ -512,65 +506,7 @@ class DeletionWorker:
         `FAILED_DELETE_CONTACT` (or its job fails, for an expansion), with an audit event.
         """
         result = BatchResult()
-        async with self.db.begin() as conn:
-            if isinstance(command, JobExpand):
-                job_stmt = sa.select(*PROGRESS_COLUMNS).where(
-                    deletion_jobs.c.id == command.job_id, deletion_jobs.c.completed_at.is_(None)
-                )
-                job_row = (await conn.execute(self.db.for_update(job_stmt))).mappings().first()
-                if job_row is not None:
-                    message = f"the job's contacts could not be selected: {reason}"
-                    failure = (str(ErrorCode.FAILED), message[:500])
-                    finished = await finish_job(
-                        conn, self.db, self.settings, job_row, utcnow(), failure=failure
-                    )
-                    result.note(command.job_id, JobChange(finished=finished))
-                    result.failed_jobs.append(command.job_id)
-                return result
-            items = deletion_job_items.c
-            now = utcnow()
-            message = f"the contact could not be deleted: {reason}"[:500]
-            updated = await conn.execute(
-                deletion_job_items.update()
-                .where(
-                    items.job_id == command.job_id,
-                    items.ref == command.ref,
-                    items.status == ItemStatus.PENDING,
-                )
-                .values(
-                    status=ItemStatus.FAILED,
-                    error_code=ErrorCode.FAILED,
-                    error_message=message,
-                    processed_at=now,
-                )
-            )
-            if updated.rowcount:
-                # Like a refused deletion, a given-up one leaves its trace in the audit trail
-                # (appended last: the lock order of `process`).
-                job = (
-                    await conn.execute(
-                        sa.select(deletion_jobs).where(deletion_jobs.c.id == command.job_id)
-                    )
-                ).one()
-                records = [
-                    AuditRecord(
-                        workspace_id=job.workspace_id,
-                        actor=_job_actor(job),
-                        action="contact.deletion_failed",
-                        target={"type": "contact", "id": str(command.contact_id)},
-                        job_id=str(command.job_id),
-                        request_id=job.request_id,
-                        data={"code": str(ErrorCode.FAILED), "message": message},
-                        occurred_at=now,
-                    )
-                ]
-                delta = ProgressDelta(failed=1)
-                change = await apply_progress(
-                    conn, self.db, self.settings, command.job_id, delta, audit=records
-                )
-                await append_events(conn, self.db, records)
-                result.note(command.job_id, change)
-                result.progress[command.job_id] = delta
+        await give_up(self.db, self.settings, command, reason, result)
         return result
 
     async def _delete(
@@ -1007,10 +943,3 @@ def _log_batch(result: BatchResult) -> None:
         log.error(
             "deletion_job_failed", job_id=str(job_id), reason="its expansion failed permanently"
         )
-
-
-def _job_actor(job: Any) -> dict[str, str]:
-    """Who a job's audit events are attributed to: its API key, or the worker itself."""
-    if job.api_key_id:
-        return {"type": "api_key", "id": str(job.api_key_id)}
-    return {"type": "system", "id": "worker"}

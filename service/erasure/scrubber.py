@@ -13,9 +13,13 @@ Deleting a row does not remove its bytes from disk by itself:
 The worker tells the scrubber which tables a committed batch touched (:meth:`Scrubber.note`);
 the scrubber runs at most ``erasure_delay_s`` after the first such note and never more often
 than once per ``erasure_delay_s``, which bounds both the delay and the cost. A failed run
-(database down, lock not granted within ``erasure_lock_timeout_s``) is logged and retried one
-delay later; it never stops the worker. ``VACUUM`` cannot run inside a transaction block, so
-it runs on an autocommit connection.
+(database down, lock not granted within ``erasure_lock_timeout_s``, a reader holding the WAL)
+is logged and retried one delay later; it never stops the worker. A run the database refuses
+for good (service.faults: say, ``VACUUM`` not permitted to the service's role) is not an
+outage and is not logged as one (``erasure_scrub_refused``, an error): the scrubber still
+keeps the tables pending and tries again one delay later, since giving up would leave the
+deleted values in the files, which is what it is for. ``VACUUM`` cannot run inside a
+transaction block, so it runs on an autocommit connection.
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ import sqlalchemy as sa
 from service.aio import wait_any
 from service.config import Settings
 from service.db import Database
+from service.errors import RetryLater
+from service.faults import describe, is_transient
 from service.logs import get_logger
 
 log = get_logger(__name__)
@@ -39,8 +45,9 @@ log = get_logger(__name__)
 SETTLE_S = 1.0
 
 
-class ScrubIncomplete(RuntimeError):
-    """SQLite could not checkpoint the whole WAL (a reader still holds an old snapshot)."""
+class ScrubIncomplete(RetryLater):
+    """SQLite could not checkpoint the whole WAL (a reader still holds an old snapshot):
+    transient, the next run may get through."""
 
 
 class Scrubber:
@@ -103,7 +110,16 @@ class Scrubber:
         except Exception as exc:
             self._pending |= tables
             self._since = since if self._since is None else min(self._since, since or started)
-            log.warning("erasure_scrub_failed", error=repr(exc), retry_in_s=self.delay_s)
+            if is_transient(exc):
+                log.warning("erasure_scrub_failed", error=repr(exc), retry_in_s=self.delay_s)
+            else:
+                log.error(
+                    "erasure_scrub_refused",
+                    error=describe(exc),
+                    tables=sorted(tables),
+                    retry_in_s=self.delay_s,
+                    reason="not an outage: the tables stay pending, their old row versions kept",
+                )
             return False
         finally:
             self._last_run = self.clock()

@@ -1454,7 +1454,8 @@ class Dispatcher:
                 DLQ_SUFFIX,
                 self.metrics.dead_letters_refused,
             )
-            if not await self._durably(send, stop):
+            source = {"topic": message.topic, "partition": message.partition}
+            if not await self._durably(send, stop, **source, offset=message.offset):
                 return False
         return True
 
@@ -1466,25 +1467,23 @@ class Dispatcher:
             work, stop, is_transient, event="dispatcher_transient_error", backoff=self._backoff()
         )
 
-    async def _durably(self, work: Callable[[], Awaitable[Any]], stop: asyncio.Event) -> bool:
-        """Run ``work`` until it is done; False if stopped first. Never raises.
+    async def _durably(
+        self, work: Callable[[], Awaitable[Any]], stop: asyncio.Event, **about: Any
+    ) -> bool:
+        """Run ``work`` until it is done or failed for good; False if stopped first. Never
+        raises.
 
-        Transient errors are waited out. A permanent error is logged and the same work is
-        retried at the slowest pace, so the process stays up (and says so in its log).
+        Transient errors are waited out. A permanent error is not retried (the same work
+        would fail the same way): it is logged as an error with ``about`` (what the work
+        was for), and the caller goes on.
         """
-        backoff = self._backoff()
-        while True:
-            try:
-                await self._transient(work, stop)
-                return True
-            except Stopped:
-                return False
-            except Exception as exc:
-                log.error("dispatcher_work_failed", error=describe(exc), exception=repr(exc)[:500])
-                backoff.attempt = 32
-                await backoff.wait(stop)
-                if stop.is_set():
-                    return False
+        try:
+            await self._transient(work, stop)
+        except Stopped:
+            return False
+        except Exception as exc:
+            log.error("dispatcher_work_failed", **about, error=describe(exc), gave_up=True)
+        return True
 
     async def run(self, stop: asyncio.Event) -> None:
         """Fan-out and sender together, until `stop`."""

@@ -28,6 +28,7 @@ from service.app import Services
 from service.audit.store import load_hash_key
 from service.config import Settings
 from service.db import outbox, webhook_deliveries
+from service.deletion import worker as worker_module
 from service.deletion.worker import DeletionWorker
 from service.events import (
     DLQ_SUFFIX,
@@ -363,3 +364,157 @@ async def test_an_unreadable_expansion_message_fails_its_job_by_its_key(
     assert f"its expansion message could not be read (dead-lettered: {topic}/0/0)" in message
     dead = await _dead_letters(settings, topic + DLQ_SUFFIX)
     assert set(dead) == {m.key for m in messages}
+
+
+async def _bulk_delete(tenant: Tenant, count: int) -> tuple[str, list[str]]:
+    ids = []
+    for n in range(count):
+        status, body, _ = await tenant.call(
+            "POST", "/v1/contacts", {"email": f"u{n}-{uuid.uuid4().hex[:6]}@example.com"}
+        )
+        assert status == 201, body
+        ids.append(body["data"]["id"])
+    status, body, _ = await tenant.call("POST", "/v1/contacts/bulk-delete", {"contact_ids": ids})
+    assert status == 202, body
+    return str(body["data"]["job_id"]), ids
+
+
+async def test_an_unreadable_deletion_request_message_fails_its_item_by_its_job_header(
+    tenant: Tenant, services: Services, settings: Settings
+) -> None:
+    """A deletion request published from a corrupted outbox row: the worker dead-letters it
+    and, since its key (the contact's id) does not say which job's item it was, finds the
+    job in its ``job-id`` header (written with the row): that item fails and the job
+    completes instead of waiting forever. Ahead of it on the partition, a message with a
+    null header value (legal in Kafka), whose dead-letter copy keeps it."""
+    await create_topics(settings)
+    topic = settings.topic(TOPIC_DELETION_REQUESTED)
+    producer = Producer(settings.kafka_bootstrap_servers)
+    await producer.start()
+    try:
+        null_header = OutMessage(topic, b"null-header", b"not json", (("x-null", None),))  # type: ignore[arg-type]
+        await producer.send_many([null_header])
+    finally:
+        await producer.stop()
+    job_id, ids = await _bulk_delete(tenant, 2)
+    async with services.db.begin() as conn:
+        (row_id,) = (await conn.execute(sa.select(outbox.c.id).where(outbox.c.key == ids[1]))).one()
+        await conn.execute(
+            outbox.update().where(outbox.c.id == row_id).values(payload=b"\xff corrupted")
+        )
+
+    async with components_running(services, "relay", "worker"):
+        async with asyncio.timeout(BOUND_S):
+            while True:
+                status, body, _ = await tenant.call("GET", f"/v1/bulk-jobs/{job_id}")
+                assert status == 200, body
+                if body["data"]["completed_at"] is not None:
+                    break
+                await asyncio.sleep(0.1)
+    job = body["data"]
+    assert (job["status"], job["deleted_count"], job["failed_count"]) == (
+        "completed_with_errors",
+        1,
+        1,
+    )
+    [error] = job["errors"]
+    assert (error["contact_id"], error["code"]) == (ids[1], "FAILED_DELETE_CONTACT")
+    assert "its deletion request message could not be read (dead-lettered: " in error["message"]
+    dead = await _dead_letters(settings, topic + DLQ_SUFFIX)
+    assert set(dead) == {b"null-header", ids[1].encode()}
+    assert dead[b"null-header"].value == b"not json"
+    assert ("x-null", None) in dead[b"null-header"].headers
+
+
+class _Unsendable(Producer):
+    """A dead-letter producer that fails, for good and not as the broker would, every
+    batch holding a record with an ``x-unsendable`` header (fault injection: a bug in
+    sending, which no broker error stands for)."""
+
+    async def send_many(self, messages: Any, *, report_refusals: bool | None = None) -> None:
+        if any(name == "x-unsendable" for m in messages for name, _ in m.headers):
+            raise ValueError("cannot send this one")
+        await super().send_many(messages, report_refusals=report_refusals)
+
+
+async def test_a_dead_letter_copy_that_fails_for_good_is_replaced_and_the_worker_goes_on(
+    tenant: Tenant, services: Services, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Any permanent error sending a dead-letter copy (not only the broker's refusal) is
+    the copy's: a stub goes instead. And if dead-lettering fails for good as a whole, the
+    worker says so per message (``dead_letter_dropped``) and goes on: before, the error
+    left the batch's task, which stopped the worker, which met it again after a restart."""
+    dlq_topic = await _topics(settings, TOPIC_DELETION_REQUESTED)
+    topic = settings.topic(TOPIC_DELETION_REQUESTED)
+    job_id, ids = await _bulk_delete(tenant, 1)
+    async with services.db.read() as conn:
+        (payload,) = (
+            await conn.execute(sa.select(outbox.c.payload).where(outbox.c.key == ids[0]))
+        ).one()
+    messages = [
+        InMessage(topic, 0, 0, b"unsendable", b"not json", (("x-unsendable", b"1"),)),
+        InMessage(topic, 0, 1, ids[0].encode(), bytes(payload), ()),
+    ]
+    worker = DeletionWorker(settings, services.db, Metrics())
+    worker.hash_key = await load_hash_key(services.db, None)
+    dlq = _Unsendable(settings.kafka_bootstrap_servers)
+    await dlq.start()
+    try:
+        assert await asyncio.wait_for(worker.handle(messages, dlq, asyncio.Event()), BOUND_S)
+        dead = await _dead_letters(settings, dlq_topic)
+        assert set(dead) == {b"unsendable"}
+        headers = dict(dead[b"unsendable"].headers)
+        assert dead[b"unsendable"].value == b""
+        assert headers["dlq-refused"] == b"an unexpected error (ValueError)"
+
+        async def broken(*args: Any, **kwargs: Any) -> None:
+            raise RuntimeError("a bug in dead-lettering")
+
+        monkeypatch.setattr(worker_module, "send_dead_letters", broken)
+        again = [InMessage(topic, 0, 2, b"garbage", b"not json", ())]
+        with json_logs() as lines:
+            done = worker.handle(again, dlq, asyncio.Event())
+            assert await asyncio.wait_for(done, BOUND_S)
+    finally:
+        await dlq.stop()
+    [dropped] = lines.events("dead_letter_dropped")
+    assert (dropped["level"], dropped["offset"]) == ("error", 2)
+    assert dropped["error"] == "an unexpected error (RuntimeError)"
+    status, body, _ = await tenant.call("GET", f"/v1/bulk-jobs/{job_id}")
+    assert status == 200, body
+    assert (body["data"]["status"], body["data"]["deleted_count"]) == ("completed", 1)
+
+
+async def test_the_dispatcher_does_not_retry_a_dead_letter_that_failed_for_good(
+    tenant: Tenant,
+    services: Services,
+    settings: Settings,
+    endpoint: None,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``_durably`` retried a permanent error at the slowest pace forever, holding every
+    later event of the partition: now it is logged once, with the event's source, and the
+    fan-out goes on (the event stays in its topic until retention)."""
+    await _topics(settings, TOPIC_CONTACT_DELETED)
+    topic = settings.topic(TOPIC_CONTACT_DELETED)
+    bad_id, bad = _event_message(topic, tenant, 0)
+    good_id, good = _event_message(topic, tenant, 1)
+    real_enqueue = dispatcher_module.enqueue_many  # type: ignore[attr-defined]
+
+    async def refuses_bad(conn: Any, db: Any, planned: Any) -> list[dict[str, Any]]:
+        if any(p.event_id == bad_id for p in planned):
+            raise wrapped(sqlite_too_many_variables(), "INSERT INTO webhook_deliveries ...")
+        return await real_enqueue(conn, db, planned)
+
+    async def broken(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("a bug in dead-lettering")
+
+    monkeypatch.setattr(dispatcher_module, "enqueue_many", refuses_bad)
+    monkeypatch.setattr(dispatcher_module, "send_dead_letters", broken)
+    with json_logs() as lines:
+        await _fan_out(settings, services, [bad, good])
+
+    assert await _delivered(services, tenant) == {good_id}
+    [failed] = lines.events("dispatcher_work_failed")
+    assert (failed["level"], failed["topic"], failed["offset"]) == ("error", topic, 0)
+    assert failed["error"] == "an unexpected error (RuntimeError)"

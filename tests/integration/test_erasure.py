@@ -29,10 +29,12 @@ from service.app import Services
 from service.config import Settings
 from service.db import Database
 from service.erasure.check import ErasureCheck
+from service.erasure.scrubber import Scrubber
 from service.kafka import OutMessage, Producer
 from service.procs import free_port
 from tests.components import COMMAND, Components, components, wait_ready
 from tests.conftest import Tenant, make_settings, new_tenant
+from tests.logcapture import json_logs
 
 DELAY_S = 1.0
 # The scrub must be done within the delay; the rest is for a shared, noisy 2-core machine.
@@ -312,3 +314,26 @@ async def test_without_redaction_the_timeline_keeps_its_text(
     text = json.dumps(body)
     assert p.email in text and p.phone in text and "[redacted" not in text
     assert "timeline_redaction" not in body["data"]["deletion"]["data"]
+
+
+async def test_a_scrub_the_database_refuses_is_an_error_not_an_outage_and_stays_pending(
+    services: Services,
+) -> None:
+    """A scrub refused for good (PostgreSQL: a table VACUUM cannot find, a real refusal
+    like one the service's role is not allowed) was logged as a failure like an outage's;
+    now ``erasure_scrub_refused``, an error that says so. The scrubber still keeps the
+    tables pending (giving up would leave erased values in the files). SQLite's checkpoint
+    takes no table name: it goes through."""
+    scrubber = Scrubber(services.settings, services.db)
+    scrubber.pg_mode = "plain"
+    scrubber.note({"no_such_table"})
+    with json_logs() as lines:
+        done = await scrubber.scrub()
+    assert lines.events("erasure_scrub_failed") == []
+    if services.db.is_sqlite:
+        assert done and scrubber.due_at() is None
+        return
+    assert not done and scrubber.due_at() is not None
+    [line] = lines.events("erasure_scrub_refused")
+    assert line["level"] == "error" and line["tables"] == ["no_such_table"]
+    assert "SQLSTATE 42P01" in line["error"]

@@ -27,6 +27,7 @@ from service.deletion import routes as deletion_routes
 from service.errors import IdempotencyConflict
 from service.procs import free_port
 from tests.conftest import Tenant, make_settings
+from tests.logcapture import json_logs
 from tests.real_errors import wrapped
 
 BULK = "/v1/contacts/bulk-delete"
@@ -115,6 +116,26 @@ async def test_a_running_request_keeps_its_key_by_renewing_the_lease(
             await asyncio.sleep(short_lease.total_seconds() / 2)
             with pytest.raises(IdempotencyConflict):
                 await idempotency.claim(services.db, tenant.workspace_id, key, "fp", 3600)
+
+
+async def test_a_renewal_the_database_refuses_for_good_is_not_taken_for_an_outage(
+    services: Services, tenant: Tenant, short_lease: timedelta
+) -> None:
+    """A renewal refused for good (a key with a NUL, which PostgreSQL text cannot hold) was
+    logged as an outage and tried again every LEASE / 3 for as long as the request ran: now
+    one error line, and no more tries. (SQLite stores the NUL: no claim has that key, so
+    the renewal finds none and stops, quietly.)"""
+    key = f"k-{uuid.uuid4()}-\x00"
+    with json_logs() as lines:
+        async with idempotency.hold(services.db, tenant.workspace_id, key, utcnow()):
+            await asyncio.sleep(short_lease.total_seconds() * 2)
+    assert lines.events("idempotency_renew_failed") == []
+    refused = lines.events("idempotency_renew_refused")
+    if services.db.is_sqlite:
+        assert refused == []
+    else:
+        [line] = refused
+        assert line["level"] == "error" and "SQLSTATE 22021" in line["error"]
 
 
 async def test_a_stalled_request_that_was_taken_over_cannot_create_a_second_job(

@@ -32,6 +32,7 @@ from service.outbox import encoded_outbox_row
 from service.relay import Relay
 from service.topics import create_topics
 from tests.conftest import Tenant, components_running, make_settings
+from tests.logcapture import json_logs
 
 TOPIC_LIMIT = 16 * 1024  # the deletion topic's max.message.bytes
 PRODUCER_LIMIT = 32 * 1024  # the relay's max_request_size
@@ -338,3 +339,147 @@ async def test_an_expansion_row_whose_payload_cannot_be_read_fails_its_job_by_it
         job = await _finished(tenant, expanding)
     assert job["status"] == "failed"
     assert "the broker refused the record (MessageSizeTooLargeError)" in job["failure"]["message"]
+
+
+async def test_an_unreadable_deletion_request_row_fails_its_item_by_its_job_header(
+    tenant: Tenant, services: Services, settings: Settings
+) -> None:
+    """A refused deletion-request row whose payload (which names its job item) cannot be
+    read: its key is the contact's id, which may be an item of several jobs, but its
+    ``job-id`` header names the job, so that item fails and the job completes; the same
+    contact's item in another job is left to its own row."""
+    await _topics(settings)
+    ids = await _contacts(tenant, 2)
+    job_id = await _job(tenant, {"contact_ids": ids})
+    other = await _job(tenant, {"contact_ids": ids[:1]})  # the same contact, another job
+    rows = await _rows(services, job_id)
+    assert dict(rows[0].headers)["job-id"] == job_id
+    # Unreadable, and too large for the topic: refused.
+    await _update(services, rows[0].id, payload=b"\xff not json" * (2 * TOPIC_LIMIT // 10))
+
+    async with components_running(services, "relay", "worker"):
+        job = await _finished(tenant, job_id)
+        assert (job["deleted_count"], job["failed_count"]) == (1, 1)
+        assert [(e["contact_id"], e["code"]) for e in job["errors"]] == [
+            (ids[0], "FAILED_DELETE_CONTACT")
+        ]
+        assert "MessageSizeTooLargeError" in job["errors"][0]["message"]
+        assert await _failed_audit(tenant, job_id) == {ids[0]}
+        # The other job's item of that contact was not touched by it: it is processed
+        # by its own message (the contact is gone by then: not found, or deleted first).
+        later = await _finished(tenant, other)
+        assert later["failed_count"] == 0, later
+
+
+_DEEP = "[" * 5000 + "]" * 5000  # valid JSON that Python's json module cannot read
+
+
+def _state(row_id: int) -> sa.Select[Any]:
+    """A row's outcome columns (not its headers, which the test's reader cannot read)."""
+    c = outbox.c
+    return sa.select(c.published_at, c.failed_at, c.error).where(c.id == row_id)
+
+
+async def _deep_headers(services: Services, row_id: int) -> None:
+    """Give a row stored headers that crash their reader (RecursionError, not a
+    ValueError): written as JSON text, since json.dumps cannot write them either."""
+    cast = ":h" if services.db.is_sqlite else "CAST(:h AS jsonb)"
+    async with services.db.begin() as conn:
+        await conn.execute(
+            sa.text(f"UPDATE outbox SET headers = {cast} WHERE id = :id"),
+            {"h": _DEEP, "id": row_id},
+        )
+
+
+async def test_a_row_that_crashes_the_pass_is_set_aside_alone_and_its_item_fails(
+    tenant: Tenant, services: Services, settings: Settings
+) -> None:
+    """A permanent error that is neither an outage nor a broker's refusal (here a row whose
+    stored headers crash their reading) used to fail every pass, retried at the slowest
+    pace forever (``relay_batch_failed``): the relay published nothing more. Now the batch
+    goes row by row; the row that fails alone is set aside with its error, its item fails,
+    the job completes, and the rows around it go out."""
+    topic = await _topics(settings)
+    ids = await _contacts(tenant, 3)
+    job_id = await _job(tenant, {"contact_ids": ids})
+    rows = await _rows(services, job_id)
+    await _deep_headers(services, rows[1].id)
+    bad_contact = json.loads(rows[1].payload)["data"]["contact_id"]
+
+    with json_logs() as lines:
+        async with components_running(services, "relay", "worker"):
+            job = await _finished(tenant, job_id)
+            later = await _job(tenant, {"contact_ids": await _contacts(tenant, 1)})
+            assert (await _finished(tenant, later))["status"] == "completed"
+    assert (job["deleted_count"], job["failed_count"]) == (2, 1)
+    assert [(e["contact_id"], e["code"]) for e in job["errors"]] == [
+        (bad_contact, "FAILED_DELETE_CONTACT")
+    ]
+    assert "RecursionError" in job["errors"][0]["message"]
+    assert await _failed_audit(tenant, job_id) == {bad_contact}
+    assert lines.events("relay_refusing") == []
+    [rejected] = lines.events("outbox_row_rejected")
+    assert (rejected["row_id"], rejected["effect"]) == (rows[1].id, "item_failed")
+
+    async with services.db.read() as conn:
+        stored = (await conn.execute(_state(rows[1].id))).one()
+    assert stored.published_at is None and stored.failed_at is not None
+    assert stored.error == "an unexpected error (RecursionError)"
+    sent = [m.value async for m in read_topics(settings.kafka_bootstrap_servers, [topic])]
+    assert [v for v in sent if job_id.encode() in v] == [
+        bytes(rows[0].payload),
+        bytes(rows[2].payload),
+    ]
+
+
+async def test_a_pass_that_fails_for_every_row_is_refused_not_set_aside(
+    services: Services, settings: Settings
+) -> None:
+    """When no row goes through alone, the fault is not shown to be a row's: setting rows
+    aside could set every row aside, so the relay refuses to go on (an error line, not an
+    outage's warning) and keeps the row; once another row goes through, the one that
+    still fails alone is set aside."""
+    topic = await _topics(settings)
+    bad = encoded_outbox_row(topic, "k", "x", b"bad")._asdict()
+    async with services.db.begin() as conn:
+        bad_id = (await conn.execute(outbox.insert().values(bad).returning(outbox.c.id))).scalar()
+    assert bad_id is not None
+    await _deep_headers(services, bad_id)
+    slept: list[float] = []
+
+    async def briefly(delay: float, stop: asyncio.Event) -> None:
+        slept.append(delay)
+        await asyncio.sleep(0.05)
+
+    producer = Producer(settings.kafka_bootstrap_servers, report_refusals=True)
+    await producer.start()
+    relay = Relay(settings, services.db, producer, Metrics(), sleep=briefly)
+    stop = asyncio.Event()
+    try:
+        with json_logs() as lines:
+            running = asyncio.create_task(relay.run(stop))
+            async with asyncio.timeout(BOUND_S):
+                while not lines.events("relay_refusing"):
+                    await asyncio.sleep(0.05)
+                refusing = lines.events("relay_refusing")[0]
+                assert refusing["level"] == "error"
+                assert "RecursionError" in refusing["error"]
+                assert slept and min(slept) >= settings.retry_max_backoff_s / 2  # slowest pace
+                assert relay.rejected == 0
+                async with services.db.begin() as conn:
+                    row = encoded_outbox_row(topic, "k", "x", b"good")._asdict()
+                    await conn.execute(outbox.insert().values(row))
+                relay.wakeup.set()
+                while relay.rejected == 0:
+                    await asyncio.sleep(0.05)
+            stop.set()
+            await running
+    finally:
+        stop.set()
+        await producer.stop()
+    assert lines.events("relay_retrying") == []  # never taken for an outage
+    async with services.db.read() as conn:
+        stored = (await conn.execute(_state(bad_id))).one()
+    assert stored.failed_at is not None and stored.published_at is None
+    sent = [m.value async for m in read_topics(settings.kafka_bootstrap_servers, [topic])]
+    assert sent == [b"good"]

@@ -1,0 +1,191 @@
+"""Giving up on a command for good: what its item or job records, and finding the command
+of a message or outbox row that cannot be read.
+
+One place for the deletion worker (a command that failed permanently, a dead-lettered
+message) and the relay (an outbox row it sets aside): an item that nothing will ever
+process again must not stay ``pending``, or its job never completes (GUIDE "Errors mean
+something").
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import sqlalchemy as sa
+
+from service.audit.store import AuditRecord, append_events
+from service.config import Settings
+from service.db import Database, deletion_job_items, deletion_jobs, utcnow
+from service.deletion.models import ErrorCode, ItemStatus
+from service.deletion.store import (
+    PROGRESS_COLUMNS,
+    JobChange,
+    ProgressDelta,
+    apply_progress,
+    finish_job,
+)
+from service.events import TYPE_DELETION_REQUESTED, TYPE_JOB_EXPAND, DeletionRequested, JobExpand
+from service.outbox import JOB_HEADER
+
+if TYPE_CHECKING:  # (the worker imports this module)
+    from service.deletion.worker import BatchResult
+
+Command = DeletionRequested | JobExpand
+
+
+async def give_up(
+    db: Database, settings: Settings, command: Command, reason: str, into: BatchResult
+) -> None:
+    """Record a command that failed permanently, in one transaction: its item fails with
+    ``FAILED_DELETE_CONTACT`` and a ``contact.deletion_failed`` audit event, and counts in
+    its job (which completes if it was the last); an expansion fails its job. What it did
+    goes to ``into`` (for the log lines and notices after commit). Changes nothing twice:
+    an item no longer pending, a job already completed, are left as they are.
+
+    Locks in the worker's one order (items, then job rows, then the audit chain head), so
+    that it never deadlocks with a batch under way.
+    """
+    async with db.begin() as conn:
+        if isinstance(command, JobExpand):
+            job_stmt = sa.select(*PROGRESS_COLUMNS).where(
+                deletion_jobs.c.id == command.job_id, deletion_jobs.c.completed_at.is_(None)
+            )
+            job_row = (await conn.execute(db.for_update(job_stmt))).mappings().first()
+            if job_row is not None:
+                message = f"the job's contacts could not be selected: {reason}"
+                failure = (str(ErrorCode.FAILED), message[:500])
+                finished = await finish_job(conn, db, settings, job_row, utcnow(), failure=failure)
+                into.note(command.job_id, JobChange(finished=finished))
+                into.failed_jobs.append(command.job_id)
+            return
+        items = deletion_job_items.c
+        now = utcnow()
+        message = f"the contact could not be deleted: {reason}"[:500]
+        updated = await conn.execute(
+            deletion_job_items.update()
+            .where(
+                items.job_id == command.job_id,
+                items.ref == command.ref,
+                items.status == ItemStatus.PENDING,
+            )
+            .values(
+                status=ItemStatus.FAILED,
+                error_code=ErrorCode.FAILED,
+                error_message=message,
+                processed_at=now,
+            )
+        )
+        if not updated.rowcount:
+            return
+        # Like a refused deletion, a given-up one leaves its trace in the audit trail
+        # (appended last: the lock order of the worker's batches).
+        job = (
+            await conn.execute(sa.select(deletion_jobs).where(deletion_jobs.c.id == command.job_id))
+        ).one()
+        records = [
+            AuditRecord(
+                workspace_id=job.workspace_id,
+                actor=job_actor(job),
+                action="contact.deletion_failed",
+                target={"type": "contact", "id": str(command.contact_id)},
+                job_id=str(command.job_id),
+                request_id=job.request_id,
+                data={"code": str(ErrorCode.FAILED), "message": message},
+                occurred_at=now,
+            )
+        ]
+        delta = ProgressDelta(failed=1)
+        change = await apply_progress(conn, db, settings, command.job_id, delta, audit=records)
+        await append_events(conn, db, records)
+        into.note(command.job_id, change)
+        into.progress[command.job_id] = delta
+
+
+def job_actor(job: Any) -> dict[str, str]:
+    """Who a job's audit events are attributed to: its API key, or the worker itself."""
+    if job.api_key_id:
+        return {"type": "api_key", "id": str(job.api_key_id)}
+    return {"type": "system", "id": "worker"}
+
+
+async def unreadable_commands(
+    db: Database, key: bytes | str | None, headers: Sequence[tuple[str, bytes | str | None]]
+) -> list[Command]:
+    """The commands a message or outbox row whose payload cannot be read still names, from
+    its key and headers (never its payload): empty if they do not say, or name nothing
+    that is still waiting.
+
+    - ``ce_type: deletion_job.expand``: the key is the job's id (as
+      `service.deletion.store` writes it); the job's expansion, if that job exists;
+    - ``ce_type: contact.deletion_requested`` with a ``job-id`` header
+      (:data:`service.outbox.JOB_HEADER`, written since it exists): the key is the
+      contact's id; one command per item of that job for that contact still pending
+      (normally one). Rows written before the header existed name no job (the contact
+      may be an item of several): nothing.
+
+    A cold path (corruption only): the item look-up reads the job's items for that contact.
+    """
+    found = dict(headers)
+    try:
+        event_type = _text(found.get("ce_type"))
+        key_text = _text(key)
+        job_text = _text(found.get(JOB_HEADER))
+    except UnicodeDecodeError:
+        return []
+    if event_type == TYPE_JOB_EXPAND:
+        expansion = await expansion_by_key(db, key_text, event_type)
+        return [] if expansion is None else [expansion]
+    if event_type != TYPE_DELETION_REQUESTED or key_text is None or job_text is None:
+        return []
+    try:
+        job_id, contact_id = uuid.UUID(job_text), uuid.UUID(key_text)
+    except ValueError:
+        return []
+    items = deletion_job_items.c
+    async with db.read() as conn:
+        rows = (
+            await conn.execute(
+                sa.select(items.ref, deletion_jobs.c.workspace_id)
+                .join(deletion_jobs, deletion_jobs.c.id == items.job_id)
+                .where(
+                    items.job_id == job_id,
+                    items.contact_id == contact_id,
+                    items.status == ItemStatus.PENDING,
+                )
+                .order_by(items.position)
+            )
+        ).all()
+    return [
+        DeletionRequested(
+            job_id=job_id, workspace_id=r.workspace_id, ref=r.ref, contact_id=contact_id
+        )
+        for r in rows
+    ]
+
+
+async def expansion_by_key(
+    db: Database, key: bytes | str | None, event_type: str | None
+) -> JobExpand | None:
+    """The expansion command an unreadable ``deletion_job.expand`` message (or outbox row)
+    still names: its ``ce_type`` header says what it was and its key is its job's id (as
+    `service.deletion.store` writes it). None unless both hold and that job exists.
+    """
+    if event_type != TYPE_JOB_EXPAND or key is None:
+        return None
+    try:
+        job_id = uuid.UUID(key.decode() if isinstance(key, bytes) else key)
+    except ValueError:  # UnicodeDecodeError included
+        return None
+    async with db.read() as conn:
+        workspace_id = (
+            await conn.execute(
+                sa.select(deletion_jobs.c.workspace_id).where(deletion_jobs.c.id == job_id)
+            )
+        ).scalar_one_or_none()
+    return None if workspace_id is None else JobExpand(job_id=job_id, workspace_id=workspace_id)
+
+
+def _text(value: bytes | str | None) -> str | None:
+    return value.decode() if isinstance(value, bytes) else value
