@@ -287,7 +287,7 @@ async def test_a_command_whose_failure_cannot_be_written_is_dead_lettered_and_th
     assert status == 202, body
     job_id = body["data"]["job_id"]
     async with services.db.read() as conn:
-        rows = (await conn.execute(sa.select(outbox).order_by(outbox.c.id))).all()
+        rows = (await conn.execute(sa.select(outbox.c.payload).order_by(outbox.c.id))).all()
     payloads = [bytes(r.payload) for r in rows if job_id.encode() in bytes(r.payload)]
     assert len(payloads) == 2
     event = json.loads(payloads[0])
