@@ -63,7 +63,7 @@ class Settings(BaseSettings):
     # max_in_flight, at most WEBHOOK_CLAIM_AHEAD_MAX), so that one claim and one recording
     # transaction cover many deliveries. At most a quarter of the ownership lease.
     webhook_claim_ahead_s: float = Field(default=0.5, gt=0, le=10)
-    webhook_claim_ahead_max: int = Field(default=500, ge=1, le=10_000)
+    webhook_claim_ahead_max: int = Field(default=2000, ge=1, le=10_000)
     # Finished attempts are recorded together, at the latest this long after the first
     # of them ended (or as soon as WEBHOOK_CLAIM_AHEAD_MAX of them are waiting).
     webhook_group_commit_s: float = Field(default=0.05, gt=0, le=5)
