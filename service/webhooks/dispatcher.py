@@ -151,7 +151,8 @@ LISTENERS_AT_ONCE = 200
 """While at most this many endpoints are enabled (all workspaces), the fan-out reads
 them all for each batch and skips, unread, every event of a type none of them takes
 (by its `ce_type` header); beyond, it reads each event's routing and the endpoints of the
-batch's workspaces."""
+batch's workspaces (and, for MANY_LISTENERS_S, does not try to read them all again)."""
+MANY_LISTENERS_S = 10.0
 D = webhook_deliveries.c
 E = webhook_endpoints.c
 
@@ -287,6 +288,7 @@ class Dispatcher:
         self._session: aiohttp.ClientSession | None = None
         self._stopping = False
         self._refilled_at = -float("inf")
+        self._many_listeners_until = -float("inf")  # (monotonic) see LISTENERS_AT_ONCE
         self._drained = False
         self.topics = [settings.topic(TOPIC_CONTACT_DELETED), settings.topic(TOPIC_JOB_COMPLETED)]
 
@@ -363,16 +365,22 @@ class Dispatcher:
         poison: list[tuple[InMessage, str]] = []
         endpoints: dict[uuid.UUID, list[Any]] | None = None
         # Read first: most events have no endpoint to go to, and then nothing is written.
-        async with self.db.read() as conn:
-            listeners = (
-                await conn.execute(
-                    sa.select(*_ENDPOINT_COLUMNS)
-                    .where(E.status == EndpointStatus.ENABLED)
-                    .limit(LISTENERS_AT_ONCE + 1)
-                )
-            ).all()
+        listeners: Sequence[Any] = ()
+        many = time.monotonic() < self._many_listeners_until
+        if not many:
+            async with self.db.read() as conn:
+                listeners = (
+                    await conn.execute(
+                        sa.select(*_ENDPOINT_COLUMNS)
+                        .where(E.status == EndpointStatus.ENABLED)
+                        .limit(LISTENERS_AT_ONCE + 1)
+                    )
+                ).all()
+            if len(listeners) > LISTENERS_AT_ONCE:
+                many = True
+                self._many_listeners_until = time.monotonic() + MANY_LISTENERS_S
         taken: set[str] | None = None  # the event types some endpoint takes; None: any
-        if len(listeners) <= LISTENERS_AT_ONCE:
+        if not many:
             endpoints = {}
             taken = set()
             for r in listeners:

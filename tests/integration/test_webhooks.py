@@ -56,6 +56,7 @@ from service.kafka import InMessage, Producer
 from service.keys import SCOPES, create_key
 from service.migrate import upgrade
 from service.procs import free_port
+from service.webhooks import dispatcher as dispatcher_module
 from service.webhooks import store
 from service.webhooks.dispatcher import AttemptResult, Dispatcher
 from service.webhooks.models import DisabledReason
@@ -1210,19 +1211,20 @@ async def _pg_admin(url: str, statement: str) -> None:
 
 
 async def test_events_of_a_type_no_endpoint_takes_are_skipped_unread_until_one_does(
-    alone: tuple[Tenant, Services], dlq: Producer
+    alone: tuple[Tenant, Services], dlq: Producer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """With the relay's `ce_type` header, an event of a type no enabled endpoint takes is
     not read at all (a garbled one is not even dead-lettered); once an endpoint that
     takes it is created, or a disabled one enabled, the next batch's events go to it
     and are read again (the garbled one dead-lettered). An event without the header is
-    always read."""
+    always read; so is every event while more endpoints are enabled than the fan-out
+    reads at once (`LISTENERS_AT_ONCE`, a size knob set to 1 here)."""
     tenant, services = alone
     dispatcher = Dispatcher(services.settings, services.db, services.metrics)
 
-    def typed(event: CloudEvent | None, offset: int) -> InMessage:
+    def typed(event: CloudEvent | None, offset: int, kind: str = TYPE_CONTACT_DELETED) -> InMessage:
         value = b'{"id": "no routing"}' if event is None else event.model_dump_json().encode()
-        kind = TYPE_CONTACT_DELETED if event is None else event.type
+        kind = kind if event is None else event.type
         return InMessage(kind, 0, offset, b"k", value, (("ce_type", kind.encode()),))
 
     garbled = InMessage("contact.deleted", 0, 1, b"k", b'{"id": "no routing"}', ())
@@ -1260,11 +1262,24 @@ async def test_events_of_a_type_no_endpoint_takes_are_skipped_unread_until_one_d
         assert status == 200, body
         third = contact_deleted(tenant.workspace_id)
         assert await dispatcher.fan_out([typed(third, 8)], dlq) == 1
+        # A type nobody takes is skipped; with more endpoints than the fan-out reads at
+        # once, every event is read (the garbled one dead-lettered), and routed as before.
+        assert await dispatcher.fan_out([typed(None, 12, "nobody.takes")], dlq) == 0
+        monkeypatch.setattr(dispatcher_module, "LISTENERS_AT_ONCE", 1)
+        fourth, done = contact_deleted(tenant.workspace_id), job_completed(tenant.workspace_id)
+        assert (
+            await dispatcher.fan_out(
+                [typed(None, 9, "nobody.takes"), typed(fourth, 10), typed(done, 11)], dlq
+            )
+            == 2
+        )
 
-    assert [line["offset"] for line in lines.events("webhook_event_dead_lettered")] == [1, 6]
-    assert [d["event_id"] for d in await list_deliveries(tenant, jobs["id"])] == [completed.id]
+    assert [line["offset"] for line in lines.events("webhook_event_dead_lettered")] == [1, 6, 9]
+    assert sorted(d["event_id"] for d in await list_deliveries(tenant, jobs["id"])) == sorted(
+        [completed.id, done.id]
+    )
     assert sorted(d["event_id"] for d in await list_deliveries(tenant, late["id"])) == sorted(
-        [second.id, third.id]
+        [second.id, third.id, fourth.id]
     )
 
 
