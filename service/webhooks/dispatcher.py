@@ -12,10 +12,12 @@ Two loops share one process:
   the buffers up to each endpoint's limits, and the attempts that finished meanwhile are
   recorded together, one transaction per pass (group commit): the attempt rows, the next
   state (retry scheduled or finished), the endpoint's failing streak. A buffer holds what
-  its endpoint takes in WEBHOOK_CLAIM_AHEAD_S at its limit and observed latency (at least
-  twice its limit) and is topped up at half, and a pass runs WEBHOOK_GROUP_COMMIT_S after
-  the first unrecorded attempt ended, so one transaction (recording and claiming together)
-  covers many deliveries (a finished send does not start a pass of its own).
+  its endpoint takes in WEBHOOK_CLAIM_AHEAD_S (or in two passes, when passes wait longer
+  for SQLite's one writer) at its limit and fastest recent latency (at least twice its
+  limit) and is topped up at half, or at three quarters by a pass that records anyway;
+  a pass runs WEBHOOK_GROUP_COMMIT_S after the first unrecorded attempt ended, so one
+  transaction (recording and claiming together) covers many deliveries (a finished send
+  does not start a pass of its own).
 
 Limits hold across dispatcher processes because one dispatcher at a time sends to an
 endpoint: it owns the endpoint (`owner`, `owner_until` on its row, claimed atomically and
