@@ -59,11 +59,12 @@ class Settings(BaseSettings):
     webhook_disable_after_s: int = Field(default=5 * 24 * 3600, ge=0)
     webhook_max_in_flight_per_endpoint: int = Field(default=4, ge=1)
     # Deliveries a dispatcher claims ahead per endpoint: what the endpoint takes in this
-    # many seconds at its max_in_flight and observed latency (at least twice its
-    # max_in_flight, at most WEBHOOK_CLAIM_AHEAD_MAX), so that one claim and one recording
-    # transaction cover many deliveries. At most a quarter of the ownership lease.
+    # many seconds (or in two sender passes, if longer) at its max_in_flight and fastest
+    # recent latency (at least twice its max_in_flight, at most WEBHOOK_CLAIM_AHEAD_MAX),
+    # so that one claim and one recording transaction cover many deliveries, and a buffer
+    # lasts while a pass waits for SQLite's writer. At most a quarter of the ownership lease.
     webhook_claim_ahead_s: float = Field(default=0.5, gt=0, le=10)
-    webhook_claim_ahead_max: int = Field(default=500, ge=1, le=10_000)
+    webhook_claim_ahead_max: int = Field(default=2000, ge=1, le=10_000)
     # Finished attempts are recorded together, at the latest this long after the first
     # of them ended (or as soon as WEBHOOK_CLAIM_AHEAD_MAX of them are waiting).
     webhook_group_commit_s: float = Field(default=0.05, gt=0, le=5)

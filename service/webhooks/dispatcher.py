@@ -12,10 +12,12 @@ Two loops share one process:
   the buffers up to each endpoint's limits, and the attempts that finished meanwhile are
   recorded together, one transaction per pass (group commit): the attempt rows, the next
   state (retry scheduled or finished), the endpoint's failing streak. A buffer holds what
-  its endpoint takes in WEBHOOK_CLAIM_AHEAD_S at its limit and observed latency (at least
-  twice its limit) and is topped up at half, and a pass runs WEBHOOK_GROUP_COMMIT_S after
-  the first unrecorded attempt ended, so one transaction (recording and claiming together)
-  covers many deliveries (a finished send does not start a pass of its own).
+  its endpoint takes in WEBHOOK_CLAIM_AHEAD_S (or in two passes, when passes wait longer
+  for SQLite's one writer) at its limit and fastest recent latency (at least twice its
+  limit) and is topped up at half, or at three quarters by a pass that records anyway;
+  a pass runs WEBHOOK_GROUP_COMMIT_S after the first unrecorded attempt ended, so one
+  transaction (recording and claiming together) covers many deliveries (a finished send
+  does not start a pass of its own).
 
 Limits hold across dispatcher processes because one dispatcher at a time sends to an
 endpoint: it owns the endpoint (`owner`, `owner_until` on its row, claimed atomically and
@@ -127,8 +129,15 @@ LEASE_ROUNDS = 3
 """An endpoint is owned (and its deliveries leased) for this many request timeouts, plus
 LEASE_SLACK_S: a buffer claimed ahead is sent well within it."""
 LEASE_SLACK_S = 10
-LATENCY_WEIGHT = 0.2
-"""Weight of the newest attempt in an endpoint's smoothed latency."""
+FAST_WINDOW_S = 2.0
+"""An endpoint's pace is judged by its fastest attempt in the last one or two windows of
+this long: a mean would count the time an answer waited for this process's busy event
+loop (a fan-out batch, a pass) as the receiver's, and shrink the buffer just when a
+bigger one is needed (issue 8: on SQLite the buffer then ran dry between passes)."""
+PASS_WEIGHT = 0.2
+"""Weight of the newest pass in the smoothed duration of the sender's passes."""
+TOP_UP_SHARE = 4
+"""A pass that writes anyway also tops up any buffer missing a quarter of its size."""
 UNOWNED_GRACE_S = 2.0
 """An endpoint with due work that no dispatcher took for this long is taken whatever the
 fair share says."""
@@ -140,6 +149,12 @@ CHECK_TTL_S = 10.0
 """A URL's passing SSRF check is reused this long: the sender connector's DNS cache
 (`ttl_dns_cache`) keeps a checked answer as long."""
 CHECKED_URLS_MAX = 10_000
+LISTENERS_AT_ONCE = 200
+"""While at most this many endpoints are enabled (all workspaces), the fan-out reads
+them all for each batch and skips, unread, every event of a type none of them takes
+(by its `ce_type` header); beyond, it reads each event's routing and the endpoints of the
+batch's workspaces (and, for MANY_LISTENERS_S, does not try to read them all again)."""
+MANY_LISTENERS_S = 10.0
 D = webhook_deliveries.c
 E = webhook_endpoints.c
 
@@ -159,22 +174,28 @@ class EndpointSlots:
     tokens: float = 0.0
     updated: float = field(default_factory=time.monotonic)
     ahead: int = 0  # deliveries to hold claimed (in flight included); 0: not yet known
-    latency_s: float | None = None  # its attempts' smoothed latency, once one ended
+    fastest_s: float | None = None  # its fastest attempt in this window, once one ended
+    fastest_before_s: float | None = None  # and in the window before
+    window_from: float = field(default_factory=time.monotonic)
     failing: bool | None = None  # its failing streak as last read or written; None: unknown
     waiting_since: float | None = None  # due work seen, not owned by this process yet
     releasing: bool = False  # to be given up to another dispatcher (fair share)
 
-    def observe(self, latency_s: float) -> None:
-        """Fold one attempt's latency (seconds) into the smoothed one."""
-        old = self.latency_s
-        self.latency_s = latency_s if old is None else old + LATENCY_WEIGHT * (latency_s - old)
+    def observe(self, latency_s: float, now: float) -> None:
+        """Note one attempt's latency (seconds), ended at `now` (monotonic seconds)."""
+        if now - self.window_from >= FAST_WINDOW_S:
+            self.fastest_before_s, self.fastest_s = self.fastest_s, None
+            self.window_from = now
+        if self.fastest_s is None or latency_s < self.fastest_s:
+            self.fastest_s = latency_s
 
     def pace(self, limit: int) -> float:
         """Attempts per second this endpoint takes at `limit` requests in flight, from its
-        observed latency (0 while none is known)."""
-        if self.latency_s is None:
+        fastest recent attempt (`FAST_WINDOW_S`; 0 while none is known)."""
+        seen = [x for x in (self.fastest_s, self.fastest_before_s) if x is not None]
+        if not seen:
             return 0.0
-        return limit / max(self.latency_s, 0.001)
+        return limit / max(min(seen), 0.001)
 
     def idle(self, now: float) -> bool:
         """Nothing claimed or in flight and a full bucket: forgetting it loses nothing."""
@@ -253,6 +274,10 @@ class Dispatcher:
         self._ahead_s = min(settings.webhook_claim_ahead_s, self._own.total_seconds() / 4)
         self._ahead_max = settings.webhook_claim_ahead_max
         self._commit_s = settings.webhook_group_commit_s
+        # How long a pass takes (its wait for the database's writer included), smoothed:
+        # a buffer holds what its endpoint sends in two of them, so that it does not run
+        # dry while the pass that tops it up waits for SQLite's one writer.
+        self._pass_s = 0.0
         self._commit_timer: asyncio.TimerHandle | None = None
         self._checked: dict[str, float] = {}  # URL -> until when its SSRF check holds
         # Spreading endpoints across dispatchers: this process's share of the
@@ -265,6 +290,7 @@ class Dispatcher:
         self._session: aiohttp.ClientSession | None = None
         self._stopping = False
         self._refilled_at = -float("inf")
+        self._many_listeners_until = -float("inf")  # (monotonic) see LISTENERS_AT_ONCE
         self._drained = False
         self.topics = [settings.topic(TOPIC_CONTACT_DELETED), settings.topic(TOPIC_JOB_COMPLETED)]
 
@@ -320,12 +346,17 @@ class Dispatcher:
     async def fan_out(self, messages: Sequence[InMessage], dlq: Producer) -> int:
         """Write the deliveries of these events (idempotent); dead-letter malformed ones.
 
-        Returns how many deliveries were new. Each event is first read only as far as
-        its routing (`_Routing`: id, type, time, workspace); the endpoints of those
-        workspaces are read at once, from the database, for every batch (so an endpoint
-        created by any process before the batch is never missed); only an event with an
-        endpoint to go to is read in full and written. An event whose routing cannot be
-        read is dead-lettered; one nobody subscribes to is not read further.
+        Returns how many deliveries were new. The enabled endpoints are read afresh from
+        the database for every batch (so an endpoint created or enabled by any process
+        before the batch is never missed): all of them while there are at most
+        LISTENERS_AT_ONCE, and then an event of a type none of them takes (its `ce_type`
+        header, as the relay sets it) is skipped without being read at all (issue 8: a
+        filter job's events cost a parse each when nobody listened). Any other event is
+        first read only as far as its routing (`_Routing`: id, type, time, workspace);
+        beyond LISTENERS_AT_ONCE, the endpoints of the batch's workspaces are read then;
+        only an event with an endpoint to go to is read in full and written. An event
+        whose routing cannot be read is dead-lettered; one nobody subscribes to is not
+        read further.
 
         A new delivery to an endpoint this process owns (with room in its buffer and no
         older due work queued) is claimed by the same INSERT and handed to the buffer
@@ -334,21 +365,46 @@ class Dispatcher:
         """
         routed: list[tuple[InMessage, _Routing]] = []
         poison: list[tuple[InMessage, str]] = []
+        endpoints: dict[uuid.UUID, list[Any]] | None = None
+        # Read first: most events have no endpoint to go to, and then nothing is written.
+        listeners: Sequence[Any] = ()
+        many = time.monotonic() < self._many_listeners_until
+        if not many:
+            async with self.db.read() as conn:
+                listeners = (
+                    await conn.execute(
+                        sa.select(*_ENDPOINT_COLUMNS)
+                        .where(E.status == EndpointStatus.ENABLED)
+                        .limit(LISTENERS_AT_ONCE + 1)
+                    )
+                ).all()
+            if len(listeners) > LISTENERS_AT_ONCE:
+                many = True
+                self._many_listeners_until = time.monotonic() + MANY_LISTENERS_S
+        taken: set[str] | None = None  # the event types some endpoint takes; None: any
+        if not many:
+            endpoints = {}
+            taken = set()
+            for r in listeners:
+                endpoints.setdefault(r.workspace_id, []).append(r)
+                if taken is not None:
+                    taken = None if not r.event_types else taken.union(r.event_types)
         for m in messages:
+            if taken is not None:
+                kind = _header_type(m)
+                if kind is not None and kind not in taken:
+                    continue  # nobody takes this type (an event without the header is read)
             try:
                 routed.append((m, _Routing.model_validate_json(m.value)))
             except ValidationError as exc:
                 log.error("webhook_event_dead_lettered", topic=m.topic, offset=m.offset)
                 poison.append((m, describe(exc)))
-        endpoints: dict[uuid.UUID, list[Any]] = {}
-        if routed:
-            # Read first: most events have no endpoint to go to, and then nothing is written.
+        if endpoints is None and routed:
+            endpoints = {}
             async with self.db.read() as conn:
                 for r in (
                     await conn.execute(
-                        sa.select(
-                            E.id, E.workspace_id, E.event_types, E.url, E.secret, E.retired_secrets
-                        ).where(
+                        sa.select(*_ENDPOINT_COLUMNS).where(
                             E.workspace_id.in_({r.data.workspace_id for _, r in routed}),
                             E.status == EndpointStatus.ENABLED,
                         )
@@ -360,7 +416,7 @@ class Dispatcher:
             ws = routing.data.workspace_id
             targets = [
                 e
-                for e in endpoints.get(ws, ())
+                for e in (endpoints or {}).get(ws, ())
                 if not e.event_types or routing.type in e.event_types
             ]
             if not targets:
@@ -590,12 +646,14 @@ class Dispatcher:
 
     def _buffer(self, slots: EndpointSlots) -> int:
         """Deliveries to hold claimed (in flight included): what the endpoint takes in
-        WEBHOOK_CLAIM_AHEAD_S at its limit and observed latency (`EndpointSlots.pace`, so
+        WEBHOOK_CLAIM_AHEAD_S (or in two passes, if they take longer) at its limit and
+        observed latency (`EndpointSlots.pace`, so
         a burst after a quiet spell is claimed at once), at least MIN_AHEAD_ROUNDS times
         its limit, at most WEBHOOK_CLAIM_AHEAD_MAX; and no more than a rate-limited
         endpoint sends within a request timeout, so that none waits here past its lease."""
         limit = self._limit(slots.max_in_flight)
-        size = max(limit * MIN_AHEAD_ROUNDS, int(slots.pace(limit) * self._ahead_s))
+        ahead_s = max(self._ahead_s, 2 * self._pass_s)
+        size = max(limit * MIN_AHEAD_ROUNDS, int(slots.pace(limit) * ahead_s))
         size = min(size, max(self._ahead_max, limit))
         if slots.rate is not None:
             size = min(size, max(1, int(slots.rate * self.settings.webhook_timeout_s)))
@@ -791,6 +849,14 @@ class Dispatcher:
         """
         if self.pauses is not None:
             await self._pause("pass")
+        started = time.monotonic()
+        try:
+            return await self._step(refill=refill, record=record)
+        finally:
+            took = time.monotonic() - started
+            self._pass_s += PASS_WEIGHT * (took - self._pass_s)
+
+    async def _step(self, *, refill: bool, record: bool) -> list[dict[str, Any]]:
         if refill or self._drained or time.monotonic() - self._refilled_at >= REFILL_EVERY_S:
             await self._refill()
         now = self.clock()
@@ -798,7 +864,7 @@ class Dispatcher:
         await self._release_excess(now, mono)
         batch = self._take_finished(now) if record else []
         unrecorded = {d["endpoint_id"] for d, _ in batch}
-        wanted, renewing = self._wanted(now, mono, unrecorded)
+        wanted, renewing = self._wanted(now, mono, unrecorded, writing=bool(batch))
         if not wanted:
             await self._record_batch(batch)
             return []
@@ -820,13 +886,15 @@ class Dispatcher:
         return self._claimed(claimed, now)
 
     def _wanted(
-        self, now: datetime, mono: float, unrecorded: set[uuid.UUID]
+        self, now: datetime, mono: float, unrecorded: set[uuid.UUID], *, writing: bool = False
     ) -> tuple[list[uuid.UUID], set[uuid.UUID]]:
         """The endpoints to own (or keep owning) and claim for now, and those among them
         whose ownership and buffered leases are due a renewal: any with deliveries buffered,
         in flight, queued, or sent and not recorded yet (`unrecorded`: an ownership that
         lapsed before its attempts were recorded would drop them, and the webhooks would
-        go out again)."""
+        go out again). A pass that writes anyway (`writing`: it records attempts) also
+        tops up the buffers missing a quarter of their size (`TOP_UP_SHARE`), so that the
+        claim rides on the recording's transaction instead of needing one of its own."""
         owning = sum(1 for s in self.slots.values() if self._owns(s, now) and not s.releasing)
         wanted = []
         renewing: set[uuid.UUID] = set()
@@ -835,7 +903,11 @@ class Dispatcher:
                 continue
             size = self._buffer(s)
             held = self._owns(s, now)
-            due = bool(s.queue) and (not held or self._low(s, size))
+            due = bool(s.queue) and (
+                not held
+                or self._low(s, size)
+                or (writing and size - len(s.ready) - s.in_flight >= max(1, size // TOP_UP_SHARE))
+            )
             if due and s.owned_until is None:
                 # A new endpoint for this process (not one whose ownership it let lapse).
                 if not self._may_own(s, owning, mono):
@@ -1040,7 +1112,7 @@ class Dispatcher:
             self.finished.append((delivery, result))
             slots = self.slots.get(delivery["endpoint_id"])
             if slots is not None:
-                slots.observe(result.latency_ms / 1000)
+                slots.observe(result.latency_ms / 1000, time.monotonic())
         finally:
             slots = self.slots.get(delivery["endpoint_id"])
             if slots is not None:
@@ -1488,6 +1560,21 @@ class Dispatcher:
     async def run(self, stop: asyncio.Event) -> None:
         """Fan-out and sender together, until `stop`."""
         await asyncio.gather(self.run_fanout(stop), self.run_sender(stop))
+
+
+_ENDPOINT_COLUMNS = (E.id, E.workspace_id, E.event_types, E.url, E.secret, E.retired_secrets)
+"""What the fan-out reads of an endpoint: its routing, and what a handed-over send needs."""
+
+
+def _header_type(message: InMessage) -> str | None:
+    """The event type in a record's ``ce_type`` header (set by the relay), or None."""
+    for name, value in message.headers:
+        if name == "ce_type":
+            try:
+                return value.decode()
+            except UnicodeDecodeError:
+                return None
+    return None
 
 
 class _RoutingData(BaseModel):

@@ -22,6 +22,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any, TypeVar
 
 import aiohttp
@@ -29,9 +30,10 @@ import pytest
 import sqlalchemy as sa
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from sqlalchemy.ext.asyncio import create_async_engine
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
-from service.app import Services
+from service.app import Services, create_app
 from service.config import Settings
 from service.db import (
     Database,
@@ -52,10 +54,19 @@ from service.events import (
 )
 from service.kafka import InMessage, Producer
 from service.keys import SCOPES, create_key
+from service.migrate import upgrade
 from service.procs import free_port
+from service.webhooks import dispatcher as dispatcher_module
 from service.webhooks import store
 from service.webhooks.dispatcher import AttemptResult, Dispatcher
-from tests.conftest import Tenant, components_running, make_settings
+from service.webhooks.models import DisabledReason
+from tests.conftest import (
+    Tenant,
+    components_running,
+    make_settings,
+    new_tenant,
+    opened_services,
+)
 from tests.logcapture import json_logs
 
 T = TypeVar("T")
@@ -1161,6 +1172,115 @@ async def test_an_endpoint_created_between_two_batches_gets_the_second_batch_s_e
     assert [d["event_id"] for d in await list_deliveries(tenant, endpoint["id"])] == [after.id]
     dead = lines.events("webhook_event_dead_lettered")
     assert [line["offset"] for line in dead] == [2]
+
+
+@pytest.fixture
+async def alone(
+    db_url: str, tmp_path: Path, http: aiohttp.ClientSession
+) -> AsyncIterator[tuple[Tenant, Services]]:
+    """A tenant in a database of its own (the shared one holds other tests' endpoints),
+    served by its own API; and that database's services."""
+    if db_url.startswith("sqlite"):
+        url = f"sqlite+aiosqlite:///{tmp_path / 'alone.db'}"
+    else:
+        name = f"alone_{uuid.uuid4().hex[:10]}"
+        await _pg_admin(db_url, f'CREATE DATABASE "{name}"')
+        url = f"{db_url.rpartition('/')[0]}/{name}"
+    try:
+        await upgrade(url)
+        async with opened_services(make_settings(url)) as services:
+            server = TestServer(create_app(services), host="127.0.0.1")
+            await server.start_server()
+            try:
+                base = str(server.make_url("")).rstrip("/")
+                yield await new_tenant(services, base, http), services
+            finally:
+                await server.close()
+    finally:
+        if not db_url.startswith("sqlite"):
+            await _pg_admin(db_url, f'DROP DATABASE "{name}" WITH (FORCE)')
+
+
+async def _pg_admin(url: str, statement: str) -> None:
+    engine = create_async_engine(url, isolation_level="AUTOCOMMIT")
+    try:
+        async with engine.connect() as conn:
+            await conn.execute(sa.text(statement))
+    finally:
+        await engine.dispose()
+
+
+async def test_events_of_a_type_no_endpoint_takes_are_skipped_unread_until_one_does(
+    alone: tuple[Tenant, Services], dlq: Producer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the relay's `ce_type` header, an event of a type no enabled endpoint takes is
+    not read at all (a garbled one is not even dead-lettered); once an endpoint that
+    takes it is created, or a disabled one enabled, the next batch's events go to it
+    and are read again (the garbled one dead-lettered). An event without the header is
+    always read; so is every event while more endpoints are enabled than the fan-out
+    reads at once (`LISTENERS_AT_ONCE`, a size knob set to 1 here)."""
+    tenant, services = alone
+    dispatcher = Dispatcher(services.settings, services.db, services.metrics)
+
+    def typed(event: CloudEvent | None, offset: int, kind: str = TYPE_CONTACT_DELETED) -> InMessage:
+        value = b'{"id": "no routing"}' if event is None else event.model_dump_json().encode()
+        kind = kind if event is None else event.type
+        return InMessage(kind, 0, offset, b"k", value, (("ce_type", kind.encode()),))
+
+    garbled = InMessage("contact.deleted", 0, 1, b"k", b'{"id": "no routing"}', ())
+    with json_logs() as lines:
+        # No endpoint at all: nothing read, except the event without the header.
+        assert await dispatcher.fan_out([typed(None, 0), garbled], dlq) == 0
+        jobs = await create_endpoint(
+            tenant, "https://hooks.example.com/jobs", event_types=["deletion_job.completed"]
+        )
+        # One that takes another type only: the contact.deleted events stay unread.
+        completed = job_completed(tenant.workspace_id)
+        first = contact_deleted(tenant.workspace_id)
+        assert (
+            await dispatcher.fan_out([typed(None, 2), typed(first, 3), typed(completed, 4)], dlq)
+            == 1
+        )
+        # Created meanwhile: the next batch's contact.deleted goes to it (and is read).
+        late = await create_endpoint(
+            tenant, "https://hooks.example.com/late", event_types=["contact.deleted"]
+        )
+        second = contact_deleted(tenant.workspace_id)
+        assert await dispatcher.fan_out([typed(second, 5), typed(None, 6)], dlq) == 1
+        # Disabled, nobody takes contact.deleted again; enabled, it goes to it again.
+        async with services.db.begin() as conn:
+            assert await store.disable_endpoint(
+                conn,
+                services.db,
+                tenant.workspace_id,
+                uuid.UUID(late["id"]),
+                DisabledReason.GONE,
+                "test",
+            )
+        assert await dispatcher.fan_out([typed(contact_deleted(tenant.workspace_id), 7)], dlq) == 0
+        status, body, _ = await tenant.call("POST", f"{ENDPOINTS}/{late['id']}/enable")
+        assert status == 200, body
+        third = contact_deleted(tenant.workspace_id)
+        assert await dispatcher.fan_out([typed(third, 8)], dlq) == 1
+        # A type nobody takes is skipped; with more endpoints than the fan-out reads at
+        # once, every event is read (the garbled one dead-lettered), and routed as before.
+        assert await dispatcher.fan_out([typed(None, 12, "nobody.takes")], dlq) == 0
+        monkeypatch.setattr(dispatcher_module, "LISTENERS_AT_ONCE", 1)
+        fourth, done = contact_deleted(tenant.workspace_id), job_completed(tenant.workspace_id)
+        assert (
+            await dispatcher.fan_out(
+                [typed(None, 9, "nobody.takes"), typed(fourth, 10), typed(done, 11)], dlq
+            )
+            == 2
+        )
+
+    assert [line["offset"] for line in lines.events("webhook_event_dead_lettered")] == [1, 6, 9]
+    assert sorted(d["event_id"] for d in await list_deliveries(tenant, jobs["id"])) == sorted(
+        [completed.id, done.id]
+    )
+    assert sorted(d["event_id"] for d in await list_deliveries(tenant, late["id"])) == sorted(
+        [second.id, third.id, fourth.id]
+    )
 
 
 async def test_a_new_delivery_to_an_endpoint_this_dispatcher_owns_goes_from_the_fan_out(
