@@ -1234,10 +1234,12 @@ class Dispatcher:
         """One signed POST; never raises for a receiver's failure."""
         started = time.perf_counter()
         body: bytes = delivery["payload"]
-        headers = webhook_headers(
-            delivery["secrets"], delivery["event_id"], int(time.time()), body, USER_AGENT
-        )
         try:
+            # Inside the try: a secret that cannot sign (a damaged row) fails this attempt,
+            # retried on the schedule, instead of the pass and every endpoint's sends.
+            headers = webhook_headers(
+                delivery["secrets"], delivery["event_id"], int(time.time()), body, USER_AGENT
+            )
             if self._checked.get(delivery["url"], 0.0) <= time.monotonic():
                 await self._check(delivery["url"])  # (no coroutine per send while it holds)
             if self.pauses is not None:

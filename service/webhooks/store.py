@@ -49,8 +49,21 @@ fifth rotation inside one overlap window retires the oldest one early."""
 
 
 def live_retired(retired: Any, now: datetime) -> list[dict[str, str]]:
-    """The rotated-out secrets still inside their overlap, newest first."""
-    return [r for r in (retired or []) if datetime.fromisoformat(r["expires_at"]) > now]
+    """The rotated-out secrets still inside their overlap, newest first.
+
+    An entry that cannot be read (not ``{"secret": str, "expires_at": ISO-8601 with an
+    offset}``: only a damaged row holds one) signs nothing and is left out, so that one
+    endpoint's damaged row never stops the passes that claim every endpoint's deliveries.
+    """
+    live = []
+    for entry in retired if isinstance(retired, list) else []:
+        try:
+            secret, expires = entry["secret"], datetime.fromisoformat(entry["expires_at"])
+            if isinstance(secret, str) and expires > now:
+                live.append(entry)
+        except (TypeError, KeyError, ValueError):
+            continue
+    return live
 
 
 def live_secrets(row: Mapping[Any, Any], now: datetime) -> list[str]:

@@ -1007,6 +1007,55 @@ async def test_a_slow_receiver_does_not_delay_another_endpoint(
     assert sorted(h.webhook_id for h in receiver.at("/slow")) == sorted(slow_events)
 
 
+@pytest.mark.parametrize(
+    "damage",
+    [
+        {"retired_secrets": [{"oops": 1}, "x", {"secret": 5, "expires_at": "later"}]},
+        {"retired_secrets": {"not": "a list"}},
+        {"secret": "whsec_!!! not base64"},
+    ],
+    ids=["retired-entries", "retired-not-a-list", "secret"],
+)
+async def test_a_damaged_endpoint_row_holds_up_no_other_endpoint(
+    tenant: Tenant,
+    receiver: Receiver,
+    sender: StartSender,
+    services: Services,
+    damage: dict[str, Any],
+) -> None:
+    """A row that only damage makes (a retired secret that is not one, a secret that is
+    not base64) stopped every claim pass (KeyError in the signing secrets) and so every
+    endpoint's webhooks, retried forever. Now the damaged part signs nothing: a healthy
+    endpoint's delivery arrives, verified; the damaged one's deliveries go out signed by
+    what is readable, or fail their attempt with the reason, retried on the schedule."""
+    sender()
+    healthy = await create_endpoint(tenant, receiver.script("/healthy", answer(200)))
+    damaged = await create_endpoint(tenant, receiver.script("/damaged", answer(200)))
+    async with services.db.begin() as conn:
+        await conn.execute(
+            webhook_endpoints.update()
+            .where(webhook_endpoints.c.id == uuid.UUID(damaged["id"]))
+            .values(**damage)
+        )
+    damaged_event = await send_test(tenant, damaged["id"])
+    healthy_event = await send_test(tenant, healthy["id"])
+
+    await wait_delivery(tenant, healthy["id"], healthy_event, has_status("succeeded"))
+    (hit,) = receiver.at("/healthy")
+    assert Webhook(healthy["secret"]).verify(hit.body, hit.headers)["type"] == "webhook.test"
+    if "secret" in damage:
+        delivery = await wait_delivery(
+            tenant, damaged["id"], damaged_event, lambda d: d["attempt_count"] >= 1
+        )
+        assert delivery["status"] == "failing", delivery
+        assert "secret" in delivery["attempts"][0]["error"], delivery
+        assert receiver.at("/damaged") == []
+    else:
+        await wait_delivery(tenant, damaged["id"], damaged_event, has_status("succeeded"))
+        (hit,) = receiver.at("/damaged")
+        assert Webhook(damaged["secret"]).verify(hit.body, hit.headers)["type"] == "webhook.test"
+
+
 async def test_an_endpoint_failing_longer_than_the_limit_is_disabled(
     tenant: Tenant, receiver: Receiver, sender: StartSender, services: Services
 ) -> None:
