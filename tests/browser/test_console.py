@@ -25,6 +25,7 @@ from tests.browser.conftest import (
     ConsoleService,
     Receiver,
     assert_no_console_errors,
+    console_errors,
     new_driver,
     shot,
     wait_for,
@@ -335,6 +336,34 @@ def test_the_endpoint_list_pages_newest_first(
     assert not driver.find_element(By.ID, "endpoints-more").is_displayed()
     shot(driver, "endpoints-paged")
     assert_no_console_errors(driver)
+
+
+def test_a_refused_preview_names_the_bad_entry_and_says_what_the_console_cannot_do(
+    console_service: ConsoleService, browser: WebDriver
+) -> None:
+    """The API names the bad field ("emails.1"); the page showed only "the request body is
+    invalid". It now shows each detail, counted from 1. A filter selecting everything is
+    refused with the API's way out (match_all), which the page does not offer: it says so."""
+    service, driver = console_service, browser
+    key = service.key("contacts:read", "contacts:write")
+    assert service.call(key, "POST", "/v1/contacts", {"email": "kj@example.com"})[0] == 201
+    sign_in(driver, service, key)
+    wait_for(driver, lambda d: d.find_element(By.ID, "delete-form"))
+    click(driver, "input[name=selector-kind][value=emails]")
+    css(driver, "#del-list").send_keys("kj@example.com, not-an-address")
+    click(driver, "#dry-run")
+    shown = wait_for(driver, lambda d: text_of(d, ".status.bad"))
+    assert "emails #2" in shown and "not a valid email address" in shown, shown
+
+    click(driver, "input[name=selector-kind][value=filter]")
+    css(driver, "#del-filter").send_keys("{}")
+    click(driver, "#dry-run")
+    wait_for(driver, lambda d: "match_all" in text_of(d, ".status.bad"))
+    assert "through the API only" in text_of(driver, ".status.bad")
+    assert service.call(key, "GET", "/v1/bulk-jobs")[1]["data"] == []
+    # The browser logs the two refused requests themselves, and nothing else (no script error).
+    errors = console_errors(driver)
+    assert len(errors) == 2 and all("bulk-delete" in e["message"] for e in errors), errors
 
 
 def test_a_failed_job_says_why_on_its_page(

@@ -15,10 +15,18 @@ export function signOut() {
   sessionStorage.removeItem(KEY);
 }
 
+// "emails.1" (0-based, as the API names it) as a person counts: "emails #2".
+function place(field) {
+  return String(field).replace(/\.(\d+)(?=\.|$)/g, (_, n) => ` #${Number(n) + 1}`);
+}
+
 export class ApiError extends Error {
   constructor(status, error) {
     const message = error?.message || `HTTP ${status}`;
-    super(`${message}${error?.code ? ` (${error.code})` : ""}`);
+    // Each detail names its field: the one bad address among a thousand pasted ones.
+    const details = (error?.details || []).slice(0, 5).map((d) => `${place(d.field)}: ${d.message}`);
+    const more = (error?.details || []).length > 5 ? ` and ${error.details.length - 5} more` : "";
+    super(`${message}${error?.code ? ` (${error.code})` : ""}${details.length ? ` — ${details.join("; ")}${more}` : ""}`);
     this.status = status;
     this.code = error?.code;
     this.details = error?.details;

@@ -207,7 +207,11 @@ function deleteForm(canRead) {
       const result = (await api("POST", "/v1/contacts/bulk-delete", { ...request, dry_run: true })).data;
       say("");
       showOutcome(outcome, request, result, canRead);
-    } catch (err) { fail(err); }
+    } catch (err) {
+      // The API's way out (match_all) is not offered here, on purpose: say so.
+      const all = err.message && err.message.includes("match_all");
+      fail(all ? new Error(`${err.message}. The console never sends match_all: deleting every contact is done through the API only.`) : err);
+    }
   });
   return h("section", { class: "card", "aria-labelledby": "form-h" }, h("h3", { id: "form-h" }, "New deletion"), form, outcome);
 }
