@@ -41,6 +41,15 @@ configuration comes from environment variables (all optional locally), e.g.
 see the README for the full list."""
 
 
+def _workspace_name(value: str) -> str:
+    from service.keys import check_workspace_name
+
+    try:
+        return check_workspace_name(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _out(text: str) -> None:
     """What a command prints for its user (stdout), as opposed to logs (stderr)."""
     sys.stdout.write(text + "\n")
@@ -144,13 +153,15 @@ async def _keys_create(settings: Settings, args: argparse.Namespace) -> int | st
                         "key": created.key,
                         "key_id": str(created.key_id),
                         "workspace_id": str(created.workspace_id),
+                        "new_workspace": created.new_workspace,
                     }
                 )
             )
         else:
             _out(f"key:          {created.key}")
             _out(f"key_id:       {created.key_id}")
-            _out(f"workspace_id: {created.workspace_id}")
+            new = " (a new workspace: no key named it before)" if created.new_workspace else ""
+            _out(f"workspace_id: {created.workspace_id}{new}")
             _out(f"scopes:       {' '.join(created.scopes)}")
             _out("Store the key now: it is not shown again.")
         return 0
@@ -267,6 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument(
         "--workspace",
         required=True,
+        type=_workspace_name,
         metavar="NAME",
         help="the workspace the key belongs to (created when no workspace has this name)",
     )

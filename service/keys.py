@@ -42,6 +42,7 @@ class CreatedKey:
     key_id: uuid.UUID
     workspace_id: uuid.UUID
     scopes: tuple[str, ...]
+    new_workspace: bool = False
 
 
 def generate_key() -> str:
@@ -64,26 +65,45 @@ def validate_scopes(scopes: list[str]) -> tuple[str, ...]:
     return tuple(s for s in SCOPES if s in scopes)
 
 
+MAX_WORKSPACE_NAME = 200  # the column's length
+
+
+def check_workspace_name(name: str) -> str:
+    """A workspace name as given, or ValueError: 1-200 printable characters, not blank,
+    no space at either end (" acme" and "acme" would be two workspaces)."""
+    if not name.strip() or name != name.strip():
+        raise ValueError("a workspace name is not blank and has no space at either end")
+    if len(name) > MAX_WORKSPACE_NAME or not name.isprintable():
+        raise ValueError(f"a workspace name is 1-{MAX_WORKSPACE_NAME} printable characters")
+    return name
+
+
 async def ensure_workspace(db: Database, name: str) -> uuid.UUID:
     """The id of the workspace with this name, creating it when new."""
+    workspace_id, _ = await workspace_of(db, name)
+    return workspace_id
+
+
+async def workspace_of(db: Database, name: str) -> tuple[uuid.UUID, bool]:
+    """The id of the workspace with this name, and whether this call created it."""
     async with db.begin() as conn:
         row = (
             await conn.execute(sa.select(workspaces.c.id).where(workspaces.c.name == name))
         ).first()
         if row is not None:
             workspace_id: uuid.UUID = row.id
-            return workspace_id
+            return workspace_id, False
         workspace_id = new_id()
         await conn.execute(
             workspaces.insert().values(id=workspace_id, name=name, created_at=utcnow())
         )
-        return workspace_id
+        return workspace_id, True
 
 
 async def create_key(db: Database, workspace: str, scopes: list[str]) -> CreatedKey:
     """Create a key for the named workspace (created if new); the clear key is returned once."""
     checked = validate_scopes(scopes)
-    workspace_id = await ensure_workspace(db, workspace)
+    workspace_id, new_workspace = await workspace_of(db, check_workspace_name(workspace))
     key = generate_key()
     key_id = new_id()
     async with db.begin() as conn:
@@ -100,7 +120,13 @@ async def create_key(db: Database, workspace: str, scopes: list[str]) -> Created
         await _audit_key(
             conn, db, workspace_id, key_id, "api_key.created", {"scopes": list(checked)}
         )
-    return CreatedKey(key=key, key_id=key_id, workspace_id=workspace_id, scopes=checked)
+    return CreatedKey(
+        key=key,
+        key_id=key_id,
+        workspace_id=workspace_id,
+        scopes=checked,
+        new_workspace=new_workspace,
+    )
 
 
 async def list_keys(db: Database) -> list[dict[str, Any]]:

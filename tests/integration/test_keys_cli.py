@@ -67,12 +67,44 @@ def as_tenant(api: str, http: aiohttp.ClientSession, created: dict[str, Any]) ->
     )
 
 
+async def test_keys_create_says_when_it_made_a_new_workspace_and_refuses_blank_names(
+    capsys: pytest.CaptureFixture[str], db_url: str
+) -> None:
+    """A typo ("Acme" for "acme") made a second, empty workspace that looked like the
+    first: the answer now says the workspace is new. A blank or space-edged name is
+    refused (exit 2) and creates nothing."""
+    name = f"cli-{uuid.uuid4().hex[:10]}"
+    args = ("keys", "create", "--workspace", name, "--scope", "audit:read")
+    first = json.loads((await run_cli(capsys, *args, "--json"))[1])
+    again = json.loads((await run_cli(capsys, *args, "--json"))[1])
+    assert (first["new_workspace"], again["new_workspace"]) == (True, False)
+    assert first["workspace_id"] == again["workspace_id"]
+    code, out = await run_cli(capsys, *args[:-2], "--scope", "audit:read")
+    assert code == 0 and "a new workspace" not in out
+
+    engine = create_async_engine(db_url)
+    try:
+        async with engine.connect() as conn:
+            count = sa.text("SELECT count(*) FROM workspaces")
+            before = (await conn.execute(count)).scalar_one()
+            for bad in ("", "   ", " acme", "acme ", "a\tb", "x" * 201):
+                with pytest.raises(SystemExit) as exited:
+                    await asyncio.to_thread(
+                        main, ["keys", "create", "--workspace", bad, "--scope", "audit:read"]
+                    )
+                assert exited.value.code == 2
+                assert "workspace" in capsys.readouterr().err
+            assert (await conn.execute(count)).scalar_one() == before
+    finally:
+        await engine.dispose()
+
+
 async def test_keys_create_json_prints_exactly_one_line_with_the_key(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     created = await create_key(capsys, "contacts:read")
 
-    assert set(created) == {"key", "key_id", "workspace_id"}
+    assert set(created) == {"key", "key_id", "workspace_id", "new_workspace"}
     assert created["key"].startswith("cdk_")
     uuid.UUID(created["key_id"])
     uuid.UUID(created["workspace_id"])
