@@ -98,7 +98,7 @@ def _adder(
         f"/v1/contacts/{{contact_id}}/{plural}",
         _timeline_adder(model),
         f"add{kind.capitalize()}",
-        f"Add a {kind} to a contact's timeline",
+        f"Add {'an' if kind[0] in 'aeiou' else 'a'} {kind} to a contact's timeline",
         tag=TAG,
         scope=WRITE,
         body=model,

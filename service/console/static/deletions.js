@@ -43,10 +43,12 @@ export function progress(job) {
 
 export function selectorText(selector) {
   if (!selector) return "—";
+  // "1 id", "3 ids", "1 email", "2 emails"
+  const counted = (n, k) => `${n} ${k.replace("contact_ids", "ids").replace(/s$/, n === 1 ? "" : "s")}`;
   return Object.entries(selector).map(([k, v]) => {
-    if (Array.isArray(v)) return `${v.length} ${k.replace("contact_ids", "ids")}`;
-    if (v && typeof v === "object" && "count" in v) return `${v.count} ${k}`;
-    if (typeof v === "number") return `${v} ${k}`;
+    if (Array.isArray(v)) return counted(v.length, k);
+    if (v && typeof v === "object" && "count" in v) return counted(v.count, k);
+    if (typeof v === "number") return counted(v, k);
     if (typeof v === "string") return `${k} "${v}"`;
     return `${k} ${JSON.stringify(v)}`;
   }).join(", ");
