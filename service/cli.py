@@ -242,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
         command(
             name,
             f"run the {name} alone: {what}",
-            f"Run only the {name} ({what}), until Ctrl-C or SIGTERM; start as many as you "
+            f"Run only the {name}: {what}. It runs until Ctrl-C or SIGTERM; start as many as you "
             "like. The database must be migrated first (`contact-deletion migrate`).",
         )
     command(
