@@ -120,7 +120,9 @@ class Scrubber:
     async def _checkpoint(self) -> None:
         # On the writer's only connection, outside any transaction: no write of this process
         # can slip in, and the checkpoint waits (busy_timeout) for other processes' readers.
-        async with self.db.engine.connect() as conn:
+        # This process's background checkpoints wait meanwhile (SQLite would refuse this one
+        # while another runs: service.db._WalCheckpointer).
+        async with self.db.checkpoint_turn(), self.db.engine.connect() as conn:
             raw = await conn.get_raw_connection()
             driver = raw.driver_connection
             assert driver is not None

@@ -4,11 +4,15 @@
 ``IN (SELECT value FROM json_each(?))``): it must select exactly what a plain ``IN`` list
 selects, for UUID and text columns, and keep using the column's index. `insert_rows`
 inserts NamedTuple rows through the driver: what it stores must read back exactly as what
-a SQLAlchemy insert of the same values stores.
+a SQLAlchemy insert of the same values stores. On SQLite, commits are checkpointed beside
+the writer (`service.db._WalCheckpointer`).
 """
 
 from __future__ import annotations
 
+import asyncio
+import sqlite3
+import time
 import uuid
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
@@ -17,6 +21,8 @@ import pytest
 import sqlalchemy as sa
 
 from service.db import (
+    WAL_AUTOCHECKPOINT_FALLBACK,
+    WAL_CHECKPOINT_INTERVAL_S,
     Database,
     EncodedJSON,
     any_of,
@@ -137,3 +143,54 @@ async def test_insert_rows_refuses_a_field_that_is_not_a_column(db: Database) ->
     async with db.begin() as conn:
         with pytest.raises(ValueError, match="colour"):
             await insert_rows(conn, outbox, [_NotAColumn("t", "blue")])
+
+
+async def _rows_in_main_file(db: Database, topic: str) -> int:
+    """Outbox rows of ``topic`` in SQLite's main database file, leaving the write-ahead log
+    aside (``immutable=1`` reads the file as it is): what checkpoints have copied there."""
+    path = sa.engine.make_url(db.url).database
+    conn = sqlite3.connect(f"file:{path}?immutable=1", uri=True)
+    try:
+        return int(
+            conn.execute("SELECT count(*) FROM outbox WHERE topic = ?", (topic,)).fetchone()[0]
+        )
+    finally:
+        conn.close()
+
+
+async def _write_outbox_rows(db: Database, topic: str, count: int) -> None:
+    now = utcnow()
+    async with db.begin() as conn:
+        await conn.execute(
+            outbox.insert(),
+            [
+                {"topic": topic, "key": str(i), "payload": b"x", "headers": [], "created_at": now}
+                for i in range(count)
+            ],
+        )
+
+
+async def test_sqlite_commits_are_checkpointed_beside_the_writer(db: Database) -> None:
+    """SQLite: the write connection leaves checkpoints to a background one (its own
+    automatic checkpoint only as a bound), which copies committed pages into the main
+    file soon after a commit; a caller in `checkpoint_turn` (the scrubber) holds them off.
+    PostgreSQL: writes commit as ever and `checkpoint_turn` is only a block."""
+    topic = f"checkpoint-{uuid.uuid4()}"
+    async with db.begin() as conn:
+        if not db.is_sqlite:
+            async with db.checkpoint_turn():
+                pass
+            return
+        pages = (await conn.exec_driver_sql("PRAGMA wal_autocheckpoint")).scalar_one()
+        assert pages == WAL_AUTOCHECKPOINT_FALLBACK
+    await asyncio.sleep(WAL_CHECKPOINT_INTERVAL_S)
+    async with db.checkpoint_turn():
+        await _write_outbox_rows(db, topic, 5)
+        await asyncio.sleep(WAL_CHECKPOINT_INTERVAL_S * 2)
+        # A few pages, far from any automatic checkpoint, and none in the background.
+        assert await _rows_in_main_file(db, topic) == 0
+    await _write_outbox_rows(db, topic, 5)
+    deadline = time.monotonic() + 10
+    while await _rows_in_main_file(db, topic) < 10:
+        assert time.monotonic() < deadline, "the commits were not checkpointed"
+        await asyncio.sleep(0.05)
