@@ -165,3 +165,70 @@ async def test_a_pass_publishes_rows_as_stored_keyed_to_their_partition_and_mark
             in_id_order = [bytes(r["payload"]) for r in rows if r["key"] == str(key)]
             arrived = sorted((m for m in got if m.key == str(key).encode()), key=lambda m: m.offset)
             assert [m.value for m in arrived] == in_id_order
+
+
+class Recording(Producer):
+    """The real producer, noting the value of every record it sent."""
+
+    def __init__(self, bootstrap: str) -> None:
+        super().__init__(bootstrap)
+        self.sent: list[bytes] = []
+
+    async def send_many(
+        self, messages: Sequence[OutMessage], *, report_refusals: bool | None = None
+    ) -> None:
+        await super().send_many(messages, report_refusals=report_refusals)
+        self.sent += [m.value for m in messages]
+
+
+async def test_passes_publish_while_their_marking_waits_and_a_failed_marking_loses_nothing(
+    db_url: str, kafka_bootstrap: str
+) -> None:
+    """`run`'s passes (``overlap``) go on publishing, each row once, while the write
+    connection is busy (SQLite: a transaction holds the one writer); one marking covers
+    them. A marking that fails has its rows read and published again: a duplicate, never
+    a loss. (PostgreSQL marks each pass in its own transaction, as before.)"""
+    settings = make_settings(db_url, kafka_bootstrap_servers=kafka_bootstrap, relay_batch_size=5)
+    async with opened_services(settings) as services:
+        await services.ensure_topics()
+        db = services.db
+        topic = settings.topic(TOPIC_DELETION_REQUESTED)
+        ids = [await _insert(db, topic) for _ in range(12)]
+        producer = Recording(kafka_bootstrap)
+        await producer.start()
+        try:
+            relay = Relay(settings, db, producer, Metrics())
+            async with db.begin():  # SQLite: the relay's marking must wait for this
+                sent = [
+                    await asyncio.wait_for(relay.publish_once(overlap=True), BOUND_S)
+                    for _ in range(3)
+                ]
+                assert sent == [5, 5, 2]
+                assert await _published(db, ids) == (set() if db.is_sqlite else set(ids))
+            await asyncio.wait_for(relay.settle_marking(), BOUND_S)
+            assert await _published(db, ids) == set(ids)
+            assert sorted(producer.sent) == sorted([b"{}"] * 12)
+
+            # A marking that fails (fault injected: the database refuses it once).
+            more = [await _insert(db, topic) for _ in range(3)]
+            mark = relay._mark
+
+            async def refused_once(conn: object, done: object) -> None:
+                relay._mark = mark  # type: ignore[method-assign]
+                raise sa.exc.OperationalError("UPDATE outbox", {}, Exception("disk I/O error"))
+
+            relay._mark = refused_once  # type: ignore[method-assign]
+            try:
+                # SQLite: published, then the background marking fails; PostgreSQL: the pass.
+                assert await relay.publish_once(overlap=True) == 3
+                await relay.settle_marking()
+            except sa.exc.OperationalError:
+                pass
+            else:
+                raise AssertionError("the refused marking went unnoticed")
+            assert await _published(db, more) == set()
+            assert await relay.publish_once() == 3  # read and published again
+            assert await _published(db, more) == set(more)
+            assert len(producer.sent) == 12 + 3 + 3
+        finally:
+            await producer.stop()
