@@ -31,6 +31,8 @@ from service.db import (
     outbox,
     utcnow,
 )
+from service.erasure.scrubber import Scrubber
+from tests.conftest import make_settings
 
 
 async def test_any_of_selects_what_an_in_list_selects(db: Database) -> None:
@@ -158,13 +160,20 @@ async def _rows_in_main_file(db: Database, topic: str) -> int:
         conn.close()
 
 
-async def _write_outbox_rows(db: Database, topic: str, count: int) -> None:
+async def _write_outbox_rows(db: Database, topic: str, count: int, size: int = 1) -> None:
     now = utcnow()
+    payload = b"x" * size
     async with db.begin() as conn:
         await conn.execute(
             outbox.insert(),
             [
-                {"topic": topic, "key": str(i), "payload": b"x", "headers": [], "created_at": now}
+                {
+                    "topic": topic,
+                    "key": str(i),
+                    "payload": payload,
+                    "headers": [],
+                    "created_at": now,
+                }
                 for i in range(count)
             ],
         )
@@ -194,3 +203,31 @@ async def test_sqlite_commits_are_checkpointed_beside_the_writer(db: Database) -
     while await _rows_in_main_file(db, topic) < 10:
         assert time.monotonic() < deadline, "the commits were not checkpointed"
         await asyncio.sleep(0.05)
+
+
+async def test_the_scrubbers_truncate_outlasts_another_process_checkpointing(
+    db: Database, db_url: str
+) -> None:
+    """SQLite refuses a checkpoint at once, without waiting, while another connection
+    checkpoints (another process's background checkpoints, `_WalCheckpointer`; here a
+    connection of the test copying some 20 MB of log in a thread): the scrubber's TRUNCATE
+    is tried again shortly instead of failing its run, which waits a whole erasure delay."""
+    scrubber = Scrubber(make_settings(db_url), db)
+    topic = f"scrub-{uuid.uuid4()}"
+    async with db.checkpoint_turn():  # the log grows, nothing copies it yet
+        for _ in range(5):
+            await _write_outbox_rows(db, topic, 1000, size=4000)
+
+    def checkpoint() -> None:
+        conn = sqlite3.connect(sa.engine.make_url(db.url).database or "", isolation_level=None)
+        try:
+            conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        finally:
+            conn.close()
+
+    other = asyncio.create_task(asyncio.to_thread(checkpoint)) if db.is_sqlite else None
+    try:
+        assert await scrubber.scrub()
+    finally:
+        if other is not None:
+            await other
