@@ -1,10 +1,8 @@
 """The outbox relay: publishes committed outbox rows to Kafka and marks them published.
 
 On PostgreSQL a batch is claimed with `FOR UPDATE SKIP LOCKED`, so any number of relays
-share the work. On SQLite (one writer) the next batches are published while a batch's
-marking waits for the write connection, and one transaction marks them together
-(`Relay._queue_marking`). A crash between publishing and marking republishes those
-batches once more; every consumer is idempotent, so that costs a duplicate, never a loss. Within one
+share the work. A crash between publishing and marking republishes that batch once
+more; every consumer is idempotent, so that costs a duplicate, never a loss. Within one
 relay, rows go out in id order, so events of one key keep their order.
 
 A row the broker will never accept (service.faults.record_refused: too large, invalid
@@ -106,11 +104,6 @@ class _Pass:
 
     published: list[int] = field(default_factory=list)
     refused: list[tuple[Any, str]] = field(default_factory=list)
-    passes: int = 0  # passes gathered (SQLite's marking, `Relay._queue_marking`)
-
-
-# SQLite: passes published ahead of their marking, at most (`Relay._queue_marking`).
-UNMARKED_PASSES_MAX = 4
 
 
 class Relay:
@@ -141,43 +134,31 @@ class Relay:
         self.published = 0
         self.passes = 0
         self.idle = asyncio.Event()
-        # SQLite: passes published but not yet marked (`_queue_marking`), the marking
-        # under way, and the last row id they cover (the next pass reads after it).
-        self._unmarked = _Pass()
-        self._marking: asyncio.Task[None] | None = None
-        self._after: int | None = None
 
-    def _pending(self, after: int | None = None) -> sa.Select[Any]:
+    def _pending(self) -> sa.Select[Any]:
         stmt = (
             sa.select(outbox.c.id, outbox.c.topic, outbox.c.key, outbox.c.payload, _HEADERS_TEXT)
             .where(outbox.c.published_at.is_(None), outbox.c.failed_at.is_(None))
             .order_by(outbox.c.id)
             .limit(self.settings.relay_batch_size)
         )
-        if after is not None:
-            stmt = stmt.where(outbox.c.id > after)
         return self.db.for_update(stmt, skip_locked=True)
 
-    async def publish_once(self, *, overlap: bool = False) -> int:
+    async def publish_once(self) -> int:
         """Publish one batch; returns how many rows it took care of (published or set
-        aside: a full batch means more may be waiting).
-
-        SQLite: ``overlap`` (the `run` loop) returns before the batch is marked, which
-        happens in the background together with the next passes' (`_queue_marking`);
-        without it the batch is marked when this returns.
-        """
+        aside: a full batch means more may be waiting)."""
         if self.db.is_sqlite:
             # SQLite has one writer: read, publish, then mark in a short write transaction,
             # rather than holding the write lock across a broker round trip.
             async with self.db.read() as conn:
-                rows = (await conn.execute(self._pending(self._after))).all()
+                rows = (await conn.execute(self._pending())).all()
             if not rows:
-                await self.settle_marking()
                 return 0
             done = await self._publish(rows)
             crash_if(self.settings.failpoint, "relay_after_publish")
             await self._refuse(done.refused)
-            await self._queue_marking(done, rows[-1].id, overlap=overlap)
+            async with self.db.begin() as conn:
+                await self._mark(conn, done)
         else:
             async with self.db.begin() as conn:
                 rows = (await conn.execute(self._pending())).all()
@@ -279,55 +260,6 @@ class Relay:
             return
         self.jobs.after_commit(result)
 
-    async def _queue_marking(self, done: _Pass, last_id: int, *, overlap: bool) -> None:
-        """SQLite: mark ``done`` published (or set aside) in the background, with whatever
-        other passes publish before the one writer connection is free.
-
-        A pass's marking used to wait for the writer, which a worker batch holds for tens
-        of milliseconds: the relay published nothing meanwhile, and the worker's next
-        batches were short of messages. Now the next passes publish while it waits (reading
-        after ``last_id``, since SQLite's row ids grow in commit order), and one write
-        transaction marks all that they published by then. At most
-        ``UNMARKED_PASSES_MAX`` passes wait unmarked; a crash before their marking
-        publishes them again, as it republished one pass before (consumers are idempotent).
-        """
-        self._unmarked.published += done.published
-        self._unmarked.refused += done.refused
-        self._unmarked.passes += 1
-        self._after = last_id
-        if self._marking is not None and self._marking.done():
-            await self._settle()
-        if self._marking is None:
-            self._marking = asyncio.create_task(self._mark_unmarked())
-        if not overlap or self._unmarked.passes >= UNMARKED_PASSES_MAX:
-            await self.settle_marking()
-
-    async def _mark_unmarked(self) -> None:
-        async with self.db.begin() as conn:
-            # Taken once the writer is ours: everything published until now goes together.
-            done, self._unmarked = self._unmarked, _Pass()
-            await self._mark(conn, done)
-
-    async def _settle(self) -> None:
-        task, self._marking = self._marking, None
-        if task is None:
-            return
-        try:
-            await task
-        except BaseException:
-            # Not marked: read (and publish) them all again from the first unmarked row.
-            self._after = None
-            self._unmarked = _Pass()
-            raise
-
-    async def settle_marking(self) -> None:
-        """SQLite: wait until every pass published so far is marked (raises what a
-        marking raised: those rows are then read and published again)."""
-        while self._marking is not None or self._unmarked.passes:
-            if self._marking is None:
-                self._marking = asyncio.create_task(self._mark_unmarked())
-            await self._settle()
-
     async def _mark(self, conn: Any, done: _Pass) -> None:
         now = utcnow()
         if done.published:
@@ -362,10 +294,7 @@ class Relay:
             self.idle.clear()
             self.passes += 1
             try:
-                sent = await self.publish_once(overlap=True)
-                if sent < self.settings.relay_batch_size:
-                    # Nothing more at once: what was published is marked before idling.
-                    await self.settle_marking()
+                sent = await self.publish_once()
                 backoff.reset()
             except Exception as exc:
                 if is_transient(exc):
@@ -380,10 +309,6 @@ class Relay:
             if sent < self.settings.relay_batch_size and not self.wakeup.is_set():
                 self.idle.set()
                 await wait_any(self.settings.relay_poll_interval_s, stop, self.wakeup)
-        try:
-            await self.settle_marking()
-        except Exception as exc:  # published, not marked: published again at the next start
-            log.warning("relay_marking_not_settled", error=describe(exc))
 
 
 def _job_of(data: Any) -> str | None:
