@@ -4,12 +4,17 @@ SQLite is the embedded default and PostgreSQL the production backend; both run t
 Core statements. SQLite allows one writer at a time, so on SQLite write transactions go
 through an engine of one connection that starts with ``BEGIN IMMEDIATE`` (writers queue
 in-process instead of failing with "database is locked"), and reads use a second engine.
+The write-ahead log is copied into the database file (checkpointed) by a connection of its
+own, beside the writer rather than inside its commits (`_WalCheckpointer`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import sqlite3
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Collection, Iterable, Sequence
 from contextlib import asynccontextmanager
@@ -24,6 +29,10 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.visitors import InternalTraversal
+
+from service.logs import get_logger
+
+log = get_logger(__name__)
 
 metadata = sa.MetaData(
     naming_convention={
@@ -551,7 +560,13 @@ class Database:
                 self._reader = create_async_engine(
                     url, echo=echo, pool_size=4, max_overflow=4, json_serializer=json_serializer
                 )
-            _sqlite_pragmas(self._writer, immediate=True, busy_timeout_ms=busy_timeout_ms)
+            self._checkpointer = None if ":memory:" in url else _WalCheckpointer(_sqlite_path(url))
+            _sqlite_pragmas(
+                self._writer,
+                immediate=True,
+                busy_timeout_ms=busy_timeout_ms,
+                autocheckpoint=WAL_AUTOCHECKPOINT_FALLBACK if self._checkpointer else None,
+            )
             if self._reader is not self._writer:
                 _sqlite_pragmas(self._reader, immediate=False, busy_timeout_ms=busy_timeout_ms)
         else:
@@ -564,6 +579,7 @@ class Database:
                 json_serializer=json_serializer,
             )
             self._reader = self._writer
+            self._checkpointer = None
 
     @property
     def engine(self) -> AsyncEngine:
@@ -575,6 +591,19 @@ class Database:
         """A write transaction: commits when the block ends, rolls back on error."""
         async with self._writer.begin() as conn:
             yield conn
+        if self._checkpointer is not None:
+            self._checkpointer.committed()
+
+    @asynccontextmanager
+    async def checkpoint_turn(self) -> AsyncIterator[None]:
+        """Hold off this process's background WAL checkpoints (SQLite) while the block runs:
+        for a caller that checkpoints by itself (the erasure scrubber's ``TRUNCATE``), which
+        SQLite refuses (busy) while another checkpoint runs."""
+        if self._checkpointer is None:
+            yield
+            return
+        async with self._checkpointer.lock:
+            yield
 
     @asynccontextmanager
     async def read(self) -> AsyncIterator[AsyncConnection]:
@@ -594,6 +623,8 @@ class Database:
             await conn.execute(sa.text("SELECT 1"))
 
     async def dispose(self) -> None:
+        if self._checkpointer is not None:
+            await self._checkpointer.close()
         await self._writer.dispose()
         if self._reader is not self._writer:
             await self._reader.dispose()
@@ -605,11 +636,93 @@ def _ensure_sqlite_dir(url: str) -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
 
 
+def _sqlite_path(url: str) -> str:
+    return sa.engine.make_url(url).database or ""
+
+
+# SQLite checkpoints by itself (in the commit that takes the log past this many pages) only
+# when the background checkpoints leave that much behind: SQLite's default is 1,000 pages.
+WAL_AUTOCHECKPOINT_FALLBACK = 10_000
+# A background checkpoint starts after a commit, at most this often (seconds).
+WAL_CHECKPOINT_INTERVAL_S = 0.2
+
+
+class _WalCheckpointer:
+    """Copies SQLite's write-ahead log into the database file beside the writer, on a
+    connection of its own, rather than inside the writer's commits.
+
+    SQLite checkpoints in the commit that takes the log past ``wal_autocheckpoint`` pages
+    (1,000 by default): with ``synchronous=NORMAL`` that commit writes the logged pages
+    into the database file and syncs the log and the file, while every writer of the
+    process waits for the one write connection. A filter job's worker batches dirty more
+    than 1,000 pages each, so nearly every one of its commits did so (commit time was a
+    third of the writer's busy time: 0.14-0.19 ms per deleted contact, 0.05 of it CPU).
+    Here a ``PASSIVE`` checkpoint (it neither waits for nor blocks readers and the writer)
+    runs in a thread after a commit, one at a time and at most every
+    ``WAL_CHECKPOINT_INTERVAL_S``, while the writer goes on. The log restarts from its
+    beginning only at a moment when it is all copied, which a steady stream of commits
+    rarely leaves: the writer's own automatic checkpoint, at ``WAL_AUTOCHECKPOINT_FALLBACK``
+    pages, then copies the little that is left, and bounds the log (about 40 MB) if these
+    fall behind. Durability is unchanged: WAL with ``synchronous=NORMAL``, a commit is
+    durable once the log is synced, which a checkpoint does (now at least as often).
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        # Held by each checkpoint, and by whoever else checkpoints in this process.
+        self.lock = asyncio.Lock()
+        self.runs = 0
+        self._conn: sqlite3.Connection | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._last = float("-inf")
+
+    def committed(self) -> None:
+        """A write transaction committed: checkpoint soon, unless one is under way."""
+        if self._task is not None or self.lock.locked():
+            return
+        now = time.monotonic()
+        if now - self._last < WAL_CHECKPOINT_INTERVAL_S:
+            return
+        self._last = now
+        self._task = asyncio.get_running_loop().create_task(self._checkpoint())
+
+    async def _checkpoint(self) -> None:
+        try:
+            async with self.lock:
+                await asyncio.to_thread(self._run)
+            self.runs += 1
+        except Exception as exc:  # housekeeping: the next commit starts another
+            log.warning("sqlite_checkpoint_failed", error=repr(exc)[:300])
+        finally:
+            self._task = None
+
+    def _run(self) -> None:
+        if self._conn is None:
+            # Autocommit: a checkpoint cannot run inside a transaction. PASSIVE never calls
+            # the busy handler: while another connection checkpoints it returns at once.
+            self._conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+
+    async def close(self) -> None:
+        """Wait for the checkpoint under way, if any; close the connection."""
+        if self._task is not None:
+            await asyncio.shield(self._task)
+        if self._conn is not None:
+            conn, self._conn = self._conn, None
+            conn.close()
+
+
 def _unicode_lower(value: Any) -> Any:
     return value.lower() if isinstance(value, str) else value
 
 
-def _sqlite_pragmas(engine: AsyncEngine, *, immediate: bool, busy_timeout_ms: int) -> None:
+def _sqlite_pragmas(
+    engine: AsyncEngine,
+    *,
+    immediate: bool,
+    busy_timeout_ms: int,
+    autocheckpoint: int | None = None,
+) -> None:
     @event.listens_for(engine.sync_engine, "connect")
     def _on_connect(dbapi_connection: Any, _: Any) -> None:
         # Take transaction control away from the driver so BEGIN is ours to issue.
@@ -617,6 +730,8 @@ def _sqlite_pragmas(engine: AsyncEngine, *, immediate: bool, busy_timeout_ms: in
         cursor = dbapi_connection.cursor()
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA synchronous=NORMAL")
+        if autocheckpoint is not None:
+            cursor.execute(f"PRAGMA wal_autocheckpoint={int(autocheckpoint)}")
         cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
         cursor.execute("PRAGMA foreign_keys=ON")
         # Deleted content is overwritten with zeros (cells, free pages), so a deleted row

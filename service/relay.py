@@ -54,7 +54,7 @@ import sqlalchemy as sa
 
 from service.aio import Backoff, Sleep, sleep_unless_stopped, wait_any
 from service.config import Settings
-from service.db import Database, outbox, utcnow
+from service.db import Database, any_of, outbox, utcnow
 from service.deletion.giveup import give_up, unreadable_commands
 from service.deletion.notify import JobNotifier
 from service.deletion.worker import BatchResult, _log_batch, parse_command
@@ -297,8 +297,10 @@ class Relay:
     async def _mark(self, conn: Any, done: _Pass) -> None:
         now = utcnow()
         if done.published:
+            # The ids bound as one parameter (`any_of`): an IN list bound up to
+            # relay_batch_size parameters, each through SQLAlchemy's bind processing.
             await conn.execute(
-                outbox.update().where(outbox.c.id.in_(done.published)).values(published_at=now)
+                outbox.update().where(any_of(outbox.c.id, done.published)).values(published_at=now)
             )
         for row, reason in done.refused:
             await conn.execute(

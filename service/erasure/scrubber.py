@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import sqlalchemy as sa
 
@@ -43,6 +44,15 @@ log = get_logger(__name__)
 # Batches that commit close together are scrubbed together: wait this long (at most the
 # delay) after the first one before running.
 SETTLE_S = 1.0
+
+
+# SQLite refuses a checkpoint at once (busy), without waiting, while another connection
+# checkpoints; every process checkpoints its commits in the background
+# (service.db._WalCheckpointer), so the TRUNCATE is tried again this many times, this far
+# apart, when it was refused that quickly, before the run is left to the next one.
+BUSY_RETRIES = 40
+BUSY_PAUSE_S = 0.05
+BUSY_QUICK_S = 0.5
 
 
 class ScrubIncomplete(RetryLater):
@@ -134,17 +144,29 @@ class Scrubber:
         return True
 
     async def _checkpoint(self) -> None:
+        for _ in range(BUSY_RETRIES):
+            started = time.monotonic()
+            row = await self._truncate()
+            if row is not None and row[0] == 0:
+                return
+            if time.monotonic() - started > BUSY_QUICK_S:
+                break  # it waited (busy_timeout) for a reader: the next run tries again
+            await asyncio.sleep(BUSY_PAUSE_S)  # another process was checkpointing
+        raise ScrubIncomplete(f"wal_checkpoint(TRUNCATE) was blocked: {row}")
+
+    async def _truncate(self) -> Any:
         # On the writer's only connection, outside any transaction: no write of this process
         # can slip in, and the checkpoint waits (busy_timeout) for other processes' readers.
-        async with self.db.engine.connect() as conn:
+        # This process's background checkpoints wait meanwhile (SQLite would refuse this one
+        # while another runs: service.db._WalCheckpointer).
+        async with self.db.checkpoint_turn(), self.db.engine.connect() as conn:
             raw = await conn.get_raw_connection()
             driver = raw.driver_connection
             assert driver is not None
             cursor = await driver.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             row = await cursor.fetchone()
             await cursor.close()
-        if row is None or row[0] != 0:
-            raise ScrubIncomplete(f"wal_checkpoint(TRUNCATE) was blocked: {row}")
+        return row
 
     async def _vacuum(self, tables: list[str]) -> None:
         command = "VACUUM (FULL)" if self.pg_mode == "full" else "VACUUM"

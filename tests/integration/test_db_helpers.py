@@ -4,11 +4,15 @@
 ``IN (SELECT value FROM json_each(?))``): it must select exactly what a plain ``IN`` list
 selects, for UUID and text columns, and keep using the column's index. `insert_rows`
 inserts NamedTuple rows through the driver: what it stores must read back exactly as what
-a SQLAlchemy insert of the same values stores.
+a SQLAlchemy insert of the same values stores. On SQLite, commits are checkpointed beside
+the writer (`service.db._WalCheckpointer`).
 """
 
 from __future__ import annotations
 
+import asyncio
+import sqlite3
+import time
 import uuid
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
@@ -17,6 +21,8 @@ import pytest
 import sqlalchemy as sa
 
 from service.db import (
+    WAL_AUTOCHECKPOINT_FALLBACK,
+    WAL_CHECKPOINT_INTERVAL_S,
     Database,
     EncodedJSON,
     any_of,
@@ -25,6 +31,8 @@ from service.db import (
     outbox,
     utcnow,
 )
+from service.erasure.scrubber import Scrubber
+from tests.conftest import make_settings
 
 
 async def test_any_of_selects_what_an_in_list_selects(db: Database) -> None:
@@ -137,3 +145,89 @@ async def test_insert_rows_refuses_a_field_that_is_not_a_column(db: Database) ->
     async with db.begin() as conn:
         with pytest.raises(ValueError, match="colour"):
             await insert_rows(conn, outbox, [_NotAColumn("t", "blue")])
+
+
+async def _rows_in_main_file(db: Database, topic: str) -> int:
+    """Outbox rows of ``topic`` in SQLite's main database file, leaving the write-ahead log
+    aside (``immutable=1`` reads the file as it is): what checkpoints have copied there."""
+    path = sa.engine.make_url(db.url).database
+    conn = sqlite3.connect(f"file:{path}?immutable=1", uri=True)
+    try:
+        return int(
+            conn.execute("SELECT count(*) FROM outbox WHERE topic = ?", (topic,)).fetchone()[0]
+        )
+    finally:
+        conn.close()
+
+
+async def _write_outbox_rows(db: Database, topic: str, count: int, size: int = 1) -> None:
+    now = utcnow()
+    payload = b"x" * size
+    async with db.begin() as conn:
+        await conn.execute(
+            outbox.insert(),
+            [
+                {
+                    "topic": topic,
+                    "key": str(i),
+                    "payload": payload,
+                    "headers": [],
+                    "created_at": now,
+                }
+                for i in range(count)
+            ],
+        )
+
+
+async def test_sqlite_commits_are_checkpointed_beside_the_writer(db: Database) -> None:
+    """SQLite: the write connection leaves checkpoints to a background one (its own
+    automatic checkpoint only as a bound), which copies committed pages into the main
+    file soon after a commit; a caller in `checkpoint_turn` (the scrubber) holds them off.
+    PostgreSQL: writes commit as ever and `checkpoint_turn` is only a block."""
+    topic = f"checkpoint-{uuid.uuid4()}"
+    async with db.begin() as conn:
+        if not db.is_sqlite:
+            async with db.checkpoint_turn():
+                pass
+            return
+        pages = (await conn.exec_driver_sql("PRAGMA wal_autocheckpoint")).scalar_one()
+        assert pages == WAL_AUTOCHECKPOINT_FALLBACK
+    await asyncio.sleep(WAL_CHECKPOINT_INTERVAL_S)
+    async with db.checkpoint_turn():
+        await _write_outbox_rows(db, topic, 5)
+        await asyncio.sleep(WAL_CHECKPOINT_INTERVAL_S * 2)
+        # A few pages, far from any automatic checkpoint, and none in the background.
+        assert await _rows_in_main_file(db, topic) == 0
+    await _write_outbox_rows(db, topic, 5)
+    deadline = time.monotonic() + 10
+    while await _rows_in_main_file(db, topic) < 10:
+        assert time.monotonic() < deadline, "the commits were not checkpointed"
+        await asyncio.sleep(0.05)
+
+
+async def test_the_scrubbers_truncate_outlasts_another_process_checkpointing(
+    db: Database, db_url: str
+) -> None:
+    """SQLite refuses a checkpoint at once, without waiting, while another connection
+    checkpoints (another process's background checkpoints, `_WalCheckpointer`; here a
+    connection of the test copying some 20 MB of log in a thread): the scrubber's TRUNCATE
+    is tried again shortly instead of failing its run, which waits a whole erasure delay."""
+    scrubber = Scrubber(make_settings(db_url), db)
+    topic = f"scrub-{uuid.uuid4()}"
+    async with db.checkpoint_turn():  # the log grows, nothing copies it yet
+        for _ in range(5):
+            await _write_outbox_rows(db, topic, 1000, size=4000)
+
+    def checkpoint() -> None:
+        conn = sqlite3.connect(sa.engine.make_url(db.url).database or "", isolation_level=None)
+        try:
+            conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        finally:
+            conn.close()
+
+    other = asyncio.create_task(asyncio.to_thread(checkpoint)) if db.is_sqlite else None
+    try:
+        assert await scrubber.scrub()
+    finally:
+        if other is not None:
+            await other

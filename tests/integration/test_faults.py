@@ -290,5 +290,10 @@ async def test_relay_killed_between_publish_and_mark(
     assert job["status"] == "completed", job
     # Every request went out twice, and the worker has consumed (and absorbed) them all.
     assert await wait_consumed(services.settings, 2 * CONTACTS, [relay, worker]) == 2 * CONTACTS
-    assert await unpublished(services, work_topic) == 0
+    # The relay marks what it published after the broker acknowledged it: the worker may
+    # have consumed the copies before that commit (seen once in a full run under load).
+    deadline = asyncio.get_running_loop().time() + DEADLINE_S
+    while await unpublished(services, work_topic):
+        assert asyncio.get_running_loop().time() < deadline, "published rows never marked"
+        await asyncio.sleep(0.1)
     await assert_deleted_exactly_once(services, seeded)
