@@ -276,16 +276,7 @@ async def test_a_command_whose_failure_cannot_be_written_is_dead_lettered_and_th
     names no item there and changes nothing.)"""
     await create_topics(settings)
     topic = settings.topic(TOPIC_DELETION_REQUESTED)
-    ids = []
-    for n in range(2):
-        status, body, _ = await tenant.call(
-            "POST", "/v1/contacts", {"email": f"n{n}-{uuid.uuid4().hex[:6]}@example.com"}
-        )
-        assert status == 201, body
-        ids.append(body["data"]["id"])
-    status, body, _ = await tenant.call("POST", "/v1/contacts/bulk-delete", {"contact_ids": ids})
-    assert status == 202, body
-    job_id = body["data"]["job_id"]
+    job_id, _ = await _bulk_delete(tenant, 2)
     async with services.db.read() as conn:
         rows = (await conn.execute(sa.select(outbox.c.payload).order_by(outbox.c.id))).all()
     payloads = [bytes(r.payload) for r in rows if job_id.encode() in bytes(r.payload)]

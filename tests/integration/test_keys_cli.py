@@ -22,6 +22,7 @@ from service.config import Settings
 from service.db import Database
 from service.dev import demo_key, port_in_use
 from service.keys import authenticate
+from tests.components import pg_admin
 from tests.conftest import Tenant
 
 
@@ -211,19 +212,10 @@ def empty_db_url(db_url: str, tmp_path: Path) -> Iterator[str]:
         yield f"sqlite+aiosqlite:///{path}"
         return
     name = f"empty_{uuid.uuid4().hex[:10]}"
-    asyncio.run(_pg_admin(db_url, f'CREATE DATABASE "{name}"'))
+    asyncio.run(pg_admin(db_url, f'CREATE DATABASE "{name}"'))
     base, _, _ = db_url.rpartition("/")
     yield f"{base}/{name}"
-    asyncio.run(_pg_admin(db_url, f'DROP DATABASE "{name}"'))
-
-
-async def _pg_admin(url: str, statement: str) -> None:
-    engine = create_async_engine(url, isolation_level="AUTOCOMMIT")
-    try:
-        async with engine.connect() as conn:
-            await conn.execute(sa.text(statement))
-    finally:
-        await engine.dispose()
+    asyncio.run(pg_admin(db_url, f'DROP DATABASE "{name}"'))
 
 
 async def test_a_database_without_schema_is_named_with_the_command_to_run(

@@ -30,7 +30,6 @@ import pytest
 import sqlalchemy as sa
 from aiohttp import web
 from aiohttp.test_utils import TestServer
-from sqlalchemy.ext.asyncio import create_async_engine
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from service.app import Services, create_app
@@ -60,6 +59,7 @@ from service.webhooks import dispatcher as dispatcher_module
 from service.webhooks import store
 from service.webhooks.dispatcher import AttemptResult, Dispatcher
 from service.webhooks.models import DisabledReason
+from tests.components import pg_admin
 from tests.conftest import (
     Tenant,
     components_running,
@@ -1233,7 +1233,7 @@ async def alone(
         url = f"sqlite+aiosqlite:///{tmp_path / 'alone.db'}"
     else:
         name = f"alone_{uuid.uuid4().hex[:10]}"
-        await _pg_admin(db_url, f'CREATE DATABASE "{name}"')
+        await pg_admin(db_url, f'CREATE DATABASE "{name}"')
         url = f"{db_url.rpartition('/')[0]}/{name}"
     try:
         await upgrade(url)
@@ -1247,16 +1247,7 @@ async def alone(
                 await server.close()
     finally:
         if not db_url.startswith("sqlite"):
-            await _pg_admin(db_url, f'DROP DATABASE "{name}" WITH (FORCE)')
-
-
-async def _pg_admin(url: str, statement: str) -> None:
-    engine = create_async_engine(url, isolation_level="AUTOCOMMIT")
-    try:
-        async with engine.connect() as conn:
-            await conn.execute(sa.text(statement))
-    finally:
-        await engine.dispose()
+            await pg_admin(db_url, f'DROP DATABASE "{name}" WITH (FORCE)')
 
 
 async def test_events_of_a_type_no_endpoint_takes_are_skipped_unread_until_one_does(
