@@ -146,7 +146,7 @@ def check_text(value: Any, path: str = "body") -> None:
 
 
 class _DuplicateName(ValueError):
-    pass
+    """A JSON object named a member twice (`parse_json` refuses it)."""
 
 
 def _unique_names(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
