@@ -22,15 +22,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="postgresql only: a server URL (postgresql+asyncpg://...) on which the bench "
         "creates, and afterwards drops, a fresh database; default: a throwaway cluster",
     )
-    parser.add_argument("--batch", type=_positive, default=500, help="ids per request (<= 500)")
-    parser.add_argument("--concurrency", type=_positive, default=4, help="concurrent clients")
+    parser.add_argument(
+        "--batch", type=_positive, default=500, help="ids per request (<= 500; default 500)"
+    )
+    parser.add_argument(
+        "--concurrency", type=_positive, default=4, help="concurrent clients (default 4)"
+    )
     parser.add_argument(
         "--rate",
         type=float,
         default=0.0,
         help="pace the requests at this many contacts/s (default 0: as fast as accepted)",
     )
-    parser.add_argument("--webhooks", type=_not_negative, default=0, help="K receivers")
+    parser.add_argument(
+        "--webhooks",
+        type=_not_negative,
+        default=0,
+        help="K receivers, each subscribed to every event (default 0)",
+    )
     parser.add_argument(
         "--filter-contacts",
         type=_not_negative,
@@ -38,7 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="M: also delete M contacts with one filter job (default 0: skip)",
     )
     parser.add_argument(
-        "--timeout", type=float, default=600.0, help="bound of each wait, in seconds"
+        "--timeout", type=float, default=600.0, help="bound of each wait, in seconds (default 600)"
     )
     parser.add_argument(
         "--split",

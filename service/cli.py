@@ -177,6 +177,8 @@ async def _keys_list(settings: Settings, args: argparse.Namespace) -> int | str:
         if args.json:
             _out(json.dumps(keys))
         else:
+            if keys:
+                _out("key_id  prefix  workspace  state  scopes")
             for k in keys:
                 state = "revoked" if k["revoked_at"] else "live"
                 _out(
@@ -191,7 +193,7 @@ async def _keys_list(settings: Settings, args: argparse.Namespace) -> int | str:
 async def _keys_revoke(settings: Settings, args: argparse.Namespace) -> int | str:
     import uuid
 
-    from service.keys import revoke_key
+    from service.keys import list_keys, revoke_key
 
     try:
         key_id = uuid.UUID(args.key_id)
@@ -203,7 +205,12 @@ async def _keys_revoke(settings: Settings, args: argparse.Namespace) -> int | st
         if await revoke_key(db, key_id):
             _out(f"revoked {key_id}")
             return 0
-        _out(f"no live key {key_id}")
+        known = [k for k in await list_keys(db) if k["key_id"] == str(key_id)]
+        _out(
+            f"key {key_id} was already revoked at {known[0]['revoked_at']}"
+            if known
+            else f"no key {key_id}"
+        )
         return 1
 
     return await _with_db(settings, work)

@@ -34,7 +34,8 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     audit = subparsers.add_parser(
         "audit",
         help="verify the tamper-evident audit trail",
-        description="Verify the audit trail's hash chains: exit 0 ok, 1 broken, 2 unusable.",
+        description="Verify the audit trail's hash chains: exit 0 intact, 1 broken, 2 nothing to "
+        "verify (no database, an unknown workspace, an unreadable file).",
     )
     commands = audit.add_subparsers(dest="audit_command", required=True, metavar="SUBCOMMAND")
     summary = "walk the hash chain of every workspace (or one) in the database"

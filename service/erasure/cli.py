@@ -24,7 +24,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     """Add ``erasure`` and its subcommands to the ``contact-deletion`` parser."""
     summary = "prove that a deleted address is gone from everything the service writes"
     erasure = subparsers.add_parser("erasure", help=summary, description=summary.capitalize() + ".")
-    commands = erasure.add_subparsers(dest="erasure_command", required=True)
+    commands = erasure.add_subparsers(dest="erasure_command", required=True, metavar="SUBCOMMAND")
     summary = (
         "search the database (rows and files), the Kafka topics and log files for an "
         "address; exit 0 when it is nowhere, 1 when found, 2 when a place could not be read"

@@ -173,6 +173,10 @@ async def test_keys_revoke_makes_the_key_401(
     assert code == 0
     assert created["key_id"] in out
     assert status == 401
+    again, said = await run_cli(capsys, "keys", "revoke", created["key_id"])
+    assert again == 1 and "already revoked at" in said, said
+    never, said = await run_cli(capsys, "keys", "revoke", str(uuid.uuid4()))
+    assert never == 1 and said.startswith("no key "), said
     assert body["error"]["code"] == "invalid_key"
     revoked = {k["key_id"]: k for k in json.loads(listing)}[created["key_id"]]
     assert revoked["revoked_at"] is not None
