@@ -70,7 +70,7 @@ from typing import IO, Any, TypeVar
 import aiohttp
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
-from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from service.bench_options import add_arguments
 from service.bench_receiver import CONFIG_PATH, HOOK_PATH, RESET_PATH, STATS_PATH
@@ -79,6 +79,7 @@ from service.contacts.store import contact_row
 from service.db import (
     Database,
     activities,
+    admin_sql,
     contacts,
     deletion_job_items,
     deletion_jobs,
@@ -613,21 +614,12 @@ def fresh_database(
             yield cluster.url, cluster.pid
         return
     name = f"cdbench_{secrets.token_hex(6)}"
-    asyncio.run(_admin_sql(server_url, f'CREATE DATABASE "{name}"'))
+    asyncio.run(admin_sql(server_url, f'CREATE DATABASE "{name}"'))
     try:
         url = make_url(server_url).set(database=name).render_as_string(hide_password=False)
         yield url, None
     finally:
-        asyncio.run(_admin_sql(server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-
-
-async def _admin_sql(server_url: str, statement: str) -> None:
-    engine = create_async_engine(server_url, isolation_level="AUTOCOMMIT")
-    try:
-        async with engine.connect() as conn:
-            await conn.execute(sa.text(statement))
-    finally:
-        await engine.dispose()
+        asyncio.run(admin_sql(server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
 # --- HTTP ------------------------------------------------------------------------------------

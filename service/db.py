@@ -745,3 +745,14 @@ def _sqlite_pragmas(
     @event.listens_for(engine.sync_engine, "begin")
     def _on_begin(conn: Any) -> None:
         conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+
+async def admin_sql(server_url: str, statement: str) -> None:
+    """Run one statement outside any transaction (``CREATE`` / ``DROP DATABASE``) on the
+    PostgreSQL server of ``server_url``, on a connection of its own."""
+    engine = create_async_engine(server_url, isolation_level="AUTOCOMMIT")
+    try:
+        async with engine.connect() as conn:
+            await conn.execute(sa.text(statement))
+    finally:
+        await engine.dispose()

@@ -20,8 +20,6 @@ from pathlib import Path
 from typing import IO
 
 import aiohttp
-import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import create_async_engine
 
 from service.config import Settings
 from service.db import utcnow
@@ -195,14 +193,3 @@ def contact_deleted_event(workspace_id: uuid.UUID) -> CloudEvent:
         ),
         utcnow(),
     )
-
-
-async def pg_admin(url: str, statement: str) -> None:
-    """Run one statement outside a transaction (CREATE / DROP DATABASE) on the PostgreSQL
-    server of ``url``."""
-    engine = create_async_engine(url, isolation_level="AUTOCOMMIT")
-    try:
-        async with engine.connect() as conn:
-            await conn.execute(sa.text(statement))
-    finally:
-        await engine.dispose()

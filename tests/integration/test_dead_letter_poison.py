@@ -248,14 +248,7 @@ async def test_the_dispatcher_replaces_a_refused_copy_of_an_event_that_failed_fo
     bad_id, bad = _event_message(topic, tenant, 0)
     bad = InMessage(topic, 0, 0, bad.key, bad.value, (("x-big", b"h" * (2 * DLQ_LIMIT)),))
     good_id, good = _event_message(topic, tenant, 1)
-    real_enqueue = dispatcher_module.enqueue_many  # type: ignore[attr-defined]
-
-    async def refuses_bad(conn: Any, db: Any, planned: Any) -> list[dict[str, Any]]:
-        if any(p.event_id == bad_id for p in planned):
-            raise wrapped(sqlite_too_many_variables(), "INSERT INTO webhook_deliveries ...")
-        return await real_enqueue(conn, db, planned)
-
-    monkeypatch.setattr(dispatcher_module, "enqueue_many", refuses_bad)
+    _refuse_to_enqueue(monkeypatch, bad_id)
     metrics = await _fan_out(settings, services, [bad, good])
 
     assert await _delivered(services, tenant) == {good_id}
@@ -355,6 +348,19 @@ async def test_an_unreadable_expansion_message_fails_its_job_by_its_key(
     assert f"its expansion message could not be read (dead-lettered: {topic}/0/0)" in message
     dead = await _dead_letters(settings, topic + DLQ_SUFFIX)
     assert set(dead) == {m.key for m in messages}
+
+
+def _refuse_to_enqueue(monkeypatch: pytest.MonkeyPatch, bad_id: Any) -> None:
+    """The dispatcher's database refuses for good (SQLite's real "too many SQL variables")
+    to enqueue the deliveries of the event ``bad_id``; every other event goes in."""
+    real_enqueue = dispatcher_module.enqueue_many  # type: ignore[attr-defined]
+
+    async def refuses_bad(conn: Any, db: Any, planned: Any) -> list[dict[str, Any]]:
+        if any(p.event_id == bad_id for p in planned):
+            raise wrapped(sqlite_too_many_variables(), "INSERT INTO webhook_deliveries ...")
+        return await real_enqueue(conn, db, planned)
+
+    monkeypatch.setattr(dispatcher_module, "enqueue_many", refuses_bad)
 
 
 async def _bulk_delete(tenant: Tenant, count: int) -> tuple[str, list[str]]:
@@ -490,17 +496,11 @@ async def test_the_dispatcher_does_not_retry_a_dead_letter_that_failed_for_good(
     topic = settings.topic(TOPIC_CONTACT_DELETED)
     bad_id, bad = _event_message(topic, tenant, 0)
     good_id, good = _event_message(topic, tenant, 1)
-    real_enqueue = dispatcher_module.enqueue_many  # type: ignore[attr-defined]
-
-    async def refuses_bad(conn: Any, db: Any, planned: Any) -> list[dict[str, Any]]:
-        if any(p.event_id == bad_id for p in planned):
-            raise wrapped(sqlite_too_many_variables(), "INSERT INTO webhook_deliveries ...")
-        return await real_enqueue(conn, db, planned)
+    _refuse_to_enqueue(monkeypatch, bad_id)
 
     async def broken(*args: Any, **kwargs: Any) -> None:
         raise RuntimeError("a bug in dead-lettering")
 
-    monkeypatch.setattr(dispatcher_module, "enqueue_many", refuses_bad)
     monkeypatch.setattr(dispatcher_module, "send_dead_letters", broken)
     with json_logs() as lines:
         await _fan_out(settings, services, [bad, good])

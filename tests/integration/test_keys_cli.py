@@ -19,10 +19,9 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from service.cli import main
 from service.config import Settings
-from service.db import Database
+from service.db import Database, admin_sql
 from service.dev import demo_key, port_in_use
 from service.keys import authenticate
-from tests.components import pg_admin
 from tests.conftest import Tenant
 
 
@@ -216,10 +215,10 @@ def empty_db_url(db_url: str, tmp_path: Path) -> Iterator[str]:
         yield f"sqlite+aiosqlite:///{path}"
         return
     name = f"empty_{uuid.uuid4().hex[:10]}"
-    asyncio.run(pg_admin(db_url, f'CREATE DATABASE "{name}"'))
+    asyncio.run(admin_sql(db_url, f'CREATE DATABASE "{name}"'))
     base, _, _ = db_url.rpartition("/")
     yield f"{base}/{name}"
-    asyncio.run(pg_admin(db_url, f'DROP DATABASE "{name}"'))
+    asyncio.run(admin_sql(db_url, f'DROP DATABASE "{name}"'))
 
 
 async def test_a_database_without_schema_is_named_with_the_command_to_run(

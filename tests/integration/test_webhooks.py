@@ -36,6 +36,7 @@ from service.app import Services, create_app
 from service.config import Settings
 from service.db import (
     Database,
+    admin_sql,
     audit_events,
     utcnow,
     webhook_attempts,
@@ -59,7 +60,6 @@ from service.webhooks import dispatcher as dispatcher_module
 from service.webhooks import store
 from service.webhooks.dispatcher import AttemptResult, Dispatcher
 from service.webhooks.models import DisabledReason
-from tests.components import pg_admin
 from tests.conftest import (
     Tenant,
     components_running,
@@ -1233,7 +1233,7 @@ async def alone(
         url = f"sqlite+aiosqlite:///{tmp_path / 'alone.db'}"
     else:
         name = f"alone_{uuid.uuid4().hex[:10]}"
-        await pg_admin(db_url, f'CREATE DATABASE "{name}"')
+        await admin_sql(db_url, f'CREATE DATABASE "{name}"')
         url = f"{db_url.rpartition('/')[0]}/{name}"
     try:
         await upgrade(url)
@@ -1247,7 +1247,7 @@ async def alone(
                 await server.close()
     finally:
         if not db_url.startswith("sqlite"):
-            await pg_admin(db_url, f'DROP DATABASE "{name}" WITH (FORCE)')
+            await admin_sql(db_url, f'DROP DATABASE "{name}" WITH (FORCE)')
 
 
 async def test_events_of_a_type_no_endpoint_takes_are_skipped_unread_until_one_does(
