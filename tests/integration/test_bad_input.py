@@ -315,6 +315,36 @@ async def test_a_member_named_twice_in_one_object_is_a_400_and_changes_nothing(
     assert (await tenant.call("GET", "/v1/bulk-jobs"))[1]["data"] == []
 
 
+@pytest.mark.parametrize(
+    ("path", "raw", "field", "message"),
+    [
+        (BULK, b"[]", "body", "must be a JSON object"),
+        (BULK, b'"everyone"', "body", "must be a JSON object"),
+        (BULK, b'{"filter": []}', "filter", "must be a JSON object"),
+        (BULK, b'{"emails": "a@example.com"}', "emails", "must be a JSON array"),
+        (BULK, b'{"emails": ["a@example.com", "nobody"]}', "emails.1", "not a valid email"),
+        (QUERY, b"[1]", "body", "must be a JSON object"),
+        ("/v1/contacts", b"[]", "body", "must be a JSON object"),
+        ("/v1/webhooks/endpoints", b"[]", "body", "must be a JSON object"),
+        ("/v1/webhooks/endpoints", b'{"url": "ftp://h.example.com"}', "url", "scheme"),
+    ],
+)
+async def test_error_details_speak_json_not_the_services_python(
+    tenant: Tenant, path: str, raw: bytes, field: str, message: str
+) -> None:
+    """A detail names the JSON shape the client must send and the validator's own reason:
+    never pydantic's "Value error, " prefix, a Python type ("dictionary", "list") or the
+    name of an internal model."""
+    status, body = await raw_post(tenant, path, raw)
+
+    assert status == 400, body
+    [detail] = body["error"]["details"]
+    assert detail["field"] == field, body
+    assert message in detail["message"], body
+    for python in ("Value error", "dictionary", "instance of", "Request", "Create", "list"):
+        assert python not in detail["message"], body
+
+
 async def test_a_nul_in_a_query_parameter_is_a_400(tenant: Tenant) -> None:
     for query in ("action=%00", "target_id=a%00b", "job_id=%00"):
         status, body, _ = await tenant.call("GET", f"/v1/audit/events?{query}")
