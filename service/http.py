@@ -151,14 +151,6 @@ def request_id(request: web.Request) -> str:
     return request[REQUEST_ID_KEY]
 
 
-def parse_uuid(value: str, name: str = "id") -> uuid.UUID:
-    """A UUID from a path or query parameter; a malformed one is a 404 (it cannot exist)."""
-    try:
-        return uuid.UUID(value)
-    except ValueError:
-        raise NotFound(f"no such {name}") from None
-
-
 # Pydantic's wording names Python types ("a valid dictionary or instance of
 # BulkDeleteRequest"); the API speaks JSON (RFC 8259 names: object, array).
 _JSON_WORDING = {

@@ -162,8 +162,12 @@ def query_dict(request: web.Request) -> dict[str, str]:
     return dict(request.query)
 
 
+# What a path parameter names, as every 404 of that resource says it ("no such …").
+_NOUNS = {"endpoint_id": "webhook endpoint"}
+
+
 def _noun(param: str) -> str:
-    return param.removesuffix("_id").replace("_", " ")
+    return _NOUNS.get(param) or param.removesuffix("_id").replace("_", " ")
 
 
 def dump(model: BaseModel) -> bytes:

@@ -18,6 +18,7 @@ from service.app import Services, create_app
 from service.config import Settings
 from service.db import Database
 from service.keys import revoke_key
+from service.schemas import openapi_spec
 from tests.conftest import Tenant, make_settings, new_tenant
 
 ServeApp = Callable[[Settings], Coroutine[Any, Any, tuple[Services, str]]]
@@ -411,3 +412,22 @@ async def test_readyz_is_200_when_the_database_and_kafka_answer(
 
     assert status == 200
     assert body == {"data": {"status": "ready", "checks": {"database": "ok", "kafka": "ok"}}}
+
+
+async def test_a_malformed_id_and_an_unknown_one_get_the_same_404_on_every_route(
+    tenant: Tenant,
+) -> None:
+    """An id that cannot exist (not a UUID) and one that does not exist are one answer:
+    the same 404 envelope and message, whichever route reads them (GET routes with one
+    path id, from the OpenAPI document)."""
+
+    paths = [p for p, ops in openapi_spec()["paths"].items() if "get" in ops and "{" in p]
+    assert len(paths) >= 6, paths
+    for path in paths:
+        name = path[path.index("{") : path.index("}") + 1]
+        answers = []
+        for bad in ("not-a-uuid", str(uuid.uuid4())):
+            status, body, _ = await tenant.call("GET", path.replace(name, bad))
+            assert status == 404, (path, bad, body)
+            answers.append(assert_error(body, "not_found")["message"])
+        assert answers[0] == answers[1], (path, answers)
