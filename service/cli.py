@@ -11,7 +11,7 @@ import argparse
 import asyncio
 import json
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 from service.bench_options import add_arguments as add_bench_arguments
@@ -34,11 +34,34 @@ COMPONENTS = {
 
 ENVIRONMENT = """\
 configuration comes from environment variables (all optional locally), e.g.
-  DATABASE_URL             default: sqlite file data/contact-deletion.db of the checkout
+  DATABASE_URL             default: SQLite, <checkout>/data/contact-deletion.db
   KAFKA_BOOTSTRAP_SERVERS  default: 127.0.0.1:9092
   HTTP_HOST / HTTP_PORT    default: 127.0.0.1 / 8080
   LOG_FORMAT / LOG_LEVEL   default: json / INFO
 see the README for the full list."""
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Wraps each paragraph of a description to the terminal, but keeps a paragraph that
+    has its own line breaks (the environment table) as it is written."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        paragraphs = text.split("\n\n")
+        return "\n\n".join(
+            "\n".join(indent + line for line in p.splitlines())
+            if "\n" in p
+            else super(_HelpFormatter, self)._fill_text(p, width, indent)
+            for p in paragraphs
+        )
+
+
+def _every_parser(parser: argparse.ArgumentParser) -> Iterator[argparse.ArgumentParser]:
+    """The parser and every subcommand's parser under it, depth first."""
+    yield parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                yield from _every_parser(sub)
 
 
 def _workspace_name(value: str) -> str:
@@ -224,8 +247,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="Bulk contact deletion with signed webhooks and an audit trail.",
-        epilog=ENVIRONMENT,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -235,8 +256,6 @@ def build_parser() -> argparse.ArgumentParser:
             name,
             help=summary,
             description=description or summary,
-            epilog=ENVIRONMENT,
-            formatter_class=argparse.RawDescriptionHelpFormatter,
         )
 
     command(
@@ -294,6 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         required=True,
         choices=SCOPES,
+        metavar="SCOPE",
         help="a scope the key holds; repeat for several (%(choices)s)",
     )
     create.add_argument("--json", action="store_true", help="print one JSON line")
@@ -314,6 +334,11 @@ def build_parser() -> argparse.ArgumentParser:
             "contacts through the API and report throughput, latency and memory.",
         )
     )
+    # Every command, down to each subcommand (keys create, audit verify, erasure check),
+    # says where its configuration comes from.
+    for each in _every_parser(parser):
+        each.epilog = ENVIRONMENT
+        each.formatter_class = _HelpFormatter
     return parser
 
 

@@ -181,6 +181,14 @@ def scan_file(path: Path, needles: Needles) -> dict[str, int]:
     return counts
 
 
+class UnknownWorkspace(LookupError):
+    """``--workspace`` names no workspace (by name or id): a typo must not read as a check
+    that found nothing, so :meth:`ErasureCheck.run` searches nothing and raises this."""
+
+    def __init__(self, workspace: str) -> None:
+        super().__init__(f"no workspace is named {workspace!r} or has that id")
+
+
 class ErasureCheck:
     """Searches every place the service writes for one address."""
 
@@ -202,15 +210,16 @@ class ErasureCheck:
         self.workspace_id: uuid.UUID | None = None
 
     async def run(self) -> Report:
-        """Search everything; never raises for a place it cannot read (that place says so)."""
+        """Search everything; never raises for a place it cannot read (that place says so).
+
+        Raises :class:`UnknownWorkspace` when ``workspace`` was given and names none.
+        """
         places: list[Place] = []
         try:
             if self.workspace is not None:
                 self.workspace_id = await self._workspace_id(self.workspace)
                 if self.workspace_id is None:
-                    return Report(
-                        [Place(f"workspace {self.workspace}", "not checked", {}, "unknown")], []
-                    )
+                    raise UnknownWorkspace(self.workspace)
             places += await self.live_rows()
             places += await self.database_files()
         except (sa.exc.SQLAlchemyError, OSError) as exc:

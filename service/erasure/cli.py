@@ -4,7 +4,8 @@ Prints one line per place searched (found / not found / not checked, with the fo
 the address as given, lower-cased, or its SHA-256), what the audit trail says about the
 address's deletion, and a verdict. Exit codes: 0 nowhere, 1 found somewhere, 2 nothing
 found but some place could not be searched, or not an address the API would accept (the
-API's own check, `service.contacts.models.check_email`). See ``service.erasure.check``.
+API's own check, `service.contacts.models.check_email`), or a ``--workspace`` that names
+no workspace. See ``service.erasure.check``.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ async def run(args: argparse.Namespace, settings: Settings) -> int:
     """Run the check and print its report; returns the exit code."""
     from service.contacts.models import check_email
     from service.db import Database
-    from service.erasure.check import ErasureCheck
+    from service.erasure.check import ErasureCheck, UnknownWorkspace
     from service.migrate import schema_problem
 
     # What the API would refuse to store cannot be anywhere: a mistyped argument would
@@ -81,6 +82,12 @@ async def run(args: argparse.Namespace, settings: Settings) -> int:
         report = await ErasureCheck(
             settings, db, args.email, workspace=args.workspace, log_files=args.log_file
         ).run()
+    except UnknownWorkspace as exc:
+        sys.stderr.write(
+            f"contact-deletion: error: --workspace: {exc} (`contact-deletion keys list` "
+            "names each key's workspace)\n"
+        )
+        return 2
     finally:
         await db.dispose()
     if args.json:

@@ -277,3 +277,31 @@ def test_dev_refuses_a_port_in_use_before_printing_anything(
     assert f"127.0.0.1:{port} is already in use" in err and "HTTP_PORT=" in err
     assert list(tmp_path.iterdir()) == []  # no database, no key
     assert not port_in_use("127.0.0.1", port)
+
+
+async def test_erasure_check_in_a_workspace_that_does_not_exist_is_refused(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`--workspace` with a typo searched nothing, yet answered like a check ("not checked",
+    a verdict). A name or id of no workspace is refused with exit 2 and no verdict; a
+    workspace that exists goes through."""
+    created = await create_key(capsys, "audit:read")
+
+    for unknown in (f"cli-{uuid.uuid4().hex[:10]}", str(uuid.uuid4())):
+        capsys.readouterr()
+        argv = ["erasure", "check", "--email", "a@example.com", "--workspace", unknown]
+        code = await asyncio.to_thread(main, argv)
+        out, err = capsys.readouterr()
+        assert code == 2
+        assert "--workspace" in err and repr(unknown) in err, err
+        assert "verdict" not in out
+    code, out = await run_cli(
+        capsys,
+        "erasure",
+        "check",
+        "--email",
+        "a@example.com",
+        "--workspace",
+        created["workspace_id"],
+    )
+    assert "verdict" in out, out

@@ -53,6 +53,20 @@ def test_every_subcommand_and_every_option_has_help() -> None:
             assert sub.description, path
 
 
+def test_every_help_says_where_configuration_comes_from_and_fits_80_columns(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`audit verify --help` and `erasure check --help` had no word of DATABASE_URL, and
+    descriptions ran on one line of 150 characters: every command's help, down to each
+    subcommand, ends with the environment table and wraps to the terminal."""
+    monkeypatch.setenv("COLUMNS", "80")
+    for path, sub in _walk(cli.build_parser()):
+        text = sub.format_help()
+        assert text.rstrip().endswith(cli.ENVIRONMENT.rstrip()), path
+        long = [line for line in text.splitlines() if len(line) > 80]
+        assert not long, (path, long)
+
+
 def test_components_and_scopes_listed_by_the_cli_are_the_services() -> None:
     assert list(cli.COMPONENTS) == list(components())
     create = _subparsers(_subparsers(cli.build_parser())["keys"])["create"]
