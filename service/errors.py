@@ -75,6 +75,13 @@ class EndpointDisabled(Conflict):
     code = "endpoint_disabled"
 
 
+class EndpointDeleted(Conflict):
+    """A send asked for a delivery whose webhook endpoint was deleted: its deliveries were
+    cancelled with it and are never sent again (there is nowhere to send them)."""
+
+    code = "endpoint_deleted"
+
+
 class IdempotencyConflict(Conflict):
     code = "idempotency_conflict"
 

@@ -192,7 +192,8 @@ _ERRORS: dict[int, tuple[str, str, tuple[str, ...]]] = {
         "IdempotencyConflict",
         "`idempotency_conflict`: this Idempotency-Key was used with another body, or its "
         "first request is still running; `endpoint_disabled` (webhooks): the endpoint is "
-        "disabled, enable it first",
+        "disabled, enable it first; `endpoint_deleted` (a delivery's retry): its endpoint "
+        "was deleted",
         _API_HEADERS,
     ),
     413: ("PayloadTooLarge", "`payload_too_large`: the body is over 1 MiB", _API_HEADERS),

@@ -190,7 +190,8 @@ class QueuedTest(Out):
 
 
 class Requeued(Out):
-    """How many failed deliveries were queued again."""
+    """How many deliveries recover sent again: failed ones queued again, plus failing ones
+    whose scheduled retry was made due now."""
 
     endpoint_id: UuidText
     requeued: int = Field(ge=0)

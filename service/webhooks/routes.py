@@ -338,10 +338,12 @@ ROUTES: tuple[Operation, ...] = (
         ONE + "/recover",
         recover,
         "recoverWebhookDeliveries",
-        "Send again every failed delivery since a time",
+        "Send again every failed or failing delivery since a time",
         Answer(202, Data[Requeued], "Queued again"),
         body=Recover,
-        description="409 endpoint_disabled while the endpoint is disabled: enable it "
+        description="Every `failed` delivery created since `since` is queued again, and "
+        "every `failing` one waiting for its scheduled retry is made due now; `requeued` "
+        "counts both. 409 endpoint_disabled while the endpoint is disabled: enable it "
         "first, then recover.",
         errors=(409,),
     ),
@@ -369,7 +371,8 @@ ROUTES: tuple[Operation, ...] = (
         "retryWebhookDelivery",
         "Send a delivery again now",
         Answer(202, Data[WebhookDeliveryWithAttempts], "Queued"),
-        description="409 endpoint_disabled while its endpoint is disabled.",
+        description="409 endpoint_disabled while its endpoint is disabled; 409 "
+        "endpoint_deleted once its endpoint is deleted (its deliveries are cancelled).",
         errors=(409,),
     ),
 )

@@ -23,7 +23,7 @@ from service.db import (
     webhook_deliveries,
     webhook_endpoints,
 )
-from service.errors import EndpointDisabled, NotFound
+from service.errors import EndpointDeleted, EndpointDisabled, NotFound
 from service.logs import get_logger
 from service.pagination import newest_first, split_page
 from service.timefmt import iso
@@ -668,7 +668,9 @@ async def get_delivery(
 async def retry_delivery(
     db: Database, workspace_id: uuid.UUID, delivery_id: uuid.UUID
 ) -> dict[str, Any]:
-    """Send a delivery again now, whatever its state (409 while its endpoint is disabled).
+    """Send a delivery again now, whatever its state: 409 endpoint_disabled while its
+    endpoint is disabled, 409 endpoint_deleted once the endpoint is gone (its deliveries
+    are cancelled).
 
     A delivery in flight (its claim has not lapsed) is never sent a second time at once:
     it is only marked `retry_requested`, and the dispatcher makes it due again when it
@@ -688,8 +690,13 @@ async def retry_delivery(
             .mappings()
             .first()
         )
-        if endpoint is not None:
-            ensure_enabled(endpoint)
+        if endpoint is None:
+            raise EndpointDeleted(
+                "this delivery's webhook endpoint was deleted: its deliveries are cancelled "
+                "and are not sent again",
+                {"delivery_id": str(delivery_id), "endpoint_id": str(endpoint_id)},
+            )
+        ensure_enabled(endpoint)
         now = utcnow()
         in_flight = sa.and_(D.claimed_until.is_not(None), D.claimed_until > now)
 
@@ -715,13 +722,18 @@ async def retry_delivery(
 async def recover(
     db: Database, workspace_id: uuid.UUID, endpoint_id: uuid.UUID, since: datetime
 ) -> int:
-    """Re-queue every failed delivery of an endpoint created since `since`.
+    """Send now every delivery of an endpoint created since `since` that an outage left
+    unsent: each ``failed`` one is queued again (``pending``), and each ``failing`` one
+    waiting for its scheduled retry (up to hours away) is made due now. A ``failing``
+    delivery in flight (its claim has not lapsed) is left to its attempt. The answer
+    counts both.
 
     Raises EndpointDisabled (409) while the endpoint is disabled: enable it first.
     """
     async with db.begin() as conn:
         ensure_enabled(await _endpoint_row(conn, workspace_id, endpoint_id))
-        updated = await conn.execute(
+        now = utcnow()
+        failed = await conn.execute(
             webhook_deliveries.update()
             .where(
                 D.endpoint_id == endpoint_id,
@@ -730,11 +742,22 @@ async def recover(
             )
             .values(
                 status=DeliveryStatus.PENDING,
-                next_attempt_at=utcnow(),
+                next_attempt_at=now,
                 completed_at=None,
                 claimed_until=None,
             )
         )
-    count = int(updated.rowcount or 0)
+        waiting = await conn.execute(
+            webhook_deliveries.update()
+            .where(
+                D.endpoint_id == endpoint_id,
+                D.status == DeliveryStatus.FAILING,
+                D.created_at >= since,
+                D.next_attempt_at > now,
+                sa.or_(D.claimed_until.is_(None), D.claimed_until <= now),
+            )
+            .values(next_attempt_at=now)
+        )
+    count = int(failed.rowcount or 0) + int(waiting.rowcount or 0)
     log.info("webhook_deliveries_recovered", endpoint_id=str(endpoint_id), requeued=count)
     return count

@@ -1890,6 +1890,53 @@ async def test_recover_test_and_retry_on_a_disabled_endpoint_answer_409_until_en
     await wait_delivery(tenant, eid, event_id, has_status("succeeded"))
 
 
+async def test_recover_after_an_outage_sends_the_failing_deliveries_now_too(
+    tenant: Tenant, receiver: Receiver, sender: StartSender
+) -> None:
+    """A delivery that failed once waits for its scheduled retry (hours, in the default
+    schedule): recover makes it due now, beside the failed ones, and counts it; one
+    created before `since` keeps its schedule."""
+    sender(webhook_retry_schedule="0,3600")
+    endpoint = await create_endpoint(tenant, receiver.script("/hook", answer(500)))
+    eid = endpoint["id"]
+    older = await send_test(tenant, eid)
+    await wait_delivery(tenant, eid, older, has_status("failing"))
+    since = datetime.now(UTC).isoformat().replace("+00:00", "Z")
+    event_id = await send_test(tenant, eid)
+    failing = await wait_delivery(tenant, eid, event_id, has_status("failing"))
+    assert failing["attempt_count"] == 1
+
+    receiver.script("/hook", answer(200))
+    status, body, _ = await tenant.call("POST", f"{ENDPOINTS}/{eid}/recover", {"since": since})
+    assert status == 202, body
+    assert body["data"]["requeued"] == 1
+    done = await wait_delivery(tenant, eid, event_id, has_status("succeeded"))
+    assert done["attempt_count"] == 2
+    assert (await delivery_of(tenant, eid, older))["status"] == "failing"
+
+
+async def test_a_deleted_endpoints_cancelled_delivery_is_not_sent_again(
+    tenant: Tenant, receiver: Receiver, sender: StartSender
+) -> None:
+    """Retry on a delivery its deleted endpoint left `cancelled` was a 202 that set it
+    `pending` for good (nothing can send it): 409 endpoint_deleted, and it stays
+    cancelled."""
+    sender(webhook_retry_schedule="0,3600")
+    endpoint = await create_endpoint(tenant, receiver.script("/hook", answer(500)))
+    eid = endpoint["id"]
+    event_id = await send_test(tenant, eid)
+    failing = await wait_delivery(tenant, eid, event_id, has_status("failing"))
+    status, body, _ = await tenant.call("DELETE", f"{ENDPOINTS}/{eid}")
+    assert status == 204, body
+
+    status, body, _ = await tenant.call("POST", f"{DELIVERIES}/{failing['id']}/retry")
+    assert status == 409, body
+    assert body["error"]["code"] == "endpoint_deleted"
+    status, body, _ = await tenant.call("GET", f"{DELIVERIES}/{failing['id']}")
+    assert status == 200, body
+    assert body["data"]["status"] == "cancelled"
+
+
 async def test_every_secret_younger_than_the_overlap_signs_up_to_five(
     tenant: Tenant, receiver: Receiver, sender: StartSender
 ) -> None:
