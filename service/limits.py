@@ -189,3 +189,36 @@ def parse_json(raw: bytes) -> Any:
         ) from None
     check_text(value)
     return value
+
+
+def not_null_in_schema(schema: dict[str, Any], fields: tuple[str, ...]) -> None:
+    """The JSON Schema side of :func:`refuse_nulls`: these properties offer no ``null``."""
+    for name in fields:
+        prop = schema["properties"][name]
+        options = [o for o in prop.pop("anyOf", []) if o != {"type": "null"}]
+        if len(options) == 1:
+            prop.update(options[0])
+        elif options:
+            prop["anyOf"] = options
+
+
+def refuse_nulls(data: Any, fields: tuple[str, ...]) -> Any:
+    """A ``mode="before"`` model check: an explicit JSON ``null`` for one of ``fields`` (the
+    selectors and filters of a query or a deletion) is a 400 naming each such field.
+
+    Read as "absent", ``{"email": null}`` would answer every audit event and
+    ``{"filter": null, "match_all": true}`` would select every contact: a client whose
+    variable happened to be empty would get a wider answer, or deletion, than it asked for.
+    Leaving the field out still means "no such condition". Other values pass unchanged.
+    """
+    if isinstance(data, dict):
+        nulls = [name for name in fields if name in data and data[name] is None]
+        if nulls:
+            raise ValidationFailed(
+                "the request body is invalid",
+                [
+                    {"field": name, "message": f"null is not a condition: leave {name} out"}
+                    for name in nulls
+                ],
+            )
+    return data

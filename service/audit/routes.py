@@ -15,7 +15,7 @@ from datetime import datetime
 from typing import Annotated, Any, Final
 
 from aiohttp import web
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from service.apimodels import Data, Page, in_utc_range
 from service.audit.chain import email_hmac, format_time
@@ -34,7 +34,7 @@ from service.contacts.store import get_contact, timeline_items
 from service.db import Database
 from service.errors import ValidationFailed
 from service.http import DB_KEY, REQUEST_ID_HEADER, SETTINGS_KEY, request_id
-from service.limits import MAX_CURSOR_LENGTH, MAX_INT64
+from service.limits import MAX_CURSOR_LENGTH, MAX_INT64, not_null_in_schema, refuse_nulls
 from service.logs import get_logger
 from service.pagination import SeqCursor, encode_cursor, read_cursor
 from service.routing import Answer, Call, Operation
@@ -95,14 +95,22 @@ def _no_space(value: Any) -> Any:
     return value
 
 
+_EVENT_CONDITIONS = ("target_id", "job_id", "action", "actor_id", "email", "since", "until")
+
+
 class EventsQuery(BaseModel):
     """The filters of ``GET /v1/audit/events`` (query string) and of ``POST
-    /v1/audit/events/query`` (JSON body); unknown ones are refused."""
+    /v1/audit/events/query`` (JSON body); unknown ones are refused, and so is a null for
+    a filter (``refuse_nulls``)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra=lambda s: not_null_in_schema(s, _EVENT_CONDITIONS)
+    )
 
     target_id: str | None = Field(default=None, min_length=1, max_length=200)
-    job_id: str | None = Field(default=None, min_length=1, max_length=64)
+    job_id: uuid.UUID | None = Field(
+        default=None, description="A deletion job's id (a UUID: anything else is a 400)"
+    )
     action: AuditAction | None = None
     actor_id: str | None = Field(default=None, min_length=1, max_length=200)
     email: Annotated[Email, BeforeValidator(_no_space)] | None = Field(
@@ -118,6 +126,11 @@ class EventsQuery(BaseModel):
         max_length=MAX_CURSOR_LENGTH,
         description="The `next_cursor` of the previous page",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_null_condition(cls, data: Any) -> Any:
+        return refuse_nulls(data, _EVENT_CONDITIONS)
 
 
 class ExportQuery(BaseModel):
@@ -163,7 +176,7 @@ async def _events(
         hashed_email = email_hmac(key, query.email)
     where = EventFilter(
         target_id=query.target_id,
-        job_id=query.job_id,
+        job_id=str(query.job_id) if query.job_id is not None else None,
         action=query.action,
         actor_id=query.actor_id,
         email_hmac=hashed_email,

@@ -7,7 +7,7 @@ from datetime import datetime
 from typing import Annotated, Any, Literal
 
 import email_validator
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from service.apimodels import Out, Time, UtcRange, UuidText
 from service.limits import (
@@ -20,6 +20,8 @@ from service.limits import (
     MAX_PROPERTIES,
     MAX_PROPERTIES_BYTES,
     MAX_SEARCH_LENGTH,
+    not_null_in_schema,
+    refuse_nulls,
 )
 
 
@@ -92,7 +94,14 @@ class ContactCreate(Strict):
         return value
 
 
+_QUERY_CONDITIONS = ("filter", "search")
+
+
 class ContactQuery(Strict):
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra=lambda s: not_null_in_schema(s, _QUERY_CONDITIONS)
+    )
+
     filter: dict[str, Any] | None = Field(
         default=None,
         description=f"The filter language of bulk delete: at most {MAX_FILTER_NODES} "
@@ -112,6 +121,11 @@ class ContactQuery(Strict):
         max_length=MAX_CURSOR_LENGTH,
         description="The `next_cursor` of the previous page",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_null_condition(cls, data: Any) -> Any:
+        return refuse_nulls(data, _QUERY_CONDITIONS)
 
 
 class ContactList(Strict):

@@ -22,6 +22,8 @@ from service.limits import (
     MAX_FILTER_VALUES,
     MAX_IN_VALUES,
     MAX_SEARCH_LENGTH,
+    not_null_in_schema,
+    refuse_nulls,
 )
 
 MAX_IDS = 500
@@ -74,12 +76,8 @@ def _exactly_one_selector(schema: dict[str, Any]) -> None:
     def any_of(*names: str) -> dict[str, Any]:
         return {"anyOf": [{"required": [name]} for name in names]}
 
-    # A selector given as null counts as not given; the document offers only real values.
-    for name in SELECTOR_FIELDS:
-        prop = schema["properties"][name]
-        options = [o for o in prop.pop("anyOf", []) if o != {"type": "null"}]
-        if options:
-            prop.update(options[0])
+    # A selector given as null is refused (refuse_nulls); the document offers real values.
+    not_null_in_schema(schema, SELECTOR_FIELDS)
     schema["oneOf"] = [
         {"required": ["contact_ids"], "not": any_of("emails", "filter", "search", "match_all")},
         {"required": ["emails"], "not": any_of("contact_ids", "filter", "search", "match_all")},
@@ -127,6 +125,11 @@ class BulkDeleteRequest(BaseModel):
     def dry_run_limit(self) -> int:
         """Contact ids per page of a dry run (default 100)."""
         return self.dry_run_limit_ if self.dry_run_limit_ is not None else DRY_RUN_PAGE
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_null_selector(cls, data: Any) -> Any:
+        return refuse_nulls(data, SELECTOR_FIELDS)
 
     @model_validator(mode="after")
     def _one_selector(self) -> BulkDeleteRequest:

@@ -328,6 +328,15 @@ async def test_job_filter_returns_the_whole_story_of_a_job(workload: Workload) -
     assert found[0]["data"]["selector"] == {"type": "contact_ids", "count": 3}
 
 
+async def test_a_job_id_in_another_uuid_spelling_finds_the_same_job(workload: Workload) -> None:
+    """A job id that could never match (``123``) is a 400 (above); the same UUID in
+    capitals or without hyphens is the same job."""
+    spellings = (workload.job_id.upper(), uuid.UUID(workload.job_id).hex)
+    expected = await events(workload.tenant, job_id=workload.job_id)
+    for spelling in spellings:
+        assert await events(workload.tenant, job_id=spelling) == expected, spelling
+
+
 async def test_actor_filter_returns_what_one_key_did(workload: Workload) -> None:
     key_id = str(workload.tenant.key_id)
     everything = await events(workload.tenant)
@@ -417,6 +426,8 @@ async def test_filters_and_paging_combine(workload: Workload) -> None:
         ({"action": ""}, "action"),
         ({"action": "deleted"}, "action"),
         ({"target_id": "x" * 201}, "target_id"),
+        ({"job_id": "123"}, "job_id"),
+        ({"job_id": "not-a-job"}, "job_id"),
     ],
 )
 async def test_bad_query_parameters_are_400_naming_the_parameter(
@@ -698,6 +709,18 @@ async def test_export_of_100k_events_streams_in_flat_memory(big_chain: Tenant) -
 async def post_query(tenant: Tenant, **body: Any) -> tuple[int, Any]:
     status, answer, _ = await tenant.call("POST", "/v1/audit/events/query", body)
     return status, answer
+
+
+@pytest.mark.parametrize(
+    "field", ["email", "target_id", "job_id", "action", "actor_id", "since", "until"]
+)
+async def test_null_for_a_filter_is_a_400_not_every_event(workload: Workload, field: str) -> None:
+    """``{"email": null}`` answered every event, as if no filter had been sent: "was this
+    address deleted?" asked with an empty variable read "yes, here are the events"."""
+    status, body = await post_query(workload.tenant, **{field: None})
+    assert status == 400, body
+    assert [d["field"] for d in body["error"]["details"]] == [field]
+    assert "null" in body["error"]["details"][0]["message"]
 
 
 async def test_post_query_answers_like_get_and_keeps_the_address_out_of_the_url(

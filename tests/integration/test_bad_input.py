@@ -345,6 +345,31 @@ async def test_error_details_speak_json_not_the_services_python(
         assert python not in detail["message"], body
 
 
+@pytest.mark.parametrize(
+    ("path", "body", "nulls"),
+    [
+        (BULK, {"filter": None, "match_all": True}, ["filter"]),
+        (BULK, {"search": None, "match_all": True, "dry_run": True}, ["search"]),
+        (BULK, {"contact_ids": None, "emails": None, "match_all": True}, ["contact_ids", "emails"]),
+        (QUERY, {"filter": None}, ["filter"]),
+        (QUERY, {"search": None, "limit": 10}, ["search"]),
+    ],
+    ids=["delete-filter", "delete-search", "delete-ids", "query-filter", "query-search"],
+)
+async def test_null_for_a_selector_is_a_400_never_every_contact(
+    services: Services, tenant: Tenant, path: str, body: dict[str, Any], nulls: list[str]
+) -> None:
+    """An empty variable sent as null read as "no condition": with match_all,
+    ``{"filter": null}`` deleted the whole workspace; a query listed every contact."""
+    contact_id = await seed(services, tenant)
+    status, answer = await raw_post(tenant, path, json.dumps(body).encode())
+
+    assert status == 400, answer
+    assert [d["field"] for d in answer["error"]["details"]] == nulls, answer
+    assert (await tenant.call("GET", f"/v1/contacts/{contact_id}"))[0] == 200
+    assert (await tenant.call("GET", "/v1/bulk-jobs"))[1]["data"] == []
+
+
 async def test_a_nul_in_a_query_parameter_is_a_400(tenant: Tenant) -> None:
     for query in ("action=%00", "target_id=a%00b", "job_id=%00"):
         status, body, _ = await tenant.call("GET", f"/v1/audit/events?{query}")
@@ -558,7 +583,12 @@ def test_the_audit_events_parameters_are_the_ones_the_service_takes() -> None:
 
 async def test_every_documented_query_parameter_is_accepted(tenant: Tenant) -> None:
     """A documented parameter the service refuses (or the reverse) cannot happen."""
-    samples = {"string": "x", "integer": "1", "date-time": "2024-01-01T00:00:00Z"}
+    samples = {
+        "string": "x",
+        "integer": "1",
+        "date-time": "2024-01-01T00:00:00Z",
+        "uuid": "00000000-0000-4000-8000-000000000001",
+    }
     for path, item in openapi_spec()["paths"].items():
         for method, op in item.items():
             if method != "get" or "{" in path or not path.startswith("/v1/"):
