@@ -6,7 +6,8 @@
   database (``service.audit.export.verify_export``).
 
 Exit codes: 0 when everything verifies, 1 when something does not, 2 when there is
-nothing to verify (an unknown workspace, an unreadable file).
+nothing to verify (an unknown workspace, an unreadable or empty file, or a file that holds
+the API's error answer instead of an export: a wrong key writes one with ``curl > file``).
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "audit",
         help="verify the tamper-evident audit trail",
         description="Verify the audit trail's hash chains: exit 0 intact, 1 broken, 2 nothing to "
-        "verify (no database, an unknown workspace, an unreadable file).",
+        "verify (no database, an unknown workspace, an unreadable or empty file, an API error "
+        "answer saved instead of an export).",
     )
     commands = audit.add_subparsers(dest="audit_command", required=True, metavar="SUBCOMMAND")
     summary = "walk the hash chain of every workspace (or one) in the database"
@@ -101,12 +103,42 @@ def verify_export_file(path: Path, *, as_json: bool) -> int:
     from service.audit.export import verify_export
 
     try:
-        result = verify_export(path)
+        not_export = _not_an_export(path)
+        result = verify_export(path) if not_export is None else None
     except OSError as exc:
         _out(f"cannot read {path}: {exc.strerror or exc}")
         return USAGE
+    if result is None:
+        _out(f"{path}: nothing to verify: {not_export}")
+        return USAGE
     _out(_json(result.to_dict()) if as_json else f"{path}: {_describe(result)}")
+    if result.ok and not as_json:
+        _out(
+            "an export cut short at a line boundary verifies too: compare head_seq and "
+            "head_hash with GET /v1/audit/verify to know that nothing is missing at its end"
+        )
     return OK if result.ok else BROKEN
+
+
+def _not_an_export(path: Path) -> str | None:
+    """Why the file holds no export at all, or None: an empty file, or the API's error
+    envelope (``{"error": {"code", "message", ...}}``, what ``curl > file`` saves when the
+    key is wrong). Anything else is read as an export: a damaged one is BROKEN, not this."""
+    with path.open("rb") as handle:
+        head = handle.read(64 * 1024)
+    if not head.strip():
+        return "the file is empty (an export with since_seq past the last event is empty)"
+    try:
+        answer = json.loads(head)
+    except ValueError:
+        return None
+    error = answer.get("error") if isinstance(answer, dict) else None
+    if isinstance(error, dict) and set(answer) == {"error"}:
+        return (
+            f"the file holds an error answer from the API, not an export: "
+            f"{error.get('code')}: {error.get('message')}"
+        )
+    return None
 
 
 def _describe(result: VerifyResult) -> str:

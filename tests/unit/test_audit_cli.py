@@ -113,3 +113,41 @@ def test_every_single_changed_byte_is_caught(tmp_path: Path) -> None:
 def test_a_missing_file_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert run(str(tmp_path / "nope.ndjson")) == 2
     assert "cannot read" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("content", "why"),
+    [
+        (b"", "empty"),
+        (b"\n", "empty"),
+        (
+            b'{"error":{"code":"invalid_key","message":"the API key is not valid",'
+            b'"details":null}}',
+            "invalid_key",
+        ),
+        (b'{"error": {"code": "service_unavailable", "message": "x", "details": {}}}\n', "503"),
+    ],
+    ids=["empty", "blank", "error-answer", "error-answer-newline"],
+)
+def test_a_file_that_holds_no_export_exits_2_not_broken(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], content: bytes, why: str
+) -> None:
+    """`curl … > data/audit.ndjson` with a wrong key saves the error envelope: that is
+    nothing to verify (2, as --help says), not a tampered trail (1); nor is an empty file
+    (an export with since_seq past the end)."""
+    path = tmp_path / "audit.ndjson"
+    path.write_bytes(content)
+    assert run(str(path)) == 2
+    out = capsys.readouterr().out
+    assert "nothing to verify" in out and "BROKEN" not in out, out
+    if why == "invalid_key":
+        assert "invalid_key" in out
+
+
+def test_a_good_export_says_how_to_know_nothing_is_missing_at_its_end(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "audit.ndjson"
+    write_export(path)
+    assert run(str(path)) == 0
+    assert "GET /v1/audit/verify" in capsys.readouterr().out
