@@ -30,6 +30,7 @@ import os
 import uuid
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
 
@@ -118,6 +119,7 @@ class Report:
     places: list[Place]
     deletions: list[Deletion]
     audit_note: str = ""
+    hints: list[str] = field(default_factory=list)
 
     @property
     def exit_code(self) -> int:
@@ -137,6 +139,7 @@ class Report:
                 )
         else:
             out.append(f"audit trail: no deletion of this address recorded{self.audit_note}")
+        out += self.hints
         found = [p.place for p in self.places if p.status == "found"]
         unchecked = [p.place for p in self.places if p.status == "not checked"]
         if found:
@@ -159,6 +162,7 @@ class Report:
                 ],
                 "places": [asdict(p) for p in self.places],
                 "deletions": [asdict(d) for d in self.deletions],
+                "hints": self.hints,
             },
             sort_keys=True,
         )
@@ -231,7 +235,29 @@ class ErasureCheck:
             deletions, note = await self.audit_trail()
         except (sa.exc.SQLAlchemyError, OSError) as exc:
             deletions, note = [], f" (the audit trail could not be read: {_first_line(exc)})"
-        return Report(places, deletions, note)
+        if not deletions and not note and self.workspace is not None:
+            note = f" in workspace {self.workspace} (run without --workspace to search all)"
+        return Report(places, deletions, note, self._hints(places, deletions))
+
+    def _hints(self, places: list[Place], deletions: list[Deletion]) -> list[str]:
+        """What a FOUND in the database files may mean: a deletion so recent that the
+        scrubber's run (at most ``ERASURE_DELAY_S`` after it, DESIGN "Erasure") is due."""
+        in_files = any(
+            p.status == "found" and p.place.startswith(("database file", "postgresql"))
+            for p in places
+        )
+        if not in_files or not deletions:
+            return []
+        last = max(_instant(d.deleted_at) for d in deletions)
+        delay = self.settings.erasure_delay_s
+        due = last + timedelta(seconds=delay)
+        if datetime.now(UTC) > due + timedelta(seconds=delay):
+            return []
+        return [
+            f"the last deletion of it was at {_iso(last)}: the service scrubs the database "
+            f"files within ERASURE_DELAY_S ({delay:g} s) of a deletion; check again after "
+            f"{_iso(due + timedelta(seconds=5))}"
+        ]
 
     async def _workspace_id(self, name: str) -> uuid.UUID | None:
         async with self.db.read() as conn:
@@ -489,3 +515,14 @@ def _email_sha256_of(value: bytes) -> str | None:
 
 def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+
+
+def _instant(text: str) -> datetime:
+    """An audit ``occurred_at`` (ISO 8601, UTC) as an aware datetime."""
+    moment = datetime.fromisoformat(text)
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+def _iso(moment: datetime) -> str:
+    """A moment as the audit trail writes it: ISO 8601 in UTC, to the second, with Z."""
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -121,8 +121,7 @@ def test_a_missing_file_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[st
         (b"", "empty"),
         (b"\n", "empty"),
         (
-            b'{"error":{"code":"invalid_key","message":"the API key is not valid",'
-            b'"details":null}}',
+            b'{"error":{"code":"invalid_key","message":"the API key is not valid","details":null}}',
             "invalid_key",
         ),
         (b'{"error": {"code": "service_unavailable", "message": "x", "details": {}}}\n', "503"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -195,3 +196,32 @@ def test_the_exit_code_is_0_nowhere_1_found_2_unproven() -> None:
     lines = report(clean, Place("b", "found", {"clear": 2})).lines()
     assert lines[1] == "b: found (clear x2)"
     assert lines[-1] == "verdict: FOUND in 1 place(s): b"
+
+
+@pytest.mark.parametrize(
+    ("ago_s", "where", "hinted"),
+    [
+        (5, "database file /d/x.db-wal", True),
+        (5, "postgresql relation files", True),
+        (3600, "database file /d/x.db-wal", False),
+        (5, "live rows: contacts", False),
+    ],
+)
+def test_a_find_in_the_database_files_right_after_a_deletion_says_when_to_check_again(
+    tmp_path: Path, ago_s: int, where: str, hinted: bool
+) -> None:
+    """Checked in the first seconds after a deletion, the files still hold the address
+    (the scrubber runs within ERASURE_DELAY_S): the report says so and when to look again;
+    long after, or found in live rows, it says nothing of the kind."""
+    settings = Settings(erasure_delay_s=30)
+    db = Database(f"sqlite+aiosqlite:///{tmp_path / 'x.db'}")
+    probe = check.ErasureCheck(settings, db, "ada@example.com")
+    at = (datetime.now(UTC) - timedelta(seconds=ago_s)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    deletions = [check.Deletion("demo", None, None, at, 7)]
+    hints = probe._hints([Place(where, "found", {"as_given": 1})], deletions)
+    assert bool(hints) == hinted, hints
+    if hinted:
+        report = Report([Place(where, "found", {"as_given": 1})], deletions, "", hints)
+        text = "\n".join(report.lines())
+        assert "ERASURE_DELAY_S (30 s)" in text and "check again after" in text, text
+    assert probe._hints([Place(where, "not found")], deletions) == []
