@@ -5,10 +5,11 @@ Pure (pydantic only), so a capability's models can use them without the HTTP lay
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 from typing import Annotated, Any, Generic, TypeVar
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
 T = TypeVar("T")
 
@@ -25,6 +26,39 @@ def in_utc_range(value: datetime) -> datetime:
 
 
 UtcRange = AfterValidator(in_utc_range)
+
+_EXAMPLE = "e.g. 2024-05-01T12:00:00Z"
+# "…T12:00:00+02:00" in a query string whose "+" was not encoded arrives as "… 02:00".
+_PLUS_AS_SPACE = re.compile(r"\d \d{2}(:?\d{2})?$")
+
+
+def _instant(value: Any) -> Any:
+    # ISO 8601 / RFC 3339 only (pydantic would also take a bare number as a Unix time),
+    # with its offset: an instant, not a wall-clock time somewhere.
+    if isinstance(value, datetime):
+        parsed = value
+    elif not isinstance(value, str):
+        raise ValueError(f"give an ISO-8601 date-time string, {_EXAMPLE}")
+    elif _PLUS_AS_SPACE.search(value.strip()):
+        raise ValueError(
+            "in a query string an unencoded '+' arrives as a space: send the offset's '+' "
+            f"as %2B, or give the time in UTC with Z, {_EXAMPLE}"
+        )
+    else:
+        try:
+            parsed = datetime.fromisoformat(value)
+        except ValueError:
+            raise ValueError(f"not an ISO-8601 date-time, {_EXAMPLE}") from None
+        if "T" not in value.upper() and " " not in value.strip():
+            raise ValueError(f"a date alone is not an instant: add a time and Z, {_EXAMPLE}")
+    if parsed.tzinfo is None or parsed.utcoffset() is None:
+        raise ValueError(f"add a UTC offset or Z, {_EXAMPLE}")
+    return in_utc_range(parsed)
+
+
+Instant = Annotated[datetime, BeforeValidator(_instant)]
+"""An instant given by a client (a filter's bound, recover's ``since``): an ISO-8601 /
+RFC 3339 date-time string with its UTC offset or ``Z``; every refusal names an example."""
 
 UuidText = Annotated[str, Field(json_schema_extra={"format": "uuid"})]
 """A UUID as the API writes it (a string, kept as the store wrote it)."""

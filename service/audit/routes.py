@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from datetime import datetime
 from typing import Annotated, Any, Final
 
 from aiohttp import web
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
-from service.apimodels import Data, Page, in_utc_range
+from service.apimodels import Data, Instant, Page
 from service.audit.chain import email_hmac, format_time
 from service.audit.export import export_line
 from service.audit.models import AuditAction, AuditContactTimeline, AuditEvent, ChainVerdict
@@ -67,23 +66,6 @@ class EmailKey:
 
 
 EMAIL_KEY = web.AppKey("audit_email_key", EmailKey)
-
-
-def _instant(value: Any) -> Any:
-    # ISO-8601 only (pydantic would also take a bare number as a Unix time), and an
-    # instant needs its offset.
-    if not isinstance(value, str):
-        raise ValueError("give an ISO-8601 date-time string")
-    try:
-        parsed = datetime.fromisoformat(value)
-    except ValueError:
-        raise ValueError("not an ISO-8601 date-time, e.g. 2024-05-01T12:00:00Z") from None
-    if parsed.tzinfo is None or parsed.utcoffset() is None:
-        raise ValueError("add a UTC offset or Z")
-    return in_utc_range(parsed)
-
-
-Instant = Annotated[datetime, BeforeValidator(_instant)]
 
 
 def _no_space(value: Any) -> Any:

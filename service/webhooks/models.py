@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import enum
-from datetime import datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from pydantic.config import JsonDict
 from pydantic.json_schema import SkipJsonSchema
 
-from service.apimodels import Out, Time, UuidText, in_utc_range
+from service.apimodels import Instant, Out, Time, UuidText
 from service.webhooks.ssrf import validate_endpoint_url
 
 EventType = Literal["contact.deleted", "deletion_job.completed", "webhook.test"]
@@ -109,14 +108,7 @@ class EndpointPatch(_Strict):
 
 
 class Recover(_Strict):
-    since: datetime
-
-    @field_validator("since")
-    @classmethod
-    def _aware(cls, value: datetime) -> datetime:
-        if value.tzinfo is None:
-            raise ValueError("since needs a timezone (e.g. Z)")
-        return in_utc_range(value)
+    since: Instant
 
 
 # --- Answers ---------------------------------------------------------------------------

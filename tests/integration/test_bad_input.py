@@ -370,6 +370,42 @@ async def test_null_for_a_selector_is_a_400_never_every_contact(
     assert (await tenant.call("GET", "/v1/bulk-jobs"))[1]["data"] == []
 
 
+@pytest.mark.parametrize(
+    ("value", "says"),
+    [
+        ("last week", "not an ISO-8601 date-time"),
+        ("2026-11-30", "a date alone"),
+        ("2026-11-30T06:00:00", "add a UTC offset or Z"),
+        ("2026-11-30T06:00:00 02:00", "%2B"),
+        (1764482400, "ISO-8601 date-time string"),
+    ],
+)
+async def test_every_instant_input_is_refused_in_the_same_words(
+    tenant: Tenant, value: Any, says: str
+) -> None:
+    """The audit filters and recover's ``since`` read a time the same way (recover gave
+    pydantic's "Input should be a valid datetime or date, input is too short"), and each
+    refusal shows an example of what is taken."""
+    status, body = await raw_post(
+        tenant, "/v1/webhooks/endpoints", b'{"url": "https://h.example.com/hook"}'
+    )
+    assert status == 201, body
+    recover = f"/v1/webhooks/endpoints/{body['data']['id']}/recover"
+    answers = [
+        await raw_post(tenant, recover, json.dumps({"since": value}).encode()),
+        await raw_post(tenant, "/v1/audit/events/query", json.dumps({"since": value}).encode()),
+    ]
+    if isinstance(value, str):
+        query = value.replace(" ", "+")  # what a client that did not encode '+' sends
+        status, body, _ = await tenant.call("GET", f"/v1/audit/events?since={query}")
+        answers.append((status, body))
+    for status, body in answers:
+        assert status == 400, body
+        [detail] = body["error"]["details"]
+        assert detail["field"] == "since" and says in detail["message"], body
+        assert "e.g. 2024-05-01T12:00:00Z" in detail["message"], body
+
+
 async def test_a_nul_in_a_query_parameter_is_a_400(tenant: Tenant) -> None:
     for query in ("action=%00", "target_id=a%00b", "job_id=%00"):
         status, body, _ = await tenant.call("GET", f"/v1/audit/events?{query}")
