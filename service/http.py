@@ -182,12 +182,9 @@ def validation_details(exc: ValidationError) -> list[dict[str, Any]]:
 
 
 async def read_json(request: web.Request) -> Any:
-    """The request body as JSON: 415 for another media type, 400 for malformed JSON or a
-    body over the structural limits (`service.limits.parse_json`)."""
-    if request.content_type != "application/json":
-        raise UnsupportedMediaType(
-            "send the body as application/json", {"content_type": request.content_type}
-        )
+    """The request body as JSON: 400 when there is none, 415 for another media type, 400
+    for malformed JSON or a body over the structural limits (`service.limits.parse_json`),
+    413 over 1 MiB."""
     try:
         raw = await request.read()
     except web.HTTPRequestEntityTooLarge:
@@ -195,7 +192,12 @@ async def read_json(request: web.Request) -> Any:
             "the body is larger than 1 MiB", {"max_bytes": request.app[SETTINGS_KEY].max_body_bytes}
         ) from None
     if not raw:
+        # Before the media type: a request with no body at all also has none to label.
         raise ValidationFailed("a JSON body is required", [{"field": "body", "message": "empty"}])
+    if request.content_type != "application/json":
+        raise UnsupportedMediaType(
+            "send the body as application/json", {"content_type": request.content_type}
+        )
     return parse_json(raw)
 
 

@@ -170,6 +170,18 @@ def _noun(param: str) -> str:
     return _NOUNS.get(param) or param.removesuffix("_id").replace("_", " ")
 
 
+async def _refuse_a_body(request: web.Request) -> None:
+    """An operation that takes no body refuses one it would ignore (``{"foo": 1}`` on
+    ``…/test`` passed silently, while every route with a body refuses unknown fields);
+    nothing, or an empty JSON object, is taken as no body."""
+    raw = await read_json(request) if (await request.read()).strip() else None
+    if raw not in (None, {}):
+        raise ValidationFailed(
+            "this operation takes no request body",
+            [{"field": "body", "message": "send no body (or {})"}],
+        )
+
+
 def dump(model: BaseModel) -> bytes:
     """A response model as the API's JSON: compact UTF-8, only the fields that were set."""
     return model.model_dump_json(exclude_unset=True).encode("utf-8")
@@ -192,6 +204,8 @@ def _wrap(op: Operation) -> Callable[[web.Request], Awaitable[web.StreamResponse
             ) from None
         body: BaseModel | None = None
         raw: Any = None
+        if op.body is None and request.method != "GET" and request.can_read_body:
+            await _refuse_a_body(request)
         if op.body is not None:
             raw = await read_json(request)
             try:

@@ -431,3 +431,29 @@ async def test_a_malformed_id_and_an_unknown_one_get_the_same_404_on_every_route
             assert status == 404, (path, bad, body)
             answers.append(assert_error(body, "not_found")["message"])
         assert answers[0] == answers[1], (path, answers)
+
+
+async def test_an_operation_without_a_body_refuses_one_and_one_with_a_body_asks_for_it(
+    tenant: Tenant,
+) -> None:
+    """`{"foo": 1}` on …/test passed silently (every route with a body refuses unknown
+    fields); a recover sent with no body at all was told to use application/json."""
+    status, body, _ = await tenant.call(
+        "POST", "/v1/webhooks/endpoints", {"url": "https://h.example.com/hook"}
+    )
+    assert status == 201, body
+    base = f"/v1/webhooks/endpoints/{body['data']['id']}"
+    for path in (f"{base}/test", f"{base}/rotate-secret", f"{base}/enable"):
+        status, body, _ = await tenant.call("POST", path, {"foo": 1})
+        assert status == 400, (path, body)
+        assert assert_error(body, "validation_error")["details"][0]["field"] == "body"
+    for sent in (None, {}):
+        status, body, _ = await tenant.call("POST", f"{base}/rotate-secret", sent)
+        assert status == 200, (sent, body)
+
+    url = tenant.url(f"{base}/recover")
+    headers = {"Authorization": f"Bearer {tenant.key}"}
+    async with tenant.http.post(url, headers=headers) as response:
+        status, body = response.status, await response.json()
+    assert status == 400, body
+    assert assert_error(body, "validation_error")["message"] == "a JSON body is required"
