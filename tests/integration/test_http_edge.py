@@ -447,6 +447,7 @@ async def test_an_operation_without_a_body_refuses_one_and_one_with_a_body_asks_
         status, body, _ = await tenant.call("POST", path, {"foo": 1})
         assert status == 400, (path, body)
         assert assert_error(body, "validation_error")["details"][0]["field"] == "body"
+    sent: dict[str, Any] | None
     for sent in (None, {}):
         status, body, _ = await tenant.call("POST", f"{base}/rotate-secret", sent)
         assert status == 200, (sent, body)
