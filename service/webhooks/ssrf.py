@@ -233,14 +233,20 @@ def validate_endpoint_url(url: str) -> str:
     """Check a webhook endpoint URL's form and return it unchanged; ValueError if bad.
 
     It must be an absolute http or https URL with a host, without credentials, at most
-    2048 characters, without whitespace or control characters. Whether the host resolves
-    to a public address is not checked here (that is ``check_url``, at send time).
+    2048 characters, without whitespace or control characters, on a port that can be
+    connected to (1 to 65535: port 0 cannot, RFC 6335 §6), and not under ``.invalid``
+    (RFC 6761 §6.4: such names never resolve). Whether the host resolves to a public
+    address is not checked here (that is ``check_url``, at send time).
     """
     if len(url) > MAX_URL_LENGTH:
         raise ValueError(f"the URL is longer than {MAX_URL_LENGTH} characters")
     if any(ch.isspace() or ord(ch) < 0x20 or ord(ch) == 0x7F for ch in url):
         raise ValueError("the URL contains whitespace or control characters")
-    parsed, host, _port = _parse_http_url(url)
+    parsed, host, port = _parse_http_url(url)
+    if port == 0:
+        raise ValueError("the URL's port 0 cannot be connected to: give a port from 1 to 65535")
+    if host.rstrip(".").lower().rsplit(".", 1)[-1] == "invalid":
+        raise ValueError("a host under .invalid never resolves (RFC 6761): give a real host")
     authority = re.split(r"[/?#]", url.split("://", 1)[-1], maxsplit=1)[0]
     if "@" in authority or parsed.raw_user is not None or parsed.raw_password is not None:
         raise ValueError("the URL must not carry credentials (user:password@)")

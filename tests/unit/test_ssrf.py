@@ -268,6 +268,8 @@ async def test_check_url_refuses_what_is_not_an_http_url(url: str) -> None:
         "https://[2606:4700::1111]/hook",
         "http://127.0.0.1:9000/",  # the form is fine; the address is check_url's business
         "https://xn--bcher-kva.example/hook",
+        "https://invalid.example.com/hook",  # "invalid" as a label, not the top-level name
+        "http://localhost.test:1/hook",
         "https://example.com/" + "a" * (MAX_URL_LENGTH - len("https://example.com/")),
     ],
 )
@@ -292,6 +294,10 @@ def test_validate_endpoint_url_accepts_absolute_http_urls(url: str) -> None:
         ("http://example.com/\nX-Injected: 1", "whitespace"),
         ("http://exa!mple.com/", "host"),
         ("http://host:99999/", "not a valid URL"),
+        ("http://127.0.0.1:0/x", "port 0"),
+        ("https://hooks.example.com:0/", "port 0"),
+        ("https://hooks.invalid/x", "never resolves"),
+        ("https://a.b.INVALID./x", "never resolves"),
         ("https://example.com/" + "a" * MAX_URL_LENGTH, "longer than 2048"),
     ],
 )
