@@ -12,7 +12,7 @@ import asyncio
 import json
 import sys
 from collections.abc import Awaitable, Callable, Iterator, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn, cast
 
 from service.bench_options import add_arguments as add_bench_arguments
 from service.scopes import SCOPES
@@ -34,11 +34,23 @@ COMPONENTS = {
 
 ENVIRONMENT = """\
 configuration comes from environment variables (all optional locally), e.g.
-  DATABASE_URL             default: SQLite, <checkout>/data/contact-deletion.db
+  DATA_DIR                 default: <checkout>/data (local state)
+  DATABASE_URL             default: SQLite, <DATA_DIR>/contact-deletion.db
   KAFKA_BOOTSTRAP_SERVERS  default: 127.0.0.1:9092
   HTTP_HOST / HTTP_PORT    default: 127.0.0.1 / 8080
   LOG_FORMAT / LOG_LEVEL   default: json / INFO
 see the README for the full list."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """A command group run without its subcommand (``contact-deletion keys``) prints its
+    help, which lists them, before argparse's one-line error."""
+
+    def error(self, message: str) -> NoReturn:
+        if "required" in message and message.endswith("COMMAND"):
+            self.print_help(sys.stderr)
+            sys.stderr.write("\n")
+        super().error(message)
 
 
 class _HelpFormatter(argparse.HelpFormatter):
@@ -200,14 +212,22 @@ async def _keys_list(settings: Settings, args: argparse.Namespace) -> int | str:
         if args.json:
             _out(json.dumps(keys))
         else:
-            if keys:
-                _out("key_id  prefix  workspace  state  scopes")
-            for k in keys:
-                state = "revoked" if k["revoked_at"] else "live"
-                _out(
-                    f"{k['key_id']}  {k['prefix']}…  {k['workspace']}  {state}  "
-                    f"{' '.join(k['scopes'])}"
+            rows = [
+                (
+                    k["key_id"],
+                    f"{k['prefix']}…",
+                    k["workspace"],
+                    "revoked" if k["revoked_at"] else "live",
+                    " ".join(k["scopes"]),
                 )
+                for k in keys
+            ]
+            if rows:
+                rows.insert(0, ("key_id", "prefix", "workspace", "state", "scopes"))
+                widths = [max(len(row[i]) for row in rows) for i in range(4)]
+                for row in rows:
+                    cells = [row[i].ljust(widths[i]) for i in range(4)]
+                    _out("  ".join([*cells, row[4]]))
         return 0
 
     return await _with_db(settings, work)
@@ -244,12 +264,17 @@ def build_parser() -> argparse.ArgumentParser:
     from service.audit import cli as audit_cli
     from service.erasure import cli as erasure_cli
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog=PROG,
         description="Bulk contact deletion with signed webhooks and an audit trail.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # Every parser under it is a _Parser too (argparse makes subparsers of the root's class);
+    # the modules that add their commands take the base type.
+    sub = cast(
+        "argparse._SubParsersAction[argparse.ArgumentParser]",
+        parser.add_subparsers(dest="command", required=True, metavar="COMMAND"),
+    )
 
     def command(name: str, summary: str, description: str | None = None) -> argparse.ArgumentParser:
         return sub.add_parser(

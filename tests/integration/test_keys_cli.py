@@ -279,6 +279,24 @@ def test_dev_refuses_a_port_in_use_before_printing_anything(
     assert not port_in_use("127.0.0.1", port)
 
 
+async def test_keys_list_is_a_table_whose_columns_line_up(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Workspace names of different lengths pushed the later columns about: each column
+    starts at the same place on every line, under its header."""
+    await create_key(capsys, "audit:read")
+    await run_cli(capsys, "keys", "create", "--workspace", "w", "--scope", "audit:read")
+    code, out = await run_cli(capsys, "keys", "list")
+
+    assert code == 0
+    header, *rows = out.splitlines()
+    assert len(rows) >= 2
+    starts = [header.index(name) for name in ("prefix", "workspace", "state", "scopes")]
+    for row in rows:
+        for start in starts:
+            assert row[start - 2 : start] == "  " and row[start] != " ", (header, row)
+
+
 async def test_erasure_check_in_a_workspace_that_does_not_exist_is_refused(
     capsys: pytest.CaptureFixture[str],
 ) -> None:

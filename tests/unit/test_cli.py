@@ -67,6 +67,21 @@ def test_every_help_says_where_configuration_comes_from_and_fits_80_columns(
         assert not long, (path, long)
 
 
+@pytest.mark.parametrize("group", [["keys"], ["audit"], ["erasure"], []])
+def test_a_command_group_without_its_subcommand_lists_them(
+    group: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`contact-deletion keys` said only "required: SUBCOMMAND": it shows the group's
+    help (every subcommand with its summary), then the error, exit 2."""
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(group)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    expected = {"keys": "revoke", "audit": "verify-export", "erasure": "check"}
+    assert (expected[group[0]] if group else "migrate") in err, err
+    assert err.rstrip().endswith("COMMAND"), err
+
+
 def test_components_and_scopes_listed_by_the_cli_are_the_services() -> None:
     assert list(cli.COMPONENTS) == list(components())
     create = _subparsers(_subparsers(cli.build_parser())["keys"])["create"]
