@@ -216,7 +216,7 @@ async def edge_middleware(request: web.Request, handler: Handler) -> web.StreamR
     except ServiceError as exc:
         response = error_response(exc)
     except web.HTTPException as exc:
-        response = error_response(_from_http_exception(exc))
+        response = error_response(_from_http_exception(exc, request.path))
     except Exception as exc:
         if is_transient(exc):
             # An outage, not a bug: tell the client when to come back (DESIGN §3).
@@ -279,8 +279,11 @@ async def _authenticated(
     return await handler(request)
 
 
-def _from_http_exception(exc: web.HTTPException) -> ServiceError:
+def _from_http_exception(exc: web.HTTPException, path: str) -> ServiceError:
     if isinstance(exc, web.HTTPNotFound):
+        if len(path) > 1 and path.endswith("/"):
+            # No route ends with "/": say so rather than only "no such resource".
+            return NotFound(f"no such resource; without the trailing slash: {path.rstrip('/')}")
         return NotFound("no such resource")
     if isinstance(exc, web.HTTPMethodNotAllowed):
         allowed = sorted(exc.allowed_methods)

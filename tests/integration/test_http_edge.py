@@ -458,3 +458,12 @@ async def test_an_operation_without_a_body_refuses_one_and_one_with_a_body_asks_
         status, body = response.status, await response.json()
     assert status == 400, body
     assert assert_error(body, "validation_error")["message"] == "a JSON body is required"
+
+
+async def test_a_trailing_slash_is_a_404_that_says_to_drop_it(tenant: Tenant) -> None:
+    status, body, _ = await tenant.call("GET", "/v1/webhooks/endpoints/")
+    assert status == 404, body
+    message = assert_error(body, "not_found")["message"]
+    assert message.endswith("without the trailing slash: /v1/webhooks/endpoints"), message
+    status, body, _ = await tenant.call("GET", "/v1/no-such-thing")
+    assert assert_error(body, "not_found")["message"] == "no such resource"
