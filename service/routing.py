@@ -209,7 +209,10 @@ def _wrap(op: Operation) -> Callable[[web.Request], Awaitable[web.StreamResponse
         if op.body is not None:
             raw = await read_json(request)
             try:
-                body = op.body.model_validate(raw)
+                # Strict JSON: a boolean is true or false and a count is an integer, as the
+                # document says ("false", "no" or 0 was read as false: a real deletion for a
+                # client that sent dry_run as a string). Strings still carry UUIDs and times.
+                body = op.body.model_validate_json(await request.read(), strict=True)
             except ValidationError as exc:
                 raise ValidationFailed(
                     "the request body is invalid", validation_details(exc)

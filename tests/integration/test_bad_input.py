@@ -406,6 +406,46 @@ async def test_every_instant_input_is_refused_in_the_same_words(
         assert "e.g. 2024-05-01T12:00:00Z" in detail["message"], body
 
 
+@pytest.mark.parametrize(
+    ("path", "template", "field"),
+    [
+        (BULK, '{"contact_ids": ["%s"], "dry_run": "false"}', "dry_run"),
+        (BULK, '{"contact_ids": ["%s"], "dry_run": 0}', "dry_run"),
+        (BULK, '{"contact_ids": ["%s"], "dry_run": "no"}', "dry_run"),
+        (BULK, '{"contact_ids": ["%s"], "delete_members": "true"}', "delete_members"),
+        (BULK, '{"contact_ids": ["%s"], "dry_run": true, "dry_run_limit": "5"}', "dry_run_limit"),
+        (BULK, '{"contact_ids": ["%s"], "dry_run": true, "dry_run_limit": true}', "dry_run_limit"),
+        (QUERY, '{"filter": {"id": "%s"}, "limit": 1e2}', "limit"),
+        ("/v1/contacts", '{"email": "a@example.com", "has_billing_subscription": "yes"}', None),
+    ],
+    ids=[
+        "false-string",
+        "zero",
+        "no",
+        "members-string",
+        "limit-string",
+        "limit-bool",
+        "1e2",
+        "yes",
+    ],
+)
+async def test_a_boolean_or_count_of_another_json_type_is_a_400_and_changes_nothing(
+    services: Services, tenant: Tenant, path: str, template: str, field: str | None
+) -> None:
+    """`"dry_run": "false"`, `0` or `"no"` was read as false: a real deletion for a client
+    library that sends its switches as strings. A JSON body's booleans are true or false and
+    its counts integers, as the document says; nothing is deleted or created."""
+    contact_id = await seed(services, tenant)
+    raw = template % contact_id if "%s" in template else template
+    status, body = await raw_post(tenant, path, raw.encode())
+
+    assert status == 400, body
+    fields = [d["field"] for d in body["error"]["details"]]
+    assert fields == [field or "has_billing_subscription"], body
+    assert (await tenant.call("GET", f"/v1/contacts/{contact_id}"))[0] == 200
+    assert (await tenant.call("GET", "/v1/bulk-jobs"))[1]["data"] == []
+
+
 async def test_a_nul_in_a_query_parameter_is_a_400(tenant: Tenant) -> None:
     for query in ("action=%00", "target_id=a%00b", "job_id=%00"):
         status, body, _ = await tenant.call("GET", f"/v1/audit/events?{query}")
