@@ -161,11 +161,16 @@ _JSON_WORDING = {
 }
 
 
+# The bounds pydantic names in an error's context (a length or a value range).
+_BOUNDS = ("max_length", "min_length", "le", "ge", "lt", "gt")
+
+
 def validation_details(exc: ValidationError) -> list[dict[str, Any]]:
     """Pydantic's errors as ``[{"field": "a.b", "message": ..., "type": ...}]``.
 
     ``field`` is the dotted path (list positions from 0; ``body`` for the whole body);
-    ``type`` is pydantic's error type, stable for programs. The message is the validator's
+    ``type`` is pydantic's error type, stable for programs; ``limit`` is the number a
+    field's own range stops at, when that is what was crossed. The message is the validator's
     own reason without pydantic's "Value error, " prefix, and JSON's names for the shapes
     instead of the Python model's (which are internal).
     """
@@ -174,10 +179,15 @@ def validation_details(exc: ValidationError) -> list[dict[str, Any]]:
         field = ".".join(str(p) for p in err["loc"]) or "body"
         kind = err["type"]
         message = _JSON_WORDING.get(kind, err["msg"])
+        ctx = err.get("ctx") or {}
         if kind in ("value_error", "assertion_error"):
-            cause = (err.get("ctx") or {}).get("error")
+            cause = ctx.get("error")
             message = str(cause) if cause is not None and str(cause) else err["msg"]
-        details.append({"field": field, "message": message, "type": kind})
+        detail: dict[str, Any] = {"field": field, "message": message, "type": kind}
+        bound = next((ctx[b] for b in _BOUNDS if isinstance(ctx.get(b), int | float)), None)
+        if bound is not None:
+            detail["limit"] = bound  # the number a field's own range stops at
+        details.append(detail)
     return details
 
 

@@ -170,6 +170,21 @@ def _noun(param: str) -> str:
     return _NOUNS.get(param) or param.removesuffix("_id").replace("_", " ")
 
 
+def _known(
+    details: list[dict[str, Any]], model: type[BaseModel], noun: str
+) -> list[dict[str, Any]]:
+    """An unknown name's detail lists the names the operation takes (a misspelt
+    ``delete_member``, or ``?email=`` on a listing that takes only ``limit`` and ``cursor``),
+    and the model's ``unknown_hint`` (where such a name is taken instead), if it has one."""
+    names = ", ".join(f.alias or name for name, f in model.model_fields.items())
+    hint = getattr(model, "unknown_hint", "")
+    for detail in details:
+        if detail.get("type") == "extra_forbidden":
+            taken = f"unknown {noun}; the known ones: {names}" if names else f"no {noun} here"
+            detail["message"] = f"{taken}{'; ' + hint if hint else ''}"
+    return details
+
+
 async def _refuse_a_body(request: web.Request) -> None:
     """An operation that takes no body refuses one it would ignore (``{"foo": 1}`` on
     ``…/test`` passed silently, while every route with a body refuses unknown fields);
@@ -200,7 +215,8 @@ def _wrap(op: Operation) -> Callable[[web.Request], Awaitable[web.StreamResponse
             query = op.query.model_validate(query_dict(request))
         except ValidationError as exc:
             raise ValidationFailed(
-                "the query parameters are invalid", validation_details(exc)
+                "the query parameters are invalid",
+                _known(validation_details(exc), op.query, "parameter"),
             ) from None
         body: BaseModel | None = None
         raw: Any = None
@@ -215,7 +231,7 @@ def _wrap(op: Operation) -> Callable[[web.Request], Awaitable[web.StreamResponse
                 body = op.body.model_validate_json(await request.read(), strict=True)
             except ValidationError as exc:
                 raise ValidationFailed(
-                    "the request body is invalid", validation_details(exc)
+                    "the request body is invalid", _known(validation_details(exc), op.body, "field")
                 ) from None
         result = await op.handler(Call(request, who, path, query, body, raw))
         if isinstance(result, web.StreamResponse):

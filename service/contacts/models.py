@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import email_validator
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -130,6 +130,8 @@ class ContactQuery(Strict):
 
 class ContactList(Strict):
     """The query string of ``GET /v1/contacts``."""
+
+    unknown_hint: ClassVar[str] = "to filter or search contacts, POST /v1/contacts/query"
 
     limit: int = Field(default=100, ge=1, le=1000)
     cursor: str | None = Field(default=None, max_length=MAX_CURSOR_LENGTH)

@@ -62,7 +62,8 @@ class ErrorCode(enum.StrEnum):
 
 
 ERROR_MESSAGES = {
-    ErrorCode.SITE_MEMBER: "the contact is a site member; set delete_members to delete it",
+    ErrorCode.SITE_MEMBER: "the contact is a site member; set delete_members to delete it "
+    "(a member only: owners and contributors are never deleted)",
     ErrorCode.BILLING: "the contact has a billing subscription",
     ErrorCode.OWNER_OR_CONTRIBUTOR: "site owners and contributors cannot be deleted",
     ErrorCode.AFTER_MEMBER_DELETION: "the member was removed but the contact was not deleted",

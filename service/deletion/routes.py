@@ -10,7 +10,7 @@ from datetime import datetime
 from typing import Any
 
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from service import idempotency
 from service.apimodels import Data, Page
@@ -69,11 +69,29 @@ async def bulk_delete(call: Call) -> web.StreamResponse:
     return await _submit(call.request, who.key_id, who.workspace_id, req, call.raw_body)
 
 
+class DeleteOneQuery(BaseModel):
+    """The options of ``DELETE /v1/contacts/{id}``: bulk delete's, for one contact."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    delete_members: bool = Field(
+        default=False, description="Allow deleting a site member (as in bulk delete)"
+    )
+    redact_timeline: bool = Field(
+        default=False,
+        description="Redact the contact's values inside the timeline items that survive it "
+        "(as in bulk delete)",
+    )
+
+
 async def delete_contact(call: Call) -> web.StreamResponse:
     who = call.principal
     contact_id = call.path["contact_id"]
-    req = BulkDeleteRequest(contact_ids=[contact_id])
-    return await _submit(call.request, who.key_id, who.workspace_id, req, None, contact_id)
+    options = call.query_as(DeleteOneQuery)
+    req = BulkDeleteRequest(contact_ids=[contact_id], **options.model_dump())
+    # The options are what makes two such requests different for their Idempotency-Key.
+    raw = options.model_dump(exclude_defaults=True) or None
+    return await _submit(call.request, who.key_id, who.workspace_id, req, raw, contact_id)
 
 
 async def _submit(
@@ -351,6 +369,7 @@ ROUTES: tuple[Operation, ...] = (
         "Delete one contact (a deletion job of one)",
         tag=TAG,
         scope="contacts:write",
+        query=DeleteOneQuery,
         headers=(IDEMPOTENCY_KEY, PREFER),
         errors=(409,),
         answers=JOB_ANSWERS,

@@ -446,6 +446,29 @@ async def test_a_boolean_or_count_of_another_json_type_is_a_400_and_changes_noth
     assert (await tenant.call("GET", "/v1/bulk-jobs"))[1]["data"] == []
 
 
+@pytest.mark.parametrize(
+    ("body", "field", "limit"),
+    [
+        ({"contact_ids": [str(uuid.UUID(int=i)) for i in range(501)]}, "contact_ids", 500),
+        ({"emails": [f"a{i}@example.com" for i in range(1001)]}, "emails", 1000),
+        ({"search": "x" * 201, "dry_run": True}, "search", 200),
+        ({"search": "x", "dry_run": True, "dry_run_limit": 1001}, "dry_run_limit", 1000),
+    ],
+    ids=["ids", "emails", "search", "dry-run-limit"],
+)
+async def test_a_fields_own_range_is_named_as_its_limit(
+    tenant: Tenant, body: dict[str, Any], field: str, limit: int
+) -> None:
+    """The README promises that the details name the limit: the structural limits did, a
+    field's own range (500 ids, 1000 emails) gave only pydantic's type."""
+    status, answer = await raw_post(tenant, BULK, json.dumps(body).encode())
+    assert status == 400, answer
+    [detail] = answer["error"]["details"]
+    assert (detail["field"], detail["limit"]) == (field, limit), detail
+    status, answer, _ = await tenant.call("GET", "/v1/bulk-jobs?limit=501")
+    assert answer["error"]["details"][0]["limit"] == 500, answer
+
+
 async def test_a_nul_in_a_query_parameter_is_a_400(tenant: Tenant) -> None:
     for query in ("action=%00", "target_id=a%00b", "job_id=%00"):
         status, body, _ = await tenant.call("GET", f"/v1/audit/events?{query}")

@@ -467,3 +467,21 @@ async def test_a_trailing_slash_is_a_404_that_says_to_drop_it(tenant: Tenant) ->
     assert message.endswith("without the trailing slash: /v1/webhooks/endpoints"), message
     status, body, _ = await tenant.call("GET", "/v1/no-such-thing")
     assert assert_error(body, "not_found")["message"] == "no such resource"
+
+
+async def test_an_unknown_name_is_answered_with_the_names_the_operation_takes(
+    tenant: Tenant,
+) -> None:
+    """`?email=` on the contacts list and a misspelt body field got only "Extra inputs are
+    not permitted": the detail lists the known names, and where a filter goes instead."""
+    status, body, _ = await tenant.call("GET", "/v1/contacts?email=a%40example.com")
+    assert status == 400, body
+    [detail] = assert_error(body, "validation_error")["details"]
+    assert detail["field"] == "email" and "limit, cursor" in detail["message"], detail
+    assert "POST /v1/contacts/query" in detail["message"], detail
+
+    bulk = {"contact_id": [str(uuid.uuid4())], "dry_run": True}
+    status, body, _ = await tenant.call("POST", "/v1/contacts/bulk-delete", bulk)
+    assert status == 400, body
+    [detail] = assert_error(body, "validation_error")["details"]
+    assert detail["field"] == "contact_id" and "contact_ids" in detail["message"], detail

@@ -236,6 +236,30 @@ async def test_delete_contact_is_a_job_of_one_that_honours_prefer_wait(
     assert [j["job_id"] for j in listed["data"]] == [job["job_id"]]
 
 
+async def test_delete_contact_takes_bulk_deletes_options_as_query_parameters(
+    services: Services, pipeline: Services, tenant: Tenant
+) -> None:
+    """A site member could not be deleted through DELETE /v1/contacts/{id}: the failure
+    said "set delete_members", which the route had no way to take. Its options are query
+    parameters; the same Idempotency-Key with other options is another request."""
+    member = await seed(services, tenant, member_role="member")
+    path = f"/v1/contacts/{member}"
+    status, body, _ = await tenant.call("DELETE", path, None, WAIT)
+    assert status == 200, body
+    assert [e["code"] for e in body["data"]["errors"]] == ["CANNOT_DELETE_SITE_MEMBERS"]
+
+    key = {"Idempotency-Key": str(uuid.uuid4()), **WAIT}
+    status, body, _ = await tenant.call(
+        "DELETE", f"{path}?delete_members=true&redact_timeline=true", None, key
+    )
+    assert status == 200, body
+    assert (body["data"]["deleted_count"], body["data"]["errors"]) == (1, []), body
+    status, body, _ = await tenant.call("DELETE", f"{path}?delete_members=true", None, key)
+    assert (status, body["error"]["code"]) == (409, "idempotency_conflict"), body
+    status, body, _ = await tenant.call("DELETE", f"{path}?delete_member=true", None, WAIT)
+    assert status == 400, body
+
+
 async def test_delete_of_a_contact_the_workspace_does_not_have_is_404_and_no_job(
     pipeline: Services, tenant: Tenant, other_tenant: Tenant
 ) -> None:
