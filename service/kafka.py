@@ -23,7 +23,13 @@ from typing import Any
 import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import InvalidTopicError, KafkaError, MessageSizeTooLargeError, for_code
+from aiokafka.errors import (
+    InvalidTopicError,
+    KafkaError,
+    MessageSizeTooLargeError,
+    RecordTooLargeError,
+    for_code,
+)
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 from prometheus_client import Counter
 
@@ -34,6 +40,7 @@ from service.faults import (
     is_transient,
     producer_state_lost,
     record_refused,
+    unreadable_fetch,
 )
 
 log = structlog.get_logger(__name__)
@@ -323,8 +330,81 @@ def _check_topic(topic: str) -> None:
         raise InvalidTopicError(f"an illegal topic name ({len(str(topic))} characters)")
 
 
+@dataclass(frozen=True)
+class _Unreadable:
+    """Where a fetch met a batch it cannot decode (`_unreadable`): the first offset not
+    read (``offset``), the first after the batch (``end``: ``offset + 1`` when the batch's
+    own header cannot say), the records read before it in that call (lost by aiokafka's
+    ``getmany``, which raised instead of returning them), and the error's class name."""
+
+    topic: str
+    partition: int
+    offset: int
+    end: int
+    read: dict[Any, list[Any]]
+    error: str
+    moved: bool  # aiokafka moved the position past it itself (RecordTooLargeError)
+
+
+def _unreadable(exc: BaseException) -> _Unreadable | None:
+    """What a ``getmany`` that raised ``exc`` met, if it is an unreadable batch
+    (:func:`service.faults.unreadable_fetch`); None otherwise.
+
+    aiokafka's exception names no partition and no offset (aiokafka 0.11-0.14,
+    ``consumer/fetcher.py``): ``Fetcher.fetched_records`` drains the partitions in turn,
+    each through ``FetchResult.getall``, which iterates ``PartitionRecords``, whose
+    ``_unpack_records`` decodes batch after batch. The error leaves all of them, so the
+    frames of its traceback still hold: the partition (``PartitionRecords._tp``) and its
+    first offset not read (``next_fetch_offset``); the failing batch (``next_batch``,
+    whose ``next_offset`` ends it, when it is the batch after that offset); the records
+    ``getall`` had read of that partition (``ret_list``), whose position did not move, and
+    those of the partitions drained before it (``drained``), whose positions did move: if
+    they were not returned now they would be skipped, never read.
+    """
+    error = unreadable_fetch(exc)
+    if error is None:
+        return None
+    if isinstance(exc, RecordTooLargeError):
+        # RecordTooLargeError(message, tp, fetch_offset, max_bytes), position already moved.
+        tp: Any = exc.args[1] if len(exc.args) >= 3 else None
+        offset: Any = exc.args[2] if len(exc.args) >= 3 else None
+        if not isinstance(offset, int) or not isinstance(tp, TopicPartition):
+            return None
+        return _Unreadable(tp.topic, tp.partition, offset, offset + 1, {}, error, moved=True)
+    drained: dict[Any, list[Any]] = {}
+    partial: list[Any] = []
+    records: Any = None
+    batch: Any = None
+    tb = exc.__traceback__
+    while tb is not None:
+        name, local = tb.tb_frame.f_code.co_name, tb.tb_frame.f_locals
+        if name == "fetched_records" and isinstance(local.get("drained"), dict):
+            drained = dict(local["drained"])
+        elif name == "getall" and isinstance(local.get("ret_list"), list):
+            partial = list(local["ret_list"])
+        elif name == "_unpack_records":
+            records, batch = local.get("self"), local.get("next_batch")
+        tb = tb.tb_next
+    tp = getattr(records, "_tp", None)
+    offset = getattr(records, "next_fetch_offset", None)
+    if tp is None or not isinstance(offset, int):
+        return None
+    end = getattr(batch, "next_offset", None)
+    if not isinstance(end, int) or end <= offset:
+        end = offset + 1  # it failed between batches: one offset at a time
+    if partial:
+        drained[tp] = [*drained.get(tp, ()), *partial]
+    return _Unreadable(tp.topic, tp.partition, offset, end, drained, error, moved=False)
+
+
 class Consumer:
-    """A group member that reads from the earliest offset and commits only when told to."""
+    """A group member that reads from the earliest offset and commits only when told to.
+
+    A batch it fetched and cannot decode (:func:`service.faults.unreadable_fetch`) does not
+    stop it: see :meth:`getmany`. Its dead-letter stub goes to the topic's
+    ``dead_letter_suffix`` topic (None: none is written), from a producer of its own,
+    started the first time one is needed.
+    """
 
     def __init__(
         self,
@@ -335,6 +415,7 @@ class Consumer:
         *,
         session_timeout_ms: int = 10_000,
         heartbeat_interval_ms: int = 3_000,
+        dead_letter_suffix: str | None = ".dlq",
     ) -> None:
         self._bootstrap = bootstrap
         self._topics = tuple(topics)
@@ -343,6 +424,11 @@ class Consumer:
         self._session_timeout_ms = session_timeout_ms
         self._heartbeat_interval_ms = heartbeat_interval_ms
         self._consumer: Any = None
+        self._dead_letter_suffix = dead_letter_suffix
+        self._dead_letters: Producer | None = None
+        # Per partition, the offset where a batch could not be read, once: met there again
+        # with nothing read before it, the batch is stepped past.
+        self._unreadable_at: dict[Any, int] = {}
 
     async def start(self) -> None:
         """Connect and subscribe; raises :class:`KafkaUnavailable` if the cluster is down."""
@@ -371,17 +457,45 @@ class Consumer:
     async def stop(self) -> None:
         """Leave the group and disconnect (uncommitted offsets are not committed)."""
         consumer, self._consumer = self._consumer, None
-        if consumer is not None:
-            await consumer.stop()
+        producer, self._dead_letters = self._dead_letters, None
+        try:
+            if consumer is not None:
+                await consumer.stop()
+        finally:
+            if producer is not None:
+                await producer.stop()
 
     async def getmany(self, timeout_ms: int, max_records: int) -> list[InMessage]:
         """Up to ``max_records`` records, waiting at most ``timeout_ms`` for the first one.
 
         Records of one partition come in offset order.
+
+        A batch that cannot be decoded (a compression codec this client lacks, a failed
+        CRC, a record or header that does not parse: :func:`service.faults.unreadable_fetch`)
+        makes aiokafka raise on every fetch of it, naming neither partition nor offset, and
+        drop the records read before it in that call. Here it is the batch's failure, not
+        the consumer's (:func:`_unreadable` finds where): the records read before it are
+        returned, and the partition is read again from the batch (a batch damaged on the
+        way reads the second time). Met again there, it is unreadable for good: an error
+        line ``kafka_batch_unreadable`` (topic, partition, first and last offset, the
+        error's class; never a byte of it), a dead-letter stub (:func:`unreadable_stub`:
+        aiokafka keeps none of the batch's bytes, so the source's place is what is kept;
+        the records stay there until retention), and the partition goes on after it. Its
+        records' contents are not known, so nothing else can be settled by them. A
+        transient error while dead-lettering propagates (:class:`KafkaUnavailable`): the
+        batch is met again on the retry. Its offsets are committed with the next record
+        read after it; a restart before that meets it, and dead-letters it, once more.
         """
-        batches: dict[Any, list[Any]] = await self._started().getmany(
-            timeout_ms=timeout_ms, max_records=max_records
-        )
+        consumer = self._started()
+        try:
+            batches: dict[Any, list[Any]] = await consumer.getmany(
+                timeout_ms=timeout_ms, max_records=max_records
+            )
+        except Exception as exc:
+            unreadable = _unreadable(exc)
+            if unreadable is None:
+                raise
+            batches = await self._step_past(unreadable)
         messages: list[InMessage] = []
         for tp in sorted(batches, key=lambda tp: (tp.topic, tp.partition)):
             messages.extend(
@@ -396,6 +510,55 @@ class Consumer:
                 for record in batches[tp]
             )
         return messages
+
+    async def _step_past(self, bad: _Unreadable) -> dict[Any, list[Any]]:
+        """What :meth:`getmany` does with an unreadable batch (see there); returns the
+        records read before it."""
+        consumer = self._started()
+        tp = TopicPartition(bad.topic, bad.partition)
+        where = {"topic": bad.topic, "partition": bad.partition, "offset": bad.offset}
+        if not bad.moved and (bad.read or self._unreadable_at.get(tp) != bad.offset):
+            self._unreadable_at[tp] = bad.offset
+            consumer.seek(tp, bad.offset)  # after the records returned now
+            if not bad.read:
+                log.warning("kafka_batch_refetched", **where, error=bad.error)
+            return bad.read
+        log.error(
+            "kafka_batch_unreadable",
+            **where,
+            last_offset=bad.end - 1,
+            error=bad.error,
+            dead_letter=self._dead_letter_suffix is not None,
+        )
+        try:
+            await self._dead_letter(bad)
+        except BaseException:
+            if not bad.moved:
+                consumer.seek(tp, bad.offset)  # met again on the retry
+            raise
+        self._unreadable_at.pop(tp, None)
+        if not bad.moved:
+            consumer.seek(tp, bad.end)
+        return {}
+
+    async def _dead_letter(self, bad: _Unreadable) -> None:
+        if self._dead_letter_suffix is None:
+            return
+        if self._dead_letters is None:
+            producer = Producer(self._bootstrap, self._client_id)
+            await producer.start()
+            self._dead_letters = producer
+        suffix = self._dead_letter_suffix
+        stub = unreadable_stub(bad.topic, bad.partition, bad.offset, bad.end, bad.error, suffix)
+        for _, why in await send_isolating(self._dead_letters, [stub], permanent_failure):
+            log.error(
+                "dead_letter_refused",
+                topic=bad.topic,
+                partition=bad.partition,
+                offset=bad.offset,
+                reason=why,
+                outcome="dropped",
+            )
 
     def assigned_share(self) -> float | None:
         """The fraction of its topics' partitions the group assigned to this member now
@@ -636,6 +799,25 @@ def permanent_failure(exc: BaseException) -> str | None:
     if is_transient(exc):
         return None
     return record_refused(exc) or describe(exc)
+
+
+def unreadable_stub(
+    topic: str, partition: int, offset: int, end: int, error: str, suffix: str = ".dlq"
+) -> OutMessage:
+    """The dead-letter record of a batch of ``topic`` the consumer could not decode: no
+    key, no value, and headers ``dlq-reason`` ("unreadable record batch (<error class>)"),
+    ``dlq-source`` (``topic/partition/offset``, its first offset, as for a message) and
+    ``dlq-source-end`` (the first offset after it)."""
+    return OutMessage(
+        topic=topic + suffix,
+        key=None,
+        value=b"",
+        headers=(
+            ("dlq-reason", f"unreadable record batch ({error})".encode()[:1000]),
+            ("dlq-source", f"{topic}/{partition}/{offset}".encode()),
+            ("dlq-source-end", str(end).encode()),
+        ),
+    )
 
 
 def dead_letter_stub(
