@@ -1,0 +1,187 @@
+"""A Kafka record batch the consumer cannot read stops no consumer and no job (GUIDE
+"Errors mean something"; service.kafka.Consumer.getmany, service.faults.unreadable_fetch).
+
+Real broker, both databases, real bad data (tests/unreadable_batches.py): a batch
+compressed with zstd, which this client has no library for (aiokafka raises
+``UnsupportedCodecError``), and a batch whose record has a header name that is not UTF-8
+(``UnicodeDecodeError``); the broker validated and accepted both, as it would from any
+other client. Before, aiokafka raised out of ``getmany`` on every fetch of them: the worker
+and the fan-out stopped, and met them again after every restart, so every job whose
+contacts hash to that partition waited forever. One partition here, so every later record
+is behind them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from service.app import Services
+from service.config import Settings
+from service.db import outbox, webhook_deliveries
+from service.events import (
+    DLQ_SUFFIX,
+    TOPIC_CONTACT_DELETED,
+    TOPIC_DELETION_REQUESTED,
+    TYPE_CONTACT_DELETED,
+)
+from service.kafka import read_topics
+from service.topics import create_topics
+from tests.conftest import Tenant, components_running, make_settings
+from tests.logcapture import json_logs
+from tests.unreadable_batches import bad_header_key_batch, produce_raw, zstd_batch
+
+BOUND_S = 30  # a wedged consumer fails the test instead of hanging it
+
+
+@pytest.fixture
+def settings(db_url: str, kafka_bootstrap: str) -> Settings:
+    """One partition, so a record is read only after those before it."""
+    return make_settings(db_url, kafka_bootstrap_servers=kafka_bootstrap, kafka_partitions=1)
+
+
+async def _unreadable(settings: Settings, topic: str) -> None:
+    """Append the two unreadable batches to ``topic``'s partition 0: offsets n, n+1 (zstd,
+    two records) and n+2 (the header name)."""
+    bootstrap = settings.kafka_bootstrap_servers
+    records = [(b"zstd-1", b"{}", [("ce_type", b"x")]), (b"zstd-2", b"{}", [])]
+    await produce_raw(bootstrap, topic, 0, zstd_batch(records))
+    await produce_raw(bootstrap, topic, 0, bad_header_key_batch(b"bad-header", b"{}"))
+
+
+async def _bulk_delete(tenant: Tenant, count: int, wait: bool = False) -> dict[str, Any]:
+    ids = []
+    for n in range(count):
+        email = f"u{n}-{uuid.uuid4().hex[:6]}@example.com"
+        status, body, _ = await tenant.call("POST", "/v1/contacts", {"email": email})
+        assert status == 201, body
+        ids.append(body["data"]["id"])
+    headers = {"Prefer": f"wait={BOUND_S}"} if wait else None
+    status, body, _ = await tenant.call(
+        "POST", "/v1/contacts/bulk-delete", {"contact_ids": ids}, headers
+    )
+    assert status == (200 if wait else 202), body
+    return dict(body["data"])
+
+
+async def _completed(tenant: Tenant, job_id: str) -> dict[str, Any]:
+    async with asyncio.timeout(BOUND_S):
+        while True:
+            status, body, _ = await tenant.call("GET", f"/v1/bulk-jobs/{job_id}")
+            assert status == 200, body
+            if body["data"]["completed_at"] is not None:
+                return dict(body["data"])
+            await asyncio.sleep(0.1)
+
+
+async def _all_published(services: Services) -> None:
+    async with asyncio.timeout(BOUND_S):
+        while True:
+            async with services.db.read() as conn:
+                waiting = (
+                    await conn.execute(
+                        sa.select(sa.func.count()).where(outbox.c.published_at.is_(None))
+                    )
+                ).scalar_one()
+            if not waiting:
+                return
+            await asyncio.sleep(0.1)
+
+
+def _assert_stepped_past(lines: Any, settings: Settings, topic: str, first: int) -> None:
+    unreadable = [
+        (e["offset"], e["last_offset"], e["error"]) for e in lines.events("kafka_batch_unreadable")
+    ]
+    # Each at most twice: a batch met again after a restart is dead-lettered again.
+    assert sorted(set(unreadable)) == [
+        (first, first + 1, "UnsupportedCodecError"),
+        (first + 2, first + 2, "UnicodeDecodeError"),
+    ]
+    for line in lines.events("kafka_batch_unreadable"):
+        assert (line["topic"], line["partition"], line["level"]) == (topic, 0, "error")
+        assert "zstd-1" not in str(line)  # never a byte of it
+
+
+async def _stubs(settings: Settings, topic: str) -> set[tuple[bytes, bytes, bytes]]:
+    dead = [m async for m in read_topics(settings.kafka_bootstrap_servers, [topic + DLQ_SUFFIX])]
+    found = set()
+    for m in dead:
+        headers = dict(m.headers)
+        assert (m.key, m.value) == (None, b"")
+        found.add((headers["dlq-reason"], headers["dlq-source"], headers["dlq-source-end"]))
+    return found
+
+
+async def test_the_worker_steps_past_unreadable_batches_and_loses_nothing_read_before_them(
+    tenant: Tenant, services: Services, settings: Settings
+) -> None:
+    """Job A's commands are on the partition before the unreadable batches, and read in the
+    same fetch as the first of them (aiokafka dropped those records when it raised: a fix
+    that only stepped past would lose them); job B's after. Both complete."""
+    await create_topics(settings)
+    topic = settings.topic(TOPIC_DELETION_REQUESTED)
+    async with components_running(services, "relay"):
+        job_a = await _bulk_delete(tenant, 2)
+        await _all_published(services)
+    first = len([m async for m in read_topics(settings.kafka_bootstrap_servers, [topic])])
+    assert first > 0  # job A's commands, not read yet
+    await _unreadable(settings, topic)
+
+    with json_logs() as lines:
+        async with components_running(services, "relay", "worker"):
+            job_b = await _bulk_delete(tenant, 2, wait=True)
+            done_a = await _completed(tenant, job_a["job_id"])
+    for job in (done_a, job_b):
+        assert (job["status"], job["deleted_count"], job["failed_count"]) == ("completed", 2, 0)
+    _assert_stepped_past(lines, settings, topic, first)
+    assert await _stubs(settings, topic) == {
+        (
+            b"unreadable record batch (UnsupportedCodecError)",
+            f"{topic}/0/{first}".encode(),
+            str(first + 2).encode(),
+        ),
+        (
+            b"unreadable record batch (UnicodeDecodeError)",
+            f"{topic}/0/{first + 2}".encode(),
+            str(first + 3).encode(),
+        ),
+    }
+
+
+async def test_the_fanout_steps_past_unreadable_batches(
+    tenant: Tenant, services: Services, settings: Settings
+) -> None:
+    """The dispatcher's consumer: the events behind the unreadable batches get their
+    deliveries."""
+    await create_topics(settings)
+    topic = settings.topic(TOPIC_CONTACT_DELETED)
+    status, body, _ = await tenant.call(
+        "POST", "/v1/webhooks/endpoints", {"url": "http://127.0.0.1:9/hook"}
+    )
+    assert status == 201, body
+    await _unreadable(settings, topic)
+
+    with json_logs() as lines:
+        async with components_running(services, "relay", "worker", "dispatcher"):
+            job = await _bulk_delete(tenant, 2, wait=True)
+            assert job["deleted_count"] == 2
+            async with asyncio.timeout(BOUND_S):
+                while True:
+                    async with services.db.read() as conn:
+                        count = (
+                            await conn.execute(
+                                sa.select(sa.func.count()).where(
+                                    webhook_deliveries.c.workspace_id == tenant.workspace_id,
+                                    webhook_deliveries.c.event_type == TYPE_CONTACT_DELETED,
+                                )
+                            )
+                        ).scalar_one()
+                    if count == 2:
+                        break
+                    await asyncio.sleep(0.1)
+    _assert_stepped_past(lines, settings, topic, 0)
+    assert len(await _stubs(settings, topic)) == 2
