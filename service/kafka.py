@@ -34,6 +34,14 @@ from aiokafka.record.default_records import DefaultRecordBatchBuilder
 from prometheus_client import Counter
 
 from service.errors import RetryLater
+from service.events import (
+    DLQ_ORIGINAL_SHA256_HEADER,
+    DLQ_ORIGINAL_SIZE_HEADER,
+    DLQ_REASON_HEADER,
+    DLQ_REFUSED_HEADER,
+    DLQ_SOURCE_END_HEADER,
+    DLQ_SOURCE_HEADER,
+)
 from service.faults import (
     describe,
     is_rebalance,
@@ -746,8 +754,8 @@ def dead_letter(message: InMessage, reason: str, suffix: str = ".dlq") -> OutMes
         value=message.value,
         headers=(
             *message.headers,
-            ("dlq-reason", reason.encode()[:1000]),
-            ("dlq-source", f"{message.topic}/{message.partition}/{message.offset}".encode()),
+            (DLQ_REASON_HEADER, reason.encode()[:1000]),
+            (DLQ_SOURCE_HEADER, f"{message.topic}/{message.partition}/{message.offset}".encode()),
         ),
     )
 
@@ -813,9 +821,9 @@ def unreadable_stub(
         key=None,
         value=b"",
         headers=(
-            ("dlq-reason", f"unreadable record batch ({error})".encode()[:1000]),
-            ("dlq-source", f"{topic}/{partition}/{offset}".encode()),
-            ("dlq-source-end", str(end).encode()),
+            (DLQ_REASON_HEADER, f"unreadable record batch ({error})".encode()[:1000]),
+            (DLQ_SOURCE_HEADER, f"{topic}/{partition}/{offset}".encode()),
+            (DLQ_SOURCE_END_HEADER, str(end).encode()),
         ),
     )
 
@@ -833,11 +841,11 @@ def dead_letter_stub(
         key=message.key,
         value=b"",
         headers=(
-            ("dlq-reason", reason.encode()[:1000]),
-            ("dlq-source", f"{message.topic}/{message.partition}/{message.offset}".encode()),
-            ("dlq-refused", refusal.encode()[:200]),
-            ("dlq-original-size", str(len(message.value)).encode()),
-            ("dlq-original-sha256", hashlib.sha256(message.value).hexdigest().encode()),
+            (DLQ_REASON_HEADER, reason.encode()[:1000]),
+            (DLQ_SOURCE_HEADER, f"{message.topic}/{message.partition}/{message.offset}".encode()),
+            (DLQ_REFUSED_HEADER, refusal.encode()[:200]),
+            (DLQ_ORIGINAL_SIZE_HEADER, str(len(message.value)).encode()),
+            (DLQ_ORIGINAL_SHA256_HEADER, hashlib.sha256(message.value).hexdigest().encode()),
         ),
     )
 

@@ -26,8 +26,14 @@ from service.deletion.store import (
     apply_progress,
     finish_job,
 )
-from service.events import TYPE_DELETION_REQUESTED, TYPE_JOB_EXPAND, DeletionRequested, JobExpand
-from service.outbox import JOB_HEADER
+from service.events import (
+    JOB_HEADER,
+    TYPE_DELETION_REQUESTED,
+    TYPE_HEADER,
+    TYPE_JOB_EXPAND,
+    DeletionRequested,
+    JobExpand,
+)
 
 if TYPE_CHECKING:  # (the worker imports this module)
     from service.deletion.worker import BatchResult
@@ -120,7 +126,7 @@ async def unreadable_commands(
     - ``ce_type: deletion_job.expand``: the key is the job's id (as
       `service.deletion.store` writes it); the job's expansion, if that job exists;
     - ``ce_type: contact.deletion_requested`` with a ``job-id`` header
-      (:data:`service.outbox.JOB_HEADER`, written since it exists): the key is the
+      (:data:`service.events.JOB_HEADER`, written since it exists): the key is the
       contact's id; one command per item of that job for that contact still pending
       (normally one). Rows written before the header existed name no job (the contact
       may be an item of several): nothing.
@@ -129,7 +135,7 @@ async def unreadable_commands(
     """
     found = dict(headers)
     try:
-        event_type = _text(found.get("ce_type"))
+        event_type = _text(found.get(TYPE_HEADER))
         key_text = _text(key)
         job_text = _text(found.get(JOB_HEADER))
     except UnicodeDecodeError:
