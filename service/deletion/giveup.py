@@ -34,11 +34,19 @@ from service.events import (
     DeletionRequested,
     JobExpand,
 )
+from service.faults import describe, is_transient
+from service.logs import get_logger
 
 if TYPE_CHECKING:  # (the worker imports this module)
     from service.deletion.worker import BatchResult
 
 Command = DeletionRequested | JobExpand
+
+log = get_logger(__name__)
+
+
+BARE_REASON = "why could not be recorded (see the service's error log)"
+"""The reason a bare record gives (`give_up`): fixed words, nothing of the command."""
 
 
 async def give_up(
@@ -52,30 +60,81 @@ async def give_up(
 
     Locks in the worker's one order (items, then job rows, then the audit chain head), so
     that it never deadlocks with a batch under way.
+
+    A transient error propagates (the caller retries). When the database refuses the record
+    for good, retrying it would be refused forever, and not recording anything would leave
+    the item pending and its job unfinished forever, with nothing to say why. What it
+    refused may be the command's own values (its ref: PostgreSQL text cannot hold a NUL)
+    or the reason's text, so the record is made once more, bare: the pending item of the
+    command's job and contact (not its ref) fails with :data:`BARE_REASON`, the same code,
+    audit event and counts; an error line ``give_up_recorded_bare`` (job, contact, and the
+    value-free refusal) keeps the reason, and the command goes to ``into.unrecorded`` (the
+    worker dead-letters its message). If the bare record is refused too, or finds no pending
+    item (then none is left pending), the first refusal is raised: the callers log it, the
+    worker dead-letters the message, and none retries it. A refused bare record leaves the
+    item pending, with an error line ``job_item_left_pending`` that names the job and the
+    contact: nothing can be written for them; only a database that refuses the job's own
+    rows (a bug, or damage such as a broken audit chain head) leads there.
     """
+    done = type(into)()
+    try:
+        await _record(db, settings, command, reason, done, bare=False)
+    except Exception as exc:
+        if is_transient(exc):
+            raise
+        refused = exc
+    else:
+        into.add(done)
+        return
+    about = _about(command)
+    done = type(into)()
+    try:
+        changed = await _record(db, settings, command, BARE_REASON, done, bare=True)
+    except Exception as exc:
+        if is_transient(exc):
+            raise
+        log.error(
+            "job_item_left_pending", **about, error=describe(refused), bare_error=describe(exc)
+        )
+        raise refused from None
+    if not changed:
+        raise refused  # no item of its job and contact waits: nothing is left pending
+    log.error("give_up_recorded_bare", **about, error=describe(refused))
+    done.unrecorded.append((command, f"{reason}; recorded bare: {describe(refused)}"))
+    into.add(done)
+
+
+def _about(command: Command) -> dict[str, str | None]:
+    contact = command.contact_id if isinstance(command, DeletionRequested) else None
+    return {"job_id": str(command.job_id), "contact_id": str(contact) if contact else None}
+
+
+async def _record(
+    db: Database, settings: Settings, command: Command, reason: str, into: BatchResult, bare: bool
+) -> bool:
+    """`give_up`'s transaction (``bare``: the item by job and contact, not by ref); True if
+    it failed an item or a job."""
     async with db.begin() as conn:
         if isinstance(command, JobExpand):
             job_stmt = sa.select(*PROGRESS_COLUMNS).where(
                 deletion_jobs.c.id == command.job_id, deletion_jobs.c.completed_at.is_(None)
             )
             job_row = (await conn.execute(db.for_update(job_stmt))).mappings().first()
-            if job_row is not None:
-                message = f"the job's contacts could not be selected: {reason}"
-                failure = (str(ErrorCode.FAILED), message[:500])
-                finished = await finish_job(conn, db, settings, job_row, utcnow(), failure=failure)
-                into.note(command.job_id, JobChange(finished=finished))
-                into.failed_jobs.append(command.job_id)
-            return
+            if job_row is None:
+                return False
+            message = f"the job's contacts could not be selected: {reason}"
+            failure = (str(ErrorCode.FAILED), message[:500])
+            finished = await finish_job(conn, db, settings, job_row, utcnow(), failure=failure)
+            into.note(command.job_id, JobChange(finished=finished))
+            into.failed_jobs.append(command.job_id)
+            return True
         items = deletion_job_items.c
         now = utcnow()
         message = f"the contact could not be deleted: {reason}"[:500]
+        which = items.contact_id == command.contact_id if bare else items.ref == command.ref
         updated = await conn.execute(
             deletion_job_items.update()
-            .where(
-                items.job_id == command.job_id,
-                items.ref == command.ref,
-                items.status == ItemStatus.PENDING,
-            )
+            .where(items.job_id == command.job_id, which, items.status == ItemStatus.PENDING)
             .values(
                 status=ItemStatus.FAILED,
                 error_code=ErrorCode.FAILED,
@@ -83,8 +142,9 @@ async def give_up(
                 processed_at=now,
             )
         )
-        if not updated.rowcount:
-            return
+        count = updated.rowcount or 0
+        if not count:
+            return False
         # Like a refused deletion, a given-up one leaves its trace in the audit trail
         # (appended last: the lock order of the worker's batches).
         job = (
@@ -101,12 +161,14 @@ async def give_up(
                 data={"code": str(ErrorCode.FAILED), "message": message},
                 occurred_at=now,
             )
+            for _ in range(count)
         ]
-        delta = ProgressDelta(failed=1)
+        delta = ProgressDelta(failed=count)
         change = await apply_progress(conn, db, settings, command.job_id, delta, audit=records)
         await append_events(conn, db, records)
         into.note(command.job_id, change)
         into.progress[command.job_id] = delta
+        return True
 
 
 def job_actor(job: Any) -> dict[str, str]:
