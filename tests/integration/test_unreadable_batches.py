@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from pathlib import Path
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from service.app import Services
 from service.config import Settings
@@ -29,11 +31,11 @@ from service.events import (
     TOPIC_DELETION_REQUESTED,
     TYPE_CONTACT_DELETED,
 )
-from service.kafka import read_topics
+from service.kafka import Consumer, read_topics
 from service.topics import create_topics
 from tests.conftest import Tenant, components_running, make_settings
 from tests.logcapture import json_logs
-from tests.unreadable_batches import bad_header_key_batch, produce_raw, zstd_batch
+from tests.unreadable_batches import bad_header_key_batch, plain_batch, produce_raw, zstd_batch
 
 BOUND_S = 30  # a wedged consumer fails the test instead of hanging it
 
@@ -185,3 +187,49 @@ async def test_the_fanout_steps_past_unreadable_batches(
                     await asyncio.sleep(0.1)
     _assert_stepped_past(lines, settings, topic, 0)
     assert len(await _stubs(settings, topic)) == 2
+
+
+async def test_a_batch_damaged_on_disk_is_fetched_again_then_stepped_past(
+    kafka_bootstrap: str, kafka_log_dir: Path
+) -> None:
+    """Real damage: a byte of a record's value flipped in the broker's log segment after it
+    was written, as a failing disk would (the broker serves the file as it is: the batch's
+    CRC-32C no longer matches, ``CorruptRecordException``). The consumer fetches it twice
+    (a batch damaged in transit reads the second time), then steps past it, and reads on.
+    No database: the consumer alone."""
+    topic = f"damaged-{uuid.uuid4().hex[:8]}"
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(topic, 1, 1), NewTopic(topic + DLQ_SUFFIX, 1, 1)])
+    finally:
+        await admin.close()
+    marker = f"victim-{uuid.uuid4().hex}".encode()
+    for key, value in ((b"before", b"{}"), (b"victim", marker), (b"after", b"{}")):
+        await produce_raw(kafka_bootstrap, topic, 0, bytes(plain_batch([(key, value, [])])))
+    [segment] = (kafka_log_dir / f"{topic}-0").glob("*.log")
+    data = bytearray(segment.read_bytes())
+    at = data.index(marker)
+    data[at] ^= 0xFF
+    with segment.open("r+b") as f:  # in place: the broker's open file sees it
+        f.seek(at)
+        f.write(bytes(data[at : at + 1]))
+
+    consumer = Consumer(kafka_bootstrap, [topic], f"g-{topic}")
+    await consumer.start()
+    read: list[bytes | None] = []
+    try:
+        with json_logs() as lines:
+            async with asyncio.timeout(BOUND_S):
+                while b"after" not in read:
+                    read += [m.key for m in await consumer.getmany(500, 100)]
+    finally:
+        await consumer.stop()
+    assert read == [b"before", b"after"]
+    # (The first fetch also held "before": returned then, and the partition read again
+    # from the damaged batch; a fetch that meets it first thing logs kafka_batch_refetched.)
+    [unreadable] = lines.events("kafka_batch_unreadable")
+    assert (unreadable["topic"], unreadable["offset"], unreadable["last_offset"]) == (topic, 1, 1)
+    assert unreadable["error"] == "CorruptRecordException"
+    stubs = [m async for m in read_topics(kafka_bootstrap, [topic + DLQ_SUFFIX])]
+    assert [dict(m.headers)["dlq-source"] for m in stubs] == [f"{topic}/0/1".encode()]
