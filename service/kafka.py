@@ -102,6 +102,12 @@ class KafkaUnavailable(RetryLater):
     """Kafka did not accept, deliver or answer a request; transient, so retry later."""
 
 
+class UnreadableBatch(Exception):
+    """:func:`read_topics` met a batch it cannot decode (:func:`service.faults.unreadable_fetch`):
+    permanent, so not a :class:`KafkaUnavailable`; the message names the topic, partition,
+    offsets and the error's class, never a byte of the batch."""
+
+
 class TopicCreationFailed(Exception):
     """The broker refused to create a topic for a reason that retrying will not fix."""
 
@@ -904,7 +910,9 @@ async def read_topics(
 
     No consumer group: nothing is committed and no member of the service's groups is
     disturbed. Topics that do not exist are skipped. Raises :class:`KafkaUnavailable` when
-    the cluster does not answer, or the end is not reached within ``timeout_s``.
+    the cluster does not answer, or the end is not reached within ``timeout_s``, and
+    :class:`UnreadableBatch` when a batch cannot be decoded (it cannot be read past
+    without saying so: a caller that looks for something cannot say it is not there).
     """
     consumer = AIOKafkaConsumer(
         bootstrap_servers=bootstrap,
@@ -939,7 +947,18 @@ async def read_topics(
         while left:
             if asyncio.get_running_loop().time() > deadline:
                 raise KafkaUnavailable("the end of the topics was not reached in time")
-            batches: dict[Any, list[Any]] = await consumer.getmany(timeout_ms=500)
+            try:
+                batches: dict[Any, list[Any]] = await consumer.getmany(timeout_ms=500)
+            except Exception as exc:
+                bad = _unreadable(exc)
+                if bad is None:
+                    raise
+                if not bad.read:
+                    where = f"{bad.topic}/{bad.partition}/{bad.offset}-{bad.end - 1}"
+                    raise UnreadableBatch(f"{where} cannot be read ({bad.error})") from None
+                # The records read before it first (aiokafka dropped them); it comes next.
+                batches = bad.read
+                consumer.seek(TopicPartition(bad.topic, bad.partition), bad.offset)
             for tp, records in batches.items():
                 for record in records:
                     if record.offset < ends[tp]:

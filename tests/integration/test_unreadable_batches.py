@@ -31,7 +31,7 @@ from service.events import (
     TOPIC_DELETION_REQUESTED,
     TYPE_CONTACT_DELETED,
 )
-from service.kafka import Consumer, read_topics
+from service.kafka import Consumer, UnreadableBatch, read_topics
 from service.topics import create_topics
 from tests.conftest import Tenant, components_running, make_settings
 from tests.logcapture import json_logs
@@ -233,3 +233,26 @@ async def test_a_batch_damaged_on_disk_is_fetched_again_then_stepped_past(
     assert unreadable["error"] == "CorruptRecordException"
     stubs = [m async for m in read_topics(kafka_bootstrap, [topic + DLQ_SUFFIX])]
     assert [dict(m.headers)["dlq-source"] for m in stubs] == [f"{topic}/0/1".encode()]
+
+
+async def test_reading_a_topic_whole_says_which_batch_it_cannot_read(kafka_bootstrap: str) -> None:
+    """`read_topics` (the erasure check reads every topic with it) cannot step past a batch
+    silently: whatever it looks for may be in there. It says where, as a permanent error
+    (before: a ``KafkaUnavailable``, "try again later", for the codec; the header name's
+    ``UnicodeDecodeError`` escaped as is). No database: the reader alone."""
+    topic = f"whole-{uuid.uuid4().hex[:8]}"
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(topic, 1, 1)])
+    finally:
+        await admin.close()
+    await produce_raw(kafka_bootstrap, topic, 0, bytes(plain_batch([(b"k", b"{}", [])])))
+    await produce_raw(kafka_bootstrap, topic, 0, bad_header_key_batch(b"bad-header", b"{}"))
+    read = []
+    with pytest.raises(
+        UnreadableBatch, match=rf"^{topic}/0/1-1 cannot be read \(UnicodeDecodeError\)$"
+    ):
+        async for message in read_topics(kafka_bootstrap, [topic]):
+            read.append(message.key)
+    assert read == [b"k"]
