@@ -12,6 +12,11 @@ Two kinds, nothing in between:
   (a syntax or data error, SQLite "too many SQL variables", a constraint). Retrying cannot
   fix it: the item or job fails with a code, a message and its audit event.
 
+Permanent errors that belong to one unit, not to the component, are named here too, so
+that the component fails that unit and goes on: a record the broker refuses
+(:func:`record_refused`: the relay sets its row aside) and a fetched batch the consumer
+cannot decode (:func:`unreadable_fetch`: the consumer steps past it).
+
 The worker, the relay, the dispatcher, the API and start-up all call :func:`is_transient`;
 nothing else decides. The rules read the SQLSTATE of PostgreSQL errors (asyncpg, raw or
 as SQLAlchemy wraps it), the extended result code of SQLite errors (``sqlite3``, which
