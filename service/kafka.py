@@ -411,6 +411,13 @@ def _unreadable(exc: BaseException) -> _Unreadable | None:
     return _Unreadable(tp.topic, tp.partition, offset, end, drained, error, moved=False)
 
 
+def _seek_if_assigned(consumer: Any, tp: TopicPartition, offset: int) -> None:
+    """Seek ``tp`` to ``offset``, unless the group just moved it to another member (which
+    reads it from the committed offset)."""
+    if tp in consumer.assignment():
+        consumer.seek(tp, offset)
+
+
 class Consumer:
     """A group member that reads from the earliest offset and commits only when told to.
 
@@ -533,7 +540,7 @@ class Consumer:
         where = {"topic": bad.topic, "partition": bad.partition, "offset": bad.offset}
         if not bad.moved and (bad.read or self._unreadable_at.get(tp) != bad.offset):
             self._unreadable_at[tp] = bad.offset
-            consumer.seek(tp, bad.offset)  # after the records returned now
+            _seek_if_assigned(consumer, tp, bad.offset)  # after the records returned now
             if not bad.read:
                 log.warning("kafka_batch_refetched", **where, error=bad.error)
             return bad.read
@@ -548,11 +555,11 @@ class Consumer:
             await self._dead_letter(bad)
         except BaseException:
             if not bad.moved:
-                consumer.seek(tp, bad.offset)  # met again on the retry
+                _seek_if_assigned(consumer, tp, bad.offset)  # met again on the retry
             raise
         self._unreadable_at.pop(tp, None)
         if not bad.moved:
-            consumer.seek(tp, bad.end)
+            _seek_if_assigned(consumer, tp, bad.end)
         return {}
 
     async def _dead_letter(self, bad: _Unreadable) -> None:
