@@ -16,7 +16,7 @@ import hashlib
 import random
 import re
 import struct
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -424,7 +424,12 @@ class Consumer:
     A batch it fetched and cannot decode (:func:`service.faults.unreadable_fetch`) does not
     stop it: see :meth:`getmany`. Its dead-letter stub goes to the topic's
     ``dead_letter_suffix`` topic (None: none is written), from a producer of its own,
-    started the first time one is needed.
+    started the first time one is needed. ``on_unreadable(topic, partition, partitions)``
+    (the topic's partition count), when given, is awaited once such a batch is
+    dead-lettered, before the partition goes on: the records' owner settles what they may
+    have been for (the worker: service.deletion.giveup.resend_lost). A transient error
+    there propagates like the dead-letter's; a permanent one is logged
+    (``kafka_batch_not_settled``) and the partition goes on.
     """
 
     def __init__(
@@ -437,6 +442,7 @@ class Consumer:
         session_timeout_ms: int = 10_000,
         heartbeat_interval_ms: int = 3_000,
         dead_letter_suffix: str | None = ".dlq",
+        on_unreadable: Callable[[str, int, int], Awaitable[None]] | None = None,
     ) -> None:
         self._bootstrap = bootstrap
         self._topics = tuple(topics)
@@ -447,6 +453,7 @@ class Consumer:
         self._consumer: Any = None
         self._dead_letter_suffix = dead_letter_suffix
         self._dead_letters: Producer | None = None
+        self._on_unreadable = on_unreadable
         # Per partition, the offset where a batch could not be read, once: met there again
         # with nothing read before it, the batch is stepped past.
         self._unreadable_at: dict[Any, int] = {}
@@ -553,6 +560,7 @@ class Consumer:
         )
         try:
             await self._dead_letter(bad)
+            await self._settle(bad)
         except BaseException:
             if not bad.moved:
                 _seek_if_assigned(consumer, tp, bad.offset)  # met again on the retry
@@ -561,6 +569,20 @@ class Consumer:
         if not bad.moved:
             _seek_if_assigned(consumer, tp, bad.end)
         return {}
+
+    async def _settle(self, bad: _Unreadable) -> None:
+        if self._on_unreadable is None:
+            return
+        where = {"topic": bad.topic, "partition": bad.partition, "offset": bad.offset}
+        partitions = len(self._started().partitions_for_topic(bad.topic) or ())
+        try:
+            if not partitions:
+                raise KafkaUnavailable(f"the partitions of {bad.topic} are not known yet")
+            await self._on_unreadable(bad.topic, bad.partition, partitions)
+        except Exception as exc:
+            if is_transient(exc):
+                raise
+            log.error("kafka_batch_not_settled", **where, error=describe(exc))
 
     async def _dead_letter(self, bad: _Unreadable) -> None:
         if self._dead_letter_suffix is None:

@@ -17,7 +17,7 @@ import sqlalchemy as sa
 
 from service.audit.store import AuditRecord, append_events
 from service.config import Settings
-from service.db import Database, deletion_job_items, deletion_jobs, utcnow
+from service.db import Database, deletion_job_items, deletion_jobs, insert_rows, outbox, utcnow
 from service.deletion.models import ErrorCode, ItemStatus
 from service.deletion.store import (
     PROGRESS_COLUMNS,
@@ -25,17 +25,22 @@ from service.deletion.store import (
     ProgressDelta,
     apply_progress,
     finish_job,
+    queue_expansion,
 )
 from service.events import (
     JOB_HEADER,
+    TOPIC_DELETION_REQUESTED,
     TYPE_DELETION_REQUESTED,
     TYPE_HEADER,
     TYPE_JOB_EXPAND,
     DeletionRequested,
+    DeletionRequestedEncoder,
     JobExpand,
 )
 from service.faults import describe, is_transient
+from service.kafka import murmur2
 from service.logs import get_logger
+from service.outbox import encoded_outbox_row
 
 if TYPE_CHECKING:  # (the worker imports this module)
     from service.deletion.worker import BatchResult
@@ -253,6 +258,95 @@ async def expansion_by_key(
             )
         ).scalar_one_or_none()
     return None if workspace_id is None else JobExpand(job_id=job_id, workspace_id=workspace_id)
+
+
+RESEND_PAGE = 2000
+"""Items read (and requests written, in one transaction) at a time by `resend_lost`."""
+
+
+async def resend_lost(
+    db: Database, settings: Settings, partition: int, partitions: int
+) -> tuple[int, int]:
+    """Write again the commands that a lost stretch of partition ``partition`` (of
+    ``partitions``) of the deletion topic may have held; returns (deletion requests,
+    expansions) written.
+
+    The worker calls it when it stepped past a batch it cannot decode there
+    (service.kafka.Consumer): the batch's records are not known, not even their keys, so
+    the items and jobs they were for would wait forever. What they can be is known: a
+    record's partition is its key's (Kafka's default partitioner, as the relay's producer
+    picks it: murmur2 of the key), so they are among the commands of that partition still
+    waiting: a deletion request for each ``pending`` item of an unfinished job whose contact
+    id (its key) maps there, and an expansion, at the job's cursor, for each unfinished,
+    not fully expanded job whose id (its key) maps there. They go out through the outbox as
+    at first. Repeats are harmless: the worker skips an item no longer pending and an
+    expansion whose cursor moved on; the cost is one more message for each of those that
+    were not in the lost batch (those behind it, or in flight), a bounded, one-off cost
+    of a rare event. Unfinished jobs are read first; then each job's pending items,
+    ``RESEND_PAGE`` at a time, each page's requests in one short transaction.
+    """
+    topic = settings.topic(TOPIC_DELETION_REQUESTED)
+    now = utcnow()
+
+    def here(key: str) -> bool:
+        return (murmur2(key.encode()) & 0x7FFFFFFF) % partitions == partition
+
+    jobs_c, items = deletion_jobs.c, deletion_job_items.c
+    async with db.read() as conn:
+        jobs = (
+            await conn.execute(
+                sa.select(
+                    jobs_c.id, jobs_c.workspace_id, jobs_c.expanded, jobs_c.expand_after
+                ).where(jobs_c.completed_at.is_(None))
+            )
+        ).all()
+    requests = expansions = 0
+    for job in jobs:
+        if not job.expanded and here(str(job.id)):
+            async with db.begin() as conn:
+                await queue_expansion(
+                    conn, settings, job.id, job.workspace_id, job.expand_after, now
+                )
+            expansions += 1
+        encoder = DeletionRequestedEncoder(job.id, job.workspace_id, now)
+        after: str | None = None
+        while True:
+            stmt = (
+                sa.select(items.ref, items.contact_id)
+                .where(
+                    items.job_id == job.id,
+                    items.status == ItemStatus.PENDING,
+                    items.contact_id.is_not(None),
+                )
+                .order_by(items.ref)
+                .limit(RESEND_PAGE)
+            )
+            if after is not None:
+                stmt = stmt.where(items.ref > after)
+            async with db.read() as conn:
+                rows = (await conn.execute(stmt)).all()
+            if not rows:
+                break
+            after = rows[-1].ref
+            lost = [
+                encoded_outbox_row(
+                    topic,
+                    str(r.contact_id),
+                    TYPE_DELETION_REQUESTED,
+                    encoder.encode(r.ref, r.contact_id),
+                    now,
+                    job_id=job.id,
+                )
+                for r in rows
+                if here(str(r.contact_id))
+            ]
+            if lost:
+                async with db.begin() as conn:
+                    await insert_rows(conn, outbox, lost)
+                requests += len(lost)
+            if len(rows) < RESEND_PAGE:
+                break
+    return requests, expansions
 
 
 def _text(value: bytes | str | None) -> str | None:

@@ -256,3 +256,47 @@ async def test_reading_a_topic_whole_says_which_batch_it_cannot_read(kafka_boots
         async for message in read_topics(kafka_bootstrap, [topic]):
             read.append(message.key)
     assert read == [b"k"]
+
+
+async def test_the_commands_an_unreadable_batch_held_are_sent_again(
+    tenant: Tenant, services: Services, settings: Settings
+) -> None:
+    """The job's own deletion requests are the unreadable batch: its two outbox rows went
+    out (and are marked published) only inside a zstd batch, as if its producer had used a
+    codec the worker lacks. Nothing in the batch can be read, not even a key; the worker
+    writes again what its partition may have held (service.deletion.giveup.resend_lost):
+    the job completes, each contact deleted once."""
+    await create_topics(settings)
+    topic = settings.topic(TOPIC_DELETION_REQUESTED)
+    job = await _bulk_delete(tenant, 2)
+    async with services.db.begin() as conn:
+        rows = [
+            r
+            for r in (
+                await conn.execute(
+                    sa.select(outbox.c.id, outbox.c.key, outbox.c.payload, outbox.c.headers).where(
+                        outbox.c.published_at.is_(None)
+                    )
+                )
+            ).all()
+            if job["job_id"].encode() in bytes(r.payload)
+        ]
+        assert len(rows) == 2
+        await conn.execute(
+            outbox.update()
+            .where(outbox.c.id.in_([r.id for r in rows]))
+            .values(published_at=sa.func.now())
+        )
+    records = [
+        (r.key.encode(), bytes(r.payload), [(str(n), str(v).encode()) for n, v in r.headers])
+        for r in rows
+    ]
+    await produce_raw(settings.kafka_bootstrap_servers, topic, 0, zstd_batch(records))
+
+    with json_logs() as lines:
+        async with components_running(services, "relay", "worker"):
+            done = await _completed(tenant, job["job_id"])
+    assert (done["status"], done["deleted_count"], done["failed_count"]) == ("completed", 2, 0)
+    [resent] = lines.events("worker_lost_commands_resent")
+    assert (resent["topic"], resent["partition"], resent["expansions"]) == (topic, 0, 0)
+    assert resent["requests"] >= 2  # this job's two, and any other job's still pending
