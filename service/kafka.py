@@ -508,11 +508,12 @@ class Consumer:
         line ``kafka_batch_unreadable`` (topic, partition, first and last offset, the
         error's class; never a byte of it), a dead-letter stub (:func:`unreadable_stub`:
         aiokafka keeps none of the batch's bytes, so the source's place is what is kept;
-        the records stay there until retention), and the partition goes on after it. Its
-        records' contents are not known, so nothing else can be settled by them. A
-        transient error while dead-lettering propagates (:class:`KafkaUnavailable`): the
-        batch is met again on the retry. Its offsets are committed with the next record
-        read after it; a restart before that meets it, and dead-letters it, once more.
+        the records stay there until retention), ``on_unreadable`` (its records' contents,
+        keys included, are not known: only their partition), and the partition goes on
+        after it. A transient error while dead-lettering or settling propagates
+        (:class:`KafkaUnavailable`): the batch is met again on the retry. Its offsets are
+        committed with the next record read after it; a restart before that meets it, and
+        dead-letters and settles it, once more.
         """
         consumer = self._started()
         try:
