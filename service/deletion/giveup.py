@@ -1,10 +1,11 @@
-"""Giving up on a command for good: what its item or job records, and finding the command
-of a message or outbox row that cannot be read.
+"""Giving up on a command for good: what its item or job records, finding the command of
+a message or outbox row that cannot be read, and writing again the commands a batch that
+cannot be read may have held.
 
 One place for the deletion worker (a command that failed permanently, a dead-lettered
-message) and the relay (an outbox row it sets aside): an item that nothing will ever
-process again must not stay ``pending``, or its job never completes (GUIDE "Errors mean
-something").
+message, an unreadable batch) and the relay (an outbox row it sets aside): an item that
+nothing will ever process again must not stay ``pending``, or its job never completes
+(GUIDE "Errors mean something").
 """
 
 from __future__ import annotations
