@@ -364,8 +364,10 @@ def _unreadable(exc: BaseException) -> _Unreadable | None:
     """What a ``getmany`` that raised ``exc`` met, if it is an unreadable batch
     (:func:`service.faults.unreadable_fetch`); None otherwise.
 
-    aiokafka's exception names no partition and no offset (aiokafka 0.11-0.14,
-    ``consumer/fetcher.py``): ``Fetcher.fetched_records`` drains the partitions in turn,
+    aiokafka's exception names no partition and no offset (``consumer/fetcher.py``, read
+    and tested on aiokafka 0.14.0, which pyproject's ``<0.15`` bounds; a release that
+    renames what follows fails tests/unit/test_unreadable_fetch.py, and such an error then
+    propagates as before): ``Fetcher.fetched_records`` drains the partitions in turn,
     each through ``FetchResult.getall``, which iterates ``PartitionRecords``, whose
     ``_unpack_records`` decodes batch after batch. The error leaves all of them, so the
     frames of its traceback still hold: the partition (``PartitionRecords._tp``) and its
