@@ -366,8 +366,9 @@ def _unreadable(exc: BaseException) -> _Unreadable | None:
 
     aiokafka's exception names no partition and no offset (``consumer/fetcher.py``, read
     and tested on aiokafka 0.14.0, which pyproject's ``<0.15`` bounds; a release that
-    renames what follows fails tests/unit/test_unreadable_fetch.py, and such an error then
-    propagates as before): ``Fetcher.fetched_records`` drains the partitions in turn,
+    renames what follows fails tests/unit/test_unreadable_fetch.py or
+    tests/integration/test_unreadable_batches.py, and such an error then propagates as
+    before): ``Fetcher.fetched_records`` drains the partitions in turn,
     each through ``FetchResult.getall``, which iterates ``PartitionRecords``, whose
     ``_unpack_records`` decodes batch after batch. The error leaves all of them, so the
     frames of its traceback still hold: the partition (``PartitionRecords._tp``) and its
