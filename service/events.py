@@ -27,6 +27,28 @@ TYPE_JOB_EXPAND = "deletion_job.expand"
 TYPE_CONTACT_DELETED = "contact.deleted"
 TYPE_JOB_COMPLETED = "deletion_job.completed"
 
+# The names of the Kafka headers the service writes: each defined here, once.
+TYPE_HEADER = "ce_type"
+"""An event's type (a CloudEvents attribute, in the Kafka binding's header name), written
+by the outbox with every event, so that a consumer can tell what a record is for without
+reading it (the fan-out's skip, service.deletion.giveup for an unreadable payload)."""
+CONTENT_TYPE_HEADER = "content-type"
+"""The payload's media type (``application/cloudevents+json``: structured mode)."""
+JOB_HEADER = "job-id"
+"""The job a ``contact.deletion_requested`` record is an item of (its id as text)."""
+DLQ_REASON_HEADER = "dlq-reason"
+"""Why a dead-lettered record could not be processed (value-free words)."""
+DLQ_SOURCE_HEADER = "dlq-source"
+"""Where a dead-lettered record is in its topic: ``topic/partition/offset``."""
+DLQ_SOURCE_END_HEADER = "dlq-source-end"
+"""For an unreadable batch's stub: the first offset after the batch."""
+DLQ_REFUSED_HEADER = "dlq-refused"
+"""For a stub that stands for a refused copy: why the broker or producer refused it."""
+DLQ_ORIGINAL_SIZE_HEADER = "dlq-original-size"
+"""For such a stub: the original value's size in bytes."""
+DLQ_ORIGINAL_SHA256_HEADER = "dlq-original-sha256"
+"""For such a stub: the original value's SHA-256, hex."""
+
 
 class EventData(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)

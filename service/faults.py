@@ -12,6 +12,11 @@ Two kinds, nothing in between:
   (a syntax or data error, SQLite "too many SQL variables", a constraint). Retrying cannot
   fix it: the item or job fails with a code, a message and its audit event.
 
+Permanent errors that belong to one unit, not to the component, are named here too, so
+that the component fails that unit and goes on: a record the broker refuses
+(:func:`record_refused`: the relay sets its row aside) and a fetched batch the consumer
+cannot decode (:func:`unreadable_fetch`: the consumer steps past it).
+
 The worker, the relay, the dispatcher, the API and start-up all call :func:`is_transient`;
 nothing else decides. The rules read the SQLSTATE of PostgreSQL errors (asyncpg, raw or
 as SQLAlchemy wraps it), the extended result code of SQLite errors (``sqlite3``, which
@@ -112,6 +117,18 @@ _RECORD_REFUSED = (
 )
 
 
+# What aiokafka raises, out of the consumer's getmany(), for a fetched batch it cannot decode
+# (aiokafka.consumer.fetcher.PartitionRecords._unpack_records, the same on every fetch of
+# that batch): a compression codec whose library is missing (UnsupportedCodecError), a
+# failed CRC or a record that does not parse (CorruptRecordException), a header name that
+# is not UTF-8 (UnicodeDecodeError: not even a Kafka error), and whatever else its decoder
+# raises there. Where it was raised decides, not the class: `unreadable_fetch`. Also
+# RecordTooLargeError, which the fetcher raises for a batch over the fetch size (brokers
+# before fetch v3 only) after moving the position past that offset itself.
+_FETCH_DECODER = "_unpack_records"
+_FETCH_MODULE = "aiokafka/consumer/fetcher.py"
+
+
 class UnreadableRecord(ValueError):
     """A stored record (an outbox row) cannot be turned into a Kafka record: its headers,
     key or payload do not decode. Permanent for the record, like a broker's refusal."""
@@ -165,6 +182,29 @@ def record_refused(exc: BaseException) -> str | None:
     for link in _chain(exc):
         if isinstance(link, (*_RECORD_REFUSED, UnreadableRecord)):
             return type(link).__name__
+    return None
+
+
+def unreadable_fetch(exc: BaseException) -> str | None:
+    """Why the consumer cannot read a batch it fetched, or None if ``exc`` is not that.
+
+    Permanent for the BATCH, never for the consumer: the same bytes come back on every
+    fetch, so the consumer steps past the batch (`service.kafka.Consumer.getmany`) rather
+    than meet it forever, and every later record of its partition (every job whose
+    contacts hash there) waits behind it. The answer is the error's class name (never its
+    message). An error raised by aiokafka's record decoder (see ``_FETCH_DECODER``), or a
+    ``RecordTooLargeError``; a transient error (:func:`is_transient`) is never one.
+    """
+    if is_transient(exc):
+        return None
+    if isinstance(exc, kafka_errors.RecordTooLargeError):
+        return type(exc).__name__
+    tb = exc.__traceback__
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        if code.co_name == _FETCH_DECODER and code.co_filename.endswith(_FETCH_MODULE):
+            return type(exc).__name__
+        tb = tb.tb_next
     return None
 
 

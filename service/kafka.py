@@ -16,24 +16,39 @@ import hashlib
 import random
 import re
 import struct
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import InvalidTopicError, KafkaError, MessageSizeTooLargeError, for_code
+from aiokafka.errors import (
+    InvalidTopicError,
+    KafkaError,
+    MessageSizeTooLargeError,
+    RecordTooLargeError,
+    for_code,
+)
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 from prometheus_client import Counter
 
 from service.errors import RetryLater
+from service.events import (
+    DLQ_ORIGINAL_SHA256_HEADER,
+    DLQ_ORIGINAL_SIZE_HEADER,
+    DLQ_REASON_HEADER,
+    DLQ_REFUSED_HEADER,
+    DLQ_SOURCE_END_HEADER,
+    DLQ_SOURCE_HEADER,
+)
 from service.faults import (
     describe,
     is_rebalance,
     is_transient,
     producer_state_lost,
     record_refused,
+    unreadable_fetch,
 )
 
 log = structlog.get_logger(__name__)
@@ -85,6 +100,12 @@ def murmur2(data: bytes) -> int:
 
 class KafkaUnavailable(RetryLater):
     """Kafka did not accept, deliver or answer a request; transient, so retry later."""
+
+
+class UnreadableBatch(Exception):
+    """:func:`read_topics` met a batch it cannot decode (:func:`service.faults.unreadable_fetch`):
+    permanent, so not a :class:`KafkaUnavailable`; the message names the topic, partition,
+    offsets and the error's class, never a byte of the batch."""
 
 
 class TopicCreationFailed(Exception):
@@ -323,8 +344,96 @@ def _check_topic(topic: str) -> None:
         raise InvalidTopicError(f"an illegal topic name ({len(str(topic))} characters)")
 
 
+@dataclass(frozen=True)
+class _Unreadable:
+    """Where a fetch met a batch it cannot decode (`_unreadable`): the first offset not
+    read (``offset``), the first after the batch (``end``: ``offset + 1`` when the batch's
+    own header cannot say), the records read before it in that call (lost by aiokafka's
+    ``getmany``, which raised instead of returning them), and the error's class name."""
+
+    topic: str
+    partition: int
+    offset: int
+    end: int
+    read: dict[Any, list[Any]]
+    error: str
+    moved: bool  # aiokafka moved the position past it itself (RecordTooLargeError)
+
+
+def _unreadable(exc: BaseException) -> _Unreadable | None:
+    """What a ``getmany`` that raised ``exc`` met, if it is an unreadable batch
+    (:func:`service.faults.unreadable_fetch`); None otherwise.
+
+    aiokafka's exception names no partition and no offset (``consumer/fetcher.py``, read
+    and tested on aiokafka 0.14.0, which pyproject's ``<0.15`` bounds; a release that
+    renames what follows fails tests/unit/test_unreadable_fetch.py or
+    tests/integration/test_unreadable_batches.py, and such an error then propagates as
+    before): ``Fetcher.fetched_records`` drains the partitions in turn,
+    each through ``FetchResult.getall``, which iterates ``PartitionRecords``, whose
+    ``_unpack_records`` decodes batch after batch. The error leaves all of them, so the
+    frames of its traceback still hold: the partition (``PartitionRecords._tp``) and its
+    first offset not read (``next_fetch_offset``); the failing batch (``next_batch``,
+    whose ``next_offset`` ends it, when it is the batch after that offset); the records
+    ``getall`` had read of that partition (``ret_list``), whose position did not move, and
+    those of the partitions drained before it (``drained``), whose positions did move: if
+    they were not returned now they would be skipped, never read.
+    """
+    error = unreadable_fetch(exc)
+    if error is None:
+        return None
+    if isinstance(exc, RecordTooLargeError):
+        # RecordTooLargeError(message, tp, fetch_offset, max_bytes), position already moved.
+        tp: Any = exc.args[1] if len(exc.args) >= 3 else None
+        offset: Any = exc.args[2] if len(exc.args) >= 3 else None
+        if not isinstance(offset, int) or not isinstance(tp, TopicPartition):
+            return None
+        return _Unreadable(tp.topic, tp.partition, offset, offset + 1, {}, error, moved=True)
+    drained: dict[Any, list[Any]] = {}
+    partial: list[Any] = []
+    records: Any = None
+    batch: Any = None
+    tb = exc.__traceback__
+    while tb is not None:
+        name, local = tb.tb_frame.f_code.co_name, tb.tb_frame.f_locals
+        if name == "fetched_records" and isinstance(local.get("drained"), dict):
+            drained = dict(local["drained"])
+        elif name == "getall" and isinstance(local.get("ret_list"), list):
+            partial = list(local["ret_list"])
+        elif name == "_unpack_records":
+            records, batch = local.get("self"), local.get("next_batch")
+        tb = tb.tb_next
+    tp = getattr(records, "_tp", None)
+    offset = getattr(records, "next_fetch_offset", None)
+    if tp is None or not isinstance(offset, int):
+        return None
+    end = getattr(batch, "next_offset", None)
+    if not isinstance(end, int) or end <= offset:
+        end = offset + 1  # it failed between batches: one offset at a time
+    if partial:
+        drained[tp] = [*drained.get(tp, ()), *partial]
+    return _Unreadable(tp.topic, tp.partition, offset, end, drained, error, moved=False)
+
+
+def _seek_if_assigned(consumer: Any, tp: TopicPartition, offset: int) -> None:
+    """Seek ``tp`` to ``offset``, unless the group just moved it to another member (which
+    reads it from the committed offset)."""
+    if tp in consumer.assignment():
+        consumer.seek(tp, offset)
+
+
 class Consumer:
-    """A group member that reads from the earliest offset and commits only when told to."""
+    """A group member that reads from the earliest offset and commits only when told to.
+
+    A batch it fetched and cannot decode (:func:`service.faults.unreadable_fetch`) does not
+    stop it: see :meth:`getmany`. Its dead-letter stub goes to the topic's
+    ``dead_letter_suffix`` topic (None: none is written), from a producer of its own,
+    started the first time one is needed. ``on_unreadable(topic, partition, partitions)``
+    (the topic's partition count), when given, is awaited once such a batch is
+    dead-lettered, before the partition goes on: the records' owner settles what they may
+    have been for (the worker: service.deletion.giveup.resend_lost). A transient error
+    there propagates like the dead-letter's; a permanent one is logged
+    (``kafka_batch_not_settled``) and the partition goes on.
+    """
 
     def __init__(
         self,
@@ -335,6 +444,8 @@ class Consumer:
         *,
         session_timeout_ms: int = 10_000,
         heartbeat_interval_ms: int = 3_000,
+        dead_letter_suffix: str | None = ".dlq",
+        on_unreadable: Callable[[str, int, int], Awaitable[None]] | None = None,
     ) -> None:
         self._bootstrap = bootstrap
         self._topics = tuple(topics)
@@ -343,6 +454,12 @@ class Consumer:
         self._session_timeout_ms = session_timeout_ms
         self._heartbeat_interval_ms = heartbeat_interval_ms
         self._consumer: Any = None
+        self._dead_letter_suffix = dead_letter_suffix
+        self._dead_letters: Producer | None = None
+        self._on_unreadable = on_unreadable
+        # Per partition, the offset where a batch could not be read, once: met there again
+        # with nothing read before it, the batch is stepped past.
+        self._unreadable_at: dict[Any, int] = {}
 
     async def start(self) -> None:
         """Connect and subscribe; raises :class:`KafkaUnavailable` if the cluster is down."""
@@ -371,17 +488,46 @@ class Consumer:
     async def stop(self) -> None:
         """Leave the group and disconnect (uncommitted offsets are not committed)."""
         consumer, self._consumer = self._consumer, None
-        if consumer is not None:
-            await consumer.stop()
+        producer, self._dead_letters = self._dead_letters, None
+        try:
+            if consumer is not None:
+                await consumer.stop()
+        finally:
+            if producer is not None:
+                await producer.stop()
 
     async def getmany(self, timeout_ms: int, max_records: int) -> list[InMessage]:
         """Up to ``max_records`` records, waiting at most ``timeout_ms`` for the first one.
 
         Records of one partition come in offset order.
+
+        A batch that cannot be decoded (a compression codec this client lacks, a failed
+        CRC, a record or header that does not parse: :func:`service.faults.unreadable_fetch`)
+        makes aiokafka raise on every fetch of it, naming neither partition nor offset, and
+        drop the records read before it in that call. Here it is the batch's failure, not
+        the consumer's (:func:`_unreadable` finds where): the records read before it are
+        returned, and the partition is read again from the batch (a batch damaged on the
+        way reads the second time). Met again there, it is unreadable for good: an error
+        line ``kafka_batch_unreadable`` (topic, partition, first and last offset, the
+        error's class; never a byte of it), a dead-letter stub (:func:`unreadable_stub`:
+        aiokafka keeps none of the batch's bytes, so the source's place is what is kept;
+        the records stay there until retention), ``on_unreadable`` (its records' contents,
+        keys included, are not known: only their partition), and the partition goes on
+        after it. A transient error while dead-lettering or settling propagates
+        (:class:`KafkaUnavailable`): the batch is met again on the retry. Its offsets are
+        committed with the next record read after it; a restart before that meets it, and
+        dead-letters and settles it, once more.
         """
-        batches: dict[Any, list[Any]] = await self._started().getmany(
-            timeout_ms=timeout_ms, max_records=max_records
-        )
+        consumer = self._started()
+        try:
+            batches: dict[Any, list[Any]] = await consumer.getmany(
+                timeout_ms=timeout_ms, max_records=max_records
+            )
+        except Exception as exc:
+            unreadable = _unreadable(exc)
+            if unreadable is None:
+                raise
+            batches = await self._step_past(unreadable)
         messages: list[InMessage] = []
         for tp in sorted(batches, key=lambda tp: (tp.topic, tp.partition)):
             messages.extend(
@@ -396,6 +542,70 @@ class Consumer:
                 for record in batches[tp]
             )
         return messages
+
+    async def _step_past(self, bad: _Unreadable) -> dict[Any, list[Any]]:
+        """What :meth:`getmany` does with an unreadable batch (see there); returns the
+        records read before it."""
+        consumer = self._started()
+        tp = TopicPartition(bad.topic, bad.partition)
+        where = {"topic": bad.topic, "partition": bad.partition, "offset": bad.offset}
+        if not bad.moved and (bad.read or self._unreadable_at.get(tp) != bad.offset):
+            self._unreadable_at[tp] = bad.offset
+            _seek_if_assigned(consumer, tp, bad.offset)  # after the records returned now
+            if not bad.read:
+                log.warning("kafka_batch_refetched", **where, error=bad.error)
+            return bad.read
+        log.error(
+            "kafka_batch_unreadable",
+            **where,
+            last_offset=bad.end - 1,
+            error=bad.error,
+            dead_letter=self._dead_letter_suffix is not None,
+        )
+        try:
+            await self._dead_letter(bad)
+            await self._settle(bad)
+        except BaseException:
+            if not bad.moved:
+                _seek_if_assigned(consumer, tp, bad.offset)  # met again on the retry
+            raise
+        self._unreadable_at.pop(tp, None)
+        if not bad.moved:
+            _seek_if_assigned(consumer, tp, bad.end)
+        return {}
+
+    async def _settle(self, bad: _Unreadable) -> None:
+        if self._on_unreadable is None:
+            return
+        where = {"topic": bad.topic, "partition": bad.partition, "offset": bad.offset}
+        partitions = len(self._started().partitions_for_topic(bad.topic) or ())
+        try:
+            if not partitions:
+                raise KafkaUnavailable(f"the partitions of {bad.topic} are not known yet")
+            await self._on_unreadable(bad.topic, bad.partition, partitions)
+        except Exception as exc:
+            if is_transient(exc):
+                raise
+            log.error("kafka_batch_not_settled", **where, error=describe(exc))
+
+    async def _dead_letter(self, bad: _Unreadable) -> None:
+        if self._dead_letter_suffix is None:
+            return
+        if self._dead_letters is None:
+            producer = Producer(self._bootstrap, self._client_id)
+            await producer.start()
+            self._dead_letters = producer
+        suffix = self._dead_letter_suffix
+        stub = unreadable_stub(bad.topic, bad.partition, bad.offset, bad.end, bad.error, suffix)
+        for _, why in await send_isolating(self._dead_letters, [stub], permanent_failure):
+            log.error(
+                "dead_letter_refused",
+                topic=bad.topic,
+                partition=bad.partition,
+                offset=bad.offset,
+                reason=why,
+                outcome="dropped",
+            )
 
     def assigned_share(self) -> float | None:
         """The fraction of its topics' partitions the group assigned to this member now
@@ -583,8 +793,8 @@ def dead_letter(message: InMessage, reason: str, suffix: str = ".dlq") -> OutMes
         value=message.value,
         headers=(
             *message.headers,
-            ("dlq-reason", reason.encode()[:1000]),
-            ("dlq-source", f"{message.topic}/{message.partition}/{message.offset}".encode()),
+            (DLQ_REASON_HEADER, reason.encode()[:1000]),
+            (DLQ_SOURCE_HEADER, f"{message.topic}/{message.partition}/{message.offset}".encode()),
         ),
     )
 
@@ -638,6 +848,25 @@ def permanent_failure(exc: BaseException) -> str | None:
     return record_refused(exc) or describe(exc)
 
 
+def unreadable_stub(
+    topic: str, partition: int, offset: int, end: int, error: str, suffix: str = ".dlq"
+) -> OutMessage:
+    """The dead-letter record of a batch of ``topic`` the consumer could not decode: no
+    key, no value, and headers ``dlq-reason`` ("unreadable record batch (<error class>)"),
+    ``dlq-source`` (``topic/partition/offset``, its first offset, as for a message) and
+    ``dlq-source-end`` (the first offset after it)."""
+    return OutMessage(
+        topic=topic + suffix,
+        key=None,
+        value=b"",
+        headers=(
+            (DLQ_REASON_HEADER, f"unreadable record batch ({error})".encode()[:1000]),
+            (DLQ_SOURCE_HEADER, f"{topic}/{partition}/{offset}".encode()),
+            (DLQ_SOURCE_END_HEADER, str(end).encode()),
+        ),
+    )
+
+
 def dead_letter_stub(
     message: InMessage, reason: str, refusal: str, suffix: str = ".dlq"
 ) -> OutMessage:
@@ -651,11 +880,11 @@ def dead_letter_stub(
         key=message.key,
         value=b"",
         headers=(
-            ("dlq-reason", reason.encode()[:1000]),
-            ("dlq-source", f"{message.topic}/{message.partition}/{message.offset}".encode()),
-            ("dlq-refused", refusal.encode()[:200]),
-            ("dlq-original-size", str(len(message.value)).encode()),
-            ("dlq-original-sha256", hashlib.sha256(message.value).hexdigest().encode()),
+            (DLQ_REASON_HEADER, reason.encode()[:1000]),
+            (DLQ_SOURCE_HEADER, f"{message.topic}/{message.partition}/{message.offset}".encode()),
+            (DLQ_REFUSED_HEADER, refusal.encode()[:200]),
+            (DLQ_ORIGINAL_SIZE_HEADER, str(len(message.value)).encode()),
+            (DLQ_ORIGINAL_SHA256_HEADER, hashlib.sha256(message.value).hexdigest().encode()),
         ),
     )
 
@@ -714,7 +943,9 @@ async def read_topics(
 
     No consumer group: nothing is committed and no member of the service's groups is
     disturbed. Topics that do not exist are skipped. Raises :class:`KafkaUnavailable` when
-    the cluster does not answer, or the end is not reached within ``timeout_s``.
+    the cluster does not answer, or the end is not reached within ``timeout_s``, and
+    :class:`UnreadableBatch` when a batch cannot be decoded (it cannot be read past
+    without saying so: a caller that looks for something cannot say it is not there).
     """
     consumer = AIOKafkaConsumer(
         bootstrap_servers=bootstrap,
@@ -749,7 +980,18 @@ async def read_topics(
         while left:
             if asyncio.get_running_loop().time() > deadline:
                 raise KafkaUnavailable("the end of the topics was not reached in time")
-            batches: dict[Any, list[Any]] = await consumer.getmany(timeout_ms=500)
+            try:
+                batches: dict[Any, list[Any]] = await consumer.getmany(timeout_ms=500)
+            except Exception as exc:
+                bad = _unreadable(exc)
+                if bad is None:
+                    raise
+                if not bad.read:
+                    where = f"{bad.topic}/{bad.partition}/{bad.offset}-{bad.end - 1}"
+                    raise UnreadableBatch(f"{where} cannot be read ({bad.error})") from None
+                # The records read before it first (aiokafka dropped them); it comes next.
+                batches = bad.read
+                consumer.seek(TopicPartition(bad.topic, bad.partition), bad.offset)
             for tp, records in batches.items():
                 for record in records:
                     if record.offset < ends[tp]:

@@ -7,7 +7,7 @@ from datetime import datetime
 from typing import Any, NamedTuple
 
 from service.db import EncodedJSON, utcnow
-from service.events import CloudEvent
+from service.events import CONTENT_TYPE_HEADER, JOB_HEADER, TYPE_HEADER, CloudEvent
 
 
 def outbox_row(topic: str, key: str, event: CloudEvent) -> dict[str, Any]:
@@ -40,29 +40,27 @@ def encoded_outbox_row(
     """An outbox row for a CloudEvent already encoded as structured JSON (``payload``).
 
     ``job_id``: the job a ``contact.deletion_requested`` row is an item of, also written as
-    its :data:`JOB_HEADER` header, so that a row (or message) whose payload cannot be read
-    still names its job (its key is the contact's id, which may be an item of several jobs):
-    its item is failed instead of staying pending forever (service.deletion.giveup).
+    its :data:`service.events.JOB_HEADER` header, so that a row (or message) whose payload
+    cannot be read still names its job (its key is the contact's id, which may be an item
+    of several jobs): its item is failed instead of staying pending forever
+    (service.deletion.giveup).
     """
     return OutboxRow(topic, key, payload, _headers(event_type, job_id), created_at or utcnow())
 
-
-JOB_HEADER = "job-id"
-"""The Kafka header naming a deletion request's job (its id as text)."""
 
 _HEADERS: dict[tuple[str, uuid.UUID | None], EncodedJSON] = {}
 
 
 def _headers(event_type: str, job_id: uuid.UUID | None = None) -> EncodedJSON:
-    """``[["content-type", ...], ["ce_type", event_type]]`` (and ``[JOB_HEADER, job_id]``
+    """``[[CONTENT_TYPE_HEADER, ...], [TYPE_HEADER, event_type]]`` (and ``[JOB_HEADER, job_id]``
     when given), JSON-encoded once per type and job: a job's rows share them."""
     headers = _HEADERS.get((event_type, job_id))
     if headers is None:
         if len(_HEADERS) >= 256:
             _HEADERS.clear()
         pairs: tuple[tuple[str, str], ...] = (
-            ("content-type", "application/cloudevents+json"),
-            ("ce_type", event_type),
+            (CONTENT_TYPE_HEADER, "application/cloudevents+json"),
+            (TYPE_HEADER, event_type),
         )
         if job_id is not None:
             pairs += ((JOB_HEADER, str(job_id)),)

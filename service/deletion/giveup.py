@@ -1,10 +1,11 @@
-"""Giving up on a command for good: what its item or job records, and finding the command
-of a message or outbox row that cannot be read.
+"""Giving up on a command for good: what its item or job records, finding the command of
+a message or outbox row that cannot be read, and writing again the commands a batch that
+cannot be read may have held.
 
 One place for the deletion worker (a command that failed permanently, a dead-lettered
-message) and the relay (an outbox row it sets aside): an item that nothing will ever
-process again must not stay ``pending``, or its job never completes (GUIDE "Errors mean
-something").
+message, an unreadable batch) and the relay (an outbox row it sets aside): an item that
+nothing will ever process again must not stay ``pending``, or its job never completes
+(GUIDE "Errors mean something").
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import sqlalchemy as sa
 
 from service.audit.store import AuditRecord, append_events
 from service.config import Settings
-from service.db import Database, deletion_job_items, deletion_jobs, utcnow
+from service.db import Database, deletion_job_items, deletion_jobs, insert_rows, outbox, utcnow
 from service.deletion.models import ErrorCode, ItemStatus
 from service.deletion.store import (
     PROGRESS_COLUMNS,
@@ -25,14 +26,33 @@ from service.deletion.store import (
     ProgressDelta,
     apply_progress,
     finish_job,
+    queue_expansion,
 )
-from service.events import TYPE_DELETION_REQUESTED, TYPE_JOB_EXPAND, DeletionRequested, JobExpand
-from service.outbox import JOB_HEADER
+from service.events import (
+    JOB_HEADER,
+    TOPIC_DELETION_REQUESTED,
+    TYPE_DELETION_REQUESTED,
+    TYPE_HEADER,
+    TYPE_JOB_EXPAND,
+    DeletionRequested,
+    DeletionRequestedEncoder,
+    JobExpand,
+)
+from service.faults import describe, is_transient
+from service.kafka import murmur2
+from service.logs import get_logger
+from service.outbox import encoded_outbox_row
 
 if TYPE_CHECKING:  # (the worker imports this module)
     from service.deletion.worker import BatchResult
 
 Command = DeletionRequested | JobExpand
+
+log = get_logger(__name__)
+
+
+BARE_REASON = "why could not be recorded (see the service's error log)"
+"""The reason a bare record gives (`give_up`): fixed words, nothing of the command."""
 
 
 async def give_up(
@@ -46,30 +66,81 @@ async def give_up(
 
     Locks in the worker's one order (items, then job rows, then the audit chain head), so
     that it never deadlocks with a batch under way.
+
+    A transient error propagates (the caller retries). When the database refuses the record
+    for good, retrying it would be refused forever, and not recording anything would leave
+    the item pending and its job unfinished forever, with nothing to say why. What it
+    refused may be the command's own values (its ref: PostgreSQL text cannot hold a NUL)
+    or the reason's text, so the record is made once more, bare: the pending item of the
+    command's job and contact (not its ref) fails with :data:`BARE_REASON`, the same code,
+    audit event and counts; an error line ``give_up_recorded_bare`` (job, contact, and the
+    value-free refusal) keeps the reason, and the command goes to ``into.unrecorded`` (the
+    worker dead-letters its message). If the bare record is refused too, or finds no pending
+    item (then none is left pending), the first refusal is raised: the callers log it, the
+    worker dead-letters the message, and none retries it. A refused bare record leaves the
+    item pending, with an error line ``job_item_left_pending`` that names the job and the
+    contact: nothing can be written for them; only a database that refuses the job's own
+    rows (a bug, or damage such as a broken audit chain head) leads there.
     """
+    done = type(into)()
+    try:
+        await _record(db, settings, command, reason, done, bare=False)
+    except Exception as exc:
+        if is_transient(exc):
+            raise
+        refused = exc
+    else:
+        into.add(done)
+        return
+    about = _about(command)
+    done = type(into)()
+    try:
+        changed = await _record(db, settings, command, BARE_REASON, done, bare=True)
+    except Exception as exc:
+        if is_transient(exc):
+            raise
+        log.error(
+            "job_item_left_pending", **about, error=describe(refused), bare_error=describe(exc)
+        )
+        raise refused from None
+    if not changed:
+        raise refused  # no item of its job and contact waits: nothing is left pending
+    log.error("give_up_recorded_bare", **about, error=describe(refused))
+    done.unrecorded.append((command, f"{reason}; recorded bare: {describe(refused)}"))
+    into.add(done)
+
+
+def _about(command: Command) -> dict[str, str | None]:
+    contact = command.contact_id if isinstance(command, DeletionRequested) else None
+    return {"job_id": str(command.job_id), "contact_id": str(contact) if contact else None}
+
+
+async def _record(
+    db: Database, settings: Settings, command: Command, reason: str, into: BatchResult, bare: bool
+) -> bool:
+    """`give_up`'s transaction (``bare``: the item by job and contact, not by ref); True if
+    it failed an item or a job."""
     async with db.begin() as conn:
         if isinstance(command, JobExpand):
             job_stmt = sa.select(*PROGRESS_COLUMNS).where(
                 deletion_jobs.c.id == command.job_id, deletion_jobs.c.completed_at.is_(None)
             )
             job_row = (await conn.execute(db.for_update(job_stmt))).mappings().first()
-            if job_row is not None:
-                message = f"the job's contacts could not be selected: {reason}"
-                failure = (str(ErrorCode.FAILED), message[:500])
-                finished = await finish_job(conn, db, settings, job_row, utcnow(), failure=failure)
-                into.note(command.job_id, JobChange(finished=finished))
-                into.failed_jobs.append(command.job_id)
-            return
+            if job_row is None:
+                return False
+            message = f"the job's contacts could not be selected: {reason}"
+            failure = (str(ErrorCode.FAILED), message[:500])
+            finished = await finish_job(conn, db, settings, job_row, utcnow(), failure=failure)
+            into.note(command.job_id, JobChange(finished=finished))
+            into.failed_jobs.append(command.job_id)
+            return True
         items = deletion_job_items.c
         now = utcnow()
         message = f"the contact could not be deleted: {reason}"[:500]
+        which = items.contact_id == command.contact_id if bare else items.ref == command.ref
         updated = await conn.execute(
             deletion_job_items.update()
-            .where(
-                items.job_id == command.job_id,
-                items.ref == command.ref,
-                items.status == ItemStatus.PENDING,
-            )
+            .where(items.job_id == command.job_id, which, items.status == ItemStatus.PENDING)
             .values(
                 status=ItemStatus.FAILED,
                 error_code=ErrorCode.FAILED,
@@ -77,8 +148,9 @@ async def give_up(
                 processed_at=now,
             )
         )
-        if not updated.rowcount:
-            return
+        count = updated.rowcount or 0
+        if not count:
+            return False
         # Like a refused deletion, a given-up one leaves its trace in the audit trail
         # (appended last: the lock order of the worker's batches).
         job = (
@@ -95,12 +167,14 @@ async def give_up(
                 data={"code": str(ErrorCode.FAILED), "message": message},
                 occurred_at=now,
             )
+            for _ in range(count)
         ]
-        delta = ProgressDelta(failed=1)
+        delta = ProgressDelta(failed=count)
         change = await apply_progress(conn, db, settings, command.job_id, delta, audit=records)
         await append_events(conn, db, records)
         into.note(command.job_id, change)
         into.progress[command.job_id] = delta
+        return True
 
 
 def job_actor(job: Any) -> dict[str, str]:
@@ -120,7 +194,7 @@ async def unreadable_commands(
     - ``ce_type: deletion_job.expand``: the key is the job's id (as
       `service.deletion.store` writes it); the job's expansion, if that job exists;
     - ``ce_type: contact.deletion_requested`` with a ``job-id`` header
-      (:data:`service.outbox.JOB_HEADER`, written since it exists): the key is the
+      (:data:`service.events.JOB_HEADER`, written since it exists): the key is the
       contact's id; one command per item of that job for that contact still pending
       (normally one). Rows written before the header existed name no job (the contact
       may be an item of several): nothing.
@@ -129,7 +203,7 @@ async def unreadable_commands(
     """
     found = dict(headers)
     try:
-        event_type = _text(found.get("ce_type"))
+        event_type = _text(found.get(TYPE_HEADER))
         key_text = _text(key)
         job_text = _text(found.get(JOB_HEADER))
     except UnicodeDecodeError:
@@ -185,6 +259,95 @@ async def expansion_by_key(
             )
         ).scalar_one_or_none()
     return None if workspace_id is None else JobExpand(job_id=job_id, workspace_id=workspace_id)
+
+
+RESEND_PAGE = 2000
+"""Items read (and requests written, in one transaction) at a time by `resend_lost`."""
+
+
+async def resend_lost(
+    db: Database, settings: Settings, partition: int, partitions: int
+) -> tuple[int, int]:
+    """Write again the commands that a lost stretch of partition ``partition`` (of
+    ``partitions``) of the deletion topic may have held; returns (deletion requests,
+    expansions) written.
+
+    The worker calls it when it stepped past a batch it cannot decode there
+    (service.kafka.Consumer): the batch's records are not known, not even their keys, so
+    the items and jobs they were for would wait forever. What they can be is known: a
+    record's partition is its key's (Kafka's default partitioner, as the relay's producer
+    picks it: murmur2 of the key), so they are among the commands of that partition still
+    waiting: a deletion request for each ``pending`` item of an unfinished job whose contact
+    id (its key) maps there, and an expansion, at the job's cursor, for each unfinished,
+    not fully expanded job whose id (its key) maps there. They go out through the outbox as
+    at first. Repeats are harmless: the worker skips an item no longer pending and an
+    expansion whose cursor moved on; the cost is one more message for each of those that
+    were not in the lost batch (those behind it, or in flight), a bounded, one-off cost
+    of a rare event. Unfinished jobs are read first; then each job's pending items,
+    ``RESEND_PAGE`` at a time, each page's requests in one short transaction.
+    """
+    topic = settings.topic(TOPIC_DELETION_REQUESTED)
+    now = utcnow()
+
+    def here(key: str) -> bool:
+        return (murmur2(key.encode()) & 0x7FFFFFFF) % partitions == partition
+
+    jobs_c, items = deletion_jobs.c, deletion_job_items.c
+    async with db.read() as conn:
+        jobs = (
+            await conn.execute(
+                sa.select(
+                    jobs_c.id, jobs_c.workspace_id, jobs_c.expanded, jobs_c.expand_after
+                ).where(jobs_c.completed_at.is_(None))
+            )
+        ).all()
+    requests = expansions = 0
+    for job in jobs:
+        if not job.expanded and here(str(job.id)):
+            async with db.begin() as conn:
+                await queue_expansion(
+                    conn, settings, job.id, job.workspace_id, job.expand_after, now
+                )
+            expansions += 1
+        encoder = DeletionRequestedEncoder(job.id, job.workspace_id, now)
+        after: str | None = None
+        while True:
+            stmt = (
+                sa.select(items.ref, items.contact_id)
+                .where(
+                    items.job_id == job.id,
+                    items.status == ItemStatus.PENDING,
+                    items.contact_id.is_not(None),
+                )
+                .order_by(items.ref)
+                .limit(RESEND_PAGE)
+            )
+            if after is not None:
+                stmt = stmt.where(items.ref > after)
+            async with db.read() as conn:
+                rows = (await conn.execute(stmt)).all()
+            if not rows:
+                break
+            after = rows[-1].ref
+            lost = [
+                encoded_outbox_row(
+                    topic,
+                    str(r.contact_id),
+                    TYPE_DELETION_REQUESTED,
+                    encoder.encode(r.ref, r.contact_id),
+                    now,
+                    job_id=job.id,
+                )
+                for r in rows
+                if here(str(r.contact_id))
+            ]
+            if lost:
+                async with db.begin() as conn:
+                    await insert_rows(conn, outbox, lost)
+                requests += len(lost)
+            if len(rows) < RESEND_PAGE:
+                break
+    return requests, expansions
 
 
 def _text(value: bytes | str | None) -> str | None:

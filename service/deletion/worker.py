@@ -60,7 +60,7 @@ from service.db import (
     utcnow,
 )
 from service.deletion.encoding import ContactDeletedEncoder, contact_deleted_row
-from service.deletion.giveup import give_up, unreadable_commands
+from service.deletion.giveup import give_up, resend_lost, unreadable_commands
 from service.deletion.giveup import job_actor as _job_actor
 from service.deletion.models import NOT_FOUND, ItemStatus, Outcome, decide
 from service.deletion.notify import JobNotifier
@@ -232,6 +232,7 @@ class DeletionWorker:
                 f"{self.settings.kafka_consumer_group_prefix}.worker",
                 session_timeout_ms=self.settings.kafka_session_timeout_ms,
                 heartbeat_interval_ms=self.settings.kafka_heartbeat_interval_ms,
+                on_unreadable=self._resend_lost,
             )
             dlq = Producer(bootstrap)
             await wait_for_dependency(consumer.start, stop, dependency="kafka", component="worker")
@@ -327,6 +328,21 @@ class DeletionWorker:
         except Stopped:
             return False
         return True
+
+    async def _resend_lost(self, topic: str, partition: int, partitions: int) -> None:
+        """A batch of the deletion topic that cannot be read was stepped past
+        (service.kafka.Consumer): the commands it may have held are written again
+        (`giveup.resend_lost`), so that no item or job waits forever for them."""
+        requests, expansions = await resend_lost(self.db, self.settings, partition, partitions)
+        log.warning(
+            "worker_lost_commands_resent",
+            topic=topic,
+            partition=partition,
+            requests=requests,
+            expansions=expansions,
+        )
+        if self.outbox_signal is not None:
+            self.outbox_signal.set()
 
     async def _fail_unreadable(
         self, poison: list[tuple[InMessage, str]], stop: asyncio.Event

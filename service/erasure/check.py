@@ -51,7 +51,7 @@ from service.db import (
 )
 from service.erasure.redact import TEXT_FIELDS
 from service.events import TOPIC_CONTACT_DELETED, TYPE_CONTACT_DELETED
-from service.kafka import KafkaUnavailable, read_topics
+from service.kafka import KafkaUnavailable, UnreadableBatch, read_topics
 from service.topics import all_topics
 from service.webhooks.signing import email_sha256
 
@@ -434,7 +434,7 @@ class ErasureCheck:
                     designed[message.topic] += 1
                 for k, v in found.items():
                     counts[message.topic][k] = counts[message.topic].get(k, 0) + v
-        except KafkaUnavailable as exc:
+        except (KafkaUnavailable, UnreadableBatch) as exc:
             return [Place(f"kafka topic {t}", "not checked", {}, str(exc)) for t in topics]
         places = []
         for t in topics:

@@ -88,7 +88,13 @@ from service.db import (
     webhook_deliveries,
     webhook_endpoints,
 )
-from service.events import DLQ_SUFFIX, TOPIC_CONTACT_DELETED, TOPIC_JOB_COMPLETED, CloudEvent
+from service.events import (
+    DLQ_SUFFIX,
+    TOPIC_CONTACT_DELETED,
+    TOPIC_JOB_COMPLETED,
+    TYPE_HEADER,
+    CloudEvent,
+)
 from service.failpoints import Pauses
 from service.faults import describe, is_transient
 from service.kafka import (
@@ -1571,7 +1577,7 @@ _ENDPOINT_COLUMNS = (E.id, E.workspace_id, E.event_types, E.url, E.secret, E.ret
 def _header_type(message: InMessage) -> str | None:
     """The event type in a record's ``ce_type`` header (set by the relay), or None."""
     for name, value in message.headers:
-        if name == "ce_type":
+        if name == TYPE_HEADER:
             try:
                 return value.decode()
             except UnicodeDecodeError:
