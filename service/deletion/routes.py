@@ -53,13 +53,16 @@ OUTBOX_SIGNAL_KEY = web.AppKey("outbox_signal", asyncio.Event)
 
 MAX_WAIT_S = 60
 FINISHED = {JobStatus.COMPLETED, JobStatus.COMPLETED_WITH_ERRORS, JobStatus.FAILED}
-_WAIT_RE = re.compile(r"(?:^|[,;\s])wait\s*=\s*(\d+)", re.IGNORECASE)
+# RFC 7240 §2: a preference's value is a token or a quoted-string (wait=5 or wait="5").
+_WAIT_RE = re.compile(r'(?:^|[,;\s])wait\s*=\s*(?:(\d+)|"(\d+)")', re.IGNORECASE)
 
 
 def prefer_wait(request: web.Request) -> float:
     """Seconds the client will wait (`Prefer: wait=N`, RFC 7240), capped at 60."""
     match = _WAIT_RE.search(request.headers.get("Prefer", ""))
-    return float(min(int(match.group(1)), MAX_WAIT_S)) if match else 0.0
+    if match is None:
+        return 0.0
+    return float(min(int(match.group(1) or match.group(2)), MAX_WAIT_S))
 
 
 async def bulk_delete(call: Call) -> web.StreamResponse:

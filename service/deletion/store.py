@@ -585,8 +585,8 @@ async def refuse_if_everything(
         [
             {
                 "field": field,
-                "message": f"selects all {total} contacts of this workspace; add "
-                '"match_all": true to delete them all',
+                "message": f"selects {_all_of(total)} of this workspace; add "
+                '"match_all": true to delete them all, or name them with contact_ids',
             }
             for field in fields
         ],
@@ -839,3 +839,7 @@ async def finish_job(
     topic = settings.topic(TOPIC_JOB_COMPLETED)
     await conn.execute(outbox.insert().values(**outbox_row(topic, str(row["id"]), event)))
     return {"job_id": str(row["id"]), "status": status.value, **counts}
+
+
+def _all_of(total: int) -> str:
+    return "its only contact" if total == 1 else f"all {total} contacts"

@@ -234,7 +234,8 @@ def validate_endpoint_url(url: str) -> str:
 
     It must be an absolute http or https URL with a host, without credentials, at most
     2048 characters, without whitespace or control characters, on a port that can be
-    connected to (1 to 65535: port 0 cannot, RFC 6335 §6), and not under ``.invalid``
+    connected to (1 to 65535: port 0 cannot, RFC 6335 §6), without a ``#fragment`` (a
+    client never sends it, RFC 9110 §4.2.5: it would only mislead), and not under ``.invalid``
     (RFC 6761 §6.4: such names never resolve). Whether the host resolves to a public
     address is not checked here (that is ``check_url``, at send time).
     """
@@ -243,6 +244,8 @@ def validate_endpoint_url(url: str) -> str:
     if any(ch.isspace() or ord(ch) < 0x20 or ord(ch) == 0x7F for ch in url):
         raise ValueError("the URL contains whitespace or control characters")
     parsed, host, port = _parse_http_url(url)
+    if "#" in url:  # an unescaped "#" can only start a fragment
+        raise ValueError("the URL has a #fragment, which is never sent: leave it out")
     if port == 0:
         raise ValueError("the URL's port 0 cannot be connected to: give a port from 1 to 65535")
     if host.rstrip(".").lower().rsplit(".", 1)[-1] == "invalid":

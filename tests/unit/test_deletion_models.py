@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 
 import pytest
+from aiohttp.test_utils import make_mocked_request
 
 from service.deletion.models import (
     BulkDeleteRequest,
@@ -13,6 +14,7 @@ from service.deletion.models import (
     decide,
     final_status,
 )
+from service.deletion.routes import prefer_wait
 from service.errors import ValidationFailed
 
 
@@ -73,3 +75,20 @@ def test_an_empty_filter_with_a_search_is_a_search() -> None:
         "filter": {},
         "search": "smith",
     }
+
+
+@pytest.mark.parametrize(
+    ("prefer", "seconds"),
+    [
+        ("wait=5", 5.0),
+        ('wait="7"', 7.0),  # RFC 7240 §2: a value may be a quoted-string
+        ("respond-async, wait=10", 10.0),
+        ('handling=lenient; wait = "3"', 3.0),
+        ("wait=600", 60.0),
+        ("wait=soon", 0.0),
+        ("", 0.0),
+    ],
+)
+def test_prefer_wait_reads_tokens_and_quoted_strings(prefer: str, seconds: float) -> None:
+    request = make_mocked_request("POST", "/", headers={"Prefer": prefer} if prefer else {})
+    assert prefer_wait(request) == seconds

@@ -295,6 +295,8 @@ def test_validate_endpoint_url_accepts_absolute_http_urls(url: str) -> None:
         ("http://exa!mple.com/", "host"),
         ("http://host:99999/", "not a valid URL"),
         ("http://127.0.0.1:0/x", "port 0"),
+        ("https://hooks.example.com/in#crm", "fragment"),
+        ("https://hooks.example.com/in#", "fragment"),
         ("https://hooks.example.com:0/", "port 0"),
         ("https://hooks.invalid/x", "never resolves"),
         ("https://a.b.INVALID./x", "never resolves"),
