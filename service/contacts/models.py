@@ -190,6 +190,9 @@ class TimelineItem(Out):
 
 
 class Timeline(Out):
-    """A contact's timeline, newest first."""
+    """A page of a contact's timeline, newest first."""
 
     items: list[TimelineItem]
+    next_cursor: str | None = Field(
+        default=None, description="Pass it back as `cursor` for the next page; null on the last"
+    )

@@ -19,7 +19,7 @@ from service.contacts.models import (
     TimelineItem,
 )
 from service.http import DB_KEY
-from service.pagination import IdCursor, encode_cursor, read_cursor
+from service.pagination import IdCursor, ListQuery, TimeIdCursor, encode_cursor, read_cursor
 from service.routing import Answer, Call, Handler, Operation, Reply
 
 READ = "contacts:read"
@@ -84,10 +84,13 @@ def _timeline_adder(model: type[ActivityCreate] | type[NoteCreate] | type[TaskCr
 
 
 async def get_timeline(call: Call) -> Data[Timeline]:
-    items = await store.contact_timeline(
-        call.app[DB_KEY], call.principal.workspace_id, call.path["contact_id"]
+    query = call.query_as(ListQuery)
+    before = read_cursor(query.cursor, TimeIdCursor).position if query.cursor else None
+    items, nxt = await store.contact_timeline(
+        call.app[DB_KEY], call.principal.workspace_id, call.path["contact_id"], query.limit, before
     )
-    return Data[Timeline].model_validate({"data": {"items": items}})
+    cursor = encode_cursor({"at": nxt[0].isoformat(), "id": str(nxt[1])}) if nxt else None
+    return Data[Timeline].model_validate({"data": {"items": items, "next_cursor": cursor}})
 
 
 def _adder(
@@ -161,9 +164,10 @@ ROUTES: tuple[Operation, ...] = (
         "/v1/contacts/{contact_id}/timeline",
         get_timeline,
         "getContactTimeline",
-        "A contact's activities, notes and tasks",
+        "A contact's activities, notes and tasks, newest first, a page at a time",
         tag=TAG,
         scope=READ,
+        query=ListQuery,
         answers=(Answer(200, Data[Timeline], "The timeline"),),
     ),
 )

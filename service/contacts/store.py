@@ -219,8 +219,36 @@ async def timeline_items(
 
 
 async def contact_timeline(
-    db: Database, workspace_id: uuid.UUID, contact_id: uuid.UUID
-) -> list[dict[str, Any]]:
-    """The timeline of a live contact of this workspace, newest first."""
+    db: Database,
+    workspace_id: uuid.UUID,
+    contact_id: uuid.UUID,
+    limit: int,
+    before: tuple[datetime, uuid.UUID] | None = None,
+) -> tuple[list[dict[str, Any]], tuple[datetime, uuid.UUID] | None]:
+    """One page of a live contact's timeline, newest first: at most ``limit`` items
+    strictly before ``before`` (a (time, id) position: an activity's occurred_at, another
+    item's created_at, then the id), and the position of the page's last item when more
+    follow (else None). Each kind is read in that order, ``limit + 1`` rows at most, so a
+    contact with tens of thousands of notes costs one page, not the whole history.
+    404 (NotFound) when this workspace has no such contact."""
     await get_contact(db, workspace_id, contact_id)
-    return await timeline_items(db, workspace_id, contact_id=contact_id)
+    rows: list[tuple[datetime, uuid.UUID, dict[str, Any]]] = []
+    async with db.read() as conn:
+        for kind, table in TIMELINE_TABLES.items():
+            at = table.c.occurred_at if kind == "activity" else table.c.created_at
+            stmt = (
+                sa.select(table)
+                .where(table.c.workspace_id == workspace_id, table.c.contact_id == contact_id)
+                .order_by(at.desc(), table.c.id.desc())
+                .limit(limit + 1)
+            )
+            if before is not None:
+                when, last = before
+                stmt = stmt.where(sa.or_(at < when, sa.and_(at == when, table.c.id < last)))
+            for row in (await conn.execute(stmt)).mappings():
+                moment = row["occurred_at"] if kind == "activity" else row["created_at"]
+                rows.append((moment, uuid.UUID(str(row["id"])), timeline_json(kind, row)))
+    rows.sort(key=lambda r: (r[0], str(r[1])), reverse=True)
+    page = rows[:limit]
+    following = (page[-1][0], page[-1][1]) if len(rows) > limit else None
+    return [item for _, _, item in page], following

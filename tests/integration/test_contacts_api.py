@@ -392,6 +392,36 @@ async def test_an_activity_sorts_by_when_it_occurred(tenant: Tenant) -> None:
     assert [i["id"] for i in body["data"]["items"]] == [note["data"]["id"], old["data"]["id"]]
 
 
+async def test_the_timeline_comes_a_page_at_a_time_even_through_ties(tenant: Tenant) -> None:
+    """A contact with 33,000 notes answered 5.8 MB at once: the timeline is paged like
+    every listing (limit, cursor), newest first, each item once, ties in time (three
+    activities at one instant) broken by id across pages."""
+    contact = await create(tenant)
+    base = f"/v1/contacts/{contact['id']}"
+    same = {"type": "call", "occurred_at": "2020-01-01T00:00:00Z"}
+    for _ in range(3):
+        await tenant.call("POST", f"{base}/activities", json=same)
+    for n in range(3):
+        await tenant.call("POST", f"{base}/notes", json={"body": f"note {n}"})
+    status, whole, _ = await tenant.call("GET", f"{base}/timeline?limit=500")
+    assert status == 200 and whole["data"]["next_cursor"] is None, whole
+    everything = [i["id"] for i in whole["data"]["items"]]
+    assert len(everything) == 6
+
+    paged: list[str] = []
+    cursor = ""
+    while True:
+        status, body, _ = await tenant.call("GET", f"{base}/timeline?limit=2{cursor}")
+        assert status == 200, body
+        paged += [i["id"] for i in body["data"]["items"]]
+        if body["data"]["next_cursor"] is None:
+            break
+        cursor = f"&cursor={body['data']['next_cursor']}"
+    assert paged == everything
+    status, body, _ = await tenant.call("GET", f"{base}/timeline?limit=501")
+    assert status == 400, body
+
+
 # --- list, and the addresses a CRM holds ------------------------------------------------------
 
 
