@@ -193,6 +193,9 @@ async def add_timeline_item(
     return timeline_json(kind, values)
 
 
+_IDS_PER_READ = 1000
+
+
 async def timeline_items(
     db: Database,
     workspace_id: uuid.UUID,
@@ -200,20 +203,25 @@ async def timeline_items(
     contact_id: uuid.UUID | None = None,
     ids: Mapping[str, list[uuid.UUID]] | None = None,
 ) -> list[dict[str, Any]]:
-    """Timeline items of a contact, or the items with the given ids; newest first."""
+    """Timeline items of a contact, or the items with the given ids; newest first.
+
+    Ids are read ``_IDS_PER_READ`` at a time: a deleted contact's audit event may name tens
+    of thousands, over SQLite's 32,766 bound parameters per statement."""
     items: list[dict[str, Any]] = []
     async with db.read() as conn:
         for kind, table in TIMELINE_TABLES.items():
             stmt = sa.select(table).where(table.c.workspace_id == workspace_id)
             if contact_id is not None:
                 stmt = stmt.where(table.c.contact_id == contact_id)
-            if ids is not None:
-                wanted = ids.get(kind, [])
-                if not wanted:
-                    continue
-                stmt = stmt.where(table.c.id.in_(wanted))
-            rows = (await conn.execute(stmt)).mappings().all()
-            items.extend(timeline_json(kind, r) for r in rows)
+            if ids is None:
+                rows = (await conn.execute(stmt)).mappings().all()
+                items.extend(timeline_json(kind, r) for r in rows)
+                continue
+            wanted = ids.get(kind, [])
+            for start in range(0, len(wanted), _IDS_PER_READ):
+                chunk = wanted[start : start + _IDS_PER_READ]
+                rows = (await conn.execute(stmt.where(table.c.id.in_(chunk)))).mappings().all()
+                items.extend(timeline_json(kind, r) for r in rows)
     items.sort(key=lambda i: (timeline_time(i), i["id"]), reverse=True)
     return items
 

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from datetime import UTC, datetime
 from typing import Any
 
+from service.app import Services
+from service.contacts.store import timeline_items
+from service.db import notes
 from service.pagination import encode_cursor
 from tests.conftest import Tenant
 
@@ -420,6 +424,33 @@ async def test_the_timeline_comes_a_page_at_a_time_even_through_ties(tenant: Ten
     assert paged == everything
     status, body, _ = await tenant.call("GET", f"{base}/timeline?limit=501")
     assert status == 400, body
+
+
+async def test_tens_of_thousands_of_items_are_read_by_id_in_bounded_statements(
+    services: Services, tenant: Tenant
+) -> None:
+    """A deleted contact's audit timeline reads its items by the ids its deletion event
+    names: 33,000 of them in one IN list is over PostgreSQL's 32,767 bound parameters (a
+    500). They are read a bounded number at a time, every one of them."""
+    contact = await create(tenant)
+    now = datetime.now(UTC)
+    ids = [uuid.uuid4() for _ in range(33_000)]
+    rows = [
+        {
+            "id": i,
+            "workspace_id": tenant.workspace_id,
+            "contact_id": uuid.UUID(contact["id"]),
+            "body": "n",
+            "created_at": now,
+        }
+        for i in ids
+    ]
+    async with services.db.begin() as conn:
+        await conn.execute(notes.insert(), rows)
+
+    items = await timeline_items(services.db, tenant.workspace_id, ids={"note": ids})
+    assert len(items) == len(ids)
+    assert {i["id"] for i in items} == {str(i) for i in ids}
 
 
 # --- list, and the addresses a CRM holds ------------------------------------------------------
