@@ -60,13 +60,22 @@ class ConsoleService:
 
     def key(self, *scopes: str, workspace: str | None = None) -> str:
         """A new key from the real CLI, in a fresh workspace unless one is named."""
+        return self.key_and_id(*scopes, workspace=workspace)[0]
+
+    def key_and_id(self, *scopes: str, workspace: str | None = None) -> tuple[str, str]:
+        """(key, key id) of a new key from the real CLI (`key` says where)."""
         args = [sys.executable, "-m", "service.cli", "keys", "create", "--json"]
         args += ["--workspace", workspace or f"ws-{uuid.uuid4().hex[:10]}"]
         for scope in scopes:
             args += ["--scope", scope]
         done = subprocess.run(args, env=self.env, capture_output=True, check=True, timeout=60)
-        key: str = json.loads(done.stdout)["key"]
-        return key
+        created = json.loads(done.stdout)
+        return created["key"], created["key_id"]
+
+    def revoke(self, key_id: str) -> None:
+        """Revoke a key with the real CLI (`keys revoke`)."""
+        args = [sys.executable, "-m", "service.cli", "keys", "revoke", key_id]
+        subprocess.run(args, env=self.env, capture_output=True, check=True, timeout=60)
 
     def call(
         self, key: str, method: str, path: str, body: Any = None, **headers: str
@@ -215,9 +224,11 @@ def shot(driver: WebDriver, name: str) -> None:
 class Receiver:
     """A webhook receiver on 127.0.0.1 (own thread and loop), verifying every request with
     the independent `standardwebhooks` library. It answers 503 to its first
-    `fail_first` requests, 200 after."""
+    `fail_first` requests, 200 after; or, when `gone`, 410 Gone to every request (which
+    makes the dispatcher disable the endpoint)."""
 
     fail_first: int = 0
+    gone: bool = False
     secret: str | None = None
     verified: list[dict[str, Any]] = field(default_factory=list)
     rejected: list[str] = field(default_factory=list)
@@ -234,8 +245,10 @@ class Receiver:
         except Exception as exc:  # any failure to verify is recorded and fails the test
             self.rejected.append(repr(exc))
         status = 503 if len(self.answered) < self.fail_first else 200
+        if self.gone:
+            status = 410
         self.answered.append(status)
-        return web.Response(status=status, text="busy" if status == 503 else "ok")
+        return web.Response(status=status, text={503: "busy", 410: "gone"}.get(status, "ok"))
 
     async def _serve(self, port: int, started: threading.Event) -> None:
         app = web.Application()
