@@ -31,7 +31,11 @@ from typing import Any, TypeVar
 import pytest
 from aiohttp import web
 from selenium import webdriver
-from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+from selenium.common.exceptions import (
+    NoSuchElementException,
+    StaleElementReferenceException,
+    TimeoutException,
+)
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.chrome.webdriver import WebDriver
 from selenium.webdriver.support.ui import WebDriverWait
@@ -202,8 +206,22 @@ def wait_for(driver: WebDriver, condition: Callable[[WebDriver], T], timeout: fl
         poll_frequency=0.1,
         ignored_exceptions=(NoSuchElementException, StaleElementReferenceException),
     )
-    result: T = wait.until(condition)
+    try:
+        result: T = wait.until(condition)
+    except TimeoutException as exc:
+        # What the page showed when the wait gave up: a timeout alone says nothing.
+        state = page_state(driver)
+        raise TimeoutException(f"the page did not get there in {timeout} s; {state}") from exc
     return result
+
+
+def page_state(driver: WebDriver) -> str:
+    """The URL, the status line and the view's text, for a failure's message."""
+    state = driver.execute_script(
+        """const text = (id) => (document.getElementById(id) || {}).innerText || "";
+        return [location.href, text("status"), text("view").slice(0, 600)];"""
+    )
+    return f"at {state[0]}, status {state[1]!r}, view {state[2]!r}"
 
 
 def shot(driver: WebDriver, name: str) -> None:
