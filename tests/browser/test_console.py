@@ -592,8 +592,8 @@ def test_every_error_envelope_is_shown_as_its_message(
           };
           const out = {};
           out.method = await said(() => api("PUT", "/v1/webhooks/endpoints"));
-          out.media = await said(() => api("POST", "/v1/webhooks/endpoints", undefined,
-            { "Content-Type": "text/plain" }));
+          out.media = await said(() => api("POST", "/v1/webhooks/endpoints",
+            { url: "https://crm.example.com/hooks" }, { "Content-Type": "text/plain" }));
           out.scope = await said(() => api("GET", "/v1/audit/verify", undefined,
             { Authorization: `Bearer ${other}` }));
           out.html = await said(() => api("GET", "/console"));

@@ -131,12 +131,10 @@ function parse(text) {
 // Calls the API; returns the parsed body ({data, next_cursor} or null for 204).
 export async function api(method, path, body, headers = {}) {
   const key = getKey();
-  const all = { Authorization: `Bearer ${key}`, ...headers };
+  const json = body !== undefined ? { "Content-Type": "application/json" } : {};
+  const all = { Authorization: `Bearer ${key}`, ...json, ...headers };
   const init = { method, headers: all, credentials: "omit", cache: "no-store" };
-  if (body !== undefined) {
-    all["Content-Type"] = "application/json";
-    init.body = JSON.stringify(body);
-  }
+  if (body !== undefined) init.body = JSON.stringify(body);
   const response = await send(path, init);
   let text;
   try { text = await response.text(); } catch { throw new NetworkError(); }
