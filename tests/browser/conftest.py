@@ -31,7 +31,11 @@ from typing import Any, TypeVar
 import pytest
 from aiohttp import web
 from selenium import webdriver
-from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+from selenium.common.exceptions import (
+    NoSuchElementException,
+    StaleElementReferenceException,
+    TimeoutException,
+)
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.chrome.webdriver import WebDriver
 from selenium.webdriver.support.ui import WebDriverWait
@@ -60,13 +64,22 @@ class ConsoleService:
 
     def key(self, *scopes: str, workspace: str | None = None) -> str:
         """A new key from the real CLI, in a fresh workspace unless one is named."""
+        return self.key_and_id(*scopes, workspace=workspace)[0]
+
+    def key_and_id(self, *scopes: str, workspace: str | None = None) -> tuple[str, str]:
+        """(key, key id) of a new key from the real CLI (`key` says where)."""
         args = [sys.executable, "-m", "service.cli", "keys", "create", "--json"]
         args += ["--workspace", workspace or f"ws-{uuid.uuid4().hex[:10]}"]
         for scope in scopes:
             args += ["--scope", scope]
         done = subprocess.run(args, env=self.env, capture_output=True, check=True, timeout=60)
-        key: str = json.loads(done.stdout)["key"]
-        return key
+        created = json.loads(done.stdout)
+        return created["key"], created["key_id"]
+
+    def revoke(self, key_id: str) -> None:
+        """Revoke a key with the real CLI (`keys revoke`)."""
+        args = [sys.executable, "-m", "service.cli", "keys", "revoke", key_id]
+        subprocess.run(args, env=self.env, capture_output=True, check=True, timeout=60)
 
     def call(
         self, key: str, method: str, path: str, body: Any = None, **headers: str
@@ -193,8 +206,22 @@ def wait_for(driver: WebDriver, condition: Callable[[WebDriver], T], timeout: fl
         poll_frequency=0.1,
         ignored_exceptions=(NoSuchElementException, StaleElementReferenceException),
     )
-    result: T = wait.until(condition)
+    try:
+        result: T = wait.until(condition)
+    except TimeoutException as exc:
+        # What the page showed when the wait gave up: a timeout alone says nothing.
+        state = page_state(driver)
+        raise TimeoutException(f"the page did not get there in {timeout} s; {state}") from exc
     return result
+
+
+def page_state(driver: WebDriver) -> str:
+    """The URL, the status line and the view's text, for a failure's message."""
+    state = driver.execute_script(
+        """const text = (id) => (document.getElementById(id) || {}).innerText || "";
+        return [location.href, text("status"), text("view").slice(0, 600)];"""
+    )
+    return f"at {state[0]}, status {state[1]!r}, view {state[2]!r}"
 
 
 def shot(driver: WebDriver, name: str) -> None:
@@ -215,9 +242,11 @@ def shot(driver: WebDriver, name: str) -> None:
 class Receiver:
     """A webhook receiver on 127.0.0.1 (own thread and loop), verifying every request with
     the independent `standardwebhooks` library. It answers 503 to its first
-    `fail_first` requests, 200 after."""
+    `fail_first` requests, 200 after; or, when `gone`, 410 Gone to every request (which
+    makes the dispatcher disable the endpoint)."""
 
     fail_first: int = 0
+    gone: bool = False
     secret: str | None = None
     verified: list[dict[str, Any]] = field(default_factory=list)
     rejected: list[str] = field(default_factory=list)
@@ -234,8 +263,10 @@ class Receiver:
         except Exception as exc:  # any failure to verify is recorded and fails the test
             self.rejected.append(repr(exc))
         status = 503 if len(self.answered) < self.fail_first else 200
+        if self.gone:
+            status = 410
         self.answered.append(status)
-        return web.Response(status=status, text="busy" if status == 503 else "ok")
+        return web.Response(status=status, text={503: "busy", 410: "gone"}.get(status, "ok"))
 
     async def _serve(self, port: int, started: threading.Event) -> None:
         app = web.Application()

@@ -268,6 +268,7 @@ def test_a_key_without_audit_read_sees_no_audit_section_and_sign_out_forgets_it(
     click(driver, "#sign-out")
     wait_for(driver, lambda d: d.find_element(By.ID, "api-key").is_displayed())
     assert driver.execute_script("return sessionStorage.length") == 0
+    assert not css(driver, "#nav").is_displayed()  # no section links left behind
     driver.refresh()
     wait_for(driver, lambda d: d.find_element(By.ID, "api-key").is_displayed())
     assert not css(driver, "#nav").is_displayed()
@@ -494,3 +495,319 @@ def test_manage_an_endpoint_and_export_the_trail_from_the_page(
         "webhook.endpoint.secret_rotated",
         "webhook.endpoint.deleted",
     ]
+
+
+# --- what the console shows is the API's latest answer, error or not ---------------------
+
+
+def status_line(driver: WebDriver) -> str:
+    return text_of(driver, "#status")
+
+
+def set_hash(driver: WebDriver, fragment: str) -> None:
+    """Navigate inside the console as a link would (no reload)."""
+    driver.execute_script("location.hash = arguments[0]", fragment)
+
+
+def clear_status(driver: WebDriver) -> None:
+    """Empty the status line, so that the next message seen is the next action's."""
+    driver.execute_script("document.getElementById('status').textContent = ''")
+
+
+def only_refused_requests(driver: WebDriver) -> None:
+    """The browser logs each refused request (4xx) itself; anything else it logged is a
+    script error, which fails the test."""
+    errors = console_errors(driver)
+    assert all("Failed to load resource" in e["message"] for e in errors), errors
+
+
+def wait_disabled(service: ConsoleService, key: str, endpoint_id: str) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        endpoint = service.call(key, "GET", f"/v1/webhooks/endpoints/{endpoint_id}")[1]["data"]
+        if endpoint["status"] == "disabled":
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"endpoint {endpoint_id} was not disabled")
+
+
+def local_time_ago(driver: WebDriver, element: WebElement, seconds: int) -> None:
+    """Fill a datetime-local input with the browser's local time `seconds` ago."""
+    driver.execute_script(
+        """const d = new Date(Date.now() - arguments[1] * 1000);
+        const p = (n) => String(n).padStart(2, "0");
+        arguments[0].value = `${d.getFullYear()}-${p(d.getMonth() + 1)}-${p(d.getDate())}`
+          + `T${p(d.getHours())}:${p(d.getMinutes())}`;""",
+        element,
+        seconds,
+    )
+
+
+def test_every_error_envelope_is_shown_as_its_message(
+    console_service: ConsoleService, browser: WebDriver, receiver: Receiver
+) -> None:
+    """An error's `details` is a list of {field, message}, an object or null (errors.py):
+    every 409 endpoint_disabled (Send test, Recover, Retry now) showed "((intermediate
+    value) || []).slice is not a function". Each shape shows its message and details; an
+    answer that is not JSON, or no answer at all, a plain sentence."""
+    service, driver = console_service, browser
+    key = service.key(*ALL_SCOPES)
+    other = service.key("webhooks:manage")
+    receiver.gone = True
+    status, created = service.call(key, "POST", "/v1/webhooks/endpoints", {"url": receiver.url})
+    assert status == 201, created
+    endpoint_id = created["data"]["id"]
+    receiver.secret = created["data"]["secret"]
+    assert service.call(key, "POST", f"/v1/webhooks/endpoints/{endpoint_id}/test")[0] == 202
+    wait_disabled(service, key, endpoint_id)
+    deliveries = service.call(key, "GET", f"/v1/webhooks/endpoints/{endpoint_id}/deliveries")
+    delivery_id = deliveries[1]["data"][0]["id"]
+    disabled = f"webhook endpoint {endpoint_id} is disabled; enable it first"
+    details = f"(endpoint_disabled) — endpoint id: {endpoint_id}; disabled reason: gone"
+
+    sign_in(driver, service, key)
+    set_hash(driver, f"#/endpoints/{endpoint_id}")
+    click(driver, "#send-test")
+    shown = wait_for(driver, lambda d: text_of(d, ".status.bad"))
+    assert disabled in shown and details in shown, shown
+    clear_status(driver)
+    local_time_ago(driver, css(driver, "#recover-since"), 3600)
+    click(driver, "#recover-form button[type=submit]")
+    shown = wait_for(driver, lambda d: text_of(d, ".status.bad"))
+    assert disabled in shown and details in shown, shown
+    set_hash(driver, f"#/deliveries/{delivery_id}")
+    click(driver, "#retry-delivery")
+    shown = wait_for(driver, lambda d: text_of(d, ".status.bad"))
+    assert disabled in shown and details in shown, shown
+
+    # The other shapes, through the console's own API module: real answers of the service
+    # (405, 415, 403 with an object; 200 that is not JSON), and a proxy's HTML page and a
+    # dropped connection in place of the network (outside the system, so faked).
+    said = driver.execute_async_script(
+        """const [other, done] = arguments;
+        (async () => {
+          const { api, ApiError } = await import("/console/assets/api.js");
+          const said = async (call) => {
+            try { await call(); return "no error"; } catch (e) { return e.message; }
+          };
+          const out = {};
+          out.method = await said(() => api("PUT", "/v1/webhooks/endpoints"));
+          out.media = await said(() => api("POST", "/v1/webhooks/endpoints",
+            { url: "https://crm.example.com/hooks" }, { "Content-Type": "text/plain" }));
+          out.scope = await said(() => api("GET", "/v1/audit/verify", undefined,
+            { Authorization: `Bearer ${other}` }));
+          out.html = await said(() => api("GET", "/console"));
+          const real = window.fetch;
+          try {
+            window.fetch = async () => new Response("<html><h1>502 Bad Gateway</h1></html>",
+              { status: 502, headers: { "Content-Type": "text/html" } });
+            out.proxy = await said(() => api("GET", "/v1/me"));
+            window.fetch = async () => { throw new TypeError("Failed to fetch"); };
+            out.network = await said(() => api("GET", "/v1/me"));
+          } finally { window.fetch = real; }
+          out.none = new ApiError(409,
+            { code: "conflict", message: "busy", details: null }).message;
+          out.list = new ApiError(400, { code: "validation_error", message: "invalid", details: [
+            { field: "emails.1", message: "bad" }, { field: "emails.3", message: "bad" },
+            { field: "search", message: "too long" }] }).message;
+          return out;
+        })().then(done, (e) => done({ thrown: String(e) }));""",
+        other,
+    )
+    assert said["method"].startswith(
+        "method PUT is not allowed here (method_not_allowed) — allowed methods: "
+    ), said
+    assert "POST" in said["method"], said
+    assert said["media"] == (
+        "send the body as application/json (unsupported_media_type) — content type: text/plain"
+    ), said
+    assert said["scope"] == (
+        "this key lacks the 'audit:read' scope (insufficient_permissions)"
+        " — required scope: audit:read"
+    ), said
+    assert said["html"].startswith("The service answered HTTP 200 with something other than JSON")
+    assert said["proxy"] == (
+        "The service answered HTTP 502: the service is not reachable behind its proxy."
+    )
+    assert said["network"].startswith("The service could not be reached")
+    assert said["none"] == "busy (conflict)"
+    assert (
+        said["list"] == "invalid (validation_error) — emails #2, emails #4: bad; search: too long"
+    )
+    assert driver.execute_script("return sessionStorage.length") == 1  # a 403 is no sign-out
+    only_refused_requests(driver)
+
+
+def test_a_page_that_cannot_load_shows_only_its_error(
+    console_service: ConsoleService, browser: WebDriver
+) -> None:
+    """A view that fails to load leaves nothing of the previous view on screen (a bad
+    contact id under a deleted contact's timeline still showed its deletion; a deleted
+    endpoint's URL kept the endpoint list; an unknown delivery got a live Retry button),
+    and a view whose subject goes away while open says so and stops refreshing."""
+    service, driver = console_service, browser
+    key = service.key(*ALL_SCOPES)
+    contact_id = service.call(key, "POST", "/v1/contacts", {"email": "gone@example.com"})[1][
+        "data"
+    ]["id"]
+    status, job = service.call(
+        key, "POST", "/v1/contacts/bulk-delete", {"contact_ids": [contact_id]}, Prefer="wait=30"
+    )
+    assert status == 200 and job["data"]["status"] == "completed", job
+    endpoints = []
+    for n in range(2):
+        body = {"url": f"https://crm.example.com/hooks/{n}"}
+        endpoints.append(service.call(key, "POST", "/v1/webhooks/endpoints", body)[1]["data"]["id"])
+    assert service.call(key, "DELETE", f"/v1/webhooks/endpoints/{endpoints[0]}")[0] == 204
+
+    def failed(about: str) -> str:
+        """The view's error, once it is the one about `about`."""
+        error = text_of(driver, "#view-error")
+        return error if about in error else ""
+
+    sign_in(driver, service, key)
+    set_hash(driver, f"#/audit/contacts/{contact_id}")
+    wait_for(driver, lambda d: d.find_element(By.ID, "timeline-deleted"))
+    set_hash(driver, "#/audit/contacts/not-a-uuid")
+    assert "no such contact" in wait_for(driver, lambda d: failed("contact"))
+    assert contact_id not in css(driver, "main").text
+    assert not driver.find_elements(By.ID, "timeline-deleted")
+
+    set_hash(driver, "#/webhooks")
+    wait_for(driver, lambda d: d.find_element(By.ID, "endpoint-form"))
+    set_hash(driver, f"#/endpoints/{endpoints[0]}")
+    wait_for(driver, lambda d: failed("endpoint"))
+    assert not driver.find_elements(By.ID, "endpoint-form")
+    assert "crm.example.com" not in css(driver, "main").text
+
+    set_hash(driver, f"#/jobs/{uuid.uuid4()}")
+    wait_for(driver, lambda d: failed("job"))
+    assert not driver.find_elements(By.ID, "job-status")
+    set_hash(driver, f"#/deliveries/{uuid.uuid4()}")
+    wait_for(driver, lambda d: failed("delivery"))
+    assert not driver.find_elements(By.ID, "retry-delivery")
+    shot(driver, "page-not-found")
+
+    # Deleted elsewhere while its page is open: the next refresh shows the error, the
+    # page's buttons go, and the refreshing stops.
+    set_hash(driver, f"#/endpoints/{endpoints[1]}")
+    wait_for(driver, lambda d: d.find_element(By.ID, "send-test"))
+    assert service.call(key, "DELETE", f"/v1/webhooks/endpoints/{endpoints[1]}")[0] == 204
+    wait_for(driver, lambda d: failed("endpoint"), timeout=10)
+    assert not driver.find_elements(By.ID, "send-test")
+    count = (
+        "return performance.getEntriesByType('resource')"
+        ".filter(e => e.name.includes('/v1/')).length"
+    )
+    before = driver.execute_script(count)
+    time.sleep(2.5)  # longer than the endpoint page's refresh period
+    assert driver.execute_script(count) == before
+    only_refused_requests(driver)
+
+
+def test_the_endpoint_page_and_the_status_line_follow_the_latest_state(
+    console_service: ConsoleService, browser: WebDriver, receiver: Receiver
+) -> None:
+    """The endpoint page re-reads the endpoint (a 410 disables it while the page is open:
+    it kept saying "enabled", with no Enable button), and each action's outcome replaces
+    the previous one: no error left under a success, no old answer under a new error, no
+    message wiped by the page switch that follows it."""
+    service, driver = console_service, browser
+    key = service.key(*ALL_SCOPES)
+    receiver.gone = True
+    status, created = service.call(key, "POST", "/v1/webhooks/endpoints", {"url": receiver.url})
+    assert status == 201, created
+    endpoint_id = created["data"]["id"]
+    receiver.secret = created["data"]["secret"]
+    sign_in(driver, service, key)
+    set_hash(driver, f"#/endpoints/{endpoint_id}")
+    wait_for(driver, lambda d: "enabled" in text_of(d, ".kv"))
+    assert not driver.find_elements(By.ID, "enable")
+
+    click(driver, "#send-test")  # the receiver answers 410 Gone: the endpoint is disabled
+    wait_for(driver, lambda d: "410 Gone" in text_of(d, ".kv"), timeout=30)
+    wait_for(driver, lambda d: d.find_element(By.ID, "enable"))
+    click(driver, "#send-test")
+    wait_for(driver, lambda d: "endpoint_disabled" in text_of(d, ".status.bad"))
+    click(driver, "#rotate")
+    wait_for(driver, lambda d: d.find_element(By.ID, "endpoint-secret"))
+    wait_for(driver, lambda d: "endpoint_disabled" not in status_line(d))
+    click(driver, "#enable")
+    wait_for(driver, lambda d: status_line(d) == "Endpoint enabled.")
+    wait_for(driver, lambda d: not d.find_elements(By.ID, "enable"))
+    local_time_ago(driver, css(driver, "#recover-since"), 3600)
+    click(driver, "#recover-form button[type=submit]")
+    wait_for(driver, lambda d: status_line(d) == "1 delivery queued again.")
+    # Sent again, 410 again: disabled again, seen without a reload.
+    wait_for(driver, lambda d: d.find_element(By.ID, "enable"), timeout=30)
+    assert receiver.answered == [410, 410]
+    click(driver, "#delete-endpoint")
+    click(driver, "#really-delete")
+    wait_for(driver, lambda d: d.current_url.endswith("#/webhooks"))
+    wait_for(driver, lambda d: d.find_element(By.ID, "endpoint-form"))
+    assert status_line(driver).startswith("Endpoint deleted")
+
+    go(driver, "audit")
+    email = wait_for(driver, lambda d: d.find_element(By.ID, "lookup-email"))
+    email.send_keys("nobody@example.com")
+    click(driver, "#lookup-form button[type=submit]")
+    wait_for(driver, lambda d: "No event mentions" in text_of(d, "#lookup-result"))
+    email.clear()
+    email.send_keys("not an address")
+    click(driver, "#lookup-form button[type=submit]")
+    wait_for(driver, lambda d: text_of(d, ".status.bad"))
+    assert text_of(driver, "#lookup-result") == ""
+    # Since after Until: refused, and the results of the earlier filters go.
+    wait_for(driver, lambda d: "webhook.endpoint.created" in text_of(d, "main table"))
+    local_time_ago(driver, css(driver, "#f-since"), 60)
+    local_time_ago(driver, css(driver, "#f-until"), 3600)
+    click(driver, "#events-form button[type=submit]")
+    wait_for(driver, lambda d: "must be later than since" in text_of(d, ".status.bad"))
+    assert text_of(driver, "main table") == ""
+    driver.execute_script("document.getElementById('f-until').value = ''")
+    click(driver, "#events-form button[type=submit]")
+    wait_for(driver, lambda d: "webhook.endpoint.created" in text_of(d, "main table"))
+    assert status_line(driver) == ""
+    only_refused_requests(driver)
+
+
+def test_sign_in_refusals_selector_details_and_audit_wording(
+    console_service: ConsoleService, browser: WebDriver
+) -> None:
+    """A blank key is refused with a reason; a key revoked mid-session signs out and says
+    why; a detail given for four fields is said once; the audit page says its order and
+    that its times are local; a live contact's timeline is not called deleted."""
+    service, driver = console_service, browser
+    key, key_id = service.key_and_id(*ALL_SCOPES)
+    status, contact = service.call(key, "POST", "/v1/contacts", {"email": "live@example.com"})
+    assert status == 201, contact
+    contact_id = contact["data"]["id"]
+    driver.get(service.base + "/console")
+    wait_for(driver, lambda d: d.find_element(By.ID, "api-key")).send_keys("   " + Keys.ENTER)
+    wait_for(driver, lambda d: "empty" in text_of(d, "#sign-in-error"))
+
+    sign_in(driver, service, key)
+    wait_for(driver, lambda d: d.find_element(By.ID, "delete-form"))
+    click(driver, "input[name=selector-kind][value=filter]")
+    click(driver, "#dry-run")
+    shown = wait_for(driver, lambda d: text_of(d, ".status.bad"))
+    assert shown.count("give exactly one selector") == 1, shown
+
+    go(driver, "audit")
+    assert "oldest first" in wait_for(driver, lambda d: text_of(d, "#events-order")).lower()
+    assert "local time" in text_of(driver, "label[for=f-until]")
+    set_hash(driver, f"#/audit/contacts/{contact_id}")
+    wait_for(driver, lambda d: text_of(d, "#view h2") == "Contact not deleted")
+    page = css(driver, "main").text
+    assert f"GET /v1/contacts/{contact_id}/timeline" in page
+    assert "Deleted contact" not in page and "no deletion recorded" not in page
+
+    set_hash(driver, "#/audit")
+    wait_for(driver, lambda d: d.find_element(By.ID, "verify"))
+    service.revoke(key_id)
+    click(driver, "#verify")
+    wait_for(driver, lambda d: d.find_element(By.ID, "api-key").is_displayed())
+    assert "refused" in text_of(driver, "#sign-in-error")
+    assert driver.execute_script("return sessionStorage.length") == 0
+    assert not css(driver, "#nav").is_displayed()
+    only_refused_requests(driver)

@@ -2,7 +2,7 @@
 // goes in a POST body, never in a URL), a deleted contact's preserved timeline, chain
 // verification and the NDJSON export.
 import { api, query, download } from "./api.js";
-import { h, mount, time, badge, field, table, kv, say, fail } from "./dom.js";
+import { h, mount, time, badge, field, table, kv, say, act } from "./dom.js";
 
 // Every action the service writes (service/audit/models.py AuditAction; a test keeps them equal).
 const ACTIONS = ["deletion.requested", "deletion.dry_run", "contact.deleted", "contact.deletion_failed",
@@ -44,27 +44,23 @@ async function auditPage(view) {
   // Verify
   const verdict = h("div", { id: "verify-result", "aria-live": "polite" });
   const verifyButton = h("button", { type: "button", id: "verify" }, "Verify the chain");
-  verifyButton.addEventListener("click", async () => {
-    try {
+  verifyButton.addEventListener("click", () => act(async () => {
       const r = (await api("GET", "/v1/audit/verify")).data;
       mount(verdict, r.ok
         ? h("div", {}, h("p", {}, badge("ok"), ` The chain holds: ${r.events_checked} events checked.`),
           kv([["Head seq", String(r.head_seq)], ["Head hash", h("code", { id: "head-hash" }, r.head_hash)]]))
         : h("div", {}, h("p", { class: "error" }, badge("broken"), ` Broken at seq ${r.broken_seq ?? "?"} (${r.reason}).`),
           kv([["Detail", r.detail], ["Last good seq", String(r.head_seq)], ["Last good hash", h("code", {}, r.head_hash)]])));
-    } catch (err) { fail(err); }
-  });
+  }, verdict));
 
   // Export
   const sinceSeq = h("input", { id: "export-since", type: "text", inputmode: "numeric", value: "1" });
   const exportButton = h("button", { type: "button", id: "export" }, "Download NDJSON");
-  exportButton.addEventListener("click", async () => {
-    try {
-      const n = sinceSeq.value.trim() || "1";
-      await download(`/v1/audit/export${query({ since_seq: n })}`, `audit-from-${n}.ndjson`);
-      say("Export downloaded.", "good");
-    } catch (err) { fail(err); }
-  });
+  exportButton.addEventListener("click", () => act(async () => {
+    const n = sinceSeq.value.trim() || "1";
+    await download(`/v1/audit/export${query({ since_seq: n })}`, `audit-from-${n}.ndjson`);
+    say("Export downloaded.", "good");
+  }));
 
   // Lookup by address (POST body only)
   const email = h("input", { id: "lookup-email", type: "text", inputmode: "email", autocomplete: "off", spellcheck: "false" });
@@ -72,16 +68,16 @@ async function auditPage(view) {
   const lookup = h("form", { id: "lookup-form" },
     field("lookup-email", "Email address", email, "Matched by its keyed hash; the address is sent in a request body, never in a URL."),
     h("button", { type: "submit" }, "Look up"));
-  lookup.addEventListener("submit", async (event) => {
+  lookup.addEventListener("submit", (event) => {
     event.preventDefault();
-    try {
+    act(async () => {
       const page = await api("POST", "/v1/audit/events/query", { email: email.value.trim(), limit: 100 });
       const deleted = page.data.filter((e) => e.action === "contact.deleted");
       mount(lookupResult,
         h("p", {}, deleted.length ? h("strong", {}, `Yes: deleted (${deleted.length} contact${deleted.length === 1 ? "" : "s"}).`)
           : page.data.length ? "Events mention this address, but no deletion." : "No event mentions this address."),
         table("Events about this address", HEADERS, eventRows(page.data), ""));
-    } catch (err) { fail(err); }
+    }, lookupResult);
   });
 
   // Browser
@@ -96,7 +92,7 @@ async function auditPage(view) {
   const browse = h("form", { id: "events-form" },
     h("div", { class: "filters" },
       field("f-action", "Action", action), field("f-target", "Target id", targetId), field("f-job", "Job id", jobId),
-      field("f-actor", "Actor id", actor), field("f-since", "Since (local time)", since), field("f-until", "Until", until)),
+      field("f-actor", "Actor id", actor), field("f-since", "Since (local time)", since), field("f-until", "Until (local time)", until)),
     h("button", { type: "submit" }, "Search"));
   let cursor = null;
   let shown = [];
@@ -112,8 +108,12 @@ async function auditPage(view) {
     more.hidden = !cursor;
     mount(results, table("Audit events, oldest first", HEADERS, eventRows(shown), "No events match."));
   };
-  browse.addEventListener("submit", (event) => { event.preventDefault(); load(false).catch(fail); });
-  more.addEventListener("click", () => load(true).catch(fail));
+  // Results of the old filters are not left under the new filters' error.
+  browse.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    if (!(await act(() => load(false), results))) more.hidden = true;
+  });
+  more.addEventListener("click", () => act(() => load(true)));
 
   mount(view, h("h2", {}, "Audit trail"),
     h("div", { class: "grid" },
@@ -121,18 +121,38 @@ async function auditPage(view) {
       h("section", { class: "card" }, h("h3", {}, "Chain verification"),
         h("p", { class: "hint" }, "Walks this workspace's hash chain from seq 1."), verifyButton, verdict,
         h("h3", {}, "Export"), field("export-since", "From seq", sinceSeq), exportButton)),
-    h("section", { class: "card" }, h("h3", {}, "Events"), browse, results, more));
+    h("section", { class: "card" }, h("h3", {}, "Events"),
+      // The API lists events in the order they were written, and offers no other order.
+      h("p", { class: "hint", id: "events-order" }, "Oldest first, in the order they were written (by seq); narrow by Since and Until to reach recent events."),
+      browse, results, more));
   await load(false);
 }
 
 async function timelinePage(view, contactId) {
   const t = (await api("GET", `/v1/audit/contacts/${encodeURIComponent(contactId)}/timeline`)).data;
+  const back = h("p", {}, h("a", { href: "#/audit" }, "← Audit trail"));
+  if (!t.deleted) {
+    // A contact the workspace still has, or one whose deletion failed: the trail has no
+    // deletion, and no preserved timeline (its live timeline belongs to the contacts API).
+    const events = (await api("GET", `/v1/audit/events${query({ target_id: t.contact_id, limit: 50 })}`)).data;
+    mount(view, back,
+      h("h2", {}, "Contact not deleted"),
+      h("section", { class: "card" }, kv([
+        ["Contact", h("code", {}, t.contact_id)],
+        ["Deleted", h("span", { id: "timeline-not-deleted" }, "no: the audit trail records no deletion of this contact")],
+      ]),
+      h("p", {}, "If it still exists, its timeline is live data, read through the API: ",
+        h("code", {}, `GET /v1/contacts/${t.contact_id}/timeline`), " (scope contacts:read). This page shows only what a deletion preserved.")),
+      h("section", { class: "card" }, h("h3", {}, "Events about this contact"),
+        table("Audit events about this contact, oldest first", HEADERS, eventRows(events), "No audit event names this contact.")));
+    return;
+  }
   const by = t.requested_by;
-  mount(view, h("p", {}, h("a", { href: "#/audit" }, "← Audit trail")),
+  mount(view, back,
     h("h2", {}, "Deleted contact"),
     h("section", { class: "card" }, kv([
       ["Contact", h("code", {}, t.contact_id)],
-      ["Deleted", t.deleted ? h("span", { id: "timeline-deleted" }, badge("deleted"), " ", time(t.deletion?.occurred_at)) : "no deletion recorded"],
+      ["Deleted", h("span", { id: "timeline-deleted" }, badge("deleted"), " ", time(t.deletion?.occurred_at))],
       ["Requested by key", by?.api_key_id ? h("code", {}, by.api_key_id) : "—"],
       ["Job", by?.job_id ? h("a", { href: `#/jobs/${by.job_id}` }, h("code", {}, by.job_id)) : "—"],
       ["Request id", by?.request_id ? h("code", {}, by.request_id) : "—"],

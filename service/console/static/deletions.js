@@ -1,7 +1,7 @@
 // Deletions: the jobs list with live progress, a job's page (items, errors), and the
 // delete form, which shows the dry run's outcome and asks before the real request.
 import { api, query } from "./api.js";
-import { h, mount, time, badge, field, table, kv, say, fail } from "./dom.js";
+import { h, mount, time, badge, field, table, kv, say, sayNext, act } from "./dom.js";
 
 const TERMINAL = new Set(["completed", "completed_with_errors", "failed"]);
 const ITEM_STATUSES = ["pending", "deleted", "not_found", "failed"];
@@ -71,20 +71,21 @@ async function jobsList(section, ctx) {
       h("span", { class: "hide-narrow" }, counts(j)),
       h("a", { href: `#/jobs/${j.job_id}`, "aria-label": `Open job ${j.job_id}` }, "Open")]),
     "No deletion jobs yet."));
+  let latest = 0; // answers to an overtaken request are dropped
   const load = async (append) => {
+    const mine = ++latest;
     const page = await api("GET", `/v1/bulk-jobs${query({ limit: 20, cursor: append ? cursor : null })}`);
+    if (mine !== latest) return;
     shown = append ? shown.concat(page.data) : page.data;
     appended = appended || append;
     cursor = page.next_cursor;
     more.hidden = !cursor;
     draw();
   };
-  more.addEventListener("click", () => load(true).catch(fail));
+  more.addEventListener("click", () => act(() => load(true)));
   await load(false);
   // Live progress: refresh the first page while any job on it is still running.
-  ctx.every(1500, () => {
-    if (!appended && shown.some((j) => !TERMINAL.has(j.status))) load(false).catch(fail);
-  });
+  ctx.every(1500, () => (!appended && shown.some((j) => !TERMINAL.has(j.status)) ? load(false) : null));
 }
 
 async function jobPage(view, jobId, me, ctx) {
@@ -141,11 +142,12 @@ async function jobPage(view, jobId, me, ctx) {
     drawJob();
     if (wasRunning && TERMINAL.has(job.status)) await loadItems(false);
   };
-  statusSelect.addEventListener("change", () => loadItems(false).catch(fail));
-  more.addEventListener("click", () => loadItems(true).catch(fail));
+  // Items that failed to load for the new filter are not shown under it.
+  statusSelect.addEventListener("change", () => act(() => loadItems(false), items));
+  more.addEventListener("click", () => act(() => loadItems(true)));
   await loadJob();
   await loadItems(false);
-  ctx.every(1000, () => { if (!TERMINAL.has(job.status)) loadJob().catch(fail); });
+  ctx.every(1000, () => (TERMINAL.has(job.status) ? null : loadJob()));
 }
 
 // --- the delete form ------------------------------------------------------------------
@@ -201,19 +203,23 @@ function deleteForm(canRead) {
   form.addEventListener("change", sync);
   // Any edit invalidates a preview: the confirmation must match what was previewed.
   form.addEventListener("input", () => outcome.replaceChildren());
-  form.addEventListener("submit", async (event) => {
+  // A refused preview leaves no earlier preview (and its Delete button) under its error.
+  form.addEventListener("submit", (event) => {
     event.preventDefault();
-    try {
+    act(async () => {
       const request = body();
       say("Running the dry run…");
-      const result = (await api("POST", "/v1/contacts/bulk-delete", { ...request, dry_run: true })).data;
+      let result;
+      try {
+        result = (await api("POST", "/v1/contacts/bulk-delete", { ...request, dry_run: true })).data;
+      } catch (err) {
+        // The API's way out (match_all) is not offered here, on purpose: say so.
+        if (!err.message || !err.message.includes("match_all")) throw err;
+        throw new Error(`${err.message}. The console never sends match_all: deleting every contact is done through the API only.`);
+      }
       say("");
       showOutcome(outcome, request, result, canRead);
-    } catch (err) {
-      // The API's way out (match_all) is not offered here, on purpose: say so.
-      const all = err.message && err.message.includes("match_all");
-      fail(all ? new Error(`${err.message}. The console never sends match_all: deleting every contact is done through the API only.`) : err);
-    }
+    }, outcome);
   });
   return h("section", { class: "card", "aria-labelledby": "form-h" }, h("h3", { id: "form-h" }, "New deletion"), form, outcome);
 }
@@ -230,14 +236,12 @@ function idsToDelete(request, first) {
     more.hidden = !cursor;
     more.dataset.cursor = cursor || "";
   };
-  more.addEventListener("click", async () => {
-    try {
-      const page = (await api("POST", "/v1/contacts/bulk-delete",
-        { ...request, dry_run: true, dry_run_cursor: more.dataset.cursor })).data;
-      ids.push(...page.contact_ids);
-      draw(page.next_cursor);
-    } catch (err) { fail(err); }
-  });
+  more.addEventListener("click", () => act(async () => {
+    const page = (await api("POST", "/v1/contacts/bulk-delete",
+      { ...request, dry_run: true, dry_run_cursor: more.dataset.cursor })).data;
+    ids.push(...page.contact_ids);
+    draw(page.next_cursor);
+  }));
   draw(first.next_cursor);
   return h("details", {}, summary, list, more);
 }
@@ -262,16 +266,18 @@ function showOutcome(outcome, request, result, canRead) {
   cancel.addEventListener("click", () => outcome.replaceChildren());
   confirm.addEventListener("click", async () => {
     confirm.disabled = true;
-    try {
+    const requested = await act(async () => {
       const job = (await api("POST", "/v1/contacts/bulk-delete", request, { "Idempotency-Key": idempotencyKey })).data;
       if (canRead) {
-        say("Deletion requested.", "good");
+        // Said on the job's page, which this navigation opens.
+        sayNext("Deletion requested.", "good");
         location.hash = `#/jobs/${job.job_id}`;
       } else {
         outcome.replaceChildren();
         say(`Deletion requested: job ${job.job_id} (this key cannot read jobs: it lacks contacts:read).`, "good");
       }
-    } catch (err) { confirm.disabled = false; fail(err); }
+    });
+    if (!requested) confirm.disabled = false;
   });
   mount(outcome, h("div", { class: "card outcome" },
     h("h3", { tabindex: "-1", id: "outcome-h" }, "Dry run: nothing was changed"),

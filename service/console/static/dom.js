@@ -64,13 +64,59 @@ export function kv(pairs) {
 }
 
 const statusEl = () => document.getElementById("status");
+let said = 0; // which message the status line holds (see unsay)
 
+// Puts `message` on the status line, replacing whatever it said; returns a token for unsay.
 export function say(message, kind = "") {
   const el = statusEl();
   el.className = `status ${kind}`;
   el.textContent = message;
+  said += 1;
+  return said;
 }
 
+// Clears the status line if it still holds the message `token` named (a refresh that
+// failed once and then worked again takes its own error away, and nothing else).
+export function unsay(token) {
+  if (token && token === said) say("");
+}
+
+// A message for the page that the next navigation opens ("Endpoint deleted." said on the
+// page that is being left would be wiped by the switch).
+let next = null;
+
+export function sayNext(message, kind = "") {
+  next = { message, kind };
+}
+
+export function takeNext() {
+  const message = next;
+  next = null;
+  return message;
+}
+
+export function errorText(err) {
+  return err && err.message ? err.message : String(err);
+}
+
+// Says an error; returns its token, or null for a refused key (the sign-out already said
+// why, and the page is gone).
 export function fail(err) {
-  say(err && err.message ? err.message : String(err), "bad");
+  if (err && err.signedOut) return null;
+  return say(errorText(err), "bad");
+}
+
+// A user's action: its outcome replaces whatever the status line said before (an old
+// error under a new success is a lie), and when it fails, the answers it would have
+// replaced (`stale`: elements) are emptied, so that no old answer sits under the new error.
+export async function act(fn, ...stale) {
+  say("");
+  try {
+    await fn();
+    return true;
+  } catch (err) {
+    for (const el of stale) if (el) el.replaceChildren();
+    fail(err);
+    return false;
+  }
 }

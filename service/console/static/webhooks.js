@@ -1,7 +1,7 @@
 // Webhooks: endpoints (create, edit, delete, secret shown once, rotate, test, enable),
 // each endpoint's delivery log, a delivery's attempts, retry one, recover since a time.
 import { api, query } from "./api.js";
-import { h, mount, time, badge, field, table, kv, say, fail } from "./dom.js";
+import { h, mount, time, badge, field, table, kv, say, sayNext, act, fail } from "./dom.js";
 
 const EVENT_TYPES = ["contact.deleted", "deletion_job.completed", "webhook.test"];
 const DELIVERY_STATUSES = ["pending", "failing", "succeeded", "failed", "cancelled"];
@@ -17,7 +17,7 @@ export function owns(part) {
 export async function render(view, parts, { ctx }) {
   if (parts[0] === "endpoints" && parts[1]) return endpointPage(view, parts[1], ctx);
   if (parts[0] === "deliveries" && parts[1]) return deliveryPage(view, parts[1], ctx);
-  return listPage(view);
+  return listPage(view, ctx);
 }
 
 function eventTypeBoxes(prefix, selected = []) {
@@ -43,7 +43,7 @@ function reason(endpoint) {
     endpoint.disabled_at ? [" (since ", time(endpoint.disabled_at), ")"] : null);
 }
 
-async function listPage(view) {
+async function listPage(view, ctx) {
   const url = h("input", { id: "ep-url", type: "url", required: true, placeholder: "https://crm.example.com/hooks/deletions" });
   const description = h("input", { id: "ep-description", type: "text", maxlength: 500 });
   const created = h("div", { "aria-live": "polite" });
@@ -60,22 +60,32 @@ async function listPage(view) {
       h("section", { class: "card wide" }, h("h3", {}, "Endpoints"), list, more)));
   let cursor = null;
   let shown = [];
-  // The first page again (after a change), or the next page appended (`more`).
+  let drawn = null;
+  let appended = false; // once older pages are shown, stop refreshing (it would drop them)
+  let latest = 0; // answers to an overtaken request are dropped
+  // The first page again (after a change, or to refresh it), or the next page appended.
   const load = async (append) => {
+    const mine = ++latest;
     const page = await api("GET", `/v1/webhooks/endpoints${query({ limit: 50, cursor: append ? cursor : null })}`);
+    if (mine !== latest || !ctx.alive) return;
     shown = append ? shown.concat(page.data) : page.data;
+    appended = appended || append;
     cursor = page.next_cursor;
     more.hidden = !cursor;
+    // Redrawn only when something changed: a refresh must not take the focus from a link.
+    const now = JSON.stringify(shown);
+    if (now === drawn) return;
+    drawn = now;
     mount(list, table("Webhook endpoints, newest first", ["URL", "Status", "Events", ""],
       shown.map((e) => [h("code", {}, e.url), h("span", {}, badge(e.status), e.status === "disabled" ? h("span", { class: "hint" }, " ", reason(e)) : null),
         e.event_types.length ? h("span", {}, e.event_types.map((t) => h("div", { class: "nowrap" }, t))) : "all",
         h("a", { href: `#/endpoints/${e.id}`, "aria-label": `Open endpoint ${e.url}` }, "Open")]),
       "No endpoints yet."));
   };
-  more.addEventListener("click", () => load(true).catch(fail));
+  more.addEventListener("click", () => act(() => load(true)));
   form.addEventListener("submit", async (event) => {
     event.preventDefault();
-    try {
+    const added = await act(async () => {
       const body = { url: url.value.trim() };
       if (description.value.trim()) body.description = description.value.trim();
       const types = ticked(form, "new");
@@ -85,10 +95,18 @@ async function listPage(view) {
       mount(created, secretBox(endpoint.secret, "Your receiver verifies each delivery's signature with it."),
         h("p", {}, h("a", { href: `#/endpoints/${endpoint.id}` }, "Open the new endpoint")));
       say("Endpoint added.", "good");
-      await load(false);
-    } catch (err) { fail(err); }
+    }, created);
+    // The new secret stays on screen even if the list then fails to load.
+    if (added) await load(false).catch(fail);
   });
   await load(false);
+  // An endpoint's status changes without the user (a 410 disables it): keep the list true.
+  ctx.every(3000, () => (appended ? null : load(false)));
+}
+
+// The endpoint as shown: the rotate answer carries the new secret, which a re-read does not.
+function sameEndpoint(a, b) {
+  return JSON.stringify({ ...a, secret: undefined }) === JSON.stringify({ ...b, secret: undefined });
 }
 
 async function endpointPage(view, id, ctx) {
@@ -104,60 +122,78 @@ async function endpointPage(view, id, ctx) {
     h("option", { value: "" }, "any status"), DELIVERY_STATUSES.map((s) => h("option", { value: s }, s)));
   const since = h("input", { id: "recover-since", type: "datetime-local", required: true });
   const recoverForm = h("form", { id: "recover-form" },
-    field("recover-since", "Resend every failed delivery since", since, "Your local time. Use it after an outage of your receiver."),
+    field("recover-since", "Resend every failed or failing delivery since", since, "Your local time. Use it after an outage of your receiver."),
     h("button", { type: "submit" }, "Recover"));
   const log = h("div");
   const more = h("button", { type: "button", class: "secondary", hidden: true }, "Older deliveries");
+  let confirming = false; // the delete confirmation is open: a re-read leaves it alone
+  let editTouched = false; // the user is editing: a re-read does not overwrite their input
+  editForm.addEventListener("input", () => { editTouched = true; });
 
-  const draw = () => {
-    mount(details, kv([
-      ["URL", h("code", {}, endpoint.url)],
-      ["Status", badge(endpoint.status)],
-      ["Why disabled", reason(endpoint)],
-      ["Description", endpoint.description || "—"],
-      ["Event types", endpoint.event_types.length ? endpoint.event_types.join(", ") : "all"],
-      ["Created", time(endpoint.created_at)],
-    ]));
+  const drawDetails = () => mount(details, kv([
+    ["URL", h("code", {}, endpoint.url)],
+    ["Status", h("span", { id: "endpoint-status" }, badge(endpoint.status))],
+    ["Why disabled", reason(endpoint)],
+    ["Description", endpoint.description || "—"],
+    ["Event types", endpoint.event_types.length ? endpoint.event_types.join(", ") : "all"],
+    ["Created", time(endpoint.created_at)],
+  ]));
+  const drawEdit = () => {
+    editTouched = false;
     editUrl.value = endpoint.url;
     editDescription.value = endpoint.description || "";
     mount(editForm, field("edit-url", "Receiver URL", editUrl), field("edit-description", "Description", editDescription),
       eventTypeBoxes("edit", endpoint.event_types), h("button", { type: "submit" }, "Save changes"));
+  };
+  // Every action ends by re-reading the endpoint and its log, whether it worked or not: a
+  // 409 endpoint_disabled is news that the endpoint was disabled meanwhile.
+  const settle = () => Promise.all([reread(), loadLog(false)]).catch(() => {}); // the refresh reports lasting failures
+  const drawActions = () => {
+    confirming = false;
     const buttons = [
       action("Send test event", "send-test", async () => {
         await api("POST", `${base}/test`);
         say("Test event queued: it appears in the delivery log below.", "good");
-        await loadLog(false);
-      }),
+      }, { after: settle }),
       action("Rotate secret", "rotate", async () => {
-        endpoint = (await api("POST", `${base}/rotate-secret`)).data;
-        mount(notice, secretBox(endpoint.secret,
+        const rotated = (await api("POST", `${base}/rotate-secret`)).data;
+        mount(notice, secretBox(rotated.secret,
           "The previous secret keeps signing alongside this one for an overlap window (24 hours by default): each delivery carries both signatures, so update your receiver within that window and nothing fails verification."));
-        draw();
-      }),
+        say("Secret rotated: copy the new one now.", "good");
+      }, { after: settle, stale: [notice] }),
     ];
     if (endpoint.status === "disabled") {
       buttons.push(action("Enable", "enable", async () => {
-        endpoint = (await api("POST", `${base}/enable`)).data;
+        await api("POST", `${base}/enable`);
         say("Endpoint enabled.", "good");
-        draw();
-      }));
+      }, { after: settle }));
     }
     const del = h("button", { type: "button", class: "danger", id: "delete-endpoint" }, "Delete endpoint");
     del.addEventListener("click", () => {
       const really = h("button", { type: "button", class: "danger", id: "really-delete" }, "Yes, delete it");
       const keep = h("button", { type: "button", class: "secondary" }, "Keep it");
-      keep.addEventListener("click", draw);
-      really.addEventListener("click", async () => {
-        try {
-          await api("DELETE", base);
-          say("Endpoint deleted: its pending deliveries will not be sent.", "good");
-          location.hash = "#/webhooks";
-        } catch (err) { fail(err); }
-      });
+      keep.addEventListener("click", drawActions);
+      really.addEventListener("click", () => act(async () => {
+        await api("DELETE", base);
+        // Said on the page the deletion leads to (this one goes away).
+        sayNext("Endpoint deleted: its pending deliveries will not be sent.", "good");
+        location.hash = "#/webhooks";
+      }));
       mount(actions, buttons, h("p", { class: "error" }, "Delete this endpoint? Pending deliveries to it are dropped."), really, keep);
+      confirming = true;
       really.focus();
     });
     mount(actions, buttons, del);
+  };
+  // The endpoint as it is now (a 410 from the receiver, another tab, the API): redrawn
+  // when it changed.
+  const reread = async () => {
+    const fresh = (await api("GET", base)).data;
+    if (!ctx.alive || sameEndpoint(fresh, endpoint)) return;
+    endpoint = fresh;
+    drawDetails();
+    if (!confirming) drawActions();
+    if (!editTouched) drawEdit();
   };
 
   let cursor = null;
@@ -180,27 +216,31 @@ async function endpointPage(view, id, ctx) {
 
   editForm.addEventListener("submit", async (event) => {
     event.preventDefault();
-    try {
+    const saved = await act(async () => {
       endpoint = (await api("PATCH", base, {
         url: editUrl.value.trim(), description: editDescription.value.trim() || null,
         event_types: ticked(editForm, "edit"),
       })).data;
       say("Saved.", "good");
-      draw();
-    } catch (err) { fail(err); }
+      drawDetails();
+      if (!confirming) drawActions();
+      drawEdit();
+    });
+    if (!saved) await settle();
   });
   recoverForm.addEventListener("submit", async (event) => {
     event.preventDefault();
-    try {
+    await act(async () => {
       const when = new Date(since.value);
       if (Number.isNaN(when.getTime())) throw new Error("Pick a date and time.");
-      const result = (await api("POST", `${base}/recover`, { since: when.toISOString() })).data;
-      say(`${result.requeued} deliveries queued again.`, "good");
-      await loadLog(false);
-    } catch (err) { fail(err); }
+      const n = (await api("POST", `${base}/recover`, { since: when.toISOString() })).data.requeued;
+      say(n ? `${n} ${n === 1 ? "delivery" : "deliveries"} queued again.` : "No failed or failing delivery since then: nothing was queued again.", "good");
+    });
+    await settle();
   });
-  statusSelect.addEventListener("change", () => { appended = false; loadLog(false).catch(fail); });
-  more.addEventListener("click", () => loadLog(true).catch(fail));
+  // A log that failed to load for the new filter is not shown under it.
+  statusSelect.addEventListener("change", () => { appended = false; act(() => loadLog(false), log); });
+  more.addEventListener("click", () => act(() => loadLog(true)));
 
   mount(view,
     h("p", {}, h("a", { href: "#/webhooks" }, "← All endpoints")),
@@ -211,17 +251,25 @@ async function endpointPage(view, id, ctx) {
     h("section", { class: "card" }, h("h3", {}, "Delivery log"),
       h("div", { class: "filters" }, field("delivery-status", "Show deliveries with status", statusSelect)),
       log, more, h("h3", {}, "Recover after an outage"), recoverForm));
-  draw();
+  drawDetails();
+  drawActions();
+  drawEdit();
   await loadLog(false);
-  ctx.every(2000, () => { if (!appended) loadLog(false).catch(fail); });
+  // The endpoint itself is re-read with its log: the dispatcher disables it on a 410 or
+  // after days of failures, and the page must say so (and offer Enable).
+  ctx.every(2000, () => Promise.all([reread(), appended ? null : loadLog(false)]));
 }
 
-function action(label, id, fn) {
-  const button = h("button", { type: "button", class: "secondary", id });
-  button.textContent = label;
+// A button whose click is a user's action (see dom.act); `after` runs once it is over,
+// whatever its outcome (re-reading what it may have changed).
+function action(label, id, fn, { after = null, stale = [] } = {}) {
+  const button = h("button", { type: "button", class: "secondary", id }, label);
   button.addEventListener("click", async () => {
     button.disabled = true;
-    try { await fn(); } catch (err) { fail(err); } finally { button.disabled = false; }
+    try {
+      await act(fn, ...stale);
+      if (after) await after();
+    } finally { button.disabled = false; }
   });
   return button;
 }
@@ -233,22 +281,10 @@ function excerpt(text) {
 
 async function deliveryPage(view, id, ctx) {
   const base = `/v1/webhooks/deliveries/${encodeURIComponent(id)}`;
+  let d = (await api("GET", base)).data;
   const details = h("div");
   const attempts = h("div");
-  const retry = action("Retry now", "retry-delivery", async () => {
-    await api("POST", `${base}/retry`);
-    say("Retry queued.", "good");
-    await load();
-  });
-  retry.className = "";
-  const back = h("a", { href: "#/webhooks" }, "← Endpoints");
-  mount(view, h("p", {}, back), h("h2", {}, "Delivery"),
-    h("section", { class: "card" }, details, retry),
-    h("section", { class: "card" }, h("h3", {}, "Attempts"), attempts));
-  const load = async () => {
-    const d = (await api("GET", base)).data;
-    back.href = `#/endpoints/${d.endpoint_id}`;
-    back.textContent = "← Endpoint";
+  const draw = () => {
     mount(details, kv([
       ["Event", `${d.event_type} (${d.event_id})`],
       ["Status", h("span", { id: "delivery-status-now" }, badge(d.status))],
@@ -262,6 +298,20 @@ async function deliveryPage(view, id, ctx) {
         `${Math.round(a.latency_ms)} ms`, a.error || "—", h("code", {}, excerpt(a.response_body))]),
       "Not tried yet."));
   };
-  await load();
-  ctx.every(1500, () => load().catch(fail));
+  const load = async () => {
+    const fresh = (await api("GET", base)).data;
+    if (!ctx.alive) return;
+    d = fresh;
+    draw();
+  };
+  const retry = action("Retry now", "retry-delivery", async () => {
+    await api("POST", `${base}/retry`);
+    say("Retry queued.", "good");
+  }, { after: () => load().catch(() => {}) }); // the refresh reports lasting failures
+  retry.className = "";
+  draw();
+  mount(view, h("p", {}, h("a", { href: `#/endpoints/${d.endpoint_id}` }, "← Endpoint")), h("h2", {}, "Delivery"),
+    h("section", { class: "card" }, details, retry),
+    h("section", { class: "card" }, h("h3", {}, "Attempts"), attempts));
+  ctx.every(1500, load);
 }
