@@ -722,32 +722,40 @@ class Dispatcher:
 
     def _start_sends(self, endpoint_id: uuid.UUID) -> None:
         """Start buffered sends of an endpoint up to its limits, while this process owns
-        it for longer than a request can take."""
-        slots = self.slots.get(endpoint_id)
-        if slots is None or not slots.ready or slots.releasing:
-            return
-        if self._stopping or self._session is None:
-            return
-        now = self.clock()
-        if slots.owned_until is None or slots.owned_until - now < self._send_margin:
-            return
-        if slots.ready[0]["claimed_until"] - now < self._send_margin:
-            self.progress.set()  # the pass renews the buffer's leases first
-            return
-        limit = self._limit(slots.max_in_flight)
-        mono = time.monotonic()
-        while slots.ready and slots.in_flight < limit:
-            if slots.rate is not None:
-                if slots.tokens_now(slots.rate, mono) < 1:
-                    loop = asyncio.get_running_loop()
-                    loop.call_later(1 / slots.rate, self.progress.set)
-                    return
-                slots.tokens -= 1
-            delivery = slots.ready.popleft()
-            slots.in_flight += 1
+        it for longer than a request can take: one task per free slot, which goes on
+        with the endpoint's next buffered delivery as each request ends (`_send`)."""
+        while (delivery := self._next_send(endpoint_id)) is not None:
+            assert self._session is not None
             task = asyncio.create_task(self._send(self._session, delivery))
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
+
+    def _next_send(self, endpoint_id: uuid.UUID) -> dict[str, Any] | None:
+        """The endpoint's next buffered delivery, taken for a free slot (counted in
+        flight), if its limits and this process's ownership let one start now: owned for
+        longer than a request can take, the buffer's leases too (otherwise the pass renews
+        them first), under `max_in_flight`, a token in a rate-limited endpoint's bucket
+        (otherwise a pass is due when the next one is)."""
+        slots = self.slots.get(endpoint_id)
+        if slots is None or not slots.ready or slots.releasing:
+            return None
+        if self._stopping or self._session is None:
+            return None
+        if slots.in_flight >= self._limit(slots.max_in_flight):
+            return None
+        now = self.clock()
+        if slots.owned_until is None or slots.owned_until - now < self._send_margin:
+            return None
+        if slots.ready[0]["claimed_until"] - now < self._send_margin:
+            self.progress.set()  # the pass renews the buffer's leases first
+            return None
+        if slots.rate is not None:
+            if slots.tokens_now(slots.rate, time.monotonic()) < 1:
+                asyncio.get_running_loop().call_later(1 / slots.rate, self.progress.set)
+                return None
+            slots.tokens -= 1
+        slots.in_flight += 1
+        return slots.ready.popleft()
 
     async def _refill(self) -> None:
         """Queue the ids of the oldest due deliveries per endpoint (no payloads), of the
@@ -962,7 +970,7 @@ class Dispatcher:
         others = [eid for eid in wanted if eid not in owned]
         if others:
             await self._let_go(conn, others, now)
-        take: list[uuid.UUID] = []
+        take: dict[uuid.UUID, uuid.UUID] = {}  # delivery id -> its endpoint, oldest first
         kept: list[dict[str, Any]] = []
         for eid, endpoint in owned.items():
             slots = self.slots[eid]
@@ -975,7 +983,7 @@ class Dispatcher:
             while need > 0 and slots.queue:
                 delivery_id = slots.queue.popleft()
                 if delivery_id not in self.held:
-                    take.append(delivery_id)
+                    take[delivery_id] = eid
                     need -= 1
             if not slots.queue:
                 self._drained = True
@@ -1006,16 +1014,16 @@ class Dispatcher:
             await conn.execute(
                 webhook_deliveries.update()
                 .where(
-                    any_of(D.id, take),
+                    any_of(D.id, list(take)),
                     D.status.in_(SENDABLE),
                     D.next_attempt_at <= now,
                     sa.or_(D.claimed_until.is_(None), D.claimed_until < now),
                 )
                 .values(claimed_until=until, retry_requested=False)
                 .returning(
-                    # Not the workspace: the endpoint's row has it (one fewer value a row).
+                    # Not the workspace nor the endpoint: the endpoint's row has the one and
+                    # `take` the other (fewer values a row to convert).
                     D.id,
-                    D.endpoint_id,
                     D.event_id,
                     D.event_type,
                     D.payload,
@@ -1049,24 +1057,40 @@ class Dispatcher:
         if not rows:
             return []
         picked: list[dict[str, Any]] = []
+        # Oldest first, as the queue had them. Rows are read as plain tuples (by position,
+        # in `_claim_in`'s RETURNING order), and each endpoint's values are looked up once
+        # per pass, not once per delivery (issue 8: this loop runs for every delivery).
         order = {delivery_id: n for n, delivery_id in enumerate(take)}
-        secrets = {eid: live_secrets(endpoint._mapping, now) for eid, endpoint in owned.items()}
-        for r in sorted(rows, key=lambda r: order[r.id]):
-            endpoint = owned[r.endpoint_id]
+        keys = {eid: eid for eid in self.slots}  # the slots' own key objects
+        per_endpoint = {
+            eid: (
+                keys[eid],
+                endpoint.workspace_id,
+                endpoint.url,
+                live_secrets(endpoint._mapping, now),
+            )
+            for eid, endpoint in owned.items()
+        }
+        ready = {eid: self.slots[eid].ready for eid in owned}
+        held = self.held
+        for delivery_id, event_id, event_type, payload, attempts in sorted(
+            map(tuple, rows), key=lambda r: order[r[0]]
+        ):
+            eid, workspace_id, url, secrets = per_endpoint[take[delivery_id]]
             delivery = {
-                "id": r.id,
-                "workspace_id": endpoint.workspace_id,
-                "endpoint_id": r.endpoint_id,
-                "event_id": r.event_id,
-                "event_type": r.event_type,
-                "payload": bytes(r.payload),
-                "attempt_count": r.attempt_count,
-                "url": endpoint.url,
-                "secrets": secrets[r.endpoint_id],
+                "id": delivery_id,
+                "workspace_id": workspace_id,
+                "endpoint_id": eid,  # (an identical key: its lookups skip comparing)
+                "event_id": event_id,
+                "event_type": event_type,
+                "payload": payload if type(payload) is bytes else bytes(payload),
+                "attempt_count": attempts,
+                "url": url,
+                "secrets": secrets,
                 "claimed_until": until,
             }
-            self.slots[r.endpoint_id].ready.append(delivery)
-            self.held.add(r.id)
+            ready[eid].append(delivery)
+            held.add(delivery_id)
             picked.append(delivery)
         return picked
 
@@ -1098,39 +1122,45 @@ class Dispatcher:
             log.info("webhook_deliveries_failed_endpoint_disabled", count=failed.rowcount)
 
     async def _send(self, session: aiohttp.ClientSession, delivery: dict[str, Any]) -> None:
-        try:
-            result = await self.attempt(session, delivery)
-            if self.pauses is not None:  # (no await per send otherwise)
-                await self._pause("sent")  # sent, the outcome not noted for recording yet
-        except _LeaseTooShort:
-            self._unsent(delivery)
-        except Exception:
-            # A bug, not a receiver's failure: the lease lapses and it is sent again.
-            log.exception("webhook_send_crashed", delivery_id=str(delivery["id"]))
-            self.held.discard(delivery["id"])
-        else:
-            self.finished.append((delivery, result))
-            slots = self.slots.get(delivery["endpoint_id"])
-            if slots is not None:
-                slots.observe(result.latency_ms / 1000, time.monotonic())
-        finally:
-            slots = self.slots.get(delivery["endpoint_id"])
-            if slots is not None:
-                slots.in_flight -= 1
-            self._start_sends(delivery["endpoint_id"])
-            # Wake the loop to record (group commit: once the window since the first
-            # unrecorded attempt passed, or when many wait) and to top the buffer up.
-            refill = slots is not None and (bool(slots.queue) or self._drained)
-            if (
-                len(self.finished) >= self._ahead_max
-                or self._stopping
-                or (refill and slots is not None and self._low(slots, slots.ahead))
-            ):
-                self.progress.set()
-            elif self._commit_timer is None or self._commit_timer.cancelled():
-                self._commit_timer = asyncio.get_running_loop().call_later(
-                    self._commit_s, self._commit_due
-                )
+        """Send `delivery`, then the endpoint's next buffered ones while its limits let
+        this slot go on (`_next_send`): one task per slot, not one per delivery."""
+        endpoint_id = delivery["endpoint_id"]
+        next_delivery: dict[str, Any] | None = delivery
+        while next_delivery is not None:
+            delivery = next_delivery
+            try:
+                result = await self.attempt(session, delivery)
+                if self.pauses is not None:  # (no await per send otherwise)
+                    await self._pause("sent")  # sent, the outcome not noted for recording yet
+            except _LeaseTooShort:
+                self._unsent(delivery)
+            except Exception:
+                # A bug, not a receiver's failure: the lease lapses and it is sent again.
+                log.exception("webhook_send_crashed", delivery_id=str(delivery["id"]))
+                self.held.discard(delivery["id"])
+            else:
+                self.finished.append((delivery, result))
+                slots = self.slots.get(endpoint_id)
+                if slots is not None:
+                    slots.observe(result.latency_ms / 1000, time.monotonic())
+            finally:
+                slots = self.slots.get(endpoint_id)
+                if slots is not None:
+                    slots.in_flight -= 1
+                next_delivery = self._next_send(endpoint_id)
+                # Wake the loop to record (group commit: once the window since the first
+                # unrecorded attempt passed, or when many wait) and to top the buffer up.
+                refill = slots is not None and (bool(slots.queue) or self._drained)
+                if (
+                    len(self.finished) >= self._ahead_max
+                    or self._stopping
+                    or (refill and slots is not None and self._low(slots, slots.ahead))
+                ):
+                    self.progress.set()
+                elif self._commit_timer is None or self._commit_timer.cancelled():
+                    self._commit_timer = asyncio.get_running_loop().call_later(
+                        self._commit_s, self._commit_due
+                    )
 
     def _lease_left(self, delivery: dict[str, Any]) -> timedelta:
         """How long this process may still be sending `delivery`: the shorter of its
@@ -1613,13 +1643,14 @@ class _LeaseTooShort(Exception):
 @dataclass(frozen=True)
 class _Claim:
     """What one claim wrote, applied to the buffers once committed (`_claimed`): the
-    endpoints owned until `until` (their rows), the deliveries claimed (rows) out of the
-    ids tried (`take`, oldest first), the buffered deliveries whose leases were to be
-    renewed (`kept`) and the ids of those whose lease was."""
+    endpoints owned until `until` (their rows), the deliveries claimed (rows: id, event
+    id, event type, payload, attempt count) out of the ids tried (`take`, oldest first,
+    each with its endpoint), the buffered deliveries whose leases were to be renewed
+    (`kept`) and the ids of those whose lease was."""
 
     owned: dict[uuid.UUID, Any]
     rows: list[Any]
-    take: list[uuid.UUID]
+    take: dict[uuid.UUID, uuid.UUID]
     until: datetime
     kept: list[dict[str, Any]]
     renewed: set[uuid.UUID]
