@@ -333,7 +333,6 @@ class Dispatcher:
                         continue
                     if not await self._fan_out_isolating(messages, dlq, stop):
                         break
-                    self.wakeup.set()  # the deliveries are written: the sender need not wait
                     # A refused commit (the partition moved) is logged and skipped inside.
                     await self._transient(
                         functools.partial(consumer.commit, next_offsets(messages)), stop
@@ -457,14 +456,20 @@ class Dispatcher:
             )
         async with self.db.begin() as conn:
             created = await enqueue_many(conn, self.db, batch)
+        handed = 0
         if leased:
             targets_by_id = {e.id: e for _, _, targets in planned for e in targets}
-            await self._hand_over(
+            handed = await self._hand_over(
                 [r for r in created if r["claimed_until"] is not None],
                 leased,
                 targets_by_id,
                 now,
             )
+        if len(created) > handed:
+            # Written for the sender to queue and claim: it need not wait for its next
+            # read. (What went straight into a buffer needs no read: issue 8, a read of
+            # the queues after every fan-out batch.)
+            self.wakeup.set()
         return len(created)
 
     def _handover_room(self, endpoint_ids: set[uuid.UUID], now: datetime) -> dict[uuid.UUID, int]:
@@ -496,13 +501,15 @@ class Dispatcher:
         leased: dict[uuid.UUID, EndpointSlots],
         endpoints: dict[uuid.UUID, Any],
         now: datetime,
-    ) -> None:
+    ) -> int:
         """Put new deliveries the fan-out claimed (`rows`, as inserted) into their
-        endpoints' buffers and start their sends. One whose endpoint this process no
-        longer owns as it did (given up or lost meanwhile) has its lease cleared, so
-        that the endpoint's owner sends it; if that fails, the lease lapses."""
+        endpoints' buffers and start their sends; returns how many went into a buffer.
+        One whose endpoint this process no longer owns as it did (given up or lost
+        meanwhile) has its lease cleared, so that the endpoint's owner sends it; if that
+        fails, the lease lapses."""
         orphaned: list[uuid.UUID] = []
         started: set[uuid.UUID] = set()
+        handed = 0
         secrets: dict[uuid.UUID, list[str]] = {}
         for row in rows:
             eid = row["endpoint_id"]
@@ -535,6 +542,7 @@ class Dispatcher:
             )
             self.held.add(row["id"])
             started.add(eid)
+            handed += 1
         for eid in started:
             self._start_sends(eid)
         if orphaned:
@@ -545,6 +553,7 @@ class Dispatcher:
                 log.warning(
                     "webhook_handover_lease_kept", deliveries=len(orphaned), error=repr(exc)[:500]
                 )
+        return handed
 
     # -- sender -------------------------------------------------------------------------
 
@@ -1396,7 +1405,7 @@ class Dispatcher:
             )
             if any(finished.scalars()):
                 asked.extend(done_ids)
-        retrying = [p.params for p in plans if p.shape == "failing"]
+        retrying = [p.params for p in plans if p.params is not None]
         if retrying:
             await conn.execute(_retry_update(), retrying)
             asked.extend(p.delivery["id"] for p in plans if p.shape == "failing")
@@ -1656,11 +1665,10 @@ class _Claim:
     renewed: set[uuid.UUID]
 
 
-@dataclass(frozen=True)
-class _Plan:
+class _Plan(NamedTuple):
     """What recording one attempt writes: the delivery's next state (`done`: in one
     UPDATE per final status; `failing`: as parameters of the retry UPDATE), and what the
-    endpoint and the log are told."""
+    endpoint and the log are told. (A tuple: one is made per attempt recorded.)"""
 
     delivery: dict[str, Any]
     result: AttemptResult
@@ -1669,7 +1677,7 @@ class _Plan:
     values: dict[str, Any]
     exhausted: bool
     shape: str  # "done" (succeeded or failed) | "failing" (a retry is scheduled)
-    params: dict[str, Any]
+    params: dict[str, Any] | None  # the retry UPDATE's parameters ("failing" only)
 
     @property
     def gone(self) -> bool:
@@ -1701,15 +1709,16 @@ def _plan(
                 "status": DeliveryStatus.FAILING,
                 "next_attempt_at": now + timedelta(seconds=delay),
             }
-    shape = "failing" if "next_attempt_at" in values else "done"
+    if "next_attempt_at" not in values:
+        return _Plan(delivery, result, outcome, attempts, values, exhausted, "done", None)
     params = {
         "d_id": delivery["id"],
         "d_status": values["status"].value,
         "d_attempts": attempts,
         "d_last": now,
-        "d_when": values.get("next_attempt_at", values.get("completed_at")),
+        "d_when": values["next_attempt_at"],
     }
-    return _Plan(delivery, result, outcome, attempts, values, exhausted, shape, params)
+    return _Plan(delivery, result, outcome, attempts, values, exhausted, "failing", params)
 
 
 @functools.cache
