@@ -777,7 +777,8 @@ class Dispatcher:
         mono = time.monotonic()
         full = {eid for eid, s in self.slots.items() if len(s.queue) >= QUEUE_KEEP}
         stmt = (
-            sa.select(D.id, D.endpoint_id)
+            # The endpoint as the driver gives it (no conversion per row: it repeats).
+            sa.select(D.id, sa.type_coerce(D.endpoint_id, sa.types.NullType))
             .select_from(webhook_deliveries.join(webhook_endpoints, E.id == D.endpoint_id))
             .where(
                 D.status.in_(SENDABLE),
@@ -826,12 +827,22 @@ class Dispatcher:
             if eid not in full:
                 slots.queue.clear()
         self._released = {e: t for e, t in self._released.items() if t > mono}
-        for r in rows:
-            if r.id not in self.held and r.endpoint_id not in self._released:
-                slots = self.slots.setdefault(r.endpoint_id, EndpointSlots())
-                slots.queue.append(r.id)
-                if slots.owned_until is None and slots.waiting_since is None:
-                    slots.waiting_since = mono
+        endpoints: dict[Any, uuid.UUID] = {}  # as the driver gives it -> the slots' key
+        keys = {eid: eid for eid in self.slots}
+        held = self.held
+        for delivery_id, raw in rows:
+            endpoint_id = endpoints.get(raw)
+            if endpoint_id is None:
+                endpoint_id = uuid.UUID(str(raw))
+                endpoint_id = endpoints[raw] = keys.get(endpoint_id, endpoint_id)
+            if delivery_id not in held and endpoint_id not in self._released:
+                queued = self.slots.get(endpoint_id)
+                if queued is None:
+                    queued = self.slots[endpoint_id] = EndpointSlots()
+                    keys[endpoint_id] = endpoint_id
+                queued.queue.append(delivery_id)
+                if queued.owned_until is None and queued.waiting_since is None:
+                    queued.waiting_since = mono
         # This process's fair share of the endpoints with work: its share of the
         # dispatchers' Kafka group times those endpoints (its own and the others').
         mine = sum(1 for s in self.slots.values() if s.queue or self._owns(s, now))
