@@ -339,7 +339,6 @@ class Dispatcher:
                         continue
                     if not await self._fan_out_isolating(messages, dlq, stop):
                         break
-                    self.wakeup.set()  # the deliveries are written: the sender need not wait
                     # A refused commit (the partition moved) is logged and skipped inside.
                     await self._transient(
                         functools.partial(consumer.commit, next_offsets(messages)), stop
@@ -463,14 +462,20 @@ class Dispatcher:
             )
         async with self.db.begin() as conn:
             created = await enqueue_many(conn, self.db, batch)
+        handed = 0
         if leased:
             targets_by_id = {e.id: e for _, _, targets in planned for e in targets}
-            await self._hand_over(
+            handed = await self._hand_over(
                 [r for r in created if r["claimed_until"] is not None],
                 leased,
                 targets_by_id,
                 now,
             )
+        if len(created) > handed:
+            # Written for the sender to queue and claim: it need not wait for its next
+            # read. (What went straight into a buffer needs no read: issue 8, a read of
+            # the queues after every fan-out batch.)
+            self.wakeup.set()
         return len(created)
 
     def _handover_room(self, endpoint_ids: set[uuid.UUID], now: datetime) -> dict[uuid.UUID, int]:
@@ -502,13 +507,15 @@ class Dispatcher:
         leased: dict[uuid.UUID, EndpointSlots],
         endpoints: dict[uuid.UUID, Any],
         now: datetime,
-    ) -> None:
+    ) -> int:
         """Put new deliveries the fan-out claimed (`rows`, as inserted) into their
-        endpoints' buffers and start their sends. One whose endpoint this process no
-        longer owns as it did (given up or lost meanwhile) has its lease cleared, so
-        that the endpoint's owner sends it; if that fails, the lease lapses."""
+        endpoints' buffers and start their sends; returns how many went into a buffer.
+        One whose endpoint this process no longer owns as it did (given up or lost
+        meanwhile) has its lease cleared, so that the endpoint's owner sends it; if that
+        fails, the lease lapses."""
         orphaned: list[uuid.UUID] = []
         started: set[uuid.UUID] = set()
+        handed = 0
         secrets: dict[uuid.UUID, list[str]] = {}
         for row in rows:
             eid = row["endpoint_id"]
@@ -541,6 +548,7 @@ class Dispatcher:
             )
             self.held.add(row["id"])
             started.add(eid)
+            handed += 1
         for eid in started:
             self._start_sends(eid)
         if orphaned:
@@ -551,6 +559,7 @@ class Dispatcher:
                 log.warning(
                     "webhook_handover_lease_kept", deliveries=len(orphaned), error=repr(exc)[:500]
                 )
+        return handed
 
     # -- sender -------------------------------------------------------------------------
 
@@ -728,32 +737,40 @@ class Dispatcher:
 
     def _start_sends(self, endpoint_id: uuid.UUID) -> None:
         """Start buffered sends of an endpoint up to its limits, while this process owns
-        it for longer than a request can take."""
-        slots = self.slots.get(endpoint_id)
-        if slots is None or not slots.ready or slots.releasing:
-            return
-        if self._stopping or self._session is None:
-            return
-        now = self.clock()
-        if slots.owned_until is None or slots.owned_until - now < self._send_margin:
-            return
-        if slots.ready[0]["claimed_until"] - now < self._send_margin:
-            self.progress.set()  # the pass renews the buffer's leases first
-            return
-        limit = self._limit(slots.max_in_flight)
-        mono = time.monotonic()
-        while slots.ready and slots.in_flight < limit:
-            if slots.rate is not None:
-                if slots.tokens_now(slots.rate, mono) < 1:
-                    loop = asyncio.get_running_loop()
-                    loop.call_later(1 / slots.rate, self.progress.set)
-                    return
-                slots.tokens -= 1
-            delivery = slots.ready.popleft()
-            slots.in_flight += 1
+        it for longer than a request can take: one task per free slot, which goes on
+        with the endpoint's next buffered delivery as each request ends (`_send`)."""
+        while (delivery := self._next_send(endpoint_id)) is not None:
+            assert self._session is not None
             task = asyncio.create_task(self._send(self._session, delivery))
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
+
+    def _next_send(self, endpoint_id: uuid.UUID) -> dict[str, Any] | None:
+        """The endpoint's next buffered delivery, taken for a free slot (counted in
+        flight), if its limits and this process's ownership let one start now: owned for
+        longer than a request can take, the buffer's leases too (otherwise the pass renews
+        them first), under `max_in_flight`, a token in a rate-limited endpoint's bucket
+        (otherwise a pass is due when the next one is)."""
+        slots = self.slots.get(endpoint_id)
+        if slots is None or not slots.ready or slots.releasing:
+            return None
+        if self._stopping or self._session is None:
+            return None
+        if slots.in_flight >= self._limit(slots.max_in_flight):
+            return None
+        now = self.clock()
+        if slots.owned_until is None or slots.owned_until - now < self._send_margin:
+            return None
+        if slots.ready[0]["claimed_until"] - now < self._send_margin:
+            self.progress.set()  # the pass renews the buffer's leases first
+            return None
+        if slots.rate is not None:
+            if slots.tokens_now(slots.rate, time.monotonic()) < 1:
+                asyncio.get_running_loop().call_later(1 / slots.rate, self.progress.set)
+                return None
+            slots.tokens -= 1
+        slots.in_flight += 1
+        return slots.ready.popleft()
 
     async def _refill(self) -> None:
         """Queue the ids of the oldest due deliveries per endpoint (no payloads), of the
@@ -766,7 +783,8 @@ class Dispatcher:
         mono = time.monotonic()
         full = {eid for eid, s in self.slots.items() if len(s.queue) >= QUEUE_KEEP}
         stmt = (
-            sa.select(D.id, D.endpoint_id)
+            # The endpoint as the driver gives it (no conversion per row: it repeats).
+            sa.select(D.id, sa.type_coerce(D.endpoint_id, sa.types.NullType))
             .select_from(webhook_deliveries.join(webhook_endpoints, E.id == D.endpoint_id))
             .where(
                 D.status.in_(SENDABLE),
@@ -815,12 +833,22 @@ class Dispatcher:
             if eid not in full:
                 slots.queue.clear()
         self._released = {e: t for e, t in self._released.items() if t > mono}
-        for r in rows:
-            if r.id not in self.held and r.endpoint_id not in self._released:
-                slots = self.slots.setdefault(r.endpoint_id, EndpointSlots())
-                slots.queue.append(r.id)
-                if slots.owned_until is None and slots.waiting_since is None:
-                    slots.waiting_since = mono
+        endpoints: dict[Any, uuid.UUID] = {}  # as the driver gives it -> the slots' key
+        keys = {eid: eid for eid in self.slots}
+        held = self.held
+        for delivery_id, raw in rows:
+            endpoint_id = endpoints.get(raw)
+            if endpoint_id is None:
+                endpoint_id = uuid.UUID(str(raw))
+                endpoint_id = endpoints[raw] = keys.get(endpoint_id, endpoint_id)
+            if delivery_id not in held and endpoint_id not in self._released:
+                queued = self.slots.get(endpoint_id)
+                if queued is None:
+                    queued = self.slots[endpoint_id] = EndpointSlots()
+                    keys[endpoint_id] = endpoint_id
+                queued.queue.append(delivery_id)
+                if queued.owned_until is None and queued.waiting_since is None:
+                    queued.waiting_since = mono
         # This process's fair share of the endpoints with work: its share of the
         # dispatchers' Kafka group times those endpoints (its own and the others').
         mine = sum(1 for s in self.slots.values() if s.queue or self._owns(s, now))
@@ -968,7 +996,7 @@ class Dispatcher:
         others = [eid for eid in wanted if eid not in owned]
         if others:
             await self._let_go(conn, others, now)
-        take: list[uuid.UUID] = []
+        take: dict[uuid.UUID, uuid.UUID] = {}  # delivery id -> its endpoint, oldest first
         kept: list[dict[str, Any]] = []
         for eid, endpoint in owned.items():
             slots = self.slots[eid]
@@ -981,7 +1009,7 @@ class Dispatcher:
             while need > 0 and slots.queue:
                 delivery_id = slots.queue.popleft()
                 if delivery_id not in self.held:
-                    take.append(delivery_id)
+                    take[delivery_id] = eid
                     need -= 1
             if not slots.queue:
                 self._drained = True
@@ -1012,16 +1040,16 @@ class Dispatcher:
             await conn.execute(
                 webhook_deliveries.update()
                 .where(
-                    any_of(D.id, take),
+                    any_of(D.id, list(take)),
                     D.status.in_(SENDABLE),
                     D.next_attempt_at <= now,
                     sa.or_(D.claimed_until.is_(None), D.claimed_until < now),
                 )
                 .values(claimed_until=until, retry_requested=False)
                 .returning(
-                    # Not the workspace: the endpoint's row has it (one fewer value a row).
+                    # Not the workspace nor the endpoint: the endpoint's row has the one and
+                    # `take` the other (fewer values a row to convert).
                     D.id,
-                    D.endpoint_id,
                     D.event_id,
                     D.event_type,
                     D.payload,
@@ -1055,24 +1083,40 @@ class Dispatcher:
         if not rows:
             return []
         picked: list[dict[str, Any]] = []
+        # Oldest first, as the queue had them. Rows are read as plain tuples (by position,
+        # in `_claim_in`'s RETURNING order), and each endpoint's values are looked up once
+        # per pass, not once per delivery (issue 8: this loop runs for every delivery).
         order = {delivery_id: n for n, delivery_id in enumerate(take)}
-        secrets = {eid: live_secrets(endpoint._mapping, now) for eid, endpoint in owned.items()}
-        for r in sorted(rows, key=lambda r: order[r.id]):
-            endpoint = owned[r.endpoint_id]
+        keys = {eid: eid for eid in self.slots}  # the slots' own key objects
+        per_endpoint = {
+            eid: (
+                keys[eid],
+                endpoint.workspace_id,
+                endpoint.url,
+                live_secrets(endpoint._mapping, now),
+            )
+            for eid, endpoint in owned.items()
+        }
+        ready = {eid: self.slots[eid].ready for eid in owned}
+        held = self.held
+        for delivery_id, event_id, event_type, payload, attempts in sorted(
+            map(tuple, rows), key=lambda r: order[r[0]]
+        ):
+            eid, workspace_id, url, secrets = per_endpoint[take[delivery_id]]
             delivery = {
-                "id": r.id,
-                "workspace_id": endpoint.workspace_id,
-                "endpoint_id": r.endpoint_id,
-                "event_id": r.event_id,
-                "event_type": r.event_type,
-                "payload": bytes(r.payload),
-                "attempt_count": r.attempt_count,
-                "url": endpoint.url,
-                "secrets": secrets[r.endpoint_id],
+                "id": delivery_id,
+                "workspace_id": workspace_id,
+                "endpoint_id": eid,  # (an identical key: its lookups skip comparing)
+                "event_id": event_id,
+                "event_type": event_type,
+                "payload": payload if type(payload) is bytes else bytes(payload),
+                "attempt_count": attempts,
+                "url": url,
+                "secrets": secrets,
                 "claimed_until": until,
             }
-            self.slots[r.endpoint_id].ready.append(delivery)
-            self.held.add(r.id)
+            ready[eid].append(delivery)
+            held.add(delivery_id)
             picked.append(delivery)
         return picked
 
@@ -1104,39 +1148,45 @@ class Dispatcher:
             log.info("webhook_deliveries_failed_endpoint_disabled", count=failed.rowcount)
 
     async def _send(self, session: aiohttp.ClientSession, delivery: dict[str, Any]) -> None:
-        try:
-            result = await self.attempt(session, delivery)
-            if self.pauses is not None:  # (no await per send otherwise)
-                await self._pause("sent")  # sent, the outcome not noted for recording yet
-        except _LeaseTooShort:
-            self._unsent(delivery)
-        except Exception:
-            # A bug, not a receiver's failure: the lease lapses and it is sent again.
-            log.exception("webhook_send_crashed", delivery_id=str(delivery["id"]))
-            self.held.discard(delivery["id"])
-        else:
-            self.finished.append((delivery, result))
-            slots = self.slots.get(delivery["endpoint_id"])
-            if slots is not None:
-                slots.observe(result.latency_ms / 1000, time.monotonic())
-        finally:
-            slots = self.slots.get(delivery["endpoint_id"])
-            if slots is not None:
-                slots.in_flight -= 1
-            self._start_sends(delivery["endpoint_id"])
-            # Wake the loop to record (group commit: once the window since the first
-            # unrecorded attempt passed, or when many wait) and to top the buffer up.
-            refill = slots is not None and (bool(slots.queue) or self._drained)
-            if (
-                len(self.finished) >= self._ahead_max
-                or self._stopping
-                or (refill and slots is not None and self._low(slots, slots.ahead))
-            ):
-                self.progress.set()
-            elif self._commit_timer is None or self._commit_timer.cancelled():
-                self._commit_timer = asyncio.get_running_loop().call_later(
-                    self._commit_s, self._commit_due
-                )
+        """Send `delivery`, then the endpoint's next buffered ones while its limits let
+        this slot go on (`_next_send`): one task per slot, not one per delivery."""
+        endpoint_id = delivery["endpoint_id"]
+        next_delivery: dict[str, Any] | None = delivery
+        while next_delivery is not None:
+            delivery = next_delivery
+            try:
+                result = await self.attempt(session, delivery)
+                if self.pauses is not None:  # (no await per send otherwise)
+                    await self._pause("sent")  # sent, the outcome not noted for recording yet
+            except _LeaseTooShort:
+                self._unsent(delivery)
+            except Exception:
+                # A bug, not a receiver's failure: the lease lapses and it is sent again.
+                log.exception("webhook_send_crashed", delivery_id=str(delivery["id"]))
+                self.held.discard(delivery["id"])
+            else:
+                self.finished.append((delivery, result))
+                slots = self.slots.get(endpoint_id)
+                if slots is not None:
+                    slots.observe(result.latency_ms / 1000, time.monotonic())
+            finally:
+                slots = self.slots.get(endpoint_id)
+                if slots is not None:
+                    slots.in_flight -= 1
+                next_delivery = self._next_send(endpoint_id)
+                # Wake the loop to record (group commit: once the window since the first
+                # unrecorded attempt passed, or when many wait) and to top the buffer up.
+                refill = slots is not None and (bool(slots.queue) or self._drained)
+                if (
+                    len(self.finished) >= self._ahead_max
+                    or self._stopping
+                    or (refill and slots is not None and self._low(slots, slots.ahead))
+                ):
+                    self.progress.set()
+                elif self._commit_timer is None or self._commit_timer.cancelled():
+                    self._commit_timer = asyncio.get_running_loop().call_later(
+                        self._commit_s, self._commit_due
+                    )
 
     def _lease_left(self, delivery: dict[str, Any]) -> timedelta:
         """How long this process may still be sending `delivery`: the shorter of its
@@ -1372,7 +1422,7 @@ class Dispatcher:
             )
             if any(finished.scalars()):
                 asked.extend(done_ids)
-        retrying = [p.params for p in plans if p.shape == "failing"]
+        retrying = [p.params for p in plans if p.params is not None]
         if retrying:
             await conn.execute(_retry_update(), retrying)
             asked.extend(p.delivery["id"] for p in plans if p.shape == "failing")
@@ -1619,23 +1669,23 @@ class _LeaseTooShort(Exception):
 @dataclass(frozen=True)
 class _Claim:
     """What one claim wrote, applied to the buffers once committed (`_claimed`): the
-    endpoints owned until `until` (their rows), the deliveries claimed (rows) out of the
-    ids tried (`take`, oldest first), the buffered deliveries whose leases were to be
-    renewed (`kept`) and the ids of those whose lease was."""
+    endpoints owned until `until` (their rows), the deliveries claimed (rows: id, event
+    id, event type, payload, attempt count) out of the ids tried (`take`, oldest first,
+    each with its endpoint), the buffered deliveries whose leases were to be renewed
+    (`kept`) and the ids of those whose lease was."""
 
     owned: dict[uuid.UUID, Any]
     rows: list[Any]
-    take: list[uuid.UUID]
+    take: dict[uuid.UUID, uuid.UUID]
     until: datetime
     kept: list[dict[str, Any]]
     renewed: set[uuid.UUID]
 
 
-@dataclass(frozen=True)
-class _Plan:
+class _Plan(NamedTuple):
     """What recording one attempt writes: the delivery's next state (`done`: in one
     UPDATE per final status; `failing`: as parameters of the retry UPDATE), and what the
-    endpoint and the log are told."""
+    endpoint and the log are told. (A tuple: one is made per attempt recorded.)"""
 
     delivery: dict[str, Any]
     result: AttemptResult
@@ -1644,7 +1694,7 @@ class _Plan:
     values: dict[str, Any]
     exhausted: bool
     shape: str  # "done" (succeeded or failed) | "failing" (a retry is scheduled)
-    params: dict[str, Any]
+    params: dict[str, Any] | None  # the retry UPDATE's parameters ("failing" only)
 
     @property
     def gone(self) -> bool:
@@ -1676,15 +1726,16 @@ def _plan(
                 "status": DeliveryStatus.FAILING,
                 "next_attempt_at": now + timedelta(seconds=delay),
             }
-    shape = "failing" if "next_attempt_at" in values else "done"
+    if "next_attempt_at" not in values:
+        return _Plan(delivery, result, outcome, attempts, values, exhausted, "done", None)
     params = {
         "d_id": delivery["id"],
         "d_status": values["status"].value,
         "d_attempts": attempts,
         "d_last": now,
-        "d_when": values.get("next_attempt_at", values.get("completed_at")),
+        "d_when": values["next_attempt_at"],
     }
-    return _Plan(delivery, result, outcome, attempts, values, exhausted, shape, params)
+    return _Plan(delivery, result, outcome, attempts, values, exhausted, "failing", params)
 
 
 @functools.cache

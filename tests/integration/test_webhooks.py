@@ -1328,8 +1328,10 @@ async def test_a_new_delivery_to_an_endpoint_this_dispatcher_owns_goes_from_the_
 ) -> None:
     """Once a dispatcher owns an endpoint, the deliveries its fan-out writes for it are
     claimed by the same INSERT and are in its buffer (or in flight) when fan_out returns,
-    with no claim of their own; each arrives once, signed with the endpoint's secret, and
-    is recorded. Another workspace's event written meanwhile is untouched."""
+    with no claim of their own (nor a read of the sender's queues: the sender is woken
+    only for a delivery that did not go straight into a buffer); each arrives once,
+    signed with the endpoint's secret, and is recorded. Another workspace's event
+    written meanwhile is untouched."""
     dispatcher = sender()
     endpoint = await create_endpoint(tenant, receiver.script("/owned", answer(204)))
     eid = uuid.UUID(endpoint["id"])
@@ -1338,8 +1340,10 @@ async def test_a_new_delivery_to_an_endpoint_this_dispatcher_owns_goes_from_the_
     assert dispatcher.slots[eid].owned_until is not None
 
     events = [contact_deleted(tenant.workspace_id) for _ in range(3)]
+    dispatcher.wakeup.clear()
     assert await dispatcher.fan_out([message(e, n) for n, e in enumerate(events)], dlq) == 3
     held = set(dispatcher.held)  # before any other task ran
+    assert not dispatcher.wakeup.is_set()
     async with services.db.read() as conn:
         rows = (
             await conn.execute(
@@ -1360,6 +1364,16 @@ async def test_a_new_delivery_to_an_endpoint_this_dispatcher_owns_goes_from_the_
     for hit in hits:
         payload: Any = Webhook(endpoint["secret"]).verify(hit.body, hit.headers)
         assert payload["type"] == "contact.deleted"
+
+    # An endpoint this dispatcher does not own yet: its delivery is queued for the
+    # sender, which is woken for it (and sends it once).
+    other = await create_endpoint(tenant, receiver.script("/other", answer(204)))
+    late = contact_deleted(tenant.workspace_id)
+    dispatcher.wakeup.clear()
+    assert await dispatcher.fan_out([message(late, 3)], dlq) == 2
+    assert dispatcher.wakeup.is_set()
+    await wait_delivery(tenant, other["id"], late.id, has_status("succeeded"))
+    assert [h.webhook_id for h in receiver.at("/other")] == [late.id]
 
 
 async def delivery_payload(services: Services, event_id: str, endpoint_id: uuid.UUID) -> bytes:
