@@ -187,6 +187,54 @@ class Orphaned:
     redacted_tables: set[sa.Table] = field(default_factory=set)
 
 
+@dataclass
+class _Plan:
+    """What a batch of deletion requests comes to, as read (`DeletionWorker._plan`)."""
+
+    job_ids: list[uuid.UUID]
+    refs: list[str]
+    jobs: dict[uuid.UUID, Any]
+    statuses: dict[tuple[uuid.UUID, str], str]
+    named: set[uuid.UUID]  # the contacts the pending items name
+    found: dict[uuid.UUID, Any]  # those that exist, their deciding columns
+    outcomes: list[tuple[DeletionRequested, Outcome]]
+    doomed: dict[uuid.UUID, DeletionRequested]
+    redact: dict[uuid.UUID, Redactor]
+    now: datetime
+
+
+@dataclass
+class _Outcomes:
+    """What a plan writes besides the deletion itself (`DeletionWorker._build`)."""
+
+    now: datetime
+    records: list[AuditRecord] = field(default_factory=list)
+    deleted_rows: list[OutboxRow] = field(default_factory=list)
+    progress: dict[uuid.UUID, ProgressDelta] = field(default_factory=dict)
+    groups: dict[tuple[uuid.UUID, Outcome], list[str]] = field(default_factory=dict)
+
+    def add_to(self, progress: dict[uuid.UUID, ProgressDelta], records: list[AuditRecord]) -> None:
+        records += self.records
+        for job_id, delta in self.progress.items():
+            mine = progress.setdefault(job_id, ProgressDelta())
+            mine.deleted += delta.deleted
+            mine.not_found += delta.not_found
+            mine.failed += delta.failed
+
+
+@dataclass
+class _Prepared:
+    """A batch planned and built before its write transaction (`DeletionWorker._prepare`)."""
+
+    plan: _Plan
+    nulled: dict[str, set[Any]]  # per timeline kind, the row ids (as stored) it orphans
+    outcomes: _Outcomes
+
+
+class _Stale(Exception):
+    """A prepared batch's timelines changed before it was written: roll back, redo."""
+
+
 class DeletionWorker:
     def __init__(
         self,
@@ -471,32 +519,53 @@ class DeletionWorker:
 
     # -- the unit of work ---------------------------------------------------------------
 
-    async def process(self, commands: Sequence[DeletionRequested | JobExpand]) -> BatchResult:
-        """Apply a batch of commands in one transaction."""
+    async def process(
+        self, commands: Sequence[DeletionRequested | JobExpand], *, prepare: bool = True
+    ) -> BatchResult:
+        """Apply a batch of commands in one transaction.
+
+        On SQLite the deletions are first prepared outside it (`_prepare`), unless
+        ``prepare`` is false: the way taken again when a prepared batch went stale.
+        """
         result = BatchResult()
         deletions = [c for c in commands if isinstance(c, DeletionRequested)]
         expansions = [c for c in commands if isinstance(c, JobExpand)]
-        async with self.db.begin() as conn:
-            progress: dict[uuid.UUID, ProgressDelta] = {}
-            # Lock order, the same in every transaction of the worker (two of its batches
-            # may run at once, and `give_up` too): items and contacts, then job rows, then
-            # the audit chain head — appended last, with the events of the jobs this batch
-            # finished after its deletions, so the head is held as briefly as can be.
-            records: list[AuditRecord] = []
-            if deletions:
-                result.deleted = await self._delete(
-                    conn, deletions, progress, result.touched, records
-                )
-            for expansion in expansions:
-                await self._expand(conn, expansion, progress)
-            for job_id in sorted(progress, key=str):
-                change = await apply_progress(
-                    conn, self.db, self.settings, job_id, progress[job_id], audit=records
-                )
-                result.note(job_id, change)
-            if records:
-                await append_events(conn, self.db, records)
-            result.progress = progress
+        prepared = None
+        if deletions and prepare and self.db.is_sqlite:
+            prepared = await self._prepare(deletions)
+        try:
+            async with self.db.begin() as conn:
+                progress: dict[uuid.UUID, ProgressDelta] = {}
+                # Lock order, the same in every transaction of the worker (two of its
+                # batches may run at once, and `give_up` too): items and contacts, then job
+                # rows, then the audit chain head — appended last, with the events of the
+                # jobs this batch finished after its deletions, so the head is held as
+                # briefly as can be.
+                records: list[AuditRecord] = []
+                if deletions:
+                    deleted = None
+                    if prepared is not None:
+                        deleted = await self._apply_prepared(
+                            conn, prepared, progress, result.touched, records
+                        )
+                    if deleted is None:
+                        deleted = await self._delete(
+                            conn, deletions, progress, result.touched, records
+                        )
+                    result.deleted = deleted
+                for expansion in expansions:
+                    await self._expand(conn, expansion, progress)
+                for job_id in sorted(progress, key=str):
+                    change = await apply_progress(
+                        conn, self.db, self.settings, job_id, progress[job_id], audit=records
+                    )
+                    result.note(job_id, change)
+                if records:
+                    await append_events(conn, self.db, records)
+                result.progress = progress
+        except _Stale:
+            # Rolled back: a timeline changed between the reads and the write.
+            return await self.process(commands, prepare=False)
         return result
 
     async def give_up(
@@ -519,7 +588,23 @@ class DeletionWorker:
     ) -> int:
         """Delete what the commands ask for; their audit events go to ``records``, for the
         caller to append after the job rows (`process`'s lock order)."""
-        items = deletion_job_items.c
+        plan = await self._plan(conn, commands, lock=True)
+        if plan is None:
+            return 0
+        orphaned = await self._delete_contacts(conn, list(plan.doomed), plan.redact)
+        if plan.doomed:
+            touched |= touched_tables(True, orphaned.redacted_tables)
+        outcome = self._build(plan, orphaned)
+        await self._write_outcomes(conn, outcome)
+        outcome.add_to(progress, records)
+        return len(plan.doomed)
+
+    async def _plan(
+        self, conn: AsyncConnection, commands: Sequence[DeletionRequested], *, lock: bool
+    ) -> _Plan | None:
+        """What the commands come to: their jobs, the items still pending, the contacts
+        they name and each one's outcome (None: nothing to do). ``lock``: as the write
+        transaction's reads (row locks on PostgreSQL)."""
         job_ids = sorted({c.job_id for c in commands}, key=str)
         jobs = {
             r.id: r
@@ -536,11 +621,8 @@ class DeletionWorker:
                 )
             ).all()
         }
-        item_stmt = pending_items_statement(job_ids, sorted({c.ref for c in commands}))
-        statuses = {
-            (r.job_id, r.ref): r.status
-            for r in (await conn.execute(self.db.for_update(item_stmt))).all()
-        }
+        refs = sorted({c.ref for c in commands})
+        statuses = await self._statuses(conn, job_ids, refs, lock=lock)
         todo: list[DeletionRequested] = []
         seen: set[tuple[uuid.UUID, str]] = set()
         for c in commands:
@@ -549,14 +631,12 @@ class DeletionWorker:
                 seen.add(key)
                 todo.append(c)
         if not todo:
-            return 0
-        contact_stmt = sa.select(*_DECIDING_COLUMNS).where(
-            any_of(contacts.c.id, {c.contact_id for c in todo})
-        )
-        found = {
-            r["id"]: r for r in (await conn.execute(self.db.for_update(contact_stmt))).mappings()
-        }
-        now = utcnow()
+            return None
+        named = {c.contact_id for c in todo}
+        contact_stmt = sa.select(*_DECIDING_COLUMNS).where(any_of(contacts.c.id, named))
+        if lock:
+            contact_stmt = self.db.for_update(contact_stmt)
+        found = {r["id"]: r for r in (await conn.execute(contact_stmt)).mappings()}
         outcomes: list[tuple[DeletionRequested, Outcome]] = []
         doomed: dict[uuid.UUID, DeletionRequested] = {}
         for c in todo:
@@ -570,17 +650,42 @@ class DeletionWorker:
                 else:
                     doomed[c.contact_id] = c
             outcomes.append((c, outcome))
-
         redact = {
             cid: Redactor.of(found[cid])
             for cid, c in doomed.items()
             if jobs[c.job_id].redact_timeline
         }
-        orphaned = await self._delete_contacts(conn, list(doomed), redact)
-        if doomed:
-            touched |= touched_tables(True, orphaned.redacted_tables)
+        return _Plan(
+            job_ids=job_ids,
+            refs=refs,
+            jobs=jobs,
+            statuses=statuses,
+            named=named,
+            found=found,
+            outcomes=outcomes,
+            doomed=doomed,
+            redact=redact,
+            now=utcnow(),
+        )
 
-        deleted_rows: list[OutboxRow] = []
+    async def _statuses(
+        self, conn: AsyncConnection, job_ids: list[uuid.UUID], refs: list[str], *, lock: bool
+    ) -> dict[tuple[uuid.UUID, str], str]:
+        """The status of each of these items that exists, by (job id, ref)."""
+        stmt = pending_items_statement(job_ids, refs)
+        if lock:
+            stmt = self.db.for_update(stmt)
+        return {(r.job_id, r.ref): r.status for r in (await conn.execute(stmt)).all()}
+
+    def _build(self, plan: _Plan, orphaned: Orphaned) -> _Outcomes:
+        """The audit events, ``contact.deleted`` outbox rows, item updates and job counts of
+        a plan whose contacts left ``orphaned``: Python only, no statement."""
+        jobs, outcomes, doomed, now = plan.jobs, plan.outcomes, plan.doomed, plan.now
+        found = plan.found
+        built = _Outcomes(now=now)
+        records = built.records
+        progress = built.progress
+        deleted_rows = built.deleted_rows
         topic = self.settings.topic(TOPIC_CONTACT_DELETED)
         encoder = ContactDeletedEncoder(now)
         # What every item of a job shares, as text, once per job rather than per contact.
@@ -662,10 +767,14 @@ class DeletionWorker:
                     )
                 )
         # One statement per job and outcome (usually one per job), not one row each.
-        groups: dict[tuple[uuid.UUID, Outcome], list[str]] = {}
         for c, o in outcomes:
-            groups.setdefault((c.job_id, o), []).append(c.ref)
-        for (job_id, o), refs in groups.items():
+            built.groups.setdefault((c.job_id, o), []).append(c.ref)
+        return built
+
+    async def _write_outcomes(self, conn: AsyncConnection, built: _Outcomes) -> None:
+        """The items' new statuses and the ``contact.deleted`` outbox rows."""
+        items = deletion_job_items.c
+        for (job_id, o), refs in built.groups.items():
             await conn.execute(
                 deletion_job_items.update()
                 .where(items.job_id == job_id, any_of(items.ref, refs))
@@ -673,10 +782,70 @@ class DeletionWorker:
                     status=str(o.status),
                     error_code=str(o.code) if o.code else None,
                     error_message=o.message,
-                    processed_at=now,
+                    processed_at=built.now,
                 )
             )
-        await insert_rows(conn, outbox, deleted_rows)
+        await insert_rows(conn, outbox, built.deleted_rows)
+
+    async def _prepare(self, commands: Sequence[DeletionRequested]) -> _Prepared | None:
+        """SQLite: a batch's reads and everything built from them, done on a read
+        connection BEFORE the write transaction (`_apply_prepared` checks them inside it),
+        so that the one writer's lock is held for the writes and not for this Python, and
+        the next batch is prepared while the one before it writes. None where there is
+        nothing to do or the batch redacts timelines (those take the usual way)."""
+        async with self.db.read() as conn:
+            plan = await self._plan(conn, commands, lock=False)
+            if plan is None or plan.redact:
+                return None
+            doomed = list(plan.doomed)
+            rows = await self._timeline_rows(conn, doomed) if doomed else []
+        orphaned = Orphaned()
+        _keep(orphaned, doomed, rows)
+        nulled: dict[str, set[Any]] = {kind: set() for kind in TIMELINE_TABLES}
+        for r in rows:
+            nulled[r[0]].add(r[1])
+        return _Prepared(plan=plan, nulled=nulled, outcomes=self._build(plan, orphaned))
+
+    async def _apply_prepared(
+        self,
+        conn: AsyncConnection,
+        prepared: _Prepared,
+        progress: dict[uuid.UUID, ProgressDelta],
+        touched: set[str],
+        records: list[AuditRecord],
+    ) -> int | None:
+        """In the write transaction: a prepared batch (`_prepare`) applied if what it read
+        still holds, its deleted count; None, having written nothing, if its items or
+        contacts changed since (the caller takes the usual way, in this transaction);
+        `_Stale` if a timeline changed under it (the caller rolls back and retries).
+
+        What is checked is all a prepared batch's outcome depends on: its items' statuses
+        (as read by `_plan`), which of the contacts it names exist (contacts are inserted
+        and deleted, never updated, and the deciding columns are read from them), and the
+        timeline rows its contacts leave, per table (back-references are only ever set on
+        insert and nulled by a deletion: the ids nulled here, returned, are the ones
+        prepared or the batch is stale). Job rows' fields read here never change."""
+        plan = prepared.plan
+        if await self._statuses(conn, plan.job_ids, plan.refs, lock=True) != plan.statuses:
+            return None
+        exist = sa.select(contacts.c.id).where(any_of(contacts.c.id, plan.named))
+        if set((await conn.execute(exist)).scalars()) != set(plan.found):
+            return None
+        doomed = list(plan.doomed)
+        if doomed:
+            for kind, table in TIMELINE_TABLES.items():
+                nulled = await conn.execute(
+                    table.update()
+                    .where(any_of(table.c.contact_id, doomed))
+                    .values(contact_id=None)
+                    .returning(_raw(table.c.id))
+                )
+                if set(nulled.scalars()) != prepared.nulled[kind]:
+                    raise _Stale(kind)
+            await conn.execute(contacts.delete().where(any_of(contacts.c.id, doomed)))
+            touched |= touched_tables(True, set())
+        await self._write_outcomes(conn, prepared.outcomes)
+        prepared.outcomes.add_to(progress, records)
         return len(doomed)
 
     async def _delete_contacts(
@@ -766,9 +935,22 @@ class DeletionWorker:
         """Without redaction: one statement reads what the three timelines keep of these
         contacts, then one per table that has any nulls their back-references (each round
         trip counts: on a busy machine each one waits for the database to be scheduled)."""
-        # The columns come back as the driver gives them (`_raw`): a batch reads two or
-        # three timeline rows per contact, and building a UUID and a datetime for each only
-        # to turn them back into text cost more than the rest of the read.
+        rows = await self._timeline_rows(conn, contact_ids)
+        kinds = _keep(orphaned, contact_ids, rows)
+        for kind, table in TIMELINE_TABLES.items():
+            if kind in kinds:
+                await conn.execute(
+                    table.update()
+                    .where(any_of(table.c.contact_id, contact_ids))
+                    .values(contact_id=None)
+                )
+
+    @staticmethod
+    async def _timeline_rows(conn: AsyncConnection, contact_ids: list[uuid.UUID]) -> list[Any]:
+        """(kind, id, contact id, time) of every timeline row of these contacts, in one
+        statement, the columns as the driver gives them (`_raw`): a batch reads two or
+        three timeline rows per contact, and building a UUID and a datetime for each only
+        to turn them back into text cost more than the rest of the read."""
         selects = [
             sa.select(
                 sa.literal(kind, sa.String).label("kind"),
@@ -778,15 +960,7 @@ class DeletionWorker:
             ).where(any_of(table.c.contact_id, contact_ids))
             for kind, table in TIMELINE_TABLES.items()
         ]
-        rows = (await conn.execute(sa.union_all(*selects))).all()
-        kinds = _keep(orphaned, contact_ids, rows)
-        for kind, table in TIMELINE_TABLES.items():
-            if kind in kinds:
-                await conn.execute(
-                    table.update()
-                    .where(any_of(table.c.contact_id, contact_ids))
-                    .values(contact_id=None)
-                )
+        return list((await conn.execute(sa.union_all(*selects))).all())
 
     async def _expand(
         self, conn: AsyncConnection, command: JobExpand, progress: dict[uuid.UUID, ProgressDelta]
