@@ -45,7 +45,7 @@ from service.aio import (
     wait_for_dependency,
 )
 from service.audit.chain import email_hmac
-from service.audit.store import AuditRecord, append_events, load_hash_key
+from service.audit.store import AuditRecord, append_events, encode_record, load_hash_key
 from service.config import Settings
 from service.contacts.store import TIMELINE_TABLES
 from service.db import (
@@ -804,7 +804,10 @@ class DeletionWorker:
         nulled: dict[str, set[Any]] = {kind: set() for kind in TIMELINE_TABLES}
         for r in rows:
             nulled[r[0]].add(r[1])
-        return _Prepared(plan=plan, nulled=nulled, outcomes=self._build(plan, orphaned))
+        outcomes = self._build(plan, orphaned)
+        # Their canonical JSON too: only the seq and the hashes are left to the append.
+        outcomes.records = [encode_record(r) for r in outcomes.records]
+        return _Prepared(plan=plan, nulled=nulled, outcomes=outcomes)
 
     async def _apply_prepared(
         self,
