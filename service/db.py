@@ -559,7 +559,7 @@ def new_ids(count: int) -> list[uuid.UUID]:
 
 def _run_statement(
     conn: sqlite3.Connection, operation: str, parameters: Any, many: bool
-) -> tuple[Any, list[Any] | None, int, int]:
+) -> tuple[Any, list[Any] | None, Any, int]:
     """In the connection's thread: one statement from cursor to close (`_OneHopCursor`)."""
     cursor = conn.cursor()
     try:
@@ -571,7 +571,7 @@ def _run_statement(
             cursor.execute(operation, parameters)
         if cursor.description:
             return cursor.description, cursor.fetchall(), -1, -1
-        return None, None, cursor.lastrowid or 0, cursor.rowcount
+        return None, None, cursor.lastrowid, cursor.rowcount
     finally:
         cursor.close()
 

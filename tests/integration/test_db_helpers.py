@@ -231,3 +231,72 @@ async def test_the_scrubbers_truncate_outlasts_another_process_checkpointing(
     finally:
         if other is not None:
             await other
+
+
+async def test_a_sqlite_statement_is_one_hand_off_to_its_connection_thread(
+    db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLite: each statement (rows, no rows, many rows, an error) is one piece of work for
+    aiosqlite's thread, where SQLAlchemy's own cursor made four (cursor, execute, fetch,
+    close), with the same rows, counts and errors. PostgreSQL: the statements as ever."""
+    import aiosqlite
+
+    handed: list[str] = []
+    if db.is_sqlite:
+        real = aiosqlite.Connection._execute
+
+        async def counted(self: Any, fn: Any, *args: Any, **kwargs: Any) -> Any:
+            handed.append(getattr(fn, "__name__", "?"))
+            return await real(self, fn, *args, **kwargs)  # type: ignore[no-untyped-call]
+
+        monkeypatch.setattr(aiosqlite.Connection, "_execute", counted)
+    hops = 1 if db.is_sqlite else 0
+    topic = f"one-hop-{uuid.uuid4()}"
+    async with db.begin() as conn:
+        handed.clear()
+        await conn.execute(
+            outbox.insert(),
+            [
+                {
+                    "topic": topic,
+                    "key": f"k{i}",
+                    "payload": b"x",
+                    "headers": [],
+                    "created_at": utcnow(),
+                }
+                for i in range(3)
+            ],
+        )
+        assert len(handed) == hops
+        handed.clear()
+        rows = (
+            await conn.execute(
+                sa.select(outbox.c.key).where(outbox.c.topic == topic).order_by(outbox.c.key)
+            )
+        ).all()
+        assert [r.key for r in rows] == ["k0", "k1", "k2"]
+        assert len(handed) == hops
+        handed.clear()
+        changed = await conn.execute(
+            outbox.update().where(outbox.c.topic == topic).values(error="x")
+        )
+        assert changed.rowcount == 3
+        assert len(handed) == hops
+        handed.clear()
+        returned = await conn.execute(
+            outbox.update()
+            .where(outbox.c.topic == topic, outbox.c.key == "k1")
+            .values(error="y")
+            .returning(outbox.c.key)
+        )
+        assert returned.scalars().all() == ["k1"]
+        assert len(handed) == hops
+    with pytest.raises(sa.exc.IntegrityError):
+        async with db.begin() as conn:
+            await conn.execute(
+                sa.text(
+                    "INSERT INTO outbox (id, topic, payload, headers, created_at) "
+                    "SELECT id, topic, payload, headers, created_at FROM outbox WHERE topic = :t"
+                ),
+                {"t": topic},
+            )
