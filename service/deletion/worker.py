@@ -191,10 +191,7 @@ class Orphaned:
 class _Plan:
     """What a batch of deletion requests comes to, as read (`DeletionWorker._plan`)."""
 
-    job_ids: list[uuid.UUID]
-    refs: list[str]
     jobs: dict[uuid.UUID, Any]
-    statuses: dict[tuple[uuid.UUID, str], str]
     named: set[uuid.UUID]  # the contacts the pending items name
     found: dict[uuid.UUID, Any]  # those that exist, their deciding columns
     outcomes: list[tuple[DeletionRequested, Outcome]]
@@ -232,7 +229,7 @@ class _Prepared:
 
 
 class _Stale(Exception):
-    """A prepared batch's timelines changed before it was written: roll back, redo."""
+    """What a prepared batch read changed before it was written: roll back, redo."""
 
 
 class DeletionWorker:
@@ -542,17 +539,14 @@ class DeletionWorker:
                 # jobs this batch finished after its deletions, so the head is held as
                 # briefly as can be.
                 records: list[AuditRecord] = []
-                if deletions:
-                    deleted = None
-                    if prepared is not None:
-                        deleted = await self._apply_prepared(
-                            conn, prepared, progress, result.touched, records
-                        )
-                    if deleted is None:
-                        deleted = await self._delete(
-                            conn, deletions, progress, result.touched, records
-                        )
-                    result.deleted = deleted
+                if prepared is not None:
+                    result.deleted = await self._apply_prepared(
+                        conn, prepared, progress, result.touched, records
+                    )
+                elif deletions:
+                    result.deleted = await self._delete(
+                        conn, deletions, progress, result.touched, records
+                    )
                 for expansion in expansions:
                     await self._expand(conn, expansion, progress)
                 for job_id in sorted(progress, key=str):
@@ -564,7 +558,7 @@ class DeletionWorker:
                     await append_events(conn, self.db, records)
                 result.progress = progress
         except _Stale:
-            # Rolled back: a timeline changed between the reads and the write.
+            # Rolled back: what the prepared batch read changed before it was written.
             return await self.process(commands, prepare=False)
         return result
 
@@ -656,10 +650,7 @@ class DeletionWorker:
             if jobs[c.job_id].redact_timeline
         }
         return _Plan(
-            job_ids=job_ids,
-            refs=refs,
             jobs=jobs,
-            statuses=statuses,
             named=named,
             found=found,
             outcomes=outcomes,
@@ -771,11 +762,15 @@ class DeletionWorker:
             built.groups.setdefault((c.job_id, o), []).append(c.ref)
         return built
 
-    async def _write_outcomes(self, conn: AsyncConnection, built: _Outcomes) -> None:
-        """The items' new statuses and the ``contact.deleted`` outbox rows."""
+    async def _write_outcomes(
+        self, conn: AsyncConnection, built: _Outcomes, *, pending: bool = False
+    ) -> None:
+        """The items' new statuses and the ``contact.deleted`` outbox rows. ``pending``:
+        only items still pending are written, and `_Stale` is raised unless every one was
+        (a prepared batch's check that no other transaction did them in the meantime)."""
         items = deletion_job_items.c
         for (job_id, o), refs in built.groups.items():
-            await conn.execute(
+            stmt = (
                 deletion_job_items.update()
                 .where(items.job_id == job_id, any_of(items.ref, refs))
                 .values(
@@ -785,6 +780,12 @@ class DeletionWorker:
                     processed_at=built.now,
                 )
             )
+            if not pending:
+                await conn.execute(stmt)
+                continue
+            stmt = stmt.where(items.status == ItemStatus.PENDING).returning(items.ref)
+            if len(set((await conn.execute(stmt)).scalars())) != len(refs):
+                raise _Stale("items")
         await insert_rows(conn, outbox, built.deleted_rows)
 
     async def _prepare(self, commands: Sequence[DeletionRequested]) -> _Prepared | None:
@@ -816,24 +817,25 @@ class DeletionWorker:
         progress: dict[uuid.UUID, ProgressDelta],
         touched: set[str],
         records: list[AuditRecord],
-    ) -> int | None:
-        """In the write transaction: a prepared batch (`_prepare`) applied if what it read
-        still holds, its deleted count; None, having written nothing, if its items or
-        contacts changed since (the caller takes the usual way, in this transaction);
-        `_Stale` if a timeline changed under it (the caller rolls back and retries).
+    ) -> int:
+        """In the write transaction: a prepared batch (`_prepare`) written, its deleted
+        count, provided that what it read still holds; `_Stale` if not (the caller rolls
+        back and takes the usual way).
 
-        What is checked is all a prepared batch's outcome depends on: its items' statuses
-        (as read by `_plan`), which of the contacts it names exist (contacts are inserted
-        and deleted, never updated, and the deciding columns are read from them), and the
-        timeline rows its contacts leave, per table (back-references are only ever set on
-        insert and nulled by a deletion: the ids nulled here, returned, are the ones
-        prepared or the batch is stale). Job rows' fields read here never change."""
+        What its outcome depends on, checked by the writes themselves (no reads): the
+        timeline rows its contacts leave, per table (a back-reference is only ever set on
+        insert and nulled by a deletion: the ids nulled, returned, must be the ones
+        prepared); the contacts it deletes (all still there: contacts are inserted and
+        deleted, never updated, and their deciding columns were read with them); its items
+        (all still pending, `_write_outcomes`). The contacts it names but does not delete
+        (not found, or kept as members) must still be as they were: read, when there are
+        any. Job rows' fields read never change."""
         plan = prepared.plan
-        if await self._statuses(conn, plan.job_ids, plan.refs, lock=True) != plan.statuses:
-            return None
-        exist = sa.select(contacts.c.id).where(any_of(contacts.c.id, plan.named))
-        if set((await conn.execute(exist)).scalars()) != set(plan.found):
-            return None
+        kept = plan.named - set(plan.doomed)
+        if kept:
+            exist = sa.select(contacts.c.id).where(any_of(contacts.c.id, kept))
+            if set((await conn.execute(exist)).scalars()) != set(plan.found) - set(plan.doomed):
+                raise _Stale("contacts")
         doomed = list(plan.doomed)
         if doomed:
             for kind, table in TIMELINE_TABLES.items():
@@ -845,9 +847,15 @@ class DeletionWorker:
                 )
                 if set(nulled.scalars()) != prepared.nulled[kind]:
                     raise _Stale(kind)
-            await conn.execute(contacts.delete().where(any_of(contacts.c.id, doomed)))
+            gone = await conn.execute(
+                contacts.delete()
+                .where(any_of(contacts.c.id, doomed))
+                .returning(_raw(contacts.c.id))
+            )
+            if len(gone.all()) != len(doomed):
+                raise _Stale("contacts")
             touched |= touched_tables(True, set())
-        await self._write_outcomes(conn, prepared.outcomes)
+        await self._write_outcomes(conn, prepared.outcomes, pending=True)
         prepared.outcomes.add_to(progress, records)
         return len(doomed)
 

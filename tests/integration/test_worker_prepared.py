@@ -28,6 +28,7 @@ from service.metrics import Metrics
 from tests.conftest import contact_row, make_settings
 
 CONTACTS = 6
+BILLED = 5  # a contact with a billing subscription: kept, its item failed
 
 
 async def _add_note(db: Database, worker: DeletionWorker, job: _Job) -> None:
@@ -48,6 +49,11 @@ async def _delete_contact(db: Database, worker: DeletionWorker, job: _Job) -> No
         await conn.execute(contacts.delete().where(contacts.c.id == job.ids[1]))
 
 
+async def _delete_kept_contact(db: Database, worker: DeletionWorker, job: _Job) -> None:
+    async with db.begin() as conn:
+        await conn.execute(contacts.delete().where(contacts.c.id == job.ids[BILLED]))
+
+
 async def _give_up_item(db: Database, worker: DeletionWorker, job: _Job) -> None:
     await worker.give_up(job.commands[2], "given up between the read and the write")
 
@@ -65,9 +71,10 @@ Change = Callable[[Database, DeletionWorker, _Job], Awaitable[None]]
 @pytest.mark.parametrize(
     ("change", "deleted", "not_found", "failed"),
     [
-        pytest.param(_add_note, CONTACTS, 0, 0, id="timeline-row-added"),
-        pytest.param(_delete_contact, CONTACTS - 1, 1, 0, id="contact-deleted"),
-        pytest.param(_give_up_item, CONTACTS - 1, 0, 1, id="item-given-up"),
+        pytest.param(_add_note, CONTACTS - 1, 0, 1, id="timeline-row-added"),
+        pytest.param(_delete_contact, CONTACTS - 2, 1, 1, id="contact-deleted"),
+        pytest.param(_delete_kept_contact, CONTACTS - 1, 1, 0, id="kept-contact-deleted"),
+        pytest.param(_give_up_item, CONTACTS - 2, 0, 2, id="item-given-up"),
     ],
 )
 async def test_a_batch_changed_after_its_reads_is_written_as_the_state_at_the_write(
@@ -79,7 +86,13 @@ async def test_a_batch_changed_after_its_reads_is_written_as_the_state_at_the_wr
     ids = [uuid.uuid4() for _ in range(CONTACTS)]
     job_id = uuid.uuid4()
     async with db.begin() as conn:
-        await conn.execute(contacts.insert(), [contact_row(workspace_id, c, now) for c in ids])
+        await conn.execute(
+            contacts.insert(),
+            [
+                contact_row(workspace_id, c, now) | {"has_billing_subscription": i == BILLED}
+                for i, c in enumerate(ids)
+            ],
+        )
         await conn.execute(
             notes.insert(),
             [
@@ -150,9 +163,8 @@ async def test_a_batch_changed_after_its_reads_is_written_as_the_state_at_the_wr
     assert row["processed_count"] == CONTACTS and row["completed_at"] is not None
     assert result.deleted == deleted
     assert left == CONTACTS - deleted - not_found
-    # Every deleted contact's notes are orphaned (the contact deleted behind the worker's
-    # back and the one given up keep theirs).
-    assert orphaned == (0 if change is _add_note else 1)
+    # The notes of the contacts the worker did not delete keep their back-reference.
+    assert orphaned == CONTACTS - deleted
 
     assert (await verify_workspace(db, workspace_id)).ok
     events = [e async for e in stream_events(db, workspace_id)]
@@ -161,7 +173,8 @@ async def test_a_batch_changed_after_its_reads_is_written_as_the_state_at_the_wr
         for e in events
         if e["action"] in ("contact.deleted", "contact.deletion_failed")
     ]
-    gone = ids[1] if change is _delete_contact else None  # not found: no event
+    gones: dict[Change, uuid.UUID] = {_delete_contact: ids[1], _delete_kept_contact: ids[BILLED]}
+    gone = gones.get(change)
     assert sorted(per_contact) == sorted(str(c) for c in ids if c != gone)
     first = next(
         e for e in events if e["action"] == "contact.deleted" and e["target"]["id"] == str(ids[0])
