@@ -530,13 +530,14 @@ class DeletionWorker:
         """Apply a batch of commands in one transaction.
 
         On SQLite the deletions are first prepared outside it (`_prepare`), unless
-        ``prepare`` is false: the way taken again when a prepared batch went stale.
+        ``prepare`` is false (the way taken again when a prepared batch went stale) or
+        the setting ``worker_prepare_sqlite`` is.
         """
         result = BatchResult()
         deletions = [c for c in commands if isinstance(c, DeletionRequested)]
         expansions = [c for c in commands if isinstance(c, JobExpand)]
         prepared = None
-        if deletions and prepare and self.db.is_sqlite:
+        if deletions and prepare and self.db.is_sqlite and self.settings.worker_prepare_sqlite:
             prepared = await self._prepare(deletions)
         try:
             async with self.db.begin() as conn:

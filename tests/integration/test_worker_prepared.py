@@ -80,7 +80,7 @@ Change = Callable[[Database, DeletionWorker, _Job], Awaitable[None]]
 async def test_a_batch_changed_after_its_reads_is_written_as_the_state_at_the_write(
     db_url: str, db: Database, change: Change, deleted: int, not_found: int, failed: int
 ) -> None:
-    settings = make_settings(db_url)
+    settings = make_settings(db_url, worker_prepare_sqlite=True)
     workspace_id = await ensure_workspace(db, f"prepared-{uuid.uuid4().hex}")
     now = utcnow()
     ids = [uuid.uuid4() for _ in range(CONTACTS)]
