@@ -17,7 +17,7 @@ import json
 import secrets
 import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, NamedTuple
 
@@ -81,13 +81,13 @@ class AuditRecord:
     data: Mapping[str, Any] = field(default_factory=dict)
     email_hmac: str | None = None
     occurred_at: datetime | None = None
-    # Set by `encode_record` only: what `append_events` needs of it, encoded beforehand.
+    # Set by `encode_records` only: what `append_events` needs of it, encoded beforehand.
     encoded: _Encoded | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
 class _Encoded:
-    """An event's canonical JSON, all but its place in the chain (`encode_record`)."""
+    """An event's canonical JSON, all but its place in the chain (`encode_records`)."""
 
     id: uuid.UUID
     occurred_at: str
@@ -97,36 +97,55 @@ class _Encoded:
     after_seq: bytes
 
 
-def encode_record(record: AuditRecord, event_id: uuid.UUID | None = None) -> AuditRecord:
-    """The record with its event encoded ahead of `append_events` (its id, time and
-    canonical JSON; only the seq and the hashes are left), so that the encoding can run
-    before the transaction that appends it. The same event and hash as appending the
-    record itself (tests/unit/test_audit_encode.py)."""
-    _check_record(record)
-    at = record.occurred_at or utcnow()
-    occurred_at = format_time(at)
-    event_id = event_id or new_ids(1)[0]
-    actor = dict(record.actor)
-    target = dict(record.target) if record.target is not None else None
-    data_json = canonical_json(dict(record.data))
-    before = canonical_json({"action": record.action, "actor": actor})
-    head = canonical_json(
-        {
-            "id": str(event_id),
-            "job_id": record.job_id,
-            "occurred_at": occurred_at,
-            "request_id": record.request_id,
-        }
-    )
-    tail = canonical_json({"target": target, "workspace_id": str(record.workspace_id)})
-    encoded = _Encoded(
-        id=event_id,
-        occurred_at=occurred_at,
-        data_json=data_json,
-        before_seq=b"".join((before[:-1], b',"data":', data_json, b",", head[1:-1], b',"seq":')),
-        after_seq=b"".join((b",", tail[1:])),
-    )
-    return replace(record, occurred_at=at, encoded=encoded)
+def encode_records(records: Sequence[AuditRecord]) -> list[AuditRecord]:
+    """The records with their events encoded ahead of `append_events` (each one's id, time
+    and canonical JSON; only the seq and the hashes are left), so that the encoding can
+    run before the transaction that appends them. The same events and hashes as appending
+    the records themselves (tests/unit/test_audit_encode.py)."""
+    times: dict[datetime, str] = {}  # a batch's records usually share one time
+    encoded: list[AuditRecord] = []
+    for record, event_id in zip(records, new_ids(len(records)), strict=True):
+        _check_record(record)
+        at = record.occurred_at or utcnow()
+        occurred_at = times.get(at)
+        if occurred_at is None:
+            occurred_at = times[at] = format_time(at)
+        data_json = canonical_json(dict(record.data))
+        before = canonical_json({"action": record.action, "actor": dict(record.actor)})
+        head = canonical_json(
+            {
+                "id": str(event_id),
+                "job_id": record.job_id,
+                "occurred_at": occurred_at,
+                "request_id": record.request_id,
+            }
+        )
+        target = dict(record.target) if record.target is not None else None
+        tail = canonical_json({"target": target, "workspace_id": str(record.workspace_id)})
+        encoding = _Encoded(
+            id=event_id,
+            occurred_at=occurred_at,
+            data_json=data_json,
+            before_seq=b"".join(
+                (before[:-1], b',"data":', data_json, b",", head[1:-1], b',"seq":')
+            ),
+            after_seq=b"".join((b",", tail[1:])),
+        )
+        encoded.append(
+            AuditRecord(
+                record.workspace_id,
+                record.actor,
+                record.action,
+                record.target,
+                record.job_id,
+                record.request_id,
+                record.data,
+                record.email_hmac,
+                at,
+                encoding,
+            )
+        )
+    return encoded
 
 
 def _seal(encoded: _Encoded, seq: int, prev_hash: str) -> str:

@@ -53,7 +53,7 @@ from service.aio import (
     wait_for_dependency,
 )
 from service.audit.chain import email_hmac
-from service.audit.store import AuditRecord, append_events, encode_record, load_hash_key
+from service.audit.store import AuditRecord, append_events, encode_records, load_hash_key
 from service.config import Settings
 from service.contacts.store import TIMELINE_TABLES
 from service.db import (
@@ -816,7 +816,7 @@ class DeletionWorker:
             nulled[r[0]].add(r[1])
         outcomes = self._build(plan, orphaned)
         # Their canonical JSON too: only the seq and the hashes are left to the append.
-        outcomes.records = [encode_record(r) for r in outcomes.records]
+        outcomes.records = encode_records(outcomes.records)
         return _Prepared(plan=plan, nulled=nulled, outcomes=outcomes)
 
     async def _apply_prepared(

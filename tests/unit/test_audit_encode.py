@@ -1,4 +1,4 @@
-"""An audit record encoded ahead of its append (`encode_record`) is sealed to the same
+"""An audit record encoded ahead of its append (`encode_records`) is sealed to the same
 event hash as the record appended as it is: `_seal` splices the seq into canonical JSON
 encoded beforehand, which must be byte for byte what `event_hash` covers."""
 
@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from service.audit.chain import GENESIS_HASH, event_hash, format_time
-from service.audit.store import AuditRecord, _seal, encode_record
+from service.audit.store import AuditRecord, _seal, encode_records
 
 WORKSPACE = uuid.UUID("7d3f1c2e-5b7a-4c1d-9e8f-0a1b2c3d4e5f")
 AT = datetime(2026, 11, 30, 6, 40, 1, 250, tzinfo=UTC)
@@ -59,7 +59,7 @@ AT = datetime(2026, 11, 30, 6, 40, 1, 250, tzinfo=UTC)
 def test_an_encoded_record_seals_to_the_hash_of_the_event_it_stands_for(
     record: AuditRecord, seq: int
 ) -> None:
-    encoded = encode_record(record)
+    encoded = encode_records([record])[0]
     assert encoded.encoded is not None
     event: dict[str, Any] = {
         "seq": seq,
