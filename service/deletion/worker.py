@@ -12,8 +12,9 @@ rows, then the audit chain head, appended last), so two of them never wait for e
 in a cycle, and the next batch deletes while the previous one holds its job row and chain
 head to commit. Offsets are committed in batch order, each after its own batch's commit.
 
-On SQLite, where one connection writes for the whole process, a batch of deletions is
-read and built first on a read connection (`DeletionWorker._prepare`: outcomes, audit
+On SQLite, where one connection writes for the whole process, with
+``worker_prepare_sqlite`` (off by default) a batch of deletions is read and built first on
+a read connection (`DeletionWorker._prepare`: outcomes, audit
 records with their canonical JSON, outbox rows), and its write transaction only writes,
 each write checking what the batch read (items still pending, contacts still there, the
 same timeline rows orphaned); if anything changed in between, the transaction is rolled
