@@ -11,6 +11,7 @@ own, beside the writer rather than inside its commits (`_WalCheckpointer`).
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import os
 import sqlite3
@@ -25,6 +26,11 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.dialects import postgresql
+from sqlalchemy.dialects.sqlite.aiosqlite import (
+    AsyncAdapt_aiosqlite_connection,
+    AsyncAdapt_aiosqlite_cursor,
+    AsyncAdapt_aiosqlite_dbapi,
+)
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.compiler import SQLCompiler
@@ -476,7 +482,7 @@ async def insert_rows(
     if found is None:
         found = _INSERTS[key] = _insert_statement(dialect, table, columns)
     sql, processors = found
-    values = [_converted(row, processors) for row in rows] if processors else list(rows)
+    values = _converted(rows, processors) if processors else list(rows)
     if dialect.name == "postgresql":
         await conn.exec_driver_sql(sql, tuple(map(list, zip(*values, strict=True))))
     else:
@@ -509,13 +515,23 @@ def _insert_statement(
     )
 
 
-def _converted(row: tuple[Any, ...], processors: _Processors) -> tuple[Any, ...]:
-    values = list(row)
+def _converted(rows: Sequence[tuple[Any, ...]], processors: _Processors) -> list[tuple[Any, ...]]:
+    """The rows with the values of the columns in ``processors`` converted, column by
+    column. A value that is the same object as the one before it in its column (a batch's
+    rows share their job id, time and topic) is converted once: a processor's result
+    depends only on its value."""
+    values = [list(row) for row in rows]
     for i, process in processors:
-        value = values[i]
-        if value is not None:
-            values[i] = process(value)
-    return tuple(values)
+        last: Any = None
+        converted: Any = None
+        for row in values:
+            value = row[i]
+            if value is None:
+                continue
+            if value is not last:
+                last, converted = value, process(value)
+            row[i] = converted
+    return [tuple(row) for row in values]
 
 
 def new_id() -> uuid.UUID:
@@ -541,6 +557,87 @@ def new_ids(count: int) -> list[uuid.UUID]:
     ]
 
 
+def _run_statement(
+    conn: sqlite3.Connection, operation: str, parameters: Any, many: bool
+) -> tuple[Any, list[Any] | None, Any, int]:
+    """In the connection's thread: one statement from cursor to close (`_OneHopCursor`)."""
+    cursor = conn.cursor()
+    try:
+        if many:
+            cursor.executemany(operation, parameters)
+        elif parameters is None:
+            cursor.execute(operation)
+        else:
+            cursor.execute(operation, parameters)
+        if cursor.description:
+            return cursor.description, cursor.fetchall(), -1, -1
+        return None, None, cursor.lastrowid, cursor.rowcount
+    finally:
+        cursor.close()
+
+
+class _OneHopCursor(AsyncAdapt_aiosqlite_cursor):
+    """SQLAlchemy's aiosqlite cursor with each statement in ONE hand-off to the
+    connection's thread (`_run_statement`), where the stock one takes four (open a cursor,
+    execute, fetch the rows, close), each a round trip through the event loop: on the
+    one SQLite writer every hand-off is time the write lock is held while the main thread
+    is busy elsewhere. Same results, errors and rows (buffered, as the stock cursor
+    buffers them). Uses aiosqlite's queue of work for its thread (``_execute``) and its
+    ``sqlite3`` connection (``_conn``); `_one_hop_dbapi` falls back to the stock cursor
+    where an aiosqlite lacks them."""
+
+    __slots__ = ()
+
+    def execute(self, operation: Any, parameters: Any = None) -> Any:
+        self._run(operation, parameters, many=False)
+
+    def executemany(self, operation: Any, seq_of_parameters: Any) -> Any:
+        self._run(operation, seq_of_parameters, many=True)
+
+    def _run(self, operation: Any, parameters: Any, *, many: bool) -> None:
+        aio = self._connection
+        try:
+            description, rows, lastrowid, rowcount = self.await_(
+                aio._execute(_run_statement, aio._conn, operation, parameters, many)
+            )
+        except Exception as error:
+            self._adapt_connection._handle_exception(error)
+        self.description = description
+        self.lastrowid = lastrowid if description is None else -1
+        self.rowcount = rowcount if description is None else -1
+        if rows is not None:
+            self._rows = collections.deque(rows)
+
+
+class _OneHopConnection(AsyncAdapt_aiosqlite_connection):
+    __slots__ = ()
+
+    def cursor(self, server_side: bool = False) -> AsyncAdapt_aiosqlite_cursor:
+        if server_side:
+            return super().cursor(server_side=True)
+        return _OneHopCursor(self)
+
+
+class _OneHopDBAPI(AsyncAdapt_aiosqlite_dbapi):
+    """aiosqlite as SQLAlchemy adapts it, with `_OneHopCursor` for its cursors."""
+
+    def connect(self, *arg: Any, **kw: Any) -> AsyncAdapt_aiosqlite_connection:
+        adapted = super().connect(*arg, **kw)
+        if type(adapted) is not AsyncAdapt_aiosqlite_connection:
+            return adapted
+        return _OneHopConnection(self, adapted._connection)
+
+
+def _one_hop_dbapi() -> dict[str, Any]:
+    """The ``module`` argument of a SQLite engine: `_OneHopDBAPI` where this aiosqlite has
+    what it uses, else nothing (SQLAlchemy's own adapter)."""
+    import aiosqlite
+
+    if not (hasattr(aiosqlite.Connection, "_execute") and hasattr(aiosqlite.Connection, "_conn")):
+        return {}
+    return {"module": _OneHopDBAPI(aiosqlite, sqlite3)}
+
+
 class Database:
     """The engines of one database and the two kinds of transaction the service uses."""
 
@@ -555,10 +652,20 @@ class Database:
                 self._reader = self._writer
             else:
                 self._writer = create_async_engine(
-                    url, echo=echo, pool_size=1, max_overflow=0, json_serializer=json_serializer
+                    url,
+                    echo=echo,
+                    pool_size=1,
+                    max_overflow=0,
+                    json_serializer=json_serializer,
+                    **_one_hop_dbapi(),
                 )
                 self._reader = create_async_engine(
-                    url, echo=echo, pool_size=4, max_overflow=4, json_serializer=json_serializer
+                    url,
+                    echo=echo,
+                    pool_size=4,
+                    max_overflow=4,
+                    json_serializer=json_serializer,
+                    **_one_hop_dbapi(),
                 )
             self._checkpointer = None if ":memory:" in url else _WalCheckpointer(_sqlite_path(url))
             _sqlite_pragmas(

@@ -231,3 +231,107 @@ async def test_the_scrubbers_truncate_outlasts_another_process_checkpointing(
     finally:
         if other is not None:
             await other
+
+
+@pytest.mark.parametrize("one_hop", [True, False], ids=["one-hop", "stock-adapter"])
+async def test_a_sqlite_statement_is_one_hand_off_to_its_connection_thread(
+    db_url: str, monkeypatch: pytest.MonkeyPatch, one_hop: bool
+) -> None:
+    """SQLite: each statement (rows, no rows, many rows, RETURNING, an error) is one piece
+    of work for aiosqlite's thread, where SQLAlchemy's own cursor made three or four
+    (cursor, execute, fetch, close), with the same rows, counts and errors; with an
+    aiosqlite that lacks what `_OneHopCursor` uses, SQLAlchemy's own cursor (the fallback)
+    gives the same. PostgreSQL: the statements as ever."""
+
+    if not one_hop:
+        monkeypatch.setattr("service.db._one_hop_dbapi", lambda: {})
+    db = Database(db_url)
+    try:
+        await _statements_one_hop(db, monkeypatch, one_hop)
+    finally:
+        await db.dispose()
+
+
+def test_an_aiosqlite_without_its_work_queue_gets_the_stock_cursor(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`_one_hop_dbapi` chooses SQLAlchemy's own adapter when aiosqlite's Connection lacks
+    ``_execute`` or ``_conn`` (an aiosqlite that changed them)."""
+    import aiosqlite
+
+    from service.db import _one_hop_dbapi
+
+    assert "module" in _one_hop_dbapi()
+    for name in ("_execute", "_conn"):
+        with monkeypatch.context() as patched:
+            patched.delattr(aiosqlite.Connection, name)
+            assert _one_hop_dbapi() == {}
+
+
+async def _statements_one_hop(db: Database, monkeypatch: pytest.MonkeyPatch, one_hop: bool) -> None:
+    import aiosqlite
+
+    handed: list[str] = []
+    if db.is_sqlite:
+        real = aiosqlite.Connection._execute
+
+        async def counted(self: Any, fn: Any, *args: Any, **kwargs: Any) -> Any:
+            handed.append(getattr(fn, "__name__", "?"))
+            return await real(self, fn, *args, **kwargs)  # type: ignore[no-untyped-call]
+
+        monkeypatch.setattr(aiosqlite.Connection, "_execute", counted)
+
+    def hops() -> bool:  # one hand-off with ours; three or four with SQLAlchemy's
+        if not db.is_sqlite:
+            return not handed
+        return len(handed) == 1 if one_hop else len(handed) >= 3
+
+    topic = f"one-hop-{uuid.uuid4()}"
+    async with db.begin() as conn:
+        handed.clear()
+        await conn.execute(
+            outbox.insert(),
+            [
+                {
+                    "topic": topic,
+                    "key": f"k{i}",
+                    "payload": b"x",
+                    "headers": [],
+                    "created_at": utcnow(),
+                }
+                for i in range(3)
+            ],
+        )
+        assert hops(), handed
+        handed.clear()
+        rows = (
+            await conn.execute(
+                sa.select(outbox.c.key).where(outbox.c.topic == topic).order_by(outbox.c.key)
+            )
+        ).all()
+        assert [r.key for r in rows] == ["k0", "k1", "k2"]
+        assert hops(), handed
+        handed.clear()
+        changed = await conn.execute(
+            outbox.update().where(outbox.c.topic == topic).values(error="x")
+        )
+        assert changed.rowcount == 3
+        assert hops(), handed
+        handed.clear()
+        returned = await conn.execute(
+            outbox.update()
+            .where(outbox.c.topic == topic, outbox.c.key == "k1")
+            .values(error="y")
+            .returning(outbox.c.key)
+        )
+        assert returned.scalars().all() == ["k1"]
+        assert hops(), handed
+    with pytest.raises(sa.exc.IntegrityError):
+        async with db.begin() as conn:
+            await conn.execute(
+                sa.text(
+                    "INSERT INTO outbox (id, topic, payload, headers, created_at) "
+                    "SELECT id, topic, payload, headers, created_at FROM outbox WHERE topic = :t"
+                ),
+                {"t": topic},
+            )
