@@ -52,6 +52,7 @@ from service.db import (
 from service.erasure.redact import TEXT_FIELDS
 from service.events import TOPIC_CONTACT_DELETED, TYPE_CONTACT_DELETED
 from service.kafka import KafkaUnavailable, UnreadableBatch, read_topics
+from service.timefmt import iso
 from service.topics import all_topics
 from service.webhooks.signing import email_sha256
 
@@ -254,9 +255,9 @@ class ErasureCheck:
         if datetime.now(UTC) > due + timedelta(seconds=delay):
             return []
         return [
-            f"the last deletion of it was at {_iso(last)}: the service scrubs the database "
+            f"the last deletion of it was at {_second(last)}: the service scrubs the database "
             f"files within ERASURE_DELAY_S ({delay:g} s) of a deletion; check again after "
-            f"{_iso(due + timedelta(seconds=5))}"
+            f"{_second(due + timedelta(seconds=5))}"
         ]
 
     async def _workspace_id(self, name: str) -> uuid.UUID | None:
@@ -517,12 +518,12 @@ def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
 
 
+def _second(moment: datetime) -> str | None:
+    """A moment as the API writes it (`service.timefmt.iso`), to the second."""
+    return iso(moment.astimezone(UTC).replace(microsecond=0))
+
+
 def _instant(text: str) -> datetime:
     """An audit ``occurred_at`` (ISO 8601, UTC) as an aware datetime."""
     moment = datetime.fromisoformat(text)
     return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
-
-
-def _iso(moment: datetime) -> str:
-    """A moment as the audit trail writes it: ISO 8601 in UTC, to the second, with Z."""
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -185,11 +185,14 @@ async def test_sqlite_commits_are_checkpointed_beside_the_writer(db: Database) -
     file soon after a commit; a caller in `checkpoint_turn` (the scrubber) holds them off.
     PostgreSQL: writes commit as ever and `checkpoint_turn` is only a block."""
     topic = f"checkpoint-{uuid.uuid4()}"
+    if not db.is_sqlite:
+        async with db.checkpoint_turn():
+            await _write_outbox_rows(db, topic, 2)
+        async with db.read() as conn:
+            stmt = sa.select(sa.func.count()).where(outbox.c.topic == topic)
+            assert (await conn.execute(stmt)).scalar_one() == 2
+        return
     async with db.begin() as conn:
-        if not db.is_sqlite:
-            async with db.checkpoint_turn():
-                pass
-            return
         pages = (await conn.exec_driver_sql("PRAGMA wal_autocheckpoint")).scalar_one()
         assert pages == WAL_AUTOCHECKPOINT_FALLBACK
     await asyncio.sleep(WAL_CHECKPOINT_INTERVAL_S)
