@@ -65,6 +65,9 @@ from typing import Any, NamedTuple, TypeVar
 import aiohttp
 import sqlalchemy as sa
 from pydantic import BaseModel, ValidationError
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.visitors import InternalTraversal
 from yarl import URL
 
 from service.aio import (
@@ -782,21 +785,7 @@ class Dispatcher:
         now = self.clock()
         mono = time.monotonic()
         full = {eid for eid, s in self.slots.items() if len(s.queue) >= QUEUE_KEEP}
-        stmt = (
-            # The endpoint as the driver gives it (no conversion per row: it repeats).
-            sa.select(D.id, sa.type_coerce(D.endpoint_id, sa.types.NullType))
-            .select_from(webhook_deliveries.join(webhook_endpoints, E.id == D.endpoint_id))
-            .where(
-                D.status.in_(SENDABLE),
-                D.next_attempt_at <= now,
-                sa.or_(D.claimed_until.is_(None), D.claimed_until < now),
-                sa.or_(E.owner.is_(None), E.owner == self.instance, E.owner_until < now),
-            )
-            .order_by(D.next_attempt_at)
-            .limit(QUEUE_REFILL)
-        )
-        if full:
-            stmt = stmt.where(D.endpoint_id.not_in(full))
+        stmt = _due_ids(now, self.instance, full)
         share = self.share()
         async with self.db.read() as conn:
             rows = (await conn.execute(stmt)).all()
@@ -1026,7 +1015,7 @@ class Dispatcher:
                         .where(
                             D.id.in_([d["id"] for d in kept]),
                             D.claimed_until.in_(sorted({d["claimed_until"] for d in kept})),
-                            D.status.in_(SENDABLE),
+                            _Unindexed(D.status).in_(SENDABLE),
                         )
                         .values(claimed_until=until)
                         .returning(D.id)
@@ -1041,8 +1030,10 @@ class Dispatcher:
                 webhook_deliveries.update()
                 .where(
                     any_of(D.id, list(take)),
-                    D.status.in_(SENDABLE),
-                    D.next_attempt_at <= now,
+                    # By id only (see _Unindexed): on SQLite these columns' index read
+                    # every due row for each claim (issue 8).
+                    _Unindexed(D.status).in_(SENDABLE),
+                    _Unindexed(D.next_attempt_at) <= now,
                     sa.or_(D.claimed_until.is_(None), D.claimed_until < now),
                 )
                 .values(claimed_until=until, retry_requested=False)
@@ -1618,6 +1609,77 @@ class Dispatcher:
     async def run(self, stop: asyncio.Event) -> None:
         """Fan-out and sender together, until `stop`."""
         await asyncio.gather(self.run_fanout(stop), self.run_sender(stop))
+
+
+class _Unindexed(sa.sql.expression.ColumnElement[Any]):
+    """A column that the query planner must not choose an index by: on SQLite ``+column``
+    (the unary plus, SQLite's documented way to disqualify a term from index use; the
+    value is the same), elsewhere the column itself.
+
+    For statements that pick rows by id but also check their state: SQLite chose the
+    (status, next_attempt_at) index for ``status IN (...) AND next_attempt_at <= ?``
+    over the primary key's for ``id IN (SELECT value FROM json_each(?))``, so every
+    claim read every due delivery (the backlog) to take a few hundred of them by id.
+    """
+
+    __visit_name__ = "unindexed"
+    inherit_cache = True
+    _traverse_internals = [("column", InternalTraversal.dp_clauseelement)]
+
+    def __init__(self, column: sa.ColumnElement[Any]) -> None:
+        self.column = column
+        self.type = column.type
+
+
+@compiles(_Unindexed)
+def _unindexed(element: _Unindexed, compiler: SQLCompiler, **kw: Any) -> str:
+    return compiler.process(element.column, **kw)
+
+
+@compiles(_Unindexed, "sqlite")
+def _unindexed_sqlite(element: _Unindexed, compiler: SQLCompiler, **kw: Any) -> str:
+    return "+" + compiler.process(element.column, **kw)
+
+
+def _due_ids(now: datetime, instance: str, full: set[uuid.UUID]) -> sa.Select[Any]:
+    """The ids (and endpoints, as the driver gives them) of the QUEUE_REFILL oldest due,
+    unclaimed deliveries of endpoints no other dispatcher owns, but those of the `full`
+    endpoints.
+
+    One branch per sendable status, each read in (status, next_attempt_at) index order
+    and stopped at QUEUE_REFILL rows, merged: ``status IN (...) ORDER BY next_attempt_at``
+    read and sorted every due delivery (the whole backlog, on both databases) to keep the
+    first thousand (issue 8: a refill took 30-50 ms at a backlog of 20,000 on PostgreSQL,
+    1.5 ms this way).
+    """
+    branches = []
+    for status in SENDABLE:
+        branch = (
+            # The endpoint as the driver gives it (no conversion per row: it repeats).
+            sa.select(
+                D.id,
+                sa.type_coerce(D.endpoint_id, sa.types.NullType).label("endpoint_id"),
+                D.next_attempt_at,
+            )
+            .select_from(webhook_deliveries.join(webhook_endpoints, E.id == D.endpoint_id))
+            .where(
+                D.status == status,
+                D.next_attempt_at <= now,
+                sa.or_(D.claimed_until.is_(None), D.claimed_until < now),
+                sa.or_(E.owner.is_(None), E.owner == instance, E.owner_until < now),
+            )
+            .order_by(D.next_attempt_at)
+            .limit(QUEUE_REFILL)
+        )
+        if full:
+            branch = branch.where(D.endpoint_id.not_in(full))
+        branches.append(sa.select(branch.subquery()))
+    merged = sa.union_all(*branches).subquery()
+    return (
+        sa.select(merged.c.id, merged.c.endpoint_id)
+        .order_by(merged.c.next_attempt_at)
+        .limit(QUEUE_REFILL)
+    )
 
 
 _ENDPOINT_COLUMNS = (E.id, E.workspace_id, E.event_types, E.url, E.secret, E.retired_secrets)
