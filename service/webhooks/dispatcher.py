@@ -59,12 +59,12 @@ import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
-from typing import Any, NamedTuple, TypeVar
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal, NamedTuple, TypeVar
 
 import aiohttp
 import sqlalchemy as sa
-from pydantic import BaseModel, ValidationError
+from pydantic import AwareDatetime, BaseModel, ConfigDict, ValidationError
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.visitors import InternalTraversal
@@ -93,10 +93,15 @@ from service.db import (
 )
 from service.events import (
     DLQ_SUFFIX,
+    SOURCE,
     TOPIC_CONTACT_DELETED,
     TOPIC_JOB_COMPLETED,
+    TYPE_CONTACT_DELETED,
     TYPE_HEADER,
+    TYPE_JOB_COMPLETED,
     CloudEvent,
+    ContactDeleted,
+    DeletionJobCompleted,
 )
 from service.failpoints import Pauses
 from service.faults import describe, is_transient
@@ -112,7 +117,11 @@ from service.logs import get_logger
 from service.metrics import Metrics
 from service.timefmt import iso
 from service.webhooks.models import SENDABLE, DeliveryStatus, DisabledReason, EndpointStatus
-from service.webhooks.payloads import webhook_body
+from service.webhooks.payloads import (
+    ContactDeletedWebhook,
+    DeletionJobCompletedWebhook,
+    webhook_body,
+)
 from service.webhooks.schedule import Outcome, RetryPolicy, classify, parse_retry_after
 from service.webhooks.signing import webhook_headers
 from service.webhooks.ssrf import BlockedDestination, PinnedResolver, check_url, failure_text
@@ -371,7 +380,7 @@ class Dispatcher:
         from memory, so its first attempt starts without another read or claim
         transaction (`_hand_over`).
         """
-        routed: list[tuple[InMessage, _Routing]] = []
+        routed: list[tuple[InMessage, _Routing | _TypedEvent]] = []
         poison: list[tuple[InMessage, str]] = []
         endpoints: dict[uuid.UUID, list[Any]] | None = None
         # Read first: most events have no endpoint to go to, and then nothing is written.
@@ -398,10 +407,19 @@ class Dispatcher:
                 if taken is not None:
                     taken = None if not r.event_types else taken.union(r.event_types)
         for m in messages:
-            if taken is not None:
-                kind = _header_type(m)
-                if kind is not None and kind not in taken:
-                    continue  # nobody takes this type (an event without the header is read)
+            kind = _header_type(m)
+            if taken is not None and kind is not None and kind not in taken:
+                continue  # nobody takes this type (an event without the header is read)
+            typed = _TYPED_EVENTS.get(kind) if kind is not None else None
+            if typed is not None:
+                # Read in full at once (it is most likely sent), not its routing first and
+                # then the whole event: one parse, not three (issue 8). Whatever does not
+                # read this way is read as any other event below, with the same outcome.
+                try:
+                    routed.append((m, typed[0].model_validate_json(m.value)))
+                    continue
+                except ValidationError:
+                    pass
             try:
                 routed.append((m, _Routing.model_validate_json(m.value)))
             except ValidationError as exc:
@@ -419,7 +437,7 @@ class Dispatcher:
                     )
                 ).all():
                     endpoints.setdefault(r.workspace_id, []).append(r)
-        planned: list[tuple[CloudEvent, uuid.UUID, list[Any]]] = []
+        planned: list[tuple[str, str, bytes, uuid.UUID, list[Any]]] = []
         for m, routing in routed:
             ws = routing.data.workspace_id
             targets = [
@@ -429,23 +447,27 @@ class Dispatcher:
             ]
             if not targets:
                 continue
+            if isinstance(routing, _TypedEvent):
+                planned.append((routing.id, routing.type, _typed_body(routing), ws, targets))
+                continue
             try:
                 event = CloudEvent.model_validate_json(m.value)
             except ValidationError as exc:
                 log.error("webhook_event_dead_lettered", topic=m.topic, offset=m.offset)
                 poison.append((m, describe(exc)))
                 continue
-            planned.append((event, ws, targets))
+            body = webhook_body(event.type, event.time, event.data)
+            planned.append((event.id, event.type, body, ws, targets))
         if poison:
             refused = self.metrics.dead_letters_refused
             await send_dead_letters(dlq, poison, DLQ_SUFFIX, refused)
         if not planned:
             return 0
         now = self.clock()
-        room = self._handover_room({e.id for _, _, targets in planned for e in targets}, now)
+        room = self._handover_room({e.id for *_, targets in planned for e in targets}, now)
         leased: dict[uuid.UUID, EndpointSlots] = {eid: self.slots[eid] for eid in room}
         batch = []
-        for event, ws, targets in planned:
+        for event_id, event_type, body, ws, targets in planned:
             leases: dict[uuid.UUID, datetime] = {}
             for e in targets:
                 if room.get(e.id, 0) > 0:
@@ -454,32 +476,37 @@ class Dispatcher:
                     assert until is not None
                     leases[e.id] = until
             batch.append(
-                NewDeliveries(
-                    ws,
-                    [e.id for e in targets],
-                    event.id,
-                    event.type,
-                    webhook_body(event.type, event.time, event.data),
-                    leases,
-                )
+                NewDeliveries(ws, [e.id for e in targets], event_id, event_type, body, leases)
             )
         async with self.db.begin() as conn:
             created = await enqueue_many(conn, self.db, batch)
         handed = 0
+        claimed = [r for r in created if r["claimed_until"] is not None]
         if leased:
-            targets_by_id = {e.id: e for _, _, targets in planned for e in targets}
-            handed = await self._hand_over(
-                [r for r in created if r["claimed_until"] is not None],
-                leased,
-                targets_by_id,
-                now,
-            )
-        if len(created) > handed:
+            targets_by_id = {e.id: e for *_, targets in planned for e in targets}
+            handed = await self._hand_over(claimed, leased, targets_by_id, now)
+        if handed < len(claimed) or any(
+            not self._queued(r["endpoint_id"], now) for r in created if r["claimed_until"] is None
+        ):
             # Written for the sender to queue and claim: it need not wait for its next
-            # read. (What went straight into a buffer needs no read: issue 8, a read of
-            # the queues after every fan-out batch.)
+            # read. (What went straight into a buffer needs no read, nor what queues behind
+            # older work this process holds queued: issue 8, a read of the queues after
+            # every fan-out batch, each reading past the whole backlog.)
             self.wakeup.set()
         return len(created)
+
+    def _queued(self, endpoint_id: uuid.UUID, now: datetime) -> bool:
+        """Whether a new delivery to this endpoint can wait for the sender's next read of
+        the queues without delaying it: this process owns the endpoint and holds older
+        due work for it queued, so the new one is sent after that anyway, and the queue
+        is read again as soon as it runs dry (`_drained`) or every REFILL_EVERY_S."""
+        slots = self.slots.get(endpoint_id)
+        return (
+            slots is not None
+            and bool(slots.queue)
+            and not slots.releasing
+            and self._owns(slots, now)
+        )
 
     def _handover_room(self, endpoint_ids: set[uuid.UUID], now: datetime) -> dict[uuid.UUID, int]:
         """Per endpoint among these that new deliveries can go to straight from the
@@ -1695,6 +1722,51 @@ def _header_type(message: InMessage) -> str | None:
             except UnicodeDecodeError:
                 return None
     return None
+
+
+class _TypedEvent(BaseModel):
+    """A CloudEvent of a type this service sends as a webhook, read in one go with its data
+    typed (the subclasses): it accepts what `CloudEvent` accepts and `webhook_body` then
+    takes, so the body is built from it without validating the data again
+    (`_typed_body`). Anything else is read the general way."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    specversion: Literal["1.0"] = "1.0"
+    id: str
+    source: str = SOURCE
+    type: str
+    time: AwareDatetime  # (webhook_body refuses a time without an offset)
+    subject: str | None = None
+    datacontenttype: Literal["application/json"] = "application/json"
+    data: ContactDeleted | DeletionJobCompleted
+
+
+class _ContactDeletedEvent(_TypedEvent):
+    type: Literal["contact.deleted"]
+    data: ContactDeleted
+
+
+class _JobCompletedEvent(_TypedEvent):
+    type: Literal["deletion_job.completed"]
+    data: DeletionJobCompleted
+
+
+_TYPED_EVENTS: dict[str, tuple[type[_TypedEvent], type[BaseModel]]] = {
+    TYPE_CONTACT_DELETED: (_ContactDeletedEvent, ContactDeletedWebhook),
+    TYPE_JOB_COMPLETED: (_JobCompletedEvent, DeletionJobCompletedWebhook),
+}
+"""By the ``ce_type`` header: how to read the event, and its webhook body's model."""
+
+
+def _typed_body(event: _TypedEvent) -> bytes:
+    """The same bytes as ``webhook_body(event.type, event.time, data)`` for the event read
+    the general way (tests/unit/test_fanout_encoding.py): the data is already valid."""
+    model = _TYPED_EVENTS[event.type][1]
+    payload = model.model_construct(
+        type=event.type, timestamp=event.time.astimezone(UTC), data=event.data
+    )
+    return payload.model_dump_json().encode("utf-8")
 
 
 class _RoutingData(BaseModel):
