@@ -132,6 +132,7 @@ async def serve(settings: Settings, names: Sequence[str], *, migrate: bool) -> i
     """
     import signal
 
+    from service import gcpolicy
     from service.aio import Stopped, wait_for_dependency
     from service.app import Services, run_components
     from service.db import Database
@@ -168,6 +169,7 @@ async def serve(settings: Settings, names: Sequence[str], *, migrate: bool) -> i
         return 0
     db = Database(settings.database_url, busy_timeout_ms=settings.sqlite_busy_timeout_ms)
     services = Services(settings=settings, db=db)
+    gcpolicy.settle_after_start()
     try:
         await run_components(services, names, stop)
     finally:
