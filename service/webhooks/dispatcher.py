@@ -1052,29 +1052,7 @@ class Dispatcher:
         if not take:
             return _Claim(owned, [], take, until, kept, renewed)
         # One statement claims and reads them (payloads only for what is sent).
-        rows = (
-            await conn.execute(
-                webhook_deliveries.update()
-                .where(
-                    any_of(D.id, list(take)),
-                    # By id only (see _Unindexed): on SQLite these columns' index read
-                    # every due row for each claim (issue 8).
-                    _Unindexed(D.status).in_(SENDABLE),
-                    _Unindexed(D.next_attempt_at) <= now,
-                    sa.or_(D.claimed_until.is_(None), D.claimed_until < now),
-                )
-                .values(claimed_until=until, retry_requested=False)
-                .returning(
-                    # Not the workspace nor the endpoint: the endpoint's row has the one and
-                    # `take` the other (fewer values a row to convert).
-                    D.id,
-                    D.event_id,
-                    D.event_type,
-                    D.payload,
-                    D.attempt_count,
-                )
-            )
-        ).all()
+        rows = (await conn.execute(_claim_statement(list(take), now, until))).all()
         return _Claim(owned, rows, take, until, kept, renewed)
 
     def _claimed(self, claim: _Claim, now: datetime) -> list[dict[str, Any]]:
@@ -1706,6 +1684,24 @@ def _due_ids(now: datetime, instance: str, full: set[uuid.UUID]) -> sa.Select[An
         sa.select(merged.c.id, merged.c.endpoint_id)
         .order_by(merged.c.next_attempt_at)
         .limit(QUEUE_REFILL)
+    )
+
+
+def _claim_statement(ids: list[uuid.UUID], now: datetime, until: datetime) -> sa.Update:
+    """Lease these deliveries until `until` if they are still due and unclaimed at `now`,
+    returning what a send needs of each (id, event id and type, payload, attempt count;
+    not the workspace nor the endpoint: the endpoint's row has the one and the claim the
+    other, so fewer values a row to convert). By id only (`_Unindexed`)."""
+    return (
+        webhook_deliveries.update()
+        .where(
+            any_of(D.id, ids),
+            _Unindexed(D.status).in_(SENDABLE),
+            _Unindexed(D.next_attempt_at) <= now,
+            sa.or_(D.claimed_until.is_(None), D.claimed_until < now),
+        )
+        .values(claimed_until=until, retry_requested=False)
+        .returning(D.id, D.event_id, D.event_type, D.payload, D.attempt_count)
     )
 
 
