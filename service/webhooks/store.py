@@ -432,6 +432,18 @@ async def disable_endpoint(
     )
     if not updated.rowcount:
         return False
+    # Its unsent deliveries are failed (DESIGN.md), not left `failing` with a retry time
+    # that never comes; `recover` after `enable` sends them. One in flight is recorded by
+    # its sender as it ends.
+    await conn.execute(
+        webhook_deliveries.update()
+        .where(
+            D.endpoint_id == endpoint_id,
+            D.status.in_(SENDABLE),
+            sa.or_(D.claimed_until.is_(None), D.claimed_until <= now),
+        )
+        .values(status=DeliveryStatus.FAILED, completed_at=now, claimed_until=None)
+    )
     await append_events(
         conn,
         db,
@@ -454,6 +466,9 @@ class NewDeliveries:
 
     `leases`: endpoints whose new delivery is claimed at once (`claimed_until` set to the
     given time), by the dispatcher that owns the endpoint and sends it from memory.
+    `disabled`: endpoints that are disabled: their delivery is written ``failed`` (not
+    sent; `recover` after `enable` sends it), so an event that came while an endpoint was
+    disabled is not lost to it (DESIGN.md: ``failed`` covers "endpoint disabled").
     """
 
     workspace_id: uuid.UUID
@@ -462,6 +477,7 @@ class NewDeliveries:
     event_type: str
     payload: bytes
     leases: Mapping[uuid.UUID, datetime] = field(default_factory=dict)
+    disabled: frozenset[uuid.UUID] = frozenset()
 
 
 async def enqueue(
@@ -497,6 +513,7 @@ async def enqueue_many(
     """
     now = utcnow()
     pending = DeliveryStatus.PENDING.value
+    failed = DeliveryStatus.FAILED.value
     ids = new_ids(sum(len(e.endpoint_ids) for e in events))
     rows = [
         _DeliveryRow(
@@ -511,6 +528,22 @@ async def enqueue_many(
             now,
             now,
             e.leases.get(endpoint_id),
+            None,
+        )
+        if endpoint_id not in e.disabled
+        else _DeliveryRow(
+            next_id,
+            e.workspace_id,
+            endpoint_id,
+            e.event_id,
+            e.event_type,
+            e.payload,
+            failed,
+            0,
+            None,
+            now,
+            None,
+            now,
         )
         for next_id, (e, endpoint_id) in zip(
             ids, ((e, eid) for e in events for eid in e.endpoint_ids), strict=True
@@ -533,7 +566,7 @@ async def enqueue_many(
 
 
 ENQUEUE_CHUNK = 1000
-"""Rows per INSERT of `enqueue_many`: 11 values each, under SQLite's 32,766 variables."""
+"""Rows per INSERT of `enqueue_many`: 12 values each, under SQLite's 32,766 variables."""
 
 
 class _DeliveryRow(NamedTuple):
@@ -547,9 +580,10 @@ class _DeliveryRow(NamedTuple):
     payload: bytes
     status: str
     attempt_count: int
-    next_attempt_at: datetime
+    next_attempt_at: datetime | None
     created_at: datetime
     claimed_until: datetime | None
+    completed_at: datetime | None
 
 
 _Processors = list[tuple[int, Callable[[Any], Any]]]
