@@ -515,40 +515,30 @@ async def enqueue_many(
     pending = DeliveryStatus.PENDING.value
     failed = DeliveryStatus.FAILED.value
     ids = new_ids(sum(len(e.endpoint_ids) for e in events))
-    rows = [
-        _DeliveryRow(
-            next_id,
-            e.workspace_id,
-            endpoint_id,
-            e.event_id,
-            e.event_type,
-            e.payload,
-            pending,
-            0,
-            now,
-            now,
-            e.leases.get(endpoint_id),
-            None,
+    rows = []
+    for next_id, (e, endpoint_id) in zip(
+        ids, ((each, eid) for each in events for eid in each.endpoint_ids), strict=True
+    ):
+        if endpoint_id in e.disabled:  # written failed, never claimed (see NewDeliveries)
+            status, due, lease, completed = failed, None, None, now
+        else:
+            status, due, lease, completed = pending, now, e.leases.get(endpoint_id), None
+        rows.append(
+            _DeliveryRow(
+                next_id,
+                e.workspace_id,
+                endpoint_id,
+                e.event_id,
+                e.event_type,
+                e.payload,
+                status,
+                0,
+                due,
+                now,
+                lease,
+                completed,
+            )
         )
-        if endpoint_id not in e.disabled
-        else _DeliveryRow(
-            next_id,
-            e.workspace_id,
-            endpoint_id,
-            e.event_id,
-            e.event_type,
-            e.payload,
-            failed,
-            0,
-            None,
-            now,
-            None,
-            now,
-        )
-        for next_id, (e, endpoint_id) in zip(
-            ids, ((e, eid) for e in events for eid in e.endpoint_ids), strict=True
-        )
-    ]
     if not rows:
         return []
     dialect = conn.dialect
