@@ -21,8 +21,10 @@ RUN useradd --system --uid 10001 --user-group --home-dir /app --no-create-home a
     && chown app:app /app/data
 USER app
 
+# DATA_DIR: an installed package's default would be ~/.local/share (not writable here).
 ENV HTTP_HOST=0.0.0.0 \
     HTTP_PORT=8080 \
+    DATA_DIR=/app/data \
     LOG_FORMAT=json
 EXPOSE 8080
 

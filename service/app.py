@@ -37,6 +37,7 @@ from service.kafka import Producer
 from service.logs import get_logger
 from service.metrics import Metrics
 from service.relay import Relay
+from service.retention import run_retention
 from service.routing import register
 from service.schemas import openapi_spec
 from service.topics import create_topics
@@ -156,7 +157,13 @@ async def run_relay(services: Services, stop: asyncio.Event) -> None:
             services.outbox_signal,
             notifier=services.notifier,
         )
-        await relay.run(stop)
+        pruning = asyncio.create_task(run_retention(services.db, settings, stop))
+        try:
+            await relay.run(stop)
+        finally:
+            pruning.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await pruning
     finally:
         await producer.stop()
 

@@ -14,6 +14,7 @@ import sys
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, NoReturn, cast
 
+from service import deadletters
 from service.bench_options import add_arguments as add_bench_arguments
 from service.scopes import SCOPES
 
@@ -353,6 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     audit_cli.add_parser(sub)
     erasure_cli.add_parser(sub)
+    deadletters.add_parser(sub)
     add_bench_arguments(
         command(
             "bench",
@@ -403,6 +405,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from service.erasure import cli as erasure_cli
 
         return erasure_cli.main(args, settings)
+    if args.command == "dlq":
+        return deadletters.main(args, settings)
     if args.command == "run":
         return asyncio.run(serve(settings, list(COMPONENTS), migrate=True))
     if args.command in COMPONENTS:

@@ -132,6 +132,14 @@ class Settings(BaseSettings):
     # How long a vacuum waits for its table lock before giving up until the next run.
     erasure_lock_timeout_s: float = Field(default=2.0, gt=0)
 
+    # Retention (service.retention, run by the relay's process): published outbox rows and
+    # finished webhook deliveries (with their attempts) are deleted after this long; the
+    # audit trail, jobs and items are kept. The outbox default is Kafka's default topic
+    # retention (7 days): an event no longer in Kafka has nothing left to recover it from.
+    outbox_retention_s: int = Field(default=7 * 24 * 3600, ge=3600)
+    webhook_delivery_retention_s: int = Field(default=30 * 24 * 3600, ge=3600)
+    retention_interval_s: float = Field(default=3600.0, gt=0)
+
     # Fault injection for the crash tests: a named point at which the process kills
     # itself with SIGKILL (e.g. "worker_after_db_commit", "relay_after_publish").
     failpoint: str | None = None

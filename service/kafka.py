@@ -177,6 +177,7 @@ class Producer:
             max_batch_size=self._max_batch_size,
             max_request_size=self._max_request_size,
         )
+        _back_off_failed_metadata(producer.client)
         try:
             await producer.start()
         except BaseException as exc:
@@ -329,6 +330,34 @@ class Producer:
         if self._producer is None:
             raise RuntimeError("Producer.start() has not been awaited")
         return self._producer
+
+
+METADATA_RETRY_BACKOFF_S = 0.5
+"""How long a client waits after a metadata request that no broker answered."""
+
+
+def _back_off_failed_metadata(client: Any) -> None:
+    """Make this aiokafka client wait `METADATA_RETRY_BACKOFF_S` after a metadata update
+    that no known broker answered, before it says so.
+
+    aiokafka 0.14's producer sender, holding batches for a partition whose leader is
+    unknown (the broker is down), asks for a metadata update and waits for it, in a loop
+    without back-off; with the broker gone the update fails at once (connection refused),
+    so the loop spun: a core's worth of CPU and ~2,300 ERROR lines a second ("Unable to
+    update metadata", "Unable connect to node") for as long as the outage lasted (found
+    by an operator's trial). This wraps the client's own ``_metadata_update`` (a private
+    method; pyproject bounds aiokafka ``<0.15``, and a test of a broker outage counts the
+    lines) so that a failed update returns only after the back-off.
+    """
+    update = client._metadata_update
+
+    async def backed_off(cluster_metadata: Any, topics: Any) -> bool:
+        ok: bool = await update(cluster_metadata, topics)
+        if not ok:
+            await asyncio.sleep(METADATA_RETRY_BACKOFF_S)
+        return ok
+
+    client._metadata_update = backed_off
 
 
 # Kafka's rule for a topic name (org.apache.kafka.common.internals.Topic.validate):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from typing import Any
 
 import structlog
@@ -61,6 +62,44 @@ _KAFKA_RETRIABLE = (
 )
 
 
+REPEAT_WINDOW_S = 10.0
+"""A library's same warning or error is written at most once per this many seconds."""
+
+
+class _RepeatsCollapsed(logging.Filter):
+    """A library's warning or error repeated word for word (aiokafka retrying a broker that
+    is down: "Unable connect to node with id 1", many times a second) is written once per
+    `REPEAT_WINDOW_S`; the first one written after that says how many were left out ("…
+    (repeated N times)"). Our own events are never collapsed (each is one job, batch,
+    delivery or state change), and a message that changes (another node, another partition)
+    is its own line. Kept per message: at most `_REPEAT_KEYS` of them (then the oldest
+    go)."""
+
+    _REPEAT_KEYS = 256
+
+    def __init__(self, clock: Any = time.monotonic) -> None:
+        super().__init__()
+        self._clock = clock
+        self._seen: dict[tuple[str, int, str], tuple[float, int]] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING or record.name.startswith("service"):
+            return True
+        key = (record.name, record.levelno, record.getMessage())
+        now = self._clock()
+        seen = self._seen.get(key)
+        if seen is not None and now - seen[0] < REPEAT_WINDOW_S:
+            self._seen[key] = (seen[0], seen[1] + 1)
+            return False
+        if seen is not None and seen[1]:
+            record.msg, record.args = f"{record.getMessage()} (repeated {seen[1]} times)", None
+        self._seen.pop(key, None)
+        self._seen[key] = (now, 0)
+        if len(self._seen) > self._REPEAT_KEYS:
+            del self._seen[next(iter(self._seen))]
+        return True
+
+
 class _CurrentStderr:
     """Writes to whatever ``sys.stderr`` is when a line is written, not when logging was
     configured: a stream swapped later (a test's capture, a daemon's redirection) and then
@@ -113,6 +152,7 @@ def configure_logging(fmt: str = "json", level: str = "INFO") -> None:
     )
     if level != "DEBUG":
         handler.addFilter(_KafkaStartupNoise())
+        handler.addFilter(_RepeatsCollapsed())
     root = logging.getLogger()
     # Replace only our own handler from an earlier call (tests configure more than once).
     for old in [h for h in root.handlers if getattr(h, "name", None) == _HANDLER_NAME]:

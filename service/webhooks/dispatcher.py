@@ -363,17 +363,17 @@ class Dispatcher:
     async def fan_out(self, messages: Sequence[InMessage], dlq: Producer) -> int:
         """Write the deliveries of these events (idempotent); dead-letter malformed ones.
 
-        Returns how many deliveries were new. The enabled endpoints are read afresh from
-        the database for every batch (so an endpoint created or enabled by any process
-        before the batch is never missed): all of them while there are at most
-        LISTENERS_AT_ONCE, and then an event of a type none of them takes (its `ce_type`
-        header, as the relay sets it) is skipped without being read at all (issue 8: a
-        filter job's events cost a parse each when nobody listened). Any other event is
-        first read only as far as its routing (`_Routing`: id, type, time, workspace);
-        beyond LISTENERS_AT_ONCE, the endpoints of the batch's workspaces are read then;
-        only an event with an endpoint to go to is read in full and written. An event
-        whose routing cannot be read is dead-lettered; one nobody subscribes to is not
-        read further.
+        Returns how many deliveries were new. The endpoints are read afresh from the database
+        for every batch (so an endpoint created or enabled by any process before the batch is
+        never missed); a disabled endpoint's delivery is written ``failed`` (not sent: `recover`
+        after `enable` sends it; DESIGN.md "Webhooks"). All of them are read while there are at
+        most LISTENERS_AT_ONCE, and then an event of a type none of them takes (its `ce_type`
+        header, as the relay sets it) is skipped without being read at all (issue 8: a filter
+        job's events cost a parse each when nobody listened). Any other event is first read only
+        as far as its routing (`_Routing`: id, type, time, workspace); beyond LISTENERS_AT_ONCE,
+        the endpoints of the batch's workspaces are read then; only an event with an endpoint to
+        go to is read in full and written. An event whose routing cannot be read is
+        dead-lettered; one nobody subscribes to is not read further.
 
         A new delivery to an endpoint this process owns (with room in its buffer and no
         older due work queued) is claimed by the same INSERT and handed to the buffer
@@ -389,11 +389,7 @@ class Dispatcher:
         if not many:
             async with self.db.read() as conn:
                 listeners = (
-                    await conn.execute(
-                        sa.select(*_ENDPOINT_COLUMNS)
-                        .where(E.status == EndpointStatus.ENABLED)
-                        .limit(LISTENERS_AT_ONCE + 1)
-                    )
+                    await conn.execute(sa.select(*_ENDPOINT_COLUMNS).limit(LISTENERS_AT_ONCE + 1))
                 ).all()
             if len(listeners) > LISTENERS_AT_ONCE:
                 many = True
@@ -431,8 +427,7 @@ class Dispatcher:
                 for r in (
                     await conn.execute(
                         sa.select(*_ENDPOINT_COLUMNS).where(
-                            E.workspace_id.in_({r.data.workspace_id for _, r in routed}),
-                            E.status == EndpointStatus.ENABLED,
+                            E.workspace_id.in_({r.data.workspace_id for _, r in routed})
                         )
                     )
                 ).all():
@@ -475,18 +470,26 @@ class Dispatcher:
                     until = leased[e.id].owned_until
                     assert until is not None
                     leases[e.id] = until
+            disabled = frozenset(e.id for e in targets if e.status != EndpointStatus.ENABLED)
             batch.append(
-                NewDeliveries(ws, [e.id for e in targets], event_id, event_type, body, leases)
+                NewDeliveries(
+                    ws, [e.id for e in targets], event_id, event_type, body, leases, disabled
+                )
             )
         async with self.db.begin() as conn:
             created = await enqueue_many(conn, self.db, batch)
+        unsent = sum(1 for r in created if r["status"] != DeliveryStatus.PENDING)
+        if unsent:
+            log.info("webhook_deliveries_failed_endpoint_disabled", count=unsent)
         handed = 0
         claimed = [r for r in created if r["claimed_until"] is not None]
         if leased:
             targets_by_id = {e.id: e for *_, targets in planned for e in targets}
             handed = await self._hand_over(claimed, leased, targets_by_id, now)
         if handed < len(claimed) or any(
-            not self._queued(r["endpoint_id"], now) for r in created if r["claimed_until"] is None
+            not self._queued(r["endpoint_id"], now)
+            for r in created
+            if r["claimed_until"] is None and r["status"] == DeliveryStatus.PENDING
         ):
             # Written for the sender to queue and claim: it need not wait for its next
             # read. (What went straight into a buffer needs no read, nor what queues behind
@@ -1705,8 +1708,17 @@ def _claim_statement(ids: list[uuid.UUID], now: datetime, until: datetime) -> sa
     )
 
 
-_ENDPOINT_COLUMNS = (E.id, E.workspace_id, E.event_types, E.url, E.secret, E.retired_secrets)
-"""What the fan-out reads of an endpoint: its routing, and what a handed-over send needs."""
+_ENDPOINT_COLUMNS = (
+    E.id,
+    E.workspace_id,
+    E.event_types,
+    E.url,
+    E.secret,
+    E.retired_secrets,
+    E.status,
+)
+"""What the fan-out reads of an endpoint: its routing, its status (a disabled one's
+delivery is written failed), and what a handed-over send needs."""
 
 
 def _header_type(message: InMessage) -> str | None:

@@ -301,7 +301,7 @@ async def delete_endpoint(
         await conn.execute(
             webhook_deliveries.update()
             .where(D.endpoint_id == endpoint_id, D.status.in_(SENDABLE))
-            .values(status=DeliveryStatus.CANCELLED, completed_at=utcnow())
+            .values(status=DeliveryStatus.FAILED, completed_at=utcnow())
         )
         await append_events(
             conn,
@@ -432,6 +432,18 @@ async def disable_endpoint(
     )
     if not updated.rowcount:
         return False
+    # Its unsent deliveries are failed (DESIGN.md), not left `failing` with a retry time
+    # that never comes; `recover` after `enable` sends them. One in flight is recorded by
+    # its sender as it ends.
+    await conn.execute(
+        webhook_deliveries.update()
+        .where(
+            D.endpoint_id == endpoint_id,
+            D.status.in_(SENDABLE),
+            sa.or_(D.claimed_until.is_(None), D.claimed_until <= now),
+        )
+        .values(status=DeliveryStatus.FAILED, completed_at=now, claimed_until=None)
+    )
     await append_events(
         conn,
         db,
@@ -454,6 +466,9 @@ class NewDeliveries:
 
     `leases`: endpoints whose new delivery is claimed at once (`claimed_until` set to the
     given time), by the dispatcher that owns the endpoint and sends it from memory.
+    `disabled`: endpoints that are disabled: their delivery is written ``failed`` (not
+    sent; `recover` after `enable` sends it), so an event that came while an endpoint was
+    disabled is not lost to it (DESIGN.md: ``failed`` covers "endpoint disabled").
     """
 
     workspace_id: uuid.UUID
@@ -462,6 +477,7 @@ class NewDeliveries:
     event_type: str
     payload: bytes
     leases: Mapping[uuid.UUID, datetime] = field(default_factory=dict)
+    disabled: frozenset[uuid.UUID] = frozenset()
 
 
 async def enqueue(
@@ -497,25 +513,32 @@ async def enqueue_many(
     """
     now = utcnow()
     pending = DeliveryStatus.PENDING.value
+    failed = DeliveryStatus.FAILED.value
     ids = new_ids(sum(len(e.endpoint_ids) for e in events))
-    rows = [
-        _DeliveryRow(
-            next_id,
-            e.workspace_id,
-            endpoint_id,
-            e.event_id,
-            e.event_type,
-            e.payload,
-            pending,
-            0,
-            now,
-            now,
-            e.leases.get(endpoint_id),
+    rows = []
+    for next_id, (e, endpoint_id) in zip(
+        ids, ((each, eid) for each in events for eid in each.endpoint_ids), strict=True
+    ):
+        if endpoint_id in e.disabled:  # written failed, never claimed (see NewDeliveries)
+            status, due, lease, completed = failed, None, None, now
+        else:
+            status, due, lease, completed = pending, now, e.leases.get(endpoint_id), None
+        rows.append(
+            _DeliveryRow(
+                next_id,
+                e.workspace_id,
+                endpoint_id,
+                e.event_id,
+                e.event_type,
+                e.payload,
+                status,
+                0,
+                due,
+                now,
+                lease,
+                completed,
+            )
         )
-        for next_id, (e, endpoint_id) in zip(
-            ids, ((e, eid) for e in events for eid in e.endpoint_ids), strict=True
-        )
-    ]
     if not rows:
         return []
     dialect = conn.dialect
@@ -533,7 +556,7 @@ async def enqueue_many(
 
 
 ENQUEUE_CHUNK = 1000
-"""Rows per INSERT of `enqueue_many`: 11 values each, under SQLite's 32,766 variables."""
+"""Rows per INSERT of `enqueue_many`: 12 values each, under SQLite's 32,766 variables."""
 
 
 class _DeliveryRow(NamedTuple):
@@ -547,9 +570,10 @@ class _DeliveryRow(NamedTuple):
     payload: bytes
     status: str
     attempt_count: int
-    next_attempt_at: datetime
+    next_attempt_at: datetime | None
     created_at: datetime
     claimed_until: datetime | None
+    completed_at: datetime | None
 
 
 _Processors = list[tuple[int, Callable[[Any], Any]]]
@@ -669,8 +693,8 @@ async def retry_delivery(
     db: Database, workspace_id: uuid.UUID, delivery_id: uuid.UUID
 ) -> dict[str, Any]:
     """Send a delivery again now, whatever its state: 409 endpoint_disabled while its
-    endpoint is disabled, 409 endpoint_deleted once the endpoint is gone (its deliveries
-    are cancelled).
+    endpoint is disabled, 409 endpoint_deleted once the endpoint is gone (its unsent
+    deliveries failed with it).
 
     A delivery in flight (its claim has not lapsed) is never sent a second time at once:
     it is only marked `retry_requested`, and the dispatcher makes it due again when it
@@ -692,8 +716,8 @@ async def retry_delivery(
         )
         if endpoint is None:
             raise EndpointDeleted(
-                "this delivery's webhook endpoint was deleted: its deliveries are cancelled "
-                "and are not sent again",
+                "this delivery's webhook endpoint was deleted: its unsent deliveries failed "
+                "with it and are not sent again",
                 {"delivery_id": str(delivery_id), "endpoint_id": str(endpoint_id)},
             )
         ensure_enabled(endpoint)

@@ -24,6 +24,7 @@ import sqlalchemy as sa
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
+from service import deadletters
 from service.app import Services
 from service.audit.store import load_hash_key
 from service.config import Settings
@@ -104,7 +105,10 @@ def _assert_stub(stub: Any, source: str, original: bytes, reason: str) -> None:
 
 
 async def test_the_worker_replaces_a_refused_dead_letter_copy_and_carries_on(
-    tenant: Tenant, services: Services, settings: Settings
+    tenant: Tenant,
+    services: Services,
+    settings: Settings,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     dlq = await _topics(settings, TOPIC_DELETION_REQUESTED)
     topic = settings.topic(TOPIC_DELETION_REQUESTED)
@@ -169,6 +173,20 @@ async def test_the_worker_replaces_a_refused_dead_letter_copy_and_carries_on(
         for outcome in ("stub", "dropped")
     }
     assert samples == {"stub": 3, "dropped": 1}  # the worker did not retry them
+
+    # `contact-deletion dlq list` shows each of them, where it came from and why, and
+    # never a value (an operator had no way to read the dead letters without Kafka's tools).
+    capsys.readouterr()
+    assert await deadletters.list_dead_letters(settings, as_json=True) == 0
+    listed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    ours = [d for d in listed if d["topic"] == dlq]
+    assert len(ours) == 4
+    assert {d["source"].rsplit("/", 1)[0] for d in ours} == {f"{topic}/0"}
+    assert all(d["reason"].startswith("malformed message") for d in ours)
+    assert "not json" not in json.dumps(listed)
+    assert await deadletters.list_dead_letters(settings, as_json=False) == 0
+    text = capsys.readouterr().out
+    assert text.splitlines()[-1].startswith(f"{len(listed)} dead letter(s) in ")
 
 
 def _event_message(topic: str, tenant: Tenant, offset: int) -> tuple[str, InMessage]:

@@ -198,7 +198,7 @@ async def _forget_pending(services: Services) -> AsyncIterator[None]:
                 webhook_deliveries.c.status.in_(("pending", "failing")),
                 webhook_deliveries.c.created_at >= started,
             )
-            .values(status="cancelled", completed_at=utcnow())
+            .values(status="failed", completed_at=utcnow())
         )
 
 
@@ -1076,6 +1076,8 @@ async def test_an_endpoint_failing_longer_than_the_limit_is_disabled(
     assert len(times) >= 2
     assert times[-1] - times[0] >= timedelta(seconds=1)
     assert all(a["status_code"] == 500 for a in delivery["attempts"])
+    # Not left `failing` with a retry time that never comes (DESIGN.md: failed).
+    assert delivery["status"] == "failed" and delivery["next_attempt_at"] is None
 
     trail = [
         e
@@ -1253,12 +1255,12 @@ async def alone(
 async def test_events_of_a_type_no_endpoint_takes_are_skipped_unread_until_one_does(
     alone: tuple[Tenant, Services], dlq: Producer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """With the relay's `ce_type` header, an event of a type no enabled endpoint takes is
-    not read at all (a garbled one is not even dead-lettered); once an endpoint that
-    takes it is created, or a disabled one enabled, the next batch's events go to it
-    and are read again (the garbled one dead-lettered). An event without the header is
-    always read; so is every event while more endpoints are enabled than the fan-out
-    reads at once (`LISTENERS_AT_ONCE`, a size knob set to 1 here)."""
+    """With the relay's `ce_type` header, an event of a type no endpoint takes is not read
+    at all (a garbled one is not even dead-lettered); once an endpoint that takes it is
+    created, the next batch's events go to it and are read again (the garbled one
+    dead-lettered); a disabled one's are written failed, for recover after enable. An
+    event without the header is always read; so is every event while there are more
+    endpoints than the fan-out reads at once (`LISTENERS_AT_ONCE`, a size knob set to 1 here)."""
     tenant, services = alone
     dispatcher = Dispatcher(services.settings, services.db, services.metrics)
 
@@ -1287,7 +1289,8 @@ async def test_events_of_a_type_no_endpoint_takes_are_skipped_unread_until_one_d
         )
         second = contact_deleted(tenant.workspace_id)
         assert await dispatcher.fan_out([typed(second, 5), typed(None, 6)], dlq) == 1
-        # Disabled, nobody takes contact.deleted again; enabled, it goes to it again.
+        # Disabled, its delivery is written failed (recover after enable sends it);
+        # enabled, it goes to it again.
         async with services.db.begin() as conn:
             assert await store.disable_endpoint(
                 conn,
@@ -1297,7 +1300,8 @@ async def test_events_of_a_type_no_endpoint_takes_are_skipped_unread_until_one_d
                 DisabledReason.GONE,
                 "test",
             )
-        assert await dispatcher.fan_out([typed(contact_deleted(tenant.workspace_id), 7)], dlq) == 0
+        meanwhile = contact_deleted(tenant.workspace_id)
+        assert await dispatcher.fan_out([typed(meanwhile, 7)], dlq) == 1
         status, body, _ = await tenant.call("POST", f"{ENDPOINTS}/{late['id']}/enable")
         assert status == 200, body
         third = contact_deleted(tenant.workspace_id)
@@ -1318,9 +1322,12 @@ async def test_events_of_a_type_no_endpoint_takes_are_skipped_unread_until_one_d
     assert sorted(d["event_id"] for d in await list_deliveries(tenant, jobs["id"])) == sorted(
         [completed.id, done.id]
     )
-    assert sorted(d["event_id"] for d in await list_deliveries(tenant, late["id"])) == sorted(
-        [second.id, third.id, fourth.id]
-    )
+    deliveries = {d["event_id"]: d["status"] for d in await list_deliveries(tenant, late["id"])}
+    assert sorted(deliveries) == sorted([second.id, meanwhile.id, third.id, fourth.id])
+    assert deliveries[meanwhile.id] == "failed"
+    assert [
+        line["count"] for line in lines.events("webhook_deliveries_failed_endpoint_disabled")
+    ] == [1]
 
 
 async def test_a_new_delivery_to_an_endpoint_this_dispatcher_owns_goes_from_the_fan_out(
@@ -1904,6 +1911,42 @@ async def test_recover_test_and_retry_on_a_disabled_endpoint_answer_409_until_en
     await wait_delivery(tenant, eid, event_id, has_status("succeeded"))
 
 
+async def test_an_event_while_the_endpoint_is_disabled_is_sent_by_recover_after_enable(
+    tenant: Tenant, receiver: Receiver, sender: StartSender, services: Services, dlq: Producer
+) -> None:
+    """A contact deleted while its subscriber's endpoint is disabled (a 410) was never
+    written as a delivery: enable + recover, as the README says, could not send it, and
+    the receiver never learnt of the deletion. Now the fan-out writes it `failed`, and
+    recover sends it; one waiting for a retry when the endpoint was disabled fails too."""
+    sender(webhook_retry_schedule="0,3600")
+    endpoint = await create_endpoint(tenant, receiver.script("/hook", answer(500), answer(410)))
+    eid = endpoint["id"]
+    waiting = await send_test(tenant, eid)
+    await wait_delivery(tenant, eid, waiting, has_status("failing"))
+    status, body, _ = await tenant.call("POST", f"{ENDPOINTS}/{eid}/test")
+    assert status == 202, body
+    await wait_delivery(tenant, eid, body["data"]["event_id"], has_status("failed"))
+    assert (await get_endpoint(tenant, eid))["status"] == "disabled"
+    assert (await delivery_of(tenant, eid, waiting))["status"] == "failed"
+
+    deleted = contact_deleted(tenant.workspace_id)
+    dispatcher = Dispatcher(services.settings, services.db, services.metrics)
+    assert await dispatcher.fan_out([message(deleted)], dlq) == 1
+    assert (await delivery_of(tenant, eid, deleted.id))["status"] == "failed"
+
+    receiver.script("/hook", answer(200))
+    status, body, _ = await tenant.call("POST", f"{ENDPOINTS}/{eid}/enable")
+    assert status == 200, body
+    since = {"since": "2020-01-01T00:00:00Z"}
+    status, body, _ = await tenant.call("POST", f"{ENDPOINTS}/{eid}/recover", since)
+    assert status == 202, body
+    assert body["data"]["requeued"] == 3
+    await wait_delivery(tenant, eid, deleted.id, has_status("succeeded"))
+    await wait_delivery(tenant, eid, waiting, has_status("succeeded"))
+    got = [json.loads(r.body)["type"] for r in receiver.at("/hook")]
+    assert "contact.deleted" in got
+
+
 async def test_recover_after_an_outage_sends_the_failing_deliveries_now_too(
     tenant: Tenant, receiver: Receiver, sender: StartSender
 ) -> None:
@@ -1929,12 +1972,13 @@ async def test_recover_after_an_outage_sends_the_failing_deliveries_now_too(
     assert (await delivery_of(tenant, eid, older))["status"] == "failing"
 
 
-async def test_a_deleted_endpoints_cancelled_delivery_is_not_sent_again(
+async def test_a_deleted_endpoints_unsent_delivery_fails_and_is_not_sent_again(
     tenant: Tenant, receiver: Receiver, sender: StartSender
 ) -> None:
-    """Retry on a delivery its deleted endpoint left `cancelled` was a 202 that set it
-    `pending` for good (nothing can send it): 409 endpoint_deleted, and it stays
-    cancelled."""
+    """Deleting an endpoint fails its unsent deliveries (DESIGN.md: `failed` covers
+    "endpoint disabled or deleted"; earlier versions said `cancelled`, a state a client
+    filtering on the documented ones never saw). Retry on one was a 202 that set it
+    `pending` for good (nothing can send it): 409 endpoint_deleted, and it stays failed."""
     sender(webhook_retry_schedule="0,3600")
     endpoint = await create_endpoint(tenant, receiver.script("/hook", answer(500)))
     eid = endpoint["id"]
@@ -1948,7 +1992,8 @@ async def test_a_deleted_endpoints_cancelled_delivery_is_not_sent_again(
     assert body["error"]["code"] == "endpoint_deleted"
     status, body, _ = await tenant.call("GET", f"{DELIVERIES}/{failing['id']}")
     assert status == 200, body
-    assert body["data"]["status"] == "cancelled"
+    assert body["data"]["status"] == "failed"
+    assert body["data"]["next_attempt_at"] is None
 
 
 async def test_every_secret_younger_than_the_overlap_signs_up_to_five(
