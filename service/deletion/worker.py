@@ -286,7 +286,7 @@ class DeletionWorker:
                 f"{self.settings.kafka_consumer_group_prefix}.worker",
                 session_timeout_ms=self.settings.kafka_session_timeout_ms,
                 heartbeat_interval_ms=self.settings.kafka_heartbeat_interval_ms,
-                on_unreadable=self._resend_lost,
+                on_lost=lambda lost: self._resend_lost(lost.topic, lost.partition, lost.partitions),
             )
             dlq = Producer(bootstrap)
             await wait_for_dependency(consumer.start, stop, dependency="kafka", component="worker")

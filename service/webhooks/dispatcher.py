@@ -110,6 +110,7 @@ from service.metrics import Metrics
 from service.timefmt import iso
 from service.webhooks.models import SENDABLE, DeliveryStatus, DisabledReason, EndpointStatus
 from service.webhooks.payloads import webhook_body
+from service.webhooks.refanout import recover_events
 from service.webhooks.schedule import Outcome, RetryPolicy, classify, parse_retry_after
 from service.webhooks.signing import webhook_headers
 from service.webhooks.ssrf import BlockedDestination, PinnedResolver, check_url, failure_text
@@ -317,6 +318,7 @@ class Dispatcher:
             group,
             session_timeout_ms=self.settings.kafka_session_timeout_ms,
             heartbeat_interval_ms=self.settings.kafka_heartbeat_interval_ms,
+            on_lost=functools.partial(recover_events, self.db, self.wakeup),
         )
         dlq = Producer(bootstrap)
         try:
