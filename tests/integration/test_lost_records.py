@@ -15,23 +15,25 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from aiokafka import TopicPartition
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic, RecordsToDelete
 
 from service.app import Services
 from service.config import Settings
-from service.db import admin_sql, outbox, utcnow, webhook_deliveries
+from service.db import admin_sql, outbox, utcnow, webhook_deliveries, webhook_endpoints
 from service.events import TOPIC_CONTACT_DELETED, TOPIC_DELETION_REQUESTED, TYPE_CONTACT_DELETED
+from service.kafka import Consumer, LostRecords
 from service.migrate import upgrade
 from service.topics import create_topics
 from tests.conftest import Tenant, components_running, make_settings
 from tests.logcapture import json_logs
-from tests.unreadable_batches import produce_raw, zstd_batch
+from tests.unreadable_batches import plain_batch, produce_raw, zstd_batch
 
 BOUND_S = 30  # work left undone fails the test instead of hanging it
 
@@ -173,47 +175,57 @@ async def test_commands_removed_before_the_worker_read_them_are_sent_again(
     assert (resent["topic"], resent["partition"], resent["requests"]) == (topic, 0, 2)
 
 
-async def test_commands_of_a_topic_created_again_are_sent_again(
-    tenant: Tenant, services: Services, settings: Settings
+async def test_a_position_beyond_the_log_end_is_a_gap_and_the_log_is_read_from_its_start(
+    kafka_bootstrap: str,
 ) -> None:
-    """The deletion topic was deleted (with job A's commands in it) and created again: the
-    worker's committed offset is beyond the new log's end. aiokafka's "earliest" read the
-    new log from 0 and job A waited forever; now the gap is said (``log_reset``), the new
-    log read from its start, and job A's requests written again."""
-    await create_topics(settings)
-    topic = settings.topic(TOPIC_DELETION_REQUESTED)
-    async with components_running(services, "relay", "worker"):
-        _done(await _bulk_delete(tenant, 1, wait=True), 1)
-    async with components_running(services, "relay"):
-        job_a = await _bulk_delete(tenant, 2)
-        await _all_published(services)
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap_servers)
+    """The group's committed offset is beyond the log's end: the log was truncated under
+    it (an unclean leader election), or the topic created again on a broker that keeps
+    the group's offsets, or an operator set it there. aiokafka's "earliest" read the new
+    log from its start without a word; now the gap is said (``log_reset``: what lay from
+    the offset on is not known) and settled (``on_lost``), and the log read from its start.
+    No database: the consumer alone (the worker's and the fan-out's settling are the tests
+    above and below)."""
+    topic = f"reset-{uuid.uuid4().hex[:8]}"
+    group = f"g-{topic}"
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
     await admin.start()
     try:
-        await admin.delete_topics([topic])
-        async with asyncio.timeout(BOUND_S):
-            while True:  # the deletion completes in the background
-                try:
-                    response = await admin.create_topics([NewTopic(topic, 1, 1)])
-                except Exception:  # TopicAlreadyExists while it is being deleted
-                    response = None
-                if response is not None and all(e[1] == 0 for e in response.topic_errors):
-                    break
-                await asyncio.sleep(0.2)
+        await admin.create_topics([NewTopic(topic, 1, 1)])
     finally:
         await admin.close()
-
-    with json_logs() as lines:
-        async with components_running(services, "relay", "worker"):
-            _done(await _completed(tenant, job_a["job_id"]), 2)
-    lost = lines.events("kafka_records_lost")
-    assert lost, "the gap was not said"
-    assert (lost[0]["topic"], lost[0]["reason"], lost[0]["end_offset"]) == (
-        topic,
-        "log_reset",
-        None,
+    await produce_raw(kafka_bootstrap, topic, 0, bytes(plain_batch([(b"new", b"{}", [])])))
+    # A member of the group commits offset 5 (the broker takes any offset).
+    member = AIOKafkaConsumer(
+        topic, bootstrap_servers=kafka_bootstrap, group_id=group, enable_auto_commit=False
     )
-    assert lost[0]["first_offset"] > lost[0]["log_end"]
+    await member.start()
+    try:
+        async with asyncio.timeout(BOUND_S):
+            while not member.assignment():
+                await member.getmany(timeout_ms=100)
+        await member.commit({TopicPartition(topic, 0): 5})
+    finally:
+        await member.stop()
+
+    lost: list[LostRecords] = []
+
+    async def on_lost(records: LostRecords) -> None:
+        lost.append(records)
+
+    consumer = Consumer(kafka_bootstrap, [topic], group, on_lost=on_lost)
+    await consumer.start()
+    read: list[bytes | None] = []
+    try:
+        with json_logs() as lines:
+            async with asyncio.timeout(BOUND_S):
+                while not read:
+                    read += [m.key for m in await consumer.getmany(200, 100)]
+    finally:
+        await consumer.stop()
+    assert read == [b"new"]
+    assert lost == [LostRecords(topic, 0, 1, 5, None, None, "log_reset")]
+    [line] = lines.events("kafka_records_lost")
+    assert (line["first_offset"], line["log_start"], line["log_end"]) == (5, 0, 1)
 
 
 async def test_events_removed_before_the_fanout_read_them_get_their_deliveries(
@@ -229,6 +241,15 @@ async def test_events_removed_before_the_fanout_read_them_get_their_deliveries(
     async with components_running(services, "relay", "worker", "dispatcher"):
         _done(await _bulk_delete(tenant, 1, wait=True), 1)
         before = await _deliveries(services, 1)
+    # Job 0's event (read, and committed) and the endpoint, an hour old: the events
+    # examined are those since the committed record's time (its Kafka timestamp, kept in
+    # the commit's metadata), not every event since the endpoint was created.
+    hour_ago = utcnow() - timedelta(hours=1)
+    async with services.db.begin() as conn:
+        await conn.execute(
+            outbox.update().where(outbox.c.topic == topic).values(published_at=hour_ago)
+        )
+        await conn.execute(webhook_endpoints.update().values(created_at=hour_ago))
     async with components_running(services, "relay", "worker"):
         _done(await _bulk_delete(tenant, 2, wait=True), 2)
         await _all_published(services)
@@ -251,8 +272,7 @@ async def test_events_removed_before_the_fanout_read_them_get_their_deliveries(
         3,
     )
     assert (recovered["topic"], recovered["partition"], recovered["deliveries"]) == (topic, 0, 2)
-    # Bounded by the committed record's time: job 0's event (just before) at most, no older.
-    assert recovered["events_examined"] <= 3
+    assert recovered["events_examined"] == 2  # job A's; not job 0's, an hour before
 
 
 async def test_events_in_an_unreadable_batch_get_their_deliveries(
