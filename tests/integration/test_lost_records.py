@@ -3,8 +3,8 @@ something"; service.kafka.Consumer, service.faults.position_lost, LostRecords).
 
 Real broker, both databases, no mocks. The records are removed the way the broker removes
 them: DeleteRecords (what retention and log.retention.bytes do, moving the log's start
-past them, at once instead of after retention.ms), the topic deleted and created again,
-a batch the consumer cannot decode. Before, aiokafka's ``auto_offset_reset="earliest"``
+past them, at once instead of after retention.ms), and a batch the consumer cannot
+decode (a position beyond the log's end: tests/integration/test_lost_position.py). Before, aiokafka's ``auto_offset_reset="earliest"``
 jumped silently to the log's start: the deletion items those records were for stayed
 ``pending`` (their job never completed), and the ``contact.deleted`` events were never
 fanned out (their webhooks never sent). One partition, so every record is in the gap.
@@ -21,19 +21,18 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic, RecordsToDelete
+from aiokafka import TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, RecordsToDelete
 
 from service.app import Services
 from service.config import Settings
 from service.db import admin_sql, outbox, utcnow, webhook_deliveries, webhook_endpoints
 from service.events import TOPIC_CONTACT_DELETED, TOPIC_DELETION_REQUESTED, TYPE_CONTACT_DELETED
-from service.kafka import Consumer, LostRecords
 from service.migrate import upgrade
 from service.topics import create_topics
 from tests.conftest import Tenant, components_running, make_settings
 from tests.logcapture import json_logs
-from tests.unreadable_batches import plain_batch, produce_raw, zstd_batch
+from tests.unreadable_batches import produce_raw, zstd_batch
 
 BOUND_S = 30  # work left undone fails the test instead of hanging it
 
@@ -173,59 +172,6 @@ async def test_commands_removed_before_the_worker_read_them_are_sent_again(
         assert (lost["reason"], lost["first_offset"]) == ("no_committed_offset", None)
     [resent] = lines.events("worker_lost_commands_resent")
     assert (resent["topic"], resent["partition"], resent["requests"]) == (topic, 0, 2)
-
-
-async def test_a_position_beyond_the_log_end_is_a_gap_and_the_log_is_read_from_its_start(
-    kafka_bootstrap: str,
-) -> None:
-    """The group's committed offset is beyond the log's end: the log was truncated under
-    it (an unclean leader election), or the topic created again on a broker that keeps
-    the group's offsets, or an operator set it there. aiokafka's "earliest" read the new
-    log from its start without a word; now the gap is said (``log_reset``: what lay from
-    the offset on is not known) and settled (``on_lost``), and the log read from its start.
-    No database: the consumer alone (the worker's and the fan-out's settling are the tests
-    above and below)."""
-    topic = f"reset-{uuid.uuid4().hex[:8]}"
-    group = f"g-{topic}"
-    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(topic, 1, 1)])
-    finally:
-        await admin.close()
-    await produce_raw(kafka_bootstrap, topic, 0, bytes(plain_batch([(b"new", b"{}", [])])))
-    # A member of the group commits offset 5 (the broker takes any offset).
-    member = AIOKafkaConsumer(
-        topic, bootstrap_servers=kafka_bootstrap, group_id=group, enable_auto_commit=False
-    )
-    await member.start()
-    try:
-        async with asyncio.timeout(BOUND_S):
-            while not member.assignment():
-                await member.getmany(timeout_ms=100)
-        await member.commit({TopicPartition(topic, 0): 5})
-    finally:
-        await member.stop()
-
-    lost: list[LostRecords] = []
-
-    async def on_lost(records: LostRecords) -> None:
-        lost.append(records)
-
-    consumer = Consumer(kafka_bootstrap, [topic], group, on_lost=on_lost)
-    await consumer.start()
-    read: list[bytes | None] = []
-    try:
-        with json_logs() as lines:
-            async with asyncio.timeout(BOUND_S):
-                while not read:
-                    read += [m.key for m in await consumer.getmany(200, 100)]
-    finally:
-        await consumer.stop()
-    assert read == [b"new"]
-    assert lost == [LostRecords(topic, 0, 1, 5, None, None, "log_reset")]
-    [line] = lines.events("kafka_records_lost")
-    assert (line["first_offset"], line["log_start"], line["log_end"]) == (5, 0, 1)
 
 
 async def test_events_removed_before_the_fanout_read_them_get_their_deliveries(
