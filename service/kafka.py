@@ -426,7 +426,11 @@ class LostRecords:
     ``first``: the first offset not read (None: from the log's very start; the group had no
     committed offset); ``end``: the first offset after them (None: not known; the log was
     truncated or the topic created again beyond them). ``partitions``: the topic's
-    partition count now. ``since``: when the last record read before them was written (its
+    partition count now; ``earlier_partitions``: its count when the last record before
+    them was committed, when that was another (partitions were added since: a key's
+    records went to the partition its hash picks among the count of their time, so the
+    lost ones may be those of keys that map there under either); None: the same, or not
+    known. ``since``: when the last record read before them was written (its
     Kafka timestamp, the producer's clock), so that they were written after it (give or take
     the producers' clock skew); None: not known. ``reason``: ``"retention"`` (the log's
     start moved past them: retention, log.retention.bytes, DeleteRecords), ``"log_reset"``
@@ -443,16 +447,38 @@ class LostRecords:
     end: int | None
     since: datetime | None
     reason: str
+    earlier_partitions: int | None = None
+
+    def holds(self, key: bytes | None) -> bool:
+        """True if a record with ``key`` can have been among them: Kafka's default
+        partitioner (murmur2 of the key, as the relay's producer picks it) maps it to
+        ``partition`` among ``partitions`` or ``earlier_partitions``; a record without a key
+        may be on any partition."""
+        if key is None:
+            return True
+        hashed = murmur2(key) & 0x7FFFFFFF
+        return any(
+            hashed % count == self.partition
+            for count in (self.partitions, self.earlier_partitions)
+            if count
+        )
 
 
-def _stamp(metadata: object) -> int | None:
-    """The record time (ms) a commit's metadata carries (`Consumer.commit`), if any."""
-    if isinstance(metadata, str) and metadata.startswith("ts="):
-        try:
-            return int(metadata[3:])
-        except ValueError:
-            return None
-    return None
+def _commit_metadata(stamp: int | None, partitions: int) -> str:
+    """A commit's metadata (`Consumer.commit`): the last record's time (ms) and the topic's
+    partition count, ``ts=<ms>;n=<count>``."""
+    return f"ts={'' if stamp is None else stamp};n={partitions}"
+
+
+def _read_metadata(metadata: object) -> tuple[int | None, int | None]:
+    """(record time in ms, partition count) of a commit's metadata; None where absent."""
+    found: dict[str, int] = {}
+    if isinstance(metadata, str):
+        for part in metadata.split(";"):
+            name, _, value = part.partition("=")
+            if value.isdigit():
+                found[name] = int(value)
+    return found.get("ts"), found.get("n")
 
 
 def _seek_if_assigned(consumer: Any, tp: TopicPartition, offset: int) -> None:
@@ -485,8 +511,9 @@ class Consumer:
     dead-letter's (the records are met again on the retry); a permanent one is logged
     (``kafka_batch_not_settled`` / ``kafka_records_not_settled``) and the partition goes on.
 
-    Each commit carries, as its metadata, the timestamp of the last record it covers
-    (``ts=<ms>``), the ``since`` of a gap found after a restart.
+    Each commit carries, as its metadata, the timestamp of the last record it covers and
+    the topic's partition count (``ts=<ms>;n=<count>``): a gap found after a restart is
+    bounded by the one and mapped by the other (`LostRecords`).
     """
 
     def __init__(
@@ -517,6 +544,8 @@ class Consumer:
         # Per partition, for each batch returned and not committed yet: the offset after its
         # last record -> that record's timestamp (ms), for the commit's metadata.
         self._stamps: dict[Any, dict[int, int]] = {}
+        # Per topic, its partition count at this member's last commit.
+        self._counts: dict[str, int] = {}
 
     async def start(self) -> None:
         """Connect and subscribe; raises :class:`KafkaUnavailable` if the cluster is down."""
@@ -569,7 +598,7 @@ class Consumer:
         line ``kafka_batch_unreadable`` (topic, partition, first and last offset, the
         error's class; never a byte of it), a dead-letter stub (:func:`unreadable_stub`:
         aiokafka keeps none of the batch's bytes, so the source's place is what is kept;
-        the records stay there until retention), ``on_unreadable`` (its records' contents,
+        the records stay there until retention), ``on_lost`` (its records' contents,
         keys included, are not known: only their partition), and the partition goes on
         after it. A transient error while dead-lettering or settling propagates
         (:class:`KafkaUnavailable`): the batch is met again on the retry. Its offsets are
@@ -710,8 +739,17 @@ class Consumer:
         try:
             if not partitions:
                 raise KafkaUnavailable(f"the partitions of {topic} are not known yet")
-            since = await self._since(TopicPartition(topic, partition), first)
-            lost = LostRecords(topic, partition, partitions, first, end, since, reason)
+            since, earlier = await self._before(TopicPartition(topic, partition), first)
+            lost = LostRecords(
+                topic,
+                partition,
+                partitions,
+                first,
+                end,
+                since,
+                reason,
+                earlier if earlier != partitions else None,
+            )
             await self._on_lost(lost)
         except Exception as exc:
             if is_transient(exc):
@@ -721,13 +759,15 @@ class Consumer:
             )
             log.error(event, **where, error=describe(exc))
 
-    async def _since(self, tp: TopicPartition, first: int | None) -> datetime | None:
-        """When the record before offset ``first`` was written: from a batch this member
-        returned, else from the group's committed offset's metadata (`commit`); None when
-        neither is there."""
-        if first is None:
-            return None
-        stamp = self._stamps.get(tp, {}).get(first)
+    async def _before(
+        self, tp: TopicPartition, first: int | None
+    ) -> tuple[datetime | None, int | None]:
+        """When the record before offset ``first`` was written, and the topic's partition
+        count when it was committed: from a batch this member returned (and its last
+        commit), else from the group's committed offset's metadata (`commit`); None where
+        not known."""
+        stamp = self._stamps.get(tp, {}).get(first) if first is not None else None
+        count = self._counts.get(tp.topic)
         if stamp is None:
             try:
                 # aiokafka's committed() gives the offset alone; its coordinator gives the
@@ -736,9 +776,12 @@ class Consumer:
             except KafkaError as exc:
                 raise KafkaUnavailable(f"cannot read the committed offset of {tp.topic}") from exc
             committed = got.get(tp)
-            if committed is not None and committed.offset == first:
-                stamp = _stamp(committed.metadata)
-        return None if stamp is None else datetime.fromtimestamp(stamp / 1000, UTC)
+            if committed is not None:
+                at, count = _read_metadata(committed.metadata)
+                if committed.offset == first:
+                    stamp = at
+        since = None if stamp is None else datetime.fromtimestamp(stamp / 1000, UTC)
+        return since, count
 
     async def _dead_letter(self, bad: _Unreadable) -> None:
         if self._dead_letter_suffix is None:
@@ -802,7 +845,8 @@ class Consumer:
             if stamps:
                 for done in [o for o in stamps if o <= offset]:
                     del stamps[done]
-            stamped[tp] = (offset, "" if stamp is None else f"ts={stamp}")
+            count = self._counts[tp.topic] = len(consumer.partitions_for_topic(tp.topic) or ())
+            stamped[tp] = (offset, _commit_metadata(stamp, count))
         try:
             await consumer.commit(stamped)
         except KafkaError as exc:

@@ -39,7 +39,7 @@ from service.events import (
     JobExpand,
 )
 from service.faults import describe, is_transient
-from service.kafka import murmur2
+from service.kafka import LostRecords
 from service.logs import get_logger
 from service.outbox import encoded_outbox_row
 
@@ -265,18 +265,19 @@ RESEND_PAGE = 2000
 """Items read (and requests written, in one transaction) at a time by `resend_lost`."""
 
 
-async def resend_lost(
-    db: Database, settings: Settings, partition: int, partitions: int
-) -> tuple[int, int]:
-    """Write again the commands that a lost stretch of partition ``partition`` (of
-    ``partitions``) of the deletion topic may have held; returns (deletion requests,
+async def resend_lost(db: Database, settings: Settings, lost: LostRecords) -> tuple[int, int]:
+    """Write again the commands that ``lost``, a stretch of a partition of the deletion
+    topic the worker will never read, may have held; returns (deletion requests,
     expansions) written.
 
-    The worker calls it when it stepped past a batch it cannot decode there
-    (service.kafka.Consumer): the batch's records are not known, not even their keys, so
-    the items and jobs they were for would wait forever. What they can be is known: a
-    record's partition is its key's (Kafka's default partitioner, as the relay's producer
-    picks it: murmur2 of the key), so they are among the commands of that partition still
+    The worker calls it when it stepped past a batch it cannot decode there, or found a
+    gap in the partition's log (retention or DeleteRecords removed records it had not read,
+    the log was reset under its position: service.kafka.Consumer): those records are not
+    known, not even their keys, so the items and jobs they were for would wait forever.
+    What they can be is known: a record's partition is its key's (Kafka's default
+    partitioner, as the relay's producer picks it: murmur2 of the key, among the topic's
+    partition count now or, if partitions were added since, then:
+    ``LostRecords.holds``), so they are among the commands of that partition still
     waiting: a deletion request for each ``pending`` item of an unfinished job whose contact
     id (its key) maps there, and an expansion, at the job's cursor, for each unfinished,
     not fully expanded job whose id (its key) maps there. They go out through the outbox as
@@ -290,7 +291,7 @@ async def resend_lost(
     now = utcnow()
 
     def here(key: str) -> bool:
-        return (murmur2(key.encode()) & 0x7FFFFFFF) % partitions == partition
+        return lost.holds(key.encode())
 
     jobs_c, items = deletion_jobs.c, deletion_job_items.c
     async with db.read() as conn:
@@ -329,7 +330,7 @@ async def resend_lost(
             if not rows:
                 break
             after = rows[-1].ref
-            lost = [
+            again = [
                 encoded_outbox_row(
                     topic,
                     str(r.contact_id),
@@ -341,10 +342,10 @@ async def resend_lost(
                 for r in rows
                 if here(str(r.contact_id))
             ]
-            if lost:
+            if again:
                 async with db.begin() as conn:
-                    await insert_rows(conn, outbox, lost)
-                requests += len(lost)
+                    await insert_rows(conn, outbox, again)
+                requests += len(again)
             if len(rows) < RESEND_PAGE:
                 break
     return requests, expansions

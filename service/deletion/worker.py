@@ -96,6 +96,7 @@ from service.faults import describe, is_transient
 from service.kafka import (
     Consumer,
     InMessage,
+    LostRecords,
     Producer,
     next_offsets,
     send_dead_letters,
@@ -286,7 +287,7 @@ class DeletionWorker:
                 f"{self.settings.kafka_consumer_group_prefix}.worker",
                 session_timeout_ms=self.settings.kafka_session_timeout_ms,
                 heartbeat_interval_ms=self.settings.kafka_heartbeat_interval_ms,
-                on_lost=lambda lost: self._resend_lost(lost.topic, lost.partition, lost.partitions),
+                on_lost=self._resend_lost,
             )
             dlq = Producer(bootstrap)
             await wait_for_dependency(consumer.start, stop, dependency="kafka", component="worker")
@@ -383,15 +384,16 @@ class DeletionWorker:
             return False
         return True
 
-    async def _resend_lost(self, topic: str, partition: int, partitions: int) -> None:
-        """A batch of the deletion topic that cannot be read was stepped past
-        (service.kafka.Consumer): the commands it may have held are written again
-        (`giveup.resend_lost`), so that no item or job waits forever for them."""
-        requests, expansions = await resend_lost(self.db, self.settings, partition, partitions)
+    async def _resend_lost(self, lost: LostRecords) -> None:
+        """Records of the deletion topic this worker will never read (a batch that cannot be
+        read, stepped past; a gap in the log: service.kafka.Consumer): the commands they may
+        have held are written again (`giveup.resend_lost`), so that no item or job waits
+        forever for them."""
+        requests, expansions = await resend_lost(self.db, self.settings, lost)
         log.warning(
             "worker_lost_commands_resent",
-            topic=topic,
-            partition=partition,
+            topic=lost.topic,
+            partition=lost.partition,
             requests=requests,
             expansions=expansions,
         )

@@ -24,7 +24,7 @@ from pydantic import ValidationError
 
 from service.db import Database, outbox, webhook_endpoints
 from service.events import CloudEvent
-from service.kafka import LostRecords, murmur2
+from service.kafka import LostRecords
 from service.logs import get_logger
 from service.webhooks.models import EndpointStatus
 from service.webhooks.payloads import webhook_body
@@ -46,7 +46,8 @@ async def recover_events(db: Database, wakeup: asyncio.Event | None, lost: LostR
     """Write the deliveries the events of ``lost`` would have had; returns how many are new.
 
     The rows examined: the outbox rows of ``lost.topic`` that were published, whose key
-    maps to ``lost.partition`` (a row without a key may be on any partition), published
+    maps to ``lost.partition`` (``LostRecords.holds``: under the partition count now or
+    at the last commit; a row without a key may be on any partition), published
     since ``lost.since`` (less :data:`CLOCK_SKEW`; from the first row when not known) and
     not before the oldest enabled endpoint was created. Each is routed as the fan-out
     routes it (the enabled endpoints of its workspace that take its type), to the endpoints
@@ -61,11 +62,6 @@ async def recover_events(db: Database, wakeup: asyncio.Event | None, lost: LostR
     deliveries created). A cold path, for a rare event: the rows are read ``PAGE`` at a
     time by id, and each page's deliveries written in one short transaction.
     """
-
-    def here(key: str | None) -> bool:
-        if key is None:
-            return True
-        return (murmur2(key.encode()) & 0x7FFFFFFF) % lost.partitions == lost.partition
 
     e = webhook_endpoints.c
     async with db.read() as conn:
@@ -104,7 +100,7 @@ async def recover_events(db: Database, wakeup: asyncio.Event | None, lost: LostR
             if not rows:
                 break
             after = rows[-1].id
-            mine = [r for r in rows if here(r.key)]
+            mine = [r for r in rows if lost.holds(None if r.key is None else r.key.encode())]
             examined += len(mine)
             batch = _routed(mine, by_workspace)
             if batch:

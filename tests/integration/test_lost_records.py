@@ -4,10 +4,11 @@ something"; service.kafka.Consumer, service.faults.position_lost, LostRecords).
 Real broker, both databases, no mocks. The records are removed the way the broker removes
 them: DeleteRecords (what retention and log.retention.bytes do, moving the log's start
 past them, at once instead of after retention.ms), and a batch the consumer cannot
-decode (a position beyond the log's end: tests/integration/test_lost_position.py). Before, aiokafka's ``auto_offset_reset="earliest"``
-jumped silently to the log's start: the deletion items those records were for stayed
-``pending`` (their job never completed), and the ``contact.deleted`` events were never
-fanned out (their webhooks never sent). One partition, so every record is in the gap.
+decode (a position beyond the log's end: tests/integration/test_lost_position.py).
+Before, aiokafka's ``auto_offset_reset="earliest"`` jumped silently to the log's start:
+the deletion items those records were for stayed ``pending`` (their job never
+completed), and the ``contact.deleted`` events were never fanned out (their webhooks
+never sent). One partition, so every record is in the gap.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from aiokafka import TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient, RecordsToDelete
+from aiokafka.admin import AIOKafkaAdminClient, NewPartitions, RecordsToDelete
 
 from service.app import Services
 from service.config import Settings
@@ -172,6 +173,38 @@ async def test_commands_removed_before_the_worker_read_them_are_sent_again(
         assert (lost["reason"], lost["first_offset"]) == ("no_committed_offset", None)
     [resent] = lines.events("worker_lost_commands_resent")
     assert (resent["topic"], resent["partition"], resent["requests"]) == (topic, 0, 2)
+
+
+async def test_commands_lost_after_partitions_were_added_are_sent_again(
+    tenant: Tenant, services: Services, settings: Settings
+) -> None:
+    """Job A's six commands were written to the topic's one partition; then a partition was
+    added (keys re-hash: about half of the contacts now map to partition 1), and the log's
+    start of partition 0 moved past the commands before the worker read them. What the
+    gap held is mapped by the partition count of the worker's last commit (in its
+    metadata) as well as by today's: all six are written again, and job A completes."""
+    await create_topics(settings)
+    topic = settings.topic(TOPIC_DELETION_REQUESTED)
+    async with components_running(services, "relay", "worker"):
+        _done(await _bulk_delete(tenant, 1, wait=True), 1)
+    async with components_running(services, "relay"):
+        job_a = await _bulk_delete(tenant, 6)
+        await _all_published(services)
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap_servers)
+    await admin.start()
+    try:
+        await admin.create_partitions({topic: NewPartitions(2)})
+    finally:
+        await admin.close()
+    await _delete_records(settings.kafka_bootstrap_servers, topic)
+
+    with json_logs() as lines:
+        async with components_running(services, "relay", "worker"):
+            _done(await _completed(tenant, job_a["job_id"]), 6)
+    [lost] = lines.events("kafka_records_lost")
+    assert (lost["partition"], lost["reason"]) == (0, "retention")
+    [resent] = lines.events("worker_lost_commands_resent")
+    assert (resent["partition"], resent["requests"]) == (0, 6)
 
 
 async def test_events_removed_before_the_fanout_read_them_get_their_deliveries(
