@@ -604,6 +604,11 @@ class Consumer:
         (:class:`KafkaUnavailable`): the batch is met again on the retry. Its offsets are
         committed with the next record read after it; a restart before that meets it, and
         dead-letters and settles it, once more.
+
+        A partition whose position is not in its log (:func:`service.faults.position_lost`)
+        is said and settled, then read from the log's start: see :meth:`_position_lost`.
+        A restart before the next commit on it meets the gap, and settles it, once more
+        (what ``on_lost`` does is idempotent).
         """
         consumer = self._started()
         try:
