@@ -437,7 +437,8 @@ class LostRecords:
     (the position is beyond the log's end: the topic deleted and created again, or its log
     truncated), ``"no_committed_offset"`` (a group without an offset, a new one or one whose
     offsets expired, on a log whose start is past 0), ``"unreadable"`` (a batch that cannot
-    be decoded, stepped past).
+    be decoded, stepped past), ``"stalled"`` (none seen: work left undone while the
+    consumer was caught up, `Consumer.caught_up`).
     """
 
     topic: str
@@ -806,6 +807,36 @@ class Consumer:
                 reason=why,
                 outcome="dropped",
             )
+
+    async def caught_up(self) -> list[LostRecords] | None:
+        """The partitions assigned to this member, if every one of them has been read to
+        its log's end (the position, after the records :meth:`getmany` returned, is the end
+        offset), each as the `LostRecords` a command lost unseen there would be
+        (``reason="stalled"``, offsets not known); None when one has not, none is
+        assigned, or a position or the partition count is not known. Raises
+        :class:`KafkaUnavailable` if the broker does not answer."""
+        consumer = self._started()
+        assigned = sorted(consumer.assignment(), key=lambda tp: (tp.topic, tp.partition))
+        if not assigned:
+            return None
+        try:
+            ends: dict[Any, int] = await consumer.end_offsets(assigned)
+        except KafkaError as exc:
+            raise KafkaUnavailable(f"cannot read the end offsets: {exc}") from exc
+        found = []
+        for tp in assigned:
+            try:
+                # A partition without a valid position waits in position(): not caught up.
+                position = await asyncio.wait_for(consumer.position(tp), timeout=1)
+            except (KafkaError, TimeoutError):
+                return None
+            partitions = len(consumer.partitions_for_topic(tp.topic) or ())
+            if position < ends[tp] or not partitions:
+                return None
+            found.append(
+                LostRecords(tp.topic, tp.partition, partitions, None, None, None, "stalled")
+            )
+        return found
 
     def assigned_share(self) -> float | None:
         """The fraction of its topics' partitions the group assigned to this member now

@@ -11,7 +11,8 @@ nothing will ever process again must not stay ``pending``, or its job never comp
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
@@ -265,7 +266,15 @@ RESEND_PAGE = 2000
 """Items read (and requests written, in one transaction) at a time by `resend_lost`."""
 
 
-async def resend_lost(db: Database, settings: Settings, lost: LostRecords) -> tuple[int, int]:
+async def resend_lost(
+    db: Database,
+    settings: Settings,
+    lost: LostRecords,
+    *,
+    created_before: datetime | None = None,
+    skip: Container[uuid.UUID] = (),
+    touched: set[uuid.UUID] | None = None,
+) -> tuple[int, int]:
     """Write again the commands that ``lost``, a stretch of a partition of the deletion
     topic the worker will never read, may have held; returns (deletion requests,
     expansions) written.
@@ -286,6 +295,10 @@ async def resend_lost(db: Database, settings: Settings, lost: LostRecords) -> tu
     were not in the lost batch (those behind it, or in flight), a bounded, one-off cost
     of a rare event. Unfinished jobs are read first; then each job's pending items,
     ``RESEND_PAGE`` at a time, each page's requests in one short transaction.
+
+    ``created_before`` and ``skip`` narrow the jobs (service.deletion.backstop: jobs
+    created before the moment it found the worker caught up, and not those it resent
+    lately); the ids of the jobs it wrote anything for are added to ``touched``.
     """
     topic = settings.topic(TOPIC_DELETION_REQUESTED)
     now = utcnow()
@@ -299,11 +312,17 @@ async def resend_lost(db: Database, settings: Settings, lost: LostRecords) -> tu
             await conn.execute(
                 sa.select(
                     jobs_c.id, jobs_c.workspace_id, jobs_c.expanded, jobs_c.expand_after
-                ).where(jobs_c.completed_at.is_(None))
+                ).where(
+                    jobs_c.completed_at.is_(None),
+                    sa.true() if created_before is None else jobs_c.created_at < created_before,
+                )
             )
         ).all()
     requests = expansions = 0
     for job in jobs:
+        if job.id in skip:
+            continue
+        before = requests + expansions
         if not job.expanded and here(str(job.id)):
             async with db.begin() as conn:
                 await queue_expansion(
@@ -348,6 +367,8 @@ async def resend_lost(db: Database, settings: Settings, lost: LostRecords) -> tu
                 requests += len(again)
             if len(rows) < RESEND_PAGE:
                 break
+        if touched is not None and requests + expansions > before:
+            touched.add(job.id)
     return requests, expansions
 
 

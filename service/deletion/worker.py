@@ -68,6 +68,7 @@ from service.db import (
     outbox,
     utcnow,
 )
+from service.deletion.backstop import LostWork
 from service.deletion.encoding import ContactDeletedEncoder, contact_deleted_row
 from service.deletion.giveup import give_up, resend_lost, unreadable_commands
 from service.deletion.giveup import job_actor as _job_actor
@@ -290,6 +291,8 @@ class DeletionWorker:
                 on_lost=self._resend_lost,
             )
             dlq = Producer(bootstrap)
+            signal = self.outbox_signal
+            backstop = LostWork(self.db, self.settings, signal.set if signal else None)
             await wait_for_dependency(consumer.start, stop, dependency="kafka", component="worker")
         except Stopped:
             return
@@ -342,6 +345,9 @@ class DeletionWorker:
                     if messages:
                         task = asyncio.create_task(self.handle(messages, dlq, stop))
                         handling.append((messages, task))
+                    elif not handling:  # idle: work left undone now was lost unseen
+                        check = functools.partial(backstop.check, consumer)
+                        await self._retry_transient(check, stop)
         finally:
             try:
                 # Stopping: the batches under way finish (or give up at the stop) and the

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from aiokafka import TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient, NewPartitions, RecordsToDelete
+from aiokafka.admin import AIOKafkaAdminClient, NewPartitions, NewTopic, RecordsToDelete
 
 from service.app import Services
 from service.config import Settings
@@ -57,8 +57,12 @@ async def own_db_url(db_url: str, tmp_path: Path) -> AsyncIterator[str]:
 
 
 @pytest.fixture
-def settings(own_db_url: str, kafka_bootstrap: str) -> Settings:
-    return make_settings(own_db_url, kafka_bootstrap_servers=kafka_bootstrap, kafka_partitions=1)
+def settings(own_db_url: str, kafka_bootstrap: str, request: pytest.FixtureRequest) -> Settings:
+    """One partition; ``request.param``: more settings (indirect parametrization)."""
+    more = getattr(request, "param", {})
+    return make_settings(
+        own_db_url, kafka_bootstrap_servers=kafka_bootstrap, kafka_partitions=1, **more
+    )
 
 
 async def _bulk_delete(tenant: Tenant, count: int, wait: bool = False) -> dict[str, Any]:
@@ -173,6 +177,46 @@ async def test_commands_removed_before_the_worker_read_them_are_sent_again(
         assert (lost["reason"], lost["first_offset"]) == ("no_committed_offset", None)
     [resent] = lines.events("worker_lost_commands_resent")
     assert (resent["topic"], resent["partition"], resent["requests"]) == (topic, 0, 2)
+
+
+@pytest.mark.parametrize("settings", [{"worker_lost_work_check_s": 0.5}], indirect=True)
+async def test_commands_of_a_topic_created_again_are_sent_again(
+    tenant: Tenant, services: Services, settings: Settings
+) -> None:
+    """The deletion topic was deleted, with job A's commands in it, and created again. The
+    broker drops the group's committed offsets with the topic, so the worker reads the new
+    log from 0 as a new group would: no gap shows. The backstop (service.deletion.backstop)
+    sees the worker idle and caught up, the outbox empty, and job A still pending on its
+    partition: its commands are written again, and it completes."""
+    await create_topics(settings)
+    topic = settings.topic(TOPIC_DELETION_REQUESTED)
+    async with components_running(services, "relay", "worker"):
+        _done(await _bulk_delete(tenant, 1, wait=True), 1)
+    async with components_running(services, "relay"):
+        job_a = await _bulk_delete(tenant, 2)
+        await _all_published(services)
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap_servers)
+    await admin.start()
+    try:
+        await admin.delete_topics([topic])
+        async with asyncio.timeout(BOUND_S):
+            while True:  # the deletion completes in the background
+                try:
+                    response = await admin.create_topics([NewTopic(topic, 1, 1)])
+                except Exception:  # TopicAlreadyExists while it is being deleted
+                    response = None
+                if response is not None and all(e[1] == 0 for e in response.topic_errors):
+                    break
+                await asyncio.sleep(0.2)
+    finally:
+        await admin.close()
+
+    with json_logs() as lines:
+        async with components_running(services, "relay", "worker"):
+            _done(await _completed(tenant, job_a["job_id"]), 2)
+    [resent] = lines.events("worker_lost_work_resent")
+    assert (resent["topic"], resent["partition"], resent["requests"]) == (topic, 0, 2)
+    assert resent["jobs"] == [job_a["job_id"]]
 
 
 async def test_commands_lost_after_partitions_were_added_are_sent_again(
