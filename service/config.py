@@ -107,6 +107,13 @@ class Settings(BaseSettings):
     # +7 to +34 % in three pairs at load 8-17; at load 2, 0.358 ms per contact against
     # 0.332 and no faster: 2,624/s against 2,655/s over a 200,000-contact filter job).
     worker_prepare_sqlite: bool = False
+    # While the worker is idle and caught up (each partition it owns read to its end, the
+    # outbox holding nothing unpublished), a job created before that with an item pending
+    # on one of its partitions waits for a command that was lost unseen (the topic deleted
+    # and created again: the broker drops the group's offsets with it, so no gap shows):
+    # checked at most this often, those commands are written again, at most once an hour
+    # per job (service.deletion.backstop). 0: never.
+    worker_lost_work_check_s: float = Field(default=300.0, ge=0)
     idempotency_ttl_s: int = Field(default=24 * 3600, ge=1)
     kafka_replication_factor: int = Field(default=1, ge=1)
     # How fast the group notices a member that died (kill -9, a lost host): its partitions

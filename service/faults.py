@@ -15,7 +15,9 @@ Two kinds, nothing in between:
 Permanent errors that belong to one unit, not to the component, are named here too, so
 that the component fails that unit and goes on: a record the broker refuses
 (:func:`record_refused`: the relay sets its row aside) and a fetched batch the consumer
-cannot decode (:func:`unreadable_fetch`: the consumer steps past it).
+cannot decode (:func:`unreadable_fetch`: the consumer steps past it); a partition position
+that is no longer in its log (:func:`position_lost`: the records never read are gone, the
+consumer redoes what they held and goes on).
 
 The worker, the relay, the dispatcher, the API and start-up all call :func:`is_transient`;
 nothing else decides. The rules read the SQLSTATE of PostgreSQL errors (asyncpg, raw or
@@ -205,6 +207,32 @@ def unreadable_fetch(exc: BaseException) -> str | None:
         if code.co_name == _FETCH_DECODER and code.co_filename.endswith(_FETCH_MODULE):
             return type(exc).__name__
         tb = tb.tb_next
+    return None
+
+
+# What aiokafka raises, out of the consumer's getmany(), when a partition's position is no
+# longer in its log and the consumer is told not to pick another itself
+# (``auto_offset_reset="none"``, service.kafka.Consumer): the fetch offset is below the log
+# start (retention, log.retention.bytes, DeleteRecords moved it past records never read)
+# or beyond the log end (the topic was deleted and created again, the log truncated):
+# OffsetOutOfRangeError({tp: fetch offset}); or the group has no committed offset for it
+# (a new group, or its offsets expired: offsets.retention.minutes): NoOffsetForPartitionError(tp).
+_POSITION_LOST = (kafka_errors.OffsetOutOfRangeError, kafka_errors.NoOffsetForPartitionError)
+
+
+def position_lost(exc: BaseException) -> str | None:
+    """Why the consumer has no position in a partition's log, or None if ``exc`` is not that.
+
+    Permanent for the RECORDS between the position and the log (the ones never read are
+    gone: retention deleted them, or the topic was created again), never for the consumer:
+    it logs the gap, lets the records' owner redo what they could have held, and goes on
+    from the log's start (`service.kafka.Consumer.getmany`). The answer is the error's
+    class name. A transient error (:func:`is_transient`) is never one.
+    """
+    if is_transient(exc):
+        return None
+    if isinstance(exc, _POSITION_LOST):
+        return type(exc).__name__
     return None
 
 

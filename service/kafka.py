@@ -18,6 +18,7 @@ import re
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import structlog
@@ -27,6 +28,8 @@ from aiokafka.errors import (
     InvalidTopicError,
     KafkaError,
     MessageSizeTooLargeError,
+    NoOffsetForPartitionError,
+    OffsetOutOfRangeError,
     RecordTooLargeError,
     for_code,
 )
@@ -46,6 +49,7 @@ from service.faults import (
     describe,
     is_rebalance,
     is_transient,
+    position_lost,
     producer_state_lost,
     record_refused,
     unreadable_fetch,
@@ -443,6 +447,70 @@ def _unreadable(exc: BaseException) -> _Unreadable | None:
     return _Unreadable(tp.topic, tp.partition, offset, end, drained, error, moved=False)
 
 
+@dataclass(frozen=True)
+class LostRecords:
+    """Records of a partition a :class:`Consumer` will never read, and what is known of them
+    (never a record: their keys and contents are not known), for its ``on_lost``.
+
+    ``first``: the first offset not read (None: from the log's very start; the group had no
+    committed offset); ``end``: the first offset after them (None: not known; the log was
+    truncated or the topic created again beyond them). ``partitions``: the topic's
+    partition count now; ``earlier_partitions``: its count when the last record before
+    them was committed, when that was another (partitions were added since: a key's
+    records went to the partition its hash picks among the count of their time, so the
+    lost ones may be those of keys that map there under either); None: the same, or not
+    known. ``since``: when the last record read before them was written (its
+    Kafka timestamp, the producer's clock), so that they were written after it (give or take
+    the producers' clock skew); None: not known. ``reason``: ``"retention"`` (the log's
+    start moved past them: retention, log.retention.bytes, DeleteRecords), ``"log_reset"``
+    (the position is beyond the log's end: the topic deleted and created again, or its log
+    truncated), ``"no_committed_offset"`` (a group without an offset, a new one or one whose
+    offsets expired, on a log whose start is past 0), ``"unreadable"`` (a batch that cannot
+    be decoded, stepped past), ``"stalled"`` (none seen: work left undone while the
+    consumer was caught up, `Consumer.caught_up`).
+    """
+
+    topic: str
+    partition: int
+    partitions: int
+    first: int | None
+    end: int | None
+    since: datetime | None
+    reason: str
+    earlier_partitions: int | None = None
+
+    def holds(self, key: bytes | None) -> bool:
+        """True if a record with ``key`` can have been among them: Kafka's default
+        partitioner (murmur2 of the key, as the relay's producer picks it) maps it to
+        ``partition`` among ``partitions`` or ``earlier_partitions``; a record without a key
+        may be on any partition."""
+        if key is None:
+            return True
+        hashed = murmur2(key) & 0x7FFFFFFF
+        return any(
+            hashed % count == self.partition
+            for count in (self.partitions, self.earlier_partitions)
+            if count
+        )
+
+
+def _commit_metadata(stamp: int | None, partitions: int) -> str:
+    """A commit's metadata (`Consumer.commit`): the last record's time (ms) and the topic's
+    partition count, ``ts=<ms>;n=<count>``."""
+    return f"ts={'' if stamp is None else stamp};n={partitions}"
+
+
+def _read_metadata(metadata: object) -> tuple[int | None, int | None]:
+    """(record time in ms, partition count) of a commit's metadata; None where absent."""
+    found: dict[str, int] = {}
+    if isinstance(metadata, str):
+        for part in metadata.split(";"):
+            name, _, value = part.partition("=")
+            if value.isdigit():
+                found[name] = int(value)
+    return found.get("ts"), found.get("n")
+
+
 def _seek_if_assigned(consumer: Any, tp: TopicPartition, offset: int) -> None:
     """Seek ``tp`` to ``offset``, unless the group just moved it to another member (which
     reads it from the committed offset)."""
@@ -456,12 +524,26 @@ class Consumer:
     A batch it fetched and cannot decode (:func:`service.faults.unreadable_fetch`) does not
     stop it: see :meth:`getmany`. Its dead-letter stub goes to the topic's
     ``dead_letter_suffix`` topic (None: none is written), from a producer of its own,
-    started the first time one is needed. ``on_unreadable(topic, partition, partitions)``
-    (the topic's partition count), when given, is awaited once such a batch is
-    dead-lettered, before the partition goes on: the records' owner settles what they may
-    have been for (the worker: service.deletion.giveup.resend_lost). A transient error
-    there propagates like the dead-letter's; a permanent one is logged
-    (``kafka_batch_not_settled``) and the partition goes on.
+    started the first time one is needed.
+
+    It never picks a position by itself (aiokafka's ``auto_offset_reset="none"``): a
+    position no longer in the log (:func:`service.faults.position_lost`: the log's start
+    moved past records never read, the topic was created again, the group has no offset)
+    is a gap it says and settles (see :meth:`getmany`), where aiokafka's "earliest" jumped
+    to the log's start silently, and the items and events the lost records were for waited
+    forever.
+
+    ``on_lost(LostRecords)``, when given, is awaited for records it will never read (an
+    unreadable batch, once dead-lettered; a gap in the log), before the partition goes on:
+    the records' owner redoes what they may have been for from what it still knows (the
+    worker: service.deletion.giveup.resend_lost; the fan-out:
+    service.webhooks.refanout.recover_events). A transient error there propagates like the
+    dead-letter's (the records are met again on the retry); a permanent one is logged
+    (``kafka_batch_not_settled`` / ``kafka_records_not_settled``) and the partition goes on.
+
+    Each commit carries, as its metadata, the timestamp of the last record it covers and
+    the topic's partition count (``ts=<ms>;n=<count>``): a gap found after a restart is
+    bounded by the one and mapped by the other (`LostRecords`).
     """
 
     def __init__(
@@ -474,7 +556,7 @@ class Consumer:
         session_timeout_ms: int = 10_000,
         heartbeat_interval_ms: int = 3_000,
         dead_letter_suffix: str | None = ".dlq",
-        on_unreadable: Callable[[str, int, int], Awaitable[None]] | None = None,
+        on_lost: Callable[[LostRecords], Awaitable[object]] | None = None,
     ) -> None:
         self._bootstrap = bootstrap
         self._topics = tuple(topics)
@@ -485,10 +567,15 @@ class Consumer:
         self._consumer: Any = None
         self._dead_letter_suffix = dead_letter_suffix
         self._dead_letters: Producer | None = None
-        self._on_unreadable = on_unreadable
+        self._on_lost = on_lost
         # Per partition, the offset where a batch could not be read, once: met there again
         # with nothing read before it, the batch is stepped past.
         self._unreadable_at: dict[Any, int] = {}
+        # Per partition, for each batch returned and not committed yet: the offset after its
+        # last record -> that record's timestamp (ms), for the commit's metadata.
+        self._stamps: dict[Any, dict[int, int]] = {}
+        # Per topic, its partition count at this member's last commit.
+        self._counts: dict[str, int] = {}
 
     async def start(self) -> None:
         """Connect and subscribe; raises :class:`KafkaUnavailable` if the cluster is down."""
@@ -497,7 +584,8 @@ class Consumer:
             bootstrap_servers=self._bootstrap,
             group_id=self._group_id,
             client_id=self._client_id,
-            auto_offset_reset="earliest",
+            # No silent jump over records never read (see the class): getmany says the gap.
+            auto_offset_reset="none",
             enable_auto_commit=False,
             # A rebalance waits for every member for up to this long (aiokafka makes the
             # rebalance timeout equal to the session timeout), so a short session is what
@@ -540,12 +628,17 @@ class Consumer:
         line ``kafka_batch_unreadable`` (topic, partition, first and last offset, the
         error's class; never a byte of it), a dead-letter stub (:func:`unreadable_stub`:
         aiokafka keeps none of the batch's bytes, so the source's place is what is kept;
-        the records stay there until retention), ``on_unreadable`` (its records' contents,
+        the records stay there until retention), ``on_lost`` (its records' contents,
         keys included, are not known: only their partition), and the partition goes on
         after it. A transient error while dead-lettering or settling propagates
         (:class:`KafkaUnavailable`): the batch is met again on the retry. Its offsets are
         committed with the next record read after it; a restart before that meets it, and
         dead-letters and settles it, once more.
+
+        A partition whose position is not in its log (:func:`service.faults.position_lost`)
+        is said and settled, then read from the log's start: see :meth:`_position_lost`.
+        A restart before the next commit on it meets the gap, and settles it, once more
+        (what ``on_lost`` does is idempotent).
         """
         consumer = self._started()
         try:
@@ -554,11 +647,21 @@ class Consumer:
             )
         except Exception as exc:
             unreadable = _unreadable(exc)
-            if unreadable is None:
+            if unreadable is not None:
+                batches = await self._step_past(unreadable)
+            elif position_lost(exc) is not None:
+                await self._position_lost(exc)
+                batches = {}
+            else:
                 raise
-            batches = await self._step_past(unreadable)
         messages: list[InMessage] = []
         for tp in sorted(batches, key=lambda tp: (tp.topic, tp.partition)):
+            records = batches[tp]
+            if records and isinstance(records[-1].timestamp, int):
+                stamps = self._stamps.setdefault(tp, {})
+                if len(stamps) >= 256:  # batches never committed (the partition moved)
+                    stamps.clear()
+                stamps[records[-1].offset + 1] = records[-1].timestamp
             messages.extend(
                 InMessage(
                     topic=record.topic,
@@ -568,9 +671,66 @@ class Consumer:
                     value=record.value if record.value is not None else b"",
                     headers=tuple(record.headers),  # (name, value) pairs, as they come
                 )
-                for record in batches[tp]
+                for record in records
             )
         return messages
+
+    async def _position_lost(self, exc: BaseException) -> None:
+        """What :meth:`getmany` does when aiokafka has no position for a partition in its log
+        (:func:`service.faults.position_lost`; ``auto_offset_reset="none"``): where aiokafka's
+        "earliest" would have jumped silently, the gap is said and settled.
+
+        The log's start and end decide: a position below the start (retention or
+        DeleteRecords removed records never read) loses ``[position, start)``; one beyond
+        the end (the topic deleted and created again, the log truncated) loses what lay from
+        it on (not known), and the whole log is read from its start; no committed offset (a
+        new group, or offsets expired) on a log whose start is past 0 loses what lay before
+        it. Each loss: an error line ``kafka_records_lost`` (topic, partition, offsets,
+        reason; never a record), ``on_lost``, then the partition is read from the log's
+        start. A position back in the log (it moved meanwhile) is read from where it is.
+        A transient error propagates (:class:`KafkaUnavailable`): the position is unchanged,
+        so the retry meets the same gap.
+        """
+        consumer = self._started()
+        why = position_lost(exc) or type(exc).__name__
+        found: list[tuple[Any, int | None]] = []
+        if isinstance(exc, OffsetOutOfRangeError) and exc.args and isinstance(exc.args[0], dict):
+            found = [(tp, o) for tp, o in exc.args[0].items() if isinstance(o, int)]
+        elif isinstance(exc, NoOffsetForPartitionError) and exc.args:
+            found = [(exc.args[0], None)]
+        if not found:
+            raise exc  # aiokafka said it otherwise: not understood, so not stepped over
+        for tp, offset in found:
+            if not isinstance(tp, TopicPartition) or tp not in consumer.assignment():
+                continue
+            try:
+                start: int = (await consumer.beginning_offsets([tp]))[tp]
+                end: int = (await consumer.end_offsets([tp]))[tp]
+            except KafkaError as error:
+                raise KafkaUnavailable(f"cannot read the offsets of {tp.topic}") from error
+            if offset is None:
+                reason, first, last = "no_committed_offset", None, start
+                lost = start > 0
+            elif offset < start:
+                reason, first, last, lost = "retention", offset, start, True
+            elif offset > end:
+                reason, first, last, lost = "log_reset", offset, None, True
+            else:
+                reason, first, last, lost = "", offset, offset, False
+            if lost:
+                log.error(
+                    "kafka_records_lost",
+                    topic=tp.topic,
+                    partition=tp.partition,
+                    first_offset=first,
+                    end_offset=last,
+                    log_start=start,
+                    log_end=end,
+                    reason=reason,
+                    error=why,
+                )
+                await self._settle(tp.topic, tp.partition, first, last, reason)
+            _seek_if_assigned(consumer, tp, start if lost or offset is None else offset)
 
     async def _step_past(self, bad: _Unreadable) -> dict[Any, list[Any]]:
         """What :meth:`getmany` does with an unreadable batch (see there); returns the
@@ -593,7 +753,7 @@ class Consumer:
         )
         try:
             await self._dead_letter(bad)
-            await self._settle(bad)
+            await self._settle(bad.topic, bad.partition, bad.offset, bad.end, "unreadable")
         except BaseException:
             if not bad.moved:
                 _seek_if_assigned(consumer, tp, bad.offset)  # met again on the retry
@@ -603,19 +763,60 @@ class Consumer:
             _seek_if_assigned(consumer, tp, bad.end)
         return {}
 
-    async def _settle(self, bad: _Unreadable) -> None:
-        if self._on_unreadable is None:
+    async def _settle(
+        self, topic: str, partition: int, first: int | None, end: int | None, reason: str
+    ) -> None:
+        """``on_lost`` for these records (see the class)."""
+        if self._on_lost is None:
             return
-        where = {"topic": bad.topic, "partition": bad.partition, "offset": bad.offset}
-        partitions = len(self._started().partitions_for_topic(bad.topic) or ())
+        where = {"topic": topic, "partition": partition, "offset": first}
+        partitions = len(self._started().partitions_for_topic(topic) or ())
         try:
             if not partitions:
-                raise KafkaUnavailable(f"the partitions of {bad.topic} are not known yet")
-            await self._on_unreadable(bad.topic, bad.partition, partitions)
+                raise KafkaUnavailable(f"the partitions of {topic} are not known yet")
+            since, earlier = await self._before(TopicPartition(topic, partition), first)
+            lost = LostRecords(
+                topic,
+                partition,
+                partitions,
+                first,
+                end,
+                since,
+                reason,
+                earlier if earlier != partitions else None,
+            )
+            await self._on_lost(lost)
         except Exception as exc:
             if is_transient(exc):
                 raise
-            log.error("kafka_batch_not_settled", **where, error=describe(exc))
+            event = (
+                "kafka_batch_not_settled" if reason == "unreadable" else "kafka_records_not_settled"
+            )
+            log.error(event, **where, error=describe(exc))
+
+    async def _before(
+        self, tp: TopicPartition, first: int | None
+    ) -> tuple[datetime | None, int | None]:
+        """When the record before offset ``first`` was written, and the topic's partition
+        count when it was committed: from a batch this member returned (and its last
+        commit), else from the group's committed offset's metadata (`commit`); None where
+        not known."""
+        stamp = self._stamps.get(tp, {}).get(first) if first is not None else None
+        count = self._counts.get(tp.topic)
+        if stamp is None:
+            try:
+                # aiokafka's committed() gives the offset alone; its coordinator gives the
+                # metadata too (aiokafka <0.15, as pyproject bounds it).
+                got = await self._started()._coordinator.fetch_committed_offsets([tp])
+            except KafkaError as exc:
+                raise KafkaUnavailable(f"cannot read the committed offset of {tp.topic}") from exc
+            committed = got.get(tp)
+            if committed is not None:
+                at, count = _read_metadata(committed.metadata)
+                if committed.offset == first:
+                    stamp = at
+        since = None if stamp is None else datetime.fromtimestamp(stamp / 1000, UTC)
+        return since, count
 
     async def _dead_letter(self, bad: _Unreadable) -> None:
         if self._dead_letter_suffix is None:
@@ -635,6 +836,36 @@ class Consumer:
                 reason=why,
                 outcome="dropped",
             )
+
+    async def caught_up(self) -> list[LostRecords] | None:
+        """The partitions assigned to this member, if every one of them has been read to
+        its log's end (the position, after the records :meth:`getmany` returned, is the end
+        offset), each as the `LostRecords` a command lost unseen there would be
+        (``reason="stalled"``, offsets not known); None when one has not, none is
+        assigned, or a position or the partition count is not known. Raises
+        :class:`KafkaUnavailable` if the broker does not answer."""
+        consumer = self._started()
+        assigned = sorted(consumer.assignment(), key=lambda tp: (tp.topic, tp.partition))
+        if not assigned:
+            return None
+        try:
+            ends: dict[Any, int] = await consumer.end_offsets(assigned)
+        except KafkaError as exc:
+            raise KafkaUnavailable(f"cannot read the end offsets: {exc}") from exc
+        found = []
+        for tp in assigned:
+            try:
+                # A partition without a valid position waits in position(): not caught up.
+                position = await asyncio.wait_for(consumer.position(tp), timeout=1)
+            except (KafkaError, TimeoutError):
+                return None
+            partitions = len(consumer.partitions_for_topic(tp.topic) or ())
+            if position < ends[tp] or not partitions:
+                return None
+            found.append(
+                LostRecords(tp.topic, tp.partition, partitions, None, None, None, "stalled")
+            )
+        return found
 
     def assigned_share(self) -> float | None:
         """The fraction of its topics' partitions the group assigned to this member now
@@ -672,8 +903,17 @@ class Consumer:
             log.warning("offset_commit_skipped", reason="partition_moved", partitions=moved)
         if not kept:
             return False
+        stamped: dict[Any, tuple[int, str]] = {}
+        for tp, offset in kept.items():
+            stamps = self._stamps.get(tp)
+            stamp = stamps.get(offset) if stamps else None
+            if stamps:
+                for done in [o for o in stamps if o <= offset]:
+                    del stamps[done]
+            count = self._counts[tp.topic] = len(consumer.partitions_for_topic(tp.topic) or ())
+            stamped[tp] = (offset, _commit_metadata(stamp, count))
         try:
-            await consumer.commit(kept)
+            await consumer.commit(stamped)
         except KafkaError as exc:
             if is_rebalance(exc):
                 log.warning("offset_commit_skipped", reason="rebalance", error=repr(exc))

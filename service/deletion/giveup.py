@@ -11,7 +11,8 @@ nothing will ever process again must not stay ``pending``, or its job never comp
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
@@ -39,7 +40,7 @@ from service.events import (
     JobExpand,
 )
 from service.faults import describe, is_transient
-from service.kafka import murmur2
+from service.kafka import LostRecords
 from service.logs import get_logger
 from service.outbox import encoded_outbox_row
 
@@ -266,17 +267,26 @@ RESEND_PAGE = 2000
 
 
 async def resend_lost(
-    db: Database, settings: Settings, partition: int, partitions: int
+    db: Database,
+    settings: Settings,
+    lost: LostRecords,
+    *,
+    created_before: datetime | None = None,
+    skip: Container[uuid.UUID] = (),
+    touched: set[uuid.UUID] | None = None,
 ) -> tuple[int, int]:
-    """Write again the commands that a lost stretch of partition ``partition`` (of
-    ``partitions``) of the deletion topic may have held; returns (deletion requests,
+    """Write again the commands that ``lost``, a stretch of a partition of the deletion
+    topic the worker will never read, may have held; returns (deletion requests,
     expansions) written.
 
-    The worker calls it when it stepped past a batch it cannot decode there
-    (service.kafka.Consumer): the batch's records are not known, not even their keys, so
-    the items and jobs they were for would wait forever. What they can be is known: a
-    record's partition is its key's (Kafka's default partitioner, as the relay's producer
-    picks it: murmur2 of the key), so they are among the commands of that partition still
+    The worker calls it when it stepped past a batch it cannot decode there, or found a
+    gap in the partition's log (retention or DeleteRecords removed records it had not read,
+    the log was reset under its position: service.kafka.Consumer): those records are not
+    known, not even their keys, so the items and jobs they were for would wait forever.
+    What they can be is known: a record's partition is its key's (Kafka's default
+    partitioner, as the relay's producer picks it: murmur2 of the key, among the topic's
+    partition count now or, if partitions were added since, then:
+    ``LostRecords.holds``), so they are among the commands of that partition still
     waiting: a deletion request for each ``pending`` item of an unfinished job whose contact
     id (its key) maps there, and an expansion, at the job's cursor, for each unfinished,
     not fully expanded job whose id (its key) maps there. They go out through the outbox as
@@ -285,12 +295,16 @@ async def resend_lost(
     were not in the lost batch (those behind it, or in flight), a bounded, one-off cost
     of a rare event. Unfinished jobs are read first; then each job's pending items,
     ``RESEND_PAGE`` at a time, each page's requests in one short transaction.
+
+    ``created_before`` and ``skip`` narrow the jobs (service.deletion.backstop: jobs
+    created before the moment it found the worker caught up, and not those it resent
+    lately); the ids of the jobs it wrote anything for are added to ``touched``.
     """
     topic = settings.topic(TOPIC_DELETION_REQUESTED)
     now = utcnow()
 
     def here(key: str) -> bool:
-        return (murmur2(key.encode()) & 0x7FFFFFFF) % partitions == partition
+        return lost.holds(key.encode())
 
     jobs_c, items = deletion_jobs.c, deletion_job_items.c
     async with db.read() as conn:
@@ -298,11 +312,17 @@ async def resend_lost(
             await conn.execute(
                 sa.select(
                     jobs_c.id, jobs_c.workspace_id, jobs_c.expanded, jobs_c.expand_after
-                ).where(jobs_c.completed_at.is_(None))
+                ).where(
+                    jobs_c.completed_at.is_(None),
+                    sa.true() if created_before is None else jobs_c.created_at < created_before,
+                )
             )
         ).all()
     requests = expansions = 0
     for job in jobs:
+        if job.id in skip:
+            continue
+        before = requests + expansions
         if not job.expanded and here(str(job.id)):
             async with db.begin() as conn:
                 await queue_expansion(
@@ -329,7 +349,7 @@ async def resend_lost(
             if not rows:
                 break
             after = rows[-1].ref
-            lost = [
+            again = [
                 encoded_outbox_row(
                     topic,
                     str(r.contact_id),
@@ -341,12 +361,14 @@ async def resend_lost(
                 for r in rows
                 if here(str(r.contact_id))
             ]
-            if lost:
+            if again:
                 async with db.begin() as conn:
-                    await insert_rows(conn, outbox, lost)
-                requests += len(lost)
+                    await insert_rows(conn, outbox, again)
+                requests += len(again)
             if len(rows) < RESEND_PAGE:
                 break
+        if touched is not None and requests + expansions > before:
+            touched.add(job.id)
     return requests, expansions
 
 

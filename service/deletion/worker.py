@@ -68,6 +68,7 @@ from service.db import (
     outbox,
     utcnow,
 )
+from service.deletion.backstop import LostWork
 from service.deletion.encoding import ContactDeletedEncoder, contact_deleted_row
 from service.deletion.giveup import give_up, resend_lost, unreadable_commands
 from service.deletion.giveup import job_actor as _job_actor
@@ -96,6 +97,7 @@ from service.faults import describe, is_transient
 from service.kafka import (
     Consumer,
     InMessage,
+    LostRecords,
     Producer,
     next_offsets,
     send_dead_letters,
@@ -286,9 +288,11 @@ class DeletionWorker:
                 f"{self.settings.kafka_consumer_group_prefix}.worker",
                 session_timeout_ms=self.settings.kafka_session_timeout_ms,
                 heartbeat_interval_ms=self.settings.kafka_heartbeat_interval_ms,
-                on_unreadable=self._resend_lost,
+                on_lost=self._resend_lost,
             )
             dlq = Producer(bootstrap)
+            signal = self.outbox_signal
+            backstop = LostWork(self.db, self.settings, signal.set if signal else None)
             await wait_for_dependency(consumer.start, stop, dependency="kafka", component="worker")
         except Stopped:
             return
@@ -341,6 +345,9 @@ class DeletionWorker:
                     if messages:
                         task = asyncio.create_task(self.handle(messages, dlq, stop))
                         handling.append((messages, task))
+                    elif not handling:  # idle: work left undone now was lost unseen
+                        check = functools.partial(backstop.check, consumer)
+                        await self._retry_transient(check, stop)
         finally:
             try:
                 # Stopping: the batches under way finish (or give up at the stop) and the
@@ -383,15 +390,16 @@ class DeletionWorker:
             return False
         return True
 
-    async def _resend_lost(self, topic: str, partition: int, partitions: int) -> None:
-        """A batch of the deletion topic that cannot be read was stepped past
-        (service.kafka.Consumer): the commands it may have held are written again
-        (`giveup.resend_lost`), so that no item or job waits forever for them."""
-        requests, expansions = await resend_lost(self.db, self.settings, partition, partitions)
+    async def _resend_lost(self, lost: LostRecords) -> None:
+        """Records of the deletion topic this worker will never read (a batch that cannot be
+        read, stepped past; a gap in the log: service.kafka.Consumer): the commands they may
+        have held are written again (`giveup.resend_lost`), so that no item or job waits
+        forever for them."""
+        requests, expansions = await resend_lost(self.db, self.settings, lost)
         log.warning(
             "worker_lost_commands_resent",
-            topic=topic,
-            partition=partition,
+            topic=lost.topic,
+            partition=lost.partition,
             requests=requests,
             expansions=expansions,
         )

@@ -122,6 +122,7 @@ from service.webhooks.payloads import (
     DeletionJobCompletedWebhook,
     webhook_body,
 )
+from service.webhooks.refanout import recover_events
 from service.webhooks.schedule import Outcome, RetryPolicy, classify, parse_retry_after
 from service.webhooks.signing import webhook_headers
 from service.webhooks.ssrf import BlockedDestination, PinnedResolver, check_url, failure_text
@@ -329,6 +330,7 @@ class Dispatcher:
             group,
             session_timeout_ms=self.settings.kafka_session_timeout_ms,
             heartbeat_interval_ms=self.settings.kafka_heartbeat_interval_ms,
+            on_lost=functools.partial(recover_events, self.db, self.wakeup),
         )
         dlq = Producer(bootstrap)
         try:
