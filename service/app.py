@@ -18,7 +18,7 @@ from service import ops
 from service.aio import Stopped, wait_for_dependency
 from service.api import route_tables
 from service.audit import routes as audit_routes
-from service.config import Settings
+from service.config import Settings, StartupError
 from service.console import routes as console_routes
 from service.db import Database
 from service.deletion import routes as deletion_routes
@@ -45,6 +45,9 @@ from service.webhooks.dispatcher import Dispatcher
 
 log = get_logger(__name__)
 
+# How long one start-up try to reach the broker and create the topics lasts (seconds).
+TOPICS_TRY_S = 2.0
+
 
 @dataclass
 class Services:
@@ -68,7 +71,9 @@ class Services:
         """Create the Kafka topics once per process, whichever component asks first."""
         async with self._topics_lock:
             if not self._topics_ready:
-                await create_topics(self.settings)
+                # A short try: a broker that does not answer is waited for by the caller
+                # (wait_for_dependency), which logs `waiting_for_dependency` at each try.
+                await create_topics(self.settings, timeout_s=TOPICS_TRY_S)
                 self._topics_ready = True
 
     async def close(self) -> None:
@@ -103,10 +108,20 @@ async def run_api(services: Services, stop: asyncio.Event) -> None:
     """Serve the HTTP API until `stop` is set."""
     runner = web.AppRunner(create_app(services), access_log=None, handle_signals=False)
     await runner.setup()
-    site = web.TCPSite(runner, services.settings.http_host, services.settings.http_port)
-    await site.start()
+    host, port = services.settings.http_host, services.settings.http_port
+    site = web.TCPSite(runner, host, port)
+    try:
+        await site.start()
+    except OSError as exc:  # in use, not an address of this host, a name that resolves not
+        await runner.cleanup()
+        reason = exc.strerror or str(exc) or type(exc).__name__
+        raise StartupError(
+            f"cannot listen on HTTP_HOST={host} HTTP_PORT={port}: {reason}"
+        ) from None
     services.listening.set()
-    log.info("api_listening", host=services.settings.http_host, port=services.settings.http_port)
+    # The port bound (HTTP_PORT=0 asks the system for a free one).
+    bound = [address[1] for address in runner.addresses if isinstance(address, tuple)]
+    log.info("api_listening", host=host, port=bound[0] if bound else port)
     try:
         await stop.wait()
     finally:
@@ -132,6 +147,18 @@ async def _topics_ready(services: Services, stop: asyncio.Event, component: str)
     return True
 
 
+def _started(services: Services, component: str, **fields: str) -> None:
+    """The one line a Kafka component writes when its dependencies answer and it starts
+    its work (the api's is `api_listening`)."""
+    log.info(
+        "component_started",
+        component=component,
+        kafka=services.settings.kafka_bootstrap_servers,
+        database=services.settings.describe_database(),
+        **fields,
+    )
+
+
 async def run_relay(services: Services, stop: asyncio.Event) -> None:
     """Publish the outbox to Kafka until `stop` is set."""
     settings = services.settings
@@ -147,6 +174,7 @@ async def run_relay(services: Services, stop: asyncio.Event) -> None:
         await wait_for_dependency(producer.start, stop, dependency="kafka", component="relay")
     except Stopped:
         return
+    _started(services, "relay")
     try:
         relay = Relay(
             settings,
@@ -165,6 +193,7 @@ async def run_worker(services: Services, stop: asyncio.Event) -> None:
     """Consume deletion requests and delete contacts until `stop` is set."""
     if not await _topics_ready(services, stop, "worker"):
         return
+    _started(services, "worker", group=f"{services.settings.kafka_consumer_group_prefix}.worker")
     worker = DeletionWorker(
         services.settings,
         services.db,
@@ -179,6 +208,11 @@ async def run_dispatcher(services: Services, stop: asyncio.Event) -> None:
     """Fan events out to webhook endpoints and deliver them until `stop` is set."""
     if not await _topics_ready(services, stop, "dispatcher"):
         return
+    _started(
+        services,
+        "dispatcher",
+        group=f"{services.settings.kafka_consumer_group_prefix}.dispatcher",
+    )
     dispatcher = Dispatcher(
         services.settings, services.db, services.metrics, services.webhook_signal
     )
