@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import sys
 from collections.abc import Awaitable, Callable, Iterator, Sequence
@@ -216,10 +217,15 @@ def _migration_fields(before: str | None, after: str | None) -> dict[str, str | 
 
 def _migration_report(where: str, before: str | None, after: str | None) -> str:
     if before is None:
-        return f"database {where}: created the schema (now at revision {after})"
+        return f"database {where}: schema created; now at the latest schema (revision {after})"
     if before == after:
-        return f"database {where} was already at the latest schema ({after}): nothing to do"
-    return f"database {where}: upgraded from revision {before} to {after}"
+        return (
+            f"database {where} was already at the latest schema (revision {after}): nothing to do"
+        )
+    return (
+        f"database {where}: upgraded from revision {before}; "
+        f"now at the latest schema (revision {after})"
+    )
 
 
 async def _migrate(settings: Settings, wait_s: float) -> int:
@@ -240,7 +246,8 @@ async def _migrate(settings: Settings, wait_s: float) -> int:
         stop.set()
 
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, interrupt)
+        with contextlib.suppress(ValueError, RuntimeError):  # not the main thread (tests)
+            loop.add_signal_handler(sig, interrupt)
     timer = loop.call_later(wait_s, stop.set)
     try:
         before, after = await _database_step(
