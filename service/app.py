@@ -12,6 +12,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import sqlalchemy as sa
 from aiohttp import web
 
 from service import ops
@@ -20,7 +21,7 @@ from service.api import route_tables
 from service.audit import routes as audit_routes
 from service.config import Settings, StartupError
 from service.console import routes as console_routes
-from service.db import Database
+from service.db import Database, outbox
 from service.deletion import routes as deletion_routes
 from service.deletion.notify import JobNotifier
 from service.deletion.worker import DeletionWorker
@@ -39,7 +40,7 @@ from service.metrics import Metrics
 from service.relay import Relay
 from service.routing import register
 from service.schemas import openapi_spec
-from service.topics import create_topics
+from service.topics import all_topics, create_topics
 from service.webhooks import routes as webhook_routes
 from service.webhooks.dispatcher import Dispatcher
 
@@ -159,10 +160,42 @@ def _started(services: Services, component: str, **fields: str) -> None:
     )
 
 
+async def warn_of_other_topics(services: Services) -> int:
+    """Log `outbox_rows_for_other_topics` when unpublished outbox rows name topics this
+    configuration does not use (KAFKA_TOPIC_PREFIX changed while rows were waiting: the
+    relay sends them to the old topics, which this deployment's consumers do not read).
+    Returns how many such rows it saw (at most 10,000 are counted)."""
+    ours = all_topics(services.settings)
+    o = outbox.c
+    waiting = o.published_at.is_(None) & o.failed_at.is_(None) & o.topic.not_in(ours)
+    async with services.db.read() as conn:
+        rows = (
+            (await conn.execute(sa.select(o.topic).where(waiting).order_by(o.id).limit(10_000)))
+            .scalars()
+            .all()
+        )
+    if rows:
+        log.warning(
+            "outbox_rows_for_other_topics",
+            count=len(rows),
+            topics=sorted(set(rows))[:5],
+            kafka_topic_prefix=services.settings.kafka_topic_prefix,
+            hint="KAFKA_TOPIC_PREFIX changed while rows waited? set it back until they are "
+            "published: the relay sends them to the topics they name",
+        )
+    return len(rows)
+
+
 async def run_relay(services: Services, stop: asyncio.Event) -> None:
     """Publish the outbox to Kafka until `stop` is set."""
     settings = services.settings
     if not await _topics_ready(services, stop, "relay"):
+        return
+    try:
+        await wait_for_dependency(
+            lambda: warn_of_other_topics(services), stop, dependency="database", component="relay"
+        )
+    except Stopped:
         return
     producer = Producer(
         settings.kafka_bootstrap_servers,

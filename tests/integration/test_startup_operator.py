@@ -20,9 +20,10 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 
+from service.app import warn_of_other_topics
 from service.audit.store import HashKeyMismatch, load_hash_key
 from service.cli import main
-from service.db import Database, audit_events, server_secrets
+from service.db import Database, audit_events, outbox, server_secrets, utcnow
 from service.migrate import upgrade_sync
 from tests.components import COMMAND
 from tests.conftest import components_running, make_settings, opened_services
@@ -169,9 +170,17 @@ def _stop(proc: subprocess.Popen[str]) -> int:
     return proc.returncode
 
 
-async def test_http_port_0_logs_the_port_it_bound(db_url: str, tmp_path: Path) -> None:
+def _migrated_sqlite(tmp_path: Path) -> str:
+    """A migrated SQLite file of its own, for a start-up path no database changes."""
+    url = f"sqlite+aiosqlite:///{tmp_path / 'cd.db'}"
+    upgrade_sync(url)
+    return url
+
+
+async def test_http_port_0_logs_the_port_it_bound(tmp_path: Path) -> None:
     """HTTP_PORT=0 logged `port=0`; the line names the port the system chose, which answers."""
-    env = _env(tmp_path, DATABASE_URL=db_url, HTTP_PORT="0")
+    url = await asyncio.to_thread(_migrated_sqlite, tmp_path)
+    env = _env(tmp_path, DATABASE_URL=url, HTTP_PORT="0")
     proc = subprocess.Popen([COMMAND, "api"], env=env, stderr=subprocess.PIPE, text=True)
     try:
         listening = await _read_until(proc, "api_listening", 60)
@@ -183,9 +192,14 @@ async def test_http_port_0_logs_the_port_it_bound(db_url: str, tmp_path: Path) -
         assert _stop(proc) == 0
 
 
-def test_an_address_it_cannot_listen_on_is_one_line(db_url: str, tmp_path: Path) -> None:
+def test_an_address_it_cannot_listen_on_is_one_line(tmp_path: Path) -> None:
     """A host name that does not resolve was a gaierror traceback."""
-    env = _env(tmp_path, DATABASE_URL=db_url, HTTP_HOST="no-such-host.invalid", HTTP_PORT="0")
+    env = _env(
+        tmp_path,
+        DATABASE_URL=_migrated_sqlite(tmp_path),
+        HTTP_HOST="no-such-host.invalid",
+        HTTP_PORT="0",
+    )
     done = _cli(env, "api")
     assert done.returncode == 2, done.stderr
     line = _error_line(done)
@@ -255,31 +269,19 @@ def test_a_worker_started_with_another_audit_key_refuses_in_one_line(
     fresh_db_url: str, tmp_path: Path
 ) -> None:
     """The CLI path: the refusal is the one-line answer, exit 2, before any work."""
-    env = _env(tmp_path, DATABASE_URL=fresh_db_url, AUDIT_HASH_KEY=KEY_A)
-    assert _cli(env, "migrate").returncode == 0
-    db_events_keyed = asyncio.run(_keyed_events(fresh_db_url))
-    assert db_events_keyed == 0
-    asyncio.run(_store_fingerprint(fresh_db_url, KEY_A))
-    env["AUDIT_HASH_KEY"] = KEY_B
-    env["KAFKA_BOOTSTRAP_SERVERS"] = f"127.0.0.1:{_closed_port()}"
+    upgrade_sync(fresh_db_url)
+    asyncio.run(_store_fingerprint(fresh_db_url, KEY_A))  # the first start, with key A
+    env = _env(
+        tmp_path,
+        DATABASE_URL=fresh_db_url,
+        AUDIT_HASH_KEY=KEY_B,
+        KAFKA_BOOTSTRAP_SERVERS=f"127.0.0.1:{_closed_port()}",
+    )
     done = _cli(env, "worker")
     assert done.returncode == 2, done.stderr
     line = _error_line(done)
     assert "AUDIT_HASH_KEY" in line and "set it back" in line, line
     assert KEY_A not in done.stderr and KEY_B not in done.stderr
-
-
-async def _keyed_events(url: str) -> int:
-    db = Database(url)
-    try:
-        async with db.read() as conn:
-            return int(
-                (
-                    await conn.execute(sa.select(sa.func.count()).select_from(audit_events))
-                ).scalar_one()
-            )
-    finally:
-        await db.dispose()
 
 
 async def _store_fingerprint(url: str, key: str) -> None:
@@ -295,13 +297,13 @@ async def _store_fingerprint(url: str, key: str) -> None:
 
 @pytest.mark.parametrize("component", ["relay", "worker"])
 def test_a_component_alone_with_no_broker_says_it_waits_for_kafka(
-    db_url: str, tmp_path: Path, component: str
+    tmp_path: Path, component: str
 ) -> None:
     """A standalone relay or worker with no broker wrote only aiokafka errors (the topics'
     own 30 s of retries came first); now `waiting_for_dependency` within seconds."""
     env = _env(
         tmp_path,
-        DATABASE_URL=db_url,
+        DATABASE_URL=_migrated_sqlite(tmp_path),
         KAFKA_BOOTSTRAP_SERVERS=f"127.0.0.1:{_closed_port()}",
         KAFKA_TOPIC_PREFIX=f"t{uuid.uuid4().hex[:8]}.",
     )
@@ -327,3 +329,31 @@ async def test_each_kafka_component_logs_one_line_when_it_starts(
     started = logs.events("component_started")
     assert sorted(e["component"] for e in started) == ["dispatcher", "relay", "worker"]
     assert all(e["kafka"] == kafka_bootstrap for e in started)
+
+
+async def test_outbox_rows_for_another_topic_prefix_are_reported_at_relay_start(
+    db_url: str,
+) -> None:
+    """KAFKA_TOPIC_PREFIX changed while rows waited in the outbox: the relay would send
+    them to the old topics, which no consumer of this deployment reads. It says so."""
+    settings = make_settings(db_url)
+    old_topic = f"0old{uuid.uuid4().hex[:8]}.contact.deleted"  # sorts first among topics
+    async with opened_services(settings) as services:
+        async with services.db.begin() as conn:
+            row_id = (
+                await conn.execute(
+                    outbox.insert()
+                    .values(
+                        topic=old_topic, key=None, payload=b"{}", headers=[], created_at=utcnow()
+                    )
+                    .returning(outbox.c.id)
+                )
+            ).scalar_one()
+        try:
+            with json_logs() as logs:
+                assert await warn_of_other_topics(services) >= 1
+            [line] = logs.events("outbox_rows_for_other_topics")
+            assert old_topic in line["topics"] and line["count"] >= 1
+        finally:
+            async with services.db.begin() as conn:
+                await conn.execute(outbox.delete().where(outbox.c.id == row_id))
