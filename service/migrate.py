@@ -123,7 +123,15 @@ async def schema_problem(url: str, *, where: str) -> str | None:
     try:
         async with engine.connect() as conn:
             tables = await conn.run_sync(lambda sync: set(sa.inspect(sync).get_table_names()))
-    except (OSError, sa.exc.DBAPIError) as exc:
+    except Exception as exc:
+        known = database_problem(exc, where=where, url=url)
+        if known is not None:
+            return known
+        if (
+            not isinstance(exc, OSError | sa.exc.DBAPIError)
+            and "asyncpg" not in type(exc).__module__
+        ):
+            raise
         return f"cannot open the database at {where}: {type(exc).__name__}"
     finally:
         await engine.dispose()

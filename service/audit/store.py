@@ -544,65 +544,84 @@ def hash_key_fingerprint(key: bytes) -> str:
     return hmac.new(key, b"contact-deletion audit hash key fingerprint", "sha256").hexdigest()[:16]
 
 
+async def _hash_key_rows(db: Database) -> tuple[str | None, str | None]:
+    """(the generated key, the kept fingerprint of a configured key), each None if absent."""
+    select = sa.select(server_secrets.c.name, server_secrets.c.value).where(
+        server_secrets.c.name.in_((HASH_KEY_NAME, HASH_KEY_FINGERPRINT))
+    )
+    async with db.read() as conn:
+        found = {row.name: str(row.value) for row in await conn.execute(select)}
+    return found.get(HASH_KEY_NAME), found.get(HASH_KEY_FINGERPRINT)
+
+
+def _mismatch(mine: str, kept: str) -> str:
+    return (
+        f"AUDIT_HASH_KEY (fingerprint {mine}) is not the key this database's audit "
+        f"events were keyed with (fingerprint {kept}): set it back to that key; with "
+        "another key no earlier event is found by address"
+    )
+
+
+async def hash_key_problem(db: Database, configured: str | None) -> str | None:
+    """Why AUDIT_HASH_KEY (`configured`, None when unset) cannot serve this database's
+    audit trail, in one line saying what to set; None when it can. Reads only."""
+    generated, kept = await _hash_key_rows(db)
+    if configured:
+        if kept is not None:
+            mine = hash_key_fingerprint(configured.encode("utf-8"))
+            return None if kept == mine else _mismatch(mine, kept)
+        if generated is None or generated == configured:
+            return None
+        async with db.read() as conn:
+            keyed = (await conn.execute(sa.select(audit_events.c.seq).limit(1))).first()
+        if keyed is None:
+            return None
+        return (
+            "AUDIT_HASH_KEY is set, but this database's audit events were keyed with the "
+            f"key generated at its first start (server_secrets {HASH_KEY_NAME!r}): unset "
+            "AUDIT_HASH_KEY or set it to that key; with another key no earlier event is "
+            "found by address"
+        )
+    if kept is None or (
+        generated is not None and hash_key_fingerprint(generated.encode("utf-8")) == kept
+    ):
+        return None
+    return (
+        "AUDIT_HASH_KEY is not set, but this database's audit events were keyed with a "
+        f"configured key (fingerprint {kept}): set AUDIT_HASH_KEY to that key again"
+    )
+
+
 async def load_hash_key(db: Database, configured: str | None) -> bytes:
     """The key of the email HMACs: AUDIT_HASH_KEY, or one generated and kept on first start.
 
     A configured key's fingerprint (never the key) is kept in ``server_secrets`` on its
     first use; a later start with another key, with none, or with a key set after events
-    were keyed with the generated one raises :class:`HashKeyMismatch`: those events could
-    no longer be found by address.
+    were keyed with the generated one raises :class:`HashKeyMismatch`
+    (:func:`hash_key_problem`): those events could no longer be found by address.
     """
-    names = (HASH_KEY_NAME, HASH_KEY_FINGERPRINT)
-    select = sa.select(server_secrets.c.name, server_secrets.c.value).where(
-        server_secrets.c.name.in_(names)
-    )
-    async with db.read() as conn:
-        found = {row.name: str(row.value) for row in await conn.execute(select)}
-    generated, kept = found.get(HASH_KEY_NAME), found.get(HASH_KEY_FINGERPRINT)
+    problem = await hash_key_problem(db, configured)
+    if problem is not None:
+        raise HashKeyMismatch(problem)
     ins: Any = (postgresql.insert if not db.is_sqlite else sqlite.insert)(server_secrets)
     if configured:
         key = configured.encode("utf-8")
         mine = hash_key_fingerprint(key)
-        if kept is None:
-            if generated is not None and generated != configured:
-                async with db.read() as conn:
-                    keyed = (
-                        await conn.execute(sa.select(audit_events.c.seq).limit(1))
-                    ).first() is not None
-                if keyed:
-                    raise HashKeyMismatch(
-                        "AUDIT_HASH_KEY is set, but this database's audit events were keyed "
-                        "with the key generated at its first start (server_secrets "
-                        f"{HASH_KEY_NAME!r}): unset AUDIT_HASH_KEY or set it to that key; "
-                        "with another key no earlier event is found by address"
-                    )
-            async with db.begin() as conn:
-                await conn.execute(
-                    ins.values(
-                        name=HASH_KEY_FINGERPRINT, value=mine, created_at=utcnow()
-                    ).on_conflict_do_nothing()
-                )
-                kept = (
-                    await conn.execute(
-                        sa.select(server_secrets.c.value).where(
-                            server_secrets.c.name == HASH_KEY_FINGERPRINT
-                        )
-                    )
-                ).scalar_one()
-        if kept != mine:
-            raise HashKeyMismatch(
-                f"AUDIT_HASH_KEY (fingerprint {mine}) is not the key this database's audit "
-                f"events were keyed with (fingerprint {kept}): set it back to that key; with "
-                "another key no earlier event is found by address"
-            )
-        return key
-    if kept is not None:
-        if generated is not None and hash_key_fingerprint(generated.encode("utf-8")) == kept:
-            return generated.encode("utf-8")
-        raise HashKeyMismatch(
-            "AUDIT_HASH_KEY is not set, but this database's audit events were keyed with a "
-            f"configured key (fingerprint {kept}): set AUDIT_HASH_KEY to that key again"
+        fingerprint = sa.select(server_secrets.c.value).where(
+            server_secrets.c.name == HASH_KEY_FINGERPRINT
         )
+        async with db.begin() as conn:
+            await conn.execute(
+                ins.values(
+                    name=HASH_KEY_FINGERPRINT, value=mine, created_at=utcnow()
+                ).on_conflict_do_nothing()
+            )
+            # Another process may have kept its key's first: that key is the one.
+            kept = str((await conn.execute(fingerprint)).scalar_one())
+        if kept != mine:
+            raise HashKeyMismatch(_mismatch(mine, kept))
+        return key
+    generated, _ = await _hash_key_rows(db)
     if generated is not None:
         return generated.encode("utf-8")
     stored = sa.select(server_secrets.c.value).where(server_secrets.c.name == HASH_KEY_NAME)

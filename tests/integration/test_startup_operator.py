@@ -357,3 +357,19 @@ async def test_outbox_rows_for_another_topic_prefix_are_reported_at_relay_start(
         finally:
             async with services.db.begin() as conn:
                 await conn.execute(outbox.delete().where(outbox.c.id == row_id))
+
+
+async def test_erasure_check_with_another_audit_key_refuses_rather_than_find_nothing(
+    fresh_db_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With another key the audit trail would find no deletion: a false "nowhere"."""
+    await asyncio.to_thread(upgrade_sync, fresh_db_url)
+    await _store_fingerprint(fresh_db_url, KEY_A)
+    monkeypatch.setenv("DATABASE_URL", fresh_db_url)
+    monkeypatch.setenv("AUDIT_HASH_KEY", KEY_B)
+    capsys.readouterr()
+    argv = ["erasure", "check", "--email", "gone@example.com"]
+    assert await asyncio.to_thread(main, argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("contact-deletion: error: AUDIT_HASH_KEY (fingerprint"), err
+    assert len(err.splitlines()) == 1 and KEY_B not in err
