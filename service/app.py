@@ -12,15 +12,16 @@ from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import sqlalchemy as sa
 from aiohttp import web
 
 from service import ops
 from service.aio import Stopped, wait_for_dependency
 from service.api import route_tables
 from service.audit import routes as audit_routes
-from service.config import Settings
+from service.config import Settings, StartupError
 from service.console import routes as console_routes
-from service.db import Database
+from service.db import Database, outbox
 from service.deletion import routes as deletion_routes
 from service.deletion.notify import JobNotifier
 from service.deletion.worker import DeletionWorker
@@ -40,11 +41,14 @@ from service.relay import Relay
 from service.retention import run_retention
 from service.routing import register
 from service.schemas import openapi_spec
-from service.topics import create_topics
+from service.topics import all_topics, create_topics
 from service.webhooks import routes as webhook_routes
 from service.webhooks.dispatcher import Dispatcher
 
 log = get_logger(__name__)
+
+# How long one start-up try to reach the broker and create the topics lasts (seconds).
+TOPICS_TRY_S = 2.0
 
 
 @dataclass
@@ -69,7 +73,9 @@ class Services:
         """Create the Kafka topics once per process, whichever component asks first."""
         async with self._topics_lock:
             if not self._topics_ready:
-                await create_topics(self.settings)
+                # A short try: a broker that does not answer is waited for by the caller
+                # (wait_for_dependency), which logs `waiting_for_dependency` at each try.
+                await create_topics(self.settings, timeout_s=TOPICS_TRY_S)
                 self._topics_ready = True
 
     async def close(self) -> None:
@@ -104,10 +110,20 @@ async def run_api(services: Services, stop: asyncio.Event) -> None:
     """Serve the HTTP API until `stop` is set."""
     runner = web.AppRunner(create_app(services), access_log=None, handle_signals=False)
     await runner.setup()
-    site = web.TCPSite(runner, services.settings.http_host, services.settings.http_port)
-    await site.start()
+    host, port = services.settings.http_host, services.settings.http_port
+    site = web.TCPSite(runner, host, port)
+    try:
+        await site.start()
+    except OSError as exc:  # in use, not an address of this host, a name that resolves not
+        await runner.cleanup()
+        reason = exc.strerror or str(exc) or type(exc).__name__
+        raise StartupError(
+            f"cannot listen on HTTP_HOST={host} HTTP_PORT={port}: {reason}"
+        ) from None
     services.listening.set()
-    log.info("api_listening", host=services.settings.http_host, port=services.settings.http_port)
+    # The port bound (HTTP_PORT=0 asks the system for a free one).
+    bound = [address[1] for address in runner.addresses if isinstance(address, tuple)]
+    log.info("api_listening", host=host, port=bound[0] if bound else port)
     try:
         await stop.wait()
     finally:
@@ -133,10 +149,54 @@ async def _topics_ready(services: Services, stop: asyncio.Event, component: str)
     return True
 
 
+def _started(services: Services, component: str, **fields: str) -> None:
+    """The one line a Kafka component writes when its dependencies answer and it starts
+    its work (the api's is `api_listening`)."""
+    log.info(
+        "component_started",
+        component=component,
+        kafka=services.settings.kafka_bootstrap_servers,
+        database=services.settings.describe_database(),
+        **fields,
+    )
+
+
+async def warn_of_other_topics(services: Services) -> int:
+    """Log `outbox_rows_for_other_topics` when unpublished outbox rows name topics this
+    configuration does not use (KAFKA_TOPIC_PREFIX changed while rows were waiting: the
+    relay sends them to the old topics, which this deployment's consumers do not read).
+    Returns how many such rows it saw (at most 10,000 are counted)."""
+    ours = all_topics(services.settings)
+    o = outbox.c
+    waiting = o.published_at.is_(None) & o.failed_at.is_(None) & o.topic.not_in(ours)
+    async with services.db.read() as conn:
+        rows = (
+            (await conn.execute(sa.select(o.topic).where(waiting).order_by(o.id).limit(10_000)))
+            .scalars()
+            .all()
+        )
+    if rows:
+        log.warning(
+            "outbox_rows_for_other_topics",
+            count=len(rows),
+            topics=sorted(set(rows))[:5],
+            kafka_topic_prefix=services.settings.kafka_topic_prefix,
+            hint="KAFKA_TOPIC_PREFIX changed while rows waited? set it back until they are "
+            "published: the relay sends them to the topics they name",
+        )
+    return len(rows)
+
+
 async def run_relay(services: Services, stop: asyncio.Event) -> None:
     """Publish the outbox to Kafka until `stop` is set."""
     settings = services.settings
     if not await _topics_ready(services, stop, "relay"):
+        return
+    try:
+        await wait_for_dependency(
+            lambda: warn_of_other_topics(services), stop, dependency="database", component="relay"
+        )
+    except Stopped:
         return
     producer = Producer(
         settings.kafka_bootstrap_servers,
@@ -148,6 +208,7 @@ async def run_relay(services: Services, stop: asyncio.Event) -> None:
         await wait_for_dependency(producer.start, stop, dependency="kafka", component="relay")
     except Stopped:
         return
+    _started(services, "relay")
     try:
         relay = Relay(
             settings,
@@ -172,6 +233,7 @@ async def run_worker(services: Services, stop: asyncio.Event) -> None:
     """Consume deletion requests and delete contacts until `stop` is set."""
     if not await _topics_ready(services, stop, "worker"):
         return
+    _started(services, "worker", group=f"{services.settings.kafka_consumer_group_prefix}.worker")
     worker = DeletionWorker(
         services.settings,
         services.db,
@@ -186,6 +248,11 @@ async def run_dispatcher(services: Services, stop: asyncio.Event) -> None:
     """Fan events out to webhook endpoints and deliver them until `stop` is set."""
     if not await _topics_ready(services, stop, "dispatcher"):
         return
+    _started(
+        services,
+        "dispatcher",
+        group=f"{services.settings.kafka_consumer_group_prefix}.dispatcher",
+    )
     dispatcher = Dispatcher(
         services.settings, services.db, services.metrics, services.webhook_signal
     )

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import sys
 from collections.abc import Awaitable, Callable, Iterator, Sequence
-from typing import TYPE_CHECKING, NoReturn, cast
+from typing import TYPE_CHECKING, NoReturn, TypeVar, cast
 
 from service import deadletters
 from service.bench_options import add_arguments as add_bench_arguments
@@ -23,7 +24,11 @@ if TYPE_CHECKING:
     from service.db import Database
 
 PROG = "contact-deletion"
+# Exit codes: 2 a configuration the operator must change (a setting, the database's
+# schema or name, the audit key); 3 `migrate` gave up waiting for the database.
 DATABASE_ERROR = 2
+DATABASE_UNREACHABLE = 3
+T = TypeVar("T")
 
 # The components `run` starts, with what each does (service.app.components() runs them).
 COMPONENTS = {
@@ -129,41 +134,50 @@ async def serve(settings: Settings, names: Sequence[str], *, migrate: bool) -> i
     """Run components until SIGINT/SIGTERM.
 
     A database that is down (or still starting) at start-up is waited for, with back-off
-    and a `waiting_for_dependency` log line, rather than ending the process.
+    and a `waiting_for_dependency` log line, rather than ending the process. One that
+    cannot serve as configured (no such database, a refused login, no schema, another
+    AUDIT_HASH_KEY) is one line on stderr and exit 2.
     """
     import signal
 
     from service import gcpolicy
     from service.aio import Stopped, wait_for_dependency
     from service.app import Services, run_components
+    from service.audit.store import load_hash_key
     from service.db import Database
     from service.logs import get_logger
-    from service.migrate import schema_problem, upgrade
+    from service.migrate import schema_problem, upgrade_reporting
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    where = settings.describe_database()
     try:
         if migrate:
-            await wait_for_dependency(
-                lambda: upgrade(settings.database_url),
-                stop,
-                dependency="database",
-                component="migrate",
+            before, after = await _database_step(
+                settings,
+                wait_for_dependency(
+                    lambda: upgrade_reporting(settings.database_url),
+                    stop,
+                    dependency="database",
+                    component="migrate",
+                ),
             )
+            get_logger(__name__).info("migrated", **_migration_fields(before, after))
         else:
             if not settings.is_sqlite:  # (opening SQLite would create a missing file)
                 probe = Database(settings.database_url)
                 try:
-                    await wait_for_dependency(
-                        probe.ping, stop, dependency="database", component="+".join(names)
+                    await _database_step(
+                        settings,
+                        wait_for_dependency(
+                            probe.ping, stop, dependency="database", component="+".join(names)
+                        ),
                     )
                 finally:
                     await probe.dispose()
-            problem = await schema_problem(
-                settings.database_url, where=settings.describe_database()
-            )
+            problem = await schema_problem(settings.database_url, where=where)
             if problem is not None:
                 return _fail(problem)
     except Stopped:
@@ -172,10 +186,93 @@ async def serve(settings: Settings, names: Sequence[str], *, migrate: bool) -> i
     services = Services(settings=settings, db=db)
     gcpolicy.settle_after_start()
     try:
+        if "api" in names or "worker" in names:
+            # Refuses to start (HashKeyMismatch) rather than key events nobody can find.
+            configured = settings.audit_hash_key
+            await load_hash_key(db, configured.get_secret_value() if configured else None)
         await run_components(services, names, stop)
     finally:
         await services.close()
     get_logger(__name__).info("stopped", components=list(names))
+    return 0
+
+
+async def _database_step(settings: Settings, step: Awaitable[T]) -> T:
+    """Await a start-up step on the database; an error that is the operator's to fix
+    (service.migrate.database_problem) becomes a StartupError naming what to do."""
+    from service.config import StartupError
+    from service.migrate import database_problem
+
+    try:
+        return await step
+    except Exception as exc:
+        problem = database_problem(
+            exc, where=settings.describe_database(), url=settings.database_url
+        )
+        if problem is None:
+            raise
+        raise StartupError(problem) from None
+
+
+def _migration_fields(before: str | None, after: str | None) -> dict[str, str | None]:
+    return {"from_revision": before, "to_revision": after, "changed": str(before != after)}
+
+
+def _migration_report(where: str, before: str | None, after: str | None) -> str:
+    if before is None:
+        return f"database {where}: schema created; now at the latest schema (revision {after})"
+    if before == after:
+        return (
+            f"database {where} was already at the latest schema (revision {after}): nothing to do"
+        )
+    return (
+        f"database {where}: upgraded from revision {before}; "
+        f"now at the latest schema (revision {after})"
+    )
+
+
+async def _migrate(settings: Settings, wait_s: float) -> int:
+    """`migrate`: apply the migrations, waiting up to `wait_s` for a database that does
+    not answer yet (a container starting), with `waiting_for_dependency` lines; exit 3
+    if it still does not."""
+    import signal
+
+    from service.aio import Stopped, wait_for_dependency
+    from service.migrate import upgrade_reporting
+
+    stop = asyncio.Event()
+    interrupted = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def interrupt() -> None:
+        interrupted.set()
+        stop.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(ValueError, RuntimeError):  # not the main thread (tests)
+            loop.add_signal_handler(sig, interrupt)
+    timer = loop.call_later(wait_s, stop.set)
+    try:
+        before, after = await _database_step(
+            settings,
+            wait_for_dependency(
+                lambda: upgrade_reporting(settings.database_url),
+                stop,
+                dependency="database",
+                component="migrate",
+            ),
+        )
+    except Stopped:
+        if interrupted.is_set():
+            return 130
+        _fail(
+            f"the database {settings.describe_database()} did not answer within "
+            f"{wait_s:g} s: start it, or check DATABASE_URL's host and port"
+        )
+        return DATABASE_UNREACHABLE
+    finally:
+        timer.cancel()
+    _out(_migration_report(settings.describe_database(), before, after))
     return 0
 
 
@@ -302,7 +399,16 @@ def build_parser() -> argparse.ArgumentParser:
     command(
         "migrate",
         "create or upgrade the database schema (Alembic migrations)",
-        "Apply every Alembic migration to DATABASE_URL (creating the SQLite file if needed).",
+        "Apply every Alembic migration to DATABASE_URL (creating the SQLite file if needed) "
+        "and say whether it created, upgraded or left the schema. A database that does not "
+        "answer yet is waited for (see --wait); exit 3 if it never does, 2 if it cannot "
+        "serve as configured (no such database, a refused login).",
+    ).add_argument(
+        "--wait",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="how long to wait for a database that does not answer (default: %(default)g)",
     )
     dev = command(
         "dev",
@@ -372,10 +478,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command; a configuration the operator must change (service.config.
+    StartupError: an invalid setting, a missing database, another audit key, an address
+    it cannot listen on) is one line on stderr and exit 2, never a traceback."""
     args = build_parser().parse_args(argv)
-    from service.config import Settings
+    from service.config import StartupError, load_settings
 
-    settings = Settings()
+    try:
+        return _run(args, load_settings())
+    except StartupError as exc:
+        return _fail(str(exc))
+
+
+def _run(args: argparse.Namespace, settings: Settings) -> int:
     if args.command == "bench":
         from service import bench
 
@@ -388,11 +503,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     configure_logging(settings.log_format, settings.log_level)
     if args.command == "migrate":
-        from service.migrate import upgrade
-
-        asyncio.run(upgrade(settings.database_url))
-        _out(f"database {settings.describe_database()} is at the latest schema")
-        return 0
+        return asyncio.run(_migrate(settings, args.wait))
     if args.command == "keys":
         handler = {"create": _keys_create, "list": _keys_list, "revoke": _keys_revoke}
         result = asyncio.run(handler[args.keys_command](settings, args))

@@ -2,15 +2,98 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import re
 from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import (
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_RETRY_SCHEDULE = (0, 5, 300, 1800, 7200, 18000, 36000, 36000)
+# The shortest AUDIT_HASH_KEY accepted: 32 characters (the generated one is 64 hex digits).
+MIN_AUDIT_HASH_KEY_CHARS = 32
+
+_HOST_NAME = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*\.?")
+_TOPIC_CHARS = re.compile(r"[A-Za-z0-9._-]*")
+# Fields whose value a settings error must not repeat (a secret, or a URL with a password).
+_SECRET_FIELDS = frozenset({"audit_hash_key", "database_url"})
+
+
+class StartupError(Exception):
+    """A process cannot start as configured: ``str()`` is one line for the operator, saying
+    what to change; the command prints it and exits with 2 (never a traceback)."""
+
+
+class SettingsError(StartupError):
+    """A setting from the environment is invalid: ``str()`` is one line for the operator,
+    naming each environment variable and what is wrong with it."""
+
+
+def load_settings() -> Settings:
+    """The settings from the environment; an invalid one raises :class:`SettingsError`
+    (one line naming the variable, e.g. ``HTTP_PORT='abc': not an integer``)."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        raise SettingsError(describe_settings_error(exc)) from None
+
+
+def describe_settings_error(exc: ValidationError) -> str:
+    """A pydantic error on Settings as one line, by environment variable (upper case)."""
+    parts = []
+    for err in exc.errors(include_url=False):
+        field = ".".join(str(p) for p in err["loc"])
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        if not field:  # a model check: its message names the variables itself
+            parts.append(msg)
+            continue
+        name = field.upper()
+        if field in _SECRET_FIELDS or not isinstance(err.get("input"), str | int | float):
+            parts.append(f"{name}: {msg}")
+        else:
+            parts.append(f"{name}={err['input']!r}: {msg}")
+    return "invalid setting: " + "; ".join(parts)
+
+
+def normalise_database_url(url: str) -> str:
+    """The SQLAlchemy async URL of a database URL as operators write it.
+
+    ``postgres://`` and ``postgresql://`` (any ``+driver``) mean PostgreSQL through asyncpg;
+    ``sqlite:///path`` means SQLite through aiosqlite. Anything else raises ValueError
+    saying what is accepted.
+    """
+    url = url.strip()
+    scheme, sep, rest = url.partition("://")
+    accepted = (
+        "use postgresql://user:password@host:5432/name (postgres:// and "
+        "postgresql+asyncpg:// work too) or sqlite:///path/to/file.db"
+    )
+    if not sep:
+        raise ValueError(f"not a database URL: {accepted}")
+    backend, _, driver = scheme.lower().partition("+")
+    if backend in ("postgres", "postgresql"):
+        if driver not in ("", "asyncpg"):
+            raise ValueError(f"PostgreSQL is reached through asyncpg, not {driver}: {accepted}")
+        if not rest.split("/", 1)[0].rpartition("@")[2]:
+            raise ValueError(f"names no host: {accepted}")
+        return f"postgresql+asyncpg://{rest}"
+    if backend == "sqlite":
+        if driver not in ("", "aiosqlite"):
+            raise ValueError(f"SQLite is reached through aiosqlite, not {driver}: {accepted}")
+        if not rest.startswith("/"):
+            raise ValueError(f"an SQLite URL has three slashes and a path: {accepted}")
+        return f"sqlite+aiosqlite://{rest}"
+    raise ValueError(f"unknown database {backend!r}: {accepted}")
 
 
 def default_data_dir() -> Path:
@@ -49,14 +132,15 @@ class Settings(BaseSettings):
 
     rate_limit_per_s: float = Field(default=50.0, gt=0)
     rate_limit_burst: int = Field(default=100, ge=1)
-    max_body_bytes: int = 1024 * 1024
+    max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
 
     webhook_retry_schedule: str = ",".join(str(s) for s in DEFAULT_RETRY_SCHEDULE)
     webhook_timeout_s: float = Field(default=15.0, gt=0)
     webhook_connect_timeout_s: float = Field(default=5.0, gt=0)
     webhook_allow_private_networks: bool = False
     webhook_secret_overlap_s: int = Field(default=24 * 3600, ge=0)
-    webhook_disable_after_s: int = Field(default=5 * 24 * 3600, ge=0)
+    # 0 is refused: it would disable an endpoint at its first failed attempt, before any retry.
+    webhook_disable_after_s: int = Field(default=5 * 24 * 3600, ge=1)
     webhook_max_in_flight_per_endpoint: int = Field(default=4, ge=1)
     # Deliveries a dispatcher claims ahead per endpoint: what the endpoint takes in this
     # many seconds (or in two sender passes, if longer) at its max_in_flight and fastest
@@ -119,6 +203,8 @@ class Settings(BaseSettings):
     # How fast the group notices a member that died (kill -9, a lost host): its partitions
     # move after this many ms without a heartbeat. 6 s is the broker's minimum
     # (group.min.session.timeout.ms); aiokafka's default is 10 s. Heartbeats every 1 s.
+    # Kafka requires the heartbeat interval below the session timeout (typically at most a
+    # third of it): a larger one is refused at start-up (`_kafka_timings`).
     kafka_session_timeout_ms: int = Field(default=6000, ge=1000)
     kafka_heartbeat_interval_ms: int = Field(default=1000, ge=100)
     # How long a SQLite writer waits for a lock another process holds before the error
@@ -175,6 +261,105 @@ class Settings(BaseSettings):
             if not p.isdigit():
                 raise ValueError(f"not a whole number of seconds: {p!r}")
         return ",".join(parts)
+
+    @field_validator("log_level", "log_format", "erasure_pg_vacuum", mode="before")
+    @classmethod
+    def _any_case(cls, value: object, info: ValidationInfo) -> object:
+        # LOG_LEVEL=debug, LOG_FORMAT=JSON: the choices are case-insensitive words.
+        if not isinstance(value, str):
+            return value
+        value = value.strip()
+        return value.upper() if info.field_name == "log_level" else value.lower()
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_driver(cls, value: str) -> str:
+        return normalise_database_url(value) if value.strip() else ""
+
+    @field_validator("http_host")
+    @classmethod
+    def _host_syntax(cls, value: str) -> str:
+        value = value.strip()
+        if not value:
+            raise ValueError("must be an IP address or a host name (e.g. 127.0.0.1, 0.0.0.0)")
+        try:
+            ipaddress.ip_address(value)
+        except ValueError:
+            # Digits and dots only but no address (999.1.1.1, 10.0.0): a mistyped address,
+            # never a host name (RFC 1123 §2.1: a top-level label is not all-numeric).
+            if all(c.isdigit() or c == "." for c in value) or not _HOST_NAME.fullmatch(value):
+                raise ValueError(
+                    "not an IP address or a host name (e.g. 127.0.0.1, 0.0.0.0, localhost)"
+                ) from None
+        return value
+
+    @field_validator("kafka_bootstrap_servers")
+    @classmethod
+    def _servers(cls, value: str) -> str:
+        servers = [s.strip() for s in value.split(",") if s.strip()]
+        if not servers:
+            raise ValueError("must list at least one broker as host:port")
+        for server in servers:
+            host, sep, port = server.rpartition(":")
+            if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"not host:port (a port from 1 to 65535): {server!r}")
+        return ",".join(servers)
+
+    @field_validator("kafka_topic_prefix")
+    @classmethod
+    def _topic_prefix(cls, value: str) -> str:
+        # Kafka's topic names: ASCII letters, digits, '.', '_' and '-', at most 249 of them
+        # (org.apache.kafka.common.internals.Topic); the longest name we add is 27.
+        if not _TOPIC_CHARS.fullmatch(value) or len(value) > 200:
+            raise ValueError(
+                "may hold only ASCII letters, digits, '.', '_' and '-' (at most 200 of them)"
+            )
+        return value
+
+    @field_validator("kafka_consumer_group_prefix")
+    @classmethod
+    def _group_prefix(cls, value: str) -> str:
+        value = value.strip()
+        if not value:
+            raise ValueError(
+                "must not be empty: it names the consumer groups (<prefix>.worker, "
+                "<prefix>.dispatcher) whose committed offsets say what was consumed"
+            )
+        return value
+
+    @field_validator("public_base_url")
+    @classmethod
+    def _base_url(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        value = value.strip()
+        if not value.startswith(("http://", "https://")) or len(value.split("://", 1)[1]) < 1:
+            raise ValueError("must be an http:// or https:// URL")
+        return value.rstrip("/")
+
+    @field_validator("audit_hash_key")
+    @classmethod
+    def _hash_key_length(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or not value.get_secret_value():
+            return None
+        if len(value.get_secret_value()) < MIN_AUDIT_HASH_KEY_CHARS:
+            raise ValueError(
+                f"is too short: at least {MIN_AUDIT_HASH_KEY_CHARS} characters "
+                "(e.g. `openssl rand -hex 32`)"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _kafka_timings(self) -> Settings:
+        # Kafka: heartbeat.interval.ms "must be set lower than session.timeout.ms, but
+        # typically should be set no higher than 1/3 of that value" (consumer configs).
+        if self.kafka_heartbeat_interval_ms >= self.kafka_session_timeout_ms:
+            raise ValueError(
+                f"KAFKA_HEARTBEAT_INTERVAL_MS ({self.kafka_heartbeat_interval_ms}) must be "
+                f"below KAFKA_SESSION_TIMEOUT_MS ({self.kafka_session_timeout_ms}); Kafka "
+                "advises at most a third of it"
+            )
+        return self
 
     @cached_property
     def retry_schedule(self) -> tuple[int, ...]:

@@ -18,11 +18,13 @@ def all_topics(settings: Settings) -> list[str]:
     return full + [t + DLQ_SUFFIX for t in full]
 
 
-async def create_topics(settings: Settings) -> None:
-    """Create every topic that is missing, with the configured partition count."""
+async def create_topics(settings: Settings, *, timeout_s: float = 30.0) -> None:
+    """Create every topic that is missing, with the configured partition count; retries
+    a broker that does not answer for up to `timeout_s`, then raises KafkaUnavailable."""
     await ensure_topics(
         settings.kafka_bootstrap_servers,
         all_topics(settings),
         settings.kafka_partitions,
         replication_factor=settings.kafka_replication_factor,
+        timeout_s=timeout_s,
     )

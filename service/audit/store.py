@@ -13,6 +13,7 @@ stays flat however long the chain and no connection is held while a client is sl
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import secrets
 import uuid
@@ -34,6 +35,7 @@ from service.audit.chain import (
     format_time,
 )
 from service.audit.models import AuditAction
+from service.config import StartupError
 from service.db import (
     Database,
     audit_events,
@@ -527,20 +529,106 @@ async def audited_workspaces(db: Database) -> list[tuple[uuid.UUID, str | None]]
     return sorted(names.items(), key=lambda item: (item[1] is None, item[1] or "", str(item[0])))
 
 
-async def load_hash_key(db: Database, configured: str | None) -> bytes:
-    """The key of the email HMACs: AUDIT_HASH_KEY, or one generated and kept on first start."""
-    if configured:
-        return configured.encode("utf-8")
-    stored = sa.select(server_secrets.c.value).where(server_secrets.c.name == "audit_hash_key")
+HASH_KEY_NAME = "audit_hash_key"
+HASH_KEY_FINGERPRINT = "audit_hash_key_fingerprint"
+
+
+class HashKeyMismatch(StartupError):
+    """AUDIT_HASH_KEY is not the key the stored audit events were keyed with (one line
+    for the operator: what to set). Permanent: a process refuses to start with it."""
+
+
+def hash_key_fingerprint(key: bytes) -> str:
+    """A fingerprint of the email HMAC key (HMAC-SHA256 of a fixed label under the key,
+    16 hex digits): it tells two keys apart and reveals nothing of either."""
+    return hmac.new(key, b"contact-deletion audit hash key fingerprint", "sha256").hexdigest()[:16]
+
+
+async def _hash_key_rows(db: Database) -> tuple[str | None, str | None]:
+    """(the generated key, the kept fingerprint of a configured key), each None if absent."""
+    select = sa.select(server_secrets.c.name, server_secrets.c.value).where(
+        server_secrets.c.name.in_((HASH_KEY_NAME, HASH_KEY_FINGERPRINT))
+    )
     async with db.read() as conn:
-        found = (await conn.execute(stored)).scalar_one_or_none()
-    if found is not None:
-        return str(found).encode("utf-8")
+        found = {row.name: str(row.value) for row in await conn.execute(select)}
+    return found.get(HASH_KEY_NAME), found.get(HASH_KEY_FINGERPRINT)
+
+
+def _mismatch(mine: str, kept: str) -> str:
+    return (
+        f"AUDIT_HASH_KEY (fingerprint {mine}) is not the key this database's audit "
+        f"events were keyed with (fingerprint {kept}): set it back to that key; with "
+        "another key no earlier event is found by address"
+    )
+
+
+async def hash_key_problem(db: Database, configured: str | None) -> str | None:
+    """Why AUDIT_HASH_KEY (`configured`, None when unset) cannot serve this database's
+    audit trail, in one line saying what to set; None when it can. Reads only."""
+    generated, kept = await _hash_key_rows(db)
+    if configured:
+        if kept is not None:
+            mine = hash_key_fingerprint(configured.encode("utf-8"))
+            return None if kept == mine else _mismatch(mine, kept)
+        if generated is None or generated == configured:
+            return None
+        async with db.read() as conn:
+            keyed = (await conn.execute(sa.select(audit_events.c.seq).limit(1))).first()
+        if keyed is None:
+            return None
+        return (
+            "AUDIT_HASH_KEY is set, but this database's audit events were keyed with the "
+            f"key generated at its first start (server_secrets {HASH_KEY_NAME!r}): unset "
+            "AUDIT_HASH_KEY or set it to that key; with another key no earlier event is "
+            "found by address"
+        )
+    if kept is None or (
+        generated is not None and hash_key_fingerprint(generated.encode("utf-8")) == kept
+    ):
+        return None
+    return (
+        "AUDIT_HASH_KEY is not set, but this database's audit events were keyed with a "
+        f"configured key (fingerprint {kept}): set AUDIT_HASH_KEY to that key again"
+    )
+
+
+async def load_hash_key(db: Database, configured: str | None) -> bytes:
+    """The key of the email HMACs: AUDIT_HASH_KEY, or one generated and kept on first start.
+
+    A configured key's fingerprint (never the key) is kept in ``server_secrets`` on its
+    first use; a later start with another key, with none, or with a key set after events
+    were keyed with the generated one raises :class:`HashKeyMismatch`
+    (:func:`hash_key_problem`): those events could no longer be found by address.
+    """
+    problem = await hash_key_problem(db, configured)
+    if problem is not None:
+        raise HashKeyMismatch(problem)
     ins: Any = (postgresql.insert if not db.is_sqlite else sqlite.insert)(server_secrets)
+    if configured:
+        key = configured.encode("utf-8")
+        mine = hash_key_fingerprint(key)
+        fingerprint = sa.select(server_secrets.c.value).where(
+            server_secrets.c.name == HASH_KEY_FINGERPRINT
+        )
+        async with db.begin() as conn:
+            await conn.execute(
+                ins.values(
+                    name=HASH_KEY_FINGERPRINT, value=mine, created_at=utcnow()
+                ).on_conflict_do_nothing()
+            )
+            # Another process may have kept its key's first: that key is the one.
+            kept = str((await conn.execute(fingerprint)).scalar_one())
+        if kept != mine:
+            raise HashKeyMismatch(_mismatch(mine, kept))
+        return key
+    generated, _ = await _hash_key_rows(db)
+    if generated is not None:
+        return generated.encode("utf-8")
+    stored = sa.select(server_secrets.c.value).where(server_secrets.c.name == HASH_KEY_NAME)
     async with db.begin() as conn:
         await conn.execute(
             ins.values(
-                name="audit_hash_key", value=secrets.token_hex(32), created_at=utcnow()
+                name=HASH_KEY_NAME, value=secrets.token_hex(32), created_at=utcnow()
             ).on_conflict_do_nothing()
         )
         # Another process may have stored its key first: theirs is the one.

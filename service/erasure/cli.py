@@ -59,6 +59,7 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
 
 async def run(args: argparse.Namespace, settings: Settings) -> int:
     """Run the check and print its report; returns the exit code."""
+    from service.audit.store import hash_key_problem
     from service.contacts.models import check_email
     from service.db import Database
     from service.erasure.check import ErasureCheck, UnknownWorkspace
@@ -78,6 +79,13 @@ async def run(args: argparse.Namespace, settings: Settings) -> int:
         sys.stderr.write(f"contact-deletion: error: {problem}\n")
         return 2
     db = Database(settings.database_url)
+    # Another AUDIT_HASH_KEY than the events' would find no deletion: a false "nowhere".
+    key = settings.audit_hash_key
+    problem = await hash_key_problem(db, key.get_secret_value() if key else None)
+    if problem is not None:
+        await db.dispose()
+        sys.stderr.write(f"contact-deletion: error: {problem}\n")
+        return 2
     try:
         report = await ErasureCheck(
             settings, db, args.email, workspace=args.workspace, log_files=args.log_file
