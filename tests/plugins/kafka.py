@@ -35,7 +35,10 @@ from service.procs import free_port
 KAFKA_LOG_DIR = pytest.StashKey[Path]()
 # A file the xdist controller writes once its broker serves ("ready") or failed to start.
 SHARED_STATE_ENV = "TEST_KAFKA_SHARED_STATE"
-SHARED_READY_TIMEOUT_S = 300.0
+# A JVM that starts while the workers collect, on a machine other test runs load too (a
+# load average of 30 on 2 cores made LocalKafka's default 90 s too short): generous.
+SHARED_START_TIMEOUT_S = 300.0
+SHARED_READY_TIMEOUT_S = SHARED_START_TIMEOUT_S + 60
 
 
 class SharedBroker:
@@ -68,7 +71,7 @@ class SharedBroker:
 
     def _run(self) -> None:
         try:
-            self.kafka.start()
+            self.kafka.start(timeout_s=SHARED_START_TIMEOUT_S)
         except Exception as exc:
             self._write(f"the shared Kafka broker did not start: {exc!r}")
             return
