@@ -41,8 +41,13 @@ lint: install
 typecheck: install
 	$(BIN)/mypy
 
+# Worker processes for the tests (pytest-xdist). Each worker starts its own Kafka broker and
+# PostgreSQL cluster (session fixtures), so the workers share nothing but the machine.
+# TEST_WORKERS=0 runs everything in this process.
+TEST_WORKERS ?= 3
+
 test: install postgres browser lint typecheck
-	$(BIN)/python -m pytest -q --durations=15
+	$(BIN)/python -m pytest -q --durations=15 -n $(TEST_WORKERS) --dist load
 
 # The README's pictures of the console: the browser tests, saving each page as they go.
 screenshots: install browser

@@ -28,7 +28,7 @@ from service.keys import SCOPES, create_key
 from service.logs import configure_logging
 from service.migrate import upgrade_sync
 
-pytest_plugins = ["tests.plugins.kafka", "tests.plugins.postgres"]
+pytest_plugins = ["tests.plugins.kafka", "tests.plugins.postgres", "tests.plugins.order"]
 
 BACKENDS = ("sqlite", "postgresql")
 
