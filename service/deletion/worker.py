@@ -12,15 +12,6 @@ rows, then the audit chain head, appended last), so two of them never wait for e
 in a cycle, and the next batch deletes while the previous one holds its job row and chain
 head to commit. Offsets are committed in batch order, each after its own batch's commit.
 
-On SQLite, where one connection writes for the whole process, with
-``worker_prepare_sqlite`` (off by default) a batch of deletions is read and built first on
-a read connection (`DeletionWorker._prepare`: outcomes, audit
-records with their canonical JSON, outbox rows), and its write transaction only writes,
-each write checking what the batch read (items still pending, contacts still there, the
-same timeline rows orphaned); if anything changed in between, the transaction is rolled
-back and the batch goes the usual way, reading inside it. The writer's lock is held for
-SQL, and the next batch is prepared while one writes.
-
 Error kinds (service.faults decides which is which): a malformed message is dead-lettered
 and committed; a transient database or broker error is retried with capped, jittered
 back-off for as long as it lasts, never skipped and never counted against an item; a
@@ -54,7 +45,7 @@ from service.aio import (
     wait_for_dependency,
 )
 from service.audit.chain import email_hmac
-from service.audit.store import AuditRecord, append_events, encode_records, load_hash_key
+from service.audit.store import AuditRecord, append_events, load_hash_key
 from service.config import Settings
 from service.contacts.store import TIMELINE_TABLES
 from service.db import (
@@ -201,8 +192,7 @@ class _Plan:
     """What a batch of deletion requests comes to, as read (`DeletionWorker._plan`)."""
 
     jobs: dict[uuid.UUID, Any]
-    named: set[uuid.UUID]  # the contacts the pending items name
-    found: dict[uuid.UUID, Any]  # those that exist, their deciding columns
+    found: dict[uuid.UUID, Any]  # the contacts its pending items name that exist, by id
     outcomes: list[tuple[DeletionRequested, Outcome]]
     doomed: dict[uuid.UUID, DeletionRequested]
     redact: dict[uuid.UUID, Redactor]
@@ -226,19 +216,6 @@ class _Outcomes:
             mine.deleted += delta.deleted
             mine.not_found += delta.not_found
             mine.failed += delta.failed
-
-
-@dataclass
-class _Prepared:
-    """A batch planned and built before its write transaction (`DeletionWorker._prepare`)."""
-
-    plan: _Plan
-    nulled: dict[str, set[Any]]  # per timeline kind, the row ids (as stored) it orphans
-    outcomes: _Outcomes
-
-
-class _Stale(Exception):
-    """What a prepared batch read changed before it was written: roll back, redo."""
 
 
 class DeletionWorker:
@@ -541,51 +518,32 @@ class DeletionWorker:
 
     # -- the unit of work ---------------------------------------------------------------
 
-    async def process(
-        self, commands: Sequence[DeletionRequested | JobExpand], *, prepare: bool = True
-    ) -> BatchResult:
-        """Apply a batch of commands in one transaction.
-
-        On SQLite the deletions are first prepared outside it (`_prepare`), unless
-        ``prepare`` is false (the way taken again when a prepared batch went stale) or
-        the setting ``worker_prepare_sqlite`` is.
-        """
+    async def process(self, commands: Sequence[DeletionRequested | JobExpand]) -> BatchResult:
+        """Apply a batch of commands in one transaction."""
         result = BatchResult()
         deletions = [c for c in commands if isinstance(c, DeletionRequested)]
         expansions = [c for c in commands if isinstance(c, JobExpand)]
-        prepared = None
-        if deletions and prepare and self.db.is_sqlite and self.settings.worker_prepare_sqlite:
-            prepared = await self._prepare(deletions)
-        try:
-            async with self.db.begin() as conn:
-                progress: dict[uuid.UUID, ProgressDelta] = {}
-                # Lock order, the same in every transaction of the worker (two of its
-                # batches may run at once, and `give_up` too): items and contacts, then job
-                # rows, then the audit chain head — appended last, with the events of the
-                # jobs this batch finished after its deletions, so the head is held as
-                # briefly as can be.
-                records: list[AuditRecord] = []
-                if prepared is not None:
-                    result.deleted = await self._apply_prepared(
-                        conn, prepared, progress, result.touched, records
-                    )
-                elif deletions:
-                    result.deleted = await self._delete(
-                        conn, deletions, progress, result.touched, records
-                    )
-                for expansion in expansions:
-                    await self._expand(conn, expansion, progress)
-                for job_id in sorted(progress, key=str):
-                    change = await apply_progress(
-                        conn, self.db, self.settings, job_id, progress[job_id], audit=records
-                    )
-                    result.note(job_id, change)
-                if records:
-                    await append_events(conn, self.db, records)
-                result.progress = progress
-        except _Stale:
-            # Rolled back: what the prepared batch read changed before it was written.
-            return await self.process(commands, prepare=False)
+        async with self.db.begin() as conn:
+            progress: dict[uuid.UUID, ProgressDelta] = {}
+            # Lock order, the same in every transaction of the worker (two of its batches
+            # may run at once, and `give_up` too): items and contacts, then job rows, then
+            # the audit chain head — appended last, with the events of the jobs this batch
+            # finished after its deletions, so the head is held as briefly as can be.
+            records: list[AuditRecord] = []
+            if deletions:
+                result.deleted = await self._delete(
+                    conn, deletions, progress, result.touched, records
+                )
+            for expansion in expansions:
+                await self._expand(conn, expansion, progress)
+            for job_id in sorted(progress, key=str):
+                change = await apply_progress(
+                    conn, self.db, self.settings, job_id, progress[job_id], audit=records
+                )
+                result.note(job_id, change)
+            if records:
+                await append_events(conn, self.db, records)
+            result.progress = progress
         return result
 
     async def give_up(
@@ -608,7 +566,7 @@ class DeletionWorker:
     ) -> int:
         """Delete what the commands ask for; their audit events go to ``records``, for the
         caller to append after the job rows (`process`'s lock order)."""
-        plan = await self._plan(conn, commands, lock=True)
+        plan = await self._plan(conn, commands)
         if plan is None:
             return 0
         orphaned = await self._delete_contacts(conn, list(plan.doomed), plan.redact)
@@ -620,11 +578,11 @@ class DeletionWorker:
         return len(plan.doomed)
 
     async def _plan(
-        self, conn: AsyncConnection, commands: Sequence[DeletionRequested], *, lock: bool
+        self, conn: AsyncConnection, commands: Sequence[DeletionRequested]
     ) -> _Plan | None:
         """What the commands come to: their jobs, the items still pending, the contacts
-        they name and each one's outcome (None: nothing to do). ``lock``: as the write
-        transaction's reads (row locks on PostgreSQL)."""
+        they name and each one's outcome (None: nothing to do). Its reads lock their rows
+        (PostgreSQL; SQLite's one writer serialises anyway)."""
         job_ids = sorted({c.job_id for c in commands}, key=str)
         jobs = {
             r.id: r
@@ -642,7 +600,7 @@ class DeletionWorker:
             ).all()
         }
         refs = sorted({c.ref for c in commands})
-        statuses = await self._statuses(conn, job_ids, refs, lock=lock)
+        statuses = await self._statuses(conn, job_ids, refs)
         todo: list[DeletionRequested] = []
         seen: set[tuple[uuid.UUID, str]] = set()
         for c in commands:
@@ -653,9 +611,9 @@ class DeletionWorker:
         if not todo:
             return None
         named = {c.contact_id for c in todo}
-        contact_stmt = sa.select(*_DECIDING_COLUMNS).where(any_of(contacts.c.id, named))
-        if lock:
-            contact_stmt = self.db.for_update(contact_stmt)
+        contact_stmt = self.db.for_update(
+            sa.select(*_DECIDING_COLUMNS).where(any_of(contacts.c.id, named))
+        )
         found = {r["id"]: r for r in (await conn.execute(contact_stmt)).mappings()}
         outcomes: list[tuple[DeletionRequested, Outcome]] = []
         doomed: dict[uuid.UUID, DeletionRequested] = {}
@@ -677,7 +635,6 @@ class DeletionWorker:
         }
         return _Plan(
             jobs=jobs,
-            named=named,
             found=found,
             outcomes=outcomes,
             doomed=doomed,
@@ -686,12 +643,10 @@ class DeletionWorker:
         )
 
     async def _statuses(
-        self, conn: AsyncConnection, job_ids: list[uuid.UUID], refs: list[str], *, lock: bool
+        self, conn: AsyncConnection, job_ids: list[uuid.UUID], refs: list[str]
     ) -> dict[tuple[uuid.UUID, str], str]:
         """The status of each of these items that exists, by (job id, ref)."""
-        stmt = pending_items_statement(job_ids, refs)
-        if lock:
-            stmt = self.db.for_update(stmt)
+        stmt = self.db.for_update(pending_items_statement(job_ids, refs))
         return {(r.job_id, r.ref): r.status for r in (await conn.execute(stmt)).all()}
 
     def _build(self, plan: _Plan, orphaned: Orphaned) -> _Outcomes:
@@ -788,12 +743,8 @@ class DeletionWorker:
             built.groups.setdefault((c.job_id, o), []).append(c.ref)
         return built
 
-    async def _write_outcomes(
-        self, conn: AsyncConnection, built: _Outcomes, *, pending: bool = False
-    ) -> None:
-        """The items' new statuses and the ``contact.deleted`` outbox rows. ``pending``:
-        only items still pending are written, and `_Stale` is raised unless every one was
-        (a prepared batch's check that no other transaction did them in the meantime)."""
+    async def _write_outcomes(self, conn: AsyncConnection, built: _Outcomes) -> None:
+        """The items' new statuses and the ``contact.deleted`` outbox rows."""
         items = deletion_job_items.c
         for (job_id, o), refs in built.groups.items():
             stmt = (
@@ -806,84 +757,8 @@ class DeletionWorker:
                     processed_at=built.now,
                 )
             )
-            if not pending:
-                await conn.execute(stmt)
-                continue
-            stmt = stmt.where(items.status == ItemStatus.PENDING).returning(items.ref)
-            if len(set((await conn.execute(stmt)).scalars())) != len(refs):
-                raise _Stale("items")
+            await conn.execute(stmt)
         await insert_rows(conn, outbox, built.deleted_rows)
-
-    async def _prepare(self, commands: Sequence[DeletionRequested]) -> _Prepared | None:
-        """SQLite: a batch's reads and everything built from them, done on a read
-        connection BEFORE the write transaction (`_apply_prepared` checks them inside it),
-        so that the one writer's lock is held for the writes and not for this Python, and
-        the next batch is prepared while the one before it writes. None where there is
-        nothing to do or the batch redacts timelines (those take the usual way)."""
-        async with self.db.read() as conn:
-            plan = await self._plan(conn, commands, lock=False)
-            if plan is None or plan.redact:
-                return None
-            doomed = list(plan.doomed)
-            rows = await self._timeline_rows(conn, doomed) if doomed else []
-        orphaned = Orphaned()
-        _keep(orphaned, doomed, rows)
-        nulled: dict[str, set[Any]] = {kind: set() for kind in TIMELINE_TABLES}
-        for r in rows:
-            nulled[r[0]].add(r[1])
-        outcomes = self._build(plan, orphaned)
-        # Their canonical JSON too: only the seq and the hashes are left to the append.
-        outcomes.records = encode_records(outcomes.records)
-        return _Prepared(plan=plan, nulled=nulled, outcomes=outcomes)
-
-    async def _apply_prepared(
-        self,
-        conn: AsyncConnection,
-        prepared: _Prepared,
-        progress: dict[uuid.UUID, ProgressDelta],
-        touched: set[str],
-        records: list[AuditRecord],
-    ) -> int:
-        """In the write transaction: a prepared batch (`_prepare`) written, its deleted
-        count, provided that what it read still holds; `_Stale` if not (the caller rolls
-        back and takes the usual way).
-
-        What its outcome depends on, checked by the writes themselves (no reads): the
-        timeline rows its contacts leave, per table (a back-reference is only ever set on
-        insert and nulled by a deletion: the ids nulled, returned, must be the ones
-        prepared); the contacts it deletes (all still there: contacts are inserted and
-        deleted, never updated, and their deciding columns were read with them); its items
-        (all still pending, `_write_outcomes`). The contacts it names but does not delete
-        (not found, or kept as members) must still be as they were: read, when there are
-        any. Job rows' fields read never change."""
-        plan = prepared.plan
-        kept = plan.named - set(plan.doomed)
-        if kept:
-            exist = sa.select(contacts.c.id).where(any_of(contacts.c.id, kept))
-            if set((await conn.execute(exist)).scalars()) != set(plan.found) - set(plan.doomed):
-                raise _Stale("contacts")
-        doomed = list(plan.doomed)
-        if doomed:
-            for kind, table in TIMELINE_TABLES.items():
-                nulled = await conn.execute(
-                    table.update()
-                    .where(any_of(table.c.contact_id, doomed))
-                    .values(contact_id=None)
-                    .returning(_raw(table.c.id))
-                )
-                if set(nulled.scalars()) != prepared.nulled[kind]:
-                    raise _Stale(kind)
-            gone = await conn.execute(
-                contacts.delete()
-                .where(any_of(contacts.c.id, doomed))
-                .returning(_raw(contacts.c.id))
-            )
-            if len(gone.all()) != len(doomed):
-                raise _Stale("contacts")
-            touched |= touched_tables(True, set())
-        await self._write_outcomes(conn, prepared.outcomes, pending=True)
-        prepared.outcomes.add_to(progress, records)
-        return len(doomed)
 
     async def _delete_contacts(
         self,
