@@ -408,9 +408,11 @@ its item count reaches this and each time it doubles after (`expand_page`)."""
 
 def pending_items_statement(job_ids: Sequence[uuid.UUID], refs: Sequence[str]) -> sa.Select[Any]:
     """The worker's look-up of a batch's items (job id, ref, status), served by the primary
-    key (job_id, ref) — as long as the planner's statistics know how big the jobs are."""
+    key (job_id, ref) — as long as the planner's statistics know how big the jobs are. The
+    job id is read as the driver returns it (SQLite: its stored hex text), unconverted."""
     items = deletion_job_items.c
-    return sa.select(items.job_id, items.ref, items.status).where(
+    job_id = sa.type_coerce(items.job_id, sa.types.NullType()).label("job_id")
+    return sa.select(job_id, items.ref, items.status).where(
         any_of(items.job_id, job_ids), any_of(items.ref, refs)
     )
 
