@@ -355,7 +355,7 @@ audit_events = sa.Table(
     metadata,
     sa.Column("workspace_id", UUID, primary_key=True),
     sa.Column("seq", sa.BigInteger, primary_key=True, autoincrement=False),
-    # Random (v4): no index on it alone, no query reads an event by its id (0009).
+    # Random (v4): no index on it alone, no query reads an event by its id (0010).
     sa.Column("id", UUID, nullable=False),
     # Stored exactly as hashed (a string) so that re-hashing needs no re-formatting.
     sa.Column("occurred_at", sa.String(40), nullable=False),

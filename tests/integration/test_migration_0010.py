@@ -1,4 +1,4 @@
-"""Migration 0009 (SQLite and PostgreSQL): the timeline back-reference indexes hold only
+"""Migration 0010 (SQLite and PostgreSQL): the timeline back-reference indexes hold only
 rows still linked to a contact, and audit_events has no unique index on its id. Every
 event, hash and timeline row is kept (the chain verifies after the upgrade, and after a
 downgrade and upgrade again), and the worker's timeline reads and updates still go
@@ -72,8 +72,8 @@ def _unique_on_id(url: str) -> bool:
     return bool(found)
 
 
-def test_0009_keeps_every_event_and_timeline_row_and_both_ways_work(fresh_url: str) -> None:  # noqa: F811
-    upgrade_sync(fresh_url, "0008")
+def test_0010_keeps_every_event_and_timeline_row_and_both_ways_work(fresh_url: str) -> None:  # noqa: F811
+    upgrade_sync(fresh_url, "0009")
     sqlite = fresh_url.startswith("sqlite")
     workspace = uuid.uuid4()
     asyncio.run(_append(fresh_url, workspace))
@@ -103,7 +103,7 @@ def test_0009_keeps_every_event_and_timeline_row_and_both_ways_work(fresh_url: s
     notes_left = asyncio.run(_rows(fresh_url, "SELECT contact_id FROM notes"))
     assert len(notes_left) == 2
 
-    command.downgrade(alembic_config(fresh_url), "0008")
+    command.downgrade(alembic_config(fresh_url), "0009")
     assert _unique_on_id(fresh_url)
     assert "WHERE" not in _index_sql(fresh_url, "ix_notes_contact_id").upper()
     upgrade_sync(fresh_url, "head")

@@ -1,8 +1,8 @@
 """Fewer index writes per deleted contact: timeline back-references indexed only while
 set, and no unique index on the audit event id
 
-Revision ID: 0009
-Revises: 0008
+Revision ID: 0010
+Revises: 0009
 Create Date: 2026-11-30 09:35:00
 
 Every deletion writes index entries at random places (issue 8: on SQLite the commit's page
@@ -30,8 +30,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0009"
-down_revision: str | None = "0008"
+revision: str = "0010"
+down_revision: str | None = "0009"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
