@@ -76,8 +76,8 @@ class EndpointDisabled(Conflict):
 
 
 class EndpointDeleted(Conflict):
-    """A send asked for a delivery whose webhook endpoint was deleted: its deliveries were
-    cancelled with it and are never sent again (there is nowhere to send them)."""
+    """A send asked for a delivery whose webhook endpoint was deleted: its unsent
+    deliveries failed with it and are never sent again (there is nowhere to send them)."""
 
     code = "endpoint_deleted"
 

@@ -24,13 +24,16 @@ class EndpointStatus(enum.StrEnum):
 class DeliveryStatus(enum.StrEnum):
     """``pending``: not tried yet; ``failing``: tried, failed, a retry is scheduled;
     ``succeeded``; ``failed``: retries exhausted, or the endpoint was disabled or deleted
-    (``recover``/``retry`` send it again); ``cancelled``: its endpoint was deleted first."""
+    (a deleted endpoint's unsent deliveries fail with it; ``recover``/``retry`` send a
+    failed delivery again while its endpoint exists)."""
+
+    # The four states of DESIGN.md "Webhooks". Migration 0009 turned the ``cancelled`` of
+    # earlier versions (a deleted endpoint's unsent deliveries) into ``failed``.
 
     PENDING = "pending"
     FAILING = "failing"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
-    CANCELLED = "cancelled"
 
 
 # Deliveries the sender still has to send (first try or a scheduled retry).
@@ -149,8 +152,7 @@ class WebhookDelivery(Out):
     status: DeliveryStatus
     attempt_count: int = Field(ge=0)
     next_attempt_at: Time | None = Field(
-        description="When it is sent next (pending, failing); null once it succeeded, "
-        "failed or was cancelled"
+        description="When it is sent next (pending, failing); null once it succeeded, or failed"
     )
     last_attempt_at: Time | None
     created_at: Time

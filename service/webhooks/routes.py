@@ -372,7 +372,7 @@ ROUTES: tuple[Operation, ...] = (
         "Send a delivery again now",
         Answer(202, Data[WebhookDeliveryWithAttempts], "Queued"),
         description="409 endpoint_disabled while its endpoint is disabled; 409 "
-        "endpoint_deleted once its endpoint is deleted (its deliveries are cancelled).",
+        "endpoint_deleted once its endpoint is deleted (its unsent deliveries failed with it).",
         errors=(409,),
     ),
 )

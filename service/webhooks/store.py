@@ -301,7 +301,7 @@ async def delete_endpoint(
         await conn.execute(
             webhook_deliveries.update()
             .where(D.endpoint_id == endpoint_id, D.status.in_(SENDABLE))
-            .values(status=DeliveryStatus.CANCELLED, completed_at=utcnow())
+            .values(status=DeliveryStatus.FAILED, completed_at=utcnow())
         )
         await append_events(
             conn,
@@ -669,8 +669,8 @@ async def retry_delivery(
     db: Database, workspace_id: uuid.UUID, delivery_id: uuid.UUID
 ) -> dict[str, Any]:
     """Send a delivery again now, whatever its state: 409 endpoint_disabled while its
-    endpoint is disabled, 409 endpoint_deleted once the endpoint is gone (its deliveries
-    are cancelled).
+    endpoint is disabled, 409 endpoint_deleted once the endpoint is gone (its unsent
+    deliveries failed with it).
 
     A delivery in flight (its claim has not lapsed) is never sent a second time at once:
     it is only marked `retry_requested`, and the dispatcher makes it due again when it
@@ -692,8 +692,8 @@ async def retry_delivery(
         )
         if endpoint is None:
             raise EndpointDeleted(
-                "this delivery's webhook endpoint was deleted: its deliveries are cancelled "
-                "and are not sent again",
+                "this delivery's webhook endpoint was deleted: its unsent deliveries failed "
+                "with it and are not sent again",
                 {"delivery_id": str(delivery_id), "endpoint_id": str(endpoint_id)},
             )
         ensure_enabled(endpoint)

@@ -57,7 +57,7 @@ async def receiver() -> AsyncIterator[Receiver]:
 @pytest.fixture(autouse=True)
 async def _alone(services: Services) -> AsyncIterator[None]:
     """Only this test's deliveries are due: what earlier tests in the session's database
-    left pending is cancelled first (these senders would claim it too, and the pause
+    left pending is failed first (these senders would claim it too, and the pause
     points count every delivery), and what this test leaves, afterwards."""
 
     async def cancel() -> None:
@@ -65,7 +65,7 @@ async def _alone(services: Services) -> AsyncIterator[None]:
             await conn.execute(
                 webhook_deliveries.update()
                 .where(webhook_deliveries.c.status.in_(("pending", "failing")))
-                .values(status="cancelled", completed_at=utcnow())
+                .values(status="failed", completed_at=utcnow())
             )
 
     await cancel()

@@ -198,7 +198,7 @@ async def _forget_pending(services: Services) -> AsyncIterator[None]:
                 webhook_deliveries.c.status.in_(("pending", "failing")),
                 webhook_deliveries.c.created_at >= started,
             )
-            .values(status="cancelled", completed_at=utcnow())
+            .values(status="failed", completed_at=utcnow())
         )
 
 
@@ -1929,12 +1929,13 @@ async def test_recover_after_an_outage_sends_the_failing_deliveries_now_too(
     assert (await delivery_of(tenant, eid, older))["status"] == "failing"
 
 
-async def test_a_deleted_endpoints_cancelled_delivery_is_not_sent_again(
+async def test_a_deleted_endpoints_unsent_delivery_fails_and_is_not_sent_again(
     tenant: Tenant, receiver: Receiver, sender: StartSender
 ) -> None:
-    """Retry on a delivery its deleted endpoint left `cancelled` was a 202 that set it
-    `pending` for good (nothing can send it): 409 endpoint_deleted, and it stays
-    cancelled."""
+    """Deleting an endpoint fails its unsent deliveries (DESIGN.md: `failed` covers
+    "endpoint disabled or deleted"; earlier versions said `cancelled`, a state a client
+    filtering on the documented ones never saw). Retry on one was a 202 that set it
+    `pending` for good (nothing can send it): 409 endpoint_deleted, and it stays failed."""
     sender(webhook_retry_schedule="0,3600")
     endpoint = await create_endpoint(tenant, receiver.script("/hook", answer(500)))
     eid = endpoint["id"]
@@ -1948,7 +1949,8 @@ async def test_a_deleted_endpoints_cancelled_delivery_is_not_sent_again(
     assert body["error"]["code"] == "endpoint_deleted"
     status, body, _ = await tenant.call("GET", f"{DELIVERIES}/{failing['id']}")
     assert status == 200, body
-    assert body["data"]["status"] == "cancelled"
+    assert body["data"]["status"] == "failed"
+    assert body["data"]["next_attempt_at"] is None
 
 
 async def test_every_secret_younger_than_the_overlap_signs_up_to_five(

@@ -4,7 +4,7 @@ import { api, query } from "./api.js";
 import { h, mount, time, badge, field, table, kv, say, sayNext, act, fail } from "./dom.js";
 
 const EVENT_TYPES = ["contact.deleted", "deletion_job.completed", "webhook.test"];
-const DELIVERY_STATUSES = ["pending", "failing", "succeeded", "failed", "cancelled"];
+const DELIVERY_STATUSES = ["pending", "failing", "succeeded", "failed"];
 const REASONS = {
   gone: "the receiver answered 410 Gone",
   failing: "every attempt failed for the configured number of days",
@@ -210,7 +210,7 @@ async function endpointPage(view, id, ctx) {
     more.hidden = !cursor;
     mount(log, table("Deliveries to this endpoint, newest first", ["Created", "Event", "Status", "Attempts", "Next attempt", ""],
       shown.map((d) => [time(d.created_at), d.event_type, badge(d.status), String(d.attempt_count),
-        ["succeeded", "failed", "cancelled"].includes(d.status) ? "—" : time(d.next_attempt_at), h("a", { href: `#/deliveries/${d.id}`, "aria-label": `Open delivery of ${d.event_type}` }, "Attempts")]),
+        ["succeeded", "failed"].includes(d.status) ? "—" : time(d.next_attempt_at), h("a", { href: `#/deliveries/${d.id}`, "aria-label": `Open delivery of ${d.event_type}` }, "Attempts")]),
       "No deliveries with this status."));
   };
 
@@ -290,7 +290,7 @@ async function deliveryPage(view, id, ctx) {
       ["Status", h("span", { id: "delivery-status-now" }, badge(d.status))],
       ["Attempts", String(d.attempt_count)],
       ["Created", time(d.created_at)],
-      ["Next attempt", ["succeeded", "failed", "cancelled"].includes(d.status) ? "—" : time(d.next_attempt_at)],
+      ["Next attempt", ["succeeded", "failed"].includes(d.status) ? "—" : time(d.next_attempt_at)],
       ["Completed", time(d.completed_at)],
     ]));
     mount(attempts, table("Attempts, oldest first", ["Time", "HTTP status", "Latency", "Error", "Response excerpt"],
