@@ -160,7 +160,7 @@ def _timeline_table(name: str, *columns: sa.Column[Any]) -> sa.Table:
         *columns,
         sa.Column("created_at", UTCDateTime, nullable=False),
         # Only rows still linked to a contact: every reader names contacts, and a deletion
-        # then only removes its rows' entries (migration 0009).
+        # then only removes its rows' entries (migration 0010).
         sa.Index(
             f"ix_{name}_contact_id",
             "contact_id",
