@@ -793,7 +793,7 @@ class DeletionWorker:
         contacts — one round trip where `_orphan_unredacted` and the delete take up to
         five. What is kept is the same, in the same order."""
         result = await conn.exec_driver_sql(_ORPHAN_AND_DELETE_PG, (contact_ids,))
-        _keep(orphaned, contact_ids, result.all())
+        _keep(orphaned, _by_stored(conn, contact_ids), result.all())
         return orphaned
 
     async def _orphan_timelines(
@@ -853,7 +853,7 @@ class DeletionWorker:
         contacts, then one per table that has any nulls their back-references (each round
         trip counts: on a busy machine each one waits for the database to be scheduled)."""
         rows = await self._timeline_rows(conn, contact_ids)
-        kinds = _keep(orphaned, contact_ids, rows)
+        kinds = _keep(orphaned, _by_stored(conn, contact_ids), rows)
         for kind, table in TIMELINE_TABLES.items():
             if kind in kinds:
                 await conn.execute(
@@ -918,22 +918,28 @@ def _timeline_time(kind: str, table: sa.Table) -> sa.ColumnElement[Any]:
     return table.c.occurred_at if kind == "activity" else table.c.created_at
 
 
-def _keep(orphaned: Orphaned, contact_ids: list[uuid.UUID], rows: Sequence[Any]) -> set[str]:
+def _keep(
+    orphaned: Orphaned, contacts_by_stored: dict[Any, uuid.UUID], rows: Sequence[Any]
+) -> set[str]:
     """Note in ``orphaned.kept`` the timeline rows (kind, id, contact id, time, as the
-    driver returned them) these contacts leave; the kinds that had any."""
-    by_text = {_uuid_text(cid): cid for cid in contact_ids}
+    driver returned them) the contacts of ``contacts_by_stored`` (`_by_stored`) leave;
+    the kinds that had any."""
     kinds: set[str] = set()
     kept = orphaned.kept
     # In id order within each kind, as a per-table ORDER BY id would give (the text forms
-    # sort as the UUIDs do: fixed-width lowercase hex).
-    for text_id, kind, contact_text, at in sorted(
-        (_uuid_text(r[1]), r[0], _uuid_text(r[2]), r[3]) for r in rows
+    # sort as the UUIDs do: fixed-width lowercase hex; ids are unique within a kind).
+    for text_id, kind, contact, at in sorted(
+        ((_uuid_text(r[1]), r[0], r[2], r[3]) for r in rows), key=_id_and_kind
     ):
         kinds.add(kind)
-        kept.setdefault(by_text[contact_text], {}).setdefault(kind, []).append(
+        kept.setdefault(contacts_by_stored[contact], {}).setdefault(kind, []).append(
             {"id": text_id, "kind": kind, "at": _raw_iso_z(at)}
         )
     return kinds
+
+
+def _id_and_kind(row: tuple[str, str, Any, Any]) -> tuple[str, str]:
+    return row[0], row[1]
 
 
 def _orphan_and_delete_sql() -> str:
