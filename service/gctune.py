@@ -25,8 +25,8 @@ def settle_startup_objects() -> None:
     """Collect once, then move every object alive now into the collector's permanent
     generation (``gc.freeze``: never scanned again; freed by reference counting as usual
     when unused, though a cycle among them is never collected, which start-up objects,
-    alive as long as the process, do not form in numbers) and collect less often. For a
-    process that has finished starting up and is about to run its components."""
+    alive as long as the process, do not form in numbers) and collect less often. For a process that has finished starting up and
+    is about to run its components."""
     gc.collect()
     gc.freeze()
     gc.set_threshold(GEN0_THRESHOLD, OLDER_THRESHOLD, OLDER_THRESHOLD)
