@@ -135,7 +135,6 @@ async def serve(settings: Settings, names: Sequence[str], *, migrate: bool) -> i
     from service.aio import Stopped, wait_for_dependency
     from service.app import Services, run_components
     from service.db import Database
-    from service.gctune import settle_startup_objects
     from service.logs import get_logger
     from service.migrate import schema_problem, upgrade
 
@@ -169,7 +168,6 @@ async def serve(settings: Settings, names: Sequence[str], *, migrate: bool) -> i
         return 0
     db = Database(settings.database_url, busy_timeout_ms=settings.sqlite_busy_timeout_ms)
     services = Services(settings=settings, db=db)
-    settle_startup_objects()
     try:
         await run_components(services, names, stop)
     finally:
