@@ -184,13 +184,6 @@ class Settings(BaseSettings):
     # Offsets are still committed in batch order, each after its batch's commit. 1 = one
     # batch at a time.
     worker_concurrency: int = Field(default=2, ge=1, le=8)
-    # SQLite: read and build a batch of deletions on a read connection before its write
-    # transaction, which then only writes, each write checking what was read
-    # (service.deletion.worker, `_prepare`). Off by default: it holds the one writer for
-    # less time but costs more CPU per contact (the pages are read by two connections;
-    # +7 to +34 % in three pairs at load 8-17; at load 2, 0.358 ms per contact against
-    # 0.332 and no faster: 2,624/s against 2,655/s over a 200,000-contact filter job).
-    worker_prepare_sqlite: bool = False
     # While the worker is idle and caught up (each partition it owns read to its end, the
     # outbox holding nothing unpublished), a job created before that with an item pending
     # on one of its partitions waits for a command that was lost unseen (the topic deleted

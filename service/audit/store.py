@@ -12,7 +12,6 @@ stays flat however long the chain and no connection is held while a client is sl
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import json
 import secrets
@@ -83,79 +82,6 @@ class AuditRecord:
     data: Mapping[str, Any] = field(default_factory=dict)
     email_hmac: str | None = None
     occurred_at: datetime | None = None
-    # Set by `encode_records` only: what `append_events` needs of it, encoded beforehand.
-    encoded: _Encoded | None = field(default=None, compare=False, repr=False)
-
-
-@dataclass(frozen=True)
-class _Encoded:
-    """An event's canonical JSON, all but its place in the chain (`encode_records`)."""
-
-    id: uuid.UUID
-    occurred_at: str
-    data_json: bytes
-    # The canonical object is these parts around ``"seq":N`` (see `_seal`).
-    before_seq: bytes
-    after_seq: bytes
-
-
-def encode_records(records: Sequence[AuditRecord]) -> list[AuditRecord]:
-    """The records with their events encoded ahead of `append_events` (each one's id, time
-    and canonical JSON; only the seq and the hashes are left), so that the encoding can
-    run before the transaction that appends them. The same events and hashes as appending
-    the records themselves (tests/unit/test_audit_encode.py)."""
-    times: dict[datetime, str] = {}  # a batch's records usually share one time
-    encoded: list[AuditRecord] = []
-    for record, event_id in zip(records, new_ids(len(records)), strict=True):
-        _check_record(record)
-        at = record.occurred_at or utcnow()
-        occurred_at = times.get(at)
-        if occurred_at is None:
-            occurred_at = times[at] = format_time(at)
-        data_json = canonical_json(dict(record.data))
-        before = canonical_json({"action": record.action, "actor": dict(record.actor)})
-        head = canonical_json(
-            {
-                "id": str(event_id),
-                "job_id": record.job_id,
-                "occurred_at": occurred_at,
-                "request_id": record.request_id,
-            }
-        )
-        target = dict(record.target) if record.target is not None else None
-        tail = canonical_json({"target": target, "workspace_id": str(record.workspace_id)})
-        encoding = _Encoded(
-            id=event_id,
-            occurred_at=occurred_at,
-            data_json=data_json,
-            before_seq=b"".join(
-                (before[:-1], b',"data":', data_json, b",", head[1:-1], b',"seq":')
-            ),
-            after_seq=b"".join((b",", tail[1:])),
-        )
-        encoded.append(
-            AuditRecord(
-                record.workspace_id,
-                record.actor,
-                record.action,
-                record.target,
-                record.job_id,
-                record.request_id,
-                record.data,
-                record.email_hmac,
-                at,
-                encoding,
-            )
-        )
-    return encoded
-
-
-def _seal(encoded: _Encoded, seq: int, prev_hash: str) -> str:
-    """The hash of an encoded event at ``seq`` after ``prev_hash``: `event_hash`'s, as
-    ``chain.event_hash_with_data`` computes it (the sorted keys: action, actor, data, id,
-    job_id, occurred_at, request_id, seq, target, workspace_id)."""
-    body = b"".join((encoded.before_seq, str(seq).encode("ascii"), encoded.after_seq))
-    return hashlib.sha256(prev_hash.encode("ascii") + body).hexdigest()
 
 
 async def _lock_head(
@@ -186,8 +112,7 @@ async def append_events(
     """
     by_workspace: dict[uuid.UUID, list[AuditRecord]] = {}
     for record in records:
-        if record.encoded is None:
-            _check_record(record)
+        _check_record(record)
         by_workspace.setdefault(record.workspace_id, []).append(record)
     times: dict[datetime, str] = {}  # a batch's events usually share one time
     # Lock heads in a fixed order so two writers over several workspaces cannot deadlock.
@@ -200,30 +125,23 @@ async def append_events(
             seq += 1
             actor = record.actor
             target = record.target
-            encoded = record.encoded
-            if encoded is not None:
-                event_id = encoded.id
-                occurred_at = encoded.occurred_at
-                data_json = encoded.data_json
-                digest = _seal(encoded, seq, prev_hash)
-            else:
-                data_json = canonical_json(dict(record.data))
-                at = record.occurred_at or utcnow()
-                occurred_at = times.get(at)  # type: ignore[assignment]
-                if occurred_at is None:
-                    occurred_at = times[at] = format_time(at)
-                event = {
-                    "seq": seq,
-                    "id": str(event_id),
-                    "workspace_id": workspace,
-                    "occurred_at": occurred_at,
-                    "actor": dict(actor),
-                    "action": record.action,
-                    "target": dict(target) if target is not None else None,
-                    "job_id": record.job_id,
-                    "request_id": record.request_id,
-                }
-                digest = event_hash_with_data(prev_hash, event, data_json)
+            data_json = canonical_json(dict(record.data))
+            at = record.occurred_at or utcnow()
+            occurred_at = times.get(at)
+            if occurred_at is None:
+                occurred_at = times[at] = format_time(at)
+            event = {
+                "seq": seq,
+                "id": str(event_id),
+                "workspace_id": workspace,
+                "occurred_at": occurred_at,
+                "actor": dict(actor),
+                "action": record.action,
+                "target": dict(target) if target is not None else None,
+                "job_id": record.job_id,
+                "request_id": record.request_id,
+            }
+            digest = event_hash_with_data(prev_hash, event, data_json)
             rows.append(
                 _EventRow(
                     workspace_id=workspace_id,

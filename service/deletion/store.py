@@ -30,6 +30,7 @@ from service.db import (
     deletion_job_items,
     deletion_jobs,
     insert_rows,
+    new_ids,
     outbox,
     utcnow,
 )
@@ -365,6 +366,8 @@ async def insert_items(
     encoder = DeletionRequestedEncoder(job_id, workspace_id, now)
     items: list[_ItemRow] = []
     messages = []
+    # The events' ids from one read of the system's random source, not a uuid4 each.
+    event_ids = iter(new_ids(len(refs)))
     for position, (ref, contact_id) in enumerate(refs, start=start):
         found = contact_id is not None
         items.append(
@@ -379,7 +382,7 @@ async def insert_items(
         )
         if contact_id is not None:
             # The bytes the DeletionRequested envelope would dump, spliced (property-tested).
-            payload = encoder.encode(ref, contact_id)
+            payload = encoder.encode(ref, contact_id, str(next(event_ids)))
             messages.append(
                 encoded_outbox_row(
                     topic, str(contact_id), TYPE_DELETION_REQUESTED, payload, now, job_id=job_id
@@ -408,9 +411,11 @@ its item count reaches this and each time it doubles after (`expand_page`)."""
 
 def pending_items_statement(job_ids: Sequence[uuid.UUID], refs: Sequence[str]) -> sa.Select[Any]:
     """The worker's look-up of a batch's items (job id, ref, status), served by the primary
-    key (job_id, ref) — as long as the planner's statistics know how big the jobs are."""
+    key (job_id, ref) — as long as the planner's statistics know how big the jobs are. The
+    job id is read as the driver returns it (SQLite: its stored hex text), unconverted."""
     items = deletion_job_items.c
-    return sa.select(items.job_id, items.ref, items.status).where(
+    job_id = sa.type_coerce(items.job_id, sa.types.NullType()).label("job_id")
+    return sa.select(job_id, items.ref, items.status).where(
         any_of(items.job_id, job_ids), any_of(items.ref, refs)
     )
 

@@ -12,15 +12,6 @@ rows, then the audit chain head, appended last), so two of them never wait for e
 in a cycle, and the next batch deletes while the previous one holds its job row and chain
 head to commit. Offsets are committed in batch order, each after its own batch's commit.
 
-On SQLite, where one connection writes for the whole process, with
-``worker_prepare_sqlite`` (off by default) a batch of deletions is read and built first on
-a read connection (`DeletionWorker._prepare`: outcomes, audit
-records with their canonical JSON, outbox rows), and its write transaction only writes,
-each write checking what the batch read (items still pending, contacts still there, the
-same timeline rows orphaned); if anything changed in between, the transaction is rolled
-back and the batch goes the usual way, reading inside it. The writer's lock is held for
-SQL, and the next batch is prepared while one writes.
-
 Error kinds (service.faults decides which is which): a malformed message is dead-lettered
 and committed; a transient database or broker error is retried with capped, jittered
 back-off for as long as it lasts, never skipped and never counted against an item; a
@@ -36,7 +27,7 @@ import collections
 import contextlib
 import functools
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal, TypeVar
@@ -54,7 +45,7 @@ from service.aio import (
     wait_for_dependency,
 )
 from service.audit.chain import email_hmac
-from service.audit.store import AuditRecord, append_events, encode_records, load_hash_key
+from service.audit.store import AuditRecord, append_events, load_hash_key
 from service.config import Settings
 from service.contacts.store import TIMELINE_TABLES
 from service.db import (
@@ -203,8 +194,7 @@ class _Plan:
     """What a batch of deletion requests comes to, as read (`DeletionWorker._plan`)."""
 
     jobs: dict[uuid.UUID, Any]
-    named: set[uuid.UUID]  # the contacts the pending items name
-    found: dict[uuid.UUID, Any]  # those that exist, their deciding columns
+    found: dict[uuid.UUID, Any]  # the contacts its pending items name that exist, by id
     outcomes: list[tuple[DeletionRequested, Outcome]]
     doomed: dict[uuid.UUID, DeletionRequested]
     redact: dict[uuid.UUID, Redactor]
@@ -228,19 +218,6 @@ class _Outcomes:
             mine.deleted += delta.deleted
             mine.not_found += delta.not_found
             mine.failed += delta.failed
-
-
-@dataclass
-class _Prepared:
-    """A batch planned and built before its write transaction (`DeletionWorker._prepare`)."""
-
-    plan: _Plan
-    nulled: dict[str, set[Any]]  # per timeline kind, the row ids (as stored) it orphans
-    outcomes: _Outcomes
-
-
-class _Stale(Exception):
-    """What a prepared batch read changed before it was written: roll back, redo."""
 
 
 class DeletionWorker:
@@ -549,51 +526,32 @@ class DeletionWorker:
 
     # -- the unit of work ---------------------------------------------------------------
 
-    async def process(
-        self, commands: Sequence[DeletionRequested | JobExpand], *, prepare: bool = True
-    ) -> BatchResult:
-        """Apply a batch of commands in one transaction.
-
-        On SQLite the deletions are first prepared outside it (`_prepare`), unless
-        ``prepare`` is false (the way taken again when a prepared batch went stale) or
-        the setting ``worker_prepare_sqlite`` is.
-        """
+    async def process(self, commands: Sequence[DeletionRequested | JobExpand]) -> BatchResult:
+        """Apply a batch of commands in one transaction."""
         result = BatchResult()
         deletions = [c for c in commands if isinstance(c, DeletionRequested)]
         expansions = [c for c in commands if isinstance(c, JobExpand)]
-        prepared = None
-        if deletions and prepare and self.db.is_sqlite and self.settings.worker_prepare_sqlite:
-            prepared = await self._prepare(deletions)
-        try:
-            async with self.db.begin() as conn:
-                progress: dict[uuid.UUID, ProgressDelta] = {}
-                # Lock order, the same in every transaction of the worker (two of its
-                # batches may run at once, and `give_up` too): items and contacts, then job
-                # rows, then the audit chain head — appended last, with the events of the
-                # jobs this batch finished after its deletions, so the head is held as
-                # briefly as can be.
-                records: list[AuditRecord] = []
-                if prepared is not None:
-                    result.deleted = await self._apply_prepared(
-                        conn, prepared, progress, result.touched, records
-                    )
-                elif deletions:
-                    result.deleted = await self._delete(
-                        conn, deletions, progress, result.touched, records
-                    )
-                for expansion in expansions:
-                    await self._expand(conn, expansion, progress)
-                for job_id in sorted(progress, key=str):
-                    change = await apply_progress(
-                        conn, self.db, self.settings, job_id, progress[job_id], audit=records
-                    )
-                    result.note(job_id, change)
-                if records:
-                    await append_events(conn, self.db, records)
-                result.progress = progress
-        except _Stale:
-            # Rolled back: what the prepared batch read changed before it was written.
-            return await self.process(commands, prepare=False)
+        async with self.db.begin() as conn:
+            progress: dict[uuid.UUID, ProgressDelta] = {}
+            # Lock order, the same in every transaction of the worker (two of its batches
+            # may run at once, and `give_up` too): items and contacts, then job rows, then
+            # the audit chain head — appended last, with the events of the jobs this batch
+            # finished after its deletions, so the head is held as briefly as can be.
+            records: list[AuditRecord] = []
+            if deletions:
+                result.deleted = await self._delete(
+                    conn, deletions, progress, result.touched, records
+                )
+            for expansion in expansions:
+                await self._expand(conn, expansion, progress)
+            for job_id in sorted(progress, key=str):
+                change = await apply_progress(
+                    conn, self.db, self.settings, job_id, progress[job_id], audit=records
+                )
+                result.note(job_id, change)
+            if records:
+                await append_events(conn, self.db, records)
+            result.progress = progress
         return result
 
     async def give_up(
@@ -616,7 +574,7 @@ class DeletionWorker:
     ) -> int:
         """Delete what the commands ask for; their audit events go to ``records``, for the
         caller to append after the job rows (`process`'s lock order)."""
-        plan = await self._plan(conn, commands, lock=True)
+        plan = await self._plan(conn, commands)
         if plan is None:
             return 0
         orphaned = await self._delete_contacts(conn, list(plan.doomed), plan.redact)
@@ -628,11 +586,11 @@ class DeletionWorker:
         return len(plan.doomed)
 
     async def _plan(
-        self, conn: AsyncConnection, commands: Sequence[DeletionRequested], *, lock: bool
+        self, conn: AsyncConnection, commands: Sequence[DeletionRequested]
     ) -> _Plan | None:
         """What the commands come to: their jobs, the items still pending, the contacts
-        they name and each one's outcome (None: nothing to do). ``lock``: as the write
-        transaction's reads (row locks on PostgreSQL)."""
+        they name and each one's outcome (None: nothing to do). Its reads lock their rows
+        (PostgreSQL; SQLite's one writer serialises anyway)."""
         job_ids = sorted({c.job_id for c in commands}, key=str)
         jobs = {
             r.id: r
@@ -650,7 +608,7 @@ class DeletionWorker:
             ).all()
         }
         refs = sorted({c.ref for c in commands})
-        statuses = await self._statuses(conn, job_ids, refs, lock=lock)
+        statuses = await self._statuses(conn, job_ids, refs)
         todo: list[DeletionRequested] = []
         seen: set[tuple[uuid.UUID, str]] = set()
         for c in commands:
@@ -660,16 +618,20 @@ class DeletionWorker:
                 todo.append(c)
         if not todo:
             return None
-        named = {c.contact_id for c in todo}
-        contact_stmt = sa.select(*_DECIDING_COLUMNS).where(any_of(contacts.c.id, named))
-        if lock:
-            contact_stmt = self.db.for_update(contact_stmt)
-        found = {r["id"]: r for r in (await conn.execute(contact_stmt)).mappings()}
+        named = _by_stored(conn, {c.contact_id for c in todo})
+        contact_stmt = self.db.for_update(
+            sa.select(*_DECIDING_COLUMNS).where(any_of(contacts.c.id, named.values()))
+        )
+        found = {named[r["id"]]: r for r in (await conn.execute(contact_stmt)).mappings()}
+        workspaces = _by_stored(conn, {job.workspace_id for job in jobs.values()})
         outcomes: list[tuple[DeletionRequested, Outcome]] = []
         doomed: dict[uuid.UUID, DeletionRequested] = {}
         for c in todo:
             contact = found.get(c.contact_id)
-            if contact is not None and contact["workspace_id"] != jobs[c.job_id].workspace_id:
+            if (
+                contact is not None
+                and workspaces.get(contact["workspace_id"]) != jobs[c.job_id].workspace_id
+            ):
                 contact = None  # another workspace's contact is, for this job, not there
             outcome = decide(contact, jobs[c.job_id].delete_members)
             if outcome.status is ItemStatus.DELETED:
@@ -685,7 +647,6 @@ class DeletionWorker:
         }
         return _Plan(
             jobs=jobs,
-            named=named,
             found=found,
             outcomes=outcomes,
             doomed=doomed,
@@ -694,13 +655,12 @@ class DeletionWorker:
         )
 
     async def _statuses(
-        self, conn: AsyncConnection, job_ids: list[uuid.UUID], refs: list[str], *, lock: bool
+        self, conn: AsyncConnection, job_ids: list[uuid.UUID], refs: list[str]
     ) -> dict[tuple[uuid.UUID, str], str]:
         """The status of each of these items that exists, by (job id, ref)."""
-        stmt = pending_items_statement(job_ids, refs)
-        if lock:
-            stmt = self.db.for_update(stmt)
-        return {(r.job_id, r.ref): r.status for r in (await conn.execute(stmt)).all()}
+        stmt = self.db.for_update(pending_items_statement(job_ids, refs))
+        jobs = _by_stored(conn, job_ids)
+        return {(jobs[job], ref): status for job, ref, status in (await conn.execute(stmt)).all()}
 
     def _build(self, plan: _Plan, orphaned: Orphaned) -> _Outcomes:
         """The audit events, ``contact.deleted`` outbox rows, item updates and job counts of
@@ -796,12 +756,8 @@ class DeletionWorker:
             built.groups.setdefault((c.job_id, o), []).append(c.ref)
         return built
 
-    async def _write_outcomes(
-        self, conn: AsyncConnection, built: _Outcomes, *, pending: bool = False
-    ) -> None:
-        """The items' new statuses and the ``contact.deleted`` outbox rows. ``pending``:
-        only items still pending are written, and `_Stale` is raised unless every one was
-        (a prepared batch's check that no other transaction did them in the meantime)."""
+    async def _write_outcomes(self, conn: AsyncConnection, built: _Outcomes) -> None:
+        """The items' new statuses and the ``contact.deleted`` outbox rows."""
         items = deletion_job_items.c
         for (job_id, o), refs in built.groups.items():
             stmt = (
@@ -814,84 +770,8 @@ class DeletionWorker:
                     processed_at=built.now,
                 )
             )
-            if not pending:
-                await conn.execute(stmt)
-                continue
-            stmt = stmt.where(items.status == ItemStatus.PENDING).returning(items.ref)
-            if len(set((await conn.execute(stmt)).scalars())) != len(refs):
-                raise _Stale("items")
+            await conn.execute(stmt)
         await insert_rows(conn, outbox, built.deleted_rows)
-
-    async def _prepare(self, commands: Sequence[DeletionRequested]) -> _Prepared | None:
-        """SQLite: a batch's reads and everything built from them, done on a read
-        connection BEFORE the write transaction (`_apply_prepared` checks them inside it),
-        so that the one writer's lock is held for the writes and not for this Python, and
-        the next batch is prepared while the one before it writes. None where there is
-        nothing to do or the batch redacts timelines (those take the usual way)."""
-        async with self.db.read() as conn:
-            plan = await self._plan(conn, commands, lock=False)
-            if plan is None or plan.redact:
-                return None
-            doomed = list(plan.doomed)
-            rows = await self._timeline_rows(conn, doomed) if doomed else []
-        orphaned = Orphaned()
-        _keep(orphaned, doomed, rows)
-        nulled: dict[str, set[Any]] = {kind: set() for kind in TIMELINE_TABLES}
-        for r in rows:
-            nulled[r[0]].add(r[1])
-        outcomes = self._build(plan, orphaned)
-        # Their canonical JSON too: only the seq and the hashes are left to the append.
-        outcomes.records = encode_records(outcomes.records)
-        return _Prepared(plan=plan, nulled=nulled, outcomes=outcomes)
-
-    async def _apply_prepared(
-        self,
-        conn: AsyncConnection,
-        prepared: _Prepared,
-        progress: dict[uuid.UUID, ProgressDelta],
-        touched: set[str],
-        records: list[AuditRecord],
-    ) -> int:
-        """In the write transaction: a prepared batch (`_prepare`) written, its deleted
-        count, provided that what it read still holds; `_Stale` if not (the caller rolls
-        back and takes the usual way).
-
-        What its outcome depends on, checked by the writes themselves (no reads): the
-        timeline rows its contacts leave, per table (a back-reference is only ever set on
-        insert and nulled by a deletion: the ids nulled, returned, must be the ones
-        prepared); the contacts it deletes (all still there: contacts are inserted and
-        deleted, never updated, and their deciding columns were read with them); its items
-        (all still pending, `_write_outcomes`). The contacts it names but does not delete
-        (not found, or kept as members) must still be as they were: read, when there are
-        any. Job rows' fields read never change."""
-        plan = prepared.plan
-        kept = plan.named - set(plan.doomed)
-        if kept:
-            exist = sa.select(contacts.c.id).where(any_of(contacts.c.id, kept))
-            if set((await conn.execute(exist)).scalars()) != set(plan.found) - set(plan.doomed):
-                raise _Stale("contacts")
-        doomed = list(plan.doomed)
-        if doomed:
-            for kind, table in TIMELINE_TABLES.items():
-                nulled = await conn.execute(
-                    table.update()
-                    .where(any_of(table.c.contact_id, doomed))
-                    .values(contact_id=None)
-                    .returning(_raw(table.c.id))
-                )
-                if set(nulled.scalars()) != prepared.nulled[kind]:
-                    raise _Stale(kind)
-            gone = await conn.execute(
-                contacts.delete()
-                .where(any_of(contacts.c.id, doomed))
-                .returning(_raw(contacts.c.id))
-            )
-            if len(gone.all()) != len(doomed):
-                raise _Stale("contacts")
-            touched |= touched_tables(True, set())
-        await self._write_outcomes(conn, prepared.outcomes, pending=True)
-        prepared.outcomes.add_to(progress, records)
-        return len(doomed)
 
     async def _delete_contacts(
         self,
@@ -921,7 +801,7 @@ class DeletionWorker:
         contacts — one round trip where `_orphan_unredacted` and the delete take up to
         five. What is kept is the same, in the same order."""
         result = await conn.exec_driver_sql(_ORPHAN_AND_DELETE_PG, (contact_ids,))
-        _keep(orphaned, contact_ids, result.all())
+        _keep(orphaned, _by_stored(conn, contact_ids), result.all())
         return orphaned
 
     async def _orphan_timelines(
@@ -981,7 +861,7 @@ class DeletionWorker:
         contacts, then one per table that has any nulls their back-references (each round
         trip counts: on a busy machine each one waits for the database to be scheduled)."""
         rows = await self._timeline_rows(conn, contact_ids)
-        kinds = _keep(orphaned, contact_ids, rows)
+        kinds = _keep(orphaned, _by_stored(conn, contact_ids), rows)
         for kind, table in TIMELINE_TABLES.items():
             if kind in kinds:
                 await conn.execute(
@@ -1041,40 +921,33 @@ class DeletionWorker:
         delta.expanded = delta.expanded or page.last
 
 
-# What deciding a contact's outcome and redacting its timeline read of it.
-_DECIDING_COLUMNS = (
-    contacts.c.id,
-    contacts.c.workspace_id,
-    contacts.c.email,
-    contacts.c.first_name,
-    contacts.c.last_name,
-    contacts.c.phone,
-    contacts.c.member_role,
-    contacts.c.has_billing_subscription,
-)
-
-
 def _timeline_time(kind: str, table: sa.Table) -> sa.ColumnElement[Any]:
     """When a timeline item happened: an activity's occurred_at, else its created_at."""
     return table.c.occurred_at if kind == "activity" else table.c.created_at
 
 
-def _keep(orphaned: Orphaned, contact_ids: list[uuid.UUID], rows: Sequence[Any]) -> set[str]:
+def _keep(
+    orphaned: Orphaned, contacts_by_stored: dict[Any, uuid.UUID], rows: Sequence[Any]
+) -> set[str]:
     """Note in ``orphaned.kept`` the timeline rows (kind, id, contact id, time, as the
-    driver returned them) these contacts leave; the kinds that had any."""
-    by_text = {_uuid_text(cid): cid for cid in contact_ids}
+    driver returned them) the contacts of ``contacts_by_stored`` (`_by_stored`) leave;
+    the kinds that had any."""
     kinds: set[str] = set()
     kept = orphaned.kept
     # In id order within each kind, as a per-table ORDER BY id would give (the text forms
-    # sort as the UUIDs do: fixed-width lowercase hex).
-    for text_id, kind, contact_text, at in sorted(
-        (_uuid_text(r[1]), r[0], _uuid_text(r[2]), r[3]) for r in rows
+    # sort as the UUIDs do: fixed-width lowercase hex; ids are unique within a kind).
+    for text_id, kind, contact, at in sorted(
+        ((_uuid_text(r[1]), r[0], r[2], r[3]) for r in rows), key=_id_and_kind
     ):
         kinds.add(kind)
-        kept.setdefault(by_text[contact_text], {}).setdefault(kind, []).append(
+        kept.setdefault(contacts_by_stored[contact], {}).setdefault(kind, []).append(
             {"id": text_id, "kind": kind, "at": _raw_iso_z(at)}
         )
     return kinds
+
+
+def _id_and_kind(row: tuple[str, str, Any, Any]) -> tuple[str, str]:
+    return row[0], row[1]
 
 
 def _orphan_and_delete_sql() -> str:
@@ -1103,10 +976,34 @@ def _iso_z(at: Any) -> str:
     return str(at.isoformat().replace("+00:00", "Z"))
 
 
+def _by_stored(conn: AsyncConnection, ids: Iterable[uuid.UUID]) -> dict[Any, uuid.UUID]:
+    """These UUIDs by the value a `_raw` UUID column holding them reads as: on SQLite the
+    32 hex digits ``sa.Uuid`` stores, with asyncpg a UUID equal to it. A batch reads one
+    or two ids per contact: turning the stored text into a `uuid.UUID` cost more than the
+    rest of their reading (SQLAlchemy's result processing, per row)."""
+    if conn.dialect.name == "sqlite":
+        return {value.hex: value for value in ids}
+    return {value: value for value in ids}
+
+
 def _raw(column: sa.ColumnElement[Any]) -> sa.ColumnElement[Any]:
     """The column under its own name, without SQLAlchemy's result conversion: what the
     driver returns (SQLite: text; asyncpg: its UUID and an aware datetime)."""
     return sa.type_coerce(column, sa.types.NullType()).label(column.key)
+
+
+# What deciding a contact's outcome and redacting its timeline read of it; the ids as the
+# driver returns them (`_by_stored`).
+_DECIDING_COLUMNS = (
+    _raw(contacts.c.id),
+    _raw(contacts.c.workspace_id),
+    contacts.c.email,
+    contacts.c.first_name,
+    contacts.c.last_name,
+    contacts.c.phone,
+    contacts.c.member_role,
+    contacts.c.has_billing_subscription,
+)
 
 
 def _uuid_text(value: Any) -> str:
