@@ -32,6 +32,7 @@ from service.events import TOPIC_CONTACT_DELETED, TOPIC_DELETION_REQUESTED, TYPE
 from service.migrate import upgrade
 from service.topics import create_topics
 from tests.conftest import Tenant, components_running, make_settings
+from tests.integration.test_unreadable_batches import _all_published, _bulk_delete, _completed
 from tests.logcapture import json_logs
 from tests.unreadable_batches import produce_raw, zstd_batch
 
@@ -63,45 +64,6 @@ def settings(own_db_url: str, kafka_bootstrap: str, request: pytest.FixtureReque
     return make_settings(
         own_db_url, kafka_bootstrap_servers=kafka_bootstrap, kafka_partitions=1, **more
     )
-
-
-async def _bulk_delete(tenant: Tenant, count: int, wait: bool = False) -> dict[str, Any]:
-    ids = []
-    for n in range(count):
-        email = f"u{n}-{uuid.uuid4().hex[:6]}@example.com"
-        status, body, _ = await tenant.call("POST", "/v1/contacts", {"email": email})
-        assert status == 201, body
-        ids.append(body["data"]["id"])
-    headers = {"Prefer": f"wait={BOUND_S}"} if wait else None
-    status, body, _ = await tenant.call(
-        "POST", "/v1/contacts/bulk-delete", {"contact_ids": ids}, headers
-    )
-    assert status == (200 if wait else 202), body
-    return dict(body["data"])
-
-
-async def _completed(tenant: Tenant, job_id: str) -> dict[str, Any]:
-    async with asyncio.timeout(BOUND_S):
-        while True:
-            status, body, _ = await tenant.call("GET", f"/v1/bulk-jobs/{job_id}")
-            assert status == 200, body
-            if body["data"]["completed_at"] is not None:
-                return dict(body["data"])
-            await asyncio.sleep(0.1)
-
-
-async def _all_published(services: Services) -> None:
-    async with asyncio.timeout(BOUND_S):
-        while True:
-            async with services.db.read() as conn:
-                waiting = (
-                    await conn.execute(
-                        sa.select(sa.func.count()).where(outbox.c.published_at.is_(None))
-                    )
-                ).scalar_one()
-            if not waiting:
-                return
-            await asyncio.sleep(0.1)
 
 
 async def _deliveries(services: Services, count: int) -> list[tuple[str, uuid.UUID]]:

@@ -15,11 +15,10 @@ from service.topics import create_topics
 from tests.conftest import Tenant, components_running
 from tests.integration.test_lost_records import (
     BOUND_S,
-    _all_published,
-    _bulk_delete,
     own_db_url,
     settings,
 )
+from tests.integration.test_unreadable_batches import _all_published, _bulk_delete
 
 __all__ = ["own_db_url", "settings"]  # the fixtures, used by name
 
