@@ -146,7 +146,7 @@ async def serve(settings: Settings, names: Sequence[str], *, migrate: bool) -> i
     from service.audit.store import load_hash_key
     from service.db import Database
     from service.logs import get_logger
-    from service.migrate import schema_problem, upgrade_reporting
+    from service.migrate import schema_problem
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -155,15 +155,7 @@ async def serve(settings: Settings, names: Sequence[str], *, migrate: bool) -> i
     where = settings.describe_database()
     try:
         if migrate:
-            before, after = await _database_step(
-                settings,
-                wait_for_dependency(
-                    lambda: upgrade_reporting(settings.database_url),
-                    stop,
-                    dependency="database",
-                    component="migrate",
-                ),
-            )
+            before, after = await _upgrade_waiting(settings, stop)
             get_logger(__name__).info("migrated", **_migration_fields(before, after))
         else:
             if not settings.is_sqlite:  # (opening SQLite would create a missing file)
@@ -214,6 +206,25 @@ async def _database_step(settings: Settings, step: Awaitable[T]) -> T:
         raise StartupError(problem) from None
 
 
+async def _upgrade_waiting(
+    settings: Settings, stop: asyncio.Event
+) -> tuple[str | None, str | None]:
+    """Migrate, waiting (with back-off and `waiting_for_dependency` lines) while the
+    database does not answer, until `stop` (then `Stopped`); (revision before, after)."""
+    from service.aio import wait_for_dependency
+    from service.migrate import upgrade_reporting
+
+    return await _database_step(
+        settings,
+        wait_for_dependency(
+            lambda: upgrade_reporting(settings.database_url),
+            stop,
+            dependency="database",
+            component="migrate",
+        ),
+    )
+
+
 def _migration_fields(before: str | None, after: str | None) -> dict[str, str | None]:
     return {"from_revision": before, "to_revision": after, "changed": str(before != after)}
 
@@ -237,8 +248,7 @@ async def _migrate(settings: Settings, wait_s: float) -> int:
     if it still does not."""
     import signal
 
-    from service.aio import Stopped, wait_for_dependency
-    from service.migrate import upgrade_reporting
+    from service.aio import Stopped
 
     stop = asyncio.Event()
     interrupted = asyncio.Event()
@@ -253,15 +263,7 @@ async def _migrate(settings: Settings, wait_s: float) -> int:
             loop.add_signal_handler(sig, interrupt)
     timer = loop.call_later(wait_s, stop.set)
     try:
-        before, after = await _database_step(
-            settings,
-            wait_for_dependency(
-                lambda: upgrade_reporting(settings.database_url),
-                stop,
-                dependency="database",
-                component="migrate",
-            ),
-        )
+        before, after = await _upgrade_waiting(settings, stop)
     except Stopped:
         if interrupted.is_set():
             return 130

@@ -341,7 +341,8 @@ METADATA_RETRY_BACKOFF_S = 0.5
 
 
 def _back_off_failed_metadata(client: Any) -> None:
-    """Make this aiokafka client wait `METADATA_RETRY_BACKOFF_S` after a metadata update
+    """Every aiokafka client the service makes (producer, consumers, the topic reader) gets
+    this. Make this aiokafka client wait `METADATA_RETRY_BACKOFF_S` after a metadata update
     that no known broker answered, before it says so.
 
     aiokafka 0.14's producer sender, holding batches for a partition whose leader is
@@ -593,6 +594,7 @@ class Consumer:
             session_timeout_ms=self._session_timeout_ms,
             heartbeat_interval_ms=self._heartbeat_interval_ms,
         )
+        _back_off_failed_metadata(consumer._client)
         try:
             await consumer.start()
         except BaseException as exc:
@@ -1223,6 +1225,7 @@ async def read_topics(
         enable_auto_commit=False,
         auto_offset_reset="earliest",
     )
+    _back_off_failed_metadata(consumer._client)
     try:
         await consumer.start()
     except (KafkaError, OSError) as exc:

@@ -25,7 +25,9 @@ for the next run; the erasure scrub (service.erasure) then removes the bytes.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable, Sequence
 from datetime import timedelta
+from typing import Any
 
 import sqlalchemy as sa
 
@@ -43,62 +45,60 @@ PRUNE_CHUNK = 5_000
 FINISHED = ("succeeded", "failed")
 
 
-async def prune_outbox(db: Database, older_than: timedelta) -> int:
-    """Delete outbox rows published before now - `older_than`; returns how many."""
-    cutoff = utcnow() - older_than
+async def _prune(
+    db: Database,
+    ids_of: Callable[[int], sa.Select[Any]],
+    deletes: Callable[[Sequence[Any]], list[sa.Delete]],
+    chunk: int,
+) -> int:
+    """Delete in transactions of at most `chunk` rows until a read finds fewer: each reads
+    `ids_of(chunk)` and runs `deletes(ids)`; returns how many ids were deleted."""
     total = 0
     while True:
         async with db.begin() as conn:
-            ids = (
-                (
-                    await conn.execute(
-                        sa.select(outbox.c.id)
-                        .where(outbox.c.published_at.is_not(None), outbox.c.published_at < cutoff)
-                        .order_by(outbox.c.id)
-                        .limit(PRUNE_CHUNK)
-                    )
-                )
-                .scalars()
-                .all()
-            )
-            if ids:
-                await conn.execute(outbox.delete().where(outbox.c.id.in_(ids)))
+            ids = (await conn.execute(ids_of(chunk))).scalars().all()
+            for statement in deletes(ids) if ids else ():
+                await conn.execute(statement)
         total += len(ids)
-        if len(ids) < PRUNE_CHUNK:
+        if len(ids) < chunk:
             return total
 
 
-async def prune_deliveries(db: Database, older_than: timedelta) -> int:
+async def prune_outbox(db: Database, older_than: timedelta, chunk: int = PRUNE_CHUNK) -> int:
+    """Delete outbox rows published before now - `older_than`; returns how many."""
+    cutoff = utcnow() - older_than
+    o = outbox.c
+    return await _prune(
+        db,
+        lambda n: (
+            sa.select(o.id)
+            .where(o.published_at.is_not(None), o.published_at < cutoff)
+            .order_by(o.id)
+            .limit(n)
+        ),
+        lambda ids: [outbox.delete().where(o.id.in_(ids))],
+        chunk,
+    )
+
+
+async def prune_deliveries(db: Database, older_than: timedelta, chunk: int = PRUNE_CHUNK) -> int:
     """Delete webhook deliveries that finished (succeeded or failed) before now -
     `older_than`, with their attempts; returns how many deliveries."""
     cutoff = utcnow() - older_than
     d = webhook_deliveries.c
-    total = 0
-    while True:
-        async with db.begin() as conn:
-            ids = (
-                (
-                    await conn.execute(
-                        sa.select(d.id)
-                        .where(
-                            d.status.in_(FINISHED),
-                            d.completed_at.is_not(None),
-                            d.completed_at < cutoff,
-                        )
-                        .limit(PRUNE_CHUNK)
-                    )
-                )
-                .scalars()
-                .all()
-            )
-            if ids:
-                await conn.execute(
-                    webhook_attempts.delete().where(webhook_attempts.c.delivery_id.in_(ids))
-                )
-                await conn.execute(webhook_deliveries.delete().where(d.id.in_(ids)))
-        total += len(ids)
-        if len(ids) < PRUNE_CHUNK:
-            return total
+    return await _prune(
+        db,
+        lambda n: (
+            sa.select(d.id)
+            .where(d.status.in_(FINISHED), d.completed_at.is_not(None), d.completed_at < cutoff)
+            .limit(n)
+        ),
+        lambda ids: [
+            webhook_attempts.delete().where(webhook_attempts.c.delivery_id.in_(ids)),
+            webhook_deliveries.delete().where(d.id.in_(ids)),
+        ],
+        chunk,
+    )
 
 
 async def prune_once(db: Database, settings: Settings) -> dict[str, int]:

@@ -413,11 +413,10 @@ class Dispatcher:
                 # Read in full at once (it is most likely sent), not its routing first and
                 # then the whole event: one parse, not three (issue 8). Whatever does not
                 # read this way is read as any other event below, with the same outcome.
-                try:
+                # (If it does not read this way, it is read below as any other event.)
+                with contextlib.suppress(ValidationError):
                     routed.append((m, typed[0].model_validate_json(m.value)))
                     continue
-                except ValidationError:
-                    pass
             try:
                 routed.append((m, _Routing.model_validate_json(m.value)))
             except ValidationError as exc:

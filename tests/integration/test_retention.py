@@ -59,7 +59,7 @@ async def _topics(db: Database) -> list[str]:
 
 
 async def test_published_outbox_rows_older_than_the_retention_go_in_chunks(
-    db: Database, monkeypatch: pytest.MonkeyPatch
+    db: Database,
 ) -> None:
     old = utcnow() - 8 * DAY
     await _outbox_rows(
@@ -68,8 +68,7 @@ async def test_published_outbox_rows_older_than_the_retention_go_in_chunks(
         + [("recent", utcnow() - DAY, False), ("unpublished", None, False)]
         + [("refused", None, True)],
     )
-    monkeypatch.setattr(retention, "PRUNE_CHUNK", 3)  # a size knob: 3 transactions
-    assert await retention.prune_outbox(db, 7 * DAY) == 7
+    assert await retention.prune_outbox(db, 7 * DAY, chunk=3) == 7  # 3 transactions
     assert await _topics(db) == ["recent", "refused", "unpublished"]
     assert await retention.prune_outbox(db, 7 * DAY) == 0
 
