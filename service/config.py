@@ -125,6 +125,9 @@ class Settings(BaseSettings):
     kafka_consumer_group_prefix: str = "contact-deletion"
     http_host: str = "127.0.0.1"
     http_port: int = Field(default=8080, ge=0, le=65535)
+    # When set, the process also serves GET /healthz, /readyz and /metrics (nothing else) on
+    # HTTP_HOST:OPS_PORT: the probes and counters of a relay, worker or dispatcher run apart.
+    ops_port: int | None = Field(default=None, ge=0, le=65535)
     public_base_url: str | None = None
 
     log_format: Literal["json", "console"] = "json"
