@@ -290,16 +290,78 @@ def compile_filter(node: Node, table: sa.FromClause) -> sa.ColumnElement[bool]:
         case "$in":
             clause = column.in_(node.value)
         case "$startsWith":
-            clause = column.like(_escape_like(node.value) + "%", escape="\\")
+            clause = starts_with(column, node.value)
         case "$exists":
             clause = column.is_not(None) if node.value else column.is_(None)
         case "$gt":
-            clause = column > node.value
+            clause = _ordered(column, node.value) > node.value
         case "$lt":
-            clause = column < node.value
+            clause = _ordered(column, node.value) < node.value
         case _:
             raise AssertionError(node.op)
     return clause
+
+
+# A filter selects the same contacts on both databases: text compares by code point and
+# case-sensitively ("Values compare as stored", README), whatever the database's settings.
+
+
+class _starts_with(sa.sql.functions.FunctionElement[bool]):
+    """``column`` begins with a prefix, case-sensitively, on both databases: its arguments
+    are the column, the prefix as a GLOB pattern and as a LIKE pattern (see `starts_with`)."""
+
+    type = sa.Boolean()
+    inherit_cache = True
+
+
+def starts_with(column: sa.ColumnElement[Any], prefix: str) -> sa.ColumnElement[bool]:
+    """``column`` begins with ``prefix``, case-sensitively, on both databases.
+
+    SQLite's LIKE ignores ASCII case (unless ``PRAGMA case_sensitive_like``), so there the
+    test is GLOB, which is case-sensitive and can use an index on the column, with the
+    prefix's GLOB metacharacters (``*``, ``?``, ``[``) written as one-character classes.
+    PostgreSQL's LIKE is case-sensitive: the prefix with ``%``, ``_`` and ``\\`` escaped.
+    """
+    glob = "".join(f"[{c}]" if c in "*?[" else c for c in prefix) + "*"
+    like = _escape_like(prefix) + "%"
+    return _starts_with(column, sa.literal(glob, sa.Text), sa.literal(like, sa.Text))
+
+
+@compiles(_starts_with, "sqlite")
+def _starts_with_sqlite(element: _starts_with, compiler: Any, **kw: Any) -> str:
+    column, glob, _ = element.clauses
+    return f"({compiler.process(column, **kw)} GLOB {compiler.process(glob, **kw)})"
+
+
+@compiles(_starts_with)
+def _starts_with_default(element: _starts_with, compiler: Any, **kw: Any) -> str:
+    column, _, like = element.clauses
+    return f"({compiler.process(column, **kw)} LIKE {compiler.process(like, **kw)} ESCAPE '\\')"
+
+
+class binary_order(sa.sql.functions.FunctionElement[str]):
+    """A text column ordered by code point, as SQLite's default BINARY collation orders it:
+    on PostgreSQL under ``COLLATE "C"`` (byte order of UTF-8, which is code point order),
+    since a database's default collation (say ``en_US.UTF-8``) puts ``"apple"`` before
+    ``"Banana"``, where code point order puts it after."""
+
+    type = sa.String()
+    inherit_cache = True
+
+
+@compiles(binary_order, "sqlite")
+def _binary_order_sqlite(element: binary_order, compiler: Any, **kw: Any) -> str:
+    return str(compiler.process(element.clauses, **kw))
+
+
+@compiles(binary_order, "postgresql")
+def _binary_order_postgresql(element: binary_order, compiler: Any, **kw: Any) -> str:
+    return f'({compiler.process(element.clauses, **kw)}) COLLATE "C"'
+
+
+def _ordered(column: sa.ColumnElement[Any], value: Any) -> sa.ColumnElement[Any]:
+    """The column as `$gt`/`$lt` compare it: text by code point, other types as they are."""
+    return binary_order(column) if isinstance(value, str) else column
 
 
 class unicode_lower(sa.sql.functions.FunctionElement[str]):
