@@ -906,6 +906,7 @@ class DeletionWorker:
             c.expand_after,
             c.total_requested,
             c.completed_at,
+            c.created_at,
         ).where(c.id == command.job_id)
         job = (await conn.execute(self.db.for_update(job_stmt))).mappings().first()
         if (
@@ -915,7 +916,14 @@ class DeletionWorker:
             or job["expand_after"] != command.after
         ):
             return
-        page = await expand_page(conn, self.settings, job, job["selector"], now=utcnow())
+        page = await expand_page(
+            conn,
+            self.settings,
+            job,
+            job["selector"],
+            accepted_at=job["created_at"],
+            now=utcnow(),
+        )
         delta = progress.setdefault(job["id"], ProgressDelta())
         delta.added += page.found
         delta.expanded = delta.expanded or page.last
