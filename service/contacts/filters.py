@@ -12,6 +12,7 @@ SQLAlchemy clause. Anything unknown is a ``ValidationFailed`` naming its path.
 
 from __future__ import annotations
 
+import unicodedata
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -20,6 +21,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.ext.compiler import compiles
 
+from service.contacts.models import check_email
 from service.errors import ValidationFailed
 from service.limits import (
     MAX_FILTER_DEPTH,
@@ -186,8 +188,18 @@ def _value(field: str, value: Any, path: str) -> Any:
             raise _fail(path, f"out of range once converted to UTC: {value!r}") from None
     if not isinstance(value, str):
         raise _fail(path, f"{field} values are strings")
-    # Emails are stored lowercased, so compare them that way.
-    return value.strip().lower() if field == "email" else value
+    return _as_stored_email(value) if field == "email" else value
+
+
+def _as_stored_email(value: str) -> str:
+    """An email filter value spelled as the API stores addresses (`check_email`: stripped,
+    lowercased, Unicode NFC, an IDNA domain decoded), so that `a@xn--bcher-kva.example`
+    finds `a@bücher.example`; a value that is no address (a `$startsWith` prefix) stripped,
+    NFC and lowercased."""
+    try:
+        return check_email(value)
+    except ValueError:
+        return unicodedata.normalize("NFC", value.strip()).lower()
 
 
 ALL: Node = Combination("$and", ())
