@@ -122,7 +122,7 @@ from service.webhooks.payloads import (
     DeletionJobCompletedWebhook,
     webhook_body,
 )
-from service.webhooks.refanout import recover_events
+from service.webhooks.refanout import LostEvents, recover_events
 from service.webhooks.schedule import Outcome, RetryPolicy, classify, parse_retry_after
 from service.webhooks.signing import webhook_headers
 from service.webhooks.ssrf import BlockedDestination, PinnedResolver, check_url, failure_text
@@ -333,6 +333,7 @@ class Dispatcher:
             on_lost=functools.partial(recover_events, self.db, self.wakeup),
         )
         dlq = Producer(bootstrap)
+        backstop = LostEvents(self.db, self.settings, self.wakeup)
         try:
             await wait_for_dependency(
                 consumer.start, stop, dependency="kafka", component="dispatcher"
@@ -349,7 +350,8 @@ class Dispatcher:
                     messages = await self._transient(
                         functools.partial(consumer.getmany, timeout_ms=200, max_records=500), stop
                     )
-                    if not messages:
+                    if not messages:  # idle: events left unsent now were lost unseen
+                        await self._transient(functools.partial(backstop.check, consumer), stop)
                         continue
                     if not await self._fan_out_isolating(messages, dlq, stop):
                         break
