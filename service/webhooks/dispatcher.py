@@ -91,6 +91,7 @@ from service.db import (
     webhook_deliveries,
     webhook_endpoints,
 )
+from service.deployment import ForeignRecords
 from service.events import (
     DLQ_SUFFIX,
     SOURCE,
@@ -334,7 +335,14 @@ class Dispatcher:
         )
         dlq = Producer(bootstrap)
         backstop = LostEvents(self.db, self.settings, self.wakeup)
+        counter = self.metrics.foreign_records_skipped
         try:
+            foreign = await wait_for_dependency(
+                lambda: ForeignRecords.load(self.db, counter, "dispatcher"),
+                stop,
+                dependency="database",
+                component="dispatcher",
+            )
             await wait_for_dependency(
                 consumer.start, stop, dependency="kafka", component="dispatcher"
             )
@@ -353,7 +361,7 @@ class Dispatcher:
                     if not messages:  # idle: events left unsent now were lost unseen
                         await self._transient(functools.partial(backstop.check, consumer), stop)
                         continue
-                    if not await self._fan_out_isolating(messages, dlq, stop):
+                    if not await self._fan_out_isolating(foreign.mine(messages), dlq, stop):
                         break
                     # A refused commit (the partition moved) is logged and skipped inside.
                     await self._transient(
