@@ -34,7 +34,7 @@ import secrets
 import time
 import uuid
 from collections.abc import Callable, Collection, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 import sqlalchemy as sa
 from prometheus_client import Counter
@@ -89,10 +89,10 @@ async def deployment_id(db: Database) -> str:
         found = (await conn.execute(stored)).scalar()
     if found is not None:
         return str(found)
-    ins: sa.Insert = (postgresql.insert if not db.is_sqlite else sqlite.insert)(server_secrets)
+    ins: Any = (postgresql.insert if not db.is_sqlite else sqlite.insert)(server_secrets)
     async with db.begin() as conn:
         await conn.execute(
-            ins.values(  # type: ignore[attr-defined]
+            ins.values(
                 name=DEPLOYMENT_ID_NAME, value=secrets.token_hex(8), created_at=utcnow()
             ).on_conflict_do_nothing()
         )

@@ -117,8 +117,9 @@ async def test_a_pass_publishes_rows_as_stored_keyed_to_their_partition_and_mark
     db_url: str, kafka_bootstrap: str
 ) -> None:
     """The wire format the consumers read: each row's payload bytes, key and headers as
-    stored, then the deployment's header (shared pre-encoded headers, per-row JSON lists, a CloudEvent row), the key's
-    default-partitioner partition, rows of one key in id order; then all marked published."""
+    stored, then the deployment's header (shared pre-encoded headers, per-row JSON lists,
+    a CloudEvent row), the key's default-partitioner partition, rows of one key in id
+    order; then all marked published."""
     settings = make_settings(db_url, kafka_bootstrap_servers=kafka_bootstrap)
     async with opened_services(settings) as services:
         await services.ensure_topics()
