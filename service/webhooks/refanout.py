@@ -22,6 +22,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -161,10 +162,27 @@ def _routed(rows: Sequence[Any], by_workspace: dict[uuid.UUID, list[Any]]) -> li
     return batch
 
 
+PAGES_PER_CALL = 5
+"""Pages a check reads at one idle moment (the rest at the next ones)."""
+
 LOOKBACK = timedelta(hours=24)
 """How far back the first check of a process looks (later ones: since the last check),
 capped by ``WEBHOOK_DELIVERY_RETENTION_S`` (a delivery pruned after its retention must not
 be made again)."""
+
+
+@dataclass
+class _Scan:
+    """One topic's part of a check: its rows published in [floor, until), read newest
+    first by id from ``before`` (None: the newest)."""
+
+    topic: str
+    losts: list[LostRecords]
+    floor: datetime
+    until: datetime
+    before: int | None = None
+    examined: int = 0
+    created: int = 0
 
 
 class LostEvents:
@@ -183,13 +201,15 @@ class LostEvents:
     only the missing (event, endpoint) pairs are written, through ``enqueue_many`` (one
     delivery per pair, whatever else writes it meanwhile).
 
-    Bounded, and off the busy path: it runs only after a fetch returned nothing, at most
-    every ``WEBHOOK_LOST_EVENTS_CHECK_S`` (0: never), the first an interval after the
-    first idle moment. A check reads the rows of the consumed topics published since the
-    last completed check (less :data:`CLOCK_SKEW`; the first: :data:`LOOKBACK`), newest
-    first by id, ``PAGE`` at a time, stopping at a page published wholly before that; it
-    reads the existing deliveries of those rows' events whose workspace has an endpoint
-    that takes them, and writes only when some are missing. A line
+    Bounded, and off the busy path: it runs only after a fetch returned nothing. A check
+    starts at most every ``WEBHOOK_LOST_EVENTS_CHECK_S`` (0: never; the first an interval
+    after the first idle moment) and covers the rows of the consumed topics published
+    since the last completed check (less :data:`CLOCK_SKEW`; the first: :data:`LOOKBACK`),
+    newest first by id, ``PAGE`` at a time, stopping at a page published wholly before
+    that. Each idle moment reads at most :data:`PAGES_PER_CALL` pages; a check that needs
+    more goes on at the next idle moment (a fetch with records runs first). Per page it
+    reads the existing deliveries of the events whose workspace has an endpoint that
+    takes them, and writes only when some are missing. A line
     ``webhook_lost_events_resent`` (topic, partitions, rows examined, deliveries made)
     only when it made some. A row published long after it was written (a set-aside row
     queued again by hand) may fall outside the pages read: its events are lost only if
@@ -203,37 +223,56 @@ class LostEvents:
         self.clock: Callable[[], float] = time.monotonic
         self._next = 0.0
         self._since: datetime | None = None
+        self._scans: list[_Scan] = []  # the check under way, if any
+        self.page = PAGE
+        self.pages_per_call = PAGES_PER_CALL
+        self._until: datetime | None = None
 
     async def check(self, consumer: Consumer) -> int:
         """Make the deliveries of events lost while the fan-out was caught up (see the
-        class); returns how many. Transient errors propagate; a permanent one is logged
-        (``webhook_lost_events_check_failed``) and the check is over."""
+        class); returns how many this call made. Transient errors propagate (the check
+        goes on from its last page at the next call); a permanent one is logged
+        (``webhook_lost_events_check_failed``) and the check is dropped."""
         every = self.settings.webhook_lost_events_check_s
         now = self.clock()
         if not self._next:  # the first one an interval after the first idle moment
             self._next = now + every
-        if every <= 0 or now < self._next:
-            return 0
-        self._next = now + every
+        if not self._scans:
+            if every <= 0 or now < self._next:
+                return 0
+            self._next = now + every
         try:
-            return await self._check(consumer)
+            if not self._scans and not await self._start(consumer):
+                return 0
+            return await self._pages()
         except Exception as exc:
             if is_transient(exc):
                 raise
+            self._scans = []
             log.error("webhook_lost_events_check_failed", error=describe(exc))
             return 0
 
-    async def _check(self, consumer: Consumer) -> int:
+    async def _start(self, consumer: Consumer) -> bool:
+        """Begin a check if the fan-out is caught up; False if there is nothing to do."""
         moment = utcnow()
         partitions = await consumer.caught_up()
         if not partitions:
-            return 0
+            return False
         retention = timedelta(seconds=self.settings.webhook_delivery_retention_s)
         floor = moment - min(LOOKBACK, retention - CLOCK_SKEW)
         if self._since is not None:
             floor = max(floor, self._since - CLOCK_SKEW)
+        by_topic: dict[str, list[LostRecords]] = {}
+        for lost in partitions:
+            by_topic.setdefault(lost.topic, []).append(lost)
+        self._scans = [_Scan(t, losts, floor, moment) for t, losts in sorted(by_topic.items())]
+        self._until = moment
+        return True
+
+    async def _pages(self) -> int:
+        """Up to ``pages_per_call`` pages of the check under way; the deliveries made."""
         e = webhook_endpoints.c
-        async with self.db.read() as conn:
+        async with self.db.read() as conn:  # afresh: one deleted meanwhile gets nothing
             endpoints = (
                 await conn.execute(
                     sa.select(e.id, e.workspace_id, e.event_types, e.created_at, e.status)
@@ -242,66 +281,58 @@ class LostEvents:
         by_workspace: dict[uuid.UUID, list[Any]] = {}
         for endpoint in endpoints:
             by_workspace.setdefault(endpoint.workspace_id, []).append(endpoint)
+        oldest = min((endpoint.created_at for endpoint in endpoints), default=None)
         created = 0
-        if endpoints:
-            floor = max(floor, min(endpoint.created_at for endpoint in endpoints))
-            by_topic: dict[str, list[LostRecords]] = {}
-            for lost in partitions:
-                by_topic.setdefault(lost.topic, []).append(lost)
-            for topic, losts in sorted(by_topic.items()):
-                examined, made = await self._topic(topic, losts, floor, moment, by_workspace)
-                created += made
-                if made:
+        for _ in range(self.pages_per_call):
+            if not self._scans:
+                break
+            scan = self._scans[0]
+            before = scan.created
+            if oldest is None or await self._page(scan, max(scan.floor, oldest), by_workspace):
+                self._scans.pop(0)
+                if scan.created:
                     log.warning(
                         "webhook_lost_events_resent",
-                        topic=topic,
-                        partitions=sorted(lost.partition for lost in losts),
-                        events_examined=examined,
-                        deliveries=made,
+                        topic=scan.topic,
+                        partitions=sorted(lost.partition for lost in scan.losts),
+                        events_examined=scan.examined,
+                        deliveries=scan.created,
                     )
-        self._since = moment
+            created += scan.created - before
+        if not self._scans:
+            self._since = self._until
         if created and self.wakeup is not None:
             self.wakeup.set()
         return created
 
-    async def _topic(
-        self,
-        topic: str,
-        losts: Sequence[LostRecords],
-        floor: datetime,
-        until: datetime,
-        by_workspace: dict[uuid.UUID, list[Any]],
-    ) -> tuple[int, int]:
-        """(rows examined, deliveries made) for one topic's partitions ``losts``: its rows
-        published in [floor, until), newest first, a page at a time."""
+    async def _page(
+        self, scan: _Scan, floor: datetime, by_workspace: dict[uuid.UUID, list[Any]]
+    ) -> bool:
+        """The next page of ``scan`` (its rows published in [floor, scan.until)); True
+        when it was the last."""
         o = outbox.c
-        examined = created = 0
-        before: int | None = None
-        while True:
-            query = sa.select(o.id, o.key, o.payload, o.published_at).where(o.topic == topic)
-            if before is not None:
-                query = query.where(o.id < before)
-            async with self.db.read() as conn:
-                rows = (await conn.execute(query.order_by(o.id.desc()).limit(PAGE))).all()
-            if not rows:
-                break
-            before = rows[-1].id
-            mine = [
-                r
-                for r in rows
-                if r.published_at is not None
-                and floor <= r.published_at < until
-                and any(lost.holds(None if r.key is None else r.key.encode()) for lost in losts)
-            ]
-            examined += len(mine)
-            batch = await self._missing(_routed(mine, by_workspace))
-            if batch:
-                async with self.db.begin() as conn:
-                    created += len(await enqueue_many(conn, self.db, batch))
-            published = [r.published_at for r in rows if r.published_at is not None]
-            if len(rows) < PAGE or (published and max(published) < floor - CLOCK_SKEW):
-                break
-        return examined, created
+        query = sa.select(o.id, o.key, o.payload, o.published_at).where(o.topic == scan.topic)
+        if scan.before is not None:
+            query = query.where(o.id < scan.before)
+        async with self.db.read() as conn:
+            rows = (await conn.execute(query.order_by(o.id.desc()).limit(self.page))).all()
+        if not rows:
+            return True
+        mine = [
+            r
+            for r in rows
+            if r.published_at is not None
+            and floor <= r.published_at < scan.until
+            and any(lost.holds(None if r.key is None else r.key.encode()) for lost in scan.losts)
+        ]
+        scan.examined += len(mine)
+        batch = await self._missing(_routed(mine, by_workspace))
+        if batch:
+            async with self.db.begin() as conn:
+                scan.created += len(await enqueue_many(conn, self.db, batch))
+        scan.before = rows[-1].id
+        published = [r.published_at for r in rows if r.published_at is not None]
+        return len(rows) < self.page or bool(published and max(published) < floor - CLOCK_SKEW)
 
     async def _missing(self, batch: list[NewDeliveries]) -> list[NewDeliveries]:
         """``batch`` less the (event, endpoint) pairs that have a delivery already (read,

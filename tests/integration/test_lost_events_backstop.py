@@ -11,12 +11,16 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+import sqlalchemy as sa
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from service.app import Services
 from service.config import Settings
-from service.events import TOPIC_CONTACT_DELETED
+from service.db import webhook_deliveries
+from service.events import TOPIC_CONTACT_DELETED, TOPIC_JOB_COMPLETED
+from service.kafka import Consumer
 from service.topics import create_topics
+from service.webhooks.refanout import LostEvents
 from tests.conftest import Tenant, components_running
 from tests.integration.test_lost_records import (
     BOUND_S,
@@ -88,3 +92,47 @@ async def test_events_of_a_topic_created_again_get_their_deliveries(
     assert (resent["topic"], resent["partitions"], resent["deliveries"]) == (topic, [0], 2)
     assert resent["level"] == "warning"
     assert not lines.events("kafka_records_lost")  # no gap showed
+
+
+async def test_a_check_reads_a_few_pages_at_each_idle_moment(
+    tenant: Tenant, services: Services, settings: Settings
+) -> None:
+    """Job A's five contact.deleted events (and its deletion_job.completed) were published
+    and read by a fan-out that wrote nothing (as if lost). A check reads one page of two
+    rows per call, newest first: the deliveries come two at most per call, a check goes
+    on from where it stopped without waiting for the interval, all six are made once,
+    and the next check (the rows since this one) makes none."""
+    await create_topics(settings)
+    endpoint = await _endpoint(tenant)
+    async with components_running(services, "relay", "worker"):
+        _done(await _bulk_delete(tenant, 5, wait=True), 5)
+        await _all_published(services)
+    topics = [settings.topic(TOPIC_CONTACT_DELETED), settings.topic(TOPIC_JOB_COMPLETED)]
+    consumer = Consumer(
+        settings.kafka_bootstrap_servers, topics, f"{settings.kafka_consumer_group_prefix}.x"
+    )
+    backstop = LostEvents(
+        services.db, settings.model_copy(update={"webhook_lost_events_check_s": 0.2}), None
+    )
+    backstop.page, backstop.pages_per_call = 2, 1
+    await consumer.start()
+    try:
+        read: list[object] = []
+        async with asyncio.timeout(BOUND_S):
+            while len(read) < 6:
+                read += await consumer.getmany(200, 100)
+        assert await backstop.check(consumer) == 0  # the first: an interval after this
+        await asyncio.sleep(0.25)
+        made = [await backstop.check(consumer) for _ in range(6)]
+        await asyncio.sleep(0.25)
+        made.append(await backstop.check(consumer))
+    finally:
+        await consumer.stop()
+    assert made == [2, 2, 1, 1, 0, 0, 0]  # 5 + 1 rows, two a call; nothing after
+    async with services.db.read() as conn:
+        pairs = (
+            await conn.execute(
+                sa.select(webhook_deliveries.c.event_id, webhook_deliveries.c.endpoint_id)
+            )
+        ).all()
+    assert len(pairs) == len(set(pairs)) == 6 and {e for _, e in pairs} == {endpoint}
