@@ -135,12 +135,14 @@ class ForeignRecords:
         own = self.own
         foreign = None
         for m in messages:
-            for name, value in m.headers:
-                if name == DEPLOYMENT_HEADER:
-                    if value != own:
-                        foreign = foreign or []
-                        foreign.append(m)
-                    break
+            headers = m.headers
+            if headers and headers[-1][0] == DEPLOYMENT_HEADER:  # where the relay puts it
+                if headers[-1][1] == own:
+                    continue
+            elif stamped(headers) in (None, own):
+                continue
+            foreign = foreign or []
+            foreign.append(m)
         if foreign is None:
             return messages
         for m in foreign:
