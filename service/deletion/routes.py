@@ -44,7 +44,7 @@ from service.pagination import (
     encode_cursor,
     read_cursor,
 )
-from service.routing import Answer, Call, HeaderParam, Operation, dump
+from service.routing import IDEMPOTENCY_KEY, Answer, Call, HeaderParam, Operation, dump
 
 log = get_logger(__name__)
 
@@ -312,14 +312,6 @@ async def get_items(call: Call) -> Page[JobItem]:
     return Page[JobItem].model_validate({"data": page, "next_cursor": cursor})
 
 
-IDEMPOTENCY_KEY = HeaderParam(
-    "IdempotencyKey",
-    "Idempotency-Key",
-    "Makes the request safe to retry: the same key with the same body within 24 h gets the "
-    "original answer again (with Idempotent-Replayed: true); with another body, 409. "
-    "Strongly recommended.",
-    {"type": "string", "minLength": 1, "maxLength": idempotency.MAX_KEY_LENGTH},
-)
 PREFER = HeaderParam(
     "Prefer",
     "Prefer",
