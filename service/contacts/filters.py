@@ -15,12 +15,13 @@ from __future__ import annotations
 import unicodedata
 import uuid
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.ext.compiler import compiles
 
+from service.apimodels import parse_instant
 from service.contacts.models import check_email
 from service.errors import ValidationFailed
 from service.limits import (
@@ -175,17 +176,11 @@ def _value(field: str, value: Any, path: str) -> Any:
             raise _fail(path, f"not a UUID: {value!r}") from None
     if field == "created_at":
         if not isinstance(value, str):
-            raise _fail(path, "created_at values are ISO-8601 date-times")
-        try:
-            parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
-        except ValueError:
-            raise _fail(path, f"not an ISO-8601 date-time: {value!r}") from None
-        if parsed.tzinfo is None:
-            raise _fail(path, "created_at values need a timezone (e.g. Z)")
-        try:
-            return parsed.astimezone(UTC)
-        except OverflowError:
-            raise _fail(path, f"out of range once converted to UTC: {value!r}") from None
+            raise _fail(path, "created_at values are RFC 3339 date-times")
+        try:  # the one grammar of client-given times (service.apimodels.parse_instant)
+            return parse_instant(value).astimezone(UTC)
+        except ValueError as exc:
+            raise _fail(path, f"{exc}: {value!r}") from None
     if not isinstance(value, str):
         raise _fail(path, f"{field} values are strings")
     return _as_stored_email(value) if field == "email" else value
