@@ -81,6 +81,17 @@ def _instant(value: Any) -> Any:
     return parse_instant(value)
 
 
+def _query_flag(value: Any) -> Any:
+    # A query string's boolean is `true` or `false`, as a body's is (pydantic's lax mode
+    # also reads yes/no, on/off, 1/0, t/f, y/n: a typo would not be an error).
+    if isinstance(value, str) and value not in ("true", "false"):
+        raise ValueError("give true or false")
+    return value == "true" if isinstance(value, str) else value
+
+
+QueryFlag = Annotated[bool, BeforeValidator(_query_flag)]
+"""A boolean in a query string: exactly ``true`` or ``false``."""
+
 Instant = Annotated[datetime, BeforeValidator(_instant)]
 """An instant given by a client (a filter's bound, recover's ``since``): an ISO-8601 /
 RFC 3339 date-time string with its UTC offset or ``Z``; every refusal names an example."""

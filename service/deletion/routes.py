@@ -13,7 +13,7 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
 from service import idempotency
-from service.apimodels import Data, Page
+from service.apimodels import Data, Page, QueryFlag
 from service.audit.store import AuditRecord, append_events
 from service.contacts.store import contact_exists
 from service.deletion.dryrun import dry_run
@@ -77,10 +77,10 @@ class DeleteOneQuery(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    delete_members: bool = Field(
+    delete_members: QueryFlag = Field(
         default=False, description="Allow deleting a site member (as in bulk delete)"
     )
-    redact_timeline: bool = Field(
+    redact_timeline: QueryFlag = Field(
         default=False,
         description="Redact the contact's values inside the timeline items that survive it "
         "(as in bulk delete)",
