@@ -52,12 +52,23 @@ def secret_bytes(secret: str) -> bytes:
     return key
 
 
+@functools.lru_cache(maxsize=1024)
+def _keyed(secret: str) -> hmac.HMAC:
+    """An HMAC-SHA256 with the secret's key absorbed and nothing else: copied per
+    message (`sign`), so the key is hashed once per secret, not once per delivery."""
+    return hmac.new(secret_bytes(secret), digestmod=hashlib.sha256)
+
+
 def sign(secret: str, msg_id: str, timestamp: int, body: bytes) -> str:
     """One signature, ``v1,<base64 HMAC-SHA256 of "{msg_id}.{timestamp}." + body>``."""
-    signed = f"{msg_id}.{timestamp}.".encode() + body
-    # The one-shot digest runs in OpenSSL without building an HMAC object (issue 8).
-    digest = hmac.digest(secret_bytes(secret), signed, "sha256")
-    return f"{SIGNATURE_VERSION},{base64.b64encode(digest).decode('ascii')}"
+    # A copy of the keyed HMAC, not the one-shot ``hmac.digest``: that one releases the
+    # GIL on every call, and in a process whose database threads want it (aiosqlite)
+    # taking it back cost ~50-80 us of the event loop's time per delivery, against ~1 us
+    # this way (issue 8). An update releases it only for messages of 2 KiB or more.
+    mac = _keyed(secret).copy()
+    mac.update(f"{msg_id}.{timestamp}.".encode())
+    mac.update(body)
+    return f"{SIGNATURE_VERSION},{base64.b64encode(mac.digest()).decode('ascii')}"
 
 
 def signature_header(secrets: Sequence[str], msg_id: str, timestamp: int, body: bytes) -> str:

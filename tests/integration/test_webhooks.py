@@ -997,6 +997,29 @@ async def test_a_redirect_is_a_failure_and_is_not_followed(
     assert len(receiver.at("/hook")) >= 2
 
 
+async def test_a_receiver_s_cookie_is_never_sent_to_it_or_another_endpoint(
+    tenant: Tenant, receiver: Receiver, sender: StartSender
+) -> None:
+    """A receiver answering with Set-Cookie gets no Cookie back on its next delivery, nor
+    does another endpoint on the same host (by name: an HTTP client keeps no cookie for
+    an IP address, so the URLs say localhost)."""
+    sender()
+    setting = receiver.script("/setting", answer(204, headers={"Set-Cookie": "sid=abc; Path=/"}))
+    other = receiver.script("/other", answer(204))
+    first = await create_endpoint(tenant, setting.replace("127.0.0.1", "localhost"))
+    second = await create_endpoint(tenant, other.replace("127.0.0.1", "localhost"))
+    first_event = await send_test(tenant, first["id"])
+    await wait_delivery(tenant, first["id"], first_event, has_status("succeeded"))
+    again = await send_test(tenant, first["id"])
+    elsewhere = await send_test(tenant, second["id"])
+    await wait_delivery(tenant, first["id"], again, has_status("succeeded"))
+    await wait_delivery(tenant, second["id"], elsewhere, has_status("succeeded"))
+
+    hits = receiver.at("/setting") + receiver.at("/other")
+    assert sorted(h.webhook_id for h in hits) == sorted([first_event, again, elsewhere])
+    assert [h.headers.get("Cookie") for h in hits] == [None, None, None]
+
+
 async def test_a_slow_receiver_does_not_delay_another_endpoint(
     tenant: Tenant, receiver: Receiver, sender: StartSender
 ) -> None:

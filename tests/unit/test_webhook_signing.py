@@ -46,6 +46,20 @@ def test_the_signature_matches_the_reference_library_byte_for_byte() -> None:
     assert sign(secret, MSG_ID, timestamp, BODY) == expected
 
 
+@pytest.mark.parametrize("size", [0, 1, 2047, 2048, 70_000])
+def test_each_delivery_of_one_secret_is_signed_as_the_reference_library_signs_it(
+    size: int,
+) -> None:
+    """One secret signs many bodies (its keyed HMAC is reused: never changed by a
+    signature), small and large (large ones are hashed without the GIL)."""
+    secret = generate_secret()
+    when = datetime.fromtimestamp(1_614_265_330, tz=UTC)
+    for n, body in enumerate([b"x" * size, BODY, b"y" * size, BODY]):
+        msg_id = f"{MSG_ID}{n}"
+        expected = Webhook(secret).sign(msg_id, when, body.decode())
+        assert sign(secret, msg_id, 1_614_265_330, body) == expected
+
+
 def test_the_specification_example_signature() -> None:
     """The worked example of the Standard Webhooks specification."""
     signature = sign(
