@@ -16,12 +16,13 @@ import asyncio
 import contextlib
 import hashlib
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
+from aiohttp import web
 from multidict import CIMultiDictProxy
 from sqlalchemy.dialects import postgresql, sqlite
 
@@ -325,3 +326,41 @@ async def release(db: Database, workspace_id: uuid.UUID, key: str, token: dateti
             )
     except Exception as exc:
         log.warning("idempotency_release_failed", error=repr(exc)[:300])
+
+
+async def once(
+    db: Database,
+    workspace_id: uuid.UUID,
+    key: str,
+    print_: str,
+    ttl_s: int,
+    work: Callable[[Claim], Awaitable[StoredResponse]],
+) -> tuple[StoredResponse, bool]:
+    """Run `work` under the key once: the answer, and whether it is a replay.
+
+    Claims the key (409 for another body or while the first runs, `claim`), replays a
+    stored answer, or runs `work(claim)` under the renewed lease (`hold`) and stores its
+    answer for `ttl_s` seconds; a `work` that raises gives the key back (`release`) so the
+    client's retry runs, unless the claim was lost to a takeover meanwhile.
+    """
+    claim_ = await claim(db, workspace_id, key, print_, ttl_s)
+    if claim_.replay is not None:
+        return claim_.replay, True
+    assert claim_.token is not None
+    try:
+        async with hold(db, workspace_id, key, claim_.token):
+            answer = await work(claim_)
+        await complete(db, workspace_id, key, answer, token=claim_.token, ttl_s=ttl_s)
+    except LostClaim:
+        raise  # the key is someone else's now: leave it alone
+    except BaseException:
+        # Whatever failed (an outage, a refusal), the client's retry must be able to run.
+        await release(db, workspace_id, key, claim_.token)
+        raise
+    return answer, False
+
+
+def response(answer: StoredResponse, replayed: bool) -> web.Response:
+    """The HTTP answer of `once`: a replay says so (``Idempotent-Replayed: true``)."""
+    headers = {**answer.headers, REPLAYED: "true"} if replayed else dict(answer.headers)
+    return web.Response(status=answer.status, body=answer.body, headers=headers)

@@ -276,36 +276,19 @@ async def _once(op: Operation, call: Call, workspace_id: uuid.UUID, key: str) ->
     request = call.request
     db, settings = request.app[DB_KEY], request.app[SETTINGS_KEY]
     print_ = idempotency.fingerprint(request.method, request.path, call.raw_body)
-    claim = await idempotency.claim(db, workspace_id, key, print_, settings.idempotency_ttl_s)
-    if claim.replay is not None:
-        stored = claim.replay
-        return web.Response(
-            status=stored.status,
-            body=stored.body,
-            headers={**stored.headers, idempotency.REPLAYED: "true"},
-        )
-    assert claim.token is not None
-    try:
-        async with idempotency.hold(db, workspace_id, key, claim.token):
-            response = await _answer(op, call)
+
+    async def work(_: idempotency.Claim) -> idempotency.StoredResponse:
+        response = await _answer(op, call)
         assert isinstance(response, web.Response) and isinstance(response.body, bytes)
         kept = {
             h: response.headers[h] for h in idempotency.REPLAYED_HEADERS if h in response.headers
         }
-        await idempotency.complete(
-            db,
-            workspace_id,
-            key,
-            idempotency.StoredResponse(response.status, kept, response.body),
-            token=claim.token,
-            ttl_s=settings.idempotency_ttl_s,
-        )
-    except idempotency.LostClaim:
-        raise  # the key is someone else's now: leave it alone
-    except BaseException:
-        await idempotency.release(db, workspace_id, key, claim.token)
-        raise
-    return response
+        return idempotency.StoredResponse(response.status, kept, response.body)
+
+    answer, replayed = await idempotency.once(
+        db, workspace_id, key, print_, settings.idempotency_ttl_s, work
+    )
+    return idempotency.response(answer, replayed)
 
 
 async def _answer(op: Operation, call: Call) -> web.StreamResponse:

@@ -119,36 +119,24 @@ async def _submit(
         )
         return web.Response(status=status, body=body, headers=headers)
     print_ = idempotency.fingerprint(request.method, request.path, raw)
-    claim = await idempotency.claim(db, workspace_id, key, print_, settings.idempotency_ttl_s)
-    if claim.replay is not None:
-        stored = claim.replay
-        return web.Response(
-            status=stored.status,
-            body=stored.body,
-            headers={**stored.headers, "Idempotent-Replayed": "true"},
-        )
-    assert claim.token is not None
-    held = (key, claim.token)
-    try:
-        async with idempotency.hold(db, workspace_id, key, claim.token):
-            status, headers, body = await _handle(
-                request, workspace_id, key_id, req, held, claim.abandoned_job, must_exist
-            )
-        await idempotency.complete(
-            db,
+
+    async def work(claim: idempotency.Claim) -> idempotency.StoredResponse:
+        assert claim.token is not None
+        status, headers, body = await _handle(
+            request,
             workspace_id,
-            key,
-            idempotency.StoredResponse(status, headers, body),
-            token=claim.token,
-            ttl_s=settings.idempotency_ttl_s,
+            key_id,
+            req,
+            (key, claim.token),
+            claim.abandoned_job,
+            must_exist,
         )
-    except idempotency.LostClaim:
-        raise  # the key is someone else's now: leave it alone
-    except BaseException:
-        # Whatever failed (an outage, a refusal), the client's retry must be able to run.
-        await idempotency.release(db, workspace_id, key, claim.token)
-        raise
-    return web.Response(status=status, body=body, headers=headers)
+        return idempotency.StoredResponse(status, headers, body)
+
+    answer, replayed = await idempotency.once(
+        db, workspace_id, key, print_, settings.idempotency_ttl_s, work
+    )
+    return idempotency.response(answer, replayed)
 
 
 async def _handle(
