@@ -108,6 +108,33 @@ def settings(db_url: str) -> Settings:
 
 
 @contextlib.asynccontextmanager
+async def own_database(
+    db_url: str, tmp_path: Path, prefix: str, *, options: str = "", migrate: bool = True
+) -> AsyncIterator[str]:
+    """A database of the test's own beside the shared one (tests whose work reads every
+    row of a kind, which the shared database holds other tests' of): an SQLite file in
+    `tmp_path`, or a new PostgreSQL database on the test cluster created with `options`
+    and dropped afterwards; migrated unless `migrate` is false."""
+    from service.db import admin_sql
+    from service.migrate import upgrade
+
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    sqlite = db_url.startswith("sqlite")
+    if sqlite:
+        url = f"sqlite+aiosqlite:///{tmp_path / (name + '.db')}"
+    else:
+        await admin_sql(db_url, f'CREATE DATABASE "{name}" {options}'.strip())
+        url = f"{db_url.rpartition('/')[0]}/{name}"
+    try:
+        if migrate:
+            await upgrade(url)
+        yield url
+    finally:
+        if not sqlite:
+            await admin_sql(db_url, f'DROP DATABASE "{name}" WITH (FORCE)')
+
+
+@contextlib.asynccontextmanager
 async def opened_services(settings: Settings) -> AsyncIterator[Services]:
     """The process resources of a service with these settings, closed afterwards."""
     svc = Services(settings=settings, db=Database(settings.database_url))

@@ -73,16 +73,7 @@ async def recover_events(db: Database, wakeup: asyncio.Event | None, lost: LostR
     time by id, and each page's deliveries written in one short transaction.
     """
 
-    e = webhook_endpoints.c
-    async with db.read() as conn:
-        endpoints = (
-            await conn.execute(
-                sa.select(e.id, e.workspace_id, e.event_types, e.created_at, e.status)
-            )
-        ).all()
-    by_workspace: dict[uuid.UUID, list[Any]] = {}
-    for endpoint in endpoints:
-        by_workspace.setdefault(endpoint.workspace_id, []).append(endpoint)
+    endpoints, by_workspace = await _endpoints(db)
     examined = created = 0
     if endpoints:
         floor = min(endpoint.created_at for endpoint in endpoints)
@@ -271,16 +262,8 @@ class LostEvents:
 
     async def _pages(self) -> int:
         """Up to ``pages_per_call`` pages of the check under way; the deliveries made."""
-        e = webhook_endpoints.c
-        async with self.db.read() as conn:  # afresh: one deleted meanwhile gets nothing
-            endpoints = (
-                await conn.execute(
-                    sa.select(e.id, e.workspace_id, e.event_types, e.created_at, e.status)
-                )
-            ).all()
-        by_workspace: dict[uuid.UUID, list[Any]] = {}
-        for endpoint in endpoints:
-            by_workspace.setdefault(endpoint.workspace_id, []).append(endpoint)
+        # Read afresh for each call: an endpoint deleted meanwhile gets nothing.
+        endpoints, by_workspace = await _endpoints(self.db)
         oldest = min((endpoint.created_at for endpoint in endpoints), default=None)
         created = 0
         for _ in range(self.pages_per_call):
@@ -365,3 +348,21 @@ class LostEvents:
                     )
                 )
         return missing
+
+
+async def _endpoints(db: Database) -> tuple[list[Any], dict[uuid.UUID, list[Any]]]:
+    """Every endpoint (any status: a disabled one's deliveries are written failed), and
+    the same by workspace, with what routing an event to them needs."""
+    e = webhook_endpoints.c
+    async with db.read() as conn:
+        endpoints = list(
+            (
+                await conn.execute(
+                    sa.select(e.id, e.workspace_id, e.event_types, e.created_at, e.status)
+                )
+            ).all()
+        )
+    by_workspace: dict[uuid.UUID, list[Any]] = {}
+    for endpoint in endpoints:
+        by_workspace.setdefault(endpoint.workspace_id, []).append(endpoint)
+    return endpoints, by_workspace

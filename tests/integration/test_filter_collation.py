@@ -9,59 +9,28 @@ PostgreSQL side runs on a database created with that collation; SQLite on its ow
 
 from __future__ import annotations
 
-import asyncio
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 
-import asyncpg
 import pytest
 import sqlalchemy as sa
-from sqlalchemy.engine import make_url
 
 from service.contacts.filters import compile_filter, parse_filter
 from service.contacts.store import contact_row
 from service.db import Database, contacts, workspaces
-from service.migrate import upgrade_sync
+from tests.conftest import own_database
 
 NAMES = ["apple", "Banana", "B", "b", "Ärger", "zebra", "Zebra", "_x"]
 
 
 @pytest.fixture
-def linguistic_db_url(
-    backend: str, tmp_path: Path, request: pytest.FixtureRequest
-) -> Iterator[str]:
+async def linguistic_db_url(db_url: str, tmp_path: Path) -> AsyncIterator[str]:
     """A migrated database: on PostgreSQL one whose default collation is ICU ``en-US``."""
-    if backend == "sqlite":
-        url = f"sqlite+aiosqlite:///{tmp_path / 'collation.db'}"
-        upgrade_sync(url)
+    icu = "TEMPLATE template0 LOCALE_PROVIDER icu ICU_LOCALE 'en-US' LOCALE 'C.UTF-8'"
+    async with own_database(db_url, tmp_path, "icu", options=icu) as url:
         yield url
-        return
-    server = make_url(request.getfixturevalue("postgres_url"))
-    name = f"icu_{uuid.uuid4().hex[:12]}"
-
-    async def admin(sql: str) -> None:
-        conn = await asyncpg.connect(
-            host=server.host, port=server.port, user=server.username, database=server.database
-        )
-        try:
-            await conn.execute(sql)
-        finally:
-            await conn.close()
-
-    asyncio.run(
-        admin(
-            f"CREATE DATABASE {name} TEMPLATE template0 ENCODING 'UTF8'"
-            " LOCALE_PROVIDER icu ICU_LOCALE 'en-US' LOCALE 'C.UTF-8'"
-        )
-    )
-    try:
-        url = server.set(database=name).render_as_string(hide_password=False)
-        upgrade_sync(url)
-        yield url
-    finally:
-        asyncio.run(admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
 
 
 async def test_gt_and_lt_order_names_by_code_point(linguistic_db_url: str) -> None:

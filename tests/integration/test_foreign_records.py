@@ -21,14 +21,13 @@ from aiohttp.test_utils import TestServer
 
 from service.app import Services, create_app
 from service.config import Settings
-from service.db import admin_sql, outbox, server_secrets, webhook_deliveries
+from service.db import outbox, server_secrets, webhook_deliveries
 from service.db import webhook_endpoints as endpoints_table
 from service.deployment import DEPLOYMENT_ID_NAME
 from service.events import TOPIC_CONTACT_DELETED, TOPIC_DELETION_REQUESTED
 from service.kafka import OutMessage, Producer
-from service.migrate import upgrade
 from service.topics import create_topics
-from tests.conftest import Tenant, components_running, new_tenant, opened_services
+from tests.conftest import Tenant, components_running, new_tenant, opened_services, own_database
 from tests.integration.test_lost_records import BOUND_S, _done, _endpoint, own_db_url, settings
 from tests.integration.test_unreadable_batches import _all_published, _bulk_delete, _completed
 from tests.logcapture import json_logs
@@ -39,18 +38,8 @@ __all__ = ["own_db_url", "settings"]  # the fixtures, used by name
 @pytest.fixture
 async def other_db_url(db_url: str, tmp_path: Path) -> AsyncIterator[str]:
     """The other deployment's database."""
-    if db_url.startswith("sqlite"):
-        url = f"sqlite+aiosqlite:///{tmp_path / 'other.db'}"
-    else:
-        name = f"other_{uuid.uuid4().hex[:10]}"
-        await admin_sql(db_url, f'CREATE DATABASE "{name}"')
-        url = f"{db_url.rpartition('/')[0]}/{name}"
-    try:
-        await upgrade(url)
+    async with own_database(db_url, tmp_path, "other") as url:
         yield url
-    finally:
-        if not db_url.startswith("sqlite"):
-            await admin_sql(db_url, f'DROP DATABASE "{name}" WITH (FORCE)')
 
 
 @pytest.fixture

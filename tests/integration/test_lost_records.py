@@ -27,11 +27,10 @@ from aiokafka.admin import AIOKafkaAdminClient, NewPartitions, NewTopic, Records
 
 from service.app import Services
 from service.config import Settings
-from service.db import admin_sql, outbox, utcnow, webhook_deliveries, webhook_endpoints
+from service.db import outbox, utcnow, webhook_deliveries, webhook_endpoints
 from service.events import TOPIC_CONTACT_DELETED, TOPIC_DELETION_REQUESTED, TYPE_CONTACT_DELETED
-from service.migrate import upgrade
 from service.topics import create_topics
-from tests.conftest import Tenant, components_running, make_settings
+from tests.conftest import Tenant, components_running, make_settings, own_database
 from tests.integration.test_unreadable_batches import _all_published, _bulk_delete, _completed
 from tests.logcapture import json_logs
 from tests.unreadable_batches import produce_raw, zstd_batch
@@ -43,18 +42,8 @@ BOUND_S = 30  # work left undone fails the test instead of hanging it
 async def own_db_url(db_url: str, tmp_path: Path) -> AsyncIterator[str]:
     """A database of the test's own: what is redone is every pending item (or published
     event) of the partition, and the shared database holds other tests' ones."""
-    if db_url.startswith("sqlite"):
-        url = f"sqlite+aiosqlite:///{tmp_path / 'own.db'}"
-    else:
-        name = f"lost_{uuid.uuid4().hex[:10]}"
-        await admin_sql(db_url, f'CREATE DATABASE "{name}"')
-        url = f"{db_url.rpartition('/')[0]}/{name}"
-    try:
-        await upgrade(url)
+    async with own_database(db_url, tmp_path, "lost") as url:
         yield url
-    finally:
-        if not db_url.startswith("sqlite"):
-            await admin_sql(db_url, f'DROP DATABASE "{name}" WITH (FORCE)')
 
 
 @pytest.fixture

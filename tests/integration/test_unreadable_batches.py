@@ -25,7 +25,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from service.app import Services
 from service.config import Settings
-from service.db import admin_sql, outbox, webhook_deliveries
+from service.db import outbox, webhook_deliveries
 from service.events import (
     DLQ_SUFFIX,
     TOPIC_CONTACT_DELETED,
@@ -33,9 +33,8 @@ from service.events import (
     TYPE_CONTACT_DELETED,
 )
 from service.kafka import Consumer, UnreadableBatch, read_topics
-from service.migrate import upgrade
 from service.topics import create_topics
-from tests.conftest import Tenant, components_running, make_settings
+from tests.conftest import Tenant, components_running, make_settings, own_database
 from tests.logcapture import json_logs
 from tests.unreadable_batches import bad_header_key_batch, plain_batch, produce_raw, zstd_batch
 
@@ -47,18 +46,8 @@ async def own_db_url(db_url: str, tmp_path: Path) -> AsyncIterator[str]:
     """A database of the test's own: the worker writes again every waiting command of the
     partition it lost (service.deletion.giveup.resend_lost), and the shared database
     holds other tests' unfinished jobs."""
-    if db_url.startswith("sqlite"):
-        url = f"sqlite+aiosqlite:///{tmp_path / 'own.db'}"
-    else:
-        name = f"unreadable_{uuid.uuid4().hex[:10]}"
-        await admin_sql(db_url, f'CREATE DATABASE "{name}"')
-        url = f"{db_url.rpartition('/')[0]}/{name}"
-    try:
-        await upgrade(url)
+    async with own_database(db_url, tmp_path, "unreadable") as url:
         yield url
-    finally:
-        if not db_url.startswith("sqlite"):
-            await admin_sql(db_url, f'DROP DATABASE "{name}" WITH (FORCE)')
 
 
 @pytest.fixture
