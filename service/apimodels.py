@@ -32,29 +32,65 @@ _EXAMPLE = "e.g. 2024-05-01T12:00:00Z"
 _PLUS_AS_SPACE = re.compile(r"\d \d{2}(:?\d{2})?$")
 
 
-def _instant(value: Any) -> Any:
-    # ISO 8601 / RFC 3339 only (pydantic would also take a bare number as a Unix time),
-    # with its offset: an instant, not a wall-clock time somewhere.
-    if isinstance(value, datetime):
-        parsed = value
-    elif not isinstance(value, str):
-        raise ValueError(f"give an ISO-8601 date-time string, {_EXAMPLE}")
-    elif _PLUS_AS_SPACE.search(value.strip()):
+# RFC 3339 §5.6 date-time, the one grammar of every time a client gives (audit since/until,
+# recover's since, a filter's created_at, occurred_at, due_at): full-date, "T" (either case,
+# or a space: RFC 3339's note), full-time (seconds may be left out) and an offset ("Z" in
+# either case, or ±hh:mm). ISO 8601's other forms (week dates 2026-W48-1, ordinal dates,
+# the basic format 20261130T000000Z) are refused everywhere alike.
+_RFC3339 = re.compile(
+    r"(\d{4}-\d{2}-\d{2})[Tt ](\d{2}:\d{2}(?::\d{2}(?:\.\d{1,9})?)?)([Zz]|[+-]\d{2}:\d{2})?"
+)
+_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
+
+
+def parse_instant(text: str) -> datetime:
+    """An RFC 3339 date-time with its offset as an aware datetime (fractions past
+    microseconds dropped); ValueError naming what is wrong, with an example, otherwise."""
+    value = text.strip()
+    if _PLUS_AS_SPACE.search(value):
         raise ValueError(
             "in a query string an unencoded '+' arrives as a space: send the offset's '+' "
             f"as %2B, or give the time in UTC with Z, {_EXAMPLE}"
         )
-    else:
-        try:
-            parsed = datetime.fromisoformat(value)
-        except ValueError:
-            raise ValueError(f"not an ISO-8601 date-time, {_EXAMPLE}") from None
-        if "T" not in value.upper() and " " not in value.strip():
-            raise ValueError(f"a date alone is not an instant: add a time and Z, {_EXAMPLE}")
-    if parsed.tzinfo is None or parsed.utcoffset() is None:
+    if _DATE.fullmatch(value):
+        raise ValueError(f"a date alone is not an instant: add a time and Z, {_EXAMPLE}")
+    match = _RFC3339.fullmatch(value)
+    if match is None:
+        raise ValueError(f"not an RFC 3339 date-time, {_EXAMPLE}")
+    date, time, offset = match.groups()
+    if offset is None:
         raise ValueError(f"add a UTC offset or Z, {_EXAMPLE}")
+    whole, _, fraction = time.partition(".")
+    time = f"{whole}.{fraction[:6]}" if fraction else whole
+    try:
+        parsed = datetime.fromisoformat(f"{date}T{time}{'+00:00' if offset in 'Zz' else offset}")
+    except ValueError as exc:  # a month 13, a minute 61
+        raise ValueError(f"not a valid date-time ({exc}), {_EXAMPLE}") from None
     return in_utc_range(parsed)
 
+
+def _instant(value: Any) -> Any:
+    # RFC 3339 strings only (pydantic would also take a bare number as a Unix time), with
+    # an offset: an instant, not a wall-clock time somewhere.
+    if isinstance(value, datetime):
+        if value.tzinfo is None or value.utcoffset() is None:
+            raise ValueError(f"add a UTC offset or Z, {_EXAMPLE}")
+        return in_utc_range(value)
+    if not isinstance(value, str):
+        raise ValueError(f"give an RFC 3339 date-time string, {_EXAMPLE}")
+    return parse_instant(value)
+
+
+def _query_flag(value: Any) -> Any:
+    # A query string's boolean is `true` or `false`, as a body's is (pydantic's lax mode
+    # also reads yes/no, on/off, 1/0, t/f, y/n: a typo would not be an error).
+    if isinstance(value, str) and value not in ("true", "false"):
+        raise ValueError("give true or false")
+    return value == "true" if isinstance(value, str) else value
+
+
+QueryFlag = Annotated[bool, BeforeValidator(_query_flag)]
+"""A boolean in a query string: exactly ``true`` or ``false``."""
 
 Instant = Annotated[datetime, BeforeValidator(_instant)]
 """An instant given by a client (a filter's bound, recover's ``since``): an ISO-8601 /

@@ -106,11 +106,39 @@ def create_app(services: Services) -> web.Application:
     return app
 
 
-async def run_api(services: Services, stop: asyncio.Event) -> None:
-    """Serve the HTTP API until `stop` is set."""
-    runner = web.AppRunner(create_app(services), access_log=None, handle_signals=False)
+# What a process serves on OPS_PORT: the probes and its own counters, nothing else.
+OPS_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+
+
+def create_ops_app(services: Services) -> web.Application:
+    """`GET /healthz`, `/readyz` and `/metrics` alone, as the api serves them (the same
+    routes and error envelope), for a process that runs a relay, worker or dispatcher: its
+    liveness and readiness probes and its own Prometheus counters."""
+    app = web.Application(middlewares=[services.metrics.middleware, edge_middleware])
+    app.on_response_prepare.append(edge_headers)
+    app[SETTINGS_KEY] = services.settings
+    app[DB_KEY] = services.db
+    app[ops.METRICS_KEY] = services.metrics
+    app[ops.WAITING_KEY] = services.waiting
+    register(app, [tuple(op for op in ops.ROUTES if op.path in OPS_PATHS)])
+    return app
+
+
+async def _serve(
+    app: web.Application,
+    stop: asyncio.Event,
+    *,
+    host: str,
+    port: int,
+    setting: str,
+    event: str,
+    listening: asyncio.Event | None = None,
+) -> None:
+    """Serve `app` on host:port until `stop` is set; `event` is logged with the port bound
+    (a port of 0 asks the system for a free one) and `listening` set once it is bound. An
+    address it cannot listen on is a StartupError naming `setting` (HTTP_PORT or OPS_PORT)."""
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
-    host, port = services.settings.http_host, services.settings.http_port
     site = web.TCPSite(runner, host, port)
     try:
         await site.start()
@@ -118,16 +146,44 @@ async def run_api(services: Services, stop: asyncio.Event) -> None:
         await runner.cleanup()
         reason = exc.strerror or str(exc) or type(exc).__name__
         raise StartupError(
-            f"cannot listen on HTTP_HOST={host} HTTP_PORT={port}: {reason}"
+            f"cannot listen on HTTP_HOST={host} {setting}={port}: {reason}"
         ) from None
-    services.listening.set()
-    # The port bound (HTTP_PORT=0 asks the system for a free one).
+    if listening is not None:
+        listening.set()
     bound = [address[1] for address in runner.addresses if isinstance(address, tuple)]
-    log.info("api_listening", host=host, port=bound[0] if bound else port)
+    log.info(event, host=host, port=bound[0] if bound else port)
     try:
         await stop.wait()
     finally:
         await runner.cleanup()
+
+
+async def run_api(services: Services, stop: asyncio.Event) -> None:
+    """Serve the HTTP API until `stop` is set."""
+    settings = services.settings
+    await _serve(
+        create_app(services),
+        stop,
+        host=settings.http_host,
+        port=settings.http_port,
+        setting="HTTP_PORT",
+        event="api_listening",
+        listening=services.listening,
+    )
+
+
+async def run_ops(services: Services, stop: asyncio.Event) -> None:
+    """Serve `create_ops_app` on HTTP_HOST:OPS_PORT until `stop` is set."""
+    settings = services.settings
+    assert settings.ops_port is not None
+    await _serve(
+        create_ops_app(services),
+        stop,
+        host=settings.http_host,
+        port=settings.ops_port,
+        setting="OPS_PORT",
+        event="ops_listening",
+    )
 
 
 async def _topics_ready(services: Services, stop: asyncio.Event, component: str) -> bool:
@@ -276,6 +332,8 @@ async def run_components(services: Services, names: Sequence[str], stop: asyncio
     """Run the named components until `stop` is set or one of them fails."""
     known = components()
     tasks = [asyncio.create_task(known[n](services, stop), name=n) for n in names]
+    if services.settings.ops_port is not None:
+        tasks.append(asyncio.create_task(run_ops(services, stop), name="ops"))
     stopper = asyncio.create_task(stop.wait())
     try:
         done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)

@@ -44,6 +44,7 @@ configuration comes from environment variables (all optional locally), e.g.
   DATABASE_URL             default: SQLite, <DATA_DIR>/contact-deletion.db
   KAFKA_BOOTSTRAP_SERVERS  default: 127.0.0.1:9092
   HTTP_HOST / HTTP_PORT    default: 127.0.0.1 / 8080
+  OPS_PORT                 unset; set: /healthz, /readyz, /metrics on it
   LOG_FORMAT / LOG_LEVEL   default: json / INFO
 see the README for the full list."""
 

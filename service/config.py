@@ -125,6 +125,9 @@ class Settings(BaseSettings):
     kafka_consumer_group_prefix: str = "contact-deletion"
     http_host: str = "127.0.0.1"
     http_port: int = Field(default=8080, ge=0, le=65535)
+    # When set, the process also serves GET /healthz, /readyz and /metrics (nothing else) on
+    # HTTP_HOST:OPS_PORT: the probes and counters of a relay, worker or dispatcher run apart.
+    ops_port: int | None = Field(default=None, ge=0, le=65535)
     public_base_url: str | None = None
 
     log_format: Literal["json", "console"] = "json"
@@ -154,6 +157,12 @@ class Settings(BaseSettings):
     # recording is a transaction with a fixed cost: at 0.05 s it was a tenth of the
     # sender's CPU per delivery (issue 8); a webhook is sent no later for it.
     webhook_group_commit_s: float = Field(default=0.2, gt=0, le=5)
+    # While the fan-out is idle and caught up (each partition it owns read to its end), an
+    # event the outbox published before then with no delivery for an endpoint that took it
+    # was lost unseen (its topic deleted and created again: no gap shows): checked at most
+    # this often, over the rows published since the last check (the first: the last
+    # 24 hours), and its deliveries are made (service.webhooks.refanout.LostEvents). 0: never.
+    webhook_lost_events_check_s: float = Field(default=300.0, ge=0)
 
     audit_hash_key: SecretStr | None = None
     data_dir: Path = Field(default_factory=default_data_dir)

@@ -228,7 +228,13 @@ async def edge_middleware(request: web.Request, handler: Handler) -> web.StreamR
     except web.HTTPException as exc:
         response = error_response(_from_http_exception(exc, request.path))
     except Exception as exc:
-        if is_transient(exc):
+        if _client_gone(request, exc):
+            # The client closed the connection (mid-body, or mid-stream of an export): no
+            # outage and no bug. Nobody reads this answer; /metrics counts it 499, nginx's
+            # "client closed request", not a 503 that would page someone.
+            log.info("client_disconnected", path=request.path, method=request.method)
+            response = web.Response(status=CLIENT_CLOSED_REQUEST)
+        elif is_transient(exc):
             # An outage, not a bug: tell the client when to come back (DESIGN §3).
             log.warning(
                 "service_unavailable",
@@ -249,6 +255,20 @@ async def edge_middleware(request: web.Request, handler: Handler) -> web.StreamR
         structlog.contextvars.clear_contextvars()
     response.headers.update(extra_headers)
     return response
+
+
+CLIENT_CLOSED_REQUEST = 499
+"""The status recorded (never sent) for a request whose client went away (nginx's 499)."""
+
+
+def _client_gone(request: web.Request, exc: BaseException) -> bool:
+    """Whether `exc` is the request's own connection lost: a reset (aiohttp raises
+    ConnectionResetError, or its ClientConnectionResetError subclass, reading a body that
+    never came whole or writing to a closed socket) with this request's transport closed or
+    closing. A database connection reset leaves the client's transport open: an outage."""
+    transport = request.transport
+    closed = transport is None or transport.is_closing()
+    return isinstance(exc, ConnectionResetError) and closed
 
 
 async def edge_headers(request: web.BaseRequest, response: web.StreamResponse) -> None:

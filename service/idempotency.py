@@ -42,6 +42,8 @@ LEASE = timedelta(seconds=10)
 # the old rule (abandoned after 120 s, the longest a request can wait) still applies.
 STALE_AFTER = timedelta(seconds=120)
 REPLAYED_HEADERS = ("Location", "Content-Type")
+HEADER = "Idempotency-Key"
+REPLAYED = "Idempotent-Replayed"
 
 
 @dataclass(frozen=True)

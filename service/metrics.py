@@ -55,6 +55,15 @@ class Metrics:
             ("topic", "outcome"),
             registry=self.registry,
         )
+        self.foreign_records_skipped = Counter(
+            "foreign_records_skipped_total",
+            "Records a consumer did not act on because they are not this deployment's"
+            " (service.deployment): case another_deployment (stamped by another one),"
+            " stale_record (this one's, naming a job its database does not have) or"
+            " unstamped (no deployment header, naming a job its database does not have)",
+            ("topic", "case"),
+            registry=self.registry,
+        )
 
     @web.middleware
     async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:

@@ -114,8 +114,8 @@ def encode_cursor(position: dict[str, Any]) -> str:
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
-def read_cursor(cursor: str, model: type[C]) -> C:
-    """The position inside a cursor, or a 400 naming the cursor."""
+def read_cursor(cursor: str, model: type[C], field: str = "cursor") -> C:
+    """The position inside a cursor, or a 400 naming the cursor's `field`."""
     try:
         if len(cursor) > MAX_CURSOR_LENGTH:
             raise ValueError("too long")
@@ -124,7 +124,7 @@ def read_cursor(cursor: str, model: type[C]) -> C:
         return model.model_validate(value)
     except (ValueError, UnicodeError, binascii.Error, ValidationError, OverflowError):
         raise ValidationFailed(
-            "invalid cursor", [{"field": "cursor", "message": "not a cursor from this listing"}]
+            f"invalid {field}", [{"field": field, "message": "not a cursor from this listing"}]
         ) from None
 
 

@@ -58,6 +58,7 @@ from service.db import Database, any_of, outbox, utcnow
 from service.deletion.giveup import give_up, unreadable_commands
 from service.deletion.notify import JobNotifier
 from service.deletion.worker import BatchResult, _log_batch, parse_command
+from service.deployment import deployment_id, stamp_of
 from service.errors import PoisonMessage
 from service.events import (
     TYPE_CONTACT_DELETED,
@@ -97,11 +98,12 @@ def _headers(text: str) -> tuple[tuple[str, bytes], ...]:
     return headers
 
 
-def _message(row: Any) -> OutMessage:
-    """The Kafka record of an outbox row; :class:`UnreadableRecord` if it cannot be read."""
+def _message(row: Any, stamp: tuple[tuple[str, bytes], ...] = ()) -> OutMessage:
+    """The Kafka record of an outbox row, with the ``stamp`` headers after its own
+    (service.deployment); :class:`UnreadableRecord` if it cannot be read."""
     try:
         key = row.key.encode() if row.key is not None else None
-        return OutMessage(row.topic, key, bytes(row.payload), _headers(row.headers))
+        return OutMessage(row.topic, key, bytes(row.payload), _headers(row.headers) + stamp)
     except (ValueError, TypeError, AttributeError) as exc:
         # A JSON or Unicode error, headers of another shape, a payload of another type.
         raise UnreadableRecord(f"unreadable outbox row ({type(exc).__name__})") from exc
@@ -145,6 +147,8 @@ class Relay:
         self.published = 0
         self.passes = 0
         self.idle = asyncio.Event()
+        # This deployment's header on every record (service.deployment), read at the first pass.
+        self.stamp: tuple[tuple[str, bytes], ...] | None = None
 
     def _pending(self, only: int | None = None) -> sa.Select[Any]:
         stmt = self._waiting(*_ROW)
@@ -167,6 +171,8 @@ class Relay:
     async def publish_once(self, only: int | None = None) -> int:
         """Publish one batch (``only``: that row alone); returns how many rows it took care
         of (published or set aside: a full batch means more may be waiting)."""
+        if self.stamp is None:
+            self.stamp = stamp_of(await deployment_id(self.db))
         if self.db.is_sqlite:
             # SQLite has one writer: read, publish, then mark in a short write transaction,
             # rather than holding the write lock across a broker round trip.
@@ -202,7 +208,7 @@ class Relay:
         records: list[tuple[Any, OutMessage]] = []
         for row in rows:
             try:
-                records.append((row, _message(row)))
+                records.append((row, _message(row, self.stamp or ())))
             except UnreadableRecord as exc:
                 done.refused.append((row, str(exc)))
         refused = dict(await send_isolating(self.producer, [m for _, m in records]))

@@ -39,9 +39,10 @@ from typing import Any, TypeVar
 from aiohttp import hdrs, web
 from pydantic import BaseModel, ValidationError
 
+from service import idempotency
 from service.apimodels import NoQuery
 from service.errors import MethodNotAllowed, NotFound, ValidationFailed
-from service.http import read_json, require, validation_details
+from service.http import DB_KEY, SETTINGS_KEY, read_json, require, validation_details
 from service.keys import Principal
 from service.limits import bad_text
 
@@ -67,6 +68,17 @@ class HeaderParam:
     name: str
     description: str
     schema: dict[str, Any] = field(default_factory=lambda: {"type": "string"})
+
+
+IDEMPOTENCY_KEY = HeaderParam(
+    "IdempotencyKey",
+    idempotency.HEADER,
+    "Makes the request safe to retry: the same key with the same body within 24 h gets the "
+    "original answer again (with Idempotent-Replayed: true); with another body, or while the "
+    "first request still runs, 409 idempotency_conflict. Recommended on every POST that "
+    "creates or changes something.",
+    {"type": "string", "minLength": 1, "maxLength": idempotency.MAX_KEY_LENGTH},
+)
 
 
 @dataclass
@@ -233,27 +245,89 @@ def _wrap(op: Operation) -> Callable[[web.Request], Awaitable[web.StreamResponse
                 raise ValidationFailed(
                     "the request body is invalid", _known(validation_details(exc), op.body, "field")
                 ) from None
-        result = await op.handler(Call(request, who, path, query, body, raw))
-        if isinstance(result, web.StreamResponse):
-            return result
-        reply = result if isinstance(result, Reply) else Reply(result, op.answers[0].status)
-        answer = op.answer(reply.status)
-        if answer.model is None:
-            assert reply.model is None, f"{op.operation_id} {reply.status} has no body"
-            return web.Response(status=reply.status, headers=reply.headers)
-        assert type(reply.model) is answer.model, (
-            f"{op.operation_id} answered {type(reply.model).__name__} for {reply.status}, "
-            f"the table says {answer.model.__name__}"
-        )
-        return web.Response(
-            status=reply.status,
-            body=dump(reply.model),
-            headers=reply.headers,
-            content_type=answer.media_type,
-        )
+        call = Call(request, who, path, query, body, raw)
+        key = idempotency.header_key(request.headers) if replays(op) else None
+        if key is None or who is None:
+            return await _answer(op, call)
+        return await _once(op, call, who.workspace_id, key)
 
     handler.__name__ = op.operation_id
     return handler
+
+
+def replays(op: Operation) -> bool:
+    """Whether `Idempotency-Key` on this operation replays its first answer through
+    `_once`: every POST that changes something (its scope is not a ``:read`` one: a query
+    sent as POST has nothing to protect, and a replayed page would be stale), except those
+    that keep the key in their own transaction (they declare the header: the deletions)."""
+    own = any(h.name == idempotency.HEADER for h in op.headers)
+    writes = op.scope is not None and not op.scope.endswith(":read")
+    return op.method == hdrs.METH_POST and writes and not own
+
+
+async def _once(op: Operation, call: Call, workspace_id: uuid.UUID, key: str) -> web.Response:
+    """Answer a request under its Idempotency-Key, as Stripe does on every POST: the same key
+    and body within the replay window (24 h) get the first answer again, byte for byte,
+    with ``Idempotent-Replayed: true``; another body, or the first still running, 409
+    ``idempotency_conflict`` (service.idempotency). A request that fails (an error answer,
+    an outage) leaves no answer behind: its retry runs. Unlike a deletion's, the key is not
+    written in the handler's own transaction: a process that dies between the two leaves
+    the key to lapse, and its retry runs again."""
+    request = call.request
+    db, settings = request.app[DB_KEY], request.app[SETTINGS_KEY]
+    print_ = idempotency.fingerprint(request.method, request.path, call.raw_body)
+    claim = await idempotency.claim(db, workspace_id, key, print_, settings.idempotency_ttl_s)
+    if claim.replay is not None:
+        stored = claim.replay
+        return web.Response(
+            status=stored.status,
+            body=stored.body,
+            headers={**stored.headers, idempotency.REPLAYED: "true"},
+        )
+    assert claim.token is not None
+    try:
+        async with idempotency.hold(db, workspace_id, key, claim.token):
+            response = await _answer(op, call)
+        assert isinstance(response, web.Response) and isinstance(response.body, bytes)
+        kept = {
+            h: response.headers[h] for h in idempotency.REPLAYED_HEADERS if h in response.headers
+        }
+        await idempotency.complete(
+            db,
+            workspace_id,
+            key,
+            idempotency.StoredResponse(response.status, kept, response.body),
+            token=claim.token,
+            ttl_s=settings.idempotency_ttl_s,
+        )
+    except idempotency.LostClaim:
+        raise  # the key is someone else's now: leave it alone
+    except BaseException:
+        await idempotency.release(db, workspace_id, key, claim.token)
+        raise
+    return response
+
+
+async def _answer(op: Operation, call: Call) -> web.StreamResponse:
+    """Run the operation's handler and turn its result into the response the table says."""
+    result = await op.handler(call)
+    if isinstance(result, web.StreamResponse):
+        return result
+    reply = result if isinstance(result, Reply) else Reply(result, op.answers[0].status)
+    answer = op.answer(reply.status)
+    if answer.model is None:
+        assert reply.model is None, f"{op.operation_id} {reply.status} has no body"
+        return web.Response(status=reply.status, headers=reply.headers)
+    assert type(reply.model) is answer.model, (
+        f"{op.operation_id} answered {type(reply.model).__name__} for {reply.status}, "
+        f"the table says {answer.model.__name__}"
+    )
+    return web.Response(
+        status=reply.status,
+        body=dump(reply.model),
+        headers=reply.headers,
+        content_type=answer.media_type,
+    )
 
 
 def _not_allowed(methods: Iterable[str]) -> Callable[[web.Request], Awaitable[web.Response]]:

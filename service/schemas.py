@@ -41,7 +41,15 @@ from service.events import (
     JobExpand,
 )
 from service.limits import limits_table
-from service.routing import Answer, HeaderParam, Operation, RouteTable, operations
+from service.routing import (
+    IDEMPOTENCY_KEY,
+    Answer,
+    HeaderParam,
+    Operation,
+    RouteTable,
+    operations,
+    replays,
+)
 from service.webhooks.payloads import (
     TYPE_WEBHOOK_TEST,
     ContactDeletedWebhook,
@@ -331,12 +339,15 @@ def _operation(c: _Components, op: Operation) -> Schema:
     path id can name nothing (404).
     """
     codes = set(op.errors)
+    generic_key = replays(op)  # Idempotency-Key through service.routing._once
+    if generic_key:
+        codes.add(409)
     if op.scope is not None:
         codes |= {401, 403, 429}
     if op.body is not None:
         codes |= {400, 413, 415}
     query = _query_parameters(c, op.query)
-    if query or op.headers:
+    if query or op.headers or generic_key:
         codes.add(400)
     if op.path_params:
         codes.add(404)
@@ -352,6 +363,7 @@ def _operation(c: _Components, op: Operation) -> Schema:
             ),
             *query,
             *(_header_parameter(c, h) for h in op.headers),
+            *([_header_parameter(c, IDEMPOTENCY_KEY)] if generic_key else []),
             _ref("parameters", "RequestId"),
         ],
         "responses": {

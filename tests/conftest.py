@@ -18,7 +18,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp.test_utils import TestServer
+from aiohttp import web
 from multidict import CIMultiDictProxy
 
 from service.app import Services, create_app, run_components
@@ -150,11 +150,16 @@ async def services(settings: Settings) -> AsyncIterator[Services]:
 
 @pytest.fixture
 async def api(services: Services) -> AsyncIterator[str]:
-    """The HTTP API served on a real socket; yields its base URL."""
-    server = TestServer(create_app(services), host="127.0.0.1")
-    await server.start_server()
-    yield str(server.make_url("")).rstrip("/")
-    await server.close()
+    """The HTTP API served on a real socket as `service.app.run_api` serves it (an
+    AppRunner: aiohttp's TestServer cancels a handler whose client went away, which the
+    service's runner does not); yields its base URL."""
+    runner = web.AppRunner(create_app(services), access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = next(a[1] for a in runner.addresses if isinstance(a, tuple))
+    yield f"http://127.0.0.1:{port}"
+    await runner.cleanup()
 
 
 @dataclass

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -200,8 +201,11 @@ class VerifyResult:
     on failure they stop just before ``broken_seq``, the first sequence number at which
     the chain is not what it should be (``None`` when not even that is known, such as a
     malformed first line of an export). ``reason`` is a code, one of ``gap``,
-    ``workspace_mismatch``, ``broken_link``, ``hash_mismatch``, ``malformed_event`` and
-    ``malformed_line``; ``detail`` says the same for a person (expected and found seq,
+    ``workspace_mismatch``, ``broken_link``, ``hash_mismatch``, ``malformed_event``,
+    ``malformed_line``, and with anchors (a seq and its hash saved outside the service
+    earlier) ``anchor_mismatch`` (that seq now has another hash: rewritten),
+    ``anchor_missing`` (the chain ends before it: cut) and ``anchor_outside`` (the walk
+    starts after it); ``detail`` says the same for a person (expected and found seq,
     line number, ...).
     """
 
@@ -257,6 +261,7 @@ class ChainVerifier:
         start_seq: int = 1,
         start_prev_hash: str | None = GENESIS_HASH,
         workspace_id: str | None = None,
+        anchors: Mapping[int, str] | None = None,
     ) -> None:
         if start_seq < 1:
             raise ValueError("start_seq must be at least 1")
@@ -271,6 +276,10 @@ class ChainVerifier:
         # An empty mid-chain walk with a trusted start has no known head hash.
         self._head_hash = start_prev_hash if start_prev_hash is not None else ""
         self._failure: VerifyResult | None = None
+        self._start_seq = start_seq
+        # seq -> hash saved outside the service earlier (`parse_anchor`): the chain must
+        # still hold that hash at that seq, or it was rewritten (or cut) since.
+        self._anchors = dict(anchors or {})
 
     @property
     def broken(self) -> bool:
@@ -284,6 +293,15 @@ class ChainVerifier:
         problem = self._problem(event)
         if problem is not None:
             self.fail(*problem, broken_seq=self._expected_seq)
+            return False
+        anchored = self._anchors.get(event["seq"])
+        if anchored is not None and anchored != event["hash"]:
+            self.fail(
+                "anchor_mismatch",
+                f"seq {event['seq']} has hash {event['hash']}, the anchor says {anchored}: the"
+                " trail was rewritten after the anchor was taken",
+                broken_seq=event["seq"],
+            )
             return False
         self._checked += 1
         self._head_seq = event["seq"]
@@ -314,7 +332,22 @@ class ChainVerifier:
         return self._expected_seq
 
     def result(self) -> VerifyResult:
-        """The first failure, or ok with the head of what was fed."""
+        """The first failure, or ok with the head of what was fed (every anchor met)."""
+        for seq in sorted(self._anchors):
+            if seq < self._start_seq:
+                self.fail(
+                    "anchor_outside",
+                    f"the anchor's seq {seq} is before the first event checked"
+                    f" (seq {self._start_seq}): export from since_seq={seq} or earlier",
+                    broken_seq=None,
+                )
+            elif seq > self._head_seq:
+                self.fail(
+                    "anchor_missing",
+                    f"no event at the anchor's seq {seq} (the chain ends at seq"
+                    f" {self._head_seq}): events were removed after the anchor was taken",
+                    broken_seq=self._head_seq + 1,
+                )
         if self._failure is not None:
             return self._failure
         return VerifyResult(
@@ -350,16 +383,29 @@ class ChainVerifier:
         return None
 
 
+def parse_anchor(text: str) -> tuple[int, str]:
+    """``SEQ:HASH`` (a chain's head as `audit verify` prints it, saved elsewhere) as
+    ``(seq, hash)``; ValueError naming the expected form otherwise."""
+    seq, sep, digest = text.strip().partition(":")
+    if not sep or not seq.isdigit() or int(seq) < 1 or not re.fullmatch(r"[0-9a-f]{64}", digest):
+        raise ValueError(f"an anchor is SEQ:HASH (a seq and its 64 hex digit hash), not {text!r}")
+    return int(seq), digest
+
+
 def verify_events(
     events: Iterable[Mapping[str, Any]],
     *,
     start_seq: int = 1,
     start_prev_hash: str | None = GENESIS_HASH,
     workspace_id: str | None = None,
+    anchors: Mapping[int, str] | None = None,
 ) -> VerifyResult:
     """Verify an iterable of events (consumed lazily, stopping at the first break)."""
     verifier = ChainVerifier(
-        start_seq=start_seq, start_prev_hash=start_prev_hash, workspace_id=workspace_id
+        start_seq=start_seq,
+        start_prev_hash=start_prev_hash,
+        workspace_id=workspace_id,
+        anchors=anchors,
     )
     for event in events:
         if not verifier.feed(event):

@@ -3,7 +3,10 @@
 - ``audit verify [--workspace NAME] [--json]`` walks every workspace's chain (or one, by
   name or id) and prints one line per workspace, with the first break of a broken one;
 - ``audit verify-export FILE [--json]`` re-verifies an exported NDJSON file without the
-  database (``service.audit.export.verify_export``).
+  database (``service.audit.export.verify_export``);
+- ``--anchor SEQ:HASH`` (either, repeatable): a head printed earlier and kept outside the
+  service must still be in the chain. A hash chain alone shows an edit only to someone who
+  did not recompute the hashes after it; an anchor kept elsewhere shows that too.
 
 Exit codes: 0 when everything verifies, 1 when something does not, 2 when there is
 nothing to verify (an unknown workspace, an unreadable or empty file, or a file that holds
@@ -16,6 +19,7 @@ import argparse
 import asyncio
 import json
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -44,12 +48,38 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     verify = commands.add_parser("verify", help=summary, description=summary.capitalize() + ".")
     verify.add_argument("--workspace", help="the name or id of one workspace (default: all)")
     verify.add_argument("--json", action="store_true", help="one JSON object per workspace")
+    verify.add_argument(*_ANCHOR_ARGS, **_ANCHOR_OPTIONS)
     summary = "re-verify an exported NDJSON file offline, without the database"
     offline = commands.add_parser(
         "verify-export", help=summary, description=summary.capitalize() + "."
     )
     offline.add_argument("file", type=Path, help="the file from GET /v1/audit/export")
     offline.add_argument("--json", action="store_true", help="print the result as JSON")
+    offline.add_argument(*_ANCHOR_ARGS, **_ANCHOR_OPTIONS)
+
+
+def _anchor(text: str) -> tuple[int, str]:
+    from service.audit.chain import parse_anchor
+
+    try:
+        return parse_anchor(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+# The hash chain shows an edited event only to someone who does not recompute the hashes
+# after it: whoever can write the database can. A head (seq and hash) saved outside the
+# service earlier must still be in the chain: a rewrite or a cut since then is BROKEN.
+_ANCHOR_ARGS = ("--anchor",)
+_ANCHOR_OPTIONS: dict[str, Any] = {
+    "metavar": "SEQ:HASH",
+    "type": _anchor,
+    "action": "append",
+    "default": [],
+    "help": "a head that verify printed before and you kept outside the service (repeat for"
+    " several): the chain must still hold that hash at that seq, else it was rewritten or"
+    " cut since (exit 1). With verify, name the --workspace it belongs to",
+}
 
 
 def main(args: argparse.Namespace, settings: Settings) -> int:
@@ -59,8 +89,9 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
 
 async def run(args: argparse.Namespace, settings: Settings) -> int:
     """Run an ``audit`` subcommand inside a running event loop; returns the exit code."""
+    anchors = dict(args.anchor)
     if args.audit_command == "verify-export":
-        return verify_export_file(args.file, as_json=args.json)
+        return verify_export_file(args.file, as_json=args.json, anchors=anchors)
     from service.db import Database
     from service.migrate import schema_problem
 
@@ -70,15 +101,25 @@ async def run(args: argparse.Namespace, settings: Settings) -> int:
         return USAGE
     db = Database(settings.database_url)
     try:
-        return await verify_database(db, args.workspace, as_json=args.json)
+        return await verify_database(db, args.workspace, as_json=args.json, anchors=anchors)
     finally:
         await db.dispose()
 
 
-async def verify_database(db: Database, workspace: str | None, *, as_json: bool) -> int:
-    """Verify the chains of every workspace, or of the one named; print a line for each."""
+async def verify_database(
+    db: Database,
+    workspace: str | None,
+    *,
+    as_json: bool,
+    anchors: Mapping[int, str] | None = None,
+) -> int:
+    """Verify the chains of every workspace, or of the one named; print a line for each.
+    ``anchors`` (seq -> hash) belong to one chain: with them a workspace must be named."""
     from service.audit.store import audited_workspaces, verify_workspace
 
+    if anchors and workspace is None:
+        _out("--anchor belongs to one workspace's chain: name it with --workspace")
+        return USAGE
     chosen = await audited_workspaces(db)
     if workspace is not None:
         chosen = [(wid, name) for wid, name in chosen if workspace in (name, str(wid))]
@@ -87,7 +128,7 @@ async def verify_database(db: Database, workspace: str | None, *, as_json: bool)
             return USAGE
     broken = 0
     for workspace_id, name in chosen:
-        result = await verify_workspace(db, workspace_id)
+        result = await verify_workspace(db, workspace_id, anchors=anchors)
         broken += not result.ok
         if as_json:
             _out(_json({"workspace": name, "workspace_id": str(workspace_id), **result.to_dict()}))
@@ -98,13 +139,15 @@ async def verify_database(db: Database, workspace: str | None, *, as_json: bool)
     return BROKEN if broken else OK
 
 
-def verify_export_file(path: Path, *, as_json: bool) -> int:
+def verify_export_file(
+    path: Path, *, as_json: bool, anchors: Mapping[int, str] | None = None
+) -> int:
     """Re-verify an export file offline and print the result."""
     from service.audit.export import verify_export
 
     try:
         not_export = _not_an_export(path)
-        result = verify_export(path) if not_export is None else None
+        result = verify_export(path, anchors=anchors) if not_export is None else None
     except OSError as exc:
         _out(f"cannot read {path}: {exc.strerror or exc}")
         return USAGE

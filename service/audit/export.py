@@ -36,7 +36,12 @@ class _MalformedLine(Exception):
     """A line that cannot be read as one exported event."""
 
 
-def verify_export(path: Path, *, max_line_bytes: int = MAX_LINE_BYTES) -> VerifyResult:
+def verify_export(
+    path: Path,
+    *,
+    max_line_bytes: int = MAX_LINE_BYTES,
+    anchors: Mapping[int, str] | None = None,
+) -> VerifyResult:
     """Re-verify an exported NDJSON file offline, one line at a time.
 
     The chain may start at any ``seq`` (an export ``since_seq``): the first line's
@@ -62,7 +67,7 @@ def verify_export(path: Path, *, max_line_bytes: int = MAX_LINE_BYTES) -> Verify
                 event = _parse_line(raw, max_line_bytes)
             except _MalformedLine as exc:
                 if verifier is None:
-                    verifier = ChainVerifier()
+                    verifier = ChainVerifier(anchors=anchors)
                     broken_seq = None
                 else:
                     broken_seq = verifier.expected_seq
@@ -73,11 +78,12 @@ def verify_export(path: Path, *, max_line_bytes: int = MAX_LINE_BYTES) -> Verify
                 verifier = ChainVerifier(
                     start_seq=first_seq,
                     start_prev_hash=GENESIS_HASH if first_seq == 1 else None,
+                    anchors=anchors,
                 )
             if not verifier.feed(event):
                 break
     if verifier is None:
-        return VerifyResult(ok=True, events_checked=0, head_seq=0, head_hash=GENESIS_HASH)
+        verifier = ChainVerifier(anchors=anchors)  # no events: an anchor is missing
     return verifier.result()
 
 

@@ -319,7 +319,11 @@ async def read_head(db: Database, workspace_id: uuid.UUID) -> ChainHead | None:
 
 
 async def verify_workspace(
-    db: Database, workspace_id: uuid.UUID, *, page: int = 1000
+    db: Database,
+    workspace_id: uuid.UUID,
+    *,
+    page: int = 1000,
+    anchors: Mapping[int, str] | None = None,
 ) -> VerifyResult:
     """Walk a workspace's chain in the database, in constant memory.
 
@@ -335,7 +339,7 @@ async def verify_workspace(
     the walked chain must end between the two.
     """
     before = await read_head(db, workspace_id)
-    verifier = ChainVerifier(workspace_id=str(workspace_id))
+    verifier = ChainVerifier(workspace_id=str(workspace_id), anchors=anchors)
     async for row in stream_rows(db, workspace_id, page=page):
         event = _row_to_event_as_stored(row)
         problem = _index_problem(row, event)

@@ -12,14 +12,17 @@ SQLAlchemy clause. Anything unknown is a ``ValidationFailed`` naming its path.
 
 from __future__ import annotations
 
+import unicodedata
 import uuid
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.ext.compiler import compiles
 
+from service.apimodels import parse_instant
+from service.contacts.models import check_email
 from service.errors import ValidationFailed
 from service.limits import (
     MAX_FILTER_DEPTH,
@@ -173,21 +176,25 @@ def _value(field: str, value: Any, path: str) -> Any:
             raise _fail(path, f"not a UUID: {value!r}") from None
     if field == "created_at":
         if not isinstance(value, str):
-            raise _fail(path, "created_at values are ISO-8601 date-times")
-        try:
-            parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
-        except ValueError:
-            raise _fail(path, f"not an ISO-8601 date-time: {value!r}") from None
-        if parsed.tzinfo is None:
-            raise _fail(path, "created_at values need a timezone (e.g. Z)")
-        try:
-            return parsed.astimezone(UTC)
-        except OverflowError:
-            raise _fail(path, f"out of range once converted to UTC: {value!r}") from None
+            raise _fail(path, "created_at values are RFC 3339 date-times")
+        try:  # the one grammar of client-given times (service.apimodels.parse_instant)
+            return parse_instant(value).astimezone(UTC)
+        except ValueError as exc:
+            raise _fail(path, f"{exc}: {value!r}") from None
     if not isinstance(value, str):
         raise _fail(path, f"{field} values are strings")
-    # Emails are stored lowercased, so compare them that way.
-    return value.strip().lower() if field == "email" else value
+    return _as_stored_email(value) if field == "email" else value
+
+
+def _as_stored_email(value: str) -> str:
+    """An email filter value spelled as the API stores addresses (`check_email`: stripped,
+    lowercased, Unicode NFC, an IDNA domain decoded), so that `a@xn--bcher-kva.example`
+    finds `a@bücher.example`; a value that is no address (a `$startsWith` prefix) stripped,
+    NFC and lowercased."""
+    try:
+        return check_email(value)
+    except ValueError:
+        return unicodedata.normalize("NFC", value.strip()).lower()
 
 
 ALL: Node = Combination("$and", ())
@@ -290,16 +297,78 @@ def compile_filter(node: Node, table: sa.FromClause) -> sa.ColumnElement[bool]:
         case "$in":
             clause = column.in_(node.value)
         case "$startsWith":
-            clause = column.like(_escape_like(node.value) + "%", escape="\\")
+            clause = starts_with(column, node.value)
         case "$exists":
             clause = column.is_not(None) if node.value else column.is_(None)
         case "$gt":
-            clause = column > node.value
+            clause = _ordered(column, node.value) > node.value
         case "$lt":
-            clause = column < node.value
+            clause = _ordered(column, node.value) < node.value
         case _:
             raise AssertionError(node.op)
     return clause
+
+
+# A filter selects the same contacts on both databases: text compares by code point and
+# case-sensitively ("Values compare as stored", README), whatever the database's settings.
+
+
+class _starts_with(sa.sql.functions.FunctionElement[bool]):
+    """``column`` begins with a prefix, case-sensitively, on both databases: its arguments
+    are the column, the prefix as a GLOB pattern and as a LIKE pattern (see `starts_with`)."""
+
+    type = sa.Boolean()
+    inherit_cache = True
+
+
+def starts_with(column: sa.ColumnElement[Any], prefix: str) -> sa.ColumnElement[bool]:
+    """``column`` begins with ``prefix``, case-sensitively, on both databases.
+
+    SQLite's LIKE ignores ASCII case (unless ``PRAGMA case_sensitive_like``), so there the
+    test is GLOB, which is case-sensitive and can use an index on the column, with the
+    prefix's GLOB metacharacters (``*``, ``?``, ``[``) written as one-character classes.
+    PostgreSQL's LIKE is case-sensitive: the prefix with ``%``, ``_`` and ``\\`` escaped.
+    """
+    glob = "".join(f"[{c}]" if c in "*?[" else c for c in prefix) + "*"
+    like = _escape_like(prefix) + "%"
+    return _starts_with(column, sa.literal(glob, sa.Text), sa.literal(like, sa.Text))
+
+
+@compiles(_starts_with, "sqlite")
+def _starts_with_sqlite(element: _starts_with, compiler: Any, **kw: Any) -> str:
+    column, glob, _ = element.clauses
+    return f"({compiler.process(column, **kw)} GLOB {compiler.process(glob, **kw)})"
+
+
+@compiles(_starts_with)
+def _starts_with_default(element: _starts_with, compiler: Any, **kw: Any) -> str:
+    column, _, like = element.clauses
+    return f"({compiler.process(column, **kw)} LIKE {compiler.process(like, **kw)} ESCAPE '\\')"
+
+
+class binary_order(sa.sql.functions.FunctionElement[str]):
+    """A text column ordered by code point, as SQLite's default BINARY collation orders it:
+    on PostgreSQL under ``COLLATE "C"`` (byte order of UTF-8, which is code point order),
+    since a database's default collation (say ``en_US.UTF-8``) puts ``"apple"`` before
+    ``"Banana"``, where code point order puts it after."""
+
+    type = sa.String()
+    inherit_cache = True
+
+
+@compiles(binary_order, "sqlite")
+def _binary_order_sqlite(element: binary_order, compiler: Any, **kw: Any) -> str:
+    return str(compiler.process(element.clauses, **kw))
+
+
+@compiles(binary_order, "postgresql")
+def _binary_order_postgresql(element: binary_order, compiler: Any, **kw: Any) -> str:
+    return f'({compiler.process(element.clauses, **kw)}) COLLATE "C"'
+
+
+def _ordered(column: sa.ColumnElement[Any], value: Any) -> sa.ColumnElement[Any]:
+    """The column as `$gt`/`$lt` compare it: text by code point, other types as they are."""
+    return binary_order(column) if isinstance(value, str) else column
 
 
 class unicode_lower(sa.sql.functions.FunctionElement[str]):

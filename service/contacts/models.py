@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime
 from typing import Annotated, Any, ClassVar, Literal
 
 import email_validator
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from service.apimodels import Out, Time, UtcRange, UuidText
+from service.apimodels import Instant, Out, Time, UuidText
 from service.limits import (
     MAX_CURSOR_LENGTH,
     MAX_FILTER_DEPTH,
@@ -141,7 +140,7 @@ class ActivityCreate(Strict):
     type: str = Field(default="activity", min_length=1, max_length=64)
     subject: str | None = Field(default=None, max_length=500)
     body: str | None = Field(default=None, max_length=100_000)
-    occurred_at: Annotated[datetime, UtcRange] | None = None
+    occurred_at: Instant | None = None
 
 
 class NoteCreate(Strict):
@@ -152,7 +151,7 @@ class TaskCreate(Strict):
     title: str = Field(min_length=1, max_length=500)
     body: str | None = Field(default=None, max_length=100_000)
     status: Literal["open", "completed"] = "open"
-    due_at: Annotated[datetime, UtcRange] | None = None
+    due_at: Instant | None = None
 
 
 # --- Answers ---------------------------------------------------------------------------

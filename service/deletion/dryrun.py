@@ -37,7 +37,7 @@ KIND_PLURAL = {"activity": "activities", "note": "notes", "task": "tasks"}
 
 def _cursor_after(cursor: str | None) -> uuid.UUID | None:
     """The contact id a dry run's `next_cursor` points after (a bad one is a 400)."""
-    return read_cursor(cursor, IdCursor).after if cursor is not None else None
+    return read_cursor(cursor, IdCursor, "dry_run_cursor").after if cursor is not None else None
 
 
 async def dry_run(

@@ -13,7 +13,7 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
 from service import idempotency
-from service.apimodels import Data, Page
+from service.apimodels import Data, Page, QueryFlag
 from service.audit.store import AuditRecord, append_events
 from service.contacts.store import contact_exists
 from service.deletion.dryrun import dry_run
@@ -44,7 +44,7 @@ from service.pagination import (
     encode_cursor,
     read_cursor,
 )
-from service.routing import Answer, Call, HeaderParam, Operation, dump
+from service.routing import IDEMPOTENCY_KEY, Answer, Call, HeaderParam, Operation, dump
 
 log = get_logger(__name__)
 
@@ -77,10 +77,10 @@ class DeleteOneQuery(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    delete_members: bool = Field(
+    delete_members: QueryFlag = Field(
         default=False, description="Allow deleting a site member (as in bulk delete)"
     )
-    redact_timeline: bool = Field(
+    redact_timeline: QueryFlag = Field(
         default=False,
         description="Redact the contact's values inside the timeline items that survive it "
         "(as in bulk delete)",
@@ -312,14 +312,6 @@ async def get_items(call: Call) -> Page[JobItem]:
     return Page[JobItem].model_validate({"data": page, "next_cursor": cursor})
 
 
-IDEMPOTENCY_KEY = HeaderParam(
-    "IdempotencyKey",
-    "Idempotency-Key",
-    "Makes the request safe to retry: the same key with the same body within 24 h gets the "
-    "original answer again (with Idempotent-Replayed: true); with another body, 409. "
-    "Strongly recommended.",
-    {"type": "string", "minLength": 1, "maxLength": idempotency.MAX_KEY_LENGTH},
-)
 PREFER = HeaderParam(
     "Prefer",
     "Prefer",

@@ -9,7 +9,6 @@ finishes it (status, `deletion.completed` audit event, `deletion_job.completed` 
 
 from __future__ import annotations
 
-import functools
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -434,11 +433,17 @@ async def expand_page(
     job: Mapping[Any, Any],
     selector: Mapping[str, Any],
     *,
+    accepted_at: datetime,
     now: datetime,
 ) -> ExpandedPage:
     """Turn the next page of a filter/search job's matches into items and deletion messages,
     and move the job's cursor (``expand_after``) past them; the caller adds ``found`` to the
     job's ``total_requested`` (and sets ``expanded`` on the last page).
+
+    Only contacts created by ``accepted_at`` (the job's ``created_at``) are matched: a job
+    deletes what matched when it was asked, never a contact created while it runs (a job of
+    millions pages for minutes; a contact created meanwhile, matching, was deleted when its
+    random id fell after the cursor).
 
     ``job`` needs ``id``, ``workspace_id``, ``expand_after`` and ``total_requested`` (the
     position of the page's first item). The caller holds the job row (``FOR UPDATE``, or the
@@ -453,7 +458,12 @@ async def expand_page(
     remaining match through the filter's own index and sort them, for every page).
     """
     tree = parse_filter(selector["filter"]) if "filter" in selector else None
-    clause_of = functools.partial(selection_clause, filter_tree=tree, search=selector.get("search"))
+    search = selector.get("search")
+
+    def clause_of(table: sa.FromClause) -> sa.ColumnElement[bool]:
+        created = table.c.created_at <= accepted_at
+        return sa.and_(selection_clause(table, filter_tree=tree, search=search), created)
+
     page_size = settings.expand_page_size
     after: uuid.UUID | None = job["expand_after"]
     ids: list[uuid.UUID] = []
@@ -744,10 +754,14 @@ async def _expand_ahead(
     expansion failure does (service.deletion.worker).
     """
     c = deletion_jobs.c
-    selector = (await conn.execute(sa.select(c.selector).where(c.id == row["id"]))).scalar_one()
+    selector, accepted_at = (
+        await conn.execute(sa.select(c.selector, c.created_at).where(c.id == row["id"]))
+    ).one()
     try:
         async with conn.begin_nested():
-            page = await expand_page(conn, settings, row, selector, now=now)
+            page = await expand_page(
+                conn, settings, row, selector, accepted_at=accepted_at, now=now
+            )
     except Exception as exc:
         if is_transient(exc):
             raise

@@ -74,6 +74,7 @@ from service.deletion.store import (
     expand_page,
     pending_items_statement,
 )
+from service.deployment import ForeignRecords
 from service.erasure.redact import TEXT_FIELDS, RedactionSummary, Redactor
 from service.erasure.scrubber import Scrubber, touched_tables
 from service.errors import PoisonMessage
@@ -248,6 +249,8 @@ class DeletionWorker:
         self.scrubber = scrubber if scrubber is not None else Scrubber(settings, db)
         self.topic = settings.topic(TOPIC_DELETION_REQUESTED)
         self.hash_key = b""
+        # Records of another deployment on a shared broker (service.deployment), from `run`.
+        self.foreign: ForeignRecords | None = None
         # Injected so that tests of the back-off need not wait for it.
         self.sleep: Sleep = sleep
 
@@ -261,6 +264,13 @@ class DeletionWorker:
                 lambda: load_hash_key(
                     self.db, configured.get_secret_value() if configured else None
                 ),
+                stop,
+                dependency="database",
+                component="worker",
+            )
+            counter = self.metrics.foreign_records_skipped
+            self.foreign = await wait_for_dependency(
+                lambda: ForeignRecords.load(self.db, counter, "worker"),
                 stop,
                 dependency="database",
                 component="worker",
@@ -352,6 +362,9 @@ class DeletionWorker:
         self, messages: Sequence[InMessage], dlq: Producer, stop: asyncio.Event
     ) -> bool:
         """Process a batch durably; True once every message is done or dead-lettered."""
+        foreign = self.foreign
+        if foreign is not None:  # another deployment's are never read
+            messages = foreign.mine(messages)
         commands: list[tuple[InMessage, DeletionRequested | JobExpand]] = []
         poison: list[tuple[InMessage, str]] = []
         for message in messages:
@@ -370,6 +383,8 @@ class DeletionWorker:
                     lost = [(m, why[id(c)]) for m, c in commands if id(c) in why]
                     await self._dead_letter(dlq, lost, stop)
                 self.after_commit(result)
+                if foreign is not None:
+                    await foreign.unknown_jobs(self.db, commands, result.progress)
         except Stopped:
             return False
         return True
@@ -921,6 +936,7 @@ class DeletionWorker:
             c.expand_after,
             c.total_requested,
             c.completed_at,
+            c.created_at,
         ).where(c.id == command.job_id)
         job = (await conn.execute(self.db.for_update(job_stmt))).mappings().first()
         if (
@@ -930,7 +946,14 @@ class DeletionWorker:
             or job["expand_after"] != command.after
         ):
             return
-        page = await expand_page(conn, self.settings, job, job["selector"], now=utcnow())
+        page = await expand_page(
+            conn,
+            self.settings,
+            job,
+            job["selector"],
+            accepted_at=job["created_at"],
+            now=utcnow(),
+        )
         delta = progress.setdefault(job["id"], ProgressDelta())
         delta.added += page.found
         delta.expanded = delta.expanded or page.last

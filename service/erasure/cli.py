@@ -67,8 +67,11 @@ async def run(args: argparse.Namespace, settings: Settings) -> int:
 
     # What the API would refuse to store cannot be anywhere: a mistyped argument would
     # otherwise read as a proof ("nowhere", exit 0).
+    # The address as the API stores it (stripped, lowercased, Unicode NFC, an IDNA domain
+    # decoded): the spelling given may differ (a@xn--bcher-kva.example is stored as
+    # a@bücher.example) and would otherwise be looked for where it never is.
     try:
-        check_email(args.email)
+        email = check_email(args.email)
     except ValueError as exc:
         sys.stderr.write(f"contact-deletion: error: --email: {exc}\n")
         return 2
@@ -88,7 +91,7 @@ async def run(args: argparse.Namespace, settings: Settings) -> int:
         return 2
     try:
         report = await ErasureCheck(
-            settings, db, args.email, workspace=args.workspace, log_files=args.log_file
+            settings, db, email, workspace=args.workspace, log_files=args.log_file
         ).run()
     except UnknownWorkspace as exc:
         sys.stderr.write(

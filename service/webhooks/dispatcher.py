@@ -91,6 +91,7 @@ from service.db import (
     webhook_deliveries,
     webhook_endpoints,
 )
+from service.deployment import ForeignRecords
 from service.events import (
     DLQ_SUFFIX,
     SOURCE,
@@ -122,7 +123,7 @@ from service.webhooks.payloads import (
     DeletionJobCompletedWebhook,
     webhook_body,
 )
-from service.webhooks.refanout import recover_events
+from service.webhooks.refanout import LostEvents, recover_events
 from service.webhooks.schedule import Outcome, RetryPolicy, classify, parse_retry_after
 from service.webhooks.signing import webhook_headers
 from service.webhooks.ssrf import BlockedDestination, PinnedResolver, check_url, failure_text
@@ -333,7 +334,15 @@ class Dispatcher:
             on_lost=functools.partial(recover_events, self.db, self.wakeup),
         )
         dlq = Producer(bootstrap)
+        backstop = LostEvents(self.db, self.settings, self.wakeup)
+        counter = self.metrics.foreign_records_skipped
         try:
+            foreign = await wait_for_dependency(
+                lambda: ForeignRecords.load(self.db, counter, "dispatcher"),
+                stop,
+                dependency="database",
+                component="dispatcher",
+            )
             await wait_for_dependency(
                 consumer.start, stop, dependency="kafka", component="dispatcher"
             )
@@ -349,9 +358,10 @@ class Dispatcher:
                     messages = await self._transient(
                         functools.partial(consumer.getmany, timeout_ms=200, max_records=500), stop
                     )
-                    if not messages:
+                    if not messages:  # idle: events left unsent now were lost unseen
+                        await self._transient(functools.partial(backstop.check, consumer), stop)
                         continue
-                    if not await self._fan_out_isolating(messages, dlq, stop):
+                    if not await self._fan_out_isolating(foreign.mine(messages), dlq, stop):
                         break
                     # A refused commit (the partition moved) is logged and skipped inside.
                     await self._transient(

@@ -253,9 +253,38 @@ def validate_endpoint_url(url: str) -> str:
     authority = re.split(r"[/?#]", url.split("://", 1)[-1], maxsplit=1)[0]
     if "@" in authority or parsed.raw_user is not None or parsed.raw_password is not None:
         raise ValueError("the URL must not carry credentials (user:password@)")
+    if _numeric_host(host) and not _canonical_ipv4(host):
+        raise ValueError(
+            f"the URL host {host!r} is an IPv4 address in a shorthand form (WHATWG URL reads"
+            " it as one; the webhook client does not connect to it): write it as four"
+            " decimal numbers, like 192.0.2.1"
+        )
     if _literal_address(host) is None and not _HOST_NAME.fullmatch(host):
         raise ValueError(f"the URL host {host!r} is not a valid host name")
     return url
+
+
+# The WHATWG URL Standard's "ends in a number": a host whose last label is decimal digits
+# or 0x-hex is an IPv4 address, in any of its shorthand forms (127.1, 2130706433,
+# 0x7f.1, 0177.0.0.1). Only the canonical dotted quad means the same to every parser.
+_NUMBER_LABEL = re.compile(r"[0-9]+|0[xX][0-9a-fA-F]*")
+
+
+def _numeric_host(host: str) -> bool:
+    """Whether a host (not an IPv6 literal) ends in a number (WHATWG URL, "host parsing")."""
+    if ":" in host:
+        return False
+    labels = host.split(".")
+    if labels[-1] == "" and len(labels) > 1:
+        labels.pop()
+    return _NUMBER_LABEL.fullmatch(labels[-1]) is not None
+
+
+def _canonical_ipv4(host: str) -> bool:
+    try:
+        return str(ipaddress.IPv4Address(host)) == host
+    except ValueError:
+        return False
 
 
 async def check_url(url: str, *, allow_private: bool, resolver: Resolve | None = None) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -11,6 +12,7 @@ from typing import Any, NamedTuple
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
+from yarl import URL
 
 from service.audit.models import AuditAction
 from service.audit.store import AuditRecord, append_events
@@ -135,6 +137,17 @@ def attempt_json(row: Mapping[Any, Any]) -> dict[str, Any]:
     }
 
 
+def url_for_the_trail(url: str) -> dict[str, str]:
+    """What the append-only audit trail keeps of an endpoint's URL: its origin (scheme,
+    host, port) and the SHA-256 of the whole URL, never its path or query, where receivers
+    often carry a token (…/hooks/T0/B0/XXXX, ?token=…) that the trail would keep for good.
+    The hash answers "was it this URL?" for whoever has the URL."""
+    return {
+        "url_origin": str(URL(url).origin()),
+        "url_sha256": hashlib.sha256(url.encode()).hexdigest(),
+    }
+
+
 def endpoint_audit(
     workspace_id: uuid.UUID,
     endpoint_id: uuid.UUID,
@@ -205,7 +218,7 @@ async def create_endpoint(
                     endpoint_id,
                     "webhook.endpoint.created",
                     actor,
-                    {"url": body.url, "event_types": values["event_types"]},
+                    {**url_for_the_trail(body.url), "event_types": values["event_types"]},
                     rid,
                 )
             ],

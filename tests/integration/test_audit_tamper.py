@@ -365,6 +365,45 @@ async def test_cli_verifies_every_workspace_and_exits_1_on_a_break(
     assert code == 2
 
 
+async def test_an_anchor_kept_elsewhere_catches_a_cut_the_head_row_was_made_to_agree_with(
+    chain: Chain, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Events 11 and 12 deleted and the head row set back to event 10, as whoever can write
+    the database can do (trial 6): the chain and the head agree, `audit verify` says ok.
+    The head printed before, kept outside the service, is no longer in the chain."""
+    ws = chain.tenant.workspace_id
+    kept = await read_row(chain.db, ws, 12)
+    anchor = f"12:{kept['hash']}"
+    code, [line] = await cli_verify(chain.settings, capsys, "--workspace", chain.name)
+    assert (code, line["head_seq"], line["head_hash"]) == (0, 12, kept["hash"])
+    code, _ = await cli_verify(
+        chain.settings, capsys, "--workspace", chain.name, "--anchor", anchor
+    )
+    assert code == 0
+
+    tenth = await read_row(chain.db, ws, 10)
+    async with tampering(chain.db) as conn:
+        await conn.execute(
+            audit_events.delete().where(audit_events.c.workspace_id == ws, audit_events.c.seq > 10)
+        )
+        await conn.execute(
+            audit_heads.update()
+            .where(audit_heads.c.workspace_id == ws)
+            .values(seq=10, hash=tenth["hash"])
+        )
+
+    code, [line] = await cli_verify(chain.settings, capsys, "--workspace", chain.name)
+    assert (code, line["ok"], line["head_seq"]) == (0, True, 10)  # the chain alone agrees
+    code, [line] = await cli_verify(
+        chain.settings, capsys, "--workspace", chain.name, "--anchor", anchor
+    )
+    assert code == 1
+    assert (line["reason"], line["broken_seq"]) == ("anchor_missing", 11), line
+    # Anchors belong to one chain: without --workspace it is a usage error.
+    code = await audit_cli.run(audit_args("verify", "--anchor", anchor), chain.settings)
+    assert code == 2
+
+
 # --- the trigger ---------------------------------------------------------------------------
 
 

@@ -756,11 +756,12 @@ PRIVATE_URLS = [
     "http://[::1]/",
     "http://169.254.169.254/latest/meta-data",
     "http://10.0.0.1:8080/hook",
-    "http://2130706433/",
-    "http://0x7f.0.0.1/",
     "http://[::ffff:127.0.0.1]/",
     "http://localhost:9/hook",
 ]
+# IPv4 shorthands of 127.0.0.1 (WHATWG's "ends in a number"): refused for their form before
+# any address is looked at, private or not (service.webhooks.ssrf.validate_endpoint_url).
+SHORTHAND_URLS = ["http://2130706433/", "http://0x7f.0.0.1/", "http://127.1/", "http://0177.0.0.1/"]
 
 
 @pytest.fixture
@@ -792,6 +793,26 @@ async def test_a_private_destination_is_refused_at_creation_without_naming_the_a
     assert "not allowed" in detail["message"]
     if "localhost" in url:
         assert "127.0.0.1" not in json.dumps(body)
+
+
+@pytest.mark.parametrize("url", SHORTHAND_URLS)
+async def test_an_ipv4_shorthand_is_refused_at_creation_and_on_patch(
+    tenant: Tenant, url: str
+) -> None:
+    """Even where private destinations are allowed: the webhook client never connects to
+    such a host, so every attempt failed until the endpoint was disabled (trial 6)."""
+    status, body, _ = await tenant.call("POST", "/v1/webhooks/endpoints", {"url": url})
+    assert status == 400, body
+    [detail] = body["error"]["details"]
+    assert detail["field"] == "url" and "shorthand" in detail["message"], detail
+
+    status, created, _ = await tenant.call(
+        "POST", "/v1/webhooks/endpoints", {"url": "http://127.0.0.1:9/hook"}
+    )
+    assert status == 201, created
+    one = f"/v1/webhooks/endpoints/{created['data']['id']}"
+    status, body, _ = await tenant.call("PATCH", one, {"url": url})
+    assert status == 400, body
 
 
 async def test_a_private_destination_is_refused_on_patch(guarded: Tenant) -> None:

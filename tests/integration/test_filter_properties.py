@@ -5,6 +5,9 @@ the disguises of "everything"), against a workspace of contacts chosen to sit on
 around the generated values (NULLs, case variants, prefixes, non-ASCII):
 
 - every filter the parser accepts compiles to SQL the database runs;
+- the database selects exactly the contacts the filter means (`_means`, the README's rules
+  in Python: values compare as stored, case-sensitively, text by code point), the same on
+  both databases: SQLite's LIKE ignored ASCII case, so `$startsWith` selected more there;
 - simplification keeps the meaning: the simplified tree selects exactly the same rows;
 - simplification never says "all" (the bulk-delete refusal) unless every contact matches.
 
@@ -26,14 +29,14 @@ import sqlalchemy as sa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from service.contacts.filters import ALL, compile_filter, parse_filter, simplify
+from service.contacts.filters import ALL, Combination, compile_filter, parse_filter, simplify
 from service.contacts.store import contact_row
 from service.db import Database, contacts, workspaces
 from service.errors import ValidationFailed
 
 T = TypeVar("T")
 
-NAMES = ["Ada", "ada", "ADA", "Ad", "Öztürk", "ÖZTÜRK", "x_%", "Zoë"]
+NAMES = ["Ada", "ada", "ADA", "Ad", "aD", "Öztürk", "ÖZTÜRK", "x_%", "X*?[", "Zoë", "apple", "B"]
 EMAILS = ["a@example.com", "b@example.com", "ada@example.com"]
 PHONES = ["+1 555", "+1", "555"]
 TIMES = ["2020-01-01T00:00:00Z", "2024-06-01T12:00:00Z", "2030-01-01T00:00:00Z"]
@@ -92,8 +95,11 @@ def _people(workspace_id: uuid.UUID) -> list[dict[str, Any]]:
     return rows
 
 
+World = tuple[Loop, Database, uuid.UUID, set[uuid.UUID], list[dict[str, Any]]]
+
+
 @pytest.fixture(scope="module")
-def world(db_url: str) -> Iterator[tuple[Loop, Database, uuid.UUID, set[uuid.UUID]]]:
+def world(db_url: str) -> Iterator[World]:
     """A workspace of hand-picked contacts, and a loop to query it from sync tests."""
     loop = Loop()
     db = Database(db_url)
@@ -113,7 +119,7 @@ def world(db_url: str) -> Iterator[tuple[Loop, Database, uuid.UUID, set[uuid.UUI
 
     loop.run(setup)
     try:
-        yield loop, db, workspace_id, {p["id"] for p in people}
+        yield loop, db, workspace_id, {p["id"] for p in people}, people
     finally:
         loop.run(db.dispose)
         loop.close()
@@ -157,8 +163,8 @@ PROPERTY = settings(
 )
 
 
-def _matches(world: tuple[Loop, Database, uuid.UUID, set[uuid.UUID]], tree: Any) -> set[uuid.UUID]:
-    loop, db, workspace_id, _ = world
+def _matches(world: World, tree: Any) -> set[uuid.UUID]:
+    loop, db, workspace_id, _, _ = world
 
     async def query() -> set[uuid.UUID]:
         stmt = sa.select(contacts.c.id).where(
@@ -170,10 +176,68 @@ def _matches(world: tuple[Loop, Database, uuid.UUID, set[uuid.UUID]], tree: Any)
     return loop.run(query)
 
 
+def _means(node: Any, contact: dict[str, Any]) -> bool:
+    """Whether a parsed filter selects `contact` (a row as stored), by the README's rules:
+    values compare as stored (names and phones case-sensitively, emails lowercased on both
+    sides: the parser lowers the value), text ordered by code point, NULL meets only
+    `$ne` and `$exists: false`."""
+    if isinstance(node, Combination):
+        results = (_means(p, contact) for p in node.parts)
+        return all(results) if node.op == "$and" else any(results)
+    stored, value = contact[node.field], node.value
+    match node.op:
+        case "$eq":
+            return bool(stored == value)
+        case "$ne":
+            return stored is None or bool(stored != value)
+        case "$in":
+            return stored in value
+        case "$startsWith":
+            return stored is not None and str(stored).startswith(value)
+        case "$exists":
+            return (stored is not None) is value
+        case "$gt":
+            return stored is not None and bool(stored > value)
+        case "$lt":
+            return stored is not None and bool(stored < value)
+    raise AssertionError(node.op)
+
+
+@PROPERTY
+@given(raw=FILTERS)
+def test_the_database_selects_what_the_filter_means(world: World, raw: Any) -> None:
+    try:
+        tree = parse_filter(raw)
+    except ValidationFailed:
+        return
+    meant = {c["id"] for c in world[4] if _means(tree, c)}
+    assert _matches(world, tree) == meant, raw
+
+
+@pytest.mark.parametrize(
+    ("raw", "selected"),
+    [
+        # SQLite's LIKE ignored ASCII case: "Ad" selected ada, ADA and aD too (trial, SQLite).
+        ({"last_name": {"$startsWith": "Ad"}}, {"Ada", "Ad"}),
+        ({"last_name": {"$startsWith": "ad"}}, {"ada"}),
+        ({"last_name": {"$startsWith": "Ö"}}, {"Öztürk", "ÖZTÜRK"}),
+        # GLOB's and LIKE's metacharacters are literal in a prefix.
+        ({"last_name": {"$startsWith": "X*?["}}, {"X*?["}),
+        ({"last_name": {"$startsWith": "x_"}}, {"x_%"}),
+        ({"last_name": {"$startsWith": "X*"}}, {"X*?["}),
+    ],
+)
+def test_starts_with_is_case_sensitive_and_literal_on_both_databases(
+    world: World, raw: Any, selected: set[str]
+) -> None:
+    names = {c["id"]: c["last_name"] for c in world[4]}
+    assert {names[i] for i in _matches(world, parse_filter(raw))} == selected
+
+
 @PROPERTY
 @given(raw=FILTERS)
 def test_simplification_keeps_the_meaning_and_says_all_only_when_all_match(
-    world: tuple[Loop, Database, uuid.UUID, set[uuid.UUID]], raw: Any
+    world: World, raw: Any
 ) -> None:
     try:
         tree = parse_filter(raw)
@@ -198,7 +262,7 @@ def test_simplification_keeps_the_meaning_and_says_all_only_when_all_match(
     ],
 )
 def test_each_disguise_of_all_is_simplified_to_all_and_does_match_all(
-    world: tuple[Loop, Database, uuid.UUID, set[uuid.UUID]], raw: Any
+    world: World, raw: Any
 ) -> None:
     tree = parse_filter(raw)
 

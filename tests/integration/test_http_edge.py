@@ -3,6 +3,7 @@ request ids and the operational routes."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import uuid
@@ -20,6 +21,7 @@ from service.db import Database
 from service.keys import revoke_key
 from service.schemas import openapi_spec
 from tests.conftest import Tenant, make_settings, new_tenant
+from tests.logcapture import json_logs
 
 ServeApp = Callable[[Settings], Coroutine[Any, Any, tuple[Services, str]]]
 
@@ -485,3 +487,32 @@ async def test_an_unknown_name_is_answered_with_the_names_the_operation_takes(
     assert status == 400, body
     [detail] = assert_error(body, "validation_error")["details"]
     assert detail["field"] == "contact_id" and "contact_ids" in detail["message"], detail
+
+
+async def test_a_client_that_goes_away_mid_body_is_no_outage(
+    tenant: Tenant, http: aiohttp.ClientSession
+) -> None:
+    """A client closing its connection before its body arrived was logged
+    `service_unavailable` and counted 503 (a 5xx alert for a client's abort; trial 6): it is
+    `client_disconnected`, counted 499, and the service answers the next request."""
+    host, port = tenant.base.removeprefix("http://").split(":")
+    with json_logs() as logs:
+        for path in ("/v1/contacts", "/v1/contacts/bulk-delete"):
+            _, writer = await asyncio.open_connection(host, int(port))
+            writer.write(
+                f"POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {tenant.key}\r\n"
+                "Content-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+                '{"email":'.encode()
+            )
+            await writer.drain()
+            writer.close()
+            await writer.wait_closed()
+            await logs.wait_for("client_disconnected", timeout_s=10, path=path)
+    assert not logs.events("service_unavailable"), logs.events("service_unavailable")
+    async with http.get(f"{tenant.base}/metrics") as response:
+        metrics = await response.text()
+    for route in ("/v1/contacts", "/v1/contacts/bulk-delete"):
+        assert f'http_requests_total{{method="POST",route="{route}",status="499"}} 1.0' in metrics
+    assert 'status="503"' not in metrics
+    status, _, _ = await tenant.call("GET", "/v1/contacts")
+    assert status == 200

@@ -258,6 +258,18 @@ async def test_delete_contact_takes_bulk_deletes_options_as_query_parameters(
     assert (status, body["error"]["code"]) == (409, "idempotency_conflict"), body
     status, body, _ = await tenant.call("DELETE", f"{path}?delete_member=true", None, WAIT)
     assert status == 400, body
+    # A query string's boolean is true or false, as a body's is (yes, on, 1 were read as
+    # true: trial 6), before anything is deleted.
+    other = await seed(services, tenant, member_role="member")
+    for loose in ("yes", "on", "1", "True", "t"):
+        status, body, _ = await tenant.call(
+            "DELETE", f"/v1/contacts/{other}?delete_members={loose}", None, WAIT
+        )
+        assert status == 400, (loose, body)
+        [detail] = body["error"]["details"]
+        assert detail["field"] == "delete_members" and "true or false" in detail["message"]
+    status, _, _ = await tenant.call("GET", f"/v1/contacts/{other}")
+    assert status == 200
 
 
 async def test_delete_of_a_contact_the_workspace_does_not_have_is_404_and_no_job(

@@ -16,6 +16,7 @@ from aiokafka.partitioner import DefaultPartitioner
 
 from service.app import Services
 from service.db import Database, outbox, utcnow
+from service.deployment import DEPLOYMENT_HEADER, deployment_id
 from service.events import (
     TOPIC_DELETION_REQUESTED,
     TYPE_DELETION_REQUESTED,
@@ -116,8 +117,9 @@ async def test_a_pass_publishes_rows_as_stored_keyed_to_their_partition_and_mark
     db_url: str, kafka_bootstrap: str
 ) -> None:
     """The wire format the consumers read: each row's payload bytes, key and headers as
-    stored (shared pre-encoded headers, per-row JSON lists, a CloudEvent row), the key's
-    default-partitioner partition, rows of one key in id order; then all marked published."""
+    stored, then the deployment's header (shared pre-encoded headers, per-row JSON lists,
+    a CloudEvent row), the key's default-partitioner partition, rows of one key in id
+    order; then all marked published."""
     settings = make_settings(db_url, kafka_bootstrap_servers=kafka_bootstrap)
     async with opened_services(settings) as services:
         await services.ensure_topics()
@@ -160,7 +162,11 @@ async def test_a_pass_publishes_rows_as_stored_keyed_to_their_partition_and_mark
             m = by_value[bytes(row["payload"])]
             assert m.key == row["key"].encode()
             assert m.partition == DefaultPartitioner()(m.key, partitions, partitions)
-            assert [[k, v.decode()] for k, v in m.headers] == [list(h) for h in row["headers"]]
+            # The row's own headers, then this deployment's (service.deployment).
+            assert [[k, v.decode()] for k, v in m.headers] == [
+                *(list(h) for h in row["headers"]),
+                [DEPLOYMENT_HEADER, await deployment_id(services.db)],
+            ]
         for key in keys:
             in_id_order = [bytes(r["payload"]) for r in rows if r["key"] == str(key)]
             arrived = sorted((m for m in got if m.key == str(key).encode()), key=lambda m: m.offset)

@@ -472,6 +472,23 @@ async def test_endpoint_crud_shows_the_secret_only_on_create_and_rotate(
         assert rotated not in json.dumps(event.data)
 
 
+async def test_the_audit_trail_keeps_an_endpoint_url_s_origin_and_hash_never_its_token(
+    services: Services, tenant: Tenant
+) -> None:
+    """A URL's path and query often carry the receiver's token; the append-only trail kept
+    the whole URL for good (trial 6). It keeps the origin and the URL's SHA-256."""
+    url = "http://127.0.0.1:9/hooks/T0SECRETPATH?token=s3cr3t-query"
+    status, body, _ = await tenant.call("POST", ENDPOINTS, {"url": url})
+    assert status == 201, body
+    trail = await audit_trail(services, tenant.workspace_id)
+    [created] = [e for e in trail if e.action == "webhook.endpoint.created"]
+    assert created.data["url_origin"] == "http://127.0.0.1:9"
+    assert created.data["url_sha256"] == hashlib.sha256(url.encode()).hexdigest()
+    for event in trail:
+        text = json.dumps(event.data)
+        assert "T0SECRETPATH" not in text and "s3cr3t-query" not in text, text
+
+
 BAD_URLS = (
     "/relative/hook",
     "hooks.example.com/hook",

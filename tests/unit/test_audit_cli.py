@@ -150,3 +150,71 @@ def test_a_good_export_says_how_to_know_nothing_is_missing_at_its_end(
     write_export(path)
     assert run(str(path)) == 0
     assert "GET /v1/audit/verify" in capsys.readouterr().out
+
+
+# --- anchors: a head kept outside the service -------------------------------------------
+
+
+def _rewrite(path: Path, *, at: int, keep: int) -> None:
+    """What whoever can write the database can do (trial 6): edit event `at`'s actor,
+    recompute every later hash, and drop the events after `keep`. The chain verifies."""
+    events = [json.loads(line) for line in path.read_bytes().splitlines()]
+    prev = GENESIS_HASH
+    lines = []
+    for event in events[:keep]:
+        if event["seq"] == at:
+            event["actor"] = {"type": "api_key", "id": "key_someone_else"}
+        body = {k: v for k, v in event.items() if k not in ("prev_hash", "hash")}
+        sealed = seal(prev, body)
+        prev = sealed["hash"]
+        lines.append(export_line(sealed))
+    path.write_bytes(b"".join(lines))
+
+
+def _head(path: Path, seq: int) -> str:
+    event = json.loads(path.read_bytes().splitlines()[seq - 1])
+    return f"{seq}:{event['hash']}"
+
+
+def test_an_anchor_kept_elsewhere_catches_a_rewrite_that_recomputed_the_hashes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "audit.ndjson"
+    write_export(path)
+    anchor = _head(path, 15)
+    assert run(str(path), "--anchor", anchor) == 0
+    assert " ok, 20 events" in capsys.readouterr().out
+
+    _rewrite(path, at=4, keep=20)
+    assert run(str(path)) == 0  # the chain alone cannot tell
+    capsys.readouterr()
+    assert run(str(path), "--anchor", anchor) == 1
+    out = capsys.readouterr().out
+    assert "BROKEN at seq 15: anchor_mismatch" in out and "rewritten" in out, out
+
+
+def test_an_anchor_past_the_end_catches_events_cut_off(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "audit.ndjson"
+    write_export(path)
+    anchor = _head(path, 20)
+    _rewrite(path, at=0, keep=12)  # the last 8 events dropped, nothing else changed
+    assert run(str(path)) == 0
+    capsys.readouterr()
+    assert run(str(path), "--anchor", anchor, "--json") == 1
+    result = json.loads(capsys.readouterr().out)
+    assert (result["reason"], result["broken_seq"], result["head_seq"]) == (
+        "anchor_missing",
+        13,
+        12,
+    )
+
+
+@pytest.mark.parametrize("bad", ["15", "x:ab", "0:" + "a" * 64, "3:" + "A" * 64, "3:abc"])
+def test_a_malformed_anchor_is_a_usage_error(tmp_path: Path, bad: str) -> None:
+    path = tmp_path / "audit.ndjson"
+    write_export(path)
+    with pytest.raises(SystemExit) as exited:
+        run(str(path), "--anchor", bad)
+    assert exited.value.code == 2

@@ -267,6 +267,9 @@ async def test_check_url_refuses_what_is_not_an_http_url(url: str) -> None:
         "HTTPS://Example.COM/Hook",
         "https://[2606:4700::1111]/hook",
         "http://127.0.0.1:9000/",  # the form is fine; the address is check_url's business
+        "http://[::ffff:127.0.0.1]:9000/",  # an IPv6 literal ending in a dotted quad
+        "https://1password.example/hook",  # a label that starts with digits, not the last
+        "https://hooks.example.com.:8443/",
         "https://xn--bcher-kva.example/hook",
         "https://invalid.example.com/hook",  # "invalid" as a label, not the top-level name
         "http://localhost.test:1/hook",
@@ -301,6 +304,16 @@ def test_validate_endpoint_url_accepts_absolute_http_urls(url: str) -> None:
         ("https://hooks.invalid/x", "never resolves"),
         ("https://a.b.INVALID./x", "never resolves"),
         ("https://example.com/" + "a" * MAX_URL_LENGTH, "longer than 2048"),
+        # IPv4 shorthands (WHATWG "ends in a number"): accepted, then every attempt failed
+        # ("127.1 - is not a canonical IPv4 address") until the endpoint was disabled.
+        ("http://127.1:18200/x", "shorthand"),
+        ("http://2130706433:18200/x", "shorthand"),
+        ("http://0x7f000001/x", "shorthand"),
+        ("http://0x7f.0.0.1/x", "shorthand"),
+        ("http://0177.0.0.1/x", "shorthand"),
+        ("http://127.000.0.1/x", "shorthand"),
+        ("http://127.0.0.1./x", "shorthand"),
+        ("http://hooks.example.1/x", "shorthand"),
     ],
 )
 def test_validate_endpoint_url_refuses(url: str, message: str) -> None:
