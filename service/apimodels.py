@@ -93,7 +93,7 @@ QueryFlag = Annotated[bool, BeforeValidator(_query_flag)]
 """A boolean in a query string: exactly ``true`` or ``false``."""
 
 Instant = Annotated[datetime, BeforeValidator(_instant)]
-"""An instant given by a client (a filter's bound, recover's ``since``): an ISO-8601 /
+"""An instant given by a client (a filter's bound, recover's ``since``): an
 RFC 3339 date-time string with its UTC offset or ``Z``; every refusal names an example."""
 
 UuidText = Annotated[str, Field(json_schema_extra={"format": "uuid"})]

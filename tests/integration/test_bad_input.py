@@ -373,11 +373,11 @@ async def test_null_for_a_selector_is_a_400_never_every_contact(
 @pytest.mark.parametrize(
     ("value", "says"),
     [
-        ("last week", "not an ISO-8601 date-time"),
+        ("last week", "not an RFC 3339 date-time"),
         ("2026-11-30", "a date alone"),
         ("2026-11-30T06:00:00", "add a UTC offset or Z"),
         ("2026-11-30T06:00:00 02:00", "%2B"),
-        (1764482400, "ISO-8601 date-time string"),
+        (1764482400, "RFC 3339 date-time string"),
     ],
 )
 async def test_every_instant_input_is_refused_in_the_same_words(
