@@ -103,12 +103,7 @@ def _message(row: Any, stamp: tuple[tuple[str, bytes], ...] = ()) -> OutMessage:
     (service.deployment); :class:`UnreadableRecord` if it cannot be read."""
     try:
         key = row.key.encode() if row.key is not None else None
-        return OutMessage(
-            topic=row.topic,
-            key=key,
-            value=bytes(row.payload),
-            headers=_headers(row.headers) + stamp,
-        )
+        return OutMessage(row.topic, key, bytes(row.payload), _headers(row.headers) + stamp)
     except (ValueError, TypeError, AttributeError) as exc:
         # A JSON or Unicode error, headers of another shape, a payload of another type.
         raise UnreadableRecord(f"unreadable outbox row ({type(exc).__name__})") from exc

@@ -26,6 +26,7 @@ import asyncio
 import collections
 import contextlib
 import functools
+import random
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -57,6 +58,7 @@ from service.db import (
     insert_rows,
     new_ids,
     outbox,
+    stored_values,
     utcnow,
 )
 from service.deletion.backstop import LostWork
@@ -101,6 +103,11 @@ from service.webhooks.signing import email_sha256
 
 log = get_logger(__name__)
 T = TypeVar("T")
+
+# The jitter of the worker's back-offs: one generator for the process. A `Backoff` of its
+# own per call seeded a new `random.Random` from the system's random source each time,
+# and the worker makes one per fetch and per batch (about 1 % of its time in a filter job).
+_JITTER = random.Random()
 
 KIND_PLURAL = {"activity": "activities", "note": "notes", "task": "tasks"}
 
@@ -491,7 +498,7 @@ class DeletionWorker:
             stop,
             is_transient,
             event="worker_transient_error",
-            backoff=Backoff(cap_s=self.settings.retry_max_backoff_s, sleep=self.sleep),
+            backoff=Backoff(cap_s=self.settings.retry_max_backoff_s, sleep=self.sleep, rng=_JITTER),
         )
 
     async def _dead_letter(
@@ -635,7 +642,7 @@ class DeletionWorker:
             return None
         named = _by_stored(conn, {c.contact_id for c in todo})
         contact_stmt = self.db.for_update(
-            sa.select(*_DECIDING_COLUMNS).where(any_of(contacts.c.id, named.values()))
+            sa.select(*_DECIDING_COLUMNS).where(any_of(contacts.c.id, named, stored=True))
         )
         found = {named[r["id"]]: r for r in (await conn.execute(contact_stmt)).mappings()}
         workspaces = _by_stored(conn, {job.workspace_id for job in jobs.values()})
@@ -801,11 +808,13 @@ class DeletionWorker:
             return orphaned
         if not redact and conn.dialect.name == "postgresql":
             return await self._orphan_and_delete_pg(conn, contact_ids, orphaned)
+        # The ids as bound (SQLite: hex), converted once for the batch's statements.
+        stored = stored_values(conn, contacts.c.id, contact_ids)
         if not redact:
-            await self._orphan_unredacted(conn, contact_ids, orphaned)
+            await self._orphan_unredacted(conn, contact_ids, stored, orphaned)
         else:
             await self._orphan_timelines(conn, contact_ids, redact, orphaned)
-        await conn.execute(contacts.delete().where(any_of(contacts.c.id, contact_ids)))
+        await conn.execute(contacts.delete().where(any_of(contacts.c.id, stored, stored=True)))
         return orphaned
 
     async def _orphan_and_delete_pg(
@@ -870,34 +879,40 @@ class DeletionWorker:
                 )
 
     async def _orphan_unredacted(
-        self, conn: AsyncConnection, contact_ids: list[uuid.UUID], orphaned: Orphaned
+        self,
+        conn: AsyncConnection,
+        contact_ids: list[uuid.UUID],
+        stored: list[Any],
+        orphaned: Orphaned,
     ) -> None:
         """Without redaction: one statement reads what the three timelines keep of these
         contacts, then one per table that has any nulls their back-references (each round
-        trip counts: on a busy machine each one waits for the database to be scheduled)."""
-        rows = await self._timeline_rows(conn, contact_ids)
-        kinds = _keep(orphaned, _by_stored(conn, contact_ids), rows)
+        trip counts: on a busy machine each one waits for the database to be scheduled).
+        ``stored``: the same ids as `stored_values` binds them."""
+        rows = await self._timeline_rows(conn, stored)
+        kinds = _keep(orphaned, dict(zip(stored, contact_ids, strict=True)), rows)
         for kind, table in TIMELINE_TABLES.items():
             if kind in kinds:
                 await conn.execute(
                     table.update()
-                    .where(any_of(table.c.contact_id, contact_ids))
+                    .where(any_of(table.c.contact_id, stored, stored=True))
                     .values(contact_id=None)
                 )
 
     @staticmethod
-    async def _timeline_rows(conn: AsyncConnection, contact_ids: list[uuid.UUID]) -> list[Any]:
-        """(kind, id, contact id, time) of every timeline row of these contacts, in one
-        statement, the columns as the driver gives them (`_raw`): a batch reads two or
-        three timeline rows per contact, and building a UUID and a datetime for each only
-        to turn them back into text cost more than the rest of the read."""
+    async def _timeline_rows(conn: AsyncConnection, stored: list[Any]) -> list[Any]:
+        """(kind, id, contact id, time) of every timeline row of these contacts (their ids
+        as `stored_values` binds them), in one statement, the columns as the driver gives
+        them (`_raw`): a batch reads two or three timeline rows per contact, and building a
+        UUID and a datetime for each only to turn them back into text cost more than the
+        rest of the read."""
         selects = [
             sa.select(
                 sa.literal(kind, sa.String).label("kind"),
                 _raw(table.c.id),
                 _raw(table.c.contact_id),
                 _raw(_timeline_time(kind, table)).label("at"),
-            ).where(any_of(table.c.contact_id, contact_ids))
+            ).where(any_of(table.c.contact_id, stored, stored=True))
             for kind, table in TIMELINE_TABLES.items()
         ]
         return list((await conn.execute(sa.union_all(*selects))).all())

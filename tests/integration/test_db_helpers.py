@@ -29,6 +29,7 @@ from service.db import (
     deletion_job_items,
     insert_rows,
     outbox,
+    stored_values,
     utcnow,
 )
 from service.erasure.scrubber import Scrubber
@@ -36,7 +37,8 @@ from tests.conftest import make_settings
 
 
 async def test_any_of_selects_what_an_in_list_selects(db: Database) -> None:
-    """UUIDs and text, with duplicates, values that match nothing, one value and none."""
+    """UUIDs and text, with duplicates, values that match nothing, one value and none;
+    given as they are and as `stored_values` binds them."""
     job_a, job_b, job_none = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
     refs = [f"ref-{i}" for i in range(6)] + ['é-"quoted"-\\', "a'b"]
     now = utcnow()
@@ -63,6 +65,14 @@ async def test_any_of_selects_what_an_in_list_selects(db: Database) -> None:
             plain = sa.select(*columns).where(items.job_id.in_(jobs), items.ref.in_(wanted))
             one = sa.select(*columns).where(any_of(items.job_id, jobs), any_of(items.ref, wanted))
             expected = sorted((await conn.execute(plain)).all())
+            assert sorted((await conn.execute(one)).all()) == expected
+            # The values converted once beforehand (`stored`): the same rows, and the two
+            # forms, run one after the other, never share a compiled statement.
+            ids = stored_values(conn, items.job_id, jobs)
+            stored = sa.select(*columns).where(
+                any_of(items.job_id, ids, stored=True), any_of(items.ref, wanted, stored=True)
+            )
+            assert sorted((await conn.execute(stored)).all()) == expected
             assert sorted((await conn.execute(one)).all()) == expected
             assert len(expected) == len({j for j in jobs if j != job_none}) * len(
                 set(wanted) & set(refs)

@@ -25,7 +25,7 @@ from service.events import (
     DeletionRequested,
     DeletionRequestedEncoder,
 )
-from service.kafka import murmur2
+from service.kafka import key_hash, murmur2
 
 # database=None: property tests must not write a .hypothesis directory into the tree.
 PROPERTY = settings(max_examples=300, database=None, deadline=None)
@@ -101,6 +101,9 @@ def test_partition_from_murmur2_is_the_default_partitioners(key: bytes, count: i
     partitions = list(range(count))
     expected = DefaultPartitioner()(key, partitions, partitions)
     assert partitions[(murmur2(key) & 0x7FFFFFFF) % count] == expected
+    # The producer's remembered hash: the same when computed and when looked up.
+    assert partitions[key_hash(key) % count] == expected
+    assert partitions[key_hash(bytes(key)) % count] == expected
 
 
 json_values = st.recursive(
