@@ -167,10 +167,9 @@ class Settings(BaseSettings):
     audit_hash_key: SecretStr | None = None
     data_dir: Path = Field(default_factory=default_data_dir)
 
-    # Outbox rows per relay pass, at most: one read, one publish and one mark each (1,000:
-    # with the worker's 1,000, about 10 % less CPU per contact than 500 in a 200k filter
-    # job's pair, sqlite-cpu4).
-    relay_batch_size: int = Field(default=1000, ge=1)
+    # Outbox rows per relay pass, at most: one read, one publish and one mark each. Unset:
+    # `relay_batch` (1,000 on PostgreSQL, 500 on SQLite, as `worker_batch`).
+    relay_batch_size: int | None = Field(default=None, ge=1)
     relay_poll_interval_s: float = Field(default=0.05, gt=0)
     # How long the relay's producer lets a batch wait for more records (Kafka linger.ms).
     # 0: a pass enqueues its whole batch before the sender runs, so the records still
@@ -181,11 +180,9 @@ class Settings(BaseSettings):
     # Keep it at or below the broker's message.max.bytes (1,048,588 by default).
     relay_max_request_size: int = Field(default=1024 * 1024, ge=1024)
     # Messages per worker transaction, at most: larger batches amortise the statements
-    # and commits (issue 8 measured 500 at about 15 % less CPU per contact than 200, and
-    # 1,000, with the relay's 1,000, 7-12 % less than 500 on SQLite: sqlite-cpu4). At
-    # most 10,000: a batch's ids are bound three times in one statement, under the
-    # databases' limit of 32,766 bound values.
-    worker_batch_size: int = Field(default=1000, ge=1, le=10_000)
+    # and commits. Unset: `worker_batch`. At most 10,000: a batch's ids are bound three
+    # times in one statement, under the databases' limit of 32,766 bound values.
+    worker_batch_size: int | None = Field(default=None, ge=1, le=10_000)
     # A filter/search job turns its matches into items this many at a time, and only while
     # fewer than `expand_ahead_max` of its items wait for deletion: the pipeline stays fed
     # without a million-contact job queueing a million messages at once.
@@ -382,6 +379,25 @@ class Settings(BaseSettings):
     @property
     def is_sqlite(self) -> bool:
         return self.database_url.startswith("sqlite")
+
+    @property
+    def worker_batch(self) -> int:
+        """Messages per worker transaction: WORKER_BATCH_SIZE, else 1,000 on PostgreSQL and
+        500 on SQLite. Measured (issue 8, back-to-back pairs, 3 receivers): on PostgreSQL
+        1,000 (with the relay's 1,000) spent 27 % less service and server CPU per contact
+        than 500; on SQLite, whose one writer a transaction holds for its whole length,
+        1,000 held the API's and the dispatcher's writes back: the deletions ended later
+        (end to end 1,990 against 2,396 contacts/s) for 7 % less CPU in all."""
+        if self.worker_batch_size is not None:
+            return self.worker_batch_size
+        return 500 if self.is_sqlite else 1000
+
+    @property
+    def relay_batch(self) -> int:
+        """Outbox rows per relay pass: RELAY_BATCH_SIZE, else as `worker_batch`."""
+        if self.relay_batch_size is not None:
+            return self.relay_batch_size
+        return 500 if self.is_sqlite else 1000
 
     def topic(self, name: str) -> str:
         """The full name of a topic, with the configured prefix."""

@@ -162,7 +162,7 @@ class Relay:
             sa.select(*columns)
             .where(outbox.c.published_at.is_(None), outbox.c.failed_at.is_(None))
             .order_by(outbox.c.id)
-            .limit(self.settings.relay_batch_size)
+            .limit(self.settings.relay_batch)
         )
         if self.stuck:
             stmt = stmt.where(outbox.c.id.not_in(sorted(self.stuck)))
@@ -359,7 +359,7 @@ class Relay:
                     log.error("relay_refusing", error=describe(exc), transient=False)
                 await self.sleep(delay, stop)
                 continue
-            if sent < self.settings.relay_batch_size and not self.wakeup.is_set():
+            if sent < self.settings.relay_batch and not self.wakeup.is_set():
                 self.idle.set()
                 await wait_any(self.settings.relay_poll_interval_s, stop, self.wakeup)
 

@@ -332,7 +332,7 @@ class DeletionWorker:
                         break
                     messages = await self._retry_transient(
                         lambda: consumer.getmany(
-                            timeout_ms=200, max_records=self.settings.worker_batch_size
+                            timeout_ms=200, max_records=self.settings.worker_batch
                         ),
                         stop,
                     )

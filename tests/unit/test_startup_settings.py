@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from service.cli import main
-from service.config import SettingsError, load_settings
+from service.config import Settings, SettingsError, load_settings
 
 COMMANDS = [
     ["api"],
@@ -127,3 +127,14 @@ def test_database_urls_as_operators_write_them_are_normalised(
 ) -> None:
     monkeypatch.setenv("DATABASE_URL", given)
     assert load_settings().database_url == used
+
+
+def test_batch_sizes_default_by_database_and_a_setting_wins() -> None:
+    """1,000 per worker transaction and relay pass on PostgreSQL, 500 on SQLite, whose one
+    writer a longer transaction holds from the API and the dispatcher (issue 8 pairs)."""
+    pg = Settings(database_url="postgresql+asyncpg://u@127.0.0.1/db")
+    lite = Settings(database_url="sqlite+aiosqlite:////tmp/x.db")
+    assert (pg.worker_batch, pg.relay_batch) == (1000, 1000)
+    assert (lite.worker_batch, lite.relay_batch) == (500, 500)
+    tuned = Settings(database_url="sqlite+aiosqlite:////tmp/x.db", worker_batch_size=70)
+    assert (tuned.worker_batch, tuned.relay_batch) == (70, 500)
