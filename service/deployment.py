@@ -34,13 +34,14 @@ import secrets
 import time
 import uuid
 from collections.abc import Callable, Collection, Sequence
-from typing import Any, Protocol
+from typing import Any
 
 import sqlalchemy as sa
 from prometheus_client import Counter
 from sqlalchemy.dialects import postgresql, sqlite
 
 from service.db import Database, deletion_jobs, server_secrets, utcnow
+from service.events import DeletionRequested, JobExpand
 from service.faults import describe
 from service.kafka import InMessage
 from service.logs import get_logger
@@ -52,12 +53,6 @@ DEPLOYMENT_HEADER = "cd-deployment"
 
 DEPLOYMENT_ID_NAME = "deployment_id"
 """Its row in ``server_secrets`` (not a secret: an id, written once)."""
-
-
-class _Command(Protocol):
-    @property
-    def job_id(self) -> uuid.UUID: ...
-
 
 LOG_EVERY_S = 60.0
 """At most one ``foreign_records_skipped`` line per topic, partition and case this often."""
@@ -155,7 +150,7 @@ class ForeignRecords:
     async def unknown_jobs(
         self,
         db: Database,
-        commands: Sequence[tuple[InMessage, _Command]],
+        commands: Sequence[tuple[InMessage, DeletionRequested | JobExpand]],
         progressed: Collection[uuid.UUID],
     ) -> None:
         """Note the commands (message, command) whose job this database does not have:

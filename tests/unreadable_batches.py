@@ -20,6 +20,7 @@ import struct
 from collections.abc import Sequence
 
 from aiokafka import AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.codec import has_zstd
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 from aiokafka.record.util import calc_crc32c
@@ -94,3 +95,14 @@ async def produce_raw(bootstrap: str, topic: str, partition: int, raw: bytes) ->
         await (await producer.send_batch(batch, topic, partition=partition))
     finally:
         await producer.stop()
+
+
+async def create_topic(bootstrap: str, *topics: str) -> None:
+    """Create each of `topics` with one partition: a record is read only after those
+    written before it."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(topic, 1, 1) for topic in topics])
+    finally:
+        await admin.close()

@@ -140,7 +140,8 @@ def attempt_json(row: Mapping[Any, Any]) -> dict[str, Any]:
 def url_for_the_trail(url: str) -> dict[str, str]:
     """What the append-only audit trail keeps of an endpoint's URL: its origin (scheme,
     host, port) and the SHA-256 of the whole URL, never its path or query, where receivers
-    often carry a token (…/hooks/T0/B0/XXXX, ?token=…) that the trail would keep for good.
+    often carry a token (a Slack-style /services/T0/B0/<token>, ?token=…) that the trail
+    would keep for good.
     The hash answers "was it this URL?" for whoever has the URL."""
     return {
         "url_origin": str(URL(url).origin()),

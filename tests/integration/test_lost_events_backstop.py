@@ -12,7 +12,6 @@ import asyncio
 
 import pytest
 import sqlalchemy as sa
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from service.app import Services
 from service.config import Settings
@@ -28,32 +27,13 @@ from tests.integration.test_lost_records import (
     _done,
     _endpoint,
     own_db_url,
+    recreate_topic,
     settings,
 )
 from tests.integration.test_unreadable_batches import _all_published, _bulk_delete
 from tests.logcapture import json_logs
 
 __all__ = ["own_db_url", "settings"]  # the fixtures, used by name
-
-
-async def recreate_topic(bootstrap: str, topic: str) -> None:
-    """Delete ``topic`` and create it again with one partition (the deletion completes in
-    the background: TopicAlreadyExists until it has)."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        await admin.delete_topics([topic])
-        async with asyncio.timeout(BOUND_S):
-            while True:
-                try:
-                    response = await admin.create_topics([NewTopic(topic, 1, 1)])
-                except Exception:  # TopicAlreadyExists while it is being deleted
-                    response = None
-                if response is not None and all(e[1] == 0 for e in response.topic_errors):
-                    return
-                await asyncio.sleep(0.2)
-    finally:
-        await admin.close()
 
 
 @pytest.mark.parametrize("settings", [{"webhook_lost_events_check_s": 0.3}], indirect=True)

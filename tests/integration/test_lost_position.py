@@ -8,11 +8,10 @@ import asyncio
 import uuid
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from service.kafka import Consumer, LostRecords
 from tests.logcapture import json_logs
-from tests.unreadable_batches import plain_batch, produce_raw
+from tests.unreadable_batches import create_topic, plain_batch, produce_raw
 
 BOUND_S = 30
 
@@ -28,12 +27,7 @@ async def test_a_position_beyond_the_log_end_is_a_gap_and_the_log_is_read_from_i
     """
     topic = f"reset-{uuid.uuid4().hex[:8]}"
     group = f"g-{topic}"
-    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(topic, 1, 1)])
-    finally:
-        await admin.close()
+    await create_topic(kafka_bootstrap, topic)
     await produce_raw(kafka_bootstrap, topic, 0, bytes(plain_batch([(b"new", b"{}", [])])))
     # A member of the group commits offset 5 (the broker takes any offset).
     member = AIOKafkaConsumer(

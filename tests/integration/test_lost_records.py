@@ -96,6 +96,26 @@ def _done(job: dict[str, Any], deleted: int) -> None:
     assert (job["status"], job["deleted_count"], job["failed_count"]) == ("completed", deleted, 0)
 
 
+async def recreate_topic(bootstrap: str, topic: str) -> None:
+    """Delete ``topic`` and create it again with one partition (the deletion completes in
+    the background: TopicAlreadyExists until it has)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.delete_topics([topic])
+        async with asyncio.timeout(BOUND_S):
+            while True:
+                try:
+                    response = await admin.create_topics([NewTopic(topic, 1, 1)])
+                except Exception:  # TopicAlreadyExists while it is being deleted
+                    response = None
+                if response is not None and all(e[1] == 0 for e in response.topic_errors):
+                    return
+                await asyncio.sleep(0.2)
+    finally:
+        await admin.close()
+
+
 @pytest.mark.parametrize("committed", [True, False], ids=["committed", "no-offset"])
 async def test_commands_removed_before_the_worker_read_them_are_sent_again(
     tenant: Tenant, services: Services, settings: Settings, committed: bool
@@ -146,21 +166,7 @@ async def test_commands_of_a_topic_created_again_are_sent_again(
     async with components_running(services, "relay"):
         job_a = await _bulk_delete(tenant, 2)
         await _all_published(services)
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap_servers)
-    await admin.start()
-    try:
-        await admin.delete_topics([topic])
-        async with asyncio.timeout(BOUND_S):
-            while True:  # the deletion completes in the background
-                try:
-                    response = await admin.create_topics([NewTopic(topic, 1, 1)])
-                except Exception:  # TopicAlreadyExists while it is being deleted
-                    response = None
-                if response is not None and all(e[1] == 0 for e in response.topic_errors):
-                    break
-                await asyncio.sleep(0.2)
-    finally:
-        await admin.close()
+    await recreate_topic(settings.kafka_bootstrap_servers, topic)
 
     with json_logs() as lines:
         async with components_running(services, "relay", "worker"):

@@ -21,7 +21,6 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from service.app import Services
 from service.config import Settings
@@ -36,7 +35,13 @@ from service.kafka import Consumer, UnreadableBatch, read_topics
 from service.topics import create_topics
 from tests.conftest import Tenant, components_running, make_settings, own_database
 from tests.logcapture import json_logs
-from tests.unreadable_batches import bad_header_key_batch, plain_batch, produce_raw, zstd_batch
+from tests.unreadable_batches import (
+    bad_header_key_batch,
+    create_topic,
+    plain_batch,
+    produce_raw,
+    zstd_batch,
+)
 
 BOUND_S = 30  # a wedged consumer fails the test instead of hanging it
 
@@ -208,12 +213,7 @@ async def test_a_batch_damaged_on_disk_is_fetched_again_then_stepped_past(
     (a batch damaged in transit reads the second time), then steps past it, and reads on.
     No database: the consumer alone."""
     topic = f"damaged-{uuid.uuid4().hex[:8]}"
-    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(topic, 1, 1), NewTopic(topic + DLQ_SUFFIX, 1, 1)])
-    finally:
-        await admin.close()
+    await create_topic(kafka_bootstrap, topic, topic + DLQ_SUFFIX)
     marker = f"victim-{uuid.uuid4().hex}".encode()
     for key, value in ((b"before", b"{}"), (b"victim", marker), (b"after", b"{}")):
         await produce_raw(kafka_bootstrap, topic, 0, bytes(plain_batch([(key, value, [])])))
@@ -251,12 +251,7 @@ async def test_reading_a_topic_whole_says_which_batch_it_cannot_read(kafka_boots
     (before: a ``KafkaUnavailable``, "try again later", for the codec; the header name's
     ``UnicodeDecodeError`` escaped as is). No database: the reader alone."""
     topic = f"whole-{uuid.uuid4().hex[:8]}"
-    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(topic, 1, 1)])
-    finally:
-        await admin.close()
+    await create_topic(kafka_bootstrap, topic)
     await produce_raw(kafka_bootstrap, topic, 0, bytes(plain_batch([(b"k", b"{}", [])])))
     await produce_raw(kafka_bootstrap, topic, 0, bad_header_key_batch(b"bad-header", b"{}"))
     read = []

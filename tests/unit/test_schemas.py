@@ -415,3 +415,24 @@ def test_a_cloudevent_on_kafka_matches_the_published_envelope_and_data_schemas()
     data_schema = schemas[f"events/{event.type}.schema.json"]
     assert _errors(message, envelope_schema, envelope_schema) == []
     assert _errors(message["data"], data_schema, data_schema) == []
+
+
+def test_every_boolean_query_parameter_takes_only_true_or_false() -> None:
+    """pydantic's lax mode reads yes/no, on/off, 1/0 as booleans in a query string, where a
+    body's boolean is strictly true or false: every boolean query parameter of every route
+    is an `apimodels.QueryFlag` (trial 6: ?delete_members=yes deleted a site member)."""
+    from pydantic import ValidationError
+
+    from service.api import route_tables
+
+    checked = []
+    for table in route_tables():
+        for op in table:
+            for name, field in op.query.model_fields.items():
+                if field.annotation is not bool:
+                    continue
+                checked.append((op.operation_id, name))
+                with pytest.raises(ValidationError):
+                    op.query.model_validate({name: "yes"})
+                assert getattr(op.query.model_validate({name: "true"}), name) is True
+    assert checked, "no boolean query parameter found: the check checks nothing"
