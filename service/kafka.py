@@ -187,9 +187,17 @@ class Producer:
         # Set when the broker refused this producer's idempotence state: the next send
         # replaces it (see `send_many`).
         self._state_lost = False
+        # Set by `stop`: a connection it raced (a start or a replacement under way in
+        # another task) is closed instead of kept, so no client outlives its owner.
+        self._stopped = False
 
     async def start(self) -> None:
-        """Connect to the cluster; raises :class:`KafkaUnavailable` if it cannot."""
+        """Connect to the cluster; raises :class:`KafkaUnavailable` if it cannot, or if
+        :meth:`stop` was called while it connected (the new connection is closed)."""
+        self._stopped = False
+        await self._connect()
+
+    async def _connect(self) -> None:
         # aiokafka binds its objects to the running loop, so they are made here, not in __init__.
         producer = AIOKafkaProducer(
             bootstrap_servers=self._bootstrap,
@@ -207,10 +215,15 @@ class Producer:
             if isinstance(exc, KafkaError | OSError):
                 raise KafkaUnavailable(f"cannot connect a producer to {self._bootstrap}") from exc
             raise
+        if self._stopped:
+            await producer.stop()
+            raise KafkaUnavailable("the producer was stopped while it connected")
         self._producer = producer
 
     async def stop(self) -> None:
-        """Flush what is pending and disconnect; safe to call twice."""
+        """Flush what is pending and disconnect; safe to call twice, and while a start or a
+        replacement is under way in another task (that one then closes what it opened)."""
+        self._stopped = True
         producer, self._producer = self._producer, None
         if producer is not None:
             await producer.stop()
@@ -320,8 +333,11 @@ class Producer:
         """Drop a producer the broker no longer accepts and start a new one.
 
         Raises :class:`KafkaUnavailable` if the broker cannot be reached (the caller's retry
-        comes back here).
+        comes back here) or the producer was stopped (a send still under way when its
+        owner stopped: no new client is opened for it).
         """
+        if self._stopped:
+            raise KafkaUnavailable("the producer is stopped")
         old, self._producer = self._producer, None
         if old is not None:
             # Nothing of ours is pending on it (every send's future was awaited); a stop
@@ -332,7 +348,7 @@ class Producer:
             "kafka_producer_replaced",
             reason="the broker refused its sequence state, or one of its batches",
         )
-        await self.start()
+        await self._connect()
         self._state_lost = False
 
     @staticmethod

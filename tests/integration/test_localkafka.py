@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import gc
 import os
 import selectors
 import signal
@@ -15,7 +17,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from aiokafka import TopicPartition
+from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.partitioner import DefaultPartitioner
 
 from service.faults import is_transient, producer_state_lost
@@ -108,6 +110,56 @@ async def test_a_producer_whose_sequence_the_broker_refuses_is_replaced(
 
     got = [m.value async for m in read_topics(kafka_bootstrap, [topic])]
     assert got == [b"first", b"second", b"third"]
+
+
+def _open_clients() -> set[int]:
+    """The aiokafka producers of this process not closed yet (by id)."""
+    return {
+        id(o) for o in gc.get_objects() if isinstance(o, AIOKafkaProducer) and o._closed is False
+    }
+
+
+async def _stop_while_it_connects(producer: Producer, connecting: asyncio.Task[None]) -> None:
+    """Stop ``producer`` while ``connecting`` (its start, or a send replacing its client) is
+    under way in another task: that task fails as transient and leaves no client open."""
+    await asyncio.sleep(0)  # the task is now waiting on the broker
+    await producer.stop()
+    with pytest.raises(KafkaUnavailable):
+        await connecting
+
+
+async def test_a_producer_stopped_while_it_starts_keeps_no_client_open(
+    kafka_bootstrap: str,
+) -> None:
+    """A component stopping while its producer still connects (another task's start)
+    closes what that start opens: no client outlives its owner (an unclosed one leaked
+    its connections and warned at collection)."""
+    before = _open_clients()
+    producer = Producer(kafka_bootstrap)
+    await _stop_while_it_connects(producer, asyncio.create_task(producer.start()))
+    assert _open_clients() - before == set()
+
+
+async def test_a_producer_stopped_while_a_send_replaces_its_client_keeps_none_open(
+    kafka_bootstrap: str,
+) -> None:
+    """The same for the replacement of a client whose sequence the broker refused (a batch
+    under way in a worker's task when the worker stops): the send fails as transient, the
+    new client is closed, and the stopped producer opens no other."""
+    topic = _unique("stopped-replacing")
+    await ensure_topics(kafka_bootstrap, [topic], partitions=1)
+    before = _open_clients()
+    producer = Producer(kafka_bootstrap)
+    await producer.start()
+    await producer.send_many([OutMessage(topic, b"k", b"first")])
+    producer._started()._txn_manager.increment_sequence_number(TopicPartition(topic, 0), 5)
+    with pytest.raises(KafkaUnavailable):
+        await producer.send_many([OutMessage(topic, b"k", b"second")])
+    replacing = asyncio.create_task(producer.send_many([OutMessage(topic, b"k", b"second")]))
+    await _stop_while_it_connects(producer, replacing)
+    with pytest.raises(KafkaUnavailable):  # stopped: no new client for a late send
+        await producer.send_many([OutMessage(topic, b"k", b"third")])
+    assert _open_clients() - before == set()
 
 
 async def test_send_many_puts_each_key_where_the_default_partitioner_does_in_order(
