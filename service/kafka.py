@@ -611,9 +611,13 @@ class Consumer:
         self._stamps: dict[Any, dict[int, int]] = {}
         # Per topic, its partition count at this member's last commit.
         self._counts: dict[str, int] = {}
+        # Set by `stop`: a client another task opens meanwhile is closed, not kept.
+        self._stopped = False
 
     async def start(self) -> None:
-        """Connect and subscribe; raises :class:`KafkaUnavailable` if the cluster is down."""
+        """Connect and subscribe; raises :class:`KafkaUnavailable` if the cluster is down,
+        or if :meth:`stop` was called while it connected (the new client is closed)."""
+        self._stopped = False
         consumer = AIOKafkaConsumer(
             *self._topics,
             bootstrap_servers=self._bootstrap,
@@ -636,10 +640,15 @@ class Consumer:
             if isinstance(exc, KafkaError | OSError):
                 raise KafkaUnavailable(f"cannot connect a consumer to {self._bootstrap}") from exc
             raise
+        if self._stopped:
+            await consumer.stop()
+            raise KafkaUnavailable("the consumer was stopped while it connected")
         self._consumer = consumer
 
     async def stop(self) -> None:
-        """Leave the group and disconnect (uncommitted offsets are not committed)."""
+        """Leave the group and disconnect (uncommitted offsets are not committed); safe
+        while another task starts it or opens its dead-letter producer."""
+        self._stopped = True
         consumer, self._consumer = self._consumer, None
         producer, self._dead_letters = self._dead_letters, None
         try:
@@ -862,6 +871,9 @@ class Consumer:
         if self._dead_letters is None:
             producer = Producer(self._bootstrap, self._client_id)
             await producer.start()
+            if self._stopped:
+                await producer.stop()
+                raise KafkaUnavailable("the consumer was stopped while it dead-lettered")
             self._dead_letters = producer
         suffix = self._dead_letter_suffix
         stub = unreadable_stub(bad.topic, bad.partition, bad.offset, bad.end, bad.error, suffix)

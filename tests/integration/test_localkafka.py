@@ -17,7 +17,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from aiokafka import AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.partitioner import DefaultPartitioner
 
 from service.faults import is_transient, producer_state_lost
@@ -113,30 +113,33 @@ async def test_a_producer_whose_sequence_the_broker_refuses_is_replaced(
 
 
 def _open_clients() -> set[int]:
-    """The aiokafka producers of this process not closed yet (by id)."""
-    return {
-        id(o) for o in gc.get_objects() if isinstance(o, AIOKafkaProducer) and o._closed is False
-    }
+    """The aiokafka producers and consumers of this process not closed yet (by id)."""
+    kinds = (AIOKafkaProducer, AIOKafkaConsumer)
+    return {id(o) for o in gc.get_objects() if isinstance(o, kinds) and o._closed is False}
 
 
-async def _stop_while_it_connects(producer: Producer, connecting: asyncio.Task[None]) -> None:
-    """Stop ``producer`` while ``connecting`` (its start, or a send replacing its client) is
+async def _stop_while_it_connects(
+    client: Producer | Consumer, connecting: asyncio.Task[None]
+) -> None:
+    """Stop ``client`` while ``connecting`` (its start, or a send replacing its client) is
     under way in another task: that task fails as transient and leaves no client open."""
     await asyncio.sleep(0)  # the task is now waiting on the broker
-    await producer.stop()
+    await client.stop()
     with pytest.raises(KafkaUnavailable):
         await connecting
 
 
-async def test_a_producer_stopped_while_it_starts_keeps_no_client_open(
+async def test_a_client_stopped_while_it_starts_keeps_none_open(
     kafka_bootstrap: str,
 ) -> None:
-    """A component stopping while its producer still connects (another task's start)
+    """A component stopping while its producer or consumer still connects (another task's start)
     closes what that start opens: no client outlives its owner (an unclosed one leaked
     its connections and warned at collection)."""
     before = _open_clients()
     producer = Producer(kafka_bootstrap)
     await _stop_while_it_connects(producer, asyncio.create_task(producer.start()))
+    consumer = Consumer(kafka_bootstrap, [_unique("stopped-starting")], _unique("group"))
+    await _stop_while_it_connects(consumer, asyncio.create_task(consumer.start()))
     assert _open_clients() - before == set()
 
 
