@@ -265,6 +265,15 @@ idempotency_keys = sa.Table(
     sa.Column("response_body", sa.LargeBinary, nullable=True),
     sa.Column("created_at", UTCDateTime, nullable=False),
     sa.Column("expires_at", UTCDateTime, nullable=False),
+    # The contact the stored answer shows (a created contact, a timeline item's contact):
+    # deleting the contact erases the answer (service.idempotency.erase_answers).
+    sa.Column("contact_id", UUID, nullable=True),
+    sa.Index(
+        "ix_idempotency_keys_contact_id",
+        "contact_id",
+        postgresql_where=sa.text("contact_id IS NOT NULL"),
+        sqlite_where=sa.text("contact_id IS NOT NULL"),
+    ),
 )
 
 outbox = sa.Table(

@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import hashlib
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -25,9 +25,10 @@ import sqlalchemy as sa
 from aiohttp import web
 from multidict import CIMultiDictProxy
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from service.audit.chain import canonical_json
-from service.db import Database, idempotency_keys, utcnow
+from service.db import Database, any_of, idempotency_keys, utcnow
 from service.errors import IdempotencyConflict, ValidationFailed
 from service.faults import describe, is_transient
 from service.logs import get_logger
@@ -49,9 +50,23 @@ REPLAYED = "Idempotent-Replayed"
 
 @dataclass(frozen=True)
 class StoredResponse:
+    """An answer kept for replay. ``contact_id``: the contact it shows (a created contact,
+    a timeline item's contact), whose deletion erases it (:func:`erase_answers`)."""
+
     status: int
     headers: dict[str, str]
     body: bytes
+    contact_id: uuid.UUID | None = field(default=None, compare=False)
+
+
+ERASED_STATUS = 410
+"""What a key whose answer showed a since-deleted contact replays: the request is not run
+again (a create would bring the contact back), and its answer is no longer kept."""
+ERASED_BODY = (
+    b'{"error":{"code":"answer_erased","message":"The answer to this request showed a '
+    b"contact that has since been deleted; it is no longer kept, and the request is not "
+    b'run again.","details":{}}}'
+)
 
 
 @dataclass(frozen=True)
@@ -303,8 +318,53 @@ async def complete(
                 response_headers=response.headers,
                 response_body=response.body,
                 expires_at=utcnow() + timedelta(seconds=ttl_s),
+                contact_id=response.contact_id,
             )
         )
+
+
+async def erase_answers(conn: AsyncConnection, contact_ids: Sequence[uuid.UUID]) -> int:
+    """In the deleting transaction: replace every kept answer that shows one of these
+    contacts by the erased answer (410 ``answer_erased``), so no copy of a deleted contact's
+    data or of its timeline's back-reference stays in a replay (README "Erasure"); the key
+    still answers, so a retried create does not bring the contact back. Returns the rows
+    changed (their table then needs the erasure scrub)."""
+    if not contact_ids:
+        return 0
+    c = idempotency_keys.c
+    result = await conn.execute(
+        idempotency_keys.update()
+        .where(any_of(c.contact_id, contact_ids))
+        .values(
+            response_status=ERASED_STATUS,
+            response_headers={"Content-Type": "application/json; charset=utf-8"},
+            response_body=ERASED_BODY,
+            contact_id=None,
+        )
+    )
+    return int(result.rowcount or 0)
+
+
+async def prune_expired(db: Database, older_than: timedelta, chunk: int) -> int:
+    """Delete keys whose replay window (or a claim's lease) ended before now - `older_than`,
+    at most `chunk` per transaction; returns how many (service.retention). A pruned key is
+    free again, as Stripe's are after 24 h."""
+    cutoff = utcnow() - older_than
+    c = idempotency_keys.c
+    total = 0
+    while True:
+        async with db.begin() as conn:
+            expired = sa.select(c.workspace_id, c.key).where(c.expires_at < cutoff).limit(chunk)
+            rows = (await conn.execute(expired)).all()
+            if rows:
+                await conn.execute(
+                    idempotency_keys.delete().where(
+                        sa.tuple_(c.workspace_id, c.key).in_([tuple(r) for r in rows])
+                    )
+                )
+        total += len(rows)
+        if len(rows) < chunk:
+            return total
 
 
 async def release(db: Database, workspace_id: uuid.UUID, key: str, token: datetime) -> None:

@@ -12,6 +12,9 @@ attempts. What is pruned, each older than its setting:
   ``WEBHOOK_DELIVERY_RETENTION_S`` ago (default 30 days), with their attempts; ``pending``
   and ``failing`` ones never. A pruned delivery answers 404 and `recover` cannot resend
   it: the audit trail keeps what happened (``webhook.delivery.exhausted``, the deletions).
+- Idempotency keys whose replay window (``IDEMPOTENCY_TTL_S``, 24 h) ended more than
+  `IDEMPOTENCY_GRACE` ago: their answers were kept for good before (with the personal data
+  a created contact's answer shows); the key is free again, as Stripe's are.
 
 The audit trail, jobs and their items are never pruned here (the audit trail is
 append-only and hash-chained; a job is its own record). Each step deletes at most
@@ -35,12 +38,17 @@ from service.aio import sleep_unless_stopped
 from service.config import Settings
 from service.db import Database, outbox, utcnow, webhook_attempts, webhook_deliveries
 from service.faults import describe, is_transient
+from service.idempotency import prune_expired
 from service.logs import get_logger
 
 log = get_logger(__name__)
 
 PRUNE_CHUNK = 5_000
 """Rows deleted per transaction."""
+
+IDEMPOTENCY_GRACE = timedelta(hours=1)
+"""How long past its expiry a key is kept (a claim's lease lapses within seconds; this
+leaves a lapsed claim's late writer nothing to race)."""
 
 FINISHED = ("succeeded", "failed")
 
@@ -108,6 +116,7 @@ async def prune_once(db: Database, settings: Settings) -> dict[str, int]:
         "webhook_deliveries": await prune_deliveries(
             db, timedelta(seconds=settings.webhook_delivery_retention_s)
         ),
+        "idempotency_keys": await prune_expired(db, IDEMPOTENCY_GRACE, PRUNE_CHUNK),
     }
     for table, rows in removed.items():
         if rows:

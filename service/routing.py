@@ -36,6 +36,7 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+import orjson
 from aiohttp import hdrs, web
 from pydantic import BaseModel, ValidationError
 
@@ -283,12 +284,32 @@ async def _once(op: Operation, call: Call, workspace_id: uuid.UUID, key: str) ->
         kept = {
             h: response.headers[h] for h in idempotency.REPLAYED_HEADERS if h in response.headers
         }
-        return idempotency.StoredResponse(response.status, kept, response.body)
+        subject = _contact_shown(request, response.body)
+        return idempotency.StoredResponse(response.status, kept, response.body, subject)
 
     answer, replayed = await idempotency.once(
         db, workspace_id, key, print_, settings.idempotency_ttl_s, work
     )
     return idempotency.response(answer, replayed)
+
+
+def _contact_shown(request: web.Request, body: bytes) -> uuid.UUID | None:
+    """The contact a kept answer shows, so that deleting it erases the answer: the
+    contact a path names (``/v1/contacts/{contact_id}/…``), else the contact an answer
+    carries (``data.contact_id``, or ``data.id`` of a contact: it has an ``email``)."""
+    named = request.match_info.get("contact_id")
+    try:
+        if named is not None:
+            return uuid.UUID(named)
+        data = orjson.loads(body).get("data") if body else None
+        if isinstance(data, dict):
+            if isinstance(data.get("contact_id"), str):
+                return uuid.UUID(data["contact_id"])
+            if "email" in data and isinstance(data.get("id"), str):
+                return uuid.UUID(data["id"])
+    except (ValueError, AttributeError):  # not JSON, or not an id: shows no contact
+        return None
+    return None
 
 
 async def _answer(op: Operation, call: Call) -> web.StreamResponse:

@@ -27,6 +27,7 @@ from service.deletion.store import (
     ProgressDelta,
     apply_progress,
     finish_job,
+    forget_selector_values,
     queue_expansion,
 )
 from service.events import (
@@ -132,7 +133,8 @@ async def _record(
             message = f"the job's contacts could not be selected: {reason}"
             failure = (str(ErrorCode.FAILED), message[:500])
             finished = await finish_job(conn, db, settings, job_row, utcnow(), failure=failure)
-            into.note(command.job_id, JobChange(finished=finished))
+            redacted = await forget_selector_values(conn, command.job_id)
+            into.note(command.job_id, JobChange(finished=finished, redacted=redacted))
             into.failed_jobs.append(command.job_id)
             return True
         items = deletion_job_items.c

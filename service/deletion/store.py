@@ -664,6 +664,7 @@ class JobChange:
 
     started: bool = False
     finished: dict[str, Any] | None = None  # the finished job's id, status and counts
+    redacted: bool = False  # its selector's personal values were just forgotten
 
 
 @dataclass
@@ -732,7 +733,48 @@ async def apply_progress(
     if not done or row["completed_at"] is not None:
         return change
     change.finished = await finish_job(conn, db, settings, row, now, audit=audit)
+    change.redacted = await forget_selector_values(conn, job_id)
     return change
+
+
+PERSONAL_FIELDS = frozenset({"email", "first_name", "last_name", "phone"})
+"""Filter fields whose values are a contact's personal data (service.contacts.filters)."""
+REDACTED_VALUE = "[redacted]"
+
+
+def without_personal_values(selector: Mapping[str, Any]) -> dict[str, Any]:
+    """A filter/search selector with every value given for a personal field, and the
+    search text, replaced by ``"[redacted]"`` (operators, other fields and their values
+    kept): what a finished job keeps of what it was asked to match."""
+
+    def walk(value: Any, personal: bool) -> Any:
+        if isinstance(value, dict):
+            return {k: walk(v, personal or k in PERSONAL_FIELDS) for k, v in value.items()}
+        if isinstance(value, list):
+            return [walk(v, personal) for v in value]
+        return REDACTED_VALUE if personal and isinstance(value, str) else value
+
+    kept = dict(selector)
+    if "filter" in kept:
+        kept["filter"] = walk(kept["filter"], False)
+    if isinstance(kept.get("search"), str):
+        kept["search"] = REDACTED_VALUE
+    return kept
+
+
+async def forget_selector_values(conn: AsyncConnection, job_id: uuid.UUID) -> bool:
+    """Once a job is finished, its filter no longer needs the values it matched: an
+    address (or name, phone, search text) it was given is personal data the deletion must
+    not leave behind (README "Prove an erasure"; `stored_selector` does the same for an
+    emails job at once). True if the stored selector changed (its old row version then
+    needs the erasure scrub)."""
+    c = deletion_jobs.c
+    selector = (await conn.execute(sa.select(c.selector).where(c.id == job_id))).scalar_one()
+    kept = without_personal_values(selector)
+    if kept == selector:
+        return False
+    await conn.execute(deletion_jobs.update().where(c.id == job_id).values(selector=kept))
+    return True
 
 
 async def _expand_ahead(

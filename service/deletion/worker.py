@@ -55,6 +55,7 @@ from service.db import (
     contacts,
     deletion_job_items,
     deletion_jobs,
+    idempotency_keys,
     insert_rows,
     new_ids,
     outbox,
@@ -88,6 +89,7 @@ from service.events import (
 )
 from service.failpoints import crash_if
 from service.faults import describe, is_transient
+from service.idempotency import erase_answers
 from service.kafka import (
     Consumer,
     InMessage,
@@ -186,6 +188,8 @@ class BatchResult:
         if change.finished is not None:
             self.finished_jobs.append(job_id)
             self.finished.append(change.finished)
+        if change.redacted:
+            self.touched.add(deletion_jobs.name)
 
 
 @dataclass
@@ -602,6 +606,8 @@ class DeletionWorker:
         orphaned = await self._delete_contacts(conn, list(plan.doomed), plan.redact)
         if plan.doomed:
             touched |= touched_tables(True, orphaned.redacted_tables)
+            if await erase_answers(conn, list(plan.doomed)):
+                touched.add(idempotency_keys.name)
         outcome = self._build(plan, orphaned)
         await self._write_outcomes(conn, outcome)
         outcome.add_to(progress, records)

@@ -44,6 +44,7 @@ from service.db import (
     audit_events,
     contacts,
     deletion_job_items,
+    metadata,
     outbox,
     server_secrets,
     webhook_deliveries,
@@ -312,7 +313,37 @@ class ErasureCheck:
             place("live rows: contacts", n_contacts, "contact(s) with this address"),
             place("live rows: timeline content", n_items, "item(s) whose text holds it"),
             place("live rows: job items", n_refs, "job item(s) naming it (matched nothing)"),
+            await self._other_rows(lowered),
         ]
+
+    async def _other_rows(self, lowered: str) -> Place:
+        """Every other table of the service, every column that can hold text (strings,
+        JSON, bytes), for the address in clear: a copy kept where no one thought to look
+        (an operator's trial found a deleted contact's answer kept for replay) is found
+        without this list naming the table. Bytes are read as UTF-8 (what the service
+        writes there is JSON)."""
+        searched = {
+            contacts.name,
+            deletion_job_items.name,
+            *(t.name for t in TIMELINE_TABLES.values()),
+        }
+        found: dict[str, int] = {}
+        async with self.db.read() as conn:
+            for table in metadata.sorted_tables:
+                columns = [c for c in table.c if isinstance(c.type, _TEXTUAL)]
+                if table.name in searched or not columns:
+                    continue
+                holds = [_holds(conn.dialect.name, c, lowered) for c in columns]
+                scope = self._in_workspace(table) if "workspace_id" in table.c else []
+                n = (
+                    await conn.execute(
+                        sa.select(sa.func.count()).select_from(table).where(sa.or_(*holds), *scope)
+                    )
+                ).scalar_one()
+                if n:
+                    found[table.name] = n
+        detail = ", ".join(f"{name}: {n} row(s)" for name, n in sorted(found.items()))
+        return Place("live rows: other tables", "found" if found else "not found", {}, detail)
 
     async def database_files(self) -> list[Place]:
         if self.db.is_sqlite:
@@ -499,6 +530,18 @@ class ErasureCheck:
             )
             for r in rows
         ], ""
+
+
+_TEXTUAL = (sa.String, sa.JSON, sa.LargeBinary)
+
+
+def _holds(dialect: str, column: sa.Column[Any], lowered: str) -> sa.ColumnElement[bool]:
+    """``column`` holds ``lowered`` in any ASCII case, as text whatever its type."""
+    if isinstance(column.type, sa.LargeBinary) and dialect == "postgresql":
+        text: sa.ColumnElement[Any] = sa.func.convert_from(column, "UTF8")
+    else:
+        text = sa.cast(column, sa.Text)
+    return sa.func.lower(text).contains(lowered, autoescape=True)
 
 
 def _email_sha256_of(value: bytes) -> str | None:
