@@ -204,6 +204,12 @@ _ERRORS: dict[int, tuple[str, str, tuple[str, ...]]] = {
         "was deleted",
         _API_HEADERS,
     ),
+    410: (
+        "AnswerErased",
+        "`answer_erased`: an Idempotency-Key replayed after the contact its first answer "
+        "showed was deleted (the answer is no longer kept; the request is not run again)",
+        _API_HEADERS,
+    ),
     413: ("PayloadTooLarge", "`payload_too_large`: the body is over 1 MiB", _API_HEADERS),
     415: (
         "UnsupportedMediaType",
@@ -342,6 +348,8 @@ def _operation(c: _Components, op: Operation) -> Schema:
     generic_key = replays(op)  # Idempotency-Key through service.routing._once
     if generic_key:
         codes.add(409)
+        if op.path.startswith("/v1/contacts"):  # its answer shows a contact
+            codes.add(410)
     if op.scope is not None:
         codes |= {401, 403, 429}
     if op.body is not None:
