@@ -23,7 +23,7 @@ from service.app import Services, components, run_components
 from service.config import Settings
 from service.db import Database
 from service.keys import SCOPES, authenticate, create_key, revoke_key
-from service.localkafka import LocalKafka, broker_answers
+from service.localkafka import LocalKafka, LocalKafkaError, broker_answers
 from service.logs import configure_logging, get_logger
 from service.migrate import upgrade
 
@@ -62,13 +62,24 @@ def run_dev(settings: Settings, *, start_kafka: bool = True, new_key: bool = Fal
         )
         return 1
     configure_logging(settings.log_format, settings.log_level)
+    # DATA_DIR=/a/new/folder make dev: made here, as `run` and `migrate` make it.
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
     host, _, port_text = settings.kafka_bootstrap_servers.split(",")[0].rpartition(":")
     port = int(port_text)
     broker: LocalKafka | None = None
     if start_kafka and not broker_answers(host, port):
-        broker = LocalKafka(host=host, port=port, data_dir=settings.data_dir / "kafka")
+        folder = broker_dir(settings.data_dir, port)
+        broker = LocalKafka(host=host, port=port, data_dir=folder)
         _say(f"starting a local Apache Kafka broker on {host}:{port} (first start fetches jars)")
-        broker.start()
+        try:
+            broker.start()
+        except LocalKafkaError as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            sys.stderr.write(
+                f"contact-deletion dev: the local broker on {host}:{port} did not start: "
+                f"{first} (its output: {folder / 'broker.out'})\n"
+            )
+            return 1
         _say(f"kafka ready on {broker.bootstrap}")
     elif start_kafka:
         _say(f"a broker already answers on {host}:{port}; using it")
@@ -78,6 +89,16 @@ def run_dev(settings: Settings, *, start_kafka: bool = True, new_key: bool = Fal
         if broker is not None:
             broker.stop()
             _say("local broker stopped")
+
+
+def broker_dir(data_dir: Path, port: int) -> Path:
+    """The local broker's folder: ``kafka`` for the default port, ``kafka-<port>`` for any
+    other, so a second broker started from the same DATA_DIR (README: its own broker on
+    another port) neither takes the first one's lock nor rewrites its configuration."""
+    return data_dir / ("kafka" if port == DEFAULT_BROKER_PORT else f"kafka-{port}")
+
+
+DEFAULT_BROKER_PORT = 9092
 
 
 async def demo_key(db: Database, key_file: Path, *, new_key: bool) -> tuple[str, bool]:

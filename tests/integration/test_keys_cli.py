@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
+import signal
 import socket
 import sqlite3
+import subprocess
+import time
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,8 +26,10 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from service.cli import main
 from service.config import Settings
 from service.db import Database, admin_sql
-from service.dev import demo_key, port_in_use
+from service.dev import broker_dir, demo_key, port_in_use
 from service.keys import authenticate
+from service.procs import free_port
+from tests.components import COMMAND
 from tests.conftest import Tenant
 
 
@@ -323,3 +331,54 @@ async def test_erasure_check_in_a_workspace_that_does_not_exist_is_refused(
         created["workspace_id"],
     )
     assert "verdict" in out, out
+
+
+def test_dev_makes_a_data_dir_that_does_not_exist_yet(tmp_path: Path) -> None:
+    """README Quick start: `HTTP_PORT=8082 DATA_DIR=/tmp/other make dev` for a second set-up.
+    A DATA_DIR not made yet ended `dev` in a traceback ("unable to open database file");
+    `run` and `migrate` make it, and now `dev` does too, and serves."""
+    data_dir = tmp_path / "not" / "yet"
+    port = free_port()
+    env = {
+        **os.environ,
+        "DATA_DIR": str(data_dir),
+        "HTTP_PORT": str(port),
+        "KAFKA_BOOTSTRAP_SERVERS": f"127.0.0.1:{free_port()}",  # none: it waits for one
+    }
+    env.pop("DATABASE_URL", None)
+    errors = tmp_path / "dev.err"
+    with errors.open("wb") as sink:
+        dev = subprocess.Popen(
+            [COMMAND, "dev", "--no-kafka"],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=sink,
+        )
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert dev.poll() is None, errors.read_text()[-2000:]
+            assert time.monotonic() < deadline, "dev did not serve within 90 s"
+            url = f"http://127.0.0.1:{port}/healthz"
+            with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    break
+            time.sleep(0.5)
+        assert (data_dir / "contact-deletion.db").is_file()
+        assert (data_dir / "demo-key").is_file()
+    finally:
+        dev.send_signal(signal.SIGINT)
+        try:
+            dev.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            dev.kill()
+            dev.wait()
+
+
+def test_a_broker_on_another_port_gets_a_folder_of_its_own(tmp_path: Path) -> None:
+    """README: `KAFKA_BOOTSTRAP_SERVERS=127.0.0.1:19092 make dev` runs its own broker beside
+    the default one; both in one DATA_DIR took one folder's lock and the second rewrote the
+    first one's server.properties."""
+    assert broker_dir(tmp_path, 9092) == tmp_path / "kafka"  # where it always was
+    assert broker_dir(tmp_path, 19092) == tmp_path / "kafka-19092"
