@@ -159,7 +159,7 @@ async def _dev_main(settings: Settings, *, new_key: bool, owns_broker: bool) -> 
 def _banner(
     base: str, key: str, key_file: Path, is_new: bool, database: str, owns_broker: bool = True
 ) -> str:
-    made = "new" if is_new else "the same as last time"
+    made = "new: any earlier demo key is revoked" if is_new else "the same as last time"
     return f"""
 contact-deletion is running at {base}  (database {database})
 demo API key, workspace "demo", all scopes ({made}; kept in {key_file}):

@@ -209,7 +209,9 @@ async def claim(db: Database, workspace_id: uuid.UUID, key: str, print_: str, tt
 
 def _different_body(key: str) -> IdempotencyConflict:
     return IdempotencyConflict(
-        "this Idempotency-Key was used with a different request", {"idempotency_key": key}
+        "this Idempotency-Key was used with a different request (another body or path; a"
+        " dry run spends its key too): send this request with a new key",
+        {"idempotency_key": key},
     )
 
 

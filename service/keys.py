@@ -10,7 +10,6 @@ import hashlib
 import secrets
 import uuid
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
@@ -20,6 +19,7 @@ from service.audit.models import AuditAction
 from service.audit.store import AuditRecord, append_events
 from service.db import Database, api_keys, new_id, utcnow, workspaces
 from service.scopes import SCOPES as SCOPES
+from service.timefmt import iso
 
 KEY_PREFIX = "cdk_"
 
@@ -145,9 +145,9 @@ async def list_keys(db: Database) -> list[dict[str, Any]]:
             "workspace_id": str(r["workspace_id"]),
             "prefix": r["prefix"],
             "scopes": list(r["scopes"]),
-            "created_at": _iso(r["created_at"]),
-            "last_used_at": _iso(r["last_used_at"]),
-            "revoked_at": _iso(r["revoked_at"]),
+            "created_at": iso(r["created_at"]),
+            "last_used_at": iso(r["last_used_at"]),
+            "revoked_at": iso(r["revoked_at"]),
         }
         for r in rows
     ]
@@ -198,7 +198,3 @@ async def _audit_key(
         data=data,
     )
     await append_events(conn, db, [record])
-
-
-def _iso(value: datetime | None) -> str | None:
-    return value.isoformat() if value is not None else None

@@ -345,7 +345,8 @@ class ChainVerifier:
                 self.fail(
                     "anchor_missing",
                     f"no event at the anchor's seq {seq} (the chain ends at seq"
-                    f" {self._head_seq}): events were removed after the anchor was taken",
+                    f" {self._head_seq}): events were removed after the anchor was taken"
+                    " (or the anchor's seq is mistyped: check it against the head you kept)",
                     broken_seq=self._head_seq + 1,
                 )
         if self._failure is not None:

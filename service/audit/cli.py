@@ -48,14 +48,18 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     verify = commands.add_parser("verify", help=summary, description=summary.capitalize() + ".")
     verify.add_argument("--workspace", help="the name or id of one workspace (default: all)")
     verify.add_argument("--json", action="store_true", help="one JSON object per workspace")
-    verify.add_argument(*_ANCHOR_ARGS, **_ANCHOR_OPTIONS)
+    verify.add_argument(
+        *_ANCHOR_ARGS,
+        **_ANCHOR_OPTIONS,
+        help=_ANCHOR_HELP + " (name the --workspace it belongs to)",
+    )
     summary = "re-verify an exported NDJSON file offline, without the database"
     offline = commands.add_parser(
         "verify-export", help=summary, description=summary.capitalize() + "."
     )
     offline.add_argument("file", type=Path, help="the file from GET /v1/audit/export")
     offline.add_argument("--json", action="store_true", help="print the result as JSON")
-    offline.add_argument(*_ANCHOR_ARGS, **_ANCHOR_OPTIONS)
+    offline.add_argument(*_ANCHOR_ARGS, **_ANCHOR_OPTIONS, help=_ANCHOR_HELP)
 
 
 def _anchor(text: str) -> tuple[int, str]:
@@ -76,10 +80,12 @@ _ANCHOR_OPTIONS: dict[str, Any] = {
     "type": _anchor,
     "action": "append",
     "default": [],
-    "help": "a head that verify printed before and you kept outside the service (repeat for"
-    " several): the chain must still hold that hash at that seq, else it was rewritten or"
-    " cut since (exit 1). With verify, name the --workspace it belongs to",
 }
+_ANCHOR_HELP = (
+    "a head that verify printed before and you kept outside the service (repeat for"
+    " several): the chain must still hold that hash at that seq, else it was rewritten or"
+    " cut since (exit 1)"
+)
 
 
 def main(args: argparse.Namespace, settings: Settings) -> int:

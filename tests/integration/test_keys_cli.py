@@ -164,6 +164,7 @@ async def test_keys_list_json_shows_the_key_without_the_clear_key(
     assert mine["scopes"] == ["contacts:read", "contacts:write"]
     assert created["key"].startswith(mine["prefix"])
     assert mine["revoked_at"] is None
+    assert mine["created_at"].endswith("Z")  # as the API writes times (README), not +00:00
 
 
 async def test_keys_revoke_makes_the_key_401(
