@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from service.http import Handler
@@ -62,6 +62,26 @@ class Metrics:
             " stale_record (this one's, naming a job its database does not have) or"
             " unstamped (no deployment header, naming a job its database does not have)",
             ("topic", "case"),
+            registry=self.registry,
+        )
+
+        # Read from the database on each scrape (service.backlog).
+        self.backlog = Gauge(
+            "backlog_items",
+            "Items waiting, by queue: outbox_unpublished, webhook_deliveries_pending,"
+            " webhook_deliveries_failing, deletion_jobs_unfinished (each capped at 1,000,000)",
+            ("queue",),
+            registry=self.registry,
+        )
+        self.oldest_job_age = Gauge(
+            "deletion_job_oldest_unfinished_age_seconds",
+            "How long the oldest unfinished deletion job has waited (0: none)",
+            registry=self.registry,
+        )
+        self.backlog_read_ok = Gauge(
+            "backlog_read_ok",
+            "1 if the last scrape read the backlog from the database, 0 if it could not"
+            " (the backlog gauges then hold older values)",
             registry=self.registry,
         )
 

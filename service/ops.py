@@ -8,6 +8,7 @@ from typing import Any
 from aiohttp import web
 from pydantic import Field, RootModel
 
+from service import backlog
 from service.apimodels import Data, Out
 from service.http import DB_KEY, SETTINGS_KEY
 from service.kafka import kafka_reachable
@@ -73,7 +74,9 @@ async def readyz(call: Call) -> Reply:
 
 
 async def metrics(call: Call) -> web.StreamResponse:
-    return call.app[METRICS_KEY].render()
+    registry = call.app[METRICS_KEY]
+    await backlog.refresh(call.app[DB_KEY], registry)
+    return registry.render()
 
 
 async def openapi(call: Call) -> web.StreamResponse:
