@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -193,3 +194,22 @@ def contact_deleted_event(workspace_id: uuid.UUID) -> CloudEvent:
         ),
         utcnow(),
     )
+
+
+async def listening_port(
+    process: Process, event: str = "api_listening", timeout_s: float = 30.0
+) -> int:
+    """The port `process` bound (it was started with port 0), read from its `event` log
+    line: no port is probed free first and then raced for by another test's process."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while True:
+        problem = process.exited()
+        assert problem is None, f"{process.name} exited before it listened:\n{problem}"
+        for line in process.log_path.read_text(errors="replace").splitlines():
+            with contextlib.suppress(ValueError):
+                record = json.loads(line)
+                if isinstance(record, dict) and record.get("event") == event:
+                    return int(record["port"])
+        assert loop.time() < deadline, f"no {event} line from {process.name} in {timeout_s} s"
+        await asyncio.sleep(0.1)
