@@ -196,20 +196,29 @@ def contact_deleted_event(workspace_id: uuid.UUID) -> CloudEvent:
     )
 
 
-async def listening_port(
-    process: Process, event: str = "api_listening", timeout_s: float = 30.0
+async def port_from_log(
+    log_path: Path,
+    exited: Callable[[], str | None],
+    event: str = "api_listening",
+    timeout_s: float = 60.0,
 ) -> int:
-    """The port `process` bound (it was started with port 0), read from its `event` log
-    line: no port is probed free first and then raced for by another test's process."""
+    """The port a service started with port 0 bound, read from the `event` line of its
+    JSON log: no port is probed free first and then raced for by another test's process.
+    `exited()` says why it cannot come (its exit and log tail), or None while it runs."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
     while True:
-        problem = process.exited()
-        assert problem is None, f"{process.name} exited before it listened:\n{problem}"
-        for line in process.log_path.read_text(errors="replace").splitlines():
+        problem = exited()
+        assert problem is None, f"the service exited before it listened:\n{problem}"
+        for line in log_path.read_text(errors="replace").splitlines():
             with contextlib.suppress(ValueError):
                 record = json.loads(line)
                 if isinstance(record, dict) and record.get("event") == event:
                     return int(record["port"])
-        assert loop.time() < deadline, f"no {event} line from {process.name} in {timeout_s} s"
+        assert loop.time() < deadline, f"no {event} line in {log_path} in {timeout_s} s"
         await asyncio.sleep(0.1)
+
+
+async def listening_port(process: Process, event: str = "api_listening") -> int:
+    """`port_from_log` of a component process."""
+    return await port_from_log(process.log_path, process.exited, event)
