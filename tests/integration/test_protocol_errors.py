@@ -47,100 +47,63 @@ def envelope(headers: dict[str, str], body: bytes, code: str) -> dict[str, Any]:
 HOST = b"Host: 127.0.0.1\r\n"
 SECRET = "Bearer sk_live_never_in_a_log_line"
 
+
+def get(headers: bytes = b"", line: bytes = b"GET /healthz HTTP/1.1") -> bytes:
+    """A GET with this request line and these header lines (each ending in CRLF)."""
+    return line + b"\r\n" + HOST + headers + b"\r\n"
+
+
+def post(headers: bytes, body: bytes = b"") -> bytes:
+    """A POST to /v1/contacts with these header lines and this body, sent as is."""
+    return b"POST /v1/contacts HTTP/1.1\r\n" + HOST + headers + b"\r\n" + body
+
+
+MALFORMED = (400, "malformed_request")
+HEADER_TOO_LARGE = (431, "header_too_large")
+LONG = b"x" * MAX_HEADER_FIELD_BYTES
+
 # Each member of the kind: what is sent, the status and code that answer it.
-MALFORMED: dict[str, tuple[bytes, int, str]] = {
+CASES: dict[str, tuple[bytes, tuple[int, str]]] = {
     "header line over the limit": (
-        b"GET /healthz HTTP/1.1\r\n"
-        + HOST
-        + b"Authorization: "
-        + SECRET.encode()
-        + b"x" * MAX_HEADER_FIELD_BYTES
-        + b"\r\n\r\n",
-        431,
-        "header_too_large",
+        get(b"Authorization: " + SECRET.encode() + LONG + b"\r\n"),
+        HEADER_TOO_LARGE,
     ),
-    "header name over the limit": (
-        b"GET /healthz HTTP/1.1\r\n" + HOST + b"X" * (MAX_HEADER_FIELD_BYTES + 10) + b": 1\r\n\r\n",
-        431,
-        "header_too_large",
-    ),
+    "header name over the limit": (get(b"X" + LONG + b": 1\r\n"), HEADER_TOO_LARGE),
     "too many headers": (
-        b"GET /healthz HTTP/1.1\r\n"
-        + HOST
-        + b"".join(b"X-H%d: 1\r\n" % i for i in range(MAX_HEADERS + 1))
-        + b"\r\n",
-        431,
-        "header_too_large",
+        get(b"".join(b"X-H%d: 1\r\n" % i for i in range(MAX_HEADERS + 1))),
+        HEADER_TOO_LARGE,
     ),
     "URL over the limit": (
-        b"GET /" + b"a" * MAX_REQUEST_LINE_BYTES + b" HTTP/1.1\r\n" + HOST + b"\r\n",
-        414,
-        "uri_too_long",
+        get(line=b"GET /" + b"a" * MAX_REQUEST_LINE_BYTES + b" HTTP/1.1"),
+        (414, "uri_too_long"),
     ),
-    "invalid method": (b"G@T /healthz HTTP/1.1\r\n" + HOST + b"\r\n", 400, "malformed_request"),
-    "TLS on the plain port": (
-        b"\x16\x03\x01\x00\xa5\x01\x00\x00\r\n\r\n",
-        400,
-        "malformed_request",
-    ),
-    "unknown HTTP version": (
-        b"GET /healthz HTTP/9.9\r\n" + HOST + b"\r\n",
-        400,
-        "malformed_request",
-    ),
-    "invalid URL": (b"GET http://[::1 HTTP/1.1\r\n" + HOST + b"\r\n", 400, "malformed_request"),
-    "header without a colon": (
-        b"GET /healthz HTTP/1.1\r\n" + HOST + b"no-colon\r\n\r\n",
-        400,
-        "malformed_request",
-    ),
-    "control character in a header name": (
-        b"GET /healthz HTTP/1.1\r\n" + HOST + b"X-A\x01: 1\r\n\r\n",
-        400,
-        "malformed_request",
-    ),
+    "invalid method": (get(line=b"G@T /healthz HTTP/1.1"), MALFORMED),
+    "TLS on the plain port": (b"\x16\x03\x01\x00\xa5\x01\x00\x00\r\n\r\n", MALFORMED),
+    "unknown HTTP version": (get(line=b"GET /healthz HTTP/9.9"), MALFORMED),
+    "invalid URL": (get(line=b"GET http://[::1 HTTP/1.1"), MALFORMED),
+    "header without a colon": (get(b"no-colon\r\n"), MALFORMED),
+    "control character in a header name": (get(b"X-A\x01: 1\r\n"), MALFORMED),
     "chunk size not hex": (
-        b"POST /v1/contacts HTTP/1.1\r\n"
-        + HOST
-        + b"Transfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n",
-        400,
-        "malformed_request",
+        post(b"Transfer-Encoding: chunked\r\n", b"zz\r\nabc\r\n0\r\n\r\n"),
+        MALFORMED,
     ),
-    "Content-Length not a number": (
-        b"POST /v1/contacts HTTP/1.1\r\n" + HOST + b"Content-Length: abc\r\n\r\n",
-        400,
-        "malformed_request",
-    ),
-    "negative Content-Length": (
-        b"POST /v1/contacts HTTP/1.1\r\n" + HOST + b"Content-Length: -1\r\n\r\n",
-        400,
-        "malformed_request",
-    ),
-    "two Content-Lengths": (
-        b"POST /v1/contacts HTTP/1.1\r\n"
-        + HOST
-        + b"Content-Length: 1\r\nContent-Length: 2\r\n\r\nab",
-        400,
-        "malformed_request",
-    ),
+    "Content-Length not a number": (post(b"Content-Length: abc\r\n"), MALFORMED),
+    "negative Content-Length": (post(b"Content-Length: -1\r\n"), MALFORMED),
+    "two Content-Lengths": (post(b"Content-Length: 1\r\nContent-Length: 2\r\n", b"ab"), MALFORMED),
     "Content-Length and Transfer-Encoding": (
-        b"POST /v1/contacts HTTP/1.1\r\n"
-        + HOST
-        + b"Content-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
-        400,
-        "malformed_request",
+        post(
+            b"Content-Length: 3\r\nTransfer-Encoding: chunked\r\n",
+            b"3\r\nabc\r\n0\r\n\r\n",
+        ),
+        MALFORMED,
     ),
-    "unknown Transfer-Encoding": (
-        b"POST /v1/contacts HTTP/1.1\r\n" + HOST + b"Transfer-Encoding: gzip\r\n\r\n",
-        400,
-        "malformed_request",
-    ),
+    "unknown Transfer-Encoding": (post(b"Transfer-Encoding: gzip\r\n"), MALFORMED),
 }
 
 
-@pytest.mark.parametrize("case", sorted(MALFORMED))
+@pytest.mark.parametrize("case", sorted(CASES))
 async def test_a_request_that_is_not_http_is_answered_in_the_envelope(api: str, case: str) -> None:
-    request, status, code = MALFORMED[case]
+    request, (status, code) = CASES[case]
 
     got, headers, body = await raw_exchange(api, request)
 
@@ -151,7 +114,7 @@ async def test_a_request_that_is_not_http_is_answered_in_the_envelope(api: str, 
 async def test_a_protocol_error_is_one_log_line_and_one_count_without_header_values(
     api: str, services: Services
 ) -> None:
-    request, _, _ = MALFORMED["header line over the limit"]
+    request, _ = CASES["header line over the limit"]
 
     with json_logs() as logs:
         await raw_exchange(api, request)
@@ -166,7 +129,7 @@ async def test_a_protocol_error_is_one_log_line_and_one_count_without_header_val
 
 async def test_a_request_that_did_not_parse_gets_a_fresh_request_id(api: str) -> None:
     """Its headers were never read, so an X-Request-ID among them cannot be trusted."""
-    request = b"GET /healthz HTTP/1.1\r\n" + HOST + b"X-Request-ID: trace-42\r\nX-A\x01: 1\r\n\r\n"
+    request = get(b"X-Request-ID: trace-42\r\nX-A\x01: 1\r\n")
 
     status, headers, body = await raw_exchange(api, request)
 
@@ -176,11 +139,7 @@ async def test_a_request_that_did_not_parse_gets_a_fresh_request_id(api: str) ->
 
 
 async def test_an_expect_other_than_100_continue_is_a_417_envelope(api: str) -> None:
-    request = (
-        b"POST /v1/contacts HTTP/1.1\r\n"
-        + HOST
-        + b"Expect: teapot\r\nConnection: close\r\nContent-Length: 2\r\n\r\n{}"
-    )
+    request = post(b"Expect: teapot\r\nConnection: close\r\nContent-Length: 2\r\n", b"{}")
 
     status, headers, body = await raw_exchange(api, request)
 
@@ -192,12 +151,11 @@ async def test_a_body_whose_content_encoding_is_broken_is_a_400_not_a_500(
     tenant: Tenant,
 ) -> None:
     """The framing parses, the body does not: the handler's read fails, the client's fault."""
-    request = (
-        b"POST /v1/contacts HTTP/1.1\r\n"
-        + HOST
-        + f"Authorization: Bearer {tenant.key}\r\n".encode()
+    request = post(
+        f"Authorization: Bearer {tenant.key}\r\n".encode()
         + b"Content-Type: application/json\r\nContent-Encoding: gzip\r\nContent-Length: 3\r\n"
-        b"Connection: close\r\n\r\nabc"
+        b"Connection: close\r\n",
+        b"abc",
     )
 
     status, headers, body = await raw_exchange(tenant.base, request)
