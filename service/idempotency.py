@@ -362,9 +362,10 @@ async def once(
 
     `one_transaction`: `work` and the stored answer are one transaction (`Database.unit`:
     the work's own transactions join it), and a claim lost meanwhile rolls the work back
-    (409 ``idempotency_conflict``). Only for work that holds no transaction open while it
-    waits (a deletion's ``Prefer: wait`` does, and records its key in its job's own
-    transaction instead: `record_job`). `failpoint` ``idempotent_work_before_key`` kills
+    (409 ``idempotency_conflict``). The transaction stays open for the whole work, so
+    only for work that does not wait: a deletion's ``Prefer: wait`` would hold it (and
+    SQLite's one writer) for up to 60 s; deletions record their key in the job's own
+    transaction instead (`record_job`). `failpoint` ``idempotent_work_before_key`` kills
     the process between the work and the stored answer (service.failpoints, for tests).
     """
     claim_ = await claim(db, workspace_id, key, print_, ttl_s)
