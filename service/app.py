@@ -34,6 +34,7 @@ from service.http import (
     edge_middleware,
     encode_json,
 )
+from service.httpserver import EnvelopeRunner
 from service.kafka import Producer
 from service.logs import get_logger
 from service.metrics import Metrics
@@ -126,6 +127,7 @@ def create_ops_app(services: Services) -> web.Application:
 
 async def _serve(
     app: web.Application,
+    metrics: Metrics,
     stop: asyncio.Event,
     *,
     host: str,
@@ -137,7 +139,7 @@ async def _serve(
     """Serve `app` on host:port until `stop` is set; `event` is logged with the port bound
     (a port of 0 asks the system for a free one) and `listening` set once it is bound. An
     address it cannot listen on is a StartupError naming `setting` (HTTP_PORT or OPS_PORT)."""
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    runner = EnvelopeRunner(app, metrics)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     try:
@@ -163,6 +165,7 @@ async def run_api(services: Services, stop: asyncio.Event) -> None:
     settings = services.settings
     await _serve(
         create_app(services),
+        services.metrics,
         stop,
         host=settings.http_host,
         port=settings.http_port,
@@ -178,6 +181,7 @@ async def run_ops(services: Services, stop: asyncio.Event) -> None:
     assert settings.ops_port is not None
     await _serve(
         create_ops_app(services),
+        services.metrics,
         stop,
         host=settings.http_host,
         port=settings.ops_port,

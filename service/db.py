@@ -18,7 +18,8 @@ import sqlite3
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Collection, Iterable, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
+from contextvars import ContextVar
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -739,11 +740,41 @@ class Database:
 
     @asynccontextmanager
     async def begin(self) -> AsyncIterator[AsyncConnection]:
-        """A write transaction: commits when the block ends, rolls back on error."""
+        """A write transaction: commits when the block ends, rolls back on error. Inside
+        `unit`, a savepoint of the unit's transaction instead (committed with the unit)."""
+        unit = self._joined()
+        if unit is not None:
+            conn = await unit.connection()
+            async with conn.begin_nested():
+                yield conn
+            return
         async with self._writer.begin() as conn:
             yield conn
         if self._checkpointer is not None:
             self._checkpointer.committed()
+
+    @asynccontextmanager
+    async def unit(self) -> AsyncIterator[None]:
+        """Run a block as one write transaction that every `begin` and `read` of this
+        database inside it joins (in the same task, or one it starts while the block runs):
+        opened by the first of them (none: no transaction), committed when the block ends,
+        rolled back if it raises. For a caller that must commit its own write together with
+        whatever the block writes (service.idempotency: an answer and its Idempotency-Key).
+        The block's reads see its writes; its statements run one at a time (no gather)."""
+        async with AsyncExitStack() as stack:
+            unit = _Unit(self, stack)
+            token = _UNIT.set(unit)
+            try:
+                yield
+            finally:
+                unit.closed = True
+                _UNIT.reset(token)
+        if unit.conn is not None and self._checkpointer is not None:
+            self._checkpointer.committed()
+
+    def _joined(self) -> _Unit | None:
+        unit = _UNIT.get()
+        return unit if unit is not None and unit.db is self and not unit.closed else None
 
     @asynccontextmanager
     async def checkpoint_turn(self) -> AsyncIterator[None]:
@@ -758,7 +789,11 @@ class Database:
 
     @asynccontextmanager
     async def read(self) -> AsyncIterator[AsyncConnection]:
-        """A read-only transaction."""
+        """A read-only transaction (inside `unit`, the unit's: it sees the unit's writes)."""
+        unit = self._joined()
+        if unit is not None:
+            yield await unit.connection()
+            return
         async with self._reader.connect() as conn:
             yield conn
 
@@ -865,6 +900,24 @@ class _WalCheckpointer:
 
 def _unicode_lower(value: Any) -> Any:
     return value.lower() if isinstance(value, str) else value
+
+
+class _Unit:
+    """The transaction of one `Database.unit` block, opened when first asked for."""
+
+    def __init__(self, db: Database, stack: AsyncExitStack) -> None:
+        self.db = db
+        self.conn: AsyncConnection | None = None
+        self.closed = False
+        self._stack = stack
+
+    async def connection(self) -> AsyncConnection:
+        if self.conn is None:
+            self.conn = await self._stack.enter_async_context(self.db.engine.begin())
+        return self.conn
+
+
+_UNIT: ContextVar[_Unit | None] = ContextVar("database_unit", default=None)
 
 
 def _sqlite_pragmas(

@@ -2,13 +2,17 @@
 
     ServiceError
     ├── ValidationFailed        400 validation_error
+    ├── MalformedRequest        400 malformed_request (not valid HTTP/1.1: service.httpserver)
     ├── Unauthenticated         401 invalid_key
     ├── Forbidden               403 insufficient_permissions
     ├── NotFound                404 not_found
     ├── Conflict                409 idempotency_conflict (and other conflicts)
     ├── PayloadTooLarge         413 payload_too_large
+    ├── UriTooLong              414 uri_too_long
     ├── UnsupportedMediaType    415 unsupported_media_type
+    ├── ExpectationFailed       417 expectation_failed
     ├── RateLimited             429 rate_limited
+    ├── HeaderTooLarge          431 header_too_large
     └── Unavailable             503 service_unavailable (the database or broker is down)
 
 Consumers use a second pair: ``RetryLater`` (transient; back off and try again, never
@@ -54,6 +58,13 @@ class Forbidden(ServiceError):
     code = "insufficient_permissions"
 
 
+class MalformedRequest(ServiceError):
+    """The request is not valid HTTP/1.1 (request line, headers or body framing)."""
+
+    status = 400
+    code = "malformed_request"
+
+
 class NotFound(ServiceError):
     status = 404
     code = "not_found"
@@ -91,9 +102,26 @@ class PayloadTooLarge(ServiceError):
     code = "payload_too_large"
 
 
+class UriTooLong(ServiceError):
+    status = 414
+    code = "uri_too_long"
+
+
 class UnsupportedMediaType(ServiceError):
     status = 415
     code = "unsupported_media_type"
+
+
+class ExpectationFailed(ServiceError):
+    status = 417
+    code = "expectation_failed"
+
+
+class HeaderTooLarge(ServiceError):
+    """A header field over its limit, or more header fields than allowed (RFC 6585 §5)."""
+
+    status = 431
+    code = "header_too_large"
 
 
 class RateLimited(ServiceError):

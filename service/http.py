@@ -17,12 +17,15 @@ from typing import Any
 
 import structlog
 from aiohttp import hdrs, web
+from aiohttp.web_protocol import RequestPayloadError
 from pydantic import ValidationError
 
 from service.config import Settings
 from service.db import Database
 from service.errors import (
+    ExpectationFailed,
     Forbidden,
+    MalformedRequest,
     MethodNotAllowed,
     NotFound,
     PayloadTooLarge,
@@ -151,6 +154,13 @@ def request_id(request: web.Request) -> str:
     return request[REQUEST_ID_KEY]
 
 
+def new_request_id(request: web.BaseRequest) -> str:
+    """The request's id: its `X-Request-ID` when that is a sane one (1-200 of
+    ``A-Z a-z 0-9 . _ : -``), else a fresh ``req_<hex>``."""
+    incoming = request.headers.get(REQUEST_ID_HEADER, "")
+    return incoming if _REQUEST_ID_RE.match(incoming) else f"req_{uuid.uuid4().hex}"
+
+
 # Pydantic's wording names Python types ("a valid dictionary or instance of
 # BulkDeleteRequest"); the API speaks JSON (RFC 8259 names: object, array).
 _JSON_WORDING = {
@@ -214,8 +224,7 @@ async def read_json(request: web.Request) -> Any:
 @web.middleware
 async def edge_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Request id, logging context, auth, rate limit and the error envelope, in one place."""
-    incoming = request.headers.get(REQUEST_ID_HEADER, "")
-    rid = incoming if _REQUEST_ID_RE.match(incoming) else f"req_{uuid.uuid4().hex}"
+    rid = new_request_id(request)
     request[REQUEST_ID_KEY] = rid
     structlog.contextvars.clear_contextvars()
     structlog.contextvars.bind_contextvars(request_id=rid)
@@ -226,7 +235,11 @@ async def edge_middleware(request: web.Request, handler: Handler) -> web.StreamR
     except ServiceError as exc:
         response = error_response(exc)
     except web.HTTPException as exc:
-        response = error_response(_from_http_exception(exc, request.path))
+        response = error_response(from_http_exception(exc, request.path))
+    except RequestPayloadError:
+        # The body's framing or Content-Encoding broke while the handler read it (a chunk
+        # size that is not hex, a gzip body that is not gzip): the client's fault, not ours.
+        response = error_response(body_unreadable())
     except Exception as exc:
         if _client_gone(request, exc):
             # The client closed the connection (mid-body, or mid-stream of an export): no
@@ -309,7 +322,18 @@ async def _authenticated(
     return await handler(request)
 
 
-def _from_http_exception(exc: web.HTTPException, path: str) -> ServiceError:
+def body_unreadable() -> MalformedRequest:
+    """The error for a body whose framing or Content-Encoding is broken."""
+    return MalformedRequest(
+        "the request body could not be read: its chunked encoding, length or "
+        "Content-Encoding is broken",
+        {"part": "body"},
+    )
+
+
+def from_http_exception(exc: web.HTTPException, path: str) -> ServiceError:
+    """The envelope's error for an aiohttp HTTP exception (the router's 404 and 405, the
+    body limit's 413, the expect handler's 417, any other by its status and reason)."""
     if isinstance(exc, web.HTTPNotFound):
         if len(path) > 1 and path.endswith("/"):
             # No route ends with "/": say so rather than only "no such resource".
@@ -324,6 +348,10 @@ def _from_http_exception(exc: web.HTTPException, path: str) -> ServiceError:
         )
     if isinstance(exc, web.HTTPRequestEntityTooLarge):
         return PayloadTooLarge("the body is larger than allowed")
+    if isinstance(exc, web.HTTPExpectationFailed):
+        return ExpectationFailed(
+            "the only Expect this service takes is 100-continue", {"header": "Expect"}
+        )
     error = ServiceError(exc.reason or "error")
     error.status = exc.status
     error.code = (exc.reason or "error").lower().replace(" ", "_")

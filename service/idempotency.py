@@ -2,7 +2,10 @@
 
 A key is claimed in its own short transaction before the work starts, so a concurrent
 repeat sees it and gets 409 with Retry-After; the answer is stored when the work is done
-and replayed byte for byte for 24 hours (configurable).
+and replayed byte for byte for 24 hours (configurable). With ``one_transaction`` (every
+replayable POST but the deletions, service.routing) the answer is stored in the work's own
+transaction (`Database.unit`): the change and its key commit together or not at all, so
+no crash between them lets a retry run the change again.
 
 A claim is a lease (LEASE, renewed while the request runs): a request that fails is
 released at once, and one whose process died frees its key when the lease lapses. Every
@@ -30,6 +33,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from service.audit.chain import canonical_json
 from service.db import Database, any_of, idempotency_keys, utcnow
 from service.errors import IdempotencyConflict, ValidationFailed
+from service.failpoints import crash_if
 from service.faults import describe, is_transient
 from service.logs import get_logger
 
@@ -243,11 +247,7 @@ async def fence(
         idempotency_keys.update().where(_held(workspace_id, key, token)).values(**values)
     )
     if updated.rowcount != 1:
-        raise LostClaim(
-            "a request with this Idempotency-Key took over while this one was stalled",
-            {"idempotency_key": key},
-            headers={"Retry-After": "1"},
-        )
+        raise _lost(key)
 
 
 async def record_job(
@@ -308,10 +308,14 @@ async def complete(
     *,
     token: datetime,
     ttl_s: int,
+    fenced: bool = False,
 ) -> None:
-    """Store the answer to replay (for `ttl_s` seconds), if the claim is still ours."""
+    """Store the answer to replay (for `ttl_s` seconds), if the claim is still ours; if it
+    is not (its lease lapsed and a retry took the key over), raises :class:`LostClaim` when
+    `fenced` (inside the work's transaction: the work rolls back with it), else does
+    nothing (a deletion's job is the same whoever answers it)."""
     async with db.begin() as conn:
-        await conn.execute(
+        stored = await conn.execute(
             idempotency_keys.update()
             .where(_held(workspace_id, key, token))
             .values(
@@ -323,6 +327,16 @@ async def complete(
                 contact_id=response.contact_id,
             )
         )
+        if fenced and stored.rowcount != 1:
+            raise _lost(key)
+
+
+def _lost(key: str) -> LostClaim:
+    return LostClaim(
+        "a request with this Idempotency-Key took over while this one was stalled",
+        {"idempotency_key": key},
+        headers={"Retry-After": "1"},
+    )
 
 
 async def erase_answers(conn: AsyncConnection, contact_ids: Sequence[uuid.UUID]) -> int:
@@ -397,6 +411,9 @@ async def once(
     print_: str,
     ttl_s: int,
     work: Callable[[Claim], Awaitable[StoredResponse]],
+    *,
+    one_transaction: bool = False,
+    failpoint: str | None = None,
 ) -> tuple[StoredResponse, bool]:
     """Run `work` under the key once: the answer, and whether it is a replay.
 
@@ -404,15 +421,34 @@ async def once(
     stored answer, or runs `work(claim)` under the renewed lease (`hold`) and stores its
     answer for `ttl_s` seconds; a `work` that raises gives the key back (`release`) so the
     client's retry runs, unless the claim was lost to a takeover meanwhile.
+
+    `one_transaction`: `work` and the stored answer are one transaction (`Database.unit`:
+    the work's own transactions join it), and a claim lost meanwhile rolls the work back
+    (409 ``idempotency_conflict``). The transaction stays open for the whole work, so
+    only for work that does not wait: a deletion's ``Prefer: wait`` would hold it (and
+    SQLite's one writer) for up to 60 s; deletions record their key in the job's own
+    transaction instead (`record_job`). `failpoint` ``idempotent_work_before_key`` kills
+    the process between the work and the stored answer (service.failpoints, for tests).
     """
     claim_ = await claim(db, workspace_id, key, print_, ttl_s)
     if claim_.replay is not None:
         return claim_.replay, True
     assert claim_.token is not None
+    token = claim_.token
     try:
-        async with hold(db, workspace_id, key, claim_.token):
-            answer = await work(claim_)
-        await complete(db, workspace_id, key, answer, token=claim_.token, ttl_s=ttl_s)
+        async with hold(db, workspace_id, key, token):
+            if one_transaction:
+                async with db.unit():
+                    answer = await work(claim_)
+                    crash_if(failpoint, "idempotent_work_before_key")
+                    await complete(
+                        db, workspace_id, key, answer, token=token, ttl_s=ttl_s, fenced=True
+                    )
+            else:
+                answer = await work(claim_)
+        if not one_transaction:
+            crash_if(failpoint, "idempotent_work_before_key")
+            await complete(db, workspace_id, key, answer, token=token, ttl_s=ttl_s)
     except LostClaim:
         raise  # the key is someone else's now: leave it alone
     except BaseException:

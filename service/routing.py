@@ -271,9 +271,10 @@ async def _once(op: Operation, call: Call, workspace_id: uuid.UUID, key: str) ->
     and body within the replay window (24 h) get the first answer again, byte for byte,
     with ``Idempotent-Replayed: true``; another body, or the first still running, 409
     ``idempotency_conflict`` (service.idempotency). A request that fails (an error answer,
-    an outage) leaves no answer behind: its retry runs. Unlike a deletion's, the key is not
-    written in the handler's own transaction: a process that dies between the two leaves
-    the key to lapse, and its retry runs again."""
+    an outage) leaves no answer behind: its retry runs. The answer is stored in the
+    handler's own transaction (``one_transaction``: its ``db.begin()`` blocks join it as
+    savepoints), so the change and its key commit together: a process that dies before
+    the commit leaves neither, and the retry runs the change once."""
     request = call.request
     db, settings = request.app[DB_KEY], request.app[SETTINGS_KEY]
     print_ = idempotency.fingerprint(request.method, request.path, call.raw_body)
@@ -288,7 +289,14 @@ async def _once(op: Operation, call: Call, workspace_id: uuid.UUID, key: str) ->
         return idempotency.StoredResponse(response.status, kept, response.body, subject)
 
     answer, replayed = await idempotency.once(
-        db, workspace_id, key, print_, settings.idempotency_ttl_s, work
+        db,
+        workspace_id,
+        key,
+        print_,
+        settings.idempotency_ttl_s,
+        work,
+        one_transaction=True,
+        failpoint=settings.failpoint,
     )
     return idempotency.response(answer, replayed)
 

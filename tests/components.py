@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -193,3 +194,31 @@ def contact_deleted_event(workspace_id: uuid.UUID) -> CloudEvent:
         ),
         utcnow(),
     )
+
+
+async def port_from_log(
+    log_path: Path,
+    exited: Callable[[], str | None],
+    event: str = "api_listening",
+    timeout_s: float = 60.0,
+) -> int:
+    """The port a service started with port 0 bound, read from the `event` line of its
+    JSON log: no port is probed free first and then raced for by another test's process.
+    `exited()` says why it cannot come (its exit and log tail), or None while it runs."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while True:
+        problem = exited()
+        assert problem is None, f"the service exited before it listened:\n{problem}"
+        for line in log_path.read_text(errors="replace").splitlines():
+            with contextlib.suppress(ValueError):
+                record = json.loads(line)
+                if isinstance(record, dict) and record.get("event") == event:
+                    return int(record["port"])
+        assert loop.time() < deadline, f"no {event} line in {log_path} in {timeout_s} s"
+        await asyncio.sleep(0.1)
+
+
+async def listening_port(process: Process, event: str = "api_listening") -> int:
+    """`port_from_log` of a component process."""
+    return await port_from_log(process.log_path, process.exited, event)

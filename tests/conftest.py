@@ -24,6 +24,7 @@ from multidict import CIMultiDictProxy
 from service.app import Services, create_app, run_components
 from service.config import Settings
 from service.db import Database
+from service.httpserver import EnvelopeRunner
 from service.keys import SCOPES, create_key
 from service.logs import configure_logging
 from service.migrate import upgrade_sync
@@ -177,10 +178,10 @@ async def services(settings: Settings) -> AsyncIterator[Services]:
 
 @pytest.fixture
 async def api(services: Services) -> AsyncIterator[str]:
-    """The HTTP API served on a real socket as `service.app.run_api` serves it (an
-    AppRunner: aiohttp's TestServer cancels a handler whose client went away, which the
+    """The HTTP API served on a real socket as `service.app.run_api` serves it (its
+    EnvelopeRunner: aiohttp's TestServer cancels a handler whose client went away, which the
     service's runner does not); yields its base URL."""
-    runner = web.AppRunner(create_app(services), access_log=None, handle_signals=False)
+    runner = EnvelopeRunner(create_app(services), services.metrics)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()

@@ -82,10 +82,17 @@ class AuditContactTimeline(Out):
 
     contact_id: UuidText
     deleted: bool
-    deletion: AuditEvent | None = Field(description="The contact.deleted event; null if none")
+    deletion: AuditEvent | None = Field(
+        description="The contact.deleted event, on the first page; null on later pages "
+        "(with a cursor) and when the contact is not deleted"
+    )
     requested_by: RequestedBy | None = Field(description="null when the contact is not deleted")
     timeline: list[TimelineItem] = Field(
-        description="The items that lost their back-reference, as they stand now"
+        description="One page of the items that lost their back-reference, as they stand "
+        "now, newest first"
+    )
+    next_cursor: str | None = Field(
+        default=None, description="Pass it back as `cursor` for the next page; null on the last"
     )
 
 

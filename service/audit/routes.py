@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Annotated, Any, Final
 
 from aiohttp import web
@@ -35,7 +37,7 @@ from service.errors import ValidationFailed
 from service.http import DB_KEY, REQUEST_ID_HEADER, SETTINGS_KEY, request_id
 from service.limits import MAX_CURSOR_LENGTH, MAX_INT64, not_null_in_schema, refuse_nulls
 from service.logs import get_logger
-from service.pagination import SeqCursor, encode_cursor, read_cursor
+from service.pagination import ListQuery, SeqCursor, TimeIdCursor, encode_cursor, read_cursor
 from service.routing import Answer, Call, Operation
 
 log = get_logger(__name__)
@@ -173,17 +175,27 @@ async def _events(
 
 
 async def contact_timeline(call: Call) -> Data[AuditContactTimeline]:
-    """``GET /v1/audit/contacts/{contact_id}/timeline``: what became of a contact.
+    """``GET /v1/audit/contacts/{contact_id}/timeline?limit=&cursor=``: what became of a
+    contact.
 
     For a deleted contact: its ``contact.deleted`` event, who asked (key, job, request
-    id), and the activities, notes and tasks it left behind as they stand now (content
-    included), newest first. A contact that the workspace still has, or that only has
-    other events (a failed deletion), answers ``deleted: false`` with an empty timeline:
-    its live timeline is a contacts:read matter. 404 when this workspace has neither the
-    contact nor any event about it, which is also what another workspace's contact gets.
+    id), and one page of the activities, notes and tasks it left behind as they stand now
+    (content included), newest first by the time the event records for each (an
+    activity's occurred_at, another item's created_at, then the id): ``limit`` (1-500,
+    default 50) after ``cursor``, with ``next_cursor`` while more follow. The event (which
+    lists every item) comes on the first page only; later pages answer ``deletion: null``
+    with ``deleted: true``. An item the event names that no longer exists is left out, so
+    a page may hold fewer than ``limit``.
+
+    A contact that the workspace still has, or that only has other events (a failed
+    deletion), answers ``deleted: false`` with an empty timeline: its live timeline is a
+    contacts:read matter. 404 when this workspace has neither the contact nor any event
+    about it, which is also what another workspace's contact gets.
     """
     who = call.principal
     contact_id = call.path["contact_id"]
+    query = call.query_as(ListQuery)
+    before = read_cursor(query.cursor, TimeIdCursor).position if query.cursor else None
     db = call.app[DB_KEY]
     about = EventFilter(target_type="contact", target_id=str(contact_id))
     deletions, _ = await query_events(
@@ -203,40 +215,77 @@ async def contact_timeline(call: Call) -> Data[AuditContactTimeline]:
             "deletion": None,
             "requested_by": None,
             "timeline": [],
+            "next_cursor": None,
         }
         return Data[AuditContactTimeline].model_validate({"data": body})
     deletion = deletions[0]
     data = deletion["data"]
     actor = deletion["actor"]
     api_key_id = data.get("api_key_id") or (actor["id"] if actor["type"] == "api_key" else None)
-    items = await timeline_items(db, who.workspace_id, ids=_preserved_ids(data))
+    entries = _preserved(data, before)
+    page = entries[: query.limit]
+    ids: dict[str, list[uuid.UUID]] = {kind: [] for kind in _TIMELINE_KINDS.values()}
+    for entry in page:
+        ids[entry.kind].append(entry.id)
+    found = {item["id"]: item for item in await timeline_items(db, who.workspace_id, ids=ids)}
+    last = page[-1] if len(entries) > query.limit else None
     body = {
         "contact_id": str(contact_id),
         "deleted": True,
-        "deletion": deletion,
+        "deletion": deletion if before is None else None,
         "requested_by": {
             "api_key_id": api_key_id,
             "job_id": deletion["job_id"],
             "request_id": deletion["request_id"],
         },
-        "timeline": items,
+        "timeline": [found[str(e.id)] for e in page if str(e.id) in found],
+        "next_cursor": encode_cursor({"at": last.at_text, "id": str(last.id)}) if last else None,
     }
     return Data[AuditContactTimeline].model_validate({"data": body})
 
 
-def _preserved_ids(data: Any) -> dict[str, list[uuid.UUID]]:
-    """The ids of the items a ``contact.deleted`` event says lost their back-reference."""
+@dataclass(frozen=True)
+class _Preserved:
+    """One item a ``contact.deleted`` event says lost its back-reference."""
+
+    at: datetime
+    at_text: str
+    id: uuid.UUID
+    kind: str
+
+    @property
+    def position(self) -> tuple[datetime, str]:
+        return self.at, str(self.id)
+
+
+# Where an entry whose time does not parse sorts: after every other (oldest).
+_NO_TIME = datetime.min.replace(tzinfo=UTC)
+
+
+def _preserved(data: Any, before: tuple[datetime, uuid.UUID] | None) -> list[_Preserved]:
+    """The items a ``contact.deleted`` event names, newest first (its time, then id),
+    strictly before `before` when given."""
     preserved = data.get("preserved_timeline") if isinstance(data, dict) else None
-    ids: dict[str, list[uuid.UUID]] = {kind: [] for kind in _TIMELINE_KINDS.values()}
     if not isinstance(preserved, dict):
-        return ids
+        return []
+    entries: list[_Preserved] = []
     for plural, kind in _TIMELINE_KINDS.items():
         for entry in preserved.get(plural) or []:
             try:
-                ids[kind].append(uuid.UUID(str(entry["id"])))
+                item_id = uuid.UUID(str(entry["id"]))
             except (KeyError, TypeError, ValueError):
                 continue  # the event verifies as written; a bad entry names no item
-    return ids
+            at_text = str(entry.get("at") or "")
+            try:
+                at = datetime.fromisoformat(at_text.replace("Z", "+00:00")).astimezone(UTC)
+            except ValueError:
+                at, at_text = _NO_TIME, _NO_TIME.isoformat()
+            entries.append(_Preserved(at, at_text, item_id, kind))
+    entries.sort(key=lambda e: e.position, reverse=True)
+    if before is not None:
+        bound = (before[0], str(before[1]))
+        entries = [e for e in entries if e.position < bound]
+    return entries
 
 
 async def verify(call: Call) -> Data[ChainVerdict]:
@@ -332,7 +381,8 @@ ROUTES: tuple[Operation, ...] = (
         "What happened to a deleted contact, and its timeline as it stands now",
         tag=TAG,
         scope=SCOPE,
-        answers=(Answer(200, Data[AuditContactTimeline], "The deletion and timeline"),),
+        query=ListQuery,
+        answers=(Answer(200, Data[AuditContactTimeline], "The deletion and a page of timeline"),),
     ),
     Operation(
         "GET",

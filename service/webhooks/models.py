@@ -14,6 +14,37 @@ from service.webhooks.ssrf import validate_endpoint_url
 
 EventType = Literal["contact.deleted", "deletion_job.completed", "webhook.test"]
 EVENT_TYPES: tuple[str, ...] = ("contact.deleted", "deletion_job.completed", "webhook.test")
+# What an endpoint subscribes to: the events the service emits. ``webhook.test`` is not
+# one: ``…/test`` sends it to the endpoint whatever its event types.
+SubscribableType = Literal["contact.deleted", "deletion_job.completed"]
+SUBSCRIBABLE: tuple[str, ...] = ("contact.deleted", "deletion_job.completed")
+EVENT_TYPES_TEXT = (
+    "The event types this endpoint gets, each at most once; empty (the default): every type. "
+    "webhook.test is not one to subscribe to: …/test sends it to the endpoint whatever this says"
+)
+
+
+def check_event_types(value: Any) -> Any:
+    """`event_types` as Svix checks its ``filterTypes``: an unknown type is a 400 naming it,
+    and so is a type given twice (``uniqueItems``). Unlike Svix (``minItems: 1``, omit for
+    all), ``[]`` stays "every type": it is the documented way, on PATCH the only way, to
+    say so. Shapes that are not a list of strings are left to the field's own type."""
+    if not isinstance(value, list):
+        return value
+    for item in value:
+        if item == "webhook.test":
+            raise ValueError(
+                "'webhook.test' is not an event type to subscribe to: POST "
+                "…/endpoints/{id}/test sends it to the endpoint whatever its event_types"
+            )
+        if isinstance(item, str) and item not in SUBSCRIBABLE:
+            raise ValueError(
+                f"{item[:100]!r} is not an event type; the types: {', '.join(SUBSCRIBABLE)}"
+            )
+    repeated = sorted({t for t in value if isinstance(t, str) and value.count(t) > 1})
+    if repeated:
+        raise ValueError(f"{', '.join(map(repr, repeated))} given more than once")
+    return value
 
 
 class EndpointStatus(enum.StrEnum):
@@ -71,9 +102,14 @@ MAX_IN_FLIGHT_TEXT = (
 )
 
 
+_UNIQUE: JsonDict = {"uniqueItems": True}
+
+
 class EndpointCreate(_Strict):
     url: str = Field(json_schema_extra=URL_SCHEMA)
-    event_types: list[EventType] = Field(default_factory=list)
+    event_types: list[SubscribableType] = Field(
+        default_factory=list, description=EVENT_TYPES_TEXT, json_schema_extra=_UNIQUE
+    )
     description: str | None = Field(default=None, max_length=500)
     rate_limit_per_s: float | None = Field(default=None, gt=0, le=10_000)
     max_in_flight: int | None = Field(
@@ -81,6 +117,7 @@ class EndpointCreate(_Strict):
     )
 
     _url = field_validator("url")(_check_url)
+    _event_types = field_validator("event_types", mode="before")(check_event_types)
 
 
 class EndpointPatch(_Strict):
@@ -95,12 +132,16 @@ class EndpointPatch(_Strict):
     # None only means "not given": an explicit null is refused, and the document
     # (SkipJsonSchema) does not offer it.
     url: SkipJsonSchema[None] | str = Field(default=None, json_schema_extra=URL_SCHEMA)
-    event_types: SkipJsonSchema[None] | list[EventType] = None
+    event_types: SkipJsonSchema[None] | list[SubscribableType] = Field(
+        default=None, description=EVENT_TYPES_TEXT, json_schema_extra=_UNIQUE
+    )
     description: str | None = Field(default=None, max_length=500)
     rate_limit_per_s: float | None = Field(default=None, gt=0, le=10_000)
     max_in_flight: int | None = Field(
         default=None, ge=1, le=MAX_IN_FLIGHT_LIMIT, description=MAX_IN_FLIGHT_TEXT
     )
+
+    _event_types = field_validator("event_types", mode="before")(check_event_types)
 
     @field_validator("url", "event_types")
     @classmethod
@@ -123,7 +164,10 @@ class WebhookEndpoint(Out):
     id: UuidText
     url: str
     description: str | None
-    event_types: list[EventType] = Field(description="Empty: every event type")
+    event_types: list[EventType] = Field(
+        description="Empty: every event type (webhook.test only on endpoints made before it "
+        "was refused: it never chose anything)"
+    )
     rate_limit_per_s: float | None
     max_in_flight: int | None = Field(description=MAX_IN_FLIGHT_TEXT)
     status: EndpointStatus

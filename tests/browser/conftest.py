@@ -41,8 +41,7 @@ from selenium.webdriver.chrome.webdriver import WebDriver
 from selenium.webdriver.support.ui import WebDriverWait
 from standardwebhooks.webhooks import Webhook
 
-from service.procs import free_port
-from tests.components import wait_ready
+from tests.components import port_from_log, wait_ready
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
@@ -117,7 +116,8 @@ def console_service(
         "KAFKA_TOPIC_PREFIX": f"ui{uuid.uuid4().hex[:8]}.",
         "KAFKA_CONSUMER_GROUP_PREFIX": f"ui{uuid.uuid4().hex[:8]}",
         "KAFKA_PARTITIONS": "2",
-        "HTTP_PORT": str(free_port()),
+        "HTTP_PORT": "0",  # the port it binds is read from its api_listening line
+        "LOG_FORMAT": "json",
         "WEBHOOK_ALLOW_PRIVATE_NETWORKS": "true",
         # A failed delivery waits an hour: the page's "Retry now" is what sends it again.
         "WEBHOOK_RETRY_SCHEDULE": "0,3600",
@@ -131,8 +131,9 @@ def console_service(
             stdout=sink,
             stderr=subprocess.STDOUT,
         )
-    service = ConsoleService(f"http://127.0.0.1:{env['HTTP_PORT']}", env, process, log)
+    service = ConsoleService("", env, process, log)
     try:
+        service.base = f"http://127.0.0.1:{asyncio.run(port_from_log(log, service.exited))}"
         asyncio.run(wait_ready(service.base, service.exited))
         yield service
     finally:
@@ -268,23 +269,23 @@ class Receiver:
         self.answered.append(status)
         return web.Response(status=status, text={503: "busy", 410: "gone"}.get(status, "ok"))
 
-    async def _serve(self, port: int, started: threading.Event) -> None:
+    async def _serve(self, started: threading.Event) -> None:
         app = web.Application()
         app.router.add_post("/hook", self._hook)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", port).start()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()  # the system picks a free port
+        port = next(a[1] for a in runner.addresses if isinstance(a, tuple))
+        self.url = f"http://127.0.0.1:{port}/hook"
         started.set()
         while not self._stop.is_set():
             await asyncio.sleep(0.05)
         await runner.cleanup()
 
     def start(self) -> None:
-        port = free_port()
-        self.url = f"http://127.0.0.1:{port}/hook"
         started = threading.Event()
         self._thread = threading.Thread(
-            target=lambda: asyncio.run(self._serve(port, started)), daemon=True
+            target=lambda: asyncio.run(self._serve(started)), daemon=True
         )
         self._thread.start()
         assert started.wait(10), "the receiver did not start"

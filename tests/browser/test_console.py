@@ -320,7 +320,7 @@ def test_the_endpoint_list_pages_newest_first(
     key = service.key("webhooks:manage")
     urls = [f"https://crm.example.com/hooks/contact-deletions/{n}" for n in range(52)]
     for url in urls:
-        types = ["contact.deleted", "webhook.test"] if url.endswith("0") else []
+        types = ["contact.deleted", "deletion_job.completed"] if url.endswith("0") else []
         body = {"url": url, "event_types": types}
         assert service.call(key, "POST", "/v1/webhooks/endpoints", body)[0] == 201
     sign_in(driver, service, key)

@@ -25,8 +25,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from standardwebhooks.webhooks import Webhook
 
-from service.procs import free_port
-from tests.components import wait_ready
+from tests.components import port_from_log, wait_ready
 
 pytestmark = pytest.mark.slow
 
@@ -63,7 +62,8 @@ def service_env(db_url: str, kafka_bootstrap: str) -> dict[str, str]:
         "KAFKA_TOPIC_PREFIX": f"e2e{uuid.uuid4().hex[:8]}.",
         "KAFKA_CONSUMER_GROUP_PREFIX": f"e2e{uuid.uuid4().hex[:8]}",
         "KAFKA_PARTITIONS": "2",
-        "HTTP_PORT": str(free_port()),
+        "HTTP_PORT": "0",  # the port it binds is read from its api_listening line
+        "LOG_FORMAT": "json",
         "WEBHOOK_ALLOW_PRIVATE_NETWORKS": "true",
         "LOG_LEVEL": "INFO",
     }
@@ -79,8 +79,12 @@ def running(service_env: dict[str, str], tmp_path: Path) -> Iterator[RunningServ
             stdout=sink,
             stderr=subprocess.STDOUT,
         )
-    base = f"http://127.0.0.1:{service_env['HTTP_PORT']}"
+
+    def exited() -> str | None:
+        return None if process.poll() is None else log.read_text()[-3000:]
+
     try:
+        base = f"http://127.0.0.1:{asyncio.run(port_from_log(log, exited))}"
         yield RunningService(base, service_env, process, log)
     finally:
         process.send_signal(signal.SIGTERM)

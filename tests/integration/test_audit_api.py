@@ -526,7 +526,43 @@ async def test_timeline_of_a_contact_still_there_says_not_deleted(workload: Work
         "deletion": None,
         "requested_by": None,
         "timeline": [],
+        "next_cursor": None,
     }
+
+
+@pytest.mark.parametrize("limit", [1, 3, 4])
+async def test_a_deleted_contacts_timeline_comes_in_pages_the_event_on_the_first(
+    workload: Workload, limit: int
+) -> None:
+    """Like every listing: ``limit`` items after ``cursor``, newest first, ``next_cursor``
+    while more follow; the deletion event (which names every item) on the first page only."""
+    path = f"/v1/audit/contacts/{workload.deleted['id']}/timeline"
+    pages: list[dict[str, Any]] = []
+    cursor: str | None = None
+    while True:
+        query = f"?limit={limit}" + (f"&cursor={cursor}" if cursor else "")
+        status, body = await get(workload.tenant, path + query)
+        assert status == 200, body
+        pages.append(body["data"])
+        cursor = body["data"]["next_cursor"]
+        if cursor is None:
+            break
+        assert len(pages) < 10, "the cursor does not move"
+
+    assert [len(p["timeline"]) for p in pages[:-1]] == [limit] * (len(pages) - 1)
+    ids = [i["id"] for p in pages for i in p["timeline"]]
+    assert ids == [i["id"] for i in workload.timeline]
+    assert pages[0]["deletion"]["action"] == "contact.deleted"
+    assert all(p["deletion"] is None and p["deleted"] is True for p in pages[1:])
+    assert all(p["requested_by"] == pages[0]["requested_by"] for p in pages)
+
+
+@pytest.mark.parametrize("query", ["limit=0", "limit=501", "cursor=nonsense", "after=1"])
+async def test_a_bad_page_of_a_timeline_is_a_400(workload: Workload, query: str) -> None:
+    path = f"/v1/audit/contacts/{workload.deleted['id']}/timeline?{query}"
+    status, body = await get(workload.tenant, path)
+    assert status == 400, body
+    assert body["error"]["code"] == "validation_error"
 
 
 @pytest.mark.parametrize("contact", ["unknown", "malformed"])

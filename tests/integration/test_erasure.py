@@ -31,8 +31,7 @@ from service.db import Database
 from service.erasure.check import ErasureCheck
 from service.erasure.scrubber import Scrubber
 from service.kafka import OutMessage, Producer
-from service.procs import free_port
-from tests.components import COMMAND, Components, components, wait_ready
+from tests.components import COMMAND, Components, components, listening_port, wait_ready
 from tests.conftest import Tenant, make_settings, new_tenant
 from tests.logcapture import json_logs
 
@@ -160,18 +159,17 @@ async def test_deleted_addresses_leave_no_byte_in_any_file_the_service_wrote(
     monkeypatch: pytest.MonkeyPatch,
     http: aiohttp.ClientSession,
 ) -> None:
-    port = free_port()
-    settings = kafka_settings.model_copy(update={"erasure_delay_s": DELAY_S, "http_port": port})
+    settings = kafka_settings.model_copy(update={"erasure_delay_s": DELAY_S, "http_port": 0})
     monkeypatch.setenv("ERASURE_DELAY_S", str(DELAY_S))
-    monkeypatch.setenv("HTTP_PORT", str(port))
+    monkeypatch.setenv("HTTP_PORT", "0")
     tag = uuid.uuid4().hex[:8]
     doomed = [person(tag, i) for i in range(6)]
     keeper = person(tag, 9)
-    base = f"http://127.0.0.1:{port}"
     db = Database(settings.database_url)
     try:
         with components(settings, tmp_path) as procs:
             service = procs.start("run")
+            base = f"http://127.0.0.1:{await listening_port(service)}"
             await wait_ready(base, service.exited, timeout_s=90)
             tenant = await new_tenant(Services(settings=settings, db=db), base, http)
             ids = [await create_person(tenant, p) for p in doomed]

@@ -536,6 +536,53 @@ async def test_invalid_endpoint_requests_are_400(tenant: Tenant) -> None:
     assert (await get_endpoint(tenant, good["id"]))["url"] == "https://hooks.example.com/ok"
 
 
+# Each member of "event_types that an endpoint cannot subscribe to", with what the 400
+# names (Svix's filterTypes: known types, each once).
+NOT_SUBSCRIBABLE: dict[str, tuple[list[Any], str]] = {
+    "unknown type": (["contact.created"], "'contact.created' is not an event type"),
+    "unknown beside a known one": (["contact.deleted", "contact.Deleted"], "'contact.Deleted'"),
+    "test-only type": (["webhook.test"], "'webhook.test' is not an event type to subscribe to"),
+    "test-only beside a known one": (["contact.deleted", "webhook.test"], "'webhook.test'"),
+    "duplicate": (["contact.deleted", "contact.deleted"], "'contact.deleted' given more than once"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(NOT_SUBSCRIBABLE))
+async def test_event_types_an_endpoint_cannot_subscribe_to_are_a_400_naming_them(
+    tenant: Tenant, case: str
+) -> None:
+    types, named = NOT_SUBSCRIBABLE[case]
+    good = await create_endpoint(tenant, "https://hooks.example.com/ok", event_types=[])
+
+    created = await tenant.call(
+        "POST", ENDPOINTS, {"url": "https://hooks.example.com/x", "event_types": types}
+    )
+    patched = await tenant.call("PATCH", f"{ENDPOINTS}/{good['id']}", {"event_types": types})
+
+    for status, body, _ in (created, patched):
+        assert status == 400, (case, body)
+        detail = body["error"]["details"][0]
+        assert detail["field"] == "event_types" and named in detail["message"], detail
+    status, body, _ = await tenant.call("GET", ENDPOINTS)
+    assert [e["id"] for e in body["data"]] == [good["id"]]
+    assert (await get_endpoint(tenant, good["id"]))["event_types"] == []
+
+
+async def test_no_event_types_means_every_type_on_create_and_on_patch(tenant: Tenant) -> None:
+    """``[]`` (or none) subscribes to every type; a PATCH with ``[]`` goes back to every type."""
+    created = await create_endpoint(tenant, "https://hooks.example.com/all")
+    narrowed = await create_endpoint(
+        tenant, "https://hooks.example.com/some", event_types=["deletion_job.completed"]
+    )
+
+    status, body, _ = await tenant.call(
+        "PATCH", f"{ENDPOINTS}/{narrowed['id']}", {"event_types": []}
+    )
+
+    assert created["event_types"] == []
+    assert status == 200 and body["data"]["event_types"] == []
+
+
 async def test_another_workspaces_endpoints_and_deliveries_are_404(
     tenant: Tenant, other_tenant: Tenant
 ) -> None:

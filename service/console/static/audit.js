@@ -148,6 +148,22 @@ async function timelinePage(view, contactId) {
     return;
   }
   const by = t.requested_by;
+  // The API gives the preserved timeline a page at a time (the event only on the first).
+  const items = h("div");
+  const more = h("button", { type: "button", class: "secondary", hidden: true, id: "timeline-more" }, "Older items");
+  let shown = [];
+  let cursor = null;
+  const draw = (page) => {
+    shown = shown.concat(page.timeline);
+    cursor = page.next_cursor;
+    more.hidden = !cursor;
+    mount(items, table("Timeline items, newest first", ["Kind", "Created", "What", "Back-reference"],
+      shown.map((i) => [i.kind, time(i.created_at),
+        [i.subject || i.title, i.body].filter(Boolean).join(" — ") || "—", i.contact_id ? h("code", {}, i.contact_id) : "none"]),
+      "No timeline items."));
+  };
+  const path = `/v1/audit/contacts/${encodeURIComponent(contactId)}/timeline`;
+  more.addEventListener("click", () => act(async () => draw((await api("GET", `${path}${query({ limit: 50, cursor })}`)).data)));
   mount(view, back,
     h("h2", {}, "Deleted contact"),
     h("section", { class: "card" }, kv([
@@ -160,8 +176,6 @@ async function timelinePage(view, contactId) {
     ])),
     h("section", { class: "card" }, h("h3", {}, "Preserved timeline"),
       h("p", { class: "hint" }, "Activities, notes and tasks that outlived the contact; their back-reference is gone."),
-      table("Timeline items, newest first", ["Kind", "Created", "What", "Back-reference"],
-        t.timeline.map((i) => [i.kind, time(i.created_at),
-          [i.subject || i.title, i.body].filter(Boolean).join(" — ") || "—", i.contact_id ? h("code", {}, i.contact_id) : "none"]),
-        "No timeline items.")));
+      items, more));
+  draw(t);
 }

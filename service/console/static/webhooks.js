@@ -3,7 +3,8 @@
 import { api, query } from "./api.js";
 import { h, mount, time, badge, field, table, kv, say, sayNext, act, fail } from "./dom.js";
 
-const EVENT_TYPES = ["contact.deleted", "deletion_job.completed", "webhook.test"];
+// What an endpoint subscribes to (webhook.test is not: "Send test" sends it to any endpoint).
+const EVENT_TYPES = ["contact.deleted", "deletion_job.completed"];
 const DELIVERY_STATUSES = ["pending", "failing", "succeeded", "failed"];
 const REASONS = {
   gone: "the receiver answered 410 Gone",
