@@ -11,9 +11,10 @@ only counters, and the backlog had to be read from the database by hand. On ever
   waited (0 when none).
 
 The outbox and delivery counts read their queue's rows through the index the relay and
-the dispatcher use (`ix_outbox_unpublished`, `ix_webhook_deliveries_due`); the jobs' through a
-scan of ``deletion_jobs`` (one row per request, not per contact). Each count stops at `CAP`
-(a larger backlog reads as `CAP`), so a scrape costs what the backlog is, up to a bound. The reads have `READ_TIMEOUT_S`; when the database does not
+the dispatcher use (`ix_outbox_unpublished`, `ix_webhook_deliveries_due`); the jobs'
+through a scan of ``deletion_jobs`` (one row per request, not per contact). Each count
+stops at `CAP` (a larger backlog reads as `CAP`), so a scrape costs what the backlog is, up
+to a bound. The reads have `READ_TIMEOUT_S`; when the database does not
 answer, the gauges keep their last values and ``backlog_read_ok`` is 0 (the scrape still
 answers, with every counter).
 """
