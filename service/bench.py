@@ -30,7 +30,10 @@ Beside the figures it reports what explains them: CPU seconds of each process it
 over the deletion phase and to the last webhook, and per item: ``cpu_ms_per_contact`` (the
 service over the deletion phase / N) and ``cpu_ms_per_delivery`` (the dispatcher's share /
 deliveries), each with the PostgreSQL server's CPU beside it (``db_cpu_ms_per_*``) when the
-bench started the server (see ``cpu_per_item``); how fast the dispatcher drains what is
+bench started the server and the Kafka broker's (``broker_cpu_ms_per_*``) when it started
+the broker (see ``cpu_per_item``), and the ceilings that CPU sets on this machine's cores
+(``infra_ceiling_contacts_per_s``: the servers alone; ``cpu_ceiling_contacts_per_s``: with
+the service; each against the floor, see ``cpu_ceilings``); how fast the dispatcher drains what is
 left after the last deletion (``webhook_drain_deliveries_per_s``: its own pace, not capped
 by the deletions feeding it); ``--split`` runs the api, relay, worker and dispatcher as
 four processes, each measured on its own; the worker's transactions (contacts per
@@ -220,10 +223,12 @@ def cpu_per_item(
     ``cpu_ms_per_<item>``: the service's processes (all-in-one ``service``, or with
     ``--split`` the deletion side for contacts and the ``dispatcher`` for deliveries);
     ``db_cpu_ms_per_<item>``: the PostgreSQL server the bench started, when it started
-    one. With ``before`` (a reading at the end of the deletion phase) and no separate
-    dispatcher, a delivery's CPU is what the service spent beyond the deletion phase: a
-    dispatcher that keeps up with the deletions does part of its work inside that phase,
-    so this under-counts it then (``--split`` measures it exactly).
+    one; ``broker_cpu_ms_per_<item>``: the Kafka broker's JVM, when the bench started it
+    (a reused broker serves others too, so it is not counted). With ``before`` (a reading
+    at the end of the deletion phase) and no separate dispatcher, a delivery's CPU is what
+    the service spent beyond the deletion phase: a dispatcher that keeps up with the
+    deletions does part of its work inside that phase, so this under-counts it then
+    (``--split`` measures it exactly). The servers' figures are always beyond ``before``.
     """
     if items <= 0:
         return {f"cpu_ms_per_{item}": None}
@@ -239,9 +244,45 @@ def cpu_per_item(
     else:
         names = SERVICE_PROCESSES
         out[f"cpu_ms_per_{item}"] = per(sum(cpu.get(name, 0.0) for name in names))
-    if "postgres" in cpu:
-        spent = cpu["postgres"] - (before or {}).get("postgres", 0.0)
-        out[f"db_cpu_ms_per_{item}"] = per(spent)
+    for server, prefix in (("postgres", "db"), ("kafka", "broker")):
+        if server in cpu:
+            spent = cpu[server] - (before or {}).get(server, 0.0)
+            out[f"{prefix}_cpu_ms_per_{item}"] = per(spent)
+    return out
+
+
+def _per_second(cores: int, ms_per_item: float) -> float | None:
+    return round(cores * 1000 / ms_per_item) if ms_per_item > 0 else None
+
+
+def cpu_ceilings(figures: dict[str, Any], cores: int) -> dict[str, float | None]:
+    """How many contacts/s the CPU measured over the deletion phase allows on ``cores``.
+
+    ``infra_ceiling_contacts_per_s``: ``cores / (db + broker CPU per contact)``, the rate
+    at which the PostgreSQL server and the Kafka broker alone would fill every core (a
+    service that cost nothing); ``cpu_ceiling_contacts_per_s``: the same with the
+    service's CPU added. Each with its ratio to the bare SQL floor of the run
+    (``*_to_floor_ratio``): end to end cannot pass it. Both are upper bounds: the bench's
+    own clients and the webhook receivers share the cores too and are not counted. Only
+    when the bench started the broker (``broker_cpu_ms_per_contact``); on SQLite, whose
+    database runs inside the service, the database server's share is 0. Needs
+    ``floor_contacts_per_s`` for the ratios (None without it).
+    """
+    broker = figures.get("broker_cpu_ms_per_contact")
+    if broker is None:
+        return {}
+    servers = broker + (figures.get("db_cpu_ms_per_contact") or 0.0)
+    infra = _per_second(cores, servers)
+    floor = figures.get("floor_contacts_per_s")
+    out: dict[str, float | None] = {
+        "infra_ceiling_contacts_per_s": infra,
+        "infra_ceiling_to_floor_ratio": _ratio(infra, floor),
+    }
+    service = figures.get("cpu_ms_per_contact")
+    if service is not None:
+        everything = _per_second(cores, service + servers)
+        out["cpu_ceiling_contacts_per_s"] = everything
+        out["cpu_ceiling_to_floor_ratio"] = _ratio(everything, floor)
     return out
 
 
@@ -907,6 +948,7 @@ async def measure(args: argparse.Namespace, env: Environment) -> dict[str, Any]:
             figures["service_to_floor_ratio"] = _ratio(
                 figures["end_to_end_contacts_per_s"], figures["floor_contacts_per_s"]
             )
+            figures |= cpu_ceilings(figures, os.cpu_count() or 1)
 
             if args.filter_contacts:
                 pids = {name: pid for name, pid in env.pids.items() if pid is not None}
@@ -1151,6 +1193,11 @@ _TABLE: list[tuple[str, str, str]] = [
     ("CPU s, deletion phase", "cpu_seconds", ""),
     ("CPU ms per contact", "cpu_ms_per_contact", "ms"),
     ("  + PostgreSQL server", "db_cpu_ms_per_contact", "ms"),
+    ("  + Kafka broker", "broker_cpu_ms_per_contact", "ms"),
+    ("ceiling: db + broker CPU", "infra_ceiling_contacts_per_s", "contacts/s"),
+    ("  ceiling / floor", "infra_ceiling_to_floor_ratio", ""),
+    ("ceiling: all CPU", "cpu_ceiling_contacts_per_s", "contacts/s"),
+    ("  ceiling / floor", "cpu_ceiling_to_floor_ratio", ""),
     ("service RSS idle", "service_rss_idle_mb", "MiB"),
     ("service peak RSS", "service_peak_rss_mb", "MiB"),
     ("webhook deliveries", "webhook_deliveries", ""),
@@ -1164,6 +1211,7 @@ _TABLE: list[tuple[str, str, str]] = [
     ("CPU s, to last webhook", "webhook_cpu_seconds", ""),
     ("CPU ms per delivery", "cpu_ms_per_delivery", "ms"),
     ("  + PostgreSQL server", "db_cpu_ms_per_delivery", "ms"),
+    ("  + Kafka broker", "broker_cpu_ms_per_delivery", "ms"),
     ("drained after deletion", "webhook_drained_after_deletion", ""),
     ("drain rate", "webhook_drain_deliveries_per_s", "/s"),
     ("drain / floor", "webhook_drain_to_floor_ratio", ""),

@@ -363,3 +363,27 @@ def test_start_then_stop_leaves_no_process_and_no_temp_dir() -> None:
     assert not data_dir.exists()
     assert kafka.pid is None
     kafka.stop()  # idempotent
+
+
+def _thread_names(pid: int) -> list[str]:
+    tasks = Path(f"/proc/{pid}/task")
+    return sorted((task / "comm").read_text().strip() for task in tasks.iterdir())
+
+
+@pytest.mark.slow
+def test_the_broker_jit_compiles_with_c1_alone_and_collects_on_one_thread() -> None:
+    """A local broker lives for a session: C2's optimising compiles were most of its CPU
+    per contact in the bench (service.localkafka.JVM_OPTIONS). Its JVM has no C2
+    compiler thread and none of G1's collector threads, and serves requests all the
+    same."""
+    kafka = LocalKafka(port=free_port())
+    kafka.start()
+    try:
+        assert kafka.pid is not None
+        names = _thread_names(kafka.pid)
+        assert any(name.startswith("C1 CompilerThre") for name in names), names
+        assert not [name for name in names if name.startswith(("C2 ", "G1 "))], names
+        assert not [name for name in names if name.startswith("GC Thread#")], names
+        assert broker_answers(kafka.host, kafka.port)
+    finally:
+        kafka.stop()

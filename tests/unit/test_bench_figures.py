@@ -3,11 +3,11 @@ closing notes quote, so that a mistake in it cannot pass for a speed-up."""
 
 from __future__ import annotations
 
-from service.bench import cpu_per_item, percentiles
+from service.bench import cpu_ceilings, cpu_per_item, percentiles
 
 
 def test_cpu_per_contact_counts_every_deletion_side_process() -> None:
-    all_in_one = cpu_per_item({"service": 5.0, "kafka": 1.0, "wall": 9.0}, 10_000, "contact")
+    all_in_one = cpu_per_item({"service": 5.0, "wall": 9.0}, 10_000, "contact")
     assert all_in_one == {"cpu_ms_per_contact": 0.5}
     split = cpu_per_item(
         {"api": 1.0, "relay": 1.0, "worker": 2.0, "dispatcher": 3.0, "wall": 9.0},
@@ -32,6 +32,58 @@ def test_cpu_per_delivery_is_beyond_the_deletion_phase_or_the_dispatcher_alone()
     split = {"worker": 9.0, "dispatcher": 2.0}
     assert cpu_per_item(split, 4_000, "delivery", before={"worker": 5.0}) == {
         "cpu_ms_per_delivery": 0.5
+    }
+
+
+def test_the_broker_it_started_is_reported_beside_the_service_and_the_server() -> None:
+    figures = cpu_per_item({"service": 5.0, "postgres": 2.0, "kafka": 1.0}, 10_000, "contact")
+    assert figures == {
+        "cpu_ms_per_contact": 0.5,
+        "db_cpu_ms_per_contact": 0.2,
+        "broker_cpu_ms_per_contact": 0.1,
+    }
+    # Per delivery: the broker's CPU beyond the deletion phase, like the server's.
+    before = {"service": 5.0, "kafka": 1.0}
+    after = {"service": 9.0, "kafka": 1.8}
+    assert cpu_per_item(after, 4_000, "delivery", before=before) == {
+        "cpu_ms_per_delivery": 1.0,
+        "broker_cpu_ms_per_delivery": 0.2,
+    }
+
+
+def test_ceilings_are_the_cores_over_the_cpu_per_contact_against_the_floor() -> None:
+    figures = {
+        "cpu_ms_per_contact": 0.3,
+        "db_cpu_ms_per_contact": 0.15,
+        "broker_cpu_ms_per_contact": 0.05,
+        "floor_contacts_per_s": 20_000.0,
+    }
+    # 2 cores / 0.2 ms of server and broker CPU = 10,000/s; with the service 2 / 0.5 ms.
+    assert cpu_ceilings(figures, 2) == {
+        "infra_ceiling_contacts_per_s": 10_000,
+        "infra_ceiling_to_floor_ratio": 0.5,
+        "cpu_ceiling_contacts_per_s": 4_000,
+        "cpu_ceiling_to_floor_ratio": 0.2,
+    }
+
+
+def test_on_sqlite_the_ceiling_counts_the_broker_alone() -> None:
+    figures = {"cpu_ms_per_contact": 0.35, "broker_cpu_ms_per_contact": 0.05}
+    assert cpu_ceilings(figures, 2) == {
+        "infra_ceiling_contacts_per_s": 40_000,
+        "infra_ceiling_to_floor_ratio": None,
+        "cpu_ceiling_contacts_per_s": 5_000,
+        "cpu_ceiling_to_floor_ratio": None,
+    }
+
+
+def test_no_broker_figure_no_ceiling() -> None:
+    """A reused broker serves others too: no figure, and no ceiling from half the CPU."""
+    figures = {"cpu_ms_per_contact": 0.3, "db_cpu_ms_per_contact": 0.15}
+    assert cpu_ceilings(figures, 2) == {}
+    assert cpu_ceilings({"broker_cpu_ms_per_contact": 0.0}, 2) == {
+        "infra_ceiling_contacts_per_s": None,
+        "infra_ceiling_to_floor_ratio": None,
     }
 
 
