@@ -148,6 +148,9 @@ contacts = sa.Table(
     sa.Index("ix_contacts_workspace_id_id", "workspace_id", "id"),
     sa.Index("ix_contacts_workspace_id_email", "workspace_id", "email"),
     sa.Index("ix_contacts_workspace_id_last_name", "workspace_id", "last_name"),
+    # SQLite: rows stored in id order, the order a filter job deletes them in, so that a
+    # batch's deletions share pages (migration 0012).
+    sqlite_with_rowid=False,
 )
 
 
@@ -718,6 +721,7 @@ class Database:
                 immediate=True,
                 busy_timeout_ms=busy_timeout_ms,
                 autocheckpoint=WAL_AUTOCHECKPOINT_FALLBACK if self._checkpointer else None,
+                cache_kib=WRITER_CACHE_KIB,
             )
             if self._reader is not self._writer:
                 _sqlite_pragmas(self._reader, immediate=False, busy_timeout_ms=busy_timeout_ms)
@@ -826,6 +830,13 @@ def _sqlite_path(url: str) -> str:
     return sa.engine.make_url(url).database or ""
 
 
+# The write connection's page cache (SQLite's default is 2 MB): a worker batch of a filter
+# job changes some 3,000 pages, which a 2 MB cache wrote to the log once in the middle of
+# the transaction (a spill) and read back; and the pages it reads first (the contacts, their
+# timeline rows) it changes next. Measured on 200,000 contacts, 500 a batch: 84 -> 77 us of
+# SQLite CPU per deleted contact in the statements and the commit. The reading connections
+# keep the default (they are up to eight).
+WRITER_CACHE_KIB = 65_536
 # SQLite checkpoints by itself (in the commit that takes the log past this many pages) only
 # when the background checkpoints leave that much behind: SQLite's default is 1,000 pages.
 WAL_AUTOCHECKPOINT_FALLBACK = 10_000
@@ -926,6 +937,7 @@ def _sqlite_pragmas(
     immediate: bool,
     busy_timeout_ms: int,
     autocheckpoint: int | None = None,
+    cache_kib: int | None = None,
 ) -> None:
     @event.listens_for(engine.sync_engine, "connect")
     def _on_connect(dbapi_connection: Any, _: Any) -> None:
@@ -937,6 +949,8 @@ def _sqlite_pragmas(
         if autocheckpoint is not None:
             cursor.execute(f"PRAGMA wal_autocheckpoint={int(autocheckpoint)}")
         cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
+        if cache_kib is not None:
+            cursor.execute(f"PRAGMA cache_size={-int(cache_kib)}")
         cursor.execute("PRAGMA foreign_keys=ON")
         # Deleted content is overwritten with zeros (cells, free pages), so a deleted row
         # cannot be read back from the main file; the WAL's old frames go at the next
