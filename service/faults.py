@@ -7,7 +7,11 @@ Two kinds, nothing in between:
   serialization failure or deadlock; a lock or statement timeout; SQLite busy/locked; a
   consumer-group rebalance. Retried with capped exponential back-off and jitter
   (:class:`service.aio.Backoff`) for as long as it lasts, never counted against an item,
-  and answered 503 ``service_unavailable`` with ``Retry-After`` at the HTTP edge.
+  and answered 503 with ``Retry-After`` at the HTTP edge. :func:`outage_cause` names its
+  kind for the 503's code, the retry loops' log lines and /readyz: ``database_timeout``
+  (no answer within a bound of `service.db.Timeouts`), ``storage_full``,
+  ``database_busy`` (another process holds SQLite's write lock), ``kafka_unavailable``,
+  else ``database_unreachable``.
 - **permanent**: everything else, and in particular a statement the database refuses
   (a syntax or data error, SQLite "too many SQL variables", a constraint). Retrying cannot
   fix it: the item or job fails with a code, a message and its audit event.
