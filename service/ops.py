@@ -10,7 +10,7 @@ from pydantic import Field, RootModel
 
 from service.apimodels import Data, Out
 from service.db import Database
-from service.faults import outage_cause
+from service.faults import DATABASE_BUSY, DATABASE_TIMEOUT, STORAGE_FULL, outage_cause
 from service.http import DB_KEY, SETTINGS_KEY
 from service.kafka import kafka_reachable
 from service.logs import get_logger
@@ -33,7 +33,7 @@ class Health(Out):
 class Readiness(Out):
     status: str
     checks: dict[str, str] = Field(
-        description="database: ok, database_timeout, database_unreachable, storage_full or "
+        description="database: ok, unreachable, database_timeout, storage_full or "
         "database_busy; kafka: ok or unreachable"
     )
 
@@ -60,20 +60,23 @@ async def healthz(_: Call) -> Data[Health]:
 
 # How long /readyz waits for each dependency's answer (seconds); both are asked at once.
 READINESS_TIMEOUT_S = 3.0
+# What /readyz names as such; any other failure of the database is "unreachable".
+_NAMED = frozenset({DATABASE_TIMEOUT, STORAGE_FULL, DATABASE_BUSY})
 
 
 async def _database_check(db: Database) -> str:
     """``ok``, or what is wrong with the database (`service.faults.outage_cause`): no
     answer to a ping within ``READINESS_TIMEOUT_S`` (``database_timeout``), a refusal
-    (``database_unreachable``), or this process's last write failed for a full storage or
+    (``unreachable``), or this process's last write failed for a full storage or
     another process's lock, less than `service.db.TROUBLE_MEMORY_S` ago (a ping reads, so
     it answers while every write fails)."""
     try:
         await asyncio.wait_for(db.ping(), timeout=READINESS_TIMEOUT_S)
     except Exception as exc:  # any failure means "not ready"; say which
-        cause = outage_cause(exc) or "database_error"
+        cause = outage_cause(exc)
         log.warning("readiness_database_failed", cause=cause, error=repr(exc)[:300])
-        return cause
+        # A refusal (or any other failure) keeps the word probes have always read.
+        return cause if cause in _NAMED else "unreachable"
     return db.write_trouble() or "ok"
 
 
