@@ -891,6 +891,15 @@ class Database:
 TROUBLE_MEMORY_S = 30.0
 
 
+def migration_engine(url: str) -> AsyncEngine:
+    """An engine for migrations and the schema checks before them: its connect is bounded
+    (`Timeouts.connect_s`: a paused server is a TimeoutError, not asyncpg's 60 s), its
+    statements are not (a migration may rewrite a big table)."""
+    if url.startswith("postgresql"):
+        return create_async_engine(url, connect_args={"timeout": Timeouts.connect_s})
+    return create_async_engine(url)
+
+
 def _bound_the_ping(engine: AsyncEngine, timeout_s: float) -> None:
     """The pool's ping of a pooled PostgreSQL connection (``pool_pre_ping``) answered
     within ``timeout_s``, or TimeoutError: SQLAlchemy's own waits for the statement
