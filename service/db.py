@@ -688,9 +688,11 @@ class Timeouts:
     - ``connect_s``: opening a PostgreSQL connection (asyncpg's ``timeout``; its default
       is 60 s), and the pool's ping of a pooled connection before use.
     - ``statement_s``: one PostgreSQL statement's answer (asyncpg's ``command_timeout``);
-      None: no bound. Well above the longest legitimate statement (an expansion page, a
-      delete batch: well under a second on a million contacts). Migrations run on an
-      engine of their own, without it; `Database.unbounded` lifts it for maintenance.
+      None: no bound. Meant to sit far above the longest statement the service runs (an
+      expansion page, at most ``EXPAND_WINDOWS_PER_PAGE`` windows; a filter job's count
+      when it is accepted; a worker's delete batch), which take well under a second at
+      the bench's sizes. Migrations run on an engine of their own (`migration_engine`),
+      without it; `Database.unbounded` lifts it for maintenance (``VACUUM FULL``).
     - ``pool_s``: waiting for a connection of the pool (SQLAlchemy's ``pool_timeout``,
       30 s by default): on SQLite, the one writer connection of the process.
     - ``busy_ms``: SQLite's busy timeout, how long a writer waits for a lock another
