@@ -11,7 +11,7 @@ from typing import TypeVar
 
 import structlog
 
-from service.faults import is_transient
+from service.faults import is_transient, outage_cause
 
 T = TypeVar("T")
 
@@ -99,7 +99,13 @@ async def retry_transient(
             if not transient(exc):
                 raise
             delay = policy.next_delay()
-            log.warning(event, error=repr(exc)[:500], attempt=policy.attempt, backoff_s=delay)
+            log.warning(
+                event,
+                cause=outage_cause(exc),
+                error=repr(exc)[:500],
+                attempt=policy.attempt,
+                backoff_s=delay,
+            )
         if stop.is_set():
             raise Stopped
         await policy.sleep(delay, stop)
@@ -134,6 +140,7 @@ async def wait_for_dependency(
                 "waiting_for_dependency",
                 component=component,
                 dependency=dependency,
+                cause=outage_cause(exc),
                 error=repr(exc)[:300],
                 retry_in_s=round(delay, 2),
             )

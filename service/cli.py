@@ -124,7 +124,7 @@ async def _with_db(settings: Settings, work: Callable[[Database], Awaitable[int]
     problem = await schema_problem(settings.database_url, where=settings.describe_database())
     if problem is not None:
         return problem
-    db = Database(settings.database_url)
+    db = Database.from_settings(settings)
     try:
         return await work(db)
     finally:
@@ -160,7 +160,7 @@ async def serve(settings: Settings, names: Sequence[str], *, migrate: bool) -> i
             get_logger(__name__).info("migrated", **_migration_fields(before, after))
         else:
             if not settings.is_sqlite:  # (opening SQLite would create a missing file)
-                probe = Database(settings.database_url)
+                probe = Database.from_settings(settings)
                 try:
                     await _database_step(
                         settings,
@@ -175,7 +175,7 @@ async def serve(settings: Settings, names: Sequence[str], *, migrate: bool) -> i
                 return _fail(problem)
     except Stopped:
         return 0
-    db = Database(settings.database_url, busy_timeout_ms=settings.sqlite_busy_timeout_ms)
+    db = Database.from_settings(settings)
     services = Services(settings=settings, db=db)
     gcpolicy.settle_after_start()
     try:

@@ -211,8 +211,18 @@ class Settings(BaseSettings):
     kafka_session_timeout_ms: int = Field(default=6000, ge=1000)
     kafka_heartbeat_interval_ms: int = Field(default=1000, ge=100)
     # How long a SQLite writer waits for a lock another process holds before the error
-    # (SQLITE_BUSY, transient: retried with back-off) reaches the caller.
-    sqlite_busy_timeout_ms: int = Field(default=30_000, ge=0)
+    # (SQLITE_BUSY, transient: retried with back-off; the API's 503 database_busy) reaches
+    # the caller. Also about how long the API takes to answer while another process holds
+    # the lock (SQLAlchemy's 30 s default made that 32 s in a trial).
+    sqlite_busy_timeout_ms: int = Field(default=5_000, ge=0)
+    # Bounds on every wait on the database (service.db.Timeouts), in seconds: opening a
+    # PostgreSQL connection (and pinging a pooled one; asyncpg's default is 60 s), one
+    # PostgreSQL statement's answer (0: none), a connection from the pool. A database that
+    # stops answering without refusing (paused, a black-holed network) is then a transient
+    # `database_timeout` within these, not a hang.
+    database_connect_timeout_s: float = Field(default=5.0, gt=0)
+    database_statement_timeout_s: float = Field(default=30.0, ge=0)
+    database_pool_timeout_s: float = Field(default=10.0, gt=0)
     # Longest back-off between retries of a transient error (database or broker down).
     retry_max_backoff_s: float = Field(default=5.0, gt=0)
 

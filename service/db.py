@@ -20,12 +20,14 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Collection, Iterable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from contextvars import ContextVar
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 import sqlalchemy as sa
+import sqlalchemy.exc as sa_exc
 from sqlalchemy import event
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects.sqlite.aiosqlite import (
@@ -38,7 +40,11 @@ from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.visitors import InternalTraversal
 
+from service.faults import DATABASE_BUSY, STORAGE_FULL, DatabaseOutage, outage_cause
 from service.logs import get_logger
+
+if TYPE_CHECKING:
+    from service.config import Settings
 
 log = get_logger(__name__)
 
@@ -686,12 +692,55 @@ def _one_hop_dbapi() -> dict[str, Any]:
     return {"module": _OneHopDBAPI(aiosqlite, sqlite3)}
 
 
-class Database:
-    """The engines of one database and the two kinds of transaction the service uses."""
+@dataclass(frozen=True)
+class Timeouts:
+    """How long the service waits on its database, each wait in seconds (DESIGN §3: a
+    database that stops answering without refusing is an outage with a bound, never a
+    hang). Defaults are the settings' (``DATABASE_*_TIMEOUT_S``, ``SQLITE_BUSY_TIMEOUT_MS``).
 
-    def __init__(self, url: str, *, echo: bool = False, busy_timeout_ms: int = 30_000) -> None:
+    - ``connect_s``: opening a PostgreSQL connection (asyncpg's ``timeout``; its default
+      is 60 s), and the pool's ping of a pooled connection before use.
+    - ``statement_s``: one PostgreSQL statement's answer (asyncpg's ``command_timeout``);
+      None: no bound. Meant to sit far above the longest statement the service runs (an
+      expansion page, at most ``EXPAND_WINDOWS_PER_PAGE`` windows; a filter job's count
+      when it is accepted; a worker's delete batch), which take well under a second at
+      the bench's sizes. Migrations run on an engine of their own (`migration_engine`),
+      without it; `Database.unbounded` lifts it for maintenance (``VACUUM FULL``).
+    - ``pool_s``: waiting for a connection of the pool (SQLAlchemy's ``pool_timeout``,
+      30 s by default): on SQLite, the one writer connection of the process.
+    - ``busy_ms``: SQLite's busy timeout, how long a writer waits for a lock another
+      process holds before SQLITE_BUSY (milliseconds).
+    """
+
+    connect_s: float = 5.0
+    statement_s: float | None = 30.0
+    pool_s: float = 10.0
+    busy_ms: int = 5_000
+
+
+class Database:
+    """The engines of one database and the two kinds of transaction the service uses.
+
+    Every wait on the database is bounded (`Timeouts`). A write that fails because the
+    storage is full or another process holds SQLite's write lock is remembered for
+    ``TROUBLE_MEMORY_S`` (`write_trouble`, for /readyz), until a write commits.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        echo: bool = False,
+        busy_timeout_ms: int | None = None,
+        timeouts: Timeouts | None = None,
+    ) -> None:
         self.url = url
         self.is_sqlite = url.startswith("sqlite")
+        bounds = timeouts or Timeouts()
+        if busy_timeout_ms is not None:
+            bounds = replace(bounds, busy_ms=busy_timeout_ms)
+        self.timeouts = bounds
+        self._trouble: tuple[str, float] | None = None
         if self.is_sqlite:
             _ensure_sqlite_dir(url)
             if ":memory:" in url:
@@ -704,6 +753,7 @@ class Database:
                     echo=echo,
                     pool_size=1,
                     max_overflow=0,
+                    pool_timeout=bounds.pool_s,
                     json_serializer=json_serializer,
                     **_one_hop_dbapi(),
                 )
@@ -712,6 +762,7 @@ class Database:
                     echo=echo,
                     pool_size=4,
                     max_overflow=4,
+                    pool_timeout=bounds.pool_s,
                     json_serializer=json_serializer,
                     **_one_hop_dbapi(),
                 )
@@ -719,12 +770,12 @@ class Database:
             _sqlite_pragmas(
                 self._writer,
                 immediate=True,
-                busy_timeout_ms=busy_timeout_ms,
+                busy_timeout_ms=bounds.busy_ms,
                 autocheckpoint=WAL_AUTOCHECKPOINT_FALLBACK if self._checkpointer else None,
                 cache_kib=WRITER_CACHE_KIB,
             )
             if self._reader is not self._writer:
-                _sqlite_pragmas(self._reader, immediate=False, busy_timeout_ms=busy_timeout_ms)
+                _sqlite_pragmas(self._reader, immediate=False, busy_timeout_ms=bounds.busy_ms)
         else:
             self._writer = create_async_engine(
                 url,
@@ -732,10 +783,27 @@ class Database:
                 pool_size=10,
                 max_overflow=10,
                 pool_pre_ping=True,
+                pool_timeout=bounds.pool_s,
                 json_serializer=json_serializer,
+                connect_args={"timeout": bounds.connect_s, "command_timeout": bounds.statement_s},
             )
+            _bound_the_ping(self._writer, bounds.connect_s)
             self._reader = self._writer
             self._checkpointer = None
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Database:
+        """The database of ``settings`` with its waits bounded as they say."""
+        statement_s = settings.database_statement_timeout_s
+        return cls(
+            settings.database_url,
+            timeouts=Timeouts(
+                connect_s=settings.database_connect_timeout_s,
+                statement_s=statement_s or None,
+                pool_s=settings.database_pool_timeout_s,
+                busy_ms=settings.sqlite_busy_timeout_ms,
+            ),
+        )
 
     @property
     def engine(self) -> AsyncEngine:
@@ -745,17 +813,66 @@ class Database:
     @asynccontextmanager
     async def begin(self) -> AsyncIterator[AsyncConnection]:
         """A write transaction: commits when the block ends, rolls back on error. Inside
-        `unit`, a savepoint of the unit's transaction instead (committed with the unit)."""
+        `unit`, a savepoint of the unit's transaction instead (committed with the unit).
+
+        Raises `DatabaseOutage` (``database_busy``) when the process's one SQLite writer
+        connection is not free within ``Timeouts.pool_s``: on SQLite that wait is behind a
+        writer that itself waits for another process's write lock.
+        """
         unit = self._joined()
         if unit is not None:
             conn = await unit.connection()
             async with conn.begin_nested():
                 yield conn
             return
-        async with self._writer.begin() as conn:
-            yield conn
+        try:
+            async with self._writer.begin() as conn:
+                yield conn
+        except Exception as exc:
+            self._note(exc)
+            raise
+        self._trouble = None
         if self._checkpointer is not None:
             self._checkpointer.committed()
+
+    def _note(self, exc: Exception) -> None:
+        """Remember a write's failure for /readyz if it names a storage problem, and name
+        a SQLite pool wait that ran out for what it is (the writer is held, waiting)."""
+        cause = outage_cause(exc)
+        if self.is_sqlite and isinstance(exc, sa_exc.TimeoutError):
+            cause = DATABASE_BUSY
+            raise DatabaseOutage(
+                cause,
+                f"no SQLite write connection within {self.timeouts.pool_s:g} s: the writer "
+                "waits for the write lock (another process holds it?)",
+            ) from exc
+        if cause in (STORAGE_FULL, DATABASE_BUSY):
+            self._trouble = (cause, time.monotonic())
+
+    def write_trouble(self) -> str | None:
+        """``storage_full`` or ``database_busy`` if this process's last write failed so,
+        less than ``TROUBLE_MEMORY_S`` ago and no write committed since; else None."""
+        if self._trouble is None:
+            return None
+        cause, at = self._trouble
+        return cause if time.monotonic() - at < TROUBLE_MEMORY_S else None
+
+    @asynccontextmanager
+    async def unbounded(self) -> AsyncIterator[AsyncConnection]:
+        """A connection of the writer with no bound on a statement's answer
+        (``Timeouts.statement_s`` lifted until it goes back to the pool), for maintenance
+        that may legitimately run for minutes (``VACUUM FULL``)."""
+        async with self._writer.connect() as conn:
+            raw = (await conn.get_raw_connection()).driver_connection
+            config = getattr(raw, "_config", None)
+            if config is None or not hasattr(config, "command_timeout"):
+                yield conn  # SQLite: no statement bound to lift
+                return
+            raw._config = config._replace(command_timeout=None)  # type: ignore[union-attr]
+            try:
+                yield conn
+            finally:
+                raw._config = config  # type: ignore[union-attr]
 
     @asynccontextmanager
     async def unit(self) -> AsyncIterator[None]:
@@ -818,6 +935,37 @@ class Database:
         await self._writer.dispose()
         if self._reader is not self._writer:
             await self._reader.dispose()
+
+
+# How long /readyz reports a write's failure for a full storage or a held lock (seconds).
+TROUBLE_MEMORY_S = 30.0
+
+
+def migration_engine(url: str) -> AsyncEngine:
+    """An engine for migrations and the schema checks before them: its connect is bounded
+    (`Timeouts.connect_s`: a paused server is a TimeoutError, not asyncpg's 60 s), its
+    statements are not (a migration may rewrite a big table)."""
+    if url.startswith("postgresql"):
+        return create_async_engine(url, connect_args={"timeout": Timeouts.connect_s})
+    return create_async_engine(url)
+
+
+def _bound_the_ping(engine: AsyncEngine, timeout_s: float) -> None:
+    """The pool's ping of a pooled PostgreSQL connection (``pool_pre_ping``) answered
+    within ``timeout_s``, or TimeoutError: SQLAlchemy's own waits for the statement
+    timeout, and on a timeout then opens a new connection (another connect timeout).
+    A connection whose ping timed out is discarded by the pool."""
+    dialect = engine.sync_engine.dialect
+
+    def do_ping(dbapi_connection: Any) -> bool:
+        driver = dbapi_connection._connection
+        try:
+            dbapi_connection.await_(driver.fetchrow(";", timeout=timeout_s))
+        except Exception as error:
+            dbapi_connection._handle_exception(error)
+        return True
+
+    dialect.do_ping = do_ping  # type: ignore[method-assign]
 
 
 def _ensure_sqlite_dir(url: str) -> None:

@@ -129,7 +129,7 @@ def _write_key(key_file: Path, key: str) -> None:
 
 async def _dev_main(settings: Settings, *, new_key: bool, owns_broker: bool) -> int:
     await upgrade(settings.database_url)
-    services = Services(settings=settings, db=Database(settings.database_url))
+    services = Services(settings=settings, db=Database.from_settings(settings))
     key_file = settings.data_dir / DEMO_KEY_FILE
     key, is_new = await demo_key(services.db, key_file, new_key=new_key)
     stop = asyncio.Event()

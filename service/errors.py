@@ -14,6 +14,9 @@
     ├── RateLimited             429 rate_limited
     ├── HeaderTooLarge          431 header_too_large
     └── Unavailable             503 service_unavailable (the database or broker is down)
+        ├── DatabaseTimeout     503 database_timeout (the database did not answer in time)
+        ├── StorageFull         503 storage_full (the database's storage is full)
+        └── DatabaseBusy        503 database_busy (another process holds SQLite's write lock)
 
 Consumers use a second pair: ``RetryLater`` (transient; back off and try again, never
 skip) and ``PoisonMessage`` (never retry; dead-letter it and commit).
@@ -134,6 +137,25 @@ class Unavailable(ServiceError):
 
     status = 503
     code = "service_unavailable"
+
+
+class DatabaseTimeout(Unavailable):
+    """The database did not answer within its bound (connect, statement or pool wait):
+    paused, overloaded, or behind a network that drops packets."""
+
+    code = "database_timeout"
+
+
+class StorageFull(Unavailable):
+    """The database's storage is full: every write fails until an operator frees space."""
+
+    code = "storage_full"
+
+
+class DatabaseBusy(Unavailable):
+    """Another process holds SQLite's write lock past the busy timeout."""
+
+    code = "database_busy"
 
 
 class RetryLater(Exception):

@@ -7,7 +7,11 @@ Two kinds, nothing in between:
   serialization failure or deadlock; a lock or statement timeout; SQLite busy/locked; a
   consumer-group rebalance. Retried with capped exponential back-off and jitter
   (:class:`service.aio.Backoff`) for as long as it lasts, never counted against an item,
-  and answered 503 ``service_unavailable`` with ``Retry-After`` at the HTTP edge.
+  and answered 503 with ``Retry-After`` at the HTTP edge. :func:`outage_cause` names its
+  kind for the 503's code, the retry loops' log lines and /readyz: ``database_timeout``
+  (no answer within a bound of `service.db.Timeouts`), ``storage_full``,
+  ``database_busy`` (another process holds SQLite's write lock), ``kafka_unavailable``,
+  else ``database_unreachable``.
 - **permanent**: everything else, and in particular a statement the database refuses
   (a syntax or data error, SQLite "too many SQL variables", a constraint). Retrying cannot
   fix it: the item or job fails with a code, a message and its audit event.
@@ -236,13 +240,95 @@ def position_lost(exc: BaseException) -> str | None:
     return None
 
 
+class DatabaseOutage(Exception):
+    """A wait on the database that ran out, raised by `service.db.Database` with the cause
+    named (one of :data:`OUTAGE_CAUSES`): transient, like the error it was raised from."""
+
+    def __init__(self, cause: str, message: str) -> None:
+        super().__init__(message)
+        self.cause = cause
+
+
+# What an outage is, for a 503's code, a log line's ``cause`` and /readyz: the first of
+# these that matches the error's chain (`outage_cause`).
+DATABASE_TIMEOUT = "database_timeout"  # no answer in time: a paused server, a black hole
+STORAGE_FULL = "storage_full"  # the database's storage is full: every write fails
+DATABASE_BUSY = "database_busy"  # another process holds SQLite's write lock
+DATABASE_UNREACHABLE = "database_unreachable"  # refused, reset, shutting down, in recovery
+KAFKA_UNAVAILABLE = "kafka_unavailable"
+OUTAGE_CAUSES = (
+    DATABASE_TIMEOUT,
+    STORAGE_FULL,
+    DATABASE_BUSY,
+    DATABASE_UNREACHABLE,
+    KAFKA_UNAVAILABLE,
+)
+
+_SQLITE_FULL = 13
+_SQLITE_BUSY = frozenset({5, 6})  # SQLITE_BUSY, SQLITE_LOCKED
+_PG_STORAGE_FULL = "53100"  # disk_full
+_PG_TIMEOUT = frozenset({"57014"})  # query_canceled: statement_timeout
+_PG_BUSY = frozenset({"55P03"})  # lock_not_available: lock_timeout
+# aiokafka's errors, and service.kafka's KafkaUnavailable (which this module cannot import).
+_KAFKA_MODULES = ("aiokafka", "service.kafka")
+
+
+def _link_cause(link: BaseException) -> str | None:
+    if isinstance(link, DatabaseOutage):
+        return link.cause
+    if isinstance(link, sqlite3.Error):
+        code = getattr(link, "sqlite_errorcode", None)
+        primary = code & 0xFF if isinstance(code, int) else None
+        if primary == _SQLITE_FULL:
+            return STORAGE_FULL
+        if primary in _SQLITE_BUSY or (primary is None and "database is locked" in str(link)):
+            return DATABASE_BUSY
+        return None
+    code = getattr(link, "sqlstate", None)
+    if isinstance(code, str) and len(code) == 5:
+        if code == _PG_STORAGE_FULL:
+            return STORAGE_FULL
+        if code in _PG_TIMEOUT:
+            return DATABASE_TIMEOUT
+        if code in _PG_BUSY:
+            return DATABASE_BUSY
+        return None
+    if isinstance(link, TimeoutError | sa_exc.TimeoutError):
+        # asyncpg's connect or command timeout, a pool checkout, an asyncio.wait_for.
+        return DATABASE_TIMEOUT
+    return None
+
+
+def outage_cause(exc: BaseException) -> str | None:
+    """What outage a transient error is, or None for a permanent one.
+
+    One of :data:`OUTAGE_CAUSES`: ``database_timeout`` (the database did not answer in
+    time: asyncpg's connect or command timeout, a pool checkout, PostgreSQL's
+    statement_timeout), ``storage_full`` (SQLITE_FULL, SQLSTATE 53100 disk_full),
+    ``database_busy`` (SQLITE_BUSY/LOCKED past the busy timeout: another process holds the
+    write lock; SQLSTATE 55P03 lock_not_available), ``kafka_unavailable`` (a broker
+    error), else ``database_unreachable``. The most specific cause anywhere in the chain
+    wins (a pool timeout that wraps nothing is a timeout; a commit refused for a full disk
+    is ``storage_full`` however SQLAlchemy wrapped it).
+    """
+    if not is_transient(exc):
+        return None
+    causes = {cause for link in _chain(exc) if (cause := _link_cause(link)) is not None}
+    for cause in (STORAGE_FULL, DATABASE_BUSY, DATABASE_TIMEOUT):
+        if cause in causes:
+            return cause
+    if any(type(link).__module__.startswith(_KAFKA_MODULES) for link in _chain(exc)):
+        return KAFKA_UNAVAILABLE
+    return DATABASE_UNREACHABLE
+
+
 def is_rebalance(exc: BaseException) -> bool:
     """True if the error says the consumer group moved (a partition is no longer ours)."""
     return any(isinstance(link, _REBALANCE) for link in _chain(exc))
 
 
 def _link_is_transient(link: BaseException) -> bool:
-    if isinstance(link, RetryLater | OSError | TimeoutError):
+    if isinstance(link, RetryLater | OSError | TimeoutError | DatabaseOutage):
         return True
     if isinstance(link, sa_exc.DBAPIError) and link.connection_invalidated:
         return True

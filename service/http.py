@@ -23,6 +23,8 @@ from pydantic import ValidationError
 from service.config import Settings
 from service.db import Database
 from service.errors import (
+    DatabaseBusy,
+    DatabaseTimeout,
     ExpectationFailed,
     Forbidden,
     MalformedRequest,
@@ -31,12 +33,13 @@ from service.errors import (
     PayloadTooLarge,
     RateLimited,
     ServiceError,
+    StorageFull,
     Unauthenticated,
     Unavailable,
     UnsupportedMediaType,
     ValidationFailed,
 )
-from service.faults import is_transient
+from service.faults import DATABASE_BUSY, DATABASE_TIMEOUT, STORAGE_FULL, outage_cause
 from service.keys import Principal, authenticate
 from service.limits import parse_json
 from service.logs import get_logger
@@ -247,20 +250,16 @@ async def edge_middleware(request: web.Request, handler: Handler) -> web.StreamR
             # "client closed request", not a 503 that would page someone.
             log.info("client_disconnected", path=request.path, method=request.method)
             response = web.Response(status=CLIENT_CLOSED_REQUEST)
-        elif is_transient(exc):
-            # An outage, not a bug: tell the client when to come back (DESIGN §3).
+        elif (cause := outage_cause(exc)) is not None:
+            # An outage, not a bug: tell the client what and when to come back (DESIGN §3).
             log.warning(
                 "service_unavailable",
                 path=request.path,
                 method=request.method,
+                cause=cause,
                 error=repr(exc)[:500],
             )
-            response = error_response(
-                Unavailable(
-                    "the service cannot reach its database or broker right now; retry later",
-                    headers={"Retry-After": str(RETRY_AFTER_S)},
-                )
-            )
+            response = error_response(unavailable(cause))
         else:
             log.exception("unhandled_error", path=request.path, method=request.method)
             response = error_response(ServiceError("an unexpected error occurred"))
@@ -268,6 +267,35 @@ async def edge_middleware(request: web.Request, handler: Handler) -> web.StreamR
         structlog.contextvars.clear_contextvars()
     response.headers.update(extra_headers)
     return response
+
+
+# The 503 of each outage (service.faults.outage_cause): its class (code) and message.
+_OUTAGES: dict[str, tuple[type[Unavailable], str]] = {
+    DATABASE_TIMEOUT: (
+        DatabaseTimeout,
+        "the service's database is not answering in time right now; retry later",
+    ),
+    STORAGE_FULL: (
+        StorageFull,
+        "the service's database storage is full, so no change can be saved until an "
+        "operator frees space; retry later",
+    ),
+    DATABASE_BUSY: (
+        DatabaseBusy,
+        "another process holds the service's database write lock (SQLite) right now; retry later",
+    ),
+}
+
+
+def unavailable(cause: str) -> Unavailable:
+    """The 503 for an outage of this cause (`service.faults.outage_cause`), with
+    ``Retry-After``: ``database_timeout``, ``storage_full`` or ``database_busy`` by name,
+    ``service_unavailable`` for a database or broker that refuses or is unreachable."""
+    kind, message = _OUTAGES.get(
+        cause,
+        (Unavailable, "the service cannot reach its database or broker right now; retry later"),
+    )
+    return kind(message, headers={"Retry-After": str(RETRY_AFTER_S)})
 
 
 CLIENT_CLOSED_REQUEST = 499

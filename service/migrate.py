@@ -38,9 +38,10 @@ async def current_revision(url: str) -> str | None:
     if path is not None and not path.is_file():
         return None
     import sqlalchemy as sa
-    from sqlalchemy.ext.asyncio import create_async_engine
 
-    engine = create_async_engine(url)
+    from service.db import migration_engine
+
+    engine = migration_engine(url)
     try:
         async with engine.connect() as conn:
             tables = await conn.run_sync(lambda sync: set(sa.inspect(sync).get_table_names()))
@@ -117,9 +118,10 @@ async def schema_problem(url: str, *, where: str) -> str | None:
     if path is not None and not path.is_file():
         return f"no database at {where}: {hint}"
     import sqlalchemy as sa
-    from sqlalchemy.ext.asyncio import create_async_engine
 
-    engine = create_async_engine(url)
+    from service.db import migration_engine
+
+    engine = migration_engine(url)
     try:
         async with engine.connect() as conn:
             tables = await conn.run_sync(lambda sync: set(sa.inspect(sync).get_table_names()))

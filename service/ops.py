@@ -10,6 +10,8 @@ from pydantic import Field, RootModel
 
 from service import backlog
 from service.apimodels import Data, Out
+from service.db import Database
+from service.faults import DATABASE_BUSY, DATABASE_TIMEOUT, STORAGE_FULL, outage_cause
 from service.http import DB_KEY, SETTINGS_KEY
 from service.kafka import kafka_reachable
 from service.logs import get_logger
@@ -31,7 +33,10 @@ class Health(Out):
 
 class Readiness(Out):
     status: str
-    checks: dict[str, str] = Field(description="database and kafka: ok or unreachable")
+    checks: dict[str, str] = Field(
+        description="database: ok, unreachable, database_timeout, storage_full or "
+        "database_busy; kafka: ok or unreachable"
+    )
 
 
 class ErrorBody(Out):
@@ -54,16 +59,35 @@ async def healthz(_: Call) -> Data[Health]:
     return Data[Health](data=Health(status="ok"))
 
 
-async def readyz(call: Call) -> Reply:
-    checks: dict[str, str] = {}
+# How long /readyz waits for each dependency's answer (seconds); both are asked at once.
+READINESS_TIMEOUT_S = 3.0
+# What /readyz names as such; any other failure of the database is "unreachable".
+_NAMED = frozenset({DATABASE_TIMEOUT, STORAGE_FULL, DATABASE_BUSY})
+
+
+async def _database_check(db: Database) -> str:
+    """``ok``, or what is wrong with the database (`service.faults.outage_cause`): no
+    answer to a ping within ``READINESS_TIMEOUT_S`` (``database_timeout``), a refusal
+    (``unreachable``), or this process's last write failed for a full storage or
+    another process's lock, less than `service.db.TROUBLE_MEMORY_S` ago (a ping reads, so
+    it answers while every write fails)."""
     try:
-        await asyncio.wait_for(call.app[DB_KEY].ping(), timeout=3)
-        checks["database"] = "ok"
+        await asyncio.wait_for(db.ping(), timeout=READINESS_TIMEOUT_S)
     except Exception as exc:  # any failure means "not ready"; say which
-        log.warning("readiness_database_failed", error=str(exc))
-        checks["database"] = "unreachable"
+        cause = outage_cause(exc)
+        log.warning("readiness_database_failed", cause=cause, error=repr(exc)[:300])
+        # A refusal (or any other failure) keeps the word probes have always read.
+        return cause if cause in _NAMED else "unreachable"
+    return db.write_trouble() or "ok"
+
+
+async def readyz(call: Call) -> Reply:
     bootstrap = call.app[SETTINGS_KEY].kafka_bootstrap_servers
-    checks["kafka"] = "ok" if await kafka_reachable(bootstrap, timeout_s=3) else "unreachable"
+    database, kafka = await asyncio.gather(
+        _database_check(call.app[DB_KEY]),
+        kafka_reachable(bootstrap, timeout_s=READINESS_TIMEOUT_S),
+    )
+    checks: dict[str, str] = {"database": database, "kafka": "ok" if kafka else "unreachable"}
     for component, dependency in sorted(call.app.get(WAITING_KEY, {}).items()):
         checks[component] = f"waiting for {dependency}"
     ready = all(v == "ok" for v in checks.values())

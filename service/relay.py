@@ -70,7 +70,7 @@ from service.events import (
     JobExpand,
 )
 from service.failpoints import crash_if
-from service.faults import UnreadableRecord, describe, is_transient
+from service.faults import UnreadableRecord, describe, is_transient, outage_cause
 from service.kafka import OutMessage, Producer, send_isolating
 from service.logs import get_logger
 from service.metrics import Metrics
@@ -352,7 +352,12 @@ class Relay:
             except Exception as exc:
                 if is_transient(exc):
                     delay = backoff.next_delay()
-                    log.warning("relay_retrying", error=repr(exc)[:500], backoff_s=delay)
+                    log.warning(
+                        "relay_retrying",
+                        cause=outage_cause(exc),
+                        error=repr(exc)[:500],
+                        backoff_s=delay,
+                    )
                 else:  # a bug in the isolation itself: said as such, and tried again later
                     backoff.attempt = 32
                     delay = backoff.next_delay()

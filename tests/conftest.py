@@ -138,7 +138,7 @@ async def own_database(
 @contextlib.asynccontextmanager
 async def opened_services(settings: Settings) -> AsyncIterator[Services]:
     """The process resources of a service with these settings, closed afterwards."""
-    svc = Services(settings=settings, db=Database(settings.database_url))
+    svc = Services(settings=settings, db=Database.from_settings(settings))
     try:
         yield svc
     finally:

@@ -50,3 +50,20 @@ def wrapped(orig: BaseException, statement: str = "SELECT 1") -> sa_exc.DBAPIErr
     error = sa_exc.DBAPIError.instance(statement, {}, orig, Exception)
     assert isinstance(error, sa_exc.DBAPIError)
     return error
+
+
+def sqlite_full() -> sqlite3.OperationalError:
+    """ "database or disk is full" (SQLITE_FULL), from a real database at its page limit
+    (``max_page_count``: what a full disk gives the writer)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        conn = sqlite3.connect(Path(tmp) / "full.db", isolation_level=None)
+        try:
+            conn.execute("CREATE TABLE t (x)")
+            conn.execute("PRAGMA max_page_count = 1")
+            for _ in range(10_000):
+                conn.execute("INSERT INTO t VALUES (randomblob(500))")
+        except sqlite3.OperationalError as exc:
+            return exc
+        finally:
+            conn.close()
+    raise AssertionError("SQLite never ran out of pages")

@@ -170,7 +170,8 @@ class Scrubber:
 
     async def _vacuum(self, tables: list[str]) -> None:
         command = "VACUUM (FULL)" if self.pg_mode == "full" else "VACUUM"
-        async with self.db.engine.connect() as conn:
+        # No bound on a statement's answer: VACUUM FULL of a big table takes minutes.
+        async with self.db.unbounded() as conn:
             auto = await conn.execution_options(isolation_level="AUTOCOMMIT")
             await auto.exec_driver_sql(f"SET lock_timeout = {self.lock_timeout_ms}")
             try:

@@ -6,9 +6,8 @@ import asyncio
 
 from alembic import context
 from sqlalchemy.engine import Connection
-from sqlalchemy.ext.asyncio import create_async_engine
 
-from service.db import metadata
+from service.db import metadata, migration_engine
 
 config = context.config
 target_metadata = metadata
@@ -26,7 +25,7 @@ def _run(connection: Connection) -> None:
 
 
 async def _run_async(url: str) -> None:
-    engine = create_async_engine(url)
+    engine = migration_engine(url)
     try:
         async with engine.connect() as conn:
             await conn.run_sync(_run)

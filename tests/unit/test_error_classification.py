@@ -24,19 +24,23 @@ from pydantic import BaseModel, ValidationError
 from sqlalchemy.dialects.postgresql.asyncpg import AsyncAdapt_asyncpg_dbapi
 
 from service.aio import Backoff, Stopped, retry_transient, wait_for_dependency
-from service.errors import ValidationFailed
+from service.errors import Unavailable, ValidationFailed
 from service.faults import (
+    OUTAGE_CAUSES,
+    DatabaseOutage,
     UnreadableRecord,
     describe,
     is_rebalance,
     is_transient,
+    outage_cause,
     producer_state_lost,
     record_refused,
     sqlstate,
 )
+from service.http import unavailable
 from service.kafka import KafkaUnavailable
 from service.logs import configure_logging
-from tests.real_errors import sqlite_busy, sqlite_too_many_variables, wrapped
+from tests.real_errors import sqlite_busy, sqlite_full, sqlite_too_many_variables, wrapped
 
 _DBAPI = AsyncAdapt_asyncpg_dbapi(asyncpg)  # type: ignore[no-untyped-call]
 
@@ -298,6 +302,62 @@ def test_sockets_and_timeouts_are_transient_bugs_and_bad_data_are_not() -> None:
         Model.model_validate({"x": "nope"})
     for error in (ValueError("bad"), KeyError("k"), RuntimeError("bug"), invalid.value):
         assert not is_transient(error)
+
+
+# Each outage by its kind (service.faults.outage_cause): what the 503, the retry loops'
+# log lines and /readyz name. Real instances, raw and as SQLAlchemy wraps them.
+OUTAGES: list[tuple[str, BaseException]] = [
+    ("database_timeout", TimeoutError()),  # asyncpg's connect/command timeout, a wait_for
+    ("database_timeout", sa_exc.TimeoutError("QueuePool limit of size 10 overflow 10 reached")),
+    ("database_timeout", pg.QueryCanceledError("canceling statement due to statement timeout")),
+    ("storage_full", pg.DiskFullError("could not extend file: No space left on device")),
+    ("database_busy", pg.LockNotAvailableError("canceling statement due to lock timeout")),
+    ("database_busy", DatabaseOutage("database_busy", "no SQLite write connection")),
+    ("database_unreachable", ConnectionRefusedError(111, "Connection refused")),
+    ("database_unreachable", pg.CannotConnectNowError("the database system is shutting down")),
+    ("database_unreachable", pg.TooManyConnectionsError("sorry, too many clients already")),
+    ("kafka_unavailable", kafka_errors.KafkaConnectionError("no broker")),
+    ("kafka_unavailable", KafkaUnavailable("the broker did not answer")),
+]
+
+
+@pytest.mark.parametrize(("cause", "error"), OUTAGES, ids=lambda x: getattr(x, "__name__", None))
+def test_each_outage_is_named_by_its_kind_raw_and_wrapped(cause: str, error: Exception) -> None:
+    assert outage_cause(error) == cause
+    if isinstance(error, pg.PostgresError):
+        assert outage_cause(through_sqlalchemy(error)) == cause
+    elif not isinstance(error, sa_exc.SQLAlchemyError):  # (SQLAlchemy's own are not wrapped)
+        assert outage_cause(wrapped(error)) == cause
+
+
+def test_sqlite_full_and_busy_are_named_as_sqlite_raises_them() -> None:
+    full = sqlite_full()
+    assert full.sqlite_errorname == "SQLITE_FULL"
+    assert outage_cause(full) == outage_cause(wrapped(full)) == "storage_full"
+    busy = sqlite_busy()
+    assert outage_cause(busy) == outage_cause(wrapped(busy)) == "database_busy"
+    # The most specific cause wins wherever it is in the chain.
+    try:
+        raise TimeoutError("the write gave up") from wrapped(full)
+    except TimeoutError as chained:
+        assert outage_cause(chained) == "storage_full"
+
+
+def test_a_permanent_error_is_no_outage() -> None:
+    for error in (*PERMANENT_PG, sqlite_too_many_variables(), ValueError("bad")):
+        assert outage_cause(error) is None
+
+
+@pytest.mark.parametrize("cause", OUTAGE_CAUSES)
+def test_each_outage_is_a_503_with_retry_after_and_its_own_code(cause: str) -> None:
+    answer = unavailable(cause)
+    assert isinstance(answer, Unavailable) and answer.status == 503
+    assert int(answer.headers["Retry-After"]) >= 1
+    if cause in {"database_timeout", "storage_full", "database_busy"}:
+        assert answer.code == cause
+        assert "cannot reach" not in answer.message  # it is reached: it says what is wrong
+    else:
+        assert answer.code == "service_unavailable"
 
 
 def test_describe_names_the_code_never_a_value() -> None:
