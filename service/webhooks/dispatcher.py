@@ -331,6 +331,7 @@ class Dispatcher:
         self._refilled_at = -float("inf")
         self._many_listeners_until = -float("inf")  # (monotonic) see LISTENERS_AT_ONCE
         self._drained = False
+        self._watched_at = -float("inf")  # (monotonic) see `_watched`
         self.topics = [settings.topic(TOPIC_CONTACT_DELETED), settings.topic(TOPIC_JOB_COMPLETED)]
 
     async def _pause(self, point: str) -> None:
@@ -969,7 +970,7 @@ class Dispatcher:
         batch = self._take_finished(now) if record else []
         unrecorded = {d["endpoint_id"] for d, _ in batch}
         wanted, renewing = self._wanted(now, mono, unrecorded, writing=bool(batch))
-        watched = self._watched()
+        watched = self._watched(mono)
         if not wanted:
             await self._record_batch(batch)
             if watched:
@@ -1004,14 +1005,20 @@ class Dispatcher:
             slots.changes += 1
             self.progress.set()
 
-    def _watched(self) -> list[uuid.UUID]:
-        """The endpoints whose rows a pass reads again (`_watch_in`): those with claimed
-        deliveries waiting to be sent, and those with news of a change."""
-        return [
+    def _watched(self, mono: float) -> list[uuid.UUID]:
+        """The endpoints whose rows a pass reads again (`_watch_in`): those with news of a
+        change, and (in one pass every WEBHOOK_GROUP_COMMIT_S at most: a rate-limited
+        endpoint's passes come once a token) those with claimed deliveries waiting."""
+        every = mono - self._watched_at >= self._commit_s
+        watched = [
             eid
             for eid, s in self.slots.items()
-            if s.owned_until is not None and (s.ready or s.gone or s.changes != s.seen)
+            if s.owned_until is not None
+            and ((every and s.ready) or s.gone or s.changes != s.seen)
         ]
+        if every and watched:
+            self._watched_at = mono
+        return watched
 
     async def _watch(self, endpoint_ids: list[uuid.UUID], now: datetime) -> None:
         """`_watch_in` in a read; in a write transaction only if one is let go."""

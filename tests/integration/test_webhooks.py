@@ -708,6 +708,42 @@ async def test_every_send_after_a_rotation_answered_carries_the_new_secret(
     assert unverified <= MAX_IN_FLIGHT, unverified
 
 
+async def test_another_process_s_dispatcher_sees_a_rotation_or_a_delete_within_a_pass(
+    tenant: Tenant, receiver: Receiver, services: Services
+) -> None:
+    """A dispatcher in another process (its own Database, not told by this API) holding a
+    rate-limited endpoint's buffer (2 s of sends at 50/s): it reads the endpoint's row
+    again at a pass at most every WEBHOOK_GROUP_COMMIT_S, so 1 s after rotate-secret
+    answered every request verifies with the new secret alone (README: within 0.5 s plus
+    the pass), and 1 s after DELETE answered nothing more arrives. (Before, the buffer
+    went out as it was read: 2 s more of the old secret, of the deleted endpoint.)"""
+    settle_s = 1.0
+    rotating = await create_endpoint(
+        tenant, receiver.script("/rotating", answer(200)), rate_limit_per_s=50
+    )
+    deleted = await create_endpoint(
+        tenant, receiver.script("/deleted", answer(200)), rate_limit_per_s=50
+    )
+    await backlog(services, tenant, rotating["id"], 300)
+    await backlog(services, tenant, deleted["id"], 300)
+    async with dispatchers(services, 1):
+        await eventually(lambda: _some(len(receiver.at("/rotating")) >= 30), 30, "30 sent")
+        await eventually(lambda: _some(len(receiver.at("/deleted")) >= 30), 30, "30 sent")
+        status, body, _ = await tenant.call("POST", f"{ENDPOINTS}/{rotating['id']}/rotate-secret")
+        rotated = time.time()
+        assert status == 200, body
+        new = Webhook(body["data"]["secret"])
+        status, body, _ = await tenant.call("DELETE", f"{ENDPOINTS}/{deleted['id']}")
+        removed = time.time()
+        assert status == 204, body
+        await asyncio.sleep(settle_s + 1.0)
+    later = [h for h in receiver.at("/rotating") if h.at > rotated + settle_s]
+    assert later  # the backlog was still being sent
+    for hit in later:
+        new.verify(hit.body, hit.headers)
+    assert not [h for h in receiver.at("/deleted") if h.at > removed + settle_s]
+
+
 async def test_contact_deleted_reaches_subscribers_without_the_clear_email(
     tenant: Tenant, receiver: Receiver, everything: Services
 ) -> None:
