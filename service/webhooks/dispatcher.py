@@ -39,6 +39,14 @@ ended and were recorded. Without a known share (the group rebalancing, the broke
 dispatcher takes what nobody owns, and an endpoint nobody took for UNOWNED_GRACE_S is
 taken whatever the shares say: spreading is for speed, ownership is what keeps the limits.
 
+An endpoint's change reaches what is claimed ahead for it (README "How soon a change is
+seen"): after a 410 answer no other send to the endpoint starts until the answer is
+recorded (it disables the endpoint, and the claimed deliveries are failed unsent); a
+change through this process's API (`EndpointChanges`) holds the endpoint's sends until
+the next pass read its row; and a pass reads the rows of the endpoints it holds claimed
+deliveries for (at most every WEBHOOK_GROUP_COMMIT_S), so that what is buffered goes out
+with the URL and secrets as they are now, and a disabled or deleted endpoint is let go.
+
 A slow receiver holds only its own endpoint's slots: its queue is capped at a refill, so
 its backlog never queues in front of other endpoints' deliveries.
 Retries are rows with a `next_attempt_at`, not sleeps holding a Kafka partition.
@@ -1013,8 +1021,7 @@ class Dispatcher:
         watched = [
             eid
             for eid, s in self.slots.items()
-            if s.owned_until is not None
-            and ((every and s.ready) or s.gone or s.changes != s.seen)
+            if s.owned_until is not None and ((every and s.ready) or s.gone or s.changes != s.seen)
         ]
         if every and watched:
             self._watched_at = mono

@@ -688,16 +688,14 @@ async def test_every_send_after_a_rotation_answered_carries_the_new_secret(
     once it answered, every request but those already in flight verifies, with
     `standardwebhooks`, with the new secret alone."""
     sender()
-    endpoint = await create_endpoint(tenant, receiver.script("/rotating", answer(200)))
-    events = await backlog(services, tenant, endpoint["id"], 1000)
-    await eventually(lambda: _some(len(receiver.at("/rotating")) >= 150), 30, "150 sent")
-    status, body, _ = await tenant.call("POST", f"{ENDPOINTS}/{endpoint['id']}/rotate-secret")
-    answered = time.time()
-    assert status == 200, body
-    new = Webhook(body["data"]["secret"])
-    await backlog_over(tenant, endpoint["id"])
-    assert sorted(h.webhook_id for h in receiver.at("/rotating")) == sorted(events)
-    late = [h for h in receiver.at("/rotating") if h.at > answered]
+    changed = await change_during_a_backlog(
+        services, tenant, receiver, "/rotating", "POST", "/rotate-secret"
+    )
+    assert changed.status == 200, changed.body
+    new = Webhook(changed.body["data"]["secret"])
+    await backlog_over(tenant, changed.endpoint["id"])
+    assert sorted(h.webhook_id for h in receiver.at("/rotating")) == sorted(changed.events)
+    late = [h for h in receiver.at("/rotating") if h.at > changed.answered]
     assert len(late) > 100  # the backlog was still being sent
     unverified = 0
     for hit in late:
@@ -1100,6 +1098,35 @@ async def unsent_are_failed_uncounted(
             assert (status, attempts) == ("failed", 0), (event_id, status, attempts)
 
 
+@dataclass(frozen=True)
+class Changed:
+    """An endpoint changed through the API while its backlog was being sent."""
+
+    endpoint: dict[str, Any]
+    events: list[str]  # the backlog's event ids
+    answered: float  # time.time() once the API answered
+    status: int
+    body: Any
+
+
+async def change_during_a_backlog(
+    services: Services,
+    tenant: Tenant,
+    receiver: Receiver,
+    path: str,
+    method: str,
+    suffix: str = "",
+    change: Any = None,
+) -> Changed:
+    """An endpoint at `path` with a backlog of 1,000 deliveries; once 150 of them arrived,
+    the API call `method` on the endpoint (+ `suffix`) with the body `change`."""
+    endpoint = await create_endpoint(tenant, receiver.script(path, answer(200)))
+    events = await backlog(services, tenant, endpoint["id"], 1000)
+    await eventually(lambda: _some(len(receiver.at(path)) >= 150), 30, "150 sent")
+    status, body, _ = await tenant.call(method, f"{ENDPOINTS}/{endpoint['id']}{suffix}", change)
+    return Changed(endpoint, events, time.time(), status, body)
+
+
 async def test_a_410_during_a_backlog_stops_the_sends_at_once(
     tenant: Tenant, receiver: Receiver, sender: StartSender, services: Services
 ) -> None:
@@ -1129,17 +1156,13 @@ async def test_a_delete_during_a_backlog_stops_the_sends_before_it_answers(
     requests already in flight arrive (the dispatcher of this process is told before the
     answer), and no delivery is left to send."""
     sender()
-    endpoint = await create_endpoint(tenant, receiver.script("/deleted", answer(200)))
-    events = await backlog(services, tenant, endpoint["id"], 1000)
-    await eventually(lambda: _some(len(receiver.at("/deleted")) >= 150), 30, "150 sent")
-    status, body, _ = await tenant.call("DELETE", f"{ENDPOINTS}/{endpoint['id']}")
-    answered = time.time()
-    assert status == 204, body
+    changed = await change_during_a_backlog(services, tenant, receiver, "/deleted", "DELETE")
+    assert changed.status == 204, changed.body
     await asyncio.sleep(1.0)
-    late = [h for h in receiver.at("/deleted") if h.at > answered]
+    late = [h for h in receiver.at("/deleted") if h.at > changed.answered]
     assert len(late) <= MAX_IN_FLIGHT, len(late)
-    assert len(receiver.at("/deleted")) < len(events)
-    await unsent_are_failed_uncounted(services, receiver, "/deleted", events)
+    assert len(receiver.at("/deleted")) < len(changed.events)
+    await unsent_are_failed_uncounted(services, receiver, "/deleted", changed.events)
 
 
 async def test_a_url_changed_during_a_backlog_is_where_every_later_send_goes(
@@ -1149,19 +1172,17 @@ async def test_a_url_changed_during_a_backlog_is_where_every_later_send_goes(
     requests already in flight reach the old URL; the rest go to the new one, each
     delivery once."""
     sender()
-    endpoint = await create_endpoint(tenant, receiver.script("/before", answer(200)))
-    events = await backlog(services, tenant, endpoint["id"], 1000)
-    await eventually(lambda: _some(len(receiver.at("/before")) >= 150), 30, "150 sent")
     new_url = receiver.script("/after", answer(200))
-    status, body, _ = await tenant.call("PATCH", f"{ENDPOINTS}/{endpoint['id']}", {"url": new_url})
-    answered = time.time()
-    assert status == 200, body
-    await backlog_over(tenant, endpoint["id"])
-    late = [h for h in receiver.at("/before") if h.at > answered]
+    changed = await change_during_a_backlog(
+        services, tenant, receiver, "/before", "PATCH", change={"url": new_url}
+    )
+    assert changed.status == 200, changed.body
+    await backlog_over(tenant, changed.endpoint["id"])
+    late = [h for h in receiver.at("/before") if h.at > changed.answered]
     assert len(late) <= MAX_IN_FLIGHT, len(late)
     assert receiver.at("/after")
     hits = Counter(h.webhook_id for h in receiver.at("/before") + receiver.at("/after"))
-    assert sorted(hits) == sorted(events)
+    assert sorted(hits) == sorted(changed.events)
     assert set(hits.values()) == {1}
 
 
