@@ -1643,6 +1643,10 @@ class Dispatcher:
                 conn, p.delivery["workspace_id"], eid, now
             ):
                 disabled[eid] = DisabledReason.FAILING
+        for eid in disabled:
+            # No send to it starts from now on; the next pass (at once) reads its row
+            # (disabled, once this commits: let go) or, rolled back, sends on.
+            self._endpoint_changed(eid)
 
         def committed() -> None:
             self._gone_recorded(gone)
