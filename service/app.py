@@ -44,6 +44,7 @@ from service.routing import register
 from service.schemas import openapi_spec
 from service.topics import all_topics, create_topics
 from service.webhooks import routes as webhook_routes
+from service.webhooks.changes import EndpointChanges
 from service.webhooks.dispatcher import Dispatcher
 
 log = get_logger(__name__)
@@ -63,6 +64,9 @@ class Services:
     notifier: JobNotifier = field(default_factory=JobNotifier)
     outbox_signal: asyncio.Event = field(default_factory=asyncio.Event)
     webhook_signal: asyncio.Event = field(default_factory=asyncio.Event)
+    # "This endpoint changed through the API": the dispatcher stops sending from what it
+    # read of it before the API answers.
+    webhook_changes: EndpointChanges = field(default_factory=EndpointChanges)
     # Components still waiting for a dependency at start-up (name -> what), for /readyz.
     waiting: dict[str, str] = field(default_factory=dict)
     # Set once the HTTP API listens (`dev` prints its banner then, not before).
@@ -99,6 +103,7 @@ def create_app(services: Services) -> web.Application:
     app[deletion_routes.NOTIFIER_KEY] = services.notifier
     app[deletion_routes.OUTBOX_SIGNAL_KEY] = services.outbox_signal
     app[webhook_routes.WEBHOOK_SIGNAL_KEY] = services.webhook_signal
+    app[webhook_routes.WEBHOOK_CHANGES_KEY] = services.webhook_changes
     audit_routes.add_state(app)
     tables = route_tables()
     app[ops.OPENAPI_KEY] = encode_json(openapi_spec(tables))
@@ -314,7 +319,11 @@ async def run_dispatcher(services: Services, stop: asyncio.Event) -> None:
         group=f"{services.settings.kafka_consumer_group_prefix}.dispatcher",
     )
     dispatcher = Dispatcher(
-        services.settings, services.db, services.metrics, services.webhook_signal
+        services.settings,
+        services.db,
+        services.metrics,
+        services.webhook_signal,
+        changes=services.webhook_changes,
     )
     await dispatcher.run(stop)
 

@@ -39,6 +39,14 @@ ended and were recorded. Without a known share (the group rebalancing, the broke
 dispatcher takes what nobody owns, and an endpoint nobody took for UNOWNED_GRACE_S is
 taken whatever the shares say: spreading is for speed, ownership is what keeps the limits.
 
+An endpoint's change reaches what is claimed ahead for it (README "How soon a change is
+seen"): after a 410 answer no other send to the endpoint starts until the answer is
+recorded (it disables the endpoint, and the claimed deliveries are failed unsent); a
+change through this process's API (`EndpointChanges`) holds the endpoint's sends until
+the next pass read its row; and a pass reads the rows of the endpoints it holds claimed
+deliveries for (at most every WEBHOOK_GROUP_COMMIT_S), so that what is buffered goes out
+with the URL and secrets as they are now, and a disabled or deleted endpoint is let go.
+
 A slow receiver holds only its own endpoint's slots: its queue is capped at a refill, so
 its backlog never queues in front of other endpoints' deliveries.
 Retries are rows with a `next_attempt_at`, not sleeps holding a Kafka partition.
@@ -117,6 +125,7 @@ from service.limits import storable
 from service.logs import get_logger
 from service.metrics import Metrics
 from service.timefmt import iso
+from service.webhooks.changes import EndpointChanges
 from service.webhooks.models import SENDABLE, DeliveryStatus, DisabledReason, EndpointStatus
 from service.webhooks.payloads import (
     ContactDeletedWebhook,
@@ -205,6 +214,16 @@ class EndpointSlots:
     failing: bool | None = None  # its failing streak as last read or written; None: unknown
     waiting_since: float | None = None  # due work seen, not owned by this process yet
     releasing: bool = False  # to be given up to another dispatcher (fair share)
+    # Its row as last read (`updated_at`, which every change of what a send carries or
+    # whether it is sent moves), news of changes since (`changes`, counted; `seen`: the
+    # count when the row was last read) and an unrecorded 410 answer (`gone`): while
+    # either is pending, no send starts (`Dispatcher._next_send`) until a pass read the
+    # row again or recorded the 410.
+    version: datetime | None = None
+    target: tuple[str, list[str]] = ("", [])  # its URL and live secrets, as of `version`
+    changes: int = 0
+    seen: int = 0
+    gone: bool = False
 
     def observe(self, latency_s: float, now: float) -> None:
         """Note one attempt's latency (seconds), ended at `now` (monotonic seconds)."""
@@ -268,8 +287,11 @@ class Dispatcher:
         sleep: Sleep = sleep_unless_stopped,
         clock: Callable[[], datetime] = utcnow,
         pauses: Pauses | None = None,
+        changes: EndpointChanges | None = None,
     ) -> None:
         self.settings = settings
+        # The API's news of changed endpoints in this process (None: no API here).
+        self.changes = changes
         # The time leases are taken and checked by (tests move it on, as a stall would).
         self.clock = clock
         # Points where a test holds this dispatcher, as a stalled process would stop there.
@@ -317,6 +339,7 @@ class Dispatcher:
         self._refilled_at = -float("inf")
         self._many_listeners_until = -float("inf")  # (monotonic) see LISTENERS_AT_ONCE
         self._drained = False
+        self._watched_at = -float("inf")  # (monotonic) see `_watched`
         self.topics = [settings.topic(TOPIC_CONTACT_DELETED), settings.topic(TOPIC_JOB_COMPLETED)]
 
     async def _pause(self, point: str) -> None:
@@ -570,7 +593,7 @@ class Dispatcher:
         orphaned: list[uuid.UUID] = []
         started: set[uuid.UUID] = set()
         handed = 0
-        secrets: dict[uuid.UUID, list[str]] = {}
+        retargeted: set[uuid.UUID] = set()
         for row in rows:
             eid = row["endpoint_id"]
             slots = self.slots.get(eid)
@@ -583,9 +606,13 @@ class Dispatcher:
             ):
                 orphaned.append(row["id"])
                 continue
-            endpoint = endpoints[eid]
-            if eid not in secrets:
-                secrets[eid] = live_secrets(endpoint._mapping, now)
+            if eid not in retargeted:
+                # The newer of the fan-out's read of the endpoint and the sender's.
+                endpoint = endpoints[eid]
+                if slots.version is None or endpoint.updated_at > slots.version:
+                    self._retarget(slots, endpoint, now)
+                retargeted.add(eid)
+            url, secrets = slots.target
             slots.ready.append(
                 {
                     "id": row["id"],
@@ -595,8 +622,8 @@ class Dispatcher:
                     "event_type": row["event_type"],
                     "payload": row["payload"],
                     "attempt_count": 0,
-                    "url": endpoint.url,
-                    "secrets": secrets[eid],
+                    "url": url,
+                    "secrets": secrets,
                     "claimed_until": row["claimed_until"],
                 }
             )
@@ -648,6 +675,7 @@ class Dispatcher:
         ) as session:
             self._session = session
             self._stopping = False
+            unlisten = self.changes.listen(self._endpoint_changed) if self.changes else None
             try:
                 while not stop.is_set():
                     news = self.wakeup.is_set()
@@ -678,6 +706,8 @@ class Dispatcher:
                         continue
                     await wait_any(REFILL_EVERY_S, stop, self.wakeup, self.progress)
             finally:
+                if unlisten is not None:
+                    unlisten()
                 self._stopping = True
                 if self.tasks:
                     await asyncio.wait(self.tasks, timeout=self.settings.webhook_timeout_s + 1)
@@ -814,6 +844,9 @@ class Dispatcher:
         slots = self.slots.get(endpoint_id)
         if slots is None or not slots.ready or slots.releasing:
             return None
+        if slots.gone or slots.changes != slots.seen:
+            self.progress.set()  # a pass reads the endpoint again (or records the 410)
+            return None
         if self._stopping or self._session is None:
             return None
         if slots.in_flight >= self._limit(slots.max_in_flight):
@@ -945,12 +978,19 @@ class Dispatcher:
         batch = self._take_finished(now) if record else []
         unrecorded = {d["endpoint_id"] for d, _ in batch}
         wanted, renewing = self._wanted(now, mono, unrecorded, writing=bool(batch))
+        watched = self._watched(mono)
         if not wanted:
             await self._record_batch(batch)
+            if watched:
+                await self._watch(watched, now)
             return []
         try:
             async with self.db.begin() as conn:
                 recorded = await self._record_in(conn, batch) if batch else None
+                # After the recording (a 410 or a failing streak may disable an endpoint
+                # in it), before the claim (which then claims nothing for one let go).
+                if watched:
+                    await self._watch_in(conn, watched, now)
                 claimed = await self._claim_in(conn, wanted, renewing, now)
         except Exception as exc:
             if not batch:
@@ -964,6 +1004,94 @@ class Dispatcher:
             recorded()
             self.held.difference_update(d["id"] for d, _ in batch)
         return self._claimed(claimed, now)
+
+    def _endpoint_changed(self, endpoint_id: uuid.UUID) -> None:
+        """The API changed this endpoint in this process (`EndpointChanges`): no send to
+        it starts until the next pass (woken now) read its row again."""
+        slots = self.slots.get(endpoint_id)
+        if slots is not None:
+            slots.changes += 1
+            self.progress.set()
+
+    def _watched(self, mono: float) -> list[uuid.UUID]:
+        """The endpoints whose rows a pass reads again (`_watch_in`): those with news of a
+        change, and (in one pass every WEBHOOK_GROUP_COMMIT_S at most: a rate-limited
+        endpoint's passes come once a token) those with claimed deliveries waiting."""
+        every = mono - self._watched_at >= self._commit_s
+        watched = [
+            eid
+            for eid, s in self.slots.items()
+            if s.owned_until is not None and ((every and s.ready) or s.gone or s.changes != s.seen)
+        ]
+        if every and watched:
+            self._watched_at = mono
+        return watched
+
+    async def _watch(self, endpoint_ids: list[uuid.UUID], now: datetime) -> None:
+        """`_watch_in` in a read; in a write transaction only if one is let go."""
+        async with self.db.read() as conn:
+            let_go = await self._watch_in(conn, endpoint_ids, now, write=False)
+        if let_go:
+            async with self.db.begin() as conn:
+                await self._let_go(conn, let_go, now)
+
+    async def _watch_in(
+        self, conn: Any, endpoint_ids: list[uuid.UUID], now: datetime, *, write: bool = True
+    ) -> list[uuid.UUID]:
+        """Read these endpoints' rows again, so that what is buffered for them is sent as
+        they are now (once a pass: README "Webhooks", how soon a change is seen).
+
+        A changed row (its `updated_at` moved: URL, secrets, limits) is what the buffered
+        deliveries carry from now on. A disabled or deleted endpoint is let go
+        (`_let_go`: what is buffered and queued for it is failed unsent, no attempt
+        counted; the requests in flight end and are recorded), here if `write`, else
+        returned for the caller to let go. The news read (`EndpointSlots.changes`) is
+        taken as seen: later news waits for the next pass."""
+        marks = {eid: self.slots[eid].changes for eid in endpoint_ids}
+        rows = {
+            r.id: r
+            for r in (
+                await conn.execute(
+                    sa.select(
+                        E.id,
+                        E.status,
+                        E.updated_at,
+                        E.url,
+                        E.secret,
+                        E.retired_secrets,
+                        E.max_in_flight,
+                        E.rate_limit_per_s,
+                    ).where(E.id.in_(endpoint_ids))
+                )
+            ).all()
+        }
+        let_go = []
+        for eid, mark in marks.items():
+            slots = self.slots.get(eid)
+            if slots is None:
+                continue
+            row = rows.get(eid)
+            if row is None or row.status != EndpointStatus.ENABLED:
+                let_go.append(eid)
+                continue
+            slots.seen = mark
+            slots.max_in_flight = row.max_in_flight
+            slots.rate = row.rate_limit_per_s
+            if row.updated_at != slots.version:
+                self._retarget(slots, row, now)
+        if let_go and write:
+            await self._let_go(conn, let_go, now)
+        return let_go
+
+    @staticmethod
+    def _retarget(slots: EndpointSlots, row: Any, now: datetime) -> None:
+        """An endpoint's row as read now (`updated_at`, `url`, the secrets): the URL and
+        live secrets that every delivery buffered for it carries from now on."""
+        slots.version = row.updated_at
+        slots.target = url, secrets = row.url, live_secrets(row._mapping, now)
+        for delivery in slots.ready:
+            delivery["url"] = url
+            delivery["secrets"] = secrets
 
     def _wanted(
         self, now: datetime, mono: float, unrecorded: set[uuid.UUID], *, writing: bool = False
@@ -1015,6 +1143,8 @@ class Dispatcher:
         transaction committed (`_claimed`): rolled back, they would have made it send
         under an ownership the database never gave it."""
         until = now + self._own
+        # The news of changes this read covers (`_watch_in`).
+        marks = {eid: self.slots[eid].changes for eid in wanted}
         owned = {
             r.id: r
             for r in (
@@ -1035,6 +1165,7 @@ class Dispatcher:
                         E.rate_limit_per_s,
                         E.max_in_flight,
                         E.failing_since,
+                        E.updated_at,
                     )
                 )
             ).all()
@@ -1080,20 +1211,23 @@ class Dispatcher:
                 ).scalars()
             )
         if not take:
-            return _Claim(owned, [], take, until, kept, renewed)
+            return _Claim(owned, [], take, until, kept, renewed, marks)
         # One statement claims and reads them (payloads only for what is sent).
         rows = (await conn.execute(_claim_statement(list(take), now, until))).all()
-        return _Claim(owned, rows, take, until, kept, renewed)
+        return _Claim(owned, rows, take, until, kept, renewed, marks)
 
     def _claimed(self, claim: _Claim, now: datetime) -> list[dict[str, Any]]:
         """Once `_claim_in` committed: the endpoints' new ownership, the renewed leases
         (a buffered delivery whose lease was not renewed is dropped unsent), and what it
         claimed, into the buffers."""
         owned, rows, take, until = claim.owned, claim.rows, claim.take, claim.until
-        for eid in owned:
+        for eid, endpoint in owned.items():
             slots = self.slots[eid]
             slots.owned_until = until
             slots.waiting_since = None
+            slots.seen = claim.marks[eid]
+            if endpoint.updated_at != slots.version:
+                self._retarget(slots, endpoint, now)
         lost: dict[uuid.UUID, set[uuid.UUID]] = {}
         for delivery in claim.kept:
             if delivery["id"] in claim.renewed:
@@ -1164,6 +1298,7 @@ class Dispatcher:
             slots.queue.clear()
             slots.ready.clear()
             slots.owned_until = None
+            slots.gone = False
             self.held.difference_update(unsent)
         if gone:
             failed = await conn.execute(
@@ -1195,6 +1330,10 @@ class Dispatcher:
                 slots = self.slots.get(endpoint_id)
                 if slots is not None:
                     slots.observe(result.latency_ms / 1000, time.monotonic())
+                    if classify(result.status_code) is Outcome.GONE:
+                        # The endpoint is disabled as this is recorded: no other send
+                        # starts meanwhile (README "A disabled endpoint": at once).
+                        slots.gone = True
             finally:
                 slots = self.slots.get(endpoint_id)
                 if slots is not None:
@@ -1206,6 +1345,7 @@ class Dispatcher:
                 if (
                     len(self.finished) >= self._ahead_max
                     or self._stopping
+                    or (slots is not None and slots.gone)
                     or (refill and slots is not None and self._low(slots, slots.ahead))
                 ):
                     self.progress.set()
@@ -1288,6 +1428,7 @@ class Dispatcher:
                     delivery_id=str(delivery["id"]),
                     error=describe(alone),
                 )
+                self._gone_recorded({delivery["endpoint_id"]})
             self.held.discard(delivery["id"])
 
     async def record_safely(self, delivery: dict[str, Any], result: AttemptResult) -> None:
@@ -1398,9 +1539,12 @@ class Dispatcher:
         records it): this attempt is dropped with a log line; the webhook went out twice.
         """
         now = self.clock()
+        # Endpoints that answered 410: sends to them start again once this is recorded
+        # (the endpoint disabled: let go by the pass; a lost lease: nothing recorded).
+        gone = {d["endpoint_id"] for d, r in batch if classify(r.status_code) is Outcome.GONE}
         batch = await self._still_ours(conn, batch, now)
         if not batch:
-            return lambda: None
+            return functools.partial(self._gone_recorded, gone)
         plans = [_plan(self.policy, self.rng, d, r, now) for d, r in batch]
         disabled: dict[uuid.UUID, DisabledReason] = {}
         # One statement through the driver (service.db.insert_rows), not a dict per row
@@ -1499,8 +1643,13 @@ class Dispatcher:
                 conn, p.delivery["workspace_id"], eid, now
             ):
                 disabled[eid] = DisabledReason.FAILING
+        for eid in disabled:
+            # No send to it starts from now on; the next pass (at once) reads its row
+            # (disabled, once this commits: let go) or, rolled back, sends on.
+            self._endpoint_changed(eid)
 
         def committed() -> None:
+            self._gone_recorded(gone)
             outcomes: dict[Outcome, int] = {}
             for eid, p in last.items():
                 slots = self.slots.get(eid)
@@ -1522,6 +1671,15 @@ class Dispatcher:
                 log.warning("webhook_endpoint_disabled", endpoint_id=str(eid), reason=reason.value)
 
         return committed
+
+    def _gone_recorded(self, endpoint_ids: set[uuid.UUID]) -> None:
+        """These endpoints' 410 answers are recorded (or never will be): their rows changed
+        (disabled), so sends wait on until a pass read them again (`_watch_in`)."""
+        for eid in endpoint_ids:
+            slots = self.slots.get(eid)
+            if slots is not None and slots.gone:
+                slots.gone = False
+                slots.changes += 1
 
     async def _still_ours(
         self, conn: Any, batch: Sequence[tuple[dict[str, Any], AttemptResult]], now: datetime
@@ -1743,9 +1901,11 @@ _ENDPOINT_COLUMNS = (
     E.secret,
     E.retired_secrets,
     E.status,
+    E.updated_at,
 )
 """What the fan-out reads of an endpoint: its routing, its status (a disabled one's
-delivery is written failed), and what a handed-over send needs."""
+delivery is written failed), and what a handed-over send needs (with the row's
+`updated_at`: the newer of this read and the sender's is sent)."""
 
 
 def _header_type(message: InMessage) -> str | None:
@@ -1849,6 +2009,7 @@ class _Claim:
     until: datetime
     kept: list[dict[str, Any]]
     renewed: set[uuid.UUID]
+    marks: dict[uuid.UUID, int]  # the endpoints' news of changes as the rows were read
 
 
 class _Plan(NamedTuple):

@@ -18,6 +18,7 @@ from service.keys import Principal
 from service.pagination import ListQuery, TimeIdCursor, encode_cursor, read_cursor
 from service.routing import Answer, Call, Handler, Operation, Reply
 from service.webhooks import store
+from service.webhooks.changes import EndpointChanges
 from service.webhooks.models import (
     DeliveryStatus,
     EndpointCreate,
@@ -34,6 +35,7 @@ from service.webhooks.payloads import TYPE_WEBHOOK_TEST, webhook_body
 from service.webhooks.ssrf import ensure_public
 
 WEBHOOK_SIGNAL_KEY = web.AppKey("webhook_signal", asyncio.Event)
+WEBHOOK_CHANGES_KEY = web.AppKey("webhook_changes", EndpointChanges)
 SCOPE = "webhooks:manage"
 
 
@@ -66,6 +68,12 @@ async def _public(call: Call, url: str | None) -> None:
         raise ValidationFailed(
             "the request body is invalid", [{"field": "url", "message": str(exc)}]
         ) from None
+
+
+def _changed(call: Call) -> None:
+    """Tell this process's dispatcher that the endpoint changed (committed), before the
+    answer goes out: no send starts from what it read before (`EndpointChanges`)."""
+    call.app[WEBHOOK_CHANGES_KEY].changed(call.path["endpoint_id"])
 
 
 async def create(call: Call) -> Reply:
@@ -110,6 +118,7 @@ async def patch(call: Call) -> Data[WebhookEndpoint]:
         _actor(who),
         request_id(call.request),
     )
+    _changed(call)
     return _endpoint(endpoint)
 
 
@@ -122,6 +131,7 @@ async def delete(call: Call) -> Reply:
         _actor(who),
         request_id(call.request),
     )
+    _changed(call)
     return Reply(None, 204)
 
 
@@ -135,6 +145,7 @@ async def rotate(call: Call) -> Data[WebhookEndpointWithSecret]:
         _actor(who),
         request_id(call.request),
     )
+    _changed(call)
     return _with_secret(endpoint)
 
 
@@ -147,6 +158,7 @@ async def enable(call: Call) -> Data[WebhookEndpoint]:
         _actor(who),
         request_id(call.request),
     )
+    _changed(call)
     call.app[WEBHOOK_SIGNAL_KEY].set()
     return _endpoint(endpoint)
 

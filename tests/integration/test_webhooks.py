@@ -60,6 +60,7 @@ from service.webhooks import dispatcher as dispatcher_module
 from service.webhooks import store
 from service.webhooks.dispatcher import AttemptResult, Dispatcher
 from service.webhooks.models import DisabledReason
+from service.webhooks.payloads import TYPE_WEBHOOK_TEST, webhook_body
 from tests.conftest import (
     Tenant,
     components_running,
@@ -212,7 +213,13 @@ async def sender(services: Services, receiver: Receiver) -> AsyncIterator[StartS
 
     def start(**overrides: Any) -> Dispatcher:
         settings = Settings(**(services.settings.model_dump() | overrides))
-        dispatcher = Dispatcher(settings, services.db, services.metrics, services.webhook_signal)
+        dispatcher = Dispatcher(
+            settings,
+            services.db,
+            services.metrics,
+            services.webhook_signal,
+            changes=services.webhook_changes,  # the API's news, as in one process
+        )
         stop = asyncio.Event()
         running.append((stop, asyncio.create_task(dispatcher.run_sender(stop))))
         return dispatcher
@@ -720,6 +727,68 @@ async def test_after_rotation_both_the_old_and_new_secret_verify(
         Webhook(random_secret()).verify(hit.body, hit.headers)
 
 
+async def test_every_send_after_a_rotation_answered_carries_the_new_secret(
+    tenant: Tenant, receiver: Receiver, sender: StartSender, services: Services
+) -> None:
+    """rotate-secret while a backlog is sent (trial 9: for ~1 s after the answer, 43
+    deliveries came signed with the old secret only, from the buffer claimed ahead):
+    once it answered, every request but those already in flight verifies, with
+    `standardwebhooks`, with the new secret alone."""
+    sender()
+    changed = await change_during_a_backlog(
+        services, tenant, receiver, "/rotating", "POST", "/rotate-secret"
+    )
+    assert changed.status == 200, changed.body
+    new = Webhook(changed.body["data"]["secret"])
+    await backlog_over(tenant, changed.endpoint["id"])
+    assert sorted(h.webhook_id for h in receiver.at("/rotating")) == sorted(changed.events)
+    late = [h for h in receiver.at("/rotating") if h.at > changed.answered]
+    assert len(late) > 100  # the backlog was still being sent
+    unverified = 0
+    for hit in late:
+        try:
+            new.verify(hit.body, hit.headers)
+        except WebhookVerificationError:
+            unverified += 1
+    assert unverified <= MAX_IN_FLIGHT, unverified
+
+
+async def test_another_process_s_dispatcher_sees_a_rotation_or_a_delete_within_a_pass(
+    tenant: Tenant, receiver: Receiver, services: Services
+) -> None:
+    """A dispatcher in another process (its own Database, not told by this API) holding a
+    rate-limited endpoint's buffer (2 s of sends at 50/s): it reads the endpoint's row
+    again at a pass at most every WEBHOOK_GROUP_COMMIT_S, so 1 s after rotate-secret
+    answered every request verifies with the new secret alone (README: within 0.5 s plus
+    the pass), and 1 s after DELETE answered nothing more arrives. (Before, the buffer
+    went out as it was read: 2 s more of the old secret, of the deleted endpoint.)"""
+    settle_s = 1.0
+    rotating = await create_endpoint(
+        tenant, receiver.script("/rotating", answer(200)), rate_limit_per_s=50
+    )
+    deleted = await create_endpoint(
+        tenant, receiver.script("/deleted", answer(200)), rate_limit_per_s=50
+    )
+    await backlog(services, tenant, rotating["id"], 300)
+    await backlog(services, tenant, deleted["id"], 300)
+    async with dispatchers(services, 1):
+        await eventually(lambda: _some(len(receiver.at("/rotating")) >= 30), 30, "30 sent")
+        await eventually(lambda: _some(len(receiver.at("/deleted")) >= 30), 30, "30 sent")
+        status, body, _ = await tenant.call("POST", f"{ENDPOINTS}/{rotating['id']}/rotate-secret")
+        rotated = time.time()
+        assert status == 200, body
+        new = Webhook(body["data"]["secret"])
+        status, body, _ = await tenant.call("DELETE", f"{ENDPOINTS}/{deleted['id']}")
+        removed = time.time()
+        assert status == 204, body
+        await asyncio.sleep(settle_s + 1.0)
+    later = [h for h in receiver.at("/rotating") if h.at > rotated + settle_s]
+    assert later  # the backlog was still being sent
+    for hit in later:
+        new.verify(hit.body, hit.headers)
+    assert not [h for h in receiver.at("/deleted") if h.at > removed + settle_s]
+
+
 async def test_contact_deleted_reaches_subscribers_without_the_clear_email(
     tenant: Tenant, receiver: Receiver, everything: Services
 ) -> None:
@@ -1022,6 +1091,146 @@ async def test_410_gone_fails_the_delivery_and_disables_until_enabled(
         ("webhook.endpoint.enabled", "api_key", eid),
     ]
     assert trail[0].data["reason"] == "gone" and "410" in trail[0].data["detail"]
+
+
+async def backlog(services: Services, tenant: Tenant, endpoint_id: str, count: int) -> list[str]:
+    """`count` webhook.test deliveries to the endpoint, written in one transaction (as a
+    filter job's fan-out writes them) and signalled; returns their event ids."""
+    events = [f"evt_backlog_{uuid.uuid4().hex}" for _ in range(count)]
+    data = {"endpoint_id": endpoint_id, "message": "a backlog"}
+    body = webhook_body(TYPE_WEBHOOK_TEST, utcnow(), data)
+    eid = uuid.UUID(endpoint_id)
+    async with services.db.begin() as conn:
+        await store.enqueue_many(
+            conn,
+            services.db,
+            [
+                store.NewDeliveries(tenant.workspace_id, [eid], e, TYPE_WEBHOOK_TEST, body)
+                for e in events
+            ],
+        )
+    services.webhook_signal.set()
+    return events
+
+
+async def backlog_over(tenant: Tenant, endpoint_id: str) -> None:
+    """Wait until none of the endpoint's deliveries is pending."""
+
+    async def over() -> bool | None:
+        pending = await list_deliveries(tenant, endpoint_id, "&status=pending")
+        return True if not pending else None
+
+    await eventually(over, 30, "the backlog over")
+
+
+async def unsent_are_failed_uncounted(
+    services: Services, receiver: Receiver, path: str, events: Sequence[str]
+) -> None:
+    """Every delivery of `events` is over: those that reached `path` (once each) have one
+    attempt, the others failed with none (given up unsent, not counted as tried)."""
+    sent = Counter(h.webhook_id for h in receiver.at(path))
+    assert max(sent.values(), default=1) == 1, sent
+    d = webhook_deliveries.c
+    async with services.db.read() as conn:
+        rows = (
+            await conn.execute(
+                sa.select(d.event_id, d.status, d.attempt_count).where(d.event_id.in_(list(events)))
+            )
+        ).all()
+    assert len(rows) == len(events)
+    for event_id, status, attempts in rows:
+        if event_id in sent:
+            assert attempts == 1, (event_id, status, attempts)
+        else:
+            assert (status, attempts) == ("failed", 0), (event_id, status, attempts)
+
+
+@dataclass(frozen=True)
+class Changed:
+    """An endpoint changed through the API while its backlog was being sent."""
+
+    endpoint: dict[str, Any]
+    events: list[str]  # the backlog's event ids
+    answered: float  # time.time() once the API answered
+    status: int
+    body: Any
+
+
+async def change_during_a_backlog(
+    services: Services,
+    tenant: Tenant,
+    receiver: Receiver,
+    path: str,
+    method: str,
+    suffix: str = "",
+    change: Any = None,
+) -> Changed:
+    """An endpoint at `path` with a backlog of 1,000 deliveries; once 150 of them arrived,
+    the API call `method` on the endpoint (+ `suffix`) with the body `change`."""
+    endpoint = await create_endpoint(tenant, receiver.script(path, answer(200)))
+    events = await backlog(services, tenant, endpoint["id"], 1000)
+    await eventually(lambda: _some(len(receiver.at(path)) >= 150), 30, "150 sent")
+    status, body, _ = await tenant.call(method, f"{ENDPOINTS}/{endpoint['id']}{suffix}", change)
+    return Changed(endpoint, events, time.time(), status, body)
+
+
+async def test_a_410_during_a_backlog_stops_the_sends_at_once(
+    tenant: Tenant, receiver: Receiver, sender: StartSender, services: Services
+) -> None:
+    """A receiver that answers 410 in the middle of a 1,000-delivery backlog (trial 9: 759
+    more POSTs followed the first 410 within 1.2 s, from the buffer claimed ahead): after
+    the first 410 only the requests already in flight arrive; the rest of the backlog is
+    failed unsent (no attempt counted) with the endpoint disabled."""
+    sender()
+    ok = 150  # answered 200 first: the sender learns the pace and claims far ahead
+    url = receiver.script("/gone", *[answer(200)] * ok, answer(410))
+    endpoint = await create_endpoint(tenant, url)
+    events = await backlog(services, tenant, endpoint["id"], 1000)
+
+    await backlog_over(tenant, endpoint["id"])
+    await asyncio.sleep(0.5)  # anything still to come arrives
+    disabled = await get_endpoint(tenant, endpoint["id"])
+    assert (disabled["status"], disabled["disabled_reason"]) == ("disabled", "gone")
+    after = len(receiver.at("/gone")) - (ok + 1)
+    assert 0 <= after <= MAX_IN_FLIGHT, after
+    await unsent_are_failed_uncounted(services, receiver, "/gone", events)
+
+
+async def test_a_delete_during_a_backlog_stops_the_sends_before_it_answers(
+    tenant: Tenant, receiver: Receiver, sender: StartSender, services: Services
+) -> None:
+    """DELETE of an endpoint with a backlog being sent: once it answered 204, only the
+    requests already in flight arrive (the dispatcher of this process is told before the
+    answer), and no delivery is left to send."""
+    sender()
+    changed = await change_during_a_backlog(services, tenant, receiver, "/deleted", "DELETE")
+    assert changed.status == 204, changed.body
+    await asyncio.sleep(1.0)
+    late = [h for h in receiver.at("/deleted") if h.at > changed.answered]
+    assert len(late) <= MAX_IN_FLIGHT, len(late)
+    assert len(receiver.at("/deleted")) < len(changed.events)
+    await unsent_are_failed_uncounted(services, receiver, "/deleted", changed.events)
+
+
+async def test_a_url_changed_during_a_backlog_is_where_every_later_send_goes(
+    tenant: Tenant, receiver: Receiver, sender: StartSender, services: Services
+) -> None:
+    """PATCH of an endpoint's URL while its backlog is sent: once it answered, only the
+    requests already in flight reach the old URL; the rest go to the new one, each
+    delivery once."""
+    sender()
+    new_url = receiver.script("/after", answer(200))
+    changed = await change_during_a_backlog(
+        services, tenant, receiver, "/before", "PATCH", change={"url": new_url}
+    )
+    assert changed.status == 200, changed.body
+    await backlog_over(tenant, changed.endpoint["id"])
+    late = [h for h in receiver.at("/before") if h.at > changed.answered]
+    assert len(late) <= MAX_IN_FLIGHT, len(late)
+    assert receiver.at("/after")
+    hits = Counter(h.webhook_id for h in receiver.at("/before") + receiver.at("/after"))
+    assert sorted(hits) == sorted(changed.events)
+    assert set(hits.values()) == {1}
 
 
 async def test_a_redirect_is_a_failure_and_is_not_followed(
