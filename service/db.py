@@ -892,6 +892,19 @@ class Database:
                 _UNIT.reset(token)
         if unit.conn is not None and self._checkpointer is not None:
             self._checkpointer.committed()
+        for callback in unit.after:
+            callback()
+
+    def after_commit(self, callback: Callable[[], None]) -> None:
+        """Call `callback` once this task's writes are committed: now, or, inside `unit`,
+        when the unit commits (never if it rolls back). For news that makes another reader
+        look at the rows again (a dispatcher told of an endpoint's change or of new work):
+        told before the commit, it would read what was there before."""
+        unit = self._joined()
+        if unit is None:
+            callback()
+        else:
+            unit.after.append(callback)
 
     def _joined(self) -> _Unit | None:
         unit = _UNIT.get()
@@ -1068,6 +1081,7 @@ class _Unit:
         self.db = db
         self.conn: AsyncConnection | None = None
         self.closed = False
+        self.after: list[Callable[[], None]] = []  # `Database.after_commit`
         self._stack = stack
 
     async def connection(self) -> AsyncConnection:

@@ -70,10 +70,17 @@ async def _public(call: Call, url: str | None) -> None:
         ) from None
 
 
+def _wake(call: Call) -> None:
+    """Wake this process's dispatcher for work this request queued, once it is committed
+    (inside an Idempotency-Key's transaction, when that commits: `Database.after_commit`)."""
+    call.app[DB_KEY].after_commit(call.app[WEBHOOK_SIGNAL_KEY].set)
+
+
 def _changed(call: Call) -> None:
     """Tell this process's dispatcher that the endpoint changed (committed), before the
     answer goes out: no send starts from what it read before (`EndpointChanges`)."""
-    call.app[WEBHOOK_CHANGES_KEY].changed(call.path["endpoint_id"])
+    changes, endpoint_id = call.app[WEBHOOK_CHANGES_KEY], call.path["endpoint_id"]
+    call.app[DB_KEY].after_commit(lambda: changes.changed(endpoint_id))
 
 
 async def create(call: Call) -> Reply:
@@ -159,7 +166,7 @@ async def enable(call: Call) -> Data[WebhookEndpoint]:
         request_id(call.request),
     )
     _changed(call)
-    call.app[WEBHOOK_SIGNAL_KEY].set()
+    _wake(call)
     return _endpoint(endpoint)
 
 
@@ -184,7 +191,7 @@ async def send_test(call: Call) -> Reply:
             event_type=TYPE_WEBHOOK_TEST,
             payload=body,
         )
-    call.app[WEBHOOK_SIGNAL_KEY].set()
+    _wake(call)
     queued = {"event_id": event_id, "endpoint_id": str(endpoint_id)}
     return Reply(Data[QueuedTest].model_validate({"data": queued}), 202)
 
@@ -222,7 +229,7 @@ async def retry(call: Call) -> Reply:
     found = await store.retry_delivery(
         call.app[DB_KEY], call.principal.workspace_id, call.path["delivery_id"]
     )
-    call.app[WEBHOOK_SIGNAL_KEY].set()
+    _wake(call)
     return Reply(Data[WebhookDeliveryWithAttempts].model_validate({"data": found}), 202)
 
 
@@ -232,7 +239,7 @@ async def recover(call: Call) -> Reply:
     count = await store.recover(
         call.app[DB_KEY], call.principal.workspace_id, endpoint_id, body.since
     )
-    call.app[WEBHOOK_SIGNAL_KEY].set()
+    _wake(call)
     requeued = {"endpoint_id": str(endpoint_id), "requeued": count}
     return Reply(Data[Requeued].model_validate({"data": requeued}), 202)
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 
 import pytest
@@ -66,3 +67,33 @@ async def test_a_begin_that_fails_inside_a_unit_undoes_only_its_own_writes(db: D
                 await conn.execute(contacts.insert().values(**row))  # the same id again
 
     assert await _exists(db, kept) and not await _exists(db, dropped)
+
+
+async def test_news_of_a_units_writes_waits_for_its_commit(db: Database) -> None:
+    """`after_commit` inside a unit runs once the unit committed, with the rows visible to
+    another connection (what a dispatcher told of a change reads), and never after a roll
+    back; outside a unit at once."""
+    seen: list[tuple[str, bool]] = []
+    other = Database(db.url)
+    committed, rolled_back = uuid.uuid4(), uuid.uuid4()
+    try:
+
+        async def visible(contact_id: uuid.UUID) -> bool:
+            return await _exists(other, contact_id)
+
+        pending: list[asyncio.Task[bool]] = []
+        async with db.unit():
+            await _insert(db, committed)
+            db.after_commit(lambda: pending.append(asyncio.ensure_future(visible(committed))))
+            assert pending == []  # not yet: the unit has not committed
+        assert len(pending) == 1 and await pending[0]  # told after the commit: it sees it
+
+        with pytest.raises(RuntimeError):
+            async with db.unit():
+                await _insert(db, rolled_back)
+                db.after_commit(lambda: seen.append(("rolled back", True)))
+                raise RuntimeError("the work failed")
+        db.after_commit(lambda: seen.append(("outside", True)))
+    finally:
+        await other.dispose()
+    assert seen == [("outside", True)]

@@ -727,16 +727,20 @@ async def test_after_rotation_both_the_old_and_new_secret_verify(
         Webhook(random_secret()).verify(hit.body, hit.headers)
 
 
+@pytest.mark.parametrize("keyed", [False, True], ids=["plain", "idempotency-key"])
 async def test_every_send_after_a_rotation_answered_carries_the_new_secret(
-    tenant: Tenant, receiver: Receiver, sender: StartSender, services: Services
+    tenant: Tenant, receiver: Receiver, sender: StartSender, services: Services, keyed: bool
 ) -> None:
     """rotate-secret while a backlog is sent (trial 9: for ~1 s after the answer, 43
     deliveries came signed with the old secret only, from the buffer claimed ahead):
     once it answered, every request but those already in flight verifies, with
-    `standardwebhooks`, with the new secret alone."""
+    `standardwebhooks`, with the new secret alone; also with an Idempotency-Key, whose
+    transaction the rotation commits in (the dispatcher is told once it committed:
+    `Database.after_commit`, tested in test_db_unit)."""
     sender()
+    key = {"Idempotency-Key": uuid.uuid4().hex} if keyed else None
     changed = await change_during_a_backlog(
-        services, tenant, receiver, "/rotating", "POST", "/rotate-secret"
+        services, tenant, receiver, "/rotating", "POST", "/rotate-secret", headers=key
     )
     assert changed.status == 200, changed.body
     new = Webhook(changed.body["data"]["secret"])
@@ -1164,13 +1168,15 @@ async def change_during_a_backlog(
     method: str,
     suffix: str = "",
     change: Any = None,
+    headers: dict[str, str] | None = None,
 ) -> Changed:
     """An endpoint at `path` with a backlog of 1,000 deliveries; once 150 of them arrived,
     the API call `method` on the endpoint (+ `suffix`) with the body `change`."""
     endpoint = await create_endpoint(tenant, receiver.script(path, answer(200)))
     events = await backlog(services, tenant, endpoint["id"], 1000)
     await eventually(lambda: _some(len(receiver.at(path)) >= 150), 30, "150 sent")
-    status, body, _ = await tenant.call(method, f"{ENDPOINTS}/{endpoint['id']}{suffix}", change)
+    where = f"{ENDPOINTS}/{endpoint['id']}{suffix}"
+    status, body, _ = await tenant.call(method, where, change, headers)
     return Changed(endpoint, events, time.time(), status, body)
 
 
