@@ -536,12 +536,29 @@ _TEXTUAL = (sa.String, sa.JSON, sa.LargeBinary)
 
 
 def _holds(dialect: str, column: sa.Column[Any], lowered: str) -> sa.ColumnElement[bool]:
-    """``column`` holds ``lowered`` in any ASCII case, as text whatever its type."""
+    """``column`` holds ``lowered`` in any ASCII case, as text whatever its type. On
+    PostgreSQL bytes are compared in ``encode(…, 'escape')`` form (any bytes, valid UTF-8 or
+    not: ``convert_from`` refuses a column holding one invalid sequence, and the check then
+    read nothing), the needle written the same way (`_escape_form`)."""
     if isinstance(column.type, sa.LargeBinary) and dialect == "postgresql":
-        text: sa.ColumnElement[Any] = sa.func.convert_from(column, "UTF8")
-    else:
-        text = sa.cast(column, sa.Text)
-    return sa.func.lower(text).contains(lowered, autoescape=True)
+        text = sa.func.lower(sa.func.encode(column, "escape"))
+        return text.contains(_escape_form(lowered), autoescape=True)
+    return sa.func.lower(sa.cast(column, sa.Text)).contains(lowered, autoescape=True)
+
+
+def _escape_form(text: str) -> str:
+    """``text``'s UTF-8 bytes as PostgreSQL's ``encode(bytes, 'escape')`` writes them: a
+    zero byte or one with the high bit set as ``\\nnn`` (octal), a backslash doubled, the
+    rest as they are."""
+    out = []
+    for byte in text.encode():
+        if byte == 0 or byte >= 0x80:
+            out.append(f"\\{byte:03o}")
+        elif byte == 0x5C:
+            out.append("\\\\")
+        else:
+            out.append(chr(byte))
+    return "".join(out)
 
 
 def _email_sha256_of(value: bytes) -> str | None:

@@ -18,7 +18,14 @@ import sqlalchemy as sa
 
 from service.app import Services
 from service.config import Settings
-from service.db import Database, deletion_jobs, idempotency_keys, utcnow, webhook_endpoints
+from service.db import (
+    Database,
+    deletion_jobs,
+    idempotency_keys,
+    outbox,
+    utcnow,
+    webhook_endpoints,
+)
 from service.erasure.check import ErasureCheck
 from service.retention import IDEMPOTENCY_GRACE, prune_once
 from tests.conftest import Tenant, components_running, make_settings
@@ -194,3 +201,29 @@ async def test_expired_keys_are_pruned_and_live_ones_kept(
     async with services.db.read() as conn:
         left = set((await conn.execute(sa.select(c.key).where(mine))).scalars())
     assert left == {kept["Idempotency-Key"]}
+
+
+async def test_the_check_reads_bytes_that_are_not_utf8_and_finds_a_non_ascii_address(
+    services: Services, settings: Settings
+) -> None:
+    """A bytes column may hold anything (a dead-lettered payload): one row that is not
+    UTF-8 made PostgreSQL refuse the whole search (convert_from), and the check failed
+    on a database other tests had used. Bytes that are not UTF-8 are read, and an address
+    beyond ASCII is found in them."""
+    tag = uuid.uuid4().hex[:8]
+    address = f"jürgen.{tag}@bücher.example"
+    published = utcnow()
+    async with services.db.begin() as conn:
+        for payload in (b"\xff\xfe not utf-8 \xc3", b"\xff " + address.encode() + b" \\ \x00"):
+            await conn.execute(
+                outbox.insert().values(
+                    topic="t",
+                    payload=payload,
+                    headers=[],
+                    created_at=published,
+                    published_at=published,
+                )
+            )
+    report = await ErasureCheck(settings, services.db, address).run()
+    other = next(p for p in report.places if p.place == "live rows: other tables")
+    assert other.status == "found" and "outbox" in other.detail, report.lines()
