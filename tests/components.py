@@ -35,6 +35,20 @@ from service.events import (
 COMMAND = str(Path(sys.executable).with_name("contact-deletion"))
 
 
+def stop_process(
+    process: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout_s: float = 30.0
+) -> None:
+    """Send ``sig`` (a polite stop), then SIGKILL if it has not ended within ``timeout_s``;
+    reaps it."""
+    if process.poll() is None:
+        process.send_signal(sig)
+        try:
+            process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)
+
+
 async def wait_ready(base: str, exited: Callable[[], str | None], timeout_s: float = 60.0) -> None:
     """Poll ``{base}/readyz`` until it answers 200 (every 0.2 s, at most `timeout_s`).
 
@@ -90,13 +104,7 @@ class Process:
 
     def stop(self) -> None:
         """SIGTERM, then SIGKILL if it does not stop in time."""
-        if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGTERM)
-            try:
-                self.popen.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait(timeout=10)
+        stop_process(self.popen, timeout_s=20)
         self.log_file.close()
 
     def tail(self, lines: int = 40) -> str:

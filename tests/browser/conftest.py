@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -41,7 +40,7 @@ from selenium.webdriver.chrome.webdriver import WebDriver
 from selenium.webdriver.support.ui import WebDriverWait
 from standardwebhooks.webhooks import Webhook
 
-from tests.components import port_from_log, wait_ready
+from tests.components import port_from_log, stop_process, wait_ready
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
@@ -137,12 +136,7 @@ def console_service(
         asyncio.run(wait_ready(service.base, service.exited))
         yield service
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process)
 
 
 def new_driver(width: int = 1280, height: int = 800) -> WebDriver:

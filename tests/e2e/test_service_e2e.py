@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import signal
 import subprocess
 import sys
 import uuid
@@ -25,7 +24,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from standardwebhooks.webhooks import Webhook
 
-from tests.components import port_from_log, wait_ready
+from tests.components import port_from_log, stop_process, wait_ready
 
 pytestmark = pytest.mark.slow
 
@@ -87,12 +86,7 @@ def running(service_env: dict[str, str], tmp_path: Path) -> Iterator[RunningServ
         base = f"http://127.0.0.1:{asyncio.run(port_from_log(log, exited))}"
         yield RunningService(base, service_env, process, log)
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process)
 
 
 @pytest.fixture

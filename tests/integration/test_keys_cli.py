@@ -29,7 +29,7 @@ from service.db import Database, admin_sql
 from service.dev import broker_dir, demo_key, port_in_use
 from service.keys import authenticate
 from service.procs import free_port
-from tests.components import COMMAND
+from tests.components import COMMAND, stop_process
 from tests.conftest import Tenant
 
 
@@ -369,12 +369,7 @@ def test_dev_makes_a_data_dir_that_does_not_exist_yet(tmp_path: Path) -> None:
         assert (data_dir / "contact-deletion.db").is_file()
         assert (data_dir / "demo-key").is_file()
     finally:
-        dev.send_signal(signal.SIGINT)
-        try:
-            dev.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            dev.kill()
-            dev.wait()
+        stop_process(dev, signal.SIGINT)  # Ctrl-C, as make dev is stopped
 
 
 def test_a_broker_on_another_port_gets_a_folder_of_its_own(tmp_path: Path) -> None:
