@@ -36,7 +36,7 @@ def _recreate(with_rowid: bool) -> None:
     with op.batch_alter_table(
         "contacts", recreate="always", table_kwargs={"sqlite_with_rowid": with_rowid}
     ):
-        pass
+        pass  # no column changes: recreate="always" copies the table into the new layout
 
 
 def upgrade() -> None:
