@@ -23,7 +23,7 @@ from service.app import Services, components, run_components
 from service.config import Settings
 from service.db import Database
 from service.keys import SCOPES, authenticate, create_key, revoke_key
-from service.localkafka import LocalKafka, LocalKafkaError, broker_answers
+from service.localkafka import DEFAULT_PORT, LocalKafka, LocalKafkaError, broker_answers
 from service.logs import configure_logging, get_logger
 from service.migrate import upgrade
 
@@ -95,10 +95,7 @@ def broker_dir(data_dir: Path, port: int) -> Path:
     """The local broker's folder: ``kafka`` for the default port, ``kafka-<port>`` for any
     other, so a second broker started from the same DATA_DIR (README: its own broker on
     another port) neither takes the first one's lock nor rewrites its configuration."""
-    return data_dir / ("kafka" if port == DEFAULT_BROKER_PORT else f"kafka-{port}")
-
-
-DEFAULT_BROKER_PORT = 9092
+    return data_dir / ("kafka" if port == DEFAULT_PORT else f"kafka-{port}")
 
 
 async def demo_key(db: Database, key_file: Path, *, new_key: bool) -> tuple[str, bool]:

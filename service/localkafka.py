@@ -47,6 +47,10 @@ _MVN_TIMEOUT_S = 15 * 60
 _FORMAT_TIMEOUT_S = 120.0
 
 
+DEFAULT_PORT = 9092
+"""Kafka's own default port, where `make dev` looks for (or starts) a broker."""
+
+
 class LocalKafkaError(RuntimeError):
     """The broker could not be fetched, formatted, started or stopped."""
 
@@ -220,7 +224,7 @@ class LocalKafka:
     def __init__(
         self,
         host: str = "127.0.0.1",
-        port: int = 9092,
+        port: int = DEFAULT_PORT,
         data_dir: Path | None = None,
         heap_mb: int = 384,
         *,
@@ -449,7 +453,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m service.localkafka", description=__doc__)
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=9092)
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT)
     parser.add_argument("--data-dir", type=Path, default=None)
     parser.add_argument("--heap-mb", type=int, default=384)
     parser.add_argument("--timeout", type=float, default=90.0, help="start-up timeout (s)")

@@ -23,11 +23,9 @@ from service.db import Database, deletion_job_items, deletion_jobs, insert_rows,
 from service.deletion.models import ErrorCode, ItemStatus
 from service.deletion.store import (
     PROGRESS_COLUMNS,
-    JobChange,
     ProgressDelta,
     apply_progress,
     finish_job,
-    forget_selector_values,
     queue_expansion,
 )
 from service.events import (
@@ -132,9 +130,8 @@ async def _record(
                 return False
             message = f"the job's contacts could not be selected: {reason}"
             failure = (str(ErrorCode.FAILED), message[:500])
-            finished = await finish_job(conn, db, settings, job_row, utcnow(), failure=failure)
-            redacted = await forget_selector_values(conn, command.job_id)
-            into.note(command.job_id, JobChange(finished=finished, redacted=redacted))
+            change = await finish_job(conn, db, settings, job_row, utcnow(), failure=failure)
+            into.note(command.job_id, change)
             into.failed_jobs.append(command.job_id)
             return True
         items = deletion_job_items.c

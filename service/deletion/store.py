@@ -732,8 +732,8 @@ async def apply_progress(
     done = row["expanded"] and row["processed_count"] >= row["total_requested"]
     if not done or row["completed_at"] is not None:
         return change
-    change.finished = await finish_job(conn, db, settings, row, now, audit=audit)
-    change.redacted = await forget_selector_values(conn, job_id)
+    finished = await finish_job(conn, db, settings, row, now, audit=audit)
+    change.finished, change.redacted = finished.finished, finished.redacted
     return change
 
 
@@ -835,8 +835,10 @@ async def finish_job(
     *,
     failure: tuple[str, str] | None = None,
     audit: list[AuditRecord] | None = None,
-) -> dict[str, Any]:
-    """Mark a job finished, and record and announce it; returns its id, status and counts.
+) -> JobChange:
+    """Mark a job finished, forget the personal values its selector was given
+    (`forget_selector_values`), and record and announce it; returns the change (`finished`:
+    its id, status and counts; `redacted`: whether its selector changed).
 
     ``audit``: when given, the job's ``deletion.completed`` event is added to it rather
     than appended here, and the caller appends the list (`append_events`) before it
@@ -899,7 +901,10 @@ async def finish_job(
     )
     topic = settings.topic(TOPIC_JOB_COMPLETED)
     await conn.execute(outbox.insert().values(**outbox_row(topic, str(row["id"]), event)))
-    return {"job_id": str(row["id"]), "status": status.value, **counts}
+    redacted = await forget_selector_values(conn, row["id"])
+    return JobChange(
+        finished={"job_id": str(row["id"]), "status": status.value, **counts}, redacted=redacted
+    )
 
 
 def _all_of(total: int) -> str:

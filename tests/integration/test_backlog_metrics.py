@@ -16,6 +16,7 @@ from service.db import Database, deletion_jobs, utcnow
 from service.metrics import Metrics
 from service.procs import free_port
 from tests.conftest import Tenant
+from tests.integration.test_bulk_delete import seed_many
 
 
 async def _scrape(http: aiohttp.ClientSession, base: str) -> dict[str, float]:
@@ -35,13 +36,7 @@ async def test_metrics_show_the_backlog_of_a_job_nothing_works_on(
 ) -> None:
     """No relay or worker runs: a deletion request's job waits, its outbox rows are not
     published; the gauges count them and age the job."""
-    ids = []
-    for n in range(3):
-        status, body, _ = await tenant.call(
-            "POST", "/v1/contacts", {"email": f"b{n}-{uuid.uuid4().hex[:6]}@example.com"}
-        )
-        assert status == 201, body
-        ids.append(body["data"]["id"])
+    ids = await seed_many(services, tenant, 3)
     status, job, _ = await tenant.call("POST", "/v1/contacts/bulk-delete", {"contact_ids": ids})
     assert status == 202, job
     job_id = uuid.UUID(job["data"]["job_id"])
