@@ -39,6 +39,7 @@ AuditAction = Literal[
     "webhook.delivery.exhausted",
     "api_key.created",
     "api_key.revoked",
+    "timeline.redacted",
 ]
 """Every action the service writes to the audit trail (`AuditRecord.action` is typed with
 it, so a new one is added here first); ``GET /v1/audit/events?action=`` takes only these."""

@@ -8,7 +8,9 @@ An operator answering an erasure request runs it after the deletion (and after
 - the database files themselves: SQLite's main file and its WAL; PostgreSQL's relation
   files of the service's tables, indexes and TOAST (when the data directory is readable
   by the user running the check, i.e. on the database host);
-- every Kafka topic of the service, from the beginning;
+- every Kafka topic of the service, from the beginning ("not checked" when the topics
+  hold only another deployment's records, by their ``cd-deployment`` stamp: the wrong
+  broker or prefix was given, see ``service.deployment``);
 - the log files given with ``--log-file`` (the service logs to stderr; where that goes is
   the operator's choice);
 
@@ -50,6 +52,8 @@ from service.db import (
     webhook_deliveries,
     workspaces,
 )
+from service.deployment import DEPLOYMENT_ID_NAME, stamped
+from service.erasure import scan
 from service.erasure.redact import TEXT_FIELDS
 from service.events import TOPIC_CONTACT_DELETED, TYPE_CONTACT_DELETED
 from service.kafka import KafkaUnavailable, UnreadableBatch, read_topics
@@ -62,7 +66,6 @@ FOUND = 1
 UNPROVEN = 2
 
 Status = Literal["found", "not found", "not checked"]
-CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -171,20 +174,9 @@ class Report:
 
 
 def scan_file(path: Path, needles: Needles) -> dict[str, int]:
-    """Occurrences of each form in a file, read in chunks (a match across chunks counts)."""
-    overlap = max(len(n) for n in needles.forms.values()) - 1
-    counts: dict[str, int] = {}
-    tail = b""
-    with path.open("rb") as handle:
-        while chunk := handle.read(CHUNK):
-            data = tail + chunk
-            # Count only matches that end inside the new chunk, so none is counted twice.
-            for name, needle in needles.forms.items():
-                n = data.count(needle) - tail.count(needle)
-                if n:
-                    counts[name] = counts.get(name, 0) + n
-            tail = data[-overlap:] if overlap > 0 else b""
-    return counts
+    """Occurrences of each form in a file (``service.erasure.scan``), in this process: for
+    files that are not a SQLite database this process may have open (logs, PostgreSQL's)."""
+    return scan.scan_file(path, needles.forms)
 
 
 class UnknownWorkspace(LookupError):
@@ -193,6 +185,16 @@ class UnknownWorkspace(LookupError):
 
     def __init__(self, workspace: str) -> None:
         super().__init__(f"no workspace is named {workspace!r} or has that id")
+
+
+async def workspace_named(db: Database, name: str) -> uuid.UUID | None:
+    """The id of the workspace with this name (or id, as text), None if none has it."""
+    async with db.read() as conn:
+        rows = (await conn.execute(sa.select(workspaces.c.id, workspaces.c.name))).all()
+    for row in rows:
+        if name in (row.name, str(row.id)):
+            return uuid.UUID(str(row.id))
+    return None
 
 
 class ErasureCheck:
@@ -223,7 +225,7 @@ class ErasureCheck:
         places: list[Place] = []
         try:
             if self.workspace is not None:
-                self.workspace_id = await self._workspace_id(self.workspace)
+                self.workspace_id = await workspace_named(self.db, self.workspace)
                 if self.workspace_id is None:
                     raise UnknownWorkspace(self.workspace)
             places += await self.live_rows()
@@ -242,12 +244,22 @@ class ErasureCheck:
         return Report(places, deletions, note, self._hints(places, deletions))
 
     def _hints(self, places: list[Place], deletions: list[Deletion]) -> list[str]:
-        """What a FOUND in the database files may mean: a deletion so recent that the
-        scrubber's run (at most ``ERASURE_DELAY_S`` after it, DESIGN "Erasure") is due."""
-        in_files = any(
-            p.status == "found" and p.place.startswith(("database file", "postgresql"))
-            for p in places
-        )
+        """What a FOUND means and what removes it: live rows (no scrub removes them; kept
+        timeline text has its own remedy, ``erasure redact``), or in the database files
+        alone, a deletion so recent that the scrubber's run (at most ``ERASURE_DELAY_S``
+        after it, DESIGN "Erasure") is due."""
+        found = {p.place for p in places if p.status == "found"}
+        if "live rows: timeline content" in found:
+            scope = f" --workspace {self.workspace}" if self.workspace else ""
+            return [
+                "timeline items the service keeps (by design, after their contact's "
+                "deletion) hold the address in their text: no scrub removes a live row; "
+                f"`contact-deletion erasure redact --email ADDRESS{scope}` cuts it out "
+                "(or delete with redact_timeline next time)"
+            ]
+        if any(p.startswith("live rows") for p in found):
+            return []  # the place says what holds it; waiting will not change that
+        in_files = any(p.startswith(("database file", "postgresql")) for p in found)
         if not in_files or not deletions:
             return []
         last = max(_instant(d.deleted_at) for d in deletions)
@@ -260,14 +272,6 @@ class ErasureCheck:
             f"files within ERASURE_DELAY_S ({delay:g} s) of a deletion; check again after "
             f"{_second(due + timedelta(seconds=5))}"
         ]
-
-    async def _workspace_id(self, name: str) -> uuid.UUID | None:
-        async with self.db.read() as conn:
-            rows = (await conn.execute(sa.select(workspaces.c.id, workspaces.c.name))).all()
-        for row in rows:
-            if name in (row.name, str(row.id)):
-                return uuid.UUID(str(row.id))
-        return None
 
     def _in_workspace(self, table: sa.Table) -> list[sa.ColumnElement[bool]]:
         return [table.c.workspace_id == self.workspace_id] if self.workspace_id else []
@@ -347,26 +351,36 @@ class ErasureCheck:
 
     async def database_files(self) -> list[Place]:
         if self.db.is_sqlite:
-            return self._sqlite_files(await self._designed_sha256_rows())
+            return await self._sqlite_files(await self._designed_sha256_rows())
         return [await self._postgres_files()]
 
-    def _sqlite_files(self, designed_sha256: int) -> list[Place]:
+    async def _sqlite_files(self, designed_sha256: int) -> list[Place]:
+        """The main file, its WAL and journal, read in a child process: this one holds
+        SQLite connections to them (``service.erasure.scan``)."""
         path = sa.engine.make_url(self.db.url).database
         if not path or path == ":memory:":
             return [Place("database file", "not checked", {}, "in-memory database")]
-        places = []
-        for suffix in ("", "-wal", "-journal"):
-            file = Path(path + suffix)
-            if suffix and not file.exists():
-                continue
-            places.append(self._file_place(f"database file {file}", file, designed_sha256))
-        return places
+        files = [Path(path + s) for s in ("", "-wal", "-journal")]
+        files = [f for f in files if f == files[0] or f.exists()]
+        try:
+            scanned = await scan.scan_apart(files, self.needles.forms)
+        except (OSError, RuntimeError) as exc:
+            return [Place(f"database file {f}", "not checked", {}, str(exc)) for f in files]
+        return [
+            self._counted(f"database file {file}", counts, designed_sha256)
+            for file, counts in scanned.items()
+        ]
 
     def _file_place(self, name: str, file: Path, designed_sha256: int = 0) -> Place:
         try:
-            counts = scan_file(file, self.needles)
+            counts: dict[str, int] | OSError = scan_file(file, self.needles)
         except OSError as exc:
-            return Place(name, "not checked", {}, exc.strerror or str(exc))
+            counts = exc
+        return self._counted(name, counts, designed_sha256)
+
+    def _counted(self, name: str, counts: dict[str, int] | OSError, designed_sha256: int) -> Place:
+        if isinstance(counts, OSError):
+            return Place(name, "not checked", {}, counts.strerror or str(counts))
         return self._judge(name, counts, designed_sha256)
 
     def _judge(self, name: str, counts: dict[str, int], designed_sha256: int) -> Place:
@@ -450,8 +464,14 @@ class ErasureCheck:
         counts: dict[str, dict[str, int]] = {t: {} for t in topics}
         designed: dict[str, int] = {t: 0 for t in topics}
         deleted_topic = self.settings.topic(TOPIC_CONTACT_DELETED)
+        ours = await self._deployment()
+        # Records stamped by this deployment, and by another (the relay stamps each).
+        stamps = {"ours": 0, "other": 0}
         try:
             async for message in read_topics(self.settings.kafka_bootstrap_servers, topics):
+                stamp = stamped(message.headers)
+                if stamp is not None:
+                    stamps["ours" if stamp.decode("utf-8", "replace") == ours else "other"] += 1
                 data = b"".join(
                     [message.key or b"", message.value, *(v for _, v in message.headers)]
                 )
@@ -468,6 +488,15 @@ class ErasureCheck:
                     counts[message.topic][k] = counts[message.topic].get(k, 0) + v
         except (KafkaUnavailable, UnreadableBatch) as exc:
             return [Place(f"kafka topic {t}", "not checked", {}, str(exc)) for t in topics]
+        if ours is not None and stamps["other"] and not stamps["ours"]:
+            # Another deployment's broker or topics (a second setup's environment not
+            # given): its "not found" would prove nothing about this database's records.
+            reason = (
+                f"these topics hold {stamps['other']} record(s) of another deployment and "
+                f"none of this one's ({ours}): run the check with this deployment's "
+                "KAFKA_BOOTSTRAP_SERVERS and KAFKA_TOPIC_PREFIX"
+            )
+            return [Place(f"kafka topic {t}", "not checked", {}, reason) for t in topics]
         places = []
         for t in topics:
             sha = counts[t].get("sha256", 0)
@@ -475,6 +504,17 @@ class ErasureCheck:
                 self._judge(f"kafka topic {t}", counts[t], designed[t] if designed[t] == sha else 0)
             )
         return places
+
+    async def _deployment(self) -> str | None:
+        """This database's deployment id (``service.deployment``), None if it has none
+        yet (no relay ever ran on it) or the database did not answer."""
+        stmt = sa.select(server_secrets.c.value).where(server_secrets.c.name == DEPLOYMENT_ID_NAME)
+        try:
+            async with self.db.read() as conn:
+                found = (await conn.execute(stmt)).scalar_one_or_none()
+        except (sa.exc.SQLAlchemyError, OSError):
+            return None
+        return None if found is None else str(found)
 
     def log_file(self, path: Path) -> Place:
         return self._file_place(f"log file {path}", path)

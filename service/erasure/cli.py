@@ -1,4 +1,6 @@
-"""``contact-deletion erasure check``: prove, place by place, that an address is gone.
+"""``contact-deletion erasure check``: prove, place by place, that an address is gone;
+``erasure redact``: cut it out of the timeline text kept after a deletion
+(``service.erasure.timeline``).
 
 Prints one line per place searched (found / not found / not checked, with the forms found:
 the address as given, lower-cased, or its SHA-256), what the audit trail says about the
@@ -19,6 +21,7 @@ from typing import TYPE_CHECKING
 # Only the parser is built at start-up; the service is imported once the command runs.
 if TYPE_CHECKING:
     from service.config import Settings
+    from service.db import Database
 
 
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -50,19 +53,39 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         help="a file the service's log goes to (repeat for several)",
     )
     check.add_argument("--json", action="store_true", help="print one JSON object")
+    summary = (
+        "cut an address out of the timeline text the service keeps (a contact deleted "
+        "without redact_timeline); an audit event per workspace, then a scrub"
+    )
+    redact = commands.add_parser(
+        "redact",
+        help=summary,
+        description=summary.capitalize()
+        + ". Every activity, note and task whose text holds the address (any case, as "
+        "`erasure check` finds it) gets [redacted email] in its place. Run it with the "
+        "service's environment (DATABASE_URL, AUDIT_HASH_KEY). Exit codes: 0 done (or "
+        "nothing held it), 1 redacted but the scrub failed (run it again), 2 an error.",
+    )
+    redact.add_argument("--email", required=True, help="the address to cut out")
+    redact.add_argument("--workspace", help="only this workspace's timeline (name or id)")
+    redact.add_argument(
+        "--dry-run", action="store_true", help="count the items and fields; change nothing"
+    )
 
 
 def main(args: argparse.Namespace, settings: Settings) -> int:
     """Run an ``erasure`` subcommand; returns the exit code."""
+    if args.erasure_command == "redact":
+        return asyncio.run(run_redact(args, settings))
     return asyncio.run(run(args, settings))
 
 
-async def run(args: argparse.Namespace, settings: Settings) -> int:
-    """Run the check and print its report; returns the exit code."""
+async def _opened(args: argparse.Namespace, settings: Settings) -> tuple[str, Database] | int:
+    """The address as the API stores it and the database, or the exit code of an error
+    already said (a bad address, a missing schema, another AUDIT_HASH_KEY)."""
     from service.audit.store import hash_key_problem
     from service.contacts.models import check_email
     from service.db import Database
-    from service.erasure.check import ErasureCheck, UnknownWorkspace
     from service.migrate import schema_problem
 
     # What the API would refuse to store cannot be anywhere: a mistyped argument would
@@ -89,16 +112,31 @@ async def run(args: argparse.Namespace, settings: Settings) -> int:
         await db.dispose()
         sys.stderr.write(f"contact-deletion: error: {problem}\n")
         return 2
+    return email, db
+
+
+def _unknown_workspace(exc: Exception) -> int:
+    sys.stderr.write(
+        f"contact-deletion: error: --workspace: {exc} (`contact-deletion keys list` "
+        "names each key's workspace)\n"
+    )
+    return 2
+
+
+async def run(args: argparse.Namespace, settings: Settings) -> int:
+    """Run the check and print its report; returns the exit code."""
+    from service.erasure.check import ErasureCheck, UnknownWorkspace
+
+    opened = await _opened(args, settings)
+    if isinstance(opened, int):
+        return opened
+    email, db = opened
     try:
         report = await ErasureCheck(
             settings, db, email, workspace=args.workspace, log_files=args.log_file
         ).run()
     except UnknownWorkspace as exc:
-        sys.stderr.write(
-            f"contact-deletion: error: --workspace: {exc} (`contact-deletion keys list` "
-            "names each key's workspace)\n"
-        )
-        return 2
+        return _unknown_workspace(exc)
     finally:
         await db.dispose()
     if args.json:
@@ -113,3 +151,45 @@ def _out(text: str) -> None:
     # What the command prints for its user goes to stdout; logs go to stderr.
     sys.stdout.write(text + "\n")
     sys.stdout.flush()
+
+
+async def run_redact(args: argparse.Namespace, settings: Settings) -> int:
+    """Redact the address from the kept timeline text (``service.erasure.timeline``) and
+    say what was done; returns the exit code."""
+    from service.audit.store import load_hash_key
+    from service.erasure.check import UnknownWorkspace, workspace_named
+    from service.erasure.timeline import redact_address
+
+    opened = await _opened(args, settings)
+    if isinstance(opened, int):
+        return opened
+    email, db = opened
+    try:
+        workspace_id = None
+        if args.workspace is not None:
+            workspace_id = await workspace_named(db, args.workspace)
+            if workspace_id is None:
+                raise UnknownWorkspace(args.workspace)
+        key = settings.audit_hash_key
+        hash_key = await load_hash_key(db, key.get_secret_value() if key else None)
+        done = await redact_address(
+            settings, db, email, hash_key, workspace_id=workspace_id, dry_run=args.dry_run
+        )
+    except UnknownWorkspace as exc:
+        return _unknown_workspace(exc)
+    finally:
+        await db.dispose()
+    if not done.items:
+        _out("no timeline item holds it: nothing to redact")
+        return 0
+    verb = "would redact" if args.dry_run else "redacted"
+    for workspace, summary in sorted(done.workspaces.items()):
+        fields = ", ".join(f"{k} {v}" for k, v in sorted((summary.fields or {}).items()))
+        _out(f"workspace {workspace}: {verb} {summary.items} item(s) ({fields})")
+    if args.dry_run:
+        return 0
+    if not done.scrubbed:
+        _out("the scrub of the old text did not finish (see the log): run this again")
+        return 1
+    _out("the old text is scrubbed from the database files: `erasure check` can confirm")
+    return 0

@@ -10,6 +10,7 @@ expired keys never pruned; and the check searches every table, not a list.
 
 from __future__ import annotations
 
+import subprocess
 import uuid
 from datetime import timedelta
 
@@ -20,14 +21,21 @@ from service.app import Services
 from service.config import Settings
 from service.db import (
     Database,
+    audit_events,
     deletion_jobs,
     idempotency_keys,
     outbox,
     utcnow,
     webhook_endpoints,
+    workspaces,
 )
+from service.deployment import deployment_id, stamp_of
 from service.erasure.check import ErasureCheck
+from service.events import TOPIC_CONTACT_DELETED
+from service.kafka import OutMessage, Producer
 from service.retention import IDEMPOTENCY_GRACE, prune_once
+from service.topics import create_topics
+from tests.components import COMMAND
 from tests.conftest import Tenant, components_running, make_settings
 
 WAIT = {"Prefer": "wait=60"}
@@ -227,3 +235,71 @@ async def test_the_check_reads_bytes_that_are_not_utf8_and_finds_a_non_ascii_add
     report = await ErasureCheck(settings, services.db, address).run()
     other = next(p for p in report.places if p.place == "live rows: other tables")
     assert other.status == "found" and "outbox" in other.detail, report.lines()
+
+
+async def test_topics_of_another_deployment_are_not_checked_not_proof(
+    services: Services, settings: Settings
+) -> None:
+    """A new user's trial (trial 9): a second setup's check, run without its
+    KAFKA_BOOTSTRAP_SERVERS, read the first setup's broker and answered "not found" for
+    every topic (verdict nowhere, exit 0). Topics that hold another deployment's records
+    and none of this one's (the relay's ``cd-deployment`` stamp) are "not checked"; once a
+    record of this deployment is there, they are searched as before."""
+    ours = await deployment_id(services.db)
+    await create_topics(settings)
+    topic = settings.topic(TOPIC_CONTACT_DELETED)
+    address = f"wrong.broker.{uuid.uuid4().hex[:8]}@example.com"
+
+    async def publish(stamp: str, value: bytes) -> None:
+        producer = Producer(settings.kafka_bootstrap_servers)
+        await producer.start()
+        try:
+            await producer.send_many([OutMessage(topic, None, value, stamp_of(stamp))])
+        finally:
+            await producer.stop()
+
+    await publish("another-deployment", b'{"data": {}}')
+    report = await ErasureCheck(settings, services.db, address).run()
+    kafka = [p for p in report.places if p.place.startswith("kafka topic")]
+    assert kafka and {p.status for p in kafka} == {"not checked"}, report.lines()
+    assert "another deployment" in kafka[0].detail and ours in kafka[0].detail
+    assert report.exit_code == 2  # nothing found, but not proven
+
+    await publish(ours, f"leaked {address}".encode())
+    report = await ErasureCheck(settings, services.db, address).run()
+    place = next(p for p in report.places if p.place == f"kafka topic {topic}")
+    assert place.status == "found", report.lines()
+    assert report.exit_code == 1
+
+
+async def test_the_check_leaves_this_processs_connections_sound_for_other_writers(
+    services: Services, tenant: Tenant, settings: Settings
+) -> None:
+    """Reading SQLite's files with open() and close() in a process with connections to them
+    drops that process's locks (POSIX): the check, run where the service's connections live
+    (this test's process), then another process's commit (an operator's `keys create`),
+    left those connections reading indexes with the wrong number of entries
+    (`database disk image is malformed`). The check reads the files in a child process."""
+    workspace = f"check-{uuid.uuid4().hex[:8]}"
+    report = await ErasureCheck(settings, services.db, "nobody@example.com").run()
+    assert any(p.place.startswith(("database file", "postgresql")) for p in report.places)
+    for _ in range(3):  # each a commit of another process: a new key and its audit event
+        made = subprocess.run(
+            [COMMAND, "keys", "create", "--workspace", workspace, "--scope", "audit:read"],
+            env={"DATABASE_URL": settings.database_url, "PATH": "/usr/bin:/bin"},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert made.returncode == 0, made.stderr
+    async with services.db.read() as conn:
+        if services.db.is_sqlite:
+            checked = (await conn.execute(sa.text("PRAGMA integrity_check"))).scalars().all()
+            assert checked == ["ok"], checked[:3]
+        joined = audit_events.join(workspaces, workspaces.c.id == audit_events.c.workspace_id)
+        events = await conn.execute(
+            sa.select(sa.func.count()).select_from(joined).where(workspaces.c.name == workspace)
+        )
+        assert events.scalar_one() == 3
+    status, body, _ = await tenant.call("GET", "/v1/audit/events")
+    assert status == 200, body

@@ -11,7 +11,7 @@ import pytest
 
 from service.config import Settings
 from service.db import Database
-from service.erasure import check
+from service.erasure import check, scan
 from service.erasure.check import Needles, Place, Report, scan_file
 from service.erasure.redact import RedactionSummary, Redactor
 from service.erasure.scrubber import SETTLE_S, Scrubber
@@ -176,7 +176,7 @@ def test_needles_are_the_address_as_given_lower_cased_and_its_unkeyed_sha256() -
 def test_a_file_scan_finds_matches_across_chunk_boundaries_once(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(check, "CHUNK", 16)
+    monkeypatch.setattr(scan, "CHUNK", 16)
     file = tmp_path / "f"
     file.write_bytes(b"x" * 10 + b"ada@example.com" + b"y" * 30 + b"ADA@example.com" + b"ada@ex")
     assert scan_file(file, Needles.of("ada@example.com")) == {"clear": 1}
@@ -225,3 +225,20 @@ def test_a_find_in_the_database_files_right_after_a_deletion_says_when_to_check_
         text = "\n".join(report.lines())
         assert "ERASURE_DELAY_S (30 s)" in text and "check again after" in text, text
     assert probe._hints([Place(where, "not found")], deletions) == []
+
+
+def test_text_kept_in_the_timeline_is_named_with_its_remedy_not_a_wait(tmp_path: Path) -> None:
+    """A new user's trial (trial 9): an address in a preserved timeline item, with the files
+    holding it too, got "check again after" the scrub, which never removes a live row. The
+    hint names `erasure redact` instead, and promises no wait."""
+    settings = Settings(erasure_delay_s=30)
+    db = Database(f"sqlite+aiosqlite:///{tmp_path / 'x.db'}")
+    probe = check.ErasureCheck(settings, db, "ada@example.com", workspace="demo")
+    at = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    places = [
+        Place("live rows: timeline content", "found", {}, "1 item(s) whose text holds it"),
+        Place("database file /d/x.db", "found", {"as_given": 1}),
+    ]
+    [hint] = probe._hints(places, [check.Deletion("demo", None, None, at, 7)])
+    assert "erasure redact --email ADDRESS --workspace demo" in hint, hint
+    assert "check again" not in hint

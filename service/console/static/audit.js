@@ -8,7 +8,7 @@ import { h, mount, time, badge, field, table, kv, say, act } from "./dom.js";
 const ACTIONS = ["deletion.requested", "deletion.dry_run", "contact.deleted", "contact.deletion_failed",
   "deletion.completed", "webhook.endpoint.created", "webhook.endpoint.updated", "webhook.endpoint.deleted",
   "webhook.endpoint.secret_rotated", "webhook.endpoint.enabled", "webhook.endpoint.disabled",
-  "webhook.delivery.exhausted", "api_key.created", "api_key.revoked"];
+  "webhook.delivery.exhausted", "api_key.created", "api_key.revoked", "timeline.redacted"];
 
 export function owns(part) {
   return part === "audit";
