@@ -43,6 +43,7 @@ from service.retention import run_retention
 from service.routing import register
 from service.schemas import openapi_spec
 from service.topics import all_topics, create_topics
+from service.watch import KAFKA_COMPONENTS, broker_watch
 from service.webhooks import routes as webhook_routes
 from service.webhooks.changes import EndpointChanges
 from service.webhooks.dispatcher import Dispatcher
@@ -345,6 +346,16 @@ async def run_components(services: Services, names: Sequence[str], stop: asyncio
     """Run the named components until `stop` is set or one of them fails."""
     known = components()
     tasks = [asyncio.create_task(known[n](services, stop), name=n) for n in names]
+    waiting = sorted(set(names) & KAFKA_COMPONENTS)
+    if waiting:
+        settings = services.settings
+        watch = broker_watch(
+            settings.kafka_bootstrap_servers,
+            settings.kafka_watch_interval_s,
+            waiting,
+            services.metrics.dependency_up,
+        )
+        tasks.append(asyncio.create_task(watch.run(stop), name="broker-watch"))
     if services.settings.ops_port is not None:
         tasks.append(asyncio.create_task(run_ops(services, stop), name="ops"))
     stopper = asyncio.create_task(stop.wait())

@@ -123,6 +123,9 @@ class Settings(BaseSettings):
     kafka_topic_prefix: str = ""
     kafka_partitions: int = Field(default=6, ge=1)
     kafka_consumer_group_prefix: str = "contact-deletion"
+    # How often a relay, worker or dispatcher process asks whether the broker answers, to
+    # say when it stops and when it is back (service.watch), seconds.
+    kafka_watch_interval_s: float = Field(default=5.0, gt=0, le=3600)
     http_host: str = "127.0.0.1"
     http_port: int = Field(default=8080, ge=0, le=65535)
     # When set, the process also serves GET /healthz, /readyz and /metrics (nothing else) on

@@ -84,6 +84,13 @@ class Metrics:
             " (the backlog gauges then hold older values)",
             registry=self.registry,
         )
+        self.dependency_up = Gauge(
+            "dependency_up",
+            "1 while the dependency answers this process's watch, 0 while it does not"
+            " (service.watch; kafka, in a process running a relay, worker or dispatcher)",
+            ["dependency"],
+            registry=self.registry,
+        )
 
     @web.middleware
     async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:

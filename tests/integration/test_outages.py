@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import subprocess
 import sys
 import time
@@ -265,7 +266,7 @@ async def test_postgres_fast_shutdown_mid_run_stops_no_component(
     db = Database(cluster.url)
     try:
         job = await seed_job(db, settings, 1500)
-        with components(settings, tmp_path) as group:
+        with components(settings, tmp_path, {"KAFKA_WATCH_INTERVAL_S": "0.5"}) as group:
             running = [
                 group.start("relay"),
                 group.start("worker"),
@@ -370,6 +371,16 @@ async def test_broker_outage_with_a_backlog_stops_no_component(
                     if '"logger": "aiokafka' in line
                 ]
                 assert len(library_lines) < 40, (process.name, library_lines[-5:])
+                # A line of ours says what waits and why (trial 9: only the library's
+                # lines said so); once, not one per check. (Its next check may trail the
+                # stop by a moment on a loaded machine.)
+                deadline = time.monotonic() + 20
+                while not (said := _logged(process, "dependency_unavailable")):
+                    assert time.monotonic() < deadline, (process.name, "no line")
+                    await asyncio.sleep(0.2)
+                assert len(said) == 1, (process.name, said)
+                assert said[0]["cause"] == "kafka_unavailable", said
+                assert said[0]["waiting"] == [process.name.split("-")[0]], said
             stoppable_kafka.start()
             back = utcnow()
 
@@ -381,6 +392,14 @@ async def test_broker_outage_with_a_backlog_stops_no_component(
                     functools.partial(finished, db, each), running, "finished", DEADLINE_S
                 )
             assert all_running(running)
+            for process in running:
+                deadline = time.monotonic() + 20
+                while not (back_lines := _logged(process, "dependency_recovered")):
+                    events = [e["event"] for e in _logged(process, "dependency_unavailable")]
+                    assert time.monotonic() < deadline, (process.name, events)
+                    await asyncio.sleep(0.2)
+                [recovered] = back_lines
+                assert recovered["dependency"] == "kafka" and recovered["down_s"] >= 3
             await assert_deleted_exactly_once(db, settings, job)
             await assert_deleted_exactly_once(db, settings, backlog)
             report(
@@ -390,6 +409,13 @@ async def test_broker_outage_with_a_backlog_stops_no_component(
             )
     finally:
         await db.dispose()
+
+
+def _logged(process: Any, event: str) -> list[dict[str, Any]]:
+    """The JSON log lines of a component process with this event."""
+    lines = process.log_path.read_text(errors="replace").splitlines()
+    found = [json.loads(line) for line in lines if f'"event": "{event}"' in line]
+    return [entry for entry in found if entry.get("event") == event]
 
 
 # -- SQLite locked by another process --------------------------------------------------
