@@ -865,6 +865,32 @@ async def test_an_ipv4_shorthand_is_refused_at_creation_and_on_patch(
     assert status == 400, body
 
 
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        ("127.0.0.1:9001/x", "missing scheme: use http://127.0.0.1:9001/…"),
+        ("localhost:8000", "missing scheme: use http://localhost:8000"),
+        ("//127.0.0.1:9001/x", "missing scheme: use http://127.0.0.1:9001/…"),
+        ("http:/127.0.0.1:9001/x", "missing // after 'http:'"),
+    ],
+)
+async def test_a_url_without_its_scheme_is_refused_saying_so_at_creation_and_on_patch(
+    tenant: Tenant, url: str, says: str
+) -> None:
+    """``127.0.0.1:9001/x`` was refused as "the URL scheme must be http or https, not
+    '127.0.0.1'": a parser's reading, not what the URL lacks."""
+    status, created, _ = await tenant.call(
+        "POST", "/v1/webhooks/endpoints", {"url": "http://127.0.0.1:9/hook"}
+    )
+    assert status == 201, created
+    one = f"/v1/webhooks/endpoints/{created['data']['id']}"
+    for method, path in (("POST", "/v1/webhooks/endpoints"), ("PATCH", one)):
+        status, body, _ = await tenant.call(method, path, {"url": url})
+        assert status == 400, body
+        [detail] = body["error"]["details"]
+        assert detail["field"] == "url" and detail["message"].startswith(says), detail
+
+
 async def test_a_private_destination_is_refused_on_patch(guarded: Tenant) -> None:
     status, created, _ = await guarded.call(
         "POST", "/v1/webhooks/endpoints", {"url": "https://203.0.114.7/hook"}
