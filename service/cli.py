@@ -20,6 +20,7 @@ from service.bench_options import add_arguments as add_bench_arguments
 from service.scopes import SCOPES
 
 if TYPE_CHECKING:
+    from service.app import Services
     from service.config import Settings
     from service.db import Database
 
@@ -131,24 +132,35 @@ async def _with_db(settings: Settings, work: Callable[[Database], Awaitable[int]
         await db.dispose()
 
 
-async def serve(settings: Settings, names: Sequence[str], *, migrate: bool) -> int:
-    """Run components until SIGINT/SIGTERM.
+async def serve(
+    settings: Settings,
+    names: Sequence[str],
+    *,
+    migrate: bool,
+    prepare: Callable[[Services], Awaitable[None]] | None = None,
+) -> int:
+    """Run components until SIGINT/SIGTERM; `prepare` runs once the database is ready,
+    before the components start (`dev` makes its demo key there).
 
     A database that is down (or still starting) at start-up is waited for, with back-off
     and a `waiting_for_dependency` log line, rather than ending the process. One that
     cannot serve as configured (no such database, a refused login, no schema, another
-    AUDIT_HASH_KEY) is one line on stderr and exit 2.
+    AUDIT_HASH_KEY), or an address it cannot listen on, is one line on stderr and exit 2;
+    the address is checked first, so `run` with its port taken neither migrates nor logs.
     """
     import signal
 
     from service import gcpolicy
     from service.aio import Stopped, wait_for_dependency
-    from service.app import Services, run_components
+    from service.app import Services, listen_problem, run_components
     from service.audit.store import load_hash_key
     from service.db import Database
     from service.logs import get_logger
     from service.migrate import schema_problem
 
+    cannot_listen = listen_problem(settings, names)
+    if cannot_listen is not None:
+        return _fail(cannot_listen)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -183,6 +195,8 @@ async def serve(settings: Settings, names: Sequence[str], *, migrate: bool) -> i
             # Refuses to start (HashKeyMismatch) rather than key events nobody can find.
             configured = settings.audit_hash_key
             await load_hash_key(db, configured.get_secret_value() if configured else None)
+        if prepare is not None:
+            await prepare(services)
         await run_components(services, names, stop)
     finally:
         await services.close()
@@ -504,7 +518,9 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
         return run_dev(settings, start_kafka=not args.no_kafka, new_key=args.new_key)
     from service.logs import configure_logging
 
-    configure_logging(settings.log_format, settings.log_level)
+    # A component's log is its output; a one-shot command prints its own results and errors.
+    serves = args.command == "run" or args.command in COMPONENTS
+    configure_logging(settings.log_format, settings.log_level, libraries=serves)
     if args.command == "migrate":
         return asyncio.run(_migrate(settings, args.wait))
     if args.command == "keys":

@@ -280,10 +280,13 @@ def test_dev_refuses_a_port_in_use_before_printing_anything(
         monkeypatch.setenv("HTTP_PORT", str(port))
         monkeypatch.setenv("DATA_DIR", str(tmp_path))
         capsys.readouterr()
-        assert main(["dev", "--no-kafka"]) == 1
+        assert main(["dev", "--no-kafka"]) == 2
     out, err = capsys.readouterr()
     assert out == ""
-    assert f"127.0.0.1:{port} is already in use" in err and "HTTP_PORT=" in err
+    # the one start-up error line of every command (README "The command line")
+    assert err.count("\n") == 1 and err.startswith("contact-deletion: error: "), err
+    assert f"HTTP_HOST=127.0.0.1 HTTP_PORT={port}: Address already in use" in err, err
+    assert f"HTTP_PORT={port + 1} make dev" in err, err
     assert list(tmp_path.iterdir()) == []  # no database, no key
     assert not port_in_use("127.0.0.1", port)
 
