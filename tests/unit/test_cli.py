@@ -82,6 +82,45 @@ def test_a_command_group_without_its_subcommand_lists_them(
     assert err.rstrip().endswith("COMMAND"), err
 
 
+def test_every_json_option_says_the_one_document_it_prints() -> None:
+    """`dlq list --json` was "one JSON object per dead letter" (nothing when none) beside
+    `keys list --json`'s array: every --json prints one document, an array for a listing
+    (saying what an empty one prints) or an object for one result, and the root help says
+    the rule and where errors go."""
+    parser = cli.build_parser()
+    shapes = {}
+    for path, sub in _walk(parser):
+        for action in sub._actions:
+            if "--json" in action.option_strings:
+                assert action.help is not None
+                shapes[" ".join(path)] = action.help
+    assert shapes == {
+        "keys create": "print one JSON object",
+        "keys list": "print one JSON array ([] when there are none)",
+        "audit verify": "print one JSON array, an object per workspace ([] when there is none)",
+        "audit verify-export": "print one JSON object",
+        "erasure check": "print one JSON object",
+        "dlq list": "print one JSON array ([] when there are none)",
+    }
+    root = " ".join(parser.format_help().split())
+    assert "with --json, exactly one JSON document" in root
+    assert "'contact-deletion: error: ...'" in root and "exits with 2" in root
+
+
+def test_a_usage_error_is_the_one_error_line_of_every_command(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """argparse wrote "contact-deletion keys create: error: …", another prefix than the
+    "contact-deletion: error: …" of every other refusal."""
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["keys", "create", "--workspace", "w", "--scope", "contacts:nuke"])
+    assert exit_.value.code == 2
+    out, err = capsys.readouterr()
+    usage, line = err.rstrip("\n").rsplit("\n", 1)
+    assert out == "" and usage.startswith("usage: contact-deletion keys create"), err
+    assert line.startswith("contact-deletion: error: keys create: argument --scope: "), err
+
+
 def test_components_and_scopes_listed_by_the_cli_are_the_services() -> None:
     assert list(cli.COMPONENTS) == list(components())
     create = _subparsers(_subparsers(cli.build_parser())["keys"])["create"]
