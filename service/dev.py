@@ -78,8 +78,7 @@ def run_dev(settings: Settings, *, start_kafka: bool = True, new_key: bool = Fal
     if start_kafka and not broker_answers(host, port):
         folder = broker_dir(settings.data_dir, port)
         broker = LocalKafka(host=host, port=port, data_dir=folder)
-        fetch = "" if jars_cached() else " (fetching its jars from Maven Central first, once)"
-        _say(f"starting a local Apache Kafka broker on {host}:{port}{fetch}")
+        _say(starting_broker(host, port, cached=jars_cached()))
         try:
             broker.start()
         except LocalKafkaError as exc:
@@ -98,6 +97,13 @@ def run_dev(settings: Settings, *, start_kafka: bool = True, new_key: bool = Fal
         if broker is not None:
             broker.stop()
             _say("local broker stopped")
+
+
+def starting_broker(host: str, port: int, *, cached: bool) -> str:
+    """The line `dev` prints as it starts its broker: it names the one-time fetch of the
+    jars only when they are not cached yet (it said "first start fetches jars" every time)."""
+    fetch = "" if cached else " (fetching its jars from Maven Central first, once)"
+    return f"starting a local Apache Kafka broker on {host}:{port}{fetch}"
 
 
 def broker_dir(data_dir: Path, port: int) -> Path:

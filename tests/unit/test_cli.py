@@ -236,3 +236,22 @@ def test_the_dev_banner_promises_to_stop_only_a_broker_it_started() -> None:
     args = ("http://127.0.0.1:8081", "cdk_x", Path("data/demo-key"), False, "data/x.db")
     assert "(and the local broker)" in _banner(*args, owns_broker=True)
     assert "(and the local broker)" not in _banner(*args, owns_broker=False)
+
+
+def test_dev_says_it_fetches_the_broker_jars_only_when_they_are_not_cached(
+    tmp_path: Path,
+) -> None:
+    """`make dev` said "(first start fetches jars)" on every start, cached or not."""
+    from service.dev import starting_broker
+    from service.localkafka import KAFKA_VERSION, jars_cached
+
+    assert not jars_cached(cache_dir=tmp_path)
+    fresh = starting_broker("127.0.0.1", 9092, cached=jars_cached(cache_dir=tmp_path))
+    assert fresh.endswith("(fetching its jars from Maven Central first, once)"), fresh
+    base = tmp_path / f"kafka-{KAFKA_VERSION}"
+    (base / "libs").mkdir(parents=True)
+    assert not jars_cached(cache_dir=tmp_path)  # a fetch cut short is not a cache
+    (base / "libs.complete").touch()
+    assert jars_cached(cache_dir=tmp_path)
+    cached = starting_broker("127.0.0.1", 9092, cached=jars_cached(cache_dir=tmp_path))
+    assert cached == "starting a local Apache Kafka broker on 127.0.0.1:9092", cached
