@@ -277,6 +277,26 @@ def test_a_key_without_audit_read_sees_no_audit_section_and_sign_out_forgets_it(
     assert not css(driver, "#nav").is_displayed()
 
 
+def test_a_link_to_a_section_the_key_may_not_open_says_why_it_shows_another(
+    console_service: ConsoleService, browser: WebDriver
+) -> None:
+    """A key without contacts:read opening #/deletions landed on Audit silently; so did a
+    link to no page at all."""
+    service, driver = console_service, browser
+    assert sign_in(driver, service, service.key("audit:read")) == ["Audit"]
+    set_hash(driver, "#/deletions")
+    wait_for(driver, lambda d: d.current_url.endswith("#/audit"))
+    said = wait_for(driver, lambda d: status_line(d))
+    assert said == (
+        "Deletions needs a key with contacts:read or contacts:write; this key has audit:read."
+        " Showing Audit instead."
+    ), said
+    set_hash(driver, "#/nowhere/at-all")
+    wait_for(driver, lambda d: "no page #/nowhere/at-all" in status_line(d))
+    assert driver.current_url.endswith("#/audit")
+    assert_no_console_errors(driver)
+
+
 def test_a_view_that_finishes_loading_never_takes_the_focus_the_user_moved(
     console_service: ConsoleService, browser: WebDriver
 ) -> None:
