@@ -6,6 +6,7 @@ import { h, mount, time, badge, field, table, kv, say, sayNext, act, fail } from
 // What an endpoint subscribes to (webhook.test is not: "Send test" sends it to any endpoint).
 const EVENT_TYPES = ["contact.deleted", "deletion_job.completed"];
 const DELIVERY_STATUSES = ["pending", "failing", "succeeded", "failed"];
+const URL_INPUT = { type: "text", inputmode: "url", autocomplete: "url", spellcheck: "false", required: true };
 const REASONS = {
   gone: "the receiver answered 410 Gone",
   failing: "every attempt failed for the configured number of days",
@@ -63,7 +64,9 @@ function reason(endpoint) {
 }
 
 async function listPage(view, ctx) {
-  const url = h("input", { id: "ep-url", type: "url", required: true, placeholder: "https://crm.example.com/hooks/deletions" });
+  // Text, not type=url: the browser's own check ("Please enter a URL") would stop
+  // 127.0.0.1:9001/x before the API could say what it lacks ("missing scheme: use http://…").
+  const url = h("input", { id: "ep-url", ...URL_INPUT, placeholder: "https://crm.example.com/hooks/deletions" });
   const description = h("input", { id: "ep-description", type: "text", maxlength: 500 });
   const created = h("div", { "aria-live": "polite" });
   const list = h("div");
@@ -134,7 +137,7 @@ async function endpointPage(view, id, ctx) {
   const details = h("div");
   const notice = h("div", { "aria-live": "polite" });
   const actions = h("div");
-  const editUrl = h("input", { id: "edit-url", type: "url", required: true });
+  const editUrl = h("input", { id: "edit-url", ...URL_INPUT });
   const editDescription = h("input", { id: "edit-description", type: "text", maxlength: 500 });
   const editForm = h("form", { id: "edit-form" });
   const statusSelect = h("select", { id: "delivery-status" },
