@@ -598,22 +598,13 @@ def test_a_page_offers_only_what_the_api_takes_and_shows_what_holds_deliveries_b
     shot(driver, "delivery-endpoint-deleted")
 
     # A disabled endpoint (410 Gone): no Send test, no Recover, no Retry; Enable instead.
-    receiver.gone = True
-    status, created = service.call(key, "POST", "/v1/webhooks/endpoints", {"url": receiver.url})
-    assert status == 201, created
-    gone_id = created["data"]["id"]
-    receiver.secret = created["data"]["secret"]
-    assert service.call(key, "POST", f"/v1/webhooks/endpoints/{gone_id}/test")[0] == 202
-    wait_disabled(service, key, gone_id)
+    gone_id, gone_delivery = disabled_by_gone(service, key, receiver)
     set_hash(driver, f"#/endpoints/{gone_id}")
     wait_for(driver, lambda d: d.find_element(By.ID, "enable"))
     assert not driver.find_elements(By.ID, "send-test")
     assert not css(driver, "#recover-form").is_displayed()
     assert "enable it first" in text_of(driver, "#recover-disabled")
     assert "enable it" in text_of(driver, "#disabled-hint")
-    gone_delivery = service.call(key, "GET", f"/v1/webhooks/endpoints/{gone_id}/deliveries")[1][
-        "data"
-    ][0]["id"]
     set_hash(driver, f"#/deliveries/{gone_delivery}")
     note = wait_for(driver, lambda d: text_of(d, "#retry-note"))
     assert "endpoint is disabled" in note and "410 Gone" in note, note
@@ -655,6 +646,20 @@ def wait_disabled(service: ConsoleService, key: str, endpoint_id: str) -> None:
     raise AssertionError(f"endpoint {endpoint_id} was not disabled")
 
 
+def disabled_by_gone(service: ConsoleService, key: str, receiver: Receiver) -> tuple[str, str]:
+    """An endpoint the dispatcher disabled (its receiver answered a test event 410 Gone):
+    its id and that delivery's."""
+    receiver.gone = True
+    status, created = service.call(key, "POST", "/v1/webhooks/endpoints", {"url": receiver.url})
+    assert status == 201, created
+    endpoint_id = created["data"]["id"]
+    receiver.secret = created["data"]["secret"]
+    assert service.call(key, "POST", f"/v1/webhooks/endpoints/{endpoint_id}/test")[0] == 202
+    wait_disabled(service, key, endpoint_id)
+    deliveries = service.call(key, "GET", f"/v1/webhooks/endpoints/{endpoint_id}/deliveries")
+    return endpoint_id, deliveries[1]["data"][0]["id"]
+
+
 def local_time_ago(driver: WebDriver, element: WebElement, seconds: int) -> None:
     """Fill a datetime-local input with the browser's local time `seconds` ago."""
     driver.execute_script(
@@ -677,15 +682,7 @@ def test_every_error_envelope_is_shown_as_its_message(
     service, driver = console_service, browser
     key = service.key(*ALL_SCOPES)
     other = service.key("webhooks:manage")
-    receiver.gone = True
-    status, created = service.call(key, "POST", "/v1/webhooks/endpoints", {"url": receiver.url})
-    assert status == 201, created
-    endpoint_id = created["data"]["id"]
-    receiver.secret = created["data"]["secret"]
-    assert service.call(key, "POST", f"/v1/webhooks/endpoints/{endpoint_id}/test")[0] == 202
-    wait_disabled(service, key, endpoint_id)
-    deliveries = service.call(key, "GET", f"/v1/webhooks/endpoints/{endpoint_id}/deliveries")
-    delivery_id = deliveries[1]["data"][0]["id"]
+    endpoint_id, delivery_id = disabled_by_gone(service, key, receiver)
     disabled = f"webhook endpoint {endpoint_id} is disabled; enable it first"
     details = f"(endpoint_disabled) — endpoint id: {endpoint_id}; disabled reason: gone"
 
