@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -152,10 +153,7 @@ async def _serve(
         await site.start()
     except OSError as exc:  # in use, not an address of this host, a name that resolves not
         await runner.cleanup()
-        reason = exc.strerror or str(exc) or type(exc).__name__
-        raise StartupError(
-            f"cannot listen on HTTP_HOST={host} {setting}={port}: {reason}"
-        ) from None
+        raise StartupError(_cannot_listen(host, port, setting, exc)) from None
     if listening is not None:
         listening.set()
     bound = [address[1] for address in runner.addresses if isinstance(address, tuple)]
@@ -164,6 +162,41 @@ async def _serve(
         await stop.wait()
     finally:
         await runner.cleanup()
+
+
+def _cannot_listen(host: str, port: int, setting: str, exc: OSError) -> str:
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    return f"cannot listen on HTTP_HOST={host} {setting}={port}: {reason}"
+
+
+def listen_problem(settings: Settings, names: Sequence[str]) -> str | None:
+    """Why the named components could not listen where the settings say (HTTP_PORT for
+    the api, OPS_PORT when set), found before anything starts: the one-line start-up
+    error (``StartupError``) the bind itself would give, or None.
+
+    Each address the host resolves to is bound and released at once, as the server would
+    bind it (``SO_REUSEADDR``, IPv6 only on IPv6): a port in use, an address not of this
+    host and a name that does not resolve are caught before `run` migrates or `dev` starts
+    a broker. The server's own bind stays the authority (something may take the port in
+    between); this only moves the common failures ahead of any other work.
+    """
+    wanted = [("HTTP_PORT", settings.http_port)] if "api" in names else []
+    if settings.ops_port is not None:
+        wanted.append(("OPS_PORT", settings.ops_port))
+    host = settings.http_host
+    for setting, port in wanted:
+        try:
+            for family, kind, proto, _, address in socket.getaddrinfo(
+                host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+            ):
+                with socket.socket(family, kind, proto) as probe:
+                    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    if family == socket.AF_INET6:
+                        probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                    probe.bind(address)
+        except OSError as exc:
+            return _cannot_listen(host, port, setting, exc)
+    return None
 
 
 async def run_api(services: Services, stop: asyncio.Event) -> None:
@@ -362,11 +395,12 @@ async def run_components(services: Services, names: Sequence[str], stop: asyncio
     try:
         done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
         for task in done:
-            if task is not stopper and task.exception() is not None:
-                log.error(
-                    "component_failed", component=task.get_name(), error=repr(task.exception())
-                )
-                raise task.exception()  # type: ignore[misc]
+            failure = task.exception() if task is not stopper else None
+            if failure is not None:
+                # A StartupError is the command's one error line (service.cli), not a log.
+                if not isinstance(failure, StartupError):
+                    log.error("component_failed", component=task.get_name(), error=repr(failure))
+                raise failure
     finally:
         stop.set()
         for task in tasks:

@@ -10,20 +10,21 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import sys
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, NoReturn, TypeVar, cast
 
 from service import deadletters
 from service.bench_options import add_arguments as add_bench_arguments
+from service.cliout import PROG, error, out_json
+from service.cliout import out as _out
 from service.scopes import SCOPES
 
 if TYPE_CHECKING:
+    from service.app import Services
     from service.config import Settings
     from service.db import Database
 
-PROG = "contact-deletion"
 # Exit codes: 2 a configuration the operator must change (a setting, the database's
 # schema or name, the audit key); 3 `migrate` gave up waiting for the database.
 DATABASE_ERROR = 2
@@ -50,14 +51,20 @@ see the README for the full list."""
 
 
 class _Parser(argparse.ArgumentParser):
-    """A command group run without its subcommand (``contact-deletion keys``) prints its
-    help, which lists them, before argparse's one-line error."""
+    """Usage errors are the one error line every command prints (``service.cliout``:
+    ``contact-deletion: error: keys create: argument --scope: …``, after the usage),
+    exit 2; a command group run without its subcommand (``contact-deletion keys``)
+    prints its help, which lists them, instead of the usage."""
 
     def error(self, message: str) -> NoReturn:
         if "required" in message and message.endswith("COMMAND"):
             self.print_help(sys.stderr)
             sys.stderr.write("\n")
-        super().error(message)
+        else:
+            self.print_usage(sys.stderr)
+        command = self.prog.removeprefix(PROG).strip()
+        error(f"{command}: {message}" if command else message)
+        sys.exit(2)
 
 
 class _HelpFormatter(argparse.HelpFormatter):
@@ -92,15 +99,8 @@ def _workspace_name(value: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _out(text: str) -> None:
-    """What a command prints for its user (stdout), as opposed to logs (stderr)."""
-    sys.stdout.write(text + "\n")
-    sys.stdout.flush()
-
-
 def _fail(text: str) -> int:
-    sys.stderr.write(f"{PROG}: error: {text}\n")
-    sys.stderr.flush()
+    error(text)
     return DATABASE_ERROR
 
 
@@ -131,24 +131,35 @@ async def _with_db(settings: Settings, work: Callable[[Database], Awaitable[int]
         await db.dispose()
 
 
-async def serve(settings: Settings, names: Sequence[str], *, migrate: bool) -> int:
-    """Run components until SIGINT/SIGTERM.
+async def serve(
+    settings: Settings,
+    names: Sequence[str],
+    *,
+    migrate: bool,
+    prepare: Callable[[Services], Awaitable[None]] | None = None,
+) -> int:
+    """Run components until SIGINT/SIGTERM; `prepare` runs once the database is ready,
+    before the components start (`dev` makes its demo key there).
 
     A database that is down (or still starting) at start-up is waited for, with back-off
     and a `waiting_for_dependency` log line, rather than ending the process. One that
     cannot serve as configured (no such database, a refused login, no schema, another
-    AUDIT_HASH_KEY) is one line on stderr and exit 2.
+    AUDIT_HASH_KEY), or an address it cannot listen on, is one line on stderr and exit 2;
+    the address is checked first, so `run` with its port taken neither migrates nor logs.
     """
     import signal
 
     from service import gcpolicy
     from service.aio import Stopped, wait_for_dependency
-    from service.app import Services, run_components
+    from service.app import Services, listen_problem, run_components
     from service.audit.store import load_hash_key
     from service.db import Database
     from service.logs import get_logger
     from service.migrate import schema_problem
 
+    cannot_listen = listen_problem(settings, names)
+    if cannot_listen is not None:
+        return _fail(cannot_listen)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -183,6 +194,8 @@ async def serve(settings: Settings, names: Sequence[str], *, migrate: bool) -> i
             # Refuses to start (HashKeyMismatch) rather than key events nobody can find.
             configured = settings.audit_hash_key
             await load_hash_key(db, configured.get_secret_value() if configured else None)
+        if prepare is not None:
+            await prepare(services)
         await run_components(services, names, stop)
     finally:
         await services.close()
@@ -285,15 +298,13 @@ async def _keys_create(settings: Settings, args: argparse.Namespace) -> int | st
     async def work(db: Database) -> int:
         created = await create_key(db, args.workspace, args.scope)
         if args.json:
-            _out(
-                json.dumps(
-                    {
-                        "key": created.key,
-                        "key_id": str(created.key_id),
-                        "workspace_id": str(created.workspace_id),
-                        "new_workspace": created.new_workspace,
-                    }
-                )
+            out_json(
+                {
+                    "key": created.key,
+                    "key_id": str(created.key_id),
+                    "workspace_id": str(created.workspace_id),
+                    "new_workspace": created.new_workspace,
+                }
             )
         else:
             _out(f"key:          {created.key}")
@@ -313,7 +324,7 @@ async def _keys_list(settings: Settings, args: argparse.Namespace) -> int | str:
     async def work(db: Database) -> int:
         keys = await list_keys(db)
         if args.json:
-            _out(json.dumps(keys))
+            out_json(keys)
         else:
             rows = [
                 (
@@ -344,7 +355,7 @@ async def _keys_revoke(settings: Settings, args: argparse.Namespace) -> int | st
     try:
         key_id = uuid.UUID(args.key_id)
     except ValueError:
-        _out(f"not a key id: {args.key_id}")
+        error(f"not a key id: {args.key_id!r} (`contact-deletion keys list` shows each key_id)")
         return 2
 
     async def work(db: Database) -> int:
@@ -352,10 +363,10 @@ async def _keys_revoke(settings: Settings, args: argparse.Namespace) -> int | st
             _out(f"revoked {key_id}")
             return 0
         known = [k for k in await list_keys(db) if k["key_id"] == str(key_id)]
-        _out(
+        error(
             f"key {key_id} was already revoked at {known[0]['revoked_at']}"
             if known
-            else f"no key {key_id}"
+            else f"no key {key_id} (`contact-deletion keys list` shows each key_id)"
         )
         return 1
 
@@ -369,7 +380,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = _Parser(
         prog=PROG,
-        description="Bulk contact deletion with signed webhooks and an audit trail.",
+        description="Bulk contact deletion with signed webhooks and an audit trail.\n\n"
+        "Every command prints its answer on stdout; with --json, exactly one JSON\n"
+        "document: an object for one result, an array for a list ([] when empty).\n"
+        "What went wrong goes to stderr as 'contact-deletion: error: ...' lines; a\n"
+        "command that cannot start as configured prints one and exits with 2.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     # Every parser under it is a _Parser too (argparse makes subparsers of the root's class);
@@ -453,10 +468,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SCOPE",
         help="a scope the key holds; repeat for several (%(choices)s)",
     )
-    create.add_argument("--json", action="store_true", help="print one JSON line")
+    create.add_argument("--json", action="store_true", help="print one JSON object")
     summary = "list every key (id, prefix, workspace, live/revoked, scopes)"
     lst = keys.add_parser("list", help=summary, description=summary.capitalize() + ".")
-    lst.add_argument("--json", action="store_true", help="print a JSON array")
+    lst.add_argument(
+        "--json", action="store_true", help="print one JSON array ([] when there are none)"
+    )
     summary = "revoke a key; it stops working at once"
     revoke = keys.add_parser("revoke", help=summary, description=summary.capitalize() + ".")
     revoke.add_argument("key_id", help="the key's id (from `keys create` or `keys list`)")
@@ -504,7 +521,9 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
         return run_dev(settings, start_kafka=not args.no_kafka, new_key=args.new_key)
     from service.logs import configure_logging
 
-    configure_logging(settings.log_format, settings.log_level)
+    # A component's log is its output; a one-shot command prints its own results and errors.
+    serves = args.command == "run" or args.command in COMPONENTS
+    configure_logging(settings.log_format, settings.log_level, libraries=serves)
     if args.command == "migrate":
         return asyncio.run(_migrate(settings, args.wait))
     if args.command == "keys":

@@ -4,7 +4,8 @@ A record no consumer could process is copied to its topic's dead-letter topic
 (``<topic>.dlq``, README "Outages") with value-free headers saying why and where it came
 from. Reading those needed Kafka's console tools, which a pip install does not have. This
 lists every dead letter of this deployment's topics (``KAFKA_TOPIC_PREFIX``), oldest first
-per partition, one line each (or one JSON object with ``--json``):
+per partition, one line each (with ``--json``, one JSON array of objects, ``[]`` when
+there are none, as every ``--json`` listing prints: ``service.cli``):
 
     <dead-letter topic> <partition>/<offset> reason=<dlq-reason> source=<dlq-source> ...
 
@@ -22,9 +23,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import sys
 from typing import TYPE_CHECKING, Any
+
+from service.cliout import error, out, out_json
 
 if TYPE_CHECKING:
     from service.config import Settings
@@ -44,7 +45,9 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     commands = dlq.add_subparsers(dest="dlq_command", required=True, metavar="SUBCOMMAND")
     summary = "list every dead letter, oldest first per partition, and count them"
     listing = commands.add_parser("list", help=summary, description=summary.capitalize() + ".")
-    listing.add_argument("--json", action="store_true", help="one JSON object per dead letter")
+    listing.add_argument(
+        "--json", action="store_true", help="print one JSON array ([] when there are none)"
+    )
 
 
 def main(args: argparse.Namespace, settings: Settings) -> int:
@@ -59,6 +62,7 @@ async def list_dead_letters(settings: Settings, *, as_json: bool) -> int:
     from service.topics import all_topics
 
     topics = [t for t in all_topics(settings) if t.endswith(DLQ_SUFFIX)]
+    letters: list[dict[str, Any]] = []  # with --json: one document, printed once all are read
     count = 0
     try:
         async for message in read_topics(settings.kafka_bootstrap_servers, topics):
@@ -66,12 +70,17 @@ async def list_dead_letters(settings: Settings, *, as_json: bool) -> int:
             letter = describe(
                 message.topic, message.partition, message.offset, message.headers, message.value
             )
-            _out(json.dumps(letter, sort_keys=True) if as_json else _line(letter))
+            if as_json:
+                letters.append(letter)
+            else:
+                out(_line(letter))
     except KafkaUnavailable as exc:
-        sys.stderr.write(f"contact-deletion: error: {exc}\n")
+        error(str(exc))
         return UNAVAILABLE
-    if not as_json:
-        _out(f"{count} dead letter(s) in {', '.join(topics)}")
+    if as_json:
+        out_json(letters)
+    else:
+        out(f"{count} dead letter(s) in {', '.join(topics)}")
     return OK
 
 
@@ -99,8 +108,3 @@ def _line(letter: dict[str, Any]) -> str:
         if k not in ("topic", "partition", "offset", "value_bytes")
     ]
     return " ".join([where, *rest, f"value_bytes={letter['value_bytes']}"])
-
-
-def _out(text: str) -> None:
-    sys.stdout.write(text + "\n")
-    sys.stdout.flush()

@@ -1,7 +1,9 @@
 """`contact-deletion dev`: the local default (a real local Kafka, SQLite, every component).
 
-Before anything is printed or started it checks that the HTTP port is free, so that a
-second `make dev` says so in one line instead of printing a banner and dying. The demo
+Before anything is printed or started it checks that it can listen where it is told
+(`service.app.listen_problem`), so that a second `make dev` says so in the one-line
+start-up error every command uses (``contact-deletion: error: …``, exit 2: a
+``StartupError``) instead of printing a banner and dying. The demo
 key is made once and kept in ``<data_dir>/demo-key`` (mode 0600), so every `make dev`
 shows the same key instead of adding another live one; ``--new-key`` replaces it.
 
@@ -14,20 +16,22 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
-import signal
 import socket
 import sys
 from pathlib import Path
 
-from service.app import Services, components, run_components
-from service.config import Settings
+from service.app import Services, components, listen_problem
+from service.config import Settings, StartupError
 from service.db import Database
 from service.keys import SCOPES, authenticate, create_key, revoke_key
-from service.localkafka import DEFAULT_PORT, LocalKafka, LocalKafkaError, broker_answers
-from service.logs import configure_logging, get_logger
-from service.migrate import upgrade
-
-log = get_logger(__name__)
+from service.localkafka import (
+    DEFAULT_PORT,
+    LocalKafka,
+    LocalKafkaError,
+    broker_answers,
+    jars_cached,
+)
+from service.logs import configure_logging
 
 DEMO_WORKSPACE = "demo"
 DEMO_KEY_FILE = "demo-key"
@@ -50,17 +54,21 @@ def port_in_use(host: str, port: int) -> bool:
 
 
 def run_dev(settings: Settings, *, start_kafka: bool = True, new_key: bool = False) -> int:
-    """Start (or reuse) a local broker, migrate, reuse the demo key, run everything."""
+    """Start (or reuse) a local broker, migrate, reuse the demo key, run everything.
+
+    Raises StartupError (before anything starts) when it cannot listen on HTTP_HOST:
+    HTTP_PORT (or OPS_PORT), and when the local broker does not start."""
     settings = settings.model_copy(
         update={"webhook_allow_private_networks": True, "log_format": "console"}
     )
-    if port_in_use(settings.http_host, settings.http_port):
-        sys.stderr.write(
-            f"contact-deletion dev: {settings.http_host}:{settings.http_port} is already in "
-            "use (is another `make dev` running?). Stop it, or choose another port: "
-            f"HTTP_PORT={settings.http_port + 1} make dev\n"
-        )
-        return 1
+    cannot_listen = listen_problem(settings, list(components()))
+    if cannot_listen is not None:
+        if port_in_use(settings.http_host, settings.http_port):
+            cannot_listen += (
+                " (is another `make dev` running? Stop it, or choose another port: "
+                f"HTTP_PORT={settings.http_port + 1} make dev)"
+            )
+        raise StartupError(cannot_listen)
     configure_logging(settings.log_format, settings.log_level)
     # DATA_DIR=/a/new/folder make dev: made here, as `run` and `migrate` make it.
     settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -70,16 +78,16 @@ def run_dev(settings: Settings, *, start_kafka: bool = True, new_key: bool = Fal
     if start_kafka and not broker_answers(host, port):
         folder = broker_dir(settings.data_dir, port)
         broker = LocalKafka(host=host, port=port, data_dir=folder)
-        _say(f"starting a local Apache Kafka broker on {host}:{port} (first start fetches jars)")
+        _say(starting_broker(host, port, cached=jars_cached()))
         try:
             broker.start()
         except LocalKafkaError as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            sys.stderr.write(
-                f"contact-deletion dev: the local broker on {host}:{port} did not start: "
-                f"{first} (its output: {folder / 'broker.out'})\n"
-            )
-            return 1
+            raise StartupError(
+                f"the local broker on {host}:{port} did not start: {first} (its output: "
+                f"{folder / 'broker.out'}; or use a running one: KAFKA_BOOTSTRAP_SERVERS="
+                "host:port contact-deletion dev --no-kafka)"
+            ) from None
         _say(f"kafka ready on {broker.bootstrap}")
     elif start_kafka:
         _say(f"a broker already answers on {host}:{port}; using it")
@@ -89,6 +97,13 @@ def run_dev(settings: Settings, *, start_kafka: bool = True, new_key: bool = Fal
         if broker is not None:
             broker.stop()
             _say("local broker stopped")
+
+
+def starting_broker(host: str, port: int, *, cached: bool) -> str:
+    """The line `dev` prints as it starts its broker: it names the one-time fetch of the
+    jars only when they are not cached yet (it said "first start fetches jars" every time)."""
+    fetch = "" if cached else " (fetching its jars from Maven Central first, once)"
+    return f"starting a local Apache Kafka broker on {host}:{port}{fetch}"
 
 
 def broker_dir(data_dir: Path, port: int) -> Path:
@@ -125,32 +140,29 @@ def _write_key(key_file: Path, key: str) -> None:
 
 
 async def _dev_main(settings: Settings, *, new_key: bool, owns_broker: bool) -> int:
-    await upgrade(settings.database_url)
-    services = Services(settings=settings, db=Database.from_settings(settings))
+    """`run`'s start-up (the same waits and one-line errors, `service.cli.serve`), with
+    the demo key made once the database is migrated and the banner once the api listens."""
+    from service.cli import serve
+
     key_file = settings.data_dir / DEMO_KEY_FILE
-    key, is_new = await demo_key(services.db, key_file, new_key=new_key)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
     base = f"http://{settings.http_host}:{settings.http_port}"
-    banner = _banner(base, key, key_file, is_new, settings.describe_database(), owns_broker)
+    announced: set[asyncio.Task[None]] = set()
 
-    async def announce() -> None:
-        await services.listening.wait()
-        _say(banner)
+    async def greet(services: Services) -> None:
+        key, is_new = await demo_key(services.db, key_file, new_key=new_key)
+        banner = _banner(base, key, key_file, is_new, settings.describe_database(), owns_broker)
 
-    announcer = asyncio.create_task(announce())
+        async def announce() -> None:
+            await services.listening.wait()
+            _say(banner)
+
+        announced.add(asyncio.create_task(announce()))
+
     try:
-        await run_components(services, list(components()), stop)
-    except OSError as exc:
-        log.error("dev_failed", error=str(exc))
-        return 1
+        return await serve(settings, list(components()), migrate=True, prepare=greet)
     finally:
-        announcer.cancel()
-        await services.close()
-    log.info("stopped", components=list(components()))
-    return 0
+        for task in announced:
+            task.cancel()
 
 
 def _banner(

@@ -80,6 +80,11 @@ def _jars_complete(base: Path) -> bool:
     return (base / _COMPLETE_MARKER).is_file() and (base / "libs").is_dir()
 
 
+def jars_cached(version: str = KAFKA_VERSION, *, cache_dir: Path | None = None) -> bool:
+    """Whether `ensure_jars` has the jars already (False: it will fetch them with mvn)."""
+    return _jars_complete((cache_dir or default_cache_dir()) / f"kafka-{version}")
+
+
 def ensure_jars(version: str = KAFKA_VERSION, *, cache_dir: Path | None = None) -> Path:
     """Return the directory holding the broker's jars, fetching them with mvn if needed.
 

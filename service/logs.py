@@ -115,12 +115,17 @@ class _CurrentStderr:
 _STDERR: Any = _CurrentStderr()
 
 
-def configure_logging(fmt: str = "json", level: str = "INFO") -> None:
+def configure_logging(fmt: str = "json", level: str = "INFO", *, libraries: bool = True) -> None:
     """Configure structlog and the stdlib root logger once, at start-up.
 
     Every line goes to stderr in one format: structlog's own events, and records of
     libraries (aiokafka, aiohttp, alembic) at WARNING and above, rendered by the same
     processors. The console format uses colours only when stderr is a terminal.
+
+    ``libraries=False`` (a one-shot command: ``keys``, ``dlq list``, ``erasure check``)
+    leaves the libraries' records out unless ``level`` is DEBUG: such a command reports
+    what went wrong itself, in its own words (aiokafka's "Unable connect to …" came before
+    ``dlq list``'s one error line); its own events (``waiting_for_dependency``) stay.
     """
     renderer: Any
     if fmt == "console":
@@ -153,6 +158,8 @@ def configure_logging(fmt: str = "json", level: str = "INFO") -> None:
     if level != "DEBUG":
         handler.addFilter(_KafkaStartupNoise())
         handler.addFilter(_RepeatsCollapsed())
+        if not libraries:
+            handler.addFilter(lambda record: record.name.startswith("service"))
     root = logging.getLogger()
     # Replace only our own handler from an earlier call (tests configure more than once).
     for old in [h for h in root.handlers if getattr(h, "name", None) == _HANDLER_NAME]:

@@ -198,6 +198,31 @@ def _known(
     return details
 
 
+PLUS_AS_SPACE_HINT = "in a query string an unencoded '+' arrives as a space: send it as %2B"
+
+
+def _plus_hints(
+    details: list[dict[str, Any]], model: type[BaseModel], params: dict[str, str]
+) -> list[dict[str, Any]]:
+    """Add to a refused query parameter that has a space the advice to send '+' as %2B,
+    where the '+' it may have been is taken (``email=ada+crm@…`` arrives as "ada crm@…",
+    an offset ``+02:00`` as " 02:00"). The advice belongs here, where the value is known to
+    come from a query string (form decoding makes '+' a space): the same value in a JSON
+    body was sent as it is, and its validator's plain reason is the whole story."""
+    for detail in details:
+        name = detail["field"]
+        value = params.get(name)
+        if value is None or " " not in value:
+            continue
+        try:
+            model.model_validate({**params, name: value.replace(" ", "+")})
+        except ValidationError as exc:
+            if any(d["field"] == name for d in validation_details(exc)):
+                continue
+        detail["message"] = f"{detail['message']}; {PLUS_AS_SPACE_HINT}"
+    return details
+
+
 async def _refuse_a_body(request: web.Request) -> None:
     """An operation that takes no body refuses one it would ignore (``{"foo": 1}`` on
     ``…/test`` passed silently, while every route with a body refuses unknown fields);
@@ -224,12 +249,13 @@ def _wrap(op: Operation) -> Callable[[web.Request], Awaitable[web.StreamResponse
                 path[name] = uuid.UUID(request.match_info[name])
             except ValueError:
                 raise NotFound(f"no such {_noun(name)}") from None
+        params = query_dict(request)
         try:
-            query = op.query.model_validate(query_dict(request))
+            query = op.query.model_validate(params)
         except ValidationError as exc:
+            details = _known(validation_details(exc), op.query, "parameter")
             raise ValidationFailed(
-                "the query parameters are invalid",
-                _known(validation_details(exc), op.query, "parameter"),
+                "the query parameters are invalid", _plus_hints(details, op.query, params)
             ) from None
         body: BaseModel | None = None
         raw: Any = None

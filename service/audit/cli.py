@@ -18,10 +18,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from service.cliout import error, out_json
+from service.cliout import out as _out
 
 if TYPE_CHECKING:
     # Imported where used, so that `contact-deletion --help` stays fast.
@@ -47,7 +49,11 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     summary = "walk the hash chain of every workspace (or one) in the database"
     verify = commands.add_parser("verify", help=summary, description=summary.capitalize() + ".")
     verify.add_argument("--workspace", help="the name or id of one workspace (default: all)")
-    verify.add_argument("--json", action="store_true", help="one JSON object per workspace")
+    verify.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON array, an object per workspace ([] when there is none)",
+    )
     verify.add_argument(
         *_ANCHOR_ARGS,
         **_ANCHOR_OPTIONS,
@@ -58,7 +64,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "verify-export", help=summary, description=summary.capitalize() + "."
     )
     offline.add_argument("file", type=Path, help="the file from GET /v1/audit/export")
-    offline.add_argument("--json", action="store_true", help="print the result as JSON")
+    offline.add_argument("--json", action="store_true", help="print one JSON object")
     offline.add_argument(*_ANCHOR_ARGS, **_ANCHOR_OPTIONS, help=_ANCHOR_HELP)
 
 
@@ -103,7 +109,7 @@ async def run(args: argparse.Namespace, settings: Settings) -> int:
 
     problem = await schema_problem(settings.database_url, where=settings.describe_database())
     if problem is not None:
-        sys.stderr.write(f"contact-deletion: error: {problem}\n")
+        error(problem)
         return USAGE
     db = Database(settings.database_url)
     try:
@@ -124,23 +130,28 @@ async def verify_database(
     from service.audit.store import audited_workspaces, verify_workspace
 
     if anchors and workspace is None:
-        _out("--anchor belongs to one workspace's chain: name it with --workspace")
+        error("--anchor belongs to one workspace's chain: name it with --workspace")
         return USAGE
     chosen = await audited_workspaces(db)
     if workspace is not None:
         chosen = [(wid, name) for wid, name in chosen if workspace in (name, str(wid))]
         if not chosen:
-            _out(f"no workspace named {workspace!r}")
+            error(f"--workspace: no workspace named {workspace!r} (nor with that id)")
             return USAGE
     broken = 0
+    verdicts = []  # with --json: one array, printed once every chain is walked
     for workspace_id, name in chosen:
         result = await verify_workspace(db, workspace_id, anchors=anchors)
         broken += not result.ok
         if as_json:
-            _out(_json({"workspace": name, "workspace_id": str(workspace_id), **result.to_dict()}))
+            verdicts.append(
+                {"workspace": name, "workspace_id": str(workspace_id), **result.to_dict()}
+            )
         else:
             _out(f"{name or '(unnamed)'} ({workspace_id}): {_describe(result)}")
-    if not as_json:
+    if as_json:
+        out_json(verdicts)
+    else:
         _out(f"{len(chosen)} workspace(s) verified, {broken} broken")
     return BROKEN if broken else OK
 
@@ -155,12 +166,15 @@ def verify_export_file(
         not_export = _not_an_export(path)
         result = verify_export(path, anchors=anchors) if not_export is None else None
     except OSError as exc:
-        _out(f"cannot read {path}: {exc.strerror or exc}")
+        error(f"cannot read {path}: {exc.strerror or exc}")
         return USAGE
     if result is None:
-        _out(f"{path}: nothing to verify: {not_export}")
+        error(f"{path}: nothing to verify: {not_export}")
         return USAGE
-    _out(_json(result.to_dict()) if as_json else f"{path}: {_describe(result)}")
+    if as_json:
+        out_json(result.to_dict())
+    else:
+        _out(f"{path}: {_describe(result)}")
     if result.ok and not as_json:
         _out(
             "an export cut short at a line boundary verifies too: compare head_seq and "
@@ -199,13 +213,3 @@ def _describe(result: VerifyResult) -> str:
         return f"ok, {events} (seq {first}..{result.head_seq}), head hash {result.head_hash}"
     where = f"seq {result.broken_seq}" if result.broken_seq is not None else "the first line"
     return f"BROKEN at {where}: {result.reason} ({result.detail})"
-
-
-def _json(value: dict[str, Any]) -> str:
-    return json.dumps(value, sort_keys=True)
-
-
-def _out(text: str) -> None:
-    # What the command prints for its user goes to stdout; logs go to stderr.
-    sys.stdout.write(text + "\n")
-    sys.stdout.flush()

@@ -186,12 +186,3 @@ class TimelineItem(Out):
     status: Literal["open", "completed"] | None = Field(default=None, description="task only")
     due_at: Time | None = Field(default=None, description="task only")
     body: str | None = None
-
-
-class Timeline(Out):
-    """A page of a contact's timeline, newest first."""
-
-    items: list[TimelineItem]
-    next_cursor: str | None = Field(
-        default=None, description="Pass it back as `cursor` for the next page; null on the last"
-    )

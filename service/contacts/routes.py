@@ -15,7 +15,6 @@ from service.contacts.models import (
     ContactQuery,
     NoteCreate,
     TaskCreate,
-    Timeline,
     TimelineItem,
 )
 from service.http import DB_KEY
@@ -83,14 +82,16 @@ def _timeline_adder(model: type[ActivityCreate] | type[NoteCreate] | type[TaskCr
     return handler
 
 
-async def get_timeline(call: Call) -> Data[Timeline]:
+async def get_timeline(call: Call) -> Page[TimelineItem]:
+    """A page of a live contact's timeline, newest first: ``{"data": [...],
+    "next_cursor"}`` like every listing (it was ``{"data": {"items", "next_cursor"}}``)."""
     query = call.query_as(ListQuery)
     before = read_cursor(query.cursor, TimeIdCursor).position if query.cursor else None
     items, nxt = await store.contact_timeline(
         call.app[DB_KEY], call.principal.workspace_id, call.path["contact_id"], query.limit, before
     )
     cursor = encode_cursor({"at": nxt[0].isoformat(), "id": str(nxt[1])}) if nxt else None
-    return Data[Timeline].model_validate({"data": {"items": items, "next_cursor": cursor}})
+    return Page[TimelineItem].model_validate({"data": items, "next_cursor": cursor})
 
 
 def _adder(
@@ -168,7 +169,7 @@ ROUTES: tuple[Operation, ...] = (
         tag=TAG,
         scope=READ,
         query=ListQuery,
-        answers=(Answer(200, Data[Timeline], "The timeline"),),
+        answers=(Answer(200, Page[TimelineItem], "A page of the timeline, newest first"),),
     ),
 )
 """The contacts capability's operations (DELETE /v1/contacts/{id} is deletion's)."""

@@ -61,16 +61,6 @@ class ErrorCode(enum.StrEnum):
     FAILED = "FAILED_DELETE_CONTACT"
 
 
-ERROR_MESSAGES = {
-    ErrorCode.SITE_MEMBER: "the contact is a site member; set delete_members to delete it "
-    "(a member only: owners and contributors are never deleted)",
-    ErrorCode.BILLING: "the contact has a billing subscription",
-    ErrorCode.OWNER_OR_CONTRIBUTOR: "site owners and contributors cannot be deleted",
-    ErrorCode.AFTER_MEMBER_DELETION: "the member was removed but the contact was not deleted",
-    ErrorCode.FAILED: "the contact could not be deleted",
-}
-
-
 def _exactly_one_selector(schema: dict[str, Any]) -> None:
     """The selector rule in the document: contact_ids, or emails, or filter/search/match_all."""
 
@@ -205,29 +195,58 @@ class BulkDeleteRequest(BaseModel):
 
 @dataclass(frozen=True)
 class Outcome:
+    """What deleting one contact does: its item's status and, for a failure, the code and
+    a message that names the contact's blocker and the remedy that applies to it (or
+    that none does)."""
+
     status: ItemStatus
     code: ErrorCode | None = None
-
-    @property
-    def message(self) -> str | None:
-        return ERROR_MESSAGES[self.code] if self.code is not None else None
+    message: str | None = None
 
 
 DELETE = Outcome(ItemStatus.DELETED)
 NOT_FOUND = Outcome(ItemStatus.NOT_FOUND)
 
 
+def _failed(code: ErrorCode, role: str | None, billing: bool) -> Outcome:
+    """A failure whose message names what keeps this contact and a remedy only where
+    one works: "set delete_members" for a member that nothing else keeps."""
+    who = f"the contact is a site {role}" if role is not None else "the contact"
+    if billing:
+        who += " with a billing subscription" if role is not None else " has a billing subscription"
+    rules = []
+    if role in ("owner", "contributor"):
+        rules.append("site owners and contributors are never deleted")
+    if billing:
+        rules.append(
+            "a contact with a billing subscription is never deleted"
+            if role
+            else "it is never deleted"
+        )
+    if not rules:
+        return Outcome(ItemStatus.FAILED, code, f"{who}: set delete_members to delete it")
+    whatever = ", with or without delete_members" if role is not None else ""
+    return Outcome(ItemStatus.FAILED, code, f"{who}: {' and '.join(rules)}{whatever}")
+
+
 def decide(contact: Mapping[Any, Any] | None, delete_members: bool) -> Outcome:
-    """What deleting this contact should do, by the product's rules (no I/O)."""
+    """What deleting this contact should do, by the product's rules (DESIGN §3, no I/O).
+
+    A contact with a ``member_role`` fails as a site member unless ``delete_members``;
+    one with a billing subscription is never deleted, nor is an owner or a contributor.
+    The message names every rule that keeps this contact, so that the remedy it gives is
+    one that works (an owner, or a paying member, stays whatever delete_members says).
+    """
     if contact is None:
         return NOT_FOUND
     role = contact["member_role"]
+    billing = bool(contact["has_billing_subscription"])
     if role is not None and not delete_members:
-        return Outcome(ItemStatus.FAILED, ErrorCode.SITE_MEMBER)
-    if contact["has_billing_subscription"]:
-        return Outcome(ItemStatus.FAILED, ErrorCode.BILLING)
+        return _failed(ErrorCode.SITE_MEMBER, role, billing)
+    if billing:
+        return _failed(ErrorCode.BILLING, role, billing)
     if role in ("owner", "contributor"):
-        return Outcome(ItemStatus.FAILED, ErrorCode.OWNER_OR_CONTRIBUTOR)
+        return _failed(ErrorCode.OWNER_OR_CONTRIBUTOR, role, billing)
     return DELETE
 
 

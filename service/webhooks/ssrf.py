@@ -210,22 +210,65 @@ async def resolve_checked(
     return [str(ip) for ip in addresses]
 
 
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*")  # RFC 3986 §3.1
+_PORT_FIRST = re.compile(r"\d+(?:[/?#]|$)")
+_HTTP_WITHOUT_COLON = re.compile(r"(?i)(https?)(//.*)")
+_NOT_ABSOLUTE = "the URL must be absolute, like https://example.com/webhooks"
+_NO_HOST = "the URL has no host: give one after //, like https://example.com/webhooks"
+
+
+def _shape_problem(url: str) -> str | None:
+    """What is wrong with `url`, if it has one of the shapes a URL parser reads as something
+    else than was meant, named as what it lacks (a parser reads ``127.0.0.1:9001/x`` as
+    the scheme ``127.0.0.1``, ``localhost:8000`` as the scheme ``localhost``, and
+    ``//host/x``, ``host/x`` and ``http:/host/x`` as URLs without a scheme or a host).
+
+    The advice shows the URL's host and port with the scheme it needs, and never the
+    rest of it (where a receiver's token often is) nor any ``user:password@``."""
+    if not url or (url[0] in "/\\" and not url.startswith("//")):
+        return _NOT_ABSOLUTE  # a path alone
+    scheme, colon, rest = url.partition(":")
+    if without_colon := _HTTP_WITHOUT_COLON.fullmatch(url):  # "http//host/x"
+        scheme = without_colon[1].lower()
+        return _with_scheme(f"missing ':' after {scheme!r}", without_colon[2], scheme)
+    if not colon or not _SCHEME.fullmatch(scheme) or _PORT_FIRST.match(rest):
+        # "host/x", "//host/x", "127.0.0.1:9001/x", "localhost:8000", "[::1]:80/x"
+        return _with_scheme("missing scheme", url, "http")
+    if scheme.lower() in ("http", "https") and not rest.startswith("//"):
+        scheme = scheme.lower()  # "https:host/x", "http:/host/x"
+        return _with_scheme(f"missing // after '{scheme}:'", rest, scheme)
+    return None
+
+
+def _with_scheme(problem: str, rest: str, scheme: str) -> str:
+    """`problem`, and the URL's host and port after `scheme` (and https for http)."""
+    text = rest.lstrip("/\\")
+    authority = re.split(r"[/?#\\]", text, maxsplit=1)[0]
+    host = authority.rpartition("@")[2]
+    if not host:
+        return _NO_HOST
+    tail = "/…" if len(text) > len(authority) else ""
+    other = " (or https://)" if scheme == "http" else ""
+    return f"{problem}: use {scheme}://{host}{tail}{other}"
+
+
 def _parse_http_url(url: str) -> tuple[URL, str, int]:
     """``url`` parsed, with its host and port, if it is an absolute http(s) URL with a host.
 
-    Raises ValueError otherwise.
+    Raises ValueError otherwise, saying what the URL lacks (`_shape_problem`).
     """
+    problem = _shape_problem(url)
+    if problem is not None:
+        raise ValueError(problem)
     try:
         parsed = URL(url)
         port = parsed.port  # yarl checks the port's range only when it is read
     except ValueError as exc:
         raise ValueError(f"not a valid URL: {exc}") from exc
-    if parsed.scheme and parsed.scheme not in ("http", "https"):
+    if parsed.scheme not in ("http", "https"):
         raise ValueError(f"the URL scheme must be http or https, not {parsed.scheme!r}")
-    if not parsed.scheme:
-        raise ValueError("the URL must be absolute, like https://example.com/webhooks")
     if not parsed.raw_host or port is None:
-        raise ValueError("the URL has no host")
+        raise ValueError(_NO_HOST)
     return parsed, parsed.raw_host, port
 
 

@@ -257,6 +257,9 @@ def test_a_key_without_audit_read_sees_no_audit_section_and_sign_out_forgets_it(
     driver.get(service.base + "/console#/audit")
     wait_for(driver, lambda d: d.current_url.endswith("#/deletions"))
     wait_for(driver, lambda d: d.find_element(By.ID, "delete-form"))
+    # It landed elsewhere silently: the status line says why.
+    assert text_of(driver, "#status").startswith("Audit needs a key with audit:read; this key has ")
+    assert "Showing Deletions instead." in text_of(driver, "#status")
     assert "Audit" not in css(driver, "header").text
     assert not driver.find_elements(By.ID, "verify")
     # The keyboard reaches the sections: focus a nav link, press Enter.
@@ -272,6 +275,26 @@ def test_a_key_without_audit_read_sees_no_audit_section_and_sign_out_forgets_it(
     driver.refresh()
     wait_for(driver, lambda d: d.find_element(By.ID, "api-key").is_displayed())
     assert not css(driver, "#nav").is_displayed()
+
+
+def test_a_link_to_a_section_the_key_may_not_open_says_why_it_shows_another(
+    console_service: ConsoleService, browser: WebDriver
+) -> None:
+    """A key without contacts:read opening #/deletions landed on Audit silently; so did a
+    link to no page at all."""
+    service, driver = console_service, browser
+    assert sign_in(driver, service, service.key("audit:read")) == ["Audit"]
+    set_hash(driver, "#/deletions")
+    wait_for(driver, lambda d: d.current_url.endswith("#/audit"))
+    said = wait_for(driver, lambda d: status_line(d))
+    assert said == (
+        "Deletions needs a key with contacts:read or contacts:write; this key has audit:read."
+        " Showing Audit instead."
+    ), said
+    set_hash(driver, "#/nowhere/at-all")
+    wait_for(driver, lambda d: "no page #/nowhere/at-all" in status_line(d))
+    assert driver.current_url.endswith("#/audit")
+    assert_no_console_errors(driver)
 
 
 def test_a_view_that_finishes_loading_never_takes_the_focus_the_user_moved(
@@ -462,7 +485,14 @@ def test_manage_an_endpoint_and_export_the_trail_from_the_page(
     click(driver, "#edit-form button[type=submit]")
     wait_for(driver, lambda d: "CRM sync" in text_of(d, ".kv"))
 
+    # Rotating asks first, as deleting does; keeping the secret changes nothing.
     click(driver, "#rotate")
+    assert "24 hours" in wait_for(driver, lambda d: text_of(d, "#confirm-question"))
+    click(driver, "#keep-rotate")
+    wait_for(driver, lambda d: d.find_element(By.ID, "rotate"))
+    assert not driver.find_elements(By.ID, "endpoint-secret")
+    click(driver, "#rotate")
+    click(driver, "#really-rotate")
     new_secret = wait_for(driver, lambda d: d.find_element(By.ID, "endpoint-secret")).text
     assert new_secret.startswith("whsec_") and new_secret != first_secret
     assert "24 hours" in text_of(driver, ".secret")
@@ -474,7 +504,7 @@ def test_manage_an_endpoint_and_export_the_trail_from_the_page(
     assert [p["type"] for p in receiver.verified] == ["webhook.test"]
 
     click(driver, "#delete-endpoint")
-    click(driver, "#really-delete")
+    click(driver, "#really-delete-endpoint")
     wait_for(driver, lambda d: d.current_url.endswith("#/webhooks"))
     wait_for(driver, lambda d: "No endpoints yet." in text_of(d, "main"))
     assert service.call(key, "GET", f"/v1/webhooks/endpoints/{endpoint_id}")[0] == 404
@@ -495,6 +525,91 @@ def test_manage_an_endpoint_and_export_the_trail_from_the_page(
         "webhook.endpoint.secret_rotated",
         "webhook.endpoint.deleted",
     ]
+
+
+def test_a_page_offers_only_what_the_api_takes_and_shows_what_holds_deliveries_back(
+    console_service: ConsoleService, browser: WebDriver, receiver: Receiver
+) -> None:
+    """A delivery whose endpoint was deleted offered "Retry now" (then 409
+    endpoint_deleted), and a disabled endpoint's page Send test and Recover (409
+    endpoint_disabled): an action the API refuses for a known state is not offered, and
+    the page says why. A succeeded delivery is offered "Send again", saying that the
+    receiver gets it twice. The endpoint page shows max_in_flight and rate_limit_per_s (a
+    backlog sat "pending" with nothing said why), and deleting it says what becomes of its
+    deliveries as the API does: they fail, they are not "dropped"."""
+    service, driver = console_service, browser
+    key = service.key(*ALL_SCOPES)
+    body = {"url": receiver.url, "max_in_flight": 2, "rate_limit_per_s": 5}
+    status, created = service.call(key, "POST", "/v1/webhooks/endpoints", body)
+    assert status == 201, created
+    endpoint_id = created["data"]["id"]
+    receiver.secret = created["data"]["secret"]
+    base = f"/v1/webhooks/endpoints/{endpoint_id}"
+
+    def deliveries(status: str) -> list[str]:
+        listed = service.call(key, "GET", f"{base}/deliveries?status={status}")[1]["data"]
+        return [d["id"] for d in listed]
+
+    def one(status: str) -> str:
+        deadline = time.monotonic() + 30
+        while not (found := deliveries(status)):
+            assert time.monotonic() < deadline, f"no {status} delivery"
+            time.sleep(0.2)
+        return found[0]
+
+    # The receiver answers 503 first (a retry an hour later: failing), then 200.
+    assert service.call(key, "POST", f"{base}/test")[0] == 202
+    failing = one("failing")
+    assert service.call(key, "POST", f"{base}/test")[0] == 202
+    succeeded = one("succeeded")
+
+    sign_in(driver, service, key)
+    set_hash(driver, f"#/endpoints/{endpoint_id}")
+    assert wait_for(driver, lambda d: text_of(d, "#endpoint-max-in-flight")) == "2"
+    assert text_of(driver, "#endpoint-rate-limit") == "5 requests per second"
+    pace = text_of(driver, "#endpoint-pace")
+    assert "at most 2 requests at a time and 5 per second" in pace and "pending" in pace, pace
+
+    set_hash(driver, f"#/deliveries/{succeeded}")
+    again = wait_for(driver, lambda d: d.find_element(By.ID, "retry-delivery"))
+    assert again.text == "Send again"
+    assert "a second time, with the same webhook-id" in text_of(driver, "#retry-note")
+    set_hash(driver, f"#/deliveries/{failing}")
+    assert wait_for(driver, lambda d: d.find_element(By.ID, "retry-delivery")).text == "Retry now"
+
+    set_hash(driver, f"#/endpoints/{endpoint_id}")
+    click(driver, "#delete-endpoint")
+    question = wait_for(driver, lambda d: text_of(d, "#confirm-question"))
+    assert "become failed and are not sent" in question and "dropped" not in question, question
+    click(driver, "#really-delete-endpoint")
+    wait_for(driver, lambda d: d.current_url.endswith("#/webhooks"))
+    assert "are now failed and will not be sent" in status_line(driver)
+    assert (
+        service.call(key, "GET", f"/v1/webhooks/deliveries/{failing}")[1]["data"]["status"]
+        == "failed"
+    )
+
+    # The deleted endpoint's delivery: no Retry (409 endpoint_deleted), and why.
+    set_hash(driver, f"#/deliveries/{failing}")
+    note = wait_for(driver, lambda d: text_of(d, "#retry-note"))
+    assert "endpoint was deleted" in note and "not sent again" in note, note
+    assert not driver.find_elements(By.ID, "retry-delivery")
+    assert css(driver, "#view a").text == "← All endpoints"  # not to the endpoint's 404
+    shot(driver, "delivery-endpoint-deleted")
+
+    # A disabled endpoint (410 Gone): no Send test, no Recover, no Retry; Enable instead.
+    gone_id, gone_delivery = disabled_by_gone(service, key, receiver)
+    set_hash(driver, f"#/endpoints/{gone_id}")
+    wait_for(driver, lambda d: d.find_element(By.ID, "enable"))
+    assert not driver.find_elements(By.ID, "send-test")
+    assert not css(driver, "#recover-form").is_displayed()
+    assert "enable it first" in text_of(driver, "#recover-disabled")
+    assert "enable it" in text_of(driver, "#disabled-hint")
+    set_hash(driver, f"#/deliveries/{gone_delivery}")
+    note = wait_for(driver, lambda d: text_of(d, "#retry-note"))
+    assert "endpoint is disabled" in note and "410 Gone" in note, note
+    assert not driver.find_elements(By.ID, "retry-delivery")
+    only_refused_requests(driver)
 
 
 # --- what the console shows is the API's latest answer, error or not ---------------------
@@ -531,6 +646,20 @@ def wait_disabled(service: ConsoleService, key: str, endpoint_id: str) -> None:
     raise AssertionError(f"endpoint {endpoint_id} was not disabled")
 
 
+def disabled_by_gone(service: ConsoleService, key: str, receiver: Receiver) -> tuple[str, str]:
+    """An endpoint the dispatcher disabled (its receiver answered a test event 410 Gone):
+    its id and that delivery's."""
+    receiver.gone = True
+    status, created = service.call(key, "POST", "/v1/webhooks/endpoints", {"url": receiver.url})
+    assert status == 201, created
+    endpoint_id = created["data"]["id"]
+    receiver.secret = created["data"]["secret"]
+    assert service.call(key, "POST", f"/v1/webhooks/endpoints/{endpoint_id}/test")[0] == 202
+    wait_disabled(service, key, endpoint_id)
+    deliveries = service.call(key, "GET", f"/v1/webhooks/endpoints/{endpoint_id}/deliveries")
+    return endpoint_id, deliveries[1]["data"][0]["id"]
+
+
 def local_time_ago(driver: WebDriver, element: WebElement, seconds: int) -> None:
     """Fill a datetime-local input with the browser's local time `seconds` ago."""
     driver.execute_script(
@@ -553,44 +682,33 @@ def test_every_error_envelope_is_shown_as_its_message(
     service, driver = console_service, browser
     key = service.key(*ALL_SCOPES)
     other = service.key("webhooks:manage")
-    receiver.gone = True
-    status, created = service.call(key, "POST", "/v1/webhooks/endpoints", {"url": receiver.url})
-    assert status == 201, created
-    endpoint_id = created["data"]["id"]
-    receiver.secret = created["data"]["secret"]
-    assert service.call(key, "POST", f"/v1/webhooks/endpoints/{endpoint_id}/test")[0] == 202
-    wait_disabled(service, key, endpoint_id)
-    deliveries = service.call(key, "GET", f"/v1/webhooks/endpoints/{endpoint_id}/deliveries")
-    delivery_id = deliveries[1]["data"][0]["id"]
+    endpoint_id, delivery_id = disabled_by_gone(service, key, receiver)
     disabled = f"webhook endpoint {endpoint_id} is disabled; enable it first"
     details = f"(endpoint_disabled) — endpoint id: {endpoint_id}; disabled reason: gone"
 
     sign_in(driver, service, key)
+    # The page offers none of the three for a disabled endpoint (test_a_page_offers_...);
+    # a click that races the endpoint's disabling gets the 409, through the same module.
     set_hash(driver, f"#/endpoints/{endpoint_id}")
-    click(driver, "#send-test")
-    shown = wait_for(driver, lambda d: text_of(d, ".status.bad"))
-    assert disabled in shown and details in shown, shown
-    clear_status(driver)
-    local_time_ago(driver, css(driver, "#recover-since"), 3600)
-    click(driver, "#recover-form button[type=submit]")
-    shown = wait_for(driver, lambda d: text_of(d, ".status.bad"))
-    assert disabled in shown and details in shown, shown
-    set_hash(driver, f"#/deliveries/{delivery_id}")
-    click(driver, "#retry-delivery")
-    shown = wait_for(driver, lambda d: text_of(d, ".status.bad"))
-    assert disabled in shown and details in shown, shown
+    wait_for(driver, lambda d: d.find_element(By.ID, "enable"))
 
-    # The other shapes, through the console's own API module: real answers of the service
-    # (405, 415, 403 with an object; 200 that is not JSON), and a proxy's HTML page and a
-    # dropped connection in place of the network (outside the system, so faked).
+    # Every shape, through the console's own API module: real answers of the service
+    # (409 with an object for each refused send, 405, 415, 403 with an object; 200 that is
+    # not JSON), and a proxy's HTML page and a dropped connection in place of the network
+    # (outside the system, so faked).
     said = driver.execute_async_script(
-        """const [other, done] = arguments;
+        """const [other, endpoint, delivery, done] = arguments;
         (async () => {
           const { api, ApiError } = await import("/console/assets/api.js");
           const said = async (call) => {
             try { await call(); return "no error"; } catch (e) { return e.message; }
           };
           const out = {};
+          const hooks = `/v1/webhooks/endpoints/${endpoint}`;
+          out.test = await said(() => api("POST", `${hooks}/test`));
+          out.recover = await said(() => api("POST", `${hooks}/recover`,
+            { since: new Date(Date.now() - 3600e3).toISOString() }));
+          out.retry = await said(() => api("POST", `/v1/webhooks/deliveries/${delivery}/retry`));
           out.method = await said(() => api("PUT", "/v1/webhooks/endpoints"));
           out.media = await said(() => api("POST", "/v1/webhooks/endpoints",
             { url: "https://crm.example.com/hooks" }, { "Content-Type": "text/plain" }));
@@ -613,7 +731,11 @@ def test_every_error_envelope_is_shown_as_its_message(
           return out;
         })().then(done, (e) => done({ thrown: String(e) }));""",
         other,
+        endpoint_id,
+        delivery_id,
     )
+    for refused in ("test", "recover", "retry"):
+        assert disabled in said[refused] and details in said[refused], said
     assert said["method"].startswith(
         "method PUT is not allowed here (method_not_allowed) — allowed methods: "
     ), said
@@ -727,11 +849,20 @@ def test_the_endpoint_page_and_the_status_line_follow_the_latest_state(
     click(driver, "#send-test")  # the receiver answers 410 Gone: the endpoint is disabled
     wait_for(driver, lambda d: "410 Gone" in text_of(d, ".kv"), timeout=30)
     wait_for(driver, lambda d: d.find_element(By.ID, "enable"))
-    click(driver, "#send-test")
-    wait_for(driver, lambda d: "endpoint_disabled" in text_of(d, ".status.bad"))
+    assert not driver.find_elements(By.ID, "send-test")  # the API would refuse it (409)
+    edit_url = css(driver, "#edit-url")
+    edit_url.clear()
+    # The API's advice reaches the page (a type=url field stopped it with the browser's
+    # "Please enter a URL").
+    edit_url.send_keys("127.0.0.1:9/hook")
+    click(driver, "#edit-form button[type=submit]")
+    wait_for(
+        driver, lambda d: "missing scheme: use http://127.0.0.1:9/…" in text_of(d, ".status.bad")
+    )
     click(driver, "#rotate")
+    click(driver, "#really-rotate")
     wait_for(driver, lambda d: d.find_element(By.ID, "endpoint-secret"))
-    wait_for(driver, lambda d: "endpoint_disabled" not in status_line(d))
+    wait_for(driver, lambda d: "missing scheme" not in status_line(d))
     click(driver, "#enable")
     wait_for(driver, lambda d: status_line(d) == "Endpoint enabled.")
     wait_for(driver, lambda d: not d.find_elements(By.ID, "enable"))
@@ -742,7 +873,7 @@ def test_the_endpoint_page_and_the_status_line_follow_the_latest_state(
     wait_for(driver, lambda d: d.find_element(By.ID, "enable"), timeout=30)
     assert receiver.answered == [410, 410]
     click(driver, "#delete-endpoint")
-    click(driver, "#really-delete")
+    click(driver, "#really-delete-endpoint")
     wait_for(driver, lambda d: d.current_url.endswith("#/webhooks"))
     wait_for(driver, lambda d: d.find_element(By.ID, "endpoint-form"))
     assert status_line(driver).startswith("Endpoint deleted")

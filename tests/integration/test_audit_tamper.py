@@ -195,11 +195,12 @@ def audit_args(*argv: str) -> argparse.Namespace:
 async def cli_verify(
     settings: Settings, capsys: pytest.CaptureFixture[str], *argv: str
 ) -> tuple[int, list[dict[str, Any]]]:
-    """Run `audit verify --json ...`; its exit code and the JSON line of each workspace."""
+    """Run `audit verify --json ...`; its exit code and the JSON object of each workspace
+    (the one JSON array it prints)."""
     capsys.readouterr()
     code = await audit_cli.run(audit_args("verify", "--json", *argv), settings)
-    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    return code, lines
+    verdicts: list[dict[str, Any]] = json.loads(capsys.readouterr().out)
+    return code, verdicts
 
 
 async def assert_broken_at(

@@ -376,7 +376,7 @@ async def test_null_for_a_selector_is_a_400_never_every_contact(
         ("last week", "not an RFC 3339 date-time"),
         ("2026-11-30", "a date alone"),
         ("2026-11-30T06:00:00", "add a UTC offset or Z"),
-        ("2026-11-30T06:00:00 02:00", "%2B"),
+        ("2026-11-30T06:00:00 02:00", "not an RFC 3339 date-time"),
         (1764482400, "RFC 3339 date-time string"),
     ],
 )
@@ -396,14 +396,64 @@ async def test_every_instant_input_is_refused_in_the_same_words(
         await raw_post(tenant, "/v1/audit/events/query", json.dumps({"since": value}).encode()),
     ]
     if isinstance(value, str):
-        query = value.replace(" ", "+")  # what a client that did not encode '+' sends
-        status, body, _ = await tenant.call("GET", f"/v1/audit/events?since={query}")
+        status, body, _ = await tenant.call("GET", f"/v1/audit/events?since={value}")
         answers.append((status, body))
     for status, body in answers:
         assert status == 400, body
         [detail] = body["error"]["details"]
         assert detail["field"] == "since" and says in detail["message"], body
         assert "e.g. 2024-05-01T12:00:00Z" in detail["message"], body
+
+
+# Values whose '+' a query string turns into a space when it is not sent as %2B, and the
+# body fields and query parameters that take them.
+PLUS_AS_SPACE = {"email": "ada crm@example.com", "since": "2026-11-30T06:00:00 02:00"}
+BODY_FIELDS = [
+    ("/v1/contacts", {"email": PLUS_AS_SPACE["email"]}),
+    ("/v1/audit/events/query", {"email": PLUS_AS_SPACE["email"]}),
+    ("/v1/audit/events/query", {"since": PLUS_AS_SPACE["since"]}),
+    (QUERY, {"filter": {"created_at": {"$gt": PLUS_AS_SPACE["since"]}}}),
+    (BULK, {"emails": [PLUS_AS_SPACE["email"]], "dry_run": True}),
+]
+
+
+@pytest.mark.parametrize(("path", "body"), BODY_FIELDS)
+async def test_a_space_in_a_body_value_is_refused_without_query_string_advice(
+    tenant: Tenant, path: str, body: dict[str, Any]
+) -> None:
+    """A JSON body carries '+' as it is: "ada crm@…" there is an address with a space,
+    and the 400 says so plainly; the audit query answered "…in a query string an
+    unencoded '+' arrives as a space: send it as %2B", advice for another place."""
+    status, answer = await raw_post(tenant, path, json.dumps(body).encode())
+    assert status == 400, answer
+    assert answer["error"]["code"] == "validation_error", answer
+    text = json.dumps(answer["error"])
+    assert "%2B" not in text and "query string" not in text, answer
+    assert "ada" not in text, answer  # the refusal does not echo the address
+
+
+@pytest.mark.parametrize("name", sorted(PLUS_AS_SPACE))
+async def test_a_space_that_was_a_plus_in_a_query_string_says_to_send_it_as_2b(
+    tenant: Tenant, name: str
+) -> None:
+    """``?email=ada+crm@…`` and ``?since=…+02:00`` arrive with a space: there, and only
+    there, the 400 says to send '+' as %2B."""
+    unencoded = PLUS_AS_SPACE[name].replace(" ", "+")
+    status, answer, _ = await tenant.call("GET", f"/v1/audit/events?{name}={unencoded}")
+    assert status == 400, answer
+    [detail] = answer["error"]["details"]
+    assert detail["field"] == name and "send it as %2B" in detail["message"], answer
+
+
+async def test_a_space_in_a_query_string_gets_no_plus_advice_where_a_plus_would_not_do(
+    tenant: Tenant,
+) -> None:
+    """The advice is given only where the value with '+' for its spaces would be taken:
+    ``since=last+week`` is no time either way."""
+    status, answer, _ = await tenant.call("GET", "/v1/audit/events?since=last+week")
+    assert status == 400, answer
+    [detail] = answer["error"]["details"]
+    assert detail["field"] == "since" and "%2B" not in detail["message"], answer
 
 
 @pytest.mark.parametrize(
@@ -813,6 +863,32 @@ async def test_an_ipv4_shorthand_is_refused_at_creation_and_on_patch(
     one = f"/v1/webhooks/endpoints/{created['data']['id']}"
     status, body, _ = await tenant.call("PATCH", one, {"url": url})
     assert status == 400, body
+
+
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        ("127.0.0.1:9001/x", "missing scheme: use http://127.0.0.1:9001/…"),
+        ("localhost:8000", "missing scheme: use http://localhost:8000"),
+        ("//127.0.0.1:9001/x", "missing scheme: use http://127.0.0.1:9001/…"),
+        ("http:/127.0.0.1:9001/x", "missing // after 'http:'"),
+    ],
+)
+async def test_a_url_without_its_scheme_is_refused_saying_so_at_creation_and_on_patch(
+    tenant: Tenant, url: str, says: str
+) -> None:
+    """``127.0.0.1:9001/x`` was refused as "the URL scheme must be http or https, not
+    '127.0.0.1'": a parser's reading, not what the URL lacks."""
+    status, created, _ = await tenant.call(
+        "POST", "/v1/webhooks/endpoints", {"url": "http://127.0.0.1:9/hook"}
+    )
+    assert status == 201, created
+    one = f"/v1/webhooks/endpoints/{created['data']['id']}"
+    for method, path in (("POST", "/v1/webhooks/endpoints"), ("PATCH", one)):
+        status, body, _ = await tenant.call(method, path, {"url": url})
+        assert status == 400, body
+        [detail] = body["error"]["details"]
+        assert detail["field"] == "url" and detail["message"].startswith(says), detail
 
 
 async def test_a_private_destination_is_refused_on_patch(guarded: Tenant) -> None:

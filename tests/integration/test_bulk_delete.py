@@ -353,6 +353,9 @@ async def test_without_delete_members_members_and_billing_contacts_fail_and_surv
         (owner, "CANNOT_DELETE_SITE_MEMBERS"),
         (billing, "CANNOT_DELETE_CONTACT_WITH_BILLING_SUBSCRIPTION"),
     ]
+    # each message's remedy applies to its contact: delete_members deletes a member only
+    advice = ["set delete_members" in e["message"] for e in job["errors"]]
+    assert advice == [True, False, False], job["errors"]
     assert not await exists(tenant, plain)
     assert [await exists(tenant, c) for c in (member, owner, billing)] == [True] * 3
 

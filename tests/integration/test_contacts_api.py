@@ -372,7 +372,8 @@ async def test_timeline_lists_the_contacts_items_newest_first_with_kinds(
     status, body, _ = await tenant.call("GET", f"{base}/timeline")
 
     assert status == 200
-    items = body["data"]["items"]
+    items = body["data"]  # a page like every listing: {"data": [...], "next_cursor"}
+    assert body["next_cursor"] is None
     assert [(i["id"], i["kind"]) for i in items] == [
         (made[2]["id"], "task"),
         (made[1]["id"], "note"),
@@ -393,7 +394,7 @@ async def test_an_activity_sorts_by_when_it_occurred(tenant: Tenant) -> None:
     status, body, _ = await tenant.call("GET", f"{base}/timeline")
 
     assert status == 200
-    assert [i["id"] for i in body["data"]["items"]] == [note["data"]["id"], old["data"]["id"]]
+    assert [i["id"] for i in body["data"]] == [note["data"]["id"], old["data"]["id"]]
 
 
 async def test_the_timeline_comes_a_page_at_a_time_even_through_ties(tenant: Tenant) -> None:
@@ -408,8 +409,8 @@ async def test_the_timeline_comes_a_page_at_a_time_even_through_ties(tenant: Ten
     for n in range(3):
         await tenant.call("POST", f"{base}/notes", json={"body": f"note {n}"})
     status, whole, _ = await tenant.call("GET", f"{base}/timeline?limit=500")
-    assert status == 200 and whole["data"]["next_cursor"] is None, whole
-    everything = [i["id"] for i in whole["data"]["items"]]
+    assert status == 200 and whole["next_cursor"] is None, whole
+    everything = [i["id"] for i in whole["data"]]
     assert len(everything) == 6
 
     paged: list[str] = []
@@ -417,10 +418,10 @@ async def test_the_timeline_comes_a_page_at_a_time_even_through_ties(tenant: Ten
     while True:
         status, body, _ = await tenant.call("GET", f"{base}/timeline?limit=2{cursor}")
         assert status == 200, body
-        paged += [i["id"] for i in body["data"]["items"]]
-        if body["data"]["next_cursor"] is None:
+        paged += [i["id"] for i in body["data"]]
+        if body["next_cursor"] is None:
             break
-        cursor = f"&cursor={body['data']['next_cursor']}"
+        cursor = f"&cursor={body['next_cursor']}"
     assert paged == everything
     status, body, _ = await tenant.call("GET", f"{base}/timeline?limit=501")
     assert status == 400, body

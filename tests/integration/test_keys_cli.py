@@ -47,9 +47,15 @@ def cli_env(db_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 
 async def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
     """Run `contact-deletion ARGV` (main() calls asyncio.run, so off this loop's thread)."""
+    return (await run_cli_both(capsys, *argv))[:2]
+
+
+async def run_cli_both(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    """`run_cli` with its stderr too: exit code, stdout, stderr."""
     capsys.readouterr()
     code = await asyncio.to_thread(main, list(argv))
-    return code, capsys.readouterr().out
+    out, err = capsys.readouterr()
+    return code, out, err
 
 
 async def create_key(capsys: pytest.CaptureFixture[str], *scopes: str) -> dict[str, Any]:
@@ -181,10 +187,10 @@ async def test_keys_revoke_makes_the_key_401(
     assert code == 0
     assert created["key_id"] in out
     assert status == 401
-    again, said = await run_cli(capsys, "keys", "revoke", created["key_id"])
-    assert again == 1 and "already revoked at" in said, said
-    never, said = await run_cli(capsys, "keys", "revoke", str(uuid.uuid4()))
-    assert never == 1 and said.startswith("no key "), said
+    again, out, said = await run_cli_both(capsys, "keys", "revoke", created["key_id"])
+    assert again == 1 and out == "" and "already revoked at" in said, said
+    never, out, said = await run_cli_both(capsys, "keys", "revoke", str(uuid.uuid4()))
+    assert never == 1 and out == "" and said.startswith("contact-deletion: error: no key "), said
     assert body["error"]["code"] == "invalid_key"
     revoked = {k["key_id"]: k for k in json.loads(listing)}[created["key_id"]]
     assert revoked["revoked_at"] is not None
@@ -280,12 +286,52 @@ def test_dev_refuses_a_port_in_use_before_printing_anything(
         monkeypatch.setenv("HTTP_PORT", str(port))
         monkeypatch.setenv("DATA_DIR", str(tmp_path))
         capsys.readouterr()
-        assert main(["dev", "--no-kafka"]) == 1
+        assert main(["dev", "--no-kafka"]) == 2
     out, err = capsys.readouterr()
     assert out == ""
-    assert f"127.0.0.1:{port} is already in use" in err and "HTTP_PORT=" in err
+    # the one start-up error line of every command (README "The command line")
+    assert err.count("\n") == 1 and err.startswith("contact-deletion: error: "), err
+    assert f"HTTP_HOST=127.0.0.1 HTTP_PORT={port}: Address already in use" in err, err
+    assert f"HTTP_PORT={port + 1} make dev" in err, err
     assert list(tmp_path.iterdir()) == []  # no database, no key
     assert not port_in_use("127.0.0.1", port)
+
+
+async def test_every_json_answer_is_one_document_and_an_empty_list_is_an_empty_array(
+    capsys: pytest.CaptureFixture[str],
+    db_url: str,
+    tmp_path: Path,
+    kafka_bootstrap: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`dlq list --json` with no dead letters printed nothing, `keys list --json` an array,
+    `audit verify --json` a line per workspace: every `--json` answer is one JSON document,
+    an array for a listing (`[]` when empty) and an object for one result (README "The
+    command line")."""
+    from tests.conftest import own_database
+
+    monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", kafka_bootstrap)
+    monkeypatch.setenv("KAFKA_TOPIC_PREFIX", f"t{uuid.uuid4().hex[:10]}.")  # no topics yet
+    async with own_database(db_url, tmp_path, "cli_json") as url:
+        monkeypatch.setenv("DATABASE_URL", url)
+        for listing in (["keys", "list"], ["audit", "verify"], ["dlq", "list"]):
+            code, out, err = await run_cli_both(capsys, *listing, "--json")
+            assert (code, json.loads(out), err) == (0, [], ""), (listing, out, err)
+            assert out.count("\n") == 1, (listing, out)
+
+        created = await create_key(capsys, "audit:read")
+        one_result = {
+            ("audit", "verify"): list,
+            ("keys", "list"): list,
+            ("erasure", "check", "--email", "ada@example.com"): dict,
+        }
+        for argv, shape in one_result.items():
+            code, out, err = await run_cli_both(capsys, *argv, "--json")
+            assert code == 0 and err == "", (argv, code, err)
+            answer = json.loads(out)  # the whole of stdout is one document
+            assert isinstance(answer, shape) and answer, (argv, answer)
+        listed = json.loads((await run_cli_both(capsys, "keys", "list", "--json"))[1])
+        assert [k["key_id"] for k in listed] == [created["key_id"]]
 
 
 async def test_keys_list_is_a_table_whose_columns_line_up(

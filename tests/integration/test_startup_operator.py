@@ -206,6 +206,53 @@ def test_an_address_it_cannot_listen_on_is_one_line(tmp_path: Path) -> None:
     assert "cannot listen on HTTP_HOST=no-such-host.invalid" in line, line
 
 
+@pytest.mark.parametrize(
+    "argv", [["run"], ["api"], ["dev", "--no-kafka"], ["dispatcher"]], ids=" ".join
+)
+def test_a_taken_port_is_the_one_error_line_before_anything_starts(
+    tmp_path: Path, argv: list[str]
+) -> None:
+    """`run` with its port taken migrated first and logged `migrated` and
+    `component_failed` before its error line; `dev` printed its own "contact-deletion
+    dev: … is already in use" and exited 1. Every command that serves says it in the one
+    start-up error line, exit 2, before it migrates (no database file is made)."""
+    database = tmp_path / "not-yet.db"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        env = _env(
+            tmp_path,
+            DATABASE_URL=f"sqlite+aiosqlite:///{database}",
+            KAFKA_BOOTSTRAP_SERVERS=f"127.0.0.1:{_closed_port()}",
+            HTTP_PORT=port,
+            OPS_PORT=port,
+        )
+        done = _cli(env, *argv)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.splitlines() == [_error_line(done)], done.stderr
+    assert f"PORT={port}: " in done.stderr and done.stdout == "", done
+    assert not database.exists()
+
+
+def test_a_one_shot_command_without_a_broker_prints_only_its_own_lines(tmp_path: Path) -> None:
+    """With no broker, `dlq list` and `erasure check` wrote aiokafka's JSON log record
+    ("Unable connect to …") before their own answer: a one-shot command's stderr holds its
+    own error line only, and its stdout its answer."""
+    env = _env(
+        tmp_path,
+        DATABASE_URL=_migrated_sqlite(tmp_path),
+        KAFKA_BOOTSTRAP_SERVERS=f"127.0.0.1:{_closed_port()}",
+    )
+    dlq = _cli(env, "dlq", "list", "--json", timeout_s=120)
+    assert dlq.returncode == 2 and dlq.stdout == "", dlq
+    assert dlq.stderr.splitlines() == [_error_line(dlq)], dlq.stderr
+    erasure = _cli(env, "erasure", "check", "--email", "ada@example.com", timeout_s=120)
+    assert erasure.returncode == 2, erasure  # some place not checked: nothing proven
+    assert erasure.stderr == "", erasure.stderr
+    assert "not checked" in erasure.stdout, erasure.stdout
+
+
 # -- Kind 2: the audit key ----------------------------------------------------------------
 
 

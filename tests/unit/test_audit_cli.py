@@ -112,7 +112,8 @@ def test_every_single_changed_byte_is_caught(tmp_path: Path) -> None:
 
 def test_a_missing_file_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert run(str(tmp_path / "nope.ndjson")) == 2
-    assert "cannot read" in capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("contact-deletion: error: cannot read"), (out, err)
 
 
 @pytest.mark.parametrize(
@@ -137,10 +138,12 @@ def test_a_file_that_holds_no_export_exits_2_not_broken(
     path = tmp_path / "audit.ndjson"
     path.write_bytes(content)
     assert run(str(path)) == 2
-    out = capsys.readouterr().out
-    assert "nothing to verify" in out and "BROKEN" not in out, out
+    out, err = capsys.readouterr()
+    assert out == "", out  # an error is never the answer: stderr, one line
+    assert err.startswith("contact-deletion: error: ") and err.count("\n") == 1, err
+    assert "nothing to verify" in err and "BROKEN" not in err, err
     if why == "invalid_key":
-        assert "invalid_key" in out
+        assert "invalid_key" in err
 
 
 def test_a_good_export_says_how_to_know_nothing_is_missing_at_its_end(

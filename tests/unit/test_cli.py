@@ -82,6 +82,45 @@ def test_a_command_group_without_its_subcommand_lists_them(
     assert err.rstrip().endswith("COMMAND"), err
 
 
+def test_every_json_option_says_the_one_document_it_prints() -> None:
+    """`dlq list --json` was "one JSON object per dead letter" (nothing when none) beside
+    `keys list --json`'s array: every --json prints one document, an array for a listing
+    (saying what an empty one prints) or an object for one result, and the root help says
+    the rule and where errors go."""
+    parser = cli.build_parser()
+    shapes = {}
+    for path, sub in _walk(parser):
+        for action in sub._actions:
+            if "--json" in action.option_strings:
+                assert action.help is not None
+                shapes[" ".join(path)] = action.help
+    assert shapes == {
+        "keys create": "print one JSON object",
+        "keys list": "print one JSON array ([] when there are none)",
+        "audit verify": "print one JSON array, an object per workspace ([] when there is none)",
+        "audit verify-export": "print one JSON object",
+        "erasure check": "print one JSON object",
+        "dlq list": "print one JSON array ([] when there are none)",
+    }
+    root = " ".join(parser.format_help().split())
+    assert "with --json, exactly one JSON document" in root
+    assert "'contact-deletion: error: ...'" in root and "exits with 2" in root
+
+
+def test_a_usage_error_is_the_one_error_line_of_every_command(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """argparse wrote "contact-deletion keys create: error: …", another prefix than the
+    "contact-deletion: error: …" of every other refusal."""
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["keys", "create", "--workspace", "w", "--scope", "contacts:nuke"])
+    assert exit_.value.code == 2
+    out, err = capsys.readouterr()
+    usage, line = err.rstrip("\n").rsplit("\n", 1)
+    assert out == "" and usage.startswith("usage: contact-deletion keys create"), err
+    assert line.startswith("contact-deletion: error: keys create: argument --scope: "), err
+
+
 def test_components_and_scopes_listed_by_the_cli_are_the_services() -> None:
     assert list(cli.COMPONENTS) == list(components())
     create = _subparsers(_subparsers(cli.build_parser())["keys"])["create"]
@@ -197,3 +236,22 @@ def test_the_dev_banner_promises_to_stop_only_a_broker_it_started() -> None:
     args = ("http://127.0.0.1:8081", "cdk_x", Path("data/demo-key"), False, "data/x.db")
     assert "(and the local broker)" in _banner(*args, owns_broker=True)
     assert "(and the local broker)" not in _banner(*args, owns_broker=False)
+
+
+def test_dev_says_it_fetches_the_broker_jars_only_when_they_are_not_cached(
+    tmp_path: Path,
+) -> None:
+    """`make dev` said "(first start fetches jars)" on every start, cached or not."""
+    from service.dev import starting_broker
+    from service.localkafka import KAFKA_VERSION, jars_cached
+
+    assert not jars_cached(cache_dir=tmp_path)
+    fresh = starting_broker("127.0.0.1", 9092, cached=jars_cached(cache_dir=tmp_path))
+    assert fresh.endswith("(fetching its jars from Maven Central first, once)"), fresh
+    base = tmp_path / f"kafka-{KAFKA_VERSION}"
+    (base / "libs").mkdir(parents=True)
+    assert not jars_cached(cache_dir=tmp_path)  # a fetch cut short is not a cache
+    (base / "libs.complete").touch()
+    assert jars_cached(cache_dir=tmp_path)
+    cached = starting_broker("127.0.0.1", 9092, cached=jars_cached(cache_dir=tmp_path))
+    assert cached == "starting a local Apache Kafka broker on 127.0.0.1:9092", cached

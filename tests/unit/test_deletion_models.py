@@ -45,6 +45,33 @@ def test_outcome_rules(
     assert outcome.status is (ItemStatus.DELETED if expected is None else ItemStatus.FAILED)
 
 
+ROLES = (None, "member", "owner", "contributor")
+EVERY_CONTACT = [
+    (role, billing, dm) for role in ROLES for billing in (False, True) for dm in (False, True)
+]
+
+
+@pytest.mark.parametrize(("role", "billing", "delete_members"), EVERY_CONTACT)
+def test_a_blockers_message_names_a_remedy_only_where_it_works(
+    role: str | None, billing: bool, delete_members: bool
+) -> None:
+    """An owner failed with "set delete_members to delete it", which cannot delete an owner:
+    a message advises delete_members exactly when the same request with it deletes the
+    contact, and names the contact's own role."""
+    outcome = decide(contact(role, billing), delete_members)
+    if outcome.status is ItemStatus.DELETED:
+        assert outcome.message is None
+        return
+    assert outcome.message
+    with_option = decide(contact(role, billing), delete_members=True)
+    advises = "set delete_members" in outcome.message
+    assert advises == (with_option.status is ItemStatus.DELETED), outcome.message
+    if role is not None:
+        assert f"site {role}" in outcome.message
+    if billing:
+        assert "billing subscription" in outcome.message
+
+
 def test_a_missing_contact_is_not_found_never_an_error() -> None:
     outcome = decide(None, delete_members=True)
     assert outcome.status is ItemStatus.NOT_FOUND

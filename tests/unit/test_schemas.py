@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from service.app import Services, create_app
 from service.config import Settings
@@ -436,3 +436,29 @@ def test_every_boolean_query_parameter_takes_only_true_or_false() -> None:
                     op.query.model_validate({name: "yes"})
                 assert getattr(op.query.model_validate({name: "true"}), name) is True
     assert checked, "no boolean query parameter found: the check checks nothing"
+
+
+def test_every_paged_listing_answers_a_page_of_the_one_shape() -> None:
+    """A contact's timeline answered ``{"data": {"items": [...], "next_cursor"}}`` while
+    every other listing answers ``{"data": [...], "next_cursor"}``: every operation that
+    takes a ``cursor`` answers an `apimodels.Page`, except the audit trail's contact
+    timeline, an object (the deletion and who asked) that carries one page of its items."""
+    from service.api import route_tables
+    from service.apimodels import Page
+
+    objects_with_a_page = {"getDeletedContactTimeline"}
+    paged = []
+    for table in route_tables():
+        for op in table:
+            if "cursor" not in op.query.model_fields:
+                continue
+            paged.append(op.operation_id)
+            model = op.answer(200).model
+            assert model is not None
+            if op.operation_id in objects_with_a_page:
+                data = model.model_fields["data"].annotation
+                assert isinstance(data, type) and issubclass(data, BaseModel), model
+                assert "next_cursor" in data.model_fields, data
+                continue
+            assert issubclass(model, Page), (op.operation_id, model)
+    assert "getContactTimeline" in paged and len(paged) >= 8, paged

@@ -287,7 +287,7 @@ def test_validate_endpoint_url_accepts_absolute_http_urls(url: str) -> None:
         ("javascript:alert(1)", "http or https"),
         ("file:///etc/passwd", "http or https"),
         ("/relative", "absolute"),
-        ("example.com/hook", "absolute"),
+        ("example.com/hook", "missing scheme"),
         ("", "absolute"),
         ("http://", "no host"),
         ("http://user:pw@host/", "credentials"),
@@ -319,6 +319,42 @@ def test_validate_endpoint_url_accepts_absolute_http_urls(url: str) -> None:
 def test_validate_endpoint_url_refuses(url: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         validate_endpoint_url(url)
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        # a URL parser reads these host:port shapes as a scheme ("127.0.0.1", "localhost"):
+        # the answer was "the URL scheme must be http or https, not '127.0.0.1'"
+        ("127.0.0.1:9001/x", "missing scheme: use http://127.0.0.1:9001/… (or https://)"),
+        ("localhost:8000", "missing scheme: use http://localhost:8000 (or https://)"),
+        ("hooks.example.com:443/in?t=1", "missing scheme: use http://hooks.example.com:443/…"),
+        ("[::1]:80/x", "missing scheme: use http://[::1]:80/… (or https://)"),
+        # and these as URLs without a scheme, or with a scheme but no host
+        ("//host/x", "missing scheme: use http://host/… (or https://)"),
+        ("host/x", "missing scheme: use http://host/… (or https://)"),
+        ("example.com", "missing scheme: use http://example.com (or https://)"),
+        ("http//host/x", "missing ':' after 'http': use http://host/…"),
+        ("https:host/x", "missing // after 'https:': use https://host/…"),
+        ("http:/host/x", "missing // after 'http:': use http://host/…"),
+        ("http:\\\\host\\x", "missing // after 'http:': use http://host/…"),
+        ("http:", "the URL has no host"),
+        ("http:///x", "the URL has no host"),
+    ],
+)
+def test_a_url_that_parses_oddly_is_refused_for_what_it_lacks(url: str, message: str) -> None:
+    """Each refusal names what the URL lacks and shows the host with the scheme it needs,
+    never what a parser made of it (a scheme "127.0.0.1"), nor the URL's path or query."""
+    with pytest.raises(ValueError) as refused:
+        validate_endpoint_url(url)
+    assert str(refused.value).startswith(message), str(refused.value)
+    assert "t=1" not in str(refused.value) and "/x" not in str(refused.value)
+
+
+def test_an_odd_url_never_shows_its_credentials() -> None:
+    with pytest.raises(ValueError) as refused:
+        validate_endpoint_url("//user:secret@host/x")
+    assert str(refused.value) == "missing scheme: use http://host/… (or https://)"
 
 
 async def test_pinned_resolver_returns_exactly_the_checked_addresses() -> None:

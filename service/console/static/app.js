@@ -1,6 +1,6 @@
 // Entry point: sign-in, the sections the key's scopes allow, and the hash router.
 import { api, getKey, setKey, signOut, onRefusedKey } from "./api.js";
-import { h, mount, say, unsay, fail, errorText, takeNext } from "./dom.js";
+import { h, mount, say, sayNext, unsay, fail, errorText, takeNext } from "./dom.js";
 import * as deletions from "./deletions.js";
 import * as webhooks from "./webhooks.js";
 import * as audit from "./audit.js";
@@ -98,6 +98,14 @@ function route() {
     if (!sections.length) {
       mount(view, h("p", {}, "This key has no scope the console can use."));
       return;
+    }
+    // A page the key may not open (a link from another key's session) says why it
+    // shows another section instead; an empty hash just opens the first section.
+    const refused = SECTIONS.find((s) => s.module.owns(parts[0]));
+    if (refused) {
+      sayNext(`${refused.label} needs a key with ${refused.scopes.join(" or ")}; this key has ${me.scopes.join(", ")}. Showing ${sections[0].label} instead.`, "bad");
+    } else if (parts.length) {
+      sayNext(`There is no page #/${parts.join("/")} in the console. Showing ${sections[0].label} instead.`, "bad");
     }
     location.replace(`#/${sections[0].id}`);
     return;

@@ -6,6 +6,7 @@ import { h, mount, time, badge, field, table, kv, say, sayNext, act, fail } from
 // What an endpoint subscribes to (webhook.test is not: "Send test" sends it to any endpoint).
 const EVENT_TYPES = ["contact.deleted", "deletion_job.completed"];
 const DELIVERY_STATUSES = ["pending", "failing", "succeeded", "failed"];
+const URL_INPUT = { type: "text", inputmode: "url", autocomplete: "url", spellcheck: "false", required: true };
 const REASONS = {
   gone: "the receiver answered 410 Gone",
   failing: "every attempt failed for the configured number of days",
@@ -37,6 +38,24 @@ function secretBox(secret, why) {
     h("code", { id: "endpoint-secret" }, secret));
 }
 
+// What holds deliveries back at the endpoint's pace (GET …/endpoints/{id} gives both;
+// null max_in_flight is the service's WEBHOOK_MAX_IN_FLIGHT_PER_ENDPOINT, 4 unless set).
+function inFlightLimit(endpoint) {
+  return endpoint.max_in_flight === null
+    ? "the service default (WEBHOOK_MAX_IN_FLIGHT_PER_ENDPOINT, 4 unless the operator set it)"
+    : String(endpoint.max_in_flight);
+}
+
+function rateLimit(endpoint) {
+  return endpoint.rate_limit_per_s === null ? "none" : `${endpoint.rate_limit_per_s} requests per second`;
+}
+
+function paceNote(endpoint) {
+  const rate = endpoint.rate_limit_per_s === null ? "" : ` and ${endpoint.rate_limit_per_s} per second`;
+  const limit = endpoint.max_in_flight === null ? "the service's default number of" : String(endpoint.max_in_flight);
+  return `This endpoint is sent at most ${limit} requests at a time${rate}: a delivery whose next attempt has come waits for its turn, and stays pending meanwhile.`;
+}
+
 function reason(endpoint) {
   if (endpoint.status !== "disabled") return "—";
   const r = endpoint.disabled_reason;
@@ -45,7 +64,9 @@ function reason(endpoint) {
 }
 
 async function listPage(view, ctx) {
-  const url = h("input", { id: "ep-url", type: "url", required: true, placeholder: "https://crm.example.com/hooks/deletions" });
+  // Text, not type=url: the browser's own check ("Please enter a URL") would stop
+  // 127.0.0.1:9001/x before the API could say what it lacks ("missing scheme: use http://…").
+  const url = h("input", { id: "ep-url", ...URL_INPUT, placeholder: "https://crm.example.com/hooks/deletions" });
   const description = h("input", { id: "ep-description", type: "text", maxlength: 500 });
   const created = h("div", { "aria-live": "polite" });
   const list = h("div");
@@ -116,7 +137,7 @@ async function endpointPage(view, id, ctx) {
   const details = h("div");
   const notice = h("div", { "aria-live": "polite" });
   const actions = h("div");
-  const editUrl = h("input", { id: "edit-url", type: "url", required: true });
+  const editUrl = h("input", { id: "edit-url", ...URL_INPUT });
   const editDescription = h("input", { id: "edit-description", type: "text", maxlength: 500 });
   const editForm = h("form", { id: "edit-form" });
   const statusSelect = h("select", { id: "delivery-status" },
@@ -125,9 +146,12 @@ async function endpointPage(view, id, ctx) {
   const recoverForm = h("form", { id: "recover-form" },
     field("recover-since", "Resend every failed or failing delivery since", since, "Your local time. Use it after an outage of your receiver."),
     h("button", { type: "submit" }, "Recover"));
+  const recoverNote = h("p", { class: "hint", id: "recover-disabled", hidden: true },
+    "The endpoint is disabled: enable it first (above), then recover what failed meanwhile.");
+  const pace = h("p", { class: "hint", id: "endpoint-pace" });
   const log = h("div");
   const more = h("button", { type: "button", class: "secondary", hidden: true }, "Older deliveries");
-  let confirming = false; // the delete confirmation is open: a re-read leaves it alone
+  let confirming = false; // a confirmation (delete, rotate) is open: a re-read leaves it alone
   let editTouched = false; // the user is editing: a re-read does not overwrite their input
   editForm.addEventListener("input", () => { editTouched = true; });
 
@@ -137,6 +161,8 @@ async function endpointPage(view, id, ctx) {
     ["Why disabled", reason(endpoint)],
     ["Description", endpoint.description || "—"],
     ["Event types", endpoint.event_types.length ? endpoint.event_types.join(", ") : "all"],
+    ["Requests in flight at most", h("span", { id: "endpoint-max-in-flight" }, inFlightLimit(endpoint))],
+    ["Rate limit", h("span", { id: "endpoint-rate-limit" }, rateLimit(endpoint))],
     ["Created", time(endpoint.created_at)],
   ]));
   const drawEdit = () => {
@@ -149,42 +175,72 @@ async function endpointPage(view, id, ctx) {
   // Every action ends by re-reading the endpoint and its log, whether it worked or not: a
   // 409 endpoint_disabled is news that the endpoint was disabled meanwhile.
   const settle = () => Promise.all([reread(), loadLog(false)]).catch(() => {}); // the refresh reports lasting failures
+  // Actions the API would refuse for the endpoint as it is are not offered: a disabled
+  // endpoint gets no Send test and no Recover (409 endpoint_disabled), only Enable.
   const drawActions = () => {
     confirming = false;
+    const disabled = endpoint.status === "disabled";
     const buttons = [
-      action("Send test event", "send-test", async () => {
+      disabled ? null : action("Send test event", "send-test", async () => {
         await api("POST", `${base}/test`);
         say("Test event queued: it appears in the delivery log below.", "good");
       }, { after: settle }),
-      action("Rotate secret", "rotate", async () => {
-        const rotated = (await api("POST", `${base}/rotate-secret`)).data;
-        mount(notice, secretBox(rotated.secret,
-          "The previous secret keeps signing alongside this one for an overlap window (24 hours by default): each delivery carries both signatures, so update your receiver within that window and nothing fails verification."));
-        say("Secret rotated: copy the new one now.", "good");
-      }, { after: settle, stale: [notice] }),
-    ];
-    if (endpoint.status === "disabled") {
-      buttons.push(action("Enable", "enable", async () => {
+      disabled ? action("Enable", "enable", async () => {
         await api("POST", `${base}/enable`);
         say("Endpoint enabled.", "good");
-      }, { after: settle }));
-    }
-    const del = h("button", { type: "button", class: "danger", id: "delete-endpoint" }, "Delete endpoint");
-    del.addEventListener("click", () => {
-      const really = h("button", { type: "button", class: "danger", id: "really-delete" }, "Yes, delete it");
-      const keep = h("button", { type: "button", class: "secondary" }, "Keep it");
+      }, { after: settle }) : null,
+      askFirst("Rotate secret", "rotate", "secondary",
+        "Rotate the signing secret? A new secret signs every delivery from now on; the current one keeps signing alongside it for an overlap window (24 hours by default), so update your receiver within that window and nothing fails verification.",
+        "Yes, rotate it", "Keep the current secret", async () => {
+          const rotated = (await api("POST", `${base}/rotate-secret`)).data;
+          mount(notice, secretBox(rotated.secret,
+            "The previous secret keeps signing alongside this one for the overlap window (24 hours by default): each delivery carries both signatures."));
+          say("Secret rotated: copy the new one now.", "good");
+        }, { stale: [notice] }),
+      askFirst("Delete endpoint", "delete-endpoint", "danger",
+        "Delete this endpoint? Its deliveries still waiting to be sent (pending or failing) become failed and are not sent; every delivery keeps its record and attempts.",
+        "Yes, delete it", "Keep it", async () => {
+          await api("DELETE", base);
+          // Said on the page the deletion leads to (this one goes away).
+          sayNext("Endpoint deleted: its pending and failing deliveries are now failed and will not be sent.", "good");
+          location.hash = "#/webhooks";
+        }, { leaves: true }),
+    ];
+    mount(actions, buttons, disabled
+      ? h("p", { class: "hint", id: "disabled-hint" }, "While it is disabled nothing is sent to it: enable it to send a test event, retry deliveries or recover what failed meanwhile.")
+      : null);
+    drawState();
+  };
+  // What follows the endpoint's state outside its action buttons: Recover (refused while
+  // it is disabled) and the note on its pace.
+  const drawState = () => {
+    const disabled = endpoint.status === "disabled";
+    recoverForm.hidden = disabled;
+    recoverNote.hidden = !disabled;
+    mount(pace, paceNote(endpoint));
+  };
+  // A button that asks before it acts: the question with a button that does it
+  // (`really-<id>`) and one that keeps things as they are (`keep-<id>`). Once it acted,
+  // the page re-reads the endpoint (unless the action `leaves` the page).
+  const askFirst = (label, id, kind, question, yes, no, fn, { stale = [], leaves = false } = {}) => {
+    const button = h("button", { type: "button", class: kind, id }, label);
+    button.addEventListener("click", () => {
+      const really = h("button", { type: "button", class: kind === "danger" ? "danger" : "", id: `really-${id}` }, yes);
+      const keep = h("button", { type: "button", class: "secondary", id: `keep-${id}` }, no);
       keep.addEventListener("click", drawActions);
-      really.addEventListener("click", () => act(async () => {
-        await api("DELETE", base);
-        // Said on the page the deletion leads to (this one goes away).
-        sayNext("Endpoint deleted: its pending deliveries will not be sent.", "good");
-        location.hash = "#/webhooks";
-      }));
-      mount(actions, buttons, h("p", { class: "error" }, "Delete this endpoint? Pending deliveries to it are dropped."), really, keep);
+      really.addEventListener("click", async () => {
+        really.disabled = true;
+        const done = await act(fn, ...stale);
+        if (done && leaves) return;
+        if (done) drawActions();
+        else really.disabled = false;
+        await settle();
+      });
+      mount(actions, h("p", { class: kind === "danger" ? "error" : "", id: "confirm-question" }, question), really, keep);
       confirming = true;
       really.focus();
     });
-    mount(actions, buttons, del);
+    return button;
   };
   // The endpoint as it is now (a 410 from the receiver, another tab, the API): redrawn
   // when it changed.
@@ -194,6 +250,7 @@ async function endpointPage(view, id, ctx) {
     endpoint = fresh;
     drawDetails();
     if (!confirming) drawActions();
+    else drawState();
     if (!editTouched) drawEdit();
   };
 
@@ -251,7 +308,7 @@ async function endpointPage(view, id, ctx) {
       h("section", { class: "card" }, h("h3", {}, "Edit"), editForm)),
     h("section", { class: "card" }, h("h3", {}, "Delivery log"),
       h("div", { class: "filters" }, field("delivery-status", "Show deliveries with status", statusSelect)),
-      log, more, h("h3", {}, "Recover after an outage"), recoverForm));
+      pace, log, more, h("h3", {}, "Recover after an outage"), recoverForm, recoverNote));
   drawDetails();
   drawActions();
   drawEdit();
@@ -280,11 +337,50 @@ function excerpt(text) {
   return text.length > 200 ? `${text.slice(0, 200)}…` : text;
 }
 
+// What can be done with a delivery, by its endpoint's state and its own: nothing while
+// the endpoint is deleted or disabled (retry answers 409 endpoint_deleted or
+// endpoint_disabled; the page says why instead), "Send again" for one that succeeded (the
+// receiver gets it twice, with the same webhook-id), "Retry now" otherwise.
+function retryOffer(d, endpoint) {
+  if (endpoint === null) {
+    return { note: "Its endpoint was deleted: this delivery failed with it and is not sent again." };
+  }
+  if (endpoint.status === "disabled") {
+    return { note: ["Its endpoint is disabled (", reason(endpoint), "): nothing is sent to it. Enable it on ",
+      h("a", { href: `#/endpoints/${endpoint.id}` }, "the endpoint's page"), ", then retry or recover."] };
+  }
+  if (d.status === "succeeded") {
+    return { label: "Send again", note: "It was delivered: sent again, your receiver gets it a second time, with the same webhook-id." };
+  }
+  if (d.status === "pending") {
+    return { label: "Retry now", note: "Queued to be sent: Retry now makes it due at once (if it is being sent right now, it is sent again once that attempt ends)." };
+  }
+  return { label: "Retry now", note: null };
+}
+
 async function deliveryPage(view, id, ctx) {
   const base = `/v1/webhooks/deliveries/${encodeURIComponent(id)}`;
+  // The endpoint as it is now; null once it was deleted (its deliveries stay readable).
+  const endpointOf = async (delivery) => {
+    try {
+      return (await api("GET", `/v1/webhooks/endpoints/${encodeURIComponent(delivery.endpoint_id)}`)).data;
+    } catch (err) {
+      if (err && err.status === 404) return null;
+      throw err;
+    }
+  };
   let d = (await api("GET", base)).data;
+  let endpoint = await endpointOf(d);
   const details = h("div");
   const attempts = h("div");
+  const offer = h("div");
+  const back = h("p");
+  let offered = null;
+  const retry = action("Retry now", "retry-delivery", async () => {
+    await api("POST", `${base}/retry`);
+    say("Retry queued.", "good");
+  }, { after: () => load().catch(() => {}) }); // the refresh reports lasting failures
+  retry.className = "";
   const draw = () => {
     mount(details, kv([
       ["Event", `${d.event_type} (${d.event_id})`],
@@ -298,21 +394,28 @@ async function deliveryPage(view, id, ctx) {
       d.attempts.map((a) => [time(a.attempted_at), a.status_code === null ? "—" : String(a.status_code),
         `${Math.round(a.latency_ms)} ms`, a.error || "—", h("code", {}, excerpt(a.response_body))]),
       "Not tried yet."));
+    mount(back, endpoint === null
+      ? h("a", { href: "#/webhooks" }, "← All endpoints")
+      : h("a", { href: `#/endpoints/${d.endpoint_id}` }, "← Endpoint"));
+    // Redrawn only when the offer changed: a refresh must not take the focus from it.
+    const now = retryOffer(d, endpoint);
+    const key = JSON.stringify([now.label, endpoint && endpoint.status, d.status]);
+    if (key === offered) return;
+    offered = key;
+    if (now.label) retry.textContent = now.label;
+    mount(offer, now.label ? retry : null, now.note ? h("p", { class: "hint", id: "retry-note" }, now.note) : null);
   };
   const load = async () => {
     const fresh = (await api("GET", base)).data;
+    const now = await endpointOf(fresh);
     if (!ctx.alive) return;
     d = fresh;
+    endpoint = now;
     draw();
   };
-  const retry = action("Retry now", "retry-delivery", async () => {
-    await api("POST", `${base}/retry`);
-    say("Retry queued.", "good");
-  }, { after: () => load().catch(() => {}) }); // the refresh reports lasting failures
-  retry.className = "";
   draw();
-  mount(view, h("p", {}, h("a", { href: `#/endpoints/${d.endpoint_id}` }, "← Endpoint")), h("h2", {}, "Delivery"),
-    h("section", { class: "card" }, details, retry),
+  mount(view, back, h("h2", {}, "Delivery"),
+    h("section", { class: "card" }, details, offer),
     h("section", { class: "card" }, h("h3", {}, "Attempts"), attempts));
   ctx.every(1500, load);
 }
