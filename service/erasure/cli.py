@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from service import cliout
 
 # Only the parser is built at start-up; the service is imported once the command runs.
 if TYPE_CHECKING:
@@ -96,13 +97,13 @@ async def _opened(args: argparse.Namespace, settings: Settings) -> tuple[str, Da
     try:
         email = check_email(args.email)
     except ValueError as exc:
-        sys.stderr.write(f"contact-deletion: error: --email: {exc}\n")
+        cliout.error(f"--email: {exc}")
         return 2
     # Like every command that reads the schema: a database that is not there is named and
     # left alone (opening a missing SQLite file would create an empty one).
     problem = await schema_problem(settings.database_url, where=settings.describe_database())
     if problem is not None:
-        sys.stderr.write(f"contact-deletion: error: {problem}\n")
+        cliout.error(problem)
         return 2
     db = Database(settings.database_url)
     # Another AUDIT_HASH_KEY than the events' would find no deletion: a false "nowhere".
@@ -110,16 +111,13 @@ async def _opened(args: argparse.Namespace, settings: Settings) -> tuple[str, Da
     problem = await hash_key_problem(db, key.get_secret_value() if key else None)
     if problem is not None:
         await db.dispose()
-        sys.stderr.write(f"contact-deletion: error: {problem}\n")
+        cliout.error(problem)
         return 2
     return email, db
 
 
 def _unknown_workspace(exc: Exception) -> int:
-    sys.stderr.write(
-        f"contact-deletion: error: --workspace: {exc} (`contact-deletion keys list` "
-        "names each key's workspace)\n"
-    )
+    cliout.error(f"--workspace: {exc} (`contact-deletion keys list` names each key's workspace)")
     return 2
 
 
@@ -140,17 +138,11 @@ async def run(args: argparse.Namespace, settings: Settings) -> int:
     finally:
         await db.dispose()
     if args.json:
-        _out(report.to_json())
+        cliout.out(report.to_json())
     else:
         for line in report.lines():
-            _out(line)
+            cliout.out(line)
     return report.exit_code
-
-
-def _out(text: str) -> None:
-    # What the command prints for its user goes to stdout; logs go to stderr.
-    sys.stdout.write(text + "\n")
-    sys.stdout.flush()
 
 
 async def run_redact(args: argparse.Namespace, settings: Settings) -> int:
@@ -180,16 +172,16 @@ async def run_redact(args: argparse.Namespace, settings: Settings) -> int:
     finally:
         await db.dispose()
     if not done.items:
-        _out("no timeline item holds it: nothing to redact")
+        cliout.out("no timeline item holds it: nothing to redact")
         return 0
     verb = "would redact" if args.dry_run else "redacted"
     for workspace, summary in sorted(done.workspaces.items()):
         fields = ", ".join(f"{k} {v}" for k, v in sorted((summary.fields or {}).items()))
-        _out(f"workspace {workspace}: {verb} {summary.items} item(s) ({fields})")
+        cliout.out(f"workspace {workspace}: {verb} {summary.items} item(s) ({fields})")
     if args.dry_run:
         return 0
     if not done.scrubbed:
-        _out("the scrub of the old text did not finish (see the log): run this again")
+        cliout.out("the scrub of the old text did not finish (see the log): run this again")
         return 1
-    _out("the old text is scrubbed from the database files: `erasure check` can confirm")
+    cliout.out("the old text is scrubbed from the database files: `erasure check` can confirm")
     return 0
