@@ -5,9 +5,12 @@ body that runs to the close, garbage, silence)."""
 from __future__ import annotations
 
 import asyncio
+import ssl
+import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 from aiohttp import web
@@ -307,3 +310,45 @@ def test_a_header_or_url_that_could_split_the_request_is_refused() -> None:
         to.request({"webhook-id": "evt\r\nX-Injected: 1"}, BODY)
     with pytest.raises(ValueError):
         target("ftp://127.0.0.1/hook", UA)
+
+
+async def test_https_verifies_the_receiver_s_certificate(tmp_path: Path) -> None:
+    """TLS with the URL's host as the server name: a certificate the client trusts is
+    served and the answer read; the same receiver under the default trust is refused."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        [
+            *("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"),
+            *("-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1"),
+            *("-addext", "subjectAltName=IP:127.0.0.1"),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    served = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    served.load_cert_chain(cert, key)
+    app = web.Application()
+    app.router.add_post("/hook", ok("tls"))
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0, ssl_context=served).start()
+    url = f"https://127.0.0.1:{runner.addresses[0][1]}/hook"
+    resolver = PinnedResolver(allow_private=True)
+    trusting = WebhookClient(
+        resolver,
+        timeout_s=5,
+        connect_timeout_s=2,
+        body_limit=4096,
+        ssl_context=ssl.create_default_context(cafile=str(cert)),
+    )
+    default = WebhookClient(resolver, timeout_s=5, connect_timeout_s=2, body_limit=4096)
+    try:
+        to, request = signed(url, generate_secret())
+        answer = await trusting.post(to, request)
+        assert (answer.status, answer.body) == (200, b"tls")
+        with pytest.raises(ConnectError, match="certificate"):
+            await default.post(to, request)
+    finally:
+        await trusting.close()
+        await default.close()
+        await runner.cleanup()
