@@ -61,6 +61,9 @@ KEEPALIVE_S = 15.0
 MAX_LINE = 8192
 """The longest chunk-size or trailer line of a chunked body (bytes)."""
 _UNSAFE = ("\r", "\n", "\0")
+_JOINED = frozenset(("connection", "content-length", "transfer-encoding"))
+"""Headers whose repeated lines are read as one list (RFC 9110 §5.3): the framing ones.
+Of any other header the first line counts (a Retry-After date has a comma of its own)."""
 
 
 class ProtocolError(ValueError):
@@ -68,8 +71,9 @@ class ProtocolError(ValueError):
 
 
 class Answer(NamedTuple):
-    """A receiver's answer: its status, its headers (names lowercased; a repeated one's
-    values joined by ``", "``) and the first ``body_limit`` bytes of its body."""
+    """A receiver's answer: its status, its headers (names lowercased; of a repeated one
+    the first value, but the framing ones', `_JOINED`, joined by ``", "``) and the first
+    ``body_limit`` bytes of its body."""
 
     status: int
     headers: Mapping[str, str]
@@ -315,7 +319,10 @@ class WebhookClient:
                 raise ProtocolError("the answer has a malformed header line")
             key = name.decode("latin-1").lower()
             text = value.strip().decode("latin-1")
-            headers[key] = f"{headers[key]}, {text}" if key in headers else text
+            if key not in headers:
+                headers[key] = text
+            elif key in _JOINED:
+                headers[key] = f"{headers[key]}, {text}"
         return first[0], status, headers
 
     async def _sized(self, conn: _Connection, length: int) -> tuple[bytes, bool]:
