@@ -91,7 +91,7 @@ from service.db import (
     Database,
     any_of,
     insert_rows,
-    new_ids,
+    new_time_ids,
     utcnow,
     webhook_attempts,
     webhook_deliveries,
@@ -1561,7 +1561,7 @@ class Dispatcher:
                     p.result.error,
                     p.result.body,
                 )
-                for p, attempt_id in zip(plans, new_ids(len(plans)), strict=True)
+                for p, attempt_id in zip(plans, new_time_ids(len(plans)), strict=True)
             ],
         )
         # Finished deliveries (most of them: succeeded) differ only in their id: one
