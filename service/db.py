@@ -611,6 +611,27 @@ def new_ids(count: int) -> list[uuid.UUID]:
     ]
 
 
+def new_time_ids(count: int) -> list[uuid.UUID]:
+    """``count`` time-ordered UUIDs (v7, RFC 9562 §5.7): the unix time in milliseconds,
+    then the place in this batch (12 bits, so a batch's ids ascend), then 62 random bits.
+
+    For rows written in bulk and then read and updated in the order they were made
+    (webhook deliveries and their attempts): an index over random ids takes each new row
+    on a random page, so a transaction of a few hundred of them dirtied a few hundred pages
+    of every such index (on SQLite each written to the log and copied back at the
+    checkpoint); time-ordered ids go to the index's last pages (issue 8)."""
+    head = (time.time_ns() // 1_000_000 & 0xFFFF_FFFF_FFFF) << 80 | 7 << 76
+    raw = os.urandom(8 * count)
+    from_bytes = int.from_bytes
+    tail_mask = (1 << 62) - 1
+    return [
+        uuid.UUID(
+            int=head | (n & 0xFFF) << 64 | 2 << 62 | from_bytes(raw[8 * n : 8 * n + 8]) & tail_mask
+        )
+        for n in range(count)
+    ]
+
+
 def _run_statement(
     conn: sqlite3.Connection, operation: str, parameters: Any, many: bool
 ) -> tuple[Any, list[Any] | None, Any, int]:

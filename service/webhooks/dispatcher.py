@@ -70,13 +70,11 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, NamedTuple, TypeVar
 
-import aiohttp
 import sqlalchemy as sa
 from pydantic import AwareDatetime, BaseModel, ConfigDict, ValidationError
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.visitors import InternalTraversal
-from yarl import URL
 
 from service.aio import (
     Backoff,
@@ -93,7 +91,7 @@ from service.db import (
     Database,
     any_of,
     insert_rows,
-    new_ids,
+    new_time_ids,
     utcnow,
     webhook_attempts,
     webhook_deliveries,
@@ -132,9 +130,10 @@ from service.webhooks.payloads import (
     DeletionJobCompletedWebhook,
     webhook_body,
 )
+from service.webhooks.post import WebhookClient, target
 from service.webhooks.refanout import LostEvents, recover_events
 from service.webhooks.schedule import Outcome, RetryPolicy, classify, parse_retry_after
-from service.webhooks.signing import webhook_headers
+from service.webhooks.signing import signature_header
 from service.webhooks.ssrf import BlockedDestination, PinnedResolver, check_url, failure_text
 from service.webhooks.store import NewDeliveries, disable_endpoint, enqueue_many, live_secrets
 
@@ -175,8 +174,8 @@ EXCESS_FOR_S = 1.0
 RELEASE_HOLD_S = 2.0
 """A dispatcher leaves an endpoint it gave up alone this long (another takes it)."""
 CHECK_TTL_S = 10.0
-"""A URL's passing SSRF check is reused this long: the sender connector's DNS cache
-(`ttl_dns_cache`) keeps a checked answer as long."""
+"""A URL's passing SSRF check is reused this long (a new connection checks its host's
+addresses again as it resolves them: `PinnedResolver`)."""
 CHECKED_URLS_MAX = 10_000
 LISTENERS_AT_ONCE = 200
 """While at most this many endpoints are enabled (all workspaces), the fan-out reads
@@ -334,7 +333,7 @@ class Dispatcher:
         self._quota: int | None = None
         self._excess_since: float | None = None
         self._released: dict[uuid.UUID, float] = {}
-        self._session: aiohttp.ClientSession | None = None
+        self._session: WebhookClient | None = None
         self._stopping = False
         self._refilled_at = -float("inf")
         self._many_listeners_until = -float("inf")  # (monotonic) see LISTENERS_AT_ONCE
@@ -654,25 +653,17 @@ class Dispatcher:
         WEBHOOK_GROUP_COMMIT_S passed since the first unrecorded attempt ended (or a
         buffer's worth of them is waiting), and every REFILL_EVERY_S.
         """
-        timeout = aiohttp.ClientTimeout(
-            total=self.settings.webhook_timeout_s,
-            connect=self.settings.webhook_connect_timeout_s,
-        )
-        connector = aiohttp.TCPConnector(
-            resolver=PinnedResolver(allow_private=self.settings.webhook_allow_private_networks),
-            limit=0,
-            ttl_dns_cache=int(CHECK_TTL_S),
-        )
         backoff = self._backoff()
-        # No cookie jar: a receiver's Set-Cookie must never travel to another endpoint (or
-        # back to it), and the jar was filtered and updated on every request (issue 8:
-        # ~7 % of an attempt's CPU).
-        async with aiohttp.ClientSession(
-            connector=connector,
-            timeout=timeout,
-            trust_env=False,
-            cookie_jar=aiohttp.DummyCookieJar(),
-        ) as session:
+        # A lean HTTP/1.1 client (service.webhooks.post), not aiohttp's ClientSession: a
+        # third of its CPU per request (issue 8). No cookies at all: a receiver's
+        # Set-Cookie never travels to another endpoint (or back to it).
+        session = WebhookClient(
+            PinnedResolver(allow_private=self.settings.webhook_allow_private_networks),
+            timeout_s=self.settings.webhook_timeout_s,
+            connect_timeout_s=self.settings.webhook_connect_timeout_s,
+            body_limit=RESPONSE_BODY_LIMIT,
+        )
+        try:
             self._session = session
             self._stopping = False
             unlisten = self.changes.listen(self._endpoint_changed) if self.changes else None
@@ -712,6 +703,9 @@ class Dispatcher:
                 if self.tasks:
                     await asyncio.wait(self.tasks, timeout=self.settings.webhook_timeout_s + 1)
                 await self._flush_at_exit()
+        finally:
+            self._session = None
+            await session.close()
 
     async def _flush_at_exit(self) -> None:
         """Record what finished, give back the unsent claims and the endpoints; what
@@ -1308,7 +1302,7 @@ class Dispatcher:
             )
             log.info("webhook_deliveries_failed_endpoint_disabled", count=failed.rowcount)
 
-    async def _send(self, session: aiohttp.ClientSession, delivery: dict[str, Any]) -> None:
+    async def _send(self, session: WebhookClient, delivery: dict[str, Any]) -> None:
         """Send `delivery`, then the endpoint's next buffered ones while its limits let
         this slot go on (`_next_send`): one task per slot, not one per delivery."""
         endpoint_id = delivery["endpoint_id"]
@@ -1451,17 +1445,25 @@ class Dispatcher:
             )
             await self.record(delivery, result.bare())
 
-    async def attempt(
-        self, session: aiohttp.ClientSession, delivery: dict[str, Any]
-    ) -> AttemptResult:
+    async def attempt(self, session: WebhookClient, delivery: dict[str, Any]) -> AttemptResult:
         """One signed POST; never raises for a receiver's failure."""
         started = time.perf_counter()
         body: bytes = delivery["payload"]
         try:
             # Inside the try: a secret that cannot sign (a damaged row) fails this attempt,
             # retried on the schedule, instead of the pass and every endpoint's sends.
-            headers = webhook_headers(
-                delivery["secrets"], delivery["event_id"], int(time.time()), body, USER_AGENT
+            timestamp = int(time.time())
+            event_id = delivery["event_id"]
+            to = target(delivery["url"], USER_AGENT)
+            request = to.request(
+                {
+                    "webhook-id": event_id,
+                    "webhook-timestamp": str(timestamp),
+                    "webhook-signature": signature_header(
+                        delivery["secrets"], event_id, timestamp, body
+                    ),
+                },
+                body,
             )
             if self._checked.get(delivery["url"], 0.0) <= time.monotonic():
                 await self._check(delivery["url"])  # (no coroutine per send while it holds)
@@ -1471,32 +1473,29 @@ class Dispatcher:
             # have let the lease run short, and a successor sends it once it lapsed.
             if self._lease_left(delivery) < self._post_margin:
                 raise _LeaseTooShort
-            async with session.post(
-                _parsed_url(delivery["url"]), data=body, headers=headers, allow_redirects=False
-            ) as response:
-                text = (await response.content.read(RESPONSE_BODY_LIMIT)).decode("utf-8", "replace")
-                retry_after = None
-                if response.status in (429, 503):
-                    retry_after = parse_retry_after(
-                        response.headers.get("Retry-After"), self.clock()
-                    )
-                error = None
-                if 300 <= response.status < 400:
-                    error = f"redirect to {response.headers.get('Location', '?')} not followed"
-                return AttemptResult(response.status, _ms(started), error, text, retry_after)
+            status, headers, answered = await session.post(to, request)
+            text = answered.decode("utf-8", "replace")
+            retry_after = None
+            if status in (429, 503):
+                retry_after = parse_retry_after(headers.get("retry-after"), self.clock())
+            error = None
+            if 300 <= status < 400:
+                error = f"redirect to {headers.get('location', '?')} not followed"
+            return AttemptResult(status, _ms(started), error, text, retry_after)
         except BlockedDestination as exc:
             return AttemptResult(None, _ms(started), f"blocked: {exc}", None, None)
         except TimeoutError:
             return AttemptResult(None, _ms(started), "timed out", None, None)
-        except (aiohttp.ClientError, OSError, ValueError) as exc:
+        except (OSError, ValueError) as exc:
             return AttemptResult(None, _ms(started), failure_text(exc, delivery["url"]), None, None)
 
     async def _check(self, url: str) -> None:
         """`check_url` before a send, its passing answer kept for CHECK_TTL_S per URL.
 
-        The connector resolves names through `PinnedResolver` (checked on every lookup,
-        its answers cached as long), so a name's connection still goes only to checked
-        addresses; a literal IP host always answers the same. A refusal is never kept.
+        The client opens each connection through `PinnedResolver` (the host's addresses
+        checked again as they are resolved), so a name's connection still goes only to
+        checked addresses; a literal IP host always answers the same. A refusal is never
+        kept.
         """
         now = time.monotonic()
         if self._checked.get(url, 0.0) > now:
@@ -1562,7 +1561,7 @@ class Dispatcher:
                     p.result.error,
                     p.result.body,
                 )
-                for p, attempt_id in zip(plans, new_ids(len(plans)), strict=True)
+                for p, attempt_id in zip(plans, new_time_ids(len(plans)), strict=True)
             ],
         )
         # Finished deliveries (most of them: succeeded) differ only in their id: one
@@ -2166,12 +2165,6 @@ def _duration(span: timedelta) -> str:
 def _unknown_share() -> float | None:
     """No group to go by (the fan-out consumer is not running): no fair share."""
     return None
-
-
-@functools.lru_cache(maxsize=4096)
-def _parsed_url(url: str) -> URL:
-    """An endpoint URL parsed once (aiohttp would parse the text on every request)."""
-    return URL(url)
 
 
 def _ms(started: float) -> float:

@@ -10,9 +10,11 @@ metadata) and the like would let that user reach our internals. Three layers clo
   refuses it if ANY address is not public. It is what covers literal IP hosts (in every
   spelling: ``[::1]``, ``2130706433``, ``0x7f.0.0.1``, ``127.1``), for which aiohttp never
   calls a resolver.
-- ``PinnedResolver`` is the resolver of the sender's aiohttp connector. It checks the DNS
-  answer and hands the connector exactly the addresses it checked, so the connection goes
-  to a checked address: a second DNS answer (DNS rebinding) never gets a say.
+- ``PinnedResolver`` is the resolver of the sender's HTTP client
+  (``service.webhooks.post.WebhookClient``, which asks it for literal IP hosts too; it
+  also works as an aiohttp connector's). It checks the DNS answer and hands the client
+  exactly the addresses it checked, so the connection goes to a checked address: a second
+  DNS answer (DNS rebinding) never gets a say.
 
 Only global unicast passes ``is_public_address``; the tables below name every range that
 is refused, so the decision does not depend on which Python patch release the service runs
@@ -87,6 +89,20 @@ _V6_REFUSED: tuple[tuple[ipaddress.IPv6Network, str], ...] = (
 # whitespace ("1.2.3.4 x").
 _LEGACY_IPV4 = re.compile(r"[0-9A-Fa-fXx.]+")
 _HOST_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+
+
+class ConnectError(OSError):
+    """No connection could be made to any of a webhook host's checked addresses: `error`
+    is the last attempt's (None when there was no address to try)."""
+
+    def __init__(self, host: str, port: int, error: OSError | None) -> None:
+        why = "no address to connect to"
+        if error is not None:
+            why = error.strerror or str(error) or type(error).__name__
+        super().__init__(f"could not connect to {host}:{port}: {why}")
+        self.host = host
+        self.port = port
+        self.error = error
 
 
 class BlockedDestination(Exception):
@@ -360,6 +376,8 @@ def failure_text(exc: BaseException, url: str) -> str:
     if isinstance(exc, aiohttp.ClientConnectorError):
         why = exc.os_error.strerror or type(exc.os_error).__name__
         text = f"could not connect to {exc.host}:{exc.port}: {why}"
+    elif isinstance(exc, ConnectError):
+        text = str(exc)
     else:
         text = f"{type(exc).__name__}: {exc}"
 
@@ -398,8 +416,9 @@ async def ensure_public(url: str, *, allow_private: bool, timeout_s: float = 3.0
 class PinnedResolver(AbstractResolver):
     """An aiohttp resolver that connects only to the addresses it has checked.
 
-    Give it to the sender's connector, ``TCPConnector(resolver=PinnedResolver(...))``:
-    each lookup goes through ``resolve_checked``, and the connector gets exactly those
+    Give it to the sender's client (``WebhookClient(PinnedResolver(...), ...)``) or to an
+    aiohttp connector (``TCPConnector(resolver=PinnedResolver(...))``):
+    each lookup goes through ``resolve_checked``, and the client gets exactly those
     addresses, so no later DNS answer can point the connection elsewhere. It raises
     BlockedDestination out of the request when an address is not public.
     """

@@ -19,7 +19,7 @@ from service.audit.store import AuditRecord, append_events
 from service.db import (
     Database,
     new_id,
-    new_ids,
+    new_time_ids,
     utcnow,
     webhook_attempts,
     webhook_deliveries,
@@ -528,7 +528,9 @@ async def enqueue_many(
     now = utcnow()
     pending = DeliveryStatus.PENDING.value
     failed = DeliveryStatus.FAILED.value
-    ids = new_ids(sum(len(e.endpoint_ids) for e in events))
+    # Time-ordered: the deliveries are claimed, sent and updated about in the order they
+    # were made, and their attempts are indexed by them (`new_time_ids`).
+    ids = new_time_ids(sum(len(e.endpoint_ids) for e in events))
     rows = []
     for next_id, (e, endpoint_id) in zip(
         ids, ((each, eid) for each in events for eid in each.endpoint_ids), strict=True
