@@ -311,12 +311,16 @@ async def delete_endpoint(
 ) -> None:
     async with db.begin() as conn:
         await _endpoint_row(conn, workspace_id, endpoint_id)
-        await conn.execute(webhook_endpoints.delete().where(E.id == endpoint_id))
+        # Deliveries first, then the endpoint: the order the dispatcher's recording takes
+        # their locks in (its deliveries, then the endpoint's failing streak). The other
+        # order deadlocked against it on PostgreSQL (seen once by sqlite-drain's full run:
+        # a DELETE answered 503 from DeadlockDetectedError).
         await conn.execute(
             webhook_deliveries.update()
             .where(D.endpoint_id == endpoint_id, D.status.in_(SENDABLE))
             .values(status=DeliveryStatus.FAILED, completed_at=utcnow())
         )
+        await conn.execute(webhook_endpoints.delete().where(E.id == endpoint_id))
         await append_events(
             conn,
             db,
