@@ -26,6 +26,7 @@ import asyncio
 import collections
 import contextlib
 import functools
+import operator
 import random
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -45,7 +46,7 @@ from service.aio import (
     sleep_unless_stopped,
     wait_for_dependency,
 )
-from service.audit.chain import email_hmac
+from service.audit.chain import EmailHmac
 from service.audit.store import AuditRecord, append_events, load_hash_key
 from service.config import Settings
 from service.contacts.store import TIMELINE_TABLES
@@ -701,6 +702,7 @@ class DeletionWorker:
         deleted_rows = built.deleted_rows
         topic = self.settings.topic(TOPIC_CONTACT_DELETED)
         encoder = ContactDeletedEncoder(now)
+        email_hmac = EmailHmac(self.hash_key)
         # What every item of a job shares, as text, once per job rather than per contact.
         texts = {
             job_id: (
@@ -721,7 +723,7 @@ class DeletionWorker:
             if outcome.status is ItemStatus.DELETED:
                 delta.deleted += 1
                 contact = found[c.contact_id]
-                hmac_hex = email_hmac(self.hash_key, contact["email"])
+                hmac_hex = email_hmac(contact["email"])
                 kept = orphaned.kept.get(c.contact_id, {})
                 redaction = orphaned.redactions.get(c.contact_id)
                 records.append(
@@ -981,7 +983,7 @@ def _keep(
     # In id order within each kind, as a per-table ORDER BY id would give (the text forms
     # sort as the UUIDs do: fixed-width lowercase hex; ids are unique within a kind).
     for text_id, kind, contact, at in sorted(
-        ((_uuid_text(r[1]), r[0], r[2], r[3]) for r in rows), key=_id_and_kind
+        [(_uuid_text(r[1]), r[0], r[2], r[3]) for r in rows], key=_ID_AND_KIND
     ):
         kinds.add(kind)
         kept.setdefault(contacts_by_stored[contact], {}).setdefault(kind, []).append(
@@ -990,8 +992,7 @@ def _keep(
     return kinds
 
 
-def _id_and_kind(row: tuple[str, str, Any, Any]) -> tuple[str, str]:
-    return row[0], row[1]
+_ID_AND_KIND = operator.itemgetter(0, 1)
 
 
 def _orphan_and_delete_sql() -> str:
@@ -1053,7 +1054,9 @@ _DECIDING_COLUMNS = (
 def _uuid_text(value: Any) -> str:
     """A UUID's canonical text (``8-4-4-4-12`` lowercase hex) from a `uuid.UUID`, a driver's
     UUID, or SQLite's stored form (32 hex digits, as ``sa.Uuid`` writes it)."""
-    text = value.hex if isinstance(value, uuid.UUID) else str(value).lower()
+    if isinstance(value, uuid.UUID):
+        return str(value)  # asyncpg's UUID writes its text in C
+    text = str(value).lower()
     if len(text) == 32:
         return f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-{text[20:]}"
     return text
@@ -1065,6 +1068,8 @@ def _raw_iso_z(at: Any) -> str:
     `UTCDateTime` writes it), formatted exactly as ``datetime.isoformat`` would format it
     (no fraction when the microseconds are zero)."""
     if isinstance(at, datetime):
+        if at.tzinfo is UTC:  # asyncpg's, always
+            return f"{at.isoformat()[:-6]}Z"  # "+00:00" is the last six
         return _iso_z(at if at.tzinfo is not None else at.replace(tzinfo=UTC))
     text = str(at)
     if len(text) == 26 and text[10] == " " and text[19] == ".":

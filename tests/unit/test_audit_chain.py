@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import hmac
 import json
 import math
 import uuid
@@ -20,6 +21,7 @@ from service.audit.chain import (
     GENESIS_HASH,
     HASHED_FIELDS,
     ChainVerifier,
+    EmailHmac,
     VerifyResult,
     canonical_json,
     email_hmac,
@@ -586,3 +588,19 @@ def test_email_hmac_is_not_a_plain_sha256_of_the_address() -> None:
 def test_email_hmac_refuses_an_empty_key() -> None:
     with pytest.raises(ValueError):
         email_hmac(b"", "alice@example.com")
+
+
+@given(key=st.binary(min_size=1, max_size=80), emails=st.lists(st.text(), max_size=4))
+def test_email_hmac_of_a_reused_key_is_the_one_shot_hmac(key: bytes, emails: list[str]) -> None:
+    """The worker's keyed HMAC, copied per address, gives what keying anew gives: the hex
+    HMAC-SHA256 of the address stripped and lowercased, whatever came before it."""
+    keyed = EmailHmac(key)
+    for email in emails:
+        normalised = email.strip().lower().encode("utf-8")
+        expected = hmac.new(key, normalised, hashlib.sha256).hexdigest()
+        assert keyed(email) == expected == email_hmac(key, email)
+
+
+def test_a_reused_email_hmac_key_must_not_be_empty() -> None:
+    with pytest.raises(ValueError, match="non-empty key"):
+        EmailHmac(b"")
