@@ -626,6 +626,22 @@ def new_ids(count: int) -> list[uuid.UUID]:
     ]
 
 
+def new_id_texts(count: int) -> list[str]:
+    """The canonical text (``str(uuid)``) of ``count`` random UUIDs (v4), made from the
+    random bytes without a `uuid.UUID` each: for ids that are only ever written as text
+    (event ids), where making the UUID and then its text cost two thirds more."""
+    raw = bytearray(os.urandom(16 * count))
+    for i in range(6, 16 * count, 16):
+        raw[i] = (raw[i] & 0x0F) | 0x40  # version 4
+        raw[i + 2] = (raw[i + 2] & 0x3F) | 0x80  # the RFC 4122 variant
+    h = raw.hex()
+    return [
+        f"{h[j : j + 8]}-{h[j + 8 : j + 12]}-{h[j + 12 : j + 16]}-"
+        f"{h[j + 16 : j + 20]}-{h[j + 20 : j + 32]}"
+        for j in range(0, 32 * count, 32)
+    ]
+
+
 def _run_statement(
     conn: sqlite3.Connection, operation: str, parameters: Any, many: bool
 ) -> tuple[Any, list[Any] | None, Any, int]:

@@ -58,7 +58,7 @@ from service.db import (
     deletion_jobs,
     idempotency_keys,
     insert_rows,
-    new_ids,
+    new_id_texts,
     outbox,
     stored_values,
     utcnow,
@@ -713,7 +713,7 @@ class DeletionWorker:
             )
             for job_id, job in jobs.items()
         }
-        event_ids = iter(new_ids(len(doomed)))  # one per contact.deleted event
+        event_ids = iter(new_id_texts(len(doomed)))  # one per contact.deleted event
         for c, outcome in outcomes:
             job = jobs[c.job_id]
             job_text, workspace_text, actor, api_key_text = texts[c.job_id]
@@ -762,7 +762,7 @@ class DeletionWorker:
                         len(kept.get("note", ())),
                         len(kept.get("task", ())),
                     ),
-                    str(next(event_ids)),
+                    next(event_ids),
                 )
                 deleted_rows.append(contact_deleted_row(topic, contact_text, payload, now))
             elif outcome.status is ItemStatus.NOT_FOUND:
