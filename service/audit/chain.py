@@ -131,19 +131,30 @@ _BEFORE_DATA: Final = tuple(sorted(n for n in HASHED_FIELDS if n < "data"))
 _AFTER_DATA: Final = tuple(sorted(n for n in HASHED_FIELDS if n > "data"))
 
 
-def event_hash_with_data(prev_hash: str, event: Mapping[str, Any], data_json: bytes) -> str:
+def event_hash_with_data(
+    prev_hash: str, event: Mapping[str, Any], data_json: bytes, before: bytes | None = None
+) -> str:
     """``event_hash(prev_hash, event)`` for an event whose ``data`` is already encoded.
 
     ``data_json`` must be ``canonical_json(event["data"])``; ``event["data"]`` itself is
     not read. The canonical object is the sorted keys before ``data``, then ``data``, then
     the rest, so it is spliced from the canonical encodings of the two halves: the same
     bytes as ``event_hash`` hashes (tests/unit/test_audit_chain.py holds them equal),
-    without encoding a large ``data`` a second time on the append path.
+    without encoding a large ``data`` a second time on the append path. ``before``: the
+    event's `hashed_before`, when the caller has it already (the events of a batch share
+    their action and actor, all that it covers).
     """
-    before = canonical_json({name: event[name] for name in _BEFORE_DATA})
+    if before is None:
+        before = hashed_before(event)
     after = canonical_json({name: event[name] for name in _AFTER_DATA})
     body = b"".join((before[:-1], b',"data":', data_json, b",", after[1:]))
     return hashlib.sha256(prev_hash.encode("ascii") + body).hexdigest()
+
+
+def hashed_before(event: Mapping[str, Any]) -> bytes:
+    """The canonical JSON of the hashed fields that sort before ``data`` (``action`` and
+    ``actor``): the first half that `event_hash_with_data` splices."""
+    return canonical_json({name: event[name] for name in _BEFORE_DATA})
 
 
 def seal(prev_hash: str, event: Mapping[str, Any]) -> dict[str, Any]:

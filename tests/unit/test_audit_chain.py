@@ -28,6 +28,7 @@ from service.audit.chain import (
     event_hash,
     event_hash_with_data,
     format_time,
+    hashed_before,
     parse_time,
     seal,
     verify_events,
@@ -247,6 +248,9 @@ def test_event_hash_with_encoded_data_is_event_hash(
     expected = event_hash(GENESIS_HASH, event)
     spliced = dict(event, data="not read")
     assert event_hash_with_data(GENESIS_HASH, spliced, canonical_json(data)) == expected
+    # With the first half given, as append_events gives it once per action and actor.
+    before = hashed_before(event)
+    assert event_hash_with_data(GENESIS_HASH, spliced, canonical_json(data), before) == expected
 
 
 def test_event_hash_ignores_prev_hash_and_hash_fields_of_the_event() -> None:
