@@ -639,11 +639,11 @@ class DeletionWorker:
         refs = sorted({c.ref for c in commands})
         statuses = await self._statuses(conn, job_ids, refs)
         todo: list[DeletionRequested] = []
-        seen: set[tuple[uuid.UUID, str]] = set()
         for c in commands:
-            key = (c.job_id, c.ref)
-            if statuses.get(key) == ItemStatus.PENDING and key not in seen and c.job_id in jobs:
-                seen.add(key)
+            # Popped: the same item named again later in the batch finds no status, and is
+            # skipped (each look-up hashes a uuid.UUID, in Python: a batch makes dozens of
+            # them per contact, a tenth of the worker's time).
+            if statuses.pop((c.job_id, c.ref), None) == ItemStatus.PENDING and c.job_id in jobs:
                 todo.append(c)
         if not todo:
             return None
@@ -656,18 +656,13 @@ class DeletionWorker:
         outcomes: list[tuple[DeletionRequested, Outcome]] = []
         doomed: dict[uuid.UUID, DeletionRequested] = {}
         for c in todo:
+            job = jobs[c.job_id]
             contact = found.get(c.contact_id)
-            if (
-                contact is not None
-                and workspaces.get(contact["workspace_id"]) != jobs[c.job_id].workspace_id
-            ):
+            if contact is not None and workspaces.get(contact["workspace_id"]) != job.workspace_id:
                 contact = None  # another workspace's contact is, for this job, not there
-            outcome = decide(contact, jobs[c.job_id].delete_members)
-            if outcome.status is ItemStatus.DELETED:
-                if c.contact_id in doomed:
-                    outcome = NOT_FOUND  # two jobs in one batch: the first one deletes it
-                else:
-                    doomed[c.contact_id] = c
+            outcome = decide(contact, job.delete_members)
+            if outcome.status is ItemStatus.DELETED and doomed.setdefault(c.contact_id, c) is not c:
+                outcome = NOT_FOUND  # two jobs in one batch: the first one deletes it
             outcomes.append((c, outcome))
         redact = {
             cid: Redactor.of(found[cid])
@@ -706,6 +701,7 @@ class DeletionWorker:
         # What every item of a job shares, as text, once per job rather than per contact.
         texts = {
             job_id: (
+                job,
                 str(job_id),
                 str(job.workspace_id),
                 _job_actor(job),
@@ -715,8 +711,7 @@ class DeletionWorker:
         }
         event_ids = iter(new_id_texts(len(doomed)))  # one per contact.deleted event
         for c, outcome in outcomes:
-            job = jobs[c.job_id]
-            job_text, workspace_text, actor, api_key_text = texts[c.job_id]
+            job, job_text, workspace_text, actor, api_key_text = texts[c.job_id]
             contact_text = str(c.contact_id)
             target = {"type": "contact", "id": contact_text}
             delta = progress.setdefault(c.job_id, ProgressDelta())
