@@ -16,6 +16,7 @@ import uuid
 import sqlalchemy as sa
 
 from service.audit.store import load_hash_key, stream_events, verify_workspace
+from service.config import Settings
 from service.db import Database, contacts, deletion_jobs, outbox, utcnow
 from service.deletion.models import BulkDeleteRequest
 from service.deletion.store import Requester, create_job
@@ -28,29 +29,40 @@ from tests.conftest import contact_row, make_settings
 CONTACTS = 30
 
 
+async def jobs_and_worker(
+    db: Database,
+    settings: Settings,
+    workspace_id: uuid.UUID,
+    ids: list[uuid.UUID],
+    jobs: dict[uuid.UUID, list[uuid.UUID]],
+) -> DeletionWorker:
+    """The contacts `ids` and a contact-ids job per entry of `jobs` (its id: the contacts it
+    asks for), written as the API writes them; a worker of the workspace's audit key."""
+    now = utcnow()
+    async with db.begin() as conn:
+        await conn.execute(contacts.insert(), [contact_row(workspace_id, c, now) for c in ids])
+        for job_id, asked in jobs.items():
+            await create_job(
+                conn,
+                db,
+                settings,
+                Requester(workspace_id, None, None),
+                BulkDeleteRequest(contact_ids=asked),
+                job_id,
+            )
+    worker = DeletionWorker(settings, db, Metrics())
+    worker.hash_key = await load_hash_key(db, None)
+    return worker
+
+
 async def test_overlapping_batches_redelivery_and_give_up_finish_a_job_exactly_once(
     db_url: str, db: Database
 ) -> None:
     settings = make_settings(db_url)
     workspace_id = await ensure_workspace(db, f"overlap-{uuid.uuid4().hex}")
-    now = utcnow()
     ids = [uuid.uuid4() for _ in range(CONTACTS)]
     job_id = uuid.uuid4()
-    async with db.begin() as conn:
-        await conn.execute(
-            contacts.insert(),
-            [contact_row(workspace_id, cid, now) for cid in ids],
-        )
-        await create_job(
-            conn,
-            db,
-            settings,
-            Requester(workspace_id, None, None),
-            BulkDeleteRequest(contact_ids=ids),
-            job_id,
-        )
-    worker = DeletionWorker(settings, db, Metrics())
-    worker.hash_key = await load_hash_key(db, None)
+    worker = await jobs_and_worker(db, settings, workspace_id, ids, {job_id: ids})
     commands = [
         DeletionRequested(job_id=job_id, workspace_id=workspace_id, ref=str(c), contact_id=c)
         for c in ids
@@ -106,24 +118,11 @@ async def test_an_item_named_twice_in_one_batch_and_a_contact_two_jobs_ask_for_g
     one ``contact.deleted``), and the second job's item for it is ``not_found``."""
     settings = make_settings(db_url)
     workspace_id = await ensure_workspace(db, f"twice-{uuid.uuid4().hex}")
-    now = utcnow()
     shared, own = uuid.uuid4(), uuid.uuid4()
     first_job, second_job = uuid.uuid4(), uuid.uuid4()
-    async with db.begin() as conn:
-        await conn.execute(
-            contacts.insert(), [contact_row(workspace_id, cid, now) for cid in (shared, own)]
-        )
-        for job_id, asked in ((first_job, [shared, own]), (second_job, [shared])):
-            await create_job(
-                conn,
-                db,
-                settings,
-                Requester(workspace_id, None, None),
-                BulkDeleteRequest(contact_ids=asked),
-                job_id,
-            )
-    worker = DeletionWorker(settings, db, Metrics())
-    worker.hash_key = await load_hash_key(db, None)
+    worker = await jobs_and_worker(
+        db, settings, workspace_id, [shared, own], {first_job: [shared, own], second_job: [shared]}
+    )
 
     def request(job_id: uuid.UUID, contact_id: uuid.UUID) -> DeletionRequested:
         return DeletionRequested(
