@@ -29,7 +29,7 @@ from service.db import (
     deletion_job_items,
     deletion_jobs,
     insert_rows,
-    new_ids,
+    new_id_texts,
     outbox,
     utcnow,
 )
@@ -260,7 +260,8 @@ async def create_job(
     selector = req.selector()
     refs: list[tuple[str, uuid.UUID | None]] = []
     if req.contact_ids is not None:
-        refs = [(i, uuid.UUID(i)) for i in selector["contact_ids"]]
+        # The selector's texts are these ids' (`BulkDeleteRequest.selector`), in order.
+        refs = list(zip(selector["contact_ids"], dict.fromkeys(req.contact_ids), strict=True))
     elif req.emails is not None:
         refs = await resolve_emails(conn, who.workspace_id, req.emails)
     expanding = req.contact_ids is None and req.emails is None
@@ -358,7 +359,10 @@ async def insert_items(
     start: int,
     now: datetime,
 ) -> None:
-    """Items for these refs; a ref without a contact is `not_found` at once, the rest get work."""
+    """Items for these refs; a ref without a contact is `not_found` at once, the rest get work.
+
+    A ref with a contact is that contact id's text (``str(uuid)``, as every caller makes
+    it): the events and outbox keys use it as it is."""
     if not refs:
         return
     topic = settings.topic(TOPIC_DELETION_REQUESTED)
@@ -366,7 +370,7 @@ async def insert_items(
     items: list[_ItemRow] = []
     messages = []
     # The events' ids from one read of the system's random source, not a uuid4 each.
-    event_ids = iter(new_ids(len(refs)))
+    event_ids = iter(new_id_texts(len(refs)))
     for position, (ref, contact_id) in enumerate(refs, start=start):
         found = contact_id is not None
         items.append(
@@ -381,11 +385,9 @@ async def insert_items(
         )
         if contact_id is not None:
             # The bytes the DeletionRequested envelope would dump, spliced (property-tested).
-            payload = encoder.encode(ref, contact_id, str(next(event_ids)))
+            payload = encoder.encode(ref, ref, next(event_ids))
             messages.append(
-                encoded_outbox_row(
-                    topic, str(contact_id), TYPE_DELETION_REQUESTED, payload, now, job_id=job_id
-                )
+                encoded_outbox_row(topic, ref, TYPE_DELETION_REQUESTED, payload, now, job_id=job_id)
             )
     await insert_rows(conn, deletion_job_items, items)
     await insert_rows(conn, outbox, messages)

@@ -34,6 +34,7 @@ from service.db import (
     utcnow,
 )
 from service.erasure.scrubber import Scrubber
+from service.faults import describe, is_transient
 from tests.conftest import make_settings
 
 
@@ -120,9 +121,14 @@ class _OutboxRow(NamedTuple):
     created_at: datetime
 
 
-async def test_insert_rows_stores_what_a_sqlalchemy_insert_stores(db: Database) -> None:
+@pytest.mark.parametrize("first", [True, False], ids=["first-statement", "after-a-read"])
+async def test_insert_rows_stores_what_a_sqlalchemy_insert_stores(
+    db: Database, first: bool
+) -> None:
     """Values that need their column type's conversion (a UTC time, JSON, a shared
-    EncodedJSON, bytes, null) read back equal to the same values inserted by SQLAlchemy."""
+    EncodedJSON, bytes, null) read back equal to the same values inserted by SQLAlchemy,
+    as the transaction's first statement and after a read (PostgreSQL: ``unnest`` arrays,
+    then a binary COPY)."""
     topic = f"t-{uuid.uuid4().hex}"
     at = datetime(2024, 2, 29, 23, 59, 59, 123456, tzinfo=UTC)
     shared = EncodedJSON((("content-type", "application/json"), ("ce_type", "x")))
@@ -131,6 +137,8 @@ async def test_insert_rows_stores_what_a_sqlalchemy_insert_stores(db: Database) 
         _OutboxRow(topic, None, b"", [["a", "é"]], at.replace(microsecond=0)),
     ]
     async with db.begin() as conn:
+        if not first:
+            await conn.execute(sa.select(outbox.c.id).limit(1))
         await insert_rows(conn, outbox, rows)
         await conn.execute(outbox.insert(), [r._asdict() for r in rows])
     columns = [outbox.c[name] for name in _OutboxRow._fields]
@@ -150,6 +158,39 @@ async def test_insert_rows_stores_what_a_sqlalchemy_insert_stores(db: Database) 
 class _NotAColumn(NamedTuple):
     topic: str
     colour: str
+
+
+@pytest.mark.parametrize("first", [True, False], ids=["first-statement", "after-a-read"])
+async def test_insert_rows_refused_is_permanent_and_rolls_back(db: Database, first: bool) -> None:
+    """A row the database refuses (a duplicate key) fails the statement with a permanent
+    error naming the SQLSTATE or SQLite's result, never the values, and the transaction
+    keeps none of the rows, whichever way the rows were sent."""
+    job_id = uuid.uuid4()
+    rows = [
+        _ItemRow(job_id, "secret@example.com", 0, "pending"),
+        _ItemRow(job_id, "secret@example.com", 1, "pending"),
+    ]
+    with pytest.raises(Exception) as raised:
+        async with db.begin() as conn:
+            if not first:
+                await conn.execute(sa.select(deletion_job_items.c.ref).limit(1))
+            await insert_rows(conn, deletion_job_items, rows)
+    assert not is_transient(raised.value)
+    described = describe(raised.value)
+    assert "23505" in described or "CONSTRAINT" in described, described
+    assert "secret" not in described
+    async with db.read() as conn:
+        left = await conn.execute(
+            sa.select(sa.func.count()).where(deletion_job_items.c.job_id == job_id)
+        )
+        assert left.scalar_one() == 0
+
+
+class _ItemRow(NamedTuple):
+    job_id: uuid.UUID
+    ref: str
+    position: int
+    status: str
 
 
 async def test_insert_rows_refuses_a_field_that_is_not_a_column(db: Database) -> None:

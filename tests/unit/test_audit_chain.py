@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import hmac
 import json
 import math
 import uuid
@@ -20,12 +21,14 @@ from service.audit.chain import (
     GENESIS_HASH,
     HASHED_FIELDS,
     ChainVerifier,
+    EmailHmac,
     VerifyResult,
     canonical_json,
     email_hmac,
     event_hash,
     event_hash_with_data,
     format_time,
+    hashed_before,
     parse_time,
     seal,
     verify_events,
@@ -245,6 +248,9 @@ def test_event_hash_with_encoded_data_is_event_hash(
     expected = event_hash(GENESIS_HASH, event)
     spliced = dict(event, data="not read")
     assert event_hash_with_data(GENESIS_HASH, spliced, canonical_json(data)) == expected
+    # With the first half given, as append_events gives it once per action and actor.
+    before = hashed_before(event)
+    assert event_hash_with_data(GENESIS_HASH, spliced, canonical_json(data), before) == expected
 
 
 def test_event_hash_ignores_prev_hash_and_hash_fields_of_the_event() -> None:
@@ -586,3 +592,19 @@ def test_email_hmac_is_not_a_plain_sha256_of_the_address() -> None:
 def test_email_hmac_refuses_an_empty_key() -> None:
     with pytest.raises(ValueError):
         email_hmac(b"", "alice@example.com")
+
+
+@given(key=st.binary(min_size=1, max_size=80), emails=st.lists(st.text(), max_size=4))
+def test_email_hmac_of_a_reused_key_is_the_one_shot_hmac(key: bytes, emails: list[str]) -> None:
+    """The worker's keyed HMAC, copied per address, gives what keying anew gives: the hex
+    HMAC-SHA256 of the address stripped and lowercased, whatever came before it."""
+    keyed = EmailHmac(key)
+    for email in emails:
+        normalised = email.strip().lower().encode("utf-8")
+        expected = hmac.new(key, normalised, hashlib.sha256).hexdigest()
+        assert keyed(email) == expected == email_hmac(key, email)
+
+
+def test_a_reused_email_hmac_key_must_not_be_empty() -> None:
+    with pytest.raises(ValueError, match="non-empty key"):
+        EmailHmac(b"")

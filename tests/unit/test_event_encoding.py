@@ -59,8 +59,11 @@ def model_bytes(
 def test_spliced_deletion_requested_equals_the_models_json(
     ref: str, contact_id: uuid.UUID, job: uuid.UUID, ws: uuid.UUID, t: datetime, event_id: uuid.UUID
 ) -> None:
-    encoded = DeletionRequestedEncoder(job, ws, t).encode(ref, contact_id, str(event_id))
+    encoder = DeletionRequestedEncoder(job, ws, t)
+    encoded = encoder.encode(ref, contact_id, str(event_id))
     assert encoded == model_bytes(str(event_id), ref, contact_id, job, ws, t)
+    # The contact id given as its text (the job's items pass their ref) splices the same.
+    assert encoder.encode(ref, str(contact_id), str(event_id)) == encoded
 
 
 def test_spliced_event_has_a_fresh_uuid4_id_and_parses_back() -> None:

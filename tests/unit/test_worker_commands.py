@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from service.db import new_ids
+from service.db import new_id_texts, new_ids
 from service.deletion.worker import parse_message
 from service.errors import PoisonMessage
 from service.events import (
@@ -92,14 +92,30 @@ def test_new_ids_are_distinct_random_version_4_uuids() -> None:
     assert len(ids) == 2000
     assert len(set(ids)) == 2000
     for value in ids:
+        assert uuid.UUID(str(value)) == value
+    _assert_random_version_4(ids)
+    assert new_ids(0) == []
+
+
+def _assert_random_version_4(ids: list[uuid.UUID]) -> None:
+    """Version 4, RFC 4122's variant, and every bit outside those two varies."""
+    for value in ids:
         assert value.version == 4
         assert value.variant == uuid.RFC_4122
-        assert uuid.UUID(str(value)) == value
-    # Every bit outside the version and variant varies.
     fixed = (0xF000 << 64) | (0xC000 << 48)
     ones = zeros = 0
     for value in ids:
         ones |= value.int
         zeros |= ~value.int
     assert (ones & zeros) | fixed == (1 << 128) - 1
-    assert new_ids(0) == []
+
+
+def test_new_id_texts_are_the_canonical_text_of_distinct_random_version_4_uuids() -> None:
+    """The event ids written only as text: what ``str(uuid.uuid4())`` looks like, every bit
+    outside the version and variant random."""
+    texts = new_id_texts(2000)
+    assert len(set(texts)) == 2000
+    ids = [uuid.UUID(text) for text in texts]
+    assert [str(value) for value in ids] == texts
+    _assert_random_version_4(ids)
+    assert new_id_texts(0) == []
