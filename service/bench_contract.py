@@ -647,7 +647,7 @@ class RowCounter:
 
     def __init__(self, db: Database) -> None:
         self.db = db
-        self.tables = [t for t in metadata.sorted_tables]
+        self.tables = list(metadata.sorted_tables)
 
     async def install(self) -> None:
         async with self.db.begin() as conn:
