@@ -14,17 +14,31 @@ A benchmark, not a test: it prints figures and asserts nothing. One run:
    database when each job item was processed: accepted contacts/s, end-to-end deleted
    contacts/s, the latency from a request's acceptance to each of its deletions, and the
    service's peak RSS (``VmHWM``);
-5. the bare floor: N more contacts (another workspace) deleted by a plain SQL loop (null
-   the timeline references, delete the contacts, commit; 500 at a time; no Kafka, no
-   audit), and the ratio service / floor;
-6. with ``--webhooks K``: K receivers in one separate process (service.bench_receiver)
+5. with ``--webhooks K``: K receivers in one separate process (service.bench_receiver)
    verify every signature with PyPI ``standardwebhooks``; K endpoints are subscribed to
    ``contact.deleted`` before the deletion, and the bench waits for K*N deliveries:
    deliveries/s, latency from acceptance of the deletion request to arrival, invalid
    signatures; then the floor: the same payloads, signed, POSTed by a plain aiohttp loop
    with the dispatcher's concurrency (4 per endpoint), and the ratio;
-7. with ``--filter-contacts M``: M contacts deleted by one filter job: its duration and
-   the service's peak RSS while it ran.
+6. with ``--filter-contacts M``: M contacts deleted by one filter job: its duration and
+   the service's peak RSS while it ran;
+7. rows per contact, table by table (``rows_per_contact``, untimed): counting triggers
+   (service.bench_contract.RowCounter) on every table while the service deletes a sample
+   of min(N, 1000) more contacts as in 4 (to their last webhook's recorded outcome), and
+   then while the contract floor (8) writes the same number; the service is stopped after
+   it, so that the floors run alone (its relay and dispatcher would take the contract
+   floor's outbox rows and deliveries for their own);
+8. the floors, each over N more contacts of a workspace of its own, with their CPU per
+   contact (the bench process; the PostgreSQL server's when the bench started it): the
+   bare floor, a plain SQL loop (null the timeline references, delete the contacts,
+   commit; 500 at a time; no Kafka, no audit), and ``service_to_floor_ratio``; then the
+   contract floor (service.bench_contract): the rows DESIGN.md §1 requires of any
+   implementation (job, items, outbox rows and their publication, the worker's
+   transaction with its audit chain, one delivery per endpoint with its attempt and
+   outcome), written by a plain SQL loop, ``--batch`` contacts per job, and its ratios
+   (`contract_figures`): to the bare floor, the service's end to end against it, for the
+   whole contract and for its deletion part (up to the worker's commit, where end to end
+   counts a contact deleted), with the ceilings their CPU sets on this machine's cores.
 
 Beside the figures it reports what explains them: CPU seconds of each process it started
 over the deletion phase and to the last webhook, and per item: ``cpu_ms_per_contact`` (the
@@ -75,6 +89,14 @@ import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from service.bench_contract import (
+    DELETION_STAGES,
+    STAGES,
+    RowCounter,
+    StageClock,
+    add_endpoints,
+    contract_floor,
+)
 from service.bench_options import add_arguments
 from service.bench_receiver import CONFIG_PATH, HOOK_PATH, RESET_PATH, STATS_PATH
 from service.config import Settings
@@ -108,6 +130,9 @@ FLOOR_BATCH = 500
 POLL_INTERVAL_S = 0.5
 FLOOR_USER_AGENT = "contact-deletion-bench-floor/0.1"
 FILTER_LAST_NAME = "bench-filter"
+ROWS_SAMPLE = 1000
+"""Contacts (at most) of the untimed sample on which the bench counts the rows the service
+and the contract floor write per table (``rows_per_contact``)."""
 
 
 class BenchFailed(Exception):
@@ -159,29 +184,57 @@ def _proc_status_kb(pid: int, field_name: str) -> int | None:
     return None
 
 
-def cpu_seconds(root_pid: int) -> float:
-    """CPU time (user + system) of a process and its live descendants, with what their
-    exited children left them (cutime, cstime), in seconds."""
+def _stat_fields(pid: int | str) -> list[str] | None:
+    """/proc/<pid>/stat from field 3 (state) on; None if the process is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            text = stat.read()
+    except OSError:
+        return None
+    return text[text.rindex(")") + 2 :].split()
+
+
+def _ticks(fields: list[str]) -> int:
+    return sum(int(f) for f in fields[11:15])  # utime stime cutime cstime
+
+
+def process_tree(root_pid: int) -> tuple[set[int], dict[int, int]]:
+    """A process and its live descendants, and the CPU clock ticks each has used (with
+    what its exited children left it)."""
     parents: dict[int, int] = {}
     used: dict[int, int] = {}
     for entry in os.listdir("/proc"):
-        if not entry.isdigit():
+        if not entry.isdigit() or (fields := _stat_fields(entry)) is None:
             continue
-        try:
-            with open(f"/proc/{entry}/stat") as stat:
-                text = stat.read()
-        except OSError:
-            continue
-        fields = text[text.rindex(")") + 2 :].split()  # from field 3 (state) on
         parents[int(entry)] = int(fields[1])
-        used[int(entry)] = sum(int(f) for f in fields[11:15])  # utime stime cutime cstime
+        used[int(entry)] = _ticks(fields)
     tree = {root_pid}
     grew = True
     while grew:
         grown = {pid for pid, parent in parents.items() if parent in tree} - tree
         grew = bool(grown)
         tree |= grown
+    return tree, used
+
+
+def cpu_seconds(root_pid: int) -> float:
+    """CPU time (user + system) of a process and its live descendants, with what their
+    exited children left them (cutime, cstime), in seconds."""
+    tree, used = process_tree(root_pid)
     return sum(used.get(pid, 0) for pid in tree) / os.sysconf("SC_CLK_TCK")
+
+
+def tree_clock(root_pid: int) -> Callable[[], float]:
+    """CPU seconds of the processes of ``root_pid``'s tree as it is now, read from their
+    stat files alone (not a walk of /proc: cheap enough to read between two statements);
+    a process that started later is not counted."""
+    tree, _ = process_tree(root_pid)
+    tick = os.sysconf("SC_CLK_TCK")
+
+    def read() -> float:
+        return sum(_ticks(f) for pid in tree if (f := _stat_fields(pid)) is not None) / tick
+
+    return read
 
 
 @dataclass
@@ -897,10 +950,17 @@ async def measure(args: argparse.Namespace, env: Environment) -> dict[str, Any]:
             floor_workspace = await ensure_workspace(db, "bench-floor")
             log.info("bench_seeding", contacts=2 * n)
             started = time.perf_counter()
-            ids = await seed(db, key.workspace_id, n + 1, tag="bench-service")
+            sample = min(n, ROWS_SAMPLE)
+            ids = await seed(db, key.workspace_id, n + 1 + sample, tag="bench-service")
             warm_up_id = ids.pop()
+            ids, sample_ids = ids[:n], ids[n:]
             floor_ids = await seed(db, floor_workspace, n, tag="bench-floor")
-            figures["seed_contacts_per_s"] = _rate(2 * n, time.perf_counter() - started)
+            contract_workspace = await ensure_workspace(db, "bench-contract")
+            contract_ids = await seed(db, contract_workspace, n + sample + 1, tag="bench-contract")
+            contract_warm_up = contract_ids.pop()
+            figures["seed_contacts_per_s"] = _rate(
+                3 * n + 2 * sample + 2, time.perf_counter() - started
+            )
 
             log.info("bench_service_starting", port=service.port)
             service.start()
@@ -933,26 +993,73 @@ async def measure(args: argparse.Namespace, env: Environment) -> dict[str, Any]:
             deletion_ended = deletion.pop("last_done_at")
             figures |= deletion
             figures["outbox"] = await outbox_figures(db, min(r.sent for r in requests))
-            figures["contacts_left"] = await count_contacts(db, key.workspace_id)
+            # Of the N: the rows sample's contacts, deleted later, are not counted.
+            left = await count_contacts(db, key.workspace_id)
+            figures["contacts_left"] = left - len(sample_ids)
 
             if hooks is not None:
                 figures |= await _webhook_figures(
                     http, hooks, requests, n, args, service, db, meter, deletion_ended
                 )
             figures["service_peak_rss_mb"] = service.peak_rss_mb()
+            servers = {name: pid for name, pid in env.pids.items() if pid is not None}
+            if args.filter_contacts:
+                figures |= await _filter_figures(db, http, service, args, servers)
+
+            # What the service writes per contact, table by table, on a sample (untimed:
+            # the counting triggers slow every writer); then the same for the contract floor.
+            counter = RowCounter(db)
+            await counter.install()
+            try:
+                service_rows = await _service_rows(
+                    db, api, hooks, service, counter, sample_ids, key.workspace_id, args
+                )
+                # The floors run alone: the service's relay and dispatcher would take the
+                # contract floor's outbox rows and deliveries for their own.
+                service.stop()
+                endpoints = await add_endpoints(db, contract_workspace, args.webhooks)
+                hash_key = secrets.token_bytes(32)
+                # One contact first, as the service's warm-up: it starts the audit chain.
+                await contract_floor(
+                    db, contract_workspace, [contract_warm_up], endpoints, hash_key
+                )
+                await counter.counts(sample)  # the warm-up's rows are not the sample's
+                await contract_floor(
+                    db, contract_workspace, contract_ids[n:], endpoints, hash_key, batch=args.batch
+                )
+                figures["rows_per_contact"] = {
+                    "sample_contacts": sample,
+                    "service": service_rows,
+                    "contract_floor": await counter.counts(sample),
+                }
+            finally:
+                await counter.remove()
 
             log.info("bench_floor", contacts=n)
+            meter = CpuMeter(servers)
+            meter.start()
             floor_s = await bare_floor(db, floor_ids)
+            floor_cpu = meter.stop()
             figures["floor_contacts_per_s"] = _rate(n, floor_s)
             figures["floor_seconds"] = round(floor_s, 3)
+            figures |= _floor_cpu("floor", floor_cpu, n)
             figures["service_to_floor_ratio"] = _ratio(
                 figures["end_to_end_contacts_per_s"], figures["floor_contacts_per_s"]
             )
+            log.info("bench_contract_floor", contacts=n, endpoints=args.webhooks)
+            clock = StageClock(tree_clock(servers["postgres"]) if "postgres" in servers else None)
+            meter.start()
+            await contract_floor(
+                db,
+                contract_workspace,
+                contract_ids[:n],
+                endpoints,
+                hash_key,
+                clock,
+                batch=args.batch,
+            )
+            figures |= contract_figures(figures, meter.stop(), clock, n, os.cpu_count() or 1)
             figures |= cpu_ceilings(figures, os.cpu_count() or 1)
-
-            if args.filter_contacts:
-                pids = {name: pid for name, pid in env.pids.items() if pid is not None}
-                figures |= await _filter_figures(db, http, service, args, pids)
             figures["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
     finally:
         service.stop()
@@ -960,6 +1067,122 @@ async def measure(args: argparse.Namespace, env: Environment) -> dict[str, Any]:
             receivers.stop()
         await db.dispose()
     return figures
+
+
+async def _service_rows(
+    db: Database,
+    api: Api,
+    hooks: Webhooks | None,
+    service: ServiceProcess,
+    counter: RowCounter,
+    ids: Sequence[uuid.UUID],
+    workspace_id: uuid.UUID,
+    args: argparse.Namespace,
+) -> dict[str, dict[str, float]]:
+    """Rows per contact per table (`RowCounter.counts`) the service writes deleting these
+    contacts as the timed phase did (``--batch``-id requests from ``--concurrency``
+    clients), until every job has finished, every outbox row is published and every
+    webhook's outcome is recorded."""
+    if hooks is not None:
+        await hooks.reset(api.http)
+    # What the service still had to write for the timed phase (a delivery's outcome is
+    # recorded after its receiver got it) is not the sample's.
+    await _wait(lambda: _unsettled(db, workspace_id), args.timeout, service, "rows")
+    await counter.counts(len(ids))
+    await delete_through_api(api, ids, args.batch, args.concurrency, 0.0)
+    await _wait(lambda: unfinished_jobs(db, workspace_id), args.timeout, service, "jobs")
+    if hooks is not None and not await hooks.wait_for(api.http, len(ids), args.timeout, service):
+        raise BenchFailed("the sample's webhooks did not all arrive in time")
+    await _wait(lambda: _unsettled(db, workspace_id), args.timeout, service, "rows")
+    return await counter.counts(len(ids))
+
+
+async def _unsettled(db: Database, workspace_id: uuid.UUID) -> int:
+    """Outbox rows not yet published, and the workspace's deliveries not yet finished."""
+    d = webhook_deliveries.c
+    async with db.read() as conn:
+        waiting = await conn.execute(
+            sa.select(sa.func.count()).where(outbox.c.published_at.is_(None))
+        )
+        sending = await conn.execute(
+            sa.select(sa.func.count()).where(
+                d.workspace_id == workspace_id, d.completed_at.is_(None)
+            )
+        )
+        return int(waiting.scalar_one()) + int(sending.scalar_one())
+
+
+def _floor_cpu(name: str, cpu: dict[str, float], n: int) -> dict[str, float]:
+    """A floor's CPU per contact: the bench process's (``<name>_cpu_ms_per_contact``: the
+    SQL loop's Python, and on SQLite the database engine) and, when the bench started it,
+    the PostgreSQL server's (``<name>_db_cpu_ms_per_contact``)."""
+    out = {f"{name}_cpu_ms_per_contact": round(cpu["bench"] * 1000 / n, 3)}
+    if "postgres" in cpu:
+        out[f"{name}_db_cpu_ms_per_contact"] = round(cpu["postgres"] * 1000 / n, 3)
+    return out
+
+
+def contract_figures(
+    figures: dict[str, Any], cpu: dict[str, float], clock: StageClock, n: int, cores: int
+) -> dict[str, Any]:
+    """The contract floor's figures from its run over ``n`` contacts (``cpu``: CpuMeter's
+    reading over it; ``clock``: its stages).
+
+    For the whole contract (``contract_floor_*``) and for its deletion part alone
+    (``contract_floor_deletion_*``: the API's, the relay's and the worker's transactions,
+    up to the point where the service's end to end counts a contact deleted, the
+    dispatcher's rows left out as an implementation could defer them): the rate, the CPU
+    per contact (`_floor_cpu`: the bench process, the PostgreSQL server), the ratio to
+    the bare floor of the run, the service's end to end against it, and the ceiling its
+    CPU sets on ``cores`` (``*_cpu_ceiling_contacts_per_s``: the rate at which these writes
+    alone, issued as this loop issues them, would fill every core; a sequential loop
+    leaves a core idle part of the time, so an implementation that overlapped its work
+    could pass the loop's rate, but not this). ``contract_floor_stages``: seconds and CPU
+    per contact of each transaction kind (service.bench_contract.STAGES).
+    """
+    floor = figures.get("floor_contacts_per_s")
+    end_to_end = figures.get("end_to_end_contacts_per_s")
+    whole = sum(clock.seconds.values())
+    server = "postgres" in cpu
+    out: dict[str, Any] = {}
+    for name, stages in (("contract_floor", STAGES), ("contract_floor_deletion", DELETION_STAGES)):
+        seconds = sum(clock.seconds[s] for s in stages)
+        share = seconds / whole if whole > 0 else 0.0
+        # CpuMeter's totals (every server process), split as the stage clock saw them.
+        spent = {"bench": cpu["bench"] * _part(clock.cpu, stages)}
+        if server:
+            spent["postgres"] = cpu["postgres"] * _part(clock.server, stages, share)
+        rate = _rate(n, seconds)
+        per = _floor_cpu(name, spent, n)
+        ceiling = _per_second(cores, sum(per.values()))
+        out |= {
+            f"{name}_contacts_per_s": rate,
+            f"{name}_seconds": round(seconds, 3),
+            **per,
+            f"{name}_to_floor_ratio": _ratio(rate, floor),
+            f"service_to_{name}_ratio": _ratio(end_to_end, rate),
+            f"{name}_cpu_ceiling_contacts_per_s": ceiling,
+            f"{name}_cpu_ceiling_to_floor_ratio": _ratio(ceiling, floor),
+        }
+    out["contract_floor_stages"] = {
+        stage: {
+            "seconds": round(clock.seconds[stage], 3),
+            "cpu_ms_per_contact": round(clock.cpu[stage] * 1000 / n, 3),
+            **(
+                {"db_cpu_ms_per_contact": round(clock.server[stage] * 1000 / n, 3)}
+                if server
+                else {}
+            ),
+        }
+        for stage in STAGES
+    }
+    return out
+
+
+def _part(spent: dict[str, float], stages: Sequence[str], default: float = 1.0) -> float:
+    """The share of ``spent`` that went to ``stages`` (``default`` when nothing was)."""
+    total = sum(spent.values())
+    return sum(spent[s] for s in stages) / total if total > 0 else default
 
 
 async def _warm_up(
@@ -1188,7 +1411,25 @@ _TABLE: list[tuple[str, str, str]] = [
     ("deleted", "deleted", ""),
     ("acceptance -> deletion", "deletion_latency_ms", "ms"),
     ("bare floor (SQL loop)", "floor_contacts_per_s", "contacts/s"),
+    ("  CPU ms per contact", "floor_cpu_ms_per_contact", "ms"),
+    ("  + PostgreSQL server", "floor_db_cpu_ms_per_contact", "ms"),
     ("service / floor", "service_to_floor_ratio", ""),
+    ("contract floor (SQL loop)", "contract_floor_contacts_per_s", "contacts/s"),
+    ("  CPU ms per contact", "contract_floor_cpu_ms_per_contact", "ms"),
+    ("  + PostgreSQL server", "contract_floor_db_cpu_ms_per_contact", "ms"),
+    ("  contract / bare floor", "contract_floor_to_floor_ratio", ""),
+    ("  ceiling: its CPU", "contract_floor_cpu_ceiling_contacts_per_s", "contacts/s"),
+    ("  ceiling / bare floor", "contract_floor_cpu_ceiling_to_floor_ratio", ""),
+    ("service / contract floor", "service_to_contract_floor_ratio", ""),
+    ("contract, deletion part", "contract_floor_deletion_contacts_per_s", "contacts/s"),
+    ("  CPU ms per contact", "contract_floor_deletion_cpu_ms_per_contact", "ms"),
+    ("  + PostgreSQL server", "contract_floor_deletion_db_cpu_ms_per_contact", "ms"),
+    ("  deletion / bare floor", "contract_floor_deletion_to_floor_ratio", ""),
+    ("  ceiling: its CPU", "contract_floor_deletion_cpu_ceiling_contacts_per_s", "contacts/s"),
+    ("  ceiling / bare floor", "contract_floor_deletion_cpu_ceiling_to_floor_ratio", ""),
+    ("service / deletion part", "service_to_contract_floor_deletion_ratio", ""),
+    ("contract floor stages", "contract_floor_stages", ""),
+    ("rows per contact", "rows_per_contact", ""),
     ("contacts / worker tx", "contacts_per_worker_transaction", ""),
     ("CPU s, deletion phase", "cpu_seconds", ""),
     ("CPU ms per contact", "cpu_ms_per_contact", "ms"),
@@ -1230,6 +1471,18 @@ def render_table(figures: dict[str, Any]) -> str:
         value = figures[name]
         if name == "batch":
             text = f"{value} x {figures['concurrency']}"
+        elif name == "rows_per_contact":
+            lines.extend(_rows_lines(value))
+            continue
+        elif name == "contract_floor_stages":
+            lines.append(f"{label}: s, CPU ms per contact (+ PostgreSQL server)")
+            for stage, spent in value.items():
+                server = spent.get("db_cpu_ms_per_contact")
+                plus = f" + {server}" if server is not None else ""
+                lines.append(
+                    f"  {stage:<24} {spent['seconds']} s  {spent['cpu_ms_per_contact']}{plus} ms"
+                )
+            continue
         elif isinstance(value, list):
             text = " ".join(str(v) for v in value)
         elif isinstance(value, dict):
@@ -1238,6 +1491,21 @@ def render_table(figures: dict[str, Any]) -> str:
             text = str(value)
         lines.append(f"{label:<26} {text} {unit}".rstrip())
     return "\n".join(lines)
+
+
+def _rows_lines(rows: dict[str, Any]) -> list[str]:
+    """``rows_per_contact`` as one line per table: inserted, updated, deleted distinct rows
+    and row versions written (i/u/d/w), the service's beside the contract floor's."""
+
+    def cell(ops: dict[str, float] | None) -> str:
+        ops = ops or {}
+        return "/".join(f"{ops.get(k, 0):g}" for k in ("insert", "update", "delete", "writes"))
+
+    service, contract = rows["service"], rows["contract_floor"]
+    lines = [f"rows per contact, i/u/d/w  sample of {rows['sample_contacts']}: service | contract"]
+    for table in sorted(set(service) | set(contract)):
+        lines.append(f"  {table:<24} {cell(service.get(table)):<24} {cell(contract.get(table))}")
+    return lines
 
 
 def _out(text: str) -> None:

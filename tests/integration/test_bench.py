@@ -104,6 +104,27 @@ def test_a_small_run_deletes_delivers_and_reports(tmp_path: Path) -> None:
     assert figures["infra_ceiling_to_floor_ratio"] > 0
     assert figures["cpu_ceiling_contacts_per_s"] > 0
     assert figures["cpu_ceiling_to_floor_ratio"] > 0
+    # The contract floor: its rate against the bare floor, the service against it, and
+    # the rows it writes per contact, table by table, the service's own on the sample.
+    assert figures["contract_floor_contacts_per_s"] > 0
+    assert 0 < figures["contract_floor_to_floor_ratio"] < 1
+    assert figures["service_to_contract_floor_ratio"] > 0
+    whole, deletion = "contract_floor_contacts_per_s", "contract_floor_deletion_contacts_per_s"
+    assert figures[deletion] > figures[whole]
+    assert figures["contract_floor_cpu_ceiling_contacts_per_s"] > 0
+    rows = figures["rows_per_contact"]
+    assert rows["sample_contacts"] == 200
+
+    def distinct(side: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+        # Per row, not per version; the dispatcher's endpoint leases are per second.
+        return {
+            table: {op: v for op, v in ops.items() if op != "writes"}
+            for table, ops in side.items()
+            if table != "webhook_endpoints"
+        }
+
+    assert distinct(rows["service"]) == distinct(rows["contract_floor"])
+    assert rows["contract_floor"]["contacts"] == {"delete": 1.0, "writes": 1.0}
     _assert_nothing_left(tmp)
 
 

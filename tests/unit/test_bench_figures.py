@@ -3,7 +3,8 @@ closing notes quote, so that a mistake in it cannot pass for a speed-up."""
 
 from __future__ import annotations
 
-from service.bench import cpu_ceilings, cpu_per_item, percentiles
+from service.bench import contract_figures, cpu_ceilings, cpu_per_item, percentiles
+from service.bench_contract import STAGES, StageClock
 
 
 def test_cpu_per_contact_counts_every_deletion_side_process() -> None:
@@ -95,3 +96,61 @@ def test_percentiles_are_nearest_rank() -> None:
     values = [float(v) for v in range(1, 101)]
     assert percentiles(values) == {"p50": 50.0, "p95": 95.0, "p99": 99.0, "max": 100.0}
     assert percentiles([]) == {"p50": None, "p95": None, "p99": None, "max": None}
+
+
+def _clock(
+    seconds: dict[str, float], cpu: dict[str, float], server: dict[str, float]
+) -> StageClock:
+    clock = StageClock()
+    clock.seconds, clock.cpu, clock.server = seconds, cpu, server
+    return clock
+
+
+def test_contract_floor_figures_whole_and_deletion_part_against_both_floors() -> None:
+    """10,000 contacts in 2 s, of which the API, relay and worker stages took 1 s and
+    three quarters of the CPU: rates, ratios to the bare floor and from the service's end
+    to end, CPU per contact (the meter's totals split by the stage clock) and ceilings."""
+    half = dict.fromkeys(STAGES, 0.0) | {"api": 0.25, "relay": 0.25, "worker": 0.5}
+    seconds = {s: half.get(s, 0.0) or 1 / 3 for s in STAGES}
+    cpu = {s: 0.75 / 3 if s in ("api", "relay", "worker") else 0.25 / 3 for s in STAGES}
+    clock = _clock(seconds, cpu, cpu)
+    figures = {"floor_contacts_per_s": 50_000.0, "end_to_end_contacts_per_s": 2_500.0}
+    out = contract_figures(figures, {"bench": 4.0, "postgres": 2.0}, clock, 10_000, 2)
+    assert out["contract_floor_contacts_per_s"] == 5_000.0
+    assert out["contract_floor_to_floor_ratio"] == 0.1
+    assert out["service_to_contract_floor_ratio"] == 0.5
+    assert (
+        out["contract_floor_cpu_ms_per_contact"],
+        out["contract_floor_db_cpu_ms_per_contact"],
+    ) == (
+        0.4,
+        0.2,
+    )
+    assert out["contract_floor_cpu_ceiling_contacts_per_s"] == round(2_000 / 0.6)
+    assert out["contract_floor_deletion_contacts_per_s"] == 10_000.0
+    assert out["contract_floor_deletion_to_floor_ratio"] == 0.2
+    assert out["service_to_contract_floor_deletion_ratio"] == 0.25
+    assert out["contract_floor_deletion_cpu_ms_per_contact"] == 0.3
+    assert out["contract_floor_deletion_db_cpu_ms_per_contact"] == 0.15
+    assert out["contract_floor_deletion_cpu_ceiling_contacts_per_s"] == round(2_000 / 0.45)
+    assert out["contract_floor_deletion_cpu_ceiling_to_floor_ratio"] == round(
+        round(2_000 / 0.45) / 50_000, 3
+    )
+    assert out["contract_floor_stages"]["worker"] == {
+        "seconds": 0.5,
+        "cpu_ms_per_contact": 0.025,
+        "db_cpu_ms_per_contact": 0.025,
+    }
+
+
+def test_contract_floor_on_sqlite_has_no_server_figures() -> None:
+    clock = _clock(
+        dict.fromkeys(STAGES, 0.5), dict.fromkeys(STAGES, 0.1), dict.fromkeys(STAGES, 0.0)
+    )
+    out = contract_figures({"floor_contacts_per_s": None}, {"bench": 0.6}, clock, 3_000, 2)
+    assert out["contract_floor_contacts_per_s"] == 1_000.0
+    assert out["contract_floor_cpu_ms_per_contact"] == 0.2
+    assert "contract_floor_db_cpu_ms_per_contact" not in out
+    assert out["contract_floor_to_floor_ratio"] is None
+    assert out["service_to_contract_floor_ratio"] is None
+    assert "db_cpu_ms_per_contact" not in out["contract_floor_stages"]["api"]
