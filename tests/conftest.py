@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -19,6 +19,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from aiohttp.test_utils import TestServer
 from multidict import CIMultiDictProxy
 
 from service.app import Services, create_app, run_components
@@ -227,6 +228,28 @@ async def new_tenant(
     """A fresh workspace and key (all scopes unless told otherwise)."""
     created = await create_key(services.db, f"ws-{uuid.uuid4().hex[:12]}", list(scopes or SCOPES))
     return Tenant(base, created.key, created.key_id, created.workspace_id, http)
+
+
+@contextlib.asynccontextmanager
+async def subscribed_receiver(
+    tenant: Tenant, hook: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> AsyncIterator[str]:
+    """A real receiver on 127.0.0.1 answering with `hook` at /hook, subscribed to
+    contact.deleted for this tenant; yields the endpoint's signing secret."""
+    app = web.Application()
+    app.router.add_post("/hook", hook)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        status, body, _ = await tenant.call(
+            "POST",
+            "/v1/webhooks/endpoints",
+            {"url": str(server.make_url("/hook")), "event_types": ["contact.deleted"]},
+        )
+        assert status == 201, body
+        yield str(body["data"]["secret"])
+    finally:
+        await server.close()
 
 
 @pytest.fixture

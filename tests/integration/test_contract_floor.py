@@ -19,7 +19,6 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 from aiohttp import web
-from aiohttp.test_utils import TestServer
 from standardwebhooks.webhooks import Webhook
 
 from service.app import Services
@@ -35,6 +34,7 @@ from tests.conftest import (
     new_tenant,
     opened_services,
     own_database,
+    subscribed_receiver,
 )
 
 N = 12
@@ -81,18 +81,7 @@ async def _service_rows(
         verified.append(Webhook(secret).verify(await request.read(), dict(request.headers))["type"])
         return web.Response(status=204)
 
-    app = web.Application()
-    app.router.add_post("/hook", hook)
-    server = TestServer(app, host="127.0.0.1")
-    await server.start_server()
-    try:
-        status, body, _ = await tenant.call(
-            "POST",
-            "/v1/webhooks/endpoints",
-            {"url": str(server.make_url("/hook")), "event_types": ["contact.deleted"]},
-        )
-        assert status == 201, body
-        secret = body["data"]["secret"]
+    async with subscribed_receiver(tenant, hook) as secret:
         ids = await seed(services.db, tenant.workspace_id, N, tag="contract-service")
         await counter.install()
         async with components_running(services, "relay", "worker", "dispatcher"):
@@ -111,8 +100,6 @@ async def _service_rows(
                 raise AssertionError("the deliveries were not all recorded in 30 s")
         assert verified == ["contact.deleted"] * N
         return await counter.counts(N)
-    finally:
-        await server.close()
 
 
 async def test_contract_floor_writes_the_rows_the_service_writes(

@@ -8,12 +8,11 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestServer
 from standardwebhooks.webhooks import Webhook
 
 from service.app import Services
 from service.config import Settings
-from tests.conftest import Tenant, components_running
+from tests.conftest import Tenant, components_running, subscribed_receiver
 
 
 @pytest.fixture
@@ -36,18 +35,7 @@ async def test_deleted_contact_is_announced_signed(tenant: Tenant, everything: S
         arrived.set()
         return web.Response(status=204)
 
-    app = web.Application()
-    app.router.add_post("/hook", hook)
-    server = TestServer(app, host="127.0.0.1")
-    await server.start_server()
-    try:
-        status, body, _ = await tenant.call(
-            "POST",
-            "/v1/webhooks/endpoints",
-            {"url": str(server.make_url("/hook")), "event_types": ["contact.deleted"]},
-        )
-        assert status == 201, body
-        secret = body["data"]["secret"]
+    async with subscribed_receiver(tenant, hook) as secret:
         status, created, _ = await tenant.call("POST", "/v1/contacts", {"email": "w@x.io"})
         cid = created["data"]["id"]
         status, job, _ = await tenant.call(
@@ -60,5 +48,3 @@ async def test_deleted_contact_is_announced_signed(tenant: Tenant, everything: S
         assert payload["type"] == "contact.deleted"
         assert payload["data"]["contact_id"] == cid
         assert "w@x.io" not in raw.decode()
-    finally:
-        await server.close()
