@@ -2070,16 +2070,27 @@ def _plan(
 @functools.cache
 def _retry_update() -> sa.Update:
     """The UPDATE of one delivery whose retry is scheduled, run once per batch with many
-    parameter sets (`_Plan.params`)."""
+    parameter sets (`_Plan.params`).
+
+    The attempt is counted whatever happened meanwhile, but the retry is scheduled only
+    for a delivery still sendable: one its endpoint's deletion or disabling failed while
+    the attempt was in flight stays failed (it used to come back `failing`, for an
+    endpoint that no longer took sends, and sit in the backlog for good)."""
+    sendable = D.status.in_(SENDABLE)
     return (
         webhook_deliveries.update()
         .where(D.id == sa.bindparam("d_id", type_=D.id.type))
         .values(
             {
-                D.status: sa.bindparam("d_status", type_=D.status.type),
+                D.status: sa.case(
+                    (sendable, sa.bindparam("d_status", type_=D.status.type)), else_=D.status
+                ),
                 D.attempt_count: sa.bindparam("d_attempts", type_=D.attempt_count.type),
                 D.last_attempt_at: sa.bindparam("d_last", type_=D.last_attempt_at.type),
-                D.next_attempt_at: sa.bindparam("d_when", type_=D.next_attempt_at.type),
+                D.next_attempt_at: sa.case(
+                    (sendable, sa.bindparam("d_when", type_=D.next_attempt_at.type)),
+                    else_=D.next_attempt_at,
+                ),
                 D.claimed_until: None,
             }
         )

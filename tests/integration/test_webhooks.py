@@ -1218,6 +1218,38 @@ async def test_a_delete_during_a_backlog_stops_the_sends_before_it_answers(
     await unsent_are_failed_uncounted(services, receiver, "/deleted", changed.events)
 
 
+async def test_an_attempt_in_flight_when_its_endpoint_is_deleted_does_not_bring_it_back(
+    tenant: Tenant, receiver: Receiver, sender: StartSender, services: Services
+) -> None:
+    """DELETE fails the endpoint's unsent deliveries, in-flight ones too; an attempt in
+    flight then answered 500 used to schedule its retry over that `failed` (a delivery
+    `failing` for an endpoint that no longer exists, never sent, counted in the backlog
+    for good). Its outcome is recorded (the attempt happened), its delivery stays failed."""
+    sender()
+    url = receiver.script("/slow-500", receiver.sleep(1.0, answer(500)))
+    endpoint = await create_endpoint(tenant, url)
+    events = await backlog(services, tenant, endpoint["id"], 40)
+    await eventually(lambda: _some(len(receiver.at("/slow-500")) >= MAX_IN_FLIGHT), 30, "sent")
+    status, body, _ = await tenant.call("DELETE", f"{ENDPOINTS}/{endpoint['id']}")
+    assert status == 204, body
+    d = webhook_deliveries.c
+
+    async def answered() -> bool | None:
+        return True if receiver.in_flight["/slow-500"] == 0 else None
+
+    await eventually(answered, 30, "the requests in flight answered")
+    await asyncio.sleep(1.0)  # their outcomes recorded (a group commit)
+    async with services.db.read() as conn:
+        rows = (
+            await conn.execute(
+                sa.select(d.event_id, d.status, d.attempt_count).where(d.event_id.in_(events))
+            )
+        ).all()
+    attempted = [r for r in rows if r.attempt_count > 0]
+    assert attempted, rows  # the in-flight attempts were recorded
+    assert {r.status for r in rows} == {"failed"}, Counter(r.status for r in rows)
+
+
 async def test_a_url_changed_during_a_backlog_is_where_every_later_send_goes(
     tenant: Tenant, receiver: Receiver, sender: StartSender, services: Services
 ) -> None:
