@@ -76,14 +76,24 @@ UNSTAMPED_REMEDY = (
 )
 
 
+def _stored() -> sa.Select[Any]:
+    return sa.select(server_secrets.c.value).where(server_secrets.c.name == DEPLOYMENT_ID_NAME)
+
+
+async def stored_deployment_id(db: Database) -> str | None:
+    """This database's deployment id, None if none was made yet (no relay ran on it);
+    creates nothing (``erasure check`` reads it). Database errors propagate."""
+    async with db.read() as conn:
+        found = (await conn.execute(_stored())).scalar()
+    return None if found is None else str(found)
+
+
 async def deployment_id(db: Database) -> str:
     """This database's deployment id, created at the first call on it (any process; the
     first to commit wins). Transient errors propagate."""
-    stored = sa.select(server_secrets.c.value).where(server_secrets.c.name == DEPLOYMENT_ID_NAME)
-    async with db.read() as conn:
-        found = (await conn.execute(stored)).scalar()
+    found = await stored_deployment_id(db)
     if found is not None:
-        return str(found)
+        return found
     ins: Any = (postgresql.insert if not db.is_sqlite else sqlite.insert)(server_secrets)
     async with db.begin() as conn:
         await conn.execute(
@@ -91,7 +101,7 @@ async def deployment_id(db: Database) -> str:
                 name=DEPLOYMENT_ID_NAME, value=secrets.token_hex(8), created_at=utcnow()
             ).on_conflict_do_nothing()
         )
-        return str((await conn.execute(stored)).scalar_one())
+        return str((await conn.execute(_stored())).scalar_one())
 
 
 def stamp_of(deployment: str) -> tuple[tuple[str, bytes], ...]:

@@ -52,7 +52,7 @@ from service.db import (
     webhook_deliveries,
     workspaces,
 )
-from service.deployment import DEPLOYMENT_ID_NAME, stamped
+from service.deployment import stamped, stored_deployment_id
 from service.erasure import scan
 from service.erasure.redact import TEXT_FIELDS
 from service.events import TOPIC_CONTACT_DELETED, TYPE_CONTACT_DELETED
@@ -173,10 +173,10 @@ class Report:
         )
 
 
-def scan_file(path: Path, needles: Needles) -> dict[str, int]:
+def scan_file(path: Path, needles: Needles, chunk_size: int = scan.CHUNK) -> dict[str, int]:
     """Occurrences of each form in a file (``service.erasure.scan``), in this process: for
     files that are not a SQLite database this process may have open (logs, PostgreSQL's)."""
-    return scan.scan_file(path, needles.forms)
+    return scan.scan_file(path, needles.forms, chunk_size)
 
 
 class UnknownWorkspace(LookupError):
@@ -185,6 +185,16 @@ class UnknownWorkspace(LookupError):
 
     def __init__(self, workspace: str) -> None:
         super().__init__(f"no workspace is named {workspace!r} or has that id")
+
+
+def timeline_text_holds(kind: str, lowered: str) -> sa.ColumnElement[bool]:
+    """An item of this timeline kind whose text (``TEXT_FIELDS``) holds ``lowered`` in any
+    ASCII case: what the check counts as "timeline content", and what ``erasure redact``
+    (``service.erasure.timeline``) rewrites."""
+    table = TIMELINE_TABLES[kind]
+    return sa.or_(
+        *(sa.func.lower(table.c[f]).contains(lowered, autoescape=True) for f in TEXT_FIELDS[kind])
+    )
 
 
 async def workspace_named(db: Database, name: str) -> uuid.UUID | None:
@@ -291,15 +301,11 @@ class ErasureCheck:
             ).scalar_one()
             n_items = 0
             for kind, table in TIMELINE_TABLES.items():
-                matches = [
-                    sa.func.lower(table.c[f]).contains(lowered, autoescape=True)
-                    for f in TEXT_FIELDS[kind]
-                ]
                 n_items += (
                     await conn.execute(
                         sa.select(sa.func.count())
                         .select_from(table)
-                        .where(sa.or_(*matches), *self._in_workspace(table))
+                        .where(timeline_text_holds(kind, lowered), *self._in_workspace(table))
                     )
                 ).scalar_one()
             n_refs = (
@@ -508,13 +514,10 @@ class ErasureCheck:
     async def _deployment(self) -> str | None:
         """This database's deployment id (``service.deployment``), None if it has none
         yet (no relay ever ran on it) or the database did not answer."""
-        stmt = sa.select(server_secrets.c.value).where(server_secrets.c.name == DEPLOYMENT_ID_NAME)
         try:
-            async with self.db.read() as conn:
-                found = (await conn.execute(stmt)).scalar_one_or_none()
+            return await stored_deployment_id(self.db)
         except (sa.exc.SQLAlchemyError, OSError):
             return None
-        return None if found is None else str(found)
 
     def log_file(self, path: Path) -> Place:
         return self._file_place(f"log file {path}", path)

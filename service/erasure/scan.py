@@ -24,14 +24,14 @@ from pathlib import Path
 CHUNK = 1 << 20
 
 
-def scan_file(path: Path, forms: Mapping[str, bytes]) -> dict[str, int]:
-    """Occurrences of each form in a file, read in chunks (a match across chunks counts);
-    forms that do not occur are left out. Raises OSError."""
+def scan_file(path: Path, forms: Mapping[str, bytes], chunk_size: int = CHUNK) -> dict[str, int]:
+    """Occurrences of each form in a file, read ``chunk_size`` bytes at a time (a match
+    across chunks counts); forms that do not occur are left out. Raises OSError."""
     overlap = max(len(n) for n in forms.values()) - 1
     counts: dict[str, int] = {}
     tail = b""
     with path.open("rb") as handle:
-        while chunk := handle.read(CHUNK):
+        while chunk := handle.read(chunk_size):
             data = tail + chunk
             # Count only matches that end inside the new chunk, so none is counted twice.
             for name, needle in forms.items():

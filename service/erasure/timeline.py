@@ -33,6 +33,7 @@ from service.audit.store import AuditRecord, append_events
 from service.config import Settings
 from service.contacts.store import TIMELINE_TABLES
 from service.db import Database
+from service.erasure.check import timeline_text_holds
 from service.erasure.redact import TEXT_FIELDS, RedactionSummary, Redactor
 from service.erasure.scrubber import Scrubber
 from service.logs import get_logger
@@ -80,10 +81,10 @@ async def redact_address(
     async with db.begin() as conn:
         for kind, table in TIMELINE_TABLES.items():
             fields = TEXT_FIELDS[kind]
-            holds = [sa.func.lower(table.c[f]).contains(lowered, autoescape=True) for f in fields]
             scope = [table.c.workspace_id == workspace_id] if workspace_id is not None else []
             stmt = sa.select(table.c.id, table.c.workspace_id, *(table.c[f] for f in fields))
-            rows = (await conn.execute(db.for_update(stmt.where(sa.or_(*holds), *scope)))).all()
+            holds = timeline_text_holds(kind, lowered)
+            rows = (await conn.execute(db.for_update(stmt.where(holds, *scope)))).all()
             for row in rows:
                 changed, found = redactor.redact_item(kind, row._mapping)
                 if not changed:

@@ -359,8 +359,9 @@ class WebhookClient:
             except ValueError:
                 raise ProtocolError("the answer has a malformed chunk size") from None
             if size == 0:
-                while await self._line(conn):  # the trailer fields, up to an empty line
-                    pass
+                trailer = await self._line(conn)
+                while trailer:  # the trailer fields, up to an empty line
+                    trailer = await self._line(conn)
                 return bytes(kept), True
             total += size
             if total > REUSE_BODY_MAX:

@@ -11,7 +11,7 @@ import pytest
 
 from service.config import Settings
 from service.db import Database
-from service.erasure import check, scan
+from service.erasure import check
 from service.erasure.check import Needles, Place, Report, scan_file
 from service.erasure.redact import RedactionSummary, Redactor
 from service.erasure.scrubber import SETTLE_S, Scrubber
@@ -173,14 +173,11 @@ def test_needles_are_the_address_as_given_lower_cased_and_its_unkeyed_sha256() -
     assert set(Needles.of("ada@example.com").forms) == {"clear", "sha256"}
 
 
-def test_a_file_scan_finds_matches_across_chunk_boundaries_once(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(scan, "CHUNK", 16)
+def test_a_file_scan_finds_matches_across_chunk_boundaries_once(tmp_path: Path) -> None:
     file = tmp_path / "f"
     file.write_bytes(b"x" * 10 + b"ada@example.com" + b"y" * 30 + b"ADA@example.com" + b"ada@ex")
-    assert scan_file(file, Needles.of("ada@example.com")) == {"clear": 1}
-    assert scan_file(file, Needles.of("ADA@example.com")) == {"clear": 1, "lower-cased": 1}
+    assert scan_file(file, Needles.of("ada@example.com"), 16) == {"clear": 1}
+    assert scan_file(file, Needles.of("ADA@example.com"), 16) == {"clear": 1, "lower-cased": 1}
 
 
 def report(*places: Place, **kwargs: Any) -> Report:
