@@ -1109,7 +1109,9 @@ async def _unsettled(db: Database, workspace_id: uuid.UUID) -> int:
     d = webhook_deliveries.c
     async with db.read() as conn:
         waiting = await conn.execute(
-            sa.select(sa.func.count()).where(outbox.c.published_at.is_(None))
+            sa.select(sa.func.count()).where(
+                outbox.c.published_at.is_(None), outbox.c.failed_at.is_(None)
+            )
         )
         sending = await conn.execute(
             sa.select(sa.func.count()).where(

@@ -87,8 +87,10 @@ from service.db import (
     insert_rows,
     metadata,
     new_ids,
+    new_time_ids,
     notes,
     outbox,
+    raw_column,
     tasks,
     utcnow,
     webhook_attempts,
@@ -291,18 +293,13 @@ class _Chain:
         )
 
 
-def _raw(column: sa.ColumnElement[Any]) -> sa.ColumnElement[Any]:
-    """The column as the driver returns it: no per-row conversion by SQLAlchemy."""
-    return sa.type_coerce(column, sa.types.NullType()).label(column.key)
-
-
 async def _publish(conn: AsyncConnection, limit: int) -> list[Any]:
     """The relay's pass: read what it would produce (as the driver returns it), mark it
     published; the rows read."""
     o = outbox.c
     rows = (
         await conn.execute(
-            sa.select(_raw(o.id), _raw(o.topic), _raw(o.key), _raw(o.payload), _raw(o.headers))
+            sa.select(*(raw_column(c) for c in (o.id, o.topic, o.key, o.payload, o.headers)))
             .where(
                 o.published_at.is_(None), o.failed_at.is_(None), o.topic.startswith(TOPIC_PREFIX)
             )
@@ -567,7 +564,7 @@ async def _one_job(
         lease = now + timedelta(seconds=30)
         published = [bytes(r.payload) for r in facts if r.topic.endswith(".contact.deleted")]
         deliveries = []
-        fresh = iter(new_ids(len(published) * len(endpoint_ids)))
+        fresh = iter(new_time_ids(len(published) * len(endpoint_ids)))
         for payload in published:
             fact_id = payload[_ID_AT : _ID_AT + 36].decode()
             body = _webhook_body(payload)
@@ -597,7 +594,7 @@ async def _one_job(
             webhook_attempts,
             [
                 _Attempt(attempt_id, d.id, now, 200, 1.0, None, None)
-                for d, attempt_id in zip(deliveries, new_ids(len(deliveries)), strict=True)
+                for d, attempt_id in zip(deliveries, new_time_ids(len(deliveries)), strict=True)
             ],
         )
         d = webhook_deliveries.c

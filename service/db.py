@@ -613,6 +613,12 @@ _VERSION_VARIANT_MASK = ~((0xF000 << 64) | (0xC000 << 48))
 _VERSION_4_VARIANT = (4 << 76) | (0x8000 << 48)
 
 
+def raw_column(column: sa.ColumnElement[Any]) -> sa.ColumnElement[Any]:
+    """The column under its own name, without SQLAlchemy's result conversion: what the
+    driver returns (SQLite: text; asyncpg: its UUID and an aware datetime)."""
+    return sa.type_coerce(column, sa.types.NullType()).label(column.key)
+
+
 def new_ids(count: int) -> list[uuid.UUID]:
     """``count`` random UUIDs (v4, as `uuid.uuid4` makes them) from one read of the
     system's random source: a batch of the worker needs two per contact, and `uuid.uuid4`
@@ -635,13 +641,18 @@ def new_time_ids(count: int) -> list[uuid.UUID]:
     on a random page, so a transaction of a few hundred of them dirtied a few hundred pages
     of every such index (on SQLite each written to the log and copied back at the
     checkpoint); time-ordered ids go to the index's last pages (issue 8)."""
-    head = (time.time_ns() // 1_000_000 & 0xFFFF_FFFF_FFFF) << 80 | 7 << 76
+    # Past 4,096 ids the place carries into the millisecond field: a batch still ascends.
+    start = (time.time_ns() // 1_000_000) << 12
     raw = os.urandom(8 * count)
     from_bytes = int.from_bytes
     tail_mask = (1 << 62) - 1
     return [
         uuid.UUID(
-            int=head | (n & 0xFFF) << 64 | 2 << 62 | from_bytes(raw[8 * n : 8 * n + 8]) & tail_mask
+            int=((start + n) >> 12 & 0xFFFF_FFFF_FFFF) << 80
+            | 7 << 76
+            | ((start + n) & 0xFFF) << 64
+            | 2 << 62
+            | from_bytes(raw[8 * n : 8 * n + 8]) & tail_mask
         )
         for n in range(count)
     ]
@@ -877,6 +888,13 @@ class Database:
             async with conn.begin_nested():
                 yield conn
             return
+        async with self._transaction() as conn:
+            yield conn
+
+    @asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[AsyncConnection]:
+        """The writer's transaction of `begin` and of a `unit`: a failure is named
+        (`_note`), a commit clears the remembered trouble and tells the checkpointer."""
         try:
             async with self._writer.begin() as conn:
                 yield conn
@@ -942,8 +960,6 @@ class Database:
             finally:
                 unit.closed = True
                 _UNIT.reset(token)
-        if unit.conn is not None and self._checkpointer is not None:
-            self._checkpointer.committed()
         for callback in unit.after:
             callback()
 
@@ -1138,7 +1154,8 @@ class _Unit:
 
     async def connection(self) -> AsyncConnection:
         if self.conn is None:
-            self.conn = await self._stack.enter_async_context(self.db.engine.begin())
+            # The same transaction as `begin`'s own: its failures named, its commit noted.
+            self.conn = await self._stack.enter_async_context(self.db._transaction())
         return self.conn
 
 

@@ -60,6 +60,7 @@ from service.db import (
     insert_rows,
     new_id_texts,
     outbox,
+    raw_column,
     stored_values,
     utcnow,
 )
@@ -906,15 +907,15 @@ class DeletionWorker:
     async def _timeline_rows(conn: AsyncConnection, stored: list[Any]) -> list[Any]:
         """(kind, id, contact id, time) of every timeline row of these contacts (their ids
         as `stored_values` binds them), in one statement, the columns as the driver gives
-        them (`_raw`): a batch reads two or three timeline rows per contact, and building a
+        them (`raw_column`): a batch reads two or three timeline rows per contact, and building a
         UUID and a datetime for each only to turn them back into text cost more than the
         rest of the read."""
         selects = [
             sa.select(
                 sa.literal(kind, sa.String).label("kind"),
-                _raw(table.c.id),
-                _raw(table.c.contact_id),
-                _raw(_timeline_time(kind, table)).label("at"),
+                raw_column(table.c.id),
+                raw_column(table.c.contact_id),
+                raw_column(_timeline_time(kind, table)).label("at"),
             ).where(any_of(table.c.contact_id, stored, stored=True))
             for kind, table in TIMELINE_TABLES.items()
         ]
@@ -1017,7 +1018,7 @@ def _iso_z(at: Any) -> str:
 
 
 def _by_stored(conn: AsyncConnection, ids: Iterable[uuid.UUID]) -> dict[Any, uuid.UUID]:
-    """These UUIDs by the value a `_raw` UUID column holding them reads as: on SQLite the
+    """These UUIDs by the value a `raw_column` UUID column holding them reads as: on SQLite the
     32 hex digits ``sa.Uuid`` stores, with asyncpg a UUID equal to it. A batch reads one
     or two ids per contact: turning the stored text into a `uuid.UUID` cost more than the
     rest of their reading (SQLAlchemy's result processing, per row)."""
@@ -1026,17 +1027,11 @@ def _by_stored(conn: AsyncConnection, ids: Iterable[uuid.UUID]) -> dict[Any, uui
     return {value: value for value in ids}
 
 
-def _raw(column: sa.ColumnElement[Any]) -> sa.ColumnElement[Any]:
-    """The column under its own name, without SQLAlchemy's result conversion: what the
-    driver returns (SQLite: text; asyncpg: its UUID and an aware datetime)."""
-    return sa.type_coerce(column, sa.types.NullType()).label(column.key)
-
-
 # What deciding a contact's outcome and redacting its timeline read of it; the ids as the
 # driver returns them (`_by_stored`).
 _DECIDING_COLUMNS = (
-    _raw(contacts.c.id),
-    _raw(contacts.c.workspace_id),
+    raw_column(contacts.c.id),
+    raw_column(contacts.c.workspace_id),
     contacts.c.email,
     contacts.c.first_name,
     contacts.c.last_name,
